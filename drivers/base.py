@@ -1,0 +1,80 @@
+"""The driver protocol: one small surface every driver gives.
+
+A *region* is a leased span of bytes. It either **maps** into this process
+(:attr:`Region.mapped` is true and :meth:`Region.address` / :meth:`Region.view`
+work) or is reached only with **one-sided operations**: ``read_into``,
+``write``, ``cas64``, ``faa64``, ``load64`` (acquire), ``store64`` (release)
+and ``flush``. Mapped regions offer the one-sided operations too, so code
+written against the one-sided surface runs on every driver.
+
+Offsets are bytes from the start of the region's *payload*: whatever header a
+driver keeps for itself (the shm driver's lease page) is never visible here.
+Every operation checks the lease first and fails closed
+(``LeaseExpired``/``Revoked``); a driver never returns stale bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from grafos_fabric.lease import Clock, Lease
+
+__all__ = ["RegionRef", "Region", "Fabric", "Buffer"]
+
+Buffer = Any  # anything exporting the buffer protocol (bytes, bytearray, memoryview, numpy)
+
+
+@dataclass(frozen=True)
+class RegionRef:
+    """Where a region lives: enough for another process to attach to it.
+
+    ``driver`` is ``"shm"`` or ``"verbs"``; ``name`` the region's name in the
+    driver's namespace (a shm segment name, or a lease id on a memory node);
+    ``host``/``port`` locate a memory node; ``addr``/``rkey`` are the remote
+    address and key of an RDMA memory region (0 for shm).
+    """
+
+    driver: str
+    name: str
+    nbytes: int
+    lease_id: str
+    generation: int
+    namespace: str = "default"
+    host: str = ""
+    port: int = 0
+    addr: int = 0
+    rkey: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Region(Protocol):
+    lease: Lease
+    nbytes: int
+    mapped: bool
+
+    def ref(self) -> RegionRef: ...
+    def address(self) -> int: ...
+    def view(self) -> memoryview: ...
+    def read_into(self, offset: int, buf: Buffer) -> None: ...
+    def write(self, offset: int, buf: Buffer) -> None: ...
+    def cas64(self, offset: int, expected: int, desired: int) -> int: ...
+    def faa64(self, offset: int, add: int) -> int: ...
+    def load64(self, offset: int) -> int: ...
+    def store64(self, offset: int, value: int) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Fabric(Protocol):
+    url: str
+    driver: str
+    clock: Clock
+
+    def alloc(self, nbytes: int, ttl: float) -> Region: ...
+    def attach(self, ref: RegionRef, *, mapped: bool = True) -> Region: ...
+    def free(self, lease: Lease) -> None: ...
+    def reap(self) -> int: ...
+    def close(self) -> None: ...

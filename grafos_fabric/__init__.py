@@ -1,0 +1,1 @@
+"""grafos-fabric: leased fabric memory queues for grafOS-style pipelines."""

@@ -1,0 +1,185 @@
+"""Every public exception of grafos-fabric, in one module.
+
+Two families:
+
+* :class:`FabricError` and its kinds carry the grafOS status code in ``.code``
+  (``Disconnected`` -1, ``LeaseExpired`` -2, ``Fenced`` -3,
+  ``CapacityExceeded`` -4, ``Unsupported`` -5, ``Revoked`` -6). They describe
+  the *resource*: the lease ran out, the node went away, the epoch moved on.
+* :class:`FabricValueError` (a :class:`ValueError`) and its kinds describe the
+  *caller's input*: an oversize item, a wrong dtype, a corrupt locator.
+
+Full and empty are never exceptions on the non-blocking calls (``try_push``
+returns ``False``, ``try_pop`` returns ``None``); the blocking calls raise the
+built-in :class:`TimeoutError` when their timeout runs out.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FabricError",
+    "Disconnected",
+    "LeaseExpired",
+    "Fenced",
+    "StaleEpoch",
+    "RoleTaken",
+    "CapacityExceeded",
+    "Unsupported",
+    "Revoked",
+    "QueueClosed",
+    "QueueSealed",
+    "HeldItemsStall",
+    "EdgeError",
+    "FabricValueError",
+    "Corrupted",
+    "VersionMismatch",
+    "NotReady",
+    "ItemTooLarge",
+    "DtypeMismatch",
+    "STATUS_OK",
+    "from_status",
+]
+
+STATUS_OK = 0
+
+
+class FabricError(Exception):
+    """Base of every failure of a fabric resource. ``code`` is the grafOS status."""
+
+    code: int = -5  # overridden by every kind; -5 only for the abstract base
+
+    def __init__(self, message: str = "", *, code: int | None = None) -> None:
+        super().__init__(message or self.__class__.__name__)
+        if code is not None:
+            self.code = code
+
+
+class Disconnected(FabricError):
+    """Transport failure: the node or connection is gone. A new connection may succeed."""
+
+    code = -1
+
+
+class LeaseExpired(FabricError):
+    """The lease's deadline passed; the resource fails closed and may be reclaimed."""
+
+    code = -2
+
+
+class Fenced(FabricError):
+    """The caller was fenced out: its epoch or role is no longer the owner's."""
+
+    code = -3
+
+
+class StaleEpoch(Fenced):
+    """A write stamped with an older fence epoch was rejected at the target."""
+
+    def __init__(self, message: str = "", *, epoch: int | None = None, current: int | None = None) -> None:
+        if not message and epoch is not None and current is not None:
+            message = f"stale epoch {epoch}: the target is at epoch {current}"
+        super().__init__(message)
+        self.epoch = epoch
+        self.current = current
+
+
+class RoleTaken(Fenced):
+    """A second producer (or consumer) tried to use a single-producer queue."""
+
+
+class CapacityExceeded(FabricError):
+    """Not enough capacity: an allocation can't be met, or an LBA is out of range."""
+
+    code = -4
+
+
+class HeldItemsStall(CapacityExceeded):
+    """The consumer holds unreleased items that pin the ring while it waits for more.
+
+    The producer cannot make progress until the consumer releases items, so
+    waiting would deadlock; this is raised instead. Release items (``del``,
+    ``item.release()``, ``with item:``) and try again.
+    """
+
+
+class Unsupported(FabricError):
+    """The operation or transport is not available here (e.g. no RDMA device)."""
+
+    code = -5
+
+
+class Revoked(FabricError):
+    """The lease was revoked. Not recoverable: the resource was taken away."""
+
+    code = -6
+
+
+class QueueClosed(FabricError):
+    """The queue was closed by this process; no further push or pop."""
+
+    code = -1
+
+
+class QueueSealed(QueueClosed):
+    """The queue was sealed (relocation or consumer restart): it takes no more items.
+
+    ``position`` is the sealed tail position, ``seal_seq`` the sequence number
+    the sealer asked to resume from (``0`` when not given).
+    """
+
+    def __init__(self, message: str = "queue is sealed", *, seal_seq: int = 0) -> None:
+        super().__init__(message)
+        self.seal_seq = seal_seq
+
+
+class EdgeError(FabricError):
+    """A relocatable edge failed; ``kind`` names why (``"QueueFull"``, ``"RelocationFailed"``...)."""
+
+    QUEUE_FULL = "QueueFull"
+    RELOCATION_FAILED = "RelocationFailed"
+
+    def __init__(self, kind: str, message: str = "", *, code: int = -4) -> None:
+        super().__init__(message or kind, code=code)
+        self.kind = kind
+
+
+class FabricValueError(ValueError):
+    """Base of every bad-input error (a :class:`ValueError`)."""
+
+
+class Corrupted(FabricValueError):
+    """Bytes read back (a locator, a segment, a record, a checkpoint) failed validation."""
+
+
+class VersionMismatch(FabricValueError):
+    """The bytes carry a layout or format version this build does not speak."""
+
+
+class NotReady(FabricValueError):
+    """The segment is still being built (its version word is not yet written)."""
+
+
+class ItemTooLarge(FabricValueError):
+    """The item is larger than the queue's maximum item size."""
+
+
+class DtypeMismatch(FabricValueError):
+    """The array's dtype or layout does not match what the queue carries."""
+
+
+_BY_CODE: dict[int, type[FabricError]] = {
+    -1: Disconnected,
+    -2: LeaseExpired,
+    -3: Fenced,
+    -4: CapacityExceeded,
+    -5: Unsupported,
+    -6: Revoked,
+}
+
+
+def from_status(code: int, message: str = "") -> FabricError:
+    """Map a grafOS status code to its exception (unknown codes keep their value)."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return FabricError(message or f"I/O error {code}", code=code)
+    return cls(message)

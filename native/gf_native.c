@@ -1,0 +1,1 @@
+#include "gf_native.h"

@@ -1,0 +1,1 @@
+#define GF_LAYOUT_VERSION 1
