@@ -25,12 +25,12 @@ from types import ModuleType
 from typing import Any
 
 __all__ = [
-    "enums",
-    "E",
-    "probe",
-    "device_names",
-    "pyverbs_import_error",
     "WC",
+    "E",
+    "device_names",
+    "enums",
+    "probe",
+    "pyverbs_import_error",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ E = _EnumNamespace()
 def pyverbs_import_error() -> str | None:
     """Why pyverbs's native modules do not import here, or ``None`` when they do."""
     try:
-        import pyverbs.device  # noqa: F401
+        import pyverbs.device
         import pyverbs.pyverbs_error  # noqa: F401
 
         enums()
