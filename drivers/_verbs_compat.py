@@ -109,7 +109,9 @@ class _EnumNamespace:
         if name == "LINK":
             # IBV_LINK_LAYER_* are flat ints in every version.
             return _LinkLayer(mod)
-        return getattr(mod, self._MAP[name])
+        attr = self._MAP[name]
+        assert attr is not None
+        return getattr(mod, attr)
 
 
 class _LinkLayer:
