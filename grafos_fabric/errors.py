@@ -32,10 +32,12 @@ __all__ = [
     "EdgeError",
     "FabricValueError",
     "Corrupted",
+    "NoRecord",
     "VersionMismatch",
     "NotReady",
     "ItemTooLarge",
     "DtypeMismatch",
+    "Misaligned",
     "STATUS_OK",
     "from_status",
 ]
@@ -151,6 +153,15 @@ class Corrupted(FabricValueError):
     """Bytes read back (a locator, a segment, a record, a checkpoint) failed validation."""
 
 
+class NoRecord(Corrupted):
+    """A durable record area (checkpoint, handoff) holds no record at all: it was never written.
+
+    A subclass of :class:`Corrupted` so code that only cares about "no usable
+    record" catches both; code that must tell a fresh start from damage
+    catches this one first. Never replaced by a default value.
+    """
+
+
 class VersionMismatch(FabricValueError):
     """The bytes carry a layout or format version this build does not speak."""
 
@@ -165,6 +176,10 @@ class ItemTooLarge(FabricValueError):
 
 class DtypeMismatch(FabricValueError):
     """The array's dtype or layout does not match what the queue carries."""
+
+
+class Misaligned(FabricValueError):
+    """A block offset, length or buffer is not a whole number of device blocks."""
 
 
 _BY_CODE: dict[int, type[FabricError]] = {
