@@ -1,0 +1,589 @@
+"""Block leases: O_DIRECT block I/O over a byte range of a file or a block device.
+
+A :class:`BlockRegion` is a leased run of fixed-size blocks. Block ``lba`` of
+the region is the ``block_size`` bytes at ``offset + lba * block_size`` of the
+file or device underneath. Every operation checks the lease first and fails
+closed (``LeaseExpired`` after the deadline or after ``free``, ``Revoked``
+after ``revoke``); an LBA range outside the region raises
+``CapacityExceeded``; a buffer that is not a whole number of blocks raises
+``Misaligned`` (a ``FabricValueError``).
+
+I/O goes through ``O_DIRECT`` with page-aligned buffers (anonymous ``mmap``),
+so a write reaches the device and never sits in the page cache. ``sync()`` is
+``fdatasync``: it is what makes written blocks durable (it flushes the
+device's volatile cache, and for files the allocation metadata). Where the
+filesystem refuses ``O_DIRECT`` (``EINVAL``: tmpfs on older kernels, some
+FUSE filesystems) the region falls back to buffered I/O plus ``fdatasync`` and
+logs a warning saying so; the durability promise is the same, only the page
+cache is in the way.
+
+The block size is the device's, never assumed:
+
+* block device: the logical sector size from the ``BLKSSZGET`` ioctl (512 or
+  4096), and the size from ``BLKGETSIZE64``;
+* regular file: the filesystem's block size (``fstatvfs().f_bsize``, 4096 on
+  ext4/xfs/btrfs/tmpfs). It is the unit the filesystem allocates and is a
+  multiple of every logical sector size below it, so ``O_DIRECT`` alignment
+  always holds and a block never straddles two filesystem blocks. If the
+  filesystem reports something that is not a power of two in [512, 65536],
+  4096 is used. ``open_block(..., block_size=512)`` overrides it for files
+  (for example to mimic a 512-byte-sector device in a test).
+
+Two ways to get a region: :func:`open_block` maps a range of a file or device
+you name; :class:`BlockStore` hands out block leases as preallocated files in a
+data directory on persistent storage and deletes the file when the lease is
+freed. The region's lease lives in this process (:class:`LocalLeaseCell`); the
+bytes on disk outlive it, which is the point of block storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import re
+import stat
+import struct
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from grafos_fabric import lease as _lease
+from grafos_fabric.errors import (
+    CapacityExceeded,
+    Disconnected,
+    FabricValueError,
+    LeaseExpired,
+    Misaligned,
+)
+from grafos_fabric.lease import Clock, Lease, LeaseState, LocalLeaseCell
+
+__all__ = [
+    "VOLATILE_FILESYSTEMS",
+    "BlockRegion",
+    "BlockStore",
+    "default_block_dir",
+    "filesystem_type",
+    "open_block",
+]
+
+log = logging.getLogger(__name__)
+
+BLKSSZGET = 0x1268  # _IO(0x12, 104): logical sector size, int
+BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): device size in bytes, u64
+DEFAULT_FILE_BLOCK_SIZE = 4096
+MAX_IO_CHUNK = 8 << 20  # the aligned bounce buffer never grows past this; larger I/O is split
+VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
+_LEASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def _is_block_size(value: int) -> bool:
+    return 512 <= value <= 65536 and value & (value - 1) == 0
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+class BlockRegion:
+    """A leased range of blocks on a file or block device (see the module docstring).
+
+    Do not construct directly: use :func:`open_block` or
+    :meth:`BlockStore.lease_block`. ``close()`` is idempotent and releases the
+    file descriptor; it does not free the lease's storage. ``lease.free()``
+    (or :meth:`BlockStore.free`) closes the region and gives the storage back.
+    """
+
+    def __init__(
+        self,
+        *,
+        fd: int,
+        path: str,
+        offset: int,
+        length: int,
+        block_size: int,
+        direct: bool,
+        is_blockdev: bool,
+        lease_id: str,
+        ttl: float,
+        clock: Clock | None,
+        generation: int = 1,
+        on_free: Callable[[BlockRegion], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.offset = offset
+        self.length = length
+        self.block_size = block_size
+        self.nblocks = length // block_size
+        self.direct = direct
+        self.is_blockdev = is_blockdev
+        self._fd = fd
+        self._finalizer = weakref.finalize(self, _close_fd, fd)
+        self._io_lock = threading.Lock()
+        self._bounce: mmap.mmap | None = None
+        self._closed = False
+        self._on_free = on_free
+        clk: Clock = clock or _lease.DEFAULT_CLOCK
+        ttl = _lease.check_ttl(ttl)
+        self._cell = LocalLeaseCell(clk.now_ns() + int(ttl * _lease.NS))
+        self.lease = Lease(
+            lease_id,
+            ttl=ttl,
+            generation=generation,
+            cell=self._cell,
+            clock=clk,
+            resource=f"block:{path}[{offset}:{offset + length}]",
+            on_free=self._lease_freed,
+        )
+
+    # -- properties ----------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes in the region (``nblocks * block_size``)."""
+        return self.length
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        """The file descriptor (for ``flock`` and the like); raises once closed."""
+        if self._closed:
+            raise Disconnected(f"block region on {self.path} is closed")
+        return self._fd
+
+    def __repr__(self) -> str:
+        mode = "O_DIRECT" if self.direct else "buffered"
+        state = "closed" if self._closed else mode
+        return (
+            f"<BlockRegion {self.path} offset={self.offset} nblocks={self.nblocks} "
+            f"block_size={self.block_size} {state} lease={self.lease.id}>"
+        )
+
+    # -- checks --------------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            if self.lease.freed:
+                raise LeaseExpired(f"lease {self.lease.id} on {self.lease.resource} was freed")
+            raise Disconnected(f"block region on {self.path} is closed")
+        self.lease.check()
+
+    def _check_range(self, lba: int, nblocks: int) -> None:
+        if not isinstance(lba, int) or isinstance(lba, bool) or lba < 0:
+            raise FabricValueError(f"lba must be a non-negative int, got {lba!r}")
+        if not isinstance(nblocks, int) or isinstance(nblocks, bool) or nblocks < 0:
+            raise FabricValueError(f"block count must be a non-negative int, got {nblocks!r}")
+        if lba + nblocks > self.nblocks:
+            raise CapacityExceeded(f"blocks [{lba}, {lba + nblocks}) are outside the lease's {self.nblocks} blocks")
+
+    # -- aligned bounce buffer -----------------------------------------------
+    def _buffer(self, nbytes: int) -> memoryview:
+        if self._bounce is None or len(self._bounce) < nbytes:
+            if self._bounce is not None:
+                self._bounce.close()
+            size = max(nbytes, mmap.PAGESIZE)
+            size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+            self._bounce = mmap.mmap(-1, size)  # page aligned: good for any O_DIRECT alignment
+        return memoryview(self._bounce)[:nbytes]
+
+    def _disable_direct(self, why: OSError) -> None:
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        self.direct = False
+        log.warning(
+            "O_DIRECT I/O refused on %s (%s): falling back to buffered I/O + fdatasync", self.path, why.strerror
+        )
+
+    def _pread(self, pos: int, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(self._fd, [view[done:]], pos + done)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and self.direct:
+                    self._disable_direct(exc)
+                    continue
+                raise
+            if n == 0:
+                raise OSError(errno.EIO, f"short read on {self.path} at byte {pos + done}")
+            done += n
+
+    def _pwrite(self, pos: int, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            try:
+                n = os.pwritev(self._fd, [view[done:]], pos + done)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and self.direct:
+                    self._disable_direct(exc)
+                    continue
+                if exc.errno == errno.ENOSPC:
+                    raise CapacityExceeded(f"no space left behind {self.path}") from exc
+                raise
+            if n == 0:
+                raise OSError(errno.EIO, f"short write on {self.path} at byte {pos + done}")
+            done += n
+
+    # -- data operations -----------------------------------------------------
+    def read_blocks(self, lba: int, n: int = 1) -> bytes:
+        """Read ``n`` blocks starting at ``lba`` (a copy: ``n * block_size`` bytes)."""
+        self._check()
+        self._check_range(lba, n)
+        out = bytearray(n * self.block_size)
+        self._read_into(lba, memoryview(out))
+        return bytes(out)
+
+    def read_into(self, lba: int, buf: Any) -> None:
+        """Read ``len(buf) // block_size`` blocks at ``lba`` into the writable buffer ``buf``."""
+        view = memoryview(buf).cast("B")
+        if view.readonly:
+            raise FabricValueError("read_into needs a writable buffer")
+        if len(view) % self.block_size:
+            raise Misaligned(f"buffer of {len(view)} bytes is not a multiple of the block size {self.block_size}")
+        self._check()
+        self._check_range(lba, len(view) // self.block_size)
+        self._read_into(lba, view)
+
+    def _read_into(self, lba: int, out: memoryview) -> None:
+        pos = self.offset + lba * self.block_size
+        with self._io_lock:
+            for start in range(0, len(out), MAX_IO_CHUNK):
+                chunk = out[start : start + MAX_IO_CHUNK]
+                bounce = self._buffer(len(chunk))
+                self._pread(pos + start, bounce)
+                chunk[:] = bounce
+
+    def write_blocks(self, lba: int, buf: Any) -> int:
+        """Write the whole blocks in ``buf`` at ``lba``; returns the number of blocks written.
+
+        Not durable until :meth:`sync`. ``buf`` must be a whole number of blocks
+        (``Misaligned`` otherwise); it may be any bytes-like object and need not
+        be aligned in memory (it is copied into an aligned buffer).
+        """
+        view = memoryview(buf).cast("B")
+        if len(view) % self.block_size:
+            raise Misaligned(f"buffer of {len(view)} bytes is not a multiple of the block size {self.block_size}")
+        n = len(view) // self.block_size
+        self._check()
+        self._check_range(lba, n)
+        pos = self.offset + lba * self.block_size
+        with self._io_lock:
+            for start in range(0, len(view), MAX_IO_CHUNK):
+                chunk = view[start : start + MAX_IO_CHUNK]
+                bounce = self._buffer(len(chunk))
+                bounce[:] = chunk
+                self._pwrite(pos + start, bounce)
+        return n
+
+    def sync(self) -> None:
+        """Make every block written so far durable (``fdatasync``)."""
+        self._check()
+        os.fdatasync(self._fd)
+
+    @contextlib.contextmanager
+    def locked(self, *, shared: bool = False) -> Iterator[None]:
+        """Hold an ``flock`` on the underlying file or device node while in the block.
+
+        ``flock`` locks the whole file (not just this region's range) and is
+        held per open file description: two regions, in one process or in
+        two, serialize; it is dropped if the process dies.
+        """
+        fd = self.fileno()
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if not self._closed:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    # -- lifecycle -----------------------------------------------------------
+    def close(self) -> None:
+        """Release the file descriptor (idempotent). The storage and its bytes stay."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+        if self._bounce is not None:
+            with contextlib.suppress(BufferError):
+                self._bounce.close()
+            self._bounce = None
+
+    def _lease_freed(self, lease: Lease) -> None:
+        self._cell.store_state(LeaseState.FREED)
+        self.close()
+        if self._on_free is not None:
+            self._on_free(self)
+
+    def __enter__(self) -> BlockRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _device_geometry(fd: int) -> tuple[bool, int, int]:
+    """(is_blockdev, logical block size, size in bytes) for an open file or device."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        ssz = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, struct.pack("i", 0)))[0]
+        size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, struct.pack("Q", 0)))[0]
+        return True, int(ssz), int(size)
+    if stat.S_ISREG(st.st_mode):
+        bsize = os.fstatvfs(fd).f_bsize
+        return False, (bsize if _is_block_size(bsize) else DEFAULT_FILE_BLOCK_SIZE), st.st_size
+    raise FabricValueError("a block lease needs a regular file or a block device")
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Grow a regular file to ``size`` bytes with its blocks reserved (no ENOSPC later)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CapacityExceeded(f"no space for {size} bytes") from exc
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)  # the filesystem cannot reserve: a sparse file it is
+
+
+def _open_fd(path: str, *, create_size: int | None, direct: bool) -> tuple[int, bool]:
+    flags = os.O_RDWR | os.O_CLOEXEC
+    if create_size is not None:
+        flags |= os.O_CREAT
+    if direct:
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o600), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            log.warning("O_DIRECT refused by the filesystem of %s: using buffered I/O + fdatasync", path)
+    return os.open(path, flags, 0o600), False
+
+
+def open_block(
+    path: str | os.PathLike[str],
+    offset: int = 0,
+    length: int | None = None,
+    *,
+    ttl: float | None = None,
+    clock: Clock | None = None,
+    create_size: int | None = None,
+    block_size: int | None = None,
+    direct: bool = True,
+    lease_id: str | None = None,
+    generation: int = 1,
+    _on_free: Callable[[BlockRegion], None] | None = None,
+) -> BlockRegion:
+    """Map ``length`` bytes at ``offset`` of a regular file or block device as a block lease.
+
+    ``offset`` and ``length`` must be whole blocks (``Misaligned``); ``length``
+    defaults to every whole block from ``offset`` to the end. A range past the
+    end of the file or device raises ``CapacityExceeded``. ``create_size``
+    creates a missing regular file (or grows a smaller one) to that many bytes,
+    with the space reserved. ``ttl`` defaults to the longest TTL a lease may
+    have (the range is yours until you free it). ``block_size`` overrides the
+    filesystem block size for regular files (a power of two in [512, 65536]);
+    block devices always use their logical sector size. ``direct=False`` skips
+    ``O_DIRECT``. A missing path without ``create_size`` raises
+    ``FileNotFoundError``; anything but a regular file or block device raises
+    ``FabricValueError``. Freeing the lease closes the region; the file stays.
+    """
+    for name, value in (("offset", offset), ("length", length), ("create_size", create_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise FabricValueError(f"{name} must be a non-negative int, got {value!r}")
+    if length == 0:
+        raise FabricValueError("length must be positive")
+    if block_size is not None and not (isinstance(block_size, int) and _is_block_size(block_size)):
+        raise FabricValueError(f"block_size must be a power of two in [512, 65536], got {block_size!r}")
+    ttl_value = _lease.MAX_TTL if ttl is None else _lease.check_ttl(ttl)
+    spath = os.fspath(path)
+    fd, is_direct = _open_fd(spath, create_size=create_size, direct=direct)
+    try:
+        is_blockdev, bs, size = _device_geometry(fd)
+        if is_blockdev:
+            if block_size is not None and block_size != bs:
+                raise FabricValueError(f"{spath} has {bs}-byte logical blocks; block_size={block_size} refused")
+        else:
+            if block_size is not None:
+                bs = block_size
+            if create_size is not None and size < create_size:
+                _reserve(fd, create_size)
+                size = create_size
+        if offset % bs:
+            raise Misaligned(f"offset {offset} is not a multiple of the block size {bs}")
+        if length is None:
+            length = (size - offset) // bs * bs if size > offset else 0
+            if length == 0:
+                raise CapacityExceeded(f"no whole {bs}-byte block at offset {offset} of {spath} ({size} bytes)")
+        elif length % bs:
+            raise Misaligned(f"length {length} is not a multiple of the block size {bs}")
+        if offset + length > size:
+            raise CapacityExceeded(f"range [{offset}, {offset + length}) is past the end of {spath} ({size} bytes)")
+        return BlockRegion(
+            fd=fd,
+            path=spath,
+            offset=offset,
+            length=length,
+            block_size=bs,
+            direct=is_direct,
+            is_blockdev=is_blockdev,
+            lease_id=lease_id or f"blk-{uuid.uuid4().hex[:16]}",
+            ttl=ttl_value,
+            clock=clock,
+            generation=generation,
+            on_free=_on_free,
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _unescape_mount(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def filesystem_type(path: str | os.PathLike[str], mounts: str = "/proc/mounts") -> str | None:
+    """The type of the filesystem that holds ``path`` (from ``/proc/mounts``), or None if unknown."""
+    real = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = _unescape_mount(parts[1])
+                inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+                if inside and (best is None or len(mnt) >= best[0]):
+                    best = (len(mnt), parts[2])
+    except OSError:
+        return None
+    return None if best is None else best[1]
+
+
+def default_block_dir() -> Path:
+    """``$GRAFOS_BLOCK_DIR``, else ``$XDG_DATA_HOME/grafos-fabric/blocks`` (``~/.local/share/...``)."""
+    env = os.environ.get("GRAFOS_BLOCK_DIR")
+    if env:
+        return Path(env).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data_home) / "grafos-fabric" / "blocks"
+
+
+class BlockStore:
+    """Hands out block leases as preallocated files in a data directory.
+
+    ``data_dir`` defaults to :func:`default_block_dir`. The directory should be
+    on persistent storage: a warning is logged when it is on tmpfs/ramfs
+    (checked against ``/proc/mounts``), because everything in it is lost at
+    reboot. Each lease is one file ``<lease_id>.blk``; ``lease.free()`` (or
+    :meth:`free`) deletes it. Closing a region keeps the file, so a restarted
+    process can :meth:`attach` to it by id and read its checkpoints back.
+    """
+
+    SUFFIX = ".blk"
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        clock: Clock | None = None,
+        block_size: int | None = None,
+        direct: bool = True,
+    ) -> None:
+        self.path = Path(data_dir) if data_dir is not None else default_block_dir()
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.clock = clock
+        self.block_size = block_size
+        self.direct = direct
+        self.fstype = filesystem_type(self.path)
+        self.volatile = self.fstype in VOLATILE_FILESYSTEMS
+        if self.volatile:
+            log.warning(
+                "block store %s is on %s: leases will not survive a reboot "
+                "(set GRAFOS_BLOCK_DIR to a directory on persistent storage)",
+                self.path,
+                self.fstype,
+            )
+
+    def _file(self, lease_id: str) -> Path:
+        if not isinstance(lease_id, str) or not _LEASE_ID_RE.match(lease_id):
+            raise FabricValueError(f"not a block lease id: {lease_id!r}")
+        return self.path / f"{lease_id}{self.SUFFIX}"
+
+    def _unit(self) -> int:
+        if self.block_size is not None:
+            return self.block_size
+        bsize = os.statvfs(self.path).f_bsize
+        return bsize if _is_block_size(bsize) else DEFAULT_FILE_BLOCK_SIZE
+
+    def lease_block(self, nbytes: int, ttl: float, clock: Clock | None = None) -> BlockRegion:
+        """A new block lease of at least ``nbytes`` bytes (rounded up to whole blocks)."""
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
+            raise FabricValueError(f"nbytes must be a positive int, got {nbytes!r}")
+        ttl = _lease.check_ttl(ttl)
+        unit = self._unit()
+        size = -(-nbytes // unit) * unit
+        lease_id = uuid.uuid4().hex
+        file = self._file(lease_id)
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _reserve(fd, size)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                file.unlink()
+            raise
+        os.close(fd)
+        try:
+            region = self._open(lease_id, ttl, clock)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                file.unlink()
+            raise
+        log.debug("leased %d bytes of block storage as %s", size, file)
+        return region
+
+    def _open(self, lease_id: str, ttl: float, clock: Clock | None) -> BlockRegion:
+        return open_block(
+            self._file(lease_id),
+            ttl=ttl,
+            clock=clock or self.clock,
+            block_size=self.block_size,
+            direct=self.direct,
+            lease_id=lease_id,
+            _on_free=self._release,
+        )
+
+    def attach(self, lease_id: str, ttl: float | None = None, clock: Clock | None = None) -> BlockRegion:
+        """Open an existing lease's storage again (after a restart). ``LeaseExpired`` if it was freed."""
+        file = self._file(lease_id)
+        if not file.exists():
+            raise LeaseExpired(f"no block lease {lease_id} in {self.path} (freed, or never allocated here)")
+        return self._open(lease_id, _lease.MAX_TTL if ttl is None else ttl, clock)
+
+    def free(self, lease: Lease | BlockRegion | str) -> None:
+        """Free a lease by object or id: its region closes and its file is deleted (idempotent)."""
+        if isinstance(lease, BlockRegion):
+            lease.lease.free()
+        elif isinstance(lease, Lease):
+            lease.free()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self._file(lease).unlink()
+
+    def _release(self, region: BlockRegion) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            Path(region.path).unlink()
+        log.debug("freed block lease %s", region.lease.id)
+
+    def leases(self) -> list[str]:
+        """Ids of the leases whose files are in the directory."""
+        return sorted(p.name[: -len(self.SUFFIX)] for p in self.path.glob(f"*{self.SUFFIX}"))
