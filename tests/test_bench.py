@@ -1,0 +1,109 @@
+"""Smoke tests of ``grafos-bench``: it runs, and its JSON has the promised shape.
+
+Behaviour only: no timing is asserted, since figures on a shared CI machine
+say nothing; only that every figure is there and positive.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from grafos_fabric.tools.bench import auto_capacity, build_parser, parse_size
+
+pytest.importorskip("rich")
+
+
+def _fabric_available() -> bool:
+    import grafos_fabric as gf
+
+    return hasattr(gf, "FabricQueue") and hasattr(gf, "open_fabric")
+
+
+def _run_bench(*args: str, timeout: float = 120.0) -> tuple[dict[str, Any], str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "grafos_fabric.tools.bench", "--json", "-", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"grafos-bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_bench_json_reports_every_case_with_positive_figures(tmp_path: Path) -> None:
+    png = tmp_path / "ratios.png"
+    doc, console = _run_bench(
+        "--duration", "0.15", "--sizes", "64,4K", "--cases", "single,batch,reserve", "--plot", str(png)
+    )
+
+    assert doc["tool"] == "grafos-bench" and doc["schema"] == 1
+    meta = doc["meta"]
+    assert meta["driver"] == "shm" and meta["duration"] == 0.15 and meta["sizes"] == [64, 4096]
+    assert "copyto" in doc["baselines"] and "mpqueue" in doc["baselines"]
+
+    results = doc["results"]
+    assert results, "no results"
+    for r in results:
+        assert r["ok"] is True and r["error"] is None, r
+        assert r["items"] > 0 and r["seconds"] > 0 and r["items_per_s"] > 0 and r["mb_per_s"] > 0, r
+    seen = {(r["transport"], r["mode"], r["size"]) for r in results}
+    for size in (64, 4096):
+        assert ("copyto", "copy", size) in seen
+        assert ("mpqueue", "single", size) in seen and ("mpqueue", "batch", size) in seen
+        for peer in ("faster_fifo", "zmq"):
+            if peer not in doc["skipped"]:
+                assert (peer, "single", size) in seen and (peer, "batch", size) in seen
+
+    # The tables and the list of what was compared go to stderr with --json -.
+    assert "Compared against, measured in this run" in console
+
+    if not _fabric_available():
+        assert "fabric" in doc["skipped"]
+        return
+    for size in (64, 4096):
+        for mode in ("single", "batch", "reserve"):
+            assert ("fabric", mode, size) in seen
+    assert len(doc["ratios"]) == 6
+    for x in doc["ratios"]:
+        assert x["vs_copyto"] > 0
+        assert x["vs"] and all(v > 0 for v in x["vs"].values())
+        assert x["best_peer"] in x["vs"] and x["vs_best_peer"] == min(x["vs"].values())
+    names = [t["name"] for t in doc["targets"]]
+    assert len(names) == 3 and [t["required"] for t in doc["targets"]] == [2.0, 15.0, 0.9]
+    assert doc["targets"][0]["measured"] > 0 and doc["targets"][1]["measured"] > 0
+    assert doc["targets"][2]["measured"] is None  # no 1 MiB case in this run
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_filters_limit_the_cases_that_run() -> None:
+    doc, _ = _run_bench("--duration", "0.1", "--sizes", "64", "--cases", "single", "--peers", "zmq,copyto")
+    seen = {(r["transport"], r["mode"]) for r in doc["results"]}
+    expected = {("copyto", "copy")}
+    if "zmq" not in doc["skipped"]:
+        expected |= {("zmq", "single"), ("zmq", "batch")}
+    if _fabric_available():
+        expected.add(("fabric", "single"))
+    assert seen == expected
+    assert all(r["size"] == 64 for r in doc["results"])
+
+
+def test_sizes_parse_with_binary_units() -> None:
+    assert [parse_size(s) for s in ("64", "4K", "4KiB", "1M", "1 MiB", "2b")] == [64, 4096, 4096, 1 << 20, 1 << 20, 2]
+    args = build_parser().parse_args(["--sizes", "64,4K,1MiB", "--peers", "none", "--cases", "batch"])
+    assert args.sizes == [64, 4096, 1 << 20] and args.peers == [] and args.cases == ["batch"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--sizes", "12Q"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--peers", "kafka"])
+
+
+def test_ring_capacity_is_a_power_of_two_that_holds_several_batches() -> None:
+    for size, batch in ((64, 1024), (4096, 64), (1 << 20, 4), (100, 7)):
+        cap = auto_capacity(size, batch)
+        assert cap & (cap - 1) == 0
+        assert cap >= 4 * (size + 64)

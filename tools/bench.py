@@ -1,0 +1,408 @@
+"""``grafos-bench``: grafos-fabric's FabricQueue against the peers a user would pick instead.
+
+Two processes (producer and consumer, SPSC) move items of 64 B, 4 KiB and
+1 MiB; the consumer reads every byte of every payload. Cases for the
+FabricQueue: single calls (push/pop), batched calls (push_batch/pop_batch)
+and reserve/commit (zero-copy production). In the same run, and with the same
+payloads, consumer work and buffering, it measures:
+
+* ``np.copyto`` of one item, in one process: the memcpy ceiling;
+* ``multiprocessing.Queue`` (put/get; batched: a list per put);
+* ``faster-fifo`` (put/get; put_many/get_many), when installed;
+* ``pyzmq`` PUSH/PULL over ``ipc://`` (send/recv; send_multipart), when installed;
+* ``checkpoint``: checkpoints/s against raw fdatasync, when
+  ``grafos_fabric.tools.bench_checkpoint`` is present;
+* ``relocation``: when ``grafos_fabric.tools.bench_relocation`` is present.
+
+It prints items/s, MB/s (10**6 bytes) and the ratio of each fabric case to
+each peer, to the best peer and to ``np.copyto``, in rich tables, with a
+progress display while it runs. ``--json PATH|-`` writes the same figures as
+JSON, ``--plot PATH.png`` a bar chart of the ratios. Only ratios within one run
+mean anything on a small, noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import inspect
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from grafos_fabric.tools import bench_report
+from grafos_fabric.tools.bench_runner import COPYTO_DESCRIPTION, CaseResult, get_context, run_copyto, run_pair
+from grafos_fabric.tools.bench_transports import PEERS, TRANSPORTS, CaseSpec, FabricTransport, Transport, fmt_size
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+log = logging.getLogger("grafos_fabric.tools.bench")
+
+DEFAULT_SIZES = (64, 4096, 1 << 20)
+QUEUE_CASES = ("single", "batch", "reserve")
+EXTRA_CASES = ("checkpoint", "relocation")
+ALL_CASES = QUEUE_CASES + EXTRA_CASES
+BASELINES = (*PEERS, "copyto")
+DRIVERS = ("shm",)
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "mb": 1 << 20}
+
+
+def parse_size(text: str) -> int:
+    """``"64"``, ``"4K"``, ``"4KiB"``, ``"1M"``, ``"1MiB"`` -> bytes (binary units)."""
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num) :]
+    if not num or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 64, 4K, 1MiB)")
+    n = int(num) * _UNITS[unit]
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return n
+
+
+def _csv(choices: Sequence[str], allow_none: bool = False) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [x.strip().replace("-", "_") for x in text.split(",") if x.strip()]
+        if allow_none and items == ["none"]:
+            return []
+        bad = [x for x in items if x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def _sizes(text: str) -> list[int]:
+    return [parse_size(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="grafos-bench",
+        description="Measure grafos-fabric's FabricQueue against np.copyto and the peers a user would pick "
+        "instead, all in one run, and print the ratios.",
+    )
+    p.add_argument("--duration", type=float, default=1.0, metavar="SECONDS", help="seconds per case (default 1.0)")
+    p.add_argument(
+        "--sizes", type=_sizes, default=list(DEFAULT_SIZES), metavar="LIST", help="item sizes (default 64,4K,1M)"
+    )
+    p.add_argument(
+        "--cases",
+        type=_csv(ALL_CASES),
+        default=list(ALL_CASES),
+        metavar="LIST",
+        help=f"fabric cases to run: {', '.join(ALL_CASES)} (default: all that are available)",
+    )
+    p.add_argument(
+        "--peers",
+        type=_csv(BASELINES, allow_none=True),
+        default=list(BASELINES),
+        metavar="LIST",
+        help=f"what to compare against: {', '.join(BASELINES)}, or none (default: all that are installed)",
+    )
+    p.add_argument("--driver", choices=DRIVERS, default="shm", help="fabric driver (default shm)")
+    p.add_argument("--json", metavar="PATH|-", help="write the results as JSON to PATH, or stdout with -")
+    p.add_argument("--plot", metavar="PATH.png", help="write a bar chart of the ratios (matplotlib, Agg)")
+    p.add_argument("--batch", type=int, metavar="N", help="items per batch call (default: by size, 4..1024)")
+    p.add_argument("--capacity", type=parse_size, metavar="BYTES", help="ring bytes per queue (default: by size)")
+    p.add_argument(
+        "--start-method",
+        choices=("forkserver", "spawn", "fork"),
+        help="how worker processes start (default forkserver: fork-fast, thread-safe)",
+    )
+    p.add_argument("--pin", action="store_true", help="pin producer and consumer to one CPU each")
+    p.add_argument(
+        "--checkpoint-path",
+        metavar="PATH",
+        help="file or directory for the checkpoint case (default: a fresh directory under ~/.cache, removed after)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (worker tracebacks)")
+    return p
+
+
+def auto_batch(size: int) -> int:
+    """Items per batch call: about 256 KiB per batch, 4 to 1024 items."""
+    return max(4, min(1024, (256 << 10) // size))
+
+
+def auto_chunk(size: int) -> int:
+    """Single calls between clock reads: about 1 MiB of payload, 1 to 256 items."""
+    return max(1, min(256, (1 << 20) // size))
+
+
+def auto_capacity(size: int, batch: int) -> int:
+    """Ring bytes: room for about eight batches (framing included), 1 MiB to 16 MiB, a power of two."""
+    need = 8 * batch * (size + 64)
+    cap = 1 << max(20, (need - 1).bit_length())
+    return max(min(cap, 1 << 24), 1 << (4 * (size + 64) - 1).bit_length())
+
+
+def make_spec(args: argparse.Namespace, transport: str, mode: str, size: int) -> CaseSpec:
+    batch = args.batch or auto_batch(size)
+    return CaseSpec(
+        transport=transport,
+        mode=mode,
+        size=size,
+        duration=args.duration,
+        batch=batch,
+        chunk=auto_chunk(size),
+        capacity=args.capacity or auto_capacity(size, batch),
+        warmup=min(0.25, 0.1 * args.duration),
+    )
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("numpy", "grafos_fabric", "faster_fifo", "zmq", "rich"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        v = getattr(m, "__version__", None)
+        if v is None:
+            try:
+                from importlib.metadata import version
+
+                v = version({"zmq": "pyzmq", "faster_fifo": "faster-fifo", "grafos_fabric": "grafos-fabric"}[mod])
+            except Exception:
+                v = "?"
+        out[mod] = str(v)
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _call_hook(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments it accepts (the hooks' signatures may grow)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _load_hook(module: str, func: str) -> tuple[Callable[..., Any] | None, str]:
+    try:
+        mod = importlib.import_module(f"grafos_fabric.tools.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.endswith(module):
+            return None, f"grafos_fabric.tools.{module} is not in this build"
+        return None, f"{module} does not import: {exc}"
+    except Exception as exc:
+        return None, f"{module} does not import: {type(exc).__name__}: {exc}"
+    fn = getattr(mod, func, None)
+    if fn is None:
+        return None, f"{module} has no {func}()"
+    return fn, ""
+
+
+def _rows(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [value]
+    return [dict(r) for r in value]
+
+
+class Bench:
+    """One run of the benchmark: plan the cases, run them with a progress display, report."""
+
+    def __init__(self, args: argparse.Namespace, console: Console) -> None:
+        self.args = args
+        self.console = console
+        self.skipped: dict[str, str] = {}
+        self.results: list[CaseResult] = []
+        self.extra: dict[str, list[dict[str, Any]]] = {}
+        self.peers = [p for p in args.peers if p in PEERS and self._usable(p)]
+        self.copyto = "copyto" in args.peers
+        self.fabric_modes = [m for m in QUEUE_CASES if m in args.cases]
+        if self.fabric_modes and not self._usable("fabric"):
+            self.fabric_modes = []
+
+    def _usable(self, name: str) -> bool:
+        why = TRANSPORTS[name].available()
+        if why:
+            self.skipped[name] = why
+        return why is None
+
+    def plan(self) -> list[CaseSpec | str]:
+        """The queue cases in order (per size: copyto, fabric, peers), then the extra case names."""
+        plan: list[CaseSpec | str] = []
+        for size in self.args.sizes:
+            if self.copyto:
+                plan.append(make_spec(self.args, "copyto", "copy", size))
+            plan += [make_spec(self.args, "fabric", m, size) for m in self.fabric_modes]
+            for peer in self.peers:
+                plan += [make_spec(self.args, peer, m, size) for m in TRANSPORTS[peer].modes]
+        plan += [c for c in EXTRA_CASES if c in self.args.cases]
+        return plan
+
+    def meta(self) -> dict[str, Any]:
+        affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        return {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["grafos-bench", *sys.argv[1:]]),
+            "driver": self.args.driver,
+            "duration": self.args.duration,
+            "sizes": list(self.args.sizes),
+            "cases": list(self.args.cases),
+            "peers": list(self.peers) + (["copyto"] if self.copyto else []),
+            "start_method": self.ctx.get_start_method(),
+            "pinned": bool(self.args.pin),
+            "cpus": len(affinity) or os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "platform": platform.platform(),
+            "versions": _versions(),
+            "batch_items": {str(s): self.args.batch or auto_batch(s) for s in self.args.sizes},
+            "capacity_bytes": {
+                str(s): self.args.capacity or auto_capacity(s, self.args.batch or auto_batch(s))
+                for s in self.args.sizes
+            },
+        }
+
+    def baselines(self) -> dict[str, str]:
+        out = {name: TRANSPORTS[name].description for name in ["fabric", *self.peers]}
+        if self.copyto:
+            out["copyto"] = COPYTO_DESCRIPTION
+        return out
+
+    def run(self) -> int:
+        args = self.args
+        self.ctx = get_context(args.start_method)
+        plan = self.plan()
+        fabric = FabricTransport()
+        FabricTransport.url = f"{args.driver}://bench-{os.getpid()}"
+        transports: dict[str, Transport] = {"fabric": fabric}
+        transports.update({p: TRANSPORTS[p]() for p in self.peers})
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description:<34}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        try:
+            with progress:
+                task = progress.add_task("starting", total=len(plan))
+                for item in plan:
+                    if isinstance(item, str):
+                        progress.update(task, description=f"{item} case")
+                        self._run_extra(item, progress)
+                    else:
+                        progress.update(task, description=item.name)
+                        if item.transport == "copyto":
+                            res = run_copyto(item)
+                        else:
+                            res = run_pair(self.ctx, transports[item.transport], item, pin=args.pin)
+                        if res.error:
+                            log.warning("%s failed: %s", item.name, res.error)
+                        self.results.append(res)
+                    progress.advance(task)
+        finally:
+            fabric.close()
+        return self.report()
+
+    def _run_extra(self, case: str, progress: Progress) -> None:
+        args = self.args
+        if case == "checkpoint":
+            fn, why = _load_hook("bench_checkpoint", "run_checkpoint_bench")
+            if fn is None:
+                self.skipped[case] = why
+                return
+            tmp = None
+            path = args.checkpoint_path
+            if path is None:
+                base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "grafos-bench")
+                os.makedirs(base, exist_ok=True)
+                tmp = path = tempfile.mkdtemp(prefix="checkpoint-", dir=base)
+            sizes = tuple(s for s in args.sizes if s >= 4096) or (4096, 1 << 20)
+            try:
+                rows = _call_hook(fn, path_or_dir=path, sizes=sizes, seconds=max(0.2, args.duration), progress=progress)
+                self.extra[case] = _rows(rows)
+            except Exception as exc:
+                log.warning("checkpoint case failed: %s", exc)
+                self.extra[case] = [{"case": case, "error": f"{type(exc).__name__}: {exc}"}]
+            finally:
+                if tmp:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        elif case == "relocation":
+            fn, why = _load_hook("bench_relocation", "run_relocation_bench")
+            if fn is None:
+                self.skipped[case] = why
+                return
+            try:
+                rows = _call_hook(
+                    fn,
+                    url=f"{args.driver}://bench-reloc-{os.getpid()}",
+                    seconds=max(0.2, args.duration),
+                    duration=max(0.2, args.duration),
+                    progress=progress,
+                )
+                self.extra[case] = _rows(rows)
+            except Exception as exc:
+                log.warning("relocation case failed: %s", exc)
+                self.extra[case] = [{"case": case, "error": f"{type(exc).__name__}: {exc}"}]
+
+    def report(self) -> int:
+        args = self.args
+        peers = self.peers
+        ratios = bench_report.compute_ratios(self.results, peers)
+        targets = bench_report.compute_targets(ratios) if self.fabric_modes else []
+        meta = self.meta()
+        bench_report.render(
+            self.console, self.results, ratios, targets, peers, meta, self.baselines(), self.extra, self.skipped
+        )
+        if args.json:
+            doc = bench_report.to_json(self.results, ratios, targets, meta, self.baselines(), self.extra, self.skipped)
+            bench_report.write_json(doc, args.json, sys.stdout)
+        if args.plot:
+            if ratios:
+                title = f"grafos-fabric vs peers ({meta['cpus']} CPUs, {args.duration:g} s/case)"
+                bench_report.plot(ratios, [*peers], args.plot, title)
+                self.console.print(f"plot written to {args.plot}")
+            else:
+                self.console.print("[yellow]no fabric results: no plot written[/yellow]")
+        failed = [r for r in self.results if r.error] + [r for v in self.extra.values() for r in v if r.get("error")]
+        return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point of ``grafos-bench``."""
+    args = build_parser().parse_args(argv)
+    if args.duration <= 0:
+        build_parser().error("--duration must be positive")
+    if args.capacity and args.capacity & (args.capacity - 1):
+        build_parser().error("--capacity must be a power of two")
+    # With --json -, stdout carries only the JSON; tables and progress go to stderr.
+    console = Console(stderr=args.json == "-")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    sizes = ", ".join(fmt_size(s) for s in args.sizes)
+    log.debug("sizes %s, cases %s, peers %s", sizes, args.cases, args.peers)
+    return Bench(args, console).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
