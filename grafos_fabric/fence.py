@@ -45,7 +45,7 @@ class FenceEpoch:
     __slots__ = ("_value",)
     SIZE = _PACK.size
 
-    def __init__(self, value: int = 0) -> None:
+    def __init__(self, value: FenceEpoch | int = 0) -> None:
         if isinstance(value, FenceEpoch):
             value = value._value
         if not isinstance(value, int) or isinstance(value, bool):

@@ -1,0 +1,264 @@
+"""Handoff records: "the edge now lives here, at generation g", durable on a block lease.
+
+A :class:`HandoffWriter` publishes an opaque payload (a queue locator's bytes)
+with a generation that only grows; a :class:`HandoffReader` polls the same
+block lease and returns a record only when the generation went up since it
+last looked. The payload is never interpreted here (``grafos_fabric.locator``
+wraps ``QueueLocator`` bytes around this).
+
+On the block lease a handoff is a ``GHOF`` record in the two-slot format of
+:mod:`grafos_fabric.slots`: the generation is the slot header's ``tag`` (so it
+is covered by the header CRC), and the record's data is::
+
+     0                   1                   2                   3
+     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+    |                                                               |  0
+    +        published_ns (u64, writer's CLOCK_REALTIME, ns)        +
+    |                                                               |  4
+    +---------------------------------------------------------------+
+    |                 payload (data_len - 8 bytes)                  |  8
+    +---------------------------------------------------------------+
+
+Little-endian. Who writes: one :class:`HandoffWriter` at a time wins. Under an
+exclusive ``flock`` on the lease's file or device it reads the newest valid
+record, refuses with :class:`~grafos_fabric.errors.StaleEpoch` when that
+record's generation is newer than the writer's own (someone else published
+since), and otherwise writes generation + 1 (data, sync, header, sync). Two
+writers racing from the same generation therefore serialize on the lock and
+exactly one of them wins that bump, in one process or in two. Who reads: a
+:class:`HandoffReader` reads under a shared ``flock`` (so it never sees a slot
+mid-overwrite) and picks the newest valid slot. A torn publish leaves the
+previous generation readable; a record that cannot be validated raises
+``Corrupted``, never a stale or default value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import Corrupted, FabricValueError, NoRecord, StaleEpoch
+from .fence import EdgeGeneration, FenceEpoch
+from .slots import GHOF, BlockDevice, Durability, SlotRecord, SlotStore
+
+__all__ = ["HandoffReader", "HandoffRecord", "HandoffWriter"]
+
+log = logging.getLogger(__name__)
+
+_PREFIX = struct.Struct("<Q")
+PREFIX_SIZE = _PREFIX.size
+
+# flock is per open file description: two writers sharing one region object (one
+# fd) in two threads would both "hold" it. A per-region thread lock covers that.
+_THREAD_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(dev: Any) -> threading.Lock:
+    with _THREAD_LOCKS_GUARD:
+        lock = _THREAD_LOCKS.get(dev)
+        if lock is None:
+            lock = threading.Lock()
+            _THREAD_LOCKS[dev] = lock
+        return lock
+
+
+@contextlib.contextmanager
+def _locked(dev: Any, *, shared: bool) -> Iterator[None]:
+    """Thread lock + ``dev.locked()`` (an flock) where the device offers one."""
+    with _thread_lock(dev):
+        locked = getattr(dev, "locked", None)
+        if locked is None:
+            yield
+        else:
+            with locked(shared=shared):
+                yield
+
+
+@dataclass(frozen=True)
+class HandoffRecord:
+    """A published handoff: its generation, the payload, when and where it was written."""
+
+    generation: EdgeGeneration
+    payload: bytes
+    published_ns: int
+    seq: int
+
+    @classmethod
+    def _from_slot(cls, record: SlotRecord) -> HandoffRecord:
+        if len(record.data) < PREFIX_SIZE:
+            raise Corrupted(f"handoff record of {len(record.data)} bytes is shorter than its {PREFIX_SIZE}-byte prefix")
+        if record.tag == 0:
+            raise Corrupted("handoff record at generation 0 (the first publish is generation 1)")
+        (published_ns,) = _PREFIX.unpack_from(record.data)
+        return cls(FenceEpoch(record.tag), bytes(record.data[PREFIX_SIZE:]), published_ns, record.seq)
+
+
+def _read_newest(store: SlotStore) -> HandoffRecord | None:
+    """The newest valid record, None when none was ever published; raises when damaged."""
+    try:
+        return HandoffRecord._from_slot(store.read())
+    except NoRecord:
+        return None
+
+
+class HandoffWriter:
+    """Publishes payloads with increasing generations (see the module docstring).
+
+    ``generation=None`` (the default) adopts the generation on disk (zero when
+    nothing was published yet): that is how a restarted producer resumes, and
+    :meth:`from_disk` says so explicitly. Passing a generation makes the writer
+    claim it: its next publish is refused if the disk has moved past it.
+    """
+
+    def __init__(
+        self,
+        block_lease: BlockDevice,
+        *,
+        generation: FenceEpoch | int | None = None,
+        durability: Durability = "ordered",
+    ) -> None:
+        self.block_lease = block_lease
+        self._store = SlotStore(block_lease, GHOF, durability=durability)
+        if generation is None:
+            with _locked(block_lease, shared=True):
+                newest = _read_newest(self._store)
+            self._generation = newest.generation if newest is not None else FenceEpoch.zero()
+        else:
+            self._generation = FenceEpoch(generation)
+
+    @classmethod
+    def from_disk(cls, block_lease: BlockDevice, *, durability: Durability = "ordered") -> HandoffWriter:
+        """A writer at the generation currently on disk (restart)."""
+        return cls(block_lease, generation=None, durability=durability)
+
+    @property
+    def generation(self) -> EdgeGeneration:
+        """The generation this writer last published or adopted."""
+        return self._generation
+
+    @property
+    def next_generation(self) -> EdgeGeneration:
+        """The generation the next successful :meth:`publish` will have."""
+        return self._generation.bump()
+
+    @property
+    def capacity(self) -> int:
+        """The largest payload a record can carry, in bytes."""
+        return self._store.capacity - PREFIX_SIZE
+
+    def publish(self, payload: Any) -> EdgeGeneration:
+        """Durably publish ``payload`` at the next generation and return that generation.
+
+        Raises ``StaleEpoch`` (a ``Fenced``) when the generation on disk is
+        newer than this writer's: another writer won. ``CapacityExceeded`` when
+        the payload does not fit the lease (nothing written), ``Corrupted``
+        when no valid record can be read back to check against (the writer
+        will not guess a generation), ``LeaseExpired``/``Revoked`` when the
+        lease is gone.
+        """
+        try:
+            body = memoryview(payload).cast("B")
+        except TypeError:
+            raise FabricValueError(f"a handoff payload is bytes-like, got {type(payload).__name__}") from None
+        data = _PREFIX.pack(time.time_ns()) + body.tobytes()
+        with _locked(self.block_lease, shared=False):
+            newest = _read_newest(self._store)
+            on_disk = newest.generation if newest is not None else FenceEpoch.zero()
+            if on_disk > self._generation:
+                raise StaleEpoch(epoch=int(self._generation), current=int(on_disk))
+            new = self._generation.bump()
+            self._store.write(data, tag=int(new), refresh=True)
+            self._generation = new
+        log.info("published handoff generation %d (%d payload bytes)", int(new), len(body))
+        return new
+
+    def __repr__(self) -> str:
+        return f"<HandoffWriter generation={int(self._generation)}>"
+
+
+class HandoffReader:
+    """Polls a block lease for handoff records newer than the last one it returned.
+
+    ``since`` is the generation already known (default: none, so the first
+    :meth:`poll` returns the current record if there is one).
+    """
+
+    def __init__(self, block_lease: BlockDevice, *, since: FenceEpoch | int | None = None) -> None:
+        self.block_lease = block_lease
+        self._store = SlotStore(block_lease, GHOF)
+        self._last: FenceEpoch | None = None if since is None else FenceEpoch(since)
+
+    @property
+    def last_generation(self) -> EdgeGeneration | None:
+        """The generation of the last record returned (or ``since``)."""
+        return self._last
+
+    def current(self) -> HandoffRecord:
+        """The newest record on disk, new or not; ``NoRecord`` when nothing was published."""
+        with _locked(self.block_lease, shared=True):
+            return HandoffRecord._from_slot(self._store.read())
+
+    def poll(self) -> HandoffRecord | None:
+        """The newest record if its generation is newer than the last one seen, else None.
+
+        None also when nothing was published yet. Raises ``Corrupted`` when no
+        record validates, or when the generation on disk went *backwards*
+        (the newest record was lost): never a stale value.
+        """
+        with _locked(self.block_lease, shared=True):
+            newest = _read_newest(self._store)
+        if newest is None:
+            if self._last is not None and self._last > FenceEpoch.zero():
+                raise Corrupted(f"handoff generation {int(self._last)} was seen, and now no record is readable")
+            return None
+        if self._last is None or newest.generation > self._last:
+            self._last = newest.generation
+            return newest
+        if newest.generation < self._last:
+            raise Corrupted(
+                f"handoff generation went backwards from {int(self._last)} to {int(newest.generation)}: "
+                "the newest record was lost"
+            )
+        return None
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        initial_backoff: float = 0.0005,
+        max_backoff: float = 0.05,
+    ) -> HandoffRecord:
+        """Poll until a newer record appears; ``TimeoutError`` after ``timeout`` seconds (None: forever).
+
+        Sleeps between polls, doubling from ``initial_backoff`` up to ``max_backoff``.
+        """
+        if timeout is not None and timeout < 0:
+            raise FabricValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        if not 0 < initial_backoff <= max_backoff:
+            raise FabricValueError("backoff must satisfy 0 < initial_backoff <= max_backoff")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = initial_backoff
+        while True:
+            record = self.poll()
+            if record is not None:
+                return record
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                last = "none" if self._last is None else str(int(self._last))
+                raise TimeoutError(f"no handoff newer than generation {last} within {timeout}s")
+            sleep = delay if deadline is None else min(delay, deadline - now)
+            time.sleep(max(sleep, 0.0))
+            delay = min(delay * 2, max_backoff)
+
+    def __repr__(self) -> str:
+        last = None if self._last is None else int(self._last)
+        return f"<HandoffReader last_generation={last}>"
