@@ -43,11 +43,12 @@ class FenceEpoch:
     """
 
     __slots__ = ("_value",)
+    _value: int
     SIZE = _PACK.size
 
     def __init__(self, value: FenceEpoch | int = 0) -> None:
         if isinstance(value, FenceEpoch):
-            value = value._value
+            value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise errors.FabricValueError(f"a fence epoch is an int, got {type(value).__name__}")
         if not 0 <= value <= _U64_MAX:
