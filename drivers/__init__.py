@@ -1,0 +1,42 @@
+"""Drivers (imported as ``grafos_fabric.drivers``) and the one place that
+names the default: ``open_fabric()`` picks ``$GRAFOS_FABRIC``, else
+``shm://default``.
+
+URLs: ``shm://NAMESPACE`` (POSIX shared memory, any Linux machine) and
+``rdma://HOST:PORT`` (a memory node reached with one-sided RDMA verbs).
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+from grafos_fabric import errors as E
+from grafos_fabric.lease import Clock
+
+from .base import Fabric, Region, RegionRef
+
+__all__ = ["DEFAULT_URL", "Fabric", "Region", "RegionRef", "open_fabric"]
+
+DEFAULT_URL = "shm://default"
+
+
+def open_fabric(url: str | None = None, *, clock: Clock | None = None) -> Fabric:
+    """Open a fabric by URL (default: ``$GRAFOS_FABRIC`` or ``shm://default``)."""
+    url = url or os.environ.get("GRAFOS_FABRIC") or DEFAULT_URL
+    if not isinstance(url, str):
+        raise E.FabricValueError(f"fabric URL must be a string, got {url!r}")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "shm":
+        from .shm import ShmFabric
+
+        namespace = (parts.netloc + parts.path).strip("/") or "default"
+        return ShmFabric(namespace, clock=clock)
+    if scheme in ("rdma", "verbs"):
+        try:
+            from .verbs import VerbsFabric
+        except ImportError as exc:
+            raise E.Unsupported(f"the verbs driver is not available: {exc}") from exc
+        return VerbsFabric.from_url(url, clock=clock)  # type: ignore[no-any-return]
+    raise E.FabricValueError(f"unknown fabric URL {url!r}: use shm://NAMESPACE or rdma://HOST:PORT")

@@ -1,1 +1,593 @@
+/*
+ * gf_native.c: the hot path. Ring push/pop (single, batched, reserve/commit),
+ * blocking waits on futexes, segment headers, and the generic atomics that the
+ * shm driver's one-sided operations use. See gf_ring.h for the protocol.
+ *
+ * Why C and not a library: this is the per-item hot path; each push/pop is one
+ * call with no allocation, and the batch framing loops run here, not in Python.
+ */
+#include <string.h>
 #include "gf_native.h"
+
+int gf_native_abi(void) { return GF_NATIVE_ABI; }
+
+static inline uint64_t rec_size(uint64_t len) {
+    return (GF_RECORD_HEADER_SIZE + len + GF_RECORD_ALIGN - 1) & ~(uint64_t)(GF_RECORD_ALIGN - 1);
+}
+uint64_t gf_record_size(uint64_t length) { return rec_size(length); }
+
+static inline int is_pow2(uint64_t v) { return v && !(v & (v - 1)); }
+
+/* ------------------------------------------------------------------ leases */
+
+int gf_lease_status(const volatile uint64_t *state, const volatile uint64_t *deadline, uint64_t now_ns) {
+    if (!state) return GF_OK;
+    uint64_t s = gf_load_acquire_u64(state); /* SYNC POINT: lease-state */
+    if (s != GF_LEASE_ACTIVE) return s == GF_LEASE_REVOKED ? GF_E_REVOKED : GF_E_EXPIRED;
+    if (now_ns == 0) now_ns = gf_monotonic_ns();
+    if (now_ns >= gf_load_acquire_u64(deadline)) return GF_E_EXPIRED; /* SYNC POINT: lease-state */
+    return GF_OK;
+}
+
+/* ---------------------------------------------------------------- segments */
+
+int gf_segment_init(void *seg, uint64_t segment_size, const uint8_t *lease_id, uint64_t generation,
+                    uint64_t ttl_ns, uint64_t created_ns, uint64_t deadline_ns, uint64_t pid) {
+    if (!seg || segment_size < GF_SEG_HEADER_SIZE) return GF_E_ARG;
+    gf_segment_header *h = (gf_segment_header *)seg;
+    h->magic = GF_SEG_MAGIC;
+    h->header_size = GF_SEG_HEADER_SIZE;
+    h->segment_size = segment_size;
+    h->payload_size = segment_size - GF_SEG_HEADER_SIZE;
+    memcpy(h->lease_id, lease_id, 16);
+    h->generation = generation;
+    h->ttl_ns = ttl_ns;
+    h->created_ns = created_ns;
+    h->owner_pid = pid;
+    h->deadline_ns = deadline_ns;
+    h->lease_state = GF_LEASE_ACTIVE;
+    /* SYNC POINT: segment-ready (everything above is visible before the version) */
+    __atomic_store_n(&h->layout_version, GF_SEG_LAYOUT_VERSION, __ATOMIC_RELEASE);
+    return GF_OK;
+}
+
+int gf_segment_check(const void *seg, uint64_t mapped_size) {
+    if (!seg || mapped_size < GF_SEG_HEADER_SIZE) return GF_E_CORRUPT;
+    const gf_segment_header *h = (const gf_segment_header *)seg;
+    /* SYNC POINT: segment-ready */
+    uint32_t version = __atomic_load_n(&h->layout_version, __ATOMIC_ACQUIRE);
+    if (version == 0) return h->magic == 0 || h->magic == GF_SEG_MAGIC ? GF_E_NOT_READY : GF_E_CORRUPT;
+    if (h->magic != GF_SEG_MAGIC) return GF_E_CORRUPT;
+    if (version != GF_SEG_LAYOUT_VERSION) return GF_E_VERSION;
+    if (h->header_size != GF_SEG_HEADER_SIZE || h->segment_size != mapped_size ||
+        h->payload_size != mapped_size - GF_SEG_HEADER_SIZE)
+        return GF_E_CORRUPT;
+    return GF_OK;
+}
+
+/* ------------------------------------------------------- generic atomics */
+
+uint64_t gf_load_acquire_at(void *base, uint64_t off) {
+    return gf_load_acquire_u64((volatile uint64_t *)((uint8_t *)base + off));
+}
+void gf_store_release_at(void *base, uint64_t off, uint64_t value) {
+    gf_store_release_u64((volatile uint64_t *)((uint8_t *)base + off), value);
+}
+uint64_t gf_cas_at(void *base, uint64_t off, uint64_t expected, uint64_t desired) {
+    return gf_cas_u64((volatile uint64_t *)((uint8_t *)base + off), expected, desired);
+}
+uint64_t gf_faa_at(void *base, uint64_t off, uint64_t add) {
+    return gf_faa_u64((volatile uint64_t *)((uint8_t *)base + off), add);
+}
+
+/* ------------------------------------------------------------------- rings */
+
+int gf_ring_init(void *ring, uint64_t region_size, uint64_t capacity, uint64_t max_item, uint64_t first_seq,
+                 uint64_t epoch, const char *dtype, uint32_t dtype_len, uint32_t flags) {
+    if (!ring) return GF_E_ARG;
+    if (!is_pow2(capacity) || capacity < GF_RING_MIN_CAPACITY || capacity > GF_RING_MAX_CAPACITY) return GF_E_ARG;
+    if (region_size < GF_RING_HEADER_SIZE || region_size - GF_RING_HEADER_SIZE < capacity) return GF_E_CAPACITY;
+    if (max_item == 0 || rec_size(max_item) > capacity / 2) return GF_E_ARG;
+    if (dtype_len > GF_DTYPE_MAX) return GF_E_ARG;
+    gf_ring_header *h = (gf_ring_header *)ring;
+    memset(h, 0, sizeof(*h));
+    h->magic = GF_RING_MAGIC;
+    h->capacity = capacity;
+    h->max_item = max_item;
+    h->first_seq = first_seq;
+    h->created_epoch = epoch;
+    h->flags = flags;
+    h->dtype_len = dtype_len;
+    if (dtype_len) memcpy(h->dtype, dtype, dtype_len);
+    h->epoch = epoch;
+    h->tail = (epoch << GF_TAIL_TAG_SHIFT) & GF_TAIL_TAG_MASK;
+    h->next_seq = first_seq;
+    h->acked = first_seq;
+    /* SYNC POINT: ring-ready */
+    __atomic_store_n(&h->version, GF_RING_LAYOUT_VERSION, __ATOMIC_RELEASE);
+    return GF_OK;
+}
+
+int gf_ring_check(const void *ring, uint64_t region_size) {
+    if (!ring || region_size < GF_RING_HEADER_SIZE) return GF_E_CORRUPT;
+    const gf_ring_header *h = (const gf_ring_header *)ring;
+    /* SYNC POINT: ring-ready */
+    uint32_t version = __atomic_load_n(&h->version, __ATOMIC_ACQUIRE);
+    if (version == 0) return h->magic == 0 || h->magic == GF_RING_MAGIC ? GF_E_NOT_READY : GF_E_CORRUPT;
+    if (h->magic != GF_RING_MAGIC) return GF_E_CORRUPT;
+    if (version != GF_RING_LAYOUT_VERSION) return GF_E_VERSION;
+    if (!is_pow2(h->capacity) || h->capacity < GF_RING_MIN_CAPACITY || h->capacity > GF_RING_MAX_CAPACITY ||
+        region_size - GF_RING_HEADER_SIZE < h->capacity)
+        return GF_E_CORRUPT;
+    if (h->max_item == 0 || rec_size(h->max_item) > h->capacity / 2 || h->dtype_len > GF_DTYPE_MAX)
+        return GF_E_CORRUPT;
+    return GF_OK;
+}
+
+static void wake_both(gf_ring_header *h) {
+    gf_faa_u32(&h->data_futex, 1);
+    gf_futex_wake_all(&h->data_futex);
+    gf_faa_u32(&h->space_futex, 1);
+    gf_futex_wake_all(&h->space_futex);
+}
+
+int gf_ring_seal(void *ring, uint64_t seal_seq) {
+    gf_ring_header *h = (gf_ring_header *)ring;
+    uint64_t w = gf_load_acquire_u64(&h->tail);
+    if (w & GF_TAIL_SEALED) return 1; /* already sealed */
+    __atomic_store_n(&h->seal_seq, seal_seq, __ATOMIC_RELAXED);
+    for (;;) {
+        uint64_t found = gf_cas_u64(&h->tail, w, w | GF_TAIL_SEALED); /* SYNC POINT: ring-publish */
+        if (found == w) break;
+        if (found & GF_TAIL_SEALED) return 1;
+        w = found;
+    }
+    wake_both(h);
+    return GF_OK;
+}
+
+int gf_ring_advance_epoch(void *ring, uint64_t new_epoch) {
+    gf_ring_header *h = (gf_ring_header *)ring;
+    uint64_t cur = gf_load_acquire_u64(&h->epoch);
+    for (;;) {
+        if (new_epoch <= cur) return GF_E_FENCED;
+        uint64_t found = gf_cas_u64(&h->epoch, cur, new_epoch);
+        if (found == cur) break;
+        cur = found;
+    }
+    uint64_t tag = (new_epoch << GF_TAIL_TAG_SHIFT) & GF_TAIL_TAG_MASK;
+    uint64_t w = gf_load_acquire_u64(&h->tail);
+    for (;;) {
+        uint64_t found = gf_cas_u64(&h->tail, w, (w & ~GF_TAIL_TAG_MASK) | tag);
+        if (found == w) break;
+        w = found;
+    }
+    wake_both(h);
+    return GF_OK;
+}
+
+/* ---------------------------------------------------------------- producer */
+
+int gf_producer_init(gf_producer *p, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
+                     uint64_t epoch, uint64_t id) {
+    if (!p || !ring || id == 0) return GF_E_ARG;
+    gf_ring_header *h = (gf_ring_header *)ring;
+    memset(p, 0, sizeof(*p));
+    p->hdr = h;
+    p->data = (uint8_t *)ring + GF_RING_HEADER_SIZE;
+    p->lease_state = lease_state;
+    p->lease_deadline = lease_deadline;
+    p->capacity = h->capacity;
+    p->mask = h->capacity - 1;
+    p->max_item = h->max_item;
+    uint64_t cur = gf_load_acquire_u64(&h->epoch);
+    if (epoch < cur) return GF_E_FENCED;
+    if (epoch > cur) {
+        int rc = gf_ring_advance_epoch(ring, epoch);
+        if (rc) return rc;
+        __atomic_store_n(&h->producer_id, id, __ATOMIC_SEQ_CST); /* take over: the old holder is fenced */
+    } else {
+        uint64_t found = gf_cas_u64(&h->producer_id, 0, id);
+        if (found != 0 && found != id) return GF_E_ROLE;
+    }
+    uint64_t w = gf_load_acquire_u64(&h->tail); /* SYNC POINT: ring-publish */
+    if (w & GF_TAIL_SEALED) {
+        gf_cas_u64(&h->producer_id, id, 0);
+        return GF_E_SEALED;
+    }
+    p->epoch = epoch;
+    p->id = id;
+    p->tag = (epoch << GF_TAIL_TAG_SHIFT) & GF_TAIL_TAG_MASK;
+    if ((w & GF_TAIL_TAG_MASK) != p->tag) return GF_E_FENCED;
+    p->tail = p->claim = w & GF_TAIL_POS_MASK;
+    p->head_cache = gf_load_acquire_u64(&h->head);
+    if (p->head_cache > p->tail || p->tail - p->head_cache > p->capacity) return GF_E_CORRUPT;
+    p->next_seq = p->pub_seq = __atomic_load_n(&h->next_seq, __ATOMIC_ACQUIRE);
+    p->publish_every = p->capacity / 8 > 4096 ? p->capacity / 8 : 4096;
+    return GF_OK;
+}
+
+int gf_producer_close(gf_producer *p) {
+    if (!p || !p->hdr) return GF_OK;
+    gf_cas_u64(&p->hdr->producer_id, p->id, 0);
+    p->hdr = NULL;
+    return GF_OK;
+}
+
+/* Why a full or failed push failed: sealed, fenced, or really full. */
+static int full_reason(gf_producer *p) {
+    uint64_t w = gf_load_acquire_u64(&p->hdr->tail);
+    if (w & GF_TAIL_SEALED) return GF_E_SEALED;
+    if ((w & GF_TAIL_TAG_MASK) != p->tag || (w & GF_TAIL_POS_MASK) != p->tail) return GF_E_FENCED;
+    return GF_FULL;
+}
+
+/* Room for `need` bytes past claim? 1 yes, 0 no, <0 corrupt head. */
+static inline int prod_room(gf_producer *p, uint64_t need) {
+    if (p->claim + need - p->head_cache <= p->capacity) return 1;
+    uint64_t h = gf_load_acquire_u64(&p->hdr->head); /* SYNC POINT: ring-release */
+    if (h > p->tail || p->tail - h > p->capacity) return GF_E_CORRUPT;
+    p->head_cache = h;
+    return p->claim + need - h <= p->capacity;
+}
+
+/* Place one record of payload `len` at claim (padding first if it would
+ * straddle the wrap). Writes the header and returns the record's index. */
+static inline int prod_place(gf_producer *p, uint64_t len, uint64_t *rec_idx) {
+    uint64_t rs = rec_size(len);
+    uint64_t idx = p->claim & p->mask;
+    uint64_t pad = idx + rs > p->capacity ? p->capacity - idx : 0;
+    int room = prod_room(p, pad + rs);
+    if (room <= 0) return room == 0 ? GF_FULL : room;
+    if (pad) {
+        gf_record_header *r = (gf_record_header *)(p->data + idx);
+        r->length = (uint32_t)(pad - GF_RECORD_HEADER_SIZE);
+        r->type = GF_RECORD_PADDING;
+        r->seq = 0;
+        p->claim += pad;
+        idx = 0;
+    }
+    gf_record_header *r = (gf_record_header *)(p->data + idx);
+    r->length = (uint32_t)len;
+    r->type = GF_RECORD_DATA;
+    r->seq = p->next_seq++;
+    *rec_idx = idx;
+    return GF_OK;
+}
+
+static inline int prod_publish(gf_producer *p) {
+    if (p->claim == p->tail) return GF_OK;
+    gf_ring_header *h = p->hdr;
+    __atomic_store_n(&h->next_seq, p->next_seq, __ATOMIC_RELAXED);
+    uint64_t expected = p->tag | p->tail;
+    /* SYNC POINT: ring-publish (records and next_seq before the tail; full fence) */
+    uint64_t found = gf_cas_u64(&h->tail, expected, p->tag | p->claim);
+    if (found != expected) {
+        p->claim = p->tail;
+        p->next_seq = p->pub_seq;
+        return (found & GF_TAIL_SEALED) ? GF_E_SEALED : GF_E_FENCED;
+    }
+    p->tail = p->claim;
+    p->pub_seq = p->next_seq;
+    if (gf_load_seq_cst_u32(&h->data_waiters)) {
+        gf_faa_u32(&h->data_futex, 1);
+        gf_futex_wake_all(&h->data_futex);
+    }
+    return GF_OK;
+}
+
+int gf_push(gf_producer *p, const void *buf, uint64_t len, uint64_t now_ns, uint64_t *seq_out) {
+    if (!p->hdr) return GF_E_ARG;
+    if (p->reserved) return GF_E_CLAIMED;
+    int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
+    if (rc) return rc;
+    if (len == 0) return GF_E_ARG;
+    if (len > p->max_item) return GF_E_TOO_LARGE;
+    uint64_t idx;
+    uint64_t seq = p->next_seq;
+    rc = prod_place(p, len, &idx);
+    if (rc == GF_FULL) return full_reason(p);
+    if (rc) return rc;
+    memcpy(p->data + idx + GF_RECORD_HEADER_SIZE, buf, len);
+    p->claim += rec_size(len);
+    rc = prod_publish(p);
+    if (rc) return rc;
+    *seq_out = seq;
+    return GF_OK;
+}
+
+int gf_push_rows(gf_producer *p, const void *base, uint64_t n, uint64_t row_stride, uint64_t len, uint64_t now_ns,
+                 uint64_t *pushed) {
+    *pushed = 0;
+    if (!p->hdr) return GF_E_ARG;
+    if (p->reserved) return GF_E_CLAIMED;
+    int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
+    if (rc) return rc;
+    if (len == 0) return GF_E_ARG;
+    if (len > p->max_item) return GF_E_TOO_LARGE;
+    const uint8_t *src = (const uint8_t *)base;
+    uint64_t rs = rec_size(len), done = 0, published = 0;
+    for (; done < n; done++) {
+        uint64_t idx;
+        rc = prod_place(p, len, &idx);
+        if (rc) break;
+        memcpy(p->data + idx + GF_RECORD_HEADER_SIZE, src + done * row_stride, len);
+        p->claim += rs;
+        if (p->claim - p->tail >= p->publish_every) {
+            int prc = prod_publish(p);
+            if (prc) return prc; /* nothing since the last publish counts */
+            published = done + 1;
+            *pushed = published;
+        }
+    }
+    int prc = prod_publish(p);
+    if (prc) return prc;
+    *pushed = done;
+    if (done == 0 && rc == GF_FULL) return full_reason(p);
+    return rc < 0 ? rc : GF_OK;
+}
+
+int gf_push_concat(gf_producer *p, const void *base, const uint64_t *lens, uint64_t n, uint64_t now_ns,
+                   uint64_t *pushed) {
+    *pushed = 0;
+    if (!p->hdr) return GF_E_ARG;
+    if (p->reserved) return GF_E_CLAIMED;
+    int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
+    if (rc) return rc;
+    for (uint64_t i = 0; i < n; i++) {
+        if (lens[i] == 0) return GF_E_ARG;
+        if (lens[i] > p->max_item) return GF_E_TOO_LARGE;
+    }
+    const uint8_t *src = (const uint8_t *)base;
+    uint64_t done = 0;
+    for (; done < n; done++) {
+        uint64_t idx, len = lens[done];
+        rc = prod_place(p, len, &idx);
+        if (rc) break;
+        memcpy(p->data + idx + GF_RECORD_HEADER_SIZE, src, len);
+        src += len;
+        p->claim += rec_size(len);
+        if (p->claim - p->tail >= p->publish_every) {
+            int prc = prod_publish(p);
+            if (prc) return prc;
+            *pushed = done + 1;
+        }
+    }
+    int prc = prod_publish(p);
+    if (prc) return prc;
+    *pushed = done;
+    if (done == 0 && rc == GF_FULL) return full_reason(p);
+    return rc < 0 ? rc : GF_OK;
+}
+
+int gf_reserve(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_off) {
+    if (!p->hdr) return GF_E_ARG;
+    if (p->reserved) return GF_E_CLAIMED;
+    int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
+    if (rc) return rc;
+    if (len == 0) return GF_E_ARG;
+    if (len > p->max_item) return GF_E_TOO_LARGE;
+    uint64_t idx;
+    rc = prod_place(p, len, &idx);
+    if (rc == GF_FULL) return full_reason(p);
+    if (rc) return rc;
+    p->reserved = 1;
+    p->reserved_at = p->claim;
+    p->reserved_len = len;
+    *payload_off = idx + GF_RECORD_HEADER_SIZE;
+    return GF_OK;
+}
+
+int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out) {
+    if (!p->hdr || !p->reserved) return GF_E_ARG;
+    if (len == 0 || len > p->reserved_len) return GF_E_ARG;
+    gf_record_header *r = (gf_record_header *)(p->data + (p->reserved_at & p->mask));
+    r->length = (uint32_t)len;
+    uint64_t seq = r->seq;
+    p->claim = p->reserved_at + rec_size(len);
+    p->reserved = 0;
+    int rc = prod_publish(p);
+    if (rc) return rc;
+    *seq_out = seq;
+    return GF_OK;
+}
+
+int gf_abort(gf_producer *p) {
+    if (!p->hdr || !p->reserved) return GF_E_ARG;
+    p->claim = p->tail;
+    p->next_seq = p->pub_seq;
+    p->reserved = 0;
+    return GF_OK;
+}
+
+int gf_producer_state(gf_producer *p) {
+    if (!p->hdr) return GF_E_ARG;
+    int rc = full_reason(p);
+    return rc == GF_FULL ? GF_OK : rc;
+}
+
+int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t spin) {
+    if (!p->hdr) return GF_E_ARG;
+    gf_ring_header *h = p->hdr;
+    uint64_t rs = rec_size(len);
+    uint64_t idx = p->claim & p->mask;
+    uint64_t need = (idx + rs > p->capacity ? p->capacity - idx : 0) + rs;
+    for (uint32_t i = 0; i < spin; i++) {
+        uint64_t hd = gf_load_acquire_u64(&h->head); /* SYNC POINT: ring-release */
+        if (p->claim + need - hd <= p->capacity) return GF_OK;
+        gf_cpu_relax();
+    }
+    gf_faa_u32(&h->space_waiters, 1);
+    uint32_t v = gf_load_seq_cst_u32(&h->space_futex);
+    uint64_t hd = __atomic_load_n(&h->head, __ATOMIC_SEQ_CST);
+    uint64_t w = __atomic_load_n(&h->tail, __ATOMIC_SEQ_CST);
+    int rc = 0;
+    if (p->claim + need - hd > p->capacity && !(w & GF_TAIL_SEALED) && (w & GF_TAIL_TAG_MASK) == p->tag)
+        rc = gf_futex_wait(&h->space_futex, v, timeout_ns);
+    gf_fas_u32(&h->space_waiters, 1);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- consumer */
+
+int gf_consumer_init(gf_consumer *c, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
+                     uint64_t id, uint64_t *pend_end, uint8_t *pend_done, uint64_t pend_cap) {
+    if (!c || !ring || id == 0 || !is_pow2(pend_cap) || !pend_end || !pend_done) return GF_E_ARG;
+    gf_ring_header *h = (gf_ring_header *)ring;
+    memset(c, 0, sizeof(*c));
+    uint64_t found = gf_cas_u64(&h->consumer_id, 0, id);
+    if (found != 0 && found != id) return GF_E_ROLE;
+    c->hdr = h;
+    c->data = (uint8_t *)ring + GF_RING_HEADER_SIZE;
+    c->lease_state = lease_state;
+    c->lease_deadline = lease_deadline;
+    c->capacity = h->capacity;
+    c->mask = h->capacity - 1;
+    c->max_item = h->max_item;
+    c->head = c->rpos = c->tail_cache = gf_load_acquire_u64(&h->head);
+    c->pend_end = pend_end;
+    c->pend_done = pend_done;
+    c->pend_mask = pend_cap - 1;
+    c->id = id;
+    uint64_t w = gf_load_acquire_u64(&h->tail);
+    if ((w & GF_TAIL_POS_MASK) < c->head || (w & GF_TAIL_POS_MASK) - c->head > c->capacity) {
+        gf_cas_u64(&h->consumer_id, id, 0);
+        c->hdr = NULL;
+        return GF_E_CORRUPT;
+    }
+    return GF_OK;
+}
+
+int gf_consumer_close(gf_consumer *c) {
+    if (!c || !c->hdr) return GF_OK;
+    gf_cas_u64(&c->hdr->consumer_id, c->id, 0);
+    c->hdr = NULL;
+    return GF_OK;
+}
+
+/* Find the next data record at rpos (skipping padding unless stop_at_padding).
+ * GF_OK with *rec_idx set; GF_EMPTY; GF_END (sealed, drained); 3 (padding, stopped). */
+static inline int cons_next(gf_consumer *c, uint64_t *rec_idx, int stop_at_padding) {
+    for (;;) {
+        if (c->rpos == c->tail_cache) {
+            uint64_t w = gf_load_acquire_u64(&c->hdr->tail); /* SYNC POINT: ring-publish */
+            uint64_t pos = w & GF_TAIL_POS_MASK;
+            if (pos < c->rpos || pos - c->head > c->capacity) return GF_E_CORRUPT;
+            c->tail_cache = pos;
+            if (pos == c->rpos) return (w & GF_TAIL_SEALED) ? GF_END : GF_EMPTY;
+        }
+        uint64_t idx = c->rpos & c->mask;
+        const gf_record_header *r = (const gf_record_header *)(c->data + idx);
+        uint32_t len = r->length, type = r->type;
+        if (type == GF_RECORD_PADDING) {
+            if (idx + GF_RECORD_HEADER_SIZE + (uint64_t)len != c->capacity) return GF_E_CORRUPT;
+            if (c->rpos + (c->capacity - idx) > c->tail_cache) return GF_E_CORRUPT;
+            if (stop_at_padding) return 3;
+            c->rpos += c->capacity - idx;
+            continue;
+        }
+        if (type != GF_RECORD_DATA || len == 0 || len > c->max_item || idx + rec_size(len) > c->capacity ||
+            c->rpos + rec_size(len) > c->tail_cache)
+            return GF_E_CORRUPT;
+        *rec_idx = idx;
+        return GF_OK;
+    }
+}
+
+static inline int pend_push(gf_consumer *c, uint64_t end, uint64_t *token) {
+    if (c->pend_next - c->pend_first > c->pend_mask) return GF_E_HELD;
+    uint64_t t = c->pend_next++;
+    c->pend_end[t & c->pend_mask] = end;
+    c->pend_done[t & c->pend_mask] = 0;
+    *token = t;
+    return GF_OK;
+}
+
+int gf_pop(gf_consumer *c, uint64_t now_ns, gf_item *out) {
+    if (!c->hdr) return GF_E_ARG;
+    int rc = gf_lease_status(c->lease_state, c->lease_deadline, now_ns);
+    if (rc) return rc;
+    if (c->pend_next - c->pend_first > c->pend_mask) return GF_E_HELD;
+    uint64_t idx;
+    rc = cons_next(c, &idx, 0);
+    if (rc) return rc;
+    const gf_record_header *r = (const gf_record_header *)(c->data + idx);
+    uint64_t len = r->length;
+    c->rpos += rec_size(len);
+    pend_push(c, c->rpos, &out->token);
+    out->offset = idx + GF_RECORD_HEADER_SIZE;
+    out->length = len;
+    out->seq = r->seq;
+    return GF_OK;
+}
+
+int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t now_ns, uint64_t *offs, uint64_t *lens, uint64_t *seqs,
+                 uint64_t *n_out, uint64_t *token_out, uint64_t *uniform_len) {
+    *n_out = 0;
+    if (!c->hdr) return GF_E_ARG;
+    int rc = gf_lease_status(c->lease_state, c->lease_deadline, now_ns);
+    if (rc) return rc;
+    if (max_items == 0) return GF_E_ARG;
+    if (c->pend_next - c->pend_first > c->pend_mask) return GF_E_HELD;
+    uint64_t n = 0, uni = 0;
+    while (n < max_items) {
+        uint64_t idx;
+        rc = cons_next(c, &idx, n > 0); /* a batch stops at the wrap: its payloads are contiguous */
+        if (rc) break;
+        const gf_record_header *r = (const gf_record_header *)(c->data + idx);
+        uint64_t len = r->length;
+        offs[n] = idx + GF_RECORD_HEADER_SIZE;
+        lens[n] = len;
+        seqs[n] = r->seq;
+        if (n == 0) uni = len;
+        else if (uni != len) uni = 0;
+        c->rpos += rec_size(len);
+        n++;
+    }
+    if (n == 0) return rc; /* GF_EMPTY, GF_END or an error; with items, a later call reports it */
+    pend_push(c, c->rpos, token_out);
+    *n_out = n;
+    *uniform_len = uni;
+    return GF_OK;
+}
+
+int gf_release(gf_consumer *c, uint64_t token) {
+    if (!c->hdr) return GF_E_ARG;
+    if (token < c->pend_first || token >= c->pend_next) return GF_E_ARG;
+    c->pend_done[token & c->pend_mask] = 1;
+    if (token != c->pend_first) return GF_OK;
+    uint64_t head = c->head;
+    while (c->pend_first < c->pend_next && c->pend_done[c->pend_first & c->pend_mask]) {
+        head = c->pend_end[c->pend_first & c->pend_mask];
+        c->pend_done[c->pend_first & c->pend_mask] = 0;
+        c->pend_first++;
+    }
+    c->head = head;
+    gf_ring_header *h = c->hdr;
+    gf_store_seq_cst_u64(&h->head, head); /* SYNC POINT: ring-release (full fence before the waiter check) */
+    if (__atomic_load_n(&h->space_waiters, __ATOMIC_SEQ_CST)) {
+        gf_faa_u32(&h->space_futex, 1);
+        gf_futex_wake_all(&h->space_futex);
+    }
+    return GF_OK;
+}
+
+uint64_t gf_consumer_outstanding(gf_consumer *c) { return c->pend_next - c->pend_first; }
+
+int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin) {
+    if (!c->hdr) return GF_E_ARG;
+    gf_ring_header *h = c->hdr;
+    for (uint32_t i = 0; i < spin; i++) {
+        uint64_t w = gf_load_acquire_u64(&h->tail); /* SYNC POINT: ring-publish */
+        if ((w & GF_TAIL_POS_MASK) != c->rpos || (w & GF_TAIL_SEALED)) return GF_OK;
+        gf_cpu_relax();
+    }
+    gf_faa_u32(&h->data_waiters, 1);
+    uint32_t v = gf_load_seq_cst_u32(&h->data_futex);
+    uint64_t w = __atomic_load_n(&h->tail, __ATOMIC_SEQ_CST);
+    int rc = 0;
+    if ((w & GF_TAIL_POS_MASK) == c->rpos && !(w & GF_TAIL_SEALED))
+        rc = gf_futex_wait(&h->data_futex, v, timeout_ns);
+    gf_fas_u32(&h->data_waiters, 1);
+    return rc;
+}

@@ -1,0 +1,153 @@
+/*
+ * gf_ring.h: descriptor of the SPSC byte ring (FabricQueue) and its records.
+ *
+ * A ring lives at offset 0 of a region's payload: a 4096-byte ring header,
+ * then `capacity` bytes of data (a power of two). Offsets, never pointers,
+ * are stored, so the same bytes work at any mapping address and as an RDMA
+ * memory region.
+ *
+ * Ring header:
+ *   0                   1                   2                   3
+ *   0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+ *  +-------------------------------+-------------------------------+
+ *  |  magic "GFRQ" (u32)           |  version (u32) written LAST   |    0
+ *  +-------------------------------+-------------------------------+
+ *  |  capacity (u64): data bytes, power of two                     |    8
+ *  |  max_item (u64): largest payload                              |   16
+ *  |  first_seq (u64): sequence number of the first item           |   24
+ *  |  created_epoch (u64)                                          |   32
+ *  +-------------------------------+-------------------------------+
+ *  |  flags (u32)                  |  dtype_len (u32)              |   40
+ *  +-------------------------------+-------------------------------+
+ *  |  dtype (80 bytes, ASCII numpy dtype.str; dtype_len used)      |   48
+ *  +---------------------------------------------------------------+
+ *  |  control line: epoch (u64) | seal_seq (u64)                   |  128
+ *  |                producer_id (u64) | consumer_id (u64)          |
+ *  +---------------------------------------------------------------+
+ *  |  tail line:  tail word (u64) | next_seq (u64)                 |  256
+ *  +---------------------------------------------------------------+
+ *  |  head line:  head (u64)                                       |  384
+ *  +---------------------------------------------------------------+
+ *  |  acked line: acked (u64)                                      |  512
+ *  +-------------------------------+-------------------------------+
+ *  |  data_futex (u32)             |  data_waiters (u32)           |  640
+ *  +-------------------------------+-------------------------------+
+ *  |  space_futex (u32)            |  space_waiters (u32)          |  768
+ *  +---------------------------------------------------------------+
+ *  |  reserved to 4096; data area follows                          |
+ *  +---------------------------------------------------------------+
+ *
+ * Tail word (one u64, so publish and fencing are one compare-and-swap):
+ *   bit 63      SEALED: no record past this position will ever be read
+ *   bits 62..56 epoch tag: low 7 bits of the epoch the producer holds
+ *   bits 55..0  position: byte counter, only grows; index = position & mask
+ *
+ * Record (16-byte header, records aligned to 16 bytes, payload at +16):
+ *   0                   1                   2                   3
+ *  +-------------------------------+-------------------------------+
+ *  |  length (u32): payload bytes  |  type (u32): 1 DATA, 2 PADDING |
+ *  +-------------------------------+-------------------------------+
+ *  |  seq (u64): edge sequence number                              |
+ *  +---------------------------------------------------------------+
+ *  |  payload (length bytes), zero padding to a multiple of 16     |
+ *  +---------------------------------------------------------------+
+ * A PADDING record fills the gap at the wrap point so that every payload is
+ * contiguous; its length is the gap minus the header.
+ *
+ * Who writes what: the producer (one, holding producer_id and the epoch)
+ * writes records past the published tail, then publishes them all with one
+ * CAS of the tail word whose expected value carries its epoch tag and no
+ * SEALED bit (SYNC POINT: ring-publish). A producer whose epoch was
+ * superseded, or a sealed ring, fails that CAS: it is fenced at the target.
+ * The consumer (one, holding consumer_id) loads the tail word with acquire
+ * (SYNC POINT: ring-publish), reads records up to its position, and frees
+ * space by storing head (SYNC POINT: ring-release), which the producer reads
+ * with acquire only when its head cache says there is no room. Blocking uses
+ * the futex words: a sleeper bumps *_waiters, re-checks, then waits; the
+ * other side, after its full-fence store, bumps the futex word and wakes.
+ */
+#ifndef GF_RING_H
+#define GF_RING_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#define GF_RING_MAGIC 0x51524647u /* "GFRQ" */
+#define GF_RING_LAYOUT_VERSION 1
+#define GF_RING_HEADER_SIZE 4096
+#define GF_RING_MIN_CAPACITY 4096ull
+#define GF_RING_MAX_CAPACITY (1ull << 40)
+#define GF_RECORD_HEADER_SIZE 16
+#define GF_RECORD_ALIGN 16
+#define GF_RECORD_DATA 1
+#define GF_RECORD_PADDING 2
+#define GF_DTYPE_MAX 80
+
+#define GF_TAIL_SEALED (1ull << 63)
+#define GF_TAIL_TAG_SHIFT 56
+#define GF_TAIL_TAG_MASK (0x7full << GF_TAIL_TAG_SHIFT)
+#define GF_TAIL_POS_MASK ((1ull << GF_TAIL_TAG_SHIFT) - 1)
+
+typedef struct gf_ring_header {
+    uint32_t magic;
+    uint32_t version;
+    uint64_t capacity;
+    uint64_t max_item;
+    uint64_t first_seq;
+    uint64_t created_epoch;
+    uint32_t flags;
+    uint32_t dtype_len;
+    char dtype[GF_DTYPE_MAX];
+    /* control line */
+    uint64_t epoch;
+    uint64_t seal_seq;
+    uint64_t producer_id;
+    uint64_t consumer_id;
+    uint8_t _pad1[128 - 32];
+    /* tail line */
+    uint64_t tail;
+    uint64_t next_seq;
+    uint8_t _pad2[128 - 16];
+    /* head line */
+    uint64_t head;
+    uint8_t _pad3[128 - 8];
+    /* acked line */
+    uint64_t acked;
+    uint8_t _pad4[128 - 8];
+    /* waiter lines */
+    uint32_t data_futex;
+    uint32_t data_waiters;
+    uint8_t _pad5[128 - 8];
+    uint32_t space_futex;
+    uint32_t space_waiters;
+    uint8_t _pad6[128 - 8];
+    uint8_t _pad7[GF_RING_HEADER_SIZE - 896];
+} gf_ring_header;
+
+_Static_assert(offsetof(gf_ring_header, version) == 4, "ring layout");
+_Static_assert(offsetof(gf_ring_header, capacity) == 8, "ring layout");
+_Static_assert(offsetof(gf_ring_header, first_seq) == 24, "ring layout");
+_Static_assert(offsetof(gf_ring_header, flags) == 40, "ring layout");
+_Static_assert(offsetof(gf_ring_header, dtype) == 48, "ring layout");
+_Static_assert(offsetof(gf_ring_header, epoch) == 128, "ring layout");
+_Static_assert(offsetof(gf_ring_header, seal_seq) == 136, "ring layout");
+_Static_assert(offsetof(gf_ring_header, producer_id) == 144, "ring layout");
+_Static_assert(offsetof(gf_ring_header, consumer_id) == 152, "ring layout");
+_Static_assert(offsetof(gf_ring_header, tail) == 256, "ring layout");
+_Static_assert(offsetof(gf_ring_header, next_seq) == 264, "ring layout");
+_Static_assert(offsetof(gf_ring_header, head) == 384, "ring layout");
+_Static_assert(offsetof(gf_ring_header, acked) == 512, "ring layout");
+_Static_assert(offsetof(gf_ring_header, data_futex) == 640, "ring layout");
+_Static_assert(offsetof(gf_ring_header, space_futex) == 768, "ring layout");
+_Static_assert(sizeof(gf_ring_header) == GF_RING_HEADER_SIZE, "ring header is one page");
+
+typedef struct gf_record_header {
+    uint32_t length;
+    uint32_t type;
+    uint64_t seq;
+} gf_record_header;
+
+_Static_assert(sizeof(gf_record_header) == GF_RECORD_HEADER_SIZE, "record header");
+_Static_assert(offsetof(gf_record_header, seq) == 8, "record header");
+
+#endif /* GF_RING_H */

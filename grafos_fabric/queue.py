@@ -1,0 +1,868 @@
+"""FabricQueue: a bounded SPSC queue in a leased region, zero-copy on the way out.
+
+The ring protocol and layout are in ``native/gf_ring.h``; the push/pop hot path
+is C (``grafos_fabric._native``) running on memory mapped into the process.
+
+Lifetime of what ``pop`` returns
+--------------------------------
+An :class:`Item` (or a :class:`Batch`) pins its bytes in the ring. ``np.asarray(item)``
+is a read-only view of the ring memory, not a copy. The space is freed when
+the item is released: explicitly (``item.release()``, ``with item:``), or when
+the item *and every array made from it* are gone. After an explicit
+``release()`` the producer may overwrite the bytes, so views taken earlier must
+not be used (the memory stays mapped; it never crashes). Items are freed in
+any order; the ring reclaims space up to the oldest unreleased item.
+
+**The rule for consumers that hold items:** the ring cannot reuse space that
+an unreleased item pins. A consumer that keeps items (or batches) while it
+waits for more can starve the producer; when that would deadlock — the ring
+is empty for the consumer, the producer is waiting for space, and this
+consumer holds unreleased items — ``pop``/``pop_batch`` raise
+:class:`~grafos_fabric.errors.HeldItemsStall` instead of waiting. Copy what you
+keep (``item.tobytes()``, ``np.array(item)``) and release the item.
+
+Roles: one producer and one consumer per queue, claimed on first push / first
+pop; a second claimant gets :class:`~grafos_fabric.errors.RoleTaken`. A
+producer stamped with an epoch older than the queue's is rejected at the
+target (:class:`~grafos_fabric.errors.StaleEpoch`): the tail word it must
+compare-and-swap to publish carries the epoch.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from . import errors as E
+from ._ffi import ffi, lib, raise_status
+from .drivers.base import Fabric, Region
+from .lease import NS, Lease, check_ttl
+from .locator import QueueLocator
+
+__all__ = ["FabricQueue", "Item", "Batch", "DEFAULT_CAPACITY"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CAPACITY = 1 << 20
+RING_HEADER = int(lib.GF_RING_HEADER_SIZE)
+RECORD_HEADER = int(lib.GF_RECORD_HEADER_SIZE)
+MIN_CAPACITY = int(lib.GF_RING_MIN_CAPACITY)
+MAX_CAPACITY = int(lib.GF_RING_MAX_CAPACITY)
+_SPACE_WAITERS_OFF = int(ffi.offsetof("gf_ring_header", "space_waiters"))
+_ACKED_OFF = int(ffi.offsetof("gf_ring_header", "acked"))
+_TAIL_OFF = int(ffi.offsetof("gf_ring_header", "tail"))
+_EPOCH_OFF = int(ffi.offsetof("gf_ring_header", "epoch"))
+_SEAL_SEQ_OFF = int(ffi.offsetof("gf_ring_header", "seal_seq"))
+_SEALED = int(lib.GF_TAIL_SEALED)
+_POS_MASK = int(lib.GF_TAIL_POS_MASK)
+_WAIT_SLICE_NS = 50_000_000  # C waits in slices so Python sees signals and lease changes
+_SPIN = 4000
+
+OK = int(lib.GF_OK)
+FULL = int(lib.GF_FULL)
+EMPTY = int(lib.GF_EMPTY)
+END = int(lib.GF_END)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _dtype_to_str(dtype: np.dtype[Any]) -> str:
+    if dtype.hasobject:
+        raise E.DtypeMismatch(f"dtype {dtype} holds Python objects: only plain data can live in shared memory")
+    descr = np.lib.format.dtype_to_descr(dtype)
+    text = descr if isinstance(descr, str) else repr(descr)
+    if len(text.encode()) > int(lib.GF_DTYPE_MAX):
+        raise E.FabricValueError(f"dtype description too long for the ring header: {text[:40]}...")
+    return text
+
+
+def _dtype_from_str(text: str) -> np.dtype[Any] | None:
+    if not text:
+        return None
+    try:
+        descr: Any = text if not text.startswith("[") else ast.literal_eval(text)  # literals only: no code runs
+        return np.lib.format.descr_to_dtype(descr)
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise E.Corrupted(f"bad dtype in queue header: {text!r}") from exc
+
+
+class Item:
+    """One popped item: ``seq``, ``len()``, ``np.asarray(item)`` (a zero-copy view)."""
+
+    __slots__ = ("__weakref__", "_batch", "_gc", "_q", "_token", "length", "offset", "seq")
+
+    def __init__(self, q: FabricQueue, token: int, offset: int, length: int, seq: int, batch: Batch | None) -> None:
+        self._q = q
+        self._token = token
+        self.offset = offset
+        self.length = length
+        self.seq = seq
+        self._batch = batch
+        self._gc: Any = None
+
+    # -- data ----------------------------------------------------------------------
+    def array(self) -> np.ndarray[Any, Any]:
+        """The payload as a read-only numpy view (uint8, or the queue's dtype)."""
+        if self._token < 0:
+            raise E.FabricValueError("item was released: its bytes may have been reused")
+        if self._batch is not None:
+            return self._batch._item_view(self.offset, self.length)
+        if self._gc is None:
+            q = self._q
+            token = self._token
+            self._gc = ffi.gc(q._data + self.offset, lambda _p: q._release_token(token))
+        arr = np.frombuffer(ffi.buffer(self._gc, self.length), dtype=np.uint8)
+        arr.flags.writeable = False
+        dt = self._q.dtype
+        return arr if dt is None else arr.view(dt)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
+        arr = self.array()
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
+
+    @property
+    def data(self) -> memoryview:
+        """The payload as a read-only memoryview (zero-copy)."""
+        return memoryview(self.array()).cast("B")
+
+    def tobytes(self) -> bytes:
+        """A copy of the payload (safe to keep after release)."""
+        return self.array().tobytes()
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def nbytes(self) -> int:
+        return self.length
+
+    # -- lifetime ------------------------------------------------------------------
+    @property
+    def released(self) -> bool:
+        return self._token < 0
+
+    def release(self) -> None:
+        """Give the item's ring space back now (idempotent). Views taken earlier
+        must not be used afterwards. Items of a batch are released with it."""
+        if self._token < 0:
+            return
+        if self._batch is not None:
+            self._token = -1
+            return
+        token, self._token = self._token, -1
+        if self._gc is not None:
+            gc, self._gc = self._gc, None
+            ffi.release(gc)  # runs the destructor now
+        else:
+            self._q._release_token(token)
+
+    def __del__(self) -> None:
+        if self._token >= 0 and self._gc is None and self._batch is None:
+            self._q._release_token(self._token)
+
+    def __enter__(self) -> Item:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._token < 0 else f"{self.length}B"
+        return f"<Item seq={self.seq} {state}>"
+
+
+class Batch:
+    """Items popped together; their payloads are contiguous in the ring.
+
+    ``len(batch)``, iteration and indexing give :class:`Item` objects;
+    ``batch.seqs`` and ``batch.lengths`` are numpy arrays; ``batch.array()`` is a
+    2-D zero-copy view ``(n, item_len)`` when every item has the same length.
+    The batch's ring space is freed by ``release()``, ``with batch:``, or when
+    the batch, its items and every view made from them are gone.
+    """
+
+    __slots__ = ("__weakref__", "_base", "_gc", "_offsets", "_q", "_start", "_token", "lengths", "seqs", "uniform")
+
+    def __init__(
+        self,
+        q: FabricQueue | None,
+        token: int,
+        offsets: np.ndarray[Any, Any],
+        lengths: np.ndarray[Any, Any],
+        seqs: np.ndarray[Any, Any],
+        uniform: int,
+    ) -> None:
+        self._q = q
+        self._token = token
+        self._offsets = offsets
+        self.lengths = lengths
+        self.seqs = seqs
+        self.uniform = uniform
+        self._gc: Any = None
+        self._base: Any = None
+        self._start = 0
+        if q is not None and len(offsets):
+            self._start = int(offsets[0]) - RECORD_HEADER
+            span = int(offsets[-1]) + int(lengths[-1]) - self._start
+            self._gc = ffi.gc(q._data + self._start, lambda _p: q._release_token(token))
+            base = np.frombuffer(ffi.buffer(self._gc, span), dtype=np.uint8)
+            base.flags.writeable = False
+            self._base = base
+
+    @classmethod
+    def empty(cls) -> Batch:
+        z = np.zeros(0, dtype=np.uint64)
+        return cls(None, -1, z, z, z, 0)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __bool__(self) -> bool:
+        return len(self._offsets) > 0
+
+    def _check(self) -> None:
+        if self._token < 0 and len(self._offsets):
+            raise E.FabricValueError("batch was released: its bytes may have been reused")
+
+    def _item_view(self, offset: int, length: int) -> np.ndarray[Any, Any]:
+        self._check()
+        rel = offset - self._start
+        arr = self._base[rel : rel + length]
+        dt = self._q.dtype if self._q is not None else None
+        return arr if dt is None else arr.view(dt)
+
+    def __getitem__(self, i: int) -> Item:
+        self._check()
+        n = len(self._offsets)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("batch index out of range")
+        assert self._q is not None
+        return Item(self._q, 0, int(self._offsets[i]), int(self.lengths[i]), int(self.seqs[i]), self)
+
+    def __iter__(self) -> Iterator[Item]:
+        for i in range(len(self._offsets)):
+            yield self[i]
+
+    def array(self) -> np.ndarray[Any, Any]:
+        """All payloads as one read-only 2-D view ``(n, item_len)`` (or ``(n, k)`` of
+        the queue's dtype). Needs every item to have the same length."""
+        self._check()
+        n = len(self._offsets)
+        if n == 0:
+            return np.zeros((0, 0), dtype=np.uint8)
+        if not self.uniform:
+            raise E.FabricValueError("items of this batch have different lengths: use the items one by one")
+        length = self.uniform
+        stride = int(lib.gf_record_size(length))
+        arr = np.lib.stride_tricks.as_strided(
+            self._base[RECORD_HEADER:], shape=(n, length), strides=(stride, 1), writeable=False
+        )
+        dt = self._q.dtype if self._q is not None else None
+        return arr if dt is None else arr.view(dt)
+
+    def tolist(self) -> list[bytes]:
+        """Copies of every payload."""
+        return [item.tobytes() for item in self]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.lengths.sum()) if len(self.lengths) else 0
+
+    @property
+    def released(self) -> bool:
+        return self._token < 0
+
+    def release(self) -> None:
+        """Give the batch's ring space back now (idempotent)."""
+        if self._token < 0:
+            return
+        self._token = -1
+        if self._gc is not None:
+            gc, self._gc = self._gc, None
+            ffi.release(gc)
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        first = int(self.seqs[0]) if len(self.seqs) else None
+        return f"<Batch n={len(self)} first_seq={first}>"
+
+
+class FabricQueue:
+    """A bounded single-producer single-consumer queue in a leased region.
+
+    Create with :meth:`create` (allocates and leases the region) or attach with
+    :meth:`attach` (from a :class:`QueueLocator`, e.g. in another process).
+    """
+
+    def __init__(self, fabric: Fabric, region: Region, *, owner: bool, epoch: int | None = None) -> None:
+        self.fabric = fabric
+        self.region = region
+        self.lease: Lease = region.lease
+        self.owner = owner
+        self._clock = fabric.clock
+        if not region.mapped:
+            raise E.Unsupported("this FabricQueue needs a mapped region")
+        self._ring = ffi.cast("uint8_t *", region.payload_pointer())  # type: ignore[attr-defined]
+        self._lease_ptrs = region.lease_pointers()  # type: ignore[attr-defined]
+        rc = lib.gf_ring_check(self._ring, region.nbytes)
+        if rc != OK:
+            raise_status(rc, "attaching the queue")
+        hdr = ffi.cast("gf_ring_header *", self._ring)
+        self._hdr = hdr
+        self.capacity = int(hdr.capacity)
+        self.max_item = int(hdr.max_item)
+        self.first_seq = int(hdr.first_seq)
+        self.dtype = _dtype_from_str(ffi.string(hdr.dtype, int(hdr.dtype_len)).decode("ascii", "replace"))
+        self._data = self._ring + RING_HEADER
+        self._epoch = epoch
+        self._prod: Any = None
+        self._cons: Any = None
+        self._pend: tuple[Any, Any] | None = None
+        self.closed = False
+
+    # -- construction --------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        fabric: Fabric,
+        capacity: int = DEFAULT_CAPACITY,
+        ttl: float = 30.0,
+        *,
+        dtype: Any = None,
+        max_item: int | None = None,
+        epoch: int = 0,
+        first_seq: int = 0,
+    ) -> FabricQueue:
+        """Allocate a leased region and build a ring of ``capacity`` bytes in it.
+
+        ``capacity`` is rounded up to a power of two (at least 4096);
+        ``max_item`` defaults to the largest item that always fits (half the
+        ring less a record header). With ``dtype``, items are arrays of that
+        dtype: pushes must match it and pops come out in it.
+        """
+        if not isinstance(capacity, int) or isinstance(capacity, bool):
+            raise E.FabricValueError(f"capacity must be an int number of bytes, got {capacity!r}")
+        if capacity <= 0 or capacity > MAX_CAPACITY:
+            raise E.FabricValueError(f"capacity must be in (0, {MAX_CAPACITY}] bytes, got {capacity}")
+        cap = max(MIN_CAPACITY, _next_pow2(capacity))
+        biggest = cap // 2 - RECORD_HEADER
+        if max_item is None:
+            max_item = biggest
+        elif not isinstance(max_item, int) or isinstance(max_item, bool) or not 0 < max_item <= biggest:
+            raise E.FabricValueError(f"max_item must be an int in (0, {biggest}] for a {cap}-byte ring")
+        if not isinstance(epoch, int) or epoch < 0 or not isinstance(first_seq, int) or first_seq < 0:
+            raise E.FabricValueError("epoch and first_seq must be non-negative ints")
+        ttl = check_ttl(ttl)
+        dt = None if dtype is None else np.dtype(dtype)
+        dtext = "" if dt is None else _dtype_to_str(dt)
+        if dt is not None and max_item < dt.itemsize:
+            raise E.FabricValueError(f"max_item {max_item} is smaller than one {dt} element")
+        region = fabric.alloc(RING_HEADER + cap, ttl)
+        raw = dtext.encode("ascii")
+        rc = lib.gf_ring_init(
+            region.payload_pointer(),  # type: ignore[attr-defined]
+            region.nbytes,
+            cap,
+            max_item,
+            first_seq,
+            epoch,
+            raw,
+            len(raw),
+            0,
+        )
+        if rc != OK:
+            region.lease.free()
+            raise_status(rc, "building the ring")
+        log.debug("created queue %s (capacity %d, max_item %d)", region.ref().name, cap, max_item)
+        return cls(fabric, region, owner=True, epoch=epoch)
+
+    @classmethod
+    def attach(
+        cls, fabric: Fabric, locator: QueueLocator | bytes, *, epoch: int | None = None
+    ) -> FabricQueue:
+        """Attach to the queue a locator names. ``epoch`` stamps this handle's
+        pushes (default: the queue's current epoch)."""
+        if not isinstance(locator, QueueLocator):
+            locator = QueueLocator.from_bytes(locator)
+        region = fabric.attach(locator.region)
+        q = cls(fabric, region, owner=False, epoch=epoch)
+        if q.capacity != locator.capacity or q.max_item != locator.max_item:
+            raise E.Corrupted("the queue at this locator has another geometry: the locator is stale or foreign")
+        return q
+
+    def locator(self) -> QueueLocator:
+        return QueueLocator(
+            region=self.region.ref(),
+            capacity=self.capacity,
+            max_item=self.max_item,
+            epoch=self.epoch,
+            first_seq=self.first_seq,
+            layout=int(lib.GF_RING_LAYOUT_VERSION),
+            dtype="" if self.dtype is None else _dtype_to_str(self.dtype),
+        )
+
+    # -- header state ----------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """The queue's fence epoch (in the shared header)."""
+        return int(lib.gf_load_acquire_at(self._ring, _EPOCH_OFF))
+
+    @property
+    def sealed(self) -> bool:
+        return bool(lib.gf_load_acquire_at(self._ring, _TAIL_OFF) & _SEALED)
+
+    @property
+    def seal_seq(self) -> int:
+        return int(lib.gf_load_acquire_at(self._ring, _SEAL_SEQ_OFF))
+
+    @property
+    def acked(self) -> int:
+        """The consumer's durable commit: every sequence below it is processed."""
+        return int(lib.gf_load_acquire_at(self._ring, _ACKED_OFF))
+
+    def set_acked(self, seq: int) -> None:
+        """Publish that every item with sequence < ``seq`` is durably processed.
+
+        ``acked`` only grows (a smaller value is ignored)."""
+        cur = self.acked
+        while seq > cur:
+            found = int(lib.gf_cas_at(self._ring, _ACKED_OFF, cur, seq))
+            if found == cur:
+                return
+            cur = found
+
+    def seal(self, seal_seq: int = 0) -> bool:
+        """Seal the queue: no push succeeds afterwards; the consumer drains what
+        was published, then gets ``QueueSealed``. Returns False if already sealed."""
+        return int(lib.gf_ring_seal(self._ring, seal_seq)) == OK
+
+    def advance_epoch(self, new_epoch: int) -> None:
+        """Move the queue's epoch forward: producers stamped older are fenced at
+        their next publish. Raises ``StaleEpoch`` unless ``new_epoch`` is newer."""
+        rc = lib.gf_ring_advance_epoch(self._ring, new_epoch)
+        if rc != OK:
+            raise E.StaleEpoch(epoch=new_epoch, current=self.epoch)
+
+    def stats(self) -> dict[str, int | bool]:
+        hdr = self._hdr
+        tail = int(lib.gf_load_acquire_at(self._ring, _TAIL_OFF))
+        return {
+            "capacity": self.capacity,
+            "max_item": self.max_item,
+            "epoch": self.epoch,
+            "tail": tail & _POS_MASK,
+            "head": int(hdr.head),
+            "used": (tail & _POS_MASK) - int(hdr.head),
+            "next_seq": int(hdr.next_seq),
+            "acked": self.acked,
+            "sealed": bool(tail & _SEALED),
+            "producer": bool(hdr.producer_id),
+            "consumer": bool(hdr.consumer_id),
+        }
+
+    # -- roles -----------------------------------------------------------------------
+    def _now(self) -> int:
+        return 0 if self._clock.native else self._clock.now_ns()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise E.QueueClosed("queue is closed")
+
+    def _producer(self) -> Any:
+        p = self._prod
+        if p is not None:
+            return p
+        self._check_open()
+        self.lease.check()
+        p = ffi.new("gf_producer *")
+        epoch = self.epoch if self._epoch is None else self._epoch
+        rc = lib.gf_producer_init(
+            p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, secrets.randbits(63) | 1
+        )
+        if rc != OK:
+            self._raise(rc, "claiming the producer role", epoch=epoch)
+        self._epoch = epoch
+        self._prod = p
+        return p
+
+    def _consumer(self) -> Any:
+        c = self._cons
+        if c is not None:
+            return c
+        self._check_open()
+        self.lease.check()
+        cap = min(1 << 20, max(64, _next_pow2(self.capacity // 32)))
+        pend_end = ffi.new("uint64_t[]", cap)
+        pend_done = ffi.new("uint8_t[]", cap)
+        c = ffi.new("gf_consumer *")
+        rc = lib.gf_consumer_init(
+            c, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], secrets.randbits(63) | 1, pend_end, pend_done, cap
+        )
+        if rc != OK:
+            self._raise(rc, "claiming the consumer role")
+        self._pend = (pend_end, pend_done)
+        self._cons = c
+        return c
+
+    def _raise(self, rc: int, what: str, epoch: int | None = None) -> None:
+        if rc == lib.GF_E_EXPIRED or rc == lib.GF_E_REVOKED:
+            self.lease.check()  # the lease's own message (revoked vs expired vs freed)
+        if rc == lib.GF_E_FENCED:
+            raise E.StaleEpoch(f"{what}: fenced", epoch=self._epoch if epoch is None else epoch, current=self.epoch)
+        raise_status(rc, what, seal_seq=self.seal_seq)
+
+    # -- producing -------------------------------------------------------------------
+    def _as_item(self, buf: Any) -> Any:
+        """Validate one item; returns what the C call takes (bytes or a cdata)."""
+        dt = self.dtype
+        if dt is not None:
+            if not isinstance(buf, np.ndarray):
+                raise E.DtypeMismatch(f"this queue carries {dt} arrays; got {type(buf).__name__}")
+            if buf.dtype != dt:
+                raise E.DtypeMismatch(f"this queue carries {dt} arrays; got {buf.dtype}")
+        if isinstance(buf, bytes):
+            return buf
+        if isinstance(buf, np.ndarray):
+            if not buf.flags.c_contiguous:
+                raise E.DtypeMismatch("array is not C-contiguous: pass np.ascontiguousarray(a)")
+            if buf.dtype.hasobject:
+                raise E.DtypeMismatch("arrays of Python objects cannot be pushed")
+        try:
+            return ffi.from_buffer(buf)
+        except (TypeError, BufferError, ValueError) as exc:
+            raise E.DtypeMismatch(f"item must be bytes-like and contiguous: {exc}") from None
+
+    def try_push(self, buf: Any) -> bool:
+        """Push one item; False when the ring is full (never waits)."""
+        return self._push1(buf) is not None
+
+    def _push1(self, buf: Any) -> int | None:
+        p = self._prod or self._producer()
+        item = self._as_item(buf)
+        n = len(item)
+        if n == 0:
+            raise E.FabricValueError("empty items are not allowed")
+        if n > self.max_item:
+            raise E.ItemTooLarge(f"item of {n} bytes exceeds the queue's max_item of {self.max_item}")
+        seq = ffi.new("uint64_t *") if self._seq_out is None else self._seq_out
+        rc = lib.gf_push(p, item, n, self._now(), seq)
+        if rc == OK:
+            return int(seq[0])
+        if rc == FULL:
+            return None
+        self._raise(rc, "push")
+        return None  # unreachable
+
+    _seq_out: Any = None
+
+    def push(self, buf: Any, timeout: float | None = None) -> int:
+        """Push one item, waiting for space; returns its sequence number.
+
+        Raises ``TimeoutError`` when ``timeout`` seconds pass first."""
+        if self._seq_out is None:
+            self._seq_out = ffi.new("uint64_t *")
+        seq = self._push1(buf)
+        if seq is not None:
+            return seq
+        deadline = _deadline(timeout)
+        n = len(self._as_item(buf))
+        while True:
+            self._wait_space(n, deadline)
+            seq = self._push1(buf)
+            if seq is not None:
+                return seq
+
+    def _wait_space(self, nbytes: int, deadline: float | None) -> None:
+        p = self._prod or self._producer()
+        slice_ns = _slice(deadline)
+        if slice_ns <= 0:
+            raise TimeoutError("timed out waiting for space in the queue")
+        rc = lib.gf_wait_space(p, nbytes, slice_ns, _SPIN)
+        if rc < 0:
+            self._raise(rc, "waiting for space")
+        st = lib.gf_producer_state(p)
+        if st < 0:
+            self._raise(st, "waiting for space")
+        self.lease.check()
+
+    def push_batch(self, bufs: Sequence[Any] | np.ndarray[Any, Any], timeout: float | None = None) -> int:
+        """Push many items with one native call per ring-full; returns how many.
+
+        ``bufs`` is a 2-D array whose rows are the items (the fast path), or a
+        sequence of bytes-like items. With ``timeout=0`` it pushes what fits and
+        returns; otherwise it waits for space until all are pushed (or raises
+        ``TimeoutError``, after which the items counted so far are in the queue:
+        ``TimeoutError.args[1]`` holds that count).
+        """
+        p = self._prod or self._producer()
+        pushed = ffi.new("uint64_t *")
+        deadline = _deadline(timeout)
+        if isinstance(bufs, np.ndarray):
+            return self._push_rows(p, bufs, pushed, deadline, timeout)
+        items = [self._as_item(b) for b in bufs]
+        if not items:
+            return 0
+        lens = np.fromiter((len(b) for b in items), dtype=np.uint64, count=len(items))
+        if int(lens.min()) == 0:
+            raise E.FabricValueError("empty items are not allowed")
+        big = int(lens.max())
+        if big > self.max_item:
+            raise E.ItemTooLarge(f"item of {big} bytes exceeds the queue's max_item of {self.max_item}")
+        blob = b"".join(items)
+        src = ffi.from_buffer(blob)
+        lptr = ffi.from_buffer("uint64_t[]", lens)
+        done = 0
+        offset = 0
+        total = len(items)
+        while done < total:
+            rc = lib.gf_push_concat(p, src + offset, lptr + done, total - done, self._now(), pushed)
+            k = int(pushed[0])
+            if k:
+                offset += int(lens[done : done + k].sum())
+                done += k
+            if rc < 0:
+                self._raise(rc, "push_batch")
+            if done < total and k == 0:
+                if timeout == 0:
+                    break
+                try:
+                    self._wait_space(int(lens[done]), deadline)
+                except TimeoutError:
+                    raise TimeoutError("timed out waiting for space in the queue", done) from None
+        return done
+
+    def _push_rows(
+        self, p: Any, arr: np.ndarray[Any, Any], pushed: Any, deadline: float | None, timeout: float | None
+    ) -> int:
+        dt = self.dtype
+        if arr.ndim != 2:
+            raise E.DtypeMismatch(f"push_batch takes a 2-D array whose rows are items, got {arr.ndim}-D")
+        if dt is not None and arr.dtype != dt:
+            raise E.DtypeMismatch(f"this queue carries {dt} arrays; got {arr.dtype}")
+        if arr.dtype.hasobject:
+            raise E.DtypeMismatch("arrays of Python objects cannot be pushed")
+        if arr.strides[1] != arr.itemsize or arr.strides[0] < 0:
+            raise E.DtypeMismatch("rows must be contiguous: pass np.ascontiguousarray(a)")
+        n = arr.shape[0]
+        length = arr.shape[1] * arr.itemsize
+        if n == 0:
+            return 0
+        if length == 0:
+            raise E.FabricValueError("empty items are not allowed")
+        if length > self.max_item:
+            raise E.ItemTooLarge(f"rows of {length} bytes exceed the queue's max_item of {self.max_item}")
+        stride = arr.strides[0]
+        base = ffi.cast("uint8_t *", arr.ctypes.data)
+        done = 0
+        while done < n:
+            rc = lib.gf_push_rows(p, base + done * stride, n - done, stride, length, self._now(), pushed)
+            k = int(pushed[0])
+            done += k
+            if rc < 0:
+                self._raise(rc, "push_batch")
+            if done < n and k == 0:
+                if timeout == 0:
+                    break
+                try:
+                    self._wait_space(length, deadline)
+                except TimeoutError:
+                    raise TimeoutError("timed out waiting for space in the queue", done) from None
+        del arr
+        return done
+
+    @contextmanager
+    def reserve(self, nbytes: int, timeout: float | None = None) -> Iterator[np.ndarray[Any, Any]]:
+        """Zero-copy production: write the item in place, published on exit.
+
+        ``with q.reserve(n) as buf: buf[:] = ...`` — ``buf`` is a writable view of
+        the ring (uint8, or the queue's dtype). Leaving the block normally
+        commits the item; an exception aborts it (nothing is published). Call
+        ``q.commit_len(k)`` inside the block to publish only the first ``k`` bytes.
+        """
+        p = self._prod or self._producer()
+        if not isinstance(nbytes, int) or nbytes <= 0:
+            raise E.FabricValueError(f"reserve needs a positive int size, got {nbytes!r}")
+        if nbytes > self.max_item:
+            raise E.ItemTooLarge(f"reservation of {nbytes} bytes exceeds the queue's max_item of {self.max_item}")
+        if self.dtype is not None and nbytes % self.dtype.itemsize:
+            raise E.DtypeMismatch(f"reservation must be a multiple of {self.dtype.itemsize} bytes for {self.dtype}")
+        off = ffi.new("uint64_t *")
+        deadline = _deadline(timeout)
+        while True:
+            rc = lib.gf_reserve(p, nbytes, self._now(), off)
+            if rc == OK:
+                break
+            if rc != FULL:
+                self._raise(rc, "reserve")
+            self._wait_space(nbytes, deadline)
+        buf = np.frombuffer(ffi.buffer(self._data + int(off[0]), nbytes), dtype=np.uint8)
+        self._commit_len = nbytes
+        try:
+            yield buf if self.dtype is None else buf.view(self.dtype)
+        except BaseException:
+            lib.gf_abort(p)
+            raise
+        seq = ffi.new("uint64_t *")
+        rc = lib.gf_commit(p, self._commit_len, seq)
+        if rc != OK:
+            self._raise(rc, "commit")
+        self.last_seq = int(seq[0])
+
+    _commit_len = 0
+    last_seq = -1
+
+    def commit_len(self, nbytes: int) -> None:
+        """Inside ``reserve()``: publish only the first ``nbytes`` bytes."""
+        if not 0 < nbytes <= self._commit_len:
+            raise E.FabricValueError(f"commit length must be in (0, {self._commit_len}]")
+        self._commit_len = nbytes
+
+    # -- consuming -------------------------------------------------------------------
+    def try_pop(self) -> Item | None:
+        """Pop one item, or None when the queue is empty (never waits).
+
+        Raises ``QueueSealed`` once a sealed queue is drained."""
+        c = self._cons or self._consumer()
+        out = self._item_out
+        if out is None:
+            out = self._item_out = ffi.new("gf_item *")
+        rc = lib.gf_pop(c, self._now(), out)
+        if rc == OK:
+            return Item(self, int(out.token), int(out.offset), int(out.length), int(out.seq), None)
+        if rc == EMPTY:
+            return None
+        if rc == END:
+            raise E.QueueSealed("queue is sealed and drained", seal_seq=self.seal_seq)
+        self._raise(rc, "pop")
+        return None
+
+    _item_out: Any = None
+
+    def pop(self, timeout: float | None = None) -> Item:
+        """Pop one item, waiting for it; ``TimeoutError`` when ``timeout`` passes."""
+        item = self.try_pop()
+        if item is not None:
+            return item
+        deadline = _deadline(timeout)
+        while True:
+            self._wait_data(deadline)
+            item = self.try_pop()
+            if item is not None:
+                return item
+
+    def _wait_data(self, deadline: float | None) -> None:
+        c = self._cons or self._consumer()
+        if lib.gf_consumer_outstanding(c) and lib.gf_load_acquire_at(self._ring, _SPACE_WAITERS_OFF) & 0xFFFFFFFF:
+            raise E.HeldItemsStall(
+                f"the producer waits for space that {int(lib.gf_consumer_outstanding(c))} unreleased "
+                "items/batches pin, and the queue is empty: release items before waiting for more"
+            )
+        slice_ns = _slice(deadline)
+        if slice_ns <= 0:
+            raise TimeoutError("timed out waiting for an item")
+        rc = lib.gf_wait_data(c, slice_ns, _SPIN)
+        if rc < 0:
+            self._raise(rc, "waiting for data")
+        self.lease.check()
+
+    def pop_batch(self, max_items: int, timeout: float | None = None) -> Batch:
+        """Pop up to ``max_items`` items with one native call.
+
+        Waits until at least one item is there (``timeout=0``: returns an empty
+        batch at once; ``timeout>0``: ``TimeoutError`` when it passes). A batch
+        stops at the ring's wrap point, so it may hold fewer items than are
+        queued; its payloads are contiguous.
+        """
+        if not isinstance(max_items, int) or max_items <= 0:
+            raise E.FabricValueError(f"max_items must be a positive int, got {max_items!r}")
+        c = self._cons or self._consumer()
+        deadline = _deadline(timeout)
+        offs = np.empty(max_items, dtype=np.uint64)
+        lens = np.empty(max_items, dtype=np.uint64)
+        seqs = np.empty(max_items, dtype=np.uint64)
+        po = ffi.from_buffer("uint64_t[]", offs)
+        pl = ffi.from_buffer("uint64_t[]", lens)
+        ps = ffi.from_buffer("uint64_t[]", seqs)
+        outs = ffi.new("uint64_t[3]")
+        while True:
+            rc = lib.gf_pop_batch(c, max_items, self._now(), po, pl, ps, outs, outs + 1, outs + 2)
+            if rc == OK:
+                n = int(outs[0])
+                return Batch(self, int(outs[1]), offs[:n], lens[:n], seqs[:n], int(outs[2]))
+            if rc == END:
+                raise E.QueueSealed("queue is sealed and drained", seal_seq=self.seal_seq)
+            if rc != EMPTY:
+                self._raise(rc, "pop_batch")
+            if timeout == 0:
+                return Batch.empty()
+            self._wait_data(deadline)
+
+    def _release_token(self, token: int) -> None:
+        c = self._cons
+        if c is not None:
+            lib.gf_release(c, token)
+
+    @property
+    def outstanding(self) -> int:
+        """Items and batches popped here and not yet released."""
+        c = self._cons
+        return 0 if c is None else int(lib.gf_consumer_outstanding(c))
+
+    # -- teardown --------------------------------------------------------------------
+    def close(self) -> None:
+        """Give up this handle's roles (idempotent). Views of popped items stay
+        readable; the region stays leased until its lease is freed or expires."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._prod is not None:
+            lib.gf_producer_close(self._prod)
+        if self._cons is not None:
+            # the consumer state stays allocated: live items still release into it
+            lib.gf_load_acquire_at(self._ring, 0)
+
+    def free(self) -> None:
+        """Close and give the region back to the fabric now."""
+        self.close()
+        self.lease.free()
+
+    def __enter__(self) -> FabricQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<FabricQueue {self.region.ref().name} capacity={self.capacity} epoch={self.epoch}>"
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise E.FabricValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def _slice(deadline: float | None) -> int:
+    if deadline is None:
+        return _WAIT_SLICE_NS
+    return min(_WAIT_SLICE_NS, int((deadline - time.monotonic()) * NS))
