@@ -396,13 +396,19 @@ class FabricQueue:
 
     @classmethod
     def attach(
-        cls, fabric: Fabric, locator: QueueLocator | bytes, *, epoch: int | None = None
+        cls, fabric: Fabric, locator: QueueLocator | bytes, *, epoch: int | None = None, mapped: bool = True
     ) -> FabricQueue:
         """Attach to the queue a locator names. ``epoch`` stamps this handle's
-        pushes (default: the queue's current epoch)."""
+        pushes (default: the queue's current epoch). ``mapped=False`` (or a
+        driver whose regions don't map here, like verbs) speaks the one-sided
+        ring protocol (``grafos_fabric.onesided``) with the same API."""
         if not isinstance(locator, QueueLocator):
             locator = QueueLocator.from_bytes(locator)
-        region = fabric.attach(locator.region)
+        region = fabric.attach(locator.region, mapped=mapped)
+        if not region.mapped:
+            from .onesided import OneSidedQueue
+
+            return OneSidedQueue(fabric, region, locator, epoch=epoch)  # type: ignore[return-value]
         q = cls(fabric, region, owner=False, epoch=epoch)
         if q.capacity != locator.capacity or q.max_item != locator.max_item:
             raise E.Corrupted("the queue at this locator has another geometry: the locator is stale or foreign")
