@@ -1022,6 +1022,10 @@ class MemoryNode:
             return
         self._closed = True
         self._stop.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop at once (Linux)
+        except OSError:
+            pass
         self._listener.close()
         with self._conns_lock:
             conns = list(self._conns)
