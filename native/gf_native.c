@@ -222,6 +222,19 @@ static int full_reason(gf_producer *p) {
     return GF_FULL;
 }
 
+/* Before writing a byte: is the tail word still ours (our tag, our position,
+ * not sealed)? A producer whose epoch was superseded must not write record
+ * bytes over what the new owner published. (This narrows, but cannot close,
+ * the window for a stale producer that is mid-copy at the instant of a
+ * takeover: in-place takeover assumes a dead or paused predecessor, which is
+ * why relocation moves to a fresh queue.) */
+static inline int prod_owner(gf_producer *p) {
+    uint64_t w = gf_load_acquire_u64(&p->hdr->tail); /* SYNC POINT: ring-publish */
+    if (w == (p->tag | p->tail)) return GF_OK;
+    if (w & GF_TAIL_SEALED) return GF_E_SEALED;
+    return GF_E_FENCED;
+}
+
 /* Room for `need` bytes past claim? 1 yes, 0 no, <0 corrupt head. */
 static inline int prod_room(gf_producer *p, uint64_t need) {
     if (p->claim + need - p->head_cache <= p->capacity) return 1;
@@ -281,6 +294,8 @@ int gf_push(gf_producer *p, const void *buf, uint64_t len, uint64_t now_ns, uint
     if (p->reserved) return GF_E_CLAIMED;
     int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
     if (rc) return rc;
+    rc = prod_owner(p);
+    if (rc) return rc;
     if (len == 0) return GF_E_ARG;
     if (len > p->max_item) return GF_E_TOO_LARGE;
     uint64_t idx;
@@ -302,6 +317,8 @@ int gf_push_rows(gf_producer *p, const void *base, uint64_t n, uint64_t row_stri
     if (!p->hdr) return GF_E_ARG;
     if (p->reserved) return GF_E_CLAIMED;
     int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
+    if (rc) return rc;
+    rc = prod_owner(p);
     if (rc) return rc;
     if (len == 0) return GF_E_ARG;
     if (len > p->max_item) return GF_E_TOO_LARGE;
@@ -334,6 +351,8 @@ int gf_push_concat(gf_producer *p, const void *base, const uint64_t *lens, uint6
     if (p->reserved) return GF_E_CLAIMED;
     int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
     if (rc) return rc;
+    rc = prod_owner(p);
+    if (rc) return rc;
     for (uint64_t i = 0; i < n; i++) {
         if (lens[i] == 0) return GF_E_ARG;
         if (lens[i] > p->max_item) return GF_E_TOO_LARGE;
@@ -364,6 +383,8 @@ int gf_reserve(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_
     if (!p->hdr) return GF_E_ARG;
     if (p->reserved) return GF_E_CLAIMED;
     int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
+    if (rc) return rc;
+    rc = prod_owner(p);
     if (rc) return rc;
     if (len == 0) return GF_E_ARG;
     if (len > p->max_item) return GF_E_TOO_LARGE;
