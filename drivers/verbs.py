@@ -1591,9 +1591,12 @@ class VerbsRegion:
 
 
 def parse_rdma_url(url: str) -> tuple[str, int, dict[str, str]]:
-    """``rdma://HOST:PORT[?device=mlx5_0&ib_port=1&gid_index=0&timeout=10]`` -> (host, port, options)."""
+    """``rdma://HOST:PORT[?device=mlx5_0&ib_port=1&gid_index=0&timeout=10&staging=BYTES]`` -> (host, port, options).
+
+    ``verbs://`` is accepted as a synonym; the port defaults to :data:`DEFAULT_PORT`.
+    """
     parts = urlsplit(url)
-    if parts.scheme != "rdma":
+    if parts.scheme.lower() not in ("rdma", "verbs"):
         raise FabricValueError(f"not an rdma:// URL: {url!r}")
     try:
         port = parts.port

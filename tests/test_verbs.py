@@ -187,6 +187,7 @@ def test_from_url_passes_the_device_option_to_the_probe(monkeypatch):
     [
         ("rdma://node7:9000", ("node7", 9000, {})),
         ("rdma://10.0.0.5", ("10.0.0.5", verbs.DEFAULT_PORT, {})),
+        ("verbs://node7:9000?timeout=2.5", ("node7", 9000, {"timeout": "2.5"})),
         ("rdma://[fe80::1]:7000?device=mlx5_0&ib_port=2", ("fe80::1", 7000, {"device": "mlx5_0", "ib_port": "2"})),
     ],
 )
