@@ -553,7 +553,10 @@ int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t now_ns, uint64_t *
     uint64_t n = 0, uni = 0;
     while (n < max_items) {
         uint64_t idx;
-        rc = cons_next(c, &idx, n > 0); /* a batch stops at the wrap: its payloads are contiguous */
+        /* a batch stops at the wrap (a padding record, or a record ending
+         * exactly at the end of the ring): its payloads are contiguous */
+        if (n > 0 && (c->rpos & c->mask) == 0) break;
+        rc = cons_next(c, &idx, n > 0);
         if (rc) break;
         const gf_record_header *r = (const gf_record_header *)(c->data + idx);
         uint64_t len = r->length;

@@ -477,3 +477,21 @@ def test_wrap_around_keeps_every_payload_contiguous_and_intact(make_pair):
     while expected:
         with rx.pop(timeout=1) as item:
             assert item.tobytes() == expected.pop(0)
+
+
+def test_batch_stops_at_the_wrap_even_without_a_padding_record(make_pair):
+    tx, rx = make_pair(capacity=4096)
+    # 240-byte payloads make 256-byte records: 16 fill the ring exactly, so the
+    # record after the 16th starts at index 0 with no padding in between.
+    for i in range(16):
+        assert tx.try_push(bytes([i]) * 240)
+    with rx.pop_batch(8, timeout=1) as first:
+        assert len(first) == 8
+    for i in range(16, 24):
+        assert tx.try_push(bytes([i]) * 240)
+    tail_part = rx.pop_batch(100, timeout=1)
+    assert list(tail_part.seqs) == list(range(8, 16))
+    np.testing.assert_array_equal(tail_part.array()[:, 0], np.arange(8, 16))
+    head_part = rx.pop_batch(100, timeout=1)
+    assert list(head_part.seqs) == list(range(16, 24))
+    np.testing.assert_array_equal(head_part.array()[:, 0], np.arange(16, 24))
