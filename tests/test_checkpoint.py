@@ -1,0 +1,633 @@
+"""Durable stage checkpoints: round trips, the PCHK layout, bad input, torn writes, bit flips, kill -9."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from grafos_fabric.drivers.block import BlockRegion, open_block
+
+from grafos_fabric.checkpoint import CheckpointedStageState, EdgeCheckpoint, StageId
+from grafos_fabric.errors import (
+    CapacityExceeded,
+    Corrupted,
+    FabricValueError,
+    LeaseExpired,
+    NoRecord,
+    Revoked,
+    VersionMismatch,
+)
+from grafos_fabric.lease import ManualClock
+from grafos_fabric.slots import HEADER_FIELDS, PCHK, SlotStore, crc32c, pack_header
+
+try:
+    from _blockdev import MemDevice, RecordingDevice, apply_sectors, open_kind, sectors, snapshot
+except ImportError:  # tests/ imported as a package
+    from tests._blockdev import MemDevice, RecordingDevice, apply_sectors, open_kind, sectors, snapshot
+
+SIZE = 64 * 1024
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["file", pytest.param("loop", marks=pytest.mark.blockdev)])
+def region(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockRegion]:
+    with contextlib.ExitStack() as stack:
+        yield open_kind(request.param, tmp_path, SIZE, stack)
+
+
+def restored(dev: Any, **kw: Any) -> tuple[Any, EdgeCheckpoint]:
+    got = CheckpointedStageState.restore(dev, **kw)
+    return got.state, got.edge
+
+
+# -- round trips ---------------------------------------------------------------
+
+
+def test_a_new_stage_state_writes_nothing_until_the_first_checkpoint(region: BlockRegion) -> None:
+    before = snapshot(region)
+    st = CheckpointedStageState({"n": 1}, region, stage="s")
+    assert st.edge == EdgeCheckpoint(0, 0)
+    assert snapshot(region) == before
+    with pytest.raises(NoRecord):
+        CheckpointedStageState.restore(region)
+
+
+def test_checkpoint_then_restore_returns_the_state_and_the_edge(region: BlockRegion) -> None:
+    st = CheckpointedStageState({"count": 41, "names": ["a", "b"], "blob": b"\x00\x01"}, region, stage="map")
+    st.checkpoint(EdgeCheckpoint(input_offset=17, output_commit=9))
+    got = CheckpointedStageState.restore(region)
+    assert got.state == {"count": 41, "names": ["a", "b"], "blob": b"\x00\x01"}
+    assert got.edge == EdgeCheckpoint(17, 9)
+    assert got.stage == StageId("map")
+    assert got.codec == "msgpack"
+
+
+def test_restore_returns_the_newest_of_many_checkpoints(region: BlockRegion) -> None:
+    st = CheckpointedStageState({"i": 0}, region)
+    for i in range(1, 8):
+        st.state["i"] = i
+        assert st.checkpoint(EdgeCheckpoint(i, i * 10)) == i
+    assert restored(region) == ({"i": 7}, EdgeCheckpoint(7, 70))
+
+
+def test_checkpoints_alternate_between_the_two_slots(region: BlockRegion) -> None:
+    st = CheckpointedStageState(b"x", region, codec="raw")
+    seen = []
+    for _ in range(4):
+        st.checkpoint()
+        seen.append(max((s for s in SlotStore(region, PCHK).scan() if s.record), key=lambda s: s.record.seq).slot)  # type: ignore[union-attr]
+    assert seen == [0, 1, 0, 1]
+
+
+def test_a_restored_stage_keeps_checkpointing_after_its_last_sequence(region: BlockRegion) -> None:
+    st = CheckpointedStageState({"i": 1}, region)
+    st.checkpoint()
+    st.checkpoint()
+    again = CheckpointedStageState.restore(region)
+    again.state = {"i": 2}
+    assert again.checkpoint(EdgeCheckpoint(5, 5)) == 3
+    assert restored(region) == ({"i": 2}, EdgeCheckpoint(5, 5))
+
+
+def test_checkpoint_without_an_edge_keeps_the_last_edge(region: BlockRegion) -> None:
+    st = CheckpointedStageState([1], region)
+    st.checkpoint(EdgeCheckpoint(3, 4))
+    st.state = [2]
+    st.checkpoint()
+    assert restored(region) == ([2], EdgeCheckpoint(3, 4))
+
+
+def test_raw_codec_round_trips_bytes_exactly(region: BlockRegion) -> None:
+    payload = os.urandom(5000)
+    CheckpointedStageState(bytearray(payload), region, codec="raw").checkpoint(EdgeCheckpoint(1, 2))
+    got = CheckpointedStageState.restore(region, codec="raw")
+    assert got.state == payload
+    assert got.codec == "raw"
+
+
+def test_state_type_decodes_into_a_typed_struct(region: BlockRegion) -> None:
+    class Acc(msgspec.Struct):
+        total: int
+        seen: list[str]
+
+    CheckpointedStageState(Acc(3, ["x"]), region).checkpoint()
+    got = CheckpointedStageState.restore(region, state_type=Acc)
+    assert got.state == Acc(3, ["x"])
+
+
+def test_a_state_that_does_not_match_state_type_raises_corrupted(region: BlockRegion) -> None:
+    CheckpointedStageState({"total": "nope"}, region).checkpoint()
+    with pytest.raises(Corrupted):
+        CheckpointedStageState.restore(region, state_type=dict[str, int])
+
+
+def test_block_store_checkpoint_survives_closing_and_reattaching(tmp_path: Path) -> None:
+    from grafos_fabric.drivers.block import BlockStore
+
+    store = BlockStore(tmp_path / "blocks")
+    region = store.lease_block(32 * 1024, ttl=30.0)
+    CheckpointedStageState({"k": "v"}, region, stage="sink").checkpoint(EdgeCheckpoint(8, 0))
+    lease_id = region.lease.id
+    region.close()
+    with store.attach(lease_id) as again:
+        assert restored(again, stage="sink") == ({"k": "v"}, EdgeCheckpoint(8, 0))
+
+
+# -- the on-block layout ---------------------------------------------------------
+
+
+def test_slot_zero_has_the_grafos_pchk_header_fields_at_offsets_0_4_8(region: BlockRegion) -> None:
+    st = CheckpointedStageState(b"hello", region, codec="raw", stage="st")
+    st.checkpoint(EdgeCheckpoint(1, 2))
+    block0 = region.read_blocks(0)
+    magic, version, data_len = struct.unpack_from("<4sIQ", block0)
+    assert (magic, version) == (b"PCHK", 2)
+    data = region.read_blocks(1, -(-data_len // region.block_size))[:data_len]
+    assert data.endswith(b"st" + b"hello")
+    assert crc32c(data) == struct.unpack_from("<I", block0, 32)[0]
+    assert crc32c(block0[:48]) == struct.unpack_from("<I", block0, 48)[0]
+    assert block0[HEADER_FIELDS:512] == bytes(512 - HEADER_FIELDS)
+
+
+def test_ordered_checkpoint_writes_data_then_sync_then_header_then_sync(region: BlockRegion) -> None:
+    rec = RecordingDevice(region)
+    CheckpointedStageState(os.urandom(3 * region.block_size), rec, codec="raw").checkpoint()
+    kinds = [(op.kind, op.lba) for op in rec.ops]
+    assert kinds[-2:] == [("write", 0), ("sync", 0)]
+    assert kinds[-3] == ("sync", 0)
+    assert all(k == "write" and lba >= 1 for k, lba in kinds[:-3])
+
+
+def test_single_sync_checkpoint_is_one_write_and_one_sync(region: BlockRegion) -> None:
+    rec = RecordingDevice(region)
+    CheckpointedStageState(os.urandom(3000), rec, codec="raw", durability="single-sync").checkpoint()
+    assert [op.kind for op in rec.ops] == ["write", "sync"]
+    assert rec.ops[0].lba == 0
+
+
+# -- bad input -------------------------------------------------------------------
+
+
+def _write_header(dev: Any, slot: int, header: bytes, data: bytes = b"") -> None:
+    store = SlotStore(dev, PCHK)
+    bs = dev.block_size
+    block = bytearray(bs)
+    block[: len(header)] = header
+    start = slot * store.slot_blocks
+    if data:
+        dev.write_blocks(start + 1, data + bytes(-len(data) % bs))
+    dev.write_blocks(start, block)
+    dev.sync()
+
+
+def _valid_header(dev: Any, slot: int, data: bytes, **over: Any) -> bytes:
+    store = SlotStore(dev, PCHK)
+    fields: dict[str, Any] = {
+        "data_len": len(data),
+        "seq": 1,
+        "tag": 0,
+        "data_crc": crc32c(data),
+        "slot": slot,
+        "block_size": dev.block_size,
+        "slot_blocks": store.slot_blocks,
+    }
+    fields.update(over)
+    fmt = over.pop("fmt", PCHK)
+    fields.pop("fmt", None)
+    return pack_header(fmt, **fields)
+
+
+def _good_envelope() -> bytes:
+    dev = MemDevice(block_size=512, nblocks=8)
+    CheckpointedStageState({"a": 1}, dev, stage="s").checkpoint(EdgeCheckpoint(1, 1))
+    return SlotStore(dev, PCHK).read().data
+
+
+def test_wrong_magic_raises_corrupted(region: BlockRegion) -> None:
+    data = _good_envelope()
+    header = bytearray(_valid_header(region, 0, data))
+    header[:4] = b"DCHK"
+    _write_header(region, 0, bytes(header), data)
+    with pytest.raises(Corrupted) as info:
+        CheckpointedStageState.restore(region)
+    assert not isinstance(info.value, NoRecord)
+    assert "magic" in str(info.value)
+
+
+def test_unknown_version_with_a_valid_checksum_raises_version_mismatch(region: BlockRegion) -> None:
+    data = _good_envelope()
+    _write_header(region, 0, _valid_header(region, 0, data, version=3), data)
+    with pytest.raises(VersionMismatch):
+        CheckpointedStageState.restore(region)
+
+
+def test_unknown_version_is_refused_even_when_the_other_slot_is_valid(region: BlockRegion) -> None:
+    CheckpointedStageState({"old": 1}, region).checkpoint()  # slot 0, seq 1
+    data = _good_envelope()
+    _write_header(region, 1, _valid_header(region, 1, data, version=9, seq=2), data)
+    with pytest.raises(VersionMismatch):
+        CheckpointedStageState.restore(region)
+
+
+def test_a_grafos_v1_pchk_without_checksum_is_refused_with_version_mismatch(region: BlockRegion) -> None:
+    data = b"postcard bytes"
+    header = struct.pack("<4sIQ", b"PCHK", 1, len(data))  # grafOS layout: padding after data_len
+    _write_header(region, 0, header, data)
+    with pytest.raises(VersionMismatch):
+        CheckpointedStageState.restore(region)
+
+
+def test_an_absurd_data_length_raises_corrupted_without_reading_it(region: BlockRegion) -> None:
+    _write_header(region, 0, _valid_header(region, 0, b"", data_len=1 << 62))
+    with pytest.raises(Corrupted) as info:
+        CheckpointedStageState.restore(region)
+    assert "length" in str(info.value)
+
+
+def test_a_header_written_for_another_geometry_raises_corrupted(tmp_path: Path) -> None:
+    path = tmp_path / "geo.img"
+    with open_block(path, create_size=SIZE) as whole:
+        CheckpointedStageState({"v": 1}, whole).checkpoint()
+        half = whole.length // 2
+    with open_block(path, length=half) as smaller, pytest.raises(Corrupted) as info:
+        CheckpointedStageState.restore(smaller)
+    assert "opened as" in str(info.value)
+
+
+def test_a_zeroed_lease_raises_no_record_and_never_a_default(region: BlockRegion) -> None:
+    with pytest.raises(NoRecord):
+        CheckpointedStageState.restore(region)
+
+
+def test_garbage_in_both_slots_raises_corrupted(region: BlockRegion) -> None:
+    region.write_blocks(0, os.urandom(region.nbytes))
+    with pytest.raises(Corrupted) as info:
+        CheckpointedStageState.restore(region)
+    assert not isinstance(info.value, NoRecord)
+
+
+def test_a_lease_of_one_block_is_too_small(tmp_path: Path) -> None:
+    with open_block(tmp_path / "tiny.img", create_size=4096, block_size=4096) as tiny:
+        assert tiny.nblocks == 1
+        with pytest.raises(CapacityExceeded):
+            CheckpointedStageState({}, tiny)
+
+
+def test_a_state_too_large_for_the_lease_raises_capacity_exceeded_before_writing(region: BlockRegion) -> None:
+    CheckpointedStageState({"keep": True}, region).checkpoint(EdgeCheckpoint(1, 1))
+    rec = RecordingDevice(region)
+    big = CheckpointedStageState(os.urandom(region.nbytes // 2), rec, codec="raw")
+    with pytest.raises(CapacityExceeded):
+        big.checkpoint(EdgeCheckpoint(2, 2))
+    assert rec.ops == []
+    assert big.edge == EdgeCheckpoint(0, 0)
+    assert restored(region) == ({"keep": True}, EdgeCheckpoint(1, 1))
+
+
+def test_a_state_that_fills_the_slot_exactly_fits(region: BlockRegion) -> None:
+    st = CheckpointedStageState(b"", region, codec="raw", stage="s")
+    overhead = 24 + 1
+    st.state = bytes(st.capacity - overhead)
+    st.checkpoint()
+    st.state = bytes(st.capacity - overhead + 1)
+    with pytest.raises(CapacityExceeded):
+        st.checkpoint()
+    assert len(CheckpointedStageState.restore(region).state) == st.capacity - overhead
+
+
+def test_an_unencodable_state_raises_a_value_error(region: BlockRegion) -> None:
+    with pytest.raises(FabricValueError):
+        CheckpointedStageState({"f": object()}, region).checkpoint()
+    with pytest.raises(FabricValueError):
+        CheckpointedStageState({"not": "bytes"}, region, codec="raw").checkpoint()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"codec": "pickle"}, {"edge": (1, 2)}, {"stage": ""}, {"durability": "fast"}],
+)
+def test_bad_constructor_arguments_raise_value_errors(region: BlockRegion, kw: dict[str, Any]) -> None:
+    with pytest.raises(FabricValueError):
+        CheckpointedStageState({}, region, **kw)
+
+
+@pytest.mark.parametrize("bad", [-1, 1 << 64, 1.5, True, None])
+def test_edge_offsets_must_be_u64(bad: object) -> None:
+    with pytest.raises(FabricValueError):
+        EdgeCheckpoint(bad, 0)  # type: ignore[arg-type]
+    with pytest.raises(FabricValueError):
+        EdgeCheckpoint(0, bad)  # type: ignore[arg-type]
+
+
+def test_restoring_with_another_stage_or_codec_is_refused(region: BlockRegion) -> None:
+    CheckpointedStageState({}, region, stage="alpha").checkpoint()
+    with pytest.raises(FabricValueError):
+        CheckpointedStageState.restore(region, stage="beta")
+    with pytest.raises(FabricValueError):
+        CheckpointedStageState.restore(region, codec="raw")
+    assert CheckpointedStageState.restore(region, stage=StageId("alpha")).stage.name == "alpha"
+
+
+# -- fail closed -------------------------------------------------------------------
+
+
+def test_checkpoint_after_the_block_lease_expires_raises_and_keeps_the_old_one(tmp_path: Path) -> None:
+    clock = ManualClock()
+    path = tmp_path / "exp.img"
+    region = open_block(path, create_size=SIZE, ttl=10.0, clock=clock)
+    st = CheckpointedStageState({"v": 1}, region)
+    st.checkpoint(EdgeCheckpoint(1, 1))
+    clock.advance(11.0)
+    st.state = {"v": 2}
+    with pytest.raises(LeaseExpired):
+        st.checkpoint(EdgeCheckpoint(2, 2))
+    assert st.edge == EdgeCheckpoint(1, 1)
+    with pytest.raises(LeaseExpired):
+        CheckpointedStageState.restore(region)
+    region.close()
+    with open_block(path) as again:
+        assert restored(again) == ({"v": 1}, EdgeCheckpoint(1, 1))
+
+
+def test_checkpoint_after_revoke_raises_revoked(region: BlockRegion) -> None:
+    st: CheckpointedStageState[dict[str, int]] = CheckpointedStageState({}, region)
+    region.lease.revoke()
+    with pytest.raises(Revoked):
+        st.checkpoint()
+
+
+# -- flush observer ---------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail = fail
+
+    def on_flush_start(self, lease_id: str) -> None:
+        self.calls.append(("start", lease_id))
+        if self.fail:
+            raise RuntimeError("observer start broke")
+
+    def on_flush_complete(self, lease_id: str) -> None:
+        self.calls.append(("complete", lease_id))
+        if self.fail:
+            raise RuntimeError("observer complete broke")
+
+
+def test_the_observer_hears_start_and_complete_exactly_once_per_checkpoint(region: BlockRegion) -> None:
+    obs = Recorder()
+    st: CheckpointedStageState[dict[str, int]] = CheckpointedStageState({}, region, observer=obs)
+    st.checkpoint()
+    st.checkpoint()
+    lid = region.lease.id
+    assert obs.calls == [("start", lid), ("complete", lid)] * 2
+
+
+def test_the_observer_hears_complete_when_the_checkpoint_fails(region: BlockRegion) -> None:
+    obs = Recorder()
+    st = CheckpointedStageState(os.urandom(region.nbytes), region, codec="raw", observer=obs, lease_id="L7")
+    with pytest.raises(CapacityExceeded):
+        st.checkpoint()
+    region.lease.revoke()
+    st.state = b"small"
+    with pytest.raises(Revoked):
+        st.checkpoint()
+    assert obs.calls == [("start", "L7"), ("complete", "L7")] * 2
+
+
+def test_an_observer_that_raises_changes_nothing_and_is_logged(
+    region: BlockRegion, caplog: pytest.LogCaptureFixture
+) -> None:
+    obs = Recorder(fail=True)
+    st: CheckpointedStageState[Any] = CheckpointedStageState({"v": 1}, region, observer=obs)
+    with caplog.at_level(logging.ERROR, logger="grafos_fabric.checkpoint"):
+        assert st.checkpoint(EdgeCheckpoint(3, 3)) == 1
+    assert restored(region) == ({"v": 1}, EdgeCheckpoint(3, 3))
+    assert "observer" in caplog.text
+    st.state = os.urandom(region.nbytes)
+    st.codec = "raw"
+    with pytest.raises(CapacityExceeded):
+        st.checkpoint()
+    assert [c[0] for c in obs.calls] == ["start", "complete", "start", "complete"]
+
+
+# -- torn writes and bit flips -----------------------------------------------------
+
+
+def _stream(dev: Any, history: int, new_state: bytes, durability: str) -> tuple[bytes, list[tuple[int, bytes]], Any]:
+    """Write ``history`` real checkpoints, then record (not apply) one more.
+
+    Returns the image before the recorded one, its sector writes, and the previous (state, edge).
+    """
+    st = CheckpointedStageState(b"", dev, codec="raw", stage="torn", durability=durability)  # type: ignore[arg-type]
+    for h in range(history):
+        st.state = bytes([h + 1]) * (300 + 700 * h)
+        st.checkpoint(EdgeCheckpoint(h + 1, h + 1))
+    prev = restored(dev)
+    image = snapshot(dev)
+    rec = RecordingDevice(dev)
+    nxt = CheckpointedStageState.restore(rec, durability=durability)  # type: ignore[arg-type]
+    nxt.state = new_state
+    nxt.checkpoint(EdgeCheckpoint(99, 98))
+    return image, sectors(rec.ops, dev.block_size), prev
+
+
+def _expect_new(image: bytes, secs: list[tuple[int, bytes]], applied: set[int], dev: Any) -> bool:
+    """Whether the new record is complete on disk: its header sector and every changed data sector landed."""
+    slot_bytes = SlotStore(dev, PCHK).slot_blocks * dev.block_size
+    header_offsets = {0, slot_bytes}
+    for i, (off, data) in enumerate(secs):
+        if off in header_offsets:
+            if i not in applied:
+                return False
+        elif i not in applied and image[off : off + len(data)] != data:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("durability", ["ordered", "single-sync"])
+@pytest.mark.parametrize("history", [1, 2])
+@pytest.mark.parametrize("nbytes", [100, 4000, 20000])
+def test_a_torn_write_at_every_sector_boundary_restores_the_previous_checkpoint(
+    region: BlockRegion, durability: str, history: int, nbytes: int
+) -> None:
+    new_state = os.urandom(nbytes)
+    image, secs, prev = _stream(region, history, new_state, durability)
+    for cut in range(len(secs) + 1):
+        apply_sectors(region, image, secs[:cut])
+        got = restored(region)
+        if _expect_new(image, secs, set(range(cut)), region):
+            assert got == (new_state, EdgeCheckpoint(99, 98)), f"cut {cut}/{len(secs)}"
+        else:
+            assert got == prev, f"cut {cut}/{len(secs)}: expected the previous checkpoint"
+    assert cut == len(secs) and got[0] == new_state  # the full write is the new checkpoint
+
+
+@pytest.mark.parametrize("durability", ["ordered", "single-sync"])
+def test_a_write_torn_in_any_sector_order_restores_the_previous_checkpoint(
+    region: BlockRegion, durability: str
+) -> None:
+    rng = random.Random(1234)
+    new_state = os.urandom(9000)
+    image, secs, prev = _stream(region, 2, new_state, durability)
+    header_idx = {
+        i for i, (off, _) in enumerate(secs) if off % (SlotStore(region, PCHK).slot_blocks * region.block_size) == 0
+    }
+    data_idx = [i for i in range(len(secs)) if i not in header_idx]
+    for _ in range(60):
+        if durability == "ordered":  # before the first sync only data sectors can land, in any order
+            chosen = set(rng.sample(data_idx, rng.randrange(len(data_idx))))
+        else:  # one request: any subset, the header included
+            chosen = set(rng.sample(range(len(secs)), rng.randrange(len(secs))))
+        apply_sectors(region, image, [secs[i] for i in sorted(chosen)])
+        got = restored(region)
+        expect_new = _expect_new(image, secs, chosen, region)
+        assert got == ((new_state, EdgeCheckpoint(99, 98)) if expect_new else prev)
+
+
+def _flip(dev: Any, byte_offset: int, bit: int) -> None:
+    bs = dev.block_size
+    lba = byte_offset // bs
+    block = bytearray(dev.read_blocks(lba))
+    block[byte_offset % bs] ^= 1 << bit
+    dev.write_blocks(lba, block)
+
+
+def test_random_bit_flips_in_the_newest_checkpoint_restore_the_previous_one(region: BlockRegion) -> None:
+    rng = random.Random(42)
+    st = CheckpointedStageState({"gen": 1, "pad": b"a" * 3000}, region)
+    st.checkpoint(EdgeCheckpoint(1, 1))
+    prev = restored(region)
+    st.state = {"gen": 2, "pad": b"b" * 6000}
+    st.checkpoint(EdgeCheckpoint(2, 2))
+    newest = SlotStore(region, PCHK).read()
+    slot_off = newest.slot * SlotStore(region, PCHK).slot_blocks * region.block_size
+    data_off = slot_off + region.block_size
+    targets = [(slot_off + b, bit) for b in range(48) for bit in range(8)]  # every header bit under the CRC
+    targets += [(data_off + rng.randrange(len(newest.data)), rng.randrange(8)) for _ in range(120)]
+    for off, bit in targets:
+        _flip(region, off, bit)
+        assert restored(region) == prev, f"flip at byte {off} bit {bit}"
+        _flip(region, off, bit)
+    for _ in range(40):  # several bits at once
+        flips = [(data_off + rng.randrange(len(newest.data)), rng.randrange(8)) for _ in range(rng.randint(2, 8))]
+        flips = list(dict.fromkeys(flips))
+        for off, bit in flips:
+            _flip(region, off, bit)
+        assert restored(region) == prev
+        for off, bit in flips:
+            _flip(region, off, bit)
+    assert restored(region)[1] == EdgeCheckpoint(2, 2)
+
+
+def test_bit_flips_in_the_older_slot_leave_the_newest_checkpoint(region: BlockRegion) -> None:
+    rng = random.Random(7)
+    st = CheckpointedStageState({"v": 1}, region)
+    st.checkpoint(EdgeCheckpoint(1, 1))
+    st.state = {"v": 2}
+    st.checkpoint(EdgeCheckpoint(2, 2))
+    older = SlotStore(region, PCHK).slot_blocks * region.block_size * 0  # slot 0 holds seq 1
+    for _ in range(60):
+        off, bit = older + rng.randrange(48), rng.randrange(8)
+        _flip(region, off, bit)
+        assert restored(region) == ({"v": 2}, EdgeCheckpoint(2, 2))
+        _flip(region, off, bit)
+
+
+def test_after_falling_back_the_next_checkpoint_replaces_the_damaged_slot(region: BlockRegion) -> None:
+    st = CheckpointedStageState({"v": 1}, region)
+    st.checkpoint()
+    st.state = {"v": 2}
+    st.checkpoint()
+    slot1 = SlotStore(region, PCHK).slot_blocks * region.block_size
+    _flip(region, slot1 + 20, 3)  # damage the newest (slot 1) header
+    back = CheckpointedStageState.restore(region)
+    assert back.state == {"v": 1}
+    back.state = {"v": 3}
+    back.checkpoint(EdgeCheckpoint(3, 3))
+    assert restored(region) == ({"v": 3}, EdgeCheckpoint(3, 3))
+    assert [s.state for s in SlotStore(region, PCHK).scan()] == ["valid", "valid"]
+
+
+# -- kill -9 while checkpointing -------------------------------------------------------
+
+CHILD = r"""
+import sys
+from grafos_fabric.drivers.block import open_block
+from grafos_fabric.checkpoint import CheckpointedStageState, EdgeCheckpoint
+from grafos_fabric.errors import NoRecord
+
+region = open_block(sys.argv[1])
+try:
+    st = CheckpointedStageState.restore(region, stage="victim")
+    i = st.state["i"]
+except NoRecord:
+    st = CheckpointedStageState({"i": 0, "blob": b""}, region, stage="victim")
+    i = 0
+print("start", i, flush=True)
+while True:
+    i += 1
+    st.state = {"i": i, "blob": bytes([i % 251]) * (500 + (i * 997) % 12000)}
+    st.checkpoint(EdgeCheckpoint(i, 2 * i))
+    print("done", i, flush=True)
+"""
+
+
+def _kill_loop(path: Path, rounds: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    restored_at: list[int] = []
+    for _ in range(rounds):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout is not None
+        first = proc.stdout.readline().split()
+        assert first and first[0] == "start", f"child failed to start: {first}"
+        start = int(first[1])
+        time.sleep(rng.uniform(0.0, 0.03))
+        os.kill(proc.pid, signal.SIGKILL)
+        rest = proc.stdout.read().split("\n")
+        proc.wait()
+        proc.stdout.close()
+        done = [int(line.split()[1]) for line in rest if line.startswith("done")]
+        last_done = done[-1] if done else start
+        with open_block(path) as region:
+            got = CheckpointedStageState.restore(region, stage="victim")
+        i = got.state["i"]
+        # the newest completed checkpoint, or the one whose "done" the kill cut off
+        assert i in (last_done, last_done + 1), f"restored {i}, last completed {last_done}"
+        assert got.edge == EdgeCheckpoint(i, 2 * i)
+        assert got.state["blob"] == bytes([i % 251]) * (500 + (i * 997) % 12000)
+        restored_at.append(i)
+    return restored_at
+
+
+def test_kill_9_while_checkpointing_restores_a_checkpoint_the_process_completed(tmp_path: Path) -> None:
+    path = tmp_path / "victim.img"
+    open_block(path, create_size=SIZE).close()
+    progress = _kill_loop(path, rounds=4, seed=1)
+    assert progress == sorted(progress)
+
+
+@pytest.mark.stress
+def test_kill_9_loop_stress_always_restores_a_completed_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "victim.img"
+    open_block(path, create_size=SIZE).close()
+    deadline = time.monotonic() + 15.0
+    rounds = 0
+    while rounds < 40 and time.monotonic() < deadline:
+        _kill_loop(path, rounds=5, seed=rounds)
+        rounds += 5
+    assert rounds >= 5
