@@ -58,16 +58,20 @@ PREFIX_SIZE = _PREFIX.size
 
 # flock is per open file description: two writers sharing one region object (one
 # fd) in two threads would both "hold" it. A per-region thread lock covers that.
-_THREAD_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+# Keyed by id(): devices need not be hashable; the entry goes when the device does.
+_THREAD_LOCKS: dict[int, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
 
 
 def _thread_lock(dev: Any) -> threading.Lock:
+    key = id(dev)
     with _THREAD_LOCKS_GUARD:
-        lock = _THREAD_LOCKS.get(dev)
+        lock = _THREAD_LOCKS.get(key)
         if lock is None:
             lock = threading.Lock()
-            _THREAD_LOCKS[dev] = lock
+            _THREAD_LOCKS[key] = lock
+            with contextlib.suppress(TypeError):  # not weak-referenceable: the entry stays
+                weakref.finalize(dev, _THREAD_LOCKS.pop, key, None)
         return lock
 
 
