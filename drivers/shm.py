@@ -276,7 +276,7 @@ class ShmFabric:
         now = self.clock.now_ns()
         ttl_ns = int(ttl * NS)
         seg = ffi.from_buffer(mm)
-        generation = int.from_bytes(lease_bytes[8:14], "little") or 1
+        generation = self._next_generation()
         lib.gf_segment_init(seg, size, lease_bytes, generation, ttl_ns, now, now + ttl_ns, os.getpid())
         del seg
         lease = Lease(
@@ -343,6 +343,21 @@ class ShmFabric:
         except FileNotFoundError:
             pass
         log.debug("freed lease %s", lease.id)
+
+    def _next_generation(self) -> int:
+        """The namespace's lease generation counter (a shared word that only grows)."""
+        path = os.path.join(SHM_DIR, f"grafos-gen.{self.namespace}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 4096)
+            with mmap.mmap(fd, 4096) as mm:
+                word = ffi.from_buffer(mm)
+                gen = int(lib.gf_faa_at(word, 0, 1)) + 1
+                del word
+        finally:
+            os.close(fd)
+        return gen
 
     # -- reaping -------------------------------------------------------------------
     def segments(self) -> list[str]:

@@ -21,7 +21,7 @@ QUEUE_MODES = ["mapped"]
 def _cleanup(namespace: str) -> None:
     prefix = f"grafos.{namespace}."
     for name in os.listdir(SHM_DIR):
-        if name.startswith(prefix):
+        if name.startswith(prefix) or name == f"grafos-gen.{namespace}":
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:

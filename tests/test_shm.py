@@ -238,3 +238,10 @@ def test_shm_namespaces_are_isolated(namespace):
     region = a.alloc(4096, ttl=5)
     assert any(region.name in p for p in a.segments())
     assert not any(region.name in p for p in b.segments())
+
+
+def test_lease_generations_grow_within_a_namespace_and_are_seen_by_attachers(fabric):
+    a = fabric.alloc(4096, ttl=5)
+    b = fabric.alloc(4096, ttl=5)
+    assert b.lease.generation == a.lease.generation + 1
+    assert fabric.attach(b.ref()).lease.generation == b.lease.generation

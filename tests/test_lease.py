@@ -1,0 +1,154 @@
+"""Leases: TTL, renewal, fail-closed expiry, revocation, renewal policy."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import grafos_fabric as gf
+from grafos_fabric import errors as E
+from grafos_fabric.lease import (
+    NS,
+    BackgroundRenewer,
+    Lease,
+    LocalLeaseCell,
+    ManualClock,
+    RenewalManager,
+    RenewalPolicy,
+)
+
+
+def make_lease(clock: ManualClock, ttl: float = 10.0, lease_id: str = "abc") -> Lease:
+    return Lease(lease_id, ttl=ttl, generation=1, cell=LocalLeaseCell(clock.now_ns() + int(ttl * NS)), clock=clock)
+
+
+def test_lease_is_live_until_its_deadline_and_expired_at_it():
+    clock = ManualClock()
+    lease = make_lease(clock)
+    clock.advance(9.999999)
+    lease.check()
+    assert lease.remaining() == pytest.approx(1e-6, abs=1e-7)
+    clock.advance(0.000001)
+    assert lease.expired
+    with pytest.raises(E.LeaseExpired):
+        lease.check()
+
+
+def test_renew_extends_from_now_and_can_change_the_ttl():
+    clock = ManualClock()
+    lease = make_lease(clock)
+    clock.advance(5)
+    lease.renew()
+    assert lease.remaining() == pytest.approx(10)
+    lease.renew(ttl=2)
+    assert lease.remaining() == pytest.approx(2)
+    assert lease.ttl == 2
+
+
+def test_expired_lease_cannot_be_renewed():
+    clock = ManualClock()
+    lease = make_lease(clock)
+    clock.advance(11)
+    with pytest.raises(E.LeaseExpired):
+        lease.renew()
+
+
+def test_revoked_lease_raises_revoked_before_expired_and_stays_revoked():
+    clock = ManualClock()
+    lease = make_lease(clock)
+    lease.revoke()
+    lease.revoke()
+    with pytest.raises(E.Revoked):
+        lease.check()
+    clock.advance(100)
+    with pytest.raises(E.Revoked):
+        lease.check()
+    with pytest.raises(E.Revoked):
+        lease.renew()
+
+
+def test_status_codes_match_grafos():
+    assert E.Disconnected.code == -1
+    assert E.LeaseExpired.code == -2
+    assert E.Fenced.code == -3
+    assert E.CapacityExceeded.code == -4
+    assert E.Unsupported.code == -5
+    assert E.Revoked.code == -6
+    assert isinstance(E.from_status(-6), E.Revoked)
+    assert E.from_status(-77).code == -77
+    assert issubclass(E.FabricValueError, ValueError)
+    assert issubclass(E.StaleEpoch, E.FabricError)
+
+
+def test_renewal_policy_is_due_at_three_quarters_with_deterministic_jitter():
+    policy = RenewalPolicy()
+    due_a = policy.renewal_deadline_ns(0, 100 * NS, "lease-a")
+    assert due_a == policy.renewal_deadline_ns(0, 100 * NS, "lease-a")
+    for lid in ("a", "b", "c", "d", "e"):
+        due = policy.renewal_deadline_ns(0, 100 * NS, lid)
+        assert 65 * NS <= due <= 85 * NS
+    assert len({policy.renewal_deadline_ns(0, 100 * NS, x) for x in "abcdef"}) > 1
+
+
+def test_renewal_policy_rejects_nonsense():
+    with pytest.raises(E.FabricValueError):
+        RenewalPolicy(renew_at_fraction=1.5)
+    with pytest.raises(E.FabricValueError):
+        RenewalPolicy(jitter_fraction=0.5)
+
+
+def test_backoff_doubles_and_is_capped():
+    policy = RenewalPolicy(initial_backoff_secs=0.1, max_backoff_secs=1.0)
+    assert [policy.backoff(n) for n in (1, 2, 3, 4, 5, 6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_manager_renews_only_when_due_and_drops_revoked_leases():
+    clock = ManualClock()
+    mgr = RenewalManager(RenewalPolicy(jitter_fraction=0.0), clock=clock)
+    a = make_lease(clock, lease_id="a")
+    b = make_lease(clock, lease_id="b")
+    mgr.track(a)
+    mgr.track(b)
+    clock.advance(7)
+    assert mgr.tick() == []
+    b.revoke()
+    clock.advance(0.6)
+    assert mgr.tick() == [a]
+    assert a.remaining() == pytest.approx(10)
+    clock.advance(8)
+    assert mgr.tick() == [a]  # b is no longer tracked
+
+
+class _FlakyCell(LocalLeaseCell):
+    def __init__(self, deadline_ns: int, failures: int) -> None:
+        super().__init__(deadline_ns)
+        self.failures = failures
+
+    def store_deadline_ns(self, deadline_ns: int) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise E.Disconnected("control plane unreachable")
+        super().store_deadline_ns(deadline_ns)
+
+
+def test_manager_backs_off_after_a_failed_renewal_and_retries():
+    clock = ManualClock()
+    mgr = RenewalManager(RenewalPolicy(jitter_fraction=0.0, initial_backoff_secs=0.5), clock=clock)
+    lease = Lease("f", ttl=10, generation=1, cell=_FlakyCell(clock.now_ns() + 10 * NS, 1), clock=clock)
+    mgr.track(lease)
+    clock.advance(7.6)
+    assert mgr.tick() == []
+    clock.advance(0.4)
+    assert mgr.tick() == []  # still backing off
+    clock.advance(0.2)
+    assert mgr.tick() == [lease]
+
+
+def test_background_renewer_keeps_a_shared_memory_lease_alive(fabric):
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=0.3)
+    with BackgroundRenewer(poll=0.01) as renewer:
+        renewer.manager.track(q.lease)
+        time.sleep(0.8)
+        q.push(b"still alive after more than two TTLs")
+    assert q.pop(timeout=1).tobytes().startswith(b"still alive")
