@@ -95,6 +95,31 @@ def _dtype_from_str(text: str) -> np.dtype[Any] | None:
         raise E.Corrupted(f"bad dtype in queue header: {text!r}") from exc
 
 
+def _ring_geometry(
+    capacity: Any, max_item: Any, epoch: Any, first_seq: Any, dtype: Any
+) -> tuple[int, int, np.dtype[Any] | None, str]:
+    """Validate ``create`` arguments: ``(capacity rounded up, max_item, dtype, dtype text)``.
+
+    Shared by the mapped and the one-sided ``create`` so both build the same ring."""
+    if not isinstance(capacity, int) or isinstance(capacity, bool):
+        raise E.FabricValueError(f"capacity must be an int number of bytes, got {capacity!r}")
+    if capacity <= 0 or capacity > MAX_CAPACITY:
+        raise E.FabricValueError(f"capacity must be in (0, {MAX_CAPACITY}] bytes, got {capacity}")
+    cap = max(MIN_CAPACITY, _next_pow2(capacity))
+    biggest = cap // 2 - RECORD_HEADER
+    if max_item is None:
+        max_item = biggest
+    elif not isinstance(max_item, int) or isinstance(max_item, bool) or not 0 < max_item <= biggest:
+        raise E.FabricValueError(f"max_item must be an int in (0, {biggest}] for a {cap}-byte ring")
+    if not isinstance(epoch, int) or epoch < 0 or not isinstance(first_seq, int) or first_seq < 0:
+        raise E.FabricValueError("epoch and first_seq must be non-negative ints")
+    dt = None if dtype is None else np.dtype(dtype)
+    dtext = "" if dt is None else _dtype_to_str(dt)
+    if dt is not None and max_item < dt.itemsize:
+        raise E.FabricValueError(f"max_item {max_item} is smaller than one {dt} element")
+    return cap, max_item, dt, dtext
+
+
 class Item:
     """One popped item: ``seq``, ``len()``, ``np.asarray(item)`` (a zero-copy view)."""
 
@@ -358,23 +383,8 @@ class FabricQueue:
         ring less a record header). With ``dtype``, items are arrays of that
         dtype: pushes must match it and pops come out in it.
         """
-        if not isinstance(capacity, int) or isinstance(capacity, bool):
-            raise E.FabricValueError(f"capacity must be an int number of bytes, got {capacity!r}")
-        if capacity <= 0 or capacity > MAX_CAPACITY:
-            raise E.FabricValueError(f"capacity must be in (0, {MAX_CAPACITY}] bytes, got {capacity}")
-        cap = max(MIN_CAPACITY, _next_pow2(capacity))
-        biggest = cap // 2 - RECORD_HEADER
-        if max_item is None:
-            max_item = biggest
-        elif not isinstance(max_item, int) or isinstance(max_item, bool) or not 0 < max_item <= biggest:
-            raise E.FabricValueError(f"max_item must be an int in (0, {biggest}] for a {cap}-byte ring")
-        if not isinstance(epoch, int) or epoch < 0 or not isinstance(first_seq, int) or first_seq < 0:
-            raise E.FabricValueError("epoch and first_seq must be non-negative ints")
+        cap, max_item, dt, dtext = _ring_geometry(capacity, max_item, epoch, first_seq, dtype)
         ttl = check_ttl(ttl)
-        dt = None if dtype is None else np.dtype(dtype)
-        dtext = "" if dt is None else _dtype_to_str(dt)
-        if dt is not None and max_item < dt.itemsize:
-            raise E.FabricValueError(f"max_item {max_item} is smaller than one {dt} element")
         region = fabric.alloc(RING_HEADER + cap, ttl)
         raw = dtext.encode("ascii")
         rc = lib.gf_ring_init(
