@@ -383,7 +383,7 @@ class FabricQueue:
         ring less a record header). With ``dtype``, items are arrays of that
         dtype: pushes must match it and pops come out in it.
         """
-        cap, max_item, dt, dtext = _ring_geometry(capacity, max_item, epoch, first_seq, dtype)
+        cap, max_item, _dt, dtext = _ring_geometry(capacity, max_item, epoch, first_seq, dtype)
         ttl = check_ttl(ttl)
         region = fabric.alloc(RING_HEADER + cap, ttl)
         raw = dtext.encode("ascii")
