@@ -75,6 +75,7 @@ from grafos_fabric.errors import (
     FabricError,
     FabricValueError,
     LeaseExpired,
+    QueueClosed,
     Revoked,
     Unsupported,
     VersionMismatch,
@@ -772,9 +773,13 @@ class _PinnedMemory:
         return memoryview(self.mm)
 
     def close(self) -> None:
+        """Unmap (after deregistration). Views still held keep the pages until they go."""
         if self._anchor is not None:
             self._anchor = None
-            self.mm.close()
+            try:
+                self.mm.close()
+            except BufferError:
+                log.warning("memory at %#x is still viewed; it is unmapped when the last view goes", self.addr)
 
 
 @dataclass(frozen=True)
@@ -1402,10 +1407,14 @@ class _NodeConnection:
             self.atomics = f"atomic probe returned {old:#x}, expected {PROBE_WORD:#x}"
 
     # -- operations ------------------------------------------------------------
-    def _execute(self, wr: Any, op: str, cell: RemoteLeaseCell | None) -> None:
-        if self._broken:
+    def _ready(self) -> None:
+        """Rebuild the QP if the last operation broke it. Call before taking WRs from the cache
+        (the rebuild closes them)."""
+        if self._broken or self.qp is None:
             self._reset_qp()
-        assert self.qp is not None
+
+    def _execute(self, wr: Any, op: str, cell: RemoteLeaseCell | None) -> None:
+        assert self.qp is not None and not self._broken
         wr_id = next(self._wr_ids)
         wr.wr_id = wr_id
         from pyverbs.pyverbs_error import PyverbsError
@@ -1436,6 +1445,7 @@ class _NodeConnection:
         if n == 0:
             return
         with self._lock:
+            self._ready()
             addr = _buffer_address(mv)
             local = self.fabric._local_buffer_for(addr, n)
             if local is not None:
@@ -1444,14 +1454,14 @@ class _NodeConnection:
             staging = self.staging
             assert staging is not None
             step = staging.nbytes
-            sview = staging.view()
-            for pos in range(0, n, step):
-                k = min(step, n - pos)
-                if write:
-                    sview[:k] = mv[pos : pos + k]
-                self._rdma_chunk(build, opcode, op, staging.addr, k, staging.lkey, remote_addr + pos, rkey, cell)
-                if not write:
-                    mv[pos : pos + k] = sview[:k]
+            with staging.view() as sview:  # released at once: a live export would block unmapping
+                for pos in range(0, n, step):
+                    k = min(step, n - pos)
+                    if write:
+                        sview[:k] = mv[pos : pos + k]
+                    self._rdma_chunk(build, opcode, op, staging.addr, k, staging.lkey, remote_addr + pos, rkey, cell)
+                    if not write:
+                        mv[pos : pos + k] = sview[:k]
 
     def _rdma_chunk(
         self, build: Any, opcode: int, op: str, laddr: int, n: int, lkey: int, raddr: int, rkey: int,
@@ -1468,6 +1478,7 @@ class _NodeConnection:
         if self.atomics is not None and not raw:
             raise Unsupported(f"{op}: atomics unavailable towards {self.host}:{self.port}: {self.atomics}")
         with self._lock:
+            self._ready()
             scratch = self.scratch
             assert scratch is not None
             _check_atomic_addr(remote_addr)
@@ -1536,21 +1547,23 @@ class VerbsRegion:
         raise Unsupported("a verbs region is not mapped into this process; use the one-sided operations")
 
     def _check(self, offset: int, length: int) -> None:
+        """Closed -> ``QueueClosed``; lease -> ``LeaseExpired``/``Revoked``; range -> ``CapacityExceeded``."""
         if self._closed:
-            raise FabricValueError("the region is closed")
-        if offset < 0 or length < 0 or offset + length > self.nbytes:
-            raise FabricValueError(f"[{offset}, {offset + length}) is outside the region of {self.nbytes} bytes")
+            raise QueueClosed(f"region {self.lease.id} is closed")
         self.lease.check()
+        if offset < 0 or length < 0 or offset + length > self.nbytes:
+            raise CapacityExceeded(f"[{offset}, {offset + length}) is outside the region's {self.nbytes} bytes")
 
     def _check_word(self, offset: int) -> None:
         if offset % 8:
-            raise FabricValueError(f"offset {offset} is not 8-byte aligned")
+            raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {offset}")
         self._check(offset, 8)
 
     def read_into(self, offset: int, buf: Buffer) -> None:
         mv = _byte_view(buf, writable=True)
         self._check(offset, mv.nbytes)
         self.conn.rdma(False, self.remote_addr + offset, self.rkey, mv, self.cell)
+        self.lease.check()  # fail closed: bytes read across an expiry are not returned
 
     def write(self, offset: int, buf: Buffer) -> None:
         mv = _byte_view(buf, writable=False)
@@ -1573,6 +1586,7 @@ class VerbsRegion:
         self._check_word(offset)
         out = bytearray(8)
         self.conn.rdma(False, self.remote_addr + offset, self.rkey, memoryview(out), self.cell)
+        self.lease.check()
         return int.from_bytes(out, "little")
 
     def store64(self, offset: int, value: int) -> None:
@@ -1586,7 +1600,7 @@ class VerbsRegion:
         self.lease.check()
 
     def close(self) -> None:
-        """Forget the region (the lease stays until freed or expired). Idempotent."""
+        """Detach (the lease stays until freed or expired); later calls raise ``QueueClosed``. Idempotent."""
         self._closed = True
 
 
@@ -1748,23 +1762,24 @@ class VerbsFabric:
         lease.free()
 
     def _release(self, lease: Lease) -> None:
+        """``Lease.free`` lands here: free on the node; the regions keep failing closed (``LeaseExpired``)."""
         with self._lock:
             regions = [r for r in self._regions if r.lease.id == lease.id]
         cell = regions[0].cell if regions else None
         if cell is not None and cell.load_state() == LeaseState.ACTIVE:
             cell.store_state(LeaseState.FREED)
-        for r in regions:
-            r.close()
         with self._lock:
             self._regions = [r for r in self._regions if r.lease.id != lease.id]
 
     def reap(self) -> int:
-        """Forget (close) this client's regions whose leases are no longer live; returns how many."""
+        """Forget this client's regions whose leases are no longer live; returns how many.
+
+        The memory itself is reclaimed by the node (its reaper deregisters and
+        frees expired leases); forgotten regions keep failing closed.
+        """
         with self._lock:
             dead = [r for r in self._regions if not r.lease.live]
             self._regions = [r for r in self._regions if r.lease.live]
-        for r in dead:
-            r.close()
         return len(dead)
 
     def register(self, nbytes: int) -> LocalBuffer:

@@ -31,7 +31,15 @@ import pytest
 from grafos_fabric.drivers import verbs
 from grafos_fabric.drivers._verbs_compat import probe
 
-from grafos_fabric.errors import Disconnected, FabricValueError, LeaseExpired, Revoked, Unsupported
+from grafos_fabric.errors import (
+    CapacityExceeded,
+    Disconnected,
+    FabricValueError,
+    LeaseExpired,
+    QueueClosed,
+    Revoked,
+    Unsupported,
+)
 
 DEVICE = os.environ.get("GRAFOS_RDMA_DEVICE") or None
 IB_PORT = int(os.environ.get("GRAFOS_RDMA_IB_PORT", "1"))
@@ -215,14 +223,16 @@ def test_a_second_client_attaches_by_ref_and_sees_the_bytes(node, fabric):
 
 def test_out_of_bounds_and_misaligned_operations_are_refused_before_posting(fabric):
     region = fabric.alloc(64, ttl=30.0)
-    with pytest.raises(FabricValueError):
+    with pytest.raises(CapacityExceeded):
         region.write(60, b"12345")
-    with pytest.raises(FabricValueError):
+    with pytest.raises(CapacityExceeded):
         region.read_into(-1, bytearray(1))
-    with pytest.raises(FabricValueError):
+    with pytest.raises(CapacityExceeded):
+        region.cas64(64, 0, 1)
+    with pytest.raises(FabricValueError, match="aligned"):
         region.load64(4)
-    with pytest.raises(FabricValueError):
-        region.cas64(60, 0, 1)
+    with pytest.raises(FabricValueError, match="writable"):
+        region.read_into(0, b"read-only")
 
 
 def test_a_verbs_region_is_never_mapped(fabric):
@@ -294,8 +304,11 @@ def test_reap_forgets_the_regions_whose_leases_ended(fabric):
     gone = fabric.alloc(64, ttl=30.0)
     gone.lease.revoke()
     assert fabric.reap() == 1
+    assert fabric.reap() == 0
     keep.store64(0, 7)
     assert keep.load64(0) == 7
+    with pytest.raises(Revoked):
+        gone.load64(0)
 
 
 def test_close_releases_everything_and_is_idempotent(node):
@@ -304,7 +317,7 @@ def test_close_releases_everything_and_is_idempotent(node):
     f.register(4096)
     f.close()
     f.close()
-    with pytest.raises(FabricValueError):
+    with pytest.raises(QueueClosed):
         region.write(0, b"x")
 
 
