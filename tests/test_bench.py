@@ -26,7 +26,7 @@ def _fabric_available() -> bool:
 
 def _run_bench(*args: str, timeout: float = 120.0) -> tuple[dict[str, Any], str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "grafos_fabric.tools.bench", "--json", "-", *args],
+        [sys.executable, "-m", "grafos_fabric.tools.bench", "--json", "-", "--repeat", "1", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -7,6 +7,8 @@ and reserve/commit (zero-copy production). In the same run, and with the same
 payloads, consumer work and buffering, it measures:
 
 * ``np.copyto`` of one item, in one process: the memcpy ceiling;
+* ``shm_pipe``: a bare two-process pipeline (numpy slots in shared memory,
+  no framing, spinning counters), the cost of moving bytes between cores;
 * ``multiprocessing.Queue`` (put/get; batched: a list per put);
 * ``faster-fifo`` (put/get; put_many/get_many), when installed;
 * ``pyzmq`` PUSH/PULL over ``ipc://`` (send/recv; send_multipart), when installed;
@@ -38,7 +40,15 @@ from typing import Any
 
 from grafos_fabric.tools import bench_report
 from grafos_fabric.tools.bench_runner import COPYTO_DESCRIPTION, CaseResult, get_context, run_copyto, run_pair
-from grafos_fabric.tools.bench_transports import PEERS, TRANSPORTS, CaseSpec, FabricTransport, Transport, fmt_size
+from grafos_fabric.tools.bench_transports import (
+    CEILINGS,
+    PEERS,
+    TRANSPORTS,
+    CaseSpec,
+    FabricTransport,
+    Transport,
+    fmt_size,
+)
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -49,7 +59,7 @@ DEFAULT_SIZES = (64, 4096, 1 << 20)
 QUEUE_CASES = ("single", "batch", "reserve")
 EXTRA_CASES = ("checkpoint", "relocation")
 ALL_CASES = QUEUE_CASES + EXTRA_CASES
-BASELINES = (*PEERS, "copyto")
+BASELINES = (*PEERS, *CEILINGS)
 DRIVERS = ("shm",)
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "mb": 1 << 20}
@@ -108,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(BASELINES),
         metavar="LIST",
         help=f"what to compare against: {', '.join(BASELINES)}, or none (default: all that are installed)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        metavar="N",
+        help="rounds over all cases; each case reports its best round (default 2)",
     )
     p.add_argument("--driver", choices=DRIVERS, default="shm", help="fabric driver (default shm)")
     p.add_argument("--json", metavar="PATH|-", help="write the results as JSON to PATH, or stdout with -")
@@ -232,6 +249,7 @@ class Bench:
         self.extra: dict[str, list[dict[str, Any]]] = {}
         self.peers = [p for p in args.peers if p in PEERS and self._usable(p)]
         self.copyto = "copyto" in args.peers
+        self.pipe = "shm_pipe" in args.peers and self._usable("shm_pipe")
         self.fabric_modes = [m for m in QUEUE_CASES if m in args.cases]
         if self.fabric_modes and not self._usable("fabric"):
             self.fabric_modes = []
@@ -243,11 +261,13 @@ class Bench:
         return why is None
 
     def plan(self) -> list[CaseSpec | str]:
-        """The queue cases in order (per size: copyto, fabric, peers), then the extra case names."""
+        """The queue cases in order (per size: ceilings, fabric, peers), then the extra case names."""
         plan: list[CaseSpec | str] = []
         for size in self.args.sizes:
             if self.copyto:
                 plan.append(make_spec(self.args, "copyto", "copy", size))
+            if self.pipe:
+                plan.append(make_spec(self.args, "shm_pipe", "pipe", size))
             plan += [make_spec(self.args, "fabric", m, size) for m in self.fabric_modes]
             for peer in self.peers:
                 plan += [make_spec(self.args, peer, m, size) for m in TRANSPORTS[peer].modes]
@@ -261,9 +281,11 @@ class Bench:
             "command": " ".join(["grafos-bench", *sys.argv[1:]]),
             "driver": self.args.driver,
             "duration": self.args.duration,
+            "repeat": self.args.repeat,
             "sizes": list(self.args.sizes),
             "cases": list(self.args.cases),
-            "peers": list(self.peers) + (["copyto"] if self.copyto else []),
+            "peers": list(self.peers),
+            "ceilings": self.ceilings(),
             "start_method": self.ctx.get_start_method(),
             "pinned": bool(self.args.pin),
             "cpus": len(affinity) or os.cpu_count(),
@@ -278,10 +300,16 @@ class Bench:
         }
 
     def baselines(self) -> dict[str, str]:
-        out = {name: TRANSPORTS[name].description for name in ["fabric", *self.peers]}
+        names = (["fabric"] if self.fabric_modes else []) + self.peers
+        out = {name: TRANSPORTS[name].description for name in names}
         if self.copyto:
             out["copyto"] = COPYTO_DESCRIPTION
+        if self.pipe:
+            out["shm_pipe"] = TRANSPORTS["shm_pipe"].description
         return out
+
+    def ceilings(self) -> list[str]:
+        return (["copyto"] if self.copyto else []) + (["shm_pipe"] if self.pipe else [])
 
     def run(self) -> int:
         args = self.args
@@ -290,7 +318,7 @@ class Bench:
         fabric = FabricTransport()
         FabricTransport.url = f"{args.driver}://bench-{os.getpid()}"
         transports: dict[str, Transport] = {"fabric": fabric}
-        transports.update({p: TRANSPORTS[p]() for p in self.peers})
+        transports.update({p: TRANSPORTS[p]() for p in [*self.peers, "shm_pipe"]})
         progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description:<34}"),
@@ -300,28 +328,45 @@ class Bench:
             console=self.console,
             transient=True,
         )
+        queue_cases = [c for c in plan if isinstance(c, CaseSpec)]
+        extras = [c for c in plan if isinstance(c, str)]
+        best: dict[str, CaseResult] = {}
         try:
             with progress:
-                task = progress.add_task("starting", total=len(plan))
-                for item in plan:
-                    if isinstance(item, str):
-                        progress.update(task, description=f"{item} case")
-                        self._run_extra(item, progress)
-                    else:
-                        progress.update(task, description=item.name)
-                        if item.transport == "copyto":
-                            res = run_copyto(item)
+                task = progress.add_task("starting", total=len(queue_cases) * args.repeat + len(extras))
+                # Round-robin: every case once per round, so slow drifts of a noisy
+                # machine hit every transport alike; each case keeps its best round.
+                for rnd in range(args.repeat):
+                    for spec in queue_cases:
+                        tag = f" ({rnd + 1}/{args.repeat})" if args.repeat > 1 else ""
+                        progress.update(task, description=spec.name + tag)
+                        if spec.transport == "copyto":
+                            res = run_copyto(spec)
                         else:
-                            res = run_pair(self.ctx, transports[item.transport], item, pin=args.pin)
+                            res = run_pair(self.ctx, transports[spec.transport], spec, pin=args.pin)
                         if res.error:
-                            log.warning("%s failed: %s", item.name, res.error)
-                        self.results.append(res)
+                            log.warning("%s failed: %s", spec.name, res.error)
+                        if spec.name in best:
+                            best[spec.name].merge(res)
+                        else:
+                            best[spec.name] = res
+                        progress.advance(task)
+                self.results = [best[spec.name] for spec in queue_cases]
+                for case in extras:
+                    progress.update(task, description=f"{case} case")
+
+                    def on_line(line: str, case: str = case) -> None:
+                        log.info("%s", line)
+                        progress.update(task, description=f"{case}: {line}"[:60])
+
+                    self._run_extra(case, on_line)
                     progress.advance(task)
         finally:
             fabric.close()
         return self.report()
 
-    def _run_extra(self, case: str, progress: Progress) -> None:
+    def _run_extra(self, case: str, progress: Callable[[str], None]) -> None:
+        """Run the checkpoint or relocation case through its module's hook, when the module exists."""
         args = self.args
         if case == "checkpoint":
             fn, why = _load_hook("bench_checkpoint", "run_checkpoint_bench")
@@ -390,10 +435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.duration <= 0:
         build_parser().error("--duration must be positive")
+    if args.repeat < 1:
+        build_parser().error("--repeat must be at least 1")
     if args.capacity and args.capacity & (args.capacity - 1):
         build_parser().error("--capacity must be a power of two")
     # With --json -, stdout carries only the JSON; tables and progress go to stderr.
     console = Console(stderr=args.json == "-")
+    if not console.is_terminal and console.width < 120:  # logs and CI: do not wrap the tables
+        console = Console(stderr=args.json == "-", width=120)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(message)s",

@@ -27,6 +27,7 @@ class Ratio:
     mb_per_s: float
     vs_copyto: float | None
     vs: dict[str, float] = field(default_factory=dict)  # peer -> fabric items/s / peer items/s
+    vs_pipe: float | None = None  # against the bare shared-memory pipeline (shm_pipe)
     best_peer: str | None = None
     vs_best_peer: float | None = None
 
@@ -38,6 +39,7 @@ class Ratio:
             "items_per_s": self.items_per_s,
             "mb_per_s": self.mb_per_s,
             "vs_copyto": self.vs_copyto,
+            "vs_shm_pipe": self.vs_pipe,
             "vs": dict(self.vs),
             "best_peer": self.best_peer,
             "vs_best_peer": self.vs_best_peer,
@@ -72,7 +74,7 @@ def _lookup(results: Sequence[CaseResult]) -> dict[tuple[str, str, int], CaseRes
 
 
 def compute_ratios(results: Sequence[CaseResult], peers: Sequence[str]) -> list[Ratio]:
-    """For each successful fabric case: the ratio of its items/s to np.copyto and to each peer.
+    """For each successful fabric case: the ratio of its items/s to the ceilings and to each peer.
 
     A peer is compared in the same mode (single with single, batch with
     batch; reserve with single); the best peer is the fastest of those.
@@ -84,6 +86,8 @@ def compute_ratios(results: Sequence[CaseResult], peers: Sequence[str]) -> list[
             continue
         ct = by.get(("copyto", "copy", r.size))
         ratio = Ratio(r.size, r.mode, r.items_per_s, r.mb_per_s, r.items_per_s / ct.items_per_s if ct else None)
+        pipe = by.get(("shm_pipe", "pipe", r.size))
+        ratio.vs_pipe = r.items_per_s / pipe.items_per_s if pipe else None
         best: CaseResult | None = None
         for peer in peers:
             p = by.get((peer, PEER_MODE.get(r.mode, r.mode), r.size))
@@ -160,7 +164,7 @@ def render(
 ) -> None:
     """Print the run's tables: every case (and what each baseline is), fabric vs each peer, targets, extras."""
     title = (
-        f"grafos-bench: driver {meta['driver']}, {meta['duration']:g} s per case, "
+        f"grafos-bench: driver {meta['driver']}, {meta['duration']:g} s per case, best of {meta['repeat']}, "
         f"{meta['cpus']} CPUs, {meta['start_method']}{', pinned' if meta['pinned'] else ''}"
     )
     t = Table(title=title, title_justify="left")
@@ -189,7 +193,9 @@ def render(
 
     if ratios:
         rt = Table(title="grafos-fabric / peer, items/s, same run (>1: fabric faster)", title_justify="left")
-        for col in ("size", "mode", "items/s", "x copyto", *[f"x {p}" for p in peers], "x best peer"):
+        pipe = any(x.vs_pipe is not None for x in ratios)
+        cols = ("size", "mode", "items/s", "x copyto", *(["x shm_pipe"] if pipe else []), *[f"x {p}" for p in peers])
+        for col in (*cols, "x best peer"):
             rt.add_column(col, justify="left" if col in ("size", "mode") else "right")
         for x in ratios:
             rt.add_row(
@@ -197,6 +203,7 @@ def render(
                 x.mode + ("" if PEER_MODE.get(x.mode, x.mode) == x.mode else f" (vs {PEER_MODE[x.mode]})"),
                 fmt_rate(x.items_per_s),
                 fmt_ratio(x.vs_copyto),
+                *([fmt_ratio(x.vs_pipe)] if pipe else []),
                 *[_styled_ratio(x.vs.get(p)) for p in peers],
                 (_styled_ratio(x.vs_best_peer) + f" {x.best_peer}") if x.best_peer else "-",
             )
@@ -215,11 +222,11 @@ def render(
         if not rows:
             continue
         et = Table(title=f"{name} (same run)", title_justify="left")
-        cols = list(dict.fromkeys(k for row in rows for k in row))
-        for c in cols:
-            et.add_column(c)
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        for k in keys:
+            et.add_column(k.replace("_per_s", "/s").replace("_", " "))
         for row in rows:
-            et.add_row(*[_cell(row.get(c)) for c in cols])
+            et.add_row(*[fmt_ratio(row[k]) if k == "ratio" and row.get(k) else _cell(row.get(k)) for k in keys])
         console.print(et)
 
     for what, why in skipped.items():
@@ -269,18 +276,20 @@ def write_json(doc: dict[str, Any], path: str, stdout: IO[str]) -> None:
 
 
 def plot(ratios: Sequence[Ratio], peers: Sequence[str], path: str, title: str) -> None:
-    """A grouped bar chart (log scale) of fabric/peer and fabric/copyto ratios, written as PNG."""
+    """A grouped bar chart (log scale) of fabric/peer and fabric/ceiling ratios, written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    against = [*peers, "copyto"]
+    against = [*peers, "copyto"] + (["shm_pipe"] if any(x.vs_pipe is not None for x in ratios) else [])
+    ceiling = {"copyto": lambda x: x.vs_copyto, "shm_pipe": lambda x: x.vs_pipe}
     labels = [f"{fmt_size(x.size)}\n{x.mode}" for x in ratios]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(ratios) + 2), 4.5))
     width = 0.8 / max(1, len(against))
     for i, name in enumerate(against):
-        vals = [(x.vs_copyto if name == "copyto" else x.vs.get(name)) or 0.0 for x in ratios]
+        get = ceiling.get(name, lambda x, name=name: x.vs.get(name))
+        vals = [get(x) or 0.0 for x in ratios]
         xs = [j + (i - (len(against) - 1) / 2) * width for j in range(len(ratios))]
         ax.bar(xs, [v if v > 0 else float("nan") for v in vals], width, label=f"vs {name}")
     ax.axhline(1.0, color="black", linewidth=0.8)

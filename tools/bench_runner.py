@@ -7,7 +7,7 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,12 @@ COPYTO_DESCRIPTION = "np.copyto(dst, src) of one item, one process (the memcpy c
 
 @dataclass
 class CaseResult:
-    """What one case measured. ``items``/``seconds`` are the consumer's timed window."""
+    """What one case measured. ``items``/``seconds`` are the consumer's timed window.
+
+    When a case runs several times (``--repeat``), :meth:`merge` keeps the
+    fastest run's window, every run's items/s in ``samples``, and the first
+    error (a case that failed once counts as failed).
+    """
 
     transport: str
     mode: str
@@ -35,6 +40,11 @@ class CaseResult:
     seconds: float = 0.0
     error: str | None = None
     description: str = ""
+    samples: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.samples and self.ok:
+            self.samples.append(self.items_per_s)
 
     @property
     def ok(self) -> bool:
@@ -48,6 +58,17 @@ class CaseResult:
     def mb_per_s(self) -> float:
         """Payload megabytes (10**6 bytes) per second."""
         return self.items_per_s * self.size / 1e6
+
+    def merge(self, other: CaseResult) -> None:
+        """Fold another run of the same case into this one (best window wins)."""
+        if other.rate() > self.rate():
+            self.items, self.seconds = other.items, other.seconds
+        self.samples = self.samples + other.samples
+        self.error = self.error or other.error
+
+    def rate(self) -> float:
+        """Items/s of the kept window, whether or not some run failed."""
+        return self.items / self.seconds if self.items > 0 and self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import platform
 import tempfile
 import time
 import traceback
@@ -430,6 +431,10 @@ class ZmqTransport(Transport):
         sock = context.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, self._hwm(spec))
         sock.setsockopt(zmq.LINGER, int(STALL_S * 1000))
+        # Connect only once the consumer has bound: a connect to a missing ipc path
+        # is retried after zmq's reconnect interval, which would eat into the run.
+        if not ctl["ready"].wait(STALL_S):
+            raise TimeoutError("consumer never became ready")
         sock.connect(handle)
         copy = spec.size < 65536
         payload = make_payload(spec.size)
@@ -545,7 +550,7 @@ class FabricTransport(Transport):
     def teardown(self, handle: Any) -> None:
         q = self._queues.pop(handle[1], None)
         if q is not None:
-            q.close()
+            q.free()  # close, and give the region back to the fabric now
 
     def close(self) -> None:
         """Close every queue still open and the fabric (end of the run)."""
@@ -656,10 +661,96 @@ class FabricTransport(Transport):
                 fabric.close()
 
 
+class ShmPipeTransport(Transport):
+    """Not a queue: the bare cross-process ceiling, to tell framing cost from hardware cost.
+
+    A ring of fixed-size numpy slots in shared memory; the producer
+    ``np.copyto``s each item into the next slot and bumps a tail counter, the
+    consumer reduces each slot it sees and bumps a head counter (once per
+    step); both spin, nothing is framed, nothing is checked. Its ratio to
+    ``np.copyto`` is what moving a payload from one core to another costs on
+    this machine. Correct only under x86's store ordering (TSO), so it runs
+    only there.
+    """
+
+    name = "shm_pipe"
+    modes = ("pipe",)
+    description = (
+        "bare two-process pipeline, not a queue: numpy slots in shared memory, np.copyto in, "
+        "one reduction out, spinning counters, no framing (the cross-core ceiling)"
+    )
+
+    @classmethod
+    def available(cls) -> str | None:
+        if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+            return "the bare pipeline relies on x86 store ordering"
+        return None
+
+    def setup(self, spec: CaseSpec, ctx: Any) -> Any:
+        slots = max(2, min(1 << 16, spec.capacity // spec.size))
+        return (ctx.RawArray("B", slots * spec.size), ctx.RawArray("q", 32), slots)
+
+    @staticmethod
+    def _views(handle: Any, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+        buf, ctr, slots = handle
+        ring = np.frombuffer(buf, dtype=np.uint8).reshape(slots, size)
+        return ring, np.frombuffer(ctr, dtype=np.int64), slots  # tail at [0], head at [16]
+
+    def producer(self, handle: Any, spec: CaseSpec, ctl: dict[str, Any]) -> dict[str, Any]:
+        ring, ctr, slots = self._views(handle, spec.size)
+        src = np.frombuffer(make_payload(spec.size), dtype=np.uint8)
+        copyto = np.copyto
+        chunk = range(spec.chunk)
+        k = spec.chunk
+        n = 0
+
+        def step() -> int:
+            nonlocal n
+            for _ in chunk:
+                while n - ctr[16] >= slots:  # spin for a free slot
+                    pass
+                copyto(ring[n % slots], src)
+                n += 1
+                ctr[0] = n  # publish (x86: stores are not reordered)
+            return k
+
+        res = drive_producer(step, spec, ctl)
+        ctl["done"].wait(STALL_S)
+        return res
+
+    def consumer(self, handle: Any, spec: CaseSpec, ctl: dict[str, Any]) -> dict[str, Any]:
+        ring, ctr, slots = self._views(handle, spec.size)
+        t = toucher(spec.size)
+        n = 0
+
+        def step(limit: int) -> int:
+            nonlocal n
+            avail = int(ctr[0]) - n
+            if avail <= 0:
+                give_up = time.perf_counter() + POLL_S
+                while (avail := int(ctr[0]) - n) <= 0:
+                    if time.perf_counter() > give_up:
+                        return 0
+            got = min(avail, limit)
+            for i in range(n, n + got):
+                t(ring[i % slots])
+            n += got
+            ctr[16] = n  # free the slots
+            return got
+
+        try:
+            return drive_consumer(step, spec, ctl, spec.chunk)
+        finally:
+            ctl["done"].set()
+
+
 TRANSPORTS: dict[str, type[Transport]] = {
-    t.name: t for t in (FabricTransport, MPQueueTransport, FasterFifoTransport, ZmqTransport)
+    t.name: t for t in (FabricTransport, MPQueueTransport, FasterFifoTransport, ZmqTransport, ShmPipeTransport)
 }
+#: What a user would pick instead of grafos-fabric (the "best peer" is the fastest of these).
 PEERS: tuple[str, ...] = ("mpqueue", "faster_fifo", "zmq")
+#: Ceilings, not alternatives: np.copyto in one process, and the bare cross-process pipeline.
+CEILINGS: tuple[str, ...] = ("copyto", "shm_pipe")
 
 
 def worker_main(role: str, transport_name: str, handle: Any, spec: CaseSpec, ctl: dict[str, Any]) -> None:
