@@ -64,6 +64,7 @@ _SEALED = int(lib.GF_TAIL_SEALED)
 _POS_MASK = int(lib.GF_TAIL_POS_MASK)
 _WAIT_SLICE_NS = 50_000_000  # C waits in slices so Python sees signals and lease changes
 _SPIN = 4000
+_U8 = np.dtype(np.uint8)
 
 OK = int(lib.GF_OK)
 FULL = int(lib.GF_FULL)
@@ -132,7 +133,7 @@ class Item:
         self.length = length
         self.seq = seq
         self._batch = batch
-        self._gc: Any = None
+        self._gc = None
 
     # -- data ----------------------------------------------------------------------
     def array(self) -> np.ndarray[Any, Any]:
@@ -141,12 +142,13 @@ class Item:
             raise E.FabricValueError("item was released: its bytes may have been reused")
         if self._batch is not None:
             return self._batch._item_view(self.offset, self.length)
-        if self._gc is None:
+        gcp = self._gc
+        if gcp is None:
             q = self._q
             token = self._token
-            self._gc = ffi.gc(q._data + self.offset, lambda _p: q._release_token(token))
-        arr = np.frombuffer(ffi.buffer(self._gc, self.length), dtype=np.uint8)
-        arr.flags.writeable = False
+            gcp = self._gc = ffi.gc(q._data + self.offset, lambda _p: q._release_token(token))
+        # a read-only memoryview: the array is read-only without a flags round trip
+        arr = np.frombuffer(memoryview(ffi.buffer(gcp, self.length)).toreadonly(), _U8)
         dt = self._q.dtype
         return arr if dt is None else arr.view(dt)
 
@@ -185,16 +187,18 @@ class Item:
         if self._batch is not None:
             self._token = -1
             return
-        token, self._token = self._token, -1
-        if self._gc is not None:
-            gc, self._gc = self._gc, None
-            ffi.release(gc)  # runs the destructor now
+        token = self._token
+        self._token = -1
+        gcp = self._gc
+        if gcp is not None:
+            self._gc = None
+            ffi.release(gcp)  # runs the destructor now
         else:
-            self._q._release_token(token)
+            lib.gf_release(self._q._cons, token)
 
     def __del__(self) -> None:
         if self._token >= 0 and self._gc is None and self._batch is None:
-            self._q._release_token(self._token)
+            lib.gf_release(self._q._cons, self._token)
 
     def __enter__(self) -> Item:
         return self
@@ -241,9 +245,7 @@ class Batch:
             self._start = int(offsets[0]) - RECORD_HEADER
             span = int(offsets[-1]) + int(lengths[-1]) - self._start
             self._gc = ffi.gc(q._data + self._start, lambda _p: q._release_token(token))
-            base = np.frombuffer(ffi.buffer(self._gc, span), dtype=np.uint8)
-            base.flags.writeable = False
-            self._base = base
+            self._base = np.frombuffer(memoryview(ffi.buffer(self._gc, span)).toreadonly(), _U8)
 
     @classmethod
     def empty(cls) -> Batch:
@@ -343,6 +345,7 @@ class FabricQueue:
         self.lease: Lease = region.lease
         self.owner = owner
         self._clock = fabric.clock
+        self._native_clock = bool(getattr(fabric.clock, "native", False))
         if not region.mapped:
             raise E.Unsupported("this FabricQueue needs a mapped region")
         self._ring = ffi.cast("uint8_t *", region.payload_pointer())  # type: ignore[attr-defined]
@@ -361,6 +364,8 @@ class FabricQueue:
         self._prod: Any = None
         self._cons: Any = None
         self._pend: tuple[Any, Any] | None = None
+        self._seq_out = ffi.new("uint64_t *")
+        self._item_out = ffi.new("gf_item *")
         self.closed = False
 
     # -- construction --------------------------------------------------------------
@@ -496,7 +501,7 @@ class FabricQueue:
 
     # -- roles -----------------------------------------------------------------------
     def _now(self) -> int:
-        return 0 if self._clock.native else self._clock.now_ns()
+        return 0 if self._native_clock else self._clock.now_ns()
 
     def _check_open(self) -> None:
         if self.closed:
@@ -572,29 +577,25 @@ class FabricQueue:
 
     def _push1(self, buf: Any) -> int | None:
         p = self._prod or self._producer()
-        item = self._as_item(buf)
+        item = buf if type(buf) is bytes and self.dtype is None else self._as_item(buf)
         n = len(item)
-        if n == 0:
-            raise E.FabricValueError("empty items are not allowed")
-        if n > self.max_item:
-            raise E.ItemTooLarge(f"item of {n} bytes exceeds the queue's max_item of {self.max_item}")
-        seq = ffi.new("uint64_t *") if self._seq_out is None else self._seq_out
-        rc = lib.gf_push(p, item, n, self._now(), seq)
+        seq = self._seq_out
+        rc = lib.gf_push(p, item, n, 0 if self._native_clock else self._clock.now_ns(), seq)
         if rc == OK:
-            return int(seq[0])
+            return seq[0]  # type: ignore[no-any-return]
         if rc == FULL:
             return None
+        if rc == lib.GF_E_TOO_LARGE:
+            raise E.ItemTooLarge(f"item of {n} bytes exceeds the queue's max_item of {self.max_item}")
+        if rc == lib.GF_E_ARG and n == 0:
+            raise E.FabricValueError("empty items are not allowed")
         self._raise(rc, "push")
         return None  # unreachable
-
-    _seq_out: Any = None
 
     def push(self, buf: Any, timeout: float | None = None) -> int:
         """Push one item, waiting for space; returns its sequence number.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first."""
-        if self._seq_out is None:
-            self._seq_out = ffi.new("uint64_t *")
         seq = self._push1(buf)
         if seq is not None:
             return seq
@@ -614,10 +615,7 @@ class FabricQueue:
         rc = lib.gf_wait_space(p, nbytes, slice_ns, _SPIN)
         if rc < 0:
             self._raise(rc, "waiting for space")
-        st = lib.gf_producer_state(p)
-        if st < 0:
-            self._raise(st, "waiting for space")
-        self.lease.check()
+        # lease, seal and fencing are checked by the next native push itself
 
     def push_batch(self, bufs: Sequence[Any] | np.ndarray[Any, Any], timeout: float | None = None) -> int:
         """Push many items with one native call per ring-full; returns how many.
@@ -758,19 +756,15 @@ class FabricQueue:
         Raises ``QueueSealed`` once a sealed queue is drained."""
         c = self._cons or self._consumer()
         out = self._item_out
-        if out is None:
-            out = self._item_out = ffi.new("gf_item *")
-        rc = lib.gf_pop(c, self._now(), out)
+        rc = lib.gf_pop(c, 0 if self._native_clock else self._clock.now_ns(), out)
         if rc == OK:
-            return Item(self, int(out.token), int(out.offset), int(out.length), int(out.seq), None)
+            return Item(self, out.token, out.offset, out.length, out.seq, None)
         if rc == EMPTY:
             return None
         if rc == END:
             raise E.QueueSealed("queue is sealed and drained", seal_seq=self.seal_seq)
         self._raise(rc, "pop")
         return None
-
-    _item_out: Any = None
 
     def pop(self, timeout: float | None = None) -> Item:
         """Pop one item, waiting for it; ``TimeoutError`` when ``timeout`` passes."""
@@ -797,7 +791,7 @@ class FabricQueue:
         rc = lib.gf_wait_data(c, slice_ns, _SPIN)
         if rc < 0:
             self._raise(rc, "waiting for data")
-        self.lease.check()
+        # the lease is checked by the next native pop itself
 
     def pop_batch(self, max_items: int, timeout: float | None = None) -> Batch:
         """Pop up to ``max_items`` items with one native call.
@@ -822,7 +816,7 @@ class FabricQueue:
             rc = lib.gf_pop_batch(c, max_items, self._now(), po, pl, ps, outs, outs + 1, outs + 2)
             if rc == OK:
                 n = int(outs[0])
-                return Batch(self, int(outs[1]), offs[:n], lens[:n], seqs[:n], int(outs[2]))
+                return Batch(self, outs[1], offs[:n], lens[:n], seqs[:n], outs[2])
             if rc == END:
                 raise E.QueueSealed("queue is sealed and drained", seal_seq=self.seal_seq)
             if rc != EMPTY:
