@@ -804,7 +804,7 @@ class _RcQp:
         self._is_roce = int(port.link_layer) == E.LINK.ETHERNET
         self._lid = int(port.lid)
         self._mtu = int(port.active_mtu)
-        self._gid = str(ctx.query_gid(ib_port, gid_index)) if self._is_roce or gid_index else ""
+        self._gid = str(ctx.query_gid(ib_port, gid_index))
         self.cq = CQ(ctx, max_send_wr + 1, None, None, 0)
         try:
             self.attr = QPAttr(port_num=ib_port)
@@ -840,9 +840,12 @@ class _RcQp:
         attr.timeout = 14  # 4.096 us * 2**14 = 67 ms per try
         attr.retry_cnt = 7
         attr.rnr_retry = 7
-        if self._is_roce or (remote.gid and not remote.lid):
+        if remote.gid and remote.gid.strip("0:"):
+            # With a GRH, as rdma-core's own RC tests do: needed on RoCE, harmless on IB.
             gr = GlobalRoute(dgid=GID(val=remote.gid), sgid_index=self.gid_index)
-            attr.ah_attr = AHAttr(port_num=self.ib_port, is_global=1, gr=gr)
+            attr.ah_attr = AHAttr(port_num=self.ib_port, is_global=1, gr=gr, dlid=remote.lid)
+        elif self._is_roce:
+            raise Unsupported(f"RoCE needs a GID; the peer sent none (GID index {self.gid_index})")
         else:
             attr.ah_attr = AHAttr(dlid=remote.lid, port_num=self.ib_port)
         self.qp.to_rts(attr)
@@ -932,6 +935,7 @@ class MemoryNode:
         self._listener.settimeout(0.2)
         self.host, self.port = self._listener.getsockname()[:2]
         self._threads: list[threading.Thread] = []
+        self._conn_threads: list[threading.Thread] = []
         self._reap_interval = reap_interval
         self._closed = False
 
@@ -993,6 +997,9 @@ class MemoryNode:
             with self._conns_lock:
                 self._conns.add(sock)
             t = threading.Thread(target=self._serve_conn, args=(sock, peer), name="grafos-node-conn", daemon=True)
+            with self._conns_lock:
+                self._conn_threads = [c for c in self._conn_threads if c.is_alive()]
+                self._conn_threads.append(t)
             t.start()
 
     def _serve_conn(self, sock: socket.socket, peer: Any) -> None:
@@ -1040,6 +1047,10 @@ class MemoryNode:
             except OSError:
                 pass
         for t in self._threads:
+            t.join(timeout=5)
+        with self._conns_lock:
+            conn_threads = list(self._conn_threads)
+        for t in conn_threads:  # each closes its session's QP on the way out (children first)
             t.join(timeout=5)
         self.table.close()
         if self.verbs is not None:
@@ -1174,8 +1185,20 @@ class _NodeSession:
 # ---------------------------------------------------------------------------
 
 
+class Control(Protocol):
+    """What a :class:`RemoteLeaseCell` needs: request/reply calls to the lease's node."""
+
+    def call(self, req: Request, expect: type[Any]) -> Any: ...
+    def status(self, lease_id: str) -> LeaseStatus: ...
+
+
 class ControlClient:
-    """The client end of one node's control channel (thread-safe; one request at a time)."""
+    """The client end of one node's control channel (thread-safe; one request at a time).
+
+    A transport failure or a malformed reply leaves the byte stream out of
+    step, so the client is then ``broken``: every later call raises
+    :class:`Disconnected` (open a new client to go on).
+    """
 
     def __init__(self, host: str, port: int, *, timeout: float = 10.0, client: str = "") -> None:
         self.host, self.port = host, port
@@ -1185,6 +1208,7 @@ class ControlClient:
             raise Disconnected(f"memory node {host}:{port} unreachable: {ex}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._lock = threading.Lock()
+        self.broken = False
         try:
             hello = self.call(Hello(version=PROTOCOL_VERSION, client=client), HelloOk)
         except BaseException:
@@ -1198,8 +1222,14 @@ class ControlClient:
     def call(self, req: Request, expect: type[Any]) -> Any:
         """Send ``req``, return the reply; an :class:`ErrorReply` raises its typed error."""
         with self._lock:
-            send_frame(self.sock, req)
-            reply = decode_reply(read_frame(self.sock))
+            if self.broken:
+                raise Disconnected(f"the control channel to {self.host}:{self.port} is broken")
+            try:
+                send_frame(self.sock, req)
+                reply = decode_reply(read_frame(self.sock))
+            except (Disconnected, Corrupted):
+                self.broken = True
+                raise
         if isinstance(reply, ErrorReply):
             raise_for_reply(reply)
         if not isinstance(reply, expect):
@@ -1211,6 +1241,7 @@ class ControlClient:
         return reply
 
     def close(self) -> None:
+        self.broken = True
         self.sock.close()
 
 
@@ -1225,7 +1256,7 @@ class RemoteLeaseCell:
     the node and updates the cache.
     """
 
-    def __init__(self, control: ControlClient, lease_id: str, deadline_ns: int, clock: Clock) -> None:
+    def __init__(self, control: Control, lease_id: str, deadline_ns: int, clock: Clock) -> None:
         self.control = control
         self.lease_id = lease_id
         self.clock = clock
@@ -1344,6 +1375,7 @@ class _NodeConnection:
         self.fabric = fabric
         self.host, self.port = host, port
         self.control = ControlClient(host, port, timeout=fabric.timeout, client=fabric.client_name)
+        self._ctl_lock = threading.RLock()
         self.qp: _RcQp | None = None
         self.staging: LocalBuffer | None = None
         self.scratch: LocalBuffer | None = None
@@ -1362,13 +1394,33 @@ class _NodeConnection:
             self.close()
             raise
 
+    # -- control channel (reconnected when broken) ------------------------------
+    def _control(self) -> ControlClient:
+        with self._ctl_lock:
+            if self.control.broken:
+                self.control.close()
+                self.control = ControlClient(
+                    self.host, self.port, timeout=self.fabric.timeout, client=self.fabric.client_name
+                )
+                log.info("control channel to %s:%d reconnected", self.host, self.port)
+                self._broken = True  # the node's end of our QP went with the old session
+            return self.control
+
+    def call(self, req: Request, expect: type[Any]) -> Any:
+        """A control request to this node (reconnecting the channel first if it broke)."""
+        return self._control().call(req, expect)
+
+    def status(self, lease_id: str) -> LeaseStatus:
+        reply: LeaseStatus = self.call(Status(lease_id=lease_id), LeaseStatus)
+        return reply
+
     # -- connection ------------------------------------------------------------
     def _connect_qp(self) -> None:
         f = self.fabric
         qp = _RcQp(f.ctx, f.pd, f.ib_port, f.gid_index)
         try:
             me = qp.local()
-            reply: Connected = self.control.call(
+            reply: Connected = self.call(
                 Connect(qpn=me.qpn, psn=me.psn, lid=me.lid, gid=me.gid, mtu=me.mtu), Connected
             )
             qp.connect(_Endpoint(qpn=reply.qpn, psn=reply.psn, lid=reply.lid, gid=reply.gid, mtu=reply.mtu))
@@ -1385,7 +1437,12 @@ class _NodeConnection:
         if self.qp is not None:
             self.qp.close()
             self.qp = None
-        self._connect_qp()
+        try:
+            self._connect_qp()
+        except Disconnected:
+            if not self.control.broken:
+                raise
+            self._connect_qp()  # the node may have restarted: one more try on a new control channel
 
     def _calibrate_atomics(self) -> None:
         attr = self.fabric.ctx.query_device()
@@ -1714,7 +1771,7 @@ class VerbsFabric:
         cell = self._cells.get(key)
         deadline = sent_ns + int(g.remaining * NS)
         if cell is None:
-            cell = RemoteLeaseCell(conn.control, g.lease_id, deadline, self.clock)
+            cell = RemoteLeaseCell(conn, g.lease_id, deadline, self.clock)
             self._cells[key] = cell
         else:
             cell.mark(ACTIVE)
@@ -1741,7 +1798,7 @@ class VerbsFabric:
             raise FabricValueError(f"nbytes must be an int in (0, {MAX_REGION}], got {nbytes!r}")
         conn = self._node(self.host, self.port)
         sent = self.clock.now_ns()
-        g: Granted = conn.control.call(Alloc(nbytes=nbytes, ttl=ttl), Granted)
+        g: Granted = conn.call(Alloc(nbytes=nbytes, ttl=ttl), Granted)
         return self._region(conn, g, sent)
 
     def attach(self, ref: RegionRef, *, mapped: bool = True) -> VerbsRegion:
@@ -1754,7 +1811,7 @@ class VerbsFabric:
             raise FabricValueError(f"a {ref.driver!r} region cannot be attached by the verbs driver")
         conn = self._node(ref.host or self.host, ref.port or self.port)
         sent = self.clock.now_ns()
-        g: Granted = conn.control.call(Attach(lease_id=ref.lease_id, generation=ref.generation), Granted)
+        g: Granted = conn.call(Attach(lease_id=ref.lease_id, generation=ref.generation), Granted)
         return self._region(conn, g, sent)
 
     def free(self, lease: Lease) -> None:
@@ -1763,10 +1820,8 @@ class VerbsFabric:
 
     def _release(self, lease: Lease) -> None:
         """``Lease.free`` lands here: free on the node; the regions keep failing closed (``LeaseExpired``)."""
-        with self._lock:
-            regions = [r for r in self._regions if r.lease.id == lease.id]
-        cell = regions[0].cell if regions else None
-        if cell is not None and cell.load_state() == LeaseState.ACTIVE:
+        cell = lease._cell
+        if isinstance(cell, RemoteLeaseCell) and cell.load_state() == LeaseState.ACTIVE:
             cell.store_state(LeaseState.FREED)
         with self._lock:
             self._regions = [r for r in self._regions if r.lease.id != lease.id]

@@ -45,7 +45,7 @@ from grafos_fabric.drivers import _verbs_compat as compat
 from grafos_fabric.drivers import verbs
 from test_verbs import native_send_wr
 
-from grafos_fabric.errors import Disconnected
+from grafos_fabric.errors import Disconnected, LeaseExpired
 
 if compat.pyverbs_import_error() is not None:
     pytest.skip(f"needs pyverbs's WR objects: {compat.pyverbs_import_error()}", allow_module_level=True)
@@ -480,6 +480,29 @@ def test_a_node_that_went_away_is_disconnected_and_the_next_call_too(node):
             region.load64(0)
         with pytest.raises(Disconnected):  # the rebuild needs the control channel, which is gone
             region.load64(0)
+    finally:
+        f.close()
+
+
+def test_after_a_node_restart_old_leases_fail_as_lease_expired_and_new_ones_work(node_clock):
+    first = verbs.MemoryNode.open(None, pool_size=1 << 20, host="127.0.0.1", port=0, clock=node_clock)
+    port = first.port
+    f = verbs.VerbsFabric("127.0.0.1", port, timeout=5.0)
+    try:
+        old = f.alloc(64, ttl=30.0)
+        old.store64(0, 1)
+        first.close()
+        second = verbs.MemoryNode.open(None, pool_size=1 << 20, host="127.0.0.1", port=port, clock=node_clock)
+        try:
+            with pytest.raises(Disconnected):
+                old.load64(0)  # the node's end of the QP is gone
+            with pytest.raises(LeaseExpired, match="unknown"):
+                old.load64(0)  # reconnected; the new node never heard of this lease
+            new = f.alloc(64, ttl=30.0)
+            new.store64(0, 2)
+            assert new.load64(0) == 2
+        finally:
+            second.close()
     finally:
         f.close()
 
