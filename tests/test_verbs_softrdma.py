@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import os
 import sys
 import threading
 import time
@@ -40,12 +41,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import test_verbs_device as dev
 from grafos_fabric.drivers import _verbs_compat as compat
 from grafos_fabric.drivers import verbs
-from test_verbs import native_send_wr
 
 from grafos_fabric.errors import Disconnected, LeaseExpired
+
+sys.path.insert(0, os.path.dirname(__file__))  # the sibling test modules, under any import mode
+import test_verbs_device as dev
+from test_verbs import native_send_wr
 
 if compat.pyverbs_import_error() is not None:
     pytest.skip(f"needs pyverbs's WR objects: {compat.pyverbs_import_error()}", allow_module_level=True)
