@@ -779,7 +779,7 @@ class _PinnedMemory:
             try:
                 self.mm.close()
             except BufferError:
-                log.warning("memory at %#x is still viewed; it is unmapped when the last view goes", self.addr)
+                log.debug("memory at %#x is still viewed; it is unmapped when the last view goes", self.addr)
 
 
 @dataclass(frozen=True)

@@ -244,6 +244,30 @@ def test_a_verbs_region_is_never_mapped(fabric):
         region.address()
 
 
+def test_the_one_sided_queue_carries_items_in_order_over_rdma(fabric):
+    from grafos_fabric.onesided import OneSidedQueue
+    from grafos_fabric.queue import FabricQueue
+
+    producer = OneSidedQueue.create(fabric, capacity=1 << 16, ttl=30.0)
+    consumer = FabricQueue.attach(fabric, producer.locator())
+    try:
+        sent = [np.full(100 + i, i % 251, dtype=np.uint8) for i in range(300)]
+        got: list[np.ndarray] = []
+        for item in sent:
+            producer.push(item, timeout=10.0)
+            while (popped := consumer.try_pop()) is not None:
+                got.append(np.array(popped))
+                popped.release()
+        while len(got) < len(sent):
+            popped = consumer.pop(timeout=10.0)
+            got.append(np.array(popped))
+            popped.release()
+        assert all(np.array_equal(a, b) for a, b in zip(got, sent, strict=True))
+    finally:
+        consumer.close()
+        producer.close()
+
+
 # ---------------------------------------------------------------------------
 # Leases, enforced by the node
 # ---------------------------------------------------------------------------

@@ -409,6 +409,9 @@ test_out_of_bounds_and_misaligned_operations_are_refused_before_posting = (
     dev.test_out_of_bounds_and_misaligned_operations_are_refused_before_posting
 )
 test_a_verbs_region_is_never_mapped = dev.test_a_verbs_region_is_never_mapped
+test_the_one_sided_queue_carries_items_in_order_over_rdma = (
+    dev.test_the_one_sided_queue_carries_items_in_order_over_rdma
+)
 test_a_lease_the_node_expired_fails_remote_access_as_lease_expired = (
     dev.test_a_lease_the_node_expired_fails_remote_access_as_lease_expired
 )
