@@ -443,6 +443,7 @@ class LeaseTable:
         self.clock: Clock = clock or MonotonicClock()
         self.node_tag = node_tag or secrets.token_hex(4)
         self._leases: dict[str, ServerLease] = {}
+        self.quarantined: list[tuple[int, int]] = []  # (offset, nbytes) whose deregistration failed
         self._tombs: collections.OrderedDict[str, ServerLease] = collections.OrderedDict()
         self._max_tombs = tombstones
         self._gen = itertools.count(1)
@@ -557,18 +558,26 @@ class LeaseTable:
                 self._retire(lease, FREED)
 
     def _retire(self, lease: ServerLease, state: str) -> None:
+        """End a lease. Its memory goes back to the pool only once remote access
+        to it is gone: if deregistration fails, the span is quarantined (never
+        handed out again), because a new tenant's bytes would be reachable
+        through the old rkey."""
         del self._leases[lease.lease_id]
         lease.state = state
         span, lease.span = lease.span, None
+        self._tombs[lease.lease_id] = lease
+        while len(self._tombs) > self._max_tombs:
+            self._tombs.popitem(last=False)
         try:
             if span is not None:
                 self.registrar.deregister(span)
-        finally:
-            self.allocator.release(lease.offset, lease.nbytes)
-            self._tombs[lease.lease_id] = lease
-            while len(self._tombs) > self._max_tombs:
-                self._tombs.popitem(last=False)
-            log.info("lease %s %s", lease.lease_id, state)
+        except Exception:
+            self.quarantined.append((lease.offset, lease.nbytes))
+            log.exception("lease %s %s, but deregistering its region failed: %d bytes quarantined",
+                          lease.lease_id, state, lease.nbytes)
+            return
+        self.allocator.release(lease.offset, lease.nbytes)
+        log.info("lease %s %s", lease.lease_id, state)
 
 
 # ---------------------------------------------------------------------------

@@ -216,6 +216,22 @@ def test_alloc_rejects_nonsense_sizes_and_ttls(table, nbytes, ttl):
         table.alloc(nbytes, ttl)
 
 
+def test_memory_whose_deregistration_failed_is_quarantined_not_reused(reg, clock):
+    table = verbs.LeaseTable(4096, reg, clock, align=4096)
+    lease = table.alloc(4096, ttl=1.0)
+
+    def broken(span: verbs.RegisteredSpan) -> None:
+        raise OSError("ibv_dereg_mr failed")
+
+    reg.deregister = broken  # type: ignore[method-assign]
+    clock.advance(1.0)
+    assert table.reap() == 1
+    assert table.status(lease.lease_id)[0] == "expired"
+    assert table.quarantined == [(0, 4096)]
+    with pytest.raises(CapacityExceeded):
+        table.alloc(1, ttl=1.0)
+
+
 def test_close_deregisters_every_live_lease(table, reg):
     for _ in range(3):
         table.alloc(1, ttl=60.0)
