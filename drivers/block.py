@@ -39,6 +39,7 @@ bytes on disk outlive it, which is the point of block storage.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -264,8 +265,9 @@ class BlockRegion:
         """Write the whole blocks in ``buf`` at ``lba``; returns the number of blocks written.
 
         Not durable until :meth:`sync`. ``buf`` must be a whole number of blocks
-        (``Misaligned`` otherwise); it may be any bytes-like object and need not
-        be aligned in memory (it is copied into an aligned buffer).
+        (``Misaligned`` otherwise); it may be any bytes-like object. A writable
+        buffer whose address is block-aligned (a slice of an ``mmap``, say) is
+        written as is; anything else is first copied into an aligned buffer.
         """
         view = memoryview(buf).cast("B")
         if len(view) % self.block_size:
@@ -275,12 +277,25 @@ class BlockRegion:
         self._check_range(lba, n)
         pos = self.offset + lba * self.block_size
         with self._io_lock:
+            if n and self._aligned(view):
+                self._pwrite(pos, view)
+                return n
             for start in range(0, len(view), MAX_IO_CHUNK):
                 chunk = view[start : start + MAX_IO_CHUNK]
                 bounce = self._buffer(len(chunk))
                 bounce[:] = chunk
                 self._pwrite(pos + start, bounce)
         return n
+
+    def _aligned(self, view: memoryview) -> bool:
+        """Whether ``view`` can go to O_DIRECT as is (writable, block-aligned address)."""
+        if view.readonly or not view.c_contiguous:
+            return False
+        try:
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        except (TypeError, ValueError):
+            return False
+        return addr % max(self.block_size, 512) == 0
 
     def sync(self) -> None:
         """Make every block written so far durable (``fdatasync``)."""

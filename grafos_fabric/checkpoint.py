@@ -167,7 +167,7 @@ class CheckpointedStageState(Generic[S]):
         return self._store.capacity
 
     # -- encoding ------------------------------------------------------------
-    def _encode(self, edge: EdgeCheckpoint) -> bytes:
+    def _encode(self, edge: EdgeCheckpoint) -> list[Any]:
         stage = self.stage.name.encode("utf-8")
         if self.codec == "raw":
             try:
@@ -182,7 +182,7 @@ class CheckpointedStageState(Generic[S]):
             except (TypeError, ValueError, OverflowError) as exc:
                 raise FabricValueError(f"state cannot be encoded as msgpack: {exc}") from exc
         head = _ENVELOPE.pack(_CODEC_IDS[self.codec], 0, len(stage), 0, edge.input_offset, edge.output_commit)
-        return b"".join((head, stage, body))
+        return [head + stage, body]
 
     # -- checkpoint ----------------------------------------------------------
     def _notify(self, method: str) -> None:

@@ -72,7 +72,9 @@ barring a 2**-32 collision) instead of by ordering.
 from __future__ import annotations
 
 import logging
+import mmap
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -260,6 +262,7 @@ class SlotStore:
         self.block_size = bs
         self.slot_blocks = dev.nblocks // 2
         self._newest: tuple[int, int] | None = None  # (slot, seq) of the newest valid record, once known
+        self._scratch: mmap.mmap | None = None  # page-aligned: header block + data blocks of one record
 
     @property
     def capacity(self) -> int:
@@ -358,21 +361,33 @@ class SlotStore:
             return 0, max(seqs, default=0) + 1
         return 1 - best.slot, best.seq + 1
 
-    def write(self, data: Any, *, tag: int = 0, refresh: bool = False) -> SlotPosition:
+    def _record_buffer(self, nbytes: int) -> memoryview:
+        if self._scratch is None or len(self._scratch) < nbytes:
+            if self._scratch is not None:
+                self._scratch.close()
+            self._scratch = mmap.mmap(-1, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+        return memoryview(self._scratch)[:nbytes]
+
+    def write(self, data: Any | Sequence[Any], *, tag: int = 0, refresh: bool = False) -> SlotPosition:
         """Write ``data`` as the new newest record and make it durable; returns where it went.
 
-        ``CapacityExceeded`` (before any block is written) if ``data`` does not
-        fit a slot. Errors from the device propagate at once; the previous
-        record stays readable whatever happened.
+        ``data`` is a bytes-like object, or a list/tuple of them that together
+        form the record (gathered without joining them first). The record is
+        built once in a page-aligned buffer that the block device writes
+        without another copy. ``CapacityExceeded`` (before any block is
+        written) if the data does not fit a slot. Errors from the device
+        propagate at once; the previous record stays readable whatever
+        happened.
         """
-        view = memoryview(data).cast("B")
-        n = len(view)
+        chunks: Sequence[Any] = data if isinstance(data, (list, tuple)) else (data,)
+        parts = [memoryview(p).cast("B") for p in chunks]
+        n = sum(len(p) for p in parts)
         if n > self.capacity:
             raise CapacityExceeded(
                 f"{self.fmt.name} of {n} bytes does not fit a slot of {self.capacity} data bytes "
                 f"(lease of {self.dev.nblocks} blocks of {self.block_size} bytes)"
             )
-        if not 0 <= tag < 1 << 64:
+        if not isinstance(tag, int) or not 0 <= tag < 1 << 64:
             raise FabricValueError(f"tag must be a u64, got {tag!r}")
         if refresh or self._newest is None:
             slot, seq = self._next_slot()
@@ -380,37 +395,38 @@ class SlotStore:
             slot, seq = 1 - self._newest[0], self._newest[1] + 1
         bs = self.block_size
         nblocks = -(-n // bs)
+        record = self._record_buffer((1 + nblocks) * bs)
+        pos, crc = bs, 0
+        for p in parts:
+            record[pos : pos + len(p)] = p
+            crc = _crc32c.crc32c(p, crc)
+            pos += len(p)
+        record[pos:] = bytes(len(record) - pos)  # zero padding of the last data block
         header = pack_header(
             self.fmt,
             data_len=n,
             seq=seq,
             tag=tag,
-            data_crc=crc32c(view),
+            data_crc=crc,
             slot=slot,
             block_size=bs,
             slot_blocks=self.slot_blocks,
         )
+        record[:HEADER_FIELDS] = header
+        record[HEADER_FIELDS:bs] = bytes(bs - HEADER_FIELDS)
         start = self._start(slot)
         self._newest = None  # unknown until this write completes: a failure re-scans next time
-        if self.durability == "single-sync":
-            buf = bytearray((1 + nblocks) * bs)
-            buf[:HEADER_FIELDS] = header
-            buf[bs : bs + n] = view
-            self.dev.write_blocks(start, buf)
-            self.dev.sync()
-        else:
-            if n:
-                whole = n // bs * bs
-                if whole:
-                    self.dev.write_blocks(start + 1, view[:whole])
-                if whole < n:
-                    tail = bytearray(bs)
-                    tail[: n - whole] = view[whole:]
-                    self.dev.write_blocks(start + 1 + whole // bs, tail)
+        try:
+            if self.durability == "single-sync":
+                self.dev.write_blocks(start, record)
                 self.dev.sync()
-            hblock = bytearray(bs)
-            hblock[:HEADER_FIELDS] = header
-            self.dev.write_blocks(start, hblock)
-            self.dev.sync()
+            else:
+                if nblocks:
+                    self.dev.write_blocks(start + 1, record[bs:])
+                    self.dev.sync()
+                self.dev.write_blocks(start, record[:bs])
+                self.dev.sync()
+        finally:
+            record.release()
         self._newest = (slot, seq)
         return SlotPosition(slot, seq)

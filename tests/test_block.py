@@ -434,3 +434,16 @@ def test_default_block_dir_honours_grafos_block_dir_then_xdg(monkeypatch: pytest
     assert default_block_dir() == Path("/var/xdg/grafos-fabric/blocks")
     monkeypatch.delenv("XDG_DATA_HOME")
     assert default_block_dir() == Path.home() / ".local/share/grafos-fabric/blocks"
+
+
+def test_an_aligned_writable_buffer_is_written_without_a_bounce_copy(region: BlockRegion) -> None:
+    import mmap
+
+    bs = region.block_size
+    buf = mmap.mmap(-1, 4 * bs)
+    buf.write(pattern(4 * bs, 21))
+    region.write_blocks(2, memoryview(buf)[bs : 3 * bs])  # block-aligned slice of a page-aligned mapping
+    assert region._bounce is None
+    assert region.read_blocks(2, 2) == pattern(4 * bs, 21)[bs : 3 * bs]
+    region.write_blocks(0, bytes(bs))  # read-only bytes take the bounce buffer
+    assert region._bounce is not None

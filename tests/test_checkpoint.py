@@ -577,12 +577,14 @@ try:
 except NoRecord:
     st = CheckpointedStageState({"i": 0, "blob": b""}, region, stage="victim")
     i = 0
-print("start", i, flush=True)
+sys.stdout.write(f"start {i}\n")  # one write per line: atomic on a pipe
+sys.stdout.flush()
 while True:
     i += 1
     st.state = {"i": i, "blob": bytes([i % 251]) * (500 + (i * 997) % 12000)}
     st.checkpoint(EdgeCheckpoint(i, 2 * i))
-    print("done", i, flush=True)
+    sys.stdout.write(f"done {i}\n")
+    sys.stdout.flush()
 """
 
 
@@ -591,16 +593,21 @@ def _kill_loop(path: Path, rounds: int, seed: int) -> list[int]:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     restored_at: list[int] = []
     for _ in range(rounds):
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True, env=env)
-        assert proc.stdout is not None
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        assert proc.stdout is not None and proc.stderr is not None
         first = proc.stdout.readline().split()
-        assert first and first[0] == "start", f"child failed to start: {first}"
+        if not first or first[0] != "start":
+            proc.kill()
+            raise AssertionError(f"child failed to start: {proc.stderr.read()[-2000:]}")
         start = int(first[1])
         time.sleep(rng.uniform(0.0, 0.03))
         os.kill(proc.pid, signal.SIGKILL)
-        rest = proc.stdout.read().split("\n")
+        rest = proc.stdout.read().split("\n")[:-1]  # a line the kill cut short has no newline
         proc.wait()
         proc.stdout.close()
+        proc.stderr.close()
         done = [int(line.split()[1]) for line in rest if line.startswith("done")]
         last_done = done[-1] if done else start
         with open_block(path) as region:

@@ -204,6 +204,12 @@ from grafos_fabric.drivers.block import open_block
 from grafos_fabric.errors import StaleEpoch
 from grafos_fabric.handoff import HandoffWriter
 
+
+def say(*words):
+    sys.stdout.write(" ".join(str(w) for w in words) + "\n")  # one write per line
+    sys.stdout.flush()
+
+
 region = open_block(sys.argv[1])
 name = sys.argv[2]
 writer = None
@@ -211,12 +217,12 @@ for line in sys.stdin:
     cmd = line.split()
     if cmd[0] == "adopt":
         writer = HandoffWriter.from_disk(region)
-        print("ready", int(writer.generation), flush=True)
+        say("ready", int(writer.generation))
     elif cmd[0] == "go":
         try:
-            print("won", int(writer.publish(name.encode())), flush=True)
+            say("won", int(writer.publish(name.encode())))
         except StaleEpoch as exc:
-            print("lost", exc.current, flush=True)
+            say("lost", exc.current)
     elif cmd[0] == "spin":
         won = []
         writer = HandoffWriter.from_disk(region)
@@ -225,7 +231,7 @@ for line in sys.stdin:
                 won.append(int(writer.publish(name.encode())))
             except StaleEpoch:
                 writer = HandoffWriter.from_disk(region)
-        print("spun", *won, flush=True)
+        say("spun", *won)
     else:
         break
 """
@@ -237,6 +243,7 @@ def _racers(path: str) -> list[subprocess.Popen[str]]:
             [sys.executable, "-c", RACER, path, name],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=ENV,
         )
@@ -251,8 +258,12 @@ def _ask(procs: list[subprocess.Popen[str]], line: str) -> list[list[str]]:
         p.stdin.flush()
     out = []
     for p in procs:
-        assert p.stdout is not None
-        out.append(p.stdout.readline().split())
+        assert p.stdout is not None and p.stderr is not None
+        words = p.stdout.readline().split()
+        if not words:  # the child died: show why
+            p.kill()
+            raise AssertionError(f"racer exited: {p.stderr.read()[-2000:]}")
+        out.append(words)
     return out
 
 
@@ -264,8 +275,9 @@ def _stop(procs: list[subprocess.Popen[str]]) -> None:
             p.stdin.close()
     for p in procs:
         p.wait(timeout=10)
-        if p.stdout is not None:
-            p.stdout.close()
+        for stream in (p.stdout, p.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def test_two_processes_racing_from_one_generation_exactly_one_wins(region: BlockRegion) -> None:
