@@ -65,6 +65,9 @@ _POS_MASK = int(lib.GF_TAIL_POS_MASK)
 _WAIT_SLICE_NS = 50_000_000  # C waits in slices so Python sees signals and lease changes
 _SPIN = 4000
 _U8 = np.dtype(np.uint8)
+_LEASE_ACTIVE = int(lib.GF_LEASE_ACTIVE)
+_NO_BYTE_LIMIT = (1 << 64) - 1
+PREFETCH_ITEMS = 64
 
 OK = int(lib.GF_OK)
 FULL = int(lib.GF_FULL)
@@ -144,9 +147,9 @@ class Item:
             return self._batch._item_view(self.offset, self.length)
         gcp = self._gc
         if gcp is None:
-            q = self._q
+            release = self._q._release_token
             token = self._token
-            gcp = self._gc = ffi.gc(q._data + self.offset, lambda _p: q._release_token(token))
+            gcp = self._gc = ffi.gc(self._q._data + self.offset, lambda _p: release(token))
         # a read-only memoryview: the array is read-only without a flags round trip
         arr = np.frombuffer(memoryview(ffi.buffer(gcp, self.length)).toreadonly(), _U8)
         dt = self._q.dtype
@@ -180,25 +183,23 @@ class Item:
         return self._token < 0
 
     def release(self) -> None:
-        """Give the item's ring space back now (idempotent). Views taken earlier
-        must not be used afterwards. Items of a batch are released with it."""
-        if self._token < 0:
-            return
-        if self._batch is not None:
-            self._token = -1
-            return
+        """Let go of the item (idempotent). Its ring space is reused once the item
+        is released and every view made from it is gone; the item itself can no
+        longer make views. Items of a batch are released with their batch."""
         token = self._token
+        if token < 0:
+            return
         self._token = -1
-        gcp = self._gc
-        if gcp is not None:
-            self._gc = None
-            ffi.release(gcp)  # runs the destructor now
+        if self._batch is not None:
+            return
+        if self._gc is not None:
+            self._gc = None  # views still hold it; its destructor releases the span
         else:
-            lib.gf_release(self._q._cons, token)
+            self._q._release_token(token)
 
     def __del__(self) -> None:
         if self._token >= 0 and self._gc is None and self._batch is None:
-            lib.gf_release(self._q._cons, self._token)
+            self._q._release_token(self._token)
 
     def __enter__(self) -> Item:
         return self
@@ -217,11 +218,13 @@ class Batch:
     ``len(batch)``, iteration and indexing give :class:`Item` objects;
     ``batch.seqs`` and ``batch.lengths`` are numpy arrays; ``batch.array()`` is a
     2-D zero-copy view ``(n, item_len)`` when every item has the same length.
-    The batch's ring space is freed by ``release()``, ``with batch:``, or when
-    the batch, its items and every view made from them are gone.
+    The batch's ring space is reused once the batch is released (``release()``,
+    ``with batch:``, or garbage) and every view made from it is gone.
     """
 
-    __slots__ = ("__weakref__", "_base", "_gc", "_offsets", "_q", "_start", "_token", "lengths", "seqs", "uniform")
+    __slots__ = (
+        "__weakref__", "_base", "_gc", "_ntokens", "_offsets", "_q", "_start", "_token", "lengths", "seqs", "uniform",
+    )
 
     def __init__(
         self,
@@ -231,21 +234,18 @@ class Batch:
         lengths: np.ndarray[Any, Any],
         seqs: np.ndarray[Any, Any],
         uniform: int,
+        ntokens: int = 1,
     ) -> None:
         self._q = q
-        self._token = token
+        self._token = token if q is not None and len(offsets) else -1
+        self._ntokens = ntokens  # release tokens token .. token + ntokens - 1
         self._offsets = offsets
         self.lengths = lengths
         self.seqs = seqs
         self.uniform = uniform
         self._gc: Any = None
         self._base: Any = None
-        self._start = 0
-        if q is not None and len(offsets):
-            self._start = int(offsets[0]) - RECORD_HEADER
-            span = int(offsets[-1]) + int(lengths[-1]) - self._start
-            self._gc = ffi.gc(q._data + self._start, lambda _p: q._release_token(token))
-            self._base = np.frombuffer(memoryview(ffi.buffer(self._gc, span)).toreadonly(), _U8)
+        self._start = int(offsets[0]) - RECORD_HEADER if len(offsets) else 0
 
     @classmethod
     def empty(cls) -> Batch:
@@ -262,10 +262,28 @@ class Batch:
         if self._token < 0 and len(self._offsets):
             raise E.FabricValueError("batch was released: its bytes may have been reused")
 
+    def _span(self) -> np.ndarray[Any, Any]:
+        """The batch's bytes as a read-only array; it (and every view of it) pins the span."""
+        base = self._base
+        if base is None:
+            self._check()
+            q = self._q
+            assert q is not None
+            release = q._release_token
+            first, n = self._token, self._ntokens
+            span = int(self._offsets[-1]) + int(self.lengths[-1]) - self._start
+
+            def free(_p: Any) -> None:
+                for t in range(first, first + n):
+                    release(t)
+
+            self._gc = ffi.gc(q._data + self._start, free)
+            base = self._base = np.frombuffer(memoryview(ffi.buffer(self._gc, span)).toreadonly(), _U8)
+        return base  # type: ignore[no-any-return]
+
     def _item_view(self, offset: int, length: int) -> np.ndarray[Any, Any]:
-        self._check()
         rel = offset - self._start
-        arr = self._base[rel : rel + length]
+        arr = self._span()[rel : rel + length]
         dt = self._q.dtype if self._q is not None else None
         return arr if dt is None else arr.view(dt)
 
@@ -286,7 +304,6 @@ class Batch:
     def array(self) -> np.ndarray[Any, Any]:
         """All payloads as one read-only 2-D view ``(n, item_len)`` (or ``(n, k)`` of
         the queue's dtype). Needs every item to have the same length."""
-        self._check()
         n = len(self._offsets)
         if n == 0:
             return np.zeros((0, 0), dtype=np.uint8)
@@ -295,7 +312,7 @@ class Batch:
         length = self.uniform
         stride = int(lib.gf_record_size(length))
         arr = np.lib.stride_tricks.as_strided(
-            self._base[RECORD_HEADER:], shape=(n, length), strides=(stride, 1), writeable=False
+            self._span()[RECORD_HEADER:], shape=(n, length), strides=(stride, 1), writeable=False
         )
         dt = self._q.dtype if self._q is not None else None
         return arr if dt is None else arr.view(dt)
@@ -313,13 +330,22 @@ class Batch:
         return self._token < 0
 
     def release(self) -> None:
-        """Give the batch's ring space back now (idempotent)."""
-        if self._token < 0:
+        """Let go of the batch (idempotent); its space is reused once its views are gone."""
+        token = self._token
+        if token < 0:
             return
         self._token = -1
         if self._gc is not None:
-            gc, self._gc = self._gc, None
-            ffi.release(gc)
+            self._base = None
+            self._gc = None  # views made from the span keep it; the last one releases
+        elif self._q is not None:
+            for t in range(token, token + self._ntokens):
+                self._q._release_token(t)
+
+    def __del__(self) -> None:
+        if self._token >= 0 and self._gc is None and self._q is not None:
+            for t in range(self._token, self._token + self._ntokens):
+                self._q._release_token(t)
 
     def __enter__(self) -> Batch:
         return self
@@ -366,6 +392,24 @@ class FabricQueue:
         self._pend: tuple[Any, Any] | None = None
         self._seq_out = ffi.new("uint64_t *")
         self._item_out = ffi.new("gf_item *")
+        # lease words (state, deadline) of the segment header, read without a native call
+        self._lease_words = memoryview(ffi.buffer(self._lease_ptrs[0], 16)).cast("Q")
+        self._clock_ns = time.monotonic_ns if self._native_clock else self._clock.now_ns
+        # records prefetched for single pops: [_pf_i, _pf_n) are still to hand out
+        self._pf_offs: list[int] = []
+        self._pf_lens: list[int] = []
+        self._pf_seqs: list[int] = []
+        self._pf_token = 0
+        self._pf_i = 0
+        self._pf_n = 0
+        self._prefetch_bytes = max(4096, self.capacity // 8)
+        self._pfa_offs = np.empty(PREFETCH_ITEMS, dtype=np.uint64)
+        self._pfa_lens = np.empty(PREFETCH_ITEMS, dtype=np.uint64)
+        self._pfa_seqs = np.empty(PREFETCH_ITEMS, dtype=np.uint64)
+        self._pfa_offs_p = ffi.from_buffer("uint64_t[]", self._pfa_offs)
+        self._pfa_lens_p = ffi.from_buffer("uint64_t[]", self._pfa_lens)
+        self._pfa_seqs_p = ffi.from_buffer("uint64_t[]", self._pfa_seqs)
+        self._outs = ffi.new("uint64_t[3]")
         self.closed = False
 
     # -- construction --------------------------------------------------------------
@@ -753,12 +797,42 @@ class FabricQueue:
     def try_pop(self) -> Item | None:
         """Pop one item, or None when the queue is empty (never waits).
 
-        Raises ``QueueSealed`` once a sealed queue is drained."""
+        Raises ``QueueSealed`` once a sealed queue is drained.
+
+        Single pops are served from a *prefetch*: one native call takes the
+        published records up to ``PREFETCH_ITEMS`` (and an eighth of the ring),
+        each with a release token of its own, and the following pops hand them
+        out one by one after a lease check, without crossing into C or touching
+        the producer's cache lines."""
+        i = self._pf_i
+        if i < self._pf_n:
+            lw = self._lease_words
+            if lw[0] != _LEASE_ACTIVE or self._clock_ns() >= lw[1]:
+                self.lease.check()
+            self._pf_i = i + 1
+            return Item(self, self._pf_token + i, self._pf_offs[i], self._pf_lens[i], self._pf_seqs[i], None)
+        return self._refill()
+
+    def _refill(self) -> Item | None:
         c = self._cons or self._consumer()
-        out = self._item_out
-        rc = lib.gf_pop(c, 0 if self._native_clock else self._clock.now_ns(), out)
+        outs = self._outs
+        rc = lib.gf_pop_batch(
+            c, PREFETCH_ITEMS, self._prefetch_bytes, 1, 0 if self._native_clock else self._clock.now_ns(),
+            self._pfa_offs_p, self._pfa_lens_p, self._pfa_seqs_p, outs, outs + 1, outs + 2,
+        )
         if rc == OK:
-            return Item(self, out.token, out.offset, out.length, out.seq, None)
+            n = outs[0]
+            token = outs[1]
+            if n == 1:
+                self._pf_n = 0
+                return Item(self, token, self._pfa_offs_p[0], self._pfa_lens_p[0], self._pfa_seqs_p[0], None)
+            self._pf_offs = offs = self._pfa_offs[:n].tolist()
+            self._pf_lens = lens = self._pfa_lens[:n].tolist()
+            self._pf_seqs = seqs = self._pfa_seqs[:n].tolist()
+            self._pf_token = token
+            self._pf_n = n
+            self._pf_i = 1
+            return Item(self, token, offs[0], lens[0], seqs[0], None)
         if rc == EMPTY:
             return None
         if rc == END:
@@ -803,6 +877,8 @@ class FabricQueue:
         """
         if not isinstance(max_items, int) or max_items <= 0:
             raise E.FabricValueError(f"max_items must be a positive int, got {max_items!r}")
+        if self._pf_i < self._pf_n:
+            return self._batch_from_prefetch(max_items)
         c = self._cons or self._consumer()
         deadline = _deadline(timeout)
         offs = np.empty(max_items, dtype=np.uint64)
@@ -813,7 +889,7 @@ class FabricQueue:
         ps = ffi.from_buffer("uint64_t[]", seqs)
         outs = ffi.new("uint64_t[3]")
         while True:
-            rc = lib.gf_pop_batch(c, max_items, self._now(), po, pl, ps, outs, outs + 1, outs + 2)
+            rc = lib.gf_pop_batch(c, max_items, _NO_BYTE_LIMIT, 0, self._now(), po, pl, ps, outs, outs + 1, outs + 2)
             if rc == OK:
                 n = int(outs[0])
                 return Batch(self, outs[1], offs[:n], lens[:n], seqs[:n], outs[2])
@@ -824,6 +900,19 @@ class FabricQueue:
             if timeout == 0:
                 return Batch.empty()
             self._wait_data(deadline)
+
+    def _batch_from_prefetch(self, max_items: int) -> Batch:
+        """Items prefetched by single pops go out first, in order, as a batch
+        that carries their (consecutive) release tokens."""
+        self.lease.check()
+        i = self._pf_i
+        j = min(self._pf_n, i + max_items)
+        self._pf_i = j
+        offs = np.array(self._pf_offs[i:j], dtype=np.uint64)
+        lens = np.array(self._pf_lens[i:j], dtype=np.uint64)
+        seqs = np.array(self._pf_seqs[i:j], dtype=np.uint64)
+        uniform = int(lens[0]) if bool((lens == lens[0]).all()) else 0
+        return Batch(self, self._pf_token + i, offs, lens, seqs, uniform, ntokens=j - i)
 
     def _release_token(self, token: int) -> None:
         c = self._cons

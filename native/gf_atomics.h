@@ -63,6 +63,15 @@ static inline void gf_cpu_relax(void) {
 #endif
 }
 
+/* A process-local spinlock for one producer or consumer object. Uncontended
+ * (the normal case) it is one CAS and one store. */
+static inline void gf_lock(int *l) {
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
+        while (__atomic_load_n(l, __ATOMIC_RELAXED)) gf_cpu_relax();
+    }
+}
+static inline void gf_unlock(int *l) { __atomic_store_n(l, 0, __ATOMIC_RELEASE); }
+
 static inline uint64_t gf_monotonic_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

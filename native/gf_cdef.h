@@ -55,7 +55,7 @@ typedef struct {
     uint64_t created_epoch; uint32_t flags; uint32_t dtype_len; char dtype[...];
     uint64_t epoch; uint64_t seal_seq; uint64_t producer_id; uint64_t consumer_id;
     uint64_t tail; uint64_t next_seq; uint64_t head; uint64_t acked;
-    uint32_t data_futex; uint32_t data_waiters; uint32_t space_futex; uint32_t space_waiters; ...;
+    uint32_t data_futex; uint32_t data_waiters; uint32_t space_futex; uint32_t space_waiters; uint64_t space_want; ...;
 } gf_ring_header;
 
 typedef struct {
@@ -113,8 +113,9 @@ int gf_consumer_init(gf_consumer *c, void *ring, volatile uint64_t *lease_state,
                      uint64_t id, uint64_t *pend_end, uint8_t *pend_done, uint64_t pend_cap);
 int gf_consumer_close(gf_consumer *c);
 int gf_pop(gf_consumer *c, uint64_t now_ns, gf_item *out);
-int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t now_ns, uint64_t *offs, uint64_t *lens, uint64_t *seqs,
-                 uint64_t *n_out, uint64_t *token_out, uint64_t *uniform_len);
+int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per_item, uint64_t now_ns,
+                 uint64_t *offs, uint64_t *lens, uint64_t *seqs, uint64_t *n_out, uint64_t *token_out,
+                 uint64_t *uniform_len);
 int gf_release(gf_consumer *c, uint64_t token);
 int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin);
 uint64_t gf_consumer_outstanding(gf_consumer *c);

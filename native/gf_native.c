@@ -208,9 +208,13 @@ int gf_producer_init(gf_producer *p, void *ring, volatile uint64_t *lease_state,
 }
 
 int gf_producer_close(gf_producer *p) {
-    if (!p || !p->hdr) return GF_OK;
-    gf_cas_u64(&p->hdr->producer_id, p->id, 0);
-    p->hdr = NULL;
+    if (!p) return GF_OK;
+    gf_lock(&p->lock);
+    if (p->hdr) {
+        gf_cas_u64(&p->hdr->producer_id, p->id, 0);
+        p->hdr = NULL;
+    }
+    gf_unlock(&p->lock);
     return GF_OK;
 }
 
@@ -289,7 +293,7 @@ static inline int prod_publish(gf_producer *p) {
     return GF_OK;
 }
 
-int gf_push(gf_producer *p, const void *buf, uint64_t len, uint64_t now_ns, uint64_t *seq_out) {
+static int gf_push_unlocked(gf_producer *p, const void *buf, uint64_t len, uint64_t now_ns, uint64_t *seq_out) {
     if (!p->hdr) return GF_E_ARG;
     if (p->reserved) return GF_E_CLAIMED;
     int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
@@ -311,7 +315,7 @@ int gf_push(gf_producer *p, const void *buf, uint64_t len, uint64_t now_ns, uint
     return GF_OK;
 }
 
-int gf_push_rows(gf_producer *p, const void *base, uint64_t n, uint64_t row_stride, uint64_t len, uint64_t now_ns,
+static int gf_push_rows_unlocked(gf_producer *p, const void *base, uint64_t n, uint64_t row_stride, uint64_t len, uint64_t now_ns,
                  uint64_t *pushed) {
     *pushed = 0;
     if (!p->hdr) return GF_E_ARG;
@@ -344,7 +348,7 @@ int gf_push_rows(gf_producer *p, const void *base, uint64_t n, uint64_t row_stri
     return rc < 0 ? rc : GF_OK;
 }
 
-int gf_push_concat(gf_producer *p, const void *base, const uint64_t *lens, uint64_t n, uint64_t now_ns,
+static int gf_push_concat_unlocked(gf_producer *p, const void *base, const uint64_t *lens, uint64_t n, uint64_t now_ns,
                    uint64_t *pushed) {
     *pushed = 0;
     if (!p->hdr) return GF_E_ARG;
@@ -379,7 +383,7 @@ int gf_push_concat(gf_producer *p, const void *base, const uint64_t *lens, uint6
     return rc < 0 ? rc : GF_OK;
 }
 
-int gf_reserve(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_off) {
+static int gf_reserve_unlocked(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_off) {
     if (!p->hdr) return GF_E_ARG;
     if (p->reserved) return GF_E_CLAIMED;
     int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
@@ -399,7 +403,7 @@ int gf_reserve(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_
     return GF_OK;
 }
 
-int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out) {
+static int gf_commit_unlocked(gf_producer *p, uint64_t len, uint64_t *seq_out) {
     if (!p->hdr || !p->reserved) return GF_E_ARG;
     if (len == 0 || len > p->reserved_len) return GF_E_ARG;
     gf_record_header *r = (gf_record_header *)(p->data + (p->reserved_at & p->mask));
@@ -413,7 +417,7 @@ int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out) {
     return GF_OK;
 }
 
-int gf_abort(gf_producer *p) {
+static int gf_abort_unlocked(gf_producer *p) {
     if (!p->hdr || !p->reserved) return GF_E_ARG;
     p->claim = p->tail;
     p->next_seq = p->pub_seq;
@@ -433,17 +437,21 @@ int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t sp
     uint64_t rs = rec_size(len);
     uint64_t idx = p->claim & p->mask;
     uint64_t need = (idx + rs > p->capacity ? p->capacity - idx : 0) + rs;
+    uint64_t want = p->claim + need - p->capacity; /* the head that makes room */
     for (uint32_t i = 0; i < spin; i++) {
         uint64_t hd = gf_load_acquire_u64(&h->head); /* SYNC POINT: ring-release */
-        if (p->claim + need - hd <= p->capacity) return GF_OK;
+        if (hd >= want) return GF_OK;
         gf_cpu_relax();
     }
+    /* sleep until a quarter of the ring is free (hysteresis), or the ring is empty */
+    uint64_t lazy = want + p->capacity / 4;
+    __atomic_store_n(&h->space_want, lazy < p->claim ? lazy : p->claim, __ATOMIC_RELAXED);
     gf_faa_u32(&h->space_waiters, 1);
     uint32_t v = gf_load_seq_cst_u32(&h->space_futex);
     uint64_t hd = __atomic_load_n(&h->head, __ATOMIC_SEQ_CST);
     uint64_t w = __atomic_load_n(&h->tail, __ATOMIC_SEQ_CST);
     int rc = 0;
-    if (p->claim + need - hd > p->capacity && !(w & GF_TAIL_SEALED) && (w & GF_TAIL_TAG_MASK) == p->tag)
+    if (hd < want && !(w & GF_TAIL_SEALED) && (w & GF_TAIL_TAG_MASK) == p->tag)
         rc = gf_futex_wait(&h->space_futex, v, timeout_ns);
     gf_fas_u32(&h->space_waiters, 1);
     return rc;
@@ -480,9 +488,13 @@ int gf_consumer_init(gf_consumer *c, void *ring, volatile uint64_t *lease_state,
 }
 
 int gf_consumer_close(gf_consumer *c) {
-    if (!c || !c->hdr) return GF_OK;
-    gf_cas_u64(&c->hdr->consumer_id, c->id, 0);
-    c->hdr = NULL;
+    if (!c) return GF_OK;
+    gf_lock(&c->lock);
+    if (c->hdr) {
+        gf_cas_u64(&c->hdr->consumer_id, c->id, 0);
+        c->hdr = NULL;
+    }
+    gf_unlock(&c->lock);
     return GF_OK;
 }
 
@@ -524,7 +536,7 @@ static inline int pend_push(gf_consumer *c, uint64_t end, uint64_t *token) {
     return GF_OK;
 }
 
-int gf_pop(gf_consumer *c, uint64_t now_ns, gf_item *out) {
+static int gf_pop_unlocked(gf_consumer *c, uint64_t now_ns, gf_item *out) {
     if (!c->hdr) return GF_E_ARG;
     int rc = gf_lease_status(c->lease_state, c->lease_deadline, now_ns);
     if (rc) return rc;
@@ -542,15 +554,22 @@ int gf_pop(gf_consumer *c, uint64_t now_ns, gf_item *out) {
     return GF_OK;
 }
 
-int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t now_ns, uint64_t *offs, uint64_t *lens, uint64_t *seqs,
-                 uint64_t *n_out, uint64_t *token_out, uint64_t *uniform_len) {
+/* Pop up to max_items records (and about max_bytes of ring) in one call. With
+ * per_item, every record gets a release token of its own (tokens
+ * *token_out .. *token_out + n - 1, so items free their space one by one);
+ * otherwise the whole batch shares one token. */
+static int gf_pop_batch_unlocked(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per_item,
+                                 uint64_t now_ns, uint64_t *offs, uint64_t *lens, uint64_t *seqs, uint64_t *n_out,
+                                 uint64_t *token_out, uint64_t *uniform_len) {
     *n_out = 0;
     if (!c->hdr) return GF_E_ARG;
     int rc = gf_lease_status(c->lease_state, c->lease_deadline, now_ns);
     if (rc) return rc;
     if (max_items == 0) return GF_E_ARG;
-    if (c->pend_next - c->pend_first > c->pend_mask) return GF_E_HELD;
-    uint64_t n = 0, uni = 0;
+    uint64_t free_tokens = c->pend_mask + 1 - (c->pend_next - c->pend_first);
+    if (free_tokens == 0) return GF_E_HELD;
+    if (per_item && max_items > free_tokens) max_items = free_tokens;
+    uint64_t n = 0, uni = 0, start = c->rpos;
     while (n < max_items) {
         uint64_t idx;
         /* a batch stops at the wrap (a padding record, or a record ending
@@ -567,15 +586,21 @@ int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t now_ns, uint64_t *
         else if (uni != len) uni = 0;
         c->rpos += rec_size(len);
         n++;
+        if (per_item) {
+            uint64_t t;
+            pend_push(c, c->rpos, &t);
+            if (n == 1) *token_out = t;
+        }
+        if (c->rpos - start >= max_bytes) break;
     }
     if (n == 0) return rc; /* GF_EMPTY, GF_END or an error; with items, a later call reports it */
-    pend_push(c, c->rpos, token_out);
+    if (!per_item) pend_push(c, c->rpos, token_out);
     *n_out = n;
     *uniform_len = uni;
     return GF_OK;
 }
 
-int gf_release(gf_consumer *c, uint64_t token) {
+static int gf_release_unlocked(gf_consumer *c, uint64_t token) {
     if (!c->hdr) return GF_E_ARG;
     if (token < c->pend_first || token >= c->pend_next) return GF_E_ARG;
     c->pend_done[token & c->pend_mask] = 1;
@@ -589,7 +614,8 @@ int gf_release(gf_consumer *c, uint64_t token) {
     c->head = head;
     gf_ring_header *h = c->hdr;
     gf_store_seq_cst_u64(&h->head, head); /* SYNC POINT: ring-release (full fence before the waiter check) */
-    if (__atomic_load_n(&h->space_waiters, __ATOMIC_SEQ_CST)) {
+    if (__atomic_load_n(&h->space_waiters, __ATOMIC_SEQ_CST) &&
+        (head >= __atomic_load_n(&h->space_want, __ATOMIC_RELAXED) || c->pend_first == c->pend_next)) {
         gf_faa_u32(&h->space_futex, 1);
         gf_futex_wake_all(&h->space_futex);
     }
@@ -613,5 +639,71 @@ int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin) {
     if ((w & GF_TAIL_POS_MASK) == c->rpos && !(w & GF_TAIL_SEALED))
         rc = gf_futex_wait(&h->data_futex, v, timeout_ns);
     gf_fas_u32(&h->data_waiters, 1);
+    return rc;
+}
+
+int gf_push(gf_producer *p, const void *buf, uint64_t len, uint64_t now_ns, uint64_t *seq_out) {
+    gf_lock(&p->lock);
+    int rc = gf_push_unlocked(p, buf, len, now_ns, seq_out);
+    gf_unlock(&p->lock);
+    return rc;
+}
+
+int gf_push_rows(gf_producer *p, const void *base, uint64_t n, uint64_t row_stride, uint64_t len, uint64_t now_ns, uint64_t *pushed) {
+    gf_lock(&p->lock);
+    int rc = gf_push_rows_unlocked(p, base, n, row_stride, len, now_ns, pushed);
+    gf_unlock(&p->lock);
+    return rc;
+}
+
+int gf_push_concat(gf_producer *p, const void *base, const uint64_t *lens, uint64_t n, uint64_t now_ns, uint64_t *pushed) {
+    gf_lock(&p->lock);
+    int rc = gf_push_concat_unlocked(p, base, lens, n, now_ns, pushed);
+    gf_unlock(&p->lock);
+    return rc;
+}
+
+int gf_reserve(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_off) {
+    gf_lock(&p->lock);
+    int rc = gf_reserve_unlocked(p, len, now_ns, payload_off);
+    gf_unlock(&p->lock);
+    return rc;
+}
+
+int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out) {
+    gf_lock(&p->lock);
+    int rc = gf_commit_unlocked(p, len, seq_out);
+    gf_unlock(&p->lock);
+    return rc;
+}
+
+int gf_abort(gf_producer *p) {
+    gf_lock(&p->lock);
+    int rc = gf_abort_unlocked(p);
+    gf_unlock(&p->lock);
+    return rc;
+}
+
+int gf_pop(gf_consumer *c, uint64_t now_ns, gf_item *out) {
+    gf_lock(&c->lock);
+    int rc = gf_pop_unlocked(c, now_ns, out);
+    gf_unlock(&c->lock);
+    return rc;
+}
+
+int gf_release(gf_consumer *c, uint64_t token) {
+    gf_lock(&c->lock);
+    int rc = gf_release_unlocked(c, token);
+    gf_unlock(&c->lock);
+    return rc;
+}
+
+int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per_item, uint64_t now_ns,
+                 uint64_t *offs, uint64_t *lens, uint64_t *seqs, uint64_t *n_out, uint64_t *token_out,
+                 uint64_t *uniform_len) {
+    gf_lock(&c->lock);
+    int rc = gf_pop_batch_unlocked(c, max_items, max_bytes, per_item, now_ns, offs, lens, seqs, n_out, token_out,
+                                   uniform_len);
+    gf_unlock(&c->lock);
     return rc;
 }

@@ -15,7 +15,7 @@
 
 /* Bumped whenever a layout or this API changes; the Python wrapper refuses a
  * build whose number differs from the one it was written for. */
-#define GF_NATIVE_ABI 3
+#define GF_NATIVE_ABI 6
 
 /* Status codes. 0 and the small positive values are ordinary outcomes;
  * negatives are errors (the grafOS ones first). */
@@ -59,6 +59,7 @@ typedef struct gf_producer {
     uint64_t reserved_at;   /* record position of an outstanding reservation */
     uint64_t reserved_len;
     int reserved;
+    int lock;             /* cffi drops the GIL: two threads must not run one producer at once */
 } gf_producer;
 
 typedef struct gf_consumer {
@@ -78,6 +79,7 @@ typedef struct gf_consumer {
     uint64_t pend_first;  /* outstanding tokens: [pend_first, pend_next) */
     uint64_t pend_next;
     uint64_t id;
+    int lock;             /* pops, releases from finalizers in other threads: serialized */
 } gf_consumer;
 
 typedef struct gf_item {
@@ -127,8 +129,9 @@ int gf_consumer_init(gf_consumer *c, void *ring, volatile uint64_t *lease_state,
                      uint64_t id, uint64_t *pend_end, uint8_t *pend_done, uint64_t pend_cap);
 int gf_consumer_close(gf_consumer *c);
 int gf_pop(gf_consumer *c, uint64_t now_ns, gf_item *out);
-int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t now_ns, uint64_t *offs, uint64_t *lens, uint64_t *seqs,
-                 uint64_t *n_out, uint64_t *token_out, uint64_t *uniform_len);
+int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per_item, uint64_t now_ns,
+                 uint64_t *offs, uint64_t *lens, uint64_t *seqs, uint64_t *n_out, uint64_t *token_out,
+                 uint64_t *uniform_len);
 int gf_release(gf_consumer *c, uint64_t token);
 int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin);
 uint64_t gf_consumer_outstanding(gf_consumer *c);

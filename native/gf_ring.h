@@ -33,6 +33,7 @@
  *  |  data_futex (u32)             |  data_waiters (u32)           |  640
  *  +-------------------------------+-------------------------------+
  *  |  space_futex (u32)            |  space_waiters (u32)          |  768
+ *  |  space_want (u64): head a sleeping producer waits for         |  776
  *  +---------------------------------------------------------------+
  *  |  reserved to 4096; data area follows                          |
  *  +---------------------------------------------------------------+
@@ -65,6 +66,9 @@
  * with acquire only when its head cache says there is no room. Blocking uses
  * the futex words: a sleeper bumps *_waiters, re-checks, then waits; the
  * other side, after its full-fence store, bumps the futex word and wakes.
+ * A producer sleeping for space asks for a quarter of the ring (space_want),
+ * so a consumer that is the bottleneck pays one wake per quarter ring, not
+ * one per item.
  */
 #ifndef GF_RING_H
 #define GF_RING_H
@@ -120,7 +124,8 @@ typedef struct gf_ring_header {
     uint8_t _pad5[128 - 8];
     uint32_t space_futex;
     uint32_t space_waiters;
-    uint8_t _pad6[128 - 8];
+    uint64_t space_want;  /* head position a sleeping producer waits for */
+    uint8_t _pad6[128 - 16];
     uint8_t _pad7[GF_RING_HEADER_SIZE - 896];
 } gf_ring_header;
 
@@ -139,6 +144,7 @@ _Static_assert(offsetof(gf_ring_header, head) == 384, "ring layout");
 _Static_assert(offsetof(gf_ring_header, acked) == 512, "ring layout");
 _Static_assert(offsetof(gf_ring_header, data_futex) == 640, "ring layout");
 _Static_assert(offsetof(gf_ring_header, space_futex) == 768, "ring layout");
+_Static_assert(offsetof(gf_ring_header, space_want) == 776, "ring layout");
 _Static_assert(sizeof(gf_ring_header) == GF_RING_HEADER_SIZE, "ring header is one page");
 
 typedef struct gf_record_header {
