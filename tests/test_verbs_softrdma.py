@@ -545,3 +545,39 @@ def test_the_memory_node_answers_connect_with_its_own_qp(node):
         assert HCA.qps[again.qpn].dest == 0x9A
     finally:
         c.close()
+
+
+def test_serve_runs_a_node_that_a_client_can_use_until_stopped(capsys):
+    import argparse
+
+    from grafos_fabric.tools import serve
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    serve.add_serve_parser(sub)
+    args = parser.parse_args(["serve", "--host", "127.0.0.1", "--port", "0", "--pool", "2M", "--log-level", "ERROR"])
+    stop = threading.Event()
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(args.func(args, stop)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        out = ""
+        while "serving rdma://" not in out:
+            assert time.monotonic() < deadline and t.is_alive(), "serve did not start"
+            time.sleep(0.01)
+            out += capsys.readouterr().out
+        url = out.split()[1]
+        assert url.startswith("rdma://127.0.0.1:") and "pool=2097152" in out
+        f = verbs.VerbsFabric.from_url(url)
+        try:
+            region = f.alloc(64, ttl=5.0)
+            region.store64(0, 42)
+            assert region.load64(0) == 42
+        finally:
+            f.close()
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert result == [0]
+    assert HCA.mrs == {}, "serve must deregister everything on the way out"

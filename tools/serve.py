@@ -84,8 +84,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return _configure(parser)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Run the memory node described by ``args`` until SIGINT/SIGTERM; returns the exit status."""
+def run_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
+    """Run the memory node described by ``args`` until SIGINT/SIGTERM (or ``stop`` is set).
+
+    Returns the exit status. Signal handlers are installed only when called
+    from the main thread (and restored on the way out).
+    """
     from grafos_fabric.drivers._verbs_compat import probe
     from grafos_fabric.drivers.verbs import MemoryNode
 
@@ -109,7 +113,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except (FabricError, FabricValueError, OSError) as ex:
         sys.stderr.write(f"grafos-fabric serve: cannot start the memory node: {type(ex).__name__}: {ex}\n")
         return 1
-    stop = threading.Event()
+    stop = stop or threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping", signum)
