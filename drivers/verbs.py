@@ -40,6 +40,21 @@ access error becomes :class:`Revoked` or :class:`LeaseExpired` according to
 the lease state the node reports over the control channel; retries exceeded,
 flushes and timeouts become :class:`Disconnected`.
 
+Atomicity: RDMA atomics are atomic with respect to other RDMA atomics on
+the same word (``IBV_ATOMIC_HCA``: through the same HCA; ``IBV_ATOMIC_GLOB``:
+also against the node's CPU). ``load64``/``store64`` are aligned 8-byte READ /
+WRITE, which HCAs place as single PCIe transactions but the verbs spec does
+not call atomic; the ring protocol only mixes them with atomics on words whose
+writers agree on one of the two (an assumption to confirm on each HCA).
+
+Buffers: bytes go through a per-node registered staging buffer (copied, in
+chunks) unless the caller's buffer lies inside memory registered with
+:meth:`VerbsFabric.register`, which READ/WRITE then use directly (zero copy).
+
+Node restarts: the control channel notices a broken stream, reconnects on
+the next request and the QP is rebuilt; leases the new node never issued
+then fail as :class:`LeaseExpired` (status ``unknown``).
+
 Byte order: ``load64``/``store64`` use little-endian words (the ring's
 format); atomics operate on the responder's native words. Both players must
 be little-endian hosts (checked). Some HCAs return the *old value* of an
@@ -90,14 +105,32 @@ __all__ = [
     "DEFAULT_PORT",
     "MAX_FRAME",
     "PROTOCOL_VERSION",
+    "Alloc",
     "Allocator",
+    "Attach",
+    "Connect",
+    "Connected",
+    "Control",
     "ControlClient",
+    "Done",
+    "ErrorReply",
+    "Free",
+    "Granted",
+    "Hello",
+    "HelloOk",
+    "LeaseStatus",
     "LeaseTable",
     "LocalBuffer",
     "MemoryNode",
     "Registrar",
     "RemoteLeaseCell",
+    "Renew",
+    "Renewed",
+    "Reply",
+    "Request",
+    "Revoke",
     "ServerLease",
+    "Status",
     "VerbsFabric",
     "VerbsRegion",
     "WrCache",
@@ -108,9 +141,13 @@ __all__ = [
     "decode_reply",
     "decode_request",
     "encode_frame",
+    "error_reply",
     "map_completion_error",
     "parse_rdma_url",
     "poll_completion",
+    "raise_for_reply",
+    "read_frame",
+    "send_frame",
 ]
 
 log = logging.getLogger(__name__)
