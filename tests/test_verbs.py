@@ -169,6 +169,16 @@ def test_from_url_without_a_device_raises_unsupported_with_the_probe_reason():
     assert info.value.code == -5
 
 
+def test_open_fabric_with_an_rdma_url_and_no_device_raises_unsupported():
+    from grafos_fabric.drivers import open_fabric
+
+    reason = compat.probe()
+    if reason is None:
+        pytest.skip("an RDMA device exists here")
+    with pytest.raises(Unsupported, match=r"^no RDMA device: "):
+        open_fabric("rdma://127.0.0.1:18515")
+
+
 def test_from_url_passes_the_device_option_to_the_probe(monkeypatch):
     seen: list[str | None] = []
 
