@@ -1585,11 +1585,12 @@ class _NodeConnection:
             scratch = self.scratch
             assert scratch is not None
             _check_atomic_addr(remote_addr)
-            wr = build(0, scratch.addr, scratch.lkey, remote_addr, rkey, *operands)
-            try:
-                self._execute(wr, op, cell)
-            finally:
-                wr.close()
+            cas = build is build_cas_wr
+            key = (5 if cas else 6, scratch.addr, 8, scratch.lkey)
+            wr = self.wrs.get(key, lambda: build(0, scratch.addr, scratch.lkey, remote_addr, rkey, *operands))
+            compare_add, swap = (operands[0], operands[1]) if cas else (operands[0], 0)
+            wr.set_wr_atomic(rkey=rkey, addr=remote_addr, compare_add=compare_add & U64, swap=swap & U64)
+            self._execute(wr, op, cell)
             value = int(struct.unpack_from("<Q", scratch.mem.mm, 0)[0])
         if self.atomic_reply_swapped and not raw:
             value = int.from_bytes(value.to_bytes(8, "little"), "big")

@@ -460,9 +460,11 @@ def test_wrs_are_reused_and_all_closed_with_the_fabric(node):
     f = dev.client(node)
     region = f.alloc(64, ttl=30.0)
     conn = region.conn
-    for _ in range(10):
-        region.store64(0, 1)
-    assert len(conn.wrs) == 1
+    for i in range(10):
+        region.store64(0, i)
+        assert region.cas64(8, i, i + 1) == i
+        assert region.faa64(16, 2) == 2 * i
+    assert len(conn.wrs) == 3  # one WRITE, one CAS, one FAA: reused with new operands
     f.close()
     assert len(conn.wrs) == 0
 
