@@ -13,6 +13,10 @@ The CLI registers it with :func:`add_serve_parser` (which sets
 ``func=run_serve``); :func:`serve_main` runs it on its own
 (``python -m grafos_fabric.tools.serve``).
 
+Registering memory pins it: the node needs a locked-memory limit at least
+as large as the pool (``ulimit -l``; root is normally unlimited). A warning
+is logged when the limit is lower.
+
 Exit status: 0 after a signal, 2 for bad arguments, 69 (``EX_UNAVAILABLE``)
 when there is no usable RDMA device, 1 when the node cannot start otherwise
 (port taken, pool too large to pin...).
@@ -84,6 +88,15 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return _configure(parser)
 
 
+def _warn_memlock(pool: int) -> None:
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != resource.RLIM_INFINITY and soft < pool:
+        log.warning("the locked-memory limit (%d bytes, ulimit -l) is below the pool (%d bytes): "
+                    "registering leases may fail", soft, pool)
+
+
 def run_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Run the memory node described by ``args`` until SIGINT/SIGTERM (or ``stop`` is set).
 
@@ -101,6 +114,7 @@ def run_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> 
     if reason is not None:
         sys.stderr.write(f"grafos-fabric serve: no RDMA device: {reason}\n")
         return EX_UNAVAILABLE
+    _warn_memlock(args.pool)
     try:
         node = MemoryNode.open(
             args.device,
