@@ -54,10 +54,10 @@ Who writes, who reads, what makes a record visible. One writer at a time
 (a stage for its checkpoints; the handoff writer holds an ``flock``) writes
 the slot that does *not* hold the newest valid record, with sequence
 ``newest + 1``: data blocks, ``fdatasync``, then the header block,
-``fdatasync`` (``durability="ordered"``, the default). The header block is
-one device block, which the device writes atomically, so the record becomes
-visible in one step when its header lands, and never before its data is
-durable. Any reader reads both headers, keeps the slots whose magic, version,
+``fdatasync`` (``durability="ordered"``, the default). Every header field
+sits in the first 512 bytes of the header block, one sector, which a device
+writes atomically, so the record becomes visible in one step when its header
+lands, and never before its data is durable. Any reader reads both headers, keeps the slots whose magic, version,
 header CRC, geometry, length and data CRC all check out, and takes the one
 with the highest sequence. A torn or bit-flipped newest slot therefore falls
 back to the previous record; if no slot is valid the reader raises
