@@ -345,6 +345,40 @@ def test_close_releases_everything_and_is_idempotent(node):
         region.write(0, b"x")
 
 
+def test_after_a_node_restart_old_leases_end_as_lease_expired_and_new_ones_work(node_clock):
+    def open_node(port: int) -> verbs.MemoryNode:
+        return verbs.MemoryNode.open(DEVICE, pool_size=1 << 20, host="127.0.0.1", port=port, ib_port=IB_PORT,
+                                     gid_index=GID_INDEX, clock=node_clock)
+
+    first = open_node(0)
+    f = client(first)
+    try:
+        old = f.alloc(64, ttl=30.0)
+        old.store64(0, 1)
+        first.close()
+        second = open_node(first.port)
+        try:
+            # The old QP's peer is gone (Disconnected) until the client has
+            # reconnected; then the new node answers that it never issued the lease.
+            seen: list[Exception] = []
+            for _ in range(3):
+                try:
+                    old.load64(0)
+                except (Disconnected, LeaseExpired) as ex:
+                    seen.append(ex)
+                    if isinstance(ex, LeaseExpired):
+                        break
+            assert seen and isinstance(seen[-1], LeaseExpired), seen
+            assert "unknown" in str(seen[-1])
+            new = f.alloc(64, ttl=30.0)
+            new.store64(0, 2)
+            assert new.load64(0) == 2
+        finally:
+            second.close()
+    finally:
+        f.close()
+
+
 # ---------------------------------------------------------------------------
 # Two processes: the node started through `grafos-fabric serve`
 # ---------------------------------------------------------------------------
