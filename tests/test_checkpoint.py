@@ -638,3 +638,44 @@ def test_kill_9_loop_stress_always_restores_a_completed_checkpoint(tmp_path: Pat
         _kill_loop(path, rounds=5, seed=rounds)
         rounds += 5
     assert rounds >= 5
+
+
+# -- the benchmark ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dir", pytest.param("loop", marks=pytest.mark.blockdev)])
+def test_the_checkpoint_bench_reports_each_case_next_to_the_raw_sync_rate(tmp_path: Path, kind: str) -> None:
+    from grafos_fabric.tools.bench_checkpoint import run_checkpoint_bench
+
+    lines: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if kind == "dir":
+            target = str(tmp_path)
+        else:
+            try:
+                from _blockdev import loop_device
+            except ImportError:
+                from tests._blockdev import loop_device
+            target = stack.enter_context(loop_device(tmp_path / "bench.img", 1 << 20))
+        rows = run_checkpoint_bench(target, sizes=(4096, 65536), seconds=0.04, progress=lines.append)
+    assert [r["case"] for r in rows] == [
+        "checkpoint 4 KiB ordered",
+        "checkpoint 4 KiB single-sync",
+        "checkpoint 64 KiB ordered",
+        "checkpoint 64 KiB single-sync",
+    ]
+    for r in rows:
+        assert set(r) == {"case", "size", "ops_per_s", "baseline_ops_per_s", "ratio"}
+        assert r["ops_per_s"] > 0 and r["baseline_ops_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["ops_per_s"] / r["baseline_ops_per_s"])
+    assert len(lines) == 4 and all("write+fdatasync" in line for line in lines)
+    assert list(tmp_path.glob(".grafos-ckpt-bench-*")) == []  # the scratch file is gone
+
+
+def test_the_checkpoint_bench_refuses_nonsense_arguments(tmp_path: Path) -> None:
+    from grafos_fabric.tools.bench_checkpoint import run_checkpoint_bench
+
+    with pytest.raises(FabricValueError):
+        run_checkpoint_bench(tmp_path, sizes=(0,), seconds=0.01)
+    with pytest.raises(FabricValueError):
+        run_checkpoint_bench(tmp_path, sizes=(4096,), seconds=0)
