@@ -447,3 +447,23 @@ def test_an_aligned_writable_buffer_is_written_without_a_bounce_copy(region: Blo
     assert region.read_blocks(2, 2) == pattern(4 * bs, 21)[bs : 3 * bs]
     region.write_blocks(0, bytes(bs))  # read-only bytes take the bounce buffer
     assert region._bounce is not None
+
+
+def test_a_file_truncated_under_the_region_gives_an_io_error_not_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "short.img"
+    with open_block(path, create_size=SIZE) as region:
+        os.truncate(path, region.block_size)
+        with pytest.raises(OSError) as info:
+            region.read_blocks(region.nblocks - 1)
+        assert info.value.errno == errno.EIO
+
+
+def test_block_store_reports_a_full_disk_as_capacity_exceeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = BlockStore(tmp_path / "blocks")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(CapacityExceeded):
+        store.lease_block(1 << 20, ttl=1.0)
+    assert store.leases() == []

@@ -495,3 +495,13 @@ def test_fuzz_corpus_is_not_trivially_all_errors() -> None:
         except TYPED:
             results.append(False)
     assert any(results) and all(r in (True, False) for r in results)
+
+
+def test_a_writer_ahead_of_the_disk_publishes_the_generation_after_its_own(region: BlockRegion) -> None:
+    HandoffWriter(region).publish(b"one")
+    assert HandoffWriter(region, generation=5).publish(b"jump") == FenceEpoch(6)
+    reader = HandoffReader(region, since=1)
+    rec = reader.poll()
+    assert rec is not None and int(rec.generation) == 6
+    with pytest.raises(StaleEpoch):
+        HandoffWriter(region, generation=1).publish(b"behind")
