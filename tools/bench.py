@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure grafos-fabric's FabricQueue against np.copyto and the peers a user would pick "
         "instead, all in one run, and print the ratios.",
     )
-    p.add_argument("--duration", type=float, default=1.0, metavar="SECONDS", help="seconds per case (default 1.0)")
+    p.add_argument(
+        "--duration", type=float, default=0.8, metavar="SECONDS", help="seconds per case and round (default 0.8)"
+    )
     p.add_argument(
         "--sizes", type=_sizes, default=list(DEFAULT_SIZES), metavar="LIST", help="item sizes (default 64,4K,1M)"
     )
@@ -244,6 +246,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, console: Console) -> None:
         self.args = args
         self.console = console
+        self.ctx = get_context(args.start_method)
         self.skipped: dict[str, str] = {}
         self.results: list[CaseResult] = []
         self.extra: dict[str, list[dict[str, Any]]] = {}
@@ -313,10 +316,8 @@ class Bench:
 
     def run(self) -> int:
         args = self.args
-        self.ctx = get_context(args.start_method)
         plan = self.plan()
-        fabric = FabricTransport()
-        FabricTransport.url = f"{args.driver}://bench-{os.getpid()}"
+        fabric = FabricTransport(f"{args.driver}://bench-{os.getpid()}")
         transports: dict[str, Transport] = {"fabric": fabric}
         transports.update({p: TRANSPORTS[p]() for p in [*self.peers, "shm_pipe"]})
         progress = Progress(

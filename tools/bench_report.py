@@ -167,9 +167,11 @@ def render(
         f"grafos-bench: driver {meta['driver']}, {meta['duration']:g} s per case, best of {meta['repeat']}, "
         f"{meta['cpus']} CPUs, {meta['start_method']}{', pinned' if meta['pinned'] else ''}"
     )
-    t = Table(title=title, title_justify="left")
-    for col in ("size", "transport", "mode", "items/s", "MB/s", "x copyto"):
-        t.add_column(col, justify="right" if col in ("items/s", "MB/s", "x copyto") else "left")
+    spread = any(len(r.samples) > 1 for r in results)
+    caption = "spread: (best - worst) / best over the rounds" if spread else None
+    t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    for col in ("size", "transport", "mode", "items/s", "MB/s", "x copyto", *(["spread"] if spread else [])):
+        t.add_column(col, justify="left" if col in ("size", "transport", "mode") else "right")
     by = _lookup(results)
     prev = None
     for r in results:
@@ -180,9 +182,17 @@ def render(
         vs_ct = r.items_per_s / ct.items_per_s if ct and r.ok and r.transport != "copyto" else None
         name = f"[bold]{r.transport}[/bold]" if r.transport == "fabric" else r.transport
         if r.ok:
-            t.add_row(fmt_size(r.size), name, r.mode, fmt_rate(r.items_per_s), f"{r.mb_per_s:,.0f}", fmt_ratio(vs_ct))
+            t.add_row(
+                fmt_size(r.size),
+                name,
+                r.mode,
+                fmt_rate(r.items_per_s),
+                f"{r.mb_per_s:,.0f}",
+                fmt_ratio(vs_ct),
+                *([_spread(r.samples)] if spread else []),
+            )
         else:
-            t.add_row(fmt_size(r.size), name, r.mode, "[red]error[/red]", "-", "-")
+            t.add_row(fmt_size(r.size), name, r.mode, "[red]error[/red]", "-", "-", *(["-"] if spread else []))
     console.print(t)
     for r in results:
         if r.error:
@@ -231,6 +241,13 @@ def render(
 
     for what, why in skipped.items():
         console.print(f"[yellow]skipped[/yellow] {what}: {why}")
+
+
+def _spread(samples: Sequence[float]) -> str:
+    """How far the slowest round fell below the best: ``(max - min) / max``."""
+    if len(samples) < 2 or max(samples) <= 0:
+        return "-"
+    return f"{(max(samples) - min(samples)) / max(samples):.0%}"
 
 
 def _cell(v: Any) -> str:
@@ -291,7 +308,13 @@ def plot(ratios: Sequence[Ratio], peers: Sequence[str], path: str, title: str) -
         get = ceiling.get(name, lambda x, name=name: x.vs.get(name))
         vals = [get(x) or 0.0 for x in ratios]
         xs = [j + (i - (len(against) - 1) / 2) * width for j in range(len(ratios))]
-        ax.bar(xs, [v if v > 0 else float("nan") for v in vals], width, label=f"vs {name}")
+        ax.bar(
+            xs,
+            [v if v > 0 else float("nan") for v in vals],
+            width,
+            label=f"vs {name}" + (" (ceiling)" if name in ceiling else ""),
+            hatch="//" if name in ceiling else None,
+        )
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xticks(range(len(ratios)))

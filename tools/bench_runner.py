@@ -146,6 +146,7 @@ def run_pair(ctx: Any, transport: Transport, spec: CaseSpec, *, pin: bool = Fals
         if cons["total"] != prod["pushed"]:
             raise RuntimeError(f"consumer took {cons['total']} items, producer pushed {prod['pushed']}")
         res.items, res.seconds = int(cons["items"]), float(cons["seconds"])
+        res.samples.append(res.rate())
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     finally:

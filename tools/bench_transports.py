@@ -520,10 +520,10 @@ class FabricTransport(Transport):
     name = "fabric"
     modes = ("single", "batch", "reserve")
     description = "grafos_fabric.FabricQueue"
-    url = ""  # set by the parent (bench.py) before any case runs
     ttl = 300.0
 
-    def __init__(self) -> None:
+    def __init__(self, url: str = "") -> None:
+        self.url = url  # the parent's fabric (workers get it back in the handle)
         self._queues: dict[bytes, Any] = {}
         self._fabric: Any = None
 
