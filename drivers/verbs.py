@@ -113,6 +113,7 @@ __all__ = [
     "Control",
     "ControlClient",
     "Done",
+    "Endpoint",
     "ErrorReply",
     "Free",
     "Granted",
@@ -136,8 +137,11 @@ __all__ = [
     "WrCache",
     "build_cas_wr",
     "build_faa_wr",
+    "build_rc_init_attr",
+    "build_rc_qp_attr",
     "build_rdma_read_wr",
     "build_rdma_write_wr",
+    "configure_rc_connect",
     "decode_reply",
     "decode_request",
     "encode_frame",
@@ -829,7 +833,9 @@ class _PinnedMemory:
 
 
 @dataclass(frozen=True)
-class _Endpoint:
+class Endpoint:
+    """One side of an RC connection, as exchanged over the control channel."""
+
     qpn: int
     psn: int
     lid: int
@@ -837,12 +843,65 @@ class _Endpoint:
     mtu: int
 
 
+def build_rc_init_attr(cq: Any, max_send_wr: int) -> Any:
+    """``QPInitAttr`` of an RC QP: one send/recv SGE, selective signalling (``sq_sig_all=0``)."""
+    from pyverbs.qp import QPCap, QPInitAttr
+
+    return QPInitAttr(
+        qp_type=E.QPT.IBV_QPT_RC,
+        scq=cq,
+        rcq=cq,
+        cap=QPCap(max_send_wr=max_send_wr, max_recv_wr=1, max_send_sge=1, max_recv_sge=1),
+        sq_sig_all=0,
+    )
+
+
+def build_rc_qp_attr(ib_port: int) -> Any:
+    """``QPAttr`` for RESET -> INIT: remote read, write and atomic allowed (the default, 0, refuses all)."""
+    from pyverbs.qp import QPAttr
+
+    attr = QPAttr(port_num=ib_port)
+    attr.qp_access_flags = _remote_access()
+    return attr
+
+
+def configure_rc_connect(
+    attr: Any, *, local_psn: int, local_mtu: int, remote: Endpoint, ib_port: int, gid_index: int, is_roce: bool
+) -> None:
+    """Fill ``attr`` for INIT -> RTR -> RTS towards ``remote`` (values as in rdma-core's RC tests).
+
+    PSNs: we receive from ``remote.psn`` and send from ``local_psn`` (the peer
+    does the mirror image). Path MTU: the smaller active MTU. One outstanding
+    READ/atomic each way. With a peer GID the address carries a GRH (needed on
+    RoCE, harmless on IB); without one, IB uses the LID and RoCE is refused.
+    """
+    from pyverbs.addr import GID, AHAttr, GlobalRoute
+
+    attr.path_mtu = min(local_mtu, remote.mtu)
+    attr.dest_qp_num = remote.qpn
+    attr.rq_psn = remote.psn
+    attr.sq_psn = local_psn
+    attr.max_dest_rd_atomic = 1
+    attr.max_rd_atomic = 1
+    attr.min_rnr_timer = 12
+    attr.timeout = 14  # 4.096 us * 2**14 = 67 ms per try
+    attr.retry_cnt = 7
+    attr.rnr_retry = 7
+    if remote.gid and remote.gid.strip("0:"):
+        gr = GlobalRoute(dgid=GID(val=remote.gid), sgid_index=gid_index)
+        attr.ah_attr = AHAttr(port_num=ib_port, is_global=1, gr=gr, dlid=remote.lid)
+    elif is_roce:
+        raise Unsupported(f"RoCE needs a GID; the peer sent none (GID index {gid_index})")
+    else:
+        attr.ah_attr = AHAttr(dlid=remote.lid, port_num=ib_port)
+
+
 class _RcQp:
     """One RC queue pair with its own CQ: created to INIT, connected to RTS, closed QP-then-CQ."""
 
     def __init__(self, ctx: Any, pd: Any, ib_port: int, gid_index: int, max_send_wr: int = 64) -> None:
         from pyverbs.cq import CQ
-        from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
+        from pyverbs.qp import QP
 
         self.ib_port = ib_port
         self.gid_index = gid_index
@@ -853,48 +912,28 @@ class _RcQp:
         self._gid = str(ctx.query_gid(ib_port, gid_index))
         self.cq = CQ(ctx, max_send_wr + 1, None, None, 0)
         try:
-            self.attr = QPAttr(port_num=ib_port)
-            self.attr.qp_access_flags = _remote_access()
-            init = QPInitAttr(
-                qp_type=E.QPT.IBV_QPT_RC,
-                scq=self.cq,
-                rcq=self.cq,
-                cap=QPCap(max_send_wr=max_send_wr, max_recv_wr=1, max_send_sge=1, max_recv_sge=1),
-                sq_sig_all=0,
-            )
-            self.qp = QP(pd, init, self.attr)  # -> INIT, with remote access allowed
+            self.attr = build_rc_qp_attr(ib_port)
+            self.qp = QP(pd, build_rc_init_attr(self.cq, max_send_wr), self.attr)  # -> INIT
         except BaseException:
             self.cq.close()
             raise
         self.psn = secrets.randbelow(1 << 24)
 
-    def local(self) -> _Endpoint:
-        return _Endpoint(qpn=int(self.qp.qp_num), psn=self.psn, lid=self._lid, gid=self._gid, mtu=self._mtu)
+    def local(self) -> Endpoint:
+        return Endpoint(qpn=int(self.qp.qp_num), psn=self.psn, lid=self._lid, gid=self._gid, mtu=self._mtu)
 
-    def connect(self, remote: _Endpoint) -> None:
+    def connect(self, remote: Endpoint) -> None:
         """INIT -> RTR -> RTS towards ``remote``."""
-        from pyverbs.addr import GID, AHAttr, GlobalRoute
-
-        attr = self.attr
-        attr.path_mtu = min(self._mtu, remote.mtu)
-        attr.dest_qp_num = remote.qpn
-        attr.rq_psn = remote.psn
-        attr.sq_psn = self.psn
-        attr.max_dest_rd_atomic = 1
-        attr.max_rd_atomic = 1
-        attr.min_rnr_timer = 12
-        attr.timeout = 14  # 4.096 us * 2**14 = 67 ms per try
-        attr.retry_cnt = 7
-        attr.rnr_retry = 7
-        if remote.gid and remote.gid.strip("0:"):
-            # With a GRH, as rdma-core's own RC tests do: needed on RoCE, harmless on IB.
-            gr = GlobalRoute(dgid=GID(val=remote.gid), sgid_index=self.gid_index)
-            attr.ah_attr = AHAttr(port_num=self.ib_port, is_global=1, gr=gr, dlid=remote.lid)
-        elif self._is_roce:
-            raise Unsupported(f"RoCE needs a GID; the peer sent none (GID index {self.gid_index})")
-        else:
-            attr.ah_attr = AHAttr(dlid=remote.lid, port_num=self.ib_port)
-        self.qp.to_rts(attr)
+        configure_rc_connect(
+            self.attr,
+            local_psn=self.psn,
+            local_mtu=self._mtu,
+            remote=remote,
+            ib_port=self.ib_port,
+            gid_index=self.gid_index,
+            is_roce=self._is_roce,
+        )
+        self.qp.to_rts(self.attr)
 
     def close(self) -> None:
         for obj in (getattr(self, "qp", None), getattr(self, "cq", None)):
@@ -1212,7 +1251,7 @@ class _NodeSession:
                 self.qp = None
             qp = v.new_qp()
             try:
-                qp.connect(_Endpoint(qpn=req.qpn, psn=req.psn, lid=req.lid, gid=req.gid, mtu=req.mtu))
+                qp.connect(Endpoint(qpn=req.qpn, psn=req.psn, lid=req.lid, gid=req.gid, mtu=req.mtu))
             except BaseException:
                 qp.close()
                 raise
@@ -1469,7 +1508,7 @@ class _NodeConnection:
             reply: Connected = self.call(
                 Connect(qpn=me.qpn, psn=me.psn, lid=me.lid, gid=me.gid, mtu=me.mtu), Connected
             )
-            qp.connect(_Endpoint(qpn=reply.qpn, psn=reply.psn, lid=reply.lid, gid=reply.gid, mtu=reply.mtu))
+            qp.connect(Endpoint(qpn=reply.qpn, psn=reply.psn, lid=reply.lid, gid=reply.gid, mtu=reply.mtu))
         except BaseException:
             qp.close()
             raise

@@ -505,3 +505,54 @@ def test_byte_view_flattens_typed_buffers_and_refuses_what_rdma_cannot_take():
         verbs._byte_view(np.arange(8)[::2], writable=False)
     with pytest.raises(FabricValueError, match="bytes-like"):
         verbs._byte_view(12, writable=False)
+
+
+# ---------------------------------------------------------------------------
+# Queue-pair attributes, with real pyverbs objects (no device needed to build them)
+# ---------------------------------------------------------------------------
+
+
+@needs_pyverbs
+def test_rc_qp_attr_for_init_allows_remote_read_write_and_atomics():
+    attr = verbs.build_rc_qp_attr(ib_port=2)
+    assert attr.port_num == 2
+    assert attr.qp_access_flags == 1 | 2 | 4 | 8
+
+
+@needs_pyverbs
+def test_rc_init_attr_is_rc_with_selective_signalling_and_one_sge():
+    init = verbs.build_rc_init_attr(None, max_send_wr=64)
+    assert int(init.qp_type) == 2  # IBV_QPT_RC
+    assert init.sq_sig_all == 0
+    cap = init.cap
+    assert (cap.max_send_wr, cap.max_recv_wr, cap.max_send_sge, cap.max_recv_sge) == (64, 1, 1, 1)
+
+
+REMOTE_GID = "fe80:0000:0000:0000:0a0b:0c0d:0e0f:1011"
+
+
+@needs_pyverbs
+def test_rc_connect_attr_carries_the_peer_psns_mtu_and_a_grh_to_its_gid():
+    attr = verbs.build_rc_qp_attr(1)
+    remote = verbs.Endpoint(qpn=0xABCDE, psn=0x123456, lid=7, gid=REMOTE_GID, mtu=5)
+    verbs.configure_rc_connect(attr, local_psn=0x654321, local_mtu=3, remote=remote, ib_port=1, gid_index=3,
+                               is_roce=True)
+    assert attr.dest_qp_num == 0xABCDE
+    assert (attr.rq_psn, attr.sq_psn) == (0x123456, 0x654321)
+    assert attr.path_mtu == 3  # the smaller of the two
+    assert (attr.max_rd_atomic, attr.max_dest_rd_atomic) == (1, 1)
+    assert (attr.min_rnr_timer, attr.timeout, attr.retry_cnt, attr.rnr_retry) == (12, 14, 7, 7)
+    ah = attr.ah_attr
+    assert (ah.is_global, ah.port_num, ah.dlid, ah.sgid_index) == (1, 1, 7, 3)
+    assert str(ah.dgid) == REMOTE_GID
+
+
+@needs_pyverbs
+def test_rc_connect_attr_without_a_peer_gid_uses_the_lid_on_ib_and_refuses_roce():
+    remote = verbs.Endpoint(qpn=1, psn=2, lid=9, gid="0000:0000:0000:0000:0000:0000:0000:0000", mtu=3)
+    attr = verbs.build_rc_qp_attr(1)
+    verbs.configure_rc_connect(attr, local_psn=0, local_mtu=3, remote=remote, ib_port=1, gid_index=0, is_roce=False)
+    assert (attr.ah_attr.is_global, attr.ah_attr.dlid) == (0, 9)
+    with pytest.raises(Unsupported, match="RoCE needs a GID"):
+        verbs.configure_rc_connect(verbs.build_rc_qp_attr(1), local_psn=0, local_mtu=3, remote=remote, ib_port=1,
+                                   gid_index=0, is_roce=True)
