@@ -1446,8 +1446,8 @@ def _byte_view(buf: Buffer, *, writable: bool) -> memoryview:
         mv = memoryview(buf)
     except TypeError:
         raise FabricValueError(f"expected a bytes-like buffer, got {type(buf).__name__}") from None
-    if not mv.contiguous:
-        raise FabricValueError("the buffer must be contiguous")
+    if not mv.c_contiguous:
+        raise FabricValueError("the buffer must be C-contiguous")
     if writable and mv.readonly:
         raise FabricValueError("read_into needs a writable buffer")
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv

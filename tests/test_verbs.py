@@ -503,6 +503,8 @@ def test_byte_view_flattens_typed_buffers_and_refuses_what_rdma_cannot_take():
         verbs._byte_view(b"abc", writable=True)
     with pytest.raises(FabricValueError, match="contiguous"):
         verbs._byte_view(np.arange(8)[::2], writable=False)
+    with pytest.raises(FabricValueError, match="contiguous"):
+        verbs._byte_view(np.asfortranarray(np.zeros((3, 4))), writable=False)
     with pytest.raises(FabricValueError, match="bytes-like"):
         verbs._byte_view(12, writable=False)
 
