@@ -51,6 +51,7 @@ def test_bench_json_reports_every_case_with_positive_figures(tmp_path: Path) -> 
     for r in results:
         assert r["ok"] is True and r["error"] is None, r
         assert r["items"] > 0 and r["seconds"] > 0 and r["items_per_s"] > 0 and r["mb_per_s"] > 0, r
+        assert len(r["samples"]) == 1 and r["samples"][0] == pytest.approx(r["items_per_s"]), r
     seen = {(r["transport"], r["mode"], r["size"]) for r in results}
     for size in (64, 4096):
         assert ("copyto", "copy", size) in seen

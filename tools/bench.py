@@ -21,6 +21,21 @@ each peer, to the best peer and to ``np.copyto``, in rich tables, with a
 progress display while it runs. ``--json PATH|-`` writes the same figures as
 JSON, ``--plot PATH.png`` a bar chart of the ratios. Only ratios within one run
 mean anything on a small, noisy machine.
+
+How the comparison is kept fair (see :data:`METHOD`, also in the JSON):
+
+* every transport gets the same payload bytes, the same buffering (the ring's
+  capacity in bytes; the peers' queue size / high-water mark sized to match)
+  and the same consumer work: ``zlib.adler32`` over each payload up to 512 B,
+  a numpy uint64 reduction above; a batch is touched with one reduction
+  (fabric: over ``Batch.array()``; peers: over ``b"".join(items)``);
+* each peer runs in its fastest ordinary configuration: faster-fifo without
+  pickling, pyzmq zero-copy from 64 KiB, distinct objects in batched lists
+  (pickle would otherwise send one payload and back-references);
+* the consumer times the stream (first item after a short warm-up to the
+  last item); start-up and teardown are never counted;
+* every case runs once per round (``--repeat``), round-robin over all cases,
+  and reports its best round; the spread of the rounds is printed.
 """
 
 from __future__ import annotations
@@ -61,6 +76,12 @@ EXTRA_CASES = ("checkpoint", "relocation")
 ALL_CASES = QUEUE_CASES + EXTRA_CASES
 BASELINES = (*PEERS, *CEILINGS)
 DRIVERS = ("shm",)
+METHOD = (
+    "SPSC, producer and consumer in two processes; the consumer reads every payload byte "
+    "(zlib.adler32 up to 512 B, numpy uint64 sum above; one reduction per batch: Batch.array() for fabric, "
+    "b''.join(items) for peers); same buffering in bytes for every transport; consumer-side timing from the "
+    "first item after warm-up to the last; best of --repeat round-robin rounds"
+)
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "mb": 1 << 20}
 
@@ -289,6 +310,7 @@ class Bench:
             "cases": list(self.args.cases),
             "peers": list(self.peers),
             "ceilings": self.ceilings(),
+            "method": METHOD,
             "start_method": self.ctx.get_start_method(),
             "pinned": bool(self.args.pin),
             "cpus": len(affinity) or os.cpu_count(),
