@@ -684,7 +684,7 @@ class FabricQueue:
         big = int(lens.max())
         if big > self.max_item:
             raise E.ItemTooLarge(f"item of {big} bytes exceeds the queue's max_item of {self.max_item}")
-        blob = b"".join(items)
+        blob = b"".join(bufs)  # the originals: validated above, joined without a copy each
         src = ffi.from_buffer(blob)
         lptr = ffi.from_buffer("uint64_t[]", lens)
         done = 0
