@@ -467,7 +467,7 @@ class FabricQueue:
         if not region.mapped:
             from .onesided import OneSidedQueue
 
-            return OneSidedQueue(fabric, region, locator, epoch=epoch)  # type: ignore[return-value]
+            return OneSidedQueue(fabric, region, locator, epoch=epoch)
         q = cls(fabric, region, owner=False, epoch=epoch)
         if q.capacity != locator.capacity or q.max_item != locator.max_item:
             raise E.Corrupted("the queue at this locator has another geometry: the locator is stale or foreign")
