@@ -108,3 +108,16 @@ def test_ring_capacity_is_a_power_of_two_that_holds_several_batches() -> None:
         cap = auto_capacity(size, batch)
         assert cap & (cap - 1) == 0
         assert cap >= 4 * (size + 64)
+
+
+def test_bench_checkpoint_case_reports_rates_next_to_raw_fdatasync(tmp_path: Path) -> None:
+    pytest.importorskip("grafos_fabric.tools.bench_checkpoint")
+    doc, console = _run_bench(
+        "--duration", "0.1", "--cases", "checkpoint", "--peers", "none", "--checkpoint-path", str(tmp_path)
+    )
+    rows = doc["checkpoint"]
+    assert rows and {r["size"] for r in rows} == {4096, 1 << 20}
+    for r in rows:
+        assert r["ops_per_s"] > 0 and r["baseline_ops_per_s"] > 0 and r["ratio"] > 0, r
+    assert doc["results"] == [] and "checkpoint (same run)" in console
+    assert list(tmp_path.iterdir()) == []  # the scratch file is gone
