@@ -15,7 +15,7 @@ from grafos_fabric.drivers.shm import SHM_DIR
 
 # Every queue test runs once per mode: "mapped" (native ring on a mapping) and
 # "onesided" (the RDMA ring protocol over the shm driver's one-sided ops).
-QUEUE_MODES = ["mapped"]
+QUEUE_MODES = ["mapped", "onesided"]
 
 
 def _cleanup(namespace: str) -> None:

@@ -293,21 +293,7 @@ def test_row_batches_cross_between_paths_through_the_wrap(fabric, pair):
     assert seqs == list(range(len(rows)))
 
 
-@pytest.mark.parametrize(
-    "pair",
-    [
-        pytest.param(
-            "mapped->onesided",
-            marks=pytest.mark.xfail(
-                raises=TypeError,
-                strict=False,
-                reason="FabricQueue.push_batch joins a list of arrays with b''.join (cffi buffers): mapped-path bug",
-            ),
-        ),
-        "onesided->mapped",
-        "onesided->onesided",
-    ],
-)
+@pytest.mark.parametrize("pair", PAIRS)
 def test_strided_rows_and_variable_items_in_one_stream(fabric, pair):
     tx, rx = make(fabric, pair, capacity=1 << 14, dtype=np.float32)
     big = np.arange(60 * 8, dtype=np.float32).reshape(60, 8)
