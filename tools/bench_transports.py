@@ -184,6 +184,7 @@ def drive_consumer(step: ConsumerStep, spec: CaseSpec, ctl: dict[str, Any], limi
         if count == 0 and time.perf_counter() - idle_since > STALL_S:
             raise TimeoutError("no item arrived")
     t_first = t_last = time.perf_counter()
+    first = count
     t0, c0 = t_first, count
     warm = spec.warmup <= 0
     while True:
@@ -202,10 +203,12 @@ def drive_consumer(step: ConsumerStep, spec: CaseSpec, ctl: dict[str, Any], limi
                 t0, c0 = t_last, count
         elif time.perf_counter() - t_last > STALL_S:
             raise TimeoutError(f"stalled after {count} items")
-    if not warm or count == c0:  # too short a stream for a warm-up: time all of it
-        t0, c0 = t_first, 0 if count == c0 else c0
     if count > tot:
         raise RuntimeError(f"consumer took {count} items, producer pushed {tot}")
+    if not warm or count == c0:  # too short a stream for a warm-up: time all of it
+        t0, c0 = t_first, first
+    if count == c0:
+        raise RuntimeError(f"stream too short to time ({count} items in one step): use a longer --duration")
     return {"role": "consumer", "items": count - c0, "seconds": max(t_last - t0, 1e-9), "total": count}
 
 
