@@ -310,6 +310,11 @@ class OneSidedQueue(FabricQueue):
         self._staging: _LocalBuffer | None = None
         self._mirror: _LocalBuffer | None = None
         self._read_chunk = read_chunk & ~(_ALIGN - 1)
+        # one producer and one consumer per handle, but callers may share a handle
+        # between threads: each role's calls run one at a time (reentrant, so a
+        # push inside reserve() gets its typed error instead of a deadlock)
+        self._plock = threading.RLock()
+        self._clock_lock = threading.RLock()
         hdr = self._read_header()
         self.capacity = int(hdr.capacity)
         self.max_item = int(hdr.max_item)
@@ -576,12 +581,11 @@ class OneSidedQueue(FabricQueue):
         return p.claim + need - p.head_cache <= self.capacity
 
     def _staging_for(self, nbytes: int) -> _LocalBuffer:
+        """The staging buffer, grown (once, to the largest record asked for) when
+        ``nbytes`` don't fit; a frame never holds more than the ring's free space."""
         st = self._staging
         if st is None or st.nbytes < nbytes:
-            size = max(nbytes, min(self.capacity, DEFAULT_STAGING))
-            size = min(_next_pow2(size), self.capacity + RECORD_HEADER) if size > self.capacity else size
-            st = _LocalBuffer(self.fabric, max(size, nbytes))
-            self._staging = st
+            st = self._staging = _LocalBuffer(self.fabric, max(nbytes, min(self.capacity, DEFAULT_STAGING)))
         return st
 
     def _begin(self, p: _Producer) -> None:
@@ -675,7 +679,8 @@ class OneSidedQueue(FabricQueue):
 
     def try_push(self, buf: Any) -> bool:
         """Push one item; False when the ring is full (never waits)."""
-        return self._push1(buf) is not None
+        with self._plock:
+            return self._push1(buf) is not None
 
     def _push1(self, buf: Any) -> int | None:
         p = self._producer_ready()
@@ -701,12 +706,13 @@ class OneSidedQueue(FabricQueue):
         """Push one item, polling for space; returns its sequence number.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first."""
-        deadline = _deadline(timeout)
-        while True:
-            seq = self._push1(buf)
-            if seq is not None:
-                return seq
-            self._wait_space(len(self._item_bytes(buf)), deadline)
+        with self._plock:
+            deadline = _deadline(timeout)
+            while True:
+                seq = self._push1(buf)
+                if seq is not None:
+                    return seq
+                self._wait_space(len(self._item_bytes(buf)), deadline)
 
     def _wait_space(self, nbytes: int, deadline: float | None) -> None:
         """Poll ``head`` until a record of ``nbytes`` fits, counting this producer in
@@ -747,44 +753,45 @@ class OneSidedQueue(FabricQueue):
         ``TimeoutError``, after which the items counted so far are in the queue:
         ``TimeoutError.args[1]`` holds that count).
         """
-        p = self._producer_ready()
-        deadline = _deadline(timeout)
-        if isinstance(bufs, np.ndarray):
-            return self._frame_rows(p, bufs, deadline, timeout)
-        items = [self._item_bytes(b) for b in bufs]
-        if not items:
-            return 0
-        lens = [a.nbytes for a in items]
-        if min(lens) == 0:
-            raise E.FabricValueError("empty items are not allowed")
-        big = max(lens)
-        if big > self.max_item:
-            raise E.ItemTooLarge(f"item of {big} bytes exceeds the queue's max_item of {self.max_item}")
-        st = self._staging_for(RECORD_HEADER + _rec_size(big))
-        done = 0
-        total = len(items)
-        while done < total:
-            self._check_owner(p, "push_batch")
-            self._begin(p)
-            k = 0
-            while done + k < total:
-                off = self._place(p, st, lens[done + k])
-                if off is None:
+        with self._plock:
+            p = self._producer_ready()
+            deadline = _deadline(timeout)
+            if isinstance(bufs, np.ndarray):
+                return self._frame_rows(p, bufs, deadline, timeout)
+            items = [self._item_bytes(b) for b in bufs]
+            if not items:
+                return 0
+            lens = [a.nbytes for a in items]
+            if min(lens) == 0:
+                raise E.FabricValueError("empty items are not allowed")
+            big = max(lens)
+            if big > self.max_item:
+                raise E.ItemTooLarge(f"item of {big} bytes exceeds the queue's max_item of {self.max_item}")
+            st = self._staging_for(RECORD_HEADER + _rec_size(big))
+            done = 0
+            total = len(items)
+            while done < total:
+                self._check_owner(p, "push_batch")
+                self._begin(p)
+                k = 0
+                while done + k < total:
+                    off = self._place(p, st, lens[done + k])
+                    if off is None:
+                        break
+                    st.array[off : off + lens[done + k]] = items[done + k]
+                    k += 1
+                if k:
+                    self._publish(p, st, "push_batch")
+                    done += k
+                    continue
+                self._full(p, "push_batch")
+                if timeout == 0:
                     break
-                st.array[off : off + lens[done + k]] = items[done + k]
-                k += 1
-            if k:
-                self._publish(p, st, "push_batch")
-                done += k
-                continue
-            self._full(p, "push_batch")
-            if timeout == 0:
-                break
-            try:
-                self._wait_space(lens[done], deadline)
-            except TimeoutError:
-                raise TimeoutError("timed out waiting for space in the queue", done) from None
-        return done
+                try:
+                    self._wait_space(lens[done], deadline)
+                except TimeoutError:
+                    raise TimeoutError("timed out waiting for space in the queue", done) from None
+            return done
 
     def _frame_rows(
         self, p: _Producer, arr: np.ndarray[Any, Any], deadline: float | None, timeout: float | None
@@ -862,46 +869,48 @@ class OneSidedQueue(FabricQueue):
         commit). An exception aborts it (nothing is written or published). Call
         ``q.commit_len(k)`` inside the block to publish only the first ``k`` bytes.
         """
-        p = self._producer_ready()
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
-            raise E.FabricValueError(f"reserve needs a positive int size, got {nbytes!r}")
-        if nbytes > self.max_item:
-            raise E.ItemTooLarge(f"reservation of {nbytes} bytes exceeds the queue's max_item of {self.max_item}")
-        if self.dtype is not None and nbytes % self.dtype.itemsize:
-            raise E.DtypeMismatch(f"reservation must be a multiple of {self.dtype.itemsize} bytes for {self.dtype}")
-        deadline = _deadline(timeout)
-        st = self._staging_for(RECORD_HEADER + _rec_size(nbytes))
-        while True:
-            self._check_owner(p, "reserve")
-            self._begin(p)
-            off = self._place(p, st, nbytes)
-            if off is not None:
-                break
-            self._full(p, "reserve")
-            self._wait_space(nbytes, deadline)
-        rec_pos = p.claim - _rec_size(nbytes)
-        p.reserved = True
-        self._commit_len = nbytes
-        buf = st.array[off : off + nbytes]
-        try:
-            yield buf if self.dtype is None else buf.view(self.dtype)
-        except BaseException:
-            p.claim = p.tail
-            p.next_seq = p.pub_seq
+        with self._plock:
+            p = self._producer_ready()
+            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
+                raise E.FabricValueError(f"reserve needs a positive int size, got {nbytes!r}")
+            if nbytes > self.max_item:
+                raise E.ItemTooLarge(f"reservation of {nbytes} bytes exceeds the queue's max_item of {self.max_item}")
+            if self.dtype is not None and nbytes % self.dtype.itemsize:
+                raise E.DtypeMismatch(f"reservation must be a multiple of {self.dtype.itemsize} bytes for {self.dtype}")
+            deadline = _deadline(timeout)
+            st = self._staging_for(RECORD_HEADER + _rec_size(nbytes))
+            while True:
+                self._check_owner(p, "reserve")
+                self._begin(p)
+                off = self._place(p, st, nbytes)
+                if off is not None:
+                    break
+                self._full(p, "reserve")
+                self._wait_space(nbytes, deadline)
+            rec_pos = p.claim - _rec_size(nbytes)
+            p.reserved = True
+            self._commit_len = nbytes
+            buf = st.array[off : off + nbytes]
+            try:
+                yield buf if self.dtype is None else buf.view(self.dtype)
+            except BaseException:
+                p.claim = p.tail
+                p.next_seq = p.pub_seq
+                p.reserved = False
+                self._f_sp = 0
+                raise
             p.reserved = False
-            self._f_sp = 0
-            raise
-        p.reserved = False
-        k = self._commit_len
-        seq = p.next_seq - 1
-        st.u32[(off - RECORD_HEADER) // 4 + _LEN32] = k
-        st.array[off + k : off - RECORD_HEADER + _rec_size(k)] = 0
-        p.claim = rec_pos + _rec_size(k)
-        self._f_sp = off - RECORD_HEADER + _rec_size(k)
-        self._publish(p, st, "commit")
-        self.last_seq = seq
+            k = self._commit_len
+            seq = p.next_seq - 1
+            st.u32[(off - RECORD_HEADER) // 4 + _LEN32] = k
+            st.array[off + k : off - RECORD_HEADER + _rec_size(k)] = 0
+            p.claim = rec_pos + _rec_size(k)
+            self._f_sp = off - RECORD_HEADER + _rec_size(k)
+            self._publish(p, st, "commit")
+            self.last_seq = seq
 
-    # -- consuming -------------------------------------------------------------------
+        # -- consuming -------------------------------------------------------------------
+
     def _consumer(self) -> _Consumer:
         c = self._c
         if c is not None:
@@ -932,6 +941,8 @@ class OneSidedQueue(FabricQueue):
     def _consumer_ready(self) -> _Consumer:
         self._check_live()
         c = self._c or self._consumer()
+        if c.head != c.head_stored:
+            self._advance_head(c)  # an earlier store of head failed: try again
         if c.pend_next - c.pend_first >= c.pend_cap:
             raise E.HeldItemsStall("too many unreleased items: pop")
         return c
@@ -1007,30 +1018,32 @@ class OneSidedQueue(FabricQueue):
         """Pop one item, or None when the queue is empty (never waits).
 
         Raises ``QueueSealed`` once a sealed queue is drained."""
-        c = self._consumer_ready()
-        m = self._mirror
-        assert m is not None
-        idx = self._next_record(c, False)
-        if idx == self._EMPTY:
-            return None
-        if idx == self._END:
-            raise self._sealed_error("sealed and drained")
-        length = int(m.u32[idx // 4 + _LEN32])
-        seq = int(m.u64[idx // 8 + _SEQ64])
-        c.rpos += _rec_size(length)
-        c.last_seq = seq
-        token = self._pend_push(c, c.rpos)
-        return OneSidedItem(self, token, idx + RECORD_HEADER, length, seq, None)
+        with self._clock_lock:
+            c = self._consumer_ready()
+            m = self._mirror
+            assert m is not None
+            idx = self._next_record(c, False)
+            if idx == self._EMPTY:
+                return None
+            if idx == self._END:
+                raise self._sealed_error("sealed and drained")
+            length = int(m.u32[idx // 4 + _LEN32])
+            seq = int(m.u64[idx // 8 + _SEQ64])
+            c.rpos += _rec_size(length)
+            c.last_seq = seq
+            token = self._pend_push(c, c.rpos)
+            return OneSidedItem(self, token, idx + RECORD_HEADER, length, seq, None)
 
     def pop(self, timeout: float | None = None) -> Item:
         """Pop one item, polling for it; ``TimeoutError`` when ``timeout`` passes."""
-        deadline = _deadline(timeout)
-        backoff = _Backoff(deadline)
-        while True:
-            item = self.try_pop()
-            if item is not None:
-                return item
-            self._poll_data(backoff)
+        with self._clock_lock:
+            deadline = _deadline(timeout)
+            backoff = _Backoff(deadline)
+            while True:
+                item = self.try_pop()
+                if item is not None:
+                    return item
+                self._poll_data(backoff)
 
     def _poll_data(self, backoff: _Backoff) -> None:
         """One poll for data: raise ``HeldItemsStall`` if waiting would deadlock,
@@ -1055,18 +1068,19 @@ class OneSidedQueue(FabricQueue):
         stops at the ring's wrap point, so it may hold fewer items than are
         queued; its payloads are contiguous (in the local buffer, as in the ring).
         """
-        if not isinstance(max_items, int) or isinstance(max_items, bool) or max_items <= 0:
-            raise E.FabricValueError(f"max_items must be a positive int, got {max_items!r}")
-        deadline = _deadline(timeout)
-        backoff = _Backoff(deadline)
-        while True:
-            c = self._consumer_ready()
-            batch = self._take_batch(c, max_items)
-            if batch is not None:
-                return batch
-            if timeout == 0:
-                return Batch.empty()
-            self._poll_data(backoff)
+        with self._clock_lock:
+            if not isinstance(max_items, int) or isinstance(max_items, bool) or max_items <= 0:
+                raise E.FabricValueError(f"max_items must be a positive int, got {max_items!r}")
+            deadline = _deadline(timeout)
+            backoff = _Backoff(deadline)
+            while True:
+                c = self._consumer_ready()
+                batch = self._take_batch(c, max_items)
+                if batch is not None:
+                    return batch
+                if timeout == 0:
+                    return Batch.empty()
+                self._poll_data(backoff)
 
     def _take_batch(self, c: _Consumer, max_items: int) -> Batch | None:
         m = self._mirror

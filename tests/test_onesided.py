@@ -951,3 +951,32 @@ def test_random_operations_across_paths_match_a_fifo_model(fabric, pair, ops):
     stats = tx.stats()
     assert stats["head"] == stats["tail"] and stats["next_seq"] == seq
     tx.free()
+
+
+def test_threads_sharing_one_sided_handles_are_serialized_per_role(fabric):
+    tx, rx = make(fabric, "onesided->onesided", capacity=8192)
+    per_thread = 300
+    received: list[tuple[int, bytes]] = []
+
+    def produce(k: int) -> None:
+        for i in range(per_thread):
+            tx.push(bytes([k]) * (1 + i % 50), timeout=10)
+
+    def consume() -> None:
+        while len(received) < 4 * per_thread:
+            try:
+                with rx.pop(timeout=0.2) as item:
+                    received.append((item.seq, item.tobytes()))
+            except TimeoutError:
+                continue
+
+    threads = [threading.Thread(target=produce, args=(k,)) for k in range(4)]
+    threads += [threading.Thread(target=consume) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(s for s, _ in received) == list(range(4 * per_thread))
+    counts = collections.Counter(p[0] for _, p in received)
+    assert counts == {k: per_thread for k in range(4)}
+    assert all(p == bytes([p[0]]) * len(p) for _, p in received)
