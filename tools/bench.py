@@ -11,7 +11,8 @@ payloads, consumer work and buffering, it measures:
   no framing, spinning counters), the cost of moving bytes between cores;
 * ``multiprocessing.Queue`` (put/get; batched: a list per put);
 * ``faster-fifo`` (put/get; put_many/get_many), when installed;
-* ``pyzmq`` PUSH/PULL over ``ipc://`` (send/recv; send_multipart), when installed;
+* ``pyzmq`` PUSH/PULL over ``ipc://`` (send/recv; send_multipart), when installed,
+  and ``zmq_packed``: a batch of fixed-size items packed into one frame;
 * ``checkpoint``: checkpoints/s against raw fdatasync, when
   ``grafos_fabric.tools.bench_checkpoint`` is present;
 * ``relocation``: when ``grafos_fabric.tools.bench_relocation`` is present.

@@ -103,13 +103,31 @@ def compute_ratios(results: Sequence[CaseResult], peers: Sequence[str]) -> list[
     return out
 
 
+#: The batched peers issue 2 names (its "about 20 M items/s" follows from them).
+ISSUE_BATCH_PEERS = ("faster_fifo", "zmq")
+
+
 def compute_targets(ratios: Sequence[Ratio]) -> list[Target]:
-    """The three targets of issue 2, from this run's ratios (``measured`` is None when not run)."""
+    """The targets of issue 2, from this run's ratios (``measured`` is None when not run).
+
+    The 64 B batched target is judged twice: against the best of every
+    batching peer measured (mp.Queue lists and zmq packed frames included),
+    and against the batched peers the issue names (faster-fifo
+    put_many/get_many, zmq send_multipart), so neither reading hides the other.
+    """
     by = {(x.size, x.mode): x for x in ratios}
     single, batch = by.get((64, "single")), by.get((64, "batch"))
+    named = {p: v for p, v in batch.vs.items() if p in ISSUE_BATCH_PEERS} if batch else {}
+    named_best = min(named, key=lambda p: named[p], default=None)
     targets = [
         Target("64 B single push/pop vs best peer", 2.0, single.vs_best_peer if single else None, _best(single)),
         Target("64 B batched vs best peer", 15.0, batch.vs_best_peer if batch else None, _best(batch)),
+        Target(
+            "64 B batched vs the issue's batched peers",
+            15.0,
+            named[named_best] if named_best else None,
+            f"{named_best} (batch)" if named_best else "-",
+        ),
     ]
     big = [x for x in ratios if x.size == 1 << 20 and x.vs_copyto is not None]
     top = max(big, key=lambda x: x.vs_copyto or 0.0, default=None)
