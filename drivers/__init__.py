@@ -38,5 +38,5 @@ def open_fabric(url: str | None = None, *, clock: Clock | None = None) -> Fabric
             from .verbs import VerbsFabric
         except ImportError as exc:
             raise E.Unsupported(f"the verbs driver is not available: {exc}") from exc
-        return VerbsFabric.from_url(url, clock=clock)  # type: ignore[no-any-return]
+        return VerbsFabric.from_url(url, clock=clock)
     raise E.FabricValueError(f"unknown fabric URL {url!r}: use shm://NAMESPACE or rdma://HOST:PORT")

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from grafos_fabric.lease import Clock, Lease
 
-__all__ = ["RegionRef", "Region", "Fabric", "Buffer"]
+__all__ = ["Buffer", "Fabric", "Region", "RegionRef"]
 
 Buffer = Any  # anything exporting the buffer protocol (bytes, bytearray, memoryview, numpy)
 
@@ -69,9 +69,13 @@ class Region(Protocol):
 
 @runtime_checkable
 class Fabric(Protocol):
+    """A namespace of leased regions. ``mapped_regions`` says whether ``alloc``
+    returns regions mapped into this process (shm) or reached one-sided (verbs)."""
+
     url: str
     driver: str
     clock: Clock
+    mapped_regions: bool
 
     def alloc(self, nbytes: int, ttl: float) -> Region: ...
     def attach(self, ref: RegionRef, *, mapped: bool = True) -> Region: ...

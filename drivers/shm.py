@@ -33,7 +33,7 @@ from grafos_fabric.lease import NS, Clock, Lease, LeaseState, MonotonicClock, ch
 
 from .base import Buffer, RegionRef
 
-__all__ = ["ShmFabric", "ShmRegion", "ShmLeaseCell", "SHM_DIR", "segment_info"]
+__all__ = ["SHM_DIR", "ShmFabric", "ShmLeaseCell", "ShmRegion", "segment_info"]
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,7 @@ class ShmFabric:
     """A namespace of shm regions. ``open_fabric("shm://NAME")`` returns one."""
 
     driver = "shm"
+    mapped_regions = True  # alloc() returns regions mapped into this process
 
     def __init__(self, namespace: str = "default", *, clock: Clock | None = None) -> None:
         if not _NAME_RE.match(namespace):

@@ -1780,6 +1780,7 @@ class VerbsFabric:
     """
 
     driver = "verbs"
+    mapped_regions = False  # regions live on the memory node: one-sided access only
 
     def __init__(
         self,

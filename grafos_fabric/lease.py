@@ -17,22 +17,23 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from .errors import FabricValueError, LeaseExpired, Revoked
 
 __all__ = [
-    "Clock",
-    "MonotonicClock",
-    "ManualClock",
-    "LeaseState",
-    "LeaseCell",
-    "LocalLeaseCell",
-    "Lease",
-    "RenewalPolicy",
-    "RenewalManager",
     "BackgroundRenewer",
+    "Clock",
+    "Lease",
+    "LeaseCell",
+    "LeaseState",
+    "LocalLeaseCell",
+    "ManualClock",
+    "MonotonicClock",
+    "RenewalManager",
+    "RenewalPolicy",
     "check_ttl",
 ]
 

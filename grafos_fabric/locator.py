@@ -42,7 +42,7 @@ import crc32c
 from .drivers.base import RegionRef
 from .errors import Corrupted, VersionMismatch
 
-__all__ = ["QueueLocator", "LOCATOR_VERSION"]
+__all__ = ["LOCATOR_VERSION", "QueueLocator"]
 
 MAGIC = b"GFQL"
 LOCATOR_VERSION = 1

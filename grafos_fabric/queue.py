@@ -46,7 +46,7 @@ from .drivers.base import Fabric, Region
 from .lease import NS, Lease, check_ttl
 from .locator import QueueLocator
 
-__all__ = ["FabricQueue", "Item", "Batch", "DEFAULT_CAPACITY"]
+__all__ = ["DEFAULT_CAPACITY", "Batch", "FabricQueue", "Item"]
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Item:
     @property
     def data(self) -> memoryview:
         """The payload as a read-only memoryview (zero-copy)."""
-        return memoryview(self.array()).cast("B")
+        return self.array().data.cast("B")
 
     def tobytes(self) -> bytes:
         """A copy of the payload (safe to keep after release)."""
@@ -279,7 +279,7 @@ class Batch:
 
             self._gc = ffi.gc(q._data + self._start, free)
             base = self._base = np.frombuffer(memoryview(ffi.buffer(self._gc, span)).toreadonly(), _U8)
-        return base  # type: ignore[no-any-return]
+        return base
 
     def _item_view(self, offset: int, length: int) -> np.ndarray[Any, Any]:
         rel = offset - self._start
@@ -374,8 +374,8 @@ class FabricQueue:
         self._native_clock = bool(getattr(fabric.clock, "native", False))
         if not region.mapped:
             raise E.Unsupported("this FabricQueue needs a mapped region")
-        self._ring = ffi.cast("uint8_t *", region.payload_pointer())  # type: ignore[attr-defined]
-        self._lease_ptrs = region.lease_pointers()  # type: ignore[attr-defined]
+        self._ring = ffi.cast("uint8_t *", region.payload_pointer())
+        self._lease_ptrs = region.lease_pointers()
         rc = lib.gf_ring_check(self._ring, region.nbytes)
         if rc != OK:
             raise_status(rc, "attaching the queue")
@@ -432,12 +432,18 @@ class FabricQueue:
         ring less a record header). With ``dtype``, items are arrays of that
         dtype: pushes must match it and pops come out in it.
         """
+        if not getattr(fabric, "mapped_regions", True):
+            from .onesided import OneSidedQueue
+
+            return OneSidedQueue.create(
+                fabric, capacity, ttl, dtype=dtype, max_item=max_item, epoch=epoch, first_seq=first_seq
+            )
         cap, max_item, _dt, dtext = _ring_geometry(capacity, max_item, epoch, first_seq, dtype)
         ttl = check_ttl(ttl)
         region = fabric.alloc(RING_HEADER + cap, ttl)
         raw = dtext.encode("ascii")
         rc = lib.gf_ring_init(
-            region.payload_pointer(),  # type: ignore[attr-defined]
+            region.payload_pointer(),
             region.nbytes,
             cap,
             max_item,
@@ -626,7 +632,7 @@ class FabricQueue:
         seq = self._seq_out
         rc = lib.gf_push(p, item, n, 0 if self._native_clock else self._clock.now_ns(), seq)
         if rc == OK:
-            return seq[0]  # type: ignore[no-any-return]
+            return seq[0]
         if rc == FULL:
             return None
         if rc == lib.GF_E_TOO_LARGE:

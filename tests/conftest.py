@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from grafos_fabric.drivers.shm import SHM_DIR
 
 import grafos_fabric as gf
-from grafos_fabric.drivers.shm import SHM_DIR
 
 # Every queue test runs once per mode: "mapped" (native ring on a mapping) and
 # "onesided" (the RDMA ring protocol over the shm driver's one-sided ops).

@@ -465,7 +465,7 @@ def test_wrap_around_keeps_every_payload_contiguous_and_intact(make_pair):
     tx, rx = make_pair(capacity=4096)
     rng = np.random.default_rng(1)
     expected = []
-    for i in range(3000):
+    for _ in range(3000):
         n = int(rng.integers(1, 700))
         payload = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         while not tx.try_push(payload):

@@ -19,13 +19,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from grafos_fabric.drivers import open_fabric
+from grafos_fabric.drivers.shm import HEADER, SHM_DIR, ShmFabric, segment_info
 from rich.console import Console
 from rich.table import Table
 
 from grafos_fabric import errors as E
 from grafos_fabric._ffi import ffi, lib
-from grafos_fabric.drivers import open_fabric
-from grafos_fabric.drivers.shm import HEADER, SHM_DIR, ShmFabric, segment_info
 
 __all__ = ["main", "ring_info"]
 
