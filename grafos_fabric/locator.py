@@ -41,8 +41,12 @@ import crc32c
 
 from .drivers.base import RegionRef
 from .errors import Corrupted, VersionMismatch
+from .handoff import HandoffReader, HandoffRecord, HandoffWriter
 
-__all__ = ["LOCATOR_VERSION", "QueueLocator"]
+# The handoff record carries ``bytes(QueueLocator)`` as its payload; the
+# classes live in grafos_fabric.handoff and are re-exported here, where the
+# design puts the locator and its handoff together.
+__all__ = ["LOCATOR_VERSION", "HandoffReader", "HandoffRecord", "HandoffWriter", "QueueLocator"]
 
 MAGIC = b"GFQL"
 LOCATOR_VERSION = 1
