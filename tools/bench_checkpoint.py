@@ -10,8 +10,9 @@ For each state size, in the same run and on the same file or device range:
   default) and once with ``"single-sync"`` (header and data in one write,
   one sync).
 
-Baseline and candidate alternate in short rounds so that drift in the device
-(write cache, other tenants) hits both alike. ``ratio`` is candidate /
+Baseline and candidate alternate every 20 ms so that drift in the device
+(write cache, other tenants of a shared disk) hits both alike; the baseline
+writes just past the checkpoint's two slots, on the same file or device. ``ratio`` is candidate /
 baseline. Ordered checkpoints pay two flushes where the baseline pays one, so
 expect about 0.5 for small states on devices where the flush dominates.
 
@@ -45,7 +46,7 @@ __all__ = ["main", "run_checkpoint_bench"]
 
 log = logging.getLogger(__name__)
 
-ROUNDS = 4
+ROUND_SECONDS = 0.02  # baseline and candidate alternate this often, so noise from neighbours hits both
 _STAGE = "bench"
 _OVERHEAD = 24 + len(_STAGE)  # checkpoint envelope + stage name
 
@@ -110,7 +111,8 @@ def run_checkpoint_bench(
     if not seconds > 0:
         raise FabricValueError(f"seconds must be positive, got {seconds!r}")
     results: list[dict[str, Any]] = []
-    span = 2 * (2 + -(-(max(sizes) + _OVERHEAD) // 512)) * 512 + (1 << 16)
+    big, max_bs = max(sizes), 1 << 16
+    span = 2 * (big + _OVERHEAD + 2 * max_bs) + big + max_bs  # two slots, then the baseline's blocks
     with _target(path_or_dir, span) as region:
         bs = region.block_size
         fd = region.fileno()
@@ -122,7 +124,7 @@ def run_checkpoint_bench(
         )
         for size in sizes:
             slot_blocks = 1 + -(-(size + _OVERHEAD) // bs)
-            if 2 * slot_blocks > region.nblocks:
+            if 2 * slot_blocks + -(-size // bs) > region.nblocks:
                 raise FabricValueError(f"{region.path} is too small for a {size}-byte checkpoint")
             with open_block(region.path, region.offset, 2 * slot_blocks * bs) as ckpt_region:
                 ckpt_region.write_blocks(0, bytes(ckpt_region.nbytes))  # a blank area for this geometry
@@ -131,7 +133,7 @@ def run_checkpoint_bench(
                 buf = mmap.mmap(-1, max(raw_len, mmap.PAGESIZE))
                 buf.write(os.urandom(raw_len))
                 view = memoryview(buf)[:raw_len]
-                raw_pos = ckpt_region.offset + bs  # where a checkpoint's data goes
+                raw_pos = ckpt_region.offset + ckpt_region.nbytes  # next to the slots, not over them
 
                 def baseline(view: memoryview = view, raw_pos: int = raw_pos) -> None:
                     os.pwritev(fd, [view], raw_pos)
@@ -145,10 +147,11 @@ def run_checkpoint_bench(
                     baseline()
                     ops = base_ops = 0
                     t = base_t = 0.0
-                    for _ in range(ROUNDS):
-                        n, dt = _run_for(baseline, seconds / ROUNDS)
+                    rounds = max(4, round(seconds / ROUND_SECONDS))
+                    for _ in range(rounds):
+                        n, dt = _run_for(baseline, seconds / rounds)
                         base_ops, base_t = base_ops + n, base_t + dt
-                        n, dt = _run_for(state.checkpoint, seconds / ROUNDS)
+                        n, dt = _run_for(state.checkpoint, seconds / rounds)
                         ops, t = ops + n, t + dt
                     rate, base_rate = ops / t, base_ops / base_t
                     row = {
