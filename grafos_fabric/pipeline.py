@@ -50,9 +50,11 @@ Relocation (producer)
     The replay start is the consumer's ``acked`` (the largest value the
     producer has read from any of its queues), or, when the old queue was
     sealed by a restarted consumer, the ``seal_seq`` it asked for. A
-    ``seal_seq`` below the start of the window cannot be honoured (the consumer
-    acked past its own checkpoint): the producer raises ``RELOCATION_FAILED``
-    rather than open a gap.
+    ``seal_seq`` below the start of the window cannot be honoured (some
+    consumer acked past it, so the items are gone from the window): the
+    producer logs a warning and replays from the window's start; a consumer
+    that really needs the missing items then raises ``SequenceGap`` (see
+    below), so nothing is lost silently.
 
 Rebind (consumer)
     The consumer polls the handoff reader when its queue is empty (every
@@ -423,12 +425,14 @@ class EdgeProducer(RelocatableQueueEdge):
         q = self._q
         if q is not None:
             a = q.acked
+            for old in self._retired:  # the consumer may still be acking on a queue we left
+                a = max(a, old.acked)
             if a > self._acked:
                 self._set_acked(a)
 
     def _set_acked(self, a: int) -> None:
-        self._acked = min(a, self.next_seq)
-        self._trim(self._acked)
+        self._acked = a
+        self._trim(a)
 
     def _trim(self, upto: int) -> None:
         """Drop window chunks whose items are all below ``upto``."""
@@ -516,6 +520,7 @@ class EdgeProducer(RelocatableQueueEdge):
             if rec is not None:
                 try:
                     old = FabricQueue.attach(self.fabric, QueueLocator.from_bytes(rec.payload))
+                    self._resume_after(old.acked)
                 except (E.FabricError, E.FabricValueError, OSError) as exc:
                     log.debug(
                         "stage %s: previous queue (generation %d) unreachable: %s", self.stage, int(rec.generation), exc
@@ -529,8 +534,17 @@ class EdgeProducer(RelocatableQueueEdge):
                 self._writer = HandoffWriter.from_disk(self.blk)
         raise EdgeError(EdgeError.RELOCATION_FAILED, f"stage {self.stage}: lost every takeover race ({last})")
 
+    def _resume_after(self, acked: int) -> None:
+        """Restart: the consumer durably has everything below ``acked``; resume there if it is ahead."""
+        if acked > self._acked:
+            self._acked = acked
+        if not self._chunks and acked > self.next_seq:
+            log.info("stage %s: the consumer already acked up to %d; resuming there", self.stage, acked)
+            self.next_seq = self._qnext = self._pushed_hi = self._replay_end = acked
+
     def relocate(self, timeout: float | None = None) -> EdgeGeneration:
         """Move the edge to a new queue now (and replay the window into it); returns the new generation."""
+        self._check_open()
         deadline = _deadline(timeout)
         self._relocate("explicit", old=self._q)
         self._drive(deadline, timeout)
@@ -550,10 +564,13 @@ class EdgeProducer(RelocatableQueueEdge):
         start = self._acked
         if seal_seq is not None:
             if seal_seq < wbase:
-                raise EdgeError(
-                    EdgeError.RELOCATION_FAILED,
-                    f"stage {self.stage}: the consumer asks for a replay from {seal_seq}, but the window "
-                    f"starts at {wbase} (it acked past its checkpoint)",
+                log.warning(
+                    "stage %s: a replay from %d was asked for, but the window starts at %d (the consumer acked "
+                    "past that point); replaying from %d",
+                    self.stage,
+                    seal_seq,
+                    wbase,
+                    wbase,
                 )
             start = seal_seq
         start = min(max(start, wbase), self.next_seq)
@@ -611,10 +628,11 @@ class EdgeProducer(RelocatableQueueEdge):
         self._q = newq
         self._gen = gen
         self._qnext = start
-        self._replay_end = self.next_seq
+        self._replay_end = self._pushed_hi  # what reached a queue before: pushing it again is a replay
         self._renew_at = self.fabric.clock.now_ns() + int(self.ttl * NS) // 2
         self._relocations += 1
         self._reasons[reason] += 1
+        self._free_retired(force=False)
         dt = time.perf_counter() - t0
         self._rebind_s.append(dt)
         log.info(
@@ -655,7 +673,6 @@ class EdgeProducer(RelocatableQueueEdge):
         old.close()
         if old.owner:
             self._retired.append(old)
-        self._free_retired(force=False)
 
     def _free_retired(self, *, force: bool) -> None:
         if not self._retired:
@@ -664,7 +681,10 @@ class EdgeProducer(RelocatableQueueEdge):
         if not force and q is not None:
             try:
                 if not q.stats()["consumer"]:
-                    return  # the consumer may still be draining an old queue
+                    return  # the consumer may still be draining an old queue (and acking there)
+                a = max(old.acked for old in self._retired)
+                if a > self._acked:
+                    self._set_acked(a)
             except (E.FabricError, OSError):  # pragma: no cover
                 return
         for old in self._retired:
@@ -682,6 +702,7 @@ class EdgeProducer(RelocatableQueueEdge):
         seal_seq: int | None = None
         if isinstance(exc, E.QueueSealed) and old is not None:
             if self._gen is not None and old.epoch > int(self._gen):
+                self._fenced = E.StaleEpoch(f"stage {self.stage}: fenced out", epoch=int(self._gen), current=old.epoch)
                 raise E.StaleEpoch(
                     f"stage {self.stage}: a successor took the edge over (queue epoch {old.epoch})",
                     epoch=int(self._gen),
@@ -738,6 +759,8 @@ class EdgeProducer(RelocatableQueueEdge):
         while True:
             try:
                 self._maybe_renew()
+                if self._retired:
+                    self._free_retired(force=False)
                 return self._catch_up(timeout, deadline)
             except _QUEUE_LOST as exc:
                 streak += 1
@@ -783,6 +806,10 @@ class EdgeProducer(RelocatableQueueEdge):
             if seq < self._pushed_hi:
                 return seq  # the item reached a queue once: it is accepted and will be replayed
             self._rollback(seq)
+            raise
+        except (EdgeError, E.StaleEpoch):
+            if seq >= self._pushed_hi:
+                self._rollback(seq)  # never reached a queue: not accepted
             raise
         if not ok:
             if seq < self._pushed_hi:
@@ -844,6 +871,9 @@ class EdgeProducer(RelocatableQueueEdge):
             ok = self._drive(deadline, timeout)
         except TimeoutError:
             ok = False
+        except (EdgeError, E.StaleEpoch):
+            self._rollback(seq)  # keeps what reached a queue
+            raise
         if not ok:
             kept = max(self._pushed_hi, self._qnext) - seq
             if kept < n:

@@ -1,0 +1,605 @@
+"""RelocatableQueueEdge: relocation, rebind, replay window, restarts, fencing.
+
+Every test checks the promise of DESIGN.md "Relocation, end to end": every
+sequence delivered, in order, none twice after dedup by sequence; a stale
+producer never gets an item into the new queue. The deterministic tests run
+one producer and one consumer in one thread on a ManualClock with a fault
+plan (tests/_pipeline_faults.py); the cross-process tests fork producers and
+consumers (tests/_pipeline_workers.py) and kill them with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import signal
+import struct
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _pipeline_faults import FaultPlan, FaultyBlock, FaultyFabric
+from _pipeline_workers import consumer_main, dedup_sink, producer_main, wait_pid
+from grafos_fabric.drivers.block import open_block
+from grafos_fabric.drivers.shm import SHM_DIR
+
+import grafos_fabric as gf
+from grafos_fabric import errors as E
+from grafos_fabric.pipeline import (
+    SEQUENCE_GAP,
+    EdgeConsumer,
+    EdgeError,
+    EdgeProducer,
+    RelocatableQueueEdge,
+    StageId,
+)
+
+TTL = 5.0
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture
+def edge_ns() -> Iterator[str]:
+    ns = "pe" + secrets.token_hex(5)
+    yield ns
+    prefix = f"grafos.{ns}."
+    for name in os.listdir(SHM_DIR):
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except FileNotFoundError:
+                pass
+
+
+@pytest.fixture
+def clock() -> gf.ManualClock:
+    return gf.ManualClock()
+
+
+@pytest.fixture
+def plan() -> FaultPlan:
+    return FaultPlan()
+
+
+@pytest.fixture
+def edge_path(tmp_path: Path) -> str:
+    path = str(tmp_path / "edge.blk")
+    open_block(path, create_size=1 << 20).close()
+    return path
+
+
+@pytest.fixture
+def fabric(edge_ns: str, clock: gf.ManualClock, plan: FaultPlan) -> Any:
+    return FaultyFabric(gf.open_fabric(f"shm://{edge_ns}", clock=clock), plan)
+
+
+def make_pair(
+    fabric: Any, edge_path: str, plan: FaultPlan, *, capacity: int = 1 << 16, window: int | None = None, **kw: Any
+) -> tuple[EdgeProducer, EdgeConsumer]:
+    tx = RelocatableQueueEdge.producer(
+        fabric, FaultyBlock(open_block(edge_path), plan), capacity=capacity, ttl=TTL, window=window, **kw
+    )
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), stage=StageId("sink"))
+    return tx, rx
+
+
+def item(seq: int, tag: int = 0) -> bytes:
+    return struct.pack("<QQ", seq, tag)
+
+
+class Sink:
+    """Records what a consumer delivers and checks the promise."""
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self.tags: list[int] = []
+
+    def take(self, it: gf.Item) -> None:
+        seq, tag = struct.unpack("<QQ", it.tobytes())
+        assert seq == it.seq, f"payload of {it.seq} says {seq}"
+        self.seqs.append(it.seq)
+        self.tags.append(tag)
+        it.release()
+
+    def drain(self, rx: EdgeConsumer, *, ack: bool = True, limit: int = 1 << 30) -> int:
+        n = 0
+        while n < limit:
+            it = rx.try_pop()
+            if it is None:
+                break
+            self.take(it)
+            n += 1
+        if ack and self.seqs:
+            rx.ack(self.seqs[-1])
+        return n
+
+    def assert_complete(self, n: int, start: int = 0) -> None:
+        assert self.seqs == list(range(start, n)), _first_difference(self.seqs, list(range(start, n)))
+
+
+def _first_difference(got: list[int], want: list[int]) -> str:
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
+        if a != b:
+            return f"at index {i}: got {a}, want {b} (got {len(got)} items, want {len(want)})"
+    return f"got {len(got)} items, want {len(want)}"
+
+
+def run_stream(
+    tx: EdgeProducer,
+    rx: EdgeConsumer,
+    n: int,
+    plan: FaultPlan,
+    clock: gf.ManualClock,
+    *,
+    consume_every: int = 3,
+    sink: Sink | None = None,
+) -> Sink:
+    """One thread: step i applies the plan, pushes item i, and every few steps drains and acks."""
+    sink = sink or Sink()
+    for step in range(n):
+        plan.apply(step, clock, tx, rx)
+        seq = tx.push(item(step), timeout=0)
+        assert seq == step
+        if step % consume_every == 0:
+            sink.drain(rx)
+    for _ in range(1000):
+        if len(sink.seqs) >= n:
+            break
+        sink.drain(rx)
+        tx.poll()
+    tx.flush(timeout=5)
+    return sink
+
+
+# -- deterministic fault injection ------------------------------------------------------------------
+def test_stream_without_faults_delivers_every_sequence_once_in_order(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    sink = run_stream(tx, rx, 2000, plan, clock)
+    sink.assert_complete(2000)
+    assert tx.stats()["relocations"] == 1  # the first queue
+    assert rx.stats()["dropped_duplicates"] == 0
+    assert tx.acked == 2000
+
+
+@pytest.mark.parametrize("step", [1, 57, 58, 999])
+def test_lease_expiry_at_step_n_relocates_and_loses_nothing(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, step: int
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    plan.at(step, "expire")
+    sink = run_stream(tx, rx, 1000, plan, clock)
+    sink.assert_complete(1000)
+    st = tx.stats()
+    assert st["relocations"] == 2 and st["reasons"].get("LeaseExpired") == 1
+    assert int(tx.generation) == int(rx.generation) == 2
+    assert rx.stats()["rebinds"] == 1
+
+
+def test_lease_expiry_replays_the_unacked_items_and_the_consumer_drops_what_it_already_has(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    sink = Sink()
+    for i in range(100):
+        tx.push(item(i), timeout=0)
+    sink.drain(rx, ack=False, limit=60)  # delivered 0..59, acked nothing
+    rx.ack(19)  # durable up to 19
+    tx.poll()  # the producer reads acked = 20
+    clock.advance(TTL * 2)  # the queue's lease runs out with 60..99 still in it
+    tx.push(item(100), timeout=0)
+    sink.drain(rx)
+    sink.assert_complete(101)
+    assert tx.stats()["replayed"] == 80  # 20..99 went in again
+    assert rx.stats()["dropped_duplicates"] == 40  # 20..59 were delivered before
+
+
+@pytest.mark.parametrize("step", [0, 10, 499])
+def test_revoke_at_step_n_relocates_and_loses_nothing(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, step: int
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    plan.at(step, "revoke")
+    sink = run_stream(tx, rx, 500, plan, clock)
+    sink.assert_complete(500)
+    assert tx.stats()["reasons"].get("Revoked") == 1
+
+
+@pytest.mark.parametrize("failures", [1, 4])
+def test_handoff_write_failure_at_step_m_is_retried_and_loses_nothing(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, failures: int
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    plan.count = failures
+    plan.at(200, "write_fails").at(201, "expire")
+    sink = run_stream(tx, rx, 400, plan, clock)
+    sink.assert_complete(400)
+    assert plan.write_failures == 0
+    assert tx.stats()["relocations"] == 2
+
+
+def test_allocation_failure_at_relocation_is_retried(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    plan.count = 3
+    plan.at(50, "alloc_fails", "revoke")
+    sink = run_stream(tx, rx, 200, plan, clock)
+    sink.assert_complete(200)
+    assert plan.alloc_failures == 0
+
+
+def test_relocation_that_fails_every_attempt_raises_relocation_failed_and_keeps_the_window(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan, max_attempts=3)
+    sink = Sink()
+    for i in range(30):
+        tx.push(item(i), timeout=0)
+    sink.drain(rx, ack=False, limit=10)
+    rx.ack(9)
+    tx.lease.revoke()
+    plan.write_failures = 3  # every publish attempt fails
+    with pytest.raises(EdgeError) as ei:
+        tx.push(item(30), timeout=0)
+    assert ei.value.kind == EdgeError.RELOCATION_FAILED
+    assert tx.stats()["relocation_failures"] == 1
+    assert tx.next_seq == 30  # item 30 never reached a queue: it was not accepted
+    # the fabric heals: the next call relocates, replays 10..29, and nothing is lost
+    assert tx.push(item(30), timeout=0) == 30
+    sink.drain(rx)
+    sink.assert_complete(31)
+
+
+def test_random_fault_plans_never_lose_reorder_or_duplicate_an_item(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    for seed in range(6):
+        rand = FaultPlan.random(seed, steps=600, n_faults=25)
+        plan.steps = rand.steps
+        tx, rx = make_pair(fabric, edge_path, plan)
+        start = tx.next_seq
+        assert start == 0
+        sink = run_stream(tx, rx, 600, plan, clock, consume_every=1 + seed % 4)
+        sink.assert_complete(600)
+        tx.free()
+        rx.close()
+        os.truncate(edge_path, 0)
+        os.truncate(edge_path, 1 << 20)
+        plan.steps = {}
+
+
+def test_try_push_raises_queue_full_when_the_ring_is_full_and_accepts_nothing(
+    fabric: Any, edge_path: str, plan: FaultPlan
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan, capacity=4096)
+    n = 0
+    with pytest.raises(EdgeError) as ei:
+        while True:
+            tx.try_push(b"x" * 100)
+            n += 1
+    assert ei.value.kind == EdgeError.QUEUE_FULL
+    assert tx.next_seq == n
+    sink_seqs = []
+    while (it := rx.try_pop()) is not None:
+        sink_seqs.append(it.seq)
+        it.release()
+    assert sink_seqs == list(range(n))
+    assert tx.try_push(b"y" * 100) == n
+
+
+def test_a_full_replay_window_makes_push_wait_and_time_out_without_accepting(
+    fabric: Any, edge_path: str, plan: FaultPlan
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan, capacity=1 << 16, window=1000)
+    for _ in range(10):
+        tx.push(b"z" * 100)
+    with pytest.raises(TimeoutError):
+        tx.push(b"z" * 100, timeout=0.05)
+    with pytest.raises(EdgeError) as ei:
+        tx.try_push(b"z" * 100)
+    assert ei.value.kind == EdgeError.QUEUE_FULL
+    assert tx.next_seq == 10
+    got = [rx.pop(timeout=1) for _ in range(10)]
+    rx.ack(got[-1].seq)
+    for g in got:
+        g.release()
+    assert tx.push(b"z" * 100, timeout=1) == 10
+
+
+def test_consumer_restart_seals_the_queue_and_the_producer_replays_from_input_offset(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    first = Sink()
+    for i in range(300):
+        tx.push(item(i), timeout=0)
+    first.drain(rx, ack=False, limit=250)
+    rx.ack(99)  # checkpoint said 100; then the consumer "crashes" (its role stays taken)
+    gen = int(tx.generation)
+    rx2 = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), input_offset=100)
+    assert tx.queue.sealed and tx.queue.seal_seq == 100
+    tx.push(item(300), timeout=0)  # sees the seal, relocates, replays 100..299 first
+    assert int(tx.generation) == gen + 1
+    second = Sink()
+    second.drain(rx2)
+    second.assert_complete(301, start=100)
+    assert tx.stats()["reasons"].get("QueueSealed") == 1
+
+
+def test_consumer_restart_from_a_checkpoint_below_its_ack_fails_loudly_with_a_sequence_gap(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    for i in range(50):
+        tx.push(item(i), timeout=0)
+    Sink().drain(rx)  # acks 49
+    tx.poll()  # window trimmed to 50
+    rx2 = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), input_offset=10)  # misuse: below its ack
+    tx.push(item(50), timeout=0)  # replays from 50, the start of its window
+    with pytest.raises(EdgeError) as ei:
+        rx2.pop(timeout=1)
+    assert ei.value.kind == SEQUENCE_GAP
+
+
+def test_producer_restart_fences_the_zombie_and_reproduces_from_output_commit(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    sink = Sink()
+    for i in range(200):
+        tx.push(item(i, tag=1), timeout=0)
+    sink.drain(rx, limit=120)  # delivered and acked up to 119
+    tx.poll()
+    commit = tx.acked
+    assert commit == 120
+    old_gen = int(tx.generation)
+    # the successor restores output_commit and takes the edge over; the old producer lives on
+    tx2 = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL, output_commit=commit)
+    assert int(tx2.generation) == old_gen + 1 and tx2.next_seq == commit
+    with pytest.raises(E.StaleEpoch):
+        tx.push(item(200, tag=1), timeout=0)
+    with pytest.raises(E.StaleEpoch):  # and stays fenced
+        tx.push(item(201, tag=1), timeout=0)
+    for i in range(commit, 400):
+        tx2.push(item(i, tag=2), timeout=0)
+        if i % 5 == 0:
+            sink.drain(rx)
+    sink.drain(rx)
+    sink.assert_complete(400)
+    # 120..199 came from the old queue (drained), the rest from the successor; none from the zombie after the takeover
+    assert all(t == 2 for s, t in zip(sink.seqs, sink.tags, strict=True) if s >= 200)
+    assert rx.stats()["dropped_duplicates"] == 80
+
+
+def test_stale_producer_that_keeps_pushing_never_gets_an_item_into_the_new_queue(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, edge_ns: str
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    for i in range(10):
+        tx.push(item(i, tag=1), timeout=0)
+    stale_gen = int(tx.generation)
+    tx2 = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL, output_commit=0)
+    new_q = tx2.queue
+    assert new_q is not None
+    for i in range(50):
+        with pytest.raises(E.StaleEpoch):
+            tx.push(item(10 + i, tag=1), timeout=0)
+        with pytest.raises(E.StaleEpoch):
+            tx.relocate()
+    # even with the new queue's locator in hand, a writer stamped with the old epoch is refused at the target
+    rec = gf.FabricQueue.attach(fabric, new_q.locator(), epoch=stale_gen)
+    with pytest.raises((E.StaleEpoch, E.RoleTaken)):
+        rec.push(item(999, tag=1))
+    for i in range(30):
+        tx2.push(item(i, tag=2), timeout=0)
+    sink = Sink()
+    sink.drain(rx)
+    sink.assert_complete(30)
+    new_seqs = [s for s, t in zip(sink.seqs, sink.tags, strict=True) if t == 1]
+    assert new_seqs == list(range(10))  # only what the stale producer pushed before the takeover (old queue)
+    assert new_q.stats()["next_seq"] == 30
+    assert tx2.stats()["relocations"] == 1
+
+
+def test_consumer_without_a_record_waits_and_times_out(fabric: Any, edge_path: str) -> None:
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path))
+    assert rx.generation is None and rx.try_pop() is None
+    with pytest.raises(TimeoutError):
+        rx.pop(timeout=0.02)
+
+
+def test_consumer_that_sees_a_gap_raises_sequence_gap(fabric: Any, edge_path: str, plan: FaultPlan) -> None:
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), input_offset=5)
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL, output_commit=10)
+    tx.push(item(10), timeout=0)
+    with pytest.raises(EdgeError) as ei:
+        rx.pop(timeout=0.5)
+    assert ei.value.kind == SEQUENCE_GAP
+
+
+def test_batches_come_out_in_order_across_relocations_with_zero_copy_rows(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan, capacity=1 << 18)
+    got: list[int] = []
+    seq = 0
+    for rnd in range(40):
+        s = np.arange(seq, seq + 100, dtype=np.int64)
+        assert tx.push_batch(np.stack([s, s * 3], axis=1), timeout=0) == 100
+        seq += 100
+        if rnd % 3 == 1:
+            tx.relocate(timeout=0)
+        if rnd % 7 == 3:
+            clock.advance(TTL * 2)
+        while True:
+            b = rx.pop_batch(64, timeout=0)
+            if not len(b):
+                break
+            a = b.array().view(np.int64)
+            assert np.array_equal(a[:, 0], b.seqs.astype(np.int64)) and np.array_equal(a[:, 1], a[:, 0] * 3)
+            got.extend(int(x) for x in b.seqs)
+            b.release()
+        if got:
+            rx.ack(got[-1])
+    assert got == list(range(seq))
+
+
+def test_explicit_consumer_relocate_switches_without_draining_and_loses_nothing(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    sink = Sink()
+    for i in range(40):
+        tx.push(item(i), timeout=0)
+    sink.drain(rx, limit=10)
+    assert rx.relocate() is False  # nothing newer yet
+    # a newer generation appears; the consumer switches at once and gets 10.. from the replay
+    tx2 = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL, output_commit=10)
+    for i in range(10, 40):
+        tx2.push(item(i), timeout=0)
+    assert rx.relocate() is True
+    sink.drain(rx)
+    sink.assert_complete(40)
+
+
+def test_stats_report_relocations_replays_duplicates_and_rebind_times(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    plan.at(10, "relocate").at(20, "revoke").at(30, "expire")
+    run_stream(tx, rx, 50, plan, clock).assert_complete(50)
+    st, sr = tx.stats(), rx.stats()
+    for key in ("relocations", "replayed", "rebind_p50_ms", "rebind_p99_ms", "generation", "acked"):
+        assert key in st
+    for key in ("rebinds", "dropped_duplicates", "delivered", "rebind_p50_ms", "rebind_p99_ms"):
+        assert key in sr
+    assert st["relocations"] == 4 and sr["rebinds"] == 3 and sr["delivered"] == 50
+    assert st["generation"] == sr["generation"] == 4
+    assert 0 < st["rebind_p50_ms"] <= st["rebind_p99_ms"]
+    assert tx.lease is tx.queue.lease
+
+
+def test_producer_renews_its_queue_lease_while_it_pushes(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    sink = Sink()
+    for i in range(100):
+        clock.advance(TTL * 0.3)  # 30 TTLs in all, never a whole TTL without a push
+        tx.push(item(i), timeout=0)
+        sink.drain(rx)
+    sink.assert_complete(100)
+    assert tx.stats()["relocations"] == 1
+
+
+# -- cross-process -----------------------------------------------------------------------------------
+def fork(fn: Callable[..., None], *args: Any, **kwargs: Any) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            fn(*args, **kwargs)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    return pid
+
+
+def _paths(tmp_path: Path, tag: str) -> dict[str, str]:
+    out = {}
+    for name in ("edge", "pck", "cck"):
+        p = str(tmp_path / f"{tag}-{name}.blk")
+        open_block(p, create_size=1 << 20).close()
+        out[name] = p
+    out["sink"] = str(tmp_path / f"{tag}-sink.bin")
+    return out
+
+
+def _forced_relocations(tmp_path: Path, ns: str, n: int, relocations: int, timeout: float) -> None:
+    p = _paths(tmp_path, "forced")
+    every = max(1, n // (relocations + 1))
+    stats = str(tmp_path / "pstats.txt")
+    prod = fork(producer_main, ns, p["edge"], p["pck"], n, batch=256, relocate_every=every, stats_path=stats)
+    cons = fork(consumer_main, ns, p["edge"], p["cck"], p["sink"], n)
+    assert wait_pid(cons, timeout) == 0
+    assert wait_pid(prod, timeout) == 0
+    raw = np.fromfile(p["sink"], dtype=np.int64)
+    assert np.array_equal(raw, np.arange(n)), "one consumer lifetime: every sequence once, in order"
+    st = eval(Path(stats).read_text())  # our own repr of a dict of numbers and strings
+    assert st["relocations"] >= relocations
+
+
+def test_forced_relocations_across_two_processes_deliver_every_sequence_once_in_order(
+    tmp_path: Path, edge_ns: str
+) -> None:
+    _forced_relocations(tmp_path, edge_ns, 100_000, 100, timeout=60)
+
+
+@pytest.mark.stress
+def test_a_thousand_forced_relocations_over_a_million_items_deliver_every_sequence_once_in_order(
+    tmp_path: Path, edge_ns: str
+) -> None:
+    _forced_relocations(tmp_path, edge_ns, 1_000_000, 1000, timeout=240)
+
+
+def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    for trial in range(trials):
+        p = _paths(tmp_path, f"{victim}{trial}")
+        prod = fork(producer_main, ns, p["edge"], p["pck"], n, batch=128, checkpoint_every=1024)
+        cons = fork(consumer_main, ns, p["edge"], p["cck"], p["sink"], n, checkpoint_every=1024)
+        kills = rng.randint(1, 2)
+        finished: dict[int, int] = {}
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.0, 0.25))
+            pid = prod if victim == "producer" else cons
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                finished[pid] = os.waitstatus_to_exitcode(status)
+                break
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            if victim == "producer":
+                prod = fork(producer_main, ns, p["edge"], p["pck"], n, batch=128, checkpoint_every=1024)
+            else:
+                cons = fork(consumer_main, ns, p["edge"], p["cck"], p["sink"], n, checkpoint_every=1024)
+        try:
+            rc = finished[cons] if cons in finished else wait_pid(cons, 60)
+            assert rc == 0, f"trial {trial}: consumer failed"
+            rc = finished[prod] if prod in finished else wait_pid(prod, 60)
+            assert rc == 0, f"trial {trial}: producer failed"
+        except BaseException:
+            for pid in (prod, cons):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            raise
+        kept, _dups = dedup_sink(p["sink"])
+        assert np.array_equal(kept, np.arange(n)), f"trial {trial}: {_first_difference(kept.tolist(), list(range(n)))}"
+
+
+def test_producer_kill_9_at_random_points_loses_nothing(tmp_path: Path, edge_ns: str) -> None:
+    _kill_trials(tmp_path, edge_ns, "producer", trials=4, n=30_000, seed=1)
+
+
+def test_consumer_kill_9_at_random_points_loses_nothing(tmp_path: Path, edge_ns: str) -> None:
+    _kill_trials(tmp_path, edge_ns, "consumer", trials=4, n=30_000, seed=2)
+
+
+@pytest.mark.stress
+def test_fifty_producer_kill_9_trials_lose_nothing(tmp_path: Path, edge_ns: str) -> None:
+    _kill_trials(tmp_path, edge_ns, "producer", trials=50, n=30_000, seed=11)
+
+
+@pytest.mark.stress
+def test_fifty_consumer_kill_9_trials_lose_nothing(tmp_path: Path, edge_ns: str) -> None:
+    _kill_trials(tmp_path, edge_ns, "consumer", trials=50, n=30_000, seed=12)
