@@ -40,6 +40,7 @@ from grafos_fabric.pipeline import (
 )
 
 TTL = 5.0
+KILL_ITEMS = 400_000  # about 0.3 s of streaming: kills land mid-stream
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -551,15 +552,24 @@ def test_a_thousand_forced_relocations_over_a_million_items_deliver_every_sequen
 
 
 def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed: int) -> None:
+    """Each trial: a producer and a consumer process; the victim is killed with SIGKILL 1-3 times
+    at random moments and restarted from its checkpoint. The sink (deduped by sequence) must hold
+    every sequence once, in order."""
     rng = random.Random(seed)
+    hits = 0
     for trial in range(trials):
         p = _paths(tmp_path, f"{victim}{trial}")
-        prod = fork(producer_main, ns, p["edge"], p["pck"], n, batch=128, checkpoint_every=1024)
-        cons = fork(consumer_main, ns, p["edge"], p["cck"], p["sink"], n, checkpoint_every=1024)
-        kills = rng.randint(1, 2)
+
+        def start_producer() -> int:
+            return fork(producer_main, ns, p["edge"], p["pck"], n, batch=128, checkpoint_every=8192)
+
+        def start_consumer() -> int:
+            return fork(consumer_main, ns, p["edge"], p["cck"], p["sink"], n, checkpoint_every=8192)
+
+        prod, cons = start_producer(), start_consumer()
         finished: dict[int, int] = {}
-        for _ in range(kills):
-            time.sleep(rng.uniform(0.0, 0.25))
+        for _ in range(rng.randint(1, 3)):
+            time.sleep(rng.uniform(0.005, 0.2))
             pid = prod if victim == "producer" else cons
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -567,10 +577,11 @@ def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed
                 break
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+            hits += 1
             if victim == "producer":
-                prod = fork(producer_main, ns, p["edge"], p["pck"], n, batch=128, checkpoint_every=1024)
+                prod = start_producer()
             else:
-                cons = fork(consumer_main, ns, p["edge"], p["cck"], p["sink"], n, checkpoint_every=1024)
+                cons = start_consumer()
         try:
             rc = finished[cons] if cons in finished else wait_pid(cons, 60)
             assert rc == 0, f"trial {trial}: consumer failed"
@@ -585,21 +596,22 @@ def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed
             raise
         kept, _dups = dedup_sink(p["sink"])
         assert np.array_equal(kept, np.arange(n)), f"trial {trial}: {_first_difference(kept.tolist(), list(range(n)))}"
+    assert hits >= trials // 2, f"only {hits} kills landed on a running {victim}: the trials are too short"
 
 
 def test_producer_kill_9_at_random_points_loses_nothing(tmp_path: Path, edge_ns: str) -> None:
-    _kill_trials(tmp_path, edge_ns, "producer", trials=4, n=30_000, seed=1)
+    _kill_trials(tmp_path, edge_ns, "producer", trials=4, n=KILL_ITEMS, seed=1)
 
 
 def test_consumer_kill_9_at_random_points_loses_nothing(tmp_path: Path, edge_ns: str) -> None:
-    _kill_trials(tmp_path, edge_ns, "consumer", trials=4, n=30_000, seed=2)
+    _kill_trials(tmp_path, edge_ns, "consumer", trials=4, n=KILL_ITEMS, seed=2)
 
 
 @pytest.mark.stress
 def test_fifty_producer_kill_9_trials_lose_nothing(tmp_path: Path, edge_ns: str) -> None:
-    _kill_trials(tmp_path, edge_ns, "producer", trials=50, n=30_000, seed=11)
+    _kill_trials(tmp_path, edge_ns, "producer", trials=50, n=KILL_ITEMS, seed=11)
 
 
 @pytest.mark.stress
 def test_fifty_consumer_kill_9_trials_lose_nothing(tmp_path: Path, edge_ns: str) -> None:
-    _kill_trials(tmp_path, edge_ns, "consumer", trials=50, n=30_000, seed=12)
+    _kill_trials(tmp_path, edge_ns, "consumer", trials=50, n=KILL_ITEMS, seed=12)
