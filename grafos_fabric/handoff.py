@@ -119,8 +119,10 @@ class HandoffWriter:
 
     ``generation=None`` (the default) adopts the generation on disk (zero when
     nothing was published yet): that is how a restarted producer resumes, and
-    :meth:`from_disk` says so explicitly. Passing a generation makes the writer
-    claim it: its next publish is refused if the disk has moved past it.
+    :meth:`from_disk` says so explicitly; it raises ``Corrupted`` when no
+    record on disk validates (it will not guess). Passing a generation makes
+    the writer claim it: its next publish is refused if the disk has moved
+    past it.
     """
 
     def __init__(

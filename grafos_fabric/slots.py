@@ -375,9 +375,11 @@ class SlotStore:
         form the record (gathered without joining them first). The record is
         built once in a page-aligned buffer that the block device writes
         without another copy. ``CapacityExceeded`` (before any block is
-        written) if the data does not fit a slot. Errors from the device
-        propagate at once; the previous record stays readable whatever
-        happened.
+        written) if the data does not fit a slot. A record of a format
+        version this build does not speak is never overwritten
+        (``VersionMismatch``), nor one written with another geometry
+        (``Corrupted``). Errors from the device propagate at once; the
+        previous record stays readable whatever happened.
         """
         chunks: Sequence[Any] = data if isinstance(data, (list, tuple)) else (data,)
         parts = [memoryview(p).cast("B") for p in chunks]
