@@ -679,3 +679,23 @@ def test_the_checkpoint_bench_refuses_nonsense_arguments(tmp_path: Path) -> None
         run_checkpoint_bench(tmp_path, sizes=(0,), seconds=0.01)
     with pytest.raises(FabricValueError):
         run_checkpoint_bench(tmp_path, sizes=(4096,), seconds=0)
+
+
+def test_a_checkpoint_never_overwrites_a_record_of_an_unknown_version(region: BlockRegion) -> None:
+    data = _good_envelope()
+    _write_header(region, 0, _valid_header(region, 0, data, version=3), data)
+    before = snapshot(region)
+    with pytest.raises(VersionMismatch):
+        CheckpointedStageState({"new": 1}, region).checkpoint()
+    assert snapshot(region) == before
+
+
+def test_a_checkpoint_never_overwrites_records_written_with_another_geometry(tmp_path: Path) -> None:
+    path = tmp_path / "geo2.img"
+    with open_block(path, create_size=SIZE) as whole:
+        CheckpointedStageState({"v": 1}, whole).checkpoint()
+        half = whole.length // 2
+    with open_block(path, length=half) as smaller, pytest.raises(Corrupted):
+        CheckpointedStageState({"v": 2}, smaller).checkpoint()
+    with open_block(path) as whole:
+        assert restored(whole)[0] == {"v": 1}
