@@ -432,7 +432,7 @@ class EdgeProducer(RelocatableQueueEdge):
 
     def _set_acked(self, a: int) -> None:
         self._acked = a
-        self._trim(a)
+        self._trim(min(a, self._qnext))  # items not yet in the current queue stay until they are
 
     def _trim(self, upto: int) -> None:
         """Drop window chunks whose items are all below ``upto``."""

