@@ -120,5 +120,17 @@ def test_bench_checkpoint_case_reports_rates_next_to_raw_fdatasync(tmp_path: Pat
     assert rows and {r["size"] for r in rows} == {4096, 1 << 20}
     for r in rows:
         assert r["ops_per_s"] > 0 and r["baseline_ops_per_s"] > 0 and r["ratio"] > 0, r
-    assert doc["results"] == [] and "checkpoint (same run)" in console
+    assert doc["results"] == [] and "checkpoint (same run" in console
     assert list(tmp_path.iterdir()) == []  # the scratch file is gone
+
+
+def test_bench_relocation_case_reports_rebind_times_and_both_rates() -> None:
+    pytest.importorskip("grafos_fabric.tools.bench_relocation")
+    doc, console = _run_bench("--duration", "0.2", "--cases", "relocation", "--peers", "none")
+    rows = doc["relocation"]
+    assert rows
+    for r in rows:
+        assert "error" not in r, r
+        assert r["steady_items_per_s"] > 0 and r["relocating_items_per_s"] > 0 and r["ratio"] > 0, r
+        assert r["relocations"] > 0 and r["rebind_p99_ms"] >= r["rebind_p50_ms"] > 0, r
+    assert "relocation (same run" in console

@@ -211,13 +211,15 @@ def render(
             )
         else:
             t.add_row(fmt_size(r.size), name, r.mode, "[red]error[/red]", "-", "-", *(["-"] if spread else []))
-    console.print(t)
+    if results:
+        console.print(t)
     for r in results:
         if r.error:
             console.print(f"[red]{r.transport}/{r.mode}/{fmt_size(r.size)} failed:[/red] {r.error}")
-    console.print("Compared against, measured in this run:")
-    for name, what in baselines.items():
-        console.print(f"  [bold]{name}[/bold]: {what}")
+    if results and baselines:
+        console.print("Compared against, measured in this run:")
+        for name, what in baselines.items():
+            console.print(f"  [bold]{name}[/bold]: {what}")
 
     if ratios:
         rt = Table(title="grafos-fabric / peer, items/s, same run (>1: fabric faster)", title_justify="left")
@@ -249,12 +251,16 @@ def render(
     for name, rows in extra.items():
         if not rows:
             continue
-        et = Table(title=f"{name} (same run)", title_justify="left")
+        et = Table(title=f"{name} (same run; every field in the JSON)", title_justify="left")
         keys = list(dict.fromkeys(k for row in rows for k in row))
+        shown = EXTRA_COLUMNS.get(name)
+        if shown is not None:
+            keys = [k for k in (*shown, "error") if k in keys]
         for k in keys:
-            et.add_column(k.replace("_per_s", "/s").replace("_", " "))
+            label = COLUMN_LABELS.get(k, k.replace("_per_s", "/s").replace("_", " "))
+            et.add_column(label, justify="left" if k in ("case", "handoff") else "right")
         for row in rows:
-            et.add_row(*[fmt_ratio(row[k]) if k == "ratio" and row.get(k) else _cell(row.get(k)) for k in keys])
+            et.add_row(*[_cell(k, row.get(k)) for k in keys])
         console.print(et)
 
     for what, why in skipped.items():
@@ -268,12 +274,50 @@ def _spread(samples: Sequence[float]) -> str:
     return f"{(max(samples) - min(samples)) / max(samples):.0%}"
 
 
-def _cell(v: Any) -> str:
+#: The columns the console shows for an extra case (all of them when not listed here).
+EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {
+    "relocation": (
+        "handoff",
+        "relocations_per_s",
+        "steady_items_per_s",
+        "relocating_items_per_s",
+        "ratio",
+        "rebind_p50_ms",
+        "rebind_p99_ms",
+        "relocate_p50_ms",
+        "relocate_p99_ms",
+        "rebind_ok",
+        "ratio_ok",
+    ),
+}
+
+
+COLUMN_LABELS = {
+    "relocations_per_s": "reloc/s",
+    "steady_items_per_s": "steady items/s",
+    "relocating_items_per_s": "reloc items/s",
+    "rebind_p50_ms": "rebind p50 ms",
+    "rebind_p99_ms": "rebind p99 ms",
+    "relocate_p50_ms": "relocate p50 ms",
+    "relocate_p99_ms": "relocate p99 ms",
+}
+
+
+def _cell(key: str, v: Any) -> str:
+    """One value of an extra case's row, formatted by what its key says it is."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "[green]yes[/green]" if v else "[red]no[/red]"
+    if key == "ratio" and isinstance(v, (int, float)):
+        return fmt_ratio(float(v))
+    if key in ("size", "item_size", "capacity") and isinstance(v, int):
+        return fmt_size(v)
+    if key.endswith("_items_per_s") and isinstance(v, (int, float)):
+        return fmt_rate(float(v))
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 1024:
-        return fmt_size(v)
-    return "-" if v is None else str(v)
+    return str(v)
 
 
 def to_json(
