@@ -617,6 +617,9 @@ class EdgeProducer(RelocatableQueueEdge):
                 newq = None
                 last = exc
                 log.warning("stage %s: publishing the handoff failed (attempt %d): %s", self.stage, attempt + 1, exc)
+            except BaseException:
+                newq.free()  # a damaged handoff record (Corrupted) or an interrupt: not retried
+                raise
         if newq is None or gen is None:
             self._failures += 1
             raise EdgeError(
@@ -807,7 +810,7 @@ class EdgeProducer(RelocatableQueueEdge):
                 return seq  # the item reached a queue once: it is accepted and will be replayed
             self._rollback(seq)
             raise
-        except (EdgeError, E.StaleEpoch):
+        except (EdgeError, E.StaleEpoch, E.FabricValueError):
             if seq >= self._pushed_hi:
                 self._rollback(seq)  # never reached a queue: not accepted
             raise
@@ -871,7 +874,7 @@ class EdgeProducer(RelocatableQueueEdge):
             ok = self._drive(deadline, timeout)
         except TimeoutError:
             ok = False
-        except (EdgeError, E.StaleEpoch):
+        except (EdgeError, E.StaleEpoch, E.FabricValueError):
             self._rollback(seq)  # keeps what reached a queue
             raise
         if not ok:
@@ -1192,8 +1195,9 @@ class EdgeConsumer(RelocatableQueueEdge):
         deadline = _deadline(timeout)
         while True:
             if self._q is None:
-                if timeout == 0 and self._pending is None:
-                    rec = self._poll()
+                if timeout == 0:
+                    rec = self._pending or self._poll()
+                    self._pending = None
                     if rec is None or not self._attach(rec):
                         return None
                 else:

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from grafos_fabric.drivers.block import open_block
@@ -39,7 +40,7 @@ def check_rows(arr: np.ndarray, seqs: np.ndarray) -> None:
         raise AssertionError(f"payload does not match its sequence near {int(seqs[0])}")
 
 
-def _restore(path: str, stage: str) -> CheckpointedStageState | None:
+def _restore(path: str, stage: str) -> CheckpointedStageState[Any] | None:
     blk = open_block(path)
     try:
         return CheckpointedStageState.restore(blk, stage=stage)
@@ -64,7 +65,9 @@ def producer_main(
     logging.basicConfig(level=logging.WARNING)
     fabric = gf.open_fabric(f"shm://{ns}")
     prev = _restore(ckpt_path, "src")
-    ckpt = CheckpointedStageState({}, open_block(ckpt_path), stage="src", edge=prev.edge if prev else None)
+    ckpt: CheckpointedStageState[dict[str, Any]] = CheckpointedStageState(
+        {}, open_block(ckpt_path), stage="src", edge=prev.edge if prev else None
+    )
     tx = RelocatableQueueEdge.producer(
         fabric, open_block(edge_path), capacity=capacity, ttl=ttl, stage=StageId("src"), output_commit=ckpt.edge
     )
@@ -103,7 +106,9 @@ def consumer_main(
     logging.basicConfig(level=logging.WARNING)
     fabric = gf.open_fabric(f"shm://{ns}")
     prev = _restore(ckpt_path, "sink")
-    ckpt = CheckpointedStageState({}, open_block(ckpt_path), stage="sink", edge=prev.edge if prev else None)
+    ckpt: CheckpointedStageState[dict[str, Any]] = CheckpointedStageState(
+        {}, open_block(ckpt_path), stage="sink", edge=prev.edge if prev else None
+    )
     start = ckpt.edge.input_offset if prev else None
     rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), stage=StageId("sink"), input_offset=start)
     fd = os.open(sink_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -114,8 +119,9 @@ def consumer_main(
         os.write(fd, b.seqs.astype(np.int64).tobytes())
         since += len(b)
         b.release()
-        if since >= checkpoint_every or rx.position >= n:
-            pos = rx.position
+        pos = rx.position
+        assert pos is not None
+        if since >= checkpoint_every or pos >= n:
             ckpt.checkpoint(EdgeCheckpoint(pos, 0))
             rx.ack(pos - 1)
             since = 0

@@ -409,6 +409,52 @@ def test_stale_producer_that_keeps_pushing_never_gets_an_item_into_the_new_queue
     assert tx2.stats()["relocations"] == 1
 
 
+def test_an_oversize_item_is_refused_without_poisoning_the_window(fabric: Any, edge_path: str, plan: FaultPlan) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan, capacity=4096)
+    tx.push(item(0), timeout=0)
+    with pytest.raises(E.ItemTooLarge):
+        tx.push(b"x" * 8192, timeout=0)
+    with pytest.raises(E.ItemTooLarge):
+        tx.push_batch([item(1), b"x" * 8192], timeout=0)
+    assert tx.next_seq == 1 and tx.window_items == 1
+    tx.push(item(1), timeout=0)
+    sink = Sink()
+    sink.drain(rx)
+    sink.assert_complete(2)
+
+
+def test_an_idle_producer_in_flush_notices_a_consumer_restart_and_replays_from_its_offset(
+    fabric: Any, edge_path: str, plan: FaultPlan
+) -> None:
+    import threading
+
+    tx, rx = make_pair(fabric, edge_path, plan)
+    for i in range(100):
+        tx.push(item(i), timeout=0)
+    first = Sink()
+    first.drain(rx, ack=False, limit=70)
+    rx.ack(39)  # checkpoint at 40, then the consumer dies
+    got = Sink()
+    errors: list[BaseException] = []
+
+    def restarted_consumer() -> None:
+        try:
+            rx2 = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), input_offset=40)
+            while rx2.position is None or rx2.position < 100:
+                got.take(rx2.pop(timeout=5))
+                rx2.ack(got.seqs[-1])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=restarted_consumer)
+    t.start()
+    tx.flush(timeout=10)  # sees the seal, relocates, replays 40..99, waits for the acks
+    t.join(10)
+    assert not errors, errors
+    got.assert_complete(100, start=40)
+    assert tx.stats()["reasons"].get("QueueSealed") == 1
+
+
 def test_consumer_without_a_record_waits_and_times_out(fabric: Any, edge_path: str) -> None:
     rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path))
     assert rx.generation is None and rx.try_pop() is None
@@ -560,10 +606,10 @@ def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed
     for trial in range(trials):
         p = _paths(tmp_path, f"{victim}{trial}")
 
-        def start_producer() -> int:
+        def start_producer(p: dict[str, str] = p) -> int:
             return fork(producer_main, ns, p["edge"], p["pck"], n, batch=128, checkpoint_every=8192)
 
-        def start_consumer() -> int:
+        def start_consumer(p: dict[str, str] = p) -> int:
             return fork(consumer_main, ns, p["edge"], p["cck"], p["sink"], n, checkpoint_every=8192)
 
         prod, cons = start_producer(), start_consumer()
