@@ -380,6 +380,7 @@ class EdgeProducer(RelocatableQueueEdge):
         self.window_limit = window if window is not None else 4 * capacity
         self.renew = renew
         self.max_attempts = max_attempts
+        self._wait_slice = max(0.001, ttl / 4)
         start = output_commit or 0
         self.next_seq = start  # the sequence the next pushed item gets
         self._acked = start  # the largest acked read from any of our queues
@@ -729,21 +730,24 @@ class EdgeProducer(RelocatableQueueEdge):
             want = c.n - k
             part = c.part(k)
             t = 0.0 if timeout == 0 else _remaining(deadline)
+            # wait for space in slices of a quarter TTL, renewing the lease in between
+            last_slice = t is not None and t <= self._wait_slice
+            w = t if last_slice else self._wait_slice
             if c.kind == _SINGLE:
-                if t == 0.0:
+                if w == 0.0:
                     done = 1 if q.try_push(part) else 0
                 else:
                     try:
-                        q.push(part, timeout=t)
+                        q.push(part, timeout=w)
                         done = 1
                     except TimeoutError:
                         done = 0
             else:
-                if t == 0.0:
+                if w == 0.0:
                     done = q.push_batch(part, timeout=0)
                 else:
                     try:
-                        done = q.push_batch(part, timeout=t)
+                        done = q.push_batch(part, timeout=w)
                     except TimeoutError as exc:
                         done = int(exc.args[1]) if len(exc.args) > 1 else 0
             if done:
@@ -753,7 +757,9 @@ class EdgeProducer(RelocatableQueueEdge):
                 if self._qnext > self._pushed_hi:
                     self._pushed_hi = self._qnext
             if done < want:
-                return False
+                if last_slice:
+                    return False
+                self._maybe_renew()  # a long wait for a slow consumer must not cost the lease
         return True
 
     def _drive(self, deadline: float | None, timeout: float | None) -> bool:

@@ -455,6 +455,34 @@ def test_an_idle_producer_in_flush_notices_a_consumer_restart_and_replays_from_i
     assert tx.stats()["reasons"].get("QueueSealed") == 1
 
 
+def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(edge_ns: str, edge_path: str) -> None:
+    import threading
+
+    fabric = gf.open_fabric(f"shm://{edge_ns}")  # real time: the wait is real
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=4096, ttl=0.2)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path))
+    n = 0
+    while True:  # fill the ring
+        try:
+            tx.try_push(item(n))
+        except EdgeError:
+            break
+        n += 1
+    sink = Sink()
+
+    def slow_consumer() -> None:
+        time.sleep(0.8)  # four TTLs
+        sink.drain(rx)
+
+    t = threading.Thread(target=slow_consumer)
+    t.start()
+    tx.push(item(n), timeout=5)
+    t.join()
+    sink.drain(rx)
+    sink.assert_complete(n + 1)
+    assert tx.stats()["relocations"] == 1  # never lost the lease while it waited
+
+
 def test_consumer_without_a_record_waits_and_times_out(fabric: Any, edge_path: str) -> None:
     rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path))
     assert rx.generation is None and rx.try_pop() is None
