@@ -465,8 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error("--capacity must be a power of two")
     # With --json -, stdout carries only the JSON; tables and progress go to stderr.
     console = Console(stderr=args.json == "-")
-    if not console.is_terminal and console.width < 120:  # logs and CI: do not wrap the tables
-        console = Console(stderr=args.json == "-", width=120)
+    if not console.is_terminal and console.width < 140:  # logs and CI: do not wrap the tables
+        console = Console(stderr=args.json == "-", width=140)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(message)s",

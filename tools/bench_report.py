@@ -222,7 +222,12 @@ def render(
             console.print(f"  [bold]{name}[/bold]: {what}")
 
     if ratios:
-        rt = Table(title="grafos-fabric / peer, items/s, same run (>1: fabric faster)", title_justify="left")
+        rt = Table(
+            title="grafos-fabric / peer, items/s, same run (>1: fabric faster)",
+            caption="* compared with the peers' single calls (reserve/commit produces one item at a time)",
+            title_justify="left",
+            caption_justify="left",
+        )
         pipe = any(x.vs_pipe is not None for x in ratios)
         cols = ("size", "mode", "items/s", "x copyto", *(["x shm_pipe"] if pipe else []), *[f"x {p}" for p in peers])
         for col in (*cols, "x best peer"):
@@ -230,7 +235,7 @@ def render(
         for x in ratios:
             rt.add_row(
                 fmt_size(x.size),
-                x.mode + ("" if PEER_MODE.get(x.mode, x.mode) == x.mode else f" (vs {PEER_MODE[x.mode]})"),
+                x.mode + ("" if PEER_MODE.get(x.mode, x.mode) == x.mode else "*"),
                 fmt_rate(x.items_per_s),
                 fmt_ratio(x.vs_copyto),
                 *([fmt_ratio(x.vs_pipe)] if pipe else []),
