@@ -381,6 +381,7 @@ class EdgeProducer(RelocatableQueueEdge):
         self.renew = renew
         self.max_attempts = max_attempts
         self._wait_slice = max(0.001, ttl / 4)
+        self._fast = 0
         start = output_commit or 0
         self.next_seq = start  # the sequence the next pushed item gets
         self._acked = start  # the largest acked read from any of our queues
@@ -835,14 +836,39 @@ class EdgeProducer(RelocatableQueueEdge):
 
         Waits for space in the queue and in the replay window; ``TimeoutError``
         when ``timeout`` passes first (the item was not accepted)."""
-        return self._push_one(buf, timeout)
+        seq = self._fast_push(buf)
+        return seq if seq >= 0 else self._push_one(buf, timeout)
+
+    def _fast_push(self, buf: Any) -> int:
+        """The common case in one go: no backlog, room everywhere, lease not due. -1: take the slow path."""
+        q = self._q
+        if q is None or self._qnext != self.next_seq or self._retired or self.closed or self._fenced is not None:
+            return -1
+        self._fast += 1
+        if self._fast & 63 == 0:
+            self._refresh_acked()
+        data, nbytes = self._copy(buf)
+        if (self._wbytes and self._wbytes + nbytes > self.window_limit) or (
+            self.renew and self.fabric.clock.now_ns() >= self._renew_at
+        ):
+            return -1
+        try:
+            if not q.try_push(data):
+                return -1
+        except _QUEUE_LOST:
+            return -1  # the slow path meets the same failure and relocates
+        seq = self._append(1, _SINGLE, data, nbytes)
+        self._qnext = self._pushed_hi = seq + 1
+        self._pushed += 1
+        return seq
 
     def try_push(self, buf: Any) -> int:
         """Push one item without waiting; returns its sequence.
 
         Raises ``EdgeError(EdgeError.QUEUE_FULL)`` when the queue or the
         replay window is full (nothing was accepted)."""
-        return self._push_one(buf, 0)
+        seq = self._fast_push(buf)
+        return seq if seq >= 0 else self._push_one(buf, 0)
 
     def push_batch(self, bufs: Sequence[Any] | np.ndarray[Any, Any], timeout: float | None = None) -> int:
         """Push many items (a 2-D array whose rows are items, or a sequence); returns how many.
@@ -1274,6 +1300,18 @@ class EdgeConsumer(RelocatableQueueEdge):
         """The next item in sequence order (``item.seq``, ``np.asarray(item)``), rebinding as needed.
 
         ``TimeoutError`` when nothing arrives within ``timeout`` seconds."""
+        q = self._q
+        exp = self._expected
+        if q is not None and exp is not None and exp == self._qpos and not self.closed:
+            try:  # the common case: the next item is there and is the one expected
+                it = q.try_pop()
+            except E.FabricError:
+                it = None  # the slow path meets the same failure and rebinds
+            if it is not None:
+                self._qpos = it.seq + 1
+                if self._accept(it.seq):
+                    return it
+                it.release()
         out = self._next(1, timeout, False)
         if out is None:
             raise TimeoutError(f"stage {self.stage}: no item within the timeout")
