@@ -293,10 +293,16 @@ class RelocatableQueueEdge:
         stage: StageId | str = DEFAULT_CONSUMER_STAGE,
         input_offset: int | EdgeCheckpoint | CheckpointedStageState[Any] | None = None,
         poll_interval: float = 0.005,
+        mapped: bool = True,
     ) -> EdgeConsumer:
         """The consuming side; see :class:`EdgeConsumer`."""
         return EdgeConsumer(
-            fabric, blk, stage=stage, input_offset=_offset(input_offset, "input_offset"), poll_interval=poll_interval
+            fabric,
+            blk,
+            stage=stage,
+            input_offset=_offset(input_offset, "input_offset"),
+            poll_interval=poll_interval,
+            mapped=mapped,
         )
 
     # -- common state ------------------------------------------------------------------
@@ -1040,6 +1046,8 @@ class EdgeConsumer(RelocatableQueueEdge):
     producer's next generation. Without it, the consumer attaches to the
     current queue and starts with whatever sequence comes first.
     ``poll_interval`` is how often an idle consumer reads the handoff record.
+    ``mapped=False`` reads the queues with one-sided operations only (the RDMA
+    ring protocol; on the verbs driver that is what every attach does).
     """
 
     role = "consumer"
@@ -1052,11 +1060,13 @@ class EdgeConsumer(RelocatableQueueEdge):
         stage: StageId | str = DEFAULT_CONSUMER_STAGE,
         input_offset: int | None = None,
         poll_interval: float = 0.005,
+        mapped: bool = True,
     ) -> None:
         super().__init__(fabric, blk, stage)
         if poll_interval <= 0:
             raise E.FabricValueError("poll_interval must be positive")
         self.poll_interval = poll_interval
+        self.mapped = mapped
         self._reader = HandoffReader(blk)
         self._expected: int | None = input_offset
         self._acked_local = input_offset or 0
@@ -1112,7 +1122,7 @@ class EdgeConsumer(RelocatableQueueEdge):
     def _attach(self, rec: HandoffRecord) -> bool:
         """Bind to the queue ``rec`` names; False when it is already gone."""
         try:
-            q = FabricQueue.attach(self.fabric, QueueLocator.from_bytes(rec.payload))
+            q = FabricQueue.attach(self.fabric, QueueLocator.from_bytes(rec.payload), mapped=self.mapped)
         except (E.LeaseExpired, E.Revoked, E.Disconnected, E.NotReady) as exc:
             log.info("stage %s: generation %d is already gone: %s", self.stage, int(rec.generation), exc)
             self._gen = rec.generation

@@ -101,6 +101,7 @@ def consumer_main(
     checkpoint_every: int = 2048,
     batch: int = 512,
     stats_path: str | None = None,
+    mapped: bool = True,
 ) -> None:
     """Consume until sequence ``n - 1``; the sink file gets every delivered sequence (int64)."""
     logging.basicConfig(level=logging.WARNING)
@@ -110,7 +111,9 @@ def consumer_main(
         {}, open_block(ckpt_path), stage="sink", edge=prev.edge if prev else None
     )
     start = ckpt.edge.input_offset if prev else None
-    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), stage=StageId("sink"), input_offset=start)
+    rx = RelocatableQueueEdge.consumer(
+        fabric, open_block(edge_path), stage=StageId("sink"), input_offset=start, mapped=mapped
+    )
     fd = os.open(sink_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     since = 0
     while rx.position is None or rx.position < n:

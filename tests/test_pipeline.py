@@ -201,6 +201,20 @@ def test_lease_expiry_replays_the_unacked_items_and_the_consumer_drops_what_it_a
     assert rx.stats()["dropped_duplicates"] == 40  # 20..59 were delivered before
 
 
+@pytest.mark.parametrize("fault", ["expire", "revoke", "relocate", "seal"])
+def test_a_one_sided_consumer_rebinds_through_every_fault_and_loses_nothing(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, fault: str
+) -> None:
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), mapped=False)  # the RDMA ring protocol
+    for step in (40, 41, 150, 260):
+        plan.at(step, fault)
+    sink = run_stream(tx, rx, 400, plan, clock)
+    sink.assert_complete(400)
+    assert type(rx.queue).__name__ == "OneSidedQueue"
+    assert tx.stats()["relocations"] >= 4
+
+
 @pytest.mark.parametrize("step", [0, 10, 499])
 def test_revoke_at_step_n_relocates_and_loses_nothing(
     fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, step: int
@@ -598,12 +612,14 @@ def _paths(tmp_path: Path, tag: str) -> dict[str, str]:
     return out
 
 
-def _forced_relocations(tmp_path: Path, ns: str, n: int, relocations: int, timeout: float) -> None:
+def _forced_relocations(
+    tmp_path: Path, ns: str, n: int, relocations: int, timeout: float, *, mapped: bool = True
+) -> None:
     p = _paths(tmp_path, "forced")
     every = max(1, n // (relocations + 1))
     stats = str(tmp_path / "pstats.txt")
     prod = fork(producer_main, ns, p["edge"], p["pck"], n, batch=256, relocate_every=every, stats_path=stats)
-    cons = fork(consumer_main, ns, p["edge"], p["cck"], p["sink"], n)
+    cons = fork(consumer_main, ns, p["edge"], p["cck"], p["sink"], n, mapped=mapped)
     assert wait_pid(cons, timeout) == 0
     assert wait_pid(prod, timeout) == 0
     raw = np.fromfile(p["sink"], dtype=np.int64)
@@ -616,6 +632,12 @@ def test_forced_relocations_across_two_processes_deliver_every_sequence_once_in_
     tmp_path: Path, edge_ns: str
 ) -> None:
     _forced_relocations(tmp_path, edge_ns, 100_000, 100, timeout=60)
+
+
+def test_forced_relocations_with_a_one_sided_consumer_in_another_process_lose_nothing(
+    tmp_path: Path, edge_ns: str
+) -> None:
+    _forced_relocations(tmp_path, edge_ns, 50_000, 50, timeout=60, mapped=False)
 
 
 @pytest.mark.stress
