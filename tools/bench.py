@@ -474,7 +474,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sizes = ", ".join(fmt_size(s) for s in args.sizes)
     log.debug("sizes %s, cases %s, peers %s", sizes, args.cases, args.peers)
-    return Bench(args, console).run()
+    try:
+        return Bench(args, console).run()
+    except KeyboardInterrupt:  # workers and queues are torn down by the finally blocks on the way out
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
 
 
 if __name__ == "__main__":

@@ -149,6 +149,10 @@ def run_pair(ctx: Any, transport: Transport, spec: CaseSpec, *, pin: bool = Fals
         res.samples.append(res.rate())
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {exc}"
+    except BaseException:  # KeyboardInterrupt: stop the workers now, not after their run
+        for p in procs:
+            p.terminate()
+        raise
     finally:
         for p in procs:
             p.join(timeout=5.0)
