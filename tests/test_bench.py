@@ -134,3 +134,27 @@ def test_bench_relocation_case_reports_rebind_times_and_both_rates() -> None:
         assert r["steady_items_per_s"] > 0 and r["relocating_items_per_s"] > 0 and r["ratio"] > 0, r
         assert r["relocations"] > 0 and r["rebind_p99_ms"] >= r["rebind_p50_ms"] > 0, r
     assert "relocation (same run" in console
+
+
+def test_bench_one_sided_access_runs_the_fabric_cases() -> None:
+    if not _fabric_available():
+        pytest.skip("grafos_fabric.FabricQueue is not in this build")
+    doc, _ = _run_bench(
+        "--duration",
+        "0.1",
+        "--sizes",
+        "4K",
+        "--cases",
+        "single,batch,reserve",
+        "--peers",
+        "none",
+        "--access",
+        "one-sided",
+    )
+    assert doc["meta"]["access"] == "one-sided"
+    assert {(r["transport"], r["mode"]) for r in doc["results"]} == {
+        ("fabric", "single"),
+        ("fabric", "batch"),
+        ("fabric", "reserve"),
+    }
+    assert all(r["ok"] and r["items_per_s"] > 0 for r in doc["results"])

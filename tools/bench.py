@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rounds over all cases; each case reports its best round (default 2)",
     )
     p.add_argument("--driver", choices=DRIVERS, default="shm", help="fabric driver (default shm)")
+    p.add_argument(
+        "--access",
+        choices=("mapped", "one-sided"),
+        default="mapped",
+        help="how the workers reach the ring: mapped (default), or the one-sided protocol RDMA clients use",
+    )
     p.add_argument("--json", metavar="PATH|-", help="write the results as JSON to PATH, or stdout with -")
     p.add_argument("--plot", metavar="PATH.png", help="write a bar chart of the ratios (matplotlib, Agg)")
     p.add_argument("--batch", type=int, metavar="N", help="items per batch call (default: by size, 4..1024)")
@@ -305,6 +311,7 @@ class Bench:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["grafos-bench", *sys.argv[1:]]),
             "driver": self.args.driver,
+            "access": self.args.access,
             "duration": self.args.duration,
             "repeat": self.args.repeat,
             "sizes": list(self.args.sizes),
@@ -340,7 +347,7 @@ class Bench:
     def run(self) -> int:
         args = self.args
         plan = self.plan()
-        fabric = FabricTransport(f"{args.driver}://bench-{os.getpid()}")
+        fabric = FabricTransport(f"{args.driver}://bench-{os.getpid()}", mapped=args.access == "mapped")
         transports: dict[str, Transport] = {"fabric": fabric}
         transports.update({p: TRANSPORTS[p]() for p in [*self.peers, "shm_pipe"]})
         progress = Progress(

@@ -182,7 +182,8 @@ def render(
 ) -> None:
     """Print the run's tables: every case (and what each baseline is), fabric vs each peer, targets, extras."""
     title = (
-        f"grafos-bench: driver {meta['driver']}, {meta['duration']:g} s per case, best of {meta['repeat']}, "
+        f"grafos-bench: driver {meta['driver']} ({meta['access']}), {meta['duration']:g} s per case, "
+        f"best of {meta['repeat']}, "
         f"{meta['cpus']} CPUs, {meta['start_method']}{', pinned' if meta['pinned'] else ''}"
     )
     spread = any(len(r.samples) > 1 for r in results)

@@ -555,7 +555,9 @@ class FabricTransport(Transport):
     single: push/pop; batch: push_batch of a 2-D array / pop_batch with one
     reduction over ``Batch.array()``; reserve: ``with q.reserve(n) as buf``
     (zero-copy production) / pop. The parent creates the queue; both workers
-    attach through its locator bytes.
+    attach through its locator bytes, mapped (the default) or, with
+    ``mapped=False``, through the one-sided ring protocol (what an RDMA client
+    of a memory node speaks), which the shm driver also offers.
     """
 
     name = "fabric"
@@ -563,8 +565,9 @@ class FabricTransport(Transport):
     description = "grafos_fabric.FabricQueue"
     ttl = 300.0
 
-    def __init__(self, url: str = "") -> None:
+    def __init__(self, url: str = "", mapped: bool = True) -> None:
         self.url = url  # the parent's fabric (workers get it back in the handle)
+        self.mapped = mapped  # how the workers attach
         self._queues: dict[bytes, Any] = {}
         self._fabric: Any = None
 
@@ -586,7 +589,7 @@ class FabricTransport(Transport):
         q = gf.FabricQueue.create(self._fabric, capacity=spec.capacity, ttl=self.ttl)
         data = bytes(q.locator())
         self._queues[data] = q
-        return (self.url, data)
+        return (self.url, data, self.mapped)
 
     def teardown(self, handle: Any) -> None:
         q = self._queues.pop(handle[1], None)
@@ -596,7 +599,7 @@ class FabricTransport(Transport):
     def close(self) -> None:
         """Close every queue still open and the fabric (end of the run)."""
         for data in list(self._queues):
-            self.teardown((self.url, data))
+            self.teardown((self.url, data, self.mapped))
         if self._fabric is not None and hasattr(self._fabric, "close"):
             self._fabric.close()
         self._fabric = None
@@ -605,9 +608,9 @@ class FabricTransport(Transport):
     def _attach(handle: Any) -> tuple[Any, Any]:
         import grafos_fabric as gf
 
-        url, data = handle
+        url, data, mapped = handle
         fabric = gf.open_fabric(url)
-        return fabric, gf.FabricQueue.attach(fabric, gf.QueueLocator.from_bytes(data))
+        return fabric, gf.FabricQueue.attach(fabric, gf.QueueLocator.from_bytes(data), mapped=mapped)
 
     def producer(self, handle: Any, spec: CaseSpec, ctl: dict[str, Any]) -> dict[str, Any]:
         fabric, q = self._attach(handle)
