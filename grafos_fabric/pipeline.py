@@ -40,12 +40,15 @@ Relocation (producer)
     ``seal_seq``; and then replays its window from the replay start before the
     caller's item goes in. The caller sees no error unless relocation itself
     fails: after ``max_attempts`` failed allocations or publishes it raises
-    ``EdgeError(EdgeError.RELOCATION_FAILED)`` (the window is kept; a later call
-    tries again). A producer whose handoff publish is refused because a newer
-    generation is on disk has been *fenced* by a successor and raises
-    :class:`~grafos_fabric.errors.StaleEpoch` (a ``Fenced``): it never gets an
-    item into the successor's queue (it never learns its locator, and that
-    queue's producer role and epoch are the successor's).
+    ``EdgeError(EdgeError.RELOCATION_FAILED)``; the call's item was not
+    accepted, the window is kept, and a later call tries again. A producer
+    whose handoff publish is refused because a newer generation is on disk,
+    or whose queue's epoch was advanced past its own, has been *fenced* by a
+    successor: it raises :class:`~grafos_fabric.errors.StaleEpoch` (a
+    ``Fenced``) on that call and every later one. It never gets an item into
+    the successor's queue (it never learns its locator, and that queue's
+    producer role and epoch are the successor's: the ring refuses an older
+    epoch at the target).
 
     The replay start is the consumer's ``acked`` (the largest value the
     producer has read from any of its queues), or, when the old queue was
@@ -72,8 +75,9 @@ Restarts
     *Producer*: ``producer(..., output_commit=N)`` adopts the generation on
     disk (``HandoffWriter.from_disk``), attaches the queue the current record
     names and fences it (``advance_epoch`` to the new generation, then
-    ``seal``), publishes a new queue starting at ``N`` and expects the caller to
-    re-produce from ``N`` (``tx.next_seq``). A zombie predecessor gets
+    ``seal``), publishes a new queue and expects the caller to re-produce from
+    ``tx.next_seq``: that is ``N``, or further when the old queue is still
+    readable and shows the consumer acked more. A zombie predecessor gets
     ``StaleEpoch``/``QueueSealed`` at its old queue and ``StaleEpoch`` from its
     writer. The right ``output_commit`` to checkpoint is ``tx.acked`` (what
     the consumer durably has), not what was pushed: items pushed but not acked
@@ -89,8 +93,10 @@ Choices where the grafOS docs are silent (see also DESIGN.md)
     * The handoff record is published *before* the old queue is sealed, so a
       consumer that sees the seal finds the next generation already on disk.
     * The producer renews its current queue's lease from its own calls once
-      half the TTL has passed (``renew=True``); a producer that makes no calls
-      for a whole TTL loses the queue and relocates on its next call.
+      half the TTL has passed, and every quarter TTL while it waits for space
+      (``renew=True``); a producer that makes no calls for a whole TTL loses
+      the queue and relocates on its next call (an idle stage calls
+      :meth:`EdgeProducer.poll` to keep it, and to notice a consumer's seal).
     * Old queues are retired, not freed, when the producer moves on (a consumer
       may still drain them); they are freed once the consumer has claimed a
       newer queue, on :meth:`EdgeProducer.close`, or by the fabric's reaper
@@ -98,11 +104,20 @@ Choices where the grafOS docs are silent (see also DESIGN.md)
     * A push that times out after its item reached some queue returns the
       sequence (the item is accepted and will be replayed); otherwise it rolls
       the item back and raises ``TimeoutError``.
+    * ``rx.relocate()`` switches at once without draining the old queue (what
+      it held comes again from the replay).
+    * A rebind reads the handoff record from the block lease. A reader needs
+      no ``O_DIRECT`` (only the writer's durability matters): opening the
+      consumer's block file with ``open_block(path, direct=False)`` makes the
+      poll a page-cache read (Linux keeps it coherent with ``O_DIRECT``
+      writes), which matters on devices where one direct read costs ~0.3 ms.
+    * ``consumer(..., mapped=False)`` reads queues with one-sided operations
+      only (the RDMA ring protocol), on any driver.
     * One thread per edge side: the edge objects are not thread-safe.
 
 The edge uses only ``FabricQueue``, the fabric protocol (``alloc``/``attach``
-through ``FabricQueue``) and the block-lease protocol (through the handoff
-records); it never imports a driver.
+through ``FabricQueue``; ``drivers.base`` for the type) and the block-lease
+protocol (through the handoff records); it never imports a driver.
 """
 
 from __future__ import annotations
