@@ -13,12 +13,15 @@ the transport's own calls in a tight loop:
 * a producer step pushes a fixed number of items (a chunk of single calls, or
   one batch) and returns how many it pushed;
 * a consumer step takes up to ``limit`` items, reads every byte of each
-  payload (:func:`touch` / :func:`touch_many`) and returns how many it took,
-  0 when nothing came within :data:`POLL_S`.
+  payload (:func:`toucher` per item; :func:`touch_array` / :func:`touch_many`
+  once per batch) and returns how many it took, 0 when nothing came within
+  :data:`POLL_S`.
 
 End of stream: the producer pushes for ``duration`` seconds, then publishes
 its count in the shared ``total``; the consumer stops once it has taken that
-many. The consumer times the stream itself, from the first step after a short
+many. (A count fixed in advance cannot fit one duration to transports whose
+rates differ a hundredfold; a count published at the end ends the stream just
+as exactly.) The consumer times the stream itself, from the first step after a short
 warm-up to its last item, so process start-up and teardown are never counted.
 
 This module is imported by the forkserver before it forks the workers, so it
