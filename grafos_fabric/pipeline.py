@@ -264,6 +264,7 @@ class RelocatableQueueEdge:
         self._q: FabricQueue | None = None
         self._gen: EdgeGeneration | None = None
         self._rebind_s: deque[float] = deque(maxlen=_SAMPLES)
+        self._events: deque[dict[str, Any]] = deque(maxlen=256)
         self._reasons: Counter[str] = Counter()
         self.closed = False
 
@@ -345,6 +346,11 @@ class RelocatableQueueEdge:
             "rebind_p99_ms": _percentile(s, 0.99) * 1e3,
             "rebind_max_ms": (max(s) if s else 0.0) * 1e3,
         }
+
+    def events(self) -> list[dict[str, Any]]:
+        """The last 256 relocations (producer: generation, reason, first_seq, replay, ms)
+        or rebinds (consumer: generation, first_seq, position, ms), oldest first."""
+        return list(self._events)
 
     def rebind_times(self) -> list[float]:
         """The recorded rebind times in seconds (the last 8192)."""
@@ -661,6 +667,15 @@ class EdgeProducer(RelocatableQueueEdge):
         self._free_retired(force=False)
         dt = time.perf_counter() - t0
         self._rebind_s.append(dt)
+        self._events.append(
+            {
+                "generation": int(gen),
+                "reason": reason,
+                "first_seq": start,
+                "replay": self.next_seq - start,
+                "ms": dt * 1e3,
+            }
+        )
         log.info(
             "stage %s: edge relocated (%s) to generation %d, replaying %d items from %d (%.3f ms)",
             self.stage,
@@ -1159,8 +1174,12 @@ class EdgeConsumer(RelocatableQueueEdge):
             q.set_acked(self._acked_local)
         if had:
             self._rebinds += 1
+            dt = time.perf_counter() - self._lost_at if self._lost_at is not None else 0.0
             if self._lost_at is not None:
-                self._rebind_s.append(time.perf_counter() - self._lost_at)
+                self._rebind_s.append(dt)
+            self._events.append(
+                {"generation": int(rec.generation), "first_seq": first, "position": exp, "ms": dt * 1e3}
+            )
         self._lost_at = None
         log.debug("stage %s: bound to generation %d (first_seq %d)", self.stage, int(rec.generation), first)
         return True

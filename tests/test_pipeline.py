@@ -572,6 +572,9 @@ def test_stats_report_relocations_replays_duplicates_and_rebind_times(
     assert st["relocations"] == 4 and sr["rebinds"] == 3 and sr["delivered"] == 50
     assert st["generation"] == sr["generation"] == 4
     assert 0 < st["rebind_p50_ms"] <= st["rebind_p99_ms"]
+    assert [e["generation"] for e in tx.events()] == [1, 2, 3, 4]
+    assert [e["reason"] for e in tx.events()] == ["start", "explicit", "Revoked", "LeaseExpired"]
+    assert [e["generation"] for e in rx.events()] == [2, 3, 4]
     assert tx.lease is tx.queue.lease
 
 
