@@ -912,7 +912,9 @@ class EdgeProducer(RelocatableQueueEdge):
         Items get consecutive sequences from ``next_seq``. Waits like
         :meth:`push`; on ``TimeoutError`` the items accepted so far stay
         accepted and ``TimeoutError.args[1]`` holds their count. With
-        ``timeout=0`` it pushes what fits and returns the count."""
+        ``timeout=0`` it pushes what fits (in the queue and in the window)
+        and returns the count. A batch larger than the whole window goes in
+        pieces of at most half the window, each waiting for acks."""
         self._check_open()
         deadline = _deadline(timeout)
         if isinstance(bufs, np.ndarray):
@@ -932,11 +934,16 @@ class EdgeProducer(RelocatableQueueEdge):
             data = [d for d, _ in items]
             nbytes = sum(s for _, s in items)
             kind = _LIST
+        if nbytes > self.window_limit and n > 1:
+            return self._push_split(bufs, nbytes, deadline, timeout)
         self._refresh_acked()
         if self._wbytes and self._wbytes + nbytes > self.window_limit:
-            if nbytes > self.window_limit and n > 1 and timeout != 0:
-                return self._push_split(bufs, nbytes, deadline)
-            self._wait_window(nbytes, deadline, timeout)
+            try:
+                self._wait_window(nbytes, deadline, timeout)
+            except EdgeError as exc:
+                if timeout == 0 and exc.kind == EdgeError.QUEUE_FULL:
+                    return 0  # timeout=0: what fits, and nothing fits
+                raise
         seq = self._append(n, kind, data, nbytes)
         try:
             ok = self._drive(deadline, timeout)
@@ -957,7 +964,7 @@ class EdgeProducer(RelocatableQueueEdge):
         self._pushed += n
         return n
 
-    def _push_split(self, bufs: Any, nbytes: int, deadline: float | None) -> int:
+    def _push_split(self, bufs: Any, nbytes: int, deadline: float | None, timeout: float | None) -> int:
         """A batch larger than the whole window goes in pieces of at most half the window."""
         n = len(bufs)
         per = max(1, n * (self.window_limit // 2) // max(1, nbytes))
@@ -965,7 +972,7 @@ class EdgeProducer(RelocatableQueueEdge):
         while done < n:
             piece = bufs[done : done + per]
             try:
-                k = self.push_batch(piece, timeout=_remaining(deadline))
+                k = self.push_batch(piece, timeout=0 if timeout == 0 else _remaining(deadline))
             except TimeoutError as exc:
                 k = int(exc.args[1]) if len(exc.args) > 1 else 0
                 raise TimeoutError(str(exc.args[0]), done + k) from None

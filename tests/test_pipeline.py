@@ -320,6 +320,7 @@ def test_a_full_replay_window_makes_push_wait_and_time_out_without_accepting(
     with pytest.raises(EdgeError) as ei:
         tx.try_push(b"z" * 100)
     assert ei.value.kind == EdgeError.QUEUE_FULL
+    assert tx.push_batch([b"z" * 100], timeout=0) == 0  # the non-blocking batch call: a count, not an error
     assert tx.next_seq == 10
     got = [rx.pop(timeout=1) for _ in range(10)]
     rx.ack(got[-1].seq)
@@ -495,6 +496,28 @@ def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(
     sink.drain(rx)
     sink.assert_complete(n + 1)
     assert tx.stats()["relocations"] == 1  # never lost the lease while it waited
+
+
+def test_a_batch_larger_than_the_window_goes_in_pieces_while_the_consumer_acks(
+    fabric: Any, edge_path: str, plan: FaultPlan
+) -> None:
+    import threading
+
+    tx, rx = make_pair(fabric, edge_path, plan, capacity=1 << 16, window=4096)
+    sink = Sink()
+
+    def consumer() -> None:
+        while len(sink.seqs) < 1000:
+            it = rx.pop(timeout=5)
+            sink.take(it)
+            rx.ack(sink.seqs[-1])
+
+    t = threading.Thread(target=consumer)
+    t.start()
+    assert tx.push_batch([item(i) for i in range(1000)], timeout=10) == 1000  # 16 KB through a 4 KB window
+    t.join(10)
+    sink.assert_complete(1000)
+    assert tx.window_bytes <= 4096
 
 
 def test_consumer_without_a_record_waits_and_times_out(fabric: Any, edge_path: str) -> None:
