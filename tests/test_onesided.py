@@ -980,3 +980,76 @@ def test_threads_sharing_one_sided_handles_are_serialized_per_role(fabric):
     counts = collections.Counter(p[0] for _, p in received)
     assert counts == {k: per_thread for k in range(4)}
     assert all(p == bytes([p[0]]) * len(p) for _, p in received)
+
+
+# -- stress ---------------------------------------------------------------------------------------
+
+
+def _stress_payload(seq: int) -> bytes:
+    return bytes([seq % 251]) * (1 + (seq * 7919) % 1500)
+
+
+def _stress_producer(url: str, loc: bytes, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    q = OneSidedQueue.attach(gf.open_fabric(url), loc)
+    seq = 0
+    while seq < n:
+        op = int(rng.integers(0, 3))
+        if op == 0:
+            assert q.push(_stress_payload(seq), timeout=30) == seq
+            seq += 1
+        elif op == 1:
+            k = min(int(rng.integers(1, 40)), n - seq)
+            assert q.push_batch([_stress_payload(s) for s in range(seq, seq + k)], timeout=30) == k
+            seq += k
+        else:
+            p = _stress_payload(seq)
+            with q.reserve(len(p) + int(rng.integers(0, 64)), timeout=30) as buf:
+                buf[: len(p)] = np.frombuffer(p, dtype=np.uint8)
+                q.commit_len(len(p))
+            assert q.last_seq == seq
+            seq += 1
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("consumer_one_sided", [True, False])
+def test_stress_a_one_sided_producer_process_against_a_consumer_holding_and_releasing(fabric, consumer_one_sided):
+    # a mapped consumer sleeps on a futex that a one-sided producer cannot wake:
+    # it wakes at the end of its wait slice, so that pairing gets fewer items
+    n = 30_000 if consumer_one_sided else 3_000
+    creator = OneSidedQueue if consumer_one_sided else gf.FabricQueue
+    rx = creator.create(fabric, capacity=1 << 15, ttl=120)
+    proc = CTX.Process(target=_stress_producer, args=(fabric.url, bytes(rx.locator()), n, 1))
+    proc.start()
+    rng = np.random.default_rng(2)
+    held: collections.deque[Any] = collections.deque()
+    expect = 0
+    stalls = 0
+    try:
+        while expect < n:
+            try:
+                if rng.random() < 0.5:
+                    got = rx.pop_batch(int(rng.integers(1, 64)), timeout=30)
+                    items = list(got)
+                else:
+                    got = rx.pop(timeout=30)
+                    items = [got]
+            except E.HeldItemsStall:  # what we hold pins the ring the producer waits for
+                stalls += 1
+                while held:
+                    held.popleft().release()
+                continue
+            for it in items:
+                assert it.seq == expect
+                assert it.tobytes() == _stress_payload(expect)
+                expect += 1
+            held.append(got)
+            while len(held) > int(rng.integers(0, 4)):
+                (held.popleft() if rng.random() < 0.7 else held.pop()).release()
+    finally:
+        for h in held:
+            h.release()
+        proc.join(30)
+    assert proc.exitcode == 0
+    assert rx.try_pop() is None
+    assert stalls < n // 10
