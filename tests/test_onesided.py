@@ -111,7 +111,10 @@ class RecordingRegion:
 
 
 class RecordingFabric:
-    """A fabric whose ``alloc`` hands out RecordingRegions (to watch ``create``)."""
+    """A fabric whose ``alloc`` hands out RecordingRegions (to watch ``create``):
+    like verbs, its regions are reached one-sided only."""
+
+    mapped_regions = False
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -194,6 +197,37 @@ def test_create_builds_the_header_with_one_sided_writes_version_word_last(fabric
     assert (m.capacity, m.max_item, m.first_seq, m.epoch, m.acked) == (8192, 8192 // 2 - REC, 40, 3, 40)
     assert m.dtype == np.dtype(np.int16)
     assert m.stats()["next_seq"] == 40 and not m.sealed
+
+
+def test_fabric_queue_create_on_a_fabric_without_mapped_regions_builds_a_one_sided_queue(fabric):
+    rec = RecordingFabric(fabric)
+    q = gf.FabricQueue.create(rec, capacity=4096, ttl=30, first_seq=7)
+    assert isinstance(q, OneSidedQueue)
+    assert rec.regions and q.region is rec.regions[0]
+    assert q.push(b"over one-sided ops only") == 7
+    rx = gf.FabricQueue.attach(fabric, q.locator())  # and a mapped peer reads it
+    assert rx.pop(timeout=1).tobytes() == b"over one-sided ops only"
+
+
+def test_a_small_read_chunk_still_reads_every_record_whole(fabric):
+    m = gf.FabricQueue.create(fabric, capacity=8192, ttl=30)
+    region = RecordingRegion(fabric.attach(m.region.ref(), mapped=False))
+    rx = OneSidedQueue(fabric, region, m.locator(), read_chunk=32)
+    rng = np.random.default_rng(3)
+    expected: collections.deque[bytes] = collections.deque()
+    for _ in range(2000):
+        payload = rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8).tobytes()
+        while not m.try_push(payload):
+            b = rx.pop_batch(5, timeout=1)
+            assert b.tolist() == [expected.popleft() for _ in range(len(b))]
+            b.release()
+        expected.append(payload)
+    while expected:
+        with rx.pop(timeout=1) as item:
+            assert item.tobytes() == expected.popleft()
+    assert region.count("read_into") > 2000  # chunks of 32 bytes, then the rest of each record
+    with pytest.raises(E.FabricValueError):
+        OneSidedQueue(fabric, region, m.locator(), read_chunk=8)
 
 
 @pytest.mark.parametrize(
