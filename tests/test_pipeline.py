@@ -394,6 +394,36 @@ def test_producer_restart_fences_the_zombie_and_reproduces_from_output_commit(
     assert rx.stats()["dropped_duplicates"] == 80
 
 
+def test_a_producer_that_dies_between_publish_and_seal_leaves_nothing_lost(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    sink = Sink()
+    for i in range(100):
+        tx.push(item(i), timeout=0)
+    sink.drain(rx, limit=50)  # acks 49
+
+    class Died(BaseException):
+        pass
+
+    def die(*_a: Any, **_k: Any) -> None:
+        raise Died  # the process is gone after the handoff landed, before the old queue was sealed
+
+    tx._retire = die  # type: ignore[method-assign]
+    with pytest.raises(Died):
+        tx.relocate(timeout=0)
+    assert not tx.queue.sealed  # the old queue is still open, generation 2 is an orphan
+    sink.drain(rx)  # drains 50..99 from the old queue, sees generation 2, seals the old one, moves on
+    assert int(rx.generation) == 2
+    tx2 = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL, output_commit=50)
+    assert tx2.next_seq == 100  # the orphan queue shows the consumer acked everything
+    for i in range(tx2.next_seq, 200):
+        tx2.push(item(i), timeout=0)
+    sink.drain(rx)
+    sink.assert_complete(200)
+    assert int(rx.generation) == int(tx2.generation) == 3
+
+
 def test_stale_producer_that_keeps_pushing_never_gets_an_item_into_the_new_queue(
     fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, edge_ns: str
 ) -> None:
