@@ -454,12 +454,13 @@ def test_the_consumer_reads_a_span_once_parses_locally_and_stores_head_once_per_
 
 def test_items_and_batches_are_views_of_the_local_buffer_that_survive_the_queue(fabric):
     m = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
-    rx = gf.FabricQueue.attach(fabric, m.locator(), mapped=False)
+    rx = OneSidedQueue.attach(fabric, m.locator())
     m.push(b"zero-copy")
     m.push_batch(np.full((3, 8), 5, dtype=np.uint8))
     item = rx.pop(timeout=1)
     assert isinstance(item, OneSidedItem)
     a = np.asarray(item)
+    assert rx._mirror is not None
     local = rx._mirror.array
     assert np.shares_memory(a, local) and not a.flags.writeable
     batch = rx.pop_batch(10, timeout=1)
@@ -518,7 +519,11 @@ def test_a_seal_that_races_the_publish_fails_the_cas_with_queue_sealed(fabric):
     tx, region = one_sided(fabric, m)
     rx = gf.FabricQueue.attach(fabric, m.locator(), mapped=False)
     tx.push(b"before the seal")
-    region.before[("cas64", TAIL)] = lambda: rx.seal(seal_seq=11)
+
+    def seal_now() -> None:
+        assert rx.seal(seal_seq=11)
+
+    region.before[("cas64", TAIL)] = seal_now
     with pytest.raises(E.QueueSealed) as info:
         tx.push_batch([b"a", b"b"])
     assert info.value.seal_seq == 11
@@ -720,10 +725,10 @@ def test_random_bytes_in_the_ring_give_items_or_corrupted_and_nothing_else(fabri
     rx = gf.FabricQueue.attach(fabric, m.locator(), mapped=False)
     try:
         for _ in range(300):
-            got = rx.pop_batch(7, timeout=0) if batch else rx.try_pop()
+            got: Any = rx.pop_batch(7, timeout=0) if batch else rx.try_pop()
             if not got:
                 break
-            items = list(got) if batch else [got]
+            items: list[Any] = list(got) if batch else [got]
             for it in items:
                 assert 0 < len(it) <= 1000
                 assert len(it.tobytes()) == len(it)
@@ -1061,6 +1066,8 @@ def test_stress_a_one_sided_producer_process_against_a_consumer_holding_and_rele
     stalls = 0
     try:
         while expect < n:
+            got: Any
+            items: list[Any]
             try:
                 if rng.random() < 0.5:
                     got = rx.pop_batch(int(rng.integers(1, 64)), timeout=30)
