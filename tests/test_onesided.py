@@ -11,7 +11,11 @@ from __future__ import annotations
 import collections
 import gc
 import multiprocessing as mp
+import os
+import signal
 import threading
+import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -1094,3 +1098,55 @@ def test_stress_a_one_sided_producer_process_against_a_consumer_holding_and_rele
     assert proc.exitcode == 0
     assert rx.try_pop() is None
     assert stalls < n // 10
+
+
+def _self_checking(nonce: int, n: int) -> bytes:
+    body = (nonce.to_bytes(8, "little") * (1 + n // 8))[:n]
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def _crashing_producer(url: str, loc: bytes, epoch: int) -> None:
+    q = OneSidedQueue.attach(gf.open_fabric(url), loc, epoch=epoch)
+    rng = np.random.default_rng(epoch)
+    nonce = epoch << 32
+    while True:  # until SIGKILL, wherever it lands: mid-WRITE, before or after the CAS
+        k = int(rng.integers(1, 30))
+        batch = [_self_checking(nonce + i, int(rng.integers(1, 700))) for i in range(k)]
+        nonce += k
+        q.push_batch(batch, timeout=30)
+
+
+@pytest.mark.stress
+def test_killing_one_sided_producers_mid_write_never_publishes_a_torn_record(fabric):
+    rx = OneSidedQueue.create(fabric, capacity=1 << 14, ttl=120)
+    loc = bytes(rx.locator())
+    last = -1
+    received = 0
+    rng = np.random.default_rng(5)
+    for epoch in range(1, 9):  # each producer takes over from a dead one with a newer epoch
+        proc = CTX.Process(target=_crashing_producer, args=(fabric.url, loc, epoch))
+        proc.start()
+        deadline = time.monotonic() + 0.3 + float(rng.random()) * 0.4
+        while time.monotonic() < deadline:
+            with rx.pop_batch(64, timeout=5) as b:
+                for it in b:
+                    raw = it.tobytes()
+                    assert zlib.crc32(raw[:-4]).to_bytes(4, "little") == raw[-4:], "torn record"
+                    assert it.seq > last
+                    last = it.seq
+                    received += 1
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        while True:  # what the dead producer published is intact
+            b = rx.pop_batch(64, timeout=0)
+            if not b:
+                break
+            for it in b:
+                raw = it.tobytes()
+                assert zlib.crc32(raw[:-4]).to_bytes(4, "little") == raw[-4:], "torn record"
+                assert it.seq > last
+                last = it.seq
+                received += 1
+            b.release()
+    assert received > 100
+    assert rx.epoch == 8
