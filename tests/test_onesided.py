@@ -1135,6 +1135,7 @@ def test_killing_one_sided_producers_mid_write_never_publishes_a_torn_record(fab
                     assert it.seq > last
                     last = it.seq
                     received += 1
+        assert proc.pid is not None
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(10)
         while True:  # what the dead producer published is intact
