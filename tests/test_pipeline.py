@@ -226,6 +226,15 @@ def test_revoke_at_step_n_relocates_and_loses_nothing(
     assert tx.stats()["reasons"].get("Revoked") == 1
 
 
+def test_single_sync_handoff_durability_relocates_and_loses_nothing(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan, durability="single-sync")
+    plan.at(30, "relocate").at(60, "expire").at(90, "revoke")
+    run_stream(tx, rx, 120, plan, clock).assert_complete(120)
+    assert tx.durability == "single-sync" and int(tx.generation) == 4
+
+
 @pytest.mark.parametrize("failures", [1, 4])
 def test_handoff_write_failure_at_step_m_is_retried_and_loses_nothing(
     fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, failures: int
