@@ -187,6 +187,25 @@ def test_attach_with_mapped_false_returns_a_one_sided_queue_with_the_same_api(fa
     assert rx.locator() == tx.locator()
 
 
+# FabricQueue members that never touch the ring (or only through members that are overridden)
+PROTOCOL_FREE = {"locator", "commit_len", "free", "__exit__", "__init_subclass__"}
+
+
+def test_every_public_fabric_queue_member_has_a_one_sided_version():
+    """A member added to FabricQueue that talks to the native ring must get a
+    one-sided version too: inherited as is, it would reach for a mapping that
+    a one-sided handle doesn't have."""
+    missing = [
+        name
+        for name, member in vars(gf.FabricQueue).items()
+        if (not name.startswith("_") or name in ("__enter__", "__exit__", "__repr__"))
+        and (callable(member) or isinstance(member, (property, classmethod)))
+        and name not in PROTOCOL_FREE
+        and name not in vars(OneSidedQueue)
+    ]
+    assert missing == []
+
+
 def test_create_builds_the_header_with_one_sided_writes_version_word_last(fabric):
     rec = RecordingFabric(fabric)
     q = OneSidedQueue.create(rec, capacity=5000, ttl=30, dtype=np.int16, epoch=3, first_seq=40)
