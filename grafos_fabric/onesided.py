@@ -21,12 +21,15 @@ Producer
     the CAS. Before writing a byte the producer loads the tail word and checks
     that it is still its own (as ``gf_native.c``'s ``prod_owner`` does). It keeps
     a head cache and loads ``head`` only when the cache says there is no room.
+    A push or a batch that fits costs four operations: the owner check, the
+    WRITE (two across the wrap), the ``next_seq`` store and the CAS.
 
 Consumer
     Loads the tail word (SYNC POINT: ring-publish), reads the span of
-    published records up to the wrap with one ``read_into`` into a local
-    buffer laid out like the ring (registered with the fabric when it can
-    register memory), and parses the headers locally, validating every length,
+    published records up to the wrap (at most ``read_chunk`` bytes, but every
+    record whole) with one ``read_into`` into a local buffer laid out like the
+    ring and as large as it (registered with the fabric when it can register
+    memory), and parses the headers locally, validating every length,
     type, bound and sequence number (:class:`~grafos_fabric.errors.Corrupted`
     for anything the C producer cannot have written: remote bytes are never
     trusted). Items (:class:`OneSidedItem`, an :class:`~grafos_fabric.queue.Item`)
@@ -50,7 +53,18 @@ Waiting
 Leases
     Every region operation checks the lease and fails closed; calls that find
     their answer in local buffers check the lease themselves, so nothing is
-    returned after expiry or revoke.
+    returned after expiry or revoke. Unlike the mapped handle, reading the
+    header (``epoch``, ``acked``, ``sealed``, ``stats()``) of a freed or
+    expired queue raises too: there is nothing left to read remotely.
+
+Limits (shared with the mapped path, or of RDMA itself)
+    The owner check before writing narrows, but cannot close, the window in
+    which a producer whose epoch is superseded mid-batch writes record bytes
+    past the old tail; in-place takeover assumes a dead or paused predecessor
+    (relocation moves to a fresh queue). When a mapped handle on the memory
+    node and a one-sided handle over RDMA share one ring, the CPU's and the
+    HCA's atomics on the same word are atomic with respect to each other only
+    with ``IBV_ATOMIC_GLOB`` support.
 """
 
 from __future__ import annotations
@@ -647,7 +661,7 @@ class OneSidedQueue(FabricQueue):
             if p.claim == p.tail:
                 return
             r = self.region
-            r.store64(_NEXT_SEQ, p.next_seq)
+            r.store64(_NEXT_SEQ, p.next_seq)  # a release: the record WRITEs are complete before it
             expected = p.tag | p.tail
             # SYNC POINT: ring-publish (records and next_seq before the tail word)
             found = r.cas64(_TAIL, expected, p.tag | p.claim)

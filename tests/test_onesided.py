@@ -667,6 +667,15 @@ def test_a_revoked_lease_fails_closed_for_one_sided_producer_and_consumer(fabric
         rx.region.read_into(0, bytearray(8))
 
 
+def test_header_reads_of_a_freed_queue_fail_closed_on_the_one_sided_path(fabric):
+    tx, rx = make(fabric, "mapped->onesided")
+    tx.push(b"a")
+    tx.free()
+    for read in (lambda: rx.acked, lambda: rx.epoch, lambda: rx.sealed, rx.stats, rx.try_pop):
+        with pytest.raises(E.LeaseExpired):
+            read()
+
+
 def test_a_waiting_consumer_notices_a_revoke_instead_of_waiting_out_its_timeout(fabric):
     tx, rx = make(fabric, "onesided->onesided")
     t = threading.Timer(0.05, tx.lease.revoke)
