@@ -513,7 +513,7 @@ def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(
     import threading
 
     fabric = gf.open_fabric(f"shm://{edge_ns}")  # real time: the wait is real
-    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=4096, ttl=0.2)
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=4096, ttl=0.5)
     rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path))
     n = 0
     while True:  # fill the ring
@@ -525,7 +525,7 @@ def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(
     sink = Sink()
 
     def slow_consumer() -> None:
-        time.sleep(0.8)  # four TTLs
+        time.sleep(1.5)  # three TTLs (the producer renews every quarter TTL while it waits)
         sink.drain(rx)
 
     t = threading.Thread(target=slow_consumer)
