@@ -314,7 +314,7 @@ def supervise(items: int, faults: bool, seed: int, limit: float) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         for name in os.listdir("/dev/shm"):
-            if name.startswith(f"grafos.{ns}."):
+            if name.startswith(f"grafos.{ns}.") or name == f"grafos-gen.{ns}":
                 try:
                     os.unlink(os.path.join("/dev/shm", name))
                 except FileNotFoundError:

@@ -50,7 +50,7 @@ def edge_ns() -> Iterator[str]:
     yield ns
     prefix = f"grafos.{ns}."
     for name in os.listdir(SHM_DIR):
-        if name.startswith(prefix):
+        if name.startswith(prefix) or name == f"grafos-gen.{ns}":
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:

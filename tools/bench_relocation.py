@@ -255,27 +255,63 @@ def run_relocation_bench(
         duration = seconds
     if duration <= 0 or relocations_per_s < 0:
         raise ValueError("duration must be positive and relocations_per_s non-negative")
+    own = url is None
     url = url or f"shm://bench-reloc-{os.getpid()}-{secrets.token_hex(3)}"
     rows = []
-    for d in handoff_dirs or default_handoff_dirs():
-        row = _one_run(
-            url,
-            d,
-            duration=duration,
-            rate=relocations_per_s,
-            window=min(window, duration),
-            item_size=item_size,
-            batch=batch,
-            capacity=capacity,
-        )
-        rows.append(row)
-        if progress is not None:
-            progress(
-                f"relocation ({row['handoff']}): {row['relocations_per_s']}/s, ratio {row['ratio']:.2f} "
-                f"(steady {row['steady_items_per_s']:,}/s), rebind p50 {row['rebind_p50_ms']:.3f} ms "
-                f"p99 {row['rebind_p99_ms']:.3f} ms, relocate p99 {row['relocate_p99_ms']:.3f} ms"
-            )
+    try:
+        for d in handoff_dirs or default_handoff_dirs():
+            rows.append(_run_row(url, d, duration, relocations_per_s, window, item_size, batch, capacity, progress))
+    finally:
+        _cleanup(url, own)
     return rows
+
+
+def _cleanup(url: str, own: bool) -> None:
+    """Reap what the run left in its fabric; a namespace made for the run goes entirely."""
+    try:
+        fabric = gf.open_fabric(url)
+        fabric.reap()
+    except Exception:  # pragma: no cover - best effort
+        return
+    ns = getattr(fabric, "namespace", None)
+    if not own or not ns or not os.path.isdir("/dev/shm"):
+        return
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(f"grafos.{ns}.") or name == f"grafos-gen.{ns}":
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except FileNotFoundError:
+                pass
+
+
+def _run_row(
+    url: str,
+    d: str,
+    duration: float,
+    relocations_per_s: float,
+    window: float,
+    item_size: int,
+    batch: int,
+    capacity: int,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    row = _one_run(
+        url,
+        d,
+        duration=duration,
+        rate=relocations_per_s,
+        window=min(window, duration),
+        item_size=item_size,
+        batch=batch,
+        capacity=capacity,
+    )
+    if progress is not None:
+        progress(
+            f"relocation ({row['handoff']}): {row['relocations_per_s']}/s, ratio {row['ratio']:.2f} "
+            f"(steady {row['steady_items_per_s']:,}/s), rebind p50 {row['rebind_p50_ms']:.3f} ms "
+            f"p99 {row['rebind_p99_ms']:.3f} ms, relocate p99 {row['relocate_p99_ms']:.3f} ms"
+        )
+    return row
 
 
 def main(argv: Sequence[str] | None = None) -> int:
