@@ -1099,6 +1099,8 @@ class OneSidedQueue(FabricQueue):
     def _take_batch(self, c: _Consumer, max_items: int) -> Batch | None:
         m = self._mirror
         assert m is not None
+        # a batch never holds more records than fit in the ring (the smallest is 32 bytes)
+        max_items = min(max_items, self.capacity // _rec_size(1))
         offs = np.empty(max_items, dtype=np.uint64)
         lens = np.empty(max_items, dtype=np.uint64)
         seqs = np.empty(max_items, dtype=np.uint64)
