@@ -862,8 +862,9 @@ class FabricQueue:
         c = self._cons or self._consumer()
         if lib.gf_consumer_outstanding(c) and lib.gf_load_acquire_at(self._ring, _SPACE_WAITERS_OFF) & 0xFFFFFFFF:
             raise E.HeldItemsStall(
-                f"the producer waits for space that {int(lib.gf_consumer_outstanding(c))} unreleased "
-                "items/batches pin, and the queue is empty: release items before waiting for more"
+                f"the queue is empty and the producer waits for space that {int(lib.gf_consumer_outstanding(c))} "
+                "unreleased items/batches of this consumer pin (arrays made from them pin it too): "
+                "release them, or drop the arrays, before waiting for more"
             )
         slice_ns = _slice(deadline)
         if slice_ns <= 0:
