@@ -76,6 +76,7 @@ import secrets
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -263,6 +264,18 @@ class _LocalBuffer:
         self.nbytes = nbytes
 
 
+def _deregister(buffers: list[_LocalBuffer]) -> None:
+    """Give registered local buffers back to the fabric (idempotent). The memory
+    itself stays until the last view of it is gone; only the registration ends."""
+    while buffers:
+        reg = buffers.pop().registered
+        if reg is not None:
+            try:
+                reg.close()
+            except Exception as exc:  # teardown must not raise: log and go on
+                log.debug("could not deregister a local buffer: %s", exc)
+
+
 class OneSidedItem(Item):
     """An :class:`~grafos_fabric.queue.Item` popped one-sided: its views are of this
     handle's local buffer, and releasing it goes through the queue's release
@@ -323,6 +336,10 @@ class OneSidedQueue(FabricQueue):
         self._c: _Consumer | None = None
         self._staging: _LocalBuffer | None = None
         self._mirror: _LocalBuffer | None = None
+        # registered local buffers are deregistered on close, or once this handle
+        # and every item and view of it are gone
+        self._locals: list[_LocalBuffer] = []
+        self._finalizer = weakref.finalize(self, _deregister, self._locals)
         self._read_chunk = read_chunk & ~(_ALIGN - 1)
         # one producer and one consumer per handle, but callers may share a handle
         # between threads: each role's calls run one at a time (reentrant, so a
@@ -600,6 +617,7 @@ class OneSidedQueue(FabricQueue):
         st = self._staging
         if st is None or st.nbytes < nbytes:
             st = self._staging = _LocalBuffer(self.fabric, max(nbytes, min(self.capacity, DEFAULT_STAGING)))
+            self._locals.append(st)
         return st
 
     def _begin(self, p: _Producer) -> None:
@@ -943,6 +961,7 @@ class OneSidedQueue(FabricQueue):
                 raise E.Corrupted(f"ring positions make no sense (head {head}, tail {pos})")
             if self._mirror is None:
                 self._mirror = _LocalBuffer(self.fabric, self.capacity)
+                self._locals.append(self._mirror)
                 self._data = self._mirror.ptr  # what Item/Batch view (offsets are ring indices)
         except BaseException:
             r.cas64(_CONSUMER_ID, cid, 0)
@@ -1204,9 +1223,10 @@ class OneSidedQueue(FabricQueue):
 
     # -- teardown --------------------------------------------------------------------
     def close(self) -> None:
-        """Give up the producer role (idempotent). Like the mapped queue, the
-        consumer role stays held and items popped earlier still release into it;
-        their views stay readable (they are local memory)."""
+        """Give up the producer role and deregister this handle's local buffers
+        (idempotent). Like the mapped queue, the consumer role stays held and
+        items popped earlier still release into it; their views stay readable
+        (they are local memory)."""
         if self.closed:
             return
         self.closed = True
@@ -1216,6 +1236,7 @@ class OneSidedQueue(FabricQueue):
                 self.region.cas64(_PRODUCER_ID, p.id, 0)
             except (E.FabricError, E.FabricValueError) as exc:
                 log.debug("could not give the producer role back: %s", exc)
+        self._finalizer()
 
     def __enter__(self) -> OneSidedQueue:
         return self

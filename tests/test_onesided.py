@@ -515,6 +515,60 @@ def test_space_is_freed_when_the_item_and_its_views_are_gone_in_any_order(fabric
     assert rx.outstanding == 0
 
 
+class FakeRegistration:
+    """Stands in for a verbs LocalBuffer: memory plus a registration to close."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.mem = np.zeros(nbytes, dtype=np.uint8)
+        self.closed = False
+
+    def array(self, dtype: Any = np.uint8) -> np.ndarray:
+        return self.mem.view(dtype)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RegisteringFabric(RecordingFabric):
+    """A fabric that registers local memory for READ/WRITE targets, like verbs."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.registrations: list[FakeRegistration] = []
+
+    def register(self, nbytes: int) -> FakeRegistration:
+        reg = FakeRegistration(nbytes)
+        self.registrations.append(reg)
+        return reg
+
+    def attach(self, ref: Any, *, mapped: bool = True) -> Any:
+        return self.inner.attach(ref, mapped=False)
+
+
+@pytest.mark.parametrize("how", ["close", "garbage"])
+def test_local_buffers_are_registered_with_the_fabric_and_deregistered_at_the_end(fabric, how):
+    reg = RegisteringFabric(fabric)
+    tx = gf.FabricQueue.create(reg, capacity=4096, ttl=30)
+    rx = OneSidedQueue.attach(reg, tx.locator())
+    tx.push(b"through registered memory")
+    item = rx.pop(timeout=1)
+    view = np.asarray(item)
+    assert len(reg.registrations) == 2  # the producer's staging, the consumer's mirror
+    assert np.shares_memory(view, reg.registrations[1].mem)  # zero-copy from the registered READ target
+    if how == "close":
+        tx.close()
+        rx.close()
+    else:
+        del tx, rx, item
+        gc.collect()
+        assert not reg.registrations[1].closed  # a view of it is still alive
+        del view
+        gc.collect()
+    assert all(r.closed for r in reg.registrations)
+    if how == "close":
+        assert view.tobytes() == b"through registered memory"  # the memory outlives the registration
+
+
 # -- fencing, roles, seal ------------------------------------------------------------------
 
 
