@@ -1233,3 +1233,39 @@ def test_killing_one_sided_producers_mid_write_never_publishes_a_torn_record(fab
             b.release()
     assert received > 100
     assert rx.epoch == 8
+
+
+# -- the queue suite (tests/test_queue.py, tests/test_queue_model.py) with a one-sided producer --------
+#
+# conftest's make_pair makes the producer with FabricQueue.create (mapped), so the
+# "onesided" mode there runs one-sided *consumers*. Here the same tests run again
+# with a producer made by OneSidedQueue.create: against a mapped consumer
+# ("onesided-producer") and a one-sided one ("onesided-both").
+
+import inspect  # noqa: E402
+
+import test_queue as _queue_suite  # noqa: E402
+import test_queue_model as _model_suite  # noqa: E402
+
+
+@pytest.fixture(params=["onesided-producer", "onesided-both"])
+def queue_mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_pair(fabric: Any, queue_mode: str) -> Callable[..., tuple[Any, Any]]:
+    def pair(**kwargs: Any) -> tuple[Any, Any]:
+        kwargs.setdefault("capacity", 1 << 16)
+        kwargs.setdefault("ttl", 60.0)
+        tx = OneSidedQueue.create(fabric, **kwargs)
+        rx = gf.FabricQueue.attach(fabric, bytes(tx.locator()), mapped=queue_mode == "onesided-producer")
+        return tx, rx
+
+    return pair
+
+
+for _suite in (_queue_suite, _model_suite):
+    for _name, _test in vars(_suite).items():
+        if _name.startswith("test_") and callable(_test) and "make_pair" in inspect.signature(_test).parameters:
+            globals()[_name] = _test
