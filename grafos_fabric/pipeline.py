@@ -698,10 +698,7 @@ class EdgeProducer(RelocatableQueueEdge):
         except E.StaleEpoch:
             # A publish that failed after its header landed leaves our own record on disk
             # at a generation the writer did not adopt: that one is ours.
-            try:
-                cur = self._reader.current()
-            except (E.Corrupted, E.FabricError, OSError):
-                raise
+            cur = self._reader.current()
             if cur.payload == payload:
                 self._writer = HandoffWriter(self.blk, generation=cur.generation, durability=self.durability)
                 return cur.generation
