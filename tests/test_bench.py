@@ -7,6 +7,7 @@ say nothing; only that every figure is there and positive.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +26,22 @@ def _fabric_available() -> bool:
 
 
 def _run_bench(*args: str, timeout: float = 120.0) -> tuple[dict[str, Any], str]:
-    proc = subprocess.run(
+    """Run grafos-bench with ``--json -``; check it succeeded and left nothing in /dev/shm."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "grafos_fabric.tools.bench", "--json", "-", "--repeat", "1", *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
-    assert proc.returncode == 0, f"grafos-bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout), proc.stderr
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, f"grafos-bench failed ({proc.returncode}):\n{err[-4000:]}"
+    if os.path.isdir("/dev/shm"):
+        left = [n for n in os.listdir("/dev/shm") if f"bench-{proc.pid}" in n]
+        assert left == [], f"grafos-bench left shared memory behind: {left}"
+    return json.loads(out), err
 
 
 def test_bench_json_reports_every_case_with_positive_figures(tmp_path: Path) -> None:

@@ -426,9 +426,9 @@ class Bench:
                 self.skipped[case] = why
                 return
             try:
+                # No url: on shm the hook makes a namespace of its own and removes it after.
                 rows = _call_hook(
                     fn,
-                    url=f"{args.driver}://bench-reloc-{os.getpid()}",
                     seconds=max(0.2, args.duration),
                     duration=max(0.2, args.duration),
                     progress=progress,

@@ -30,6 +30,7 @@ imports every installed peer at module level (missing peers are ``None``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -600,12 +601,29 @@ class FabricTransport(Transport):
             q.free()  # close, and give the region back to the fabric now
 
     def close(self) -> None:
-        """Close every queue still open and the fabric (end of the run)."""
+        """Free every queue still open and close the fabric (end of the run).
+
+        The run's shm namespace is its own (``bench-<pid>``), so whatever is
+        left of it goes too: segments and the namespace's generation counter.
+        """
         for data in list(self._queues):
             self.teardown((self.url, data, self.mapped))
-        if self._fabric is not None and hasattr(self._fabric, "close"):
-            self._fabric.close()
-        self._fabric = None
+        fabric, self._fabric = self._fabric, None
+        if fabric is None:
+            return
+        ns = getattr(fabric, "namespace", None) if getattr(fabric, "driver", None) == "shm" else None
+        with contextlib.suppress(Exception):
+            fabric.reap()
+        if hasattr(fabric, "close"):
+            fabric.close()
+        if ns:
+            from grafos_fabric.drivers.shm import SHM_DIR
+
+            with contextlib.suppress(OSError):
+                for name in os.listdir(SHM_DIR):
+                    if name.startswith(f"grafos.{ns}.") or name == f"grafos-gen.{ns}":
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(SHM_DIR, name))
 
     @staticmethod
     def _attach(handle: Any) -> tuple[Any, Any]:
