@@ -693,16 +693,20 @@ class EdgeProducer(RelocatableQueueEdge):
         )
 
     def _publish(self, payload: bytes) -> EdgeGeneration:
+        """Publish the locator; a publish whose error came after its header landed
+        (a failed final sync) left *our* record on disk: that one counts."""
         try:
             return self._writer.publish(payload)
-        except E.StaleEpoch:
-            # A publish that failed after its header landed leaves our own record on disk
-            # at a generation the writer did not adopt: that one is ours.
-            cur = self._reader.current()
-            if cur.payload == payload:
-                self._writer = HandoffWriter(self.blk, generation=cur.generation, durability=self.durability)
-                return cur.generation
-            raise
+        except (E.FabricError, OSError) as exc:
+            try:
+                cur: HandoffRecord | None = self._reader.current()
+            except (E.FabricError, E.FabricValueError, OSError):
+                cur = None
+            if cur is None or cur.payload != payload:
+                raise
+            self._writer = HandoffWriter(self.blk, generation=cur.generation, durability=self.durability)
+            log.warning("stage %s: the handoff publish reported %s, but the record landed", self.stage, exc)
+            return cur.generation
 
     def _retire(self, old: FabricQueue, fence_gen: EdgeGeneration | None, seal_seq: int) -> None:
         try:

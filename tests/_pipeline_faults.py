@@ -29,6 +29,7 @@ class FaultPlan:
     count: int = 1
     alloc_failures: int = 0
     write_failures: int = 0
+    fail_sync_in: int = 0  # the n-th sync from now fails (1: the next one); 0: none
     fired: list[tuple[int, str]] = field(default_factory=list)
 
     def at(self, step: int, *faults: str) -> FaultPlan:
@@ -92,6 +93,13 @@ class FaultyBlock:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+    def sync(self) -> None:
+        if self.plan.fail_sync_in > 0:
+            self.plan.fail_sync_in -= 1
+            if self.plan.fail_sync_in == 0:
+                raise OSError(errno.EIO, "injected: sync failed")
+        self._inner.sync()
 
     def write_blocks(self, lba: int, buf: Any) -> int:
         if self.plan.write_failures > 0:

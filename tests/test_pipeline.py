@@ -248,6 +248,23 @@ def test_handoff_write_failure_at_step_m_is_retried_and_loses_nothing(
     assert tx.stats()["relocations"] == 2
 
 
+def test_a_publish_that_fails_after_its_header_landed_counts_and_does_not_fence_the_producer(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    sink = Sink()
+    for i in range(20):
+        tx.push(item(i), timeout=0)
+    plan.fail_sync_in = 2  # ordered publish: data, sync, header, sync <- this one fails
+    gen = tx.relocate(timeout=0)
+    assert int(gen) == 2 and plan.fail_sync_in == 0
+    for i in range(20, 40):
+        tx.push(item(i), timeout=0)
+    sink.drain(rx)
+    sink.assert_complete(40)
+    assert tx.stats()["relocations"] == 2 and tx.stats()["relocation_failures"] == 0
+
+
 def test_allocation_failure_at_relocation_is_retried(
     fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
