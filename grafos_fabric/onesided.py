@@ -133,8 +133,8 @@ def _u32_shift(field_off: int, word_off: int) -> int:
     return 8 * byte if sys.byteorder == "little" else 8 * (8 - 4 - byte)
 
 
-_SPACE_WAITER_ONE = 1 << _u32_shift(_hoff("space_waiters"), _SPACE_WORD)
 _SPACE_WAITER_SHIFT = _u32_shift(_hoff("space_waiters"), _SPACE_WORD)
+_SPACE_WAITER_ONE = 1 << _SPACE_WAITER_SHIFT  # faa64 of this counts one waiter in space_waiters
 _U64 = (1 << 64) - 1
 
 _SEALED = int(lib.GF_TAIL_SEALED)
@@ -150,8 +150,6 @@ _OK = int(lib.GF_OK)
 _LEN32 = _roff("length") // 4
 _TYPE32 = _roff("type") // 4
 _SEQ64 = _roff("seq") // 8
-_REC32 = RECORD_HEADER // 4
-_REC64 = RECORD_HEADER // 8
 
 DEFAULT_READ_CHUNK = 1 << 22  # bytes one READ brings in at most (a record is always read whole)
 DEFAULT_STAGING = 1 << 22  # initial staging buffer; grows to fit the largest record pushed
@@ -162,6 +160,7 @@ _SLEEP_MAX = 1e-3
 
 
 def _rec_size(length: int) -> int:
+    """``gf_record_size`` (header + payload rounded up to the record alignment), without a C call."""
     return (RECORD_HEADER + length + _ALIGN - 1) & ~(_ALIGN - 1)
 
 
