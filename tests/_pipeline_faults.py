@@ -18,7 +18,7 @@ from typing import Any
 from grafos_fabric import errors as E
 from grafos_fabric.lease import ManualClock
 
-FAULTS = ("expire", "revoke", "seal", "relocate", "alloc_fails", "write_fails", "consumer_relocate")
+FAULTS = ("expire", "revoke", "seal", "relocate", "alloc_fails", "write_fails", "sync_fails", "consumer_relocate")
 
 
 @dataclass
@@ -65,6 +65,8 @@ class FaultPlan:
                 self.alloc_failures += self.count
             elif fault == "write_fails":
                 self.write_failures += self.count
+            elif fault == "sync_fails":  # the data sync (odd steps) or the header sync (even steps) of a publish
+                self.fail_sync_in = 1 + step % 2
 
 
 class FaultyFabric:
