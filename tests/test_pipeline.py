@@ -776,7 +776,8 @@ def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed
         finished: dict[int, int] = {}
         for _ in range(rng.randint(1, 3)):
             time.sleep(rng.uniform(0.005, 0.15))
-            pid = prod if victim == "producer" else cons
+            who = victim if victim != "both" else rng.choice(["producer", "consumer"])
+            pid = prod if who == "producer" else cons
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 finished[pid] = os.waitstatus_to_exitcode(status)
@@ -784,7 +785,7 @@ def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             hits += 1
-            if victim == "producer":
+            if who == "producer":
                 prod = start_producer()
             else:
                 cons = start_consumer()
@@ -821,3 +822,8 @@ def test_fifty_producer_kill_9_trials_lose_nothing(tmp_path: Path, edge_ns: str)
 @pytest.mark.stress
 def test_fifty_consumer_kill_9_trials_lose_nothing(tmp_path: Path, edge_ns: str) -> None:
     _kill_trials(tmp_path, edge_ns, "consumer", trials=50, n=KILL_ITEMS, seed=12)
+
+
+@pytest.mark.stress
+def test_fifty_trials_killing_either_side_at_random_lose_nothing(tmp_path: Path, edge_ns: str) -> None:
+    _kill_trials(tmp_path, edge_ns, "both", trials=50, n=KILL_ITEMS, seed=13)
