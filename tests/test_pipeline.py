@@ -10,6 +10,7 @@ consumers (tests/_pipeline_workers.py) and kill them with SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import secrets
@@ -602,6 +603,69 @@ def test_a_batch_larger_than_the_window_goes_in_pieces_while_the_consumer_acks(
     t.join(10)
     sink.assert_complete(1000)
     assert tx.window_bytes <= 4096
+
+
+def _zombie_main(ns: str, edge_path: str, marker: str) -> None:
+    """A producer that pushes tag-1 items until it is fenced, then keeps trying."""
+    tx = RelocatableQueueEdge.producer(gf.open_fabric(f"shm://{ns}"), open_block(edge_path), capacity=1 << 16)
+    seq = 0
+    fenced = 0
+    deadline = time.monotonic() + 30
+    while fenced < 200 and time.monotonic() < deadline:
+        try:
+            seq = tx.push(item(seq, tag=1), timeout=1) + 1
+        except E.StaleEpoch:
+            fenced += 1
+        except TimeoutError:
+            pass
+    Path(marker).write_text(str(fenced))
+
+
+def test_a_stale_producer_in_another_process_never_gets_an_item_into_the_new_queue(
+    tmp_path: Path, edge_ns: str, edge_path: str
+) -> None:
+    fabric = gf.open_fabric(f"shm://{edge_ns}")
+    marker = str(tmp_path / "zombie.txt")
+    zombie = fork(_zombie_main, edge_ns, edge_path, marker)
+    try:
+        rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path))
+        got: list[tuple[int, int, int]] = []  # (seq, tag, generation it came from)
+
+        def drain() -> None:
+            while (it := rx.try_pop()) is not None:
+                seq, tag = struct.unpack("<QQ", it.tobytes())
+                assert seq == it.seq
+                got.append((it.seq, tag, int(rx.generation)))
+                it.release()
+            if got:
+                rx.ack(got[-1][0])
+
+        while len(got) < 2000:
+            drain()
+        successor = RelocatableQueueEdge.producer(
+            fabric, open_block(edge_path), capacity=1 << 16, output_commit=rx.acked
+        )
+        new_gen = int(successor.generation)
+        for i in range(successor.next_seq, successor.next_seq + 5000):
+            successor.push(item(i, tag=2), timeout=5)
+            if i % 50 == 0:
+                drain()
+        deadline = time.monotonic() + 10
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            drain()
+            time.sleep(0.001)
+        drain()
+        assert wait_pid(zombie, 30) == 0
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(zombie, signal.SIGKILL)
+        raise
+    assert int(Path(marker).read_text()) >= 1  # the zombie was fenced (and kept trying)
+    seqs = [s for s, _, _ in got]
+    assert seqs == list(range(len(seqs))) and len(seqs) >= 7000
+    stale_in_new = [(s, g) for s, t, g in got if t == 1 and g >= new_gen]
+    assert stale_in_new == [], stale_in_new[:5]
+    assert all(t == 2 for _, t, g in got if g >= new_gen)
 
 
 def test_consumer_without_a_record_waits_and_times_out(fabric: Any, edge_path: str) -> None:
