@@ -1125,10 +1125,19 @@ class OneSidedQueue(FabricQueue):
         n = 0
         uniform = 0
         rc = 0
+        start_rpos, start_seq = c.rpos, c.last_seq
         while n < max_items:
             if n > 0 and c.rpos & self._mask == 0:
                 break  # a batch stops at the wrap: its payloads are contiguous
-            rc = self._next_record(c, n > 0)
+            try:
+                rc = self._next_record(c, n > 0)
+            except E.Corrupted:
+                if n:
+                    break  # the good records go out; the next call reports the bad one (as in C)
+                raise
+            except BaseException:
+                c.rpos, c.last_seq = start_rpos, start_seq  # nothing taken: the records stay queued
+                raise
             if rc < 0:
                 break
             idx = rc

@@ -795,6 +795,32 @@ def test_a_sequence_number_that_goes_backwards_is_corrupted(fabric):
         rx.pop_batch(10, timeout=0)  # ...which the next call rejects
 
 
+@pytest.mark.parametrize("failing_read", [1, 3])  # the first record's payload; the second record's
+def test_a_read_that_fails_mid_batch_loses_nothing(fabric, failing_read):
+    class FlakyRegion(RecordingRegion):
+        reads_to_fail = 0
+
+        def read_into(self, offset: int, buf: Any) -> None:
+            if self.count("read_into") == failing_read and self.reads_to_fail:
+                self.reads_to_fail -= 1
+                self.log.append(("read_into-failed", offset))
+                raise E.Disconnected("the READ's completion was an error")
+            super().read_into(offset, buf)
+
+    m = gf.FabricQueue.create(fabric, capacity=8192, ttl=30)
+    region = FlakyRegion(fabric.attach(m.region.ref(), mapped=False))
+    rx = OneSidedQueue(fabric, region, m.locator(), read_chunk=64)  # header, then the rest of each record
+    region.log.clear()
+    m.push_batch([bytes([i]) * 100 for i in range(5)])
+    region.reads_to_fail = 1
+    with pytest.raises(E.Disconnected):
+        rx.pop_batch(10, timeout=0)
+    assert region.count("read_into-failed") == 1 and region.count("read_into") == failing_read
+    b = rx.pop_batch(10, timeout=0)
+    assert b.tolist() == [bytes([i]) * 100 for i in range(5)]
+    assert list(b.seqs) == list(range(5))
+
+
 @pytest.mark.parametrize("bad_tail", ["beyond_capacity", "backwards"])
 def test_an_impossible_tail_position_is_corrupted(fabric, bad_tail):
     m = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
