@@ -749,6 +749,8 @@ class OneSidedQueue(FabricQueue):
         """Poll ``head`` until a record of ``nbytes`` fits, counting this producer in
         ``space_waiters`` meanwhile; raises on seal, fencing, expiry, or timeout."""
         p = self._producer_ready()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("timed out waiting for space in the queue")  # timeout=0: no remote op
         rs = _rec_size(nbytes)
         idx = p.claim & self._mask
         need = (self.capacity - idx if idx + rs > self.capacity else 0) + rs
