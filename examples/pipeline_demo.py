@@ -81,8 +81,9 @@ class Stage:
         self._next_ckpt = time.monotonic() + CHECKPOINT_EVERY_S
         self._next_stats = time.monotonic() + STATS_EVERY_S
 
-    def edge_block(self, edge: str) -> Any:
-        return open_block(str(self.dir / f"{edge}.blk"))
+    def edge_block(self, edge: str, *, reader: bool = False) -> Any:
+        # a consumer only reads the handoff record: page-cache reads are enough (and cheaper)
+        return open_block(str(self.dir / f"{edge}.blk"), direct=not reader)
 
     def due(self) -> bool:
         now = time.monotonic()
@@ -129,7 +130,7 @@ def run_transform(st: Stage) -> None:
         st.fabric, st.edge_block("edge2"), capacity=CAPACITY, stage=StageId("transform"), output_commit=start or 0
     )
     rx = RelocatableQueueEdge.consumer(
-        st.fabric, st.edge_block("edge1"), stage=StageId("transform"), input_offset=start
+        st.fabric, st.edge_block("edge1", reader=True), stage=StageId("transform"), input_offset=start
     )
     st.edges.update(edge1_in=rx, edge2_out=tx)
     st.counters["transformed"] = 0
@@ -175,7 +176,7 @@ def run_sink(st: Stage) -> None:
     high = int(raw[whole - 2]) if whole else -1  # the last sequence written
     rx = RelocatableQueueEdge.consumer(
         st.fabric,
-        st.edge_block("edge2"),
+        st.edge_block("edge2", reader=True),
         stage=StageId("sink"),
         input_offset=st.restored.input_offset if st.restored else None,
     )
