@@ -19,6 +19,7 @@ from .drivers.block import BlockRegion, BlockStore, open_block
 from .fence import EdgeGeneration, Fenced, FenceEpoch, FenceGuard
 from .lease import BackgroundRenewer, Lease, ManualClock, MonotonicClock, RenewalManager, RenewalPolicy
 from .locator import HandoffReader, HandoffRecord, HandoffWriter, QueueLocator
+from .pipeline import EdgeError, RelocatableQueueEdge
 from .queue import Batch, FabricQueue, Item
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "CheckpointFlushObserver",
     "CheckpointedStageState",
     "EdgeCheckpoint",
+    "EdgeError",
     "EdgeGeneration",
     "FabricQueue",
     "FenceEpoch",
@@ -42,6 +44,7 @@ __all__ = [
     "ManualClock",
     "MonotonicClock",
     "QueueLocator",
+    "RelocatableQueueEdge",
     "RenewalManager",
     "RenewalPolicy",
     "StageId",
