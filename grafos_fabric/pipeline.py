@@ -139,7 +139,7 @@ from .fence import EdgeGeneration
 from .handoff import HandoffReader, HandoffRecord, HandoffWriter
 from .lease import NS, Lease
 from .locator import QueueLocator
-from .queue import Batch, FabricQueue, Item
+from .queue import Batch, FabricQueue, Item, _deadline
 from .slots import BlockDevice, Durability
 
 __all__ = [
@@ -179,14 +179,6 @@ def _percentile(samples: Sequence[float], q: float) -> float:
     s = sorted(samples)
     k = min(len(s) - 1, max(0, round(q * (len(s) - 1))))
     return s[k]
-
-
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if timeout < 0:
-        raise E.FabricValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-    return time.monotonic() + timeout
 
 
 def _remaining(deadline: float | None) -> float | None:
