@@ -120,6 +120,7 @@ _EPOCH = _hoff("epoch")
 _SEAL_SEQ = _hoff("seal_seq")
 _PRODUCER_ID = _hoff("producer_id")
 _CONSUMER_ID = _hoff("consumer_id")
+_ONESIDED_PEERS = _hoff("onesided_peers")
 _TAIL = _hoff("tail")
 _NEXT_SEQ = _hoff("next_seq")
 _HEAD = _hoff("head")
@@ -578,6 +579,7 @@ class OneSidedQueue(FabricQueue):
         p = _Producer(pid, epoch, tail, head, r.load64(_NEXT_SEQ))
         self._epoch = epoch
         self._p = p
+        self._announce()
         return p
 
     def _producer_ready(self) -> _Producer:
@@ -970,7 +972,20 @@ class OneSidedQueue(FabricQueue):
         pend_cap = min(1 << 20, max(64, _next_pow2(self.capacity // 32)))
         c = _Consumer(cid, head, pend_cap)
         self._c = c
+        self._announce()
         return c
+
+    _announced = False
+
+    def _announce(self) -> None:
+        """Count this handle in the ring's ``onesided_peers``: a mapped peer sleeping
+        on a futex can't be woken by one-sided operations, so while the count is
+        non-zero it waits in short slices instead (``close`` takes the count back;
+        a handle that dies without ``close`` leaves it up, which costs the mapped
+        side only some extra wake-ups)."""
+        if not self._announced:
+            self.region.faa64(_ONESIDED_PEERS, 1)
+            self._announced = True
 
     def _consumer_ready(self) -> _Consumer:
         self._check_live()
@@ -1246,6 +1261,12 @@ class OneSidedQueue(FabricQueue):
                 self.region.cas64(_PRODUCER_ID, p.id, 0)
             except (E.FabricError, E.FabricValueError) as exc:
                 log.debug("could not give the producer role back: %s", exc)
+        if self._announced:
+            try:
+                self.region.faa64(_ONESIDED_PEERS, -1)
+            except (E.FabricError, E.FabricValueError) as exc:
+                log.debug("could not take back the one-sided peer count: %s", exc)
+            self._announced = False
         self._finalizer()
 
     def __enter__(self) -> OneSidedQueue:

@@ -63,6 +63,8 @@ _SEAL_SEQ_OFF = int(ffi.offsetof("gf_ring_header", "seal_seq"))
 _SEALED = int(lib.GF_TAIL_SEALED)
 _POS_MASK = int(lib.GF_TAIL_POS_MASK)
 _WAIT_SLICE_NS = 50_000_000  # C waits in slices so Python sees signals and lease changes
+_POLL_SLICE_NS = 1_000_000  # ... and in short ones while a one-sided peer (which can't wake us) is attached
+_ONESIDED_OFF = int(ffi.offsetof("gf_ring_header", "onesided_peers"))
 _SPIN = 4000
 _U8 = np.dtype(np.uint8)
 _LEASE_ACTIVE = int(lib.GF_LEASE_ACTIVE)
@@ -659,7 +661,7 @@ class FabricQueue:
 
     def _wait_space(self, nbytes: int, deadline: float | None) -> None:
         p = self._prod or self._producer()
-        slice_ns = _slice(deadline)
+        slice_ns = self._slice(deadline)
         if slice_ns <= 0:
             raise TimeoutError("timed out waiting for space in the queue")
         rc = lib.gf_wait_space(p, nbytes, slice_ns, _SPIN)
@@ -866,7 +868,7 @@ class FabricQueue:
                 "unreleased items/batches of this consumer pin (arrays made from them pin it too): "
                 "release them, or drop the arrays, before waiting for more"
             )
-        slice_ns = _slice(deadline)
+        slice_ns = self._slice(deadline)
         if slice_ns <= 0:
             raise TimeoutError("timed out waiting for an item")
         rc = lib.gf_wait_data(c, slice_ns, _SPIN)
@@ -932,6 +934,13 @@ class FabricQueue:
         c = self._cons
         return 0 if c is None else int(lib.gf_consumer_outstanding(c))
 
+    def _slice(self, deadline: float | None) -> int:
+        """How long one native wait may sleep: until the deadline, at most a slice."""
+        cap = _POLL_SLICE_NS if lib.gf_load_acquire_at(self._ring, _ONESIDED_OFF) else _WAIT_SLICE_NS
+        if deadline is None:
+            return cap
+        return min(cap, int((deadline - time.monotonic()) * NS))
+
     # -- teardown --------------------------------------------------------------------
     def close(self) -> None:
         """Give up this handle's roles (idempotent). Views of popped items stay
@@ -966,9 +975,3 @@ def _deadline(timeout: float | None) -> float | None:
     if timeout < 0:
         raise E.FabricValueError(f"timeout must be >= 0 or None, got {timeout!r}")
     return time.monotonic() + timeout
-
-
-def _slice(deadline: float | None) -> int:
-    if deadline is None:
-        return _WAIT_SLICE_NS
-    return min(_WAIT_SLICE_NS, int((deadline - time.monotonic()) * NS))

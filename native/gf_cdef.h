@@ -53,7 +53,7 @@ typedef struct {
 typedef struct {
     uint32_t magic; uint32_t version; uint64_t capacity; uint64_t max_item; uint64_t first_seq;
     uint64_t created_epoch; uint32_t flags; uint32_t dtype_len; char dtype[...];
-    uint64_t epoch; uint64_t seal_seq; uint64_t producer_id; uint64_t consumer_id;
+    uint64_t epoch; uint64_t seal_seq; uint64_t producer_id; uint64_t consumer_id; uint64_t onesided_peers;
     uint64_t tail; uint64_t next_seq; uint64_t head; uint64_t acked;
     uint32_t data_futex; uint32_t data_waiters; uint32_t space_futex; uint32_t space_waiters; uint64_t space_want; ...;
 } gf_ring_header;

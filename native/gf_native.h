@@ -15,7 +15,7 @@
 
 /* Bumped whenever a layout or this API changes; the Python wrapper refuses a
  * build whose number differs from the one it was written for. */
-#define GF_NATIVE_ABI 6
+#define GF_NATIVE_ABI 7
 
 /* Status codes. 0 and the small positive values are ordinary outcomes;
  * negatives are errors (the grafOS ones first). */

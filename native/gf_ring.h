@@ -23,6 +23,7 @@
  *  +---------------------------------------------------------------+
  *  |  control line: epoch (u64) | seal_seq (u64)                   |  128
  *  |                producer_id (u64) | consumer_id (u64)          |
+ *  |                onesided_peers (u64)                           |  160
  *  +---------------------------------------------------------------+
  *  |  tail line:  tail word (u64) | next_seq (u64)                 |  256
  *  +---------------------------------------------------------------+
@@ -68,7 +69,8 @@
  * other side, after its full-fence store, bumps the futex word and wakes.
  * A producer sleeping for space asks for a quarter of the ring (space_want),
  * so a consumer that is the bottleneck pays one wake per quarter ring, not
- * one per item.
+ * one per item. A one-sided peer (RDMA) cannot wake a futex: it counts itself
+ * in onesided_peers, and mapped sleepers then wait in short slices.
  */
 #ifndef GF_RING_H
 #define GF_RING_H
@@ -107,7 +109,8 @@ typedef struct gf_ring_header {
     uint64_t seal_seq;
     uint64_t producer_id;
     uint64_t consumer_id;
-    uint8_t _pad1[128 - 32];
+    uint64_t onesided_peers; /* handles reaching this ring one-sided (they cannot wake a futex) */
+    uint8_t _pad1[128 - 40];
     /* tail line */
     uint64_t tail;
     uint64_t next_seq;
@@ -138,6 +141,7 @@ _Static_assert(offsetof(gf_ring_header, epoch) == 128, "ring layout");
 _Static_assert(offsetof(gf_ring_header, seal_seq) == 136, "ring layout");
 _Static_assert(offsetof(gf_ring_header, producer_id) == 144, "ring layout");
 _Static_assert(offsetof(gf_ring_header, consumer_id) == 152, "ring layout");
+_Static_assert(offsetof(gf_ring_header, onesided_peers) == 160, "ring layout");
 _Static_assert(offsetof(gf_ring_header, tail) == 256, "ring layout");
 _Static_assert(offsetof(gf_ring_header, next_seq) == 264, "ring layout");
 _Static_assert(offsetof(gf_ring_header, head) == 384, "ring layout");

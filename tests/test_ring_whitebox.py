@@ -110,3 +110,21 @@ def test_a_stale_native_build_is_refused_at_import_with_a_clear_message():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "refused: stale grafos_fabric native build (ABI 999" in out.stdout, out.stdout + out.stderr
     assert "pip install -e ." in out.stdout
+
+
+def test_a_one_sided_peer_is_counted_so_mapped_waiters_poll_in_short_slices(fabric):
+    from grafos_fabric.queue import _POLL_SLICE_NS, _WAIT_SLICE_NS
+
+    peers = int(ffi.offsetof("gf_ring_header", "onesided_peers"))
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
+    assert q._slice(None) == _WAIT_SLICE_NS
+    peer = gf.FabricQueue.attach(fabric, q.locator(), mapped=False)
+    assert peer.try_pop() is None  # claims the consumer role one-sided
+    assert q.region.load64(peers) == 1
+    assert q._slice(None) == _POLL_SLICE_NS
+    q.push(b"x")
+    assert peer.pop(timeout=1).tobytes() == b"x"
+    peer.close()
+    peer.close()
+    assert q.region.load64(peers) == 0
+    assert q._slice(None) == _WAIT_SLICE_NS
