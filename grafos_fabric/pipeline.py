@@ -453,7 +453,10 @@ class EdgeProducer(RelocatableQueueEdge):
         if q is not None:
             a = q.acked
             for old in self._retired:  # the consumer may still be acking on a queue we left
-                a = max(a, old.acked)
+                try:
+                    a = max(a, old.acked)
+                except (E.FabricError, OSError):  # its lease is gone (one-sided reads fail closed)
+                    continue
             if a > self._acked:
                 self._set_acked(a)
 
