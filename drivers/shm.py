@@ -400,6 +400,25 @@ class ShmFabric:
                     pass
         return reaped
 
+    def destroy(self) -> int:
+        """Remove the whole namespace now: every segment, live or not, and the
+        generation counter. Processes still mapping a segment keep failing
+        closed (its lease is marked freed first). Returns how many segments
+        were removed. For tests, benchmarks and operators; not for live edges."""
+        removed = 0
+        for path in self.segments():
+            self._mark_freed(path)
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        try:
+            os.unlink(os.path.join(SHM_DIR, f"grafos-gen.{self.namespace}"))
+        except FileNotFoundError:
+            pass
+        return removed
+
     def _mark_freed(self, path: str) -> None:
         try:
             fd = os.open(path, os.O_RDWR)

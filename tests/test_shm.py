@@ -245,3 +245,14 @@ def test_lease_generations_grow_within_a_namespace_and_are_seen_by_attachers(fab
     b = fabric.alloc(4096, ttl=5)
     assert b.lease.generation == a.lease.generation + 1
     assert fabric.attach(b.ref()).lease.generation == b.lease.generation
+
+
+def test_destroy_removes_the_namespace_and_its_regions_fail_closed(namespace):
+    fabric = ShmFabric(namespace)
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
+    fabric.alloc(4096, ttl=30)
+    assert fabric.destroy() == 2
+    assert fabric.segments() == []
+    assert not os.path.exists(os.path.join(SHM_DIR, f"grafos-gen.{namespace}"))
+    with pytest.raises(E.LeaseExpired):
+        q.push(b"after destroy")
