@@ -1214,6 +1214,19 @@ class OneSidedQueue(FabricQueue):
             return
         c.done.add(token)
         self._advance_head(c)
+        if self.closed:
+            self._maybe_give_back_consumer()
+
+    def _maybe_give_back_consumer(self) -> None:
+        """After close: give the consumer role back once nothing popped here is
+        unreleased (as the mapped queue does)."""
+        c = self._c
+        if c is not None and self.closed and c.pend_next == c.pend_first:
+            try:
+                self.region.cas64(_CONSUMER_ID, c.id, 0)
+            except (E.FabricError, E.FabricValueError) as exc:
+                log.debug("could not give the consumer role back: %s", exc)
+            self._c = None
 
     def _advance_head(self, c: _Consumer) -> None:
         """Free the space of the oldest released items/batches: one ``store64`` of
@@ -1248,10 +1261,10 @@ class OneSidedQueue(FabricQueue):
 
     # -- teardown --------------------------------------------------------------------
     def close(self) -> None:
-        """Give up the producer role and deregister this handle's local buffers
-        (idempotent). Like the mapped queue, the consumer role stays held and
-        items popped earlier still release into it; their views stay readable
-        (they are local memory)."""
+        """Give up the producer role, and the consumer role once nothing popped
+        here is unreleased (items popped earlier keep releasing into this handle
+        until then), and deregister this handle's local buffers (idempotent).
+        Views of popped items stay readable (they are local memory)."""
         if self.closed:
             return
         self.closed = True
@@ -1261,6 +1274,7 @@ class OneSidedQueue(FabricQueue):
                 self.region.cas64(_PRODUCER_ID, p.id, 0)
             except (E.FabricError, E.FabricValueError) as exc:
                 log.debug("could not give the producer role back: %s", exc)
+        self._maybe_give_back_consumer()
         if self._announced:
             try:
                 self.region.faa64(_ONESIDED_PEERS, -1)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import secrets
 import time
 from collections.abc import Iterator, Sequence
@@ -567,9 +568,10 @@ class FabricQueue:
         self.lease.check()
         p = ffi.new("gf_producer *")
         epoch = self.epoch if self._epoch is None else self._epoch
-        rc = lib.gf_producer_init(
-            p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, secrets.randbits(63) | 1
-        )
+        role_id = _role_id()
+        rc = lib.gf_producer_init(p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id)
+        if rc == lib.GF_E_ROLE and _reclaim_role(self._ring, _PRODUCER_ID_OFF):
+            rc = lib.gf_producer_init(p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id)
         if rc != OK:
             self._raise(rc, "claiming the producer role", epoch=epoch)
         self._epoch = epoch
@@ -586,9 +588,11 @@ class FabricQueue:
         pend_end = ffi.new("uint64_t[]", cap)
         pend_done = ffi.new("uint8_t[]", cap)
         c = ffi.new("gf_consumer *")
-        rc = lib.gf_consumer_init(
-            c, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], secrets.randbits(63) | 1, pend_end, pend_done, cap
-        )
+        role_id = _role_id()
+        args = (c, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], role_id, pend_end, pend_done, cap)
+        rc = lib.gf_consumer_init(*args)
+        if rc == lib.GF_E_ROLE and _reclaim_role(self._ring, _CONSUMER_ID_OFF):
+            rc = lib.gf_consumer_init(*args)
         if rc != OK:
             self._raise(rc, "claiming the consumer role")
         self._pend = (pend_end, pend_done)
@@ -927,6 +931,8 @@ class FabricQueue:
         c = self._cons
         if c is not None:
             lib.gf_release(c, token)
+            if self.closed:
+                self._maybe_give_back_consumer()
 
     @property
     def outstanding(self) -> int:
@@ -943,16 +949,26 @@ class FabricQueue:
 
     # -- teardown --------------------------------------------------------------------
     def close(self) -> None:
-        """Give up this handle's roles (idempotent). Views of popped items stay
-        readable; the region stays leased until its lease is freed or expires."""
+        """Give up this handle's roles (idempotent): the producer role at once,
+        the consumer role when nothing popped here is still unreleased (else it
+        stays with this handle, whose items keep releasing into it). Views of
+        popped items stay readable; the region stays leased until its lease is
+        freed or expires."""
         if self.closed:
             return
         self.closed = True
         if self._prod is not None:
             lib.gf_producer_close(self._prod)
-        if self._cons is not None:
-            # the consumer state stays allocated: live items still release into it
-            lib.gf_load_acquire_at(self._ring, 0)
+        self._maybe_give_back_consumer()
+
+    def _maybe_give_back_consumer(self) -> None:
+        """After close: give the consumer role back once no item handed out here
+        is unreleased. Items prefetched but never handed out stay unreleased, so
+        ``head`` stays before them and the next consumer reads them again."""
+        c = self._cons
+        if c is not None and self.closed and lib.gf_consumer_outstanding(c) == self._pf_n - self._pf_i:
+            lib.gf_consumer_close(c)
+            self._pf_i = self._pf_n
 
     def free(self) -> None:
         """Close and give the region back to the fabric now."""
@@ -967,6 +983,43 @@ class FabricQueue:
 
     def __repr__(self) -> str:
         return f"<FabricQueue {self.region.ref().name} capacity={self.capacity} epoch={self.epoch}>"
+
+
+_PRODUCER_ID_OFF = int(ffi.offsetof("gf_ring_header", "producer_id"))
+_CONSUMER_ID_OFF = int(ffi.offsetof("gf_ring_header", "consumer_id"))
+
+
+_PID_ROLE = 1 << 63  # marks an id that carries its holder's pid (one-sided ids never do)
+
+
+def _role_id() -> int:
+    """A producer/consumer id: marker bit, the holder's pid in bits 62..32, random low bits."""
+    return _PID_ROLE | ((os.getpid() & 0x7FFFFFFF) << 32) | secrets.randbits(32) | 1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists; it's just not ours
+    return True
+
+
+def _reclaim_role(ring: Any, offset: int) -> bool:
+    """Free a role whose holder process is gone (crashed without ``close``).
+
+    The id's pid is checked on this host, which is where a mapped queue's other
+    processes live. A live holder keeps its role (``RoleTaken`` stands)."""
+    holder = int(lib.gf_load_acquire_at(ring, offset))
+    pid = (holder >> 32) & 0x7FFFFFFF
+    if not holder & _PID_ROLE or pid == 0 or pid == os.getpid() or _pid_alive(pid):
+        return False
+    if int(lib.gf_cas_at(ring, offset, holder, 0)) != holder:
+        return False
+    log.warning("took over a queue role whose holder (pid %d) is gone", pid)
+    return True
 
 
 def _deadline(timeout: float | None) -> float | None:

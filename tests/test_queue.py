@@ -495,3 +495,17 @@ def test_batch_stops_at_the_wrap_even_without_a_padding_record(make_pair):
     head_part = rx.pop_batch(100, timeout=1)
     assert list(head_part.seqs) == list(range(16, 24))
     np.testing.assert_array_equal(head_part.array()[:, 0], np.arange(16, 24))
+
+
+def test_close_gives_the_consumer_role_back_once_nothing_is_outstanding(make_pair):
+    tx, rx = make_pair()
+    tx.push_batch([b"a", b"b"])
+    held = rx.pop(timeout=1)
+    rx.close()
+    with pytest.raises(E.RoleTaken):
+        gf.FabricQueue.attach(tx.fabric, tx.locator()).try_pop()  # the held item keeps the role
+    held.release()
+    rx2 = gf.FabricQueue.attach(tx.fabric, tx.locator())
+    rx2.close()
+    rx3 = gf.FabricQueue.attach(tx.fabric, tx.locator())
+    assert rx3.pop(timeout=1).tobytes() == b"b"

@@ -155,3 +155,38 @@ def _consumer_batched_count(url: str, loc: bytes, n: int, out: mp.Queue) -> None
             ok &= bool(np.array_equal(ids, b.seqs)) and int(b.seqs[0]) == count
             count += len(b)
     out.put((ok, count))
+
+
+def _pop_some_and_die(url: str, loc: bytes, n: int) -> None:
+    q = gf.FabricQueue.attach(gf.open_fabric(url), loc)
+    held = [q.pop(timeout=10) for _ in range(n)]  # popped, never released
+    assert len(held) == n
+    os._exit(0)  # no close(): the consumer role is left behind
+
+
+def test_a_consumer_that_died_holding_the_role_is_replaced_and_nothing_is_lost(fabric):
+    q = gf.FabricQueue.create(fabric, capacity=1 << 14, ttl=60)
+    for i in range(10):
+        q.push(i.to_bytes(4, "little"))
+    p = CTX.Process(target=_pop_some_and_die, args=(fabric.url, bytes(q.locator()), 4))
+    p.start()
+    p.join(20)
+    assert p.exitcode == 0
+    assert q.stats()["consumer"]  # the dead process still holds the role
+    successor = gf.FabricQueue.attach(fabric, q.locator())
+    got = [successor.pop(timeout=1).seq for _ in range(10)]
+    assert got == list(range(10))  # the dead consumer's unreleased items come again
+
+
+def test_a_live_consumer_in_another_process_keeps_its_role(fabric):
+    q = gf.FabricQueue.create(fabric, capacity=1 << 14, ttl=60)
+    out: mp.Queue = CTX.Queue()
+    p = CTX.Process(target=_blocked_pop, args=(fabric.url, bytes(q.locator()), out))
+    p.start()
+    time.sleep(1.0)
+    other = gf.FabricQueue.attach(fabric, q.locator())
+    with pytest.raises(E.RoleTaken):
+        other.try_pop()
+    q.push(b"for the live consumer")
+    assert out.get(timeout=10) == "popped"
+    p.join(5)
