@@ -831,23 +831,9 @@ class OneSidedQueue(FabricQueue):
     def _frame_rows(
         self, p: _Producer, arr: np.ndarray[Any, Any], deadline: float | None, timeout: float | None
     ) -> int:
-        dt = self.dtype
-        if arr.ndim != 2:
-            raise E.DtypeMismatch(f"push_batch takes a 2-D array whose rows are items, got {arr.ndim}-D")
-        if dt is not None and arr.dtype != dt:
-            raise E.DtypeMismatch(f"this queue carries {dt} arrays; got {arr.dtype}")
-        if arr.dtype.hasobject:
-            raise E.DtypeMismatch("arrays of Python objects cannot be pushed")
-        if arr.strides[1] != arr.itemsize or arr.strides[0] < 0:
-            raise E.DtypeMismatch("rows must be contiguous: pass np.ascontiguousarray(a)")
-        n = arr.shape[0]
-        length = arr.shape[1] * arr.itemsize
+        n, length = self._check_rows(arr)
         if n == 0:
             return 0
-        if length == 0:
-            raise E.FabricValueError("empty items are not allowed")
-        if length > self.max_item:
-            raise E.ItemTooLarge(f"rows of {length} bytes exceed the queue's max_item of {self.max_item}")
         rows = arr.view(np.uint8)  # (n, length) bytes; rows may be strided
         rs = _rec_size(length)
         st = self._staging_for(RECORD_HEADER + rs)

@@ -719,9 +719,8 @@ class FabricQueue:
                     raise TimeoutError("timed out waiting for space in the queue", done) from None
         return done
 
-    def _push_rows(
-        self, p: Any, arr: np.ndarray[Any, Any], pushed: Any, deadline: float | None, timeout: float | None
-    ) -> int:
+    def _check_rows(self, arr: np.ndarray[Any, Any]) -> tuple[int, int]:
+        """Validate a 2-D array of rows for ``push_batch``: ``(rows, bytes per row)``."""
         dt = self.dtype
         if arr.ndim != 2:
             raise E.DtypeMismatch(f"push_batch takes a 2-D array whose rows are items, got {arr.ndim}-D")
@@ -733,12 +732,18 @@ class FabricQueue:
             raise E.DtypeMismatch("rows must be contiguous: pass np.ascontiguousarray(a)")
         n = arr.shape[0]
         length = arr.shape[1] * arr.itemsize
+        if n and length == 0:
+            raise E.FabricValueError("empty items are not allowed")
+        if n and length > self.max_item:
+            raise E.ItemTooLarge(f"rows of {length} bytes exceed the queue's max_item of {self.max_item}")
+        return n, length
+
+    def _push_rows(
+        self, p: Any, arr: np.ndarray[Any, Any], pushed: Any, deadline: float | None, timeout: float | None
+    ) -> int:
+        n, length = self._check_rows(arr)
         if n == 0:
             return 0
-        if length == 0:
-            raise E.FabricValueError("empty items are not allowed")
-        if length > self.max_item:
-            raise E.ItemTooLarge(f"rows of {length} bytes exceed the queue's max_item of {self.max_item}")
         stride = arr.strides[0]
         base = ffi.cast("uint8_t *", arr.ctypes.data)
         done = 0
