@@ -1300,6 +1300,9 @@ class EdgeConsumer(RelocatableQueueEdge):
                     except TimeoutError:
                         b = None
                     if b is not None and len(b):
+                        if self._consumed_before(q, int(b.seqs[0])):
+                            b.release()
+                            continue
                         self._check_run(b.seqs)
                         n = len(b)
                         self._qpos += n
@@ -1318,6 +1321,9 @@ class EdgeConsumer(RelocatableQueueEdge):
                     except TimeoutError:
                         item = None
                     if item is not None:
+                        if self._consumed_before(q, item.seq):
+                            item.release()
+                            continue
                         self._qpos = item.seq + 1
                         if self._accept(item.seq):
                             return item
@@ -1341,6 +1347,26 @@ class EdgeConsumer(RelocatableQueueEdge):
                     self._seal_current()
                 log.info("stage %s: queue of generation %s lost (%s)", self.stage, self._gen, type(exc).__name__)
                 self._drop_current()
+
+    def _consumed_before(self, q: FabricQueue, first: int) -> bool:
+        """The first record this handle reads from ``q`` is past the queue's first
+        sequence: an earlier consumer (one that crashed and whose role was taken
+        over, or one that closed) took the records before it, and what it took
+        may not be durable. Seal the queue with this consumer's position (or the
+        queue's ack) and move on: the producer replays from there."""
+        if first <= self._qpos or self._qpos != q.first_seq:
+            return False
+        log.info(
+            "stage %s: generation %s was partly consumed before this consumer (starts at %d, not %d): asking for "
+            "a replay",
+            self.stage,
+            self._gen,
+            first,
+            self._qpos,
+        )
+        self._seal_current()
+        self._drop_current()
+        return True
 
     def _check_run(self, seqs: np.ndarray[Any, Any]) -> None:
         """Items of a batch from one queue are numbered contiguously from ``qpos``."""

@@ -413,6 +413,7 @@ class FabricQueue:
         self._pfa_lens_p = ffi.from_buffer("uint64_t[]", self._pfa_lens)
         self._pfa_seqs_p = ffi.from_buffer("uint64_t[]", self._pfa_seqs)
         self._outs = ffi.new("uint64_t[3]")
+        self._take_over = False
         self.closed = False
 
     # -- construction --------------------------------------------------------------
@@ -464,12 +465,23 @@ class FabricQueue:
 
     @classmethod
     def attach(
-        cls, fabric: Fabric, locator: QueueLocator | bytes, *, epoch: int | None = None, mapped: bool = True
+        cls,
+        fabric: Fabric,
+        locator: QueueLocator | bytes,
+        *,
+        epoch: int | None = None,
+        mapped: bool = True,
+        take_over: bool = False,
     ) -> FabricQueue:
         """Attach to the queue a locator names. ``epoch`` stamps this handle's
         pushes (default: the queue's current epoch). ``mapped=False`` (or a
         driver whose regions don't map here, like verbs) speaks the one-sided
-        ring protocol (``grafos_fabric.onesided``) with the same API."""
+        ring protocol (``grafos_fabric.onesided``) with the same API.
+
+        ``take_over=True`` lets this handle claim a role whose holder process
+        died without closing (checked by pid, on this host): a consumer then
+        resumes at ``head``, so what the dead one popped but never released
+        comes again. Without it such a role stays taken (``RoleTaken``)."""
         if not isinstance(locator, QueueLocator):
             locator = QueueLocator.from_bytes(locator)
         region = fabric.attach(locator.region, mapped=mapped)
@@ -478,6 +490,7 @@ class FabricQueue:
 
             return OneSidedQueue(fabric, region, locator, epoch=epoch)
         q = cls(fabric, region, owner=False, epoch=epoch)
+        q._take_over = take_over
         if q.capacity != locator.capacity or q.max_item != locator.max_item:
             raise E.Corrupted("the queue at this locator has another geometry: the locator is stale or foreign")
         return q
@@ -570,7 +583,7 @@ class FabricQueue:
         epoch = self.epoch if self._epoch is None else self._epoch
         role_id = _role_id()
         rc = lib.gf_producer_init(p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id)
-        if rc == lib.GF_E_ROLE and _reclaim_role(self._ring, _PRODUCER_ID_OFF):
+        if rc == lib.GF_E_ROLE and self._take_over and _reclaim_role(self._ring, _PRODUCER_ID_OFF):
             rc = lib.gf_producer_init(p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id)
         if rc != OK:
             self._raise(rc, "claiming the producer role", epoch=epoch)
@@ -591,7 +604,7 @@ class FabricQueue:
         role_id = _role_id()
         args = (c, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], role_id, pend_end, pend_done, cap)
         rc = lib.gf_consumer_init(*args)
-        if rc == lib.GF_E_ROLE and _reclaim_role(self._ring, _CONSUMER_ID_OFF):
+        if rc == lib.GF_E_ROLE and self._take_over and _reclaim_role(self._ring, _CONSUMER_ID_OFF):
             rc = lib.gf_consumer_init(*args)
         if rc != OK:
             self._raise(rc, "claiming the consumer role")

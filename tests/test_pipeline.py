@@ -404,6 +404,25 @@ def test_consumer_restart_seals_the_queue_and_the_producer_replays_from_input_of
     assert tx.stats()["reasons"].get("QueueSealed") == 1
 
 
+def test_a_fresh_consumer_after_a_clean_close_gets_a_replay_not_the_rest_of_a_consumed_queue(
+    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    tx, rx = make_pair(fabric, edge_path, plan)
+    for i in range(300):
+        tx.push(item(i), timeout=0)
+    Sink().drain(rx, ack=False, limit=120)  # took 0..119, released them, never acked
+    rx.close()  # a clean close gives the consumer role back: the ring's head is at 120
+    rx2 = RelocatableQueueEdge.consumer(fabric, open_block(edge_path))  # no checkpoint: a fresh start
+    tx.push(item(300), timeout=0)
+    second = Sink()
+    for _ in range(200):  # the fresh consumer seals the half-read queue; the producer replays from its ack
+        second.drain(rx2, limit=301)
+        if len(second.seqs) >= 301:
+            break
+        tx.poll()
+    second.assert_complete(301)
+
+
 def test_consumer_restart_from_a_checkpoint_below_its_ack_fails_loudly_with_a_sequence_gap(
     fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:

@@ -173,7 +173,9 @@ def test_a_consumer_that_died_holding_the_role_is_replaced_and_nothing_is_lost(f
     p.join(20)
     assert p.exitcode == 0
     assert q.stats()["consumer"]  # the dead process still holds the role
-    successor = gf.FabricQueue.attach(fabric, q.locator())
+    with pytest.raises(E.RoleTaken):
+        gf.FabricQueue.attach(fabric, q.locator()).try_pop()  # not without asking
+    successor = gf.FabricQueue.attach(fabric, q.locator(), take_over=True)
     got = [successor.pop(timeout=1).seq for _ in range(10)]
     assert got == list(range(10))  # the dead consumer's unreleased items come again
 
@@ -184,9 +186,9 @@ def test_a_live_consumer_in_another_process_keeps_its_role(fabric):
     p = CTX.Process(target=_blocked_pop, args=(fabric.url, bytes(q.locator()), out))
     p.start()
     time.sleep(1.0)
-    other = gf.FabricQueue.attach(fabric, q.locator())
+    other = gf.FabricQueue.attach(fabric, q.locator(), take_over=True)
     with pytest.raises(E.RoleTaken):
-        other.try_pop()
+        other.try_pop()  # a live holder keeps its role, take_over or not
     q.push(b"for the live consumer")
     assert out.get(timeout=10) == "popped"
     p.join(5)
