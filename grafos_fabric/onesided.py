@@ -435,10 +435,20 @@ class OneSidedQueue(FabricQueue):
 
     @classmethod
     def attach(
-        cls, fabric: Fabric, locator: QueueLocator | bytes, *, epoch: int | None = None, mapped: bool = False
+        cls,
+        fabric: Fabric,
+        locator: QueueLocator | bytes,
+        *,
+        epoch: int | None = None,
+        mapped: bool = False,
+        take_over: bool = False,
     ) -> OneSidedQueue:
         """Attach to the queue a locator names, one-sided (``mapped`` is accepted
-        for FabricQueue's signature and ignored: this class never maps)."""
+        for FabricQueue's signature and ignored: this class never maps).
+        ``take_over`` is refused: a one-sided handle cannot tell whether a role's
+        holder, possibly on another host, is alive."""
+        if take_over:
+            raise E.Unsupported("take_over needs the holder's host: attach mapped on the node that holds the ring")
         if not isinstance(locator, QueueLocator):
             locator = QueueLocator.from_bytes(locator)
         region = fabric.attach(locator.region, mapped=False)
