@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import faulthandler
 import logging
 import os
 import random
@@ -281,7 +282,11 @@ def supervise(items: int, faults: bool, seed: int, limit: float) -> int:
                     raise RuntimeError(f"stage {s} failed (exit {p.returncode})")
             now = time.monotonic()
             if now - t0 > limit:
-                raise TimeoutError(f"the pipeline did not finish within {limit}s")
+                for s, p in procs.items():  # where is each live stage stuck? (faulthandler, to stderr)
+                    if s not in done and p.poll() is None:
+                        os.kill(p.pid, signal.SIGUSR1)
+                time.sleep(1.0)
+                raise TimeoutError(f"the pipeline did not finish within {limit}s (stage stacks above)")
             if faults and now >= next_fault and not {"source", "transform"} <= done:
                 what = rng.choice(["kill", "kill", "revoke", "expire"])
                 if what == "kill":
@@ -367,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(processName)s %(name)s: %(message)s")
     if args.stage:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor asks for stacks on a hang
         st = Stage(args.stage, Path(args.dir), args.ns, args.items)
         {"source": run_source, "transform": run_transform, "sink": run_sink}[args.stage](st)
         return 0
