@@ -28,8 +28,8 @@ and exits non-zero if anything was lost or wrong.
 from __future__ import annotations
 
 import argparse
-import json
 import faulthandler
+import json
 import logging
 import os
 import random
