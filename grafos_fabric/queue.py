@@ -392,9 +392,8 @@ class FabricQueue:
         self._epoch = epoch
         self._prod: Any = None
         self._cons: Any = None
-        self._pend: tuple[Any, Any] | None = None
+        self._pend: tuple[Any, Any] | None = None  # keeps the consumer's token arrays alive
         self._seq_out = ffi.new("uint64_t *")
-        self._item_out = ffi.new("gf_item *")
         # lease words (state, deadline) of the segment header, read without a native call
         self._lease_words = memoryview(ffi.buffer(self._lease_ptrs[0], 16)).cast("Q")
         self._clock_ns = time.monotonic_ns if self._native_clock else self._clock.now_ns

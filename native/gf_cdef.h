@@ -72,10 +72,6 @@ typedef struct {
     uint64_t pend_first; uint64_t pend_next; uint64_t id; ...;
 } gf_consumer;
 
-typedef struct {
-    uint64_t offset; uint64_t length; uint64_t seq; uint64_t token;
-} gf_item;
-
 int gf_native_abi(void);
 
 int gf_segment_init(void *seg, uint64_t segment_size, const uint8_t *lease_id, uint64_t generation,
@@ -112,7 +108,6 @@ int gf_producer_state(gf_producer *p);
 int gf_consumer_init(gf_consumer *c, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
                      uint64_t id, uint64_t *pend_end, uint8_t *pend_done, uint64_t pend_cap);
 int gf_consumer_close(gf_consumer *c);
-int gf_pop(gf_consumer *c, uint64_t now_ns, gf_item *out);
 int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per_item, uint64_t now_ns,
                  uint64_t *offs, uint64_t *lens, uint64_t *seqs, uint64_t *n_out, uint64_t *token_out,
                  uint64_t *uniform_len);

@@ -536,24 +536,6 @@ static inline int pend_push(gf_consumer *c, uint64_t end, uint64_t *token) {
     return GF_OK;
 }
 
-static int gf_pop_unlocked(gf_consumer *c, uint64_t now_ns, gf_item *out) {
-    if (!c->hdr) return GF_E_ARG;
-    int rc = gf_lease_status(c->lease_state, c->lease_deadline, now_ns);
-    if (rc) return rc;
-    if (c->pend_next - c->pend_first > c->pend_mask) return GF_E_HELD;
-    uint64_t idx;
-    rc = cons_next(c, &idx, 0);
-    if (rc) return rc;
-    const gf_record_header *r = (const gf_record_header *)(c->data + idx);
-    uint64_t len = r->length;
-    c->rpos += rec_size(len);
-    pend_push(c, c->rpos, &out->token);
-    out->offset = idx + GF_RECORD_HEADER_SIZE;
-    out->length = len;
-    out->seq = r->seq;
-    return GF_OK;
-}
-
 /* Pop up to max_items records (and about max_bytes of ring) in one call. With
  * per_item, every record gets a release token of its own (tokens
  * *token_out .. *token_out + n - 1, so items free their space one by one);
@@ -684,12 +666,6 @@ int gf_abort(gf_producer *p) {
     return rc;
 }
 
-int gf_pop(gf_consumer *c, uint64_t now_ns, gf_item *out) {
-    gf_lock(&c->lock);
-    int rc = gf_pop_unlocked(c, now_ns, out);
-    gf_unlock(&c->lock);
-    return rc;
-}
 
 int gf_release(gf_consumer *c, uint64_t token) {
     gf_lock(&c->lock);

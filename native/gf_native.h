@@ -15,7 +15,7 @@
 
 /* Bumped whenever a layout or this API changes; the Python wrapper refuses a
  * build whose number differs from the one it was written for. */
-#define GF_NATIVE_ABI 7
+#define GF_NATIVE_ABI 8
 
 /* Status codes. 0 and the small positive values are ordinary outcomes;
  * negatives are errors (the grafOS ones first). */
@@ -82,13 +82,6 @@ typedef struct gf_consumer {
     int lock;             /* pops, releases from finalizers in other threads: serialized */
 } gf_consumer;
 
-typedef struct gf_item {
-    uint64_t offset;      /* payload offset in the data area */
-    uint64_t length;
-    uint64_t seq;
-    uint64_t token;
-} gf_item;
-
 int gf_native_abi(void);
 
 /* segments */
@@ -128,7 +121,6 @@ int gf_producer_state(gf_producer *p);
 int gf_consumer_init(gf_consumer *c, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
                      uint64_t id, uint64_t *pend_end, uint8_t *pend_done, uint64_t pend_cap);
 int gf_consumer_close(gf_consumer *c);
-int gf_pop(gf_consumer *c, uint64_t now_ns, gf_item *out);
 int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per_item, uint64_t now_ns,
                  uint64_t *offs, uint64_t *lens, uint64_t *seqs, uint64_t *n_out, uint64_t *token_out,
                  uint64_t *uniform_len);
