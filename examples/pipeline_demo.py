@@ -137,8 +137,12 @@ def run_transform(st: Stage) -> None:
     st.counters["transformed"] = 0
     acked_up = 0
 
+    source_done = st.dir / "source-done"
+
     def need_input() -> bool:
-        return rx.position is None or rx.position < st.items
+        # stay bound to edge1 until the source has finished: a restarted source whose old
+        # queue is gone re-produces from its checkpoint, and someone must drain (and ack) that
+        return rx.position is None or rx.position < st.items or not source_done.exists()
 
     while need_input() or tx.acked < st.items:
         try:
@@ -276,6 +280,8 @@ def supervise(items: int, faults: bool, seed: int, limit: float) -> int:
                     continue
                 if p.returncode == 0:
                     done.add(s)
+                    if s == "source":
+                        (workdir / "source-done").touch()  # the transform may stop draining edge1
                 elif p.returncode == -signal.SIGKILL:
                     procs[s] = _spawn(s, workdir, ns, items)  # restart from its checkpoint
                 else:
