@@ -11,6 +11,7 @@ consumers (tests/_pipeline_workers.py) and kill them with SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 import secrets
@@ -80,13 +81,31 @@ def fabric(edge_ns: str, clock: gf.ManualClock, plan: FaultPlan) -> Any:
     return FaultyFabric(gf.open_fabric(f"shm://{edge_ns}", clock=clock), plan)
 
 
+# Every test that builds its edge with make_pair runs twice: with the consumer reading
+# queues mapped (the native ring) and one-sided (the RDMA ring protocol over shm).
+_MAPPED_CONSUMER = True
+
+
+@pytest.fixture(autouse=True)
+def consumer_mapped(request: pytest.FixtureRequest) -> Iterator[bool]:
+    global _MAPPED_CONSUMER
+    _MAPPED_CONSUMER = bool(getattr(request, "param", True))
+    yield _MAPPED_CONSUMER
+    _MAPPED_CONSUMER = True
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "consumer_mapped" in metafunc.fixturenames and "make_pair(" in inspect.getsource(metafunc.function):
+        metafunc.parametrize("consumer_mapped", [True, False], ids=["mapped", "onesided"], indirect=True)
+
+
 def make_pair(
     fabric: Any, edge_path: str, plan: FaultPlan, *, capacity: int = 1 << 16, window: int | None = None, **kw: Any
 ) -> tuple[EdgeProducer, EdgeConsumer]:
     tx = RelocatableQueueEdge.producer(
         fabric, FaultyBlock(open_block(edge_path), plan), capacity=capacity, ttl=TTL, window=window, **kw
     )
-    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), stage=StageId("sink"))
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), stage=StageId("sink"), mapped=_MAPPED_CONSUMER)
     return tx, rx
 
 
