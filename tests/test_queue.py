@@ -509,3 +509,37 @@ def test_close_gives_the_consumer_role_back_once_nothing_is_outstanding(make_pai
     rx2.close()
     rx3 = gf.FabricQueue.attach(tx.fabric, tx.locator())
     assert rx3.pop(timeout=1).tobytes() == b"b"
+
+
+def test_attach_with_corrupt_truncated_or_foreign_locators_raises_typed_errors(fabric):
+    import dataclasses
+    import struct
+
+    import crc32c
+
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
+    raw = bytes(q.locator())
+    with pytest.raises(E.Corrupted):
+        gf.FabricQueue.attach(fabric, b"not a locator at all")
+    with pytest.raises(E.Corrupted):
+        gf.FabricQueue.attach(fabric, raw[:-3])  # truncated
+    flipped = bytearray(raw)
+    flipped[20] ^= 0x40
+    with pytest.raises(E.Corrupted):
+        gf.FabricQueue.attach(fabric, bytes(flipped))  # checksum catches it
+    newer = bytearray(raw)
+    newer[4] = 99  # version byte, checksum recomputed: a locator from a future build
+    newer[-4:] = struct.pack("<I", crc32c.crc32c(bytes(newer[:-4])))
+    with pytest.raises(E.VersionMismatch):
+        gf.FabricQueue.attach(fabric, bytes(newer))
+    loc = q.locator()
+    foreign = dataclasses.replace(loc, region=dataclasses.replace(loc.region, driver="verbs"))
+    with pytest.raises(E.Unsupported):
+        gf.FabricQueue.attach(fabric, foreign)  # a memory node's queue, offered to the shm driver
+    with pytest.raises(E.Corrupted):
+        gf.FabricQueue.attach(fabric, dataclasses.replace(loc, capacity=8192))  # stale geometry
+    q.push(b"still intact")
+    assert gf.FabricQueue.attach(fabric, raw).pop(timeout=1).tobytes() == b"still intact"
+    q.free()
+    with pytest.raises(E.LeaseExpired):
+        gf.FabricQueue.attach(fabric, raw)  # the region is gone
