@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from grafos_fabric import errors as E
+from grafos_fabric import observe
 from grafos_fabric._ffi import ffi, lib
 from grafos_fabric.lease import NS, Clock, Lease, LeaseState, MonotonicClock, check_ttl
 
@@ -290,6 +291,10 @@ class ShmFabric:
             on_free=self._free_lease,
         )
         region = ShmRegion(self, name, mm, lease, mapped=True, owner=True)
+        observe.count("lease_allocs", driver="shm")
+        observe.emit(
+            "lease.alloc", lease=lease.id, resource=lease.resource, nbytes=size, ttl=ttl, generation=generation
+        )
         log.debug("allocated %s (%d bytes, ttl %.3fs)", path, size, ttl)
         return region
 
@@ -395,6 +400,7 @@ class ShmFabric:
                 try:
                     os.unlink(path)
                     reaped += 1
+                    observe.count("lease_reaped", driver="shm")
                     log.info("reaped %s (%s)", path, info.get("state", info["status"]))
                 except FileNotFoundError:
                     pass

@@ -12,7 +12,7 @@ Layers, top to bottom: ``pipeline`` (relocatable edges, checkpoints),
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, observe
 from .checkpoint import CheckpointedStageState, CheckpointFlushObserver, EdgeCheckpoint, StageId
 from .drivers import open_fabric
 from .drivers.block import BlockRegion, BlockStore, open_block
@@ -49,6 +49,7 @@ __all__ = [
     "RenewalPolicy",
     "StageId",
     "errors",
+    "observe",
     "open_block",
     "open_fabric",
 ]

@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
+from . import observe
 from .errors import Corrupted, FabricValueError
 from .slots import PCHK, BlockDevice, Durability, SlotStore
 
@@ -207,14 +209,20 @@ class CheckpointedStageState(Generic[S]):
         if edge is not None and not isinstance(edge, EdgeCheckpoint):
             raise FabricValueError(f"edge must be an EdgeCheckpoint, got {type(edge).__name__}")
         self._notify("on_flush_start")
+        t0 = time.perf_counter()
+        ok = False
         try:
             target = edge if edge is not None else self.edge
             seq = self._store.write(self._encode(target)).seq
             self.edge = target
             self.last_seq = seq
+            ok = True
             return seq
         finally:
             self._notify("on_flush_complete")
+            observe.count("checkpoint_flushes" if ok else "checkpoint_failures", stage=self.stage.name)
+            if ok:
+                observe.latency("checkpoint_flush", time.perf_counter() - t0, stage=self.stage.name)
 
     # -- restore -------------------------------------------------------------
     @classmethod

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import observe
 from .errors import FabricValueError, LeaseExpired, Revoked
 
 __all__ = [
@@ -216,6 +217,7 @@ class Lease:
             self.ttl = check_ttl(ttl)
         deadline = self.clock.now_ns() + int(self.ttl * NS)
         self._cell.store_deadline_ns(deadline)
+        observe.count("lease_renewals")
         log.debug("renewed lease %s for %.3fs", self.id, self.ttl)
         return self.ttl
 
@@ -223,6 +225,8 @@ class Lease:
         """Revoke the lease: every later operation raises ``Revoked``. Idempotent."""
         if self._cell.load_state() in (LeaseState.ACTIVE, LeaseState.BUILDING):
             self._cell.store_state(LeaseState.REVOKED)
+            observe.count("lease_revokes")
+            observe.emit("lease.revoked", lease=self.id, resource=self.resource, generation=self.generation)
             log.info("revoked lease %s", self.id)
 
     def free(self) -> None:
@@ -230,6 +234,8 @@ class Lease:
         if self._freed:
             return
         self._freed = True
+        observe.count("lease_frees")
+        observe.emit("lease.freed", lease=self.id, resource=self.resource, generation=self.generation)
         if self._on_free is not None:
             self._on_free(self)
 
@@ -319,6 +325,7 @@ class RenewalManager:
                 self.untrack(lease)
                 continue
             except Exception:  # a transport failure: retry with backoff
+                observe.count("lease_renewal_failures")
                 entry.failures += 1
                 entry.due_ns = now + int(self.policy.backoff(entry.failures) * NS)
                 log.warning("renewal of lease %s failed (%d times)", lease.id, entry.failures, exc_info=True)

@@ -132,6 +132,7 @@ from typing import Any
 import numpy as np
 
 from . import errors as E
+from . import observe
 from .checkpoint import CheckpointedStageState, EdgeCheckpoint, StageId
 from .drivers.base import Fabric
 from .errors import EdgeError
@@ -668,15 +669,17 @@ class EdgeProducer(RelocatableQueueEdge):
         self._free_retired(force=False)
         dt = time.perf_counter() - t0
         self._rebind_s.append(dt)
-        self._events.append(
-            {
-                "generation": int(gen),
-                "reason": reason,
-                "first_seq": start,
-                "replay": self.next_seq - start,
-                "ms": dt * 1e3,
-            }
-        )
+        event = {
+            "generation": int(gen),
+            "reason": reason,
+            "first_seq": start,
+            "replay": self.next_seq - start,
+            "ms": dt * 1e3,
+        }
+        self._events.append(event)
+        observe.count("edge_relocations", stage=self.stage.name, reason=reason)
+        observe.latency("edge_relocate", dt, stage=self.stage.name)
+        observe.emit("edge.relocated", stage=self.stage.name, **event)
         log.info(
             "stage %s: edge relocated (%s) to generation %d, replaying %d items from %d (%.3f ms)",
             self.stage,
@@ -1186,9 +1189,11 @@ class EdgeConsumer(RelocatableQueueEdge):
             dt = time.perf_counter() - self._lost_at if self._lost_at is not None else 0.0
             if self._lost_at is not None:
                 self._rebind_s.append(dt)
-            self._events.append(
-                {"generation": int(rec.generation), "first_seq": first, "position": exp, "ms": dt * 1e3}
-            )
+            event = {"generation": int(rec.generation), "first_seq": first, "position": exp, "ms": dt * 1e3}
+            self._events.append(event)
+            observe.count("edge_rebinds", stage=self.stage.name)
+            observe.latency("edge_rebind", dt, stage=self.stage.name)
+            observe.emit("edge.rebound", stage=self.stage.name, **event)
         self._lost_at = None
         log.debug("stage %s: bound to generation %d (first_seq %d)", self.stage, int(rec.generation), first)
         return True

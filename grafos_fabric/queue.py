@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from . import errors as E
+from . import observe
 from ._ffi import ffi, lib, raise_status
 from .drivers.base import Fabric, Region
 from .lease import NS, Lease, check_ttl
@@ -612,6 +613,7 @@ class FabricQueue:
         return c
 
     def _raise(self, rc: int, what: str, epoch: int | None = None) -> None:
+        observe.count("queue_errors", status=rc, op=what)
         if rc == lib.GF_E_EXPIRED or rc == lib.GF_E_REVOKED:
             self.lease.check()  # the lease's own message (revoked vs expired vs freed)
         if rc == lib.GF_E_FENCED:
