@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from grafos_fabric.lease import Clock, Lease
 
-__all__ = ["Buffer", "Fabric", "Region", "RegionRef"]
+__all__ = ["Buffer", "Fabric", "MappedRegion", "Region", "RegionRef"]
 
 Buffer = Any  # anything exporting the buffer protocol (bytes, bytearray, memoryview, numpy)
 
@@ -65,6 +65,19 @@ class Region(Protocol):
     def store64(self, offset: int, value: int) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class MappedRegion(Region, Protocol):
+    """What a region mapped into this process adds, for the native ring.
+
+    ``payload_pointer()`` is a cffi pointer to the payload; ``lease_pointers()``
+    are cffi pointers to the lease's state and deadline words (u64, in the
+    region's shared header), so the native push/pop can fail closed on expiry
+    or revoke without a call back into Python."""
+
+    def payload_pointer(self) -> Any: ...
+    def lease_pointers(self) -> tuple[Any, Any]: ...
 
 
 @runtime_checkable

@@ -44,7 +44,7 @@ import numpy as np
 from . import errors as E
 from . import observe
 from ._ffi import ffi, lib, raise_status
-from .drivers.base import Fabric, Region
+from .drivers.base import Fabric, MappedRegion, Region
 from .lease import NS, Lease, check_ttl
 from .locator import QueueLocator
 
@@ -376,8 +376,8 @@ class FabricQueue:
         self.owner = owner
         self._clock = fabric.clock
         self._native_clock = bool(getattr(fabric.clock, "native", False))
-        if not region.mapped:
-            raise E.Unsupported("this FabricQueue needs a mapped region")
+        if not region.mapped or not isinstance(region, MappedRegion):
+            raise E.Unsupported("this FabricQueue needs a mapped region (see drivers.base.MappedRegion)")
         self._ring = ffi.cast("uint8_t *", region.payload_pointer())
         self._lease_ptrs = region.lease_pointers()
         rc = lib.gf_ring_check(self._ring, region.nbytes)
@@ -445,6 +445,9 @@ class FabricQueue:
         cap, max_item, _dt, dtext = _ring_geometry(capacity, max_item, epoch, first_seq, dtype)
         ttl = check_ttl(ttl)
         region = fabric.alloc(RING_HEADER + cap, ttl)
+        if not isinstance(region, MappedRegion):
+            region.lease.free()
+            raise E.Unsupported(f"{fabric.url}: alloc returned a region that is not mapped here")
         raw = dtext.encode("ascii")
         rc = lib.gf_ring_init(
             region.payload_pointer(),
