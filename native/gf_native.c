@@ -20,7 +20,7 @@ static inline int is_pow2(uint64_t v) { return v && !(v & (v - 1)); }
 
 /* ------------------------------------------------------------------ leases */
 
-int gf_lease_status(const volatile uint64_t *state, const volatile uint64_t *deadline, uint64_t now_ns) {
+static inline int gf_lease_status(const volatile uint64_t *state, const volatile uint64_t *deadline, uint64_t now_ns) {
     if (!state) return GF_OK;
     uint64_t s = gf_load_acquire_u64(state); /* SYNC POINT: lease-state */
     if (s != GF_LEASE_ACTIVE) return s == GF_LEASE_REVOKED ? GF_E_REVOKED : GF_E_EXPIRED;
@@ -423,12 +423,6 @@ static int gf_abort_unlocked(gf_producer *p) {
     p->next_seq = p->pub_seq;
     p->reserved = 0;
     return GF_OK;
-}
-
-int gf_producer_state(gf_producer *p) {
-    if (!p->hdr) return GF_E_ARG;
-    int rc = full_reason(p);
-    return rc == GF_FULL ? GF_OK : rc;
 }
 
 int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t spin) {

@@ -15,7 +15,7 @@
 
 /* Bumped whenever a layout or this API changes; the Python wrapper refuses a
  * build whose number differs from the one it was written for. */
-#define GF_NATIVE_ABI 8
+#define GF_NATIVE_ABI 9
 
 /* Status codes. 0 and the small positive values are ordinary outcomes;
  * negatives are errors (the grafOS ones first). */
@@ -88,7 +88,6 @@ int gf_native_abi(void);
 int gf_segment_init(void *seg, uint64_t segment_size, const uint8_t *lease_id, uint64_t generation,
                     uint64_t ttl_ns, uint64_t created_ns, uint64_t deadline_ns, uint64_t pid);
 int gf_segment_check(const void *seg, uint64_t mapped_size);
-int gf_lease_status(const volatile uint64_t *state, const volatile uint64_t *deadline, uint64_t now_ns);
 
 /* generic atomics at a byte offset of a mapping (the shm one-sided ops) */
 uint64_t gf_load_acquire_at(void *base, uint64_t off);
@@ -116,7 +115,6 @@ int gf_reserve(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_
 int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out);
 int gf_abort(gf_producer *p);
 int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t spin);
-int gf_producer_state(gf_producer *p);
 
 int gf_consumer_init(gf_consumer *c, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
                      uint64_t id, uint64_t *pend_end, uint8_t *pend_done, uint64_t pend_cap);
