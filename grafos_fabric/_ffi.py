@@ -28,35 +28,34 @@ if lib.gf_native_abi() != EXPECTED_ABI:  # pragma: no cover - only on a stale bu
 __all__ = ["ffi", "lib", "raise_status"]
 
 
+# native status -> (exception, message); StaleEpoch and QueueSealed get their extra fields below
+_STATUS: dict[int, tuple[type[Exception], str]] = {
+    lib.GF_E_EXPIRED: (E.LeaseExpired, "lease expired"),
+    lib.GF_E_REVOKED: (E.Revoked, "lease revoked"),
+    lib.GF_E_FENCED: (E.StaleEpoch, "fenced: the queue's epoch moved past this producer's"),
+    lib.GF_E_SEALED: (E.QueueSealed, "queue is sealed"),
+    lib.GF_E_ROLE: (E.RoleTaken, "another process holds this role on the queue"),
+    lib.GF_E_TOO_LARGE: (E.ItemTooLarge, "item larger than the queue's maximum item size"),
+    lib.GF_E_CORRUPT: (E.Corrupted, "corrupted shared memory"),
+    lib.GF_E_NOT_READY: (E.NotReady, "segment is still being built"),
+    lib.GF_E_VERSION: (E.VersionMismatch, "segment has another layout version"),
+    lib.GF_E_HELD: (E.HeldItemsStall, "too many unreleased items"),
+    lib.GF_E_CLAIMED: (E.FabricValueError, "a reservation is outstanding: commit or abort it first"),
+    lib.GF_E_CAPACITY: (E.CapacityExceeded, "capacity exceeded"),
+    lib.GF_E_DISCONNECTED: (E.Disconnected, "disconnected"),
+    lib.GF_E_ARG: (E.FabricValueError, "invalid argument"),
+}
+
+
 def raise_status(rc: int, what: str = "", *, seal_seq: int = 0, epoch: int | None = None) -> NoReturn:
     """Turn a negative native status into the matching typed exception."""
     ctx = f": {what}" if what else ""
-    if rc == lib.GF_E_EXPIRED:
-        raise E.LeaseExpired(f"lease expired{ctx}")
-    if rc == lib.GF_E_REVOKED:
-        raise E.Revoked(f"lease revoked{ctx}")
-    if rc == lib.GF_E_FENCED:
-        raise E.StaleEpoch(f"fenced: the queue's epoch moved past this producer's{ctx}", epoch=epoch)
-    if rc == lib.GF_E_SEALED:
-        raise E.QueueSealed(f"queue is sealed{ctx}", seal_seq=seal_seq)
-    if rc == lib.GF_E_ROLE:
-        raise E.RoleTaken(f"another process holds this role on the queue{ctx}")
-    if rc == lib.GF_E_TOO_LARGE:
-        raise E.ItemTooLarge(f"item larger than the queue's maximum item size{ctx}")
-    if rc == lib.GF_E_CORRUPT:
-        raise E.Corrupted(f"corrupted shared memory{ctx}")
-    if rc == lib.GF_E_NOT_READY:
-        raise E.NotReady(f"segment is still being built{ctx}")
-    if rc == lib.GF_E_VERSION:
-        raise E.VersionMismatch(f"segment has another layout version{ctx}")
-    if rc == lib.GF_E_HELD:
-        raise E.HeldItemsStall(f"too many unreleased items{ctx}")
-    if rc == lib.GF_E_CLAIMED:
-        raise E.FabricValueError(f"a reservation is outstanding: commit or abort it first{ctx}")
-    if rc == lib.GF_E_CAPACITY:
-        raise E.CapacityExceeded(f"capacity exceeded{ctx}")
-    if rc == lib.GF_E_DISCONNECTED:
-        raise E.Disconnected(f"disconnected{ctx}")
-    if rc == lib.GF_E_ARG:
-        raise E.FabricValueError(f"invalid argument{ctx}")
-    raise E.FabricError(f"native status {rc}{ctx}", code=rc)
+    kind = _STATUS.get(rc)
+    if kind is None:
+        raise E.FabricError(f"native status {rc}{ctx}", code=rc)
+    cls, message = kind
+    if cls is E.StaleEpoch:
+        raise E.StaleEpoch(message + ctx, epoch=epoch)
+    if cls is E.QueueSealed:
+        raise E.QueueSealed(message + ctx, seal_seq=seal_seq)
+    raise cls(message + ctx)
