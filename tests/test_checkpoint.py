@@ -677,7 +677,7 @@ def test_the_checkpoint_bench_reports_each_case_next_to_the_raw_sync_rate(tmp_pa
             except ImportError:
                 from tests._blockdev import loop_device
             target = stack.enter_context(loop_device(tmp_path / "bench.img", 1 << 20))
-        rows = run_checkpoint_bench(target, sizes=(4096, 65536), seconds=0.04, progress=lines.append)
+        rows = run_checkpoint_bench(target, sizes=(4096, 65536), seconds=0.06, progress=lines.append, rounds=3)
     assert [r["case"] for r in rows] == [
         "checkpoint 4 KiB ordered",
         "checkpoint 4 KiB single-sync",
@@ -685,10 +685,23 @@ def test_the_checkpoint_bench_reports_each_case_next_to_the_raw_sync_rate(tmp_pa
         "checkpoint 64 KiB single-sync",
     ]
     for r in rows:
-        assert set(r) == {"case", "size", "ops_per_s", "baseline_ops_per_s", "ratio"}
-        assert r["ops_per_s"] > 0 and r["baseline_ops_per_s"] > 0
-        assert r["ratio"] == pytest.approx(r["ops_per_s"] / r["baseline_ops_per_s"])
-    assert len(lines) == 4 and all("write+fdatasync" in line for line in lines)
+        assert set(r) == {
+            "case",
+            "size",
+            "ops_per_s",
+            "baseline_ops_per_s",
+            "ratio",
+            "ratio_min",
+            "ratio_max",
+            "rounds",
+            "target",
+            "met",
+        }
+        assert r["ops_per_s"] > 0 and r["baseline_ops_per_s"] > 0 and r["rounds"] == 3
+        assert 0 < r["ratio_min"] <= r["ratio"] <= r["ratio_max"]  # the median of the rounds
+        assert r["target"] == (0.9 if r["case"].endswith("ordered") else 0.95)
+        assert r["met"] == (r["ratio"] >= r["target"])
+    assert len(lines) == 4 and all("write+fdatasync" in line and "median of 3 rounds" in line for line in lines)
     assert list(tmp_path.glob(".grafos-ckpt-bench-*")) == []  # the scratch file is gone
 
 
@@ -699,6 +712,8 @@ def test_the_checkpoint_bench_refuses_nonsense_arguments(tmp_path: Path) -> None
         run_checkpoint_bench(tmp_path, sizes=(0,), seconds=0.01)
     with pytest.raises(FabricValueError):
         run_checkpoint_bench(tmp_path, sizes=(4096,), seconds=0)
+    with pytest.raises(FabricValueError):
+        run_checkpoint_bench(tmp_path, sizes=(4096,), seconds=0.01, rounds=0)
 
 
 def test_a_checkpoint_never_overwrites_a_record_of_an_unknown_version(region: BlockRegion) -> None:
