@@ -408,10 +408,16 @@ class SlotStore:
             if st.state == "version" and st.header is not None and st.header.crc_ok:
                 raise VersionMismatch(f"{self.fmt.name} slot {st.slot}: {st.detail}")
             if st.state == "geometry":
-                raise Corrupted(f"{self.fmt.name} slot {st.slot}: {st.detail}")
+                raise Corrupted(
+                    f"{self.fmt.name} slot {st.slot}: {st.detail}: open the range and block size it was "
+                    "written with (nothing is overwritten until then)"
+                )
         valid = [st.record for st in statuses if st.record is not None]
         if len(valid) == 2 and valid[0].seq == valid[1].seq:
-            raise Corrupted(f"both {self.fmt.name} slots claim sequence {valid[0].seq}")
+            raise Corrupted(
+                f"both {self.fmt.name} slots claim sequence {valid[0].seq} (one writer never does that: "
+                "a copied or forged slot): keep the slot you trust and zero the other"
+            )
         if valid:
             best = max(valid, key=lambda r: r.seq)
             for st in statuses:
@@ -422,9 +428,11 @@ class SlotStore:
             return best
         details = "; ".join(f"slot {st.slot}: {st.state} ({st.detail})" for st in statuses)
         if any(st.state == "version" for st in statuses):
-            raise VersionMismatch(f"no readable {self.fmt.name} record: {details}")
+            raise VersionMismatch(
+                f"no readable {self.fmt.name} record: {details}; read it with the build that wrote it"
+            )
         if all(st.state == "empty" for st in statuses):
-            raise NoRecord(f"no {self.fmt.name} record was ever written here")
+            raise NoRecord(f"no {self.fmt.name} record was ever written here (nothing to restore: start afresh)")
         raise Corrupted(
             f"no valid {self.fmt.name} record: {details}. Nothing was read; the area is damaged or was "
             "written by something else: restore it from a copy, or start afresh on a new lease"
