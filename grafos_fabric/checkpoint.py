@@ -149,9 +149,10 @@ class CheckpointedStageState(Generic[S]):
     ``"msgpack"`` (any value msgspec encodes: dicts, lists, str, bytes, ints,
     floats, msgspec Structs, dataclasses...) or ``"raw"`` (the state is a
     bytes-like object). ``durability`` is passed to the slot store
-    (``"ordered"``: data, sync, header, sync; ``"single-sync"``: one write, one
-    sync, torn writes caught by the CRC). ``lease_id`` is what the observer is
-    told (default: the block lease's lease id).
+    (``"ordered"`` or ``"single-sync"``: since slot format v3 both are one
+    write and one flush, torn writes caught by the CRCs; see
+    :mod:`grafos_fabric.slots`). ``lease_id`` is what the observer is told
+    (default: the block lease's lease id).
     """
 
     def __init__(
