@@ -19,11 +19,14 @@ one-sided protocol used over RDMA runs, and is tested, on every machine.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import mmap
 import os
 import re
 import secrets
+import struct
 import time
 from typing import Any
 
@@ -34,7 +37,16 @@ from grafos_fabric.lease import NS, Clock, Lease, LeaseState, MonotonicClock, ch
 
 from .base import Buffer, RegionRef
 
-__all__ = ["SHM_DIR", "ShmFabric", "ShmLeaseCell", "ShmRegion", "segment_info"]
+__all__ = [
+    "ROLE_CONSUMER",
+    "ROLE_PRODUCER",
+    "SHM_DIR",
+    "ShmFabric",
+    "ShmLeaseCell",
+    "ShmRegion",
+    "ShmRoleLock",
+    "segment_info",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,46 @@ _DEADLINE_OFF = int(ffi.offsetof("gf_segment_header", "deadline_ns"))
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_REGION = 1 << 41  # 2 TiB: anything larger is a mistake on one machine
 REAP_GRACE_NS = 60 * NS  # a segment left half-built this long is garbage
+
+
+# Role locks: one byte of the segment file per queue role, locked with an
+# open-file-description lock (Linux F_OFD_SETLK) on an fd of its own.
+ROLE_PRODUCER = 0
+ROLE_CONSUMER = 1
+_F_OFD_SETLK = int(getattr(fcntl, "F_OFD_SETLK", 37))
+_LEASE_ID_OFF = int(ffi.offsetof("gf_segment_header", "lease_id"))
+
+
+def _flock(ltype: int, start: int) -> bytes:
+    """A ``struct flock`` for one byte at ``start`` (l_pid 0, as OFD locks need)."""
+    return struct.pack("hhqqi4x", ltype, os.SEEK_SET, start, 1, 0)
+
+
+class ShmRoleLock:
+    """A held role lock (see :meth:`ShmRegion.lock_role`). ``release()`` closes
+    its fd, which drops the lock (idempotent). In a child process after
+    ``fork()`` the inherited fd is closed the same way: the parent's fd still
+    refers to the lock, so the parent keeps it."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover - closing our own fd
+                pass
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def _check_status(rc: int, what: str) -> None:
@@ -116,6 +168,44 @@ class ShmRegion:
             ffi.cast("uint64_t *", self._seg + _STATE_OFF),
             ffi.cast("uint64_t *", self._seg + _DEADLINE_OFF),
         )
+
+    def lock_role(self, role: int) -> ShmRoleLock | None:
+        """Take this segment's lock for a queue role (``ROLE_PRODUCER``,
+        ``ROLE_CONSUMER``) without waiting: a :class:`ShmRoleLock` to keep for as
+        long as the role is held, or None when another holder has it.
+
+        The lock is an open-file-description lock on one byte of the segment
+        file, on an fd of its own: the kernel drops it when the holder closes
+        that fd or dies, whatever pid namespace it runs in, so a free lock
+        proves that its last holder is gone. Two handles of one process
+        conflict like two processes do."""
+        if role not in (ROLE_PRODUCER, ROLE_CONSUMER):
+            raise E.FabricValueError(f"unknown queue role {role!r}")
+        path = _segment_path(self.fabric.namespace, self.name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise E.LeaseExpired(f"region {self.name} is gone (freed, or reclaimed after expiry)") from None
+        except OSError as exc:
+            raise E.Unsupported(f"cannot open {path} to lock a queue role: {exc}") from None
+        try:
+            # the file at the path must still be this region's segment (same lease id)
+            if os.pread(fd, 16, _LEASE_ID_OFF).hex() != self.lease.id:
+                raise E.LeaseExpired(f"region {self.name} now belongs to another lease")
+            try:
+                fcntl.fcntl(fd, _F_OFD_SETLK, _flock(fcntl.F_WRLCK, role))
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    return None
+                raise E.Unsupported(f"open-file-description locks are not available here: {exc}") from None
+        except BaseException:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            raise
+        return ShmRoleLock(fd)
 
     def payload_pointer(self) -> Any:
         if not self.mapped:

@@ -7,7 +7,14 @@ Two families:
   ``CapacityExceeded`` -4, ``Unsupported`` -5, ``Revoked`` -6). They describe
   the *resource*: the lease ran out, the node went away, the epoch moved on.
 * :class:`FabricValueError` (a :class:`ValueError`) and its kinds describe the
-  *caller's input*: an oversize item, a wrong dtype, a corrupt locator.
+  *caller's input*: an oversize item, a wrong dtype, a corrupt locator. An
+  argument of the wrong *type* raises :class:`FabricTypeError`, which is both a
+  ``FabricValueError`` and a :class:`TypeError`.
+
+A handle's own state has its errors too: :class:`QueueClosed` after
+``close()``, :class:`QueueFreed` (a ``QueueClosed``) after ``free()``, and
+:class:`ForkedHandle` when a handle inherited across ``fork()`` is used in the
+child.
 
 Full and empty are never exceptions on the non-blocking calls (``try_push``
 returns ``False``, ``try_pop`` returns ``None``); the blocking calls raise the
@@ -24,8 +31,10 @@ __all__ = [
     "DtypeMismatch",
     "EdgeError",
     "FabricError",
+    "FabricTypeError",
     "FabricValueError",
     "Fenced",
+    "ForkedHandle",
     "HeldItemsStall",
     "ItemTooLarge",
     "LeaseExpired",
@@ -33,6 +42,7 @@ __all__ = [
     "NoRecord",
     "NotReady",
     "QueueClosed",
+    "QueueFreed",
     "QueueSealed",
     "Revoked",
     "RoleTaken",
@@ -122,6 +132,22 @@ class QueueClosed(FabricError):
     code = -1
 
 
+class QueueFreed(QueueClosed):
+    """The queue was freed by this handle (``free()``): its region is gone."""
+
+
+class ForkedHandle(FabricError):
+    """A queue handle inherited across ``fork()`` was used in the child.
+
+    The child must not act through its parent's producer or consumer roles
+    (both processes would drive one role at once and tear items): every
+    operation of an inherited handle raises this. Attach again in the child
+    (``FabricQueue.attach(fabric, locator)``). The parent's handle keeps working.
+    """
+
+    code = -5
+
+
 class QueueSealed(QueueClosed):
     """The queue was sealed (relocation or consumer restart): it takes no more items.
 
@@ -147,6 +173,12 @@ class EdgeError(FabricError):
 
 class FabricValueError(ValueError):
     """Base of every bad-input error (a :class:`ValueError`)."""
+
+
+class FabricTypeError(FabricValueError, TypeError):
+    """An argument of the wrong type (a ``str`` where bytes are needed, a float
+    where an int is). Both a :class:`FabricValueError` and a :class:`TypeError`,
+    so either ``except`` catches it."""
 
 
 class Corrupted(FabricValueError):

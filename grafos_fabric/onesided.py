@@ -72,7 +72,6 @@ from __future__ import annotations
 import collections
 import logging
 import mmap
-import secrets
 import sys
 import threading
 import time
@@ -89,16 +88,22 @@ from .drivers.base import Fabric, Region
 from .lease import check_ttl
 from .locator import QueueLocator
 from .queue import (
+    _LOCKED_ROLE,
+    _ROLE_CONSUMER,
+    _ROLE_PRODUCER,
     DEFAULT_CAPACITY,
     RECORD_HEADER,
     RING_HEADER,
+    STALL_GRACE,
     Batch,
     FabricQueue,
     Item,
+    _check_int,
     _deadline,
     _dtype_from_str,
     _next_pow2,
     _ring_geometry,
+    _role_id,
 )
 
 __all__ = ["OneSidedItem", "OneSidedQueue"]
@@ -343,8 +348,9 @@ class OneSidedQueue(FabricQueue):
         self._read_chunk = read_chunk & ~(_ALIGN - 1)
         # one producer and one consumer per handle, but callers may share a handle
         # between threads: each role's calls run one at a time (reentrant, so a
-        # push inside reserve() gets its typed error instead of a deadlock)
-        self._plock = threading.RLock()
+        # push inside reserve() gets its typed error instead of a deadlock); no
+        # lock is held while a call sleeps
+        self._init_handle_state()
         self._clock_lock = threading.RLock()
         hdr = self._read_header()
         self.capacity = int(hdr.capacity)
@@ -458,19 +464,23 @@ class OneSidedQueue(FabricQueue):
     @property
     def epoch(self) -> int:
         """The queue's fence epoch (in the remote header)."""
+        self._check_handle()
         return self.region.load64(_EPOCH)
 
     @property
     def sealed(self) -> bool:
+        self._check_handle()
         return bool(self.region.load64(_TAIL) & _SEALED)
 
     @property
     def seal_seq(self) -> int:
+        self._check_handle()
         return self.region.load64(_SEAL_SEQ)
 
     @property
     def acked(self) -> int:
         """The consumer's durable commit: every sequence below it is processed."""
+        self._check_handle()
         return self.region.load64(_ACKED)
 
     def set_acked(self, seq: int) -> None:
@@ -526,6 +536,7 @@ class OneSidedQueue(FabricQueue):
             w = found
 
     def stats(self) -> dict[str, int | bool]:
+        self._check_handle()
         r = self.region
         tail = r.load64(_TAIL)
         head = r.load64(_HEAD)
@@ -545,8 +556,8 @@ class OneSidedQueue(FabricQueue):
 
     # -- checks ----------------------------------------------------------------------
     def _check_live(self) -> None:
-        if self.closed:
-            raise E.QueueClosed("queue is closed")
+        if self.closed or self._forked or self._freed:
+            self._check_open()
         self.lease.check()  # fail closed even when the answer is already in a local buffer
 
     def _sealed_error(self, what: str) -> E.QueueSealed:
@@ -560,37 +571,53 @@ class OneSidedQueue(FabricQueue):
         p = self._p
         if p is not None:
             return p
-        self._check_live()
-        r = self.region
-        epoch = self.epoch if self._epoch is None else self._epoch
-        pid = secrets.randbits(63) | 1
-        cur = r.load64(_EPOCH)
-        if epoch < cur:
-            raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=cur)
-        if epoch > cur:
-            self.advance_epoch(epoch)
-            r.store64(_PRODUCER_ID, pid)  # take over: the old holder is fenced
-        else:
-            found = r.cas64(_PRODUCER_ID, 0, pid)
-            if found not in (0, pid):
-                raise E.RoleTaken("another process holds this role on the queue: claiming the producer role")
-        w = r.load64(_TAIL)  # SYNC POINT: ring-publish
-        tag = _tag(epoch)
-        if w & _SEALED or w & _TAG_MASK != tag:
-            r.cas64(_PRODUCER_ID, pid, 0)
-            if w & _SEALED:
-                raise self._sealed_error("claiming the producer role")
-            raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=self.epoch)
-        tail = w & _POS_MASK
-        head = r.load64(_HEAD)  # SYNC POINT: ring-release
-        if head > tail or tail - head > self.capacity:
-            r.cas64(_PRODUCER_ID, pid, 0)
-            raise E.Corrupted(f"ring positions make no sense (head {head}, tail {tail})")
-        p = _Producer(pid, epoch, tail, head, r.load64(_NEXT_SEQ))
-        self._epoch = epoch
-        self._p = p
-        self._announce()
-        return p
+        with self._plock:
+            if self._p is not None:
+                return self._p
+            self._check_live()
+            r = self.region
+            epoch = self.epoch if self._epoch is None else self._epoch
+            supported, lock = self._lock_role(_ROLE_PRODUCER)
+            try:
+                pid = _role_id(locked=lock is not None)
+                cur = r.load64(_EPOCH)
+                if epoch < cur:
+                    raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=cur)
+                holder = r.load64(_PRODUCER_ID)
+                if epoch > cur and holder != 0 and not (lock is not None and holder & _LOCKED_ROLE):
+                    self._fence_and_seal(epoch)  # a live or unprovable holder may be mid-write: never in place
+                if supported and lock is None:
+                    raise E.RoleTaken("a live producer holds this queue's producer role (claiming the producer role)")
+                if epoch > cur:
+                    self.advance_epoch(epoch)
+                    r.store64(_PRODUCER_ID, pid)  # take over: the old holder is gone (or there was none)
+                else:
+                    found = r.cas64(_PRODUCER_ID, 0, pid)
+                    if found not in (0, pid):
+                        raise E.RoleTaken("another process holds this role on the queue: claiming the producer role")
+                w = r.load64(_TAIL)  # SYNC POINT: ring-publish
+                tag = _tag(epoch)
+                if w & _SEALED or w & _TAG_MASK != tag:
+                    r.cas64(_PRODUCER_ID, pid, 0)
+                    if w & _SEALED:
+                        raise self._sealed_error("claiming the producer role")
+                    raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=self.epoch)
+                tail = w & _POS_MASK
+                head = r.load64(_HEAD)  # SYNC POINT: ring-release
+                if head > tail or tail - head > self.capacity:
+                    r.cas64(_PRODUCER_ID, pid, 0)
+                    raise E.Corrupted(f"ring positions make no sense (head {head}, tail {tail})")
+                p = _Producer(pid, epoch, tail, head, r.load64(_NEXT_SEQ))
+                if lock is not None:
+                    self._role_locks[_ROLE_PRODUCER] = lock
+                    lock = None
+            finally:
+                if lock is not None:
+                    lock.release()
+            self._epoch = epoch
+            self._p = p
+            self._announce()
+            return p
 
     def _producer_ready(self) -> _Producer:
         self._check_live()
@@ -749,37 +776,38 @@ class OneSidedQueue(FabricQueue):
         """Push one item, polling for space; returns its sequence number.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first."""
-        with self._plock:
-            deadline = _deadline(timeout)
-            while True:
+        deadline = _deadline(timeout)
+        while True:
+            with self._plock:
                 seq = self._push1(buf)
-                if seq is not None:
-                    return seq
-                self._wait_space(len(self._item_bytes(buf)), deadline)
+            if seq is not None:
+                return seq
+            self._wait_space(len(self._item_bytes(buf)), deadline)
 
     def _wait_space(self, nbytes: int, deadline: float | None) -> None:
         """Poll ``head`` until a record of ``nbytes`` fits, counting this producer in
         ``space_waiters`` meanwhile; raises on seal, fencing, expiry, or timeout."""
-        p = self._producer_ready()
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError("timed out waiting for space in the queue")  # timeout=0: no remote op
-        rs = _rec_size(nbytes)
-        idx = p.claim & self._mask
-        need = (self.capacity - idx if idx + rs > self.capacity else 0) + rs
         r = self.region
         backoff = _Backoff(deadline)
         counted = False
         try:
             while True:
-                self.lease.check()
-                self._refresh_head(p)
-                if p.claim + need - p.head_cache <= self.capacity:
-                    return
-                self._check_owner(p, "waiting for space")
-                if not counted:
-                    r.faa64(_SPACE_WORD, _SPACE_WAITER_ONE)
-                    counted = True
-                    continue  # re-check head once now that a consumer can see us
+                with self._plock:  # each poll under the producer lock; the pause without it
+                    p = self._producer_ready()
+                    rs = _rec_size(nbytes)
+                    idx = p.claim & self._mask
+                    need = (self.capacity - idx if idx + rs > self.capacity else 0) + rs
+                    self.lease.check()
+                    self._refresh_head(p)
+                    if p.claim + need - p.head_cache <= self.capacity:
+                        return
+                    self._check_owner(p, "waiting for space")
+                    if not counted:
+                        r.faa64(_SPACE_WORD, _SPACE_WAITER_ONE)
+                        counted = True
+                        continue  # re-check head once now that a consumer can see us
                 backoff.pause("space in the queue")
         finally:
             if counted:
@@ -833,10 +861,19 @@ class OneSidedQueue(FabricQueue):
                 if timeout == 0:
                     break
                 try:
-                    self._wait_space(lens[done], deadline)
+                    self._wait_unlocked(lens[done], deadline)
                 except TimeoutError:
                     raise TimeoutError("timed out waiting for space in the queue", done) from None
             return done
+
+    def _wait_unlocked(self, nbytes: int, deadline: float | None) -> None:
+        """``_wait_space`` from inside a ``with self._plock`` block: the lock is let
+        go for the wait (other threads push, ``close`` proceeds) and taken back."""
+        self._plock.release()
+        try:
+            self._wait_space(nbytes, deadline)
+        finally:
+            self._plock.acquire()
 
     def _frame_rows(
         self, p: _Producer, arr: np.ndarray[Any, Any], deadline: float | None, timeout: float | None
@@ -883,7 +920,7 @@ class OneSidedQueue(FabricQueue):
             if timeout == 0:
                 break
             try:
-                self._wait_space(length, deadline)
+                self._wait_unlocked(length, deadline)
             except TimeoutError:
                 raise TimeoutError("timed out waiting for space in the queue", done) from None
         return done
@@ -900,10 +937,9 @@ class OneSidedQueue(FabricQueue):
         commit). An exception aborts it (nothing is written or published). Call
         ``q.commit_len(k)`` inside the block to publish only the first ``k`` bytes.
         """
+        _check_int("reserve size", nbytes, 1)
         with self._plock:
             p = self._producer_ready()
-            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
-                raise E.FabricValueError(f"reserve needs a positive int size, got {nbytes!r}")
             if nbytes > self.max_item:
                 raise E.ItemTooLarge(f"reservation of {nbytes} bytes exceeds the queue's max_item of {self.max_item}")
             if self.dtype is not None and nbytes % self.dtype.itemsize:
@@ -917,9 +953,12 @@ class OneSidedQueue(FabricQueue):
                 if off is not None:
                     break
                 self._full(p, "reserve")
-                self._wait_space(nbytes, deadline)
+                self._wait_unlocked(nbytes, deadline)
+                p = self._producer_ready()
+                st = self._staging_for(RECORD_HEADER + _rec_size(nbytes))
             rec_pos = p.claim - _rec_size(nbytes)
             p.reserved = True
+            self._reserving = True
             self._commit_len = nbytes
             buf = st.array[off : off + nbytes]
             try:
@@ -928,9 +967,11 @@ class OneSidedQueue(FabricQueue):
                 p.claim = p.tail
                 p.next_seq = p.pub_seq
                 p.reserved = False
+                self._reserving = False
                 self._f_sp = 0
                 raise
             p.reserved = False
+            self._reserving = False
             k = self._commit_len
             seq = p.next_seq - 1
             st.u32[(off - RECORD_HEADER) // 4 + _LEN32] = k
@@ -948,9 +989,19 @@ class OneSidedQueue(FabricQueue):
             return c
         self._check_live()
         r = self.region
-        cid = secrets.randbits(63) | 1
-        found = r.cas64(_CONSUMER_ID, 0, cid)
+        supported, lock = self._lock_role(_ROLE_CONSUMER)
+        if supported and lock is None:
+            raise E.RoleTaken("a live consumer holds this queue's consumer role (claiming the consumer role)")
+        cid = _role_id(locked=lock is not None)
+        try:
+            found = r.cas64(_CONSUMER_ID, 0, cid)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         if found not in (0, cid):
+            if lock is not None:
+                lock.release()
             raise E.RoleTaken("another process holds this role on the queue: claiming the consumer role")
         try:
             head = r.load64(_HEAD)
@@ -964,7 +1015,11 @@ class OneSidedQueue(FabricQueue):
                 self._data = self._mirror.ptr  # what Item/Batch view (offsets are ring indices)
         except BaseException:
             r.cas64(_CONSUMER_ID, cid, 0)
+            if lock is not None:
+                lock.release()
             raise
+        if lock is not None:
+            self._role_locks[_ROLE_CONSUMER] = lock
         pend_cap = min(1 << 20, max(64, _next_pow2(self.capacity // 32)))
         c = _Consumer(cid, head, pend_cap)
         self._c = c
@@ -1081,45 +1136,43 @@ class OneSidedQueue(FabricQueue):
 
     def pop(self, timeout: float | None = None) -> Item:
         """Pop one item, polling for it; ``TimeoutError`` when ``timeout`` passes."""
-        with self._clock_lock:
-            deadline = _deadline(timeout)
-            backoff = _Backoff(deadline)
-            while True:
-                item = self.try_pop()
-                if item is not None:
-                    return item
-                self._poll_data(backoff)
-
-    def _wait_readable(self, deadline: float | None) -> None:
-        """Poll (with backoff) until the tail moves past what this consumer read,
-        for the asyncio worker; ``TimeoutError`` at the deadline."""
+        deadline = _deadline(timeout)
         backoff = _Backoff(deadline)
+        stall: list[Any] = [None, -1]
         while True:
-            with self._clock_lock:
-                c = self._consumer_ready()
-                if c.rpos != c.tail_cache:
-                    return
-                self._poll_data(backoff)
+            item = self.try_pop()
+            if item is not None:
+                return item
+            self._poll_data(backoff, stall)
 
-    def _wait_writable(self, nbytes: int, deadline: float | None) -> None:
-        """Wait until ``nbytes`` may fit, for the asyncio worker."""
-        with self._plock:
-            self._wait_space(nbytes, deadline)
-
-    def _poll_data(self, backoff: _Backoff) -> None:
-        """One poll for data: raise ``HeldItemsStall`` if waiting would deadlock,
-        else pause (``TimeoutError`` at the deadline) and load the tail once."""
-        c = self._consumer_ready()
-        if c.pend_next > c.pend_first:
-            waiters = (self.region.load64(_SPACE_WORD) >> _SPACE_WAITER_SHIFT) & 0xFFFFFFFF
-            if waiters:
-                raise E.HeldItemsStall(
-                    f"the producer waits for space that {c.pend_next - c.pend_first} unreleased "
-                    "items/batches pin, and the queue is empty: release items before waiting for more"
-                )
+    def _poll_data(self, backoff: _Backoff, stall: list[Any]) -> None:
+        """One poll for data, without the consumer lock while it pauses: raise
+        ``HeldItemsStall`` if waiting would deadlock (as the mapped queue judges
+        it, with the same grace when several threads pop from this handle), else
+        pause (``TimeoutError`` at the deadline)."""
+        with self._clock_lock:
+            c = self._consumer_ready()
+            if self._cons_tid != threading.get_ident():
+                self._note_consumer_thread()
+            held = c.pend_next - c.pend_first
+            waiters = 0
+            if held:
+                waiters = (self.region.load64(_SPACE_WORD) >> _SPACE_WAITER_SHIFT) & 0xFFFFFFFF
+        if held and waiters:
+            message = (
+                f"the producer waits for space that {held} unreleased "
+                "items/batches pin, and the queue is empty: release items before waiting for more"
+            )
+            if not self._cons_multi:
+                raise E.HeldItemsStall(message)
+            now = time.monotonic()
+            if stall[0] is None or stall[1] != held:
+                stall[0], stall[1] = now, held
+            elif now - stall[0] >= STALL_GRACE:
+                raise E.HeldItemsStall(message)
+        else:
+            stall[0] = None
         backoff.pause("an item")
-        if c.rpos == c.tail_cache:
-            self._load_tail(c)
 
     def pop_batch(self, max_items: int, timeout: float | None = None) -> Batch:
         """Pop up to ``max_items`` items parsed from one READ.
@@ -1129,19 +1182,19 @@ class OneSidedQueue(FabricQueue):
         stops at the ring's wrap point, so it may hold fewer items than are
         queued; its payloads are contiguous (in the local buffer, as in the ring).
         """
-        with self._clock_lock:
-            if not isinstance(max_items, int) or isinstance(max_items, bool) or max_items <= 0:
-                raise E.FabricValueError(f"max_items must be a positive int, got {max_items!r}")
-            deadline = _deadline(timeout)
-            backoff = _Backoff(deadline)
-            while True:
+        _check_int("max_items", max_items, 1, 1 << 62)
+        deadline = _deadline(timeout)
+        backoff = _Backoff(deadline)
+        stall: list[Any] = [None, -1]
+        while True:
+            with self._clock_lock:
                 c = self._consumer_ready()
                 batch = self._take_batch(c, max_items)
-                if batch is not None:
-                    return batch
-                if timeout == 0:
-                    return Batch.empty()
-                self._poll_data(backoff)
+            if batch is not None:
+                return batch
+            if timeout == 0:
+                return Batch.empty()
+            self._poll_data(backoff, stall)
 
     def _take_batch(self, c: _Consumer, max_items: int) -> Batch | None:
         m = self._mirror
@@ -1239,6 +1292,9 @@ class OneSidedQueue(FabricQueue):
             except (E.FabricError, E.FabricValueError) as exc:
                 log.debug("could not give the consumer role back: %s", exc)
             self._c = None
+            lock = self._role_locks.pop(_ROLE_CONSUMER, None)
+            if lock is not None:
+                lock.release()
 
     def _advance_head(self, c: _Consumer) -> None:
         """Free the space of the oldest released items/batches: one ``store64`` of
@@ -1276,17 +1332,26 @@ class OneSidedQueue(FabricQueue):
         """Give up the producer role, and the consumer role once nothing popped
         here is unreleased (items popped earlier keep releasing into this handle
         until then), and deregister this handle's local buffers (idempotent).
-        Views of popped items stay readable (they are local memory)."""
+        Views of popped items stay readable (they are local memory). Every
+        later push, pop or reservation raises ``QueueClosed``. A push or an open
+        reservation in progress on another thread is let finish first (no
+        record bytes are written after the role is given up)."""
         if self.closed:
             return
         self.closed = True
-        self._aio_shutdown()
-        p = self._p
-        if p is not None:
-            try:
-                self.region.cas64(_PRODUCER_ID, p.id, 0)
-            except (E.FabricError, E.FabricValueError) as exc:
-                log.debug("could not give the producer role back: %s", exc)
+        if self._forked:
+            return  # the roles are the parent's: nothing of them is given back here
+        with self._plock:
+            p = self._p
+            self._p = None
+            if p is not None:
+                try:
+                    self.region.cas64(_PRODUCER_ID, p.id, 0)
+                except (E.FabricError, E.FabricValueError) as exc:
+                    log.debug("could not give the producer role back: %s", exc)
+            lock = self._role_locks.pop(_ROLE_PRODUCER, None)
+            if lock is not None:
+                lock.release()
         self._maybe_give_back_consumer()
         if self._announced:
             try:
@@ -1295,6 +1360,13 @@ class OneSidedQueue(FabricQueue):
                 log.debug("could not take back the one-sided peer count: %s", exc)
             self._announced = False
         self._finalizer()
+
+    def _after_fork_in_child(self) -> None:
+        super()._after_fork_in_child()
+        self._p = None
+        self._c = None
+        self._plock = threading.RLock()
+        self._clock_lock = threading.RLock()
 
     def __enter__(self) -> OneSidedQueue:
         return self

@@ -32,9 +32,13 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
+import operator
 import os
 import secrets
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -84,6 +88,33 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+_U64_MAX = (1 << 64) - 1
+_EPOCH_MAX = (1 << 63) - 1
+
+
+def _check_int(name: str, value: Any, lo: int = 0, hi: int = _U64_MAX) -> int:
+    """``value`` as an int in ``[lo, hi]``: ``FabricTypeError`` for a non-int
+    (bools too), ``FabricValueError`` when it is out of range."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise E.FabricTypeError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
+    if not lo <= value <= hi:
+        raise E.FabricValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _as_dtype(dtype: Any) -> np.dtype[Any]:
+    """A caller's dtype argument as a numpy dtype that can live in shared memory."""
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError, SyntaxError, KeyError, OverflowError, RecursionError, MemoryError) as exc:
+        raise E.DtypeMismatch(f"{dtype!r:.60} is not a dtype numpy knows (e.g. 'float32', '<u8'): {exc}") from None
+    if dt.hasobject:
+        raise E.DtypeMismatch(f"dtype {dt} holds Python objects: only plain data can live in shared memory")
+    if dt.itemsize == 0:
+        raise E.DtypeMismatch(f"dtype {dt} has no size: give one with a size, e.g. 'V8' or 'S16'")
+    return dt
+
+
 def _dtype_to_str(dtype: np.dtype[Any]) -> str:
     if dtype.hasobject:
         raise E.DtypeMismatch(f"dtype {dtype} holds Python objects: only plain data can live in shared memory")
@@ -95,13 +126,18 @@ def _dtype_to_str(dtype: np.dtype[Any]) -> str:
 
 
 def _dtype_from_str(text: str) -> np.dtype[Any] | None:
+    """The dtype a ring header names (untrusted text): None for raw bytes; refuses
+    with ``Corrupted`` anything unparseable, holding objects, or of no size."""
     if not text:
         return None
     try:
         descr: Any = text if not text.startswith("[") else ast.literal_eval(text)  # literals only: no code runs
-        return np.lib.format.descr_to_dtype(descr)
-    except (ValueError, SyntaxError, TypeError) as exc:
-        raise E.Corrupted(f"bad dtype in queue header: {text!r}") from exc
+        dt = np.lib.format.descr_to_dtype(descr)
+    except Exception:  # untrusted text: whatever numpy or ast raise on it means "corrupt"
+        raise E.Corrupted(f"bad dtype in queue header: {text[:60]!r}") from None
+    if not isinstance(dt, np.dtype) or dt.hasobject or dt.itemsize == 0:
+        raise E.Corrupted(f"queue header names a dtype that cannot live in shared memory: {text[:60]!r}")
+    return dt
 
 
 def _ring_geometry(
@@ -111,22 +147,32 @@ def _ring_geometry(
 
     Shared by the mapped and the one-sided ``create`` so both build the same ring."""
     if not isinstance(capacity, int) or isinstance(capacity, bool):
-        raise E.FabricValueError(f"capacity must be an int number of bytes, got {capacity!r}")
+        raise E.FabricTypeError(f"capacity must be an int number of bytes, got {capacity!r:.40}")
     if capacity <= 0 or capacity > MAX_CAPACITY:
         raise E.FabricValueError(f"capacity must be in (0, {MAX_CAPACITY}] bytes, got {capacity}")
     cap = max(MIN_CAPACITY, _next_pow2(capacity))
     biggest = cap // 2 - RECORD_HEADER
     if max_item is None:
         max_item = biggest
-    elif not isinstance(max_item, int) or isinstance(max_item, bool) or not 0 < max_item <= biggest:
-        raise E.FabricValueError(f"max_item must be an int in (0, {biggest}] for a {cap}-byte ring")
-    if not isinstance(epoch, int) or epoch < 0 or not isinstance(first_seq, int) or first_seq < 0:
-        raise E.FabricValueError("epoch and first_seq must be non-negative ints")
-    dt = None if dtype is None else np.dtype(dtype)
+    else:
+        _check_int("max_item", max_item, 1, biggest)
+    _check_int("epoch", epoch, 0, _EPOCH_MAX)
+    _check_int("first_seq", first_seq, 0, _EPOCH_MAX)
+    dt = None if dtype is None else _as_dtype(dtype)
     dtext = "" if dt is None else _dtype_to_str(dt)
     if dt is not None and max_item < dt.itemsize:
         raise E.FabricValueError(f"max_item {max_item} is smaller than one {dt} element")
     return cap, max_item, dt, dtext
+
+
+def _typed(arr: np.ndarray[Any, Any], dt: np.dtype[Any] | None) -> np.ndarray[Any, Any]:
+    """View payload bytes in the queue's dtype; a length that is not a whole
+    number of elements (only a foreign writer makes one) is ``Corrupted``."""
+    if dt is None:
+        return arr
+    if arr.shape[-1] % dt.itemsize:
+        raise E.Corrupted(f"an item of {arr.shape[-1]} bytes is not a whole number of {dt} elements")
+    return arr.view(dt)
 
 
 class Item:
@@ -157,8 +203,7 @@ class Item:
             gcp = self._gc = ffi.gc(self._q._data + self.offset, lambda _p: release(token))
         # a read-only memoryview: the array is read-only without a flags round trip
         arr = np.frombuffer(memoryview(ffi.buffer(gcp, self.length)).toreadonly(), _U8)
-        dt = self._q.dtype
-        return arr if dt is None else arr.view(dt)
+        return _typed(arr, self._q.dtype)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
         arr = self.array()
@@ -289,11 +334,14 @@ class Batch:
     def _item_view(self, offset: int, length: int) -> np.ndarray[Any, Any]:
         rel = offset - self._start
         arr = self._span()[rel : rel + length]
-        dt = self._q.dtype if self._q is not None else None
-        return arr if dt is None else arr.view(dt)
+        return _typed(arr, self._q.dtype if self._q is not None else None)
 
     def __getitem__(self, i: int) -> Item:
         self._check()
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise E.FabricTypeError(f"batch indices are ints, got {type(i).__name__}") from None
         n = len(self._offsets)
         if i < 0:
             i += n
@@ -319,8 +367,7 @@ class Batch:
         arr = np.lib.stride_tricks.as_strided(
             self._span()[RECORD_HEADER:], shape=(n, length), strides=(stride, 1), writeable=False
         )
-        dt = self._q.dtype if self._q is not None else None
-        return arr if dt is None else arr.view(dt)
+        return _typed(arr, self._q.dtype if self._q is not None else None)
 
     def tolist(self) -> list[bytes]:
         """Copies of every payload."""
@@ -368,9 +415,20 @@ class FabricQueue(QueueProtocols):
 
     Create with :meth:`create` (allocates and leases the region) or attach with
     :meth:`attach` (from a :class:`QueueLocator`, e.g. in another process).
+
+    Threads: a handle may be shared by threads. Its pushes run one at a time
+    and so do its pops; every item goes to exactly one popping thread. Blocking
+    calls wait without holding the handle's locks, so other threads (and
+    ``close``) are never held up by a waiter. A reservation (:meth:`reserve`)
+    holds the producer side until it is committed or aborted.
+
+    Fork: a handle inherited across ``fork()`` is unusable in the child (every
+    call raises :class:`~grafos_fabric.errors.ForkedHandle`): attach again there.
     """
 
     def __init__(self, fabric: Fabric, region: Region, *, owner: bool, epoch: int | None = None) -> None:
+        if epoch is not None:
+            _check_int("epoch", epoch, 0, _EPOCH_MAX)
         self.fabric = fabric
         self.region = region
         self.lease: Lease = region.lease
@@ -416,6 +474,25 @@ class FabricQueue(QueueProtocols):
         self._outs = ffi.new("uint64_t[3]")
         self._take_over = False
         self.closed = False
+        self._init_handle_state()
+
+    def _init_handle_state(self) -> None:
+        """Locks, role locks and lifecycle flags (shared with OneSidedQueue)."""
+        # producer calls run one at a time (reentrant: a push inside reserve() gets
+        # its typed error instead of a deadlock); consumer calls too (never held
+        # while sleeping, nor by releases, which only take the native lock)
+        self._plock = threading.RLock()
+        self._clock_lock: Any = threading.Lock()
+        self._freed = False
+        self._forked = False
+        self._role_locks: dict[int, Any] = {}
+        self._cons_rel: Any = None  # the native consumer releases go to (kept after close while items are out)
+        self._pf_keep = 0  # after close: prefetched records never handed out (stay unreleased)
+        self._cons_tid: int | None = None
+        self._cons_multi = False  # consumer calls came from more than one thread
+        self._reserving = False
+        self._give_back_after_reserve = False
+        _LIVE.add(self)
 
     # -- construction --------------------------------------------------------------
     @classmethod
@@ -482,10 +559,23 @@ class FabricQueue(QueueProtocols):
         driver whose regions don't map here, like verbs) speaks the one-sided
         ring protocol (``grafos_fabric.onesided``) with the same API.
 
-        ``take_over=True`` lets this handle claim a role whose holder process
-        died without closing (checked by pid, on this host): a consumer then
-        resumes at ``head``, so what the dead one popped but never released
-        comes again. Without it such a role stays taken (``RoleTaken``)."""
+        ``take_over=True`` lets this handle claim a role whose holder died (or
+        dropped its handle) without closing: a consumer then resumes at
+        ``head``, so what the dead one popped but never released comes again.
+        Death is proven by the region's role lock (an open-file-description
+        lock the kernel drops when its holder exits, in any pid namespace); a
+        live holder keeps its role (``RoleTaken``), and so does any holder
+        without ``take_over``. Regions without role locks refuse
+        ``take_over`` (``Unsupported``).
+
+        A higher ``epoch`` than the queue's fences the current producer. The
+        role moves over in place only when no producer holds it or its holder
+        is provably gone; a live (or unprovable) holder could still be copying
+        record bytes into the ring, so instead the queue is fenced *and sealed*
+        and the first push raises ``QueueSealed``: move to a fresh queue (as
+        ``RelocatableQueueEdge`` does)."""
+        if epoch is not None:
+            _check_int("epoch", epoch, 0, _EPOCH_MAX)
         if not isinstance(locator, QueueLocator):
             locator = QueueLocator.from_bytes(locator)
         region = fabric.attach(locator.region, mapped=mapped)
@@ -493,13 +583,16 @@ class FabricQueue(QueueProtocols):
             from .onesided import OneSidedQueue
 
             return OneSidedQueue(fabric, region, locator, epoch=epoch)
+        if take_over and not callable(getattr(region, "lock_role", None)):
+            raise E.Unsupported(f"take_over needs role locks, which {fabric.url} regions don't have")
         q = cls(fabric, region, owner=False, epoch=epoch)
-        q._take_over = take_over
+        q._take_over = bool(take_over)
         if q.capacity != locator.capacity or q.max_item != locator.max_item:
             raise E.Corrupted("the queue at this locator has another geometry: the locator is stale or foreign")
         return q
 
     def locator(self) -> QueueLocator:
+        self._check_handle()
         return QueueLocator(
             region=self.region.ref(),
             capacity=self.capacity,
@@ -514,6 +607,7 @@ class FabricQueue(QueueProtocols):
     @property
     def epoch(self) -> int:
         """The queue's fence epoch (in the shared header)."""
+        self._check_handle()
         return int(lib.gf_load_acquire_at(self._ring, _EPOCH_OFF))
 
     @property
@@ -533,6 +627,7 @@ class FabricQueue(QueueProtocols):
         """Publish that every item with sequence < ``seq`` is durably processed.
 
         ``acked`` only grows (a smaller value is ignored)."""
+        _check_int("acked", seq)
         cur = self.acked
         while seq > cur:
             found = int(lib.gf_cas_at(self._ring, _ACKED_OFF, cur, seq))
@@ -543,16 +638,21 @@ class FabricQueue(QueueProtocols):
     def seal(self, seal_seq: int = 0) -> bool:
         """Seal the queue: no push succeeds afterwards; the consumer drains what
         was published, then gets ``QueueSealed``. Returns False if already sealed."""
+        _check_int("seal_seq", seal_seq)
+        self._check_handle()
         return int(lib.gf_ring_seal(self._ring, seal_seq)) == OK
 
     def advance_epoch(self, new_epoch: int) -> None:
         """Move the queue's epoch forward: producers stamped older are fenced at
         their next publish. Raises ``StaleEpoch`` unless ``new_epoch`` is newer."""
+        _check_int("epoch", new_epoch, 0, _EPOCH_MAX)
+        self._check_handle()
         rc = lib.gf_ring_advance_epoch(self._ring, new_epoch)
         if rc != OK:
             raise E.StaleEpoch(epoch=new_epoch, current=self.epoch)
 
     def stats(self) -> dict[str, int | bool]:
+        self._check_handle()
         hdr = self._hdr
         tail = int(lib.gf_load_acquire_at(self._ring, _TAIL_OFF))
         return {
@@ -573,27 +673,85 @@ class FabricQueue(QueueProtocols):
     def _now(self) -> int:
         return 0 if self._native_clock else self._clock.now_ns()
 
+    def _check_handle(self) -> None:
+        """Refuse any use of a freed handle, or of one inherited across fork()."""
+        if self._forked:
+            raise E.ForkedHandle(
+                "this queue handle was inherited across fork(): the child must not act through its parent's "
+                "roles; attach again in the child (FabricQueue.attach(fabric, locator))"
+            )
+        if self._freed:
+            raise E.QueueFreed("queue was freed: its region is gone")
+
     def _check_open(self) -> None:
+        if self._forked or self._freed:
+            self._check_handle()
         if self.closed:
-            raise E.QueueClosed("queue is closed")
+            raise E.QueueClosed("queue is closed: attach again for a new handle")
+
+    def _lock_role(self, role: int) -> tuple[bool, Any]:
+        """Try to take the region's lock for ``role``: ``(supported, lock)``;
+        ``lock`` is None when a live holder has it (or locks aren't supported)."""
+        take = getattr(self.region, "lock_role", None)
+        if not callable(take):
+            return False, None
+        return True, take(role)
+
+    def _fence_and_seal(self, epoch: int) -> None:
+        """A higher-epoch producer found a live (or unprovable) holder: fence it and
+        seal the queue, instead of writing where it may still be copying bytes."""
+        try:
+            self.advance_epoch(epoch)
+        except E.StaleEpoch:
+            if self.epoch > epoch:
+                raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=self.epoch) from None
+        self.seal(0)
+        log.warning("queue %s: fenced a live producer at epoch %d and sealed the queue", self.region.ref().name, epoch)
+        raise E.QueueSealed(
+            f"claiming the producer role at epoch {epoch}: a live producer held it (or its death can't be "
+            "proven), so it was fenced and the queue sealed; move to a fresh queue (relocate)",
+            seal_seq=self.seal_seq,
+        )
 
     def _producer(self) -> Any:
         p = self._prod
         if p is not None:
             return p
-        self._check_open()
-        self.lease.check()
-        p = ffi.new("gf_producer *")
-        epoch = self.epoch if self._epoch is None else self._epoch
-        role_id = _role_id()
-        rc = lib.gf_producer_init(p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id)
-        if rc == lib.GF_E_ROLE and self._take_over and _reclaim_role(self._ring, _PRODUCER_ID_OFF):
-            rc = lib.gf_producer_init(p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id)
-        if rc != OK:
-            self._raise(rc, "claiming the producer role", epoch=epoch)
-        self._epoch = epoch
-        self._prod = p
-        return p
+        with self._plock:  # two threads making the first push: one claims, the other uses it
+            if self._prod is not None:
+                return self._prod
+            self._check_open()
+            self.lease.check()
+            epoch = self.epoch if self._epoch is None else self._epoch
+            supported, lock = self._lock_role(_ROLE_PRODUCER)
+            try:
+                cur = self.epoch
+                if epoch < cur:
+                    raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=cur)
+                holder = int(lib.gf_load_acquire_at(self._ring, _PRODUCER_ID_OFF))
+                if epoch > cur and holder != 0 and not (lock is not None and holder & _LOCKED_ROLE):
+                    self._fence_and_seal(epoch)
+                if supported and lock is None:
+                    raise E.RoleTaken("a live producer holds this queue's producer role (claiming the producer role)")
+                p = ffi.new("gf_producer *")
+                role_id = _role_id(locked=lock is not None)
+                rc = lib.gf_producer_init(p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id)
+                if rc == lib.GF_E_ROLE and self._take_over and lock is not None:
+                    if _reclaim_role(self._ring, _PRODUCER_ID_OFF):
+                        rc = lib.gf_producer_init(
+                            p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id
+                        )
+                if rc != OK:
+                    self._raise(rc, "claiming the producer role", epoch=epoch)
+                if lock is not None:
+                    self._role_locks[_ROLE_PRODUCER] = lock
+                    lock = None
+            finally:
+                if lock is not None:
+                    lock.release()
+            self._epoch = epoch
+            self._prod = p
+            return p
 
     def _consumer(self) -> Any:
         c = self._cons
@@ -601,23 +759,38 @@ class FabricQueue(QueueProtocols):
             return c
         self._check_open()
         self.lease.check()
-        cap = min(1 << 20, max(64, _next_pow2(self.capacity // 32)))
-        pend_end = ffi.new("uint64_t[]", cap)
-        pend_done = ffi.new("uint8_t[]", cap)
-        c = ffi.new("gf_consumer *")
-        role_id = _role_id()
-        args = (c, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], role_id, pend_end, pend_done, cap)
-        rc = lib.gf_consumer_init(*args)
-        if rc == lib.GF_E_ROLE and self._take_over and _reclaim_role(self._ring, _CONSUMER_ID_OFF):
+        supported, lock = self._lock_role(_ROLE_CONSUMER)
+        try:
+            if supported and lock is None:
+                raise E.RoleTaken("a live consumer holds this queue's consumer role (claiming the consumer role)")
+            cap = min(1 << 20, max(64, _next_pow2(self.capacity // 32)))
+            pend_end = ffi.new("uint64_t[]", cap)
+            pend_done = ffi.new("uint8_t[]", cap)
+            c = ffi.new("gf_consumer *")
+            role_id = _role_id(locked=lock is not None)
+            args = (c, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], role_id, pend_end, pend_done, cap)
             rc = lib.gf_consumer_init(*args)
-        if rc != OK:
-            self._raise(rc, "claiming the consumer role")
+            if rc == lib.GF_E_ROLE and self._take_over and lock is not None and _reclaim_role(
+                self._ring, _CONSUMER_ID_OFF
+            ):
+                rc = lib.gf_consumer_init(*args)
+            if rc != OK:
+                self._raise(rc, "claiming the consumer role")
+            if lock is not None:
+                self._role_locks[_ROLE_CONSUMER] = lock
+                lock = None
+        finally:
+            if lock is not None:
+                lock.release()
         self._pend = (pend_end, pend_done)
+        self._cons_rel = c
         self._cons = c
         return c
 
     def _raise(self, rc: int, what: str, epoch: int | None = None) -> None:
         observe.count("queue_errors", status=rc, op=what)
+        if rc == lib.GF_E_ARG:
+            self._check_open()  # a role closed under this call (close() from another thread)
         if rc == lib.GF_E_EXPIRED or rc == lib.GF_E_REVOKED:
             self.lease.check()  # the lease's own message (revoked vs expired vs freed)
         if rc == lib.GF_E_FENCED:
@@ -628,6 +801,8 @@ class FabricQueue(QueueProtocols):
     def _as_item(self, buf: Any) -> Any:
         """Validate one item; returns what the C call takes (bytes or a cdata)."""
         dt = self.dtype
+        if isinstance(buf, str):
+            raise E.FabricTypeError("items are bytes-like or numpy arrays, not str: encode str first (s.encode())")
         if dt is not None:
             if not isinstance(buf, np.ndarray):
                 raise E.DtypeMismatch(f"this queue carries {dt} arrays; got {type(buf).__name__}")
@@ -642,7 +817,12 @@ class FabricQueue(QueueProtocols):
                 raise E.DtypeMismatch("arrays of Python objects cannot be pushed")
         try:
             return ffi.from_buffer(buf)
-        except (TypeError, BufferError, ValueError) as exc:
+        except TypeError:
+            raise E.FabricTypeError(
+                f"items are bytes-like objects or numpy arrays, got {type(buf).__name__}: pass bytes (or "
+                "bytearray, memoryview, a numpy array)"
+            ) from None
+        except (BufferError, ValueError) as exc:
             raise E.DtypeMismatch(f"item must be bytes-like and contiguous: {exc}") from None
 
     def try_push(self, buf: Any) -> bool:
@@ -650,13 +830,14 @@ class FabricQueue(QueueProtocols):
         return self._push1(buf) is not None
 
     def _push1(self, buf: Any) -> int | None:
-        p = self._prod or self._producer()
         item = buf if type(buf) is bytes and self.dtype is None else self._as_item(buf)
         n = len(item)
-        seq = self._seq_out
-        rc = lib.gf_push(p, item, n, 0 if self._native_clock else self._clock.now_ns(), seq)
-        if rc == OK:
-            return seq[0]
+        with self._plock:
+            p = self._prod or self._producer()
+            seq = self._seq_out
+            rc = lib.gf_push(p, item, n, 0 if self._native_clock else self._clock.now_ns(), seq)
+            if rc == OK:
+                return seq[0]
         if rc == FULL:
             return None
         if rc == lib.GF_E_TOO_LARGE:
@@ -670,10 +851,10 @@ class FabricQueue(QueueProtocols):
         """Push one item, waiting for space; returns its sequence number.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first."""
+        deadline = _deadline(timeout)
         seq = self._push1(buf)
         if seq is not None:
             return seq
-        deadline = _deadline(timeout)
         n = len(self._as_item(buf))
         while True:
             self._wait_space(n, deadline)
@@ -682,6 +863,7 @@ class FabricQueue(QueueProtocols):
                 return seq
 
     def _wait_space(self, nbytes: int, deadline: float | None) -> None:
+        """Sleep (without the producer lock) until ``nbytes`` may fit, a slice at most."""
         p = self._prod or self._producer()
         slice_ns = self._slice(deadline)
         if slice_ns <= 0:
@@ -698,15 +880,22 @@ class FabricQueue(QueueProtocols):
         sequence of bytes-like items. With ``timeout=0`` it pushes what fits and
         returns; otherwise it waits for space until all are pushed (or raises
         ``TimeoutError``, after which the items counted so far are in the queue:
-        ``TimeoutError.args[1]`` holds that count).
+        ``TimeoutError.args[1]`` holds that count). Items of one call keep their
+        order; calls from other threads may interleave with it between ring-fulls.
         """
-        p = self._prod or self._producer()
-        pushed = ffi.new("uint64_t *")
         deadline = _deadline(timeout)
         if isinstance(bufs, np.ndarray):
-            return self._push_rows(p, bufs, pushed, deadline, timeout)
-        items = [self._as_item(b) for b in bufs]
+            return self._push_rows(bufs, deadline, timeout)
+        if isinstance(bufs, (str, bytes, bytearray, memoryview)):
+            raise E.FabricTypeError("push_batch takes a sequence of items (or a 2-D array), not one item: use push")
+        try:
+            items = [self._as_item(b) for b in bufs]
+        except TypeError as exc:
+            if isinstance(exc, E.FabricTypeError):
+                raise
+            raise E.FabricTypeError(f"push_batch takes a sequence of items, got {type(bufs).__name__}") from None
         if not items:
+            self._prod or self._producer()  # a closed handle refuses even an empty batch
             return 0
         lens = np.fromiter((len(b) for b in items), dtype=np.uint64, count=len(items))
         if int(lens.min()) == 0:
@@ -717,12 +906,15 @@ class FabricQueue(QueueProtocols):
         blob = b"".join(bufs)  # the originals: validated above, joined without a copy each
         src = ffi.from_buffer(blob)
         lptr = ffi.from_buffer("uint64_t[]", lens)
+        pushed = ffi.new("uint64_t *")
         done = 0
         offset = 0
         total = len(items)
         while done < total:
-            rc = lib.gf_push_concat(p, src + offset, lptr + done, total - done, self._now(), pushed)
-            k = int(pushed[0])
+            with self._plock:
+                p = self._prod or self._producer()
+                rc = lib.gf_push_concat(p, src + offset, lptr + done, total - done, self._now(), pushed)
+                k = int(pushed[0])
             if k:
                 offset += int(lens[done : done + k].sum())
                 done += k
@@ -756,18 +948,20 @@ class FabricQueue(QueueProtocols):
             raise E.ItemTooLarge(f"rows of {length} bytes exceed the queue's max_item of {self.max_item}")
         return n, length
 
-    def _push_rows(
-        self, p: Any, arr: np.ndarray[Any, Any], pushed: Any, deadline: float | None, timeout: float | None
-    ) -> int:
+    def _push_rows(self, arr: np.ndarray[Any, Any], deadline: float | None, timeout: float | None) -> int:
         n, length = self._check_rows(arr)
         if n == 0:
+            self._prod or self._producer()  # a closed handle refuses even an empty batch
             return 0
         stride = arr.strides[0]
         base = ffi.cast("uint8_t *", arr.ctypes.data)
+        pushed = ffi.new("uint64_t *")
         done = 0
         while done < n:
-            rc = lib.gf_push_rows(p, base + done * stride, n - done, stride, length, self._now(), pushed)
-            k = int(pushed[0])
+            with self._plock:
+                p = self._prod or self._producer()
+                rc = lib.gf_push_rows(p, base + done * stride, n - done, stride, length, self._now(), pushed)
+                k = int(pushed[0])
             done += k
             if rc < 0:
                 self._raise(rc, "push_batch")
@@ -788,44 +982,78 @@ class FabricQueue(QueueProtocols):
         ``with q.reserve(n) as buf: buf[:] = ...`` — ``buf`` is a writable view of
         the ring (uint8, or the queue's dtype). Leaving the block normally
         commits the item; an exception aborts it (nothing is published). Call
-        ``q.commit_len(k)`` inside the block to publish only the first ``k`` bytes.
+        ``q.commit_len(k)`` inside the block to publish only the first ``k`` bytes
+        (a whole number of dtype elements). ``buf`` keeps the mapping alive (a
+        view kept after the block, or after the queue is gone, never crashes;
+        after the block its bytes belong to the queue again).
+
+        While a reservation is open the handle's producer side is held: pushes
+        from other threads wait for it; a push from inside the block raises.
+        ``close()`` from another thread gives the producer role up only when the
+        block ends.
         """
-        p = self._prod or self._producer()
-        if not isinstance(nbytes, int) or nbytes <= 0:
-            raise E.FabricValueError(f"reserve needs a positive int size, got {nbytes!r}")
+        _check_int("reserve size", nbytes, 1)
         if nbytes > self.max_item:
             raise E.ItemTooLarge(f"reservation of {nbytes} bytes exceeds the queue's max_item of {self.max_item}")
         if self.dtype is not None and nbytes % self.dtype.itemsize:
             raise E.DtypeMismatch(f"reservation must be a multiple of {self.dtype.itemsize} bytes for {self.dtype}")
         off = ffi.new("uint64_t *")
         deadline = _deadline(timeout)
+        plock = self._plock
         while True:
-            rc = lib.gf_reserve(p, nbytes, self._now(), off)
-            if rc == OK:
-                break
-            if rc != FULL:
-                self._raise(rc, "reserve")
+            plock.acquire()
+            try:
+                p = self._prod or self._producer()
+                rc = lib.gf_reserve(p, nbytes, self._now(), off)
+                if rc == OK:
+                    break
+                if rc != FULL:
+                    self._raise(rc, "reserve")
+            except BaseException:
+                plock.release()
+                raise
+            plock.release()
             self._wait_space(nbytes, deadline)
-        buf = np.frombuffer(ffi.buffer(self._data + int(off[0]), nbytes), dtype=np.uint8)
+        # the view pins the mapping (the gc'd pointer's destructor holds this queue)
+        keep = ffi.gc(self._data + int(off[0]), self._pin)
+        buf = np.frombuffer(ffi.buffer(keep, nbytes), dtype=np.uint8)
+        self._reserving = True
         self._commit_len = nbytes
         try:
-            yield buf if self.dtype is None else buf.view(self.dtype)
-        except BaseException:
-            lib.gf_abort(p)
-            raise
-        seq = ffi.new("uint64_t *")
-        rc = lib.gf_commit(p, self._commit_len, seq)
-        if rc != OK:
-            self._raise(rc, "commit")
-        self.last_seq = int(seq[0])
+            try:
+                yield buf if self.dtype is None else buf.view(self.dtype)
+            except BaseException:
+                lib.gf_abort(p)
+                raise
+            seq = ffi.new("uint64_t *")
+            rc = lib.gf_commit(p, self._commit_len, seq)
+            if rc != OK:
+                self._raise(rc, "commit")
+            self.last_seq = int(seq[0])
+        finally:
+            self._reserving = False
+            if self._give_back_after_reserve:
+                self._give_back_producer(p)
+            plock.release()
+
+    def _pin(self, _ptr: Any) -> None:
+        """Destructor of a reserved view's pointer: holding it pins this queue (and its mapping)."""
 
     _commit_len = 0
     last_seq = -1
 
     def commit_len(self, nbytes: int) -> None:
-        """Inside ``reserve()``: publish only the first ``nbytes`` bytes."""
-        if not 0 < nbytes <= self._commit_len:
+        """Inside ``reserve()``: publish only the first ``nbytes`` bytes (a whole
+        number of the queue's dtype elements)."""
+        self._check_open()
+        if not self._reserving:
+            raise E.FabricValueError("commit_len is for inside a reserve() block")
+        _check_int("commit length", nbytes, 1)
+        if nbytes > self._commit_len:
             raise E.FabricValueError(f"commit length must be in (0, {self._commit_len}]")
+        dt = self.dtype
+        if dt is not None and nbytes % dt.itemsize:
+            raise E.DtypeMismatch(f"commit length must be a multiple of {dt.itemsize} bytes for {dt}")
         self._commit_len = nbytes
 
     # -- consuming -------------------------------------------------------------------
@@ -839,17 +1067,30 @@ class FabricQueue(QueueProtocols):
         each with a release token of its own, and the following pops hand them
         out one by one after a lease check, without crossing into C or touching
         the producer's cache lines."""
-        i = self._pf_i
-        if i < self._pf_n:
-            lw = self._lease_words
-            if lw[0] != _LEASE_ACTIVE or self._clock_ns() >= lw[1]:
-                self.lease.check()
-            self._pf_i = i + 1
-            return Item(self, self._pf_token + i, self._pf_offs[i], self._pf_lens[i], self._pf_seqs[i], None)
-        return self._refill()
+        with self._clock_lock:
+            i = self._pf_i
+            if i < self._pf_n:
+                lw = self._lease_words
+                if lw[0] != _LEASE_ACTIVE or self._clock_ns() >= lw[1]:
+                    self.lease.check()
+                self._pf_i = i + 1
+                return Item(self, self._pf_token + i, self._pf_offs[i], self._pf_lens[i], self._pf_seqs[i], None)
+            return self._refill()
+
+    def _note_consumer_thread(self) -> None:
+        """Remember whether consumer calls came from more than one thread (see ``_wait_data``)."""
+        tid = threading.get_ident()
+        if self._cons_tid != tid:
+            if self._cons_tid is None:
+                self._cons_tid = tid
+            else:
+                self._cons_multi = True
 
     def _refill(self) -> Item | None:
+        """With the consumer lock held: prefetch records and hand out the first."""
         c = self._cons or self._consumer()
+        if self._cons_tid != threading.get_ident():
+            self._note_consumer_thread()
         outs = self._outs
         rc = lib.gf_pop_batch(
             c, PREFETCH_ITEMS, self._prefetch_bytes, 1, 0 if self._native_clock else self._clock.now_ns(),
@@ -877,27 +1118,47 @@ class FabricQueue(QueueProtocols):
 
     def pop(self, timeout: float | None = None) -> Item:
         """Pop one item, waiting for it; ``TimeoutError`` when ``timeout`` passes."""
+        deadline = _deadline(timeout)
         item = self.try_pop()
         if item is not None:
             return item
-        deadline = _deadline(timeout)
+        stall: list[Any] = [None, -1]
         while True:
-            self._wait_data(deadline)
+            self._wait_data(deadline, stall)
             item = self.try_pop()
             if item is not None:
                 return item
 
-    def _wait_data(self, deadline: float | None) -> None:
-        c = self._cons or self._consumer()
-        if lib.gf_consumer_outstanding(c) and lib.gf_load_acquire_at(self._ring, _SPACE_WAITERS_OFF) & 0xFFFFFFFF:
-            raise E.HeldItemsStall(
-                f"the queue is empty and the producer waits for space that {int(lib.gf_consumer_outstanding(c))} "
-                "unreleased items/batches of this consumer pin (arrays made from them pin it too): "
-                "release them, or drop the arrays, before waiting for more"
-            )
+    def _wait_data(self, deadline: float | None, stall: list[Any]) -> None:
+        """Sleep (without the consumer lock) until data may have come, a slice at most.
+
+        Raises ``HeldItemsStall`` when waiting would deadlock: the ring is empty
+        for this consumer, the producer waits for space, and items popped here
+        pin it. When several threads pop from this handle, another thread may
+        be about to release what it holds, so the stall is declared only once
+        it has lasted ``STALL_GRACE`` seconds with no release."""
+        c = self._cons
+        if c is None:
+            with self._clock_lock:
+                c = self._cons or self._consumer()
+        elif self.closed or self._forked:
+            self._check_open()
+        held = int(lib.gf_consumer_outstanding(c))
+        if held and lib.gf_load_acquire_at(self._ring, _SPACE_WAITERS_OFF) & 0xFFFFFFFF:
+            if not self._cons_multi:
+                raise E.HeldItemsStall(_stall_message(held))
+            now = time.monotonic()
+            if stall[0] is None or stall[1] != held:
+                stall[0], stall[1] = now, held
+            elif now - stall[0] >= STALL_GRACE:
+                raise E.HeldItemsStall(_stall_message(held))
+        else:
+            stall[0] = None
         slice_ns = self._slice(deadline)
         if slice_ns <= 0:
             raise TimeoutError("timed out waiting for an item")
+        if stall[0] is not None:
+            slice_ns = min(slice_ns, _POLL_SLICE_NS * 10)
         rc = lib.gf_wait_data(c, slice_ns, _SPIN)
         if rc < 0:
             self._raise(rc, "waiting for data")
@@ -917,37 +1178,44 @@ class FabricQueue(QueueProtocols):
         Waits until at least one item is there (``timeout=0``: returns an empty
         batch at once; ``timeout>0``: ``TimeoutError`` when it passes). A batch
         stops at the ring's wrap point, so it may hold fewer items than are
-        queued; its payloads are contiguous.
+        queued; its payloads are contiguous. (A ``max_items`` larger than the
+        ring can hold records is the same as that many.)
         """
-        if not isinstance(max_items, int) or max_items <= 0:
-            raise E.FabricValueError(f"max_items must be a positive int, got {max_items!r}")
-        if self._pf_i < self._pf_n:
-            return self._batch_from_prefetch(max_items)
-        c = self._cons or self._consumer()
+        _check_int("max_items", max_items, 1, 1 << 62)
         deadline = _deadline(timeout)
-        offs = np.empty(max_items, dtype=np.uint64)
-        lens = np.empty(max_items, dtype=np.uint64)
-        seqs = np.empty(max_items, dtype=np.uint64)
-        po = ffi.from_buffer("uint64_t[]", offs)
-        pl = ffi.from_buffer("uint64_t[]", lens)
-        ps = ffi.from_buffer("uint64_t[]", seqs)
-        outs = ffi.new("uint64_t[3]")
+        max_items = min(max_items, self.capacity // int(lib.gf_record_size(1)))
+        stall: list[Any] = [None, -1]
         while True:
-            rc = lib.gf_pop_batch(c, max_items, _NO_BYTE_LIMIT, 0, self._now(), po, pl, ps, outs, outs + 1, outs + 2)
-            if rc == OK:
-                n = int(outs[0])
-                return Batch(self, outs[1], offs[:n], lens[:n], seqs[:n], outs[2])
+            with self._clock_lock:
+                if self._pf_i < self._pf_n:
+                    return self._batch_from_prefetch(max_items)
+                c = self._cons or self._consumer()
+                if self._cons_tid != threading.get_ident():
+                    self._note_consumer_thread()
+                offs = np.empty(max_items, dtype=np.uint64)
+                lens = np.empty(max_items, dtype=np.uint64)
+                seqs = np.empty(max_items, dtype=np.uint64)
+                po = ffi.from_buffer("uint64_t[]", offs)
+                pl = ffi.from_buffer("uint64_t[]", lens)
+                ps = ffi.from_buffer("uint64_t[]", seqs)
+                outs = ffi.new("uint64_t[3]")
+                rc = lib.gf_pop_batch(
+                    c, max_items, _NO_BYTE_LIMIT, 0, self._now(), po, pl, ps, outs, outs + 1, outs + 2
+                )
+                if rc == OK:
+                    n = int(outs[0])
+                    return Batch(self, outs[1], offs[:n], lens[:n], seqs[:n], outs[2])
             if rc == END:
                 raise E.QueueSealed("queue is sealed and drained", seal_seq=self.seal_seq)
             if rc != EMPTY:
                 self._raise(rc, "pop_batch")
             if timeout == 0:
                 return Batch.empty()
-            self._wait_data(deadline)
+            self._wait_data(deadline, stall)
 
     def _batch_from_prefetch(self, max_items: int) -> Batch:
         """Items prefetched by single pops go out first, in order, as a batch
-        that carries their (consecutive) release tokens."""
+        that carries their (consecutive) release tokens. Consumer lock held."""
         self.lease.check()
         i = self._pf_i
         j = min(self._pf_n, i + max_items)
@@ -959,7 +1227,9 @@ class FabricQueue(QueueProtocols):
         return Batch(self, self._pf_token + i, offs, lens, seqs, uniform, ntokens=j - i)
 
     def _release_token(self, token: int) -> None:
-        c = self._cons
+        """Release one token; from any thread, and from finalizers (so it never
+        takes the handle's Python locks: the native consumer has its own)."""
+        c = self._cons_rel
         if c is not None:
             lib.gf_release(c, token)
             if self.closed:
@@ -968,7 +1238,7 @@ class FabricQueue(QueueProtocols):
     @property
     def outstanding(self) -> int:
         """Items and batches popped here and not yet released."""
-        c = self._cons
+        c = self._cons_rel
         return 0 if c is None else int(lib.gf_consumer_outstanding(c))
 
     def _slice(self, deadline: float | None) -> int:
@@ -980,32 +1250,75 @@ class FabricQueue(QueueProtocols):
 
     # -- teardown --------------------------------------------------------------------
     def close(self) -> None:
-        """Give up this handle's roles (idempotent): the producer role at once,
-        the consumer role when nothing popped here is still unreleased (else it
-        stays with this handle, whose items keep releasing into it). Views of
-        popped items stay readable; the region stays leased until its lease is
-        freed or expires."""
+        """Give up this handle's roles (idempotent): the producer role at once
+        (or when an open reservation ends), the consumer role when nothing
+        popped here is still unreleased (else it stays with this handle, whose
+        items keep releasing into it). Every later push, pop or reservation on
+        this handle raises ``QueueClosed``. Views of popped items stay readable;
+        the region stays leased until its lease is freed or expires. Threads
+        waiting in this handle's blocking calls wake within one wait slice and
+        raise ``QueueClosed``."""
         if self.closed:
             return
         self.closed = True
-        self._aio_shutdown()
-        if self._prod is not None:
-            lib.gf_producer_close(self._prod)
+        if self._forked:
+            return  # the roles are the parent's: nothing of them is given back here
+        p = self._prod
+        self._prod = None
+        if p is not None:
+            if self._reserving:
+                self._give_back_after_reserve = True
+            else:
+                self._give_back_producer(p)
+        with self._clock_lock:
+            # prefetched records never handed out stay unreleased: head stays before
+            # them, and the next consumer reads them again
+            self._pf_keep = self._pf_n - self._pf_i
+            self._pf_i = self._pf_n = 0
+            self._cons = None
         self._maybe_give_back_consumer()
+
+    def _give_back_producer(self, p: Any) -> None:
+        lib.gf_producer_close(p)  # takes the native producer lock: no push is mid-copy after it
+        lock = self._role_locks.pop(_ROLE_PRODUCER, None)
+        if lock is not None:
+            lock.release()
 
     def _maybe_give_back_consumer(self) -> None:
         """After close: give the consumer role back once no item handed out here
-        is unreleased. Items prefetched but never handed out stay unreleased, so
-        ``head`` stays before them and the next consumer reads them again."""
-        c = self._cons
-        if c is not None and self.closed and lib.gf_consumer_outstanding(c) == self._pf_n - self._pf_i:
-            lib.gf_consumer_close(c)
-            self._pf_i = self._pf_n
+        is unreleased (the prefetched ones that never went out don't count)."""
+        c = self._cons_rel
+        if c is not None and self.closed and int(lib.gf_consumer_outstanding(c)) <= self._pf_keep:
+            lib.gf_consumer_close(c)  # idempotent under the native consumer lock
+            self._cons_rel = None
+            lock = self._role_locks.pop(_ROLE_CONSUMER, None)
+            if lock is not None:
+                lock.release()
 
     def free(self) -> None:
-        """Close and give the region back to the fabric now."""
+        """Close and give the region back to the fabric now; later calls raise
+        ``QueueFreed`` (a ``QueueClosed``)."""
+        if self._forked:
+            self._check_handle()
         self.close()
+        self._freed = True
         self.lease.free()
+
+    def _after_fork_in_child(self) -> None:
+        """In a child after fork(): this handle's roles are the parent's. Forget them
+        (without giving anything back), close the inherited role-lock fds (the
+        parent's fds keep its locks), and refuse every further call."""
+        self._forked = True
+        self.closed = True
+        self._prod = None
+        self._cons = None
+        self._cons_rel = None
+        self._pf_i = self._pf_n = 0
+        self._plock = threading.RLock()
+        self._clock_lock = threading.Lock()
+        locks, self._role_locks = self._role_locks, {}
+        for lock in locks.values():
+            lock.release()
 
     def __enter__(self) -> FabricQueue:
         return self
@@ -1020,43 +1333,72 @@ class FabricQueue(QueueProtocols):
 _PRODUCER_ID_OFF = int(ffi.offsetof("gf_ring_header", "producer_id"))
 _CONSUMER_ID_OFF = int(ffi.offsetof("gf_ring_header", "consumer_id"))
 
-
-_PID_ROLE = 1 << 63  # marks an id that carries its holder's pid (one-sided ids never do)
-
-
-def _role_id() -> int:
-    """A producer/consumer id: marker bit, the holder's pid in bits 62..32, random low bits."""
-    return _PID_ROLE | ((os.getpid() & 0x7FFFFFFF) << 32) | secrets.randbits(32) | 1
+_LOCKED_ROLE = 1 << 63  # marks an id whose holder keeps the region's role lock while it holds the role
+_ROLE_PRODUCER = 0  # the role-lock bytes (drivers.shm.ROLE_PRODUCER / ROLE_CONSUMER)
+_ROLE_CONSUMER = 1
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists; it's just not ours
-    return True
+def _role_id(*, locked: bool) -> int:
+    """A producer/consumer id: the lock marker, the holder's pid in bits 62..32
+    (for people reading ``inspect``: pids are not unique across pid
+    namespaces, so liveness never rests on them), random low bits."""
+    return (_LOCKED_ROLE if locked else 0) | ((os.getpid() & 0x7FFFFFFF) << 32) | secrets.randbits(32) | 1
 
 
 def _reclaim_role(ring: Any, offset: int) -> bool:
-    """Free a role whose holder process is gone (crashed without ``close``).
+    """Free a role whose holder is gone (crashed, or dropped its handle, without ``close``).
 
-    The id's pid is checked on this host, which is where a mapped queue's other
-    processes live. A live holder keeps its role (``RoleTaken`` stands)."""
+    Called only while this handle holds the role's lock: a holder id that says
+    it keeps that lock (``_LOCKED_ROLE``) then belongs to a holder the kernel
+    has already let go of. Ids without the marker (one-sided peers) can't be
+    judged and keep their role (``RoleTaken`` stands)."""
     holder = int(lib.gf_load_acquire_at(ring, offset))
-    pid = (holder >> 32) & 0x7FFFFFFF
-    if not holder & _PID_ROLE or pid == 0 or pid == os.getpid() or _pid_alive(pid):
+    if not holder & _LOCKED_ROLE:
         return False
     if int(lib.gf_cas_at(ring, offset, holder, 0)) != holder:
         return False
-    log.warning("took over a queue role whose holder (pid %d) is gone", pid)
+    log.warning("took over a queue role whose holder (pid %d, as it saw itself) is gone", (holder >> 32) & 0x7FFFFFFF)
     return True
 
 
-def _deadline(timeout: float | None) -> float | None:
+STALL_GRACE = 2.0  # seconds a multi-threaded consumer's stall must last before HeldItemsStall
+
+
+def _stall_message(held: int) -> str:
+    return (
+        f"the queue is empty and the producer waits for space that {held} unreleased items/batches of this "
+        "consumer pin (arrays made from them pin it too): release them, or drop the arrays, before waiting for more"
+    )
+
+
+def _deadline(timeout: Any) -> float | None:
+    """A blocking call's deadline on the monotonic clock (None: wait forever)."""
     if timeout is None:
         return None
-    if timeout < 0:
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise E.FabricTypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
+    try:
+        t = float(timeout)
+    except OverflowError:
+        raise E.FabricValueError("timeout is too large: use None to wait forever") from None
+    if math.isnan(t) or t < 0:
         raise E.FabricValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-    return time.monotonic() + timeout
+    if t > 1e9:  # over 30 years: the same as forever, and keeps the deadline arithmetic finite
+        return None
+    return time.monotonic() + t
+
+
+# Every live handle, so a child after fork() can mark the ones it inherited.
+_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for q in list(_LIVE):
+        try:
+            q._after_fork_in_child()
+        except Exception as exc:  # a fork hook must never raise
+            log.debug("could not mark an inherited queue handle: %s", exc)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -633,10 +633,12 @@ def test_takeover_by_a_newer_epoch_fences_the_older_producer_on_either_path(fabr
     newer = gf.FabricQueue.attach(fabric, base.locator(), epoch=4, mapped=newer_mapped)
     rx = OneSidedQueue.attach(fabric, base.locator())
     old.push(b"epoch 3")
+    stale = type(old).attach(fabric, base.locator(), epoch=3)
+    old.close()  # a live producer is never taken over in place (see test_queue.py); a gone one is
     newer.push(b"epoch 4")
     assert rx.epoch == 4
     with pytest.raises(E.StaleEpoch):
-        old.push(b"stale")
+        stale.push(b"stale")
     older = OneSidedQueue.attach(fabric, base.locator(), epoch=2)
     with pytest.raises(E.StaleEpoch):
         older.push(b"older still")

@@ -391,17 +391,33 @@ def test_sealed_queue_refuses_pushes_and_drains_then_raises(make_pair):
 def test_producer_with_an_older_epoch_is_fenced_at_the_target(make_pair):
     tx, rx = make_pair(epoch=3)
     tx.push(b"epoch 3")
+    tx.close()  # the old producer is gone: the newer one takes the role over in place
     newer = gf.FabricQueue.attach(tx.fabric, tx.locator(), epoch=4)
-    newer.push(b"epoch 4")  # takes over: the queue is now at epoch 4
+    newer.push(b"epoch 4")
     assert rx.epoch == 4
+    stale = gf.FabricQueue.attach(tx.fabric, tx.locator(), epoch=3)
     with pytest.raises(E.StaleEpoch):
-        tx.push(b"stale write")
-    stale = gf.FabricQueue.attach(tx.fabric, tx.locator(), epoch=2)
+        stale.push(b"stale write")
+    older = gf.FabricQueue.attach(tx.fabric, tx.locator(), epoch=2)
     with pytest.raises(E.StaleEpoch):
-        stale.push(b"older still")
+        older.push(b"older still")
     got = [rx.pop(timeout=1).tobytes() for _ in range(2)]
     assert got == [b"epoch 3", b"epoch 4"]
     assert rx.try_pop() is None
+
+
+def test_a_newer_epoch_never_takes_over_a_live_producer_in_place_it_fences_and_seals(make_pair):
+    tx, rx = make_pair(epoch=3)
+    tx.push(b"epoch 3")
+    newer = gf.FabricQueue.attach(tx.fabric, tx.locator(), epoch=4)
+    with pytest.raises(E.QueueSealed, match="fresh queue"):
+        newer.push(b"epoch 4")  # tx is alive (it may be mid-copy): no in-place takeover
+    assert rx.epoch == 4 and rx.sealed
+    with pytest.raises((E.StaleEpoch, E.QueueSealed)):
+        tx.push(b"stale write")  # fenced at the target
+    assert rx.pop(timeout=1).tobytes() == b"epoch 3"
+    with pytest.raises(E.QueueSealed):
+        rx.pop(timeout=1)
 
 
 def test_advance_epoch_only_moves_forward(make_pair):
