@@ -1038,12 +1038,17 @@ class OneSidedQueue(FabricQueue):
             self.region.faa64(_ONESIDED_PEERS, 1)
             self._announced = True
 
-    def _consumer_ready(self) -> _Consumer:
+    def _consumer_ready(self, strict: bool = True) -> _Consumer:
+        """The consumer, ready to pop; ``HeldItemsStall`` when all its release
+        tokens are out (unless ``strict`` is false: with several popping threads
+        another may be about to release, and the caller waits instead)."""
         self._check_live()
         c = self._c or self._consumer()
+        if self._cons_tid != threading.get_ident():
+            self._note_consumer_thread()
         if c.head != c.head_stored:
             self._advance_head(c)  # an earlier store of head failed: try again
-        if c.pend_next - c.pend_first >= c.pend_cap:
+        if strict and not self._cons_multi and c.pend_next - c.pend_first >= c.pend_cap:
             raise E.HeldItemsStall("too many unreleased items: pop")
         return c
 
@@ -1120,6 +1125,8 @@ class OneSidedQueue(FabricQueue):
         Raises ``QueueSealed`` once a sealed queue is drained."""
         with self._clock_lock:
             c = self._consumer_ready()
+            if c.pend_next - c.pend_first >= c.pend_cap:
+                return None  # other threads hold every token: nothing to hand out until they release
             m = self._mirror
             assert m is not None
             idx = self._next_record(c, False)
@@ -1151,14 +1158,12 @@ class OneSidedQueue(FabricQueue):
         it, with the same grace when several threads pop from this handle), else
         pause (``TimeoutError`` at the deadline)."""
         with self._clock_lock:
-            c = self._consumer_ready()
-            if self._cons_tid != threading.get_ident():
-                self._note_consumer_thread()
+            c = self._consumer_ready(strict=False)
             held = c.pend_next - c.pend_first
             waiters = 0
-            if held:
+            if held and held < c.pend_cap:
                 waiters = (self.region.load64(_SPACE_WORD) >> _SPACE_WAITER_SHIFT) & 0xFFFFFFFF
-        if held and waiters:
+        if held and (waiters or held >= c.pend_cap):
             message = (
                 f"the producer waits for space that {held} unreleased "
                 "items/batches pin, and the queue is empty: release items before waiting for more"
@@ -1189,7 +1194,8 @@ class OneSidedQueue(FabricQueue):
         while True:
             with self._clock_lock:
                 c = self._consumer_ready()
-                batch = self._take_batch(c, max_items)
+                full = c.pend_next - c.pend_first >= c.pend_cap
+                batch = None if full else self._take_batch(c, max_items)
             if batch is not None:
                 return batch
             if timeout == 0:

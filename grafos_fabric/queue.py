@@ -490,6 +490,7 @@ class FabricQueue(QueueProtocols):
         self._pf_keep = 0  # after close: prefetched records never handed out (stay unreleased)
         self._cons_tid: int | None = None
         self._cons_multi = False  # consumer calls came from more than one thread
+        self._pend_cap = 1 << 62  # release tokens the consumer can have out (set when it is claimed)
         self._reserving = False
         self._give_back_after_reserve = False
         _LIVE.add(self)
@@ -783,6 +784,7 @@ class FabricQueue(QueueProtocols):
             if lock is not None:
                 lock.release()
         self._pend = (pend_end, pend_done)
+        self._pend_cap = cap
         self._cons_rel = c
         self._cons = c
         return c
@@ -1113,6 +1115,8 @@ class FabricQueue(QueueProtocols):
             return None
         if rc == END:
             raise E.QueueSealed("queue is sealed and drained", seal_seq=self.seal_seq)
+        if rc == lib.GF_E_HELD and self._cons_multi:
+            return None  # other threads hold the oldest items: nothing to hand out until they release
         self._raise(rc, "pop")
         return None
 
@@ -1144,7 +1148,8 @@ class FabricQueue(QueueProtocols):
         elif self.closed or self._forked:
             self._check_open()
         held = int(lib.gf_consumer_outstanding(c))
-        if held and lib.gf_load_acquire_at(self._ring, _SPACE_WAITERS_OFF) & 0xFFFFFFFF:
+        tokens_full = held >= self._pend_cap
+        if held and (tokens_full or lib.gf_load_acquire_at(self._ring, _SPACE_WAITERS_OFF) & 0xFFFFFFFF):
             if not self._cons_multi:
                 raise E.HeldItemsStall(_stall_message(held))
             now = time.monotonic()
@@ -1157,6 +1162,9 @@ class FabricQueue(QueueProtocols):
         slice_ns = self._slice(deadline)
         if slice_ns <= 0:
             raise TimeoutError("timed out waiting for an item")
+        if tokens_full:  # data may be there, but no token until another thread releases: poll
+            time.sleep(min(slice_ns / NS, 0.001))
+            return
         if stall[0] is not None:
             slice_ns = min(slice_ns, _POLL_SLICE_NS * 10)
         rc = lib.gf_wait_data(c, slice_ns, _SPIN)
@@ -1207,7 +1215,7 @@ class FabricQueue(QueueProtocols):
                     return Batch(self, outs[1], offs[:n], lens[:n], seqs[:n], outs[2])
             if rc == END:
                 raise E.QueueSealed("queue is sealed and drained", seal_seq=self.seal_seq)
-            if rc != EMPTY:
+            if rc != EMPTY and not (rc == lib.GF_E_HELD and self._cons_multi):
                 self._raise(rc, "pop_batch")
             if timeout == 0:
                 return Batch.empty()
