@@ -133,8 +133,8 @@ def check_ttl(ttl: float) -> float:
     """Validate a TTL in seconds; raise :class:`FabricValueError` for nonsense."""
     try:
         value = float(ttl)
-    except (TypeError, ValueError):
-        raise FabricValueError(f"ttl must be a number of seconds, got {ttl!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise FabricValueError(f"ttl must be a number of seconds, got {ttl!r:.40}") from None
     if not (value > 0.0) or value > MAX_TTL:
         raise FabricValueError(f"ttl must be in (0, {MAX_TTL:.0f}] seconds, got {ttl!r}")
     return value

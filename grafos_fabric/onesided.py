@@ -486,8 +486,7 @@ class OneSidedQueue(FabricQueue):
     def set_acked(self, seq: int) -> None:
         """Publish that every item with sequence < ``seq`` is durably processed
         (``cas64``; ``acked`` only grows, a smaller value is ignored)."""
-        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= _U64:
-            raise E.FabricValueError(f"acked must be a non-negative int, got {seq!r}")
+        _check_int("acked", seq)
         cur = self.acked
         while seq > cur:
             found = self.region.cas64(_ACKED, cur, seq)
@@ -499,8 +498,8 @@ class OneSidedQueue(FabricQueue):
         """Seal the queue (``cas64`` of the tail word): no push succeeds afterwards;
         the consumer drains what was published, then gets ``QueueSealed``.
         Returns False if already sealed."""
-        if not isinstance(seal_seq, int) or isinstance(seal_seq, bool) or not 0 <= seal_seq <= _U64:
-            raise E.FabricValueError(f"seal_seq must be a non-negative int, got {seal_seq!r}")
+        _check_int("seal_seq", seal_seq)
+        self._check_handle()
         w = self.region.load64(_TAIL)
         if w & _SEALED:
             return False
@@ -517,8 +516,8 @@ class OneSidedQueue(FabricQueue):
         """Move the queue's epoch forward (``cas64`` on the epoch, then on the tail
         word's tag): producers stamped older fail their next publish at the
         target. Raises ``StaleEpoch`` unless ``new_epoch`` is newer."""
-        if not isinstance(new_epoch, int) or isinstance(new_epoch, bool) or not 0 <= new_epoch <= _U64:
-            raise E.FabricValueError(f"epoch must be a non-negative int, got {new_epoch!r}")
+        _check_int("epoch", new_epoch)
+        self._check_handle()
         cur = self.region.load64(_EPOCH)
         while True:
             if new_epoch <= cur:

@@ -613,15 +613,18 @@ class FabricQueue(QueueProtocols):
 
     @property
     def sealed(self) -> bool:
+        self._check_handle()
         return bool(lib.gf_load_acquire_at(self._ring, _TAIL_OFF) & _SEALED)
 
     @property
     def seal_seq(self) -> int:
+        self._check_handle()
         return int(lib.gf_load_acquire_at(self._ring, _SEAL_SEQ_OFF))
 
     @property
     def acked(self) -> int:
         """The consumer's durable commit: every sequence below it is processed."""
+        self._check_handle()
         return int(lib.gf_load_acquire_at(self._ring, _ACKED_OFF))
 
     def set_acked(self, seq: int) -> None:
