@@ -579,6 +579,8 @@ class FabricQueue(QueueProtocols):
             _check_int("epoch", epoch, 0, _EPOCH_MAX)
         if not isinstance(locator, QueueLocator):
             locator = QueueLocator.from_bytes(locator)
+        if take_over and (not mapped or not getattr(fabric, "mapped_regions", True)):
+            raise E.Unsupported("take_over needs the holder's host: attach mapped on the node that holds the ring")
         region = fabric.attach(locator.region, mapped=mapped)
         if not region.mapped:
             from .onesided import OneSidedQueue
