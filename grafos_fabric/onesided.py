@@ -60,9 +60,12 @@ Leases
 Limits (shared with the mapped path, or of RDMA itself)
     The owner check before writing narrows, but cannot close, the window in
     which a producer whose epoch is superseded mid-batch writes record bytes
-    past the old tail; in-place takeover assumes a dead or paused predecessor
-    (relocation moves to a fresh queue). When a mapped handle on the memory
-    node and a one-sided handle over RDMA share one ring, the CPU's and the
+    past the old tail; so a higher epoch takes the role over in place only
+    from a provably gone holder (none, or its role lock free where the region
+    has role locks), and otherwise fences and seals the queue
+    (``QueueSealed``: relocate to a fresh queue), as the mapped path does.
+    When a mapped handle on the memory node and a one-sided handle over RDMA
+    share one ring, the CPU's and the
     HCA's atomics on the same word are atomic with respect to each other only
     with ``IBV_ATOMIC_GLOB`` support.
 """

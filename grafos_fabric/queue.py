@@ -22,10 +22,26 @@ consumer holds unreleased items — ``pop``/``pop_batch`` raise
 keep (``item.tobytes()``, ``np.array(item)``) and release the item.
 
 Roles: one producer and one consumer per queue, claimed on first push / first
-pop; a second claimant gets :class:`~grafos_fabric.errors.RoleTaken`. A
-producer stamped with an epoch older than the queue's is rejected at the
-target (:class:`~grafos_fabric.errors.StaleEpoch`): the tail word it must
-compare-and-swap to publish carries the epoch.
+pop; a second claimant gets :class:`~grafos_fabric.errors.RoleTaken`. A held
+role also holds the region's role lock (on shm an open-file-description lock
+on the segment file, dropped by the kernel when the holder exits), which is
+how ``take_over=True`` tells a dead holder from a live one, in any pid
+namespace. A producer stamped with an epoch older than the queue's is
+rejected at the target (:class:`~grafos_fabric.errors.StaleEpoch`): the tail
+word it must compare-and-swap to publish carries the epoch.
+
+Takeover by a higher epoch happens in place only when the old producer is
+provably gone (no holder, or its role lock is free). A live producer may be
+mid-copy, writing record bytes past the tail where the new one would publish;
+so instead the queue is fenced and *sealed* and the newcomer gets
+:class:`~grafos_fabric.errors.QueueSealed` (relocate to a fresh queue). What
+remains: the fenced producer, while alive, may still write record bytes past
+the sealed tail of the old ring; they are never published.
+
+Threads share a handle safely (each item to exactly one popping thread); a
+handle inherited across ``fork()`` raises
+:class:`~grafos_fabric.errors.ForkedHandle` in the child. See
+:class:`FabricQueue`.
 """
 
 from __future__ import annotations
