@@ -469,18 +469,16 @@ class FabricQueue(QueueProtocols):
         self._prod: Any = None
         self._cons: Any = None
         self._pend: tuple[Any, Any] | None = None  # keeps the consumer's token arrays alive
-        self._seq_out = ffi.new("uint64_t *")
+        self._tls = threading.local()  # per-thread out-parameters of the native push
         # lease words (state, deadline) of the segment header, read without a native call
         self._lease_words = memoryview(ffi.buffer(self._lease_ptrs[0], 16)).cast("Q")
         self._clock_ns = time.monotonic_ns if self._native_clock else self._clock.now_ns
-        # records prefetched for single pops: [_pf_i, _pf_n) are still to hand out
-        self._pf_offs: list[int] = []
-        self._pf_lens: list[int] = []
-        self._pf_seqs: list[int] = []
-        self._pf_token = 0
-        self._pf_i = 0
-        self._pf_n = 0
+        # records prefetched for single pops, still to hand out: an iterator of
+        # (token, offset, length, seq); next() on it is one C call, so under the GIL
+        # each record goes to exactly one thread without a Python lock
+        self._pf_it: Iterator[tuple[int, int, int, int]] = _NO_PREFETCH
         self._prefetch_bytes = max(4096, self.capacity // 8)
+        self._max_records = self.capacity // int(lib.gf_record_size(1))
         self._pfa_offs = np.empty(PREFETCH_ITEMS, dtype=np.uint64)
         self._pfa_lens = np.empty(PREFETCH_ITEMS, dtype=np.uint64)
         self._pfa_seqs = np.empty(PREFETCH_ITEMS, dtype=np.uint64)
@@ -508,6 +506,7 @@ class FabricQueue(QueueProtocols):
         self._cons_multi = False  # consumer calls came from more than one thread
         self._pend_cap = 1 << 62  # release tokens the consumer can have out (set when it is claimed)
         self._reserving = False
+        self._reserver: int | None = None  # the thread whose reservation is open
         self._give_back_after_reserve = False
         _LIVE.add(self)
 
@@ -855,14 +854,20 @@ class FabricQueue(QueueProtocols):
     def _push1(self, buf: Any) -> int | None:
         item = buf if type(buf) is bytes and self.dtype is None else self._as_item(buf)
         n = len(item)
-        with self._plock:
-            p = self._prod or self._producer()
-            seq = self._seq_out
-            rc = lib.gf_push(p, item, n, 0 if self._native_clock else self._clock.now_ns(), seq)
-            if rc == OK:
-                return seq[0]
+        p = self._prod or self._producer()
+        try:
+            seq = self._tls.seq
+        except AttributeError:
+            seq = self._tls.seq = ffi.new("uint64_t *")
+        # no Python lock: the native producer serializes pushes itself
+        rc = lib.gf_push(p, item, n, 0 if self._native_clock else self._clock.now_ns(), seq)
+        if rc == OK:
+            return seq[0]
         if rc == FULL:
             return None
+        if rc == lib.GF_E_CLAIMED and self._reserver != threading.get_ident():
+            with self._plock:  # another thread's reservation is open: wait for its commit
+                return self._push1(buf)
         if rc == lib.GF_E_TOO_LARGE:
             raise E.ItemTooLarge(f"item of {n} bytes exceeds the queue's max_item of {self.max_item}")
         if rc == lib.GF_E_ARG and n == 0:
@@ -1040,6 +1045,7 @@ class FabricQueue(QueueProtocols):
         # the view pins the mapping (the gc'd pointer's destructor holds this queue)
         keep = ffi.gc(self._data + int(off[0]), self._pin)
         buf = np.frombuffer(ffi.buffer(keep, nbytes), dtype=np.uint8)
+        self._reserver = threading.get_ident()
         self._reserving = True
         self._commit_len = nbytes
         try:
@@ -1055,6 +1061,7 @@ class FabricQueue(QueueProtocols):
             self.last_seq = int(seq[0])
         finally:
             self._reserving = False
+            self._reserver = None
             if self._give_back_after_reserve:
                 self._give_back_producer(p)
             plock.release()
@@ -1090,14 +1097,17 @@ class FabricQueue(QueueProtocols):
         each with a release token of its own, and the following pops hand them
         out one by one after a lease check, without crossing into C or touching
         the producer's cache lines."""
+        t = next(self._pf_it, None)
+        if t is not None:
+            lw = self._lease_words
+            if lw[0] != _LEASE_ACTIVE or self._clock_ns() >= lw[1]:
+                self.lease.check()  # fails closed for good (the record stays unreleased: the lease is gone)
+            return Item(self, t[0], t[1], t[2], t[3], None)
         with self._clock_lock:
-            i = self._pf_i
-            if i < self._pf_n:
-                lw = self._lease_words
-                if lw[0] != _LEASE_ACTIVE or self._clock_ns() >= lw[1]:
-                    self.lease.check()
-                self._pf_i = i + 1
-                return Item(self, self._pf_token + i, self._pf_offs[i], self._pf_lens[i], self._pf_seqs[i], None)
+            t = next(self._pf_it, None)  # another thread may have refilled meanwhile
+            if t is not None:
+                self.lease.check()
+                return Item(self, t[0], t[1], t[2], t[3], None)
             return self._refill()
 
     def _note_consumer_thread(self) -> None:
@@ -1123,14 +1133,11 @@ class FabricQueue(QueueProtocols):
             n = outs[0]
             token = outs[1]
             if n == 1:
-                self._pf_n = 0
                 return Item(self, token, self._pfa_offs_p[0], self._pfa_lens_p[0], self._pfa_seqs_p[0], None)
-            self._pf_offs = offs = self._pfa_offs[:n].tolist()
-            self._pf_lens = lens = self._pfa_lens[:n].tolist()
-            self._pf_seqs = seqs = self._pfa_seqs[:n].tolist()
-            self._pf_token = token
-            self._pf_n = n
-            self._pf_i = 1
+            offs = self._pfa_offs[:n].tolist()
+            lens = self._pfa_lens[:n].tolist()
+            seqs = self._pfa_seqs[:n].tolist()
+            self._pf_it = zip(range(token + 1, token + n), offs[1:], lens[1:], seqs[1:], strict=True)
             return Item(self, token, offs[0], lens[0], seqs[0], None)
         if rc == EMPTY:
             return None
@@ -1212,12 +1219,15 @@ class FabricQueue(QueueProtocols):
         """
         _check_int("max_items", max_items, 1, 1 << 62)
         deadline = _deadline(timeout)
-        max_items = min(max_items, self.capacity // int(lib.gf_record_size(1)))
+        if max_items > self._max_records:
+            max_items = self._max_records  # no batch holds more records than fit in the ring
         stall: list[Any] = [None, -1]
         while True:
             with self._clock_lock:
-                if self._pf_i < self._pf_n:
-                    return self._batch_from_prefetch(max_items)
+                if self._pf_it is not _NO_PREFETCH:
+                    batch = self._batch_from_prefetch(max_items)
+                    if batch is not None:
+                        return batch
                 c = self._cons or self._consumer()
                 if self._cons_tid != threading.get_ident():
                     self._note_consumer_thread()
@@ -1242,18 +1252,30 @@ class FabricQueue(QueueProtocols):
                 return Batch.empty()
             self._wait_data(deadline, stall)
 
-    def _batch_from_prefetch(self, max_items: int) -> Batch:
-        """Items prefetched by single pops go out first, in order, as a batch
-        that carries their (consecutive) release tokens. Consumer lock held."""
+    def _batch_from_prefetch(self, max_items: int) -> Batch | None:
+        """Items prefetched by single pops go out first, in order, as a batch that
+        carries their (consecutive) release tokens; None when none are left.
+
+        Consumer lock held. The prefetch is taken out of reach first; single pops
+        that had already reached it may still take some records, so the batch
+        is the first run of consecutive records, and what follows it is put back."""
         self.lease.check()
-        i = self._pf_i
-        j = min(self._pf_n, i + max_items)
-        self._pf_i = j
-        offs = np.array(self._pf_offs[i:j], dtype=np.uint64)
-        lens = np.array(self._pf_lens[i:j], dtype=np.uint64)
-        seqs = np.array(self._pf_seqs[i:j], dtype=np.uint64)
+        it, self._pf_it = self._pf_it, _NO_PREFETCH
+        rest = list(it)
+        if not rest:
+            return None
+        k = 1
+        limit = min(len(rest), max_items)
+        while k < limit and rest[k][0] == rest[k - 1][0] + 1:
+            k += 1
+        if k < len(rest):
+            self._pf_it = iter(rest[k:])
+        first = rest[0][0]
+        offs = np.array([t[1] for t in rest[:k]], dtype=np.uint64)
+        lens = np.array([t[2] for t in rest[:k]], dtype=np.uint64)
+        seqs = np.array([t[3] for t in rest[:k]], dtype=np.uint64)
         uniform = int(lens[0]) if bool((lens == lens[0]).all()) else 0
-        return Batch(self, self._pf_token + i, offs, lens, seqs, uniform, ntokens=j - i)
+        return Batch(self, first, offs, lens, seqs, uniform, ntokens=k)
 
     def _release_token(self, token: int) -> None:
         """Release one token; from any thread, and from finalizers (so it never
@@ -1301,9 +1323,10 @@ class FabricQueue(QueueProtocols):
                 self._give_back_producer(p)
         with self._clock_lock:
             # prefetched records never handed out stay unreleased: head stays before
-            # them, and the next consumer reads them again
-            self._pf_keep = self._pf_n - self._pf_i
-            self._pf_i = self._pf_n = 0
+            # them, and the next consumer reads them again (each is counted here or
+            # taken by a single pop that had already reached the prefetch: never both)
+            it, self._pf_it = self._pf_it, _NO_PREFETCH
+            self._pf_keep = sum(1 for _ in it)
             self._cons = None
         self._maybe_give_back_consumer()
 
@@ -1342,7 +1365,7 @@ class FabricQueue(QueueProtocols):
         self._prod = None
         self._cons = None
         self._cons_rel = None
-        self._pf_i = self._pf_n = 0
+        self._pf_it = _NO_PREFETCH
         self._plock = threading.RLock()
         self._clock_lock = threading.Lock()
         locks, self._role_locks = self._role_locks, {}
@@ -1416,6 +1439,8 @@ def _deadline(timeout: Any) -> float | None:
         return None
     return time.monotonic() + t
 
+
+_NO_PREFETCH: Iterator[Any] = iter(())
 
 # Every live handle, so a child after fork() can mark the ones it inherited.
 _LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
