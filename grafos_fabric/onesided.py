@@ -489,7 +489,7 @@ class OneSidedQueue(FabricQueue):
     def set_acked(self, seq: int) -> None:
         """Publish that every item with sequence < ``seq`` is durably processed
         (``cas64``; ``acked`` only grows, a smaller value is ignored)."""
-        _check_int("acked", seq)
+        seq = _check_int("acked", seq)
         cur = self.acked
         while seq > cur:
             found = self.region.cas64(_ACKED, cur, seq)
@@ -501,7 +501,7 @@ class OneSidedQueue(FabricQueue):
         """Seal the queue (``cas64`` of the tail word): no push succeeds afterwards;
         the consumer drains what was published, then gets ``QueueSealed``.
         Returns False if already sealed."""
-        _check_int("seal_seq", seal_seq)
+        seal_seq = _check_int("seal_seq", seal_seq)
         self._check_handle()
         w = self.region.load64(_TAIL)
         if w & _SEALED:
@@ -519,7 +519,7 @@ class OneSidedQueue(FabricQueue):
         """Move the queue's epoch forward (``cas64`` on the epoch, then on the tail
         word's tag): producers stamped older fail their next publish at the
         target. Raises ``StaleEpoch`` unless ``new_epoch`` is newer."""
-        _check_int("epoch", new_epoch)
+        new_epoch = _check_int("epoch", new_epoch)
         self._check_handle()
         cur = self.region.load64(_EPOCH)
         while True:
@@ -939,7 +939,7 @@ class OneSidedQueue(FabricQueue):
         commit). An exception aborts it (nothing is written or published). Call
         ``q.commit_len(k)`` inside the block to publish only the first ``k`` bytes.
         """
-        _check_int("reserve size", nbytes, 1)
+        nbytes = _check_int("reserve size", nbytes, 1)
         with self._plock:
             p = self._producer_ready()
             if nbytes > self.max_item:
@@ -1189,7 +1189,7 @@ class OneSidedQueue(FabricQueue):
         stops at the ring's wrap point, so it may hold fewer items than are
         queued; its payloads are contiguous (in the local buffer, as in the ring).
         """
-        _check_int("max_items", max_items, 1, 1 << 62)
+        max_items = _check_int("max_items", max_items, 1, 1 << 62)
         deadline = _deadline(timeout)
         backoff = _Backoff(deadline)
         stall: list[Any] = [None, -1]

@@ -49,6 +49,7 @@ from __future__ import annotations
 import ast
 import logging
 import math
+import numbers
 import operator
 import os
 import secrets
@@ -110,12 +111,16 @@ _EPOCH_MAX = (1 << 63) - 1
 
 def _check_int(name: str, value: Any, lo: int = 0, hi: int = _U64_MAX) -> int:
     """``value`` as an int in ``[lo, hi]``: ``FabricTypeError`` for a non-int
-    (bools too), ``FabricValueError`` when it is out of range."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise E.FabricTypeError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
-    if not lo <= value <= hi:
-        raise E.FabricValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
+    (bools too; numpy ints are ints), ``FabricValueError`` when it is out of range."""
+    if isinstance(value, bool):
+        raise E.FabricTypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise E.FabricTypeError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}") from None
+    if not lo <= v <= hi:
+        raise E.FabricValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+    return v
 
 
 def _as_dtype(dtype: Any) -> np.dtype[Any]:
@@ -171,9 +176,9 @@ def _ring_geometry(
     if max_item is None:
         max_item = biggest
     else:
-        _check_int("max_item", max_item, 1, biggest)
-    _check_int("epoch", epoch, 0, _EPOCH_MAX)
-    _check_int("first_seq", first_seq, 0, _EPOCH_MAX)
+        max_item = _check_int("max_item", max_item, 1, biggest)
+    epoch = _check_int("epoch", epoch, 0, _EPOCH_MAX)
+    first_seq = _check_int("first_seq", first_seq, 0, _EPOCH_MAX)
     dt = None if dtype is None else _as_dtype(dtype)
     dtext = "" if dt is None else _dtype_to_str(dt)
     if dt is not None and max_item < dt.itemsize:
@@ -444,7 +449,7 @@ class FabricQueue(QueueProtocols):
 
     def __init__(self, fabric: Fabric, region: Region, *, owner: bool, epoch: int | None = None) -> None:
         if epoch is not None:
-            _check_int("epoch", epoch, 0, _EPOCH_MAX)
+            epoch = _check_int("epoch", epoch, 0, _EPOCH_MAX)
         self.fabric = fabric
         self.region = region
         self.lease: Lease = region.lease
@@ -591,7 +596,7 @@ class FabricQueue(QueueProtocols):
         and the first push raises ``QueueSealed``: move to a fresh queue (as
         ``RelocatableQueueEdge`` does)."""
         if epoch is not None:
-            _check_int("epoch", epoch, 0, _EPOCH_MAX)
+            epoch = _check_int("epoch", epoch, 0, _EPOCH_MAX)
         if not isinstance(locator, QueueLocator):
             locator = QueueLocator.from_bytes(locator)
         if take_over and (not mapped or not getattr(fabric, "mapped_regions", True)):
@@ -648,7 +653,7 @@ class FabricQueue(QueueProtocols):
         """Publish that every item with sequence < ``seq`` is durably processed.
 
         ``acked`` only grows (a smaller value is ignored)."""
-        _check_int("acked", seq)
+        seq = _check_int("acked", seq)
         cur = self.acked
         while seq > cur:
             found = int(lib.gf_cas_at(self._ring, _ACKED_OFF, cur, seq))
@@ -659,14 +664,14 @@ class FabricQueue(QueueProtocols):
     def seal(self, seal_seq: int = 0) -> bool:
         """Seal the queue: no push succeeds afterwards; the consumer drains what
         was published, then gets ``QueueSealed``. Returns False if already sealed."""
-        _check_int("seal_seq", seal_seq)
+        seal_seq = _check_int("seal_seq", seal_seq)
         self._check_handle()
         return int(lib.gf_ring_seal(self._ring, seal_seq)) == OK
 
     def advance_epoch(self, new_epoch: int) -> None:
         """Move the queue's epoch forward: producers stamped older are fenced at
         their next publish. Raises ``StaleEpoch`` unless ``new_epoch`` is newer."""
-        _check_int("epoch", new_epoch, 0, _EPOCH_MAX)
+        new_epoch = _check_int("epoch", new_epoch, 0, _EPOCH_MAX)
         self._check_handle()
         rc = lib.gf_ring_advance_epoch(self._ring, new_epoch)
         if rc != OK:
@@ -1020,7 +1025,7 @@ class FabricQueue(QueueProtocols):
         ``close()`` from another thread gives the producer role up only when the
         block ends.
         """
-        _check_int("reserve size", nbytes, 1)
+        nbytes = _check_int("reserve size", nbytes, 1)
         if nbytes > self.max_item:
             raise E.ItemTooLarge(f"reservation of {nbytes} bytes exceeds the queue's max_item of {self.max_item}")
         if self.dtype is not None and nbytes % self.dtype.itemsize:
@@ -1078,7 +1083,7 @@ class FabricQueue(QueueProtocols):
         self._check_open()
         if not self._reserving:
             raise E.FabricValueError("commit_len is for inside a reserve() block")
-        _check_int("commit length", nbytes, 1)
+        nbytes = _check_int("commit length", nbytes, 1)
         if nbytes > self._commit_len:
             raise E.FabricValueError(f"commit length must be in (0, {self._commit_len}]")
         dt = self.dtype
@@ -1217,7 +1222,7 @@ class FabricQueue(QueueProtocols):
         queued; its payloads are contiguous. (A ``max_items`` larger than the
         ring can hold records is the same as that many.)
         """
-        _check_int("max_items", max_items, 1, 1 << 62)
+        max_items = _check_int("max_items", max_items, 1, 1 << 62)
         deadline = _deadline(timeout)
         if max_items > self._max_records:
             max_items = self._max_records  # no batch holds more records than fit in the ring
@@ -1427,7 +1432,7 @@ def _deadline(timeout: Any) -> float | None:
     """A blocking call's deadline on the monotonic clock (None: wait forever)."""
     if timeout is None:
         return None
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
         raise E.FabricTypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
     try:
         t = float(timeout)
