@@ -1154,6 +1154,27 @@ class OneSidedQueue(FabricQueue):
                 return item
             self._poll_data(backoff, stall)
 
+    def _wait_readable(self, deadline: float | None) -> None:
+        """Poll (with backoff) until the tail moves past what this consumer read,
+        for the asyncio worker; ``TimeoutError`` at the deadline. The consumer
+        lock is held only for each check, never while pausing."""
+        backoff = _Backoff(deadline)
+        stall: list[Any] = [None, -1]
+        while True:
+            with self._clock_lock:
+                c = self._consumer_ready(strict=False)
+                if c.rpos != c.tail_cache:
+                    return
+                w = self._load_tail(c)
+                if c.tail_cache != c.rpos or w & _SEALED:
+                    return
+            self._poll_data(backoff, stall)
+
+    def _wait_writable(self, nbytes: int, deadline: float | None) -> None:
+        """Wait until ``nbytes`` may fit, for the asyncio worker (``_wait_space``
+        takes the producer lock for each poll, not while pausing)."""
+        self._wait_space(nbytes, deadline)
+
     def _poll_data(self, backoff: _Backoff, stall: list[Any]) -> None:
         """One poll for data, without the consumer lock while it pauses: raise
         ``HeldItemsStall`` if waiting would deadlock (as the mapped queue judges
@@ -1349,6 +1370,7 @@ class OneSidedQueue(FabricQueue):
         self.closed = True
         if self._forked:
             return  # the roles are the parent's: nothing of them is given back here
+        self._aio_shutdown()
         with self._plock:
             p = self._p
             self._p = None

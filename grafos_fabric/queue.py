@@ -1207,7 +1207,7 @@ class FabricQueue(QueueProtocols):
 
     def _wait_readable(self, deadline: float | None) -> None:
         """Wait (GIL released) until data may be there, for the asyncio worker."""
-        self._wait_data(deadline)
+        self._wait_data(deadline, [None, -1])
 
     def _wait_writable(self, nbytes: int, deadline: float | None) -> None:
         """Wait (GIL released) until ``nbytes`` may fit, for the asyncio worker."""
@@ -1319,6 +1319,7 @@ class FabricQueue(QueueProtocols):
         self.closed = True
         if self._forked:
             return  # the roles are the parent's: nothing of them is given back here
+        self._aio_shutdown()
         p = self._prod
         self._prod = None
         if p is not None:
