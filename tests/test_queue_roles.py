@@ -237,3 +237,34 @@ def test_a_live_producer_in_another_pid_namespace_is_not_taken_over_and_a_killed
                 raise
             time.sleep(0.05)
     assert q.pop(timeout=WAIT).tobytes() == b"successor"
+
+
+# -- higher epochs: never in place over a live producer ---------------------------------------------------
+
+
+@pytest.mark.parametrize("old_mapped", [True, False])
+@pytest.mark.parametrize("new_mapped", [True, False])
+def test_a_higher_epoch_fences_and_seals_a_live_producer_on_either_path(fabric, old_mapped, new_mapped):
+    base = gf.FabricQueue.create(fabric, capacity=1 << 14, ttl=WAIT, epoch=5)
+    old = gf.FabricQueue.attach(fabric, base.locator(), mapped=old_mapped)
+    old.push(b"old")
+    newer = gf.FabricQueue.attach(fabric, base.locator(), mapped=new_mapped, epoch=6)
+    with pytest.raises(E.QueueSealed, match="relocate"):
+        newer.push(b"new")
+    assert base.epoch == 6 and base.sealed
+    with pytest.raises((E.StaleEpoch, E.QueueSealed)):
+        old.push(b"stale")
+    assert base.pop(timeout=WAIT).tobytes() == b"old"
+    with pytest.raises(E.QueueSealed):
+        base.pop(timeout=WAIT)
+
+
+@pytest.mark.parametrize("new_mapped", [True, False])
+def test_a_higher_epoch_takes_over_in_place_from_a_closed_or_dead_producer(fabric, new_mapped):
+    base = gf.FabricQueue.create(fabric, capacity=1 << 14, ttl=WAIT, epoch=5)
+    old = gf.FabricQueue.attach(fabric, base.locator())
+    old.push(b"old")
+    old.close()
+    gf.FabricQueue.attach(fabric, base.locator(), mapped=new_mapped, epoch=6).push(b"in place")
+    assert [base.pop(timeout=WAIT).tobytes() for _ in range(2)] == [b"old", b"in place"]
+    assert base.epoch == 6 and not base.sealed
