@@ -884,10 +884,12 @@ class FabricQueue(QueueProtocols):
         """Push one item, waiting for space; returns its sequence number.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first."""
-        deadline = _deadline(timeout)
+        if timeout is not None and not (type(timeout) is float and timeout >= 0.0):
+            _deadline(timeout)  # refuse a bad timeout even when no wait is needed
         seq = self._push1(buf)
         if seq is not None:
             return seq
+        deadline = _deadline(timeout)
         n = len(self._as_item(buf))
         while True:
             self._wait_space(n, deadline)
@@ -1155,10 +1157,12 @@ class FabricQueue(QueueProtocols):
 
     def pop(self, timeout: float | None = None) -> Item:
         """Pop one item, waiting for it; ``TimeoutError`` when ``timeout`` passes."""
-        deadline = _deadline(timeout)
+        if timeout is not None and not (type(timeout) is float and timeout >= 0.0):
+            _deadline(timeout)  # refuse a bad timeout even when no wait is needed
         item = self.try_pop()
         if item is not None:
             return item
+        deadline = _deadline(timeout)
         stall: list[Any] = [None, -1]
         while True:
             self._wait_data(deadline, stall)
@@ -1433,7 +1437,7 @@ def _deadline(timeout: Any) -> float | None:
     """A blocking call's deadline on the monotonic clock (None: wait forever)."""
     if timeout is None:
         return None
-    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
+    if type(timeout) is not float and (not isinstance(timeout, numbers.Real) or isinstance(timeout, bool)):
         raise E.FabricTypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
     try:
         t = float(timeout)
