@@ -199,6 +199,82 @@ int gfu_run_progress(gfu_ctx *c, int event_mode) {
     return GFU_OK;
 }
 
+/* ------------------------------------------------------------ progress group */
+
+/* One thread progressing many workers (the node: one worker per client
+ * session, so that fencing a session is destroying its worker). */
+#define GFU_GROUP_MAX 1024
+struct gfu_group {
+    pthread_mutex_t mu;
+    gfu_ctx *members[GFU_GROUP_MAX];
+    int count;
+    atomic_int waiters;
+    atomic_int stop;
+};
+
+int gfu_group_create(gfu_group **out) {
+    gfu_group *g = calloc(1, sizeof *g);
+    if (!g) return GFU_ERROR;
+    pthread_mutex_init(&g->mu, NULL);
+    *out = g;
+    return GFU_OK;
+}
+
+static void group_lock(gfu_group *g) {
+    atomic_fetch_add_explicit(&g->waiters, 1, memory_order_relaxed);
+    pthread_mutex_lock(&g->mu);
+    atomic_fetch_sub_explicit(&g->waiters, 1, memory_order_relaxed);
+}
+
+int gfu_group_add(gfu_group *g, gfu_ctx *c) {
+    group_lock(g);
+    int rc = GFU_ERROR;
+    if (g->count < GFU_GROUP_MAX) { g->members[g->count++] = c; rc = GFU_OK; }
+    pthread_mutex_unlock(&g->mu);
+    return rc;
+}
+
+/* After this returns, the runner no longer touches c (it may be destroyed). */
+void gfu_group_remove(gfu_group *g, gfu_ctx *c) {
+    group_lock(g);
+    for (int i = 0; i < g->count; i++)
+        if (g->members[i] == c) { g->members[i] = g->members[--g->count]; break; }
+    pthread_mutex_unlock(&g->mu);
+}
+
+void gfu_group_stop(gfu_group *g) { atomic_store(&g->stop, 1); }
+
+void gfu_group_destroy(gfu_group *g) {
+    if (!g) return;
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+}
+
+int gfu_group_run(gfu_group *g, int event_mode) {
+    struct pollfd pfds[GFU_GROUP_MAX];
+    atomic_store(&g->stop, 0);
+    while (!atomic_load_explicit(&g->stop, memory_order_relaxed)) {
+        int nfds = 0, busy = 0;
+        group_lock(g);
+        for (int i = 0; i < g->count; i++) {
+            gfu_ctx *c = g->members[i];
+            ctx_lock(c);
+            for (int k = 0; k < 16 && ucp_worker_progress(c->worker); k++) busy = 1;
+            if (event_mode && c->efd >= 0) {
+                ucs_status_t st = ucp_worker_arm(c->worker);
+                if (st == UCS_OK) pfds[nfds++] = (struct pollfd){.fd = c->efd, .events = POLLIN};
+                else busy = 1;
+            }
+            if (atomic_load_explicit(&c->waiters, memory_order_relaxed)) busy = 2;
+            ctx_unlock(c);
+        }
+        pthread_mutex_unlock(&g->mu);
+        if (event_mode && !busy) poll(pfds, (nfds_t)nfds, 20); /* 20 ms bounds stop and membership latency */
+        else if (busy == 2 || atomic_load_explicit(&g->waiters, memory_order_relaxed)) sched_yield();
+    }
+    return GFU_OK;
+}
+
 int gfu_worker_address(gfu_ctx *c, uint8_t *buf, size_t cap, size_t *len) {
     ucp_address_t *addr;
     size_t n;

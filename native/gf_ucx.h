@@ -17,6 +17,7 @@ typedef struct gfu_ep gfu_ep;
 typedef struct gfu_mem gfu_mem;
 typedef struct gfu_rkey gfu_rkey;
 typedef struct gfu_listener gfu_listener;
+typedef struct gfu_group gfu_group;
 
 #include "gf_ucx_api.h"
 #endif

@@ -7,6 +7,12 @@ void gfu_ctx_destroy(gfu_ctx *ctx);
 int gfu_progress(gfu_ctx *ctx);
 int gfu_run_progress(gfu_ctx *ctx, int event_mode);
 void gfu_stop_progress(gfu_ctx *ctx);
+int gfu_group_create(gfu_group **out);
+int gfu_group_add(gfu_group *g, gfu_ctx *ctx);
+void gfu_group_remove(gfu_group *g, gfu_ctx *ctx);
+int gfu_group_run(gfu_group *g, int event_mode);
+void gfu_group_stop(gfu_group *g);
+void gfu_group_destroy(gfu_group *g);
 int gfu_worker_address(gfu_ctx *ctx, uint8_t *buf, size_t cap, size_t *len);
 
 int gfu_listen(gfu_ctx *ctx, const char *ip, uint16_t port, gfu_listener **out, uint16_t *bound_port,
