@@ -3,7 +3,8 @@ names the default: ``open_fabric()`` picks ``$GRAFOS_FABRIC``, else
 ``shm://default``.
 
 URLs: ``shm://NAMESPACE`` (POSIX shared memory, any Linux machine) and
-``rdma://HOST:PORT`` (a memory node reached with one-sided RDMA verbs).
+``rdma://HOST:PORT`` (a memory node reached with one-sided RDMA verbs),
+``ucx://HOST:PORT`` (a memory node reached with one-sided UCX operations).
 """
 
 from __future__ import annotations
@@ -39,4 +40,8 @@ def open_fabric(url: str | None = None, *, clock: Clock | None = None) -> Fabric
         except ImportError as exc:
             raise E.Unsupported(f"the verbs driver is not available: {exc}") from exc
         return VerbsFabric.from_url(url, clock=clock)
-    raise E.FabricValueError(f"unknown fabric URL {url!r}: use shm://NAMESPACE or rdma://HOST:PORT")
+    if scheme == "ucx":
+        from .ucx import open_ucx_fabric
+
+        return open_ucx_fabric(url, clock=clock)
+    raise E.FabricValueError(f"unknown fabric URL {url!r}: use shm://NAMESPACE, rdma://HOST:PORT or ucx://HOST:PORT")

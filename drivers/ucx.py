@@ -93,6 +93,7 @@ __all__ = [
     "UcxSession",
     "UcxSpan",
     "available",
+    "open_ucx_fabric",
     "parse_ucx_url",
     "ucx_config",
     "version",
@@ -858,3 +859,42 @@ def parse_ucx_url(url: str) -> tuple[str, int, dict[str, str]]:
             raise FabricValueError(f"unknown option {key!r} in {url!r} (known: {', '.join(sorted(known))})")
         opts[key] = values[-1]
     return host, port, opts
+
+
+def open_ucx_fabric(url: str, *, clock: Any = None) -> Any:
+    """``open_fabric("ucx://HOST:PORT?...")``: :class:`Unsupported` with the reason where UCX is absent.
+
+    The client fabric is the memory node package's ``RemoteFabric`` with
+    :class:`UcxConnector` as its connector; where that package's client is not
+    in this build yet, :class:`Unsupported` says so.
+    """
+    parse_ucx_url(url)
+    _require()
+    try:
+        from .node.client import RemoteFabric  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as ex:
+        raise Unsupported(f"ucx:// needs the memory node client (grafos_fabric.drivers.node.client): {ex}") from None
+    return _fabric_class(RemoteFabric).from_url(url, clock=clock)
+
+
+def _fabric_class(base: Any) -> Any:
+    class UcxFabric(base):  # type: ignore[misc,valid-type]
+        """A client of UCX memory nodes (``ucx://HOST:PORT?tls=tcp&net_devices=...&timeout=5``)."""
+
+        driver = "ucx"
+        schemes = ("ucx",)
+
+        def connector(self, link: NodeLink) -> UcxConnector:
+            if getattr(self, "_ucx_ctx", None) is None:
+                _h, _p, opts = parse_ucx_url(self.url) if hasattr(self, "url") else ("", 0, {})
+                self._ucx_ctx = UcxContext(ucx_config(opts.get("tls"), opts.get("net_devices")))
+                self._ucx_timeout = float(opts.get("timeout", DEFAULT_OP_TIMEOUT))
+            return UcxConnector(self._ucx_ctx, link, timeout=self._ucx_timeout)
+
+        def close(self) -> None:
+            super().close()
+            ctx, self._ucx_ctx = getattr(self, "_ucx_ctx", None), None
+            if ctx is not None:
+                ctx.close()
+
+    return UcxFabric

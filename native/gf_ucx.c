@@ -38,7 +38,7 @@
 #include <time.h>
 #include <ucp/api/ucp.h>
 
-#define GFU_CLOSE_GRACE 2.0 /* seconds to let a force-close complete what was in flight */
+#define GFU_CLOSE_GRACE 0.5 /* seconds to let a force-close complete what was in flight */
 
 struct gfu_ctx {
     ucp_context_h context;
@@ -54,6 +54,7 @@ struct gfu_ep {
     gfu_ctx *ctx;
     ucp_ep_h ep;
     atomic_int failed;       /* ucs_status_t of the error callback, 0 while healthy */
+    uint64_t operand, reply; /* atomic buffers: on the heap, never on a stack UCX could write after a failure */
     char err[160];
 };
 
@@ -689,20 +690,22 @@ int gfu_cas64(gfu_ep *e, gfu_rkey *r, uint64_t raddr, uint64_t expected, uint64_
     double deadline = now_s() + timeout;
     OP_BEGIN(e);
     /* CSWAP: buffer = compare value; reply_buffer = new value in, old value out */
-    uint64_t cmp = expected, swap = desired;
-    int rc = atomic_locked(e, r, UCP_ATOMIC_OP_CSWAP, &cmp, &swap, raddr, deadline);
+    e->operand = expected;
+    e->reply = desired;
+    int rc = atomic_locked(e, r, UCP_ATOMIC_OP_CSWAP, &e->operand, &e->reply, raddr, deadline);
+    if (rc == GFU_OK) *old = e->reply;
     ctx_unlock(e->ctx);
-    if (rc == GFU_OK) *old = swap;
     return rc;
 }
 
 int gfu_faa64(gfu_ep *e, gfu_rkey *r, uint64_t raddr, uint64_t add, uint64_t *old, double timeout) {
     double deadline = now_s() + timeout;
     OP_BEGIN(e);
-    uint64_t v = add, reply = 0;
-    int rc = atomic_locked(e, r, UCP_ATOMIC_OP_ADD, &v, &reply, raddr, deadline);
+    e->operand = add;
+    e->reply = 0;
+    int rc = atomic_locked(e, r, UCP_ATOMIC_OP_ADD, &e->operand, &e->reply, raddr, deadline);
+    if (rc == GFU_OK) *old = e->reply;
     ctx_unlock(e->ctx);
-    if (rc == GFU_OK) *old = reply;
     return rc;
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -56,13 +57,15 @@ class LocalLink:
 class ChildLink:
     """A NodeLink onto a node process (tests/_ucx_node.py) through its stdin/stdout."""
 
-    def __init__(self, proc: subprocess.Popen[str], info: dict[str, Any], host: str) -> None:
+    def __init__(self, proc: subprocess.Popen[str], info: dict[str, Any], host: str, sid: int = 0) -> None:
         self.proc = proc
+        self.sid = sid
         self.host, self.port, self.tenant = host, 1, "default"
         self.info = {**info, "ucx_host": host}
         self._lock = threading.Lock()
 
     session_epoch = 0
+    timeout = 2.0
 
     def call(self, **msg: Any) -> dict[str, Any]:
         with self._lock:
@@ -71,22 +74,35 @@ class ChildLink:
             try:
                 self.proc.stdin.write(json.dumps(msg) + "\n")
                 self.proc.stdin.flush()
-                line = self.proc.stdout.readline()
+                ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+                if not ready:  # a stopped node: its control channel does not answer either
+                    raise Disconnected(f"the node did not answer within {self.timeout}s")
+                reply = json_line(self.proc.stdout)
             except (OSError, ValueError) as ex:
                 raise Disconnected(f"the node process is gone: {ex}") from None
-            if not line:
+            if not reply:
                 raise Disconnected("the node process is gone")
-            reply: dict[str, Any] = json.loads(line)
         if "error" in reply:
             raise Disconnected(reply["error"])
         return reply
 
     def connect(self, params: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = self.call(cmd="connect", params=params)["reply"]
+        out: dict[str, Any] = self.call(cmd="connect", params=params, sid=self.sid)["reply"]
         return out
 
     def lease_state(self, lease_id: str) -> str:
         return str(self.call(cmd="state", lease=lease_id)["state"])
+
+
+def json_line(stream: Any) -> dict[str, Any]:
+    """The next JSON line of a child's stdout (UCX prints its warnings there too: skipped)."""
+    while True:
+        line = stream.readline()
+        if not line:
+            return {}
+        if line.startswith("{"):
+            out: dict[str, Any] = json.loads(line)
+            return out
 
 
 def start_node(*, netns: str | None = None, host: str = "127.0.0.1", tls: str = "tcp", net_devices: str = "lo",
@@ -97,16 +113,17 @@ def start_node(*, netns: str | None = None, host: str = "127.0.0.1", tls: str = 
         cmd = ["ip", "netns", "exec", netns, *cmd]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
+    hello = json_line(proc.stdout)
+    if not hello:
         proc.kill()
         raise RuntimeError(f"the node process did not start (exit {proc.wait()})")
-    return proc, json.loads(line)
+    return proc, hello
 
 
 def child_region(proc: subprocess.Popen[str], hello: dict[str, Any], ctx: UcxContext, host: str = "127.0.0.1",
-                 *, timeout: float = 5.0, lease_id: str = "L1") -> tuple[UcxRegion, ChildLink, UcxConnector]:
-    link = ChildLink(proc, hello["info"], host)
+                 *, timeout: float = 5.0, lease_id: str = "L1", sid: int = 0,
+                 ) -> tuple[UcxRegion, ChildLink, UcxConnector]:
+    link = ChildLink(proc, hello["info"], host, sid)
     conn = UcxConnector(ctx, link, timeout=timeout)
     grant = Grant(lease_id=lease_id, generation=1, nbytes=hello["nbytes"], ttl=3600.0, writable=True,
                   access=hello["access"])
@@ -121,3 +138,34 @@ def local_region(registrar: UcxRegistrar, ctx: UcxContext, nbytes: int = 1 << 16
     grant = Grant(lease_id=lease_id, generation=1, nbytes=nbytes, ttl=3600.0, writable=True,
                   access=span.access(True))
     return conn.region(make_lease(lease_id), grant), link, span
+
+
+class SocketLink(ChildLink):
+    """A NodeLink onto a node process's TCP command port (a client in another namespace)."""
+
+    def __init__(self, host: str, port: int, info: dict[str, Any], sid: int = 0) -> None:
+        import socket
+
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.file = self.sock.makefile("rw")
+        self.host, self.port, self.tenant, self.sid = host, port, "default", sid
+        self.info = {**info, "ucx_host": host}
+        self._lock = threading.Lock()
+
+    def call(self, **msg: Any) -> dict[str, Any]:
+        with self._lock:
+            try:
+                self.file.write(json.dumps(msg) + "\n")
+                self.file.flush()
+                ready, _, _ = select.select([self.sock], [], [], self.timeout)
+                if not ready:
+                    raise Disconnected(f"the node did not answer within {self.timeout}s")
+                line = self.file.readline()
+            except OSError as ex:
+                raise Disconnected(f"the node's control channel failed: {ex}") from None
+            if not line:
+                raise Disconnected("the node's control channel closed")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise Disconnected(reply["error"])
+        return reply
