@@ -108,7 +108,7 @@ PAGE = mmap.PAGESIZE
 _ERRLEN = 256
 
 try:
-    from grafos_fabric import _ucx as _mod
+    from grafos_fabric import _ucx as _mod  # type: ignore[attr-defined,unused-ignore]
 
     ffi: Any = _mod.ffi
     lib: Any = _mod.lib
@@ -841,7 +841,9 @@ class UcxRegion:
 
 
 def parse_ucx_url(url: str) -> tuple[str, int, dict[str, str]]:
-    """``ucx://HOST:PORT[?tls=tcp&net_devices=lo&timeout=5&progress=busy|event&tenant=...]`` -> (host, port, options)."""
+    """``ucx://HOST:PORT[?tls=tcp&net_devices=lo&timeout=5&progress=busy|event&tenant=...]``.
+
+    Returns ``(host, port, options)``."""
     parts = urlsplit(url)
     if parts.scheme.lower() != "ucx":
         raise FabricValueError(f"not a ucx:// URL: {url!r}")
@@ -878,22 +880,25 @@ def open_ucx_fabric(url: str, *, clock: Any = None) -> Any:
 
 
 def _fabric_class(base: Any) -> Any:
-    class UcxFabric(base):  # type: ignore[misc,valid-type]
+    class UcxFabric(base):  # type: ignore[misc,valid-type,unused-ignore]
         """A client of UCX memory nodes (``ucx://HOST:PORT?tls=tcp&net_devices=...&timeout=5``)."""
 
         driver = "ucx"
         schemes = ("ucx",)
+        _ucx_ctx: UcxContext | None = None
 
         def connector(self, link: NodeLink) -> UcxConnector:
-            if getattr(self, "_ucx_ctx", None) is None:
-                _h, _p, opts = parse_ucx_url(self.url) if hasattr(self, "url") else ("", 0, {})
-                self._ucx_ctx = UcxContext(ucx_config(opts.get("tls"), opts.get("net_devices")))
-                self._ucx_timeout = float(opts.get("timeout", DEFAULT_OP_TIMEOUT))
-            return UcxConnector(self._ucx_ctx, link, timeout=self._ucx_timeout)
+            ctx: UcxContext | None = getattr(self, "_ucx_ctx", None)
+            _h, _p, opts = parse_ucx_url(self.url)
+            if ctx is None:
+                ctx = UcxContext(ucx_config(opts.get("tls"), opts.get("net_devices")))
+                self._ucx_ctx = ctx
+            return UcxConnector(ctx, link, timeout=float(opts.get("timeout", DEFAULT_OP_TIMEOUT)))
 
         def close(self) -> None:
             super().close()
-            ctx, self._ucx_ctx = getattr(self, "_ucx_ctx", None), None
+            ctx: UcxContext | None = getattr(self, "_ucx_ctx", None)
+            self._ucx_ctx = None
             if ctx is not None:
                 ctx.close()
 

@@ -14,14 +14,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _ucx_harness as H  # noqa: E402
-
-from grafos_fabric.drivers import ucx  # noqa: E402
-from grafos_fabric.drivers.node.registrar import Grant  # noqa: E402
+import _ucx_harness as H
+from grafos_fabric.drivers import ucx
+from grafos_fabric.drivers.node.registrar import Grant
 
 
 def main() -> None:
-    ip, ctl, dev, timeout, hello = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), json.loads(sys.argv[5])
+    ip, ctl, dev = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    timeout, hello = float(sys.argv[4]), json.loads(sys.argv[5])
     ctx = ucx.UcxContext(ucx.ucx_config("tcp", dev))
     link = H.SocketLink(ip, ctl, hello["info"], sid=os.getpid())
     conn = ucx.UcxConnector(ctx, link, timeout=timeout)

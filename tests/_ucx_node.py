@@ -14,8 +14,9 @@ import socket
 import sys
 import threading
 
-from grafos_fabric import _ucx
 from grafos_fabric.drivers.ucx import UcxRegistrar
+
+from grafos_fabric import _ucx
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 import pytest
+from grafos_fabric.drivers import ucx
 
 import grafos_fabric as gf
-from grafos_fabric.drivers import ucx
 from grafos_fabric.errors import (
     CapacityExceeded,
     Disconnected,
@@ -34,8 +34,8 @@ from grafos_fabric.errors import (
 )
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _netns  # noqa: E402
-import _ucx_harness as H  # noqa: E402
+import _netns
+import _ucx_harness as H
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -267,7 +267,7 @@ def _fault(client: Any) -> dict[str, Any]:
 @needs_ucx
 def test_operations_and_atomics_across_two_namespaces(netns_node: Any) -> None:
     _pair, proc, client = netns_node
-    c, ready = client(5.0)
+    _c, ready = client(5.0)
     assert ready["roundtrip"] is True
     assert ready["faas"] == list(range(100))
     assert H.ChildLink(proc, {}, "").call(cmd="peek", index=0)["value"] == 100
