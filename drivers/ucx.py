@@ -65,7 +65,7 @@ import mmap
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 from grafos_fabric.errors import (
@@ -80,7 +80,8 @@ from grafos_fabric.errors import (
 )
 from grafos_fabric.lease import Lease
 
-from .base import Buffer, RegionRef
+from .base import Buffer, Fabric, RegionRef
+from .node.client import RemoteFabric
 from .node.registrar import Access, Grant, NodeLink
 
 __all__ = [
@@ -88,6 +89,7 @@ __all__ = [
     "UcxConnector",
     "UcxContext",
     "UcxEndpoint",
+    "UcxFabric",
     "UcxRegion",
     "UcxRegistrar",
     "UcxSession",
@@ -617,9 +619,11 @@ class UcxConnector:
     (``link.session_epoch``) the next operation connects a new one.
     """
 
-    def __init__(self, ctx: UcxContext, link: NodeLink, *, timeout: float = DEFAULT_OP_TIMEOUT) -> None:
+    def __init__(self, ctx: UcxContext, link: NodeLink, *, timeout: float = DEFAULT_OP_TIMEOUT,
+                 fabric: Any = None) -> None:
         self.ctx = ctx
         self.link = link
+        self.fabric = fabric  # the RemoteFabric (refs with capabilities, lease cells); None in bare use
         self.timeout = float(timeout)
         self._lock = threading.RLock()
         self._ep: UcxEndpoint | None = None
@@ -740,6 +744,10 @@ class UcxRegion:
             state = self.connector.link.lease_state(self.lease.id)
         except FabricError as ex:
             return Disconnected(f"{what}; the node could not be asked for the lease state: {ex}")
+        fabric = self.connector.fabric
+        cell = fabric.cell(self.lease.id) if fabric is not None and hasattr(fabric, "cell") else None
+        if cell is not None:
+            cell.mark(state)
         if state == "revoked":
             self._dead = Revoked(f"{what}: the lease was revoked")
             return self._dead
@@ -756,6 +764,10 @@ class UcxRegion:
 
     # -- the driver protocol ---------------------------------------------------
     def ref(self) -> RegionRef:
+        fabric = self.connector.fabric
+        if fabric is not None:
+            ref: RegionRef = fabric.region_ref(self.lease, self.nbytes)
+            return ref
         link = self.connector.link
         return RegionRef(driver="ucx", name=self.lease.id, nbytes=self.nbytes, lease_id=self.lease.id,
                          generation=self.lease.generation, host=link.host, port=link.port)
@@ -863,43 +875,52 @@ def parse_ucx_url(url: str) -> tuple[str, int, dict[str, str]]:
     return host, port, opts
 
 
-def open_ucx_fabric(url: str, *, clock: Any = None) -> Any:
-    """``open_fabric("ucx://HOST:PORT?...")``: :class:`Unsupported` with the reason where UCX is absent.
+class UcxFabric(RemoteFabric):
+    """A client of UCX memory nodes: ``ucx://HOST:PORT[?tenant=&tls=tcp&net_devices=eth0&op_timeout=5]``.
 
-    The client fabric is the memory node package's ``RemoteFabric`` with
-    :class:`UcxConnector` as its connector; where that package's client is not
-    in this build yet, :class:`Unsupported` says so.
+    Leases, capabilities and auth are the node package's (:class:`RemoteFabric`);
+    the data plane is one UCX context per fabric and one :class:`UcxConnector`
+    (endpoint) per node. ``tls``/``net_devices`` restrict UCX's transports and
+    interfaces for this client (``UCX_TLS``/``UCX_NET_DEVICES`` in the
+    environment apply too); ``op_timeout`` is every operation's deadline.
     """
-    parse_ucx_url(url)
-    _require()
-    try:
-        from .node.client import RemoteFabric  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as ex:
-        raise Unsupported(f"ucx:// needs the memory node client (grafos_fabric.drivers.node.client): {ex}") from None
-    return _fabric_class(RemoteFabric).from_url(url, clock=clock)
 
+    driver = "ucx"
+    schemes = ("ucx",)
+    url_options = frozenset({"tls", "net_devices", "op_timeout"})
 
-def _fabric_class(base: Any) -> Any:
-    class UcxFabric(base):  # type: ignore[misc,valid-type,unused-ignore]
-        """A client of UCX memory nodes (``ucx://HOST:PORT?tls=tcp&net_devices=...&timeout=5``)."""
+    def __init__(self, host: str, port: int, *, tls: str | None = None, net_devices: str | None = None,
+                 op_timeout: float = DEFAULT_OP_TIMEOUT, **kwargs: Any) -> None:
+        _require()
+        if not op_timeout > 0:
+            raise FabricValueError(f"op_timeout must be positive, got {op_timeout}")
+        self.ucx = UcxContext(ucx_config(tls, net_devices))
+        self.op_timeout = float(op_timeout)
+        try:
+            super().__init__(host, port, **kwargs)
+            self.channel()  # authenticate now: a wrong secret fails before any lease
+        except BaseException:
+            self.ucx.close()
+            raise
 
-        driver = "ucx"
-        schemes = ("ucx",)
-        _ucx_ctx: UcxContext | None = None
+    @classmethod
+    def url_kwargs(cls, opts: dict[str, str]) -> dict[str, Any]:
+        out: dict[str, Any] = {"tls": opts.get("tls"), "net_devices": opts.get("net_devices")}
+        if "op_timeout" in opts:
+            out["op_timeout"] = float(opts["op_timeout"])
+        return out
 
-        def connector(self, link: NodeLink) -> UcxConnector:
-            ctx: UcxContext | None = getattr(self, "_ucx_ctx", None)
-            _h, _p, opts = parse_ucx_url(self.url)
-            if ctx is None:
-                ctx = UcxContext(ucx_config(opts.get("tls"), opts.get("net_devices")))
-                self._ucx_ctx = ctx
-            return UcxConnector(ctx, link, timeout=float(opts.get("timeout", DEFAULT_OP_TIMEOUT)))
+    def connector(self, link: Any) -> UcxConnector:
+        return UcxConnector(self.ucx, link, timeout=self.op_timeout, fabric=self)
 
-        def close(self) -> None:
+    def close(self) -> None:
+        try:
             super().close()
-            ctx: UcxContext | None = getattr(self, "_ucx_ctx", None)
-            self._ucx_ctx = None
-            if ctx is not None:
-                ctx.close()
+        finally:
+            self.ucx.close()
 
-    return UcxFabric
+
+def open_ucx_fabric(url: str, *, clock: Any = None, token_file: Any = None) -> Fabric:
+    """``open_fabric("ucx://HOST:PORT?...")``: :class:`Unsupported` with the reason where UCX is absent."""
+    _require()
+    return cast("Fabric", UcxFabric.from_url(url, clock=clock, token_file=token_file))
