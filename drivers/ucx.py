@@ -432,7 +432,10 @@ class UcxSession:
         return {"ucx_port": self.port}
 
     def drain(self) -> None:
-        """Take the endpoints the listener accepted; release the failed ones (their client went away)."""
+        """Take the endpoints the listener accepted; release the failed ones (their client went away).
+
+        Everything here and in teardown runs under the session's lock: an
+        endpoint must never be closed after its worker was destroyed."""
         with self._lock:
             if self._listener is None or self.ctx is None:
                 return
@@ -442,21 +445,21 @@ class UcxSession:
                 self.endpoints.append(UcxEndpoint(self.ctx, ep_out[0], _err(peer)))
             dead = [ep for ep in self.endpoints if ep.failed]
             self.endpoints = [ep for ep in self.endpoints if not ep.failed]
-        for ep in dead:
-            ep.close()
+            for ep in dead:
+                ep.close()
 
     def _teardown(self) -> None:
         with self._lock:
             ctx, listener, self.ctx, self._listener = self.ctx, self._listener, None, None
             eps, self.endpoints = self.endpoints, []
-        if ctx is None:
-            return
-        self.registrar._group.remove(ctx)  # the progress thread no longer touches it
-        for ep in eps:
-            ep.close()
-        if listener is not None:
-            lib.gfu_listener_destroy(listener)
-        ctx.close()  # destroys the worker: every connection of this session is gone
+            if ctx is None:
+                return
+            self.registrar._group.remove(ctx)  # the progress thread no longer touches it
+            for ep in eps:
+                ep.close()
+            if listener is not None:
+                lib.gfu_listener_destroy(listener)
+            ctx.close()  # destroys the worker: every connection of this session is gone
 
     def fence(self) -> None:
         """Destroy this session's worker: every later operation of its client fails."""
