@@ -33,7 +33,7 @@ for _name in dir(_conformance):
         globals()[_name] = getattr(_conformance, _name)
 
 
-@pytest.fixture(scope="module", params=["tcp"])
+@pytest.fixture(scope="module", params=["tcp", "sm,tcp"])
 def ucx_node(request: pytest.FixtureRequest) -> Iterator[tuple[Any, str]]:
     from grafos_fabric.drivers.node.auth import load_policy
     from grafos_fabric.drivers.node.server import NodeServer
