@@ -738,11 +738,17 @@ class UcxRegion:
         self._check(offset, 8, write=write)
 
     def _failure(self, rc: int, op: str, ep: UcxEndpoint) -> FabricError:
+        """The typed error of a failed operation (the endpoint is already force-closed).
+
+        A missed deadline means the node does not answer (stopped, link down,
+        overloaded): :class:`Disconnected` at once, without a control call that
+        would wait for the same silent node. An endpoint error is asked about:
+        the node answers ``revoked``/gone when it fenced this client."""
         why = ep.error or "endpoint failed"
         self.connector.invalidate(ep)
-        what = f"{op} on lease {self.lease.id} failed: {why}"
         if rc == lib.GFU_TIMEOUT:
-            what = f"{op} on lease {self.lease.id}: no answer within {self.timeout:.3f}s ({why})"
+            return Disconnected(f"{op} on lease {self.lease.id}: no answer within {self.timeout:.3f}s ({why})")
+        what = f"{op} on lease {self.lease.id} failed: {why}"
         try:
             state = self.connector.link.lease_state(self.lease.id)
         except FabricError as ex:
