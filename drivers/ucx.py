@@ -291,11 +291,19 @@ class UcxEndpoint:
             _raise_local(rc, "cannot query the endpoint's local address")
         return _err(buf)
 
+    def shutdown(self) -> None:
+        """Force-close the UCX endpoint but keep the handle: operations on it fail with ``Disconnected``
+        (so a thread still holding it never touches freed memory). :meth:`close` frees it."""
+        if self._ptr is not None:
+            lib.gfu_ep_close(self._ptr, 1)
+
     def close(self, force: bool = True) -> None:
-        """Close (force: without waiting for the peer; cancels what is in flight). Idempotent."""
+        """Close (force: without waiting for the peer; cancels what is in flight) and free. Idempotent."""
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
-            lib.gfu_ep_free(ptr) if force else (lib.gfu_ep_close(ptr, 0), lib.gfu_ep_free(ptr))
+            if not force:
+                lib.gfu_ep_close(ptr, 0)
+            lib.gfu_ep_free(ptr)
 
 
 class _Rkey:
@@ -633,6 +641,7 @@ class UcxConnector:
         self._epoch = -1
         self.generation = 0  # grows with each new endpoint: regions re-unpack their rkeys
         self.reconnects = 0
+        self._retired: list[UcxEndpoint] = []  # shut down, freed at close (regions may still hold them)
         self._closed = False
 
     def endpoint(self) -> tuple[UcxEndpoint, int]:
@@ -643,9 +652,7 @@ class UcxConnector:
             if ep is not None and not ep.failed and self._epoch == self.link.session_epoch:
                 return ep, self.generation
             if ep is not None:
-                ep.close()
-                self._ep = None
-                self.reconnects += 1
+                self._retire(ep)
             epoch = self.link.session_epoch
             reply = self.link.connect({})
             port = reply.get("ucx_port")
@@ -657,13 +664,17 @@ class UcxConnector:
             self.generation += 1
             return new, self.generation
 
+    def _retire(self, ep: UcxEndpoint) -> None:
+        ep.shutdown()
+        self._retired.append(ep)
+        self._ep = None
+        self.reconnects += 1
+
     def invalidate(self, ep: UcxEndpoint) -> None:
-        """The endpoint failed (the C side already force-closed its UCX half): drop it."""
+        """The endpoint failed (the C side already force-closed its UCX half): the next operation reconnects."""
         with self._lock:
             if self._ep is ep:
-                ep.close()
-                self._ep = None
-                self.reconnects += 1
+                self._retire(ep)
 
     def region(self, lease: Lease, grant: Grant) -> UcxRegion:
         return UcxRegion(self, lease, grant)
@@ -672,8 +683,11 @@ class UcxConnector:
         with self._lock:
             self._closed = True
             ep, self._ep = self._ep, None
+            retired, self._retired = self._retired, []
         if ep is not None:
             ep.close(force=False)
+        for old in retired:
+            old.close()
 
 
 class UcxRegion:
@@ -705,13 +719,18 @@ class UcxRegion:
         self.timeout = connector.timeout
         self._rkey: _Rkey | None = None
         self._rkey_gen = -1
+        self._h: tuple[UcxEndpoint, _Rkey] | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._dead: FabricError | None = None  # the node said the lease is revoked/gone: terminal
 
     # -- plumbing --------------------------------------------------------------
     def _handles(self) -> tuple[UcxEndpoint, _Rkey]:
-        ep, gen = self.connector.endpoint()
+        h = self._h
+        conn = self.connector
+        if h is not None and conn._ep is h[0] and not conn._closed:
+            return h  # fast path: the connector still uses the endpoint this rkey was unpacked on
+        ep, gen = conn.endpoint()
         with self._lock:
             if self._rkey is None or self._rkey_gen != gen:
                 if self._rkey is not None:
@@ -719,7 +738,8 @@ class UcxRegion:
                     self._rkey = None
                 self._rkey = _Rkey(ep, self._packed)
                 self._rkey_gen = gen
-            return ep, self._rkey
+            self._h = (ep, self._rkey)
+            return self._h
 
     def _check(self, offset: int, length: int, *, write: bool = False) -> None:
         if self._closed:
@@ -767,7 +787,7 @@ class UcxRegion:
 
     def _run(self, op: str, call: Callable[[Any, Any], int]) -> None:
         ep, rk = self._handles()
-        rc = call(ep.ptr, rk.ptr)
+        rc = call(ep._ptr, rk._ptr)
         if rc != lib.GFU_OK:
             raise self._failure(rc, op, ep)
 
@@ -809,16 +829,21 @@ class UcxRegion:
         """Compare-and-swap the 64-bit word at ``offset``; returns the old value (unsigned)."""
         self._check_word(offset, write=True)
         old = ffi.new("uint64_t *")
-        self._run("cas64", lambda ep, rk: lib.gfu_cas64(ep, rk, self.remote_addr + offset, expected & U64,
-                                                         desired & U64, old, self.timeout))
+        ep, rk = self._handles()
+        rc = lib.gfu_cas64(ep._ptr, rk._ptr, self.remote_addr + offset, expected & U64, desired & U64, old,
+                           self.timeout)
+        if rc:
+            raise self._failure(rc, "cas64", ep)
         return int(old[0])
 
     def faa64(self, offset: int, add: int) -> int:
         """Fetch-and-add on the 64-bit word at ``offset`` (wraps mod 2**64); returns the old value."""
         self._check_word(offset, write=True)
         old = ffi.new("uint64_t *")
-        self._run("faa64", lambda ep, rk: lib.gfu_faa64(ep, rk, self.remote_addr + offset, add & U64, old,
-                                                         self.timeout))
+        ep, rk = self._handles()
+        rc = lib.gfu_faa64(ep._ptr, rk._ptr, self.remote_addr + offset, add & U64, old, self.timeout)
+        if rc:
+            raise self._failure(rc, "faa64", ep)
         return int(old[0])
 
     def load64(self, offset: int) -> int:
@@ -856,7 +881,7 @@ class UcxRegion:
         """Detach (the lease stays until freed or expired); later calls raise ``QueueClosed``. Idempotent."""
         self._closed = True
         with self._lock:
-            rk, self._rkey = self._rkey, None
+            rk, self._rkey, self._h = self._rkey, None, None
         if rk is not None:
             rk.close()
 

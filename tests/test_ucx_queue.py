@@ -6,17 +6,12 @@ the ``fabric`` and ``queue_mode`` fixtures differ (shm-only tests are left out).
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
+import test_queue as _conformance  # tests/ is on sys.path (pytest's rootdir conftest)
 from grafos_fabric.drivers import ucx
-
-sys.path.insert(0, os.path.dirname(__file__))
-import test_queue as _conformance  # noqa: E402
 
 if ucx.available() is not None:
     pytest.skip(f"UCX unavailable: {ucx.available()}", allow_module_level=True)
