@@ -315,3 +315,48 @@ def test_link_down_is_detected_by_the_deadline(netns_node: Any) -> None:
 
 def test_lease_errors_are_typed_and_distinct() -> None:
     assert not issubclass(Revoked, LeaseExpired) and not issubclass(LeaseExpired, Revoked)
+
+
+# ---------------------------------------------------------------------------
+# The real memory node (grafos-fabric serve --driver ucx) in one namespace,
+# a producer and a consumer (two clients) in the other
+# ---------------------------------------------------------------------------
+
+
+@needs_netns
+@needs_ucx
+def test_serve_driver_ucx_carries_a_queue_across_namespaces_and_dies_typed(tmp_path: Any) -> None:
+    token = tmp_path / "node.token"
+    with _netns.veth_pair() as pair:
+        node = subprocess.Popen(
+            ["ip", "netns", "exec", pair.ns_a, sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx",
+             "--host", pair.ip_a, "--allow-remote", "--port", "0", "--token-file", str(token), "--pool", "32M",
+             "--ucx-net-devices", pair.dev_a, "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, text=True)
+        client = None
+        try:
+            assert node.stdout is not None
+            line = node.stdout.readline()
+            while line and not line.startswith("serving "):
+                line = node.stdout.readline()
+            assert line.startswith("serving ucx://"), line
+            url = line.split()[1] + f"?tls=tcp&net_devices={pair.dev_b}&op_timeout=2"
+            client = subprocess.Popen(
+                ["ip", "netns", "exec", pair.ns_b, sys.executable, os.path.join(HERE, "_ucx_queue_client.py"), url,
+                 str(token), "500"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert client.stdout is not None and client.stdin is not None
+            ready = H.json_line(client.stdout)
+            assert ready == {"ready": True, "in_order": True, "count": 2000}, ready
+            node.send_signal(signal.SIGKILL)
+            node.wait()
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            out = H.json_line(client.stdout)
+            assert out["kind"] == "Disconnected", out
+            print(f"\nkill -9 of `serve --driver ucx` (netns) -> {out['kind']} in {out['took'] * 1e3:.1f} ms")
+        finally:
+            for p in (node, client):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                if p is not None:
+                    p.wait()
