@@ -360,3 +360,52 @@ def test_serve_driver_ucx_carries_a_queue_across_namespaces_and_dies_typed(tmp_p
                     p.kill()
                 if p is not None:
                     p.wait()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+@needs_ucx
+def test_a_supervised_ucx_node_that_dies_is_restarted_and_serves_again(tmp_path: Any) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = tmp_path / "node.token"
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx", "--supervise", "--port", str(port),
+         "--token-file", str(token), "--pool", "8M", "--ucx-net-devices", "lo", "--ucx-progress", "event",
+         "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sup.stdout is not None
+        assert sup.stdout.readline().startswith(f"serving ucx://127.0.0.1:{port}")
+        (child,) = _children(sup.pid)
+        os.kill(child, signal.SIGKILL)  # stands for UCX aborting inside its atomic handler
+        assert sup.stdout.readline().startswith(f"serving ucx://127.0.0.1:{port}")  # restarted
+        (again,) = _children(sup.pid)
+        assert again != child
+        f = gf.open_fabric(f"ucx://127.0.0.1:{port}?tls=tcp&net_devices=lo", token_file=str(token))
+        try:
+            r = f.alloc(4096, 30.0)
+            assert r.faa64(0, 5) == 0 and r.load64(0) == 5
+        finally:
+            f.close()
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(30) == 0
+        assert not _children(sup.pid)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
