@@ -364,6 +364,9 @@ static int wait_req(gfu_ep *e, ucs_status_ptr_t req, double deadline, ucs_status
         }
         if (atomic_load_explicit(&e->failed, memory_order_relaxed)) { rc = GFU_DISCONNECTED; break; }
         ucp_worker_progress(w);
+        /* past ~50 us of spinning, let the peer run on an oversubscribed machine (a node
+         * on the same cores needs the CPU to answer) */
+        if (spins > 4096 && (spins & 15) == 0) sched_yield();
         if ((++spins & 15) == 0 && now_s() >= deadline) {
             fail_ep(e, UCS_ERR_TIMED_OUT, "operation timed out (the peer did not answer before the deadline)");
             rc = GFU_TIMEOUT;

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -409,3 +410,18 @@ def test_a_supervised_ucx_node_that_dies_is_restarted_and_serves_again(tmp_path:
         if sup.poll() is None:
             sup.kill()
             sup.wait()
+
+
+@needs_ucx
+def test_grafos_bench_ucx_case_reports_queue_rates_beside_shm_and_ops_beside_perftest() -> None:
+    from grafos_fabric.tools.bench_ucx import run_ucx_bench
+
+    out = run_ucx_bench(sizes=(64,), seconds=0.1, iters=300)
+    transports = {r["transport"] for r in out["ucx"]}
+    assert {"shm mapped", "shm one-sided", "ucx tcp (one-sided)", "ucx sm,tcp (one-sided)"} <= transports
+    assert all(r["items_per_s"] > 0 for r in out["ucx"])
+    ops = {(r["tls"], r["op"]) for r in out["ucx ops"]}
+    assert {("tcp", "cas"), ("tcp", "faa"), ("tcp", "put_flush"), ("tcp", "get")} <= ops
+    assert all(r["py_p50"] > 0 for r in out["ucx ops"])
+    if shutil.which("ucx_perftest"):
+        assert any(r.get("perftest") for r in out["ucx ops"]), "ucx_perftest ran but reported nothing"

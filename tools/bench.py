@@ -73,7 +73,7 @@ log = logging.getLogger("grafos_fabric.tools.bench")
 
 DEFAULT_SIZES = (64, 4096, 1 << 20)
 QUEUE_CASES = ("single", "batch", "reserve")
-EXTRA_CASES = ("checkpoint", "relocation")
+EXTRA_CASES = ("checkpoint", "relocation", "ucx")
 ALL_CASES = QUEUE_CASES + EXTRA_CASES
 BASELINES = (*PEERS, *CEILINGS)
 DRIVERS = ("shm",)
@@ -420,6 +420,17 @@ class Bench:
             finally:
                 if tmp:
                     shutil.rmtree(tmp, ignore_errors=True)
+        elif case == "ucx":
+            fn, why = _load_hook("bench_ucx", "run_ucx_bench")
+            if fn is None:
+                self.skipped[case] = why
+                return
+            try:
+                out = _call_hook(fn, sizes=tuple(args.sizes), seconds=max(0.2, args.duration), progress=progress)
+                self.extra.update({name: _rows(rows) for name, rows in out.items()})
+            except Exception as exc:
+                log.warning("ucx case failed: %s", exc)
+                self.extra[case] = [{"case": case, "error": f"{type(exc).__name__}: {exc}"}]
         elif case == "relocation":
             fn, why = _load_hook("bench_relocation", "run_relocation_bench")
             if fn is None:

@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "perftest", "run"]
+__all__ = ["main", "perftest", "queue_rates", "run", "run_ucx_bench"]
+
+_SECRET = b"grafos-bench-ucx-secret-32-bytes"
 
 
 def perftest(test: str, size: int, iters: int, tls: str) -> float | None:
@@ -101,13 +103,14 @@ def run(tls: str = "tcp", iters: int = 20000) -> list[dict[str, Any]]:
                          "c_p50": float(np.percentile(c, 50)), "c_p99": float(np.percentile(c, 99)),
                          "perftest": pt, "perftest_test": ptest})
         big = bytes(1 << 20)
-        n = 200
+        n = max(20, min(200, iters // 10))
         start = time.perf_counter()
         for _ in range(n):
             r.write(0, big)
         r.flush()
         mbs = n * len(big) / (time.perf_counter() - start) / 1e6
-        rows.append({"op": "put 1 MiB (MB/s)", "py_p50": mbs, "perftest": perftest("ucp_put_bw", 1 << 20, 2000, tls),
+        rows.append({"op": "put 1 MiB (MB/s)", "py_p50": mbs,
+                     "perftest": perftest("ucp_put_bw", 1 << 20, max(100, iters // 10), tls),
                      "perftest_test": "ucp_put_bw"})
         r.close()
         conn.close()
@@ -115,6 +118,111 @@ def run(tls: str = "tcp", iters: int = 20000) -> list[dict[str, Any]]:
         reg.close()
         ctx.close()
     return rows
+
+
+def _queue_rate(ftx: Any, frx: Any, size: int, seconds: float, mapped: bool) -> float:
+    """Items/s through one queue: a producer thread pushing batches, this thread popping them."""
+    import threading
+
+    import grafos_fabric as gf
+
+    batch = 1 if size >= 1 << 20 else max(1, min(256, (64 << 10) // size))
+    cap = 1 << max(16, (4 * batch * (size + 64) - 1).bit_length())
+    tx = gf.FabricQueue.create(ftx, capacity=cap, ttl=600.0)
+    rx = gf.FabricQueue.attach(frx, bytes(tx.locator()), mapped=mapped)
+    items = np.zeros((batch, size), np.uint8)
+    stop = threading.Event()
+
+    def produce() -> None:
+        while not stop.is_set():
+            try:
+                tx.push_batch(items, timeout=0.2)
+            except TimeoutError:
+                continue
+
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    got = 0
+    warm = time.perf_counter() + min(0.2, seconds / 4)
+    start = end = 0.0
+    while True:
+        b = rx.pop_batch(batch, timeout=1.0)
+        now = time.perf_counter()
+        if start == 0.0 and now >= warm:
+            start, got = now, 0
+        got += len(b)
+        b.release()
+        if start and now - start >= seconds:
+            end = now
+            break
+    stop.set()
+    while t.is_alive():  # drain so the producer's last push returns
+        rx.pop_batch(batch, timeout=0).release()
+        t.join(0.05)
+    tx.close()
+    rx.close()
+    return got / (end - start)
+
+
+def queue_rates(sizes: tuple[int, ...], seconds: float, progress: Any = None,
+                node_progress: str = "event") -> list[dict[str, Any]]:
+    """Queue throughput over ucx:// (tcp, sm,tcp; one-sided) beside shm (mapped and one-sided), same run."""
+    from grafos_fabric.drivers import ucx
+    from grafos_fabric.drivers.node.auth import load_policy
+    from grafos_fabric.drivers.node.server import NodeServer
+
+    import grafos_fabric as gf
+
+    rows: list[dict[str, Any]] = []
+    ns = f"bench-ucx-{os.getpid()}"
+    shm = gf.open_fabric(f"shm://{ns}")
+    try:
+        for size in sizes:
+            for mapped in (True, False):
+                name = f"shm {'mapped' if mapped else 'one-sided'}"
+                if progress:
+                    progress(f"ucx: {name} {size} B")
+                rate = _queue_rate(shm, shm, size, seconds, mapped)
+                rows.append({"transport": name, "size": size, "items_per_s": rate, "MB_per_s": rate * size / 1e6})
+    finally:
+        shm.reap()
+        shm.close()
+    for tls in ("tcp", "sm,tcp"):
+        reg = ucx.UcxRegistrar(256 << 20, host="127.0.0.1", tls=tls, net_devices="lo", progress=node_progress)
+        node = NodeServer(reg, load_policy(_SECRET), port=0).start()
+        try:
+            fa = ucx.UcxFabric("127.0.0.1", node.port, secret=_SECRET, tls=tls, net_devices="lo")
+            fb = ucx.UcxFabric("127.0.0.1", node.port, secret=_SECRET, tls=tls, net_devices="lo")
+            try:
+                for size in sizes:
+                    if progress:
+                        progress(f"ucx: {tls} {size} B")
+                    rate = _queue_rate(fa, fb, size, seconds, False)
+                    rows.append({"transport": f"ucx {tls} (one-sided)", "size": size, "items_per_s": rate,
+                                 "MB_per_s": rate * size / 1e6})
+            finally:
+                fa.close()
+                fb.close()
+        finally:
+            node.close()
+    return rows
+
+
+def run_ucx_bench(sizes: tuple[int, ...] = (64, 4096, 1 << 20), seconds: float = 0.8,
+                  progress: Any = None, iters: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """grafos-bench's ``ucx`` case: queue rates (``ucx``) and raw operation latencies (``ucx ops``)."""
+    from grafos_fabric.drivers import ucx
+
+    why = ucx.available()
+    if why is not None:
+        return {"ucx": [{"case": "ucx", "error": f"UCX unavailable: {why}"}]}
+    ops: list[dict[str, Any]] = []
+    for tls in ("tcp", "sm,tcp"):
+        if progress:
+            progress(f"ucx ops: {tls}")
+        for row in run(tls, iters=iters or max(1000, int(seconds * 5000))):
+            ops.append({"tls": tls, **{k: v for k, v in row.items() if v is not None}})
+    return {"ucx": queue_rates(tuple(sizes), seconds, progress), "ucx ops": ops}
 
 
 def main(argv: list[str] | None = None) -> int:
