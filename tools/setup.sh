@@ -27,12 +27,14 @@ if ! command -v losetup >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &&
   apt-get install -y -qq util-linux  # losetup: block tests on a real loop device
 fi
 
-if [ "${GRAFOS_SKIP_UCX:-0}" != 1 ] && ! pkg-config --exists ucx 2>/dev/null; then
+if [ "${GRAFOS_SKIP_UCX:-0}" != 1 ] && ! { pkg-config --exists ucx 2>/dev/null && command -v ip >/dev/null; }; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    apt-get install -y -qq libucx-dev ucx-utils pkg-config \
+    # iproute2: the UCX tests stand two hosts up as network namespaces joined by a veth pair
+    { apt-get install -y -qq libucx-dev ucx-utils pkg-config iproute2 \
+        || { apt-get update -qq && apt-get install -y -qq libucx-dev ucx-utils pkg-config iproute2; }; } \
       || echo "setup: WARNING: could not install libucx-dev; the UCX driver (ucx://) will be unavailable" >&2
   else
-    echo "setup: WARNING: UCX not found and not root: the UCX driver (ucx://) will be unavailable" >&2
+    echo "setup: WARNING: libucx-dev or iproute2 missing and not root: ucx:// or its namespace tests may be unavailable" >&2
   fi
 fi
 
