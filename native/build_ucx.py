@@ -1,7 +1,7 @@
 """cffi build script (out-of-line API mode) for grafos_fabric._ucx, the UCX driver's binding.
 
 Build-only, like build_native.py. UCX is optional: the headers are looked for
-with ``pkg-config ucx``, then under ``$UCX_PREFIX`` (e.g. the PyPI wheel
+with ``$UCX_PREFIX`` when set, else ``pkg-config ucx`` (e.g. the PyPI wheel
 ``libucx-cu12``: ``UCX_PREFIX=$(python -c 'import libucx, os;
 print(os.path.dirname(libucx.__file__))')``). Where neither has
 ``ucp/api/ucp.h``, :data:`ffibuilder` is ``None`` with a message on stderr,
@@ -48,8 +48,11 @@ def _prefix() -> tuple[list[str], list[str], list[str]] | None:
 
 
 def find_ucx() -> tuple[list[str], list[str], list[str]] | None:
-    """``(include_dirs, library_dirs, rpaths)`` of a UCX install, or ``None``."""
-    return _pkg_config() or _prefix()
+    """``(include_dirs, library_dirs, rpaths)`` of a UCX install, or ``None``.
+
+    An explicit ``$UCX_PREFIX`` wins (so one machine can build against the
+    PyPI wheel's UCX although Debian's is installed too), then ``pkg-config``."""
+    return _prefix() or _pkg_config()
 
 
 def make_builder() -> FFI | None:
