@@ -1090,6 +1090,22 @@ class OneSidedQueue(FabricQueue):
                     return item
                 self._poll_data(backoff)
 
+    def _wait_readable(self, deadline: float | None) -> None:
+        """Poll (with backoff) until the tail moves past what this consumer read,
+        for the asyncio worker; ``TimeoutError`` at the deadline."""
+        backoff = _Backoff(deadline)
+        while True:
+            with self._clock_lock:
+                c = self._consumer_ready()
+                if c.rpos != c.tail_cache:
+                    return
+                self._poll_data(backoff)
+
+    def _wait_writable(self, nbytes: int, deadline: float | None) -> None:
+        """Wait until ``nbytes`` may fit, for the asyncio worker."""
+        with self._plock:
+            self._wait_space(nbytes, deadline)
+
     def _poll_data(self, backoff: _Backoff) -> None:
         """One poll for data: raise ``HeldItemsStall`` if waiting would deadlock,
         else pause (``TimeoutError`` at the deadline) and load the tail once."""
@@ -1264,6 +1280,7 @@ class OneSidedQueue(FabricQueue):
         if self.closed:
             return
         self.closed = True
+        self._aio_shutdown()
         p = self._p
         if p is not None:
             try:

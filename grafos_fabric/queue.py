@@ -47,6 +47,7 @@ from ._ffi import ffi, lib, raise_status
 from .drivers.base import Fabric, MappedRegion, Region
 from .lease import NS, Lease, check_ttl
 from .locator import QueueLocator
+from .queue_api import QueueProtocols
 
 __all__ = ["DEFAULT_CAPACITY", "Batch", "FabricQueue", "Item"]
 
@@ -362,7 +363,7 @@ class Batch:
         return f"<Batch n={len(self)} first_seq={first}>"
 
 
-class FabricQueue:
+class FabricQueue(QueueProtocols):
     """A bounded single-producer single-consumer queue in a leased region.
 
     Create with :meth:`create` (allocates and leases the region) or attach with
@@ -902,6 +903,14 @@ class FabricQueue:
             self._raise(rc, "waiting for data")
         # the lease is checked by the next native pop itself
 
+    def _wait_readable(self, deadline: float | None) -> None:
+        """Wait (GIL released) until data may be there, for the asyncio worker."""
+        self._wait_data(deadline)
+
+    def _wait_writable(self, nbytes: int, deadline: float | None) -> None:
+        """Wait (GIL released) until ``nbytes`` may fit, for the asyncio worker."""
+        self._wait_space(nbytes, deadline)
+
     def pop_batch(self, max_items: int, timeout: float | None = None) -> Batch:
         """Pop up to ``max_items`` items with one native call.
 
@@ -979,6 +988,7 @@ class FabricQueue:
         if self.closed:
             return
         self.closed = True
+        self._aio_shutdown()
         if self._prod is not None:
             lib.gf_producer_close(self._prod)
         self._maybe_give_back_consumer()
