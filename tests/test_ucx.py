@@ -425,3 +425,35 @@ def test_grafos_bench_ucx_case_reports_queue_rates_beside_shm_and_ops_beside_per
     assert all(r["py_p50"] > 0 for r in out["ucx ops"])
     if shutil.which("ucx_perftest"):
         assert any(r.get("perftest") for r in out["ucx ops"]), "ucx_perftest ran but reported nothing"
+
+
+@needs_ucx
+def test_a_peer_reached_by_worker_address_over_shared_memory_alone() -> None:
+    """The binding's other way in: connect by worker address (how ``sm`` alone reaches a peer)."""
+    ffi, lib = ucx.ffi, ucx.lib
+    node = ucx.UcxContext(ucx.ucx_config("sm"))
+    client = ucx.UcxContext(ucx.ucx_config("sm"))
+    node.start_progress("busy")
+    buf = ffi.new("uint64_t[8]")
+    mem = ffi.new("gfu_mem **")
+    err = ffi.new("char[]", 256)
+    try:
+        assert lib.gfu_mem_map(node.ptr, buf, 64, mem, err, 256) == lib.GFU_OK, ffi.string(err)
+        packed = ffi.new("uint8_t[]", 4096)
+        n = ffi.new("size_t *")
+        assert lib.gfu_rkey_pack(mem[0], packed, 4096, n) == lib.GFU_OK
+        ep = ucx.UcxEndpoint.connect_worker(client, node.worker_address())
+        rk = ucx._Rkey(ep, bytes(ffi.buffer(packed, n[0])))
+        old = ffi.new("uint64_t *")
+        addr = int(ffi.cast("uintptr_t", buf))
+        assert lib.gfu_faa64(ep.ptr, rk.ptr, addr + 8, 41, old, 5.0) == lib.GFU_OK and old[0] == 0
+        assert lib.gfu_cas64(ep.ptr, rk.ptr, addr + 8, 41, 42, old, 5.0) == lib.GFU_OK and old[0] == 41
+        assert buf[1] == 42
+        with pytest.raises(FabricValueError):
+            ucx.UcxEndpoint.connect_worker(client, b"")
+        rk.close()
+        ep.close()
+        assert lib.gfu_mem_unmap(mem[0]) == lib.GFU_OK
+    finally:
+        node.close()
+        client.close()
