@@ -73,7 +73,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--ib-port", type=int, default=1, help="port number on the device (default 1)")
     parser.add_argument("--gid-index", type=int, default=0,
                         help="GID table index for RoCE (default 0; RoCE v2 is often 1 or 3)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="how much the node logs (default INFO)")
     parser.set_defaults(func=run_serve)
     return parser
 
