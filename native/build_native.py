@@ -25,6 +25,7 @@ ffibuilder.set_source(
     depends=[
         os.path.join(REL, n) for n in ("gf_native.h", "gf_atomics.h", "gf_segment.h", "gf_ring.h", "gf_msgpack.h")
     ],
+    py_limited_api=True,  # stable ABI: grafos_fabric/_native.abi3.so, wheel tag cp310-abi3 (setup.py)
     extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing"],
 )
 
