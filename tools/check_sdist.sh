@@ -32,13 +32,15 @@ esac
 echo "== install the sdist (built from source) into a fresh venv"
 "$PYTHON" -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install -q "${sdist}[test,bench,prometheus]"
-"$WORK/venv/bin/python" - <<'EOF'
+# from $WORK: run from the checkout, its grafos_fabric/ folder would shadow the installed package
+(cd "$WORK" && "$WORK/venv/bin/python" - <<'EOF'
 import importlib.util, grafos_fabric, grafos_fabric._native as n
 print("installed:", grafos_fabric.__file__)
 print("native:", n.__file__)
 assert n.__file__.endswith(".abi3.so"), n.__file__
 assert "site-packages" in grafos_fabric.__file__
 EOF
+)
 
 echo "== pytest from the unpacked sdist: $*"
 mkdir -p "$WORK/src"
