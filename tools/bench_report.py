@@ -225,8 +225,8 @@ def render(
             pad_edge=False,
         )
         et.add_column(COLUMN_LABELS.get(head, head), overflow="fold")
-        for r in rows:
-            et.add_column(str(r.get(head, "-")).removeprefix(f"{name} "), justify="right", overflow="fold")
+        for rec in rows:
+            et.add_column(str(rec.get(head, "-")).removeprefix(f"{name} "), justify="right", overflow="fold")
         for k in keys:
             if k == head:
                 continue

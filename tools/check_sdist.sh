@@ -49,7 +49,9 @@ src=$(ls -d "$WORK"/src/grafos_fabric-*)
 for need in LICENSE README.md tests/conftest.py tests/_pipeline_workers.py examples/pipeline_demo.py tools/setup.sh native/gf_native.c; do
   [ -e "$src/$need" ] || { echo "check_sdist: the sdist lacks $need" >&2; exit 1; }
 done
-# The unpacked grafos_fabric/ (no compiled module) must not shadow the installed one:
-# run the pytest script (not `python -m pytest`, which puts the current folder first).
+# The tests run against the installed package. The unpacked source package (no
+# compiled module, drivers/ and tools/ beside it rather than inside) would shadow
+# it for every `python -c`/`python -m` a test starts in this folder: set it aside.
+mv "$src/grafos_fabric" "$WORK/grafos_fabric.src"
 cd "$src"
 "$WORK/venv/bin/pytest" -p no:cacheprovider "$@"
