@@ -478,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return EXIT_MISSING_EXTRA
         return int(args.func(args))
-    except (E.FabricError, E.FabricValueError) as exc:
+    except (E.FabricError, E.FabricValueError, OSError) as exc:  # OSError: e.g. a segment of another user
         code = EXIT_NOT_FOUND if isinstance(exc, Ambiguous) else EXIT_FABRIC
         print(f"grafos-fabric {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return code
