@@ -87,7 +87,7 @@ ALL_CASES = QUEUE_CASES + EXTRA_CASES
 BASELINES = (*PEERS, *CEILINGS)
 DRIVERS = ("shm",)
 DEFAULT_ROUNDS = 5
-DEFAULT_DURATION = 0.25
+DEFAULT_DURATION = 0.2  # x 5 rounds x 36 cases: about a minute and a half on 2 cores
 EXIT_MISSING_EXTRA = 3
 METHOD = (
     "SPSC, producer and consumer in two processes; the consumer reads every payload byte "

@@ -170,8 +170,12 @@ def render(
             console.print(f"[red]{r.transport}/{r.mode}/{fmt_size(r.size)} failed:[/red] {r.error}")
     if results and baselines:
         console.print("Compared against, measured in this run:")
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True, style="bold")
+        grid.add_column(overflow="fold")
         for name, what in baselines.items():
-            console.print(f"  [bold]{name}[/bold]: {what}")
+            grid.add_row(f"  {name}", what)
+        console.print(grid)
 
     sizes = list(dict.fromkeys(x.size for x in ratios))
     for size in sizes:
