@@ -23,9 +23,10 @@ and is the same for every driver. A driver supplies exactly these objects::
       .connect(params: Access) -> Access
       .close()
 
-``Access`` is a small dict that msgspec encodes (``str`` keys; ``int``,
-``str``, ``bytes`` or ``bool`` values; at most :data:`MAX_ACCESS_ITEMS`
-entries): what a client needs to reach a span (verbs: ``addr``, ``rkey``;
+``Access`` is a small dict that msgspec encodes (keys matching
+``[a-z0-9_]{1,32}``; ``int``, ``bool`` or ``str`` values, strings at most
+8192 characters, so binary values such as a packed UCX rkey or a worker
+address travel as hex; at most :data:`MAX_ACCESS_ITEMS` entries): what a client needs to reach a span (verbs: ``addr``, ``rkey``;
 UCX: ``addr``, ``rkey`` as packed bytes) or to set up its data plane
 (verbs: QP number, PSN, LID, GID, MTU; UCX: the worker address). The node
 never interprets it; it only carries it, inside an authenticated session,
@@ -117,7 +118,7 @@ __all__ = [
 ]
 
 MAX_ACCESS_ITEMS = 32
-Access = dict[str, Any]  # values: int (0 <= v < 2**64, or negative small), str, bytes, bool; see wire.AccessMap
+Access = dict[str, Any]  # values: int (|v| < 2**63, or 0 <= v < 2**64), bool, str (binary as hex); see wire.AccessMap
 
 
 # ---------------------------------------------------------------------------
