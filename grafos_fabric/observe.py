@@ -45,6 +45,7 @@ __all__ = [
     "disable",
     "emit",
     "enable",
+    "gauge",
     "latency",
     "prometheus_text",
 ]
@@ -103,6 +104,7 @@ class Observer:
         self._lock = threading.Lock()
         self.counters: dict[tuple[str, LabelKey], int] = collections.defaultdict(int)
         self.histograms: dict[tuple[str, LabelKey], Histogram] = {}
+        self.gauges: dict[tuple[str, LabelKey], float] = {}
         self._events: collections.deque[FabricEvent] = collections.deque(maxlen=max_events)
         self.dropped_events = 0
         self._sinks: list[JsonEventSink] = []
@@ -111,6 +113,12 @@ class Observer:
         key = (name, _labels(labels))
         with self._lock:
             self.counters[key] += n
+
+    def gauge(self, name: str, value: float, **labels: Any) -> None:
+        """Set a gauge (a value that goes up and down: live leases, open connections)."""
+        key = (name, _labels(labels))
+        with self._lock:
+            self.gauges[key] = value
 
     def latency(self, name: str, seconds: float, **labels: Any) -> None:
         key = (name, _labels(labels))
@@ -149,6 +157,7 @@ class Observer:
         with self._lock:
             return {
                 "counters": {_name(n, lk): v for (n, lk), v in self.counters.items()},
+                "gauges": {_name(n, lk): v for (n, lk), v in self.gauges.items()},
                 "latency": {
                     _name(n, lk): {"n": h.n, "sum_s": h.total, "p50_s": h.quantile(0.5), "p99_s": h.quantile(0.99)}
                     for (n, lk), h in self.histograms.items()
@@ -196,6 +205,13 @@ def count(name: str, n: int = 1, **labels: Any) -> None:
         obs.count(name, n, **labels)
 
 
+def gauge(name: str, value: float, **labels: Any) -> None:
+    """Set a gauge if observing."""
+    obs = _current
+    if obs is not None:
+        obs.gauge(name, value, **labels)
+
+
 def latency(name: str, seconds: float, **labels: Any) -> None:
     """Record a latency if observing."""
     obs = _current
@@ -219,6 +235,7 @@ def prometheus_text(obs: Observer | None = None, prefix: str = "grafos_") -> str
     with obs._lock:
         counters = sorted(obs.counters.items())
         hists = sorted(obs.histograms.items(), key=lambda kv: kv[0])
+        gauges = sorted(obs.gauges.items())
         dropped = obs.dropped_events
     seen: set[str] = set()
     for (name, lk), value in counters:
@@ -227,6 +244,12 @@ def prometheus_text(obs: Observer | None = None, prefix: str = "grafos_") -> str
             lines.append(f"# TYPE {metric} counter")
             seen.add(metric)
         lines.append(f"{_name(metric, lk)} {value}")
+    for (name, lk), gvalue in gauges:
+        metric = f"{prefix}{name}"
+        if metric not in seen:
+            lines.append(f"# TYPE {metric} gauge")
+            seen.add(metric)
+        lines.append(f"{_name(metric, lk)} {gvalue:.9g}")
     for (name, lk), h in hists:
         metric = f"{prefix}{name}_seconds"
         if metric not in seen:

@@ -49,11 +49,13 @@ from grafos_fabric.errors import (
 )
 
 __all__ = [
+    "DEFAULT_PORT",
     "MAX_REPLY",
     "MAX_REQUEST",
     "PROTOCOL_VERSION",
     "AccessMap",
     "AdminList",
+    "AdminMetrics",
     "AdminRevoke",
     "Alloc",
     "Attach",
@@ -70,6 +72,7 @@ __all__ = [
     "LeaseRow",
     "LeaseStatus",
     "Listing",
+    "Metrics",
     "Renew",
     "Renewed",
     "Reply",
@@ -88,6 +91,7 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 2
+DEFAULT_PORT = 18515
 MAX_REQUEST = 1 << 16  # requests are small; a larger frame is a broken or hostile peer
 MAX_REPLY = 1 << 22  # an admin listing of many leases
 MAX_REGION = 1 << 48
@@ -202,6 +206,10 @@ class AdminRevoke(_Msg, tag="admin_revoke", frozen=True):
     lease_id: LeaseId
 
 
+class AdminMetrics(_Msg, tag="admin_metrics", frozen=True):
+    """Admin only: the node's metrics in the Prometheus text format."""
+
+
 # -- replies ----------------------------------------------------------------
 
 
@@ -291,6 +299,10 @@ class Listing(_Msg, tag="listing", frozen=True):
     leases: list[LeaseRow]
 
 
+class Metrics(_Msg, tag="metrics", frozen=True):
+    text: Annotated[str, msgspec.Meta(max_length=MAX_REPLY // 2)]
+
+
 class ErrorReply(_Msg, tag="error", frozen=True):
     """A failure: ``code`` is the status; ``kind`` names the exception class when the code alone does not."""
 
@@ -299,9 +311,13 @@ class ErrorReply(_Msg, tag="error", frozen=True):
     kind: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
-Request = Hello | Auth | Connect | Alloc | Attach | Renew | Free | Revoke | Status | Share | AdminList | AdminRevoke
+Request = (
+    Hello | Auth | Connect | Alloc | Attach | Renew | Free | Revoke | Status | Share | AdminList | AdminRevoke
+    | AdminMetrics
+)
 Reply = (
-    Challenge | Welcome | Connected | Granted | Renewed | Done | Shared | LeaseStatus | Listing | ErrorReply
+    Challenge | Welcome | Connected | Granted | Renewed | Done | Shared | LeaseStatus | Listing | Metrics
+    | ErrorReply
 )
 
 _ENCODER = msgspec.msgpack.Encoder()
