@@ -186,7 +186,7 @@ def test_from_url_passes_the_device_option_to_the_probe(monkeypatch):
         seen.append(device)
         return "nothing here"
 
-    monkeypatch.setattr(verbs, "probe", fake_probe)
+    monkeypatch.setattr(verbs.client, "probe", fake_probe)
     with pytest.raises(Unsupported, match=r"^no RDMA device: nothing here$"):
         verbs.VerbsFabric.from_url("rdma://node7:9000?device=mlx5_3&gid_index=3", clock=None)
     assert seen == ["mlx5_3"]
@@ -496,17 +496,17 @@ def test_byte_view_flattens_typed_buffers_and_refuses_what_rdma_cannot_take():
     import numpy as np
 
     arr = np.arange(4, dtype=np.uint32)
-    mv = verbs._byte_view(arr, writable=True)
+    mv = verbs.byte_view(arr, writable=True)
     assert (mv.format, mv.nbytes) == ("B", 16)
-    assert verbs._buffer_address(mv) == arr.ctypes.data
+    assert verbs.buffer_address(mv) == arr.ctypes.data
     with pytest.raises(FabricValueError, match="writable"):
-        verbs._byte_view(b"abc", writable=True)
+        verbs.byte_view(b"abc", writable=True)
     with pytest.raises(FabricValueError, match="contiguous"):
-        verbs._byte_view(np.arange(8)[::2], writable=False)
+        verbs.byte_view(np.arange(8)[::2], writable=False)
     with pytest.raises(FabricValueError, match="contiguous"):
-        verbs._byte_view(np.asfortranarray(np.zeros((3, 4))), writable=False)
+        verbs.byte_view(np.asfortranarray(np.zeros((3, 4))), writable=False)
     with pytest.raises(FabricValueError, match="bytes-like"):
-        verbs._byte_view(12, writable=False)
+        verbs.byte_view(12, writable=False)
 
 
 # ---------------------------------------------------------------------------

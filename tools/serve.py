@@ -156,6 +156,12 @@ def run_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.token_file:
         return _fail("--token-file (or $GRAFOS_TOKEN_FILE) is required: the node's secret", 2)
+    if args.driver == "verbs":
+        from grafos_fabric.drivers._verbs_compat import probe
+
+        reason = probe(args.device)
+        if reason is not None:
+            return _fail(f"no RDMA device: {reason}", EX_UNAVAILABLE)
     if args.metrics:
         observe.enable()
     try:
@@ -170,11 +176,6 @@ def run_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> 
     assert isinstance(policy.limits, NodeLimits)
     try:
         if args.driver == "verbs":
-            from grafos_fabric.drivers._verbs_compat import probe
-
-            reason = probe(args.device)
-            if reason is not None:
-                return _fail(f"no RDMA device: {reason}", EX_UNAVAILABLE)
             _warn_memlock(args.pool)
             from grafos_fabric.drivers.verbs import PyverbsRegistrar
 

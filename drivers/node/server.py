@@ -460,7 +460,7 @@ class NodeServer:
             return self._granted(conn, lease, req.cap)
         if isinstance(req, W.Renew):
             lease = self._lease(tenant, req.lease_id, req.cap, RENEW)
-            remaining = self.table.renew(lease, min(req.ttl, self.policy.max_ttl(tenant)))
+            remaining = self.table.renew(lease.lease_id, min(req.ttl, self.policy.max_ttl(tenant)))
             return W.Renewed(lease_id=lease.lease_id, remaining=remaining,
                              cap=self._mint(tenant, lease, req.cap.rights))
         if isinstance(req, W.Free):
@@ -491,8 +491,8 @@ class NodeServer:
     def _lease(self, tenant: TenantPolicy, lease_id: str, cap: W.Cap, need: int) -> ServerLease:
         """The live lease ``lease_id`` for a caller holding ``cap`` with rights ``need``."""
         self._check(tenant, lease_id, cap, need)
-        lease = self.table.find(lease_id)  # Revoked / LeaseExpired once it is gone
-        if lease.tenant != tenant.name or lease.generation != cap.generation:  # cannot happen with a good MAC
+        lease = self.table.attach(lease_id, cap.generation)  # Revoked / LeaseExpired once it is gone
+        if lease.tenant != tenant.name:  # cannot happen with a good MAC
             raise CapabilityDenied(f"no valid capability for lease {lease_id[:8]}... and this operation")
         return lease
 

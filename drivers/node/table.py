@@ -224,11 +224,19 @@ class LeaseTable:
                      offset, ttl)
             return lease
 
-    def renew(self, lease: ServerLease, ttl: float) -> float:
+    def attach(self, lease_id: str, generation: int) -> ServerLease:
+        """The live lease ``lease_id`` of ``generation``; ``LeaseExpired``/``Revoked`` when it is gone."""
+        with self._lock:
+            lease = self.find(lease_id)
+            if lease.generation != generation:
+                raise LeaseExpired(f"lease {lease_id} generation {generation} is gone (now {lease.generation})")
+            return lease
+
+    def renew(self, lease_id: str, ttl: float) -> float:
         """Extend to now + ``ttl``; returns the remaining seconds. Never resurrects a lease."""
         ttl = check_ttl(ttl)
         with self._lock:
-            lease = self.find(lease.lease_id)
+            lease = self.find(lease_id)
             lease.ttl = ttl
             lease.deadline_ns = self.clock.now_ns() + int(ttl * NS)
             return self.remaining(lease)

@@ -63,7 +63,16 @@ fetch-and-add of 0 on a probe word of known value that the node exposes.
 from __future__ import annotations
 
 from ..node.wire import DEFAULT_PORT
-from .client import DEFAULT_OP_TIMEOUT, DEFAULT_STAGING, VerbsConnector, VerbsFabric, VerbsRegion, byte_view
+from .client import (
+    DEFAULT_OP_TIMEOUT,
+    DEFAULT_STAGING,
+    VerbsConnector,
+    VerbsFabric,
+    VerbsRegion,
+    buffer_address,
+    byte_view,
+    parse_rdma_url,
+)
 from .completion import ATOMIC_OPS, map_completion_error, poll_completion
 from .device import (
     PROBE_WORD,
@@ -103,8 +112,10 @@ __all__ = [
     "build_rc_qp_attr",
     "build_rdma_read_wr",
     "build_rdma_write_wr",
+    "buffer_address",
     "byte_view",
     "configure_rc_connect",
     "map_completion_error",
+    "parse_rdma_url",
     "poll_completion",
 ]

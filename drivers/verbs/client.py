@@ -34,7 +34,7 @@ from grafos_fabric.lease import Lease
 
 from .._verbs_compat import WC, E, probe
 from ..base import Buffer, RegionRef
-from ..node.client import NodeChannel, RemoteFabric
+from ..node.client import NodeChannel, RemoteFabric, parse_node_url
 from ..node.registrar import Grant
 from ..node.wire import UNKNOWN
 from .completion import map_completion_error, poll_completion
@@ -42,7 +42,16 @@ from .device import PAGE, PROBE_WORD, Endpoint, LocalBuffer, RcQp, check_little_
 from .wr import U64, Opcode, WrCache, build_cas_wr, build_faa_wr, build_rdma_read_wr, build_rdma_write_wr
 from .wr import check_atomic_addr
 
-__all__ = ["DEFAULT_OP_TIMEOUT", "DEFAULT_STAGING", "VerbsConnector", "VerbsFabric", "VerbsRegion", "byte_view"]
+__all__ = [
+    "DEFAULT_OP_TIMEOUT",
+    "DEFAULT_STAGING",
+    "VerbsConnector",
+    "VerbsFabric",
+    "VerbsRegion",
+    "buffer_address",
+    "byte_view",
+    "parse_rdma_url",
+]
 
 log = logging.getLogger(__name__)
 
@@ -468,3 +477,9 @@ class VerbsFabric(RemoteFabric):
         ctx, self.ctx = getattr(self, "ctx", None), None
         if ctx is not None:
             ctx.close()
+
+
+def parse_rdma_url(url: str) -> tuple[str, int, dict[str, str]]:
+    """``rdma://HOST:PORT[?tenant=NAME&device=mlx5_0&ib_port=1&gid_index=0&timeout=10&staging=BYTES]``
+    -> (host, port, options). ``verbs://`` is a synonym; the port defaults to ``DEFAULT_PORT``."""
+    return parse_node_url(url, VerbsFabric.schemes, {"tenant", "timeout"} | set(VerbsFabric.url_options))
