@@ -38,7 +38,7 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from grafos_fabric import observe
@@ -82,7 +82,7 @@ class _Conn:
     peer: str
     tenant: TenantPolicy | None = None
     session: RegistrarSession | None = None
-    leases: set[str] = field(default_factory=set)
+    writer: asyncio.StreamWriter | None = None
 
 
 class NodeServer:
@@ -175,6 +175,9 @@ class NodeServer:
             except (ValueError, OSError):
                 pass
             self._listener.close()
+            for conn in list(self._conns):  # hang up first: pending reads end at once
+                if conn.writer is not None:
+                    conn.writer.transport.abort()
             tasks = list(self._tasks)
             for t in tasks:
                 t.cancel()
@@ -278,6 +281,7 @@ class NodeServer:
         writer: asyncio.StreamWriter | None = None
         try:
             reader, writer = await asyncio.open_connection(sock=sock, limit=self.limits.max_request + 8)
+            conn.writer = writer
             deadline = asyncio.get_running_loop().time() + self.limits.auth_timeout
             try:
                 await self._handshake(reader, writer, conn, deadline)
