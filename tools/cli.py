@@ -3,7 +3,8 @@
     grafos-fabric ls       [--fabric shm://NS] [--all] [--json]   list regions and their leases
     grafos-fabric inspect  NAME [--fabric shm://NS] [--json]      one region: lease, ring header, counters
     grafos-fabric reap     [--fabric shm://NS] [--all]            reclaim expired/revoked/freed regions
-    grafos-fabric serve    --device DEV --port P --pool SIZE      run an RDMA memory node
+    grafos-fabric serve    --token-file F --pool SIZE [--driver verbs|nodeshm]   run a memory node
+    grafos-fabric node     ls|revoke LEASE|metrics --node HOST:PORT   operate a memory node (admin secret)
 
 ``--all`` covers every shm namespace on this machine. Read-only commands never
 change a segment: they copy its header and decode the copy.
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_serve_parser(sub)
+    from .cli_node import add_node_parser
+
+    add_node_parser(sub)
     return parser
 
 

@@ -206,6 +206,12 @@ class ControlClient:
         self.broken = True
         self.sock.close()
 
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class NodeChannel:
     """This process's authenticated link to one node (a :class:`~.registrar.NodeLink`)."""
