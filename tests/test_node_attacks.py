@@ -531,6 +531,7 @@ def test_node_ls_and_revoke_with_the_admin_secret(node, capsys):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.stress
 def test_a_thousand_connections_on_a_node_with_64_fds_leave_it_serving(tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 1200

@@ -10,7 +10,6 @@ is ``test_node_attacks.py``.
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import struct
 import time
@@ -679,12 +678,10 @@ def test_refresh_brings_the_node_state_into_the_local_lease(node, node_state, ex
 
 
 def test_a_channel_idle_past_the_node_timeout_reopens_by_itself(node):
-    lease, cell, ch = remote_lease(node)
+    lease, _cell, ch = remote_lease(node)
     epoch = ch.session_epoch
     ch.control.last_used -= 10 * ch.control.welcome.idle_timeout  # as if it sat idle that long
     assert ch.lease_state(lease.id) == "active"
     assert ch.session_epoch == epoch + 1
     ch.close()
 
-
-_ = (msgspec, secrets, Fenced)

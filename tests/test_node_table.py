@@ -1,4 +1,4 @@
-"""The memory node's pool allocator and lease table (with tenant quotas), driven by a manual clock (no device, no sockets)."""
+"""The memory node's pool allocator and lease table (with tenant quotas), on a manual clock (no device, no sockets)."""
 
 from __future__ import annotations
 

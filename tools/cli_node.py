@@ -73,8 +73,8 @@ def _admin(args: argparse.Namespace) -> Any:
 def run_node(args: argparse.Namespace, console: Console) -> int:
     """Run ``node ls|revoke|metrics``; typed errors go up to the CLI (exit status 2)."""
     import msgspec
-
     from grafos_fabric.drivers.node import wire as W
+
     from grafos_fabric.errors import FabricValueError
 
     c = _admin(args)

@@ -42,8 +42,18 @@ from grafos_fabric.lease import NS, Clock, Lease, LeaseState, MonotonicClock, ch
 
 from ..base import Region, RegionRef
 from . import wire as W
-from .auth import CONSUMER, DEFAULT_TENANT, REVOKE, RIGHT_NAMES, SHARE, cap_from_token, cap_to_token, proof
-from .auth import read_secret, tenant_key
+from .auth import (
+    CONSUMER,
+    DEFAULT_TENANT,
+    REVOKE,
+    RIGHT_NAMES,
+    SHARE,
+    cap_from_token,
+    cap_to_token,
+    proof,
+    read_secret,
+    tenant_key,
+)
 from .registrar import Access, Connector, Grant
 
 __all__ = [
@@ -270,8 +280,14 @@ class NodeChannel:
         cap = self.cap(lease_id)
         if cap is None:
             return W.UNKNOWN
+        req = W.Status(lease_id=lease_id, cap=cap)
         try:
-            reply: W.LeaseStatus = self.call(W.Status(lease_id=lease_id, cap=cap), W.LeaseStatus)
+            try:
+                reply: W.LeaseStatus = self.call(req, W.LeaseStatus)
+            except Disconnected:
+                if not self.control.broken:
+                    raise
+                reply = self.call(req, W.LeaseStatus)  # a status query is safe to repeat on a new channel
         except CapabilityDenied:
             return W.UNKNOWN  # a node that does not know our capability (it restarted) does not know the lease
         return reply.state
@@ -385,7 +401,7 @@ class RemoteFabric:
     the connector and are one-sided (``mapped_regions = False``).
     """
 
-    driver: ClassVar[str] = ""
+    driver: str = ""  # the Registrar.name this client speaks to (a plain attribute: the Fabric protocol)
     schemes: ClassVar[tuple[str, ...]] = ()
     url_options: ClassVar[frozenset[str]] = frozenset()  # driver-specific URL query keys
     mapped_regions = False

@@ -26,8 +26,9 @@ and is the same for every driver. A driver supplies exactly these objects::
 ``Access`` is a small dict that msgspec encodes (keys matching
 ``[a-z0-9_]{1,32}``; ``int``, ``bool`` or ``str`` values, strings at most
 8192 characters, so binary values such as a packed UCX rkey or a worker
-address travel as hex; at most :data:`MAX_ACCESS_ITEMS` entries): what a client needs to reach a span (verbs: ``addr``, ``rkey``;
-UCX: ``addr``, ``rkey`` as packed bytes) or to set up its data plane
+address travel as hex; at most :data:`MAX_ACCESS_ITEMS` entries): what a
+client needs to reach a span (verbs: ``addr``, ``rkey``; UCX: ``addr``, the
+packed ``rkey`` as hex) or to set up its data plane
 (verbs: QP number, PSN, LID, GID, MTU; UCX: the worker address). The node
 never interprets it; it only carries it, inside an authenticated session,
 to the tenant that holds the lease's capability.

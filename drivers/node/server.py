@@ -56,7 +56,7 @@ from grafos_fabric.errors import (
 from grafos_fabric.lease import Clock
 
 from . import wire as W
-from .auth import ADMIN, OWNER, REVOKE, RENEW, SHARE, WRITE, ATTACH, CapMinter, NodePolicy, TenantPolicy, proof
+from .auth import ATTACH, OWNER, RENEW, REVOKE, SHARE, WRITE, CapMinter, NodePolicy, TenantPolicy, proof
 from .registrar import Registrar, RegistrarSession
 from .table import LeaseTable, ServerLease
 

@@ -33,6 +33,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from grafos_fabric._ffi import ffi, lib
 from grafos_fabric.errors import (
     CapabilityDenied,
     CapacityExceeded,
@@ -45,7 +46,6 @@ from grafos_fabric.errors import (
     Revoked,
     Unsupported,
 )
-from grafos_fabric._ffi import ffi, lib
 from grafos_fabric.lease import Lease
 
 from ..base import Buffer, RegionRef

@@ -39,8 +39,16 @@ from ..node.registrar import Grant
 from ..node.wire import UNKNOWN
 from .completion import map_completion_error, poll_completion
 from .device import PAGE, PROBE_WORD, Endpoint, LocalBuffer, RcQp, check_little_endian, open_device
-from .wr import U64, Opcode, WrCache, build_cas_wr, build_faa_wr, build_rdma_read_wr, build_rdma_write_wr
-from .wr import check_atomic_addr
+from .wr import (
+    U64,
+    Opcode,
+    WrCache,
+    build_cas_wr,
+    build_faa_wr,
+    build_rdma_read_wr,
+    build_rdma_write_wr,
+    check_atomic_addr,
+)
 
 __all__ = [
     "DEFAULT_OP_TIMEOUT",
