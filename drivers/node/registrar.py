@@ -33,9 +33,10 @@ packed ``rkey`` as hex) or to set up its data plane
 never interprets it; it only carries it, inside an authenticated session,
 to the tenant that holds the lease's capability.
 
-Life of a lease, as the node drives the registrar (all calls come from the
-node's single event-loop thread, so a registrar needs no locking of its own
-unless it starts threads):
+Life of a lease, as the node drives the registrar (calls are serialized:
+they come from the node's event-loop thread, or under the lease table's lock
+when another thread asks the table for a status, so a registrar needs no
+locking of its own unless it starts threads):
 
 1. ``alloc``: the allocator picks a page-aligned ``offset``;
    ``register(offset, nbytes)`` makes ``[offset, offset + nbytes)`` of the
