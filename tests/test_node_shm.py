@@ -207,3 +207,31 @@ def test_the_one_sided_queue_carries_items_in_order_through_a_node(fabric):
     finally:
         consumer.close()
         producer.close()
+
+
+def test_a_shared_ref_outlives_the_owners_renewals_but_not_the_lease(node, clock, fabric):
+    region = fabric.alloc(64, ttl=10.0)
+    ref = region.ref()  # what a queue locator carries
+    for _ in range(5):  # the owner renews several times; the old deadline is long gone
+        clock.advance(8.0)
+        region.lease.renew(10.0)
+    other = NodeShmFabric("127.0.0.1", node.port, secret=SECRET, clock=clock)
+    try:
+        theirs = other.attach(ref)
+        region.store64(0, 3)
+        assert theirs.load64(0) == 3
+        region.lease.revoke()
+        with pytest.raises(Revoked):
+            other.attach(ref)
+    finally:
+        other.close()
+
+
+def test_an_owner_that_attaches_its_own_lease_through_a_consumer_ref_keeps_its_rights(fabric):
+    region = fabric.alloc(64, ttl=10.0)
+    consumer_side = fabric.attach(region.ref())  # same process, same lease, a weaker capability
+    assert consumer_side.lease.id == region.lease.id
+    region.lease.renew(20.0)  # still the owner's capability: renew and revoke work
+    region.lease.revoke()
+    with pytest.raises(Revoked):
+        consumer_side.load64(0)

@@ -104,6 +104,25 @@ def test_enum_shim_gives_the_abi_values_of_access_flags_and_opcodes():
     assert int(op.IBV_WR_ATOMIC_FETCH_AND_ADD) == 6
 
 
+@needs_pyverbs
+def test_the_driver_names_every_opcode_it_posts_and_pyverbs_agrees_on_each_value():
+    for opcode in verbs.Opcode:
+        assert opcode.name.startswith("IBV_WR_")
+        assert int(opcode.pyverbs()) == int(opcode)
+
+
+def test_no_bare_opcode_numbers_are_left_in_the_driver():
+    import inspect
+    import re
+
+    from grafos_fabric.drivers.verbs import client, wr
+
+    for mod in (client, wr):
+        src = inspect.getsource(mod)
+        assert not re.search(r"opcode\s*=\s*\d", src), f"{mod.__name__} posts a bare opcode number"
+        assert not re.search(r"\(\s*[0-9]\s+if\s+(cas|write)", src), f"{mod.__name__} keys WRs by bare numbers"
+
+
 def test_enum_shim_raises_attribute_error_for_names_it_does_not_know():
     with pytest.raises(AttributeError):
         _ = compat.E.NOT_AN_ENUM

@@ -35,12 +35,14 @@ the node and the client, compared with :func:`hmac.compare_digest`.
 
 **Capabilities.** The node keys a :class:`CapMinter` with 32 random bytes at
 start (so capabilities die with the node). A capability is the node's
-HMAC-SHA256 over ``(tenant, lease id, generation, rights, expiry)``; the
-expiry is the lease's deadline when it was minted (node clock), so a
-capability never outlives the lease it was minted for; renewing returns a
-fresh one. Rights: :data:`ATTACH` (get the access descriptor),
-:data:`WRITE` (writable access), :data:`RENEW`, :data:`REVOKE` (revoke and
-free), :data:`SHARE` (mint a weaker capability). The owner holds
+HMAC-SHA256 over ``(tenant, lease id, generation, rights, expiry)``, and it
+is good only while its lease lives (lease ids are never reused). The owner's
+capability expires at the lease's deadline when it was minted (node clock);
+renewing returns a fresh one. A *shared* capability (``Share``: what refs and
+queue locators carry) expires the tenant's maximum TTL after it was minted,
+so a locator written once survives its owner's renewals, never a lease.
+Rights: :data:`ATTACH` (get the access descriptor), :data:`WRITE` (writable
+access), :data:`RENEW`, :data:`REVOKE` (revoke and free), :data:`SHARE` (mint a weaker capability). The owner holds
 :data:`OWNER` (all); :data:`CONSUMER` is attach + write; :data:`READ_ONLY`
 is attach only. Every refusal (bad MAC, another tenant's, expired, too few
 rights, unknown lease) is the same :class:`CapabilityDenied`, so the answer

@@ -326,11 +326,13 @@ class RemoteLeaseCell:
         return self._deadline
 
     def update(self, cap: W.Cap, deadline_ns: int) -> None:
-        """A fresh grant for the same lease (attach again)."""
-        self.cap = cap
+        """A fresh grant for the same lease (attached again, maybe through a weaker shared ref):
+        the capability with more rights stays, so an owner that attaches its own lease keeps its own."""
+        if (self.cap.rights | cap.rights) != self.cap.rights:
+            self.cap = cap
+            self.channel.remember(self.lease_id, cap)
         self._deadline = deadline_ns
         self._state = LeaseState.ACTIVE
-        self.channel.remember(self.lease_id, cap)
 
     def store_deadline_ns(self, deadline_ns: int) -> None:
         sent = self.clock.now_ns()

@@ -485,7 +485,11 @@ class NodeServer:
             lease = self._lease(tenant, req.lease_id, req.cap, SHARE)
             if req.rights & ~req.cap.rights:
                 raise CapabilityDenied("a shared capability cannot hold rights its source lacks")
-            return W.Shared(lease_id=lease.lease_id, cap=self._mint(tenant, lease, req.rights))
+            # A shared capability goes into refs and locators that others read later: it lasts the
+            # tenant's max TTL from now (not the lease's current deadline, which the owner's renewals move),
+            # and is good only while the lease lives, like every capability.
+            expiry = self.clock.now_ns() + int(self.policy.max_ttl(tenant) * 1e9)
+            return W.Shared(lease_id=lease.lease_id, cap=self._mint(tenant, lease, req.rights, expiry))
         raise Corrupted(f"unexpected request {type(req).__name__}")  # pragma: no cover (union is closed)
 
     def _check(self, tenant: TenantPolicy, lease_id: str, cap: W.Cap, need: int, *,
@@ -500,8 +504,9 @@ class NodeServer:
             raise CapabilityDenied(f"no valid capability for lease {lease_id[:8]}... and this operation")
         return lease
 
-    def _mint(self, tenant: TenantPolicy, lease: ServerLease, rights: int) -> W.Cap:
-        return self.caps.mint(tenant.name, lease.lease_id, lease.generation, rights, lease.deadline_ns)
+    def _mint(self, tenant: TenantPolicy, lease: ServerLease, rights: int, expiry_ns: int | None = None) -> W.Cap:
+        expiry = lease.deadline_ns if expiry_ns is None else expiry_ns
+        return self.caps.mint(tenant.name, lease.lease_id, lease.generation, rights, expiry)
 
     def _granted(self, conn: _Conn, lease: ServerLease, cap: W.Cap) -> W.Granted:
         assert lease.span is not None and conn.session is not None
