@@ -50,6 +50,7 @@ __all__ = [
     "disable",
     "emit",
     "enable",
+    "gauge",
     "latency",
     "prometheus_text",
     "register_prometheus",
@@ -110,6 +111,7 @@ class Observer:
         self._lock = threading.Lock()
         self.counters: dict[tuple[str, LabelKey], int] = collections.defaultdict(int)
         self.histograms: dict[tuple[str, LabelKey], Histogram] = {}
+        self.gauges: dict[tuple[str, LabelKey], float] = {}
         self._events: collections.deque[FabricEvent] = collections.deque(maxlen=max_events)
         self.dropped_events = 0
         self._sinks: list[JsonEventSink] = []
@@ -120,6 +122,12 @@ class Observer:
         key = (name, _labels(labels))
         with self._lock:
             self.counters[key] += n
+
+    def gauge(self, name: str, value: float, **labels: Any) -> None:
+        """Set a gauge (a value that goes up and down: live leases, open connections)."""
+        key = (name, _labels(labels))
+        with self._lock:
+            self.gauges[key] = value
 
     def latency(self, name: str, seconds: float, **labels: Any) -> None:
         key = (name, _labels(labels))
@@ -158,6 +166,7 @@ class Observer:
         with self._lock:
             return {
                 "counters": {_name(n, lk): v for (n, lk), v in self.counters.items()},
+                "gauges": {_name(n, lk): v for (n, lk), v in self.gauges.items()},
                 "latency": {
                     _name(n, lk): {"n": h.n, "sum_s": h.total, "p50_s": h.quantile(0.5), "p99_s": h.quantile(0.99)}
                     for (n, lk), h in self.histograms.items()
@@ -227,6 +236,13 @@ def count(name: str, n: int = 1, **labels: Any) -> None:
         obs.count(name, n, **labels)
 
 
+def gauge(name: str, value: float, **labels: Any) -> None:
+    """Set a gauge if observing."""
+    obs = _current
+    if obs is not None:
+        obs.gauge(name, value, **labels)
+
+
 def latency(name: str, seconds: float, **labels: Any) -> None:
     """Record a latency if observing."""
     obs = _current
@@ -267,19 +283,21 @@ def _help(name: str, kind: str) -> str:
 
 _Counters = list[tuple[tuple[str, LabelKey], int]]
 _Histograms = list[tuple[tuple[str, LabelKey], Histogram]]
+_Gauges = list[tuple[tuple[str, LabelKey], float]]
 
 
-def _collect(obs: Observer) -> tuple[_Counters, _Histograms, int]:
+def _collect(obs: Observer) -> tuple[_Counters, _Histograms, _Gauges, int]:
     """A consistent copy of the observer's metrics (histograms copied under the lock)."""
     with obs._lock:
         counters = sorted(obs.counters.items())
+        gauges = sorted(obs.gauges.items())
         hists: _Histograms = []
         for key, h in sorted(obs.histograms.items(), key=lambda kv: kv[0]):
             c = Histogram()
             c.counts, c.total, c.n = list(h.counts), h.total, h.n
             hists.append((key, c))
         dropped = obs.dropped_events
-    return counters, hists, dropped
+    return counters, hists, gauges, dropped
 
 
 def _help_line(metric: str, text: str) -> str:
@@ -296,7 +314,7 @@ def prometheus_text(obs: Observer | None = None, prefix: str = "grafos_") -> str
     obs = obs or _current
     if obs is None:
         return ""
-    counters, hists, dropped = _collect(obs)
+    counters, hists, gauges, dropped = _collect(obs)
     lines: list[str] = []
     seen: set[str] = set()
     for (name, lk), value in counters:
@@ -305,6 +323,12 @@ def prometheus_text(obs: Observer | None = None, prefix: str = "grafos_") -> str
             lines += [_help_line(metric, _help(name, "counter")), f"# TYPE {metric} counter"]
             seen.add(metric)
         lines.append(f"{_name(metric, lk)} {value}")
+    for (name, lk), gvalue in gauges:
+        metric = f"{prefix}{name}"
+        if metric not in seen:
+            lines += [_help_line(metric, _help(name, "gauge")), f"# TYPE {metric} gauge"]
+            seen.add(metric)
+        lines.append(f"{_name(metric, lk)} {gvalue:.9g}")
     for (name, lk), h in hists:
         metric = f"{prefix}{name}_seconds"
         if metric not in seen:
@@ -337,12 +361,12 @@ class PrometheusCollector:
         return []  # families depend on what was recorded: the registry must not pre-check names
 
     def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         obs = self._observer or _current
         if obs is None:
             return
-        counters, hists, dropped = _collect(obs)
+        counters, hists, gauges, dropped = _collect(obs)
         families: dict[str, Any] = {}
         for (name, lk), value in counters:
             fam = families.get(name)
@@ -353,6 +377,14 @@ class PrometheusCollector:
                 )
             fam.add_metric([v for _, v in lk], value)
         yield from families.values()
+        gfams: dict[str, Any] = {}
+        for (name, lk), gvalue in gauges:
+            fam = gfams.get(name)
+            if fam is None:
+                labels = [k for k, _ in lk]
+                fam = gfams[name] = GaugeMetricFamily(self.prefix + name, _help(name, "gauge"), labels=labels)
+            fam.add_metric([v for _, v in lk], gvalue)
+        yield from gfams.values()
         hfams: dict[str, Any] = {}
         for (name, lk), h in hists:
             fam = hfams.get(name)

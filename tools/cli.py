@@ -4,7 +4,8 @@
     grafos-fabric inspect  NAME [--fabric shm://NS | --all] [--json]   one region (NAME: a unique prefix)
     grafos-fabric free     NAME [--fabric shm://NS | --all]       free one region now
     grafos-fabric reap     [--fabric shm://NS | --all] [--dead-owners]   reclaim dead regions
-    grafos-fabric serve    --device DEV --port P --pool SIZE      run an RDMA memory node
+    grafos-fabric serve    --token-file F --pool SIZE [--driver verbs|nodeshm]   run a memory node
+    grafos-fabric node     ls|revoke LEASE|metrics --node HOST:PORT   operate a memory node (admin secret)
 
 ``--all`` covers every shm namespace on this machine. Read-only commands never
 change a segment: they copy its header and decode the copy. The tables need
@@ -455,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_serve_parser(sub)
+    from .cli_node import add_node_parser
+
+    add_node_parser(sub)
     for sp in sub.choices.values():  # module docstrings use reST; help is plain text
         if sp.description:
             sp.description = sp.description.replace("``", "")
