@@ -476,7 +476,12 @@ class ShmFabric:
         free = _free_bytes()
         if 0 <= free < size:  # do not even try: fallocate would fill the tmpfs first
             raise E.CapacityExceeded(self._no_room(nbytes, size, free))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_SAFE, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_SAFE, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOSPC):
+                raise E.CapacityExceeded(f"cannot create {path}: {exc.strerror}") from exc
+            raise E.Unsupported(f"cannot create a segment in {SHM_DIR}: {exc}") from exc
         try:
             os.fchmod(fd, 0o600)  # whatever the umask says: owner-only
             self._reserve(fd, nbytes, size)

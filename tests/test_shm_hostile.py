@@ -94,6 +94,18 @@ try:
 except E.CapacityExceeded as exc:
     out["big"] = str(exc)
 out["left_after_big"] = sorted(os.listdir(SHM_DIR))
+# the same with the free-space precheck fooled (another process took the room since):
+# posix_fallocate itself refuses, and the half-made segment is unlinked
+import grafos_fabric.drivers.shm as shm
+real_free = shm._free_bytes
+shm._free_bytes = lambda: 1 << 40
+try:
+    fabric.alloc(16 << 20, ttl=30)
+    out["fallocate"] = "allocated"
+except E.CapacityExceeded as exc:
+    out["fallocate"] = str(exc)
+shm._free_bytes = real_free
+out["left_after_fallocate"] = sorted(os.listdir(SHM_DIR))
 try:
     gf.FabricQueue.create(fabric, capacity=16 << 20, ttl=30)
     out["queue"] = "created"
@@ -137,7 +149,9 @@ def test_a_region_larger_than_free_shm_is_refused_at_create_not_killed_by_sigbus
     assert out["big"] != "allocated"
     assert str(16 << 20) in out["big"].replace(",", "") or "16.0 MiB" in out["big"]
     assert "free" in out["big"]
-    assert out["left_after_big"] == []  # the half-made segment was unlinked
+    assert out["left_after_big"] == []  # nothing was made
+    assert out["fallocate"] != "allocated" and str(16 << 20) in out["fallocate"]
+    assert out["left_after_fallocate"] == []  # the half-made segment was unlinked
     assert out["queue"] == "CapacityExceeded"
     assert 1 <= out["filled"] < 4  # 8 MiB holds three 2 MiB regions (plus headers), not four
     assert out["refused"] is not None and "free" in out["refused"]
@@ -511,3 +525,31 @@ def test_queues_on_a_manual_clock_still_work_end_to_end(namespace):
     clock.advance(10)
     with pytest.raises(E.LeaseExpired):
         q.push(b"y")
+
+
+def test_ls_and_reap_commands_list_squatters_without_hanging_or_removing_them(namespace, capsys):
+    from grafos_fabric.tools.cli import main
+
+    fabric = ShmFabric(namespace)
+    region = fabric.alloc(4096, ttl=30)
+    fifo = _squat_path(namespace)
+    os.mkfifo(fifo, 0o600)
+    try:
+        result: list[int] = []
+        t = threading.Thread(
+            target=lambda: result.append(main(["ls", "--fabric", f"shm://{namespace}", "--json"])), daemon=True
+        )
+        t.start()
+        t.join(timeout=60)
+        if t.is_alive():
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            t.join(timeout=10)
+            pytest.fail("grafos-fabric ls blocked on a FIFO")
+        assert result == [0]
+        rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+        assert rows[region.name]["state"] == "active"
+        assert rows["00112233aabbccdd"]["status"] == "not-ours"
+        assert main(["reap", "--fabric", f"shm://{namespace}"]) == 0
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    finally:
+        _remove(fifo)
