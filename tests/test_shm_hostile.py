@@ -169,6 +169,49 @@ def test_create_refuses_more_than_the_free_space_without_touching_the_pages(fabr
     assert fabric.segments() == []
 
 
+def _flaky_fallocate(monkeypatch: pytest.MonkeyPatch, *failures: BaseException) -> list[int]:
+    import grafos_fabric.drivers.shm as shm
+
+    calls: list[int] = []
+    real = os.posix_fallocate
+    pending = list(failures)
+
+    def fake(fd: int, offset: int, length: int) -> None:
+        calls.append(length)
+        if pending:
+            raise pending.pop(0)
+        real(fd, offset, length)
+
+    monkeypatch.setattr(shm.os, "posix_fallocate", fake)
+    return calls
+
+
+def test_create_retries_a_reservation_interrupted_by_a_signal(fabric, monkeypatch):
+    calls = _flaky_fallocate(monkeypatch, InterruptedError(4, "Interrupted system call"))
+    region = fabric.alloc(8192, ttl=30)
+    assert len(calls) == 2
+    region.store64(8184, 1)
+
+
+def test_an_exception_during_the_reservation_leaves_no_half_made_segment(fabric, monkeypatch):
+    _flaky_fallocate(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        fabric.alloc(8192, ttl=30)
+    assert fabric.segments() == []
+    _flaky_fallocate(monkeypatch, OSError(28, "No space left on device"))
+    with pytest.raises(E.CapacityExceeded, match="free"):
+        fabric.alloc(8192, ttl=30)
+    assert fabric.segments() == []
+
+
+def test_a_filesystem_without_fallocate_still_gets_a_sized_segment(fabric, monkeypatch, caplog):
+    _flaky_fallocate(monkeypatch, OSError(95, "Operation not supported"))
+    with caplog.at_level("WARNING", logger="grafos_fabric.drivers.shm"):
+        region = fabric.alloc(8192, ttl=30)
+    assert os.path.getsize(_path(fabric, region)) == HEADER + 8192
+    assert "SIGBUS" in caplog.text
+
+
 # -- truncation by a co-tenant ------------------------------------------------------------
 
 
