@@ -456,6 +456,7 @@ class ShmFabric:
         self._last_reap = 0.0
         self._block_store: Any = None
         self._fallback_gen = 0
+        self._told: set[tuple[str, str]] = set()
 
     # -- allocation ---------------------------------------------------------------
     def alloc(self, nbytes: int, ttl: float) -> ShmRegion:
@@ -755,7 +756,7 @@ class ShmFabric:
                 if self._reap_one(path):
                     reaped += 1
             except OSError as exc:
-                log.info("reap: skipping %s: %s", path, exc)
+                self._skip(path, str(exc))
         self._drop_generation_if_empty()
         return reaped
 
@@ -765,13 +766,13 @@ class ShmFabric:
         except FileNotFoundError:
             return False
         except OSError as exc:
-            log.info("reap: skipping %s: %s", path, _open_error(exc))
+            self._skip(path, _open_error(exc))
             return False
         try:
             st = os.fstat(fd)
             why = _not_ours(st)
             if why:
-                log.info("reap: skipping %s: %s", path, why)
+                self._skip(path, why)
                 return False
             info = _inspect(fd, st, path, self.clock)
             status, state = info["status"], info.get("state")
@@ -781,7 +782,7 @@ class ShmFabric:
                     return False
                 why = "left half-built"
             elif status != "ok":
-                log.warning("reap: skipping %s: %s, not provably a segment of ours", path, status)
+                self._skip(path, f"{status}, not provably a segment of ours", logging.WARNING)
                 return False
             elif state in ("revoked", "freed", "orphaned"):
                 why = str(state)
@@ -805,6 +806,15 @@ class ShmFabric:
         observe.count("lease_reaped", driver="shm")
         log.info("reaped %s (%s)", path, why)
         return True
+
+    def _skip(self, path: str, why: str, level: int = logging.INFO) -> None:
+        """Say once per file and reason why reap leaves it alone (then only at DEBUG)."""
+        key = (path, why)
+        if key in self._told:
+            level = logging.DEBUG
+        elif len(self._told) < 4096:
+            self._told.add(key)
+        log.log(level, "reap: skipping %s: %s", path, why)
 
     def destroy(self) -> int:
         """Remove the whole namespace now: every segment of this user, live or

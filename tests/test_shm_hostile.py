@@ -272,12 +272,14 @@ def _reap_in_thread(fabric: ShmFabric, fifo: str | None = None) -> int:
     return int(result[0])
 
 
-def test_a_fifo_named_like_a_segment_neither_hangs_reap_nor_create(namespace):
+def test_a_fifo_named_like_a_segment_neither_hangs_reap_nor_create(namespace, caplog):
     fifo = _squat_path(namespace)
     os.mkfifo(fifo, 0o600)
     try:
         fabric = ShmFabric(namespace)
-        assert _reap_in_thread(fabric, fifo) == 0
+        with caplog.at_level("INFO", logger="grafos_fabric.drivers.shm"):
+            assert _reap_in_thread(fabric, fifo) == 0
+        assert f"reap: skipping {fifo}: a FIFO, not a regular file" in caplog.text  # it says why
         region = fabric.alloc(4096, ttl=30)
         region.store64(0, 1)
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # not ours to remove
@@ -354,13 +356,16 @@ def test_foreign_owned_segments_and_counter_are_never_touched(namespace):
 
 
 @pytest.mark.parametrize("size", [0, 10, HEADER + 4096])
-def test_junk_files_named_like_segments_are_skipped_not_removed(namespace, size):
+def test_junk_files_named_like_segments_are_skipped_not_removed(namespace, size, caplog):
     junk = _squat_path(namespace)
     with open(junk, "wb") as f:
         f.write(b"\xff" * size)
     try:
         fabric = ShmFabric(namespace)
-        assert fabric.reap() == 0
+        with caplog.at_level("INFO", logger="grafos_fabric.drivers.shm"):
+            assert fabric.reap() == 0
+        if size:
+            assert "not provably a segment of ours" in caplog.text
         region = fabric.alloc(4096, ttl=30)
         assert os.path.getsize(junk) == size
         region.store64(0, 3)
