@@ -491,34 +491,34 @@ class ShmFabric:
             except (OSError, ValueError) as exc:
                 raise E.CapacityExceeded(f"cannot map {_mib(size)} of shared memory: {exc}") from exc
             ident = os.fstat(fd)
-        except BaseException:
+            if self.clock_domain != HOST_CLOCK_DOMAIN:
+                _ofd_hold(fd)
+            now = self.clock.now_ns()
+            ttl_ns = int(ttl * NS)
+            seg = ffi.from_buffer(mm)
+            # Before the generation: the counter file is only removed when no segment
+            # of the namespace exists, and ours exists from here on.
+            generation = self._next_generation()
+            # Written before gf_segment_init publishes the header (SYNC POINT: segment-ready).
+            lib.gf_store_release_at(seg, _DOMAIN_OFF, self.clock_domain)
+            lib.gf_segment_init(seg, size, lease_bytes, generation, ttl_ns, now, now + ttl_ns, os.getpid())
+            del seg
+            lease = Lease(
+                lease_bytes.hex(),
+                ttl=ttl,
+                generation=generation,
+                cell=ShmLeaseCell(mm, (ident.st_dev, ident.st_ino)),
+                clock=self.clock,
+                resource=f"shm://{self.namespace}/{name}",
+                on_free=self._free_lease,
+            )
+        except BaseException:  # nothing half-made stays behind: not the file, not the fd
             os.close(fd)
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
             raise
-        if self.clock_domain != HOST_CLOCK_DOMAIN:
-            _ofd_hold(fd)
-        now = self.clock.now_ns()
-        ttl_ns = int(ttl * NS)
-        seg = ffi.from_buffer(mm)
-        # Before the generation: the counter file is only removed when no segment
-        # of the namespace exists, and ours exists from here on.
-        generation = self._next_generation()
-        # Written before gf_segment_init publishes the header (SYNC POINT: segment-ready).
-        lib.gf_store_release_at(seg, _DOMAIN_OFF, self.clock_domain)
-        lib.gf_segment_init(seg, size, lease_bytes, generation, ttl_ns, now, now + ttl_ns, os.getpid())
-        del seg
-        lease = Lease(
-            lease_bytes.hex(),
-            ttl=ttl,
-            generation=generation,
-            cell=ShmLeaseCell(mm, (ident.st_dev, ident.st_ino)),
-            clock=self.clock,
-            resource=f"shm://{self.namespace}/{name}",
-            on_free=self._free_lease,
-        )
         region = ShmRegion(self, name, mm, lease, mapped=True, owner=True, fd=fd)
         observe.count("lease_allocs", driver="shm")
         observe.emit(
