@@ -716,7 +716,7 @@ class ShmFabric:
             if _not_ours(st):
                 return
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if self._segment_names():
+            if self._has_segments():
                 return
             cur = os.lstat(path)
             if (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino):
@@ -735,6 +735,15 @@ class ShmFabric:
         except OSError:
             return []
         return [n for n in names if n.startswith(prefix)]
+
+    def _has_segments(self) -> bool:
+        """Is any file of the namespace's segments left? (Stops at the first one.)"""
+        prefix = f"grafos.{self.namespace}."
+        try:
+            with os.scandir(SHM_DIR) as it:
+                return any(entry.name.startswith(prefix) for entry in it)
+        except OSError:
+            return True  # cannot tell: keep the counter
 
     def segments(self) -> list[str]:
         return sorted(os.path.join(SHM_DIR, n) for n in self._segment_names())
