@@ -47,7 +47,7 @@
 typedef struct {
     uint64_t magic; uint32_t layout_version; uint32_t header_size; uint64_t segment_size; uint64_t payload_size;
     uint8_t lease_id[16]; uint64_t generation; uint64_t ttl_ns; uint64_t created_ns; uint64_t owner_pid;
-    uint64_t lease_state; uint64_t deadline_ns; ...;
+    uint64_t clock_domain; uint64_t lease_state; uint64_t deadline_ns; ...;
 } gf_segment_header;
 
 typedef struct {

@@ -26,6 +26,7 @@ import argparse
 import json
 import mmap
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -53,11 +54,14 @@ def ring_info(path: str) -> dict[str, Any] | None:
     """Decode the ring header of a queue segment (a copy of it); None if it holds no ring."""
     ring_size = int(lib.GF_RING_HEADER_SIZE)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # /dev/shm is shared
     except OSError:
         return None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        size = st.st_size
         if size < HEADER + ring_size:
             return None
         with mmap.mmap(fd, HEADER + ring_size, prot=mmap.PROT_READ) as mm:
