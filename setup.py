@@ -13,4 +13,9 @@ modules = ["native/build_native.py:ffibuilder"]
 if runpy.run_path("native/build_ucx.py")["ffibuilder"] is not None:
     modules.append("native/build_ucx.py:ffibuilder")
 
-setup(cffi_modules=modules)
+# The native modules use only the stable ABI (cffi, py_limited_api=True in the build
+# scripts): one wheel, tagged cp310-abi3, serves CPython 3.10 and every later version.
+setup(
+    cffi_modules=modules,
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

@@ -6,7 +6,8 @@ file or device underneath. Every operation checks the lease first and fails
 closed (``LeaseExpired`` after the deadline or after ``free``, ``Revoked``
 after ``revoke``); an LBA range outside the region raises
 ``CapacityExceeded``; a buffer that is not a whole number of blocks raises
-``Misaligned`` (a ``FabricValueError``).
+``Misaligned`` (a ``FabricValueError``); a read that finds the file shorter
+than the region (truncated by another process) raises ``Corrupted``.
 
 I/O goes through ``O_DIRECT`` with page-aligned buffers (anonymous ``mmap``),
 so a write reaches the device and never sits in the page cache. ``sync()`` is
@@ -58,6 +59,7 @@ from typing import Any
 from grafos_fabric import lease as _lease
 from grafos_fabric.errors import (
     CapacityExceeded,
+    Corrupted,
     Disconnected,
     FabricValueError,
     LeaseExpired,
@@ -213,7 +215,10 @@ class BlockRegion:
                     continue
                 raise
             if n == 0:
-                raise OSError(errno.EIO, f"short read on {self.path} at byte {pos + done}")
+                raise Corrupted(
+                    f"{self.path} ends at byte {pos + done}, inside the lease's range (truncated by someone "
+                    "else?): restore the file's size (or re-create the lease) before using it"
+                )
             done += n
 
     def _pwrite(self, pos: int, view: memoryview) -> None:

@@ -28,6 +28,7 @@ and exits non-zero if anything was lost or wrong.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import faulthandler
 import json
 import logging
@@ -221,9 +222,16 @@ def run_sink(st: Stage) -> None:
 
 
 # -- supervisor ---------------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """In a stage, before exec: the kernel kills it when the supervisor dies (even by
+    kill -9 or a test's timeout), so no orphaned stage keeps running."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def _spawn(stage: str, workdir: Path, ns: str, items: int) -> subprocess.Popen[bytes]:
     args = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--dir", str(workdir), "--ns", ns]
-    return subprocess.Popen([*args, "--items", str(items)])
+    return subprocess.Popen([*args, "--items", str(items)], preexec_fn=_die_with_parent)
 
 
 def _edge_lease(fabric: Any, workdir: Path, edge: str) -> Any:

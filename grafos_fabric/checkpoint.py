@@ -34,6 +34,11 @@ data is this envelope, then the state bytes::
 Little-endian. The stage writes, a restarted stage reads; the record becomes
 visible when its slot header lands (see :mod:`grafos_fabric.slots`). State is
 msgpack or raw bytes: nothing read back can run code (no pickle, anywhere).
+A msgpack state nests at most :data:`MAX_STATE_DEPTH` containers deep: deeper
+states are refused when encoded (``FabricValueError``) and when read back
+(``Corrupted``, checked by an iterative scan before the decoder sees the
+bytes), so no checkpoint can be written that cannot be read, and no forged one
+can exhaust the stack.
 """
 
 from __future__ import annotations
@@ -47,10 +52,12 @@ from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 import msgspec
 
 from . import observe
+from ._ffi import ffi, lib
 from .errors import Corrupted, FabricValueError
 from .slots import PCHK, BlockDevice, Durability, SlotStore
 
 __all__ = [
+    "MAX_STATE_DEPTH",
     "CheckpointFlushObserver",
     "CheckpointedStageState",
     "Codec",
@@ -69,6 +76,16 @@ ENVELOPE_SIZE = _ENVELOPE.size  # 24
 MAX_STAGE_NAME = 1024
 _U64 = (1 << 64) - 1
 _ENCODER = msgspec.msgpack.Encoder()
+MAX_STATE_DEPTH = 256  # containers a msgpack state may nest (msgspec recurses once per level)
+
+if not hasattr(lib, "gf_msgpack_depth"):  # pragma: no cover - only on a stale build
+    raise ImportError("stale grafos_fabric native build (no gf_msgpack_depth): rebuild it with `pip install -e .`")
+
+
+def _msgpack_depth(buf: Any) -> int:
+    """Nesting depth of the one msgpack value in ``buf``; -1 malformed, -2 deeper than MAX_STATE_DEPTH."""
+    view = memoryview(buf).cast("B")
+    return int(lib.gf_msgpack_depth(ffi.from_buffer("uint8_t[]", view), len(view), MAX_STATE_DEPTH))
 
 
 @dataclass(frozen=True)
@@ -132,9 +149,10 @@ class CheckpointedStageState(Generic[S]):
     ``"msgpack"`` (any value msgspec encodes: dicts, lists, str, bytes, ints,
     floats, msgspec Structs, dataclasses...) or ``"raw"`` (the state is a
     bytes-like object). ``durability`` is passed to the slot store
-    (``"ordered"``: data, sync, header, sync; ``"single-sync"``: one write, one
-    sync, torn writes caught by the CRC). ``lease_id`` is what the observer is
-    told (default: the block lease's lease id).
+    (``"ordered"`` or ``"single-sync"``: since slot format v3 both are one
+    write and one flush, torn writes caught by the CRCs; see
+    :mod:`grafos_fabric.slots`). ``lease_id`` is what the observer is told
+    (default: the block lease's lease id).
     """
 
     def __init__(
@@ -179,10 +197,18 @@ class CheckpointedStageState(Generic[S]):
                     f"codec 'raw' needs a bytes-like state, got {type(self.state).__name__}"
                 ) from None
         else:
+            too_deep = (
+                f"state nests deeper than {MAX_STATE_DEPTH} containers: flatten it, or encode it yourself "
+                "and use codec='raw'"
+            )
             try:
                 body = _ENCODER.encode(self.state)
+            except RecursionError:
+                raise FabricValueError(too_deep) from None
             except (TypeError, ValueError, OverflowError) as exc:
                 raise FabricValueError(f"state cannot be encoded as msgpack: {exc}") from exc
+            if _msgpack_depth(body) < 0:
+                raise FabricValueError(too_deep)
         head = _ENVELOPE.pack(_CODEC_IDS[self.codec], 0, len(stage), 0, edge.input_offset, edge.output_commit)
         return [head + stage, body]
 
@@ -273,6 +299,14 @@ class CheckpointedStageState(Generic[S]):
         if written_codec == "raw":
             state = bytes(body)
         else:
+            depth = _msgpack_depth(body)
+            if depth == lib.GF_MSGPACK_TOO_DEEP:
+                raise Corrupted(
+                    f"checkpoint state nests deeper than {MAX_STATE_DEPTH} containers (this build never writes "
+                    "one): the record is forged or damaged; restore an older copy or start the stage afresh"
+                )
+            if depth < 0:
+                raise Corrupted("checkpoint state is not one well-formed msgpack value (damaged or forged)")
             try:
                 state = (
                     msgspec.msgpack.decode(body, type=state_type)
@@ -281,6 +315,11 @@ class CheckpointedStageState(Generic[S]):
                 )
             except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
                 raise Corrupted(f"checkpoint state does not decode: {exc}") from exc
+            except RecursionError:
+                raise FabricValueError(
+                    f"restore ran out of stack decoding a state {depth} containers deep: call it from a "
+                    "shallower stack (or raise sys.setrecursionlimit)"
+                ) from None
         inst: CheckpointedStageState[Any] = cls.__new__(cls)
         inst.state = state
         inst.block_lease = block_lease

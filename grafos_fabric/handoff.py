@@ -24,7 +24,9 @@ Little-endian. Who writes: one :class:`HandoffWriter` at a time wins. Under an
 exclusive ``flock`` on the lease's file or device it reads the newest valid
 record, refuses with :class:`~grafos_fabric.errors.StaleEpoch` when that
 record's generation is newer than the writer's own (someone else published
-since), and otherwise writes generation + 1 (data, sync, header, sync). Two
+since), and otherwise writes generation + 1 (one write, one flush: see
+:mod:`grafos_fabric.slots`). A generation above 2**63 - 1 is refused as
+forged (``Corrupted``). Two
 writers racing from the same generation therefore serialize on the lock and
 exactly one of them wins that bump, in one process or in two. Who reads: a
 :class:`HandoffReader` reads under a shared ``flock`` (so it never sees a slot
@@ -47,7 +49,7 @@ from typing import Any
 
 from .errors import Corrupted, FabricValueError, NoRecord, StaleEpoch
 from .fence import EdgeGeneration, FenceEpoch
-from .slots import GHOF, BlockDevice, Durability, SlotRecord, SlotStore
+from .slots import GHOF, MAX_SEQ, BlockDevice, Durability, SlotRecord, SlotStore
 
 __all__ = ["HandoffReader", "HandoffRecord", "HandoffWriter"]
 
@@ -102,6 +104,11 @@ class HandoffRecord:
             raise Corrupted(f"handoff record of {len(record.data)} bytes is shorter than its {PREFIX_SIZE}-byte prefix")
         if record.tag == 0:
             raise Corrupted("handoff record at generation 0 (the first publish is generation 1)")
+        if record.tag > MAX_SEQ:
+            raise Corrupted(
+                f"handoff record at generation {record.tag}, past 2**63 - 1 (no edge gets there: the record is "
+                "forged or damaged); publish on a fresh block lease and point the readers at it"
+            )
         (published_ns,) = _PREFIX.unpack_from(record.data)
         return cls(FenceEpoch(record.tag), bytes(record.data[PREFIX_SIZE:]), published_ns, record.seq)
 
@@ -182,6 +189,11 @@ class HandoffWriter:
             if on_disk > self._generation:
                 raise StaleEpoch(epoch=int(self._generation), current=int(on_disk))
             new = self._generation.bump()
+            if int(new) > MAX_SEQ:
+                raise FabricValueError(
+                    f"generation {int(new)} is past 2**63 - 1, which readers refuse as forged: "
+                    "publish from a writer at a real generation (HandoffWriter.from_disk)"
+                )
             self._store.write(data, tag=int(new), refresh=True)
             self._generation = new
         log.info("published handoff generation %d (%d payload bytes)", int(new), len(body))

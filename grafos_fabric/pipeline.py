@@ -371,8 +371,8 @@ class EdgeProducer(RelocatableQueueEdge):
     renews the current queue's lease from push calls. ``max_attempts`` bounds
     the allocations/publishes one relocation tries before
     ``EdgeError.RELOCATION_FAILED``. ``durability`` is the handoff writer's
-    (``"ordered"``: data, sync, header, sync; ``"single-sync"``: one write,
-    one sync, half the relocation time where the flush dominates).
+    (``"ordered"`` or ``"single-sync"``: since slot format v3 both are one
+    write and one sync; see :mod:`grafos_fabric.slots`).
     """
 
     role = "producer"

@@ -1,6 +1,6 @@
 """Two alternating slots: the durable record format under checkpoints and handoff records.
 
-Descriptor: slot header (one per slot, first bytes of the slot's header block)::
+Descriptor: slot record (one per slot, from the slot's first byte)::
 
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
@@ -33,40 +33,61 @@ Descriptor: slot header (one per slot, first bytes of the slot's header block)::
     +---------------------------------------------------------------+
     |                       reserved (zero)                         | 52
     +---------------------------------------------------------------+
-    |          zero to the end of the 512-byte header and           | 56
-    |          of the header block                                  |
+    |                       reserved (zero)                         | 56
+    +---------------------------------------------------------------+
+    |                       reserved (zero)                         | 60
+    +---------------------------------------------------------------+
+    |         data (data_len bytes), then zero to a block end       | 64
     +---------------------------------------------------------------+
 
 All integers are little-endian. The record area is a block region split into
 two equal slots of ``slot_blocks = nblocks // 2`` blocks: slot ``i`` starts at
-block ``i * slot_blocks``; its first block is the header block and its data
-(``data_len`` bytes, zero-padded to whole blocks) follows from the next block.
-Slot 0 is therefore exactly the grafOS ``PCHK``/``DCHK`` picture (header in
-block 0, data from block 1; magic, version and data length at offsets 0, 4
-and 8 of a 512-byte header), extended after those fields with the slot
+block ``i * slot_blocks``. A record is the 56 header bytes above, zero to byte
+64, then its data (``data_len`` bytes) from byte :data:`DATA_OFFSET` (64) of
+the slot, zero-padded to whole blocks: a small record (up to ``block_size -
+64`` bytes) is one block, and a 4 KiB state on 4 KiB blocks takes two blocks,
+not three. Magic, version and data length sit at offsets 0, 4 and 8 as in the
+grafOS ``PCHK``/``DCHK`` header, extended after those fields with the slot
 sequence, a tag, CRC32C checksums (Castagnoli, the ``crc32c`` package) and the
-geometry. Checkpoints use magic ``PCHK`` with version 2 (version 1 is grafOS's
-single-slot layout without a checksum, which cannot be validated and is
-refused with ``VersionMismatch``); handoff records use magic ``GHOF``,
-version 1.
+geometry. Checkpoints use magic ``PCHK``, version 3; handoff records ``GHOF``,
+version 2. The previous versions (``PCHK`` 2, ``GHOF`` 1: the same header,
+data from the slot's second block) are still read, never written; grafOS's
+``PCHK`` version 1 (single slot, no checksum, cannot be validated) and any
+other version are refused with ``VersionMismatch``.
 
 Who writes, who reads, what makes a record visible. One writer at a time
 (a stage for its checkpoints; the handoff writer holds an ``flock``) writes
 the slot that does *not* hold the newest valid record, with sequence
-``newest + 1``: data blocks, ``fdatasync``, then the header block,
-``fdatasync`` (``durability="ordered"``, the default). Every header field
-sits in the first 512 bytes of the header block, one sector, which a device
-writes atomically, so the record becomes visible in one step when its header
-lands, and never before its data is durable. Any reader reads both headers, keeps the slots whose magic, version,
-header CRC, geometry, length and data CRC all check out, and takes the one
-with the highest sequence. A torn or bit-flipped newest slot therefore falls
-back to the previous record; if no slot is valid the reader raises
+``newest + 1``: the whole record (header and data) in one write request, then
+one ``fdatasync``; ``write`` returns once that flush is done. The record is
+valid exactly when its header checksum (bytes 0..47, which include
+``data_crc``) and its data checksum both match, so the two checksums cover
+every byte the reader uses. Any reader reads both slots, keeps those whose
+magic, version, header CRC, geometry, sequence, length and data CRC all check
+out, and takes the one with the highest sequence. A write torn anywhere (any
+subset of its sectors landed, in any order) fails a checksum (but for a
+2**-32 CRC collision per torn record) and the reader falls back to the other
+slot, which the write never touched; if no slot is valid the reader raises
 (``NoRecord`` when both are blank, ``VersionMismatch`` for a format version
 this build does not speak, ``Corrupted`` otherwise), it never makes a record
-up. ``durability="single-sync"`` writes header and data in one request with
-one ``fdatasync``: half the flushes, and a torn write is then caught by the
-data CRC alone (a header that landed without its data fails the data CRC,
-barring a 2**-32 collision) instead of by ordering.
+up. A sequence above 2**63 - 1 is impossible (one record per nanosecond for
+292 years) and marks the slot invalid, so a forged one cannot stop the next
+write. A slot whose blocks cannot be read (a file truncated by another
+process, a media error) is invalid too: the reader falls back to the other.
+
+Why one flush is enough (DESIGN's "data, sync, header, sync" ordered two
+flushes so that a header could never be durable before its data). The order
+only matters if a reader could accept a header whose data did not land; here
+the header carries the data's CRC and is itself checksummed, so such a slot
+is rejected like any torn one, and the previous record, in the other slot, is
+intact because no write of this record touches it. What a writer may rely on
+is unchanged: when ``write`` returns the record is durable (the flush came
+after every byte of it), and until then a crash leaves the previous record.
+The cost of the second flush bought a guarantee against CRC collisions on
+torn records only; the two-slot rule already guarantees that the previous
+record survives. ``durability`` (``"ordered"``, the default, or
+``"single-sync"``) is still accepted; since this format both mean one write
+and one flush.
 """
 
 from __future__ import annotations
@@ -84,9 +105,11 @@ from .errors import CapacityExceeded, Corrupted, FabricValueError, NoRecord, Ver
 from .lease import Lease
 
 __all__ = [
+    "DATA_OFFSET",
     "GHOF",
     "HEADER_FIELDS",
     "HEADER_SIZE",
+    "MAX_SEQ",
     "PCHK",
     "BlockDevice",
     "Durability",
@@ -98,14 +121,17 @@ __all__ = [
     "SlotStore",
     "crc32c",
     "pack_header",
+    "pack_record",
 ]
 
 log = logging.getLogger(__name__)
 
-HEADER_SIZE = 512  # the logical header: the first 512 bytes of a slot's header block
+HEADER_SIZE = 512  # the header of a legacy record: the first 512 bytes of its own block
+DATA_OFFSET = 64  # where a record's data starts in its slot (current versions)
 _HEADER = struct.Struct("<4sIQQQIIIIII")
 HEADER_FIELDS = _HEADER.size  # 56
 _CRC_END = 48  # header_crc covers bytes [0, 48)
+MAX_SEQ = (1 << 63) - 1  # a larger sequence is forged: a real one would take centuries to reach
 assert HEADER_FIELDS == 56
 
 Durability = Literal["ordered", "single-sync"]
@@ -130,15 +156,24 @@ class BlockDevice(Protocol):
 
 @dataclass(frozen=True)
 class SlotFormat:
-    """A record kind: its magic and the one version this build reads and writes."""
+    """A record kind: its magic, the version this build writes, and the older one it still reads.
+
+    ``version`` records hold their data from byte :data:`DATA_OFFSET` of the slot;
+    ``legacy_version`` records (same header) from the slot's second block.
+    """
 
     magic: bytes
     version: int
     name: str
+    legacy_version: int | None = None
+
+    def data_start(self, version: int, block_size: int) -> int:
+        """Byte offset of the data in a slot, for a record of ``version``."""
+        return block_size if version == self.legacy_version else DATA_OFFSET
 
 
-PCHK = SlotFormat(b"PCHK", 2, "checkpoint")
-GHOF = SlotFormat(b"GHOF", 1, "handoff")
+PCHK = SlotFormat(b"PCHK", 3, "checkpoint", legacy_version=2)
+GHOF = SlotFormat(b"GHOF", 2, "handoff", legacy_version=1)
 
 
 def pack_header(
@@ -168,6 +203,43 @@ def pack_header(
         0,
     )
     return body[:_CRC_END] + struct.pack("<II", crc32c(body[:_CRC_END]), 0)
+
+
+def pack_record(
+    fmt: SlotFormat,
+    data: bytes,
+    *,
+    seq: int,
+    tag: int,
+    slot: int,
+    block_size: int,
+    slot_blocks: int,
+    version: int | None = None,
+    **fields: int,
+) -> bytes:
+    """A whole record (header and data, zero-padded to whole blocks) as a slot holds it.
+
+    ``version`` may name ``fmt.legacy_version`` (data from the second block);
+    ``fields`` override header fields (``data_len``, ``data_crc``) to forge
+    records in tests and tools.
+    """
+    v = fmt.version if version is None else version
+    start = fmt.data_start(v, block_size)
+    header = pack_header(
+        fmt,
+        data_len=fields.pop("data_len", len(data)),
+        seq=seq,
+        tag=tag,
+        data_crc=fields.pop("data_crc", crc32c(data)),
+        slot=slot,
+        block_size=block_size,
+        slot_blocks=slot_blocks,
+        version=v,
+    )
+    if fields:
+        raise FabricValueError(f"unknown header fields {sorted(fields)}")
+    body = header + bytes(start - len(header)) + data
+    return body + bytes(-len(body) % block_size)
 
 
 @dataclass(frozen=True)
@@ -227,8 +299,9 @@ class SlotPosition(NamedTuple):
 class SlotStatus:
     """What a scan found in one slot. ``state`` is one of ``empty``, ``valid``, ``foreign``
     (wrong magic), ``torn`` (a checksum fails), ``version`` (a version this build does not
-    speak), ``geometry`` (written with another slot size or block size) or ``length``
-    (a data length that cannot fit the slot)."""
+    speak), ``geometry`` (written with another slot size or block size), ``length``
+    (a data length that cannot fit the slot, or a sequence number out of range) or
+    ``unreadable`` (the slot's blocks cannot be read: a truncated file, a media error)."""
 
     slot: int
     state: str
@@ -267,13 +340,22 @@ class SlotStore:
     @property
     def capacity(self) -> int:
         """The most data bytes one record can hold."""
-        return (self.slot_blocks - 1) * self.block_size
+        return self.slot_blocks * self.block_size - DATA_OFFSET
+
+    def _capacity_of(self, version: int) -> int:
+        return self.slot_blocks * self.block_size - self.fmt.data_start(version, self.block_size)
 
     def _start(self, slot: int) -> int:
         return slot * self.slot_blocks
 
     # -- reading -------------------------------------------------------------
     def _examine(self, slot: int) -> SlotStatus:
+        try:
+            return self._examine_blocks(slot)
+        except (OSError, Corrupted) as exc:  # a truncated file, a media error: this slot only
+            return SlotStatus(slot, "unreadable", f"cannot read its blocks: {exc}")
+
+    def _examine_blocks(self, slot: int) -> SlotStatus:
         start = self._start(slot)
         block = self.dev.read_blocks(start, 1)
         raw = block[:HEADER_SIZE]
@@ -282,11 +364,12 @@ class SlotStore:
         hdr = SlotHeader.parse(raw)
         if hdr.magic != self.fmt.magic:
             return SlotStatus(slot, "foreign", f"magic {hdr.magic!r}, expected {self.fmt.magic!r}", hdr)
-        if hdr.version != self.fmt.version:
+        if hdr.version not in (self.fmt.version, self.fmt.legacy_version):
             return SlotStatus(
                 slot,
                 "version",
-                f"{self.fmt.name} format version {hdr.version} (this build reads {self.fmt.version})"
+                f"{self.fmt.name} format version {hdr.version} (this build reads {self.fmt.version} "
+                f"and {self.fmt.legacy_version}: use a build that speaks {hdr.version}, or a new lease)"
                 + ("" if hdr.crc_ok else "; header checksum does not match"),
                 hdr,
             )
@@ -300,12 +383,18 @@ class SlotStore:
                 f"opened as slot {slot} of {self.slot_blocks} blocks of {self.block_size} bytes",
                 hdr,
             )
-        if hdr.seq == 0 or hdr.data_len > self.capacity:
+        if not 0 < hdr.seq <= MAX_SEQ or hdr.data_len > self._capacity_of(hdr.version):
             return SlotStatus(
                 slot, "length", f"data length {hdr.data_len} / seq {hdr.seq} impossible for this slot", hdr
             )
-        nblocks = -(-hdr.data_len // self.block_size)
-        data = self.dev.read_blocks(start + 1, nblocks)[: hdr.data_len] if nblocks else b""
+        bs = self.block_size
+        first = self.fmt.data_start(hdr.version, bs)
+        end = first + hdr.data_len
+        if end <= bs:
+            data = block[first:end]
+        else:
+            rest = self.dev.read_blocks(start + 1, -(-end // bs) - 1)
+            data = block[first:] + rest[: end - bs] if first < bs else rest[: hdr.data_len]
         if crc32c(data) != hdr.data_crc:
             return SlotStatus(slot, "torn", "data checksum does not match", hdr)
         return SlotStatus(slot, "valid", "", hdr, SlotRecord(slot, hdr.seq, hdr.tag, data))
@@ -319,10 +408,16 @@ class SlotStore:
             if st.state == "version" and st.header is not None and st.header.crc_ok:
                 raise VersionMismatch(f"{self.fmt.name} slot {st.slot}: {st.detail}")
             if st.state == "geometry":
-                raise Corrupted(f"{self.fmt.name} slot {st.slot}: {st.detail}")
+                raise Corrupted(
+                    f"{self.fmt.name} slot {st.slot}: {st.detail}: open the range and block size it was "
+                    "written with (nothing is overwritten until then)"
+                )
         valid = [st.record for st in statuses if st.record is not None]
         if len(valid) == 2 and valid[0].seq == valid[1].seq:
-            raise Corrupted(f"both {self.fmt.name} slots claim sequence {valid[0].seq}")
+            raise Corrupted(
+                f"both {self.fmt.name} slots claim sequence {valid[0].seq} (one writer never does that: "
+                "a copied or forged slot): keep the slot you trust and zero the other"
+            )
         if valid:
             best = max(valid, key=lambda r: r.seq)
             for st in statuses:
@@ -333,10 +428,15 @@ class SlotStore:
             return best
         details = "; ".join(f"slot {st.slot}: {st.state} ({st.detail})" for st in statuses)
         if any(st.state == "version" for st in statuses):
-            raise VersionMismatch(f"no readable {self.fmt.name} record: {details}")
+            raise VersionMismatch(
+                f"no readable {self.fmt.name} record: {details}; read it with the build that wrote it"
+            )
         if all(st.state == "empty" for st in statuses):
-            raise NoRecord(f"no {self.fmt.name} record was ever written here")
-        raise Corrupted(f"no valid {self.fmt.name} record: {details}")
+            raise NoRecord(f"no {self.fmt.name} record was ever written here (nothing to restore: start afresh)")
+        raise Corrupted(
+            f"no valid {self.fmt.name} record: {details}. Nothing was read; the area is damaged or was "
+            "written by something else: restore it from a copy, or start afresh on a new lease"
+        )
 
     def read(self) -> SlotRecord:
         """The newest valid record; ``NoRecord``, ``VersionMismatch`` or ``Corrupted`` if none."""
@@ -356,7 +456,11 @@ class SlotStore:
         except Corrupted as exc:
             if any(st.state == "geometry" for st in statuses):
                 raise
-            seqs = [st.header.seq for st in statuses if st.header is not None and st.header.crc_ok]
+            seqs = [
+                st.header.seq
+                for st in statuses
+                if st.header is not None and st.header.crc_ok and 0 < st.header.seq <= MAX_SEQ
+            ]
             log.warning("overwriting an unreadable %s area (%s)", self.fmt.name, exc)
             return 0, max(seqs, default=0) + 1
         return 1 - best.slot, best.seq + 1
@@ -395,15 +499,19 @@ class SlotStore:
             slot, seq = self._next_slot()
         else:
             slot, seq = 1 - self._newest[0], self._newest[1] + 1
+        if seq > MAX_SEQ:  # only after a forged record at MAX_SEQ: readers would refuse this one
+            raise Corrupted(
+                f"the newest {self.fmt.name} record claims sequence {seq - 1}, the last one there is (forged?): "
+                "nothing written; move to a new lease"
+            )
         bs = self.block_size
-        nblocks = -(-n // bs)
-        record = self._record_buffer((1 + nblocks) * bs)
-        pos, crc = bs, 0
+        record = self._record_buffer(-(-(DATA_OFFSET + n) // bs) * bs)
+        pos, crc = DATA_OFFSET, 0
         for p in parts:
             record[pos : pos + len(p)] = p
             crc = _crc32c.crc32c(p, crc)
             pos += len(p)
-        record[pos:] = bytes(len(record) - pos)  # zero padding of the last data block
+        record[pos:] = bytes(len(record) - pos)  # zero padding of the last block
         header = pack_header(
             self.fmt,
             data_len=n,
@@ -415,19 +523,14 @@ class SlotStore:
             slot_blocks=self.slot_blocks,
         )
         record[:HEADER_FIELDS] = header
-        record[HEADER_FIELDS:bs] = bytes(bs - HEADER_FIELDS)
-        start = self._start(slot)
+        record[HEADER_FIELDS:DATA_OFFSET] = bytes(DATA_OFFSET - HEADER_FIELDS)
         self._newest = None  # unknown until this write completes: a failure re-scans next time
         try:
-            if self.durability == "single-sync":
-                self.dev.write_blocks(start, record)
-                self.dev.sync()
-            else:
-                if nblocks:
-                    self.dev.write_blocks(start + 1, record[bs:])
-                    self.dev.sync()
-                self.dev.write_blocks(start, record[:bs])
-                self.dev.sync()
+            # SYNC POINT: record durable. One request for header and data, then one flush (see the
+            # module descriptor for why a torn write needs no ordering here); the reader's side is
+            # the two checksums in _examine.
+            self.dev.write_blocks(self._start(slot), record)
+            self.dev.sync()
         finally:
             record.release()
         self._newest = (slot, seq)

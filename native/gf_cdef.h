@@ -47,7 +47,7 @@
 typedef struct {
     uint64_t magic; uint32_t layout_version; uint32_t header_size; uint64_t segment_size; uint64_t payload_size;
     uint8_t lease_id[16]; uint64_t generation; uint64_t ttl_ns; uint64_t created_ns; uint64_t owner_pid;
-    uint64_t lease_state; uint64_t deadline_ns; ...;
+    uint64_t clock_domain; uint64_t lease_state; uint64_t deadline_ns; ...;
 } gf_segment_header;
 
 typedef struct {
@@ -112,3 +112,9 @@ int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per
 int gf_release(gf_consumer *c, uint64_t token);
 int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin);
 uint64_t gf_consumer_outstanding(gf_consumer *c);
+
+/* gf_msgpack.h: bounds on untrusted msgpack (checkpoint states) */
+#define GF_MSGPACK_MAX_DEPTH ...
+#define GF_MSGPACK_MALFORMED ...
+#define GF_MSGPACK_TOO_DEEP ...
+int64_t gf_msgpack_depth(const uint8_t *buf, uint64_t len, uint32_t max_depth);

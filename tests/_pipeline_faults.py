@@ -65,7 +65,7 @@ class FaultPlan:
                 self.alloc_failures += self.count
             elif fault == "write_fails":
                 self.write_failures += self.count
-            elif fault == "sync_fails":  # the data sync (odd steps) or the header sync (even steps) of a publish
+            elif fault == "sync_fails":  # the sync of the next publish (odd steps) or of the one after (even)
                 self.fail_sync_in = 1 + step % 2
 
 

@@ -31,7 +31,7 @@ from grafos_fabric.errors import (
 from grafos_fabric.fence import FenceEpoch
 from grafos_fabric.handoff import HandoffReader, HandoffRecord, HandoffWriter
 from grafos_fabric.lease import ManualClock
-from grafos_fabric.slots import GHOF, PCHK, SlotHeader, SlotStore, crc32c, pack_header
+from grafos_fabric.slots import GHOF, PCHK, SlotHeader, SlotStore, crc32c, pack_record
 
 try:
     from _blockdev import MemDevice, RecordingDevice, apply_sectors, open_kind, reopen, sectors, snapshot
@@ -455,11 +455,8 @@ def test_mutated_handoff_records_give_a_known_record_or_a_typed_error(mutations:
 def test_random_data_under_valid_checksums_gives_a_value_or_a_typed_error(data: bytes, tag: int, fmt: Any) -> None:
     dev = MemDevice(block_size=512, nblocks=8)
     store = SlotStore(dev, fmt)
-    header = pack_header(
-        fmt, data_len=len(data), seq=1, tag=tag, data_crc=crc32c(data), slot=0, block_size=512, slot_blocks=4
-    )
-    dev.data[:512] = header + bytes(512 - len(header))
-    dev.data[512 : 512 + len(data)] = data
+    record = pack_record(fmt, data, seq=1, tag=tag, slot=0, block_size=512, slot_blocks=4)
+    dev.data[: len(record)] = record
     assert store.read().data == data
     try:
         if fmt is GHOF:

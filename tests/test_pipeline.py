@@ -290,7 +290,7 @@ def test_a_publish_that_fails_after_its_header_landed_counts_and_does_not_fence_
     sink = Sink()
     for i in range(20):
         tx.push(item(i), timeout=0)
-    plan.fail_sync_in = 2  # ordered publish: data, sync, header, sync <- this one fails
+    plan.fail_sync_in = 1  # a publish is one write (header and data), then one sync <- this one fails
     gen = tx.relocate(timeout=0)
     assert int(gen) == 2 and plan.fail_sync_in == 0
     for i in range(20, 40):

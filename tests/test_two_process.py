@@ -69,8 +69,9 @@ def test_consumer_in_this_process_reads_a_producer_in_another(fabric):
 
 def _blocked_pop(url: str, loc: bytes, out: mp.Queue) -> None:
     q = gf.FabricQueue.attach(gf.open_fabric(url), loc)
+    out.put("attached")
     try:
-        q.pop(timeout=10)
+        q.pop(timeout=30)
         out.put("popped")
     except E.Revoked:
         out.put("revoked")
@@ -83,11 +84,12 @@ def test_revoke_in_one_process_wakes_a_blocked_consumer_in_another_with_revoked(
     out: mp.Queue = CTX.Queue()
     p = CTX.Process(target=_blocked_pop, args=(fabric.url, bytes(q.locator()), out))
     p.start()
-    time.sleep(1.0)
+    assert out.get(timeout=60) == "attached"  # a loaded machine may take long to spawn
+    time.sleep(0.3)  # let it block in pop
     t0 = time.monotonic()
     q.lease.revoke()
-    assert out.get(timeout=10) == "revoked"
-    assert time.monotonic() - t0 < 2.0
+    assert out.get(timeout=30) == "revoked"
+    assert time.monotonic() - t0 < 10.0  # woken by the revoke, not by its 30 s timeout
     p.join(5)
 
 
@@ -185,10 +187,14 @@ def test_a_live_consumer_in_another_process_keeps_its_role(fabric):
     out: mp.Queue = CTX.Queue()
     p = CTX.Process(target=_blocked_pop, args=(fabric.url, bytes(q.locator()), out))
     p.start()
-    time.sleep(1.0)
+    assert out.get(timeout=60) == "attached"  # a loaded machine may take long to spawn
+    deadline = time.monotonic() + 30
+    while not q.stats()["consumer"]:  # its pop claims the role
+        assert time.monotonic() < deadline, "the other process never claimed the consumer role"
+        time.sleep(0.01)
     other = gf.FabricQueue.attach(fabric, q.locator(), take_over=True)
     with pytest.raises(E.RoleTaken):
         other.try_pop()  # a live holder keeps its role, take_over or not
     q.push(b"for the live consumer")
-    assert out.get(timeout=10) == "popped"
+    assert out.get(timeout=30) == "popped"
     p.join(5)

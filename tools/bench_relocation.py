@@ -16,7 +16,7 @@ handoff placement:
   finding its queue sealed and drained to being bound to the next one (one
   handoff poll + attach);
 * ``relocate_p50_ms`` / ``relocate_p99_ms``: the producer's side: allocate the
-  new queue, publish the handoff record (durable: data, sync, header, sync),
+  new queue, publish the handoff record (durable: one write, one sync),
   seal the old queue;
 * replayed items, dropped duplicates, relocations done.
 

@@ -39,8 +39,13 @@ def _node_address(text: str) -> tuple[str, int]:
 
 def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``node ls|revoke|metrics`` to an ``argparse`` subparsers object."""
-    parser = subparsers.add_parser("node", help="list a memory node's tenants and leases, revoke a lease")
-    node_sub = parser.add_subparsers(dest="node_command", required=True)
+    parser = subparsers.add_parser(
+        "node",
+        help="list a memory node's tenants and leases, revoke a lease",
+        description="Operate a memory node (grafos-fabric serve) with its admin secret: the node's own "
+        "token file. Every subcommand talks to the node's control address over TCP.",
+    )
+    node_sub = parser.add_subparsers(dest="node_command", required=True, help="what to do")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--node", type=_node_address, required=True, help="the node's control address HOST:PORT")
@@ -48,13 +53,16 @@ def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
                        help="the node's token file (default $GRAFOS_TOKEN_FILE)")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the node")
 
-    p = node_sub.add_parser("ls", help="tenants, leases and usage")
+    p = node_sub.add_parser("ls", help="tenants, leases and usage",
+                            description="List the node's tenants, their leases and their usage.")
     common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = node_sub.add_parser("revoke", help="revoke a lease now (its holders fail closed)")
+    p = node_sub.add_parser("revoke", help="revoke a lease now (its holders fail closed)",
+                            description="Revoke one lease now: its holders' next operations fail closed.")
     common(p)
     p.add_argument("lease", help="the lease id (32 hex digits, from node ls)")
-    p = node_sub.add_parser("metrics", help="the node's metrics, Prometheus text format")
+    p = node_sub.add_parser("metrics", help="the node's metrics, Prometheus text format",
+                            description="Print the node's metrics in the Prometheus text format.")
     common(p)
     parser.set_defaults(func=run_node)
     return parser

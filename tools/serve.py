@@ -120,7 +120,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(UCX can abort inside its atomic handler when a client vanishes)")
     parser.add_argument("--metrics", action="store_true",
                         help="record metrics (grafos-fabric node metrics reads them)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="how much the node logs (default INFO)")
     parser.set_defaults(func=run_serve)
     return parser
 
