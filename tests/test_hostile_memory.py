@@ -1,7 +1,8 @@
 """The hostile-memory fuzzer: a co-tenant writes junk into a live segment.
 
 A producer process and a consumer process (tests/_hostile_workers.py) run on
-one queue, mapped or one-sided, while this process, with a mapping of its own
+one queue, both mapped, both one-sided, or a mapped producer with a one-sided
+consumer, while this process, with a mapping of its own
 of the whole segment file, writes random bytes, bit flips and extreme or
 misaligned values into the ring header (positions, geometry, epoch, roles,
 waiter words, dtype), the record headers, the segment's lease words, and
@@ -18,8 +19,8 @@ inside the ring (or the one-sided local buffer) with a length in
 (a shrunk segment raises SIGBUS in mappers; that is handled elsewhere).
 
 ``GRAFOS_FUZZ_CORRUPTIONS`` sets the corruptions per access mode (default
-6000, so a CI run makes at least 12,000); the counts are printed to the
-terminal so the CI log shows them.
+4000, so a CI run makes at least 12,000 over the three modes); the counts are
+printed to the terminal so the CI log shows them.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from grafos_fabric._ffi import ffi, lib
 pytestmark = pytest.mark.stress
 
 WORKER = Path(__file__).with_name("_hostile_workers.py")
-CORRUPTIONS = int(os.environ.get("GRAFOS_FUZZ_CORRUPTIONS", "6000"))
+CORRUPTIONS = int(os.environ.get("GRAFOS_FUZZ_CORRUPTIONS", "4000"))
 ROUNDS = int(os.environ.get("GRAFOS_FUZZ_ROUNDS", "16"))
 ROUND_SECONDS = 0.5
 ANSWER_DEADLINE = 90.0  # seconds past a round's end: far beyond any wait a worker may do
@@ -320,14 +321,21 @@ def _merge(total: dict[str, collections.Counter[str]], part: dict[str, Any]) -> 
         total[key].update(part[key])
 
 
-@pytest.mark.parametrize("access", ["mapped", "onesided"])
+ACCESS = {  # mode -> (producer's access, consumer's access)
+    "mapped": ("mapped", "mapped"),
+    "onesided": ("onesided", "onesided"),
+    "mixed": ("mapped", "onesided"),
+}
+
+
+@pytest.mark.parametrize("access", list(ACCESS))
 def test_a_co_tenant_writing_junk_into_a_live_ring_gets_typed_errors_never_a_crash(
     namespace: str, access: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fabric = gf.open_fabric(f"shm://{namespace}")
     rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
     seed_note = f"(mode {access})"
-    workers = [Worker("producer", access, namespace), Worker("consumer", access, namespace)]
+    workers = [Worker("producer", ACCESS[access][0], namespace), Worker("consumer", ACCESS[access][1], namespace)]
     totals: dict[str, collections.Counter[str]] = {"counts": collections.Counter(), "errors": collections.Counter()}
     kinds: collections.Counter[str] = collections.Counter()
     repairs = 0
