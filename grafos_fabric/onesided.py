@@ -126,6 +126,7 @@ _HEAD = _hoff("head")
 _ACKED = _hoff("acked")
 _SPACE_WAITERS = _hoff("space_waiters")  # a u64 of its own, 8-byte aligned: faa64 counts a waiter
 _U64 = (1 << 64) - 1
+_SEQ_LIMIT = _U64 - (1 << 40)  # a producer starts only below this (its u64 sequence numbers must not wrap)
 _CAS_TRIES = 100_000  # a CAS loop that loses this many races in a row is fighting a writer outside the protocol
 
 _SEALED = int(lib.GF_TAIL_SEALED)
@@ -588,7 +589,11 @@ class OneSidedQueue(FabricQueue):
         if (head | tail) & _MISALIGNED or head > tail or tail - head > self.capacity:
             r.cas64(_PRODUCER_ID, pid, 0)
             raise E.Corrupted(f"ring positions make no sense (head {head}, tail {tail})")
-        p = _Producer(pid, epoch, tail, head, r.load64(_NEXT_SEQ))
+        next_seq = r.load64(_NEXT_SEQ)
+        if next_seq > _SEQ_LIMIT:  # would overflow u64 framing within 2**40 items: not a real count
+            r.cas64(_PRODUCER_ID, pid, 0)
+            raise E.Corrupted(f"the ring's next sequence number ({next_seq}) is too close to 2**64")
+        p = _Producer(pid, epoch, tail, head, next_seq)
         self._epoch = epoch
         self._p = p
         self._announce()
@@ -701,6 +706,8 @@ class OneSidedQueue(FabricQueue):
             if p.claim == p.tail:
                 return
             r = self.region
+            if p.next_seq > _U64:
+                raise E.Corrupted("sequence numbers ran past 2**64")
             r.store64(_NEXT_SEQ, p.next_seq)  # a release: the record WRITEs are complete before it
             expected = p.tag | p.tail
             # SYNC POINT: ring-publish (records and next_seq before the tail word)

@@ -352,3 +352,19 @@ def test_one_sided_cas_loops_give_up_on_a_word_that_never_stops_changing(fabric,
         rx.seal()
     with pytest.raises(E.Corrupted, match="kept changing"):
         rx.set_acked(1 << 60)
+
+
+@pytest.mark.parametrize("access", ["mapped", "onesided"])
+@pytest.mark.parametrize("next_seq", [(1 << 64) - 1, (1 << 64) - 2])
+def test_a_next_sequence_number_at_the_end_of_u64_gives_typed_errors_only(fabric, access, next_seq):
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
+    off = int(ffi.offsetof("gf_ring_header", "next_seq"))
+    q.region.view()[off : off + 8] = next_seq.to_bytes(8, "little")
+    tx = gf.FabricQueue.attach(fabric, q.locator(), mapped=access == "mapped")
+    rx = gf.FabricQueue.attach(fabric, q.locator())
+    # one-sided: refused when the role starts (before: OverflowError from a u64 store);
+    # mapped: the sequence wraps in C and the consumer sees it go backwards
+    with pytest.raises(E.Corrupted):
+        for _ in range(3):
+            tx.push(b"abc", timeout=1)
+            rx.pop(timeout=1).release()
