@@ -302,7 +302,7 @@ def _ls_table(title: str, rows: list[dict[str, Any]]) -> Any:
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("lease", no_wrap=True)
     table.add_column("left", justify="right", no_wrap=True)
-    table.add_column("gen", justify="right")
+    table.add_column("gen", justify="right", overflow="fold")
     table.add_column("pid", overflow="fold")
     table.add_column("queue", overflow="fold")
     for r in rows:
