@@ -515,7 +515,7 @@ def test_node_ls_and_revoke_with_the_admin_secret(node, capsys):
         # a tenant's secret is not the admin's
         assert main(["node", "ls", "--node", f"127.0.0.1:{node.port}", "--token-file",
                      str(node.dir / "alice.token")]) == 2
-        assert "AuthFailed" in capsys.readouterr().out
+        assert "AuthFailed" in capsys.readouterr().err  # errors go to stderr
         assert main(["node", "revoke", region.lease.id, "--node", f"127.0.0.1:{node.port}",
                      "--token-file", token]) == 0
         with pytest.raises(Revoked):

@@ -475,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return int(args.func(args))
-        if not getattr(args, "json", False) and args.command in ("ls", "inspect"):
+        if not getattr(args, "json", False) and args.command in ("ls", "inspect", "node"):
             try:
                 import rich  # noqa: F401
             except ImportError:

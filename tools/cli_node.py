@@ -18,9 +18,6 @@ import json
 import os
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 __all__ = ["add_node_parser", "run_node"]
 
 
@@ -78,13 +75,16 @@ def _admin(args: argparse.Namespace) -> Any:
                          client="grafos-fabric node")
 
 
-def run_node(args: argparse.Namespace, console: Console) -> int:
+def run_node(args: argparse.Namespace) -> int:
     """Run ``node ls|revoke|metrics``; typed errors go up to the CLI (exit status 2)."""
     import msgspec
     from grafos_fabric.drivers.node import wire as W
+    from rich.console import Console
+    from rich.table import Table
 
     from grafos_fabric.errors import FabricValueError
 
+    console = Console()
     c = _admin(args)
     try:
         if args.node_command == "revoke":
