@@ -29,10 +29,15 @@ Buffer = Any  # anything exporting the buffer protocol (bytes, bytearray, memory
 class RegionRef:
     """Where a region lives: enough for another process to attach to it.
 
-    ``driver`` is ``"shm"`` or ``"verbs"``; ``name`` the region's name in the
-    driver's namespace (a shm segment name, or a lease id on a memory node);
-    ``host``/``port`` locate a memory node; ``addr``/``rkey`` are the remote
-    address and key of an RDMA memory region (0 for shm).
+    ``driver`` is ``"shm"`` or a memory-node driver (``"verbs"``, ``"ucx"``,
+    ``"nodeshm"``). For shm, ``name`` is the segment name in ``namespace``.
+    For a memory node, ``host``/``port`` locate the node, ``namespace`` is the
+    tenant and ``name`` is a *capability token* for the lease (see
+    :mod:`grafos_fabric.drivers.node.auth`): whoever holds the ref may attach
+    with the rights the token carries, so hand refs (and queue locators) only
+    to processes of the same tenant that should have them. The span's address
+    and key never go into a ref: an attacher gets its own grant from the node
+    (``addr``/``rkey`` stay 0).
     """
 
     driver: str

@@ -7,7 +7,8 @@
 Layers, top to bottom: ``pipeline`` (relocatable edges, checkpoints),
 ``locator`` (queue locators, handoff records), ``queue`` (FabricQueue),
 ``fence`` (epochs), ``lease`` (TTL, renewal), ``errors``; drivers below in
-``grafos_fabric.drivers`` (shm, verbs, block).
+``grafos_fabric.drivers`` (shm, block, the memory node's control plane
+``node`` and its drivers ``verbs`` and ``nodeshm``).
 """
 
 from __future__ import annotations

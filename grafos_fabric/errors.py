@@ -16,6 +16,15 @@ A handle's own state has its errors too: :class:`QueueClosed` after
 :class:`ForkedHandle` when a handle inherited across ``fork()`` is used in the
 child.
 
+A third, small family answers "who are you and what may you do" on a memory
+node: :class:`AccessDenied` (a :class:`FabricError` *and* a built-in
+:class:`PermissionError`, code -7, grafos-fabric's own) with
+:class:`AuthFailed` (the secret or tenant was not proven on connect) and
+:class:`CapabilityDenied` (no valid capability for that lease, operation or
+tenant). Limits a tenant runs into are :class:`CapacityExceeded` kinds:
+:class:`QuotaExceeded` (bytes or lease count) and :class:`LimitExceeded`
+(connections, request size): the caller may retry once it uses less.
+
 Full and empty are never exceptions on the non-blocking calls (``try_push``
 returns ``False``, ``try_pop`` returns ``None``); the blocking calls raise the
 built-in :class:`TimeoutError` when their timeout runs out.
@@ -24,7 +33,11 @@ built-in :class:`TimeoutError` when their timeout runs out.
 from __future__ import annotations
 
 __all__ = [
+    "STATUS_ACCESS_DENIED",
     "STATUS_OK",
+    "AccessDenied",
+    "AuthFailed",
+    "CapabilityDenied",
     "CapacityExceeded",
     "Corrupted",
     "Disconnected",
@@ -38,12 +51,14 @@ __all__ = [
     "HeldItemsStall",
     "ItemTooLarge",
     "LeaseExpired",
+    "LimitExceeded",
     "Misaligned",
     "NoRecord",
     "NotReady",
     "QueueClosed",
     "QueueFreed",
     "QueueSealed",
+    "QuotaExceeded",
     "Revoked",
     "RoleTaken",
     "StaleEpoch",
@@ -53,6 +68,7 @@ __all__ = [
 ]
 
 STATUS_OK = 0
+STATUS_ACCESS_DENIED = -7  # not a grafOS status: the memory node's auth/capability refusals
 
 
 class FabricError(Exception):
@@ -124,6 +140,33 @@ class Revoked(FabricError):
     """The lease was revoked. Not recoverable: the resource was taken away."""
 
     code = -6
+
+
+class QuotaExceeded(CapacityExceeded):
+    """A memory node refused a lease: the tenant's byte quota or lease count is used up."""
+
+
+class LimitExceeded(CapacityExceeded):
+    """A memory node refused a connection or request: too many connections, or a request too large."""
+
+
+class AccessDenied(FabricError, PermissionError):
+    """A memory node refused who the caller is or what it asked for (code -7).
+
+    Also a :class:`PermissionError`, so ``except PermissionError`` catches it.
+    """
+
+    code = STATUS_ACCESS_DENIED
+
+
+class AuthFailed(AccessDenied):
+    """The challenge-response on connect failed: wrong or missing secret, unknown tenant,
+    or (client side) a node that could not prove it knows the secret."""
+
+
+class CapabilityDenied(AccessDenied):
+    """No valid capability for this lease and operation: forged, expired, too few rights,
+    another tenant's, or a lease id the node does not know (the node does not say which)."""
 
 
 class QueueClosed(FabricError):
@@ -221,6 +264,7 @@ _BY_CODE: dict[int, type[FabricError]] = {
     -4: CapacityExceeded,
     -5: Unsupported,
     -6: Revoked,
+    STATUS_ACCESS_DENIED: AccessDenied,
 }
 
 

@@ -9,14 +9,22 @@ Time comes from an injectable :class:`Clock`. Deadlines are integer
 nanoseconds in that clock's domain. :class:`MonotonicClock` (the default) is
 ``CLOCK_MONOTONIC``, which is system wide on Linux, so processes on one machine
 agree on it; :class:`ManualClock` lets a test expire a lease at an exact step.
+
+Clock domains: every clock names the domain its nanoseconds belong to
+(:func:`clock_domain`). ``HOST_CLOCK_DOMAIN`` (0) is ``CLOCK_MONOTONIC``, which
+any process on the host can read; every :class:`ManualClock` (and any other
+injected clock) is a private domain of its own, so a deadline written under it
+is only judged by holders of that very clock (see ``drivers/shm.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +33,7 @@ from . import observe
 from .errors import FabricValueError, LeaseExpired, Revoked
 
 __all__ = [
+    "HOST_CLOCK_DOMAIN",
     "BackgroundRenewer",
     "Clock",
     "Lease",
@@ -36,11 +45,13 @@ __all__ = [
     "RenewalManager",
     "RenewalPolicy",
     "check_ttl",
+    "clock_domain",
 ]
 
 log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
+HOST_CLOCK_DOMAIN = 0  # CLOCK_MONOTONIC: one clock for every process on the host
 MAX_TTL = 10 * 365 * 24 * 3600.0  # ten years: anything longer is a mistake
 
 
@@ -60,6 +71,7 @@ class MonotonicClock:
     """``CLOCK_MONOTONIC`` (system wide on Linux)."""
 
     native = True
+    domain = HOST_CLOCK_DOMAIN
 
     def now_ns(self) -> int:
         return time.monotonic_ns()
@@ -72,6 +84,8 @@ class ManualClock:
 
     def __init__(self, start: float = 1000.0) -> None:
         self._t = int(start * NS)
+        # a private clock domain: only holders of this object can judge its deadlines
+        self.domain = secrets.randbits(63) | 1
 
     def now_ns(self) -> int:
         return self._t
@@ -89,6 +103,31 @@ class ManualClock:
 
 
 DEFAULT_CLOCK: Clock = MonotonicClock()
+
+_private_domains: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+_private_domains_by_id: dict[int, int] = {}
+
+
+def clock_domain(clock: Clock) -> int:
+    """The domain ``clock``'s nanoseconds belong to: ``HOST_CLOCK_DOMAIN`` (0) for
+    ``CLOCK_MONOTONIC``, else a nonzero id private to this clock object.
+
+    A clock may name its domain with a ``domain`` attribute (an int in
+    ``[0, 2**63)``); a non-native clock without one gets a random private id,
+    the same for as long as the object lives.
+    """
+    if getattr(clock, "native", False):
+        return HOST_CLOCK_DOMAIN
+    dom = getattr(clock, "domain", None)
+    if isinstance(dom, int) and not isinstance(dom, bool) and 0 < dom < (1 << 63):
+        return dom
+    try:
+        found = _private_domains.get(clock)
+        if found is None:
+            found = _private_domains[clock] = secrets.randbits(63) | 1
+        return found
+    except TypeError:  # neither hashable nor weakly referenceable: keyed by identity
+        return _private_domains_by_id.setdefault(id(clock), secrets.randbits(63) | 1)
 
 
 class LeaseState:

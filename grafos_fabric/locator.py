@@ -51,7 +51,7 @@ __all__ = ["LOCATOR_VERSION", "HandoffReader", "HandoffRecord", "HandoffWriter",
 MAGIC = b"GFQL"
 LOCATOR_VERSION = 1
 _FIXED = struct.Struct("<4sBBH7QIHH")
-_DRIVERS = {"shm": 1, "verbs": 2}
+_DRIVERS = {"shm": 1, "verbs": 2, "ucx": 3, "nodeshm": 4}  # node drivers: capability token in name
 _DRIVER_NAMES = {v: k for k, v in _DRIVERS.items()}
 MAX_LOCATOR = 1024
 

@@ -75,7 +75,6 @@ from __future__ import annotations
 import collections
 import logging
 import mmap
-import sys
 import threading
 import time
 import weakref
@@ -133,18 +132,10 @@ _TAIL = _hoff("tail")
 _NEXT_SEQ = _hoff("next_seq")
 _HEAD = _hoff("head")
 _ACKED = _hoff("acked")
-_SPACE_WORD = _hoff("space_futex") & ~7  # space_futex and space_waiters share this 64-bit word
-
-
-def _u32_shift(field_off: int, word_off: int) -> int:
-    """Bit position of a u32 field inside the aligned u64 word at ``word_off``."""
-    byte = field_off - word_off
-    return 8 * byte if sys.byteorder == "little" else 8 * (8 - 4 - byte)
-
-
-_SPACE_WAITER_SHIFT = _u32_shift(_hoff("space_waiters"), _SPACE_WORD)
-_SPACE_WAITER_ONE = 1 << _SPACE_WAITER_SHIFT  # faa64 of this counts one waiter in space_waiters
+_SPACE_WAITERS = _hoff("space_waiters")  # a u64 of its own, 8-byte aligned: faa64 counts a waiter
 _U64 = (1 << 64) - 1
+_SEQ_LIMIT = _U64 - (1 << 40)  # a producer starts only below this (its u64 sequence numbers must not wrap)
+_CAS_TRIES = 100_000  # a CAS loop that loses this many races in a row is fighting a writer outside the protocol
 
 _SEALED = int(lib.GF_TAIL_SEALED)
 _TAG_SHIFT = int(lib.GF_TAIL_TAG_SHIFT)
@@ -153,6 +144,7 @@ _POS_MASK = int(lib.GF_TAIL_POS_MASK)
 _DATA = int(lib.GF_RECORD_DATA)
 _PADDING = int(lib.GF_RECORD_PADDING)
 _ALIGN = int(lib.GF_RECORD_ALIGN)
+_MISALIGNED = _ALIGN - 1  # a position with any of these bits set is corrupt
 _OK = int(lib.GF_OK)
 
 # Record header fields, as indices into u32 / u64 views of a 16-aligned record.
@@ -175,6 +167,13 @@ def _rec_size(length: int) -> int:
 
 def _tag(epoch: int) -> int:
     return (epoch << _TAG_SHIFT) & _TAG_MASK
+
+
+def _cas_lost(what: str) -> E.Corrupted:
+    """The error for a CAS retry loop that ran out of tries (``for ... in range(_CAS_TRIES)``):
+    a peer following the protocol makes us lose a few races; a writer that changes the
+    word all the time must not keep us spinning."""
+    return E.Corrupted(f"{what}: the word kept changing ({_CAS_TRIES} lost compare-and-swaps)")
 
 
 class _Backoff:
@@ -491,11 +490,14 @@ class OneSidedQueue(FabricQueue):
         (``cas64``; ``acked`` only grows, a smaller value is ignored)."""
         seq = _check_int("acked", seq)
         cur = self.acked
-        while seq > cur:
+        for _ in range(_CAS_TRIES):
+            if seq <= cur:
+                return
             found = self.region.cas64(_ACKED, cur, seq)
             if found == cur:
                 return
             cur = found
+        raise _cas_lost("setting acked")
 
     def seal(self, seal_seq: int = 0) -> bool:
         """Seal the queue (``cas64`` of the tail word): no push succeeds afterwards;
@@ -507,13 +509,14 @@ class OneSidedQueue(FabricQueue):
         if w & _SEALED:
             return False
         self.region.store64(_SEAL_SEQ, seal_seq)
-        while True:
+        for _ in range(_CAS_TRIES):
             found = self.region.cas64(_TAIL, w, w | _SEALED)  # SYNC POINT: ring-publish
             if found == w:
                 return True
             if found & _SEALED:
                 return False
             w = found
+        raise _cas_lost("sealing")
 
     def advance_epoch(self, new_epoch: int) -> None:
         """Move the queue's epoch forward (``cas64`` on the epoch, then on the tail
@@ -522,20 +525,23 @@ class OneSidedQueue(FabricQueue):
         new_epoch = _check_int("epoch", new_epoch)
         self._check_handle()
         cur = self.region.load64(_EPOCH)
-        while True:
+        for _ in range(_CAS_TRIES):
             if new_epoch <= cur:
                 raise E.StaleEpoch(epoch=new_epoch, current=cur)
             found = self.region.cas64(_EPOCH, cur, new_epoch)
             if found == cur:
                 break
             cur = found
+        else:
+            raise _cas_lost("advancing the epoch")
         tag = _tag(new_epoch)
         w = self.region.load64(_TAIL)
-        while True:
+        for _ in range(_CAS_TRIES):
             found = self.region.cas64(_TAIL, w, (w & ~_TAG_MASK & _U64) | tag)
             if found == w:
                 return
             w = found
+        raise _cas_lost("advancing the epoch")
 
     def stats(self) -> dict[str, int | bool]:
         self._check_handle()
@@ -564,9 +570,6 @@ class OneSidedQueue(FabricQueue):
 
     def _sealed_error(self, what: str) -> E.QueueSealed:
         return E.QueueSealed(f"queue is sealed: {what}", seal_seq=self.seal_seq)
-
-    def _fenced_error(self, p: _Producer, what: str) -> E.StaleEpoch:
-        return E.StaleEpoch(f"{what}: fenced", epoch=p.epoch, current=self.epoch)
 
     # -- producing -------------------------------------------------------------------
     def _producer(self) -> _Producer:
@@ -606,10 +609,14 @@ class OneSidedQueue(FabricQueue):
                     raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=self.epoch)
                 tail = w & _POS_MASK
                 head = r.load64(_HEAD)  # SYNC POINT: ring-release
-                if head > tail or tail - head > self.capacity:
+                if (head | tail) & _MISALIGNED or head > tail or tail - head > self.capacity:
                     r.cas64(_PRODUCER_ID, pid, 0)
                     raise E.Corrupted(f"ring positions make no sense (head {head}, tail {tail})")
-                p = _Producer(pid, epoch, tail, head, r.load64(_NEXT_SEQ))
+                next_seq = r.load64(_NEXT_SEQ)
+                if next_seq > _SEQ_LIMIT:  # would overflow u64 framing within 2**40 items: not a real count
+                    r.cas64(_PRODUCER_ID, pid, 0)
+                    raise E.Corrupted(f"the ring's next sequence number ({next_seq}) is too close to 2**64")
+                p = _Producer(pid, epoch, tail, head, next_seq)
                 if lock is not None:
                     self._role_locks[_ROLE_PRODUCER] = lock
                     lock = None
@@ -634,13 +641,22 @@ class OneSidedQueue(FabricQueue):
         w = self.region.load64(_TAIL)  # SYNC POINT: ring-publish
         if w == p.tag | p.tail:
             return
+        raise self._lost_tail(p, w, what)
+
+    def _lost_tail(self, p: _Producer, w: int, what: str) -> Exception:
+        """The tail word isn't what this producer published: sealed, fenced (the
+        epoch moved on), or, with our epoch still in place, written by something
+        outside the protocol (as ``lost_tail`` in gf_native.c)."""
         if w & _SEALED:
-            raise self._sealed_error(what)
-        raise self._fenced_error(p, what)
+            return self._sealed_error(what)
+        cur = self.epoch
+        if w & _TAG_MASK != p.tag or cur != p.epoch:
+            return E.StaleEpoch(f"{what}: fenced", epoch=p.epoch, current=cur)
+        return E.Corrupted(f"{what}: the ring's tail word ({w:#x}) was rewritten outside the protocol")
 
     def _refresh_head(self, p: _Producer) -> None:
         h = self.region.load64(_HEAD)  # SYNC POINT: ring-release
-        if h > p.tail or p.tail - h > self.capacity or h < p.head_cache:
+        if h & _MISALIGNED or h > p.tail or p.tail - h > self.capacity or h < p.head_cache:
             raise E.Corrupted(f"the ring's head ({h}) is outside [{p.head_cache}, {p.tail}]")
         p.head_cache = h
 
@@ -719,6 +735,8 @@ class OneSidedQueue(FabricQueue):
             if p.claim == p.tail:
                 return
             r = self.region
+            if p.next_seq > _U64:
+                raise E.Corrupted("sequence numbers ran past 2**64")
             r.store64(_NEXT_SEQ, p.next_seq)  # a release: the record WRITEs are complete before it
             expected = p.tag | p.tail
             # SYNC POINT: ring-publish (records and next_seq before the tail word)
@@ -732,9 +750,7 @@ class OneSidedQueue(FabricQueue):
         if found != expected:
             p.claim = p.tail
             p.next_seq = p.pub_seq
-            if found & _SEALED:
-                raise self._sealed_error(what)
-            raise self._fenced_error(p, what)
+            raise self._lost_tail(p, found, what)
         p.tail = p.claim
         p.pub_seq = p.next_seq
 
@@ -807,14 +823,14 @@ class OneSidedQueue(FabricQueue):
                         return
                     self._check_owner(p, "waiting for space")
                     if not counted:
-                        r.faa64(_SPACE_WORD, _SPACE_WAITER_ONE)
+                        r.faa64(_SPACE_WAITERS, 1)
                         counted = True
                         continue  # re-check head once now that a consumer can see us
                 backoff.pause("space in the queue")
         finally:
             if counted:
                 try:
-                    r.faa64(_SPACE_WORD, -_SPACE_WAITER_ONE & _U64)
+                    r.faa64(_SPACE_WAITERS, _U64)  # -1
                 except (E.FabricError, E.FabricValueError) as exc:
                     log.debug("could not uncount a space waiter: %s", exc)
 
@@ -1007,9 +1023,9 @@ class OneSidedQueue(FabricQueue):
             raise E.RoleTaken("another process holds this role on the queue: claiming the consumer role")
         try:
             head = r.load64(_HEAD)
-            w = r.load64(_TAIL)
+            w = r.load64(_TAIL)  # SYNC POINT: ring-publish
             pos = w & _POS_MASK
-            if pos < head or pos - head > self.capacity:
+            if (head | pos) & _MISALIGNED or pos < head or pos - head > self.capacity:
                 raise E.Corrupted(f"ring positions make no sense (head {head}, tail {pos})")
             if self._mirror is None:
                 self._mirror = _LocalBuffer(self.fabric, self.capacity)
@@ -1058,7 +1074,7 @@ class OneSidedQueue(FabricQueue):
         """Load the tail word, validate it, update the tail cache; returns the word."""
         w = self.region.load64(_TAIL)  # SYNC POINT: ring-publish
         pos = w & _POS_MASK
-        if pos < c.rpos or pos - c.head > self.capacity:
+        if pos & _MISALIGNED or pos < c.rpos or pos - c.head > self.capacity:
             raise E.Corrupted(f"the ring's tail ({pos}) is outside [{c.rpos}, {c.head + self.capacity}]")
         c.tail_cache = pos
         return w
@@ -1185,7 +1201,7 @@ class OneSidedQueue(FabricQueue):
             held = c.pend_next - c.pend_first
             waiters = 0
             if held and held < c.pend_cap:
-                waiters = (self.region.load64(_SPACE_WORD) >> _SPACE_WAITER_SHIFT) & 0xFFFFFFFF
+                waiters = self.region.load64(_SPACE_WAITERS)
         if held and (waiters or held >= c.pend_cap):
             message = (
                 f"the producer waits for space that {held} unreleased "

@@ -452,7 +452,10 @@ class EdgeProducer(RelocatableQueueEdge):
     def _refresh_acked(self) -> None:
         q = self._q
         if q is not None:
-            a = q.acked
+            try:
+                a = q.acked
+            except (E.FabricError, OSError):  # the current queue is lost: the push that follows relocates
+                a = self._acked
             for old in self._retired:  # the consumer may still be acking on a queue we left
                 try:
                     a = max(a, old.acked)

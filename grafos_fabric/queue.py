@@ -761,11 +761,13 @@ class FabricQueue(QueueProtocols):
                     raise E.RoleTaken("a live producer holds this queue's producer role (claiming the producer role)")
                 p = ffi.new("gf_producer *")
                 role_id = _role_id(locked=lock is not None)
-                rc = lib.gf_producer_init(p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id)
+                rc = lib.gf_producer_init(
+                    p, self._ring, self.region.nbytes, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id
+                )
                 if rc == lib.GF_E_ROLE and self._take_over and lock is not None:
                     if _reclaim_role(self._ring, _PRODUCER_ID_OFF):
                         rc = lib.gf_producer_init(
-                            p, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id
+                            p, self._ring, self.region.nbytes, self._lease_ptrs[0], self._lease_ptrs[1], epoch, role_id
                         )
                 if rc != OK:
                     self._raise(rc, "claiming the producer role", epoch=epoch)
@@ -794,7 +796,8 @@ class FabricQueue(QueueProtocols):
             pend_done = ffi.new("uint8_t[]", cap)
             c = ffi.new("gf_consumer *")
             role_id = _role_id(locked=lock is not None)
-            args = (c, self._ring, self._lease_ptrs[0], self._lease_ptrs[1], role_id, pend_end, pend_done, cap)
+            lease_state, lease_deadline = self._lease_ptrs
+            args = (c, self._ring, self.region.nbytes, lease_state, lease_deadline, role_id, pend_end, pend_done, cap)
             rc = lib.gf_consumer_init(*args)
             if rc == lib.GF_E_ROLE and self._take_over and lock is not None and _reclaim_role(
                 self._ring, _CONSUMER_ID_OFF

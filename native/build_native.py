@@ -2,6 +2,11 @@
 
 Build-only: this folder is not installed. ``pip install .`` and
 ``pip install -e .`` run it through setuptools' ``cffi_modules``.
+
+``GRAFOS_NATIVE_SANITIZE`` (e.g. ``address,undefined``) builds with those
+sanitizers, for tools/sanitize.sh, which builds such a copy apart from the
+normal one (never set it for an install: the module then needs libasan
+preloaded into the Python process).
 """
 
 from __future__ import annotations
@@ -15,6 +20,14 @@ HERE = pathlib.Path(__file__).resolve().parent
 # setuptools refuses absolute source paths: name them relative to the build's cwd.
 REL = os.path.relpath(HERE, os.getcwd())
 
+SANITIZE = os.environ.get("GRAFOS_NATIVE_SANITIZE", "")
+CFLAGS = ["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing"]
+LDFLAGS: list[str] = []
+if SANITIZE:
+    san = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+    CFLAGS = [*CFLAGS[1:], "-O1", "-g", *san]
+    LDFLAGS = san
+
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "gf_cdef.h").read_text())
 ffibuilder.set_source(
@@ -25,7 +38,9 @@ ffibuilder.set_source(
     depends=[
         os.path.join(REL, n) for n in ("gf_native.h", "gf_atomics.h", "gf_segment.h", "gf_ring.h", "gf_msgpack.h")
     ],
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing"],
+    py_limited_api=True,  # stable ABI: grafos_fabric/_native.abi3.so, wheel tag cp310-abi3 (setup.py)
+    extra_compile_args=CFLAGS,
+    extra_link_args=LDFLAGS,
 )
 
 if __name__ == "__main__":

@@ -29,6 +29,14 @@ static inline void gf_store_release_u64(volatile uint64_t *p, uint64_t v) {
 static inline void gf_store_seq_cst_u64(volatile uint64_t *p, uint64_t v) {
     __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
 }
+static inline uint64_t gf_load_seq_cst_u64(const volatile uint64_t *p) {
+    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+/* One read of a shared word that is checked and then used: the value in the
+ * local is what was checked, whatever another process writes meanwhile. */
+static inline uint32_t gf_load_relaxed_u32(const volatile uint32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
 static inline uint32_t gf_load_acquire_u32(const volatile uint32_t *p) {
     return __atomic_load_n(p, __ATOMIC_ACQUIRE);
 }
@@ -50,7 +58,7 @@ static inline uint64_t gf_faa_u64(volatile uint64_t *p, uint64_t add) {
 static inline uint32_t gf_faa_u32(volatile uint32_t *p, uint32_t add) {
     return __atomic_fetch_add(p, add, __ATOMIC_SEQ_CST);
 }
-static inline uint32_t gf_fas_u32(volatile uint32_t *p, uint32_t sub) {
+static inline uint64_t gf_fas_u64(volatile uint64_t *p, uint64_t sub) {
     return __atomic_fetch_sub(p, sub, __ATOMIC_SEQ_CST);
 }
 static inline void gf_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }

@@ -47,7 +47,7 @@
 typedef struct {
     uint64_t magic; uint32_t layout_version; uint32_t header_size; uint64_t segment_size; uint64_t payload_size;
     uint8_t lease_id[16]; uint64_t generation; uint64_t ttl_ns; uint64_t created_ns; uint64_t owner_pid;
-    uint64_t lease_state; uint64_t deadline_ns; ...;
+    uint64_t clock_domain; uint64_t lease_state; uint64_t deadline_ns; ...;
 } gf_segment_header;
 
 typedef struct {
@@ -55,7 +55,7 @@ typedef struct {
     uint64_t created_epoch; uint32_t flags; uint32_t dtype_len; char dtype[...];
     uint64_t epoch; uint64_t seal_seq; uint64_t producer_id; uint64_t consumer_id; uint64_t onesided_peers;
     uint64_t tail; uint64_t next_seq; uint64_t head; uint64_t acked;
-    uint32_t data_futex; uint32_t data_waiters; uint32_t space_futex; uint32_t space_waiters; uint64_t space_want; ...;
+    uint32_t data_futex; uint64_t data_waiters; uint32_t space_futex; uint64_t space_waiters; uint64_t space_want; ...;
 } gf_ring_header;
 
 typedef struct {
@@ -90,8 +90,8 @@ int gf_ring_check(const void *ring, uint64_t region_size);
 int gf_ring_seal(void *ring, uint64_t seal_seq);
 int gf_ring_advance_epoch(void *ring, uint64_t new_epoch);
 
-int gf_producer_init(gf_producer *p, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
-                     uint64_t epoch, uint64_t id);
+int gf_producer_init(gf_producer *p, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
+                     volatile uint64_t *lease_deadline, uint64_t epoch, uint64_t id);
 int gf_producer_close(gf_producer *p);
 int gf_push(gf_producer *p, const char *buf, uint64_t len, uint64_t now_ns, uint64_t *seq_out);
 int gf_push_rows(gf_producer *p, const void *base, uint64_t n, uint64_t row_stride, uint64_t len, uint64_t now_ns,
@@ -103,8 +103,9 @@ int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out);
 int gf_abort(gf_producer *p);
 int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t spin);
 
-int gf_consumer_init(gf_consumer *c, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
-                     uint64_t id, uint64_t *pend_end, uint8_t *pend_done, uint64_t pend_cap);
+int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
+                     volatile uint64_t *lease_deadline, uint64_t id, uint64_t *pend_end, uint8_t *pend_done,
+                     uint64_t pend_cap);
 int gf_consumer_close(gf_consumer *c);
 int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per_item, uint64_t now_ns,
                  uint64_t *offs, uint64_t *lens, uint64_t *seqs, uint64_t *n_out, uint64_t *token_out,

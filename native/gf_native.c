@@ -55,12 +55,16 @@ int gf_segment_check(const void *seg, uint64_t mapped_size) {
     if (!seg || mapped_size < GF_SEG_HEADER_SIZE) return GF_E_CORRUPT;
     const gf_segment_header *h = (const gf_segment_header *)seg;
     /* SYNC POINT: segment-ready */
-    uint32_t version = __atomic_load_n(&h->layout_version, __ATOMIC_ACQUIRE);
-    if (version == 0) return h->magic == 0 || h->magic == GF_SEG_MAGIC ? GF_E_NOT_READY : GF_E_CORRUPT;
-    if (h->magic != GF_SEG_MAGIC) return GF_E_CORRUPT;
+    uint32_t version = gf_load_acquire_u32(&h->layout_version);
+    uint64_t magic = gf_load_relaxed_u64(&h->magic);
+    if (version == 0) return magic == 0 || magic == GF_SEG_MAGIC ? GF_E_NOT_READY : GF_E_CORRUPT;
+    if (magic != GF_SEG_MAGIC) return GF_E_CORRUPT;
     if (version != GF_SEG_LAYOUT_VERSION) return GF_E_VERSION;
-    if (h->header_size != GF_SEG_HEADER_SIZE || h->segment_size != mapped_size ||
-        h->payload_size != mapped_size - GF_SEG_HEADER_SIZE)
+    uint32_t header_size = gf_load_relaxed_u32(&h->header_size);
+    uint64_t segment_size = gf_load_relaxed_u64(&h->segment_size);
+    uint64_t payload_size = gf_load_relaxed_u64(&h->payload_size);
+    if (header_size != GF_SEG_HEADER_SIZE || segment_size != mapped_size ||
+        payload_size != mapped_size - GF_SEG_HEADER_SIZE)
         return GF_E_CORRUPT;
     return GF_OK;
 }
@@ -87,7 +91,7 @@ int gf_ring_init(void *ring, uint64_t region_size, uint64_t capacity, uint64_t m
     if (!ring) return GF_E_ARG;
     if (!is_pow2(capacity) || capacity < GF_RING_MIN_CAPACITY || capacity > GF_RING_MAX_CAPACITY) return GF_E_ARG;
     if (region_size < GF_RING_HEADER_SIZE || region_size - GF_RING_HEADER_SIZE < capacity) return GF_E_CAPACITY;
-    if (max_item == 0 || rec_size(max_item) > capacity / 2) return GF_E_ARG;
+    if (max_item == 0 || max_item > capacity / 2 || rec_size(max_item) > capacity / 2) return GF_E_ARG;
     if (dtype_len > GF_DTYPE_MAX) return GF_E_ARG;
     gf_ring_header *h = (gf_ring_header *)ring;
     memset(h, 0, sizeof(*h));
@@ -108,19 +112,40 @@ int gf_ring_init(void *ring, uint64_t region_size, uint64_t capacity, uint64_t m
     return GF_OK;
 }
 
+/* The ring's geometry, each word read once and checked against the region
+ * the caller mapped: a capacity that is a power of two in range and fits the
+ * region, a max_item that fits half of it (checked before rec_size, which
+ * would wrap for a huge value). */
+static int ring_geometry(const gf_ring_header *h, uint64_t region_size, uint64_t *cap_out, uint64_t *max_item_out) {
+    if (region_size < GF_RING_HEADER_SIZE) return GF_E_CORRUPT;
+    uint64_t cap = gf_load_relaxed_u64(&h->capacity);
+    uint64_t max_item = gf_load_relaxed_u64(&h->max_item);
+    if (!is_pow2(cap) || cap < GF_RING_MIN_CAPACITY || cap > GF_RING_MAX_CAPACITY ||
+        region_size - GF_RING_HEADER_SIZE < cap)
+        return GF_E_CORRUPT;
+    if (max_item == 0 || max_item > cap / 2 || rec_size(max_item) > cap / 2) return GF_E_CORRUPT;
+    *cap_out = cap;
+    *max_item_out = max_item;
+    return GF_OK;
+}
+
 int gf_ring_check(const void *ring, uint64_t region_size) {
     if (!ring || region_size < GF_RING_HEADER_SIZE) return GF_E_CORRUPT;
     const gf_ring_header *h = (const gf_ring_header *)ring;
     /* SYNC POINT: ring-ready */
-    uint32_t version = __atomic_load_n(&h->version, __ATOMIC_ACQUIRE);
-    if (version == 0) return h->magic == 0 || h->magic == GF_RING_MAGIC ? GF_E_NOT_READY : GF_E_CORRUPT;
-    if (h->magic != GF_RING_MAGIC) return GF_E_CORRUPT;
+    uint32_t version = gf_load_acquire_u32(&h->version);
+    uint32_t magic = gf_load_relaxed_u32(&h->magic);
+    if (version == 0) return magic == 0 || magic == GF_RING_MAGIC ? GF_E_NOT_READY : GF_E_CORRUPT;
+    if (magic != GF_RING_MAGIC) return GF_E_CORRUPT;
     if (version != GF_RING_LAYOUT_VERSION) return GF_E_VERSION;
-    if (!is_pow2(h->capacity) || h->capacity < GF_RING_MIN_CAPACITY || h->capacity > GF_RING_MAX_CAPACITY ||
-        region_size - GF_RING_HEADER_SIZE < h->capacity)
-        return GF_E_CORRUPT;
-    if (h->max_item == 0 || rec_size(h->max_item) > h->capacity / 2 || h->dtype_len > GF_DTYPE_MAX)
-        return GF_E_CORRUPT;
+    uint64_t cap, max_item;
+    if (ring_geometry(h, region_size, &cap, &max_item)) return GF_E_CORRUPT;
+    if (gf_load_relaxed_u32(&h->dtype_len) > GF_DTYPE_MAX) return GF_E_CORRUPT;
+    /* positions are only ever multiples of the record alignment (their order
+     * is checked by each role, which knows which of them is its own) */
+    uint64_t head = gf_load_acquire_u64(&h->head);
+    uint64_t tail = gf_load_acquire_u64(&h->tail) & GF_TAIL_POS_MASK;
+    if (GF_POS_MISALIGNED(head) || GF_POS_MISALIGNED(tail)) return GF_E_CORRUPT;
     return GF_OK;
 }
 
@@ -131,12 +156,20 @@ static void wake_both(gf_ring_header *h) {
     gf_futex_wake_all(&h->space_futex);
 }
 
+/* A CAS loop on a shared word gives up after this many lost races: only a
+ * writer that changes the word all the time (not a peer following the
+ * protocol, which publishes between two of our tries at most a few times)
+ * loses it that often, and it must not keep us spinning forever. */
+#define GF_CAS_TRIES (1u << 20)
+
 int gf_ring_seal(void *ring, uint64_t seal_seq) {
+    if (!ring) return GF_E_ARG;
     gf_ring_header *h = (gf_ring_header *)ring;
     uint64_t w = gf_load_acquire_u64(&h->tail);
     if (w & GF_TAIL_SEALED) return 1; /* already sealed */
     __atomic_store_n(&h->seal_seq, seal_seq, __ATOMIC_RELAXED);
-    for (;;) {
+    for (uint32_t tries = 0;; tries++) {
+        if (tries == GF_CAS_TRIES) return GF_E_CORRUPT;
         uint64_t found = gf_cas_u64(&h->tail, w, w | GF_TAIL_SEALED); /* SYNC POINT: ring-publish */
         if (found == w) break;
         if (found & GF_TAIL_SEALED) return 1;
@@ -147,17 +180,20 @@ int gf_ring_seal(void *ring, uint64_t seal_seq) {
 }
 
 int gf_ring_advance_epoch(void *ring, uint64_t new_epoch) {
+    if (!ring) return GF_E_ARG;
     gf_ring_header *h = (gf_ring_header *)ring;
     uint64_t cur = gf_load_acquire_u64(&h->epoch);
-    for (;;) {
+    for (uint32_t tries = 0;; tries++) {
         if (new_epoch <= cur) return GF_E_FENCED;
+        if (tries == GF_CAS_TRIES) return GF_E_CORRUPT;
         uint64_t found = gf_cas_u64(&h->epoch, cur, new_epoch);
         if (found == cur) break;
         cur = found;
     }
     uint64_t tag = (new_epoch << GF_TAIL_TAG_SHIFT) & GF_TAIL_TAG_MASK;
     uint64_t w = gf_load_acquire_u64(&h->tail);
-    for (;;) {
+    for (uint32_t tries = 0;; tries++) {
+        if (tries == GF_CAS_TRIES) return GF_E_CORRUPT;
         uint64_t found = gf_cas_u64(&h->tail, w, (w & ~GF_TAIL_TAG_MASK) | tag);
         if (found == w) break;
         w = found;
@@ -168,18 +204,25 @@ int gf_ring_advance_epoch(void *ring, uint64_t new_epoch) {
 
 /* ---------------------------------------------------------------- producer */
 
-int gf_producer_init(gf_producer *p, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
-                     uint64_t epoch, uint64_t id) {
+/* head as the producer may use it: aligned, not past the published tail, not
+ * more than a ring behind it, and never moving backwards. */
+static inline int head_ok(uint64_t head, uint64_t tail, uint64_t cap, uint64_t floor) {
+    return !GF_POS_MISALIGNED(head) && head <= tail && tail - head <= cap && head >= floor;
+}
+
+int gf_producer_init(gf_producer *p, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
+                     volatile uint64_t *lease_deadline, uint64_t epoch, uint64_t id) {
     if (!p || !ring || id == 0) return GF_E_ARG;
     gf_ring_header *h = (gf_ring_header *)ring;
     memset(p, 0, sizeof(*p));
-    p->hdr = h;
+    uint64_t cap, max_item;
+    if (ring_geometry(h, region_size, &cap, &max_item)) return GF_E_CORRUPT;
     p->data = (uint8_t *)ring + GF_RING_HEADER_SIZE;
     p->lease_state = lease_state;
     p->lease_deadline = lease_deadline;
-    p->capacity = h->capacity;
-    p->mask = h->capacity - 1;
-    p->max_item = h->max_item;
+    p->capacity = cap;
+    p->mask = cap - 1;
+    p->max_item = max_item;
     uint64_t cur = gf_load_acquire_u64(&h->epoch);
     if (epoch < cur) return GF_E_FENCED;
     if (epoch > cur) {
@@ -190,20 +233,27 @@ int gf_producer_init(gf_producer *p, void *ring, volatile uint64_t *lease_state,
         uint64_t found = gf_cas_u64(&h->producer_id, 0, id);
         if (found != 0 && found != id) return GF_E_ROLE;
     }
+    /* the role is ours from here: every failure gives it back */
+    int rc = GF_OK;
     uint64_t w = gf_load_acquire_u64(&h->tail); /* SYNC POINT: ring-publish */
-    if (w & GF_TAIL_SEALED) {
+    uint64_t tag = (epoch << GF_TAIL_TAG_SHIFT) & GF_TAIL_TAG_MASK;
+    uint64_t tail = w & GF_TAIL_POS_MASK;
+    uint64_t head = gf_load_acquire_u64(&h->head); /* SYNC POINT: ring-release */
+    if (w & GF_TAIL_SEALED) rc = GF_E_SEALED;
+    else if ((w & GF_TAIL_TAG_MASK) != tag) rc = GF_E_FENCED;
+    else if (GF_POS_MISALIGNED(tail) || !head_ok(head, tail, cap, 0)) rc = GF_E_CORRUPT;
+    if (rc) {
         gf_cas_u64(&h->producer_id, id, 0);
-        return GF_E_SEALED;
+        return rc;
     }
+    p->hdr = h;
     p->epoch = epoch;
     p->id = id;
-    p->tag = (epoch << GF_TAIL_TAG_SHIFT) & GF_TAIL_TAG_MASK;
-    if ((w & GF_TAIL_TAG_MASK) != p->tag) return GF_E_FENCED;
-    p->tail = p->claim = w & GF_TAIL_POS_MASK;
-    p->head_cache = gf_load_acquire_u64(&h->head);
-    if (p->head_cache > p->tail || p->tail - p->head_cache > p->capacity) return GF_E_CORRUPT;
-    p->next_seq = p->pub_seq = __atomic_load_n(&h->next_seq, __ATOMIC_ACQUIRE);
-    p->publish_every = p->capacity / 8 > 4096 ? p->capacity / 8 : 4096;
+    p->tag = tag;
+    p->tail = p->claim = tail;
+    p->head_cache = head;
+    p->next_seq = p->pub_seq = gf_load_acquire_u64(&h->next_seq);
+    p->publish_every = cap / 8 > 4096 ? cap / 8 : 4096;
     return GF_OK;
 }
 
@@ -218,12 +268,20 @@ int gf_producer_close(gf_producer *p) {
     return GF_OK;
 }
 
-/* Why a full or failed push failed: sealed, fenced, or really full. */
+/* The tail word is not the one this producer published: sealed; fenced (the
+ * epoch moved on); or, with our epoch still in place, written by something
+ * that does not follow the protocol: corrupt. */
+static int lost_tail(gf_producer *p, uint64_t w) {
+    if (w & GF_TAIL_SEALED) return GF_E_SEALED;
+    if ((w & GF_TAIL_TAG_MASK) != p->tag || gf_load_acquire_u64(&p->hdr->epoch) != p->epoch) return GF_E_FENCED;
+    return GF_E_CORRUPT;
+}
+
+/* Why a full or failed push failed: sealed, fenced, corrupt, or really full. */
 static int full_reason(gf_producer *p) {
     uint64_t w = gf_load_acquire_u64(&p->hdr->tail);
-    if (w & GF_TAIL_SEALED) return GF_E_SEALED;
-    if ((w & GF_TAIL_TAG_MASK) != p->tag || (w & GF_TAIL_POS_MASK) != p->tail) return GF_E_FENCED;
-    return GF_FULL;
+    if (w == (p->tag | p->tail)) return GF_FULL;
+    return lost_tail(p, w);
 }
 
 /* Before writing a byte: is the tail word still ours (our tag, our position,
@@ -235,15 +293,14 @@ static int full_reason(gf_producer *p) {
 static inline int prod_owner(gf_producer *p) {
     uint64_t w = gf_load_acquire_u64(&p->hdr->tail); /* SYNC POINT: ring-publish */
     if (w == (p->tag | p->tail)) return GF_OK;
-    if (w & GF_TAIL_SEALED) return GF_E_SEALED;
-    return GF_E_FENCED;
+    return lost_tail(p, w);
 }
 
 /* Room for `need` bytes past claim? 1 yes, 0 no, <0 corrupt head. */
 static inline int prod_room(gf_producer *p, uint64_t need) {
     if (p->claim + need - p->head_cache <= p->capacity) return 1;
     uint64_t h = gf_load_acquire_u64(&p->hdr->head); /* SYNC POINT: ring-release */
-    if (h > p->tail || p->tail - h > p->capacity) return GF_E_CORRUPT;
+    if (!head_ok(h, p->tail, p->capacity, p->head_cache)) return GF_E_CORRUPT;
     p->head_cache = h;
     return p->claim + need - h <= p->capacity;
 }
@@ -282,11 +339,11 @@ static inline int prod_publish(gf_producer *p) {
     if (found != expected) {
         p->claim = p->tail;
         p->next_seq = p->pub_seq;
-        return (found & GF_TAIL_SEALED) ? GF_E_SEALED : GF_E_FENCED;
+        return lost_tail(p, found);
     }
     p->tail = p->claim;
     p->pub_seq = p->next_seq;
-    if (gf_load_seq_cst_u32(&h->data_waiters)) {
+    if (gf_load_seq_cst_u64(&h->data_waiters)) {
         gf_faa_u32(&h->data_futex, 1);
         gf_futex_wake_all(&h->data_futex);
     }
@@ -399,6 +456,7 @@ static int gf_reserve_unlocked(gf_producer *p, uint64_t len, uint64_t now_ns, ui
     p->reserved = 1;
     p->reserved_at = p->claim;
     p->reserved_len = len;
+    p->reserved_seq = p->next_seq - 1;
     *payload_off = idx + GF_RECORD_HEADER_SIZE;
     return GF_OK;
 }
@@ -408,7 +466,7 @@ static int gf_commit_unlocked(gf_producer *p, uint64_t len, uint64_t *seq_out) {
     if (len == 0 || len > p->reserved_len) return GF_E_ARG;
     gf_record_header *r = (gf_record_header *)(p->data + (p->reserved_at & p->mask));
     r->length = (uint32_t)len;
-    uint64_t seq = r->seq;
+    uint64_t seq = p->reserved_seq; /* ours, not read back from shared memory */
     p->claim = p->reserved_at + rec_size(len);
     p->reserved = 0;
     int rc = prod_publish(p);
@@ -432,6 +490,8 @@ int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t sp
     uint64_t idx = p->claim & p->mask;
     uint64_t need = (idx + rs > p->capacity ? p->capacity - idx : 0) + rs;
     uint64_t want = p->claim + need - p->capacity; /* the head that makes room */
+    /* head and tail are only compared here, never used as positions: the
+     * push that follows re-reads and validates them */
     for (uint32_t i = 0; i < spin; i++) {
         uint64_t hd = gf_load_acquire_u64(&h->head); /* SYNC POINT: ring-release */
         if (hd >= want) return GF_OK;
@@ -440,44 +500,48 @@ int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t sp
     /* sleep until a quarter of the ring is free (hysteresis), or the ring is empty */
     uint64_t lazy = want + p->capacity / 4;
     __atomic_store_n(&h->space_want, lazy < p->claim ? lazy : p->claim, __ATOMIC_RELAXED);
-    gf_faa_u32(&h->space_waiters, 1);
+    gf_faa_u64(&h->space_waiters, 1);
     uint32_t v = gf_load_seq_cst_u32(&h->space_futex);
-    uint64_t hd = __atomic_load_n(&h->head, __ATOMIC_SEQ_CST);
-    uint64_t w = __atomic_load_n(&h->tail, __ATOMIC_SEQ_CST);
+    uint64_t hd = gf_load_seq_cst_u64(&h->head);
+    uint64_t w = gf_load_seq_cst_u64(&h->tail);
     int rc = 0;
     if (hd < want && !(w & GF_TAIL_SEALED) && (w & GF_TAIL_TAG_MASK) == p->tag)
         rc = gf_futex_wait(&h->space_futex, v, timeout_ns);
-    gf_fas_u32(&h->space_waiters, 1);
+    gf_fas_u64(&h->space_waiters, 1);
     return rc;
 }
 
 /* ---------------------------------------------------------------- consumer */
 
-int gf_consumer_init(gf_consumer *c, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
-                     uint64_t id, uint64_t *pend_end, uint8_t *pend_done, uint64_t pend_cap) {
+int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
+                     volatile uint64_t *lease_deadline, uint64_t id, uint64_t *pend_end, uint8_t *pend_done,
+                     uint64_t pend_cap) {
     if (!c || !ring || id == 0 || !is_pow2(pend_cap) || !pend_end || !pend_done) return GF_E_ARG;
     gf_ring_header *h = (gf_ring_header *)ring;
     memset(c, 0, sizeof(*c));
+    uint64_t cap, max_item;
+    if (ring_geometry(h, region_size, &cap, &max_item)) return GF_E_CORRUPT;
     uint64_t found = gf_cas_u64(&h->consumer_id, 0, id);
     if (found != 0 && found != id) return GF_E_ROLE;
+    /* head is ours from here (only the consumer stores it): read it, then the tail */
+    uint64_t head = gf_load_acquire_u64(&h->head);
+    uint64_t tail = gf_load_acquire_u64(&h->tail) & GF_TAIL_POS_MASK; /* SYNC POINT: ring-publish */
+    if (GF_POS_MISALIGNED(head) || GF_POS_MISALIGNED(tail) || tail < head || tail - head > cap) {
+        gf_cas_u64(&h->consumer_id, id, 0);
+        return GF_E_CORRUPT;
+    }
     c->hdr = h;
     c->data = (uint8_t *)ring + GF_RING_HEADER_SIZE;
     c->lease_state = lease_state;
     c->lease_deadline = lease_deadline;
-    c->capacity = h->capacity;
-    c->mask = h->capacity - 1;
-    c->max_item = h->max_item;
-    c->head = c->rpos = c->tail_cache = gf_load_acquire_u64(&h->head);
+    c->capacity = cap;
+    c->mask = cap - 1;
+    c->max_item = max_item;
+    c->head = c->rpos = c->tail_cache = head;
     c->pend_end = pend_end;
     c->pend_done = pend_done;
     c->pend_mask = pend_cap - 1;
     c->id = id;
-    uint64_t w = gf_load_acquire_u64(&h->tail);
-    if ((w & GF_TAIL_POS_MASK) < c->head || (w & GF_TAIL_POS_MASK) - c->head > c->capacity) {
-        gf_cas_u64(&h->consumer_id, id, 0);
-        c->hdr = NULL;
-        return GF_E_CORRUPT;
-    }
     return GF_OK;
 }
 
@@ -493,19 +557,24 @@ int gf_consumer_close(gf_consumer *c) {
 }
 
 /* Find the next data record at rpos (skipping padding unless stop_at_padding).
- * GF_OK with *rec_idx set; GF_EMPTY; GF_END (sealed, drained); 3 (padding, stopped). */
-static inline int cons_next(gf_consumer *c, uint64_t *rec_idx, int stop_at_padding) {
+ * GF_OK with *rec_idx, *len_out, *seq_out set (each header word read once and
+ * checked: what is returned is what was checked); GF_EMPTY; GF_END (sealed,
+ * drained); 3 (padding, stopped). rpos is always a multiple of
+ * GF_RECORD_ALIGN (validated at init, advanced by multiples of it, or to the
+ * ring's end), so idx is too. */
+static inline int cons_next(gf_consumer *c, uint64_t *rec_idx, uint64_t *len_out, uint64_t *seq_out,
+                            int stop_at_padding) {
     for (;;) {
         if (c->rpos == c->tail_cache) {
             uint64_t w = gf_load_acquire_u64(&c->hdr->tail); /* SYNC POINT: ring-publish */
             uint64_t pos = w & GF_TAIL_POS_MASK;
-            if (pos < c->rpos || pos - c->head > c->capacity) return GF_E_CORRUPT;
+            if (GF_POS_MISALIGNED(pos) || pos < c->rpos || pos - c->head > c->capacity) return GF_E_CORRUPT;
             c->tail_cache = pos;
             if (pos == c->rpos) return (w & GF_TAIL_SEALED) ? GF_END : GF_EMPTY;
         }
         uint64_t idx = c->rpos & c->mask;
-        const gf_record_header *r = (const gf_record_header *)(c->data + idx);
-        uint32_t len = r->length, type = r->type;
+        gf_record_header *r = (gf_record_header *)(c->data + idx);
+        uint32_t len = gf_load_relaxed_u32(&r->length), type = gf_load_relaxed_u32(&r->type);
         if (type == GF_RECORD_PADDING) {
             if (idx + GF_RECORD_HEADER_SIZE + (uint64_t)len != c->capacity) return GF_E_CORRUPT;
             if (c->rpos + (c->capacity - idx) > c->tail_cache) return GF_E_CORRUPT;
@@ -513,10 +582,15 @@ static inline int cons_next(gf_consumer *c, uint64_t *rec_idx, int stop_at_paddi
             c->rpos += c->capacity - idx;
             continue;
         }
-        if (type != GF_RECORD_DATA || len == 0 || len > c->max_item || idx + rec_size(len) > c->capacity ||
-            c->rpos + rec_size(len) > c->tail_cache)
+        uint64_t rs = rec_size(len);
+        if (type != GF_RECORD_DATA || len == 0 || len > c->max_item || idx + rs > c->capacity ||
+            c->rpos + rs > c->tail_cache)
             return GF_E_CORRUPT;
+        uint64_t seq = gf_load_relaxed_u64(&r->seq);
+        if (c->have_seq && seq <= c->last_seq) return GF_E_CORRUPT; /* sequence numbers only grow */
         *rec_idx = idx;
+        *len_out = len;
+        *seq_out = seq;
         return GF_OK;
     }
 }
@@ -551,20 +625,21 @@ static int gf_pop_batch_unlocked(gf_consumer *c, uint64_t max_items, uint64_t ma
         /* a batch stops at the wrap (a padding record, or a record ending
          * exactly at the end of the ring): its payloads are contiguous */
         if (n > 0 && (c->rpos & c->mask) == 0) break;
-        rc = cons_next(c, &idx, n > 0);
+        uint64_t len, seq;
+        rc = cons_next(c, &idx, &len, &seq, n > 0);
         if (rc) break;
-        const gf_record_header *r = (const gf_record_header *)(c->data + idx);
-        uint64_t len = r->length;
         offs[n] = idx + GF_RECORD_HEADER_SIZE;
         lens[n] = len;
-        seqs[n] = r->seq;
+        seqs[n] = seq;
+        c->last_seq = seq;
+        c->have_seq = 1;
         if (n == 0) uni = len;
         else if (uni != len) uni = 0;
         c->rpos += rec_size(len);
         n++;
         if (per_item) {
-            uint64_t t;
-            pend_push(c, c->rpos, &t);
+            uint64_t t = 0;
+            pend_push(c, c->rpos, &t); /* cannot fail: max_items was cut to the free tokens */
             if (n == 1) *token_out = t;
         }
         if (c->rpos - start >= max_bytes) break;
@@ -590,8 +665,10 @@ static int gf_release_unlocked(gf_consumer *c, uint64_t token) {
     c->head = head;
     gf_ring_header *h = c->hdr;
     gf_store_seq_cst_u64(&h->head, head); /* SYNC POINT: ring-release (full fence before the waiter check) */
-    if (__atomic_load_n(&h->space_waiters, __ATOMIC_SEQ_CST) &&
-        (head >= __atomic_load_n(&h->space_want, __ATOMIC_RELAXED) || c->pend_first == c->pend_next)) {
+    /* waiter count and space_want only decide whether to wake (a wrong value
+     * costs a wake-up or a sleeper's time slice, nothing else) */
+    if (gf_load_seq_cst_u64(&h->space_waiters) &&
+        (head >= gf_load_relaxed_u64(&h->space_want) || c->pend_first == c->pend_next)) {
         gf_faa_u32(&h->space_futex, 1);
         gf_futex_wake_all(&h->space_futex);
     }
@@ -608,13 +685,13 @@ int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin) {
         if ((w & GF_TAIL_POS_MASK) != c->rpos || (w & GF_TAIL_SEALED)) return GF_OK;
         gf_cpu_relax();
     }
-    gf_faa_u32(&h->data_waiters, 1);
+    gf_faa_u64(&h->data_waiters, 1);
     uint32_t v = gf_load_seq_cst_u32(&h->data_futex);
-    uint64_t w = __atomic_load_n(&h->tail, __ATOMIC_SEQ_CST);
+    uint64_t w = gf_load_seq_cst_u64(&h->tail); /* compared only: the pop that follows validates it */
     int rc = 0;
     if ((w & GF_TAIL_POS_MASK) == c->rpos && !(w & GF_TAIL_SEALED))
         rc = gf_futex_wait(&h->data_futex, v, timeout_ns);
-    gf_fas_u32(&h->data_waiters, 1);
+    gf_fas_u64(&h->data_waiters, 1);
     return rc;
 }
 

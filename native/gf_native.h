@@ -15,7 +15,7 @@
 
 /* Bumped whenever a layout or this API changes; the Python wrapper refuses a
  * build whose number differs from the one it was written for. */
-#define GF_NATIVE_ABI 9
+#define GF_NATIVE_ABI 10
 
 /* Status codes. 0 and the small positive values are ordinary outcomes;
  * negatives are errors (the grafOS ones first). */
@@ -58,6 +58,7 @@ typedef struct gf_producer {
     uint64_t publish_every; /* publish a batch in chunks of this many bytes */
     uint64_t reserved_at;   /* record position of an outstanding reservation */
     uint64_t reserved_len;
+    uint64_t reserved_seq;  /* its sequence number (kept here, not read back from the ring) */
     int reserved;
     int lock;             /* cffi drops the GIL: two threads must not run one producer at once */
 } gf_producer;
@@ -79,6 +80,8 @@ typedef struct gf_consumer {
     uint64_t pend_first;  /* outstanding tokens: [pend_first, pend_next) */
     uint64_t pend_next;
     uint64_t id;
+    uint64_t last_seq;    /* sequence number of the last record popped (if have_seq) */
+    int have_seq;
     int lock;             /* pops, releases from finalizers in other threads: serialized */
 } gf_consumer;
 
@@ -103,8 +106,10 @@ int gf_ring_check(const void *ring, uint64_t region_size);
 int gf_ring_seal(void *ring, uint64_t seal_seq);
 int gf_ring_advance_epoch(void *ring, uint64_t new_epoch);
 
-int gf_producer_init(gf_producer *p, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
-                     uint64_t epoch, uint64_t id);
+/* Role init validates the ring's geometry against region_size (the bytes
+ * mapped at `ring`), and the positions it starts from. */
+int gf_producer_init(gf_producer *p, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
+                     volatile uint64_t *lease_deadline, uint64_t epoch, uint64_t id);
 int gf_producer_close(gf_producer *p);
 int gf_push(gf_producer *p, const void *buf, uint64_t len, uint64_t now_ns, uint64_t *seq_out);
 int gf_push_rows(gf_producer *p, const void *base, uint64_t n, uint64_t row_stride, uint64_t len, uint64_t now_ns,
@@ -116,8 +121,9 @@ int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out);
 int gf_abort(gf_producer *p);
 int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t spin);
 
-int gf_consumer_init(gf_consumer *c, void *ring, volatile uint64_t *lease_state, volatile uint64_t *lease_deadline,
-                     uint64_t id, uint64_t *pend_end, uint8_t *pend_done, uint64_t pend_cap);
+int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
+                     volatile uint64_t *lease_deadline, uint64_t id, uint64_t *pend_end, uint8_t *pend_done,
+                     uint64_t pend_cap);
 int gf_consumer_close(gf_consumer *c);
 int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per_item, uint64_t now_ns,
                  uint64_t *offs, uint64_t *lens, uint64_t *seqs, uint64_t *n_out, uint64_t *token_out,

@@ -31,10 +31,12 @@
  *  +---------------------------------------------------------------+
  *  |  acked line: acked (u64)                                      |  512
  *  +-------------------------------+-------------------------------+
- *  |  data_futex (u32)             |  data_waiters (u32)           |  640
+ *  |  data_futex (u32)             |  zero (u32)                   |  640
+ *  |  data_waiters (u64): sleeping consumers                       |  648
  *  +-------------------------------+-------------------------------+
- *  |  space_futex (u32)            |  space_waiters (u32)          |  768
- *  |  space_want (u64): head a sleeping producer waits for         |  776
+ *  |  space_futex (u32)            |  zero (u32)                   |  768
+ *  |  space_waiters (u64): sleeping producers (one-sided: faa64)   |  776
+ *  |  space_want (u64): head a sleeping producer waits for         |  784
  *  +---------------------------------------------------------------+
  *  |  reserved to 4096; data area follows                          |
  *  +---------------------------------------------------------------+
@@ -55,6 +57,17 @@
  *  +---------------------------------------------------------------+
  * A PADDING record fills the gap at the wrap point so that every payload is
  * contiguous; its length is the gap minus the header.
+ *
+ * Alignment: every 64-bit word is 8-byte aligned (C atomics and RDMA atomics
+ * both need it; the futex words are u32, each with its own u64 waiter
+ * count). Every position (tail, head, a record's start) is a multiple of
+ * GF_RECORD_ALIGN: a position that is not is corrupt, never used.
+ *
+ * Trust: any process that can write the segment can write any of these
+ * bytes. Readers load each shared word once into a local, check it (range
+ * AND alignment, against the geometry cached and validated at role init),
+ * and only then use it; what fails a check is GF_E_CORRUPT, never an access
+ * outside the mapping.
  *
  * Who writes what: the producer (one, holding producer_id and the epoch)
  * writes records past the published tail, then publishes them all with one
@@ -79,7 +92,7 @@
 #include <stddef.h>
 
 #define GF_RING_MAGIC 0x51524647u /* "GFRQ" */
-#define GF_RING_LAYOUT_VERSION 1
+#define GF_RING_LAYOUT_VERSION 2 /* 2: waiter counts are u64 at 8-aligned offsets */
 #define GF_RING_HEADER_SIZE 4096
 #define GF_RING_MIN_CAPACITY 4096ull
 #define GF_RING_MAX_CAPACITY (1ull << 40)
@@ -88,6 +101,7 @@
 #define GF_RECORD_DATA 1
 #define GF_RECORD_PADDING 2
 #define GF_DTYPE_MAX 80
+#define GF_POS_MISALIGNED(pos) ((pos) & (uint64_t)(GF_RECORD_ALIGN - 1))
 
 #define GF_TAIL_SEALED (1ull << 63)
 #define GF_TAIL_TAG_SHIFT 56
@@ -123,12 +137,14 @@ typedef struct gf_ring_header {
     uint8_t _pad4[128 - 8];
     /* waiter lines */
     uint32_t data_futex;
-    uint32_t data_waiters;
-    uint8_t _pad5[128 - 8];
+    uint32_t _zero5;
+    uint64_t data_waiters;
+    uint8_t _pad5[128 - 16];
     uint32_t space_futex;
-    uint32_t space_waiters;
+    uint32_t _zero6;
+    uint64_t space_waiters;
     uint64_t space_want;  /* head position a sleeping producer waits for */
-    uint8_t _pad6[128 - 16];
+    uint8_t _pad6[128 - 24];
     uint8_t _pad7[GF_RING_HEADER_SIZE - 896];
 } gf_ring_header;
 
@@ -147,8 +163,17 @@ _Static_assert(offsetof(gf_ring_header, next_seq) == 264, "ring layout");
 _Static_assert(offsetof(gf_ring_header, head) == 384, "ring layout");
 _Static_assert(offsetof(gf_ring_header, acked) == 512, "ring layout");
 _Static_assert(offsetof(gf_ring_header, data_futex) == 640, "ring layout");
+_Static_assert(offsetof(gf_ring_header, data_waiters) == 648, "ring layout");
 _Static_assert(offsetof(gf_ring_header, space_futex) == 768, "ring layout");
-_Static_assert(offsetof(gf_ring_header, space_want) == 776, "ring layout");
+_Static_assert(offsetof(gf_ring_header, space_waiters) == 776, "ring layout");
+_Static_assert(offsetof(gf_ring_header, space_want) == 784, "ring layout");
+/* every 64-bit word that is ever accessed atomically is 8-byte aligned */
+#define GF_ALIGNED8(f) _Static_assert(offsetof(gf_ring_header, f) % 8 == 0, "8-byte aligned: " #f)
+GF_ALIGNED8(capacity); GF_ALIGNED8(max_item); GF_ALIGNED8(first_seq); GF_ALIGNED8(created_epoch);
+GF_ALIGNED8(epoch); GF_ALIGNED8(seal_seq); GF_ALIGNED8(producer_id); GF_ALIGNED8(consumer_id);
+GF_ALIGNED8(onesided_peers); GF_ALIGNED8(tail); GF_ALIGNED8(next_seq); GF_ALIGNED8(head); GF_ALIGNED8(acked);
+GF_ALIGNED8(data_waiters); GF_ALIGNED8(space_waiters); GF_ALIGNED8(space_want);
+#undef GF_ALIGNED8
 _Static_assert(sizeof(gf_ring_header) == GF_RING_HEADER_SIZE, "ring header is one page");
 
 typedef struct gf_record_header {

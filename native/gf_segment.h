@@ -20,6 +20,7 @@
  *  |                 ttl_ns (u64)                                  | 56
  *  |                 created_ns (u64, CLOCK_MONOTONIC)             | 64
  *  |                 owner_pid (u64)                               | 72
+ *  |                 clock_domain (u64): 0 = CLOCK_MONOTONIC       | 80
  *  |                 ... zero to 128 ...                           |
  *  +---------------------------------------------------------------+
  *  |  lease line (128 B): lease_state (u64)                        | 128
@@ -35,6 +36,13 @@
  * The lease line is written by whoever holds the lease (renew: deadline,
  * revoke/free: state) with release stores and read with acquire loads by
  * every data operation of every process (SYNC POINT: lease-state).
+ *
+ * clock_domain says which clock created_ns and deadline_ns are in: 0 is the
+ * host-wide CLOCK_MONOTONIC (every process on the machine can judge the
+ * lease); any other value names a private clock (a test's ManualClock) that
+ * only the processes holding that clock can read, so a reaper elsewhere never
+ * judges such a lease by its own time (drivers/shm.py, "Clock domains").
+ * Written before layout_version, like every other field.
  */
 #ifndef GF_SEGMENT_H
 #define GF_SEGMENT_H
@@ -62,7 +70,8 @@ typedef struct gf_segment_header {
     uint64_t ttl_ns;
     uint64_t created_ns;
     uint64_t owner_pid;
-    uint8_t _pad0[128 - 80];
+    uint64_t clock_domain;
+    uint8_t _pad0[128 - 88];
     /* lease line */
     uint64_t lease_state;
     uint64_t deadline_ns;
@@ -74,6 +83,7 @@ _Static_assert(offsetof(gf_segment_header, layout_version) == 8, "segment layout
 _Static_assert(offsetof(gf_segment_header, lease_id) == 32, "segment layout");
 _Static_assert(offsetof(gf_segment_header, generation) == 48, "segment layout");
 _Static_assert(offsetof(gf_segment_header, owner_pid) == 72, "segment layout");
+_Static_assert(offsetof(gf_segment_header, clock_domain) == 80, "segment layout");
 _Static_assert(offsetof(gf_segment_header, lease_state) == 128, "segment layout");
 _Static_assert(offsetof(gf_segment_header, deadline_ns) == 136, "segment layout");
 _Static_assert(sizeof(gf_segment_header) == GF_SEG_HEADER_SIZE, "segment header is one page");

@@ -124,3 +124,83 @@ def test_json_event_sink_writes_one_line_per_event_and_never_raises(obs):
     assert lines[0]["kind"] == "edge.relocated" and lines[0]["reason"] == "Revoked"
     assert lines[1]["kind"] == "weird" and lines[1]["value"].startswith("<object")
     assert all(math.isfinite(x["ts"]) for x in lines)
+
+
+def test_prometheus_text_has_help_and_type_before_every_family(obs):
+    obs.count("lease_allocs", driver="shm")
+    obs.count("something_new")
+    obs.latency("checkpoint_flush", 1e-3, stage="s")
+    lines = observe.prometheus_text(obs).splitlines()
+    families = [line.split()[2] for line in lines if line.startswith("# TYPE")]
+    assert families == [
+        "grafos_lease_allocs_total",
+        "grafos_something_new_total",
+        "grafos_checkpoint_flush_seconds",
+        "grafos_events_dropped_total",
+    ]
+    for fam in families:
+        i = lines.index(next(x for x in lines if x.startswith(f"# TYPE {fam} ")))
+        assert lines[i - 1].startswith(f"# HELP {fam} ") and len(lines[i - 1]) > len(f"# HELP {fam} ") + 5
+        assert lines[i + 1].startswith(fam)  # samples follow their family's header
+    assert "# HELP grafos_lease_allocs_total Leases allocated" in "\n".join(lines)
+
+
+def test_queue_errors_are_labelled_with_status_names_not_numbers(fabric, obs):
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
+    q.push(b"before")  # claims the producer role; the next push is refused by the native call
+    q.lease.revoke()
+    with pytest.raises(E.Revoked):
+        q.push(b"after revoke")
+    text = observe.prometheus_text(obs)
+    errors = [line for line in text.splitlines() if line.startswith("grafos_queue_errors_total{")]
+    assert len(errors) == 1 and 'status="revoked"' in errors[0], errors
+    assert observe.status_name(-6) == "revoked" and observe.status_name(12345) == "unknown(12345)"
+    assert observe.status_name("sealed") == "sealed"
+
+
+def test_label_values_are_escaped_in_the_text_format(obs):
+    obs.count("odd", stage='a "quoted"\nname\\x')
+    text = observe.prometheus_text(obs)
+    assert 'grafos_odd_total{stage="a \\"quoted\\"\\nname\\\\x"} 1' in text
+
+
+def test_prometheus_client_collector_exports_the_same_families(obs):
+    prometheus_client = pytest.importorskip("prometheus_client", reason="prometheus_client is not installed")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = prometheus_client.CollectorRegistry()
+    observe.register_prometheus(obs, registry=registry)
+    obs.count("lease_allocs", 2, driver="shm")
+    obs.count("queue_errors", status=-6, op="push")
+    for s in (1e-5, 2e-4):
+        obs.latency("edge_rebind", s, stage="sink")
+    text = prometheus_client.generate_latest(registry).decode()
+    assert "# HELP grafos_lease_allocs_total Leases allocated" in text
+    assert 'grafos_lease_allocs_total{driver="shm"} 2.0' in text
+    assert 'grafos_queue_errors_total{op="push",status="revoked"} 1.0' in text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    hist = fams["grafos_edge_rebind_seconds"]
+    assert hist.type == "histogram"
+    count = next(s for s in hist.samples if s.name.endswith("_count"))
+    assert count.value == 2 and count.labels == {"stage": "sink"}
+    # our own text exporter parses with the reference parser to the same families and values
+    ours = {f.name: f for f in text_string_to_metric_families(observe.prometheus_text(obs))}
+    assert set(ours) == set(fams)
+    assert sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in ours["grafos_lease_allocs"].samples) == [
+        ("grafos_lease_allocs_total", (("driver", "shm"),), 2.0)
+    ]
+
+
+def test_register_prometheus_names_the_package_when_missing(monkeypatch, obs):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_prometheus(name, *args, **kwargs):
+        if name == "prometheus_client" or name.startswith("prometheus_client."):
+            raise ImportError("No module named 'prometheus_client'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_prometheus)
+    with pytest.raises(ImportError, match="pip install prometheus-client"):
+        observe.register_prometheus(obs)

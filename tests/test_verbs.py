@@ -104,6 +104,25 @@ def test_enum_shim_gives_the_abi_values_of_access_flags_and_opcodes():
     assert int(op.IBV_WR_ATOMIC_FETCH_AND_ADD) == 6
 
 
+@needs_pyverbs
+def test_the_driver_names_every_opcode_it_posts_and_pyverbs_agrees_on_each_value():
+    for opcode in verbs.Opcode:
+        assert opcode.name.startswith("IBV_WR_")
+        assert int(opcode.pyverbs()) == int(opcode)
+
+
+def test_no_bare_opcode_numbers_are_left_in_the_driver():
+    import inspect
+    import re
+
+    from grafos_fabric.drivers.verbs import client, wr
+
+    for mod in (client, wr):
+        src = inspect.getsource(mod)
+        assert not re.search(r"opcode\s*=\s*\d", src), f"{mod.__name__} posts a bare opcode number"
+        assert not re.search(r"\(\s*[0-9]\s+if\s+(cas|write)", src), f"{mod.__name__} keys WRs by bare numbers"
+
+
 def test_enum_shim_raises_attribute_error_for_names_it_does_not_know():
     with pytest.raises(AttributeError):
         _ = compat.E.NOT_AN_ENUM
@@ -186,7 +205,7 @@ def test_from_url_passes_the_device_option_to_the_probe(monkeypatch):
         seen.append(device)
         return "nothing here"
 
-    monkeypatch.setattr(verbs, "probe", fake_probe)
+    monkeypatch.setattr(verbs.client, "probe", fake_probe)
     with pytest.raises(Unsupported, match=r"^no RDMA device: nothing here$"):
         verbs.VerbsFabric.from_url("rdma://node7:9000?device=mlx5_3&gid_index=3", clock=None)
     assert seen == ["mlx5_3"]
@@ -496,17 +515,17 @@ def test_byte_view_flattens_typed_buffers_and_refuses_what_rdma_cannot_take():
     import numpy as np
 
     arr = np.arange(4, dtype=np.uint32)
-    mv = verbs._byte_view(arr, writable=True)
+    mv = verbs.byte_view(arr, writable=True)
     assert (mv.format, mv.nbytes) == ("B", 16)
-    assert verbs._buffer_address(mv) == arr.ctypes.data
+    assert verbs.buffer_address(mv) == arr.ctypes.data
     with pytest.raises(FabricValueError, match="writable"):
-        verbs._byte_view(b"abc", writable=True)
+        verbs.byte_view(b"abc", writable=True)
     with pytest.raises(FabricValueError, match="contiguous"):
-        verbs._byte_view(np.arange(8)[::2], writable=False)
+        verbs.byte_view(np.arange(8)[::2], writable=False)
     with pytest.raises(FabricValueError, match="contiguous"):
-        verbs._byte_view(np.asfortranarray(np.zeros((3, 4))), writable=False)
+        verbs.byte_view(np.asfortranarray(np.zeros((3, 4))), writable=False)
     with pytest.raises(FabricValueError, match="bytes-like"):
-        verbs._byte_view(12, writable=False)
+        verbs.byte_view(12, writable=False)
 
 
 # ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from grafos_fabric.errors import (
     Unsupported,
 )
 
+SECRET = os.urandom(32)  # the node's secret for these tests (a token file in the two-process test)
 DEVICE = os.environ.get("GRAFOS_RDMA_DEVICE") or None
 IB_PORT = int(os.environ.get("GRAFOS_RDMA_IB_PORT", "1"))
 GID_INDEX = int(os.environ.get("GRAFOS_RDMA_GID_INDEX", "0"))
@@ -83,6 +84,7 @@ def node(node_clock: JumpClock) -> Iterator[verbs.MemoryNode]:
         gid_index=GID_INDEX,
         clock=node_clock,
         reap_interval=0.01,
+        secret=SECRET,
     )
     yield mn
     mn.close()
@@ -90,7 +92,8 @@ def node(node_clock: JumpClock) -> Iterator[verbs.MemoryNode]:
 
 def client(node: verbs.MemoryNode, **kw: Any) -> verbs.VerbsFabric:
     return verbs.VerbsFabric(
-        "127.0.0.1", node.port, device=DEVICE, ib_port=IB_PORT, gid_index=GID_INDEX, timeout=10.0, **kw
+        "127.0.0.1", node.port, device=DEVICE, ib_port=IB_PORT, gid_index=GID_INDEX, timeout=10.0, secret=SECRET,
+        **kw
     )
 
 
@@ -160,7 +163,7 @@ def test_read_into_a_registered_buffer_is_zero_copy(fabric):
     region.read_into(0, local.view()[:8192])
     assert np.array_equal(local.array(np.uint64)[:1024], payload)
     conn = region.conn
-    assert any(key[1] == local.addr for key in conn.wrs._wrs), "the READ did not target the registered buffer"
+    assert any(key[1] == local.addr for key in conn.wrs.keys()), "the READ did not target the registered buffer"
 
 
 def test_store64_and_load64_use_little_endian_words(fabric):
@@ -295,7 +298,7 @@ def test_a_lease_revoked_by_another_client_fails_as_revoked(node, fabric):
     region.store64(0, 1)
     other = client(node)
     try:
-        other.attach(region.ref()).lease.revoke()
+        other.attach(fabric.share(region, "attach,write,revoke")).lease.revoke()
     finally:
         other.close()
     assert node.table.status(region.lease.id)[0] == "revoked"
@@ -348,7 +351,7 @@ def test_close_releases_everything_and_is_idempotent(node):
 def test_after_a_node_restart_old_leases_end_as_lease_expired_and_new_ones_work(node_clock):
     def open_node(port: int) -> verbs.MemoryNode:
         return verbs.MemoryNode.open(DEVICE, pool_size=1 << 20, host="127.0.0.1", port=port, ib_port=IB_PORT,
-                                     gid_index=GID_INDEX, clock=node_clock)
+                                     gid_index=GID_INDEX, clock=node_clock, secret=SECRET)
 
     first = open_node(0)
     f = client(first)
@@ -384,9 +387,11 @@ def test_after_a_node_restart_old_leases_end_as_lease_expired_and_new_ones_work(
 # ---------------------------------------------------------------------------
 
 
-def test_a_node_in_another_process_serves_and_its_death_is_disconnected():
+def test_a_node_in_another_process_serves_and_its_death_is_disconnected(tmp_path):
+    token = str(tmp_path / "node.token")
     cmd = [sys.executable, "-m", "grafos_fabric.tools.serve", "--host", "127.0.0.1", "--port", "0",
-           "--pool", "16M", "--ib-port", str(IB_PORT), "--gid-index", str(GID_INDEX), "--log-level", "WARNING"]
+           "--pool", "16M", "--ib-port", str(IB_PORT), "--gid-index", str(GID_INDEX), "--log-level", "WARNING",
+           "--token-file", token]
     if DEVICE:
         cmd += ["--device", DEVICE]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -398,7 +403,7 @@ def test_a_node_in_another_process_serves_and_its_death_is_disconnected():
         assert line.startswith("serving rdma://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
         url = line.split()[1]
         query = f"?gid_index={GID_INDEX}&ib_port={IB_PORT}&timeout=10" + (f"&device={DEVICE}" if DEVICE else "")
-        f = verbs.VerbsFabric.from_url(url + query)
+        f = verbs.VerbsFabric.from_url(url + query, token_file=token)
         try:
             region = f.alloc(4096, ttl=30.0)
             region.write(0, b"across processes")

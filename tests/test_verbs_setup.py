@@ -54,15 +54,22 @@ def test_serve_with_a_bad_port_is_a_usage_error(capsys):
     assert "port out of range" in capsys.readouterr().err
 
 
-def test_serve_without_a_device_exits_unavailable_with_the_probe_reason(capsys):
+def test_serve_without_a_device_exits_unavailable_with_the_probe_reason(capsys, tmp_path):
     reason = compat.probe()
     if reason is None:
         pytest.skip("an RDMA device exists here")
-    assert serve.serve_main(["--port", "0", "--pool", "1M"]) == serve.EX_UNAVAILABLE
+    token = str(tmp_path / "node.token")
+    assert serve.serve_main(["--port", "0", "--pool", "1M", "--token-file", token]) == serve.EX_UNAVAILABLE
     assert capsys.readouterr().err == f"grafos-fabric serve: no RDMA device: {reason}\n"
 
 
-def test_serve_asks_the_probe_about_the_named_device(monkeypatch, capsys):
+def test_serve_without_a_token_file_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.delenv("GRAFOS_TOKEN_FILE", raising=False)
+    assert serve.serve_main(["--driver", "nodeshm", "--port", "0", "--pool", "1M"]) == 2
+    assert "--token-file" in capsys.readouterr().err
+
+
+def test_serve_asks_the_probe_about_the_named_device(monkeypatch, capsys, tmp_path):
     asked: list[str | None] = []
 
     def fake_probe(device: str | None = None) -> str | None:
@@ -70,7 +77,8 @@ def test_serve_asks_the_probe_about_the_named_device(monkeypatch, capsys):
         return f"device {device!r} not found"
 
     monkeypatch.setattr(compat, "probe", fake_probe)
-    assert serve.serve_main(["--device", "mlx5_7", "--pool", "1M"]) == serve.EX_UNAVAILABLE
+    token = str(tmp_path / "node.token")
+    assert serve.serve_main(["--device", "mlx5_7", "--pool", "1M", "--token-file", token]) == serve.EX_UNAVAILABLE
     assert asked == ["mlx5_7"]
     assert "no RDMA device: device 'mlx5_7' not found" in capsys.readouterr().err
 

@@ -44,7 +44,7 @@ import pytest
 from grafos_fabric.drivers import _verbs_compat as compat
 from grafos_fabric.drivers import verbs
 
-from grafos_fabric.errors import Disconnected, LeaseExpired
+from grafos_fabric.errors import Disconnected, FabricValueError, LeaseExpired
 
 sys.path.insert(0, os.path.dirname(__file__))  # the sibling test modules, under any import mode
 import test_verbs_device as dev
@@ -375,7 +375,7 @@ def node_clock() -> dev.JumpClock:
 @pytest.fixture
 def node(node_clock: dev.JumpClock) -> Iterator[verbs.MemoryNode]:
     mn = verbs.MemoryNode.open(
-        None, pool_size=16 << 20, host="127.0.0.1", port=0, clock=node_clock, reap_interval=0.01
+        None, pool_size=16 << 20, host="127.0.0.1", port=0, clock=node_clock, reap_interval=0.01, secret=dev.SECRET
     )
     yield mn
     mn.close()
@@ -448,7 +448,7 @@ def test_a_big_endian_atomic_reply_is_calibrated_away(node):
     HCA.reply_big_endian = True
     f = dev.client(node)
     try:
-        conn = f._node(f.host, f.port)
+        conn = f.node()
         assert conn.atomic_reply_swapped is True
         region = f.alloc(64, ttl=30.0)
         region.store64(0, 0x0102030405060708)
@@ -496,14 +496,16 @@ def test_a_node_that_went_away_is_disconnected_and_the_next_call_too(node):
 
 
 def test_after_a_node_restart_old_leases_fail_as_lease_expired_and_new_ones_work(node_clock):
-    first = verbs.MemoryNode.open(None, pool_size=1 << 20, host="127.0.0.1", port=0, clock=node_clock)
+    first = verbs.MemoryNode.open(None, pool_size=1 << 20, host="127.0.0.1", port=0, clock=node_clock,
+                                  secret=dev.SECRET)
     port = first.port
-    f = verbs.VerbsFabric("127.0.0.1", port, timeout=5.0)
+    f = verbs.VerbsFabric("127.0.0.1", port, timeout=5.0, secret=dev.SECRET)
     try:
         old = f.alloc(64, ttl=30.0)
         old.store64(0, 1)
         first.close()
-        second = verbs.MemoryNode.open(None, pool_size=1 << 20, host="127.0.0.1", port=port, clock=node_clock)
+        second = verbs.MemoryNode.open(None, pool_size=1 << 20, host="127.0.0.1", port=port, clock=node_clock,
+                                       secret=dev.SECRET)
         try:
             with pytest.raises(Disconnected):
                 old.load64(0)  # the node's end of the QP is gone
@@ -519,7 +521,7 @@ def test_after_a_node_restart_old_leases_fail_as_lease_expired_and_new_ones_work
 
 
 def test_a_lost_completion_times_out_as_disconnected_and_the_qp_is_rebuilt(node, monkeypatch):
-    f = verbs.VerbsFabric("127.0.0.1", node.port, timeout=0.05)
+    f = verbs.VerbsFabric("127.0.0.1", node.port, timeout=0.05, secret=dev.SECRET)
     try:
         region = f.alloc(64, ttl=30.0)
         conn = region.conn
@@ -539,20 +541,26 @@ def test_a_lost_completion_times_out_as_disconnected_and_the_qp_is_rebuilt(node,
 
 
 def test_the_memory_node_answers_connect_with_its_own_qp(node):
-    c = verbs.ControlClient("127.0.0.1", node.port)
+    from grafos_fabric.drivers.node import auth, wire
+    from grafos_fabric.drivers.node.client import ControlClient
+
+    c = ControlClient("127.0.0.1", node.port, tenant="default", key=auth.tenant_key(dev.SECRET, "default"))
     try:
         before = set(HCA.qps)
-        reply = c.call(verbs.Connect(qpn=0x99, psn=1, lid=1, gid="", mtu=3), verbs.Connected)
-        assert reply.qpn in HCA.qps and reply.qpn not in before
-        assert HCA.qps[reply.qpn].dest == 0x99
-        again = c.call(verbs.Connect(qpn=0x9A, psn=1, lid=1, gid="", mtu=3), verbs.Connected)
-        assert reply.qpn not in HCA.qps, "a reconnect must close the session's old QP"
-        assert HCA.qps[again.qpn].dest == 0x9A
+        ep = {"qpn": 0x99, "psn": 1, "lid": 1, "gid": "", "mtu": 3}
+        reply = c.call(wire.Connect(params=ep), wire.Connected).params
+        assert reply["qpn"] in HCA.qps and reply["qpn"] not in before
+        assert HCA.qps[reply["qpn"]].dest == 0x99
+        again = c.call(wire.Connect(params={**ep, "qpn": 0x9A}), wire.Connected).params
+        assert reply["qpn"] not in HCA.qps, "a reconnect must close the session's old QP"
+        assert HCA.qps[again["qpn"]].dest == 0x9A
+        with pytest.raises(FabricValueError, match="qpn"):  # an endpoint from the wire is validated
+            c.call(wire.Connect(params={**ep, "qpn": 1 << 24}), wire.Connected)
     finally:
         c.close()
 
 
-def test_serve_runs_a_node_that_a_client_can_use_until_stopped(capsys):
+def test_serve_runs_a_node_that_a_client_can_use_until_stopped(capsys, tmp_path):
     import argparse
 
     from grafos_fabric.tools import serve
@@ -560,7 +568,9 @@ def test_serve_runs_a_node_that_a_client_can_use_until_stopped(capsys):
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     serve.add_serve_parser(sub)
-    args = parser.parse_args(["serve", "--host", "127.0.0.1", "--port", "0", "--pool", "2M", "--log-level", "ERROR"])
+    token = str(tmp_path / "node.token")
+    args = parser.parse_args(["serve", "--host", "127.0.0.1", "--port", "0", "--pool", "2M", "--log-level", "ERROR",
+                              "--token-file", token])
     stop = threading.Event()
     result: list[int] = []
     t = threading.Thread(target=lambda: result.append(args.func(args, stop)))
@@ -574,7 +584,7 @@ def test_serve_runs_a_node_that_a_client_can_use_until_stopped(capsys):
             out += capsys.readouterr().out
         url = out.split()[1]
         assert url.startswith("rdma://127.0.0.1:") and "pool=2097152" in out
-        f = verbs.VerbsFabric.from_url(url)
+        f = verbs.VerbsFabric.from_url(url, token_file=token)
         try:
             region = f.alloc(64, ttl=5.0)
             region.store64(0, 42)

@@ -35,8 +35,15 @@ How the comparison is kept fair (see :data:`METHOD`, also in the JSON):
   (pickle would otherwise send one payload and back-references);
 * the consumer times the stream (first item after a short warm-up to the
   last item); start-up and teardown are never counted;
-* every case runs once per round (``--repeat``), round-robin over all cases,
-  and reports its best round; the spread of the rounds is printed.
+* every case runs once per round (``--rounds``, default 5), round-robin over
+  all cases, so slow drifts of a noisy machine hit every transport alike; each
+  case reports the **median** of its rounds, with the rounds' min and max.
+
+Progress: on a terminal a bar with the time left; otherwise (logs, CI) one
+flushed line per finished case. The tables fit 80 columns.
+
+Needs the ``[bench]`` extra (rich; matplotlib for ``--plot``): it says so and
+exits with status 3 when something is missing, before running anything.
 """
 
 from __future__ import annotations
@@ -51,10 +58,12 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grafos_fabric.tools import bench_report
+from grafos_fabric.tools.bench_report import fmt_rate
 from grafos_fabric.tools.bench_runner import COPYTO_DESCRIPTION, CaseResult, get_context, run_copyto, run_pair
 from grafos_fabric.tools.bench_transports import (
     CEILINGS,
@@ -65,23 +74,26 @@ from grafos_fabric.tools.bench_transports import (
     Transport,
     fmt_size,
 )
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 log = logging.getLogger("grafos_fabric.tools.bench")
 
 DEFAULT_SIZES = (64, 4096, 1 << 20)
 QUEUE_CASES = ("single", "batch", "reserve")
-EXTRA_CASES = ("checkpoint", "relocation")
+EXTRA_CASES = ("checkpoint", "relocation", "ucx")
 ALL_CASES = QUEUE_CASES + EXTRA_CASES
 BASELINES = (*PEERS, *CEILINGS)
 DRIVERS = ("shm",)
+DEFAULT_ROUNDS = 5
+DEFAULT_DURATION = 0.2  # x 5 rounds x 36 cases: about a minute and a half on 2 cores
+EXIT_MISSING_EXTRA = 3
 METHOD = (
     "SPSC, producer and consumer in two processes; the consumer reads every payload byte "
     "(zlib.adler32 up to 512 B, numpy uint64 sum above; one reduction per batch: Batch.array() for fabric, "
     "b''.join(items) for peers); same buffering in bytes for every transport; consumer-side timing from the "
-    "first item after warm-up to the last; best of --repeat round-robin rounds"
+    "first item after warm-up to the last; median of --rounds round-robin rounds (min and max kept)"
 )
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "mb": 1 << 20}
@@ -124,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         "instead, all in one run, and print the ratios.",
     )
     p.add_argument(
-        "--duration", type=float, default=0.8, metavar="SECONDS", help="seconds per case and round (default 0.8)"
+        "--duration",
+        type=float,
+        default=DEFAULT_DURATION,
+        metavar="SECONDS",
+        help=f"seconds per case and round (default {DEFAULT_DURATION:g})",
     )
     p.add_argument(
         "--sizes", type=_sizes, default=list(DEFAULT_SIZES), metavar="LIST", help="item sizes (default 64,4K,1M)"
@@ -144,11 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"what to compare against: {', '.join(BASELINES)}, or none (default: all that are installed)",
     )
     p.add_argument(
+        "--rounds",
         "--repeat",
+        dest="rounds",
         type=int,
-        default=2,
+        default=DEFAULT_ROUNDS,
         metavar="N",
-        help="rounds over all cases; each case reports its best round (default 2)",
+        help=f"rounds over all cases; each case reports the median of its rounds, with min and max "
+        f"(default {DEFAULT_ROUNDS}; --repeat is the old name)",
     )
     p.add_argument("--driver", choices=DRIVERS, default="shm", help="fabric driver (default shm)")
     p.add_argument(
@@ -158,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the workers reach the ring: mapped (default), or the one-sided protocol RDMA clients use",
     )
     p.add_argument("--json", metavar="PATH|-", help="write the results as JSON to PATH, or stdout with -")
-    p.add_argument("--plot", metavar="PATH.png", help="write a bar chart of the ratios (matplotlib, Agg)")
+    p.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="write a bar chart of the ratios, with checkpoint and relocation panels (needs matplotlib)",
+    )
     p.add_argument("--batch", type=int, metavar="N", help="items per batch call (default: by size, 4..1024)")
     p.add_argument("--capacity", type=parse_size, metavar="BYTES", help="ring bytes per queue (default: by size)")
     p.add_argument(
@@ -313,7 +336,7 @@ class Bench:
             "driver": self.args.driver,
             "access": self.args.access,
             "duration": self.args.duration,
-            "repeat": self.args.repeat,
+            "rounds": self.args.rounds,
             "sizes": list(self.args.sizes),
             "cases": list(self.args.cases),
             "peers": list(self.peers),
@@ -350,48 +373,42 @@ class Bench:
         fabric = FabricTransport(f"{args.driver}://bench-{os.getpid()}", mapped=args.access == "mapped")
         transports: dict[str, Transport] = {"fabric": fabric}
         transports.update({p: TRANSPORTS[p]() for p in [*self.peers, "shm_pipe"]})
-        progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description:<34}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=True,
-        )
         queue_cases = [c for c in plan if isinstance(c, CaseSpec)]
         extras = [c for c in plan if isinstance(c, str)]
-        best: dict[str, CaseResult] = {}
+        results: dict[str, CaseResult] = {}
+        progress = _progress(self.console, len(queue_cases) * args.rounds + len(extras))
         try:
             with progress:
-                task = progress.add_task("starting", total=len(queue_cases) * args.repeat + len(extras))
                 # Round-robin: every case once per round, so slow drifts of a noisy
-                # machine hit every transport alike; each case keeps its best round.
-                for rnd in range(args.repeat):
+                # machine hit every transport alike; each case reports its median round.
+                for rnd in range(args.rounds):
                     for spec in queue_cases:
-                        tag = f" ({rnd + 1}/{args.repeat})" if args.repeat > 1 else ""
-                        progress.update(task, description=spec.name + tag)
+                        tag = f"round {rnd + 1}/{args.rounds}"
+                        progress.start(f"{spec.name} ({tag})")
                         if spec.transport == "copyto":
                             res = run_copyto(spec)
                         else:
                             res = run_pair(self.ctx, transports[spec.transport], spec, pin=args.pin)
                         if res.error:
                             log.warning("%s failed: %s", spec.name, res.error)
-                        if spec.name in best:
-                            best[spec.name].merge(res)
+                        if spec.name in results:
+                            results[spec.name].merge(res)
                         else:
-                            best[spec.name] = res
-                        progress.advance(task)
-                self.results = [best[spec.name] for spec in queue_cases]
+                            results[spec.name] = res
+                        done = "failed" if res.error else f"{fmt_rate(res.rate())} items/s"
+                        progress.done(f"{tag}  {fmt_size(spec.size):>6} {spec.transport} {spec.mode}: {done}")
+                self.results = [results[spec.name] for spec in queue_cases]
                 for case in extras:
-                    progress.update(task, description=f"{case} case")
+                    progress.start(f"{case} case")
+                    last: list[str] = []
 
-                    def on_line(line: str, case: str = case) -> None:
+                    def on_line(line: str, case: str = case, last: list[str] = last) -> None:
                         log.info("%s", line)
-                        progress.update(task, description=f"{case}: {line}"[:60])
+                        last.append(line)
+                        progress.note(line)
 
                     self._run_extra(case, on_line)
-                    progress.advance(task)
+                    progress.done(f"{case}: done" if not last else f"{case}: {len(last)} row(s)")
         finally:
             fabric.close()
         return self.report()
@@ -420,6 +437,17 @@ class Bench:
             finally:
                 if tmp:
                     shutil.rmtree(tmp, ignore_errors=True)
+        elif case == "ucx":
+            fn, why = _load_hook("bench_ucx", "run_ucx_bench")
+            if fn is None:
+                self.skipped[case] = why
+                return
+            try:
+                out = _call_hook(fn, sizes=tuple(args.sizes), seconds=max(0.2, args.duration), progress=progress)
+                self.extra.update({name: _rows(rows) for name, rows in out.items()})
+            except Exception as exc:
+                log.warning("ucx case failed: %s", exc)
+                self.extra[case] = [{"case": case, "error": f"{type(exc).__name__}: {exc}"}]
         elif case == "relocation":
             fn, why = _load_hook("bench_relocation", "run_relocation_bench")
             if fn is None:
@@ -442,38 +470,130 @@ class Bench:
         args = self.args
         peers = self.peers
         ratios = bench_report.compute_ratios(self.results, peers)
-        targets = bench_report.compute_targets(ratios) if self.fabric_modes else []
         meta = self.meta()
-        bench_report.render(
-            self.console, self.results, ratios, targets, peers, meta, self.baselines(), self.extra, self.skipped
-        )
+        bench_report.render(self.console, self.results, ratios, peers, meta, self.baselines(), self.extra, self.skipped)
         if args.json:
-            doc = bench_report.to_json(self.results, ratios, targets, meta, self.baselines(), self.extra, self.skipped)
+            doc = bench_report.to_json(self.results, ratios, meta, self.baselines(), self.extra, self.skipped)
             bench_report.write_json(doc, args.json, sys.stdout)
         if args.plot:
-            if ratios:
-                title = f"grafos-fabric vs peers ({meta['cpus']} CPUs, {args.duration:g} s/case)"
-                bench_report.plot(ratios, [*peers], args.plot, title)
+            if ratios or self.extra:
+                title = (
+                    f"grafos-fabric ÷ peers and ceilings ({meta['cpus']} CPUs, {args.duration:g} s/case, "
+                    f"median of {args.rounds})"
+                )
+                bench_report.plot(ratios, [*peers], args.plot, title, extra=self.extra)
                 self.console.print(f"plot written to {args.plot}")
             else:
-                self.console.print("[yellow]no fabric results: no plot written[/yellow]")
+                self.console.print("[yellow]no results: no plot written[/yellow]")
         failed = [r for r in self.results if r.error] + [r for v in self.extra.values() for r in v if r.get("error")]
         return 1 if failed else 0
 
 
+class _Progress:
+    """Progress of the run: a rich bar with the time left on a terminal, else one flushed line per case."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.console = console
+        self.total = total
+        self.n = 0
+        self.t0 = time.monotonic()
+        self._bar: Any = None
+        self._task: Any = None
+        if console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}", style="bold"),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.__enter__()
+            self._task = self._bar.add_task("starting", total=self.total)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def start(self, what: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=what[:48])
+
+    def note(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=line[:48])
+        else:
+            self._line(f"        {line}")
+
+    def done(self, line: str) -> None:
+        self.n += 1
+        if self._bar is not None:
+            self._bar.advance(self._task)
+            return
+        elapsed = time.monotonic() - self.t0
+        left = elapsed / self.n * (self.total - self.n)
+        width = len(str(self.total))
+        self._line(f"[{self.n:>{width}}/{self.total}] {elapsed:5.0f}s, ~{left:.0f}s left  {line}")
+
+    def _line(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        self.console.file.flush()
+
+
+def _progress(console: Console, total: int) -> _Progress:
+    return _Progress(console, total)
+
+
+def _missing_extra(plot: bool) -> str | None:
+    """What the [bench] extra should have brought and did not (checked before the run)."""
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return "grafos-bench needs rich: pip install 'grafos-fabric[bench]'"
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return "--plot needs matplotlib: pip install 'grafos-fabric[bench]' (or run without --plot)"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of ``grafos-bench``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.duration <= 0:
-        build_parser().error("--duration must be positive")
-    if args.repeat < 1:
-        build_parser().error("--repeat must be at least 1")
+        parser.error("--duration must be positive")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.capacity and args.capacity & (args.capacity - 1):
-        build_parser().error("--capacity must be a power of two")
+        parser.error("--capacity must be a power of two")
+    missing = _missing_extra(bool(args.plot))
+    if missing:
+        print(f"grafos-bench: {missing}", file=sys.stderr)
+        return EXIT_MISSING_EXTRA
+    from rich.console import Console
+    from rich.logging import RichHandler
+
     # With --json -, stdout carries only the JSON; tables and progress go to stderr.
     console = Console(stderr=args.json == "-")
-    if not console.is_terminal and console.width < 140:  # logs and CI: do not wrap the tables
-        console = Console(stderr=args.json == "-", width=140)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(message)s",

@@ -1,4 +1,8 @@
-"""Ratios, targets and output (rich tables, JSON, matplotlib plot) for ``grafos-bench``."""
+"""Ratios and output (rich tables, JSON, matplotlib plot) for ``grafos-bench``.
+
+Ratios are reported against the peers and the ceilings only; goals belong in
+the README. Every table fits 80 columns (nothing is cut to an ellipsis).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from grafos_fabric.tools.bench_runner import CaseResult
 from grafos_fabric.tools.bench_transports import fmt_size
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 #: The peer mode a fabric mode is compared with (reserve/commit is single-item production).
 PEER_MODE = {"single": "single", "batch": "batch", "reserve": "single"}
@@ -43,29 +48,6 @@ class Ratio:
             "vs": dict(self.vs),
             "best_peer": self.best_peer,
             "vs_best_peer": self.vs_best_peer,
-        }
-
-
-@dataclass
-class Target:
-    """A target from the foundation issue, judged on this run's figures."""
-
-    name: str
-    required: float
-    measured: float | None
-    against: str
-
-    @property
-    def met(self) -> bool | None:
-        return None if self.measured is None else self.measured >= self.required
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "required": self.required,
-            "measured": self.measured,
-            "against": self.against,
-            "met": self.met,
         }
 
 
@@ -103,49 +85,6 @@ def compute_ratios(results: Sequence[CaseResult], peers: Sequence[str]) -> list[
     return out
 
 
-#: The batched peers issue 2 names (its "about 20 M items/s" follows from them).
-ISSUE_BATCH_PEERS = ("faster_fifo", "zmq")
-
-
-def compute_targets(ratios: Sequence[Ratio]) -> list[Target]:
-    """The targets of issue 2, from this run's ratios (``measured`` is None when not run).
-
-    The 64 B batched target is judged twice: against the best of every
-    batching peer measured (mp.Queue lists and zmq packed frames included),
-    and against the batched peers the issue names (faster-fifo
-    put_many/get_many, zmq send_multipart), so neither reading hides the other.
-    """
-    by = {(x.size, x.mode): x for x in ratios}
-    single, batch = by.get((64, "single")), by.get((64, "batch"))
-    named = {p: v for p, v in batch.vs.items() if p in ISSUE_BATCH_PEERS} if batch else {}
-    named_best = min(named, key=lambda p: named[p], default=None)
-    targets = [
-        Target("64 B single push/pop vs best peer", 2.0, single.vs_best_peer if single else None, _best(single)),
-        Target("64 B batched vs best peer", 15.0, batch.vs_best_peer if batch else None, _best(batch)),
-        Target(
-            "64 B batched vs the issue's batched peers",
-            15.0,
-            named[named_best] if named_best else None,
-            f"{named_best} (batch)" if named_best else "-",
-        ),
-    ]
-    big = [x for x in ratios if x.size == 1 << 20 and x.vs_copyto is not None]
-    top = max(big, key=lambda x: x.vs_copyto or 0.0, default=None)
-    targets.append(
-        Target(
-            "1 MiB vs np.copyto of 1 MiB" + (f" (best mode: {top.mode})" if top else ""),
-            0.9,
-            top.vs_copyto if top else None,
-            "np.copyto 1 MiB",
-        )
-    )
-    return targets
-
-
-def _best(r: Ratio | None) -> str:
-    return f"{r.best_peer} ({PEER_MODE.get(r.mode, r.mode)})" if r and r.best_peer else "-"
-
-
 def fmt_rate(x: float) -> str:
     """``12345678`` -> ``"12.35 M"``."""
     if x <= 0 or math.isnan(x):
@@ -169,28 +108,38 @@ def _styled_ratio(x: float | None, good: float = 1.0) -> str:
     return f"[green]{s}[/green]" if x >= good else f"[red]{s}[/red]"
 
 
+#: Short names for the rows of the ratio tables (what each fabric case is divided by).
+AGAINST_LABELS = {"copyto": "np.copyto (ceiling)", "shm_pipe": "shm_pipe (ceiling)"}
+
+
 def render(
     console: Console,
     results: Sequence[CaseResult],
     ratios: Sequence[Ratio],
-    targets: Sequence[Target],
     peers: Sequence[str],
     meta: dict[str, Any],
     baselines: dict[str, str],
     extra: dict[str, list[dict[str, Any]]],
     skipped: dict[str, str],
 ) -> None:
-    """Print the run's tables: every case (and what each baseline is), fabric vs each peer, targets, extras."""
-    title = (
-        f"grafos-bench: driver {meta['driver']} ({meta['access']}), {meta['duration']:g} s per case, "
-        f"best of {meta['repeat']}, "
-        f"{meta['cpus']} CPUs, {meta['start_method']}{', pinned' if meta['pinned'] else ''}"
+    """Print the run's tables, each readable at 80 columns: every case, fabric ÷ each other, extras."""
+    from rich import box
+    from rich.table import Table
+
+    rounds = meta["rounds"]
+    console.print(
+        f"grafos-bench: driver {meta['driver']} ({meta['access']}), {meta['cpus']} CPUs, "
+        f"{meta['start_method']}{', pinned' if meta['pinned'] else ''}"
     )
-    spread = any(len(r.samples) > 1 for r in results)
-    caption = "spread: (best - worst) / best over the rounds" if spread else None
-    t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
-    for col in ("size", "transport", "mode", "items/s", "MB/s", "x copyto", *(["spread"] if spread else [])):
-        t.add_column(col, justify="left" if col in ("size", "transport", "mode") else "right")
+    console.print(f"{meta['duration']:g} s per case and round, median of {rounds} round{'s' if rounds != 1 else ''}")
+    t = Table(
+        title="Every case (items/s: median of the rounds; min-max: the rounds' spread)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for col in ("size", "transport", "mode", "items/s", "MB/s", "x copyto", "min-max"):
+        t.add_column(col, justify="left" if col in ("size", "transport", "mode") else "right", overflow="fold")
     by = _lookup(results)
     prev = None
     for r in results:
@@ -208,10 +157,10 @@ def render(
                 fmt_rate(r.items_per_s),
                 f"{r.mb_per_s:,.0f}",
                 fmt_ratio(vs_ct),
-                *([_spread(r.samples)] if spread else []),
+                _spread(r),
             )
         else:
-            t.add_row(fmt_size(r.size), name, r.mode, "[red]error[/red]", "-", "-", *(["-"] if spread else []))
+            t.add_row(fmt_size(r.size), name, r.mode, "[red]error[/red]", "-", "-", "-")
     if results:
         console.print(t)
     for r in results:
@@ -219,69 +168,102 @@ def render(
             console.print(f"[red]{r.transport}/{r.mode}/{fmt_size(r.size)} failed:[/red] {r.error}")
     if results and baselines:
         console.print("Compared against, measured in this run:")
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True, style="bold")
+        grid.add_column(overflow="fold")
         for name, what in baselines.items():
-            console.print(f"  [bold]{name}[/bold]: {what}")
+            grid.add_row(f"  {name}", what)
+        console.print(grid)
 
-    if ratios:
+    sizes = list(dict.fromkeys(x.size for x in ratios))
+    for size in sizes:
+        group = [x for x in ratios if x.size == size]
         rt = Table(
-            title="grafos-fabric / peer, items/s, same run (>1: fabric faster)",
-            caption="* compared with the peers' single calls (reserve/commit produces one item at a time)",
+            title=f"{fmt_size(size)}: grafos-fabric items/s ÷ other's, same run (>1: fabric faster)",
+            min_width=72,
+            caption="* against the peers' single calls (reserve/commit produces one item at a time)"
+            if any(x.mode == "reserve" for x in group)
+            else None,
             title_justify="left",
             caption_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
         )
-        pipe = any(x.vs_pipe is not None for x in ratios)
-        cols = ("size", "mode", "items/s", "x copyto", *(["x shm_pipe"] if pipe else []), *[f"x {p}" for p in peers])
-        for col in (*cols, "x best peer"):
-            rt.add_column(col, justify="left" if col in ("size", "mode") else "right")
-        for x in ratios:
+        rt.add_column("against", overflow="fold")
+        for x in group:
+            rt.add_column(x.mode + ("*" if PEER_MODE.get(x.mode, x.mode) != x.mode else ""), justify="right")
+        rt.add_row("fabric items/s", *[fmt_rate(x.items_per_s) for x in group])
+        rt.add_section()
+        against: list[tuple[str, Any]] = [("copyto", lambda x: x.vs_copyto), ("shm_pipe", lambda x: x.vs_pipe)]
+        against += [(p, lambda x, p=p: x.vs.get(p)) for p in peers]
+        for name, get in against:
+            vals = [get(x) for x in group]
+            if all(v is None for v in vals):
+                continue
+            style = name not in AGAINST_LABELS
             rt.add_row(
-                fmt_size(x.size),
-                x.mode + ("" if PEER_MODE.get(x.mode, x.mode) == x.mode else "*"),
-                fmt_rate(x.items_per_s),
-                fmt_ratio(x.vs_copyto),
-                *([fmt_ratio(x.vs_pipe)] if pipe else []),
-                *[_styled_ratio(x.vs.get(p)) for p in peers],
-                (_styled_ratio(x.vs_best_peer) + f" {x.best_peer}") if x.best_peer else "-",
+                AGAINST_LABELS.get(name, name),
+                *[_styled_ratio(v) if style else fmt_ratio(v) for v in vals],
             )
+        if any(x.best_peer for x in group):
+            rt.add_section()
+            rt.add_row("best peer", *[_styled_ratio(x.vs_best_peer) for x in group])
+            rt.add_row("  which", *[x.best_peer or "-" for x in group])
         console.print(rt)
-
-    if targets:
-        tt = Table(title="Targets (issue 2)", title_justify="left")
-        for col in ("target", "required", "measured", "against", "met"):
-            tt.add_column(col)
-        for g in targets:
-            met = "-" if g.met is None else ("[green]yes[/green]" if g.met else "[red]no[/red]")
-            tt.add_row(g.name, f">= {g.required:g}x", fmt_ratio(g.measured), g.against, met)
-        console.print(tt)
 
     for name, rows in extra.items():
         if not rows:
             continue
-        et = Table(title=f"{name} (same run; every field in the JSON)", title_justify="left")
         keys = list(dict.fromkeys(k for row in rows for k in row))
         shown = EXTRA_COLUMNS.get(name)
         if shown is not None:
             keys = [k for k in (*shown, "error") if k in keys]
+        head = EXTRA_HEAD.get(name, "case")
+        # One column per result row, one line per field: readable at 80 columns.
+        et = Table(
+            title=f"{name} (same run; every field in the JSON)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        et.add_column(COLUMN_LABELS.get(head, head), overflow="fold")
+        for rec in rows:
+            et.add_column(str(rec.get(head, "-")).removeprefix(f"{name} "), justify="right", overflow="fold")
         for k in keys:
+            if k == head:
+                continue
             label = COLUMN_LABELS.get(k, k.replace("_per_s", "/s").replace("_", " "))
-            et.add_column(label, justify="left" if k in ("case", "handoff") else "right")
-        for row in rows:
-            et.add_row(*[_cell(k, row.get(k)) for k in keys])
+            et.add_row(label, *[_cell(k, row.get(k)) for row in rows])
         console.print(et)
 
     for what, why in skipped.items():
         console.print(f"[yellow]skipped[/yellow] {what}: {why}")
 
 
-def _spread(samples: Sequence[float]) -> str:
-    """How far the slowest round fell below the best: ``(max - min) / max``."""
-    if len(samples) < 2 or max(samples) <= 0:
+def _spread(r: CaseResult) -> str:
+    """The rounds' range: ``min-max`` items/s (one round: ``-``)."""
+    if r.rounds < 2:
         return "-"
-    return f"{(max(samples) - min(samples)) / max(samples):.0%}"
+    return f"{fmt_rate(r.min_per_s)}-{fmt_rate(r.max_per_s)}".replace(" ", "")
+
+
+#: The field that names an extra case's row (its column header in the console table).
+EXTRA_HEAD = {"checkpoint": "case", "relocation": "handoff"}
 
 
 #: The columns the console shows for an extra case (all of them when not listed here).
 EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {
+    # the rows' target/met fields stay in the JSON: goals are the README's business, not the console's
+    "checkpoint": (
+        "case",
+        "size",
+        "ops_per_s",
+        "baseline_ops_per_s",
+        "ratio",
+        "ratio_min",
+        "ratio_max",
+        "rounds",
+    ),
     "relocation": (
         "handoff",
         "relocations_per_s",
@@ -315,7 +297,7 @@ def _cell(key: str, v: Any) -> str:
         return "-"
     if isinstance(v, bool):
         return "[green]yes[/green]" if v else "[red]no[/red]"
-    if key == "ratio" and isinstance(v, (int, float)):
+    if key.startswith("ratio") and isinstance(v, (int, float)):
         return fmt_ratio(float(v))
     if key in ("size", "item_size", "capacity") and isinstance(v, int):
         return fmt_size(v)
@@ -329,21 +311,19 @@ def _cell(key: str, v: Any) -> str:
 def to_json(
     results: Sequence[CaseResult],
     ratios: Sequence[Ratio],
-    targets: Sequence[Target],
     meta: dict[str, Any],
     baselines: dict[str, str],
     extra: dict[str, list[dict[str, Any]]],
     skipped: dict[str, str],
 ) -> dict[str, Any]:
-    """The machine-readable report (schema version 1)."""
+    """The machine-readable report (schema version 2: medians of rounds, no targets)."""
     return {
         "tool": "grafos-bench",
-        "schema": 1,
+        "schema": 2,
         "meta": meta,
         "baselines": baselines,
         "results": [r.to_dict() for r in results],
         "ratios": [x.to_dict() for x in ratios],
-        "targets": [g.to_dict() for g in targets],
         **extra,
         "skipped": skipped,
     }
@@ -360,36 +340,126 @@ def write_json(doc: dict[str, Any], path: str, stdout: IO[str]) -> None:
             f.write(text + "\n")
 
 
-def plot(ratios: Sequence[Ratio], peers: Sequence[str], path: str, title: str) -> None:
-    """A grouped bar chart (log scale) of fabric/peer and fabric/ceiling ratios, written as PNG."""
+def plot(
+    ratios: Sequence[Ratio],
+    peers: Sequence[str],
+    path: str,
+    title: str,
+    extra: dict[str, list[dict[str, Any]]] | None = None,
+) -> None:
+    """Write a PNG: fabric ÷ each peer and ceiling (log scale, values on the bars), and panels
+    for the checkpoint (ratio to raw fdatasync) and relocation (rebind times) cases when run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    against = [*peers, "copyto"] + (["shm_pipe"] if any(x.vs_pipe is not None for x in ratios) else [])
-    ceiling = {"copyto": lambda x: x.vs_copyto, "shm_pipe": lambda x: x.vs_pipe}
-    labels = [f"{fmt_size(x.size)}\n{x.mode}" for x in ratios]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(ratios) + 2), 4.5))
-    width = 0.8 / max(1, len(against))
-    for i, name in enumerate(against):
-        get = ceiling.get(name, lambda x, name=name: x.vs.get(name))
-        vals = [get(x) or 0.0 for x in ratios]
-        xs = [j + (i - (len(against) - 1) / 2) * width for j in range(len(ratios))]
-        ax.bar(
-            xs,
-            [v if v > 0 else float("nan") for v in vals],
-            width,
-            label=f"vs {name}" + (" (ceiling)" if name in ceiling else ""),
-            hatch="//" if name in ceiling else None,
-        )
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(ratios)))
-    ax.set_xticklabels(labels)
-    ax.set_ylabel("grafos-fabric items/s ÷ other (same run)")
-    ax.set_title(title)
-    ax.legend(fontsize="small")
+    extra = extra or {}
+    ck = [r for r in extra.get("checkpoint", []) if isinstance(r.get("ratio"), (int, float))]
+    rl = [r for r in extra.get("relocation", []) if isinstance(r.get("rebind_p50_ms"), (int, float))]
+    panels = [p for p, rows in (("checkpoint", ck), ("relocation", rl)) if rows]
+    top = 1 if ratios else 0
+    if not top and not panels:
+        raise ValueError("nothing to plot")
+    width_in = max(8.0, 1.25 * len(ratios) + 2.5)
+    fig = plt.figure(figsize=(width_in, 5.2 * top + 3.6 * bool(panels)))
+    grid = fig.add_gridspec(top + bool(panels), max(1, len(panels)), height_ratios=[1.5] * top + [1] * bool(panels))
+    if ratios:
+        ax = fig.add_subplot(grid[0, :])
+        _plot_ratios(ax, ratios, peers)
+        ax.set_title(title)
+    for i, name in enumerate(panels):
+        pax = fig.add_subplot(grid[top, i])
+        if name == "checkpoint":
+            _plot_checkpoint(pax, ck)
+        else:
+            _plot_relocation(pax, rl)
+        if not ratios:
+            fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_ratios(ax: Any, ratios: Sequence[Ratio], peers: Sequence[str]) -> None:
+    against = [p for p in peers if any(p in x.vs for x in ratios)]
+    against += ["copyto"] + (["shm_pipe"] if any(x.vs_pipe is not None for x in ratios) else [])
+    ceiling = {"copyto": lambda x: x.vs_copyto, "shm_pipe": lambda x: x.vs_pipe}
+    labels = [f"{fmt_size(x.size)}\n{x.mode}" for x in ratios]
+    width = 0.84 / max(1, len(against))
+    for i, name in enumerate(against):
+        get = ceiling.get(name, lambda x, name=name: x.vs.get(name))
+        vals = [get(x) for x in ratios]
+        xs = [j + (i - (len(against) - 1) / 2) * width for j in range(len(ratios))]
+        bars = ax.bar(
+            xs,
+            [v if v and v > 0 else float("nan") for v in vals],
+            width,
+            label=f"÷ {name}" + (" (ceiling)" if name in ceiling else ""),
+            hatch="//" if name in ceiling else None,
+            edgecolor="white" if name in ceiling else None,
+        )
+        ax.bar_label(
+            bars,
+            labels=[_bar_text(v) for v in vals],
+            fontsize=6.5,
+            rotation=90,
+            padding=2,
+        )
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 4)  # room for the labels above the tallest bar
+    ax.set_xticks(range(len(ratios)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("fabric items/s ÷ other's (same run)")
+    ax.legend(fontsize="small", ncol=min(4, len(against)), loc="upper left")
+
+
+def _bar_text(v: float | None) -> str:
+    if not v or v <= 0:
+        return ""
+    return f"{v:.2g}" if v < 10 else f"{v:.0f}"
+
+
+def _plot_checkpoint(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    names = ["\n".join(str(r.get("case", "?")).replace("checkpoint ", "").rsplit(" ", 1)) for r in rows]
+    vals = [float(r["ratio"]) for r in rows]
+    spread = None
+    if all(isinstance(r.get("ratio_min"), (int, float)) and isinstance(r.get("ratio_max"), (int, float)) for r in rows):
+        spread = [
+            [max(0.0, v - float(r["ratio_min"])) for v, r in zip(vals, rows, strict=True)],
+            [max(0.0, float(r["ratio_max"]) - v) for v, r in zip(vals, rows, strict=True)],
+        ]
+    ax.bar(range(len(rows)), vals, color="tab:purple", yerr=spread, capsize=3 if spread else 0)
+    for k, v in enumerate(vals):  # above the bar, or above its spread when there is one
+        y = v + (spread[1][k] if spread else 0.0)
+        ax.annotate(f"{v:.2f}", (k, y), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, fontsize=7)
+    top = max(float(r.get("ratio_max", r["ratio"])) for r in rows)
+    ax.set_ylim(0, max(1.2, top * 1.25))
+    ax.set_ylabel("checkpoints/s ÷ pwrite+fdatasync/s", fontsize=8)
+    ax.set_title("checkpoint", fontsize=9)
+
+
+def _plot_relocation(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    width = 0.38
+    xs = list(range(len(rows)))
+    for k, (key, label) in enumerate((("rebind_p50_ms", "rebind p50"), ("rebind_p99_ms", "rebind p99"))):
+        vals = [float(r.get(key) or 0.0) for r in rows]
+        bars = ax.bar([x + (k - 0.5) * width for x in xs], vals, width, label=label)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=7, padding=2)
+    names = []
+    for r in rows:
+        ratio = r.get("ratio")
+        tail = f"\nthroughput {float(ratio):.2f}x steady" if isinstance(ratio, (int, float)) else ""
+        names.append(f"handoff on {r.get('handoff', '?')}{tail}")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, fontsize=7)
+    top = max(float(r.get("rebind_p99_ms") or 0.0) for r in rows)
+    ax.set_ylim(0, max(top * 1.3, 0.01))
+    ax.set_ylabel("ms", fontsize=8)
+    ax.set_title("relocation: consumer rebind time", fontsize=9)
+    ax.legend(fontsize="small")

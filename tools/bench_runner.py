@@ -6,6 +6,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,11 +27,13 @@ COPYTO_DESCRIPTION = "np.copyto(dst, src) of one item, one process (the memcpy c
 
 @dataclass
 class CaseResult:
-    """What one case measured. ``items``/``seconds`` are the consumer's timed window.
+    """What one case measured, over one or more rounds.
 
-    When a case runs several times (``--repeat``), :meth:`merge` keeps the
-    fastest run's window, every run's items/s in ``samples``, and the first
-    error (a case that failed once counts as failed).
+    ``items``/``seconds`` are the consumer's timed window of one round;
+    ``samples`` holds every successful round's items/s. The figure reported is
+    the **median** of the rounds (:attr:`items_per_s`), with :attr:`min_per_s`
+    and :attr:`max_per_s` as the spread; :meth:`merge` folds in another round
+    (keeping the first error: a case that failed once counts as failed).
     """
 
     transport: str
@@ -43,36 +46,56 @@ class CaseResult:
     samples: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.samples and self.ok:
-            self.samples.append(self.items_per_s)
+        if not self.samples and self.error is None and self.rate() > 0:
+            self.samples.append(self.rate())
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.items > 0 and self.seconds > 0
+        return self.error is None and bool(self.samples)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.samples)
 
     @property
     def items_per_s(self) -> float:
-        return self.items / self.seconds if self.ok else 0.0
+        """The median of the rounds' items/s (0.0 when the case failed)."""
+        return float(statistics.median(self.samples)) if self.ok else 0.0
+
+    @property
+    def min_per_s(self) -> float:
+        return min(self.samples) if self.ok else 0.0
+
+    @property
+    def max_per_s(self) -> float:
+        return max(self.samples) if self.ok else 0.0
 
     @property
     def mb_per_s(self) -> float:
-        """Payload megabytes (10**6 bytes) per second."""
+        """Payload megabytes (10**6 bytes) per second, at the median rate."""
         return self.items_per_s * self.size / 1e6
 
     def merge(self, other: CaseResult) -> None:
-        """Fold another run of the same case into this one (best window wins)."""
-        if other.rate() > self.rate():
+        """Fold another round of the same case into this one."""
+        if other.rate() > 0 and other.error is None:
             self.items, self.seconds = other.items, other.seconds
         self.samples = self.samples + other.samples
         self.error = self.error or other.error
 
     def rate(self) -> float:
-        """Items/s of the kept window, whether or not some run failed."""
+        """Items/s of the last kept window, whether or not some round failed."""
         return self.items / self.seconds if self.items > 0 and self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(ok=self.ok, items_per_s=self.items_per_s, mb_per_s=self.mb_per_s)
+        d.update(
+            ok=self.ok,
+            rounds=self.rounds,
+            items_per_s=self.items_per_s,
+            min_items_per_s=self.min_per_s,
+            max_items_per_s=self.max_per_s,
+            mb_per_s=self.mb_per_s,
+        )
         return d
 
 
@@ -146,7 +169,8 @@ def run_pair(ctx: Any, transport: Transport, spec: CaseSpec, *, pin: bool = Fals
         if cons["total"] != prod["pushed"]:
             raise RuntimeError(f"consumer took {cons['total']} items, producer pushed {prod['pushed']}")
         res.items, res.seconds = int(cons["items"]), float(cons["seconds"])
-        res.samples.append(res.rate())
+        if res.rate() > 0:
+            res.samples.append(res.rate())
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     except BaseException:  # KeyboardInterrupt: stop the workers now, not after their run

@@ -1,0 +1,308 @@
+"""The ``nodeshm`` driver: a memory node whose spans are shared-memory files on its own host.
+
+It needs no device, so the whole control plane (auth, capabilities, quotas,
+limits, the server) runs and is tested on every machine, with the same
+client code path as the remote drivers: grants over TCP, then one-sided
+``read_into``/``write``/``cas64``/``faa64``/``load64``/``store64`` on the
+span. It only reaches clients **on the node's host, running as the node's
+user**: each span is a file ``/dev/shm/grafos-node.XXXX/<128-bit random
+name>`` in a directory of mode 0700, and the file's path is the access
+descriptor a grant carries (the span's "key").
+
+Fencing: revoke, free and expiry unlink the span's file. Every later
+operation of a holder checks the file's link count (one ``fstat``) and then
+fails closed (``Revoked``/``LeaseExpired``, as the node reports the lease), and
+a holder racing with the unlink can only touch the orphaned file: the next
+lease gets a new file, so one tenant's stale mapping never reaches another
+tenant's bytes. Read-only capabilities map the file read-only; a process of
+the same user could still open the file for writing, so read-only is enforced
+by this library, not by the kernel. Use the verbs (or UCX) driver across hosts.
+
+URLs: ``nodeshm://127.0.0.1:PORT?tenant=NAME``; the node:
+``grafos-fabric serve --driver nodeshm``.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from grafos_fabric._ffi import ffi, lib
+from grafos_fabric.errors import (
+    CapabilityDenied,
+    CapacityExceeded,
+    Corrupted,
+    Disconnected,
+    FabricError,
+    FabricValueError,
+    LeaseExpired,
+    QueueClosed,
+    Revoked,
+    Unsupported,
+)
+from grafos_fabric.lease import Lease
+
+from ..base import Buffer, RegionRef
+from .client import NodeChannel, RemoteFabric
+from .registrar import Access, Grant, RegisteredSpan, RegistrarSession
+from .wire import EXPIRED, FREED, REVOKED, UNKNOWN
+
+__all__ = ["DIR_PREFIX", "NodeShmFabric", "NodeShmRegion", "ShmFileRegistrar"]
+
+log = logging.getLogger(__name__)
+
+SHM_ROOT = "/dev/shm"
+DIR_PREFIX = "grafos-node."
+U64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------
+# Node side
+# ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class FileSpan:
+    offset: int
+    nbytes: int
+    path: str
+
+    def access(self, writable: bool) -> Access:
+        return {"path": self.path, "nbytes": self.nbytes, "writable": writable}
+
+
+class _NoSession:
+    """The shm data plane needs no per-connection set-up."""
+
+    def connect(self, params: Access) -> Access:
+        if params:
+            raise FabricValueError("the nodeshm driver takes no connect parameters")
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class ShmFileRegistrar:
+    """A :class:`~.registrar.Registrar` over tmpfs files (see the module docstring)."""
+
+    name = "nodeshm"
+
+    def __init__(self, pool_size: int, root: str = SHM_ROOT) -> None:
+        if pool_size <= 0:
+            raise FabricValueError(f"pool size must be positive, got {pool_size}")
+        self.pool_size = pool_size
+        self.dir = tempfile.mkdtemp(prefix=DIR_PREFIX, dir=root)  # mode 0700
+        self._closed = False
+
+    def node_info(self) -> Access:
+        return {"dir": self.dir}
+
+    def register(self, offset: int, nbytes: int) -> FileSpan:
+        path = os.path.join(self.dir, secrets.token_hex(16))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)  # reserved now: a full /dev/shm fails here, not as SIGBUS later
+        except OSError as ex:
+            os.close(fd)
+            os.unlink(path)
+            raise CapacityExceeded(f"cannot reserve {nbytes} bytes in {self.dir}: {ex.strerror}") from None
+        os.close(fd)
+        return FileSpan(offset, nbytes, path)
+
+    def fence(self, span: RegisteredSpan, holders: list[RegistrarSession]) -> None:
+        assert isinstance(span, FileSpan)
+        try:
+            os.unlink(span.path)
+        except FileNotFoundError:
+            pass
+
+    def deregister(self, span: RegisteredSpan) -> None:
+        self.fence(span, [])
+
+    def open_session(self, peer: str) -> RegistrarSession:
+        return _NoSession()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Client side
+# ---------------------------------------------------------------------------
+
+
+class NodeShmRegion:
+    """A span of a ``nodeshm`` node, reached one-sided through a mapping of its file."""
+
+    mapped = False
+
+    def __init__(self, fabric: NodeShmFabric, link: NodeChannel, lease: Lease, grant: Grant) -> None:
+        self.fabric = fabric
+        self.link = link
+        self.lease = lease
+        self.nbytes = grant.nbytes
+        path = grant.access.get("path")
+        node_dir = link.info.get("dir")
+        if (not isinstance(path, str) or not isinstance(node_dir, str)
+                or os.path.dirname(path) != node_dir or not os.path.basename(node_dir).startswith(DIR_PREFIX)
+                or os.path.dirname(node_dir) != SHM_ROOT):
+            raise Corrupted(f"grant for lease {lease.id} names no span file of this node: {path!r}")
+        self.writable = bool(grant.writable and grant.access.get("writable", False))
+        try:
+            self._fd = os.open(path, (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise LeaseExpired(f"lease {lease.id}: its span is gone") from None
+        except OSError as ex:
+            raise Unsupported(f"the nodeshm driver reaches spans on the node's host only, as the node's "
+                              f"user: {ex.strerror}") from None
+        try:
+            if os.fstat(self._fd).st_size < self.nbytes:
+                raise Corrupted(f"span file of lease {lease.id} is smaller than the grant")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+            self._mm = mmap.mmap(self._fd, self.nbytes, mmap.MAP_SHARED, prot)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._keep = ffi.from_buffer(self._mm)
+        self._base = ffi.cast("uint8_t *", self._keep)
+        self.closed = False
+
+    def ref(self) -> RegionRef:
+        return self.fabric.region_ref(self.lease, self.nbytes)
+
+    def address(self) -> int:
+        raise Unsupported("a node region is not mapped into this process; use the one-sided operations")
+
+    def view(self) -> memoryview:
+        raise Unsupported("a node region is not mapped into this process; use the one-sided operations")
+
+    # -- checks ------------------------------------------------------------------
+    def _live(self) -> None:
+        """Fail closed: closed region, lease ended locally, or the node fenced the span."""
+        if self.closed:
+            raise QueueClosed(f"region {self.lease.id} is closed")
+        self.lease.check()
+        if os.fstat(self._fd).st_nlink == 0:
+            raise self._fenced_error()
+
+    def _fenced_error(self) -> FabricError:
+        try:
+            state = self.link.lease_state(self.lease.id)
+        except FabricError as ex:
+            return Disconnected(f"lease {self.lease.id}: its span was fenced and the node cannot be asked: {ex}")
+        cell = self.fabric.cell(self.lease.id)
+        if cell is not None:
+            cell.mark(state)
+        if state == REVOKED:
+            return Revoked(f"lease {self.lease.id} was revoked")
+        if state in (EXPIRED, FREED, UNKNOWN):
+            return LeaseExpired(f"lease {self.lease.id} is {state}")
+        return Disconnected(f"lease {self.lease.id}: span fenced although the node reports it {state}")
+
+    def _bounds(self, offset: int, n: int) -> None:
+        if not isinstance(offset, int) or offset < 0 or n < 0 or offset + n > self.nbytes:
+            raise CapacityExceeded(f"[{offset}, {offset}+{n}) is outside the region's {self.nbytes} bytes")
+
+    def _word(self, offset: int) -> None:
+        if not isinstance(offset, int) or offset % 8:
+            raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {offset}")
+        self._bounds(offset, 8)
+
+    def _need_write(self) -> None:
+        if not self.writable:
+            raise CapabilityDenied(f"lease {self.lease.id} was attached read-only")
+
+    # -- one-sided operations -------------------------------------------------------
+    def read_into(self, offset: int, buf: Buffer) -> None:
+        self._live()
+        dst = ffi.from_buffer(buf, require_writable=True)
+        self._bounds(offset, len(dst))
+        ffi.memmove(dst, self._base + offset, len(dst))
+        self._live()  # bytes read across an expiry or fence are not returned
+
+    def write(self, offset: int, buf: Buffer) -> None:
+        self._need_write()
+        self._live()
+        src = ffi.from_buffer(buf)
+        self._bounds(offset, len(src))
+        ffi.memmove(self._base + offset, src, len(src))
+
+    def cas64(self, offset: int, expected: int, desired: int) -> int:
+        self._need_write()
+        self._live()
+        self._word(offset)
+        return int(lib.gf_cas_at(self._base, offset, expected & U64, desired & U64))
+
+    def faa64(self, offset: int, add: int) -> int:
+        self._need_write()
+        self._live()
+        self._word(offset)
+        return int(lib.gf_faa_at(self._base, offset, add & U64))
+
+    def load64(self, offset: int) -> int:
+        self._live()
+        self._word(offset)
+        value = int(lib.gf_load_acquire_at(self._base, offset))
+        self._live()
+        return value
+
+    def store64(self, offset: int, value: int) -> None:
+        self._need_write()
+        self._live()
+        self._word(offset)
+        lib.gf_store_release_at(self._base, offset, value & U64)
+
+    def flush(self) -> None:
+        """Operations are synchronous; this only checks the lease."""
+        self._live()
+
+    def close(self) -> None:
+        """Detach (the lease stays until freed or expired); later calls raise ``QueueClosed``. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
+            # the mapping goes with the last reference to it (views of _keep may still be alive)
+
+    def __repr__(self) -> str:
+        return f"<NodeShmRegion {self.lease.id} {self.nbytes}B {'rw' if self.writable else 'ro'} {self.lease!r}>"
+
+
+class _NodeShmConnector:
+    def __init__(self, fabric: NodeShmFabric, link: NodeChannel) -> None:
+        self.fabric = fabric
+        self.link = link
+        self.regions: list[NodeShmRegion] = []
+
+    def region(self, lease: Lease, grant: Grant) -> NodeShmRegion:
+        r = NodeShmRegion(self.fabric, self.link, lease, grant)
+        self.regions = [x for x in self.regions if not x.closed]
+        self.regions.append(r)
+        return r
+
+    def close(self) -> None:
+        regions, self.regions = self.regions, []
+        for r in regions:
+            r.close()
+
+
+class NodeShmFabric(RemoteFabric):
+    """Client of a ``nodeshm`` memory node (same host, same user): see the module docstring."""
+
+    driver = "nodeshm"
+    schemes = ("nodeshm",)
+
+    def __init__(self, host: str, port: int, **kwargs: Any) -> None:
+        super().__init__(host, port, **kwargs)
+        self.channel()  # authenticate now: a wrong secret fails before any lease
+
+    def connector(self, link: NodeChannel) -> _NodeShmConnector:
+        return _NodeShmConnector(self, link)

@@ -1,0 +1,762 @@
+/* grafos_fabric._ucx: one-sided operations over UCX (libucp), one C call each.
+ *
+ * Every operation is post + wait + free inside one call, so Python crosses
+ * into C once per operation and cffi releases the GIL for the whole wait.
+ * The wait drives the worker itself (ucp_worker_progress) and stops on:
+ *   - completion                      -> GFU_OK
+ *   - the endpoint's error callback   -> GFU_DISCONNECTED
+ *   - the caller's deadline           -> GFU_TIMEOUT
+ * UCX never reports a stopped peer or a dead link, and with error handling
+ * mode NONE (the only mode whose atomics work on 1.13 and >= 1.16 alike) a
+ * request in flight to a dead peer never completes by itself. So on a failure
+ * the endpoint is force-closed, which completes (cancels) what is still in
+ * flight, before the call returns: no buffer of the caller is touched by UCX
+ * after the call has returned.
+ *
+ * Threading: a worker is created SERIALIZED and every use of it (progress,
+ * operations, connects, closes) holds the context's mutex. A busy progress
+ * thread drops the mutex and yields whenever another thread is waiting for it.
+ *
+ * Only opaque handles and plain integers cross to Python (gf_ucx_cdef.h):
+ * UCX's structs and enums stay here, so the same source builds against
+ * UCX 1.13 (Debian 12) and 1.22 (PyPI libucx-cu12).
+ */
+#define _GNU_SOURCE
+#include "gf_ucx.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <ucp/api/ucp.h>
+
+/* Seconds to let a force-close complete what was in flight. Measured on 1.13
+ * (tcp, error mode NONE): an atomic to a killed or stopped peer never
+ * completes, not even after the force-close, so waiting longer only delays
+ * the error. What such a request may still point at is never freed (see
+ * gfu_ep.slot), and its endpoint's connection is gone, so nothing arrives. */
+#define GFU_CLOSE_GRACE 0.005
+
+struct gfu_ctx {
+    ucp_context_h context;
+    ucp_worker_h worker;
+    pthread_mutex_t mu;
+    atomic_int waiters;
+    atomic_int stop;
+    int wakeup;
+    int efd;
+};
+
+struct gfu_ep {
+    gfu_ctx *ctx;
+    ucp_ep_h ep;
+    atomic_int failed;       /* ucs_status_t of the error callback, 0 while healthy */
+    int abandoned;           /* the last request was freed while still in flight */
+    uint64_t *slot;          /* atomic operand + reply: on the heap; abandoned (leaked, 16 bytes) when an
+                                atomic failed without completing, so UCX can never write into freed memory */
+    char err[160];
+};
+
+struct gfu_mem {
+    gfu_ctx *ctx;
+    ucp_mem_h memh;
+};
+
+struct gfu_rkey {
+    gfu_ep *ep;
+    ucp_rkey_h rkey;
+};
+
+#define GFU_BACKLOG 256
+struct gfu_listener {
+    gfu_ctx *ctx;
+    ucp_listener_h listener;
+    gfu_ep *accepted[GFU_BACKLOG]; /* accepted endpoints not yet popped by Python */
+    char peers[GFU_BACKLOG][64];
+    int head, count;
+    int dropped;
+};
+
+const char *gfu_version(void) {
+    static char buf[32];
+    unsigned major, minor, release;
+    ucp_get_version(&major, &minor, &release);
+    snprintf(buf, sizeof buf, "%u.%u.%u", major, minor, release);
+    return buf;
+}
+
+int gfu_abi_version(void) { return GFU_ABI_VERSION; }
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void ctx_lock(gfu_ctx *c) {
+    atomic_fetch_add_explicit(&c->waiters, 1, memory_order_relaxed);
+    pthread_mutex_lock(&c->mu);
+    atomic_fetch_sub_explicit(&c->waiters, 1, memory_order_relaxed);
+}
+
+static void ctx_unlock(gfu_ctx *c) { pthread_mutex_unlock(&c->mu); }
+
+static void set_err(char *err, size_t errlen, const char *what, ucs_status_t st) {
+    if (err && errlen) snprintf(err, errlen, "%s: %s", what, ucs_status_string(st));
+}
+
+/* ------------------------------------------------------------------ context */
+
+int gfu_ctx_create(const char *config, int wakeup, gfu_ctx **out, char *err, size_t errlen) {
+    *out = NULL;
+    gfu_ctx *c = calloc(1, sizeof *c);
+    if (!c) return GFU_ERROR;
+    pthread_mutex_init(&c->mu, NULL);
+    c->efd = -1;
+    c->wakeup = wakeup;
+    ucp_config_t *cfg;
+    ucs_status_t st = ucp_config_read(NULL, NULL, &cfg);
+    if (st != UCS_OK) { set_err(err, errlen, "ucp_config_read", st); free(c); return GFU_ERROR; }
+    /* config: "NAME=value;NAME=value" (names without the UCX_ prefix) */
+    if (config && *config) {
+        char *dup = strdup(config), *save = NULL;
+        for (char *kv = strtok_r(dup, ";", &save); kv; kv = strtok_r(NULL, ";", &save)) {
+            char *eq = strchr(kv, '=');
+            if (!eq) continue;
+            *eq = 0;
+            st = ucp_config_modify(cfg, kv, eq + 1);
+            if (st != UCS_OK) {
+                if (err && errlen) snprintf(err, errlen, "UCX setting %s=%s: %s", kv, eq + 1, ucs_status_string(st));
+                free(dup); ucp_config_release(cfg); free(c); return GFU_ERROR;
+            }
+        }
+        free(dup);
+    }
+    ucp_params_t p;
+    memset(&p, 0, sizeof p);
+    p.field_mask = UCP_PARAM_FIELD_FEATURES;
+    p.features = UCP_FEATURE_RMA | UCP_FEATURE_AMO64 | (wakeup ? UCP_FEATURE_WAKEUP : 0);
+    st = ucp_init(&p, cfg, &c->context);
+    ucp_config_release(cfg);
+    if (st != UCS_OK) { set_err(err, errlen, "ucp_init", st); free(c); return GFU_ERROR; }
+    ucp_worker_params_t wp;
+    memset(&wp, 0, sizeof wp);
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;
+    st = ucp_worker_create(c->context, &wp, &c->worker);
+    if (st != UCS_OK) { set_err(err, errlen, "ucp_worker_create", st); ucp_cleanup(c->context); free(c); return GFU_ERROR; }
+    if (wakeup) {
+        st = ucp_worker_get_efd(c->worker, &c->efd);
+        if (st != UCS_OK) {
+            set_err(err, errlen, "ucp_worker_get_efd", st);
+            ucp_worker_destroy(c->worker); ucp_cleanup(c->context); free(c); return GFU_UNSUPPORTED;
+        }
+    }
+    *out = c;
+    return GFU_OK;
+}
+
+void gfu_ctx_destroy(gfu_ctx *c) {
+    if (!c) return;
+    ucp_worker_destroy(c->worker);
+    ucp_cleanup(c->context);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+int gfu_progress(gfu_ctx *c) {
+    ctx_lock(c);
+    int n = (int)ucp_worker_progress(c->worker);
+    ctx_unlock(c);
+    return n;
+}
+
+void gfu_stop_progress(gfu_ctx *c) { atomic_store(&c->stop, 1); }
+
+/* The node's progress loop: returns when gfu_stop_progress() is called.
+ * Busy mode polls the worker without pause (lowest latency, one core);
+ * event mode arms the worker and sleeps in poll() on its fd (no idle CPU). */
+int gfu_run_progress(gfu_ctx *c, int event_mode) {
+    if (event_mode && c->efd < 0) return GFU_UNSUPPORTED;
+    atomic_store(&c->stop, 0);
+    while (!atomic_load_explicit(&c->stop, memory_order_relaxed)) {
+        ctx_lock(c);
+        for (int i = 0; i < 64; i++) {
+            if (!ucp_worker_progress(c->worker) && event_mode) break;
+        }
+        if (event_mode) {
+            ucs_status_t st = ucp_worker_arm(c->worker);
+            ctx_unlock(c);
+            if (st == UCS_OK) {
+                struct pollfd pfd = {.fd = c->efd, .events = POLLIN};
+                poll(&pfd, 1, 20); /* wakes on traffic; 20 ms bounds the stop latency */
+            }
+            continue;
+        }
+        ctx_unlock(c);
+        if (atomic_load_explicit(&c->waiters, memory_order_relaxed)) sched_yield();
+    }
+    return GFU_OK;
+}
+
+/* ------------------------------------------------------------ progress group */
+
+/* One thread progressing many workers (the node: one worker per client
+ * session, so that fencing a session is destroying its worker). */
+#define GFU_GROUP_MAX 1024
+struct gfu_group {
+    pthread_mutex_t mu;
+    gfu_ctx *members[GFU_GROUP_MAX];
+    int count;
+    atomic_int waiters;
+    atomic_int stop;
+};
+
+int gfu_group_create(gfu_group **out) {
+    gfu_group *g = calloc(1, sizeof *g);
+    if (!g) return GFU_ERROR;
+    pthread_mutex_init(&g->mu, NULL);
+    *out = g;
+    return GFU_OK;
+}
+
+static void group_lock(gfu_group *g) {
+    atomic_fetch_add_explicit(&g->waiters, 1, memory_order_relaxed);
+    pthread_mutex_lock(&g->mu);
+    atomic_fetch_sub_explicit(&g->waiters, 1, memory_order_relaxed);
+}
+
+int gfu_group_add(gfu_group *g, gfu_ctx *c) {
+    group_lock(g);
+    int rc = GFU_ERROR;
+    if (g->count < GFU_GROUP_MAX) { g->members[g->count++] = c; rc = GFU_OK; }
+    pthread_mutex_unlock(&g->mu);
+    return rc;
+}
+
+/* After this returns, the runner no longer touches c (it may be destroyed). */
+void gfu_group_remove(gfu_group *g, gfu_ctx *c) {
+    group_lock(g);
+    for (int i = 0; i < g->count; i++)
+        if (g->members[i] == c) { g->members[i] = g->members[--g->count]; break; }
+    pthread_mutex_unlock(&g->mu);
+}
+
+void gfu_group_stop(gfu_group *g) { atomic_store(&g->stop, 1); }
+
+void gfu_group_destroy(gfu_group *g) {
+    if (!g) return;
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+}
+
+int gfu_group_run(gfu_group *g, int event_mode) {
+    struct pollfd pfds[GFU_GROUP_MAX];
+    atomic_store(&g->stop, 0);
+    while (!atomic_load_explicit(&g->stop, memory_order_relaxed)) {
+        int nfds = 0, busy = 0;
+        group_lock(g);
+        for (int i = 0; i < g->count; i++) {
+            gfu_ctx *c = g->members[i];
+            ctx_lock(c);
+            for (int k = 0; k < 16 && ucp_worker_progress(c->worker); k++) busy = 1;
+            if (event_mode && c->efd >= 0) {
+                ucs_status_t st = ucp_worker_arm(c->worker);
+                if (st == UCS_OK) pfds[nfds++] = (struct pollfd){.fd = c->efd, .events = POLLIN};
+                else busy = 1;
+            }
+            if (atomic_load_explicit(&c->waiters, memory_order_relaxed)) busy = 2;
+            ctx_unlock(c);
+        }
+        pthread_mutex_unlock(&g->mu);
+        if (event_mode && !busy) poll(pfds, (nfds_t)nfds, 20); /* 20 ms bounds stop and membership latency */
+        else if (busy == 2 || atomic_load_explicit(&g->waiters, memory_order_relaxed)) sched_yield();
+    }
+    return GFU_OK;
+}
+
+int gfu_worker_address(gfu_ctx *c, uint8_t *buf, size_t cap, size_t *len) {
+    ucp_address_t *addr;
+    size_t n;
+    ctx_lock(c);
+    ucs_status_t st = ucp_worker_get_address(c->worker, &addr, &n);
+    if (st != UCS_OK) { ctx_unlock(c); return GFU_ERROR; }
+    *len = n;
+    int rc = GFU_OK;
+    if (n <= cap) memcpy(buf, addr, n);
+    else rc = GFU_ERROR;
+    ucp_worker_release_address(c->worker, addr);
+    ctx_unlock(c);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- endpoints */
+
+static void ep_err_cb(void *arg, ucp_ep_h ep, ucs_status_t status) {
+    gfu_ep *e = arg;
+    int expected = 0;
+    if (atomic_compare_exchange_strong(&e->failed, &expected, (int)status))
+        snprintf(e->err, sizeof e->err, "endpoint error: %s", ucs_status_string(status));
+}
+
+static void fill_ep_errh(ucp_ep_params_t *p, gfu_ep *e) {
+    p->field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    p->err_mode = UCP_ERR_HANDLING_MODE_NONE;
+    p->err_handler.cb = ep_err_cb;
+    p->err_handler.arg = e;
+}
+
+/* Wait for a request (called with the lock held). On failure or deadline the
+ * endpoint is force-closed, which cancels what is in flight; the request is
+ * waited for (bounded) and freed before returning. */
+static int wait_req(gfu_ep *e, ucs_status_ptr_t req, double deadline, ucs_status_t *out_st);
+
+static void close_locked(gfu_ep *e, int force) {
+    if (!e->ep) return;
+    ucp_request_param_t rp;
+    memset(&rp, 0, sizeof rp);
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    rp.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    ucs_status_ptr_t req = ucp_ep_close_nbx(e->ep, &rp);
+    e->ep = NULL;
+    if (req == NULL || UCS_PTR_IS_ERR(req)) return;
+    double until = now_s() + GFU_CLOSE_GRACE;
+    while (ucp_request_check_status(req) == UCS_INPROGRESS && now_s() < until) ucp_worker_progress(e->ctx->worker);
+    ucp_request_free(req);
+}
+
+static void fail_ep(gfu_ep *e, ucs_status_t why, const char *what) {
+    int expected = 0;
+    if (atomic_compare_exchange_strong(&e->failed, &expected, (int)why))
+        snprintf(e->err, sizeof e->err, "%s", what);
+}
+
+static int wait_req(gfu_ep *e, ucs_status_ptr_t req, double deadline, ucs_status_t *out_st) {
+    *out_st = UCS_OK;
+    e->abandoned = 0;
+    if (req == NULL) return GFU_OK;
+    if (UCS_PTR_IS_ERR(req)) {
+        *out_st = UCS_PTR_STATUS(req);
+        fail_ep(e, *out_st, ucs_status_string(*out_st));
+        close_locked(e, 1);
+        return GFU_DISCONNECTED;
+    }
+    ucp_worker_h w = e->ctx->worker;
+    unsigned spins = 0;
+    int rc = GFU_OK;
+    for (;;) {
+        ucs_status_t st = ucp_request_check_status(req);
+        if (st != UCS_INPROGRESS) {
+            *out_st = st;
+            if (st != UCS_OK) {
+                fail_ep(e, st, ucs_status_string(st));
+                rc = GFU_DISCONNECTED;
+            }
+            break;
+        }
+        if (atomic_load_explicit(&e->failed, memory_order_relaxed)) { rc = GFU_DISCONNECTED; break; }
+        ucp_worker_progress(w);
+        /* past ~50 us of spinning, let the peer run on an oversubscribed machine (a node
+         * on the same cores needs the CPU to answer) */
+        if (spins > 4096 && (spins & 15) == 0) sched_yield();
+        if ((++spins & 15) == 0 && now_s() >= deadline) {
+            fail_ep(e, UCS_ERR_TIMED_OUT, "operation timed out (the peer did not answer before the deadline)");
+            rc = GFU_TIMEOUT;
+            break;
+        }
+    }
+    if (rc != GFU_OK) {
+        close_locked(e, 1);
+        /* the force-close completes the request with an error; give it a bounded time */
+        double until = now_s() + GFU_CLOSE_GRACE;
+        while (ucp_request_check_status(req) == UCS_INPROGRESS && now_s() < until) ucp_worker_progress(w);
+        e->abandoned = ucp_request_check_status(req) == UCS_INPROGRESS;
+    }
+    ucp_request_free(req);
+    return rc;
+}
+
+static int flush_locked(gfu_ep *e, double deadline) {
+    ucp_request_param_t rp;
+    memset(&rp, 0, sizeof rp);
+    ucs_status_t st;
+    return wait_req(e, ucp_ep_flush_nbx(e->ep, &rp), deadline, &st);
+}
+
+static int connect_common(gfu_ctx *c, ucp_ep_params_t *p, gfu_ep *e, double timeout, gfu_ep **out, char *err,
+                          size_t errlen) {
+    e->slot = calloc(2, sizeof(uint64_t));
+    if (!e->slot) { free(e); return GFU_ERROR; }
+    fill_ep_errh(p, e);
+    ctx_lock(c);
+    ucs_status_t st = ucp_ep_create(c->worker, p, &e->ep);
+    if (st != UCS_OK) {
+        ctx_unlock(c);
+        set_err(err, errlen, "ucp_ep_create", st);
+        free(e->slot);
+        free(e);
+        return GFU_DISCONNECTED;
+    }
+    /* wire-up: flush before anything else (1.22 asserts on an rkey unpacked before it) */
+    int rc = flush_locked(e, now_s() + timeout);
+    ctx_unlock(c);
+    if (rc != GFU_OK) {
+        if (err && errlen) snprintf(err, errlen, "connect failed: %s", e->err);
+        free(e->slot); /* a flush never points at it */
+        free(e);
+        return rc;
+    }
+    *out = e;
+    return GFU_OK;
+}
+
+int gfu_connect_sockaddr(gfu_ctx *c, const char *ip, uint16_t port, double timeout, gfu_ep **out, char *err,
+                         size_t errlen) {
+    *out = NULL;
+    struct sockaddr_in sin;
+    memset(&sin, 0, sizeof sin);
+    sin.sin_family = AF_INET;
+    sin.sin_port = htons(port);
+    if (inet_pton(AF_INET, ip, &sin.sin_addr) != 1) {
+        if (err && errlen) snprintf(err, errlen, "not an IPv4 address: %s", ip);
+        return GFU_ERROR;
+    }
+    gfu_ep *e = calloc(1, sizeof *e);
+    if (!e) return GFU_ERROR;
+    e->ctx = c;
+    ucp_ep_params_t p;
+    memset(&p, 0, sizeof p);
+    p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR;
+    p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+    p.sockaddr.addr = (const struct sockaddr *)&sin;
+    p.sockaddr.addrlen = sizeof sin;
+    return connect_common(c, &p, e, timeout, out, err, errlen);
+}
+
+int gfu_connect_worker(gfu_ctx *c, const uint8_t *addr, size_t len, double timeout, gfu_ep **out, char *err,
+                       size_t errlen) {
+    *out = NULL;
+    (void)len;
+    gfu_ep *e = calloc(1, sizeof *e);
+    if (!e) return GFU_ERROR;
+    e->ctx = c;
+    ucp_ep_params_t p;
+    memset(&p, 0, sizeof p);
+    p.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+    p.address = (const ucp_address_t *)addr;
+    return connect_common(c, &p, e, timeout, out, err, errlen);
+}
+
+static void format_sockaddr(const struct sockaddr_storage *ss, char *buf, size_t len) {
+    char host[INET6_ADDRSTRLEN] = "?";
+    unsigned port = 0;
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *s = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &s->sin_addr, host, sizeof host);
+        port = ntohs(s->sin_port);
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &s->sin6_addr, host, sizeof host);
+        port = ntohs(s->sin6_port);
+    }
+    snprintf(buf, len, "%s:%u", host, port);
+}
+
+int gfu_ep_local_addr(gfu_ep *e, char *buf, size_t len) {
+    if (!e->ep) return GFU_CLOSED;
+    ucp_ep_attr_t a;
+    memset(&a, 0, sizeof a);
+    a.field_mask = UCP_EP_ATTR_FIELD_LOCAL_SOCKADDR;
+    ctx_lock(e->ctx);
+    ucs_status_t st = ucp_ep_query(e->ep, &a);
+    ctx_unlock(e->ctx);
+    if (st != UCS_OK) return GFU_UNSUPPORTED;
+    format_sockaddr(&a.local_sockaddr, buf, len);
+    return GFU_OK;
+}
+
+int gfu_ep_failed(gfu_ep *e) { return e->ep == NULL || atomic_load(&e->failed) != 0; }
+
+const char *gfu_ep_error(gfu_ep *e) { return e->err[0] ? e->err : (e->ep ? "" : "endpoint closed"); }
+
+void gfu_ep_close(gfu_ep *e, int force) {
+    if (!e) return;
+    ctx_lock(e->ctx);
+    if (e->ep && !force) {
+        /* a polite close flushes; a failed endpoint can only be force-closed */
+        force = atomic_load(&e->failed) != 0;
+    }
+    close_locked(e, force);
+    if (!e->err[0]) snprintf(e->err, sizeof e->err, "endpoint closed");
+    ctx_unlock(e->ctx);
+}
+
+void gfu_ep_free(gfu_ep *e) {
+    if (!e) return;
+    gfu_ep_close(e, 1);
+    free(e->slot); /* NULL when abandoned */
+    free(e);
+}
+
+/* ----------------------------------------------------------------- listener */
+
+static void conn_cb(ucp_conn_request_h req, void *arg) {
+    gfu_listener *l = arg;
+    gfu_ctx *c = l->ctx;
+    if (l->count >= GFU_BACKLOG) {
+        l->dropped++;
+        ucp_listener_reject(l->listener, req);
+        return;
+    }
+    char peer[64] = "?";
+    ucp_conn_request_attr_t ra;
+    memset(&ra, 0, sizeof ra);
+    ra.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
+    if (ucp_conn_request_query(req, &ra) == UCS_OK) format_sockaddr(&ra.client_address, peer, sizeof peer);
+    gfu_ep *e = calloc(1, sizeof *e);
+    if (e) e->slot = calloc(2, sizeof(uint64_t));
+    if (!e || !e->slot) { free(e); ucp_listener_reject(l->listener, req); return; }
+    e->ctx = c;
+    ucp_ep_params_t p;
+    memset(&p, 0, sizeof p);
+    p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST;
+    p.conn_request = req;
+    fill_ep_errh(&p, e);
+    if (ucp_ep_create(c->worker, &p, &e->ep) != UCS_OK) { free(e->slot); free(e); return; }
+    int slot = (l->head + l->count) % GFU_BACKLOG;
+    l->accepted[slot] = e;
+    snprintf(l->peers[slot], sizeof l->peers[slot], "%s", peer);
+    l->count++;
+}
+
+int gfu_listen(gfu_ctx *c, const char *ip, uint16_t port, gfu_listener **out, uint16_t *bound_port, char *err,
+               size_t errlen) {
+    *out = NULL;
+    struct sockaddr_in sin;
+    memset(&sin, 0, sizeof sin);
+    sin.sin_family = AF_INET;
+    sin.sin_port = htons(port);
+    if (inet_pton(AF_INET, ip, &sin.sin_addr) != 1) {
+        if (err && errlen) snprintf(err, errlen, "not an IPv4 address: %s", ip);
+        return GFU_ERROR;
+    }
+    gfu_listener *l = calloc(1, sizeof *l);
+    if (!l) return GFU_ERROR;
+    l->ctx = c;
+    ucp_listener_params_t lp;
+    memset(&lp, 0, sizeof lp);
+    lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+    lp.sockaddr.addr = (const struct sockaddr *)&sin;
+    lp.sockaddr.addrlen = sizeof sin;
+    lp.conn_handler.cb = conn_cb;
+    lp.conn_handler.arg = l;
+    ctx_lock(c);
+    ucs_status_t st = ucp_listener_create(c->worker, &lp, &l->listener);
+    if (st != UCS_OK) {
+        ctx_unlock(c);
+        set_err(err, errlen, "ucp_listener_create", st);
+        free(l);
+        return GFU_ERROR;
+    }
+    ucp_listener_attr_t la;
+    memset(&la, 0, sizeof la);
+    la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+    st = ucp_listener_query(l->listener, &la);
+    ctx_unlock(c);
+    *bound_port = port;
+    if (st == UCS_OK && la.sockaddr.ss_family == AF_INET)
+        *bound_port = ntohs(((struct sockaddr_in *)&la.sockaddr)->sin_port);
+    *out = l;
+    return GFU_OK;
+}
+
+int gfu_listener_pop(gfu_listener *l, gfu_ep **out, char *peer, size_t peerlen) {
+    *out = NULL;
+    ctx_lock(l->ctx);
+    if (l->count == 0) { ctx_unlock(l->ctx); return GFU_TIMEOUT; }
+    *out = l->accepted[l->head];
+    snprintf(peer, peerlen, "%s", l->peers[l->head]);
+    l->head = (l->head + 1) % GFU_BACKLOG;
+    l->count--;
+    ctx_unlock(l->ctx);
+    return GFU_OK;
+}
+
+void gfu_listener_destroy(gfu_listener *l) {
+    if (!l) return;
+    ctx_lock(l->ctx);
+    ucp_listener_destroy(l->listener);
+    ctx_unlock(l->ctx);
+    gfu_ep *e;
+    char peer[64];
+    while (gfu_listener_pop(l, &e, peer, sizeof peer) == GFU_OK) gfu_ep_free(e);
+    free(l);
+}
+
+/* ------------------------------------------------------------ memory, rkeys */
+
+int gfu_mem_map(gfu_ctx *c, void *addr, size_t len, gfu_mem **out, char *err, size_t errlen) {
+    *out = NULL;
+    gfu_mem *m = calloc(1, sizeof *m);
+    if (!m) return GFU_ERROR;
+    m->ctx = c;
+    ucp_mem_map_params_t mp;
+    memset(&mp, 0, sizeof mp);
+    mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+    mp.address = addr;
+    mp.length = len;
+    ucs_status_t st = ucp_mem_map(c->context, &mp, &m->memh);
+    if (st != UCS_OK) { set_err(err, errlen, "ucp_mem_map", st); free(m); return GFU_ERROR; }
+    *out = m;
+    return GFU_OK;
+}
+
+int gfu_mem_unmap(gfu_mem *m) {
+    if (!m) return GFU_OK;
+    ucs_status_t st = ucp_mem_unmap(m->ctx->context, m->memh);
+    free(m);
+    return st == UCS_OK ? GFU_OK : GFU_ERROR;
+}
+
+int gfu_rkey_pack(gfu_mem *m, uint8_t *buf, size_t cap, size_t *len) {
+    void *rb;
+    size_t n;
+    ucs_status_t st = ucp_rkey_pack(m->ctx->context, m->memh, &rb, &n);
+    if (st != UCS_OK) return GFU_ERROR;
+    *len = n;
+    int rc = GFU_OK;
+    if (n <= cap) memcpy(buf, rb, n);
+    else rc = GFU_ERROR;
+    ucp_rkey_buffer_release(rb);
+    return rc;
+}
+
+int gfu_rkey_unpack(gfu_ep *e, const uint8_t *buf, size_t len, gfu_rkey **out) {
+    *out = NULL;
+    (void)len;
+    if (!e->ep) return GFU_CLOSED;
+    gfu_rkey *r = calloc(1, sizeof *r);
+    if (!r) return GFU_ERROR;
+    r->ep = e;
+    ctx_lock(e->ctx);
+    ucs_status_t st = ucp_ep_rkey_unpack(e->ep, buf, &r->rkey);
+    ctx_unlock(e->ctx);
+    if (st != UCS_OK) { free(r); return GFU_ERROR; }
+    *out = r;
+    return GFU_OK;
+}
+
+void gfu_rkey_destroy(gfu_rkey *r) {
+    if (!r) return;
+    ucp_rkey_destroy(r->rkey);
+    free(r);
+}
+
+/* --------------------------------------------------------------- operations */
+
+#define OP_BEGIN(e)                                        \
+    ctx_lock((e)->ctx);                                    \
+    if (!(e)->ep || !(e)->slot || atomic_load(&(e)->failed)) { \
+        ctx_unlock((e)->ctx);                              \
+        return GFU_DISCONNECTED;                           \
+    }
+
+int gfu_put(gfu_ep *e, gfu_rkey *r, const void *buf, size_t len, uint64_t raddr, int flush, double timeout) {
+    double deadline = now_s() + timeout;
+    OP_BEGIN(e);
+    ucp_request_param_t rp;
+    memset(&rp, 0, sizeof rp);
+    ucs_status_t st;
+    int rc = wait_req(e, ucp_put_nbx(e->ep, buf, len, raddr, r->rkey, &rp), deadline, &st);
+    if (rc == GFU_OK && flush) rc = flush_locked(e, deadline);
+    ctx_unlock(e->ctx);
+    return rc;
+}
+
+int gfu_get(gfu_ep *e, gfu_rkey *r, void *buf, size_t len, uint64_t raddr, double timeout) {
+    double deadline = now_s() + timeout;
+    OP_BEGIN(e);
+    ucp_request_param_t rp;
+    memset(&rp, 0, sizeof rp);
+    ucs_status_t st;
+    int rc = wait_req(e, ucp_get_nbx(e->ep, buf, len, raddr, r->rkey, &rp), deadline, &st);
+    ctx_unlock(e->ctx);
+    return rc;
+}
+
+static int atomic_locked(gfu_ep *e, gfu_rkey *r, ucp_atomic_op_t op, uint64_t *value, uint64_t *reply,
+                         uint64_t raddr, double deadline) {
+    ucp_request_param_t rp;
+    memset(&rp, 0, sizeof rp);
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_REPLY_BUFFER;
+    rp.datatype = ucp_dt_make_contig(8);
+    rp.reply_buffer = reply;
+    ucs_status_t st;
+    return wait_req(e, ucp_atomic_op_nbx(e->ep, op, value, 1, raddr, r->rkey, &rp), deadline, &st);
+}
+
+int gfu_cas64(gfu_ep *e, gfu_rkey *r, uint64_t raddr, uint64_t expected, uint64_t desired, uint64_t *old,
+              double timeout) {
+    double deadline = now_s() + timeout;
+    OP_BEGIN(e);
+    /* CSWAP: buffer = compare value; reply_buffer = new value in, old value out */
+    uint64_t *slot = e->slot;
+    slot[0] = expected;
+    slot[1] = desired;
+    int rc = atomic_locked(e, r, UCP_ATOMIC_OP_CSWAP, &slot[0], &slot[1], raddr, deadline);
+    if (rc == GFU_OK) *old = slot[1];
+    else if (e->abandoned) e->slot = NULL; /* leaked on purpose: UCX may still hold it */
+    ctx_unlock(e->ctx);
+    return rc;
+}
+
+int gfu_faa64(gfu_ep *e, gfu_rkey *r, uint64_t raddr, uint64_t add, uint64_t *old, double timeout) {
+    double deadline = now_s() + timeout;
+    OP_BEGIN(e);
+    uint64_t *slot = e->slot;
+    slot[0] = add;
+    slot[1] = 0;
+    int rc = atomic_locked(e, r, UCP_ATOMIC_OP_ADD, &slot[0], &slot[1], raddr, deadline);
+    if (rc == GFU_OK) *old = slot[1];
+    else if (e->abandoned) e->slot = NULL; /* leaked on purpose: UCX may still hold it */
+    ctx_unlock(e->ctx);
+    return rc;
+}
+
+int gfu_flush(gfu_ep *e, double timeout) {
+    double deadline = now_s() + timeout;
+    OP_BEGIN(e);
+    int rc = flush_locked(e, deadline);
+    ctx_unlock(e->ctx);
+    return rc;
+}
+
+/* A tight C loop of one operation, for the benchmark: per-operation latency
+ * in microseconds into lat_us[0..iters). op: 0 put, 1 put+flush, 2 get,
+ * 3 cas, 4 faa. The same post + wait path as the calls above. */
+int gfu_bench(gfu_ep *e, gfu_rkey *r, int op, void *buf, size_t len, uint64_t raddr, int iters, double *lat_us) {
+    uint64_t old = 0;
+    for (int i = 0; i < iters; i++) {
+        double t0 = now_s();
+        int rc;
+        switch (op) {
+        case 0: rc = gfu_put(e, r, buf, len, raddr, 0, 10.0); break;
+        case 1: rc = gfu_put(e, r, buf, len, raddr, 1, 10.0); break;
+        case 2: rc = gfu_get(e, r, buf, len, raddr, 10.0); break;
+        case 3: rc = gfu_cas64(e, r, raddr, old, old + 1, &old, 10.0); break;
+        case 4: rc = gfu_faa64(e, r, raddr, 1, &old, 10.0); break;
+        default: return GFU_ERROR;
+        }
+        if (rc != GFU_OK) return rc;
+        lat_us[i] = (now_s() - t0) * 1e6;
+    }
+    return GFU_OK;
+}

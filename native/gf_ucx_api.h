@@ -1,0 +1,47 @@
+/* The API of grafos_fabric._ucx (typedefs and prototypes), shared by gf_ucx.h and the cffi cdef. */
+const char *gfu_version(void);
+int gfu_abi_version(void);
+
+int gfu_ctx_create(const char *config, int wakeup, gfu_ctx **out, char *err, size_t errlen);
+void gfu_ctx_destroy(gfu_ctx *ctx);
+int gfu_progress(gfu_ctx *ctx);
+int gfu_run_progress(gfu_ctx *ctx, int event_mode);
+void gfu_stop_progress(gfu_ctx *ctx);
+int gfu_group_create(gfu_group **out);
+int gfu_group_add(gfu_group *g, gfu_ctx *ctx);
+void gfu_group_remove(gfu_group *g, gfu_ctx *ctx);
+int gfu_group_run(gfu_group *g, int event_mode);
+void gfu_group_stop(gfu_group *g);
+void gfu_group_destroy(gfu_group *g);
+int gfu_worker_address(gfu_ctx *ctx, uint8_t *buf, size_t cap, size_t *len);
+
+int gfu_listen(gfu_ctx *ctx, const char *ip, uint16_t port, gfu_listener **out, uint16_t *bound_port,
+               char *err, size_t errlen);
+int gfu_listener_pop(gfu_listener *l, gfu_ep **out, char *peer, size_t peerlen);
+void gfu_listener_destroy(gfu_listener *l);
+
+int gfu_connect_sockaddr(gfu_ctx *ctx, const char *ip, uint16_t port, double timeout, gfu_ep **out,
+                         char *err, size_t errlen);
+int gfu_connect_worker(gfu_ctx *ctx, const uint8_t *addr, size_t len, double timeout, gfu_ep **out,
+                       char *err, size_t errlen);
+int gfu_ep_local_addr(gfu_ep *ep, char *buf, size_t len);
+int gfu_ep_failed(gfu_ep *ep);
+const char *gfu_ep_error(gfu_ep *ep);
+void gfu_ep_close(gfu_ep *ep, int force);
+void gfu_ep_free(gfu_ep *ep);
+
+int gfu_mem_map(gfu_ctx *ctx, void *addr, size_t len, gfu_mem **out, char *err, size_t errlen);
+int gfu_mem_unmap(gfu_mem *mem);
+int gfu_rkey_pack(gfu_mem *mem, uint8_t *buf, size_t cap, size_t *len);
+int gfu_rkey_unpack(gfu_ep *ep, const uint8_t *buf, size_t len, gfu_rkey **out);
+void gfu_rkey_destroy(gfu_rkey *rkey);
+
+int gfu_put(gfu_ep *ep, gfu_rkey *rkey, const void *buf, size_t len, uint64_t raddr, int flush, double timeout);
+int gfu_get(gfu_ep *ep, gfu_rkey *rkey, void *buf, size_t len, uint64_t raddr, double timeout);
+int gfu_cas64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t expected, uint64_t desired, uint64_t *old,
+              double timeout);
+int gfu_faa64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t add, uint64_t *old, double timeout);
+int gfu_flush(gfu_ep *ep, double timeout);
+
+int gfu_bench(gfu_ep *ep, gfu_rkey *rkey, int op, void *buf, size_t len, uint64_t raddr, int iters,
+              double *lat_us);

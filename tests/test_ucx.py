@@ -1,0 +1,459 @@
+"""The UCX driver: one-sided operations against a UCX memory node's data plane,
+in one process, across processes on loopback, and across two network namespaces
+joined by a veth pair (root; skipped with the reason elsewhere).
+
+The node side runs tests/_ucx_node.py (UcxRegistrar + a session per client);
+the client side is UcxConnector/UcxRegion with a NodeLink onto that process
+(tests/_ucx_harness.py). Fault tests assert the typed error and print the time
+to detect it (``-s`` shows it); they never assert timings tightly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+from grafos_fabric.drivers import ucx
+
+import grafos_fabric as gf
+from grafos_fabric.errors import (
+    CapacityExceeded,
+    Disconnected,
+    FabricValueError,
+    LeaseExpired,
+    QueueClosed,
+    Revoked,
+    Unsupported,
+)
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _netns
+import _ucx_harness as H
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+needs_ucx = pytest.mark.skipif(ucx.available() is not None, reason=f"UCX unavailable: {ucx.available()}")
+NETNS_WHY = _netns.unavailable()
+needs_netns = pytest.mark.skipif(NETNS_WHY is not None, reason=f"no network namespaces: {NETNS_WHY}")
+LO = ucx.ucx_config("tcp", "lo")
+
+
+def test_ucx_url_without_the_binding_raises_unsupported_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ucx, "lib", None)
+    monkeypatch.setattr(ucx, "_IMPORT_ERROR", "no module named grafos_fabric._ucx")
+    with pytest.raises(Unsupported, match="UCX binding is not built"):
+        gf.open_fabric("ucx://127.0.0.1:18600")
+
+
+def test_ucx_url_is_parsed_and_bad_options_are_refused() -> None:
+    assert ucx.parse_ucx_url("ucx://node1:18600?tls=tcp&progress=event") == (
+        "node1", 18600, {"tls": "tcp", "progress": "event"})
+    with pytest.raises(FabricValueError, match="unknown option"):
+        ucx.parse_ucx_url("ucx://node1:18600?colour=red")
+    with pytest.raises(FabricValueError):
+        ucx.parse_ucx_url("ucx://node1")
+    with pytest.raises(FabricValueError):
+        ucx.ucx_config("tcp;RNDV_THRESH=1")
+
+
+@pytest.fixture
+def local() -> Any:
+    reg = ucx.UcxRegistrar(1 << 20, host="127.0.0.1", tls="tcp", net_devices="lo")
+    ctx = ucx.UcxContext(LO)
+    region, link, span = H.local_region(reg, ctx, 1 << 16)
+    yield region, link, span, reg
+    region.close()
+    region.connector.close()
+    reg.close()
+    ctx.close()
+
+
+@needs_ucx
+def test_one_sided_operations_round_trip_in_one_process(local: Any) -> None:
+    r, _link, span, _reg = local
+    payload = bytes(range(200))
+    r.write(64, payload)
+    r.flush()
+    back = bytearray(200)
+    r.read_into(64, back)
+    assert bytes(back) == payload
+    assert r.faa64(0, 5) == 0
+    assert r.faa64(0, -1) == 5  # wraps mod 2**64
+    assert r.cas64(0, 4, 40) == 4
+    assert r.cas64(0, 4, 99) == 40  # failed compare: returns the current value, changes nothing
+    assert r.load64(0) == 40
+    r.store64(8, 2**64 - 1)
+    assert r.load64(8) == 2**64 - 1
+    assert ucx.ffi.cast("uint64_t *", span.addr)[0] == 40  # as the node's CPU sees it
+
+
+@needs_ucx
+def test_bad_offsets_and_closed_regions_fail_with_typed_errors(local: Any) -> None:
+    r, _link, _span, _reg = local
+    with pytest.raises(CapacityExceeded):
+        r.write(r.nbytes - 4, b"12345678")
+    with pytest.raises(CapacityExceeded):
+        r.read_into(-8, bytearray(8))
+    with pytest.raises(FabricValueError, match="aligned"):
+        r.faa64(4, 1)
+    with pytest.raises(FabricValueError):
+        r.read_into(0, b"read-only buffer")
+    with pytest.raises(Unsupported):
+        r.view()
+    r.close()
+    with pytest.raises(QueueClosed):
+        r.load64(0)
+
+
+@needs_ucx
+def test_a_fenced_session_fails_its_next_operation_and_the_lease_state_decides_the_error(local: Any) -> None:
+    r, link, span, reg = local
+    r.store64(0, 7)
+    reg.fence(span, [link.session])
+    link.states["L1"] = "revoked"
+    with pytest.raises(Revoked):
+        r.faa64(0, 1)
+    with pytest.raises(Revoked):  # terminal: later operations fail closed without asking again
+        r.load64(0)
+    assert ucx.ffi.cast("uint64_t *", span.addr)[0] == 7
+
+
+@needs_ucx
+def test_an_endpoint_lost_while_the_lease_is_active_is_disconnected_then_reconnects(local: Any) -> None:
+    r, link, span, reg = local
+    r.store64(0, 3)
+    reg.fence(span, [link.session])  # the session's worker goes away; the lease stays active
+    with pytest.raises(Disconnected):
+        r.faa64(0, 1)
+    assert r.faa64(0, 1) == 3  # the next operation connected a new endpoint
+    assert r.connector.reconnects == 1
+
+
+@pytest.fixture
+def node() -> Any:
+    if ucx.available() is not None:
+        pytest.skip(f"UCX unavailable: {ucx.available()}")
+    proc, hello = H.start_node()
+    yield proc, hello
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+@needs_ucx
+def test_revoke_across_processes_fails_the_holder_and_no_write_lands_after_it(node: Any) -> None:
+    proc, hello = node
+    ctx = ucx.UcxContext(LO)
+    try:
+        r, link, conn = H.child_region(proc, hello, ctx)
+        r.store64(0, 11)
+        link.call(cmd="revoke")
+        t0 = time.perf_counter()
+        with pytest.raises(Revoked):
+            r.store64(0, 12)
+        detect = time.perf_counter() - t0
+        with pytest.raises(Revoked):
+            r.write(64, b"late write")
+        assert link.call(cmd="peek", index=0)["value"] == 11
+        assert link.call(cmd="nonzero_after", offset=64)["nonzero"] == 0
+        print(f"\nrevoke -> Revoked on the holder's next operation in {detect * 1e3:.1f} ms")
+        conn.close()
+    finally:
+        ctx.close()
+
+
+@needs_ucx
+def test_kill_9_of_the_node_gives_disconnected(node: Any) -> None:
+    proc, hello = node
+    ctx = ucx.UcxContext(LO)
+    try:
+        r, _link, conn = H.child_region(proc, hello, ctx, timeout=5.0)
+        assert r.faa64(0, 1) == 0
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        t0 = time.perf_counter()
+        with pytest.raises(Disconnected):
+            while True:  # operations may still complete until the kernel has torn the sockets down
+                r.faa64(0, 1)
+        print(f"\nkill -9 (loopback) -> Disconnected in {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        conn.close()
+    finally:
+        ctx.close()
+
+
+@needs_ucx
+def test_two_clients_fetch_and_add_and_cas_counts_are_exact(node: Any) -> None:
+    proc, hello = node
+    n = 2000
+    errors: list[BaseException] = []
+
+    def client(sid: int, use_cas: bool) -> None:
+        ctx = ucx.UcxContext(LO)
+        try:
+            r, _link, conn = H.child_region(proc, hello, ctx, sid=sid)
+            for _ in range(n):
+                if use_cas:
+                    cur = r.load64(0)
+                    while (old := r.cas64(0, cur, cur + 1)) != cur:
+                        cur = old
+                else:
+                    r.faa64(0, 1)
+            r.close()
+            conn.close()
+        except BaseException as ex:
+            errors.append(ex)
+        finally:
+            ctx.close()
+
+    threads = [threading.Thread(target=client, args=(1, False)), threading.Thread(target=client, args=(2, True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert H.ChildLink(proc, hello["info"], "127.0.0.1").call(cmd="peek", index=0)["value"] == 2 * n
+
+
+# ---------------------------------------------------------------------------
+# Across two network namespaces (node in A, client in B, joined by a veth pair)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def netns_node() -> Any:
+    if ucx.available() is not None:
+        pytest.skip(f"UCX unavailable: {ucx.available()}")
+    if NETNS_WHY is not None:
+        pytest.skip(f"no network namespaces: {NETNS_WHY}")
+    with _netns.veth_pair() as pair:
+        proc, hello = H.start_node(netns=pair.ns_a, host=pair.ip_a, net_devices=pair.dev_a)
+        clients: list[Any] = []
+
+        def client(timeout: float) -> tuple[Any, dict[str, Any]]:
+            c = subprocess.Popen(
+                ["ip", "netns", "exec", pair.ns_b, sys.executable, os.path.join(HERE, "_ucx_client.py"), pair.ip_a,
+                 str(hello["ctl_port"]), pair.dev_b, str(timeout), json.dumps(hello)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            clients.append(c)
+            assert c.stdout is not None
+            ready = H.json_line(c.stdout)
+            assert ready.get("ready"), "the client in the other namespace did not start"
+            return c, ready
+
+        try:
+            yield pair, proc, client
+        finally:
+            for p in (proc, *clients):
+                if p.poll() is None:
+                    p.send_signal(signal.SIGCONT)
+                    p.kill()
+                p.wait()
+
+
+def _fault(client: Any) -> dict[str, Any]:
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    return H.json_line(client.stdout)
+
+
+@needs_netns
+@needs_ucx
+def test_operations_and_atomics_across_two_namespaces(netns_node: Any) -> None:
+    _pair, proc, client = netns_node
+    _c, ready = client(5.0)
+    assert ready["roundtrip"] is True
+    assert ready["faas"] == list(range(100))
+    assert H.ChildLink(proc, {}, "").call(cmd="peek", index=0)["value"] == 100
+
+
+@needs_netns
+@needs_ucx
+def test_kill_9_of_the_node_across_namespaces_gives_disconnected(netns_node: Any) -> None:
+    _pair, proc, client = netns_node
+    c, _ = client(5.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = _fault(c)
+    assert out["kind"] == "Disconnected", out
+    print(f"\nkill -9 (netns, tcp) -> Disconnected in {out['took'] * 1e3:.1f} ms: {out['msg']}")
+
+
+@needs_netns
+@needs_ucx
+def test_a_stopped_node_is_detected_by_the_deadline(netns_node: Any) -> None:
+    _pair, proc, client = netns_node
+    c, _ = client(0.5)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        out = _fault(c)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert out["kind"] == "Disconnected", out
+    print(f"\nSIGSTOP (netns) -> Disconnected after {out['took'] * 1e3:.1f} ms (deadline 500 ms): {out['msg']}")
+
+
+@needs_netns
+@needs_ucx
+def test_link_down_is_detected_by_the_deadline(netns_node: Any) -> None:
+    pair, _proc, client = netns_node
+    c, _ = client(0.5)
+    pair.link(False)
+    try:
+        out = _fault(c)
+    finally:
+        pair.link(True)
+    assert out["kind"] == "Disconnected", out
+    print(f"\nveth down (netns) -> Disconnected after {out['took'] * 1e3:.1f} ms (deadline 500 ms): {out['msg']}")
+
+
+def test_lease_errors_are_typed_and_distinct() -> None:
+    assert not issubclass(Revoked, LeaseExpired) and not issubclass(LeaseExpired, Revoked)
+
+
+# ---------------------------------------------------------------------------
+# The real memory node (grafos-fabric serve --driver ucx) in one namespace,
+# a producer and a consumer (two clients) in the other
+# ---------------------------------------------------------------------------
+
+
+@needs_netns
+@needs_ucx
+def test_serve_driver_ucx_carries_a_queue_across_namespaces_and_dies_typed(tmp_path: Any) -> None:
+    token = tmp_path / "node.token"
+    with _netns.veth_pair() as pair:
+        node = subprocess.Popen(
+            ["ip", "netns", "exec", pair.ns_a, sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx",
+             "--host", pair.ip_a, "--allow-remote", "--port", "0", "--token-file", str(token), "--pool", "32M",
+             "--ucx-net-devices", pair.dev_a, "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, text=True)
+        client = None
+        try:
+            assert node.stdout is not None
+            line = node.stdout.readline()
+            while line and not line.startswith("serving "):
+                line = node.stdout.readline()
+            assert line.startswith("serving ucx://"), line
+            url = line.split()[1] + f"?tls=tcp&net_devices={pair.dev_b}&op_timeout=2"
+            client = subprocess.Popen(
+                ["ip", "netns", "exec", pair.ns_b, sys.executable, os.path.join(HERE, "_ucx_queue_client.py"), url,
+                 str(token), "500"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert client.stdout is not None and client.stdin is not None
+            ready = H.json_line(client.stdout)
+            assert ready == {"ready": True, "in_order": True, "count": 2000}, ready
+            node.send_signal(signal.SIGKILL)
+            node.wait()
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            out = H.json_line(client.stdout)
+            assert out["kind"] == "Disconnected", out
+            print(f"\nkill -9 of `serve --driver ucx` (netns) -> {out['kind']} in {out['took'] * 1e3:.1f} ms")
+        finally:
+            for p in (node, client):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                if p is not None:
+                    p.wait()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+@needs_ucx
+def test_a_supervised_ucx_node_that_dies_is_restarted_and_serves_again(tmp_path: Any) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = tmp_path / "node.token"
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx", "--supervise", "--port", str(port),
+         "--token-file", str(token), "--pool", "8M", "--ucx-net-devices", "lo", "--ucx-progress", "event",
+         "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sup.stdout is not None
+        assert sup.stdout.readline().startswith(f"serving ucx://127.0.0.1:{port}")
+        (child,) = _children(sup.pid)
+        os.kill(child, signal.SIGKILL)  # stands for UCX aborting inside its atomic handler
+        assert sup.stdout.readline().startswith(f"serving ucx://127.0.0.1:{port}")  # restarted
+        (again,) = _children(sup.pid)
+        assert again != child
+        f = gf.open_fabric(f"ucx://127.0.0.1:{port}?tls=tcp&net_devices=lo", token_file=str(token))
+        try:
+            r = f.alloc(4096, 30.0)
+            assert r.faa64(0, 5) == 0 and r.load64(0) == 5
+        finally:
+            f.close()
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(30) == 0
+        assert not _children(sup.pid)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+
+
+@needs_ucx
+def test_grafos_bench_ucx_case_reports_queue_rates_beside_shm_and_ops_beside_perftest() -> None:
+    from grafos_fabric.tools.bench_ucx import run_ucx_bench
+
+    out = run_ucx_bench(sizes=(64,), seconds=0.1, iters=300)
+    transports = {r["transport"] for r in out["ucx"]}
+    assert {"shm mapped", "shm one-sided", "ucx tcp (one-sided)", "ucx sm,tcp (one-sided)"} <= transports
+    assert all(r["items_per_s"] > 0 for r in out["ucx"])
+    ops = {(r["tls"], r["op"]) for r in out["ucx ops"]}
+    assert {("tcp", "cas"), ("tcp", "faa"), ("tcp", "put_flush"), ("tcp", "get")} <= ops
+    assert all(r["py_p50"] > 0 for r in out["ucx ops"])
+    if shutil.which("ucx_perftest"):
+        assert any(r.get("perftest") for r in out["ucx ops"]), "ucx_perftest ran but reported nothing"
+
+
+@needs_ucx
+def test_a_peer_reached_by_worker_address_over_shared_memory_alone() -> None:
+    """The binding's other way in: connect by worker address (how ``sm`` alone reaches a peer)."""
+    ffi, lib = ucx.ffi, ucx.lib
+    node = ucx.UcxContext(ucx.ucx_config("sm"))
+    client = ucx.UcxContext(ucx.ucx_config("sm"))
+    node.start_progress("busy")
+    buf = ffi.new("uint64_t[8]")
+    mem = ffi.new("gfu_mem **")
+    err = ffi.new("char[]", 256)
+    try:
+        assert lib.gfu_mem_map(node.ptr, buf, 64, mem, err, 256) == lib.GFU_OK, ffi.string(err)
+        packed = ffi.new("uint8_t[]", 4096)
+        n = ffi.new("size_t *")
+        assert lib.gfu_rkey_pack(mem[0], packed, 4096, n) == lib.GFU_OK
+        ep = ucx.UcxEndpoint.connect_worker(client, node.worker_address())
+        rk = ucx._Rkey(ep, bytes(ffi.buffer(packed, n[0])))
+        old = ffi.new("uint64_t *")
+        addr = int(ffi.cast("uintptr_t", buf))
+        assert lib.gfu_faa64(ep.ptr, rk.ptr, addr + 8, 41, old, 5.0) == lib.GFU_OK and old[0] == 0
+        assert lib.gfu_cas64(ep.ptr, rk.ptr, addr + 8, 41, 42, old, 5.0) == lib.GFU_OK and old[0] == 41
+        assert buf[1] == 42
+        with pytest.raises(FabricValueError):
+            ucx.UcxEndpoint.connect_worker(client, b"")
+        rk.close()
+        ep.close()
+        assert lib.gfu_mem_unmap(mem[0]) == lib.GFU_OK
+    finally:
+        node.close()
+        client.close()

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The native ring under AddressSanitizer and UndefinedBehaviorSanitizer.
+#
+#   bash tools/sanitize.sh [pytest args...]
+#
+# 1. builds grafos_fabric._native with -fsanitize=address,undefined into
+#    build/sanitize/ (the normal build in grafos_fabric/ is left alone),
+# 2. lays out an overlay package there (the Python sources by symlink, the
+#    sanitized module as a file) and puts it first on PYTHONPATH,
+# 3. runs the native-facing tests (ring white-box, queue, one-sided, and the
+#    hostile-memory fuzzer at a reduced count) with libasan preloaded into the
+#    Python host, leaks off (CPython's own allocations are not ours), and every
+#    UBSan finding fatal,
+# 4. fails on a failed test or on any sanitizer report (reports also go to
+#    log files, so one from a worker subprocess whose stderr a test captured
+#    is not lost).
+# Needs the venv from tools/setup.sh and gcc's libasan/libubsan.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PY:-$ROOT/.venv/bin/python}
+OUT=$ROOT/build/sanitize
+SANITIZERS=${SANITIZERS:-address,undefined}
+
+LIBASAN=$(gcc -print-file-name=libasan.so)
+if [ ! -e "$LIBASAN" ]; then
+  echo "sanitize: gcc has no libasan.so (install the gcc sanitizer runtimes, e.g. libasan8/libubsan1)" >&2
+  exit 1
+fi
+
+rm -rf "$OUT"
+mkdir -p "$OUT/src/native" "$OUT/overlay/grafos_fabric" "$OUT/logs"
+
+# -- 1. build (in a scratch folder: the build writes its objects under its cwd)
+cp native/*.c native/*.h native/build_native.py "$OUT/src/native/"
+(cd "$OUT/src" && GRAFOS_NATIVE_SANITIZE=$SANITIZERS "$PY" native/build_native.py >"$OUT/build.log" 2>&1) || {
+  tail -30 "$OUT/build.log" >&2
+  echo "sanitize: build failed (log: $OUT/build.log)" >&2
+  exit 1
+}
+SO=$(find "$OUT/src" -name '_native*.so' | head -1)
+[ -n "$SO" ] || { echo "sanitize: the build made no module" >&2; exit 1; }
+
+# -- 2. overlay package: the sources as they are, the sanitized module
+for f in grafos_fabric/*; do
+  case "$f" in *.so | */__pycache__) continue ;; esac
+  ln -s "$ROOT/$f" "$OUT/overlay/grafos_fabric/$(basename "$f")"
+done
+ln -s "$ROOT/drivers" "$OUT/overlay/grafos_fabric/drivers"
+ln -s "$ROOT/tools" "$OUT/overlay/grafos_fabric/tools"
+cp "$SO" "$OUT/overlay/grafos_fabric/"
+
+export PYTHONPATH="$OUT/overlay${PYTHONPATH:+:$PYTHONPATH}"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$OUT/logs/asan"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$OUT/logs/ubsan"
+export GRAFOS_FUZZ_CORRUPTIONS=${GRAFOS_FUZZ_CORRUPTIONS:-1500}
+export GRAFOS_FUZZ_ROUNDS=${GRAFOS_FUZZ_ROUNDS:-6}
+
+# Python puts its cwd first on sys.path: run from the overlay, so that the
+# repository's own grafos_fabric/ (with the normal module) is not what loads
+cd "$OUT/overlay"
+LD_PRELOAD="$LIBASAN" "$PY" - <<'EOF'
+import grafos_fabric._native as n, sys
+print("sanitize: using", n.__file__)
+sys.exit(0 if "/build/sanitize/overlay/" in n.__file__ else "sanitize: the normal build was imported")
+EOF
+
+# -- 3. the native-facing tests
+status=0
+LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:cacheprovider -p no:randomly --rootdir="$ROOT" \
+  -c "$ROOT/pyproject.toml" "$ROOT/tests/test_ring_whitebox.py" "$ROOT/tests/test_queue.py" \
+  "$ROOT/tests/test_onesided.py" "$ROOT/tests/test_hostile_memory.py" "$@" || status=$?
+cd "$ROOT"
+
+# -- 4. any report fails the run
+if compgen -G "$OUT/logs/*" >/dev/null; then
+  echo "sanitize: sanitizer reports:" >&2
+  for f in "$OUT"/logs/*; do echo "== $f" >&2; head -60 "$f" >&2; done
+  exit 1
+fi
+if [ "$status" -ne 0 ]; then
+  echo "sanitize: tests failed under the sanitizers (exit $status)" >&2
+  exit "$status"
+fi
+echo "sanitize: no AddressSanitizer or UBSan reports ($SANITIZERS)"
