@@ -94,6 +94,7 @@ from .queue import (
     Batch,
     FabricQueue,
     Item,
+    _addr,
     _deadline,
     _dtype_from_str,
     _next_pow2,
@@ -282,22 +283,6 @@ class OneSidedItem(Item):
 
     __slots__ = ()
 
-    def release(self) -> None:
-        """Let go of the item (idempotent). Its ring space is reused once the item
-        is released and every view made from it is gone."""
-        token = self._token
-        if token < 0:
-            return
-        self._token = -1
-        if self._gc is not None:
-            self._gc = None  # views still hold it; its destructor releases the span
-        else:
-            self._q._release_token(token)
-
-    def __del__(self) -> None:
-        if self._token >= 0 and self._gc is None:
-            self._q._release_token(self._token)
-
 
 class OneSidedQueue(FabricQueue):
     """A FabricQueue reached only with one-sided operations (see the module docstring).
@@ -307,6 +292,8 @@ class OneSidedQueue(FabricQueue):
     (also what a driver whose regions never map, like verbs, gets). The public
     API is FabricQueue's; :meth:`reserve` copies on commit (see there).
     """
+
+    _item_type = OneSidedItem
 
     def __init__(
         self,
@@ -1093,7 +1080,7 @@ class OneSidedQueue(FabricQueue):
             c.rpos += _rec_size(length)
             c.last_seq = seq
             token = self._pend_push(c, c.rpos)
-            return OneSidedItem(self, token, idx + RECORD_HEADER, length, seq, None)
+            return self._item_core().item(token, idx + RECORD_HEADER, length, seq, _addr(self._data))
 
     def pop(self, timeout: float | None = None) -> Item:
         """Pop one item, polling for it; ``TimeoutError`` when ``timeout`` passes."""

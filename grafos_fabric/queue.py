@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _item, observe
 from . import errors as E
-from . import observe
 from ._ffi import ffi, lib, raise_status
 from .drivers.base import Fabric, MappedRegion, Region
 from .lease import NS, Lease, check_ttl
@@ -129,92 +129,48 @@ def _ring_geometry(
     return cap, max_item, dt, dtext
 
 
-class Item:
-    """One popped item: ``seq``, ``len()``, ``np.asarray(item)`` (a zero-copy view)."""
+def _addr(ptr: Any) -> int:
+    return int(ffi.cast("uintptr_t", ptr))
 
-    __slots__ = ("__weakref__", "_batch", "_gc", "_q", "_token", "length", "offset", "seq")
 
-    def __init__(self, q: FabricQueue, token: int, offset: int, length: int, seq: int, batch: Batch | None) -> None:
-        self._q = q
-        self._token = token
-        self.offset = offset
-        self.length = length
-        self.seq = seq
-        self._batch = batch
-        self._gc = None
+def _finish_array(arr: np.ndarray[Any, Any], dtype: Any, copy: Any) -> np.ndarray[Any, Any]:
+    """``Item.__array__(dtype, copy)`` past the zero-copy view (called from ``_item``)."""
+    if dtype is not None and np.dtype(dtype) != arr.dtype:
+        return arr.astype(dtype)
+    return arr.copy() if copy else arr
 
-    # -- data ----------------------------------------------------------------------
-    def array(self) -> np.ndarray[Any, Any]:
-        """The payload as a read-only numpy view (uint8, or the queue's dtype)."""
-        if self._token < 0:
-            raise E.FabricValueError("item was released: its bytes may have been reused")
-        if self._batch is not None:
-            return self._batch._item_view(self.offset, self.length)
-        gcp = self._gc
-        if gcp is None:
-            release = self._q._release_token
-            token = self._token
-            gcp = self._gc = ffi.gc(self._q._data + self.offset, lambda _p: release(token))
-        # a read-only memoryview: the array is read-only without a flags round trip
-        arr = np.frombuffer(memoryview(ffi.buffer(gcp, self.length)).toreadonly(), _U8)
-        dt = self._q.dtype
-        return arr if dt is None else arr.view(dt)
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
-        arr = self.array()
-        if dtype is not None and np.dtype(dtype) != arr.dtype:
-            return arr.astype(dtype)
-        return arr.copy() if copy else arr
+def _buffer_format(dtype: np.dtype[Any] | None) -> bytes | None:
+    """The PEP 3118 format items of this dtype export (``memoryview(item).format``),
+    or None when the dtype has none numpy reads back as itself (items then still
+    convert with ``np.asarray``, through ``__array__``)."""
+    if dtype is None:
+        return b"B"
+    try:
+        fmt = memoryview(np.empty(1, dtype)).format
+        back = np.asarray(memoryview(np.empty(1, dtype)))
+    except (ValueError, TypeError, BufferError, NotImplementedError):
+        return None
+    return fmt.encode("ascii") if back.dtype == dtype else None
 
-    @property
-    def data(self) -> memoryview:
-        """The payload as a read-only memoryview (zero-copy)."""
-        return self.array().data.cast("B")
 
-    def tobytes(self) -> bytes:
-        """A copy of the payload (safe to keep after release)."""
-        return self.array().tobytes()
+_item.bind(
+    _addr(ffi.addressof(lib, "gf_pop_batch")),
+    _addr(ffi.addressof(lib, "gf_release")),
+    _addr(ffi.addressof(lib, "gf_push")),
+    _addr(ffi.addressof(lib, "gf_consumer_outstanding")),
+    np.frombuffer,
+    E.FabricValueError,
+    _finish_array,
+)
 
-    def __len__(self) -> int:
-        return self.length
-
-    @property
-    def nbytes(self) -> int:
-        return self.length
-
-    # -- lifetime ------------------------------------------------------------------
-    @property
-    def released(self) -> bool:
-        return self._token < 0
-
-    def release(self) -> None:
-        """Let go of the item (idempotent). Its ring space is reused once the item
-        is released and every view made from it is gone; the item itself can no
-        longer make views. Items of a batch are released with their batch."""
-        token = self._token
-        if token < 0:
-            return
-        self._token = -1
-        if self._batch is not None:
-            return
-        if self._gc is not None:
-            self._gc = None  # views still hold it; its destructor releases the span
-        else:
-            self._q._release_token(token)
-
-    def __del__(self) -> None:
-        if self._token >= 0 and self._gc is None and self._batch is None:
-            self._q._release_token(self._token)
-
-    def __enter__(self) -> Item:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        state = "released" if self._token < 0 else f"{self.length}B"
-        return f"<Item seq={self.seq} {state}>"
+#: One popped item (a C type, ``grafos_fabric._item``): ``item.seq``, ``len(item)``,
+#: and the payload through the buffer protocol, read-only and zero-copy:
+#: ``memoryview(item)``, ``np.asarray(item)`` / ``item.array()`` (uint8, or the
+#: queue's dtype), ``np.frombuffer(item, dt)``; ``bytes(item)`` / ``item.tobytes()``
+#: copy. ``item.release()`` (or ``with item:``) lets it go; its ring space is reused
+#: once it is released (or garbage) and every view made from it is gone.
+Item = _item.Item
 
 
 class Batch:
@@ -299,8 +255,10 @@ class Batch:
             i += n
         if not 0 <= i < n:
             raise IndexError("batch index out of range")
-        assert self._q is not None
-        return Item(self._q, 0, int(self._offsets[i]), int(self.lengths[i]), int(self.seqs[i]), self)
+        q = self._q
+        assert q is not None
+        return q._item_core().batch_item(self, int(self._offsets[i]), int(self.lengths[i]), int(self.seqs[i]),
+                                         _addr(q._data))
 
     def __iter__(self) -> Iterator[Item]:
         for i in range(len(self._offsets)):
@@ -370,6 +328,12 @@ class FabricQueue(QueueProtocols):
     :meth:`attach` (from a :class:`QueueLocator`, e.g. in another process).
     """
 
+    # the single-item hot path (grafos_fabric._item), made with the roles
+    _fc: Any = None  # consumer: prefetch + item factory
+    _fp: Any = None  # producer: one native call per push
+    _icore: Any = None  # item factory of a handle without a native consumer (one-sided)
+    _item_type: Any = Item
+
     def __init__(self, fabric: Fabric, region: Region, *, owner: bool, epoch: int | None = None) -> None:
         self.fabric = fabric
         self.region = region
@@ -396,24 +360,8 @@ class FabricQueue(QueueProtocols):
         self._cons: Any = None
         self._pend: tuple[Any, Any] | None = None  # keeps the consumer's token arrays alive
         self._seq_out = ffi.new("uint64_t *")
-        # lease words (state, deadline) of the segment header, read without a native call
-        self._lease_words = memoryview(ffi.buffer(self._lease_ptrs[0], 16)).cast("Q")
-        self._clock_ns = time.monotonic_ns if self._native_clock else self._clock.now_ns
-        # records prefetched for single pops: [_pf_i, _pf_n) are still to hand out
-        self._pf_offs: list[int] = []
-        self._pf_lens: list[int] = []
-        self._pf_seqs: list[int] = []
-        self._pf_token = 0
-        self._pf_i = 0
-        self._pf_n = 0
         self._prefetch_bytes = max(4096, self.capacity // 8)
-        self._pfa_offs = np.empty(PREFETCH_ITEMS, dtype=np.uint64)
-        self._pfa_lens = np.empty(PREFETCH_ITEMS, dtype=np.uint64)
-        self._pfa_seqs = np.empty(PREFETCH_ITEMS, dtype=np.uint64)
-        self._pfa_offs_p = ffi.from_buffer("uint64_t[]", self._pfa_offs)
-        self._pfa_lens_p = ffi.from_buffer("uint64_t[]", self._pfa_lens)
-        self._pfa_seqs_p = ffi.from_buffer("uint64_t[]", self._pfa_seqs)
-        self._outs = ffi.new("uint64_t[3]")
+        self._fmt = _buffer_format(self.dtype)
         self._take_over = False
         self.closed = False
 
@@ -594,6 +542,15 @@ class FabricQueue(QueueProtocols):
             self._raise(rc, "claiming the producer role", epoch=epoch)
         self._epoch = epoch
         self._prod = p
+        self._fp = _item.Producer(
+            queue=self,
+            keep=p,
+            producer=_addr(p),
+            clock=None if self._native_clock else self._clock.now_ns,
+            validate=self._push_buffer,
+            on_error=self._push_error,
+            typed=self.dtype is not None,
+        )
         return p
 
     def _consumer(self) -> Any:
@@ -616,7 +573,54 @@ class FabricQueue(QueueProtocols):
             self._raise(rc, "claiming the consumer role")
         self._pend = (pend_end, pend_done)
         self._cons = c
+        lease_state, lease_deadline = self._lease_ptrs
+        self._fc = _item.Consumer(
+            queue=self,
+            keep=(c, pend_end, pend_done),
+            consumer=_addr(c),
+            release_cb=None,
+            on_error=self._pop_error,
+            on_lease=self.lease.check,
+            on_closed=self._maybe_give_back_consumer,
+            clock=None if self._native_clock else self._clock.now_ns,
+            dtype=_U8 if self.dtype is None else self.dtype,
+            fmt=self._fmt,
+            item_type=Item,
+            data=_addr(self._data),
+            lease_state=_addr(lease_state),
+            lease_deadline=_addr(lease_deadline),
+            prefetch_bytes=self._prefetch_bytes,
+        )
         return c
+
+    def _item_core(self) -> Any:
+        """What makes this handle's items (the consumer core once the role is claimed)."""
+        core = self._fc or self._icore
+        if core is None:
+            core = self._icore = _item.Consumer(
+                queue=self,
+                keep=None,
+                consumer=0,
+                release_cb=self._release_token,
+                on_error=self._pop_error,
+                on_lease=self.lease.check,
+                on_closed=None,
+                clock=None,
+                dtype=_U8 if self.dtype is None else self.dtype,
+                fmt=_buffer_format(self.dtype),
+                item_type=self._item_type,
+                data=0,
+                lease_state=0,
+                lease_deadline=0,
+                prefetch_bytes=0,
+            )
+        return core
+
+    def _pop_error(self, rc: int) -> None:
+        """A native pop's failure, raised as its typed error (called from ``_item``)."""
+        if rc == END:
+            raise E.QueueSealed("queue is sealed and drained", seal_seq=self.seal_seq)
+        self._raise(rc, "pop")
 
     def _raise(self, rc: int, what: str, epoch: int | None = None) -> None:
         observe.count("queue_errors", status=rc, op=what)
@@ -651,22 +655,43 @@ class FabricQueue(QueueProtocols):
         """Push one item; False when the ring is full (never waits)."""
         return self._push1(buf) is not None
 
-    def _push1(self, buf: Any) -> int | None:
-        p = self._prod or self._producer()
-        item = buf if type(buf) is bytes and self.dtype is None else self._as_item(buf)
-        n = len(item)
-        seq = self._seq_out
-        rc = lib.gf_push(p, item, n, 0 if self._native_clock else self._clock.now_ns(), seq)
-        if rc == OK:
-            return seq[0]
-        if rc == FULL:
-            return None
+    def _push_buffer(self, buf: Any) -> Any:
+        """Validate one item for the native push (called from ``_item`` for
+        anything but plain bytes): a contiguous buffer of the queue's dtype."""
+        dt = self.dtype
+        if dt is not None:
+            if not isinstance(buf, np.ndarray):
+                raise E.DtypeMismatch(f"this queue carries {dt} arrays; got {type(buf).__name__}")
+            if buf.dtype != dt:
+                raise E.DtypeMismatch(f"this queue carries {dt} arrays; got {buf.dtype}")
+        if isinstance(buf, np.ndarray):
+            if not buf.flags.c_contiguous:
+                raise E.DtypeMismatch("array is not C-contiguous: pass np.ascontiguousarray(a)")
+            if buf.dtype.hasobject:
+                raise E.DtypeMismatch("arrays of Python objects cannot be pushed")
+            return buf
+        try:
+            mv = memoryview(buf)
+        except TypeError as exc:
+            raise E.DtypeMismatch(f"item must be bytes-like and contiguous: {exc}") from None
+        if not mv.c_contiguous:
+            raise E.DtypeMismatch("item must be bytes-like and contiguous: this buffer is not")
+        return mv
+
+    def _push_error(self, rc: int, n: int) -> None:
+        """A native push's failure, raised as its typed error (called from ``_item``)."""
         if rc == lib.GF_E_TOO_LARGE:
             raise E.ItemTooLarge(f"item of {n} bytes exceeds the queue's max_item of {self.max_item}")
         if rc == lib.GF_E_ARG and n == 0:
             raise E.FabricValueError("empty items are not allowed")
         self._raise(rc, "push")
-        return None  # unreachable
+
+    def _push1(self, buf: Any) -> int | None:
+        fp = self._fp
+        if fp is None:
+            self._producer()
+            fp = self._fp
+        return fp.try_push(buf)  # type: ignore[no-any-return]
 
     def push(self, buf: Any, timeout: float | None = None) -> int:
         """Push one item, waiting for space; returns its sequence number.
@@ -836,52 +861,24 @@ class FabricQueue(QueueProtocols):
 
         Raises ``QueueSealed`` once a sealed queue is drained.
 
-        Single pops are served from a *prefetch*: one native call takes the
-        published records up to ``PREFETCH_ITEMS`` (and an eighth of the ring),
-        each with a release token of its own, and the following pops hand them
-        out one by one after a lease check, without crossing into C or touching
-        the producer's cache lines."""
-        i = self._pf_i
-        if i < self._pf_n:
-            lw = self._lease_words
-            if lw[0] != _LEASE_ACTIVE or self._clock_ns() >= lw[1]:
-                self.lease.check()
-            self._pf_i = i + 1
-            return Item(self, self._pf_token + i, self._pf_offs[i], self._pf_lens[i], self._pf_seqs[i], None)
-        return self._refill()
-
-    def _refill(self) -> Item | None:
-        c = self._cons or self._consumer()
-        outs = self._outs
-        rc = lib.gf_pop_batch(
-            c, PREFETCH_ITEMS, self._prefetch_bytes, 1, 0 if self._native_clock else self._clock.now_ns(),
-            self._pfa_offs_p, self._pfa_lens_p, self._pfa_seqs_p, outs, outs + 1, outs + 2,
-        )
-        if rc == OK:
-            n = outs[0]
-            token = outs[1]
-            if n == 1:
-                self._pf_n = 0
-                return Item(self, token, self._pfa_offs_p[0], self._pfa_lens_p[0], self._pfa_seqs_p[0], None)
-            self._pf_offs = offs = self._pfa_offs[:n].tolist()
-            self._pf_lens = lens = self._pfa_lens[:n].tolist()
-            self._pf_seqs = seqs = self._pfa_seqs[:n].tolist()
-            self._pf_token = token
-            self._pf_n = n
-            self._pf_i = 1
-            return Item(self, token, offs[0], lens[0], seqs[0], None)
-        if rc == EMPTY:
-            return None
-        if rc == END:
-            raise E.QueueSealed("queue is sealed and drained", seal_seq=self.seal_seq)
-        self._raise(rc, "pop")
-        return None
+        Single pops are served from a *prefetch* (in C, ``grafos_fabric._item``):
+        one native call takes the published records up to ``PREFETCH_ITEMS`` (and
+        an eighth of the ring), each with a release token of its own, and the
+        following pops hand them out one by one after a lease check, without
+        touching the producer's cache lines. The prefetch state changes only
+        with the GIL held, so threads sharing a handle never see it half-updated."""
+        fc = self._fc
+        if fc is None:
+            self._consumer()
+            fc = self._fc
+        return fc.try_pop()  # type: ignore[no-any-return]
 
     def pop(self, timeout: float | None = None) -> Item:
         """Pop one item, waiting for it; ``TimeoutError`` when ``timeout`` passes."""
-        item = self.try_pop()
+        fc = self._fc
+        item = fc.try_pop() if fc is not None else self.try_pop()
         if item is not None:
-            return item
+            return item  # type: ignore[no-any-return]
         deadline = _deadline(timeout)
         while True:
             self._wait_data(deadline)
@@ -923,7 +920,7 @@ class FabricQueue(QueueProtocols):
         """
         if not isinstance(max_items, int) or max_items <= 0:
             raise E.FabricValueError(f"max_items must be a positive int, got {max_items!r}")
-        if self._pf_i < self._pf_n:
+        if self._fc is not None and self._fc.prefetched():
             return self._batch_from_prefetch(max_items)
         c = self._cons or self._consumer()
         deadline = _deadline(timeout)
@@ -951,14 +948,15 @@ class FabricQueue(QueueProtocols):
         """Items prefetched by single pops go out first, in order, as a batch
         that carries their (consecutive) release tokens."""
         self.lease.check()
-        i = self._pf_i
-        j = min(self._pf_n, i + max_items)
-        self._pf_i = j
-        offs = np.array(self._pf_offs[i:j], dtype=np.uint64)
-        lens = np.array(self._pf_lens[i:j], dtype=np.uint64)
-        seqs = np.array(self._pf_seqs[i:j], dtype=np.uint64)
+        got = self._fc.take_prefetched(max_items)
+        if got is None:
+            return Batch.empty()
+        token, offs_l, lens_l, seqs_l = got
+        offs = np.array(offs_l, dtype=np.uint64)
+        lens = np.array(lens_l, dtype=np.uint64)
+        seqs = np.array(seqs_l, dtype=np.uint64)
         uniform = int(lens[0]) if bool((lens == lens[0]).all()) else 0
-        return Batch(self, self._pf_token + i, offs, lens, seqs, uniform, ntokens=j - i)
+        return Batch(self, token, offs, lens, seqs, uniform, ntokens=len(offs))
 
     def _release_token(self, token: int) -> None:
         c = self._cons
@@ -990,6 +988,8 @@ class FabricQueue(QueueProtocols):
         if self.closed:
             return
         self.closed = True
+        if self._fc is not None:
+            self._fc.closed = 1
         self._aio_shutdown()
         if self._prod is not None:
             lib.gf_producer_close(self._prod)
@@ -1000,9 +1000,12 @@ class FabricQueue(QueueProtocols):
         is unreleased. Items prefetched but never handed out stay unreleased, so
         ``head`` stays before them and the next consumer reads them again."""
         c = self._cons
-        if c is not None and self.closed and lib.gf_consumer_outstanding(c) == self._pf_n - self._pf_i:
+        fc = self._fc
+        prefetched = 0 if fc is None else fc.prefetched()
+        if c is not None and self.closed and lib.gf_consumer_outstanding(c) == prefetched:
             lib.gf_consumer_close(c)
-            self._pf_i = self._pf_n
+            if fc is not None:
+                fc.drop_prefetched()
 
     def free(self) -> None:
         """Close and give the region back to the fabric now."""
