@@ -44,6 +44,7 @@ import numpy as np
 from . import _item, observe
 from . import errors as E
 from ._ffi import ffi, lib, raise_status
+from ._item import Item
 from .drivers.base import Fabric, MappedRegion, Region
 from .lease import NS, Lease, check_ttl
 from .locator import QueueLocator
@@ -147,8 +148,9 @@ def _buffer_format(dtype: np.dtype[Any] | None) -> bytes | None:
     if dtype is None:
         return b"B"
     try:
-        fmt = memoryview(np.empty(1, dtype)).format
-        back = np.asarray(memoryview(np.empty(1, dtype)))
+        probe: Any = np.empty(1, dtype)
+        fmt = memoryview(probe).format
+        back = np.asarray(memoryview(probe))
     except (ValueError, TypeError, BufferError, NotImplementedError):
         return None
     return fmt.encode("ascii") if back.dtype == dtype else None
@@ -164,13 +166,12 @@ _item.bind(
     _finish_array,
 )
 
-#: One popped item (a C type, ``grafos_fabric._item``): ``item.seq``, ``len(item)``,
-#: and the payload through the buffer protocol, read-only and zero-copy:
-#: ``memoryview(item)``, ``np.asarray(item)`` / ``item.array()`` (uint8, or the
-#: queue's dtype), ``np.frombuffer(item, dt)``; ``bytes(item)`` / ``item.tobytes()``
-#: copy. ``item.release()`` (or ``with item:``) lets it go; its ring space is reused
-#: once it is released (or garbage) and every view made from it is gone.
-Item = _item.Item
+# One popped item (a C type, ``grafos_fabric._item``): ``item.seq``, ``len(item)``,
+# and the payload through the buffer protocol, read-only and zero-copy:
+# ``memoryview(item)``, ``np.asarray(item)`` / ``item.array()`` (uint8, or the
+# queue's dtype), ``np.frombuffer(item, dt)``; ``bytes(item)`` / ``item.tobytes()``
+# copy. ``item.release()`` (or ``with item:``) lets it go; its ring space is reused
+# once it is released (or garbage) and every view made from it is gone.
 
 
 class Batch:
@@ -691,7 +692,7 @@ class FabricQueue(QueueProtocols):
         if fp is None:
             self._producer()
             fp = self._fp
-        return fp.try_push(buf)  # type: ignore[no-any-return]
+        return fp.try_push(buf)
 
     def push(self, buf: Any, timeout: float | None = None) -> int:
         """Push one item, waiting for space; returns its sequence number.
@@ -871,14 +872,14 @@ class FabricQueue(QueueProtocols):
         if fc is None:
             self._consumer()
             fc = self._fc
-        return fc.try_pop()  # type: ignore[no-any-return]
+        return fc.try_pop()
 
     def pop(self, timeout: float | None = None) -> Item:
         """Pop one item, waiting for it; ``TimeoutError`` when ``timeout`` passes."""
         fc = self._fc
         item = fc.try_pop() if fc is not None else self.try_pop()
         if item is not None:
-            return item  # type: ignore[no-any-return]
+            return item
         deadline = _deadline(timeout)
         while True:
             self._wait_data(deadline)
