@@ -36,7 +36,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -156,14 +156,24 @@ def _buffer_format(dtype: np.dtype[Any] | None) -> bytes | None:
     return fmt.encode("ascii") if back.dtype == dtype else None
 
 
+def _rows_view(ring: np.ndarray[Any, Any], off: int, rows: int, length: int, stride: int, dtype: Any) -> Any:
+    """The writable ``(rows, length)`` view of reserved rows (called from ``_item``)."""
+    arr = np.lib.stride_tricks.as_strided(ring[off:], shape=(rows, length), strides=(stride, 1))
+    return arr if dtype is None else arr.view(dtype)
+
+
+if _item.GF_NATIVE_ABI != lib.gf_native_abi():  # pragma: no cover - only on a stale build
+    raise ImportError("stale grafos_fabric._item build (native ABI differs): reinstall grafos-fabric")
+_ENTRY_POINTS = (
+    "gf_pop_batch", "gf_release", "gf_push", "gf_consumer_outstanding", "gf_reserve", "gf_commit", "gf_abort",
+    "gf_reserve_rows", "gf_commit_rows", "gf_record_size",
+)
 _item.bind(
-    _addr(ffi.addressof(lib, "gf_pop_batch")),
-    _addr(ffi.addressof(lib, "gf_release")),
-    _addr(ffi.addressof(lib, "gf_push")),
-    _addr(ffi.addressof(lib, "gf_consumer_outstanding")),
+    {name: _addr(ffi.addressof(lib, name)) for name in _ENTRY_POINTS},
     np.frombuffer,
     E.FabricValueError,
     _finish_array,
+    _rows_view,
 )
 
 # One popped item (a C type, ``grafos_fabric._item``): ``item.seq``, ``len(item)``,
@@ -809,52 +819,92 @@ class FabricQueue(QueueProtocols):
         del arr
         return done
 
-    @contextmanager
-    def reserve(self, nbytes: int, timeout: float | None = None) -> Iterator[np.ndarray[Any, Any]]:
-        """Zero-copy production: write the item in place, published on exit.
-
-        ``with q.reserve(n) as buf: buf[:] = ...`` — ``buf`` is a writable view of
-        the ring (uint8, or the queue's dtype). Leaving the block normally
-        commits the item; an exception aborts it (nothing is published). Call
-        ``q.commit_len(k)`` inside the block to publish only the first ``k`` bytes.
-        """
-        p = self._prod or self._producer()
-        if not isinstance(nbytes, int) or nbytes <= 0:
+    def _check_reserve(self, nbytes: Any, rows: Any, timeout: float | None) -> Any:
+        if self._fp is None:
+            self._producer()
+        if type(nbytes) is not int or nbytes <= 0:
             raise E.FabricValueError(f"reserve needs a positive int size, got {nbytes!r}")
+        if type(rows) is not int or rows < 0:
+            raise E.FabricValueError(f"reserve_batch needs a positive int number of rows, got {rows!r}")
         if nbytes > self.max_item:
             raise E.ItemTooLarge(f"reservation of {nbytes} bytes exceeds the queue's max_item of {self.max_item}")
         if self.dtype is not None and nbytes % self.dtype.itemsize:
             raise E.DtypeMismatch(f"reservation must be a multiple of {self.dtype.itemsize} bytes for {self.dtype}")
-        off = ffi.new("uint64_t *")
-        deadline = _deadline(timeout)
-        while True:
-            rc = lib.gf_reserve(p, nbytes, self._now(), off)
-            if rc == OK:
-                break
-            if rc != FULL:
-                self._raise(rc, "reserve")
-            self._wait_space(nbytes, deadline)
-        buf = np.frombuffer(ffi.buffer(self._data + int(off[0]), nbytes), dtype=np.uint8)
-        self._commit_len = nbytes
-        try:
-            yield buf if self.dtype is None else buf.view(self.dtype)
-        except BaseException:
-            lib.gf_abort(p)
-            raise
-        seq = ffi.new("uint64_t *")
-        rc = lib.gf_commit(p, self._commit_len, seq)
-        if rc != OK:
-            self._raise(rc, "commit")
-        self.last_seq = int(seq[0])
+        if timeout is not None and timeout < 0:
+            raise E.FabricValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        res = self._res
+        if res is None:
+            region: Any = self.region
+            whole = region.view() if hasattr(region, "view") else ffi.buffer(self._ring, RING_HEADER + self.capacity)
+            ring = np.frombuffer(whole, dtype=np.uint8)[RING_HEADER : RING_HEADER + self.capacity]
+            res = self._res = _item.Reservation(
+                producer=self._fp, queue=self, ring=ring, dtype=self.dtype, slow_enter=self._reserve_slow
+            )
+        return res
 
-    _commit_len = 0
+    def reserve(self, nbytes: int, timeout: float | None = None) -> AbstractContextManager[np.ndarray[Any, Any]]:
+        """Zero-copy production: write the item in place, published on exit.
+
+        ``with q.reserve(n) as buf: buf[:] = ...`` (or ``np.add(a, b, out=buf)``):
+        ``buf`` is a writable view of the ring (uint8, or the queue's dtype).
+        Leaving the block normally commits the item; an exception aborts it
+        (nothing is published). Call ``q.commit_len(k)`` inside the block to
+        publish only the first ``k`` bytes. The reservation object is reused by
+        every ``reserve`` of this handle (one is open at a time); don't write to
+        ``buf`` after the block: the item is published then.
+        """
+        return self._check_reserve(nbytes, 0, timeout).arm(nbytes, 0, timeout)
+
+    def reserve_batch(
+        self, n: int, size: int, timeout: float | None = None
+    ) -> AbstractContextManager[np.ndarray[Any, Any]]:
+        """Zero-copy production of up to ``n`` items of ``size`` bytes at once.
+
+        ``with q.reserve_batch(n, size) as rows: np.add(a, b, out=rows)``: ``rows``
+        is a writable ``(k, size)`` view (``(k, size // itemsize)`` of the queue's
+        dtype) of ``k`` contiguous records, ``1 <= k <= n``: it stops at the ring's
+        wrap point and at what fits now (check ``len(rows)``). Leaving the block
+        publishes the ``k`` items with one native call; an exception publishes
+        none; ``q.commit_rows(j)`` inside the block publishes only the first ``j``.
+        """
+        if type(n) is not int or n <= 0:
+            raise E.FabricValueError(f"reserve_batch needs a positive int number of rows, got {n!r}")
+        return self._check_reserve(size, n, timeout).arm(size, n, timeout)
+
+    def _reserve_slow(self, nbytes: int, rows: int, timeout: float | None) -> tuple[int, int]:
+        """Wait for room for a reservation, then take it: ``(payload offset, rows)``."""
+        p = self._prod or self._producer()
+        deadline = _deadline(timeout)
+        off = ffi.new("uint64_t *")
+        got = ffi.new("uint64_t *")
+        while True:
+            self._wait_space(nbytes, deadline)
+            if rows:
+                rc = lib.gf_reserve_rows(p, rows, nbytes, self._now(), off, got)
+            else:
+                rc = lib.gf_reserve(p, nbytes, self._now(), off)
+                got[0] = 1
+            if rc == OK:
+                return int(off[0]), int(got[0])
+            if rc != FULL:
+                self._push_error(rc, nbytes)
+
+    _res: Any = None
     last_seq = -1
 
     def commit_len(self, nbytes: int) -> None:
         """Inside ``reserve()``: publish only the first ``nbytes`` bytes."""
-        if not 0 < nbytes <= self._commit_len:
-            raise E.FabricValueError(f"commit length must be in (0, {self._commit_len}]")
-        self._commit_len = nbytes
+        res = self._res
+        if res is None or not res.active or res.batch:
+            raise E.FabricValueError("commit_len is for inside a `with q.reserve(n)` block")
+        res.set_commit(nbytes)
+
+    def commit_rows(self, k: int) -> None:
+        """Inside ``reserve_batch()``: publish only the first ``k`` rows."""
+        res = self._res
+        if res is None or not res.active or not res.batch:
+            raise E.FabricValueError("commit_rows is for inside a `with q.reserve_batch(n, size)` block")
+        res.set_commit(k)
 
     # -- consuming -------------------------------------------------------------------
     def try_pop(self) -> Item | None:

@@ -101,6 +101,8 @@ int gf_push_concat(gf_producer *p, const char *base, const uint64_t *lens, uint6
 int gf_reserve(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_off);
 int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out);
 int gf_abort(gf_producer *p);
+int gf_reserve_rows(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off, uint64_t *got);
+int gf_commit_rows(gf_producer *p, uint64_t k, uint64_t *first_seq);
 int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t spin);
 
 int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile uint64_t *lease_state,

@@ -41,10 +41,17 @@ static __typeof__(&gf_pop_batch) g_pop_batch;
 static __typeof__(&gf_release) g_release;
 static __typeof__(&gf_push) g_push;
 static __typeof__(&gf_consumer_outstanding) g_outstanding;
+static __typeof__(&gf_reserve) g_reserve;
+static __typeof__(&gf_commit) g_commit;
+static __typeof__(&gf_abort) g_abort;
+static __typeof__(&gf_reserve_rows) g_reserve_rows;
+static __typeof__(&gf_commit_rows) g_commit_rows;
+static __typeof__(&gf_record_size) g_record_size;
 
 static PyObject *g_frombuffer;   /* numpy.frombuffer */
 static PyObject *g_released_exc; /* errors.FabricValueError: an item used after release */
 static PyObject *g_finish_array; /* queue._finish_array(arr, dtype, copy) */
+static PyObject *g_rows_view;    /* queue._rows_view(ring, offset, rows, length, stride, dtype) */
 
 static inline uint64_t monotonic_ns(void) {
     struct timespec ts;
@@ -752,24 +759,275 @@ static PyTypeObject ProducerType = {
     .tp_methods = producer_methods,
 };
 
-/* -------------------------------------------------------------------- module */
+/* --------------------------------------------------------------- Reservation */
 
-/* bind(pop_batch, release, push, outstanding, frombuffer, released_exc, finish_array) */
-static PyObject *mod_bind(PyObject *mod, PyObject *args) {
-    unsigned long long a, b, c, d;
-    PyObject *fb, *exc, *fin;
-    if (!PyArg_ParseTuple(args, "KKKKOOO", &a, &b, &c, &d, &fb, &exc, &fin)) return NULL;
-    if (!a || !b || !c || !d) {
-        PyErr_SetString(PyExc_ValueError, "null native entry point");
+/* One reusable reservation per producer handle: `with q.reserve(n) as buf:` /
+ * `with q.reserve_batch(n, size) as rows:`. __enter__ claims ring space (one
+ * native call) and hands out a writable numpy view of it; __exit__ publishes
+ * it (or drops it when the block raised). */
+typedef struct {
+    PyObject_HEAD
+    ProducerObject *prod;
+    PyObject *queue;
+    PyObject *ring;       /* writable uint8 array over the ring's data area (pins the mapping) */
+    PyObject *dtype;      /* None, or the queue's dtype (views are of it) */
+    PyObject *slow_enter; /* callable(nbytes, rows, timeout) -> (payload_off, rows): waits for room, raises */
+    PyObject *timeout;
+    Py_ssize_t nbytes;    /* payload bytes of one item / row */
+    Py_ssize_t rows_want; /* 0: a single item; else the rows asked for */
+    Py_ssize_t rows;      /* rows reserved */
+    Py_ssize_t commit_len;/* single: bytes to publish; rows: rows to publish */
+    Py_ssize_t max_item;
+    Py_ssize_t itemsize;
+    uint64_t seq;
+    unsigned long armed_by; /* the thread that armed it: only it may enter */
+    int armed;
+    int active;
+} ReservationObject;
+
+static PyObject *res_view(ReservationObject *self, uint64_t off) {
+    if (self->rows_want) {
+        uint64_t stride = g_record_size((uint64_t)self->nbytes);
+        return PyObject_CallFunction(g_rows_view, "OKnnKO", self->ring, (unsigned long long)off, self->rows,
+                                     self->nbytes, (unsigned long long)stride, self->dtype);
+    }
+    PyObject *lo = PyLong_FromUnsignedLongLong(off);
+    PyObject *hi = PyLong_FromUnsignedLongLong(off + (uint64_t)self->nbytes);
+    PyObject *sl = lo && hi ? PySlice_New(lo, hi, NULL) : NULL;
+    Py_XDECREF(lo);
+    Py_XDECREF(hi);
+    if (!sl) return NULL;
+    PyObject *v = PyObject_GetItem(self->ring, sl);
+    Py_DECREF(sl);
+    if (!v || self->dtype == Py_None) return v;
+    PyObject *t = PyObject_CallMethod(v, "view", "O", self->dtype);
+    Py_DECREF(v);
+    return t;
+}
+
+static PyObject *res_enter(ReservationObject *self, PyObject *unused) {
+    if (!self->armed || self->armed_by != PyThread_get_thread_ident()) {
+        PyErr_SetString(g_released_exc,
+                        "use `with q.reserve(n) as buf:` in one go (a reservation is entered once, by the thread "
+                        "that asked for it)");
         return NULL;
     }
-    g_pop_batch = (__typeof__(g_pop_batch))(uintptr_t)a;
-    g_release = (__typeof__(g_release))(uintptr_t)b;
-    g_push = (__typeof__(g_push))(uintptr_t)c;
-    g_outstanding = (__typeof__(g_outstanding))(uintptr_t)d;
+    ProducerObject *pr = self->prod;
+    if (!pr->p) {
+        PyErr_SetString(PyExc_RuntimeError, "the producer is gone");
+        return NULL;
+    }
+    self->armed = 0;
+    uint64_t now, off = 0, got = 1;
+    if (clock_now(pr->clock, &now) < 0) return NULL;
+    int rc = self->rows_want
+                 ? g_reserve_rows(pr->p, (uint64_t)self->rows_want, (uint64_t)self->nbytes, now, &off, &got)
+                 : g_reserve(pr->p, (uint64_t)self->nbytes, now, &off);
+    if (rc == GF_FULL) {
+        PyObject *r = PyObject_CallFunction(self->slow_enter, "nnO", self->nbytes, self->rows_want, self->timeout);
+        if (!r) return NULL;
+        unsigned long long o, g;
+        int ok = PyArg_ParseTuple(r, "KK", &o, &g);
+        Py_DECREF(r);
+        if (!ok) return NULL;
+        off = o;
+        got = g;
+    } else if (rc != GF_OK) {
+        PyObject *r = PyObject_CallFunction(pr->on_error, "in", rc, self->nbytes);
+        Py_XDECREF(r);
+        if (r) PyErr_SetString(PyExc_RuntimeError, "reserve failed");
+        return NULL;
+    }
+    if (got == 0 || off + got * g_record_size((uint64_t)self->nbytes) > (uint64_t)PyObject_Length(self->ring)) {
+        /* the native layer never does this; refuse rather than hand out a view past the ring */
+        g_abort(pr->p);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "reservation outside the ring");
+        return NULL;
+    }
+    self->rows = (Py_ssize_t)got;
+    self->commit_len = self->rows_want ? self->rows : self->nbytes;
+    PyObject *v = res_view(self, off);
+    if (!v) {
+        g_abort(pr->p);
+        return NULL;
+    }
+    self->active = 1;
+    return v;
+}
+
+static PyObject *res_exit(ReservationObject *self, PyObject *args) {
+    PyObject *et = Py_None;
+    if (PyTuple_GET_SIZE(args) > 0) et = PyTuple_GET_ITEM(args, 0);
+    if (!self->active) Py_RETURN_FALSE;
+    self->active = 0;
+    ProducerObject *pr = self->prod;
+    if (!pr->p) Py_RETURN_FALSE;
+    if (et != Py_None) {
+        g_abort(pr->p);
+        Py_RETURN_FALSE;
+    }
+    uint64_t seq = 0;
+    int rc = self->rows_want ? g_commit_rows(pr->p, (uint64_t)self->commit_len, &seq)
+                             : g_commit(pr->p, (uint64_t)self->commit_len, &seq);
+    if (rc != GF_OK) {
+        PyObject *r = PyObject_CallFunction(pr->on_error, "in", rc, self->nbytes);
+        Py_XDECREF(r);
+        if (r) Py_RETURN_FALSE;
+        return NULL;
+    }
+    self->seq = seq;
+    if (self->rows_want) seq += (uint64_t)self->commit_len - 1;
+    PyObject *s = PyLong_FromUnsignedLongLong(seq);
+    if (!s) return NULL;
+    int bad = PyObject_SetAttrString(self->queue, "last_seq", s);
+    Py_DECREF(s);
+    if (bad) return NULL;
+    Py_RETURN_FALSE;
+}
+
+/* arm(nbytes, rows, timeout) -> self: validated by the caller's Python wrapper */
+static PyObject *res_arm(ReservationObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "arm(nbytes, rows, timeout)");
+        return NULL;
+    }
+    if (self->active) {
+        PyErr_SetString(g_released_exc, "a reservation of this handle is still open: commit it first");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t rows = PyLong_AsSsize_t(args[1]);
+    if ((n == -1 || rows == -1) && PyErr_Occurred()) return NULL;
+    self->nbytes = n;
+    self->rows_want = rows;
+    Py_XSETREF(self->timeout, Py_NewRef(args[2]));
+    self->armed = 1;
+    self->armed_by = PyThread_get_thread_ident();
+    return Py_NewRef((PyObject *)self);
+}
+
+static PyObject *res_set_commit(ReservationObject *self, PyObject *arg) {
+    Py_ssize_t k = PyLong_AsSsize_t(arg);
+    if (k == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t hi = self->rows_want ? self->rows : self->nbytes;
+    if (!self->active || k <= 0 || k > hi) {
+        PyErr_Format(g_released_exc, "commit length must be in (0, %zd] inside an open reservation", hi);
+        return NULL;
+    }
+    self->commit_len = k;
+    Py_RETURN_NONE;
+}
+
+static int res_traverse(ReservationObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->prod);
+    Py_VISIT(self->queue);
+    Py_VISIT(self->ring);
+    Py_VISIT(self->dtype);
+    Py_VISIT(self->slow_enter);
+    Py_VISIT(self->timeout);
+    return 0;
+}
+
+static int res_clear(ReservationObject *self) {
+    Py_CLEAR(self->prod);
+    Py_CLEAR(self->queue);
+    Py_CLEAR(self->ring);
+    Py_CLEAR(self->dtype);
+    Py_CLEAR(self->slow_enter);
+    Py_CLEAR(self->timeout);
+    return 0;
+}
+
+static void res_dealloc(ReservationObject *self) {
+    PyObject_GC_UnTrack(self);
+    res_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int res_init(ReservationObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"producer", "queue", "ring", "dtype", "slow_enter", NULL};
+    PyObject *prod, *queue, *ring, *dtype, *slow;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOOO", names, &ProducerType, &prod, &queue, &ring, &dtype, &slow))
+        return -1;
+    res_clear(self);
+    self->prod = (ProducerObject *)Py_NewRef(prod);
+    self->queue = Py_NewRef(queue);
+    self->ring = Py_NewRef(ring);
+    self->dtype = Py_NewRef(dtype);
+    self->slow_enter = Py_NewRef(slow);
+    self->timeout = Py_NewRef(Py_None);
+    self->armed = self->active = 0;
+    return 0;
+}
+
+static PyObject *res_get_seq(ReservationObject *self, void *unused) { return PyLong_FromUnsignedLongLong(self->seq); }
+static PyObject *res_get_rows(ReservationObject *self, void *unused) { return PyLong_FromSsize_t(self->rows); }
+static PyObject *res_get_active(ReservationObject *self, void *unused) { return PyBool_FromLong(self->active); }
+static PyObject *res_get_batch(ReservationObject *self, void *unused) { return PyBool_FromLong(self->rows_want != 0); }
+
+static PyGetSetDef res_getset[] = {
+    {"seq", (getter)res_get_seq, NULL, "sequence number of the (first) item last committed", NULL},
+    {"rows", (getter)res_get_rows, NULL, "rows reserved (reserve_batch)", NULL},
+    {"active", (getter)res_get_active, NULL, "inside the with block", NULL},
+    {"batch", (getter)res_get_batch, NULL, "a reserve_batch reservation", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef res_methods[] = {
+    {"__enter__", (PyCFunction)res_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)res_exit, METH_VARARGS, NULL},
+    {"arm", (PyCFunction)(void (*)(void))res_arm, METH_FASTCALL, NULL},
+    {"set_commit", (PyCFunction)res_set_commit, METH_O, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ReservationType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "grafos_fabric._item.Reservation",
+    .tp_basicsize = sizeof(ReservationObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A reusable reservation: `with q.reserve(n) as buf:` writes an item in place.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)res_init,
+    .tp_dealloc = (destructor)res_dealloc,
+    .tp_traverse = (traverseproc)res_traverse,
+    .tp_clear = (inquiry)res_clear,
+    .tp_methods = res_methods,
+    .tp_getset = res_getset,
+};
+
+/* -------------------------------------------------------------------- module */
+
+/* bind(entry_points: dict name -> address, frombuffer, released_exc, finish_array, rows_view) */
+static int bind_one(PyObject *d, const char *name, void **slot) {
+    PyObject *v = PyDict_GetItemString(d, name);
+    if (!v) {
+        PyErr_Format(PyExc_KeyError, "native entry point %s missing", name);
+        return -1;
+    }
+    unsigned long long a = PyLong_AsUnsignedLongLong(v);
+    if (PyErr_Occurred()) return -1;
+    if (!a) {
+        PyErr_Format(PyExc_ValueError, "native entry point %s is null", name);
+        return -1;
+    }
+    *slot = (void *)(uintptr_t)a;
+    return 0;
+}
+
+static PyObject *mod_bind(PyObject *mod, PyObject *args) {
+    PyObject *d, *fb, *exc, *fin, *rows;
+    if (!PyArg_ParseTuple(args, "O!OOOO", &PyDict_Type, &d, &fb, &exc, &fin, &rows)) return NULL;
+    if (bind_one(d, "gf_pop_batch", (void **)&g_pop_batch) || bind_one(d, "gf_release", (void **)&g_release) ||
+        bind_one(d, "gf_push", (void **)&g_push) || bind_one(d, "gf_consumer_outstanding", (void **)&g_outstanding) ||
+        bind_one(d, "gf_reserve", (void **)&g_reserve) || bind_one(d, "gf_commit", (void **)&g_commit) ||
+        bind_one(d, "gf_abort", (void **)&g_abort) || bind_one(d, "gf_reserve_rows", (void **)&g_reserve_rows) ||
+        bind_one(d, "gf_commit_rows", (void **)&g_commit_rows) ||
+        bind_one(d, "gf_record_size", (void **)&g_record_size))
+        return NULL;
     Py_XSETREF(g_frombuffer, Py_NewRef(fb));
     Py_XSETREF(g_released_exc, Py_NewRef(exc));
     Py_XSETREF(g_finish_array, Py_NewRef(fin));
+    Py_XSETREF(g_rows_view, Py_NewRef(rows));
     Py_RETURN_NONE;
 }
 
@@ -784,13 +1042,15 @@ static struct PyModuleDef moddef = {
 };
 
 PyMODINIT_FUNC PyInit__item(void) {
-    if (PyType_Ready(&ItemType) < 0 || PyType_Ready(&ConsumerType) < 0 || PyType_Ready(&ProducerType) < 0)
+    if (PyType_Ready(&ItemType) < 0 || PyType_Ready(&ConsumerType) < 0 || PyType_Ready(&ProducerType) < 0 ||
+        PyType_Ready(&ReservationType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Item", (PyObject *)&ItemType) < 0 ||
         PyModule_AddObjectRef(m, "Consumer", (PyObject *)&ConsumerType) < 0 ||
         PyModule_AddObjectRef(m, "Producer", (PyObject *)&ProducerType) < 0 ||
+        PyModule_AddObjectRef(m, "Reservation", (PyObject *)&ReservationType) < 0 ||
         PyModule_AddIntConstant(m, "GF_NATIVE_ABI", GF_NATIVE_ABI) < 0 ||
         PyModule_AddIntConstant(m, "PREFETCH_ITEMS", PF_MAX) < 0) {
         Py_DECREF(m);

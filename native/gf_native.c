@@ -457,12 +457,13 @@ static int gf_reserve_unlocked(gf_producer *p, uint64_t len, uint64_t now_ns, ui
     p->reserved_at = p->claim;
     p->reserved_len = len;
     p->reserved_seq = p->next_seq - 1;
+    p->reserved_rows = 0;
     *payload_off = idx + GF_RECORD_HEADER_SIZE;
     return GF_OK;
 }
 
 static int gf_commit_unlocked(gf_producer *p, uint64_t len, uint64_t *seq_out) {
-    if (!p->hdr || !p->reserved) return GF_E_ARG;
+    if (!p->hdr || !p->reserved || p->reserved_rows) return GF_E_ARG; /* rows commit with gf_commit_rows */
     if (len == 0 || len > p->reserved_len) return GF_E_ARG;
     gf_record_header *r = (gf_record_header *)(p->data + (p->reserved_at & p->mask));
     r->length = (uint32_t)len;
@@ -480,6 +481,7 @@ static int gf_abort_unlocked(gf_producer *p) {
     p->claim = p->tail;
     p->next_seq = p->pub_seq;
     p->reserved = 0;
+    p->reserved_rows = 0;
     return GF_OK;
 }
 
@@ -752,5 +754,83 @@ int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per
     int rc = gf_pop_batch_unlocked(c, max_items, max_bytes, per_item, now_ns, offs, lens, seqs, n_out, token_out,
                                    uniform_len);
     gf_unlock(&c->lock);
+    return rc;
+}
+
+/* ------------------------------------------------------- reserved rows (batch) */
+
+/* Reserve up to n records of payload len that are contiguous in the ring: the
+ * first may follow a padding record at the wrap, the others stop at the wrap
+ * point and at the first that does not fit. Record headers are written now
+ * (length, type, seq); the payloads are at *payload_off + i * gf_record_size(len)
+ * for i < *got. Nothing is visible until gf_commit_rows; gf_abort drops them. */
+static int gf_reserve_rows_unlocked(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off,
+                                    uint64_t *got) {
+    *got = 0;
+    if (!p->hdr) return GF_E_ARG;
+    if (p->reserved) return GF_E_CLAIMED;
+    int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
+    if (rc) return rc;
+    rc = prod_owner(p);
+    if (rc) return rc;
+    if (len == 0 || n == 0) return GF_E_ARG;
+    if (len > p->max_item) return GF_E_TOO_LARGE;
+    uint64_t idx0;
+    rc = prod_place(p, len, &idx0);
+    if (rc == GF_FULL) return full_reason(p);
+    if (rc) return rc;
+    uint64_t rs = rec_size(len);
+    p->reserved_at = p->claim;
+    p->reserved_seq = p->next_seq - 1; /* the first row's (kept here, not read back from the ring) */
+    p->claim += rs;
+    uint64_t k = 1;
+    while (k < n) {
+        uint64_t idx = p->claim & p->mask;
+        if (idx == 0 || idx + rs > p->capacity) break; /* contiguous rows only */
+        int room = prod_room(p, rs);
+        if (room <= 0) break; /* full (or a bad head, which the next call reports) */
+        gf_record_header *r = (gf_record_header *)(p->data + idx);
+        r->length = (uint32_t)len;
+        r->type = GF_RECORD_DATA;
+        r->seq = p->next_seq++;
+        p->claim += rs;
+        k++;
+    }
+    p->claim = p->reserved_at; /* what commit publishes is set there */
+    p->reserved = 1;
+    p->reserved_len = len;
+    p->reserved_rows = k;
+    *payload_off = idx0 + GF_RECORD_HEADER_SIZE;
+    *got = k;
+    return GF_OK;
+}
+
+/* Publish the first k rows of a gf_reserve_rows reservation (the others are
+ * dropped: their space and sequence numbers are reused). */
+static int gf_commit_rows_unlocked(gf_producer *p, uint64_t k, uint64_t *first_seq) {
+    if (!p->hdr || !p->reserved || !p->reserved_rows) return GF_E_ARG;
+    if (k == 0 || k > p->reserved_rows) return GF_E_ARG;
+    uint64_t seq = p->reserved_seq; /* ours, not read back from shared memory */
+    p->claim = p->reserved_at + k * rec_size(p->reserved_len);
+    p->next_seq = seq + k;
+    p->reserved = 0;
+    p->reserved_rows = 0;
+    int rc = prod_publish(p);
+    if (rc) return rc;
+    *first_seq = seq;
+    return GF_OK;
+}
+
+int gf_reserve_rows(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off, uint64_t *got) {
+    gf_lock(&p->lock);
+    int rc = gf_reserve_rows_unlocked(p, n, len, now_ns, payload_off, got);
+    gf_unlock(&p->lock);
+    return rc;
+}
+
+int gf_commit_rows(gf_producer *p, uint64_t k, uint64_t *first_seq) {
+    gf_lock(&p->lock);
+    int rc = gf_commit_rows_unlocked(p, k, first_seq);
+    gf_unlock(&p->lock);
     return rc;
 }

@@ -15,7 +15,7 @@
 
 /* Bumped whenever a layout or this API changes; the Python wrapper refuses a
  * build whose number differs from the one it was written for. */
-#define GF_NATIVE_ABI 10
+#define GF_NATIVE_ABI 11
 
 /* Status codes. 0 and the small positive values are ordinary outcomes;
  * negatives are errors (the grafOS ones first). */
@@ -59,6 +59,7 @@ typedef struct gf_producer {
     uint64_t reserved_at;   /* record position of an outstanding reservation */
     uint64_t reserved_len;
     uint64_t reserved_seq;  /* its sequence number (kept here, not read back from the ring) */
+    uint64_t reserved_rows; /* rows of a gf_reserve_rows reservation (0: a single one) */
     int reserved;
     int lock;             /* cffi drops the GIL: two threads must not run one producer at once */
 } gf_producer;
@@ -119,6 +120,8 @@ int gf_push_concat(gf_producer *p, const void *base, const uint64_t *lens, uint6
 int gf_reserve(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_off);
 int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out);
 int gf_abort(gf_producer *p);
+int gf_reserve_rows(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off, uint64_t *got);
+int gf_commit_rows(gf_producer *p, uint64_t k, uint64_t *first_seq);
 int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t spin);
 
 int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
