@@ -88,7 +88,19 @@ class Reservation:
     rows: int
     active: bool
     batch: bool
-    def __init__(self, producer: Producer, queue: Any, ring: Any, dtype: Any, slow_enter: Any) -> None: ...
+    def __init__(
+        self,
+        producer: Producer,
+        queue: Any,
+        ring: Any,
+        dtype: Any,
+        slow_enter: Any,
+        bad_arm: Any,
+        stage: Any,
+        slow_push: Any,
+        max_item: int,
+        itemsize: int,
+    ) -> None: ...
     def __enter__(self) -> np.ndarray[Any, Any]: ...
     def __exit__(self, *exc: object) -> bool: ...
     def arm(self, nbytes: int, rows: int, timeout: float | None) -> Reservation: ...

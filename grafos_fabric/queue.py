@@ -74,6 +74,11 @@ _U8 = np.dtype(np.uint8)
 _LEASE_ACTIVE = int(lib.GF_LEASE_ACTIVE)
 _NO_BYTE_LIMIT = (1 << 64) - 1
 PREFETCH_ITEMS = 64
+#: ``reserve(n)`` of at most this many bytes writes into a staging buffer that is
+#: pushed on commit: below it, building a view of the ring costs more than the copy
+#: (measured: see the README's performance notes). Larger reservations, and every
+#: ``reserve_batch``, are views of the ring itself (zero-copy).
+RESERVE_STAGE_MAX = 1024
 
 OK = int(lib.GF_OK)
 FULL = int(lib.GF_FULL)
@@ -819,9 +824,33 @@ class FabricQueue(QueueProtocols):
         del arr
         return done
 
-    def _check_reserve(self, nbytes: Any, rows: Any, timeout: float | None) -> Any:
-        if self._fp is None:
-            self._producer()
+    def _reservation(self) -> Any:
+        """This handle's reusable reservation (made on first use)."""
+        res = self._res
+        if res is None:
+            if self._fp is None:
+                self._producer()
+            region: Any = self.region
+            whole = region.view() if hasattr(region, "view") else ffi.buffer(self._ring, RING_HEADER + self.capacity)
+            ring = np.frombuffer(whole, dtype=np.uint8)[RING_HEADER : RING_HEADER + self.capacity]
+            stage = np.empty(min(RESERVE_STAGE_MAX, self.max_item), dtype=np.uint8)
+            res = self._res = _item.Reservation(
+                producer=self._fp,
+                queue=self,
+                ring=ring,
+                dtype=self.dtype,
+                slow_enter=self._reserve_slow,
+                bad_arm=self._bad_reserve,
+                stage=stage,
+                slow_push=self._push_staged_slow,
+                max_item=self.max_item,
+                itemsize=1 if self.dtype is None else self.dtype.itemsize,
+            )
+            self._stage = stage
+        return res
+
+    def _bad_reserve(self, nbytes: Any, rows: Any, timeout: Any) -> None:
+        """Raise the typed error for bad ``reserve`` arguments (called from ``_item``)."""
         if type(nbytes) is not int or nbytes <= 0:
             raise E.FabricValueError(f"reserve needs a positive int size, got {nbytes!r}")
         if type(rows) is not int or rows < 0:
@@ -830,17 +859,23 @@ class FabricQueue(QueueProtocols):
             raise E.ItemTooLarge(f"reservation of {nbytes} bytes exceeds the queue's max_item of {self.max_item}")
         if self.dtype is not None and nbytes % self.dtype.itemsize:
             raise E.DtypeMismatch(f"reservation must be a multiple of {self.dtype.itemsize} bytes for {self.dtype}")
-        if timeout is not None and timeout < 0:
+        if not isinstance(timeout, (int, float)) or timeout < 0:
             raise E.FabricValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-        res = self._res
-        if res is None:
-            region: Any = self.region
-            whole = region.view() if hasattr(region, "view") else ffi.buffer(self._ring, RING_HEADER + self.capacity)
-            ring = np.frombuffer(whole, dtype=np.uint8)[RING_HEADER : RING_HEADER + self.capacity]
-            res = self._res = _item.Reservation(
-                producer=self._fp, queue=self, ring=ring, dtype=self.dtype, slow_enter=self._reserve_slow
-            )
-        return res
+        raise E.FabricValueError(f"bad reservation ({nbytes!r}, {rows!r})")
+
+    def _push_staged_slow(self, nbytes: int, timeout: float | None) -> int:
+        """Commit of a staged (small) reservation when the ring was full: wait, then push it."""
+        p = self._prod or self._producer()
+        deadline = _deadline(timeout)
+        src = ffi.from_buffer(self._stage)
+        seq = ffi.new("uint64_t *")
+        while True:
+            self._wait_space(nbytes, deadline)
+            rc = lib.gf_push(p, src, nbytes, self._now(), seq)
+            if rc == OK:
+                return int(seq[0])
+            if rc != FULL:
+                self._push_error(rc, nbytes)
 
     def reserve(self, nbytes: int, timeout: float | None = None) -> AbstractContextManager[np.ndarray[Any, Any]]:
         """Zero-copy production: write the item in place, published on exit.
@@ -851,9 +886,12 @@ class FabricQueue(QueueProtocols):
         (nothing is published). Call ``q.commit_len(k)`` inside the block to
         publish only the first ``k`` bytes. The reservation object is reused by
         every ``reserve`` of this handle (one is open at a time); don't write to
-        ``buf`` after the block: the item is published then.
+        ``buf`` after the block: the item is published then. Items of at most
+        ``RESERVE_STAGE_MAX`` bytes are written to a staging buffer and copied in
+        on commit (cheaper than a view of the ring at that size); larger ones are
+        written in the ring itself.
         """
-        return self._check_reserve(nbytes, 0, timeout).arm(nbytes, 0, timeout)
+        return (self._res or self._reservation()).arm(nbytes, 0, timeout)
 
     def reserve_batch(
         self, n: int, size: int, timeout: float | None = None
@@ -869,7 +907,7 @@ class FabricQueue(QueueProtocols):
         """
         if type(n) is not int or n <= 0:
             raise E.FabricValueError(f"reserve_batch needs a positive int number of rows, got {n!r}")
-        return self._check_reserve(size, n, timeout).arm(size, n, timeout)
+        return (self._res or self._reservation()).arm(size, n, timeout)
 
     def _reserve_slow(self, nbytes: int, rows: int, timeout: float | None) -> tuple[int, int]:
         """Wait for room for a reservation, then take it: ``(payload offset, rows)``."""
@@ -890,6 +928,7 @@ class FabricQueue(QueueProtocols):
                 self._push_error(rc, nbytes)
 
     _res: Any = None
+    _stage: Any = None
     last_seq = -1
 
     def commit_len(self, nbytes: int) -> None:

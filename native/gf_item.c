@@ -52,6 +52,7 @@ static PyObject *g_frombuffer;   /* numpy.frombuffer */
 static PyObject *g_released_exc; /* errors.FabricValueError: an item used after release */
 static PyObject *g_finish_array; /* queue._finish_array(arr, dtype, copy) */
 static PyObject *g_rows_view;    /* queue._rows_view(ring, offset, rows, length, stride, dtype) */
+static PyObject *g_str_last_seq; /* "last_seq", interned */
 
 static inline uint64_t monotonic_ns(void) {
     struct timespec ts;
@@ -647,6 +648,7 @@ typedef struct {
     PyObject *validate; /* callable(obj) -> buffer-exporting object, for anything but exact bytes */
     PyObject *on_error; /* callable(rc, nbytes): raises */
     int typed;          /* the queue has a dtype: every push goes through validate */
+    int staged;         /* a staged (small) reservation is open: pushes wait their turn (GF_E_CLAIMED) */
 } ProducerObject;
 
 /* try_push(buf) -> seq | None (None: the ring is full) */
@@ -656,6 +658,12 @@ static PyObject *producer_try_push(ProducerObject *self, PyObject *buf) {
     Py_ssize_t n;
     PyObject *held = NULL;
     int have_view = 0;
+    if (self->staged) {
+        PyObject *r = PyObject_CallFunction(self->on_error, "in", GF_E_CLAIMED, (Py_ssize_t)0);
+        Py_XDECREF(r);
+        if (r) Py_RETURN_NONE;
+        return NULL;
+    }
     if (PyBytes_CheckExact(buf) && !self->typed) {
         src = PyBytes_AS_STRING(buf);
         n = PyBytes_GET_SIZE(buf);
@@ -773,6 +781,13 @@ typedef struct {
     PyObject *dtype;      /* None, or the queue's dtype (views are of it) */
     PyObject *slow_enter; /* callable(nbytes, rows, timeout) -> (payload_off, rows): waits for room, raises */
     PyObject *timeout;
+    PyObject *bad_arm;    /* callable(nbytes, rows): raises the typed error for bad arguments */
+    PyObject *stage;      /* uint8 array: small items are written here and pushed on commit */
+    PyObject *stage_views;/* dict nbytes -> view of stage[:nbytes] (in the queue's dtype) */
+    PyObject *slow_push;  /* callable(nbytes, timeout) -> seq: push the staged item once there is room */
+    char *stage_ptr;
+    Py_ssize_t stage_max; /* reservations up to this many bytes are staged (0: never) */
+    int staged;           /* the open reservation is staged */
     Py_ssize_t nbytes;    /* payload bytes of one item / row */
     Py_ssize_t rows_want; /* 0: a single item; else the rows asked for */
     Py_ssize_t rows;      /* rows reserved */
@@ -818,6 +833,35 @@ static PyObject *res_enter(ReservationObject *self, PyObject *unused) {
         return NULL;
     }
     self->armed = 0;
+    if (!self->rows_want && self->nbytes <= self->stage_max) {
+        /* A small item: a view of the ring costs more than copying the item on
+         * commit, so it is written into a staging buffer and pushed on exit. */
+        PyObject *key = PyLong_FromSsize_t(self->nbytes);
+        if (!key) return NULL;
+        PyObject *v = PyDict_GetItemWithError(self->stage_views, key);
+        if (v) {
+            Py_INCREF(v);
+        } else if (!PyErr_Occurred()) {
+            PyObject *sl = PySlice_New(NULL, key, NULL);
+            v = sl ? PyObject_GetItem(self->stage, sl) : NULL;
+            Py_XDECREF(sl);
+            if (v && self->dtype != Py_None) {
+                PyObject *t = PyObject_CallMethod(v, "view", "O", self->dtype);
+                Py_DECREF(v);
+                v = t;
+            }
+            if (v && PyDict_Size(self->stage_views) >= 64) PyDict_Clear(self->stage_views);
+            if (v && PyDict_SetItem(self->stage_views, key, v) < 0) Py_CLEAR(v);
+        }
+        Py_DECREF(key);
+        if (!v) return NULL;
+        self->rows = 1;
+        self->commit_len = self->nbytes;
+        self->staged = 1;
+        pr->staged = 1;
+        self->active = 1;
+        return v;
+    }
     uint64_t now, off = 0, got = 1;
     if (clock_now(pr->clock, &now) < 0) return NULL;
     int rc = self->rows_want
@@ -862,11 +906,33 @@ static PyObject *res_exit(ReservationObject *self, PyObject *args) {
     self->active = 0;
     ProducerObject *pr = self->prod;
     if (!pr->p) Py_RETURN_FALSE;
+    uint64_t seq = 0;
+    if (self->staged) {
+        self->staged = 0;
+        pr->staged = 0;
+        if (et != Py_None) Py_RETURN_FALSE;
+        uint64_t now;
+        if (clock_now(pr->clock, &now) < 0) return NULL;
+        int rc = g_push(pr->p, self->stage_ptr, (uint64_t)self->commit_len, now, &seq);
+        if (rc == GF_FULL) {
+            PyObject *r = PyObject_CallFunction(self->slow_push, "nO", self->commit_len, self->timeout);
+            if (!r) return NULL;
+            seq = PyLong_AsUnsignedLongLong(r);
+            Py_DECREF(r);
+            if (PyErr_Occurred()) return NULL;
+        } else if (rc != GF_OK) {
+            PyObject *r = PyObject_CallFunction(pr->on_error, "in", rc, self->commit_len);
+            Py_XDECREF(r);
+            if (r) Py_RETURN_FALSE;
+            return NULL;
+        }
+        self->seq = seq;
+        goto done;
+    }
     if (et != Py_None) {
         g_abort(pr->p);
         Py_RETURN_FALSE;
     }
-    uint64_t seq = 0;
     int rc = self->rows_want ? g_commit_rows(pr->p, (uint64_t)self->commit_len, &seq)
                              : g_commit(pr->p, (uint64_t)self->commit_len, &seq);
     if (rc != GF_OK) {
@@ -877,9 +943,10 @@ static PyObject *res_exit(ReservationObject *self, PyObject *args) {
     }
     self->seq = seq;
     if (self->rows_want) seq += (uint64_t)self->commit_len - 1;
+done:;
     PyObject *s = PyLong_FromUnsignedLongLong(seq);
     if (!s) return NULL;
-    int bad = PyObject_SetAttrString(self->queue, "last_seq", s);
+    int bad = PyObject_SetAttr(self->queue, g_str_last_seq, s);
     Py_DECREF(s);
     if (bad) return NULL;
     Py_RETURN_FALSE;
@@ -895,9 +962,22 @@ static PyObject *res_arm(ReservationObject *self, PyObject *const *args, Py_ssiz
         PyErr_SetString(g_released_exc, "a reservation of this handle is still open: commit it first");
         return NULL;
     }
-    Py_ssize_t n = PyLong_AsSsize_t(args[0]);
-    Py_ssize_t rows = PyLong_AsSsize_t(args[1]);
-    if ((n == -1 || rows == -1) && PyErr_Occurred()) return NULL;
+    Py_ssize_t n = -1, rows = -1;
+    if (PyLong_CheckExact(args[0]) && PyLong_CheckExact(args[1])) {
+        n = PyLong_AsSsize_t(args[0]);
+        rows = PyLong_AsSsize_t(args[1]);
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            n = rows = -1;
+        }
+    }
+    if (n <= 0 || rows < 0 || n > self->max_item || n % self->itemsize ||
+        (args[2] != Py_None && !PyFloat_CheckExact(args[2]) && !PyLong_CheckExact(args[2]))) {
+        PyObject *r = PyObject_CallFunctionObjArgs(self->bad_arm, args[0], args[1], args[2], NULL);
+        Py_XDECREF(r);
+        if (r) PyErr_SetString(g_released_exc, "bad reservation");
+        return NULL;
+    }
     self->nbytes = n;
     self->rows_want = rows;
     Py_XSETREF(self->timeout, Py_NewRef(args[2]));
@@ -925,6 +1005,10 @@ static int res_traverse(ReservationObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->dtype);
     Py_VISIT(self->slow_enter);
     Py_VISIT(self->timeout);
+    Py_VISIT(self->bad_arm);
+    Py_VISIT(self->stage);
+    Py_VISIT(self->stage_views);
+    Py_VISIT(self->slow_push);
     return 0;
 }
 
@@ -935,6 +1019,12 @@ static int res_clear(ReservationObject *self) {
     Py_CLEAR(self->dtype);
     Py_CLEAR(self->slow_enter);
     Py_CLEAR(self->timeout);
+    Py_CLEAR(self->bad_arm);
+    Py_CLEAR(self->stage);
+    Py_CLEAR(self->stage_views);
+    Py_CLEAR(self->slow_push);
+    self->stage_ptr = NULL;
+    self->stage_max = 0;
     return 0;
 }
 
@@ -945,18 +1035,38 @@ static void res_dealloc(ReservationObject *self) {
 }
 
 static int res_init(ReservationObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"producer", "queue", "ring", "dtype", "slow_enter", NULL};
-    PyObject *prod, *queue, *ring, *dtype, *slow;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOOO", names, &ProducerType, &prod, &queue, &ring, &dtype, &slow))
+    static char *names[] = {"producer", "queue", "ring", "dtype", "slow_enter", "bad_arm", "stage", "slow_push",
+                            "max_item", "itemsize", NULL};
+    PyObject *prod, *queue, *ring, *dtype, *slow, *bad, *stage, *slow_push;
+    Py_ssize_t max_item, itemsize;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOOOOOOnn", names, &ProducerType, &prod, &queue, &ring, &dtype,
+                                     &slow, &bad, &stage, &slow_push, &max_item, &itemsize))
         return -1;
+    if (itemsize <= 0 || max_item <= 0) {
+        PyErr_SetString(PyExc_ValueError, "max_item and itemsize must be positive");
+        return -1;
+    }
     res_clear(self);
+    Py_buffer view;
+    if (PyObject_GetBuffer(stage, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    /* the array keeps its memory; the staging view is only read on commit, with the GIL held */
+    self->stage_ptr = view.buf;
+    self->stage_max = view.len;
+    PyBuffer_Release(&view);
+    self->stage_views = PyDict_New();
+    if (!self->stage_views) return -1;
     self->prod = (ProducerObject *)Py_NewRef(prod);
     self->queue = Py_NewRef(queue);
     self->ring = Py_NewRef(ring);
     self->dtype = Py_NewRef(dtype);
     self->slow_enter = Py_NewRef(slow);
+    self->bad_arm = Py_NewRef(bad);
+    self->stage = Py_NewRef(stage);
+    self->slow_push = Py_NewRef(slow_push);
     self->timeout = Py_NewRef(Py_None);
-    self->armed = self->active = 0;
+    self->max_item = max_item;
+    self->itemsize = itemsize;
+    self->armed = self->active = self->staged = 0;
     return 0;
 }
 
@@ -1045,6 +1155,8 @@ PyMODINIT_FUNC PyInit__item(void) {
     if (PyType_Ready(&ItemType) < 0 || PyType_Ready(&ConsumerType) < 0 || PyType_Ready(&ProducerType) < 0 ||
         PyType_Ready(&ReservationType) < 0)
         return NULL;
+    g_str_last_seq = PyUnicode_InternFromString("last_seq");
+    if (!g_str_last_seq) return NULL;
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Item", (PyObject *)&ItemType) < 0 ||

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 #: The peer mode a fabric mode is compared with (reserve/commit is single-item production).
-PEER_MODE = {"single": "single", "batch": "batch", "reserve": "single"}
+PEER_MODE = {"single": "single", "batch": "batch", "reserve": "single", "produce": "single"}
 
 
 @dataclass

@@ -137,6 +137,12 @@ def touch_many(bufs: Sequence[Any]) -> int:
     return touch(b"".join(bufs))
 
 
+def _operands(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint8 arrays of ``size`` whose sum is the produced item (reserve/produce cases)."""
+    rng = np.random.default_rng(3)
+    return rng.integers(0, 128, size, dtype=np.uint8), rng.integers(0, 128, size, dtype=np.uint8)
+
+
 def make_payload(size: int, seed: int = 1) -> bytes:
     """Deterministic, non-constant payload bytes of ``size``."""
     rng = np.random.default_rng(seed)
@@ -557,15 +563,17 @@ class FabricTransport(Transport):
     """grafos-fabric FabricQueue on a driver (``shm`` by default).
 
     single: push/pop; batch: push_batch of a 2-D array / pop_batch with one
-    reduction over ``Batch.array()``; reserve: ``with q.reserve(n) as buf``
-    (zero-copy production) / pop. The parent creates the queue; both workers
+    reduction over ``Batch.array()``; reserve: ``with q.reserve(n) as buf:
+    np.add(a, b, out=buf)`` (the item produced in place) / pop; produce: the
+    same ``np.add`` into the producer's own buffer, then ``push`` (copy-in), the
+    like-for-like baseline of reserve. The parent creates the queue; both workers
     attach through its locator bytes, mapped (the default) or, with
     ``mapped=False``, through the one-sided ring protocol (what an RDMA client
     of a memory node speaks), which the shm driver also offers.
     """
 
     name = "fabric"
-    modes = ("single", "batch", "reserve")
+    modes = ("single", "batch", "reserve", "produce")
     description = "grafos_fabric.FabricQueue"
     ttl = 300.0
 
@@ -648,8 +656,10 @@ class FabricTransport(Transport):
                     raise RuntimeError(f"push_batch pushed {pushed} of {n}")
                 return n
         elif spec.mode == "reserve":
+            # zero-copy production, what reserve is for: the item is computed in place
             reserve = q.reserve
-            src = np.frombuffer(payload, dtype=np.uint8)
+            a, b = _operands(spec.size)
+            add = np.add
             chunk = range(spec.chunk)
             n = spec.chunk
             size = spec.size
@@ -657,7 +667,21 @@ class FabricTransport(Transport):
             def step() -> int:
                 for _ in chunk:
                     with reserve(size, timeout=STALL_S) as buf:
-                        buf[:] = src
+                        add(a, b, out=buf)
+                return n
+        elif spec.mode == "produce":
+            # the same production into a buffer of the producer's, then push (copy-in): what reserve saves
+            push = q.push
+            a, b = _operands(spec.size)
+            tmp = np.empty(spec.size, dtype=np.uint8)
+            add = np.add
+            chunk = range(spec.chunk)
+            n = spec.chunk
+
+            def step() -> int:
+                for _ in chunk:
+                    add(a, b, out=tmp)
+                    push(tmp, timeout=STALL_S)
                 return n
         else:
             push = q.push
