@@ -943,6 +943,47 @@ class OneSidedQueue(FabricQueue):
             self._publish(p, st, "commit")
             self.last_seq = seq
 
+    _commit_len = 0
+    _rows_commit = 0
+
+    def commit_len(self, nbytes: int) -> None:
+        """Inside ``reserve()``: publish only the first ``nbytes`` bytes."""
+        if not 0 < nbytes <= self._commit_len:
+            raise E.FabricValueError(f"commit length must be in (0, {self._commit_len}]")
+        self._commit_len = nbytes
+
+    @contextmanager
+    def reserve_batch(self, n: int, size: int, timeout: float | None = None) -> Iterator[np.ndarray[Any, Any]]:
+        """Up to ``n`` items of ``size`` bytes written in a local ``(n, size)`` buffer,
+        published on exit with one ``push_batch`` (one-sided: copied on commit, like
+        :meth:`reserve`). ``q.commit_rows(k)`` inside the block publishes only the
+        first ``k``; an exception publishes none."""
+        if type(n) is not int or n <= 0:
+            raise E.FabricValueError(f"reserve_batch needs a positive int number of rows, got {n!r}")
+        if type(size) is not int or size <= 0:
+            raise E.FabricValueError(f"reserve needs a positive int size, got {size!r}")
+        if size > self.max_item:
+            raise E.ItemTooLarge(f"reservation of {size} bytes exceeds the queue's max_item of {self.max_item}")
+        dt = self.dtype
+        if dt is not None and size % dt.itemsize:
+            raise E.DtypeMismatch(f"reservation must be a multiple of {dt.itemsize} bytes for {dt}")
+        rows = np.zeros((n, size), dtype=np.uint8)
+        view = rows if dt is None else rows.view(dt)
+        outer = self._rows_commit
+        self._rows_commit = n
+        try:
+            yield view
+            k = self._rows_commit
+        finally:
+            self._rows_commit = outer
+        self.push_batch(view[:k], timeout=timeout)
+
+    def commit_rows(self, k: int) -> None:
+        """Inside ``reserve_batch()``: publish only the first ``k`` rows."""
+        if not 0 < k <= self._rows_commit:
+            raise E.FabricValueError(f"commit_rows needs k in (0, {self._rows_commit}] inside reserve_batch")
+        self._rows_commit = k
+
         # -- consuming -------------------------------------------------------------------
 
     def _consumer(self) -> _Consumer:

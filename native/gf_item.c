@@ -882,7 +882,8 @@ static PyObject *res_enter(ReservationObject *self, PyObject *unused) {
         if (r) PyErr_SetString(PyExc_RuntimeError, "reserve failed");
         return NULL;
     }
-    if (got == 0 || off + got * g_record_size((uint64_t)self->nbytes) > (uint64_t)PyObject_Length(self->ring)) {
+    if (got == 0 || off + (got - 1) * g_record_size((uint64_t)self->nbytes) + (uint64_t)self->nbytes >
+                        (uint64_t)PyObject_Length(self->ring)) {
         /* the native layer never does this; refuse rather than hand out a view past the ring */
         g_abort(pr->p);
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "reservation outside the ring");
