@@ -31,6 +31,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 
 #include "gf_native.h"
@@ -667,7 +668,21 @@ static PyObject *producer_try_push(ProducerObject *self, PyObject *buf) {
     if (PyBytes_CheckExact(buf) && !self->typed) {
         src = PyBytes_AS_STRING(buf);
         n = PyBytes_GET_SIZE(buf);
+    } else if (!self->typed && PyObject_GetBuffer(buf, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
+        /* any C-contiguous buffer of plain data; Python objects ('O') go to validate for the error */
+        if (view.format && strchr(view.format, 'O')) {
+            PyBuffer_Release(&view);
+            held = PyObject_CallOneArg(self->validate, buf);
+            if (!held) return NULL;
+            Py_DECREF(held);
+            PyErr_SetString(PyExc_TypeError, "arrays of Python objects cannot be pushed");
+            return NULL;
+        }
+        have_view = 1;
+        src = view.buf;
+        n = view.len;
     } else {
+        PyErr_Clear();
         held = PyObject_CallOneArg(self->validate, buf);
         if (!held) return NULL;
         if (PyObject_GetBuffer(held, &view, PyBUF_SIMPLE) < 0) {

@@ -202,6 +202,7 @@ def test_items_popped_by_threads_sharing_a_handle_are_each_delivered_once(make_p
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
+    assert rx.try_pop() is None  # claim the consumer role before the threads share the handle
     threads = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
