@@ -669,7 +669,8 @@ class FabricQueue(QueueProtocols):
 
     def try_push(self, buf: Any) -> bool:
         """Push one item; False when the ring is full (never waits)."""
-        return self._push1(buf) is not None
+        fp = self._fp
+        return (fp.try_push(buf) if fp is not None else self._push1(buf)) is not None
 
     def _push_buffer(self, buf: Any) -> Any:
         """Validate one item for the native push (called from ``_item`` for
@@ -713,7 +714,8 @@ class FabricQueue(QueueProtocols):
         """Push one item, waiting for space; returns its sequence number.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first."""
-        seq = self._push1(buf)
+        fp = self._fp
+        seq = fp.try_push(buf) if fp is not None else self._push1(buf)
         if seq is not None:
             return seq
         deadline = _deadline(timeout)
