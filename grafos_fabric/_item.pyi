@@ -40,6 +40,7 @@ class Item:
 
 class Consumer:
     closed: int
+    multi: int
     queue: Any
     def __init__(
         self,
@@ -65,6 +66,7 @@ class Consumer:
     def prefetched(self) -> int: ...
     def take_prefetched(self, k: int) -> tuple[int, list[int], list[int], list[int]] | None: ...
     def drop_prefetched(self) -> None: ...
+    def note_thread(self) -> None: ...
 
 class Producer:
     def __init__(
@@ -74,13 +76,18 @@ class Producer:
         producer: int,
         clock: Callable[[], int] | None,
         validate: Callable[[Any], Any],
-        on_error: Callable[[int, int], None],
+        on_error: Callable[[int, int, Any], int | None],
         typed: bool,
     ) -> None: ...
     def try_push(self, buf: Any) -> int | None: ...
 
 def bind(
-    entry_points: dict[str, int], frombuffer: Any, released_exc: Any, finish_array: Any, rows_view: Any
+    entry_points: dict[str, int],
+    frombuffer: Any,
+    released_exc: Any,
+    finish_array: Any,
+    rows_view: Any,
+    corrupted_exc: Any,
 ) -> None: ...
 
 class Reservation:

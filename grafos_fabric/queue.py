@@ -179,6 +179,7 @@ _item.bind(
     E.FabricValueError,
     _finish_array,
     _rows_view,
+    E.Corrupted,
 )
 
 # One popped item (a C type, ``grafos_fabric._item``): ``item.seq``, ``len(item)``,
@@ -695,7 +696,7 @@ class FabricQueue(QueueProtocols):
             raise E.DtypeMismatch("item must be bytes-like and contiguous: this buffer is not")
         return mv
 
-    def _push_error(self, rc: int, n: int) -> None:
+    def _push_error(self, rc: int, n: int, buf: Any = None) -> None:
         """A native push's failure, raised as its typed error (called from ``_item``)."""
         if rc == lib.GF_E_TOO_LARGE:
             raise E.ItemTooLarge(f"item of {n} bytes exceeds the queue's max_item of {self.max_item}")

@@ -31,6 +31,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include <pthread.h>
 #include <string.h>
 #include <time.h>
 
@@ -54,6 +55,13 @@ static PyObject *g_released_exc; /* errors.FabricValueError: an item used after 
 static PyObject *g_finish_array; /* queue._finish_array(arr, dtype, copy) */
 static PyObject *g_rows_view;    /* queue._rows_view(ring, offset, rows, length, stride, dtype) */
 static PyObject *g_str_last_seq; /* "last_seq", interned */
+static PyObject *g_corrupted_exc; /* errors.Corrupted: a payload that is not whole dtype elements */
+
+/* Bumped in a child after fork(): the parent's consumers and producers (their
+ * native state was copied with the process) must not release, pop or push
+ * there: a release would move the parent's ring head from the child. */
+static volatile unsigned long g_fork_gen;
+static void after_fork_in_child(void) { g_fork_gen++; }
 
 static inline uint64_t monotonic_ns(void) {
     struct timespec ts;
@@ -83,6 +91,9 @@ typedef struct {
     uint64_t prefetch_bytes;
     int closed;
     uint32_t pf_i, pf_n;
+    unsigned long fork_gen; /* g_fork_gen when made */
+    unsigned long tid;      /* the first thread that popped (0: none yet) */
+    int multi;              /* pops came from more than one thread */
     uint64_t pf_token;
     uint64_t offs[PF_MAX], lens[PF_MAX], seqs[PF_MAX];
 } ConsumerObject;
@@ -111,7 +122,9 @@ static PyTypeObject ConsumerType;
 static void core_release(ConsumerObject *core, uint64_t token) {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    if (core->c) {
+    if (core->fork_gen != g_fork_gen) {
+        /* a forked child: the native consumer is the parent's; nothing is released here */
+    } else if (core->c) {
         g_release(core->c, token);
         if (core->closed && core->on_closed) {
             PyObject *r = PyObject_CallNoArgs(core->on_closed);
@@ -192,6 +205,15 @@ static PyObject *consumer_try_pop(ConsumerObject *self, PyObject *unused) {
         PyErr_SetString(PyExc_TypeError, "this consumer releases through Python: no native pop");
         return NULL;
     }
+    if (self->fork_gen != g_fork_gen) {
+        if (call_error(self, self->on_error, GF_E_ARG) < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    unsigned long tid = PyThread_get_thread_ident();
+    if (tid != self->tid) {
+        if (self->tid == 0) self->tid = tid;
+        else self->multi = 1;
+    }
     uint32_t i = self->pf_i;
     if (i < self->pf_n) {
         /* SYNC POINT: lease-state (the native pop that prefetched checked it; each hand-out checks again) */
@@ -220,6 +242,7 @@ static PyObject *consumer_try_pop(ConsumerObject *self, PyObject *unused) {
         return item_new_fast(self, token, self->offs[0], self->lens[0], self->seqs[0]);
     }
     if (rc == GF_EMPTY) Py_RETURN_NONE;
+    if (rc == GF_E_HELD && self->multi) Py_RETURN_NONE; /* other threads hold the oldest items */
     if (call_error(self, self->on_error, rc == GF_OK ? GF_E_CORRUPT : rc) < 0) return NULL;
     Py_RETURN_NONE;
 }
@@ -288,6 +311,17 @@ fail:
     Py_XDECREF(l);
     Py_XDECREF(s);
     return NULL;
+}
+
+/* note_thread(): a consumer call from this thread (pop_batch): notes whether calls
+ * come from more than one thread (multi). */
+static PyObject *consumer_note_thread(ConsumerObject *self, PyObject *unused) {
+    unsigned long tid = PyThread_get_thread_ident();
+    if (tid != self->tid) {
+        if (self->tid == 0) self->tid = tid;
+        else self->multi = 1;
+    }
+    Py_RETURN_NONE;
 }
 
 /* drop_prefetched(): forget what is prefetched (its tokens stay unreleased, so
@@ -389,6 +423,9 @@ static int consumer_init(ConsumerObject *self, PyObject *args, PyObject *kw) {
     self->lease_deadline = (volatile uint64_t *)(uintptr_t)ldead;
     self->prefetch_bytes = pfb ? pfb : 4096;
     self->pf_i = self->pf_n = 0;
+    self->fork_gen = g_fork_gen;
+    self->tid = 0;
+    self->multi = 0;
     return 0;
 }
 
@@ -401,11 +438,13 @@ static PyMethodDef consumer_methods[] = {
     {"take_prefetched", (PyCFunction)consumer_take_prefetched, METH_O,
      "take_prefetched(k) -> (first_token, offsets, lengths, seqs) | None"},
     {"drop_prefetched", (PyCFunction)consumer_drop_prefetched, METH_NOARGS, "Forget the prefetched records."},
+    {"note_thread", (PyCFunction)consumer_note_thread, METH_NOARGS, "Note a consumer call from this thread."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyMemberDef consumer_members[] = {
     {"closed", T_INT, offsetof(ConsumerObject, closed), 0, "set when the queue handle closed"},
+    {"multi", T_INT, offsetof(ConsumerObject, multi), 0, "consumer calls came from more than one thread"},
     {"queue", T_OBJECT, offsetof(ConsumerObject, queue), READONLY, "the queue handle"},
     {NULL, 0, 0, 0, NULL},
 };
@@ -526,6 +565,11 @@ static PyObject *item_release(ItemObject *self, PyObject *unused) {
 
 static PyObject *item_array(ItemObject *self, PyObject *unused) {
     if (item_unusable(self)) return NULL;
+    if (self->length % self->core->itemsize) {
+        PyErr_Format(g_corrupted_exc, "an item of %zd bytes is not a whole number of %zd-byte dtype elements",
+                     self->length, self->core->itemsize);
+        return NULL;
+    }
     return PyObject_CallFunctionObjArgs(g_frombuffer, (PyObject *)self, self->core->dtype, NULL);
 }
 
@@ -649,6 +693,7 @@ typedef struct {
     PyObject *validate; /* callable(obj) -> buffer-exporting object, for anything but exact bytes */
     PyObject *on_error; /* callable(rc, nbytes): raises */
     int typed;          /* the queue has a dtype: every push goes through validate */
+    unsigned long fork_gen;
     int staged;         /* a staged (small) reservation is open: pushes wait their turn (GF_E_CLAIMED) */
 } ProducerObject;
 
@@ -659,12 +704,9 @@ static PyObject *producer_try_push(ProducerObject *self, PyObject *buf) {
     Py_ssize_t n;
     PyObject *held = NULL;
     int have_view = 0;
-    if (self->staged) {
-        PyObject *r = PyObject_CallFunction(self->on_error, "in", GF_E_CLAIMED, (Py_ssize_t)0);
-        Py_XDECREF(r);
-        if (r) Py_RETURN_NONE;
-        return NULL;
-    }
+    if (self->staged || self->fork_gen != g_fork_gen)
+        return PyObject_CallFunction(self->on_error, "inO", self->staged ? GF_E_CLAIMED : GF_E_ARG, (Py_ssize_t)0,
+                                     buf);
     if (PyBytes_CheckExact(buf) && !self->typed) {
         src = PyBytes_AS_STRING(buf);
         n = PyBytes_GET_SIZE(buf);
@@ -710,10 +752,8 @@ static PyObject *producer_try_push(ProducerObject *self, PyObject *buf) {
     if (rc == GF_OK) return PyLong_FromUnsignedLongLong(seq);
     if (rc == INT32_MIN) return NULL;
     if (rc == GF_FULL) Py_RETURN_NONE;
-    PyObject *r = PyObject_CallFunction(self->on_error, "in", rc, n);
-    if (!r) return NULL;
-    Py_DECREF(r);
-    Py_RETURN_NONE;
+    /* raises the typed error, or (a reservation of another thread) waits and returns the push's result */
+    return PyObject_CallFunction(self->on_error, "inO", rc, n, buf);
 }
 
 static int producer_traverse(ProducerObject *self, visitproc visit, void *arg) {
@@ -761,6 +801,7 @@ static int producer_init(ProducerObject *self, PyObject *args, PyObject *kw) {
     self->validate = Py_NewRef(validate);
     self->on_error = Py_NewRef(on_error);
     self->typed = typed;
+    self->fork_gen = g_fork_gen;
     return 0;
 }
 
@@ -892,7 +933,7 @@ static PyObject *res_enter(ReservationObject *self, PyObject *unused) {
         off = o;
         got = g;
     } else if (rc != GF_OK) {
-        PyObject *r = PyObject_CallFunction(pr->on_error, "in", rc, self->nbytes);
+        PyObject *r = PyObject_CallFunction(pr->on_error, "inO", rc, self->nbytes, Py_None);
         Py_XDECREF(r);
         if (r) PyErr_SetString(PyExc_RuntimeError, "reserve failed");
         return NULL;
@@ -937,7 +978,7 @@ static PyObject *res_exit(ReservationObject *self, PyObject *args) {
             Py_DECREF(r);
             if (PyErr_Occurred()) return NULL;
         } else if (rc != GF_OK) {
-            PyObject *r = PyObject_CallFunction(pr->on_error, "in", rc, self->commit_len);
+            PyObject *r = PyObject_CallFunction(pr->on_error, "inO", rc, self->commit_len, Py_None);
             Py_XDECREF(r);
             if (r) Py_RETURN_FALSE;
             return NULL;
@@ -952,7 +993,7 @@ static PyObject *res_exit(ReservationObject *self, PyObject *args) {
     int rc = self->rows_want ? g_commit_rows(pr->p, (uint64_t)self->commit_len, &seq)
                              : g_commit(pr->p, (uint64_t)self->commit_len, &seq);
     if (rc != GF_OK) {
-        PyObject *r = PyObject_CallFunction(pr->on_error, "in", rc, self->nbytes);
+        PyObject *r = PyObject_CallFunction(pr->on_error, "inO", rc, self->nbytes, Py_None);
         Py_XDECREF(r);
         if (r) Py_RETURN_FALSE;
         return NULL;
@@ -1141,8 +1182,8 @@ static int bind_one(PyObject *d, const char *name, void **slot) {
 }
 
 static PyObject *mod_bind(PyObject *mod, PyObject *args) {
-    PyObject *d, *fb, *exc, *fin, *rows;
-    if (!PyArg_ParseTuple(args, "O!OOOO", &PyDict_Type, &d, &fb, &exc, &fin, &rows)) return NULL;
+    PyObject *d, *fb, *exc, *fin, *rows, *corrupted;
+    if (!PyArg_ParseTuple(args, "O!OOOOO", &PyDict_Type, &d, &fb, &exc, &fin, &rows, &corrupted)) return NULL;
     if (bind_one(d, "gf_pop_batch", (void **)&g_pop_batch) || bind_one(d, "gf_release", (void **)&g_release) ||
         bind_one(d, "gf_push", (void **)&g_push) || bind_one(d, "gf_consumer_outstanding", (void **)&g_outstanding) ||
         bind_one(d, "gf_reserve", (void **)&g_reserve) || bind_one(d, "gf_commit", (void **)&g_commit) ||
@@ -1154,6 +1195,7 @@ static PyObject *mod_bind(PyObject *mod, PyObject *args) {
     Py_XSETREF(g_released_exc, Py_NewRef(exc));
     Py_XSETREF(g_finish_array, Py_NewRef(fin));
     Py_XSETREF(g_rows_view, Py_NewRef(rows));
+    Py_XSETREF(g_corrupted_exc, Py_NewRef(corrupted));
     Py_RETURN_NONE;
 }
 
@@ -1171,6 +1213,10 @@ PyMODINIT_FUNC PyInit__item(void) {
     if (PyType_Ready(&ItemType) < 0 || PyType_Ready(&ConsumerType) < 0 || PyType_Ready(&ProducerType) < 0 ||
         PyType_Ready(&ReservationType) < 0)
         return NULL;
+    if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        return NULL;
+    }
     g_str_last_seq = PyUnicode_InternFromString("last_seq");
     if (!g_str_last_seq) return NULL;
     PyObject *m = PyModule_Create(&moddef);

@@ -367,3 +367,24 @@ def test_one_sided_reserve_batch_copies_on_commit(fabric):
     finally:
         tx.close()
         owner.free()
+
+
+def test_an_item_dropped_in_a_forked_child_does_not_release_the_parents_space(make_pair):
+    import os
+
+    tx, rx = make_pair(capacity=4096)
+    payload = b"f" * 1000
+    _fill(tx, payload)
+    item = rx.pop(timeout=5)
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the item must not move the parent's ring head
+        try:
+            del item
+            gc.collect()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert tx.try_push(payload) is False  # still pinned by the parent's item
+    item.release()
+    assert tx.try_push(payload) is True
