@@ -78,7 +78,7 @@ PREFETCH_ITEMS = 64
 #: pushed on commit: below it, building a view of the ring costs more than the copy
 #: (measured: see the README's performance notes). Larger reservations, and every
 #: ``reserve_batch``, are views of the ring itself (zero-copy).
-RESERVE_STAGE_MAX = 4096
+RESERVE_STAGE_MAX = 1024
 
 OK = int(lib.GF_OK)
 FULL = int(lib.GF_FULL)
