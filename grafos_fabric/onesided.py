@@ -334,7 +334,7 @@ class OneSidedQueue(FabricQueue):
         self.region = region
         self.lease = region.lease
         self.owner = owner
-        self._clock = fabric.clock
+        self._clock = getattr(region.lease, "clock", None) or fabric.clock  # the region's clock domain
         self.closed = False
         self._epoch = epoch
         self._prod = None

@@ -454,8 +454,11 @@ class FabricQueue(QueueProtocols):
         self.region = region
         self.lease: Lease = region.lease
         self.owner = owner
-        self._clock = fabric.clock
-        self._native_clock = bool(getattr(fabric.clock, "native", False))
+        # the region's lease clock: a host-clock region stays on the host clock even when this
+        # fabric was given a manual clock (see drivers/shm.py, clock domains)
+        clock = getattr(region.lease, "clock", None) or fabric.clock
+        self._clock = clock
+        self._native_clock = bool(getattr(clock, "native", False))
         if not region.mapped or not isinstance(region, MappedRegion):
             raise E.Unsupported("this FabricQueue needs a mapped region (see drivers.base.MappedRegion)")
         self._ring = ffi.cast("uint8_t *", region.payload_pointer())
@@ -900,12 +903,20 @@ class FabricQueue(QueueProtocols):
             if seq is not None:
                 return seq
 
+    def _check_size(self) -> None:
+        """Before a blocking wait: ``Corrupted`` if a co-tenant shrank the segment under
+        this mapping (a driver that can tell offers ``check_size``; one ``fstat``)."""
+        check = getattr(self.region, "check_size", None)
+        if check is not None:
+            check()
+
     def _wait_space(self, nbytes: int, deadline: float | None) -> None:
         """Sleep (without the producer lock) until ``nbytes`` may fit, a slice at most."""
         p = self._prod or self._producer()
         slice_ns = self._slice(deadline)
         if slice_ns <= 0:
             raise TimeoutError("timed out waiting for space in the queue")
+        self._check_size()
         rc = lib.gf_wait_space(p, nbytes, slice_ns, _SPIN)
         if rc < 0:
             self._raise(rc, "waiting for space")
@@ -1207,6 +1218,7 @@ class FabricQueue(QueueProtocols):
             return
         if stall[0] is not None:
             slice_ns = min(slice_ns, _POLL_SLICE_NS * 10)
+        self._check_size()
         rc = lib.gf_wait_data(c, slice_ns, _SPIN)
         if rc < 0:
             self._raise(rc, "waiting for data")
