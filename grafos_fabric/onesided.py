@@ -86,6 +86,7 @@ import numpy as np
 
 from . import errors as E
 from ._ffi import ffi, lib
+from ._types import ItemLike
 from .drivers.base import Fabric, Region
 from .lease import check_ttl
 from .locator import QueueLocator
@@ -765,7 +766,7 @@ class OneSidedQueue(FabricQueue):
             return np.frombuffer(item, dtype=np.uint8)
         return np.frombuffer(ffi.buffer(item), dtype=np.uint8)
 
-    def try_push(self, buf: Any) -> bool:
+    def try_push(self, buf: ItemLike) -> bool:
         """Push one item; False when the ring is full (never waits)."""
         with self._plock:
             return self._push1(buf) is not None
@@ -790,7 +791,7 @@ class OneSidedQueue(FabricQueue):
         self._publish(p, st, "push")
         return seq
 
-    def push(self, buf: Any, timeout: float | None = None) -> int:
+    def push(self, buf: ItemLike, timeout: float | None = None) -> int:
         """Push one item, polling for space; returns its sequence number.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first."""

@@ -65,6 +65,7 @@ import numpy as np
 from . import errors as E
 from . import observe
 from ._ffi import ffi, lib, raise_status
+from ._types import ItemLike
 from .drivers.base import Fabric, MappedRegion, Region
 from .lease import NS, Lease, check_ttl
 from .locator import QueueLocator
@@ -858,7 +859,7 @@ class FabricQueue(QueueProtocols):
         except (BufferError, ValueError) as exc:
             raise E.DtypeMismatch(f"item must be bytes-like and contiguous: {exc}") from None
 
-    def try_push(self, buf: Any) -> bool:
+    def try_push(self, buf: ItemLike) -> bool:
         """Push one item; False when the ring is full (never waits)."""
         return self._push1(buf) is not None
 
@@ -886,7 +887,7 @@ class FabricQueue(QueueProtocols):
         self._raise(rc, "push")
         return None  # unreachable
 
-    def push(self, buf: Any, timeout: float | None = None) -> int:
+    def push(self, buf: ItemLike, timeout: float | None = None) -> int:
         """Push one item, waiting for space; returns its sequence number.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first."""

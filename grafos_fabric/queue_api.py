@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from . import errors as E
+from ._types import ItemLike
 
 if TYPE_CHECKING:
     from .queue import Item
@@ -51,7 +52,7 @@ class QueueProtocols:
 
         def stats(self) -> dict[str, int | bool]: ...
         def try_pop(self) -> Item | None: ...
-        def try_push(self, buf: Any) -> bool: ...
+        def try_push(self, buf: ItemLike) -> bool: ...
         def pop(self, timeout: float | None = None) -> Item: ...
         def _wait_readable(self, deadline: float | None) -> None: ...
         def _wait_writable(self, nbytes: int, deadline: float | None) -> None: ...
@@ -172,14 +173,14 @@ class QueueProtocols:
                 raise TimeoutError("timed out waiting for an item")
             await loop.run_in_executor(self._aio_pool(), self._slice_wait, self._wait_readable)
 
-    async def apush(self, buf: Any, timeout: float | None = None) -> None:
+    async def apush(self, buf: ItemLike, timeout: float | None = None) -> None:
         """``await`` until ``buf`` is pushed, without blocking the event loop.
 
         ``TimeoutError`` when ``timeout`` seconds pass first. Cancelling the call
         pushes nothing (the push itself happens on the loop's thread)."""
         deadline = _deadline(timeout)
         loop = asyncio.get_running_loop()
-        nbytes = memoryview(buf).nbytes if not isinstance(buf, (bytes, bytearray)) else len(buf)
+        nbytes = 0
         while True:
             if self.closed:
                 raise E.QueueClosed("queue is closed")
@@ -187,7 +188,9 @@ class QueueProtocols:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("timed out waiting for space in the queue")
-            await loop.run_in_executor(self._aio_pool(), self._slice_wait, self._wait_writable, max(1, nbytes))
+            if not nbytes:  # try_push has validated buf: it exports a buffer
+                nbytes = max(1, memoryview(buf).nbytes)  # type: ignore[arg-type]
+            await loop.run_in_executor(self._aio_pool(), self._slice_wait, self._wait_writable, nbytes)
 
     def __aiter__(self) -> AsyncIterator[Item]:
         """``async for item in q``: like ``for``, ends when the queue is sealed and drained."""

@@ -224,3 +224,9 @@ def test_asyncio_with_a_dtype_queue(fabric: Any) -> None:
 
     assert asyncio.run(main()) == 6.0
     q.free()
+
+
+def test_apush_of_a_str_is_a_typed_error_that_says_encode(make_pair: Any) -> None:
+    tx, _rx = make_pair()
+    with pytest.raises(E.FabricTypeError, match="encode"):
+        asyncio.run(tx.apush("text"))  # type: ignore[arg-type]
