@@ -18,12 +18,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from grafos_fabric.errors import FabricValueError
 from grafos_fabric.lease import Clock, Lease
 
-__all__ = ["Buffer", "Fabric", "MappedRegion", "Region", "RegionRef"]
+__all__ = ["Buffer", "Fabric", "MappedRegion", "Region", "RegionRef", "byte_view"]
 
 Buffer = Any  # anything exporting the buffer protocol (bytes, bytearray, memoryview, numpy)
 
+
+
+def byte_view(buf: Buffer, *, writable: bool) -> memoryview:
+    """A flat byte view of ``buf`` for a one-sided operation (``read_into`` needs
+    ``writable``); ``FabricValueError`` for what a transport cannot take: no
+    buffer, not C-contiguous, read-only where it must write."""
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise FabricValueError(f"expected a bytes-like buffer, got {type(buf).__name__}") from None
+    if not mv.c_contiguous:
+        raise FabricValueError("the buffer must be C-contiguous")
+    if writable and mv.readonly:
+        raise FabricValueError("read_into needs a writable buffer")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 @dataclass(frozen=True)
 class RegionRef:

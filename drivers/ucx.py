@@ -80,7 +80,7 @@ from grafos_fabric.errors import (
 )
 from grafos_fabric.lease import Lease
 
-from .base import Buffer, Fabric, RegionRef
+from .base import Buffer, Fabric, RegionRef, byte_view
 from .node.client import RemoteFabric
 from .node.registrar import Access, Grant, NodeLink
 
@@ -607,18 +607,6 @@ class UcxRegistrar:
 # ---------------------------------------------------------------------------
 
 
-def _byte_view(buf: Buffer, *, writable: bool) -> memoryview:
-    try:
-        mv = memoryview(buf)
-    except TypeError:
-        raise FabricValueError(f"expected a bytes-like object, got {type(buf).__name__}") from None
-    if not mv.c_contiguous:
-        raise FabricValueError("the buffer must be C-contiguous")
-    if writable and mv.readonly:
-        raise FabricValueError("read_into needs a writable buffer")
-    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
-
-
 class UcxConnector:
     """This client's UCX data plane towards one node: one endpoint, (re)connected on demand.
 
@@ -808,7 +796,7 @@ class UcxRegion:
         raise Unsupported("a UCX region is not mapped into this process; use the one-sided operations")
 
     def read_into(self, offset: int, buf: Buffer) -> None:
-        mv = _byte_view(buf, writable=True)
+        mv = byte_view(buf, writable=True)
         self._check(offset, mv.nbytes)
         if mv.nbytes:
             ptr = ffi.from_buffer(mv)
@@ -818,7 +806,7 @@ class UcxRegion:
 
     def write(self, offset: int, buf: Buffer) -> None:
         """Put ``buf`` at ``offset``: complete locally on return, remotely visible after :meth:`flush`."""
-        mv = _byte_view(buf, writable=False)
+        mv = byte_view(buf, writable=False)
         self._check(offset, mv.nbytes, write=True)
         if mv.nbytes:
             ptr = ffi.from_buffer(mv)

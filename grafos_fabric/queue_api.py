@@ -30,7 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from . import errors as E
+from ._ffi import lib
 from ._types import ItemLike
+
+# ring layout constants, from the native descriptor (gf_ring.h), never re-typed
+_RING_HEADER = int(lib.GF_RING_HEADER_SIZE)
+_RECORD_HEADER = int(lib.GF_RECORD_HEADER_SIZE)
+_RECORD_ALIGN = int(lib.GF_RECORD_ALIGN)
+_DATA = int(lib.GF_RECORD_DATA)
+_PADDING = int(lib.GF_RECORD_PADDING)
+_MIN_RECORD = int(lib.gf_record_size(1))
 
 if TYPE_CHECKING:
     from .queue import Item
@@ -80,8 +89,8 @@ class QueueProtocols:
             return 0
         first = self._seq_at_head(int(s["head"]), int(s["tail"]))
         pending = int(s["next_seq"]) - first if first is not None else 0
-        # a record is at least one header + 16 bytes: never report more than fit
-        return max(0, min(pending, used // 32 or 1))
+        # never report more records than the bytes in use can hold
+        return max(0, min(pending, used // _MIN_RECORD or 1))
 
     def __len__(self) -> int:
         """Same as :meth:`qsize` (an estimate under concurrency)."""
@@ -99,7 +108,7 @@ class QueueProtocols:
         """True when not even the smallest item would fit now (estimate)."""
         s = self.stats()
         smallest = 1 if self.dtype is None else max(1, int(self.dtype.itemsize))
-        record = (16 + smallest + 15) & ~15
+        record = int(lib.gf_record_size(smallest))
         return int(s["capacity"]) - int(s["used"]) < record
 
     def _seq_at_head(self, head: int, tail: int) -> int | None:
@@ -111,23 +120,23 @@ class QueueProtocols:
         if region is None or tail <= head:
             return None
         mask = self.capacity - 1
-        buf = bytearray(16)
+        buf = bytearray(_RECORD_HEADER)
         for _ in range(2):
             idx = head & mask
-            if idx % 16:
+            if idx % _RECORD_ALIGN:
                 return None
             try:
-                region.read_into(4096 + idx, buf)
+                region.read_into(_RING_HEADER + idx, buf)
             except (E.FabricError, E.FabricValueError):
                 return None
             length = int.from_bytes(buf[0:4], "little")
             kind = int.from_bytes(buf[4:8], "little")
-            if kind == 2:  # padding: the next record starts at the ring's beginning
+            if kind == _PADDING:  # padding: the next record starts at the ring's beginning
                 head += self.capacity - idx
                 if head >= tail:
                     return None
                 continue
-            if kind != 1 or length == 0:
+            if kind != _DATA or length == 0:
                 return None
             return int.from_bytes(buf[8:16], "little")
         return None

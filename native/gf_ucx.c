@@ -418,17 +418,23 @@ static int connect_common(gfu_ctx *c, ucp_ep_params_t *p, gfu_ep *e, double time
     return GFU_OK;
 }
 
+/* ip:port as a sockaddr_in; GFU_ERROR with a message when ip is not IPv4 text. */
+static int parse_ipv4(const char *ip, uint16_t port, struct sockaddr_in *sin, char *err, size_t errlen) {
+    memset(sin, 0, sizeof *sin);
+    sin->sin_family = AF_INET;
+    sin->sin_port = htons(port);
+    if (inet_pton(AF_INET, ip, &sin->sin_addr) != 1) {
+        if (err && errlen) snprintf(err, errlen, "not an IPv4 address: %s", ip);
+        return GFU_ERROR;
+    }
+    return GFU_OK;
+}
+
 int gfu_connect_sockaddr(gfu_ctx *c, const char *ip, uint16_t port, double timeout, gfu_ep **out, char *err,
                          size_t errlen) {
     *out = NULL;
     struct sockaddr_in sin;
-    memset(&sin, 0, sizeof sin);
-    sin.sin_family = AF_INET;
-    sin.sin_port = htons(port);
-    if (inet_pton(AF_INET, ip, &sin.sin_addr) != 1) {
-        if (err && errlen) snprintf(err, errlen, "not an IPv4 address: %s", ip);
-        return GFU_ERROR;
-    }
+    if (parse_ipv4(ip, port, &sin, err, errlen) != GFU_OK) return GFU_ERROR;
     gfu_ep *e = calloc(1, sizeof *e);
     if (!e) return GFU_ERROR;
     e->ctx = c;
@@ -541,13 +547,7 @@ int gfu_listen(gfu_ctx *c, const char *ip, uint16_t port, gfu_listener **out, ui
                size_t errlen) {
     *out = NULL;
     struct sockaddr_in sin;
-    memset(&sin, 0, sizeof sin);
-    sin.sin_family = AF_INET;
-    sin.sin_port = htons(port);
-    if (inet_pton(AF_INET, ip, &sin.sin_addr) != 1) {
-        if (err && errlen) snprintf(err, errlen, "not an IPv4 address: %s", ip);
-        return GFU_ERROR;
-    }
+    if (parse_ipv4(ip, port, &sin, err, errlen) != GFU_OK) return GFU_ERROR;
     gfu_listener *l = calloc(1, sizeof *l);
     if (!l) return GFU_ERROR;
     l->ctx = c;

@@ -403,7 +403,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grafos-fabric",
-        description="Inspect and manage grafos-fabric's leased regions and queues, and run an RDMA memory node.",
+        description="Inspect and manage grafos-fabric's leased regions and queues, and run a memory node.",
         epilog="Run 'grafos-fabric COMMAND --help' for a command's options. "
         "Exit status: 0 done, 1 no such region, 2 fabric error, 3 missing extra.",
     )

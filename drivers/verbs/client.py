@@ -33,7 +33,7 @@ from grafos_fabric.errors import (
 from grafos_fabric.lease import Lease
 
 from .._verbs_compat import WC, E, probe
-from ..base import Buffer, RegionRef
+from ..base import Buffer, RegionRef, byte_view
 from ..node.client import NodeChannel, RemoteFabric, parse_node_url
 from ..node.registrar import Grant
 from ..node.wire import UNKNOWN
@@ -72,19 +72,6 @@ def buffer_address(mv: memoryview) -> int:
     if not mv.nbytes:
         return 0
     return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data)
-
-
-def byte_view(buf: Buffer, *, writable: bool) -> memoryview:
-    """A flat byte view of ``buf``; ``FabricValueError`` for what RDMA cannot take."""
-    try:
-        mv = memoryview(buf)
-    except TypeError:
-        raise FabricValueError(f"expected a bytes-like buffer, got {type(buf).__name__}") from None
-    if not mv.c_contiguous:
-        raise FabricValueError("the buffer must be C-contiguous")
-    if writable and mv.readonly:
-        raise FabricValueError("read_into needs a writable buffer")
-    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
 class VerbsConnector:
