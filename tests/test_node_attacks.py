@@ -541,6 +541,8 @@ def test_a_thousand_connections_on_a_node_with_64_fds_leave_it_serving(tmp_path)
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     n = start_node(tmp_path / "fds", nofile=64, max_connections=2000)
     socks: list[socket.socket] = []
+    held = n.fabric("alice")  # authenticated before the flood: it is never shed
+    region = held.alloc(64, ttl=60.0)
     try:
         for _ in range(1000):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -551,7 +553,14 @@ def test_a_thousand_connections_on_a_node_with_64_fds_leave_it_serving(tmp_path)
         with n.admin() as admin:  # one more connection may wait a while, but it is served
             text = admin.call(W.AdminMetrics(), W.Metrics).text
         assert 'grafos_node_accept_pauses_total{reason="EMFILE"}' in text
+        # the idle connects were shed (oldest unauthenticated first), not waited out one auth_timeout each
+        assert 'grafos_node_denials_total{reason="shed"}' in text
+        # the connection that authenticated first still works: a control round trip, then data
+        assert held.lease_status(region.lease) == "active"
+        region.store64(0, 7)
+        assert region.load64(0) == 7
     finally:
+        held.close()
         for s in socks:
             s.close()
         if soft < want:

@@ -18,9 +18,15 @@ not: over it, the newcomer gets ``LimitExceeded`` and is closed) and
 connection is closed (its byte stream is out of step). Everything else a
 client gets wrong is a typed error on that connection, which stays open.
 
-Accepting never stops for good: when ``accept`` fails for lack of file
+Accepting never stops for good. When ``accept`` fails for lack of file
 descriptors or memory (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``,
-``MemoryError``) the listener is taken off the loop for ``accept_backoff``
+``MemoryError``), the node first sheds the oldest quarter of the connections
+that have not finished the handshake (counted as the denial reason ``shed``):
+silent ones older than 0.1 s first, then ones that sent a Hello more than 1 s
+ago. A flood of idle connects then drains in tenths of a second per batch
+instead of one ``auth_timeout``, and a client that authenticates is never shed. A
+connection that finished the handshake keeps its descriptor. Only when there
+is nothing to shed is the listener taken off the loop for ``accept_backoff``
 seconds (pending connections wait in the kernel's backlog) and put back.
 
 The lease table's reaper runs on the same loop (``reap_interval``), so the
@@ -83,6 +89,9 @@ class _Conn:
     tenant: TenantPolicy | None = None
     session: RegistrarSession | None = None
     writer: asyncio.StreamWriter | None = None
+    since: float = 0.0  # loop time at accept: the oldest unauthenticated are shed first
+    hello: bool = False  # a well-formed Hello came: shed only after the silent ones
+    task: asyncio.Task[None] | None = None
 
 
 class NodeServer:
@@ -244,27 +253,67 @@ class NodeServer:
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(peer)
+            loop = asyncio.get_running_loop()
+            conn = _Conn(peer, since=loop.time())
             self._conns.add(conn)
-            task = asyncio.get_running_loop().create_task(self._serve(sock, conn))
+            task = loop.create_task(self._serve(sock, conn))
+            conn.task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         observe.gauge("node_connections", len(self._conns))
 
+    # A silent connection older than this may be shed under fd pressure; one that sent
+    # its Hello gets _SHED_AFTER_HELLO to finish the handshake.
+    _SHED_SILENT = 0.1
+    _SHED_AFTER_HELLO = 1.0
+
+    def _shed_unauthenticated(self, now: float) -> tuple[int, float | None]:
+        """Hang up on the oldest quarter (at least one) of the connections still in the
+        handshake that are old enough to shed: silent ones first, then those that sent a
+        Hello. Returns (how many, seconds until the next one becomes old enough or None)."""
+        silent: list[_Conn] = []
+        talking: list[_Conn] = []
+        for c in self._conns:
+            if c.tenant is None and c.task is not None:
+                (talking if c.hello else silent).append(c)
+        candidates: list[_Conn] = []
+        wait: float | None = None
+        for group, grace in ((silent, self._SHED_SILENT), (talking, self._SHED_AFTER_HELLO)):
+            for c in sorted(group, key=lambda c: c.since):
+                ripe = c.since + grace - now
+                if ripe <= 0:
+                    candidates.append(c)
+                elif wait is None or ripe < wait:
+                    wait = ripe
+        victims = candidates[:max(1, len(candidates) // 4)] if candidates else []
+        for conn in victims:
+            observe.count("node_denials", reason="shed")
+            assert conn.task is not None
+            conn.task.cancel()  # _serve's finally closes the socket and drops the connection
+        return len(victims), wait
+
     def _pause_accept(self, reason: str) -> None:
-        """Out of fds or memory: stop accepting for a while (the backlog holds newcomers)."""
+        """Out of fds or memory: shed unauthenticated connections, else stop accepting for a while."""
         self.accept_pauses += 1
         observe.count("node_accept_pauses", reason=reason)
-        log.warning("accept failed (%s): not accepting for %.2fs", reason, self.limits.accept_backoff)
         loop = asyncio.get_running_loop()
         fd = self._listener.fileno()
         loop.remove_reader(fd)
+        shed, wait = self._shed_unauthenticated(loop.time())
+        if shed:
+            log.info("accept failed (%s): shed %d unauthenticated connections", reason, shed)
+            delay = 0.001  # the cancelled tasks close their sockets on the next turns of the loop
+        elif wait is not None:
+            delay = min(wait + 0.001, self.limits.accept_backoff)
+        else:
+            log.warning("accept failed (%s): not accepting for %.2fs", reason, self.limits.accept_backoff)
+            delay = self.limits.accept_backoff
 
         def resume() -> None:
             if self._stop is not None and not self._stop.is_set():
                 loop.add_reader(fd, self._on_accept)
 
-        loop.call_later(self.limits.accept_backoff, resume)
+        loop.call_later(delay, resume)
 
     @staticmethod
     def _refuse(sock: socket.socket, ex: Exception) -> None:
@@ -378,6 +427,7 @@ class NodeServer:
                          deadline: float) -> None:
         loop = asyncio.get_running_loop()
         hello = self._decode_handshake(await self._read_frame(reader, deadline - loop.time(), deadline), W.Hello)
+        conn.hello = True
         if hello.version != W.PROTOCOL_VERSION:
             raise _Hangup(W.error_reply(VersionMismatch(
                 f"control protocol {hello.version}; this node speaks {W.PROTOCOL_VERSION}")))
