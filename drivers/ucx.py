@@ -65,10 +65,11 @@ import mmap
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 from urllib.parse import parse_qs, urlsplit
 
 from grafos_fabric.errors import (
+    STATUS_ARG,
     CapacityExceeded,
     Disconnected,
     FabricError,
@@ -77,6 +78,7 @@ from grafos_fabric.errors import (
     QueueClosed,
     Revoked,
     Unsupported,
+    from_status,
 )
 from grafos_fabric.lease import Lease
 
@@ -158,12 +160,15 @@ def _err(buf: Any) -> str:
     return str(ffi.string(buf).decode(errors="replace"))
 
 
-def _raise_local(rc: int, what: str) -> None:
+def _raise_local(rc: int, what: str) -> NoReturn:
+    """A binding status as the typed exception: translated into grafos_fabric.errors' status codes."""
     if rc == lib.GFU_UNSUPPORTED:
-        raise Unsupported(what)
-    if rc in (lib.GFU_DISCONNECTED, lib.GFU_TIMEOUT, lib.GFU_CLOSED):
-        raise Disconnected(what)
-    raise FabricValueError(what)
+        code = -5
+    elif rc in (lib.GFU_DISCONNECTED, lib.GFU_TIMEOUT, lib.GFU_CLOSED):
+        code = -1
+    else:  # GFU_ERROR: a local failure (bad argument, out of memory, UCX refused)
+        code = STATUS_ARG
+    raise from_status(code, what)
 
 
 # ---------------------------------------------------------------------------

@@ -28,34 +28,16 @@ if lib.gf_native_abi() != EXPECTED_ABI:  # pragma: no cover - only on a stale bu
 __all__ = ["ffi", "lib", "raise_status"]
 
 
-# native status -> (exception, message); StaleEpoch and QueueSealed get their extra fields below
-_STATUS: dict[int, tuple[type[Exception], str]] = {
-    lib.GF_E_EXPIRED: (E.LeaseExpired, "lease expired"),
-    lib.GF_E_REVOKED: (E.Revoked, "lease revoked"),
-    lib.GF_E_FENCED: (E.StaleEpoch, "fenced: the queue's epoch moved past this producer's"),
-    lib.GF_E_SEALED: (E.QueueSealed, "queue is sealed"),
-    lib.GF_E_ROLE: (E.RoleTaken, "another process holds this role on the queue"),
-    lib.GF_E_TOO_LARGE: (E.ItemTooLarge, "item larger than the queue's maximum item size"),
-    lib.GF_E_CORRUPT: (E.Corrupted, "corrupted shared memory"),
-    lib.GF_E_NOT_READY: (E.NotReady, "segment is still being built"),
-    lib.GF_E_VERSION: (E.VersionMismatch, "segment has another layout version"),
-    lib.GF_E_HELD: (E.HeldItemsStall, "too many unreleased items"),
-    lib.GF_E_CLAIMED: (E.FabricValueError, "a reservation is outstanding: commit or abort it first"),
-    lib.GF_E_CAPACITY: (E.CapacityExceeded, "capacity exceeded"),
-    lib.GF_E_DISCONNECTED: (E.Disconnected, "disconnected"),
-    lib.GF_E_ARG: (E.FabricValueError, "invalid argument"),
+_HEADER_DISAGREES = {
+    name: (getattr(lib, name), code) for name, code in E.NATIVE_STATUS_NAMES.items() if getattr(lib, name) != code
 }
+if _HEADER_DISAGREES:  # pragma: no cover - only when gf_native.h changes without errors.py
+    raise ImportError(f"native status codes differ from grafos_fabric.errors' table: {_HEADER_DISAGREES}")
 
 
 def raise_status(rc: int, what: str = "", *, seal_seq: int = 0, epoch: int | None = None) -> NoReturn:
-    """Turn a negative native status into the matching typed exception."""
-    ctx = f": {what}" if what else ""
-    kind = _STATUS.get(rc)
-    if kind is None:
-        raise E.FabricError(f"native status {rc}{ctx}", code=rc)
-    cls, message = kind
-    if cls is E.StaleEpoch:
-        raise E.StaleEpoch(message + ctx, epoch=epoch)
-    if cls is E.QueueSealed:
-        raise E.QueueSealed(message + ctx, seal_seq=seal_seq)
-    raise cls(message + ctx)
+    """Turn a negative native status into the matching typed exception (errors.from_status's table)."""
+    if rc == lib.GF_E_FENCED:  # the ring's fence is always an epoch check at the target
+        raise E.StaleEpoch("fenced: the queue's epoch moved past this producer's" + (f": {what}" if what else ""),
+                           epoch=epoch)
+    raise E.from_status(rc, context=what, seal_seq=seal_seq)

@@ -25,6 +25,10 @@ tenant). Limits a tenant runs into are :class:`CapacityExceeded` kinds:
 :class:`QuotaExceeded` (bytes or lease count) and :class:`LimitExceeded`
 (connections, request size): the caller may retry once it uses less.
 
+Status codes become exceptions in one place, :func:`from_status` (the
+native ring's, the memory node's replies and the UCX binding's all go through
+its table).
+
 Full and empty are never exceptions on the non-blocking calls (``try_push``
 returns ``False``, ``try_pop`` returns ``None``); the blocking calls raise the
 built-in :class:`TimeoutError` when their timeout runs out.
@@ -34,7 +38,16 @@ from __future__ import annotations
 
 __all__ = [
     "STATUS_ACCESS_DENIED",
+    "STATUS_ARG",
+    "STATUS_CLAIMED",
+    "STATUS_CORRUPT",
+    "STATUS_HELD",
+    "STATUS_NOT_READY",
     "STATUS_OK",
+    "STATUS_ROLE",
+    "STATUS_SEALED",
+    "STATUS_TOO_LARGE",
+    "STATUS_VERSION",
     "AccessDenied",
     "AuthFailed",
     "CapabilityDenied",
@@ -257,20 +270,75 @@ class Misaligned(FabricValueError):
     """A block offset, length or buffer is not a whole number of device blocks."""
 
 
-_BY_CODE: dict[int, type[FabricError]] = {
-    -1: Disconnected,
-    -2: LeaseExpired,
-    -3: Fenced,
-    -4: CapacityExceeded,
-    -5: Unsupported,
-    -6: Revoked,
-    STATUS_ACCESS_DENIED: AccessDenied,
+# The one status -> exception table. -1..-6 are grafOS's statuses and -7 grafos-fabric's
+# refusal on a memory node; -10..-18 are the native ring's own (native/gf_native.h,
+# GF_E_*: grafos_fabric._ffi refuses a build whose header disagrees with this table).
+# Each entry: the exception and the message used when the caller gives none. The UCX
+# binding's and the memory node's replies are translated into these codes, not mapped again.
+STATUS_SEALED = -10
+STATUS_ROLE = -11
+STATUS_TOO_LARGE = -12
+STATUS_CORRUPT = -13
+STATUS_NOT_READY = -14
+STATUS_VERSION = -15
+STATUS_HELD = -16
+STATUS_CLAIMED = -17
+STATUS_ARG = -18
+
+_STATUS: dict[int, tuple[type[Exception], str]] = {
+    -1: (Disconnected, "disconnected"),
+    -2: (LeaseExpired, "lease expired"),
+    -3: (Fenced, "fenced: the epoch moved past this holder's"),
+    -4: (CapacityExceeded, "capacity exceeded"),
+    -5: (Unsupported, "unsupported"),
+    -6: (Revoked, "lease revoked"),
+    STATUS_ACCESS_DENIED: (AccessDenied, "access denied"),
+    STATUS_SEALED: (QueueSealed, "queue is sealed"),
+    STATUS_ROLE: (RoleTaken, "another process holds this role on the queue"),
+    STATUS_TOO_LARGE: (ItemTooLarge, "item larger than the queue's maximum item size"),
+    STATUS_CORRUPT: (Corrupted, "corrupted shared memory"),
+    STATUS_NOT_READY: (NotReady, "segment is still being built"),
+    STATUS_VERSION: (VersionMismatch, "segment has another layout version"),
+    STATUS_HELD: (HeldItemsStall, "too many unreleased items"),
+    STATUS_CLAIMED: (FabricValueError, "a reservation is outstanding: commit or abort it first"),
+    STATUS_ARG: (FabricValueError, "invalid argument"),
 }
 
+# The native ring's statuses by their C names, for the import-time check in _ffi.
+NATIVE_STATUS_NAMES: dict[str, int] = {
+    "GF_E_DISCONNECTED": -1, "GF_E_EXPIRED": -2, "GF_E_FENCED": -3, "GF_E_CAPACITY": -4, "GF_E_UNSUPPORTED": -5,
+    "GF_E_REVOKED": -6, "GF_E_SEALED": STATUS_SEALED, "GF_E_ROLE": STATUS_ROLE, "GF_E_TOO_LARGE": STATUS_TOO_LARGE,
+    "GF_E_CORRUPT": STATUS_CORRUPT, "GF_E_NOT_READY": STATUS_NOT_READY, "GF_E_VERSION": STATUS_VERSION,
+    "GF_E_HELD": STATUS_HELD, "GF_E_CLAIMED": STATUS_CLAIMED, "GF_E_ARG": STATUS_ARG,
+}  # fmt: skip
 
-def from_status(code: int, message: str = "") -> FabricError:
-    """Map a grafOS status code to its exception (unknown codes keep their value)."""
-    cls = _BY_CODE.get(code)
-    if cls is None:
-        return FabricError(message or f"I/O error {code}", code=code)
-    return cls(message)
+
+def from_status(
+    code: int,
+    message: str = "",
+    *,
+    context: str = "",
+    seal_seq: int = 0,
+    epoch: int | None = None,
+    current: int | None = None,
+) -> Exception:
+    """The exception a status code stands for (never raises; unknown codes give a
+    :class:`FabricError` that keeps the value).
+
+    ``message`` replaces the table's text, ``context`` is appended to it
+    (``"lease expired: pushing"``). A fenced status (-3) that names an epoch is a
+    :class:`StaleEpoch`; a sealed one carries ``seal_seq``.
+    """
+    kind = _STATUS.get(code)
+    if kind is None:
+        text = message or f"status {code}"
+        return FabricError(f"{text}: {context}" if context else text, code=code)
+    cls, default = kind
+    text = message or default
+    if context:
+        text = f"{text}: {context}"
+    if cls is Fenced and (epoch is not None or current is not None):
+        return StaleEpoch(text, epoch=epoch, current=current)
+    if cls is QueueSealed:
+        return QueueSealed(text, seal_seq=seal_seq)
+    return cls(text)

@@ -34,6 +34,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -52,6 +53,7 @@ __all__ = [
     "enable",
     "gauge",
     "latency",
+    "percentile",
     "prometheus_text",
     "register_prometheus",
     "status_name",
@@ -191,6 +193,18 @@ def status_name(status: Any) -> str:
                 _STATUS_NAMES.setdefault(int(getattr(lib, attr)), attr[5:].lower().replace("_", "-"))
         _STATUS_NAMES.setdefault(0, "ok")
     return _STATUS_NAMES.get(status, f"unknown({status})")
+
+
+def percentile(samples: Sequence[float], q: float, *, empty: float = 0.0) -> float:
+    """The nearest-rank ``q`` quantile (0 <= q <= 1) of ``samples``; ``empty`` when there are none.
+
+    Exact, for the short sample lists the pipeline's stats and the benchmarks keep
+    (the histograms' :meth:`Histogram.quantile` is the bounded-memory, bucketed one).
+    """
+    if not samples:
+        return empty
+    s = sorted(samples)
+    return float(s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))])
 
 
 def _labels(labels: dict[str, Any]) -> LabelKey:

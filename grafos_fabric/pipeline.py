@@ -174,14 +174,6 @@ DEFAULT_PRODUCER_STAGE = StageId("src")
 DEFAULT_CONSUMER_STAGE = StageId("sink")  # rebind-time samples kept for the percentiles
 
 
-def _percentile(samples: Sequence[float], q: float) -> float:
-    if not samples:
-        return 0.0
-    s = sorted(samples)
-    k = min(len(s) - 1, max(0, round(q * (len(s) - 1))))
-    return s[k]
-
-
 def _remaining(deadline: float | None) -> float | None:
     if deadline is None:
         return None
@@ -337,8 +329,8 @@ class RelocatableQueueEdge:
     def _rebind_stats(self) -> dict[str, float]:
         s = list(self._rebind_s)
         return {
-            "rebind_p50_ms": _percentile(s, 0.50) * 1e3,
-            "rebind_p99_ms": _percentile(s, 0.99) * 1e3,
+            "rebind_p50_ms": observe.percentile(s, 0.50) * 1e3,
+            "rebind_p99_ms": observe.percentile(s, 0.99) * 1e3,
             "rebind_max_ms": (max(s) if s else 0.0) * 1e3,
         }
 

@@ -81,6 +81,40 @@ def test_status_codes_match_grafos():
     assert issubclass(E.StaleEpoch, E.FabricError)
 
 
+def test_every_native_status_maps_through_the_one_table_to_its_typed_exception():
+    from grafos_fabric._ffi import lib, raise_status
+
+    expected = {
+        "GF_E_DISCONNECTED": E.Disconnected, "GF_E_EXPIRED": E.LeaseExpired, "GF_E_FENCED": E.StaleEpoch,
+        "GF_E_CAPACITY": E.CapacityExceeded, "GF_E_UNSUPPORTED": E.Unsupported, "GF_E_REVOKED": E.Revoked,
+        "GF_E_SEALED": E.QueueSealed, "GF_E_ROLE": E.RoleTaken, "GF_E_TOO_LARGE": E.ItemTooLarge,
+        "GF_E_CORRUPT": E.Corrupted, "GF_E_NOT_READY": E.NotReady, "GF_E_VERSION": E.VersionMismatch,
+        "GF_E_HELD": E.HeldItemsStall, "GF_E_CLAIMED": E.FabricValueError, "GF_E_ARG": E.FabricValueError,
+    }  # fmt: skip
+    assert set(expected) == {n for n in dir(lib) if n.startswith("GF_E_")}
+    for name, cls in expected.items():
+        with pytest.raises(cls) as info:
+            raise_status(getattr(lib, name), "doing it", seal_seq=7, epoch=3)
+        assert type(info.value) is cls, name
+        assert str(info.value).endswith(": doing it")
+    with pytest.raises(E.QueueSealed) as sealed:
+        raise_status(lib.GF_E_SEALED, seal_seq=7)
+    assert sealed.value.seal_seq == 7
+    with pytest.raises(E.FabricError) as unknown:
+        raise_status(-99, "x")
+    assert unknown.value.code == -99 and type(unknown.value) is E.FabricError
+
+
+def test_from_status_uses_the_caller_message_and_tells_a_stale_epoch_from_a_plain_fence():
+    assert str(E.from_status(-2, "the node expired it")) == "the node expired it"
+    assert str(E.from_status(-2, context="pushing")) == "lease expired: pushing"
+    assert type(E.from_status(-3)) is E.Fenced
+    stale = E.from_status(-3, epoch=4, current=5)
+    assert isinstance(stale, E.StaleEpoch) and (stale.epoch, stale.current) == (4, 5)
+    assert isinstance(E.from_status(E.STATUS_ACCESS_DENIED), E.AccessDenied)
+    assert type(E.from_status(E.STATUS_ARG, "bad")) is E.FabricValueError
+
+
 def test_renewal_policy_is_due_at_three_quarters_with_deterministic_jitter():
     policy = RenewalPolicy()
     due_a = policy.renewal_deadline_ns(0, 100 * NS, "lease-a")

@@ -204,3 +204,10 @@ def test_register_prometheus_names_the_package_when_missing(monkeypatch, obs):
     monkeypatch.setattr(builtins, "__import__", no_prometheus)
     with pytest.raises(ImportError, match="pip install prometheus-client"):
         observe.register_prometheus(obs)
+
+
+def test_percentile_is_nearest_rank_and_says_what_empty_gives():
+    samples = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert [observe.percentile(samples, q) for q in (0.0, 0.5, 0.99, 1.0)] == [1.0, 3.0, 5.0, 5.0]
+    assert observe.percentile([], 0.5) == 0.0
+    assert math.isnan(observe.percentile([], 0.5, empty=float("nan")))

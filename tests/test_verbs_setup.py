@@ -36,6 +36,13 @@ def test_nonsense_pool_sizes_are_argument_errors(text):
         serve.parse_size(text)
 
 
+def test_serve_and_bench_share_one_size_parser():
+    from grafos_fabric.tools import _units, bench
+
+    assert serve.parse_size is _units.parse_size and bench.parse_size is _units.parse_size
+    assert [_units.parse_size(s) for s in ("2b", "4KB", "1 MiB", "1T")] == [2, 4096, 1 << 20, 1 << 40]
+
+
 def test_add_serve_parser_registers_serve_with_run_serve_and_defaults():
     parser = argparse.ArgumentParser(prog="grafos-fabric")
     sub = parser.add_subparsers(dest="command")

@@ -63,6 +63,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from grafos_fabric.tools import bench_report
+from grafos_fabric.tools._units import parse_size
 from grafos_fabric.tools.bench_report import fmt_rate
 from grafos_fabric.tools.bench_runner import COPYTO_DESCRIPTION, CaseResult, get_context, run_copyto, run_pair
 from grafos_fabric.tools.bench_transports import (
@@ -95,22 +96,6 @@ METHOD = (
     "b''.join(items) for peers); same buffering in bytes for every transport; consumer-side timing from the "
     "first item after warm-up to the last; median of --rounds round-robin rounds (min and max kept)"
 )
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "mb": 1 << 20}
-
-
-def parse_size(text: str) -> int:
-    """``"64"``, ``"4K"``, ``"4KiB"``, ``"1M"``, ``"1MiB"`` -> bytes (binary units)."""
-    s = text.strip().lower().replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num) :]
-    if not num or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 64, 4K, 1MiB)")
-    n = int(num) * _UNITS[unit]
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return n
-
 
 def _csv(choices: Sequence[str], allow_none: bool = False) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:

@@ -52,6 +52,7 @@ import numpy as np
 from grafos_fabric.drivers.block import filesystem_type, open_block
 
 import grafos_fabric as gf
+from grafos_fabric.observe import percentile
 from grafos_fabric.pipeline import RelocatableQueueEdge, StageId
 
 __all__ = ["main", "run_relocation_bench"]
@@ -61,13 +62,6 @@ log = logging.getLogger(__name__)
 REBIND_TARGET_MS = 1.0
 RATIO_TARGET = 0.8
 WARMUP_S = 0.2
-
-
-def _percentile(samples: Sequence[float], q: float) -> float:
-    if not samples:
-        return float("nan")
-    s = sorted(samples)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def _producer(
@@ -207,11 +201,11 @@ def _one_run(
         "relocating_items_per_s": round(r_rate),
         "ratio": round(r_rate / s_rate, 3) if s_rate else float("nan"),
         "rebind_samples": len(rebind),
-        "rebind_p50_ms": round(_percentile(rebind, 0.5) * 1e3, 3),
-        "rebind_p99_ms": round(_percentile(rebind, 0.99) * 1e3, 3),
+        "rebind_p50_ms": round(percentile(rebind, 0.5, empty=float("nan")) * 1e3, 3),
+        "rebind_p99_ms": round(percentile(rebind, 0.99, empty=float("nan")) * 1e3, 3),
         "rebind_max_ms": round(max(rebind) * 1e3, 3) if rebind else float("nan"),
-        "relocate_p50_ms": round(_percentile(relocate, 0.5) * 1e3, 3),
-        "relocate_p99_ms": round(_percentile(relocate, 0.99) * 1e3, 3),
+        "relocate_p50_ms": round(percentile(relocate, 0.5, empty=float("nan")) * 1e3, 3),
+        "relocate_p99_ms": round(percentile(relocate, 0.99, empty=float("nan")) * 1e3, 3),
         "replayed": pres["stats"]["replayed"],
         "dropped_duplicates": cres["stats"]["dropped_duplicates"],
         "delivered": cres["stats"]["delivered"],

@@ -36,30 +36,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 import threading
 from typing import Any
+
+from grafos_fabric.tools._units import parse_size
 
 __all__ = ["EX_UNAVAILABLE", "add_serve_parser", "parse_size", "run_serve", "serve_main"]
 
 log = logging.getLogger("grafos_fabric.tools.serve")
 
 EX_UNAVAILABLE = 69
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SCHEMES = {"verbs": "rdma", "nodeshm": "nodeshm", "ucx": "ucx"}
-
-
-def parse_size(text: str) -> int:
-    """``"4096"``, ``"512K"``, ``"256M"``, ``"4G"``, ``"1GiB"`` -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 512M, 4G)")
-    value = int(m.group(1)) * _UNITS[m.group(2).upper()]
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
