@@ -850,7 +850,14 @@ class OneSidedQueue(FabricQueue):
             deadline = _deadline(timeout)
             if isinstance(bufs, np.ndarray):
                 return self._frame_rows(p, bufs, deadline, timeout)
-            items = [self._item_bytes(b) for b in bufs]
+            if isinstance(bufs, (str, bytes, bytearray, memoryview)):  # as FabricQueue.push_batch
+                raise E.FabricTypeError("push_batch takes a sequence of items (or a 2-D array), not one item: use push")
+            try:
+                items = [self._item_bytes(b) for b in bufs]
+            except TypeError as exc:
+                if isinstance(exc, E.FabricTypeError):
+                    raise
+                raise E.FabricTypeError(f"push_batch takes a sequence of items, got {type(bufs).__name__}") from None
             if not items:
                 return 0
             lens = [a.nbytes for a in items]

@@ -1,76 +1,19 @@
-"""The queue conformance suite over ``ucx://``: a memory node (NodeServer with a
-UcxRegistrar, tcp on loopback) in this process, clients through UcxFabric, the
-queue speaking the one-sided ring protocol. The tests are test_queue.py's; only
-the ``fabric`` and ``queue_mode`` fixtures differ (shm-only tests are left out).
+"""A pipeline edge over ``ucx://`` whose memory node restarts. The queue conformance
+suite over UCX (tcp and sm,tcp) is the ``ucx-tcp``/``ucx-sm`` drivers of
+tests/conformance/ (``pytest tests/conformance -k ucx``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import test_queue as _conformance  # tests/ is on sys.path (pytest's rootdir conftest)
 from grafos_fabric.drivers import ucx
 
 if ucx.available() is not None:
     pytest.skip(f"UCX unavailable: {ucx.available()}", allow_module_level=True)
 
 SECRET = b"ucx-queue-conformance-secret-32b"
-_SHM_ONLY = {  # these open shm:// fabrics themselves, or offer a foreign (non-shm) locator to the shm driver
-    "test_expired_lease_fails_closed_at_the_exact_step",
-    "test_renewal_extends_the_deadline_for_every_attached_handle",
-    "test_attach_with_corrupt_truncated_or_foreign_locators_raises_typed_errors",
-}
-
-for _name in dir(_conformance):
-    if _name.startswith("test_") and _name not in _SHM_ONLY:
-        globals()[_name] = getattr(_conformance, _name)
-
-
-@pytest.fixture(scope="module", params=["tcp", "sm,tcp"])
-def ucx_node(request: pytest.FixtureRequest) -> Iterator[tuple[Any, str]]:
-    from grafos_fabric.drivers.node.auth import load_policy
-    from grafos_fabric.drivers.node.server import NodeServer
-
-    tls = str(request.param)
-    # event progress: no core burnt by the node on a shared 2-core machine (busy mode runs in test_ucx.py)
-    registrar = ucx.UcxRegistrar(64 << 20, host="127.0.0.1", tls=tls, net_devices="lo", progress="event")
-    node = NodeServer(registrar, load_policy(SECRET), port=0).start()
-    yield node, tls
-    node.close()
-
-
-@pytest.fixture
-def fabric(ucx_node: tuple[Any, str]) -> Iterator[Any]:
-    node, tls = ucx_node
-    f = ucx.UcxFabric("127.0.0.1", node.port, secret=SECRET, tls=tls, net_devices="lo")
-    yield f
-    f.close()
-
-
-@pytest.fixture
-def queue_mode() -> str:
-    return "onesided"
-
-
-@pytest.fixture
-def make_pair(fabric: Any, ucx_node: tuple[Any, str]) -> Iterator[Any]:
-    """Producer and consumer are two clients (two UcxFabrics: two sessions, two endpoints) of one node."""
-    import grafos_fabric as gf
-
-    node, tls = ucx_node
-    other = ucx.UcxFabric("127.0.0.1", node.port, secret=SECRET, tls=tls, net_devices="lo")
-
-    def make(**kwargs: Any) -> tuple[Any, Any]:
-        kwargs.setdefault("capacity", 1 << 16)
-        kwargs.setdefault("ttl", 600.0)  # a loaded 2-core machine can take a minute over the wrap tests
-        tx = gf.FabricQueue.create(fabric, **kwargs)
-        rx = gf.FabricQueue.attach(other, bytes(tx.locator()), mapped=False)
-        return tx, rx
-
-    yield make
-    other.close()
 
 
 def test_edges_relocate_to_the_restarted_node_and_lose_nothing(tmp_path: Any) -> None:

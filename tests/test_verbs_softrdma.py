@@ -342,6 +342,12 @@ def _module(name: str, **attrs: Any) -> types.ModuleType:
 @pytest.fixture(autouse=True)
 def soft_pyverbs(monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHca]:
     """Install the software HCA in place of pyverbs's device-bound modules (real ``pyverbs.wr``)."""
+    yield install_soft_hca(monkeypatch)
+
+
+def install_soft_hca(monkeypatch: pytest.MonkeyPatch) -> SoftHca:
+    """A fresh software HCA in place of pyverbs's device modules until ``monkeypatch`` undoes it
+    (also the conformance suite's ``softverbs`` driver, tests/conformance/conftest.py)."""
     global HCA
     HCA = SoftHca()
     fakes = {
@@ -361,7 +367,7 @@ def soft_pyverbs(monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHca]:
     monkeypatch.setattr(dev, "DEVICE", None)
     monkeypatch.setattr(dev, "IB_PORT", 1)
     monkeypatch.setattr(dev, "GID_INDEX", 0)
-    yield HCA
+    return HCA
 
 
 # The device tests' fixtures, on the software HCA.

@@ -11,7 +11,6 @@ consumers (tests/_pipeline_workers.py) and kill them with SIGKILL.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import random
 import secrets
@@ -81,32 +80,27 @@ def fabric(edge_ns: str, clock: gf.ManualClock, plan: FaultPlan) -> Any:
     return FaultyFabric(gf.open_fabric(f"shm://{edge_ns}", clock=clock), plan)
 
 
-# Every test that builds its edge with make_pair runs twice: with the consumer reading
-# queues mapped (the native ring) and one-sided (the RDMA ring protocol over shm).
-_MAPPED_CONSUMER = True
+# Every test that builds its edge with make_edge runs on each access pair of the
+# conformance matrix that an edge offers: the producer makes its queues mapped (the
+# edge's producer API has no one-sided mode), the consumer reads them mapped (the
+# native ring) or one-sided (the RDMA ring protocol over shm).
+pytestmark = pytest.mark.access("mapped->mapped", "mapped->onesided")
 
 
-@pytest.fixture(autouse=True)
-def consumer_mapped(request: pytest.FixtureRequest) -> Iterator[bool]:
-    global _MAPPED_CONSUMER
-    _MAPPED_CONSUMER = bool(getattr(request, "param", True))
-    yield _MAPPED_CONSUMER
-    _MAPPED_CONSUMER = True
+@pytest.fixture
+def make_edge(fabric: Any, edge_path: str, plan: FaultPlan, access: str) -> Callable[..., tuple[Any, Any]]:
+    """``make_edge(capacity=, window=, **producer_kw) -> (EdgeProducer, EdgeConsumer)`` on this
+    test's fabric, edge block and fault plan, the consumer reading as ``access`` says."""
+    mapped = access.split("->")[1] == "mapped"
 
+    def make(*, capacity: int = 1 << 16, window: int | None = None, **kw: Any) -> tuple[EdgeProducer, EdgeConsumer]:
+        tx = RelocatableQueueEdge.producer(
+            fabric, FaultyBlock(open_block(edge_path), plan), capacity=capacity, ttl=TTL, window=window, **kw
+        )
+        rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), stage=StageId("sink"), mapped=mapped)
+        return tx, rx
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "consumer_mapped" in metafunc.fixturenames and "make_pair(" in inspect.getsource(metafunc.function):
-        metafunc.parametrize("consumer_mapped", [True, False], ids=["mapped", "onesided"], indirect=True)
-
-
-def make_pair(
-    fabric: Any, edge_path: str, plan: FaultPlan, *, capacity: int = 1 << 16, window: int | None = None, **kw: Any
-) -> tuple[EdgeProducer, EdgeConsumer]:
-    tx = RelocatableQueueEdge.producer(
-        fabric, FaultyBlock(open_block(edge_path), plan), capacity=capacity, ttl=TTL, window=window, **kw
-    )
-    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), stage=StageId("sink"), mapped=_MAPPED_CONSUMER)
-    return tx, rx
+    return make
 
 
 def item(seq: int, tag: int = 0) -> bytes:
@@ -194,9 +188,9 @@ def run_stream(
 
 # -- deterministic fault injection ------------------------------------------------------------------
 def test_stream_without_faults_delivers_every_sequence_once_in_order(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     sink = run_stream(tx, rx, 2000, plan, clock)
     sink.assert_complete(2000)
     assert tx.stats()["relocations"] == 1  # the first queue
@@ -206,9 +200,9 @@ def test_stream_without_faults_delivers_every_sequence_once_in_order(
 
 @pytest.mark.parametrize("step", [1, 57, 58, 999])
 def test_lease_expiry_at_step_n_relocates_and_loses_nothing(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, step: int
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, step: int
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     plan.at(step, "expire")
     sink = run_stream(tx, rx, 1000, plan, clock)
     sink.assert_complete(1000)
@@ -219,9 +213,9 @@ def test_lease_expiry_at_step_n_relocates_and_loses_nothing(
 
 
 def test_lease_expiry_replays_the_unacked_items_and_the_consumer_drops_what_it_already_has(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     sink = Sink()
     for i in range(100):
         tx.push(item(i), timeout=0)
@@ -252,9 +246,9 @@ def test_a_one_sided_consumer_rebinds_through_every_fault_and_loses_nothing(
 
 @pytest.mark.parametrize("step", [0, 10, 499])
 def test_revoke_at_step_n_relocates_and_loses_nothing(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, step: int
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, step: int
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     plan.at(step, "revoke")
     sink = run_stream(tx, rx, 500, plan, clock)
     sink.assert_complete(500)
@@ -262,9 +256,9 @@ def test_revoke_at_step_n_relocates_and_loses_nothing(
 
 
 def test_single_sync_handoff_durability_relocates_and_loses_nothing(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan, durability="single-sync")
+    tx, rx = make_edge(durability="single-sync")
     plan.at(30, "relocate").at(60, "expire").at(90, "revoke")
     run_stream(tx, rx, 120, plan, clock).assert_complete(120)
     assert tx.durability == "single-sync" and int(tx.generation) == 4
@@ -272,9 +266,9 @@ def test_single_sync_handoff_durability_relocates_and_loses_nothing(
 
 @pytest.mark.parametrize("failures", [1, 4])
 def test_handoff_write_failure_at_step_m_is_retried_and_loses_nothing(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, failures: int
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, failures: int
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     plan.count = failures
     plan.at(200, "write_fails").at(201, "expire")
     sink = run_stream(tx, rx, 400, plan, clock)
@@ -284,9 +278,9 @@ def test_handoff_write_failure_at_step_m_is_retried_and_loses_nothing(
 
 
 def test_a_publish_that_fails_after_its_header_landed_counts_and_does_not_fence_the_producer(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     sink = Sink()
     for i in range(20):
         tx.push(item(i), timeout=0)
@@ -301,9 +295,9 @@ def test_a_publish_that_fails_after_its_header_landed_counts_and_does_not_fence_
 
 
 def test_allocation_failure_at_relocation_is_retried(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     plan.count = 3
     plan.at(50, "alloc_fails", "revoke")
     sink = run_stream(tx, rx, 200, plan, clock)
@@ -312,9 +306,9 @@ def test_allocation_failure_at_relocation_is_retried(
 
 
 def test_relocation_that_fails_every_attempt_raises_relocation_failed_and_keeps_the_window(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan, max_attempts=3)
+    tx, rx = make_edge(max_attempts=3)
     sink = Sink()
     for i in range(30):
         tx.push(item(i), timeout=0)
@@ -333,12 +327,14 @@ def test_relocation_that_fails_every_attempt_raises_relocation_failed_and_keeps_
     sink.assert_complete(31)
 
 
-def _random_plans(fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, seeds: range) -> None:
+def _random_plans(
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, seeds: range
+) -> None:
     for seed in seeds:
         rand = FaultPlan.random(seed, steps=600, n_faults=25)
         plan.steps = rand.steps
         plan.alloc_failures = plan.write_failures = plan.fail_sync_in = 0
-        tx, rx = make_pair(fabric, edge_path, plan)
+        tx, rx = make_edge()
         assert tx.next_seq == 0
         try:
             sink = run_stream(tx, rx, 600, plan, clock, consume_every=1 + seed % 4)
@@ -352,22 +348,23 @@ def _random_plans(fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.Manual
 
 
 def test_random_fault_plans_never_lose_reorder_or_duplicate_an_item(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    _random_plans(fabric, edge_path, plan, clock, range(8))
+    _random_plans(make_edge, fabric, edge_path, plan, clock, range(8))
 
 
 @pytest.mark.stress
+@pytest.mark.access("mapped->mapped")  # bounded in time: the 300 plans once; the 8-plan test above covers both pairs
 def test_three_hundred_random_fault_plans_never_lose_reorder_or_duplicate_an_item(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    _random_plans(fabric, edge_path, plan, clock, range(100, 400))
+    _random_plans(make_edge, fabric, edge_path, plan, clock, range(100, 400))
 
 
 def test_try_push_raises_queue_full_when_the_ring_is_full_and_accepts_nothing(
-    fabric: Any, edge_path: str, plan: FaultPlan
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan, capacity=4096)
+    tx, rx = make_edge(capacity=4096)
     n = 0
     with pytest.raises(EdgeError) as ei:
         while True:
@@ -384,9 +381,9 @@ def test_try_push_raises_queue_full_when_the_ring_is_full_and_accepts_nothing(
 
 
 def test_a_full_replay_window_makes_push_wait_and_time_out_without_accepting(
-    fabric: Any, edge_path: str, plan: FaultPlan
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan, capacity=1 << 16, window=1000)
+    tx, rx = make_edge(capacity=1 << 16, window=1000)
     for _ in range(10):
         tx.push(b"z" * 100)
     with pytest.raises(TimeoutError):
@@ -404,9 +401,9 @@ def test_a_full_replay_window_makes_push_wait_and_time_out_without_accepting(
 
 
 def test_consumer_restart_seals_the_queue_and_the_producer_replays_from_input_offset(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     first = Sink()
     for i in range(300):
         tx.push(item(i), timeout=0)
@@ -424,9 +421,9 @@ def test_consumer_restart_seals_the_queue_and_the_producer_replays_from_input_of
 
 
 def test_a_fresh_consumer_after_a_clean_close_gets_a_replay_not_the_rest_of_a_consumed_queue(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     for i in range(300):
         tx.push(item(i), timeout=0)
     Sink().drain(rx, ack=False, limit=120)  # took 0..119, released them, never acked
@@ -443,9 +440,9 @@ def test_a_fresh_consumer_after_a_clean_close_gets_a_replay_not_the_rest_of_a_co
 
 
 def test_consumer_restart_from_a_checkpoint_below_its_ack_fails_loudly_with_a_sequence_gap(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     for i in range(50):
         tx.push(item(i), timeout=0)
     Sink().drain(rx)  # acks 49
@@ -458,9 +455,9 @@ def test_consumer_restart_from_a_checkpoint_below_its_ack_fails_loudly_with_a_se
 
 
 def test_producer_restart_fences_the_zombie_and_reproduces_from_output_commit(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     sink = Sink()
     for i in range(200):
         tx.push(item(i, tag=1), timeout=0)
@@ -488,9 +485,9 @@ def test_producer_restart_fences_the_zombie_and_reproduces_from_output_commit(
 
 
 def test_a_producer_that_dies_between_publish_and_seal_leaves_nothing_lost(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     sink = Sink()
     for i in range(100):
         tx.push(item(i), timeout=0)
@@ -518,9 +515,9 @@ def test_a_producer_that_dies_between_publish_and_seal_leaves_nothing_lost(
 
 
 def test_stale_producer_that_keeps_pushing_never_gets_an_item_into_the_new_queue(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, edge_ns: str
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock, edge_ns: str
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     for i in range(10):
         tx.push(item(i, tag=1), timeout=0)
     stale_gen = int(tx.generation)
@@ -547,8 +544,10 @@ def test_stale_producer_that_keeps_pushing_never_gets_an_item_into_the_new_queue
     assert tx2.stats()["relocations"] == 1
 
 
-def test_an_oversize_item_is_refused_without_poisoning_the_window(fabric: Any, edge_path: str, plan: FaultPlan) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan, capacity=4096)
+def test_an_oversize_item_is_refused_without_poisoning_the_window(
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan
+) -> None:
+    tx, rx = make_edge(capacity=4096)
     tx.push(item(0), timeout=0)
     with pytest.raises(E.ItemTooLarge):
         tx.push(b"x" * 8192, timeout=0)
@@ -562,11 +561,11 @@ def test_an_oversize_item_is_refused_without_poisoning_the_window(fabric: Any, e
 
 
 def test_an_idle_producer_in_flush_notices_a_consumer_restart_and_replays_from_its_offset(
-    fabric: Any, edge_path: str, plan: FaultPlan
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan
 ) -> None:
     import threading
 
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     for i in range(100):
         tx.push(item(i), timeout=0)
     first = Sink()
@@ -622,11 +621,11 @@ def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(
 
 
 def test_a_batch_larger_than_the_window_goes_in_pieces_while_the_consumer_acks(
-    fabric: Any, edge_path: str, plan: FaultPlan
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan
 ) -> None:
     import threading
 
-    tx, rx = make_pair(fabric, edge_path, plan, capacity=1 << 16, window=4096)
+    tx, rx = make_edge(capacity=1 << 16, window=4096)
     sink = Sink()
 
     def consumer() -> None:
@@ -723,9 +722,9 @@ def test_consumer_that_sees_a_gap_raises_sequence_gap(fabric: Any, edge_path: st
 
 
 def test_batches_come_out_in_order_across_relocations_with_zero_copy_rows(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan, capacity=1 << 18)
+    tx, rx = make_edge(capacity=1 << 18)
     got: list[int] = []
     seq = 0
     for rnd in range(40):
@@ -750,9 +749,9 @@ def test_batches_come_out_in_order_across_relocations_with_zero_copy_rows(
 
 
 def test_explicit_consumer_relocate_switches_without_draining_and_loses_nothing(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     sink = Sink()
     for i in range(40):
         tx.push(item(i), timeout=0)
@@ -768,9 +767,9 @@ def test_explicit_consumer_relocate_switches_without_draining_and_loses_nothing(
 
 
 def test_stats_report_relocations_replays_duplicates_and_rebind_times(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     plan.at(10, "relocate").at(20, "revoke").at(30, "expire")
     run_stream(tx, rx, 50, plan, clock).assert_complete(50)
     st, sr = tx.stats(), rx.stats()
@@ -788,9 +787,9 @@ def test_stats_report_relocations_replays_duplicates_and_rebind_times(
 
 
 def test_producer_renews_its_queue_lease_while_it_pushes(
-    fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_pair(fabric, edge_path, plan)
+    tx, rx = make_edge()
     sink = Sink()
     for i in range(100):
         clock.advance(TTL * 0.3)  # 30 TTLs in all, never a whole TTL without a push

@@ -1,4 +1,8 @@
-"""FabricQueue behaviour, run once per queue mode (see conftest.QUEUE_MODES)."""
+"""FabricQueue behaviour through its API: the queue conformance suite.
+
+Runs on every access pair of shm and on every driver (tests/conformance/conftest.py);
+a test that needs the shm driver itself says so with its marker.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import pytest
 
 import grafos_fabric as gf
 from grafos_fabric import errors as E
+
+pytestmark = pytest.mark.drivers("shm", "nodeshm", "ucx-tcp", "ucx-sm", "softverbs", "verbs")
 
 
 def test_items_come_out_in_order_with_consecutive_sequence_numbers(make_pair):
@@ -527,6 +533,7 @@ def test_close_gives_the_consumer_role_back_once_nothing_is_outstanding(make_pai
     assert rx3.pop(timeout=1).tobytes() == b"b"
 
 
+@pytest.mark.drivers("shm")  # offers a foreign (non-shm) locator to the shm driver
 def test_attach_with_corrupt_truncated_or_foreign_locators_raises_typed_errors(fabric):
     import dataclasses
     import struct

@@ -1,4 +1,4 @@
-"""Property-based: random push/pop/release sequences against a plain model."""
+"""Property-based: random push/pop/release sequences against a plain model, on every access pair (shm)."""
 
 from __future__ import annotations
 

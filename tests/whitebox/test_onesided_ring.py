@@ -1,9 +1,11 @@
-"""The one-sided ring protocol (grafos_fabric.onesided) on the shm driver's one-sided ops.
+"""The one-sided ring protocol (grafos_fabric.onesided) on the shm driver's one-sided ops, white-box.
 
-Interop with the mapped (native) path in both directions, in one process and
-across processes; the wrap; fencing at the target (the tail CAS); seal; leases
-failing closed; corrupt remote bytes; round trips per operation; and random
-operation sequences against a FIFO model.
+Header pokes and operation counts (a recording region logs every one-sided op);
+construction and attach; fencing at the target (the tail CAS); leases failing
+closed; corrupt remote bytes; processes across paths; threads. The same
+behaviour seen only through the queue API, on every access pair, is
+tests/conformance/ (test_queue_paths.py here; test_queue.py and
+test_queue_model.py with one-sided producers through the matrix).
 """
 
 from __future__ import annotations
@@ -154,9 +156,6 @@ def one_sided(fabric: Any, q: Any, *, epoch: int | None = None) -> tuple[OneSide
 def ring_bytes(mapped_q: Any) -> np.ndarray:
     """The mapped handle's ring (header + data) as a writable byte array."""
     return np.frombuffer(mapped_q.region.view(), dtype=np.uint8)
-
-
-PAIRS = ["mapped->onesided", "onesided->mapped", "onesided->onesided"]
 
 
 def make(fabric: Any, pair: str, **kwargs: Any) -> tuple[Any, Any]:
@@ -320,94 +319,6 @@ def test_a_locator_with_another_geometry_is_refused(fabric):
 
 
 # -- interop in one process ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("pair", PAIRS)
-def test_items_cross_between_paths_in_order_and_intact_through_many_wraps(fabric, pair):
-    tx, rx = make(fabric, pair)
-    rng = np.random.default_rng(7)
-    expected: collections.deque[tuple[int, bytes]] = collections.deque()
-    seq = 0
-    for _ in range(3000):
-        payload = rng.integers(0, 256, int(rng.integers(1, 900)), dtype=np.uint8).tobytes()
-        while not tx.try_push(payload):
-            item = rx.try_pop()
-            assert item is not None
-            want = expected.popleft()
-            assert (item.seq, item.tobytes()) == want
-            item.release()
-        expected.append((seq, payload))
-        seq += 1
-    while expected:
-        with rx.pop(timeout=1) as item:
-            assert (item.seq, item.tobytes()) == expected.popleft()
-    assert rx.try_pop() is None
-
-
-@pytest.mark.parametrize("pair", PAIRS)
-def test_row_batches_cross_between_paths_through_the_wrap(fabric, pair):
-    tx, rx = make(fabric, pair, capacity=8192)
-    rows = (np.arange(4000 * 40) % 251).astype(np.uint8).reshape(4000, 40)
-    sent = 0
-    got: list[bytes] = []
-    seqs: list[int] = []
-    while len(got) < len(rows):
-        if sent < len(rows):
-            sent += tx.push_batch(rows[sent:], timeout=0)
-        b = rx.pop_batch(97, timeout=1)
-        np.testing.assert_array_equal(b.array(), rows[len(got) : len(got) + len(b)])
-        got.extend(b.tolist())
-        seqs.extend(int(s) for s in b.seqs)
-        b.release()
-    assert seqs == list(range(len(rows)))
-
-
-@pytest.mark.parametrize("pair", PAIRS)
-def test_strided_rows_and_variable_items_in_one_stream(fabric, pair):
-    tx, rx = make(fabric, pair, capacity=1 << 14, dtype=np.float32)
-    big = np.arange(60 * 8, dtype=np.float32).reshape(60, 8)
-    assert tx.push_batch(big[::2, :5]) == 30  # strided rows, contiguous within each row
-    assert tx.push_batch([np.full(k, k, dtype=np.float32) for k in range(1, 20)]) == 19
-    b = rx.pop_batch(30, timeout=1)
-    np.testing.assert_array_equal(b.array(), big[::2, :5])
-    b.release()
-    for k in range(1, 20):
-        with rx.pop(timeout=1) as item:
-            out = np.asarray(item)
-            assert out.dtype == np.float32
-            np.testing.assert_array_equal(out, np.full(k, k, dtype=np.float32))
-
-
-@pytest.mark.parametrize("pair", PAIRS)
-def test_a_record_that_ends_exactly_at_the_ring_end_needs_no_padding(fabric, pair):
-    tx, rx = make(fabric, pair)
-    for i in range(16):  # 240-byte payloads: 256-byte records, 16 fill 4096 bytes exactly
-        assert tx.try_push(bytes([i]) * 240)
-    assert not tx.try_push(b"x")
-    first = rx.pop_batch(100, timeout=1)
-    assert list(first.seqs) == list(range(16))
-    first.release()
-    for i in range(16, 20):
-        assert tx.try_push(bytes([i]) * 240)
-    nxt = rx.pop_batch(100, timeout=1)
-    assert list(nxt.seqs) == [16, 17, 18, 19]
-    assert nxt.array()[:, 0].tolist() == [16, 17, 18, 19]
-
-
-@pytest.mark.parametrize("pair", PAIRS)
-def test_a_padding_record_fills_the_gap_and_batches_stop_there(fabric, pair):
-    tx, rx = make(fabric, pair)
-    for i in range(3):
-        assert tx.try_push(bytes([i]) * 1000)  # 1024-byte records: 3072 used
-    with rx.pop_batch(3, timeout=1):
-        pass
-    assert tx.try_push(b"a" * 900)  # 928 bytes at 3072: ends at 4000, a 96-byte gap remains
-    assert tx.try_push(b"b" * 200)  # 224 bytes would straddle: padding, then index 0
-    b1 = rx.pop_batch(10, timeout=1)
-    assert b1.tolist() == [b"a" * 900]  # the batch stops at the padding
-    b2 = rx.pop_batch(10, timeout=1)
-    assert b2.tolist() == [b"b" * 200]
-    assert list(b2.seqs) == [4]
 
 
 def test_a_one_sided_batch_over_the_wrap_is_written_in_two_spans_and_published_once(fabric):
@@ -645,42 +556,6 @@ def test_takeover_by_a_newer_epoch_fences_the_older_producer_on_either_path(fabr
     assert rx.try_pop() is None
 
 
-@pytest.mark.parametrize("pair", PAIRS)
-def test_second_producers_and_consumers_are_refused_across_paths(fabric, pair):
-    tx, rx = make(fabric, pair)
-    tx.push(b"a")
-    rx.pop(timeout=1)
-    for mapped in (True, False):
-        other = gf.FabricQueue.attach(fabric, tx.locator(), mapped=mapped)
-        with pytest.raises(E.RoleTaken):
-            other.push(b"second producer")
-        with pytest.raises(E.RoleTaken):
-            other.try_pop()
-    tx.close()
-    taker = gf.FabricQueue.attach(fabric, tx.locator(), mapped=False)
-    taker.push(b"the role was given back on close")
-    assert rx.pop(timeout=1).tobytes() == b"the role was given back on close"
-
-
-@pytest.mark.parametrize("pair", PAIRS)
-def test_seal_from_either_side_stops_pushes_and_the_consumer_drains_first(fabric, pair):
-    tx, rx = make(fabric, pair)
-    tx.push(b"a")
-    tx.push_batch([b"b", b"c"])
-    assert rx.seal(seal_seq=9) is True
-    assert rx.seal() is False and tx.sealed and rx.sealed
-    with pytest.raises(E.QueueSealed):
-        tx.push(b"d")
-    with pytest.raises(E.QueueSealed):
-        tx.push_batch(np.zeros((2, 2), dtype=np.uint8))
-    with pytest.raises(E.QueueSealed):
-        tx.try_push(b"e")
-    assert rx.pop_batch(10, timeout=1).tolist() == [b"a", b"b", b"c"]
-    with pytest.raises(E.QueueSealed) as info:
-        rx.pop_batch(10, timeout=1)
-    assert info.value.seal_seq == 9
-
-
 def test_epoch_and_acked_only_move_forward_through_one_sided_atomics(fabric):
     q = OneSidedQueue.create(fabric, capacity=4096, ttl=30, epoch=5, first_seq=10)
     with pytest.raises(E.StaleEpoch):
@@ -900,69 +775,6 @@ def test_reserve_waits_for_space_and_times_out(fabric):
     assert tx.stats()["used"] <= 4096
 
 
-@pytest.mark.parametrize("pair", PAIRS)
-def test_blocking_calls_time_out_with_timeout_error(fabric, pair):
-    tx, rx = make(fabric, pair)
-    with pytest.raises(TimeoutError):
-        rx.pop(timeout=0.03)
-    with pytest.raises(TimeoutError):
-        rx.pop_batch(4, timeout=0.03)
-    while tx.try_push(b"q" * 300):
-        pass
-    with pytest.raises(TimeoutError):
-        tx.push(b"q" * 300, timeout=0.03)
-    with pytest.raises(TimeoutError) as info:
-        tx.push_batch([b"q" * 300] * 3, timeout=0.03)
-    assert info.value.args[1] == 0
-
-
-@pytest.mark.parametrize("pair", PAIRS)
-def test_a_blocked_producer_resumes_when_a_consumer_thread_frees_space(fabric, pair):
-    tx, rx = make(fabric, pair)
-    total = 3000
-    received: list[int] = []
-
-    def consume() -> None:
-        while len(received) < total:
-            with rx.pop_batch(64, timeout=10) as b:
-                received.extend(int(s) for s in b.seqs)
-
-    t = threading.Thread(target=consume)
-    t.start()
-    for i in range(0, total, 100):
-        assert tx.push_batch([bytes([i % 256]) * 30] * 100, timeout=10) == 100
-    t.join(20)
-    assert received == list(range(total))
-
-
-@pytest.mark.parametrize("pair", ["onesided->mapped", "onesided->onesided", "mapped->onesided"])
-def test_holding_items_while_the_producer_waits_raises_held_items_stall(fabric, pair):
-    tx, rx = make(fabric, pair)
-    held = []
-    stop = threading.Event()
-
-    def produce() -> None:
-        for _ in range(100):
-            try:
-                tx.push(b"h" * 200, timeout=3)
-            except (TimeoutError, E.FabricError):
-                break
-            if stop.is_set():
-                break
-
-    t = threading.Thread(target=produce)
-    t.start()
-    with pytest.raises(E.HeldItemsStall):
-        while True:
-            held.append(rx.pop(timeout=3))
-    assert len(held) > 5
-    stop.set()
-    held.clear()
-    gc.collect()
-    t.join(10)
-    assert tx.stats()["used"] >= 0
-
-
 # -- across processes ------------------------------------------------------------------------
 
 
@@ -1032,92 +844,6 @@ def test_two_processes_interoperate_across_paths(fabric, child, child_one_sided,
 
 # -- random operation sequences against a model ---------------------------------------------
 
-program = st.lists(
-    st.one_of(
-        st.tuples(st.just("push"), st.integers(1, 1500)),
-        st.tuples(st.just("batch"), st.lists(st.integers(1, 300), min_size=1, max_size=20)),
-        st.tuples(st.just("rows"), st.tuples(st.integers(1, 40), st.integers(1, 200))),
-        st.tuples(st.just("reserve"), st.tuples(st.integers(1, 800), st.integers(1, 800))),
-        st.tuples(st.just("pop"), st.just(0)),
-        st.tuples(st.just("pop_batch"), st.integers(1, 16)),
-        st.tuples(st.just("release_oldest"), st.just(0)),
-        st.tuples(st.just("release_newest"), st.just(0)),
-    ),
-    max_size=100,
-)
-
-
-@pytest.mark.parametrize("pair", PAIRS)
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=program)
-def test_random_operations_across_paths_match_a_fifo_model(fabric, pair, ops):
-    tx, rx = make(fabric, pair)
-    model: collections.deque[tuple[int, bytes]] = collections.deque()
-    held: list[Any] = []
-    seq = 0
-
-    def payload(s: int, n: int) -> bytes:
-        return bytes([s % 256]) * n
-
-    for op, arg in ops:
-        if op == "push":
-            if tx.try_push(payload(seq, arg)):
-                model.append((seq, payload(seq, arg)))
-                seq += 1
-        elif op == "batch":
-            items = [payload(seq + i, n) for i, n in enumerate(arg)]
-            k = tx.push_batch(items, timeout=0)
-            for p in items[:k]:
-                model.append((seq, p))
-                seq += 1
-        elif op == "rows":
-            rows_n, width = arg
-            rows = np.array([list(payload(seq + i, width)) for i in range(rows_n)], dtype=np.uint8)
-            k = tx.push_batch(rows, timeout=0)
-            for r in rows[:k]:
-                model.append((seq, r.tobytes()))
-                seq += 1
-        elif op == "reserve":
-            size, keep = arg
-            keep = min(keep, size)
-            try:
-                with tx.reserve(size, timeout=0) as buf:
-                    buf[:] = seq % 256
-                    tx.commit_len(keep)
-            except TimeoutError:
-                continue
-            model.append((seq, payload(seq, keep)))
-            assert tx.last_seq == seq
-            seq += 1
-        elif op == "pop":
-            item = rx.try_pop()
-            if not model:
-                assert item is None
-            else:
-                assert item is not None
-                assert (item.seq, item.tobytes()) == model.popleft()
-                held.append(item)
-        elif op == "pop_batch":
-            b = rx.pop_batch(arg, timeout=0)
-            assert len(b) <= min(arg, len(model))
-            if model:
-                assert len(b) >= 1
-            for item in b:
-                assert (item.seq, item.tobytes()) == model.popleft()
-            held.append(b)
-        elif op == "release_oldest" and held:
-            held.pop(0).release()
-        elif op == "release_newest" and held:
-            held.pop().release()
-    for h in held:
-        h.release()
-    while model:
-        with rx.pop(timeout=1) as item:
-            assert (item.seq, item.tobytes()) == model.popleft()
-    assert rx.try_pop() is None
-    stats = tx.stats()
-    assert stats["head"] == stats["tail"] and stats["next_seq"] == seq
-    tx.free()
 
 
 def test_threads_sharing_one_sided_handles_are_serialized_per_role(fabric):
@@ -1275,39 +1001,3 @@ def test_killing_one_sided_producers_mid_write_never_publishes_a_torn_record(fab
             b.release()
     assert received > 100
     assert rx.epoch == 8
-
-
-# -- the queue suite (tests/test_queue.py, tests/test_queue_model.py) with a one-sided producer --------
-#
-# conftest's make_pair makes the producer with FabricQueue.create (mapped), so the
-# "onesided" mode there runs one-sided *consumers*. Here the same tests run again
-# with a producer made by OneSidedQueue.create: against a mapped consumer
-# ("onesided-producer") and a one-sided one ("onesided-both").
-
-import inspect  # noqa: E402
-
-import test_queue as _queue_suite  # noqa: E402
-import test_queue_model as _model_suite  # noqa: E402
-
-
-@pytest.fixture(params=["onesided-producer", "onesided-both"])
-def queue_mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def make_pair(fabric: Any, queue_mode: str) -> Callable[..., tuple[Any, Any]]:
-    def pair(**kwargs: Any) -> tuple[Any, Any]:
-        kwargs.setdefault("capacity", 1 << 16)
-        kwargs.setdefault("ttl", 60.0)
-        tx = OneSidedQueue.create(fabric, **kwargs)
-        rx = gf.FabricQueue.attach(fabric, bytes(tx.locator()), mapped=queue_mode == "onesided-producer")
-        return tx, rx
-
-    return pair
-
-
-for _suite in (_queue_suite, _model_suite):
-    for _name, _test in vars(_suite).items():
-        if _name.startswith("test_") and callable(_test) and "make_pair" in inspect.signature(_test).parameters:
-            globals()[_name] = _test
