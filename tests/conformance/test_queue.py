@@ -450,7 +450,7 @@ def test_holding_items_while_waiting_raises_instead_of_deadlocking(make_pair):
     def produce() -> None:
         try:
             for _ in range(200):
-                tx.push(b"h" * 200, timeout=5)
+                tx.push(b"h" * 200, timeout=30)
         except TimeoutError:
             pass
         done.set()
@@ -465,13 +465,13 @@ def test_holding_items_while_waiting_raises_instead_of_deadlocking(make_pair):
     held.clear()
     gc.collect()
     rest = 0
-    while True:
+    while n_held + rest < 200:  # generous waits: the slow drivers (softverbs) on a loaded machine
         try:
-            rx.pop(timeout=0.5).release()
+            rx.pop(timeout=30).release()
             rest += 1
         except TimeoutError:
             break
-    t.join(10)
+    t.join(30)
     assert n_held + rest == 200
 
 
