@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from grafos_fabric.drivers.block import BlockRegion, open_block
 
+from grafos_fabric.drivers.block import BlockRegion, open_block
 from grafos_fabric.errors import CapacityExceeded, Misaligned
 from grafos_fabric.lease import Lease, LocalLeaseCell, ManualClock
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from grafos_fabric.drivers.block import open_block
 
 import grafos_fabric as gf
 from grafos_fabric import errors as E
+from grafos_fabric.drivers.block import open_block
 from grafos_fabric.pipeline import CheckpointedStageState, EdgeCheckpoint, RelocatableQueueEdge, StageId
 
 ITEM_COLS = 2

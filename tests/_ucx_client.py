@@ -15,6 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _ucx_harness as H
+
 from grafos_fabric.drivers import ucx
 from grafos_fabric.drivers.node.registrar import Grant
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from grafos_fabric.drivers.node.registrar import Grant
 from grafos_fabric.drivers.ucx import UcxConnector, UcxContext, UcxRegion, UcxRegistrar, UcxSession
-
 from grafos_fabric.errors import Disconnected
 from grafos_fabric.lease import Lease, LocalLeaseCell
 

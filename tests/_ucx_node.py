@@ -14,9 +14,8 @@ import socket
 import sys
 import threading
 
-from grafos_fabric.drivers.ucx import UcxRegistrar
-
 from grafos_fabric import _ucx
+from grafos_fabric.drivers.ucx import UcxRegistrar
 
 
 def main() -> None:

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from grafos_fabric.drivers.shm import SHM_DIR
 
 import grafos_fabric as gf
+from grafos_fabric.drivers.shm import SHM_DIR
 
 
 def _cleanup(namespace: str) -> None:

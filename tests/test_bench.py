@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from grafos_fabric.tools import bench_report
 from grafos_fabric.tools.bench import EXIT_MISSING_EXTRA, auto_capacity, build_parser, main, parse_size
 from grafos_fabric.tools.bench_runner import CaseResult

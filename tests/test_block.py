@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from grafos_fabric.drivers import block as blockmod
 from grafos_fabric.drivers.block import BlockRegion, BlockStore, default_block_dir, filesystem_type, open_block
-
 from grafos_fabric.errors import (
     CapacityExceeded,
     Corrupted,

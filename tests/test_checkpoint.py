@@ -17,9 +17,9 @@ from typing import Any
 
 import msgspec
 import pytest
-from grafos_fabric.drivers.block import BlockRegion, open_block
 
 from grafos_fabric.checkpoint import CheckpointedStageState, EdgeCheckpoint, StageId
+from grafos_fabric.drivers.block import BlockRegion, open_block
 from grafos_fabric.errors import (
     CapacityExceeded,
     Corrupted,

@@ -11,11 +11,11 @@ import time
 from typing import Any
 
 import pytest
-from grafos_fabric.drivers.shm import SHM_DIR
-from grafos_fabric.tools import cli
 
 import grafos_fabric as gf
 from grafos_fabric import errors as E
+from grafos_fabric.drivers.shm import SHM_DIR
+from grafos_fabric.tools import cli
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

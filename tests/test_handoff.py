@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from grafos_fabric.drivers.block import BlockRegion, open_block
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
 from grafos_fabric.checkpoint import CheckpointedStageState
+from grafos_fabric.drivers.block import BlockRegion, open_block
 from grafos_fabric.errors import (
     CapacityExceeded,
     Corrupted,

@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from grafos_fabric.drivers.shm import _segment_path
 
 import grafos_fabric as gf
 from grafos_fabric import errors as E
 from grafos_fabric._ffi import ffi, lib
+from grafos_fabric.drivers.shm import _segment_path
 
 pytestmark = pytest.mark.stress
 

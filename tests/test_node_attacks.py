@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from grafos_fabric.drivers.node import auth
 from grafos_fabric.drivers.node import wire as W
 from grafos_fabric.drivers.node.client import ControlClient, read_frame
 from grafos_fabric.drivers.node.shmfile import NodeShmFabric
-
 from grafos_fabric.errors import (
     AuthFailed,
     CapabilityDenied,

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from grafos_fabric.drivers.node import auth
 from grafos_fabric.drivers.node import client as C
 from grafos_fabric.drivers.node import wire as verbs
 from grafos_fabric.drivers.node.registrar import RegisteredSpan, RegistrarSession
 from grafos_fabric.drivers.node.server import NodeServer
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from grafos_fabric.errors import (
     AccessDenied,
     AuthFailed,

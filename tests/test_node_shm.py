@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+
 from grafos_fabric.drivers.node.auth import load_policy
 from grafos_fabric.drivers.node.server import NodeServer
 from grafos_fabric.drivers.node.shmfile import NodeShmFabric, ShmFileRegistrar
-
 from grafos_fabric.errors import (
     CapabilityDenied,
     CapacityExceeded,

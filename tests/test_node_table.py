@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+
 from grafos_fabric.drivers.node.registrar import RegisteredSpan, RegistrarSession
 from grafos_fabric.drivers.node.table import Allocator, LeaseTable
-
 from grafos_fabric.errors import CapacityExceeded, FabricValueError, LeaseExpired, QuotaExceeded, Revoked
 from grafos_fabric.lease import ManualClock
 

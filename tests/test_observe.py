@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from grafos_fabric.drivers.block import open_block
 
 import grafos_fabric as gf
 from grafos_fabric import errors as E
 from grafos_fabric import observe
+from grafos_fabric.drivers.block import open_block
 from grafos_fabric.pipeline import RelocatableQueueEdge
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from grafos_fabric.drivers.shm import SHM_DIR
 
 import grafos_fabric as gf
 from grafos_fabric import errors as E
+from grafos_fabric.drivers.shm import SHM_DIR
 from grafos_fabric.lease import ManualClock
 
 

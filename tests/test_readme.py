@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from grafos_fabric.drivers.shm import SHM_DIR
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -9,12 +9,12 @@ import stat
 
 import numpy as np
 import pytest
-from grafos_fabric.drivers.base import Fabric, Region, RegionRef
-from grafos_fabric.drivers.shm import HEADER, SHM_DIR, ShmFabric
 
 import grafos_fabric as gf
 from grafos_fabric import errors as E
 from grafos_fabric._ffi import ffi, lib
+from grafos_fabric.drivers.base import Fabric, Region, RegionRef
+from grafos_fabric.drivers.shm import HEADER, SHM_DIR, ShmFabric
 
 
 def _path(fabric, region) -> str:

@@ -27,10 +27,10 @@ import threading
 from typing import Any
 
 import pytest
-from grafos_fabric.drivers.shm import HEADER, SHM_DIR, ShmFabric
 
 import grafos_fabric as gf
 from grafos_fabric import errors as E
+from grafos_fabric.drivers.shm import HEADER, SHM_DIR, ShmFabric
 from grafos_fabric.lease import ManualClock
 
 NOBODY = 65534  # a uid that is not ours (chown needs root)

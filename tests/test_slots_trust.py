@@ -18,11 +18,11 @@ from typing import Any
 import msgspec
 import pytest
 from grafos_fabric._native import lib
-from grafos_fabric.drivers.block import BlockRegion, open_block
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
 from grafos_fabric.checkpoint import MAX_STATE_DEPTH, CheckpointedStageState, EdgeCheckpoint
+from grafos_fabric.drivers.block import BlockRegion, open_block
 from grafos_fabric.errors import Corrupted, FabricValueError, NoRecord
 from grafos_fabric.handoff import HandoffReader, HandoffWriter
 from grafos_fabric.slots import DATA_OFFSET, GHOF, MAX_SEQ, PCHK, SlotFormat, SlotStore, pack_record

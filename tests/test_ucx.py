@@ -21,9 +21,9 @@ import time
 from typing import Any
 
 import pytest
-from grafos_fabric.drivers import ucx
 
 import grafos_fabric as gf
+from grafos_fabric.drivers import ucx
 from grafos_fabric.errors import (
     CapacityExceeded,
     Disconnected,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from grafos_fabric.drivers import ucx
 
 if ucx.available() is not None:
@@ -26,7 +27,6 @@ def test_edges_relocate_to_the_restarted_node_and_lose_nothing(tmp_path: Any) ->
     from grafos_fabric.drivers.block import open_block
     from grafos_fabric.drivers.node.auth import load_policy
     from grafos_fabric.drivers.node.server import NodeServer
-
     from grafos_fabric.pipeline import RelocatableQueueEdge
 
     with socket.socket() as s:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
 from grafos_fabric.drivers import _verbs_compat as compat
 from grafos_fabric.drivers import verbs
 from grafos_fabric.drivers._verbs_compat import WC
-
 from grafos_fabric.errors import (
     Disconnected,
     FabricValueError,

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from grafos_fabric.drivers import verbs
 from grafos_fabric.drivers._verbs_compat import probe
-
 from grafos_fabric.errors import (
     CapacityExceeded,
     Disconnected,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from grafos_fabric.drivers import _verbs_compat as compat
 from grafos_fabric.tools import serve
 

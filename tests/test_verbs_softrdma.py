@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
 from grafos_fabric.drivers import _verbs_compat as compat
 from grafos_fabric.drivers import verbs
-
 from grafos_fabric.errors import Disconnected, FabricValueError, LeaseExpired
 
 sys.path.insert(0, os.path.dirname(__file__))  # the sibling test modules, under any import mode

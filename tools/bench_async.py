@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 import grafos_fabric as gf
+from grafos_fabric.drivers.shm import ShmFabric
 
 __all__ = ["main", "run_async_bench"]
 
@@ -63,7 +64,7 @@ def run_async_bench(items: int = 300, rounds: int = 4, interval: float = 0.002) 
     """Measure both waits; returns p50/p99 (µs) per kind and the apop/pop ratios."""
     ns = "bench-async-" + secrets.token_hex(4)
     url = f"shm://{ns}"
-    fabric = gf.open_fabric(url)
+    fabric = ShmFabric(ns)  # the shm driver's own class: destroy() below is shm's
     ctx = mp.get_context("spawn")
     samples: dict[str, list[float]] = {"pop": [], "apop": []}
     try:

@@ -43,9 +43,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from grafos_fabric.drivers.block import BlockRegion, open_block
-
 from grafos_fabric.checkpoint import ENVELOPE_SIZE, CheckpointedStageState
+from grafos_fabric.drivers.block import BlockRegion, open_block
 from grafos_fabric.errors import FabricValueError
 from grafos_fabric.slots import DATA_OFFSET
 

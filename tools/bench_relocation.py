@@ -49,9 +49,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from grafos_fabric.drivers.block import filesystem_type, open_block
 
 import grafos_fabric as gf
+from grafos_fabric.drivers.block import filesystem_type, open_block
 from grafos_fabric.observe import percentile
 from grafos_fabric.pipeline import RelocatableQueueEdge, StageId
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
 from grafos_fabric.tools.bench_transports import (
     STALL_S,
     CaseSpec,

@@ -56,7 +56,6 @@ def perftest(test: str, size: int, iters: int, tls: str) -> float | None:
 def run(tls: str = "tcp", iters: int = 20000) -> list[dict[str, Any]]:
     from grafos_fabric.drivers import ucx
     from grafos_fabric.drivers.node.registrar import Grant
-
     from grafos_fabric.lease import NS, Lease, LocalLeaseCell, MonotonicClock
 
     class _Link:
@@ -167,11 +166,10 @@ def _queue_rate(ftx: Any, frx: Any, size: int, seconds: float, mapped: bool) -> 
 def queue_rates(sizes: tuple[int, ...], seconds: float, progress: Any = None,
                 node_progress: str = "event") -> list[dict[str, Any]]:
     """Queue throughput over ucx:// (tcp, sm,tcp; one-sided) beside shm (mapped and one-sided), same run."""
+    import grafos_fabric as gf
     from grafos_fabric.drivers import ucx
     from grafos_fabric.drivers.node.auth import load_policy
     from grafos_fabric.drivers.node.server import NodeServer
-
-    import grafos_fabric as gf
 
     rows: list[dict[str, Any]] = []
     ns = f"bench-ucx-{os.getpid()}"

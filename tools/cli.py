@@ -31,11 +31,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from grafos_fabric.drivers import open_fabric
-from grafos_fabric.drivers.shm import HEADER, SHM_DIR, ShmFabric, segment_info
-
 from grafos_fabric import errors as E
 from grafos_fabric._ffi import ffi, lib
+from grafos_fabric.drivers import open_fabric
+from grafos_fabric.drivers.shm import HEADER, SHM_DIR, ShmFabric, segment_info
 
 if TYPE_CHECKING:
     from rich.console import Console

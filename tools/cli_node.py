@@ -78,10 +78,10 @@ def _admin(args: argparse.Namespace) -> Any:
 def run_node(args: argparse.Namespace) -> int:
     """Run ``node ls|revoke|metrics``; typed errors go up to the CLI (exit status 2)."""
     import msgspec
-    from grafos_fabric.drivers.node import wire as W
     from rich.console import Console
     from rich.table import Table
 
+    from grafos_fabric.drivers.node import wire as W
     from grafos_fabric.errors import FabricValueError
 
     console = Console()

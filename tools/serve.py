@@ -147,10 +147,9 @@ def run_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> 
     """
     from dataclasses import replace
 
+    from grafos_fabric import observe
     from grafos_fabric.drivers.node.auth import NodeLimits, load_or_create_secret, load_policy
     from grafos_fabric.drivers.node.server import NodeServer
-
-    from grafos_fabric import observe
     from grafos_fabric.errors import FabricError, FabricValueError
 
     logging.basicConfig(level=getattr(logging, args.log_level, logging.INFO),

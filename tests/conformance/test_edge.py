@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 from _pipeline_faults import FaultPlan, FaultyBlock, FaultyFabric
 from _pipeline_workers import consumer_main, dedup_sink, producer_main, wait_pid
-from grafos_fabric.drivers.block import open_block
-from grafos_fabric.drivers.shm import SHM_DIR
 
 import grafos_fabric as gf
 from grafos_fabric import errors as E
+from grafos_fabric.drivers.block import open_block
+from grafos_fabric.drivers.shm import SHM_DIR
 from grafos_fabric.pipeline import (
     SEQUENCE_GAP,
     EdgeConsumer,
