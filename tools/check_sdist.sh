@@ -50,8 +50,8 @@ for need in LICENSE README.md tests/conftest.py tests/_pipeline_workers.py examp
   [ -e "$src/$need" ] || { echo "check_sdist: the sdist lacks $need" >&2; exit 1; }
 done
 # The tests run against the installed package. The unpacked source package (no
-# compiled module, drivers/ and tools/ beside it rather than inside) would shadow
-# it for every `python -c`/`python -m` a test starts in this folder: set it aside.
+# compiled module) would shadow it for every `python -c`/`python -m` a test starts
+# in this folder: set it aside.
 mv "$src/grafos_fabric" "$WORK/grafos_fabric.src"
 cd "$src"
 "$WORK/venv/bin/pytest" -p no:cacheprovider "$@"
