@@ -119,3 +119,23 @@ def test_sdist_is_complete_and_the_wheel_is_tagged_abi3(tmp_path: Path) -> None:
     assert "grafos_fabric/drivers/shm.py" in wnames and "grafos_fabric/tools/cli.py" in wnames
     assert any(n.endswith("licenses/LICENSE") for n in wnames)
     assert not any(n.endswith(".sh") for n in wnames)
+
+
+def test_the_source_tree_is_the_import_tree():
+    """grafos_fabric/drivers and grafos_fabric/tools are links to the top-level folders (README "Layout"):
+    no package-dir mapping, and mypy checks the package under its one import name."""
+    cfg = _pyproject()
+    assert "package-dir" not in cfg["tool"]["setuptools"]
+    assert cfg["tool"]["mypy"]["files"] == ["grafos_fabric"]
+    for sub in ("drivers", "tools"):
+        link = ROOT / "grafos_fabric" / sub
+        if not link.is_symlink():
+            pytest.skip("an unpacked sdist: the links are plain folders there")
+        assert os.readlink(link) == f"../{sub}"
+    if Path(gf.__file__).resolve().parent != ROOT / "grafos_fabric":
+        pytest.skip(f"grafos_fabric is installed from elsewhere ({gf.__file__}), not this checkout")
+    import grafos_fabric.drivers.shm as shm
+    import grafos_fabric.tools.cli as cli
+
+    assert Path(shm.__file__).resolve() == ROOT / "drivers" / "shm.py"
+    assert Path(cli.__file__).resolve() == ROOT / "tools" / "cli.py"
