@@ -172,6 +172,13 @@ def _ucx(request: pytest.FixtureRequest, tls: str) -> Driver:
     return Driver(f"ucx-{tls.split(',')[0]}", tx, rx, ttl=600.0, closers=[rx.close, tx.close])
 
 
+def _tests_on_path() -> None:
+    """tests/ on sys.path (under any import mode), for the verbs drivers' shared test helpers."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def _softverbs(request: pytest.FixtureRequest) -> Driver:
     from grafos_fabric.drivers import _verbs_compat as compat
 
@@ -180,7 +187,7 @@ def _softverbs(request: pytest.FixtureRequest) -> Driver:
         pytest.skip(f"the software verbs stand-in needs pyverbs's WR objects: {why}")
     from grafos_fabric.drivers import verbs
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/, under any import mode
+    _tests_on_path()
     import test_verbs_device as dev
     import test_verbs_softrdma as soft
 
@@ -199,7 +206,7 @@ def _verbs(request: pytest.FixtureRequest) -> Driver:
     why = probe(device)
     if why is not None:
         pytest.skip(f"no RDMA device: {why}")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    _tests_on_path()
     import test_verbs_device as dev
 
     node = verbs.MemoryNode.open(device, pool_size=64 << 20, host="127.0.0.1", port=0, ib_port=dev.IB_PORT,
