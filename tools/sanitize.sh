@@ -42,12 +42,11 @@ SO=$(find "$OUT/src" -name '_native*.so' | head -1)
 [ -n "$SO" ] || { echo "sanitize: the build made no module" >&2; exit 1; }
 
 # -- 2. overlay package: the sources as they are, the sanitized module
+# (grafos_fabric/drivers and grafos_fabric/tools are links to drivers/ and tools/: linked like the rest)
 for f in grafos_fabric/*; do
   case "$f" in *.so | */__pycache__) continue ;; esac
   ln -s "$ROOT/$f" "$OUT/overlay/grafos_fabric/$(basename "$f")"
 done
-ln -s "$ROOT/drivers" "$OUT/overlay/grafos_fabric/drivers"
-ln -s "$ROOT/tools" "$OUT/overlay/grafos_fabric/tools"
 cp "$SO" "$OUT/overlay/grafos_fabric/"
 
 export PYTHONPATH="$OUT/overlay${PYTHONPATH:+:$PYTHONPATH}"
