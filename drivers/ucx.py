@@ -716,6 +716,9 @@ class UcxRegion:
         self._lock = threading.Lock()
         self._closed = False
         self._dead: FabricError | None = None  # the node said the lease is revoked/gone: terminal
+        # the node instance that granted the lease (NodeChannel.node, its tag): a restarted node on the same
+        # address never held it, and over tcp/sm it would serve the stale address blindly (even crash on it)
+        self._node = getattr(connector.link, "node", None)
 
     # -- plumbing --------------------------------------------------------------
     def _handles(self) -> tuple[UcxEndpoint, _Rkey]:
@@ -724,6 +727,15 @@ class UcxRegion:
         if h is not None and conn._ep is h[0] and not conn._closed:
             return h  # fast path: the connector still uses the endpoint this rkey was unpacked on
         ep, gen = conn.endpoint()
+        node = getattr(conn.link, "node", None)
+        if self._node is not None and node != self._node:
+            self._dead = LeaseExpired(f"lease {self.lease.id}: memory node {conn.link.host}:{conn.link.port} "
+                                      f"restarted ({self._node} -> {node}); its leases are gone")
+            fabric = conn.fabric
+            cell = fabric.cell(self.lease.id) if fabric is not None and hasattr(fabric, "cell") else None
+            if cell is not None:
+                cell.mark("expired")
+            raise self._dead
         with self._lock:
             if self._rkey is None or self._rkey_gen != gen:
                 if self._rkey is not None:
