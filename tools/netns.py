@@ -150,7 +150,7 @@ class NetnsThread:
         ok, value = out[0]
         if not ok:
             raise value
-        return value  # type: ignore[no-any-return]
+        return value
 
     def close(self) -> None:
         with self._cv:

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FailoverFabric", "DemoResult", "main", "run_demo"]
+__all__ = ["DemoResult", "FailoverFabric", "main", "run_demo"]
 
 log = logging.getLogger("grafos_fabric.tools.ucx_pipeline")
 
@@ -92,6 +92,11 @@ class FailoverFabric:
         self._fabrics: dict[tuple[str, int], Any] = {}
         self._pref = 0
         self.allocs: list[int] = []  # the port of each successful alloc (which node served)
+        from grafos_fabric.errors import Disconnected
+
+        for node in self.nodes:  # open every node now: a failover must not pay for a UCX context and a handshake
+            with contextlib.suppress(Disconnected):
+                self._fabric(node)
 
     def _fabric(self, node: tuple[str, int]) -> Any:
         f = self._fabrics.get(node)
@@ -145,6 +150,7 @@ class _Stage:
         self.fabric = FailoverFabric(nodes, token_file=str(workdir / "node.token"), net_devices=net_devices)
         self.counters: dict[str, int] = {}
         self.firsts: dict[str, list[tuple[int, float]]] = {}  # edge -> [(generation, monotonic of 1st item)]
+        self.published: dict[str, list[tuple[int, float]]] = {}  # edge -> [(generation, monotonic seen by tx)]
         self._next_dump = 0.0
 
     def block(self, edge: str, *, reader: bool = False) -> Any:
@@ -161,6 +167,14 @@ class _Stage:
             seen.append((g, time.monotonic()))
             self.dump(force=True)
 
+    def relocated(self, edge: str, tx: Any) -> None:
+        """After a push: note when the producer's generation went up (monotonic time, as firsts)."""
+        gen = tx.generation
+        g = -1 if gen is None else int(gen)
+        seen = self.published.setdefault(edge, [])
+        if not seen or seen[-1][0] != g:
+            seen.append((g, time.monotonic()))
+
     def sent(self) -> int | None:
         p = self.dir / "source.json"
         return int(json.loads(p.read_text())["sent"]) if p.exists() else None
@@ -171,12 +185,25 @@ class _Stage:
             return
         self._next_dump = now + 0.2
         data: dict[str, Any] = {"stage": self.name, "counters": self.counters, "firsts": self.firsts,
-                                "allocs": self.fabric.allocs}
+                                "published": self.published, "allocs": self.fabric.allocs}
         for k, e in (edges or {}).items():
-            data[k] = e.stats()
+            data[k] = {**e.stats(), "events": e.events()}
         tmp = self.dir / f".stats-{self.name}.tmp"
         tmp.write_text(json.dumps(data, default=float))
         tmp.replace(self.dir / f"stats-{self.name}.json")
+
+
+def _ack(rx: Any, seq: int) -> bool:
+    """``rx.ack(seq)``; False when the queue was lost meanwhile (the next pop rebinds and publishes
+    the ack in the new queue)."""
+    from grafos_fabric import errors as E
+
+    try:
+        rx.ack(seq)
+        return True
+    except (E.Disconnected, E.LeaseExpired, E.Revoked) as ex:
+        log.info("ack %d: the queue is gone (%s); the rebind carries it", seq, ex)
+        return False
 
 
 def _run_source(st: _Stage, rate: float) -> None:
@@ -191,6 +218,7 @@ def _run_source(st: _Stage, rate: float) -> None:
     while not stop.exists():
         s = np.arange(seq, seq + BATCH, dtype=np.int64)
         tx.push_batch(np.stack([s, s * 7], axis=1), timeout=60)
+        st.relocated("edge1", tx)
         seq += BATCH
         st.counters["produced"] = seq
         st.dump({"edge1": tx})
@@ -241,10 +269,11 @@ def _run_transform(st: _Stage) -> None:
             st.counters["transformed"] += len(out)
         else:
             tx.poll()  # idle: notice a lost queue downstream, read the sink's acks
+        st.relocated("edge2", tx)
         c = tx.acked  # the sink has everything below c: so may the source
         if c > acked_up and rx.position is not None and c <= rx.position:
-            rx.ack(c - 1)
-            acked_up = c
+            if _ack(rx, c - 1):
+                acked_up = c
         st.dump(edges)
     st.dump(edges, force=True)
     tx.close()
@@ -279,7 +308,7 @@ def _run_sink(st: _Stage) -> None:
                     st.counters["written"] += len(keep)
                 del a, keep
                 b.release()
-                rx.ack(high)  # the file write is the sink's effect
+                _ack(rx, high)  # the file write is the sink's effect
             st.dump({"edge2_in": rx})
     finally:
         os.close(fd)
@@ -399,10 +428,10 @@ class _Node:
 def _current(workdir: Path, edge: str) -> tuple[int, int] | None:
     """(generation, node port) of the queue an edge uses now, from its handoff record."""
     from grafos_fabric.drivers.block import open_block
-    from grafos_fabric.handoff import HandoffReader
-    from grafos_fabric.locator import QueueLocator
 
     from grafos_fabric import errors as E
+    from grafos_fabric.handoff import HandoffReader
+    from grafos_fabric.locator import QueueLocator
 
     blk = open_block(str(workdir / f"{edge}.blk"), direct=False)
     try:
@@ -547,9 +576,11 @@ def _verify(workdir: Path, res: DemoResult) -> None:
         st = stats.get(stage, {}).get(edge if stage == "source" else key, {})
         res.counters[f"{edge} relocations"] = st.get("relocations", 0)
         res.counters[f"{edge} replayed"] = st.get("replayed", 0)
+        res.counters[f"{edge} producer relocate ms"] = [round(e["ms"], 1) for e in st.get("events", [])][1:]
     for stage, edge, key in (("transform", "edge1", "edge1_in"), ("sink", "edge2", "edge2_in")):
-        res.counters[f"{edge} consumer dropped duplicates"] = stats.get(stage, {}).get(key, {}).get(
-            "dropped_duplicates", 0)
+        st = stats.get(stage, {}).get(key, {})
+        res.counters[f"{edge} consumer dropped duplicates"] = st.get("dropped_duplicates", 0)
+        res.counters[f"{edge} consumer rebind p99 ms"] = round(st.get("rebind_p99_ms", 0.0), 1)
     # time from each kill to the first item the consumer popped from the edge's next generation
     for edge, stage in (("edge1", "transform"), ("edge2", "sink")):
         firsts = [tuple(x) for x in stats.get(stage, {}).get("firsts", {}).get(edge, [])]
@@ -562,6 +593,17 @@ def _verify(workdir: Path, res: DemoResult) -> None:
             if after:
                 ms.append((min(after) - kill["t"]) * 1e3)
         res.relocation_ms[edge] = ms
+        pstage = "source" if edge == "edge1" else "transform"
+        pubs = [tuple(x) for x in stats.get(pstage, {}).get("published", {}).get(edge, [])]
+        pms = []
+        for kill in res.kills:
+            b = kill["before"].get(edge)
+            if b is None or b[1] != kill["port"]:
+                continue
+            after = [t for g, t in pubs if g > b[0] and t >= kill["t"]]
+            if after:
+                pms.append(round((min(after) - kill["t"]) * 1e3, 1))
+        res.counters[f"{edge} kill -> producer on the new queue ms"] = pms
 
 
 def _print(res: DemoResult) -> None:
