@@ -457,3 +457,46 @@ def test_a_peer_reached_by_worker_address_over_shared_memory_alone() -> None:
     finally:
         node.close()
         client.close()
+
+
+@needs_ucx
+def test_a_region_of_a_node_that_restarted_on_the_same_address_fails_closed() -> None:
+    """A restarted node never held the old lease; over tcp it would serve the old address
+    blindly (a SIGSEGV in the node when that address is not mapped there). The region sees
+    the node's new identity on its next operation and raises LeaseExpired instead."""
+    import socket
+
+    from grafos_fabric.drivers.node.auth import load_policy
+    from grafos_fabric.drivers.node.server import NodeServer
+
+    secret = b"ucx-restart-same-address-secret!"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def start() -> Any:
+        reg = ucx.UcxRegistrar(1 << 20, host="127.0.0.1", tls="tcp", net_devices="lo", progress="event")
+        return NodeServer(reg, load_policy(secret), port=port).start()
+
+    node = start()
+    f = ucx.UcxFabric("127.0.0.1", port, secret=secret, tls="tcp", net_devices="lo", op_timeout=2.0)
+    try:
+        old = f.alloc(4096, 600.0)
+        assert old.faa64(0, 7) == 0 and old.load64(0) == 7
+        first = node.node_tag
+        node.close()
+        node = start()
+        assert node.node_tag != first
+        with pytest.raises(Disconnected):
+            f.alloc(4096, 600.0)  # the old control channel died with the node (an alloc is not retried) ...
+        new = f.alloc(4096, 600.0)  # ... the next call reopens it: the client learns the new identity
+        assert new.faa64(0, 1) == 0
+        with pytest.raises(LeaseExpired, match="restarted"):
+            old.load64(0)
+        with pytest.raises(LeaseExpired):
+            old.write(0, b"x" * 8)  # and stays failed
+        assert not old.lease.live
+        assert new.load64(0) == 1  # the new node is fine
+    finally:
+        f.close()
+        node.close()
