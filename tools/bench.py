@@ -86,7 +86,7 @@ QUEUE_CASES = ("single", "batch", "reserve")
 EXTRA_CASES = ("checkpoint", "relocation", "ucx")
 ALL_CASES = QUEUE_CASES + EXTRA_CASES
 BASELINES = (*PEERS, *CEILINGS)
-DRIVERS = ("shm",)
+DRIVERS = ("shm", "ucx")  # ucx: the ucx case alone (its own memory nodes, shm and ucx_perftest beside it)
 DEFAULT_ROUNDS = 5
 DEFAULT_DURATION = 0.2  # x 5 rounds x 36 cases: about a minute and a half on 2 cores
 EXIT_MISSING_EXTRA = 3
@@ -355,7 +355,7 @@ class Bench:
     def run(self) -> int:
         args = self.args
         plan = self.plan()
-        fabric = FabricTransport(f"{args.driver}://bench-{os.getpid()}", mapped=args.access == "mapped")
+        fabric = FabricTransport(f"shm://bench-{os.getpid()}", mapped=args.access == "mapped")
         transports: dict[str, Transport] = {"fabric": fabric}
         transports.update({p: TRANSPORTS[p]() for p in [*self.peers, "shm_pipe"]})
         queue_cases = [c for c in plan if isinstance(c, CaseSpec)]
@@ -428,7 +428,8 @@ class Bench:
                 self.skipped[case] = why
                 return
             try:
-                out = _call_hook(fn, sizes=tuple(args.sizes), seconds=max(0.2, args.duration), progress=progress)
+                out = _call_hook(fn, sizes=tuple(args.sizes), seconds=max(0.2, args.duration), progress=progress,
+                                 netns=args.driver == "ucx")
                 self.extra.update({name: _rows(rows) for name, rows in out.items()})
             except Exception as exc:
                 log.warning("ucx case failed: %s", exc)
@@ -570,6 +571,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
     if args.capacity and args.capacity & (args.capacity - 1):
         parser.error("--capacity must be a power of two")
+    if args.driver == "ucx":
+        # the ucx case brings its own memory nodes and its baselines (shm, ucx_perftest), in the same run;
+        # with root it also runs across two network namespaces
+        args.cases, args.peers = ["ucx"], []
     missing = _missing_extra(bool(args.plot))
     if missing:
         print(f"grafos-bench: {missing}", file=sys.stderr)

@@ -15,15 +15,17 @@ operation: p50/p99 in µs for Python (one region call), the C loop, and perftest
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "perftest", "queue_rates", "run", "run_ucx_bench"]
+__all__ = ["main", "perftest", "perftest_netns", "queue_rates", "run", "run_netns", "run_ucx_bench"]
 
 _SECRET = b"grafos-bench-ucx-secret-32-bytes"
 
@@ -51,6 +53,156 @@ def perftest(test: str, size: int, iters: int, tls: str) -> float | None:
     cols = rows[-1].split()[1:]
     # Final: iterations, latency p50, average, overall, bandwidth (MB/s) average, overall, msgrate ...
     return float(cols[4]) if test.endswith("_bw") else float(cols[1])
+
+
+def perftest_netns(test: str, size: int, iters: int, pair: Any, port: int) -> float | None:
+    """``ucx_perftest`` across two namespaces (server in A, client in B, tcp over the veth):
+    typical latency (µs) or bandwidth (MB/s); None where absent or failed."""
+    exe = shutil.which("ucx_perftest")
+    if exe is None:
+        return None
+    base = {**os.environ, "UCX_TLS": "tcp"}
+    server = subprocess.Popen(["ip", "netns", "exec", pair.ns_a, exe, "-p", str(port)],
+                              env={**base, "UCX_NET_DEVICES": pair.dev_a}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = subprocess.run(["ip", "netns", "exec", pair.ns_b, exe, pair.ip_a, "-p", str(port), "-t", test, "-s",
+                              str(size), "-n", str(iters)], env={**base, "UCX_NET_DEVICES": pair.dev_b},
+                             capture_output=True, text=True, timeout=120).stdout
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        server.kill()
+        server.wait()
+    rows = [line for line in out.splitlines() if line.startswith("Final:")]
+    if not rows:
+        return None
+    cols = rows[-1].split()[1:]
+    return float(cols[4]) if test.endswith("_bw") else float(cols[1])
+
+
+# the perftest test beside each operation: ucp_put_lat is a ping-pong (half a round trip), so the
+# put + flush row (a whole round trip: put, then wait for the remote completion) also shows 2x it
+_PERFTEST = {"cas": "ucp_cswap", "faa": "ucp_fadd", "put_flush": "ucp_put_lat", "get": "ucp_get"}
+
+
+def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None) -> list[dict[str, Any]]:
+    """Across two network namespaces (root): the memory node (``serve --driver ucx``, busy progress)
+    in A, this client in B, tcp over a veth. Raw operation latencies from Python and from the C
+    loop, 1 MiB queue items (producer and consumer in B) and raw 1 MiB puts, each beside
+    ``ucx_perftest`` between the same namespaces, in the same run. Returns rows; one row with
+    ``error`` where namespaces are not possible."""
+    import tempfile
+
+    from grafos_fabric.tools import netns
+
+    why = netns.unavailable()
+    if why is not None:
+        return [{"case": "ucx netns", "error": f"no network namespaces: {why}"}]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="grafos-bench-ucx-") as tmp, netns.veth_pair() as pair:
+        token = os.path.join(tmp, "node.token")
+        node = subprocess.Popen(
+            ["ip", "netns", "exec", pair.ns_a, sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx",
+             "--host", pair.ip_a, "--allow-remote", "--port", "7400", "--token-file", token, "--pool", "256M",
+             "--ucx-net-devices", pair.dev_a, "--ucx-progress", "busy", "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert node.stdout is not None
+            line = node.stdout.readline()
+            while line and not line.startswith("serving "):
+                line = node.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the memory node did not start (exit {node.wait()})")
+            if progress:
+                progress("ucx netns: operations")
+            # the client is a process in B (``ip netns exec`` also gives it B's /sys, where UCX finds the veth)
+            url = f"ucx://{pair.ip_a}:7400?tls=tcp&net_devices={pair.dev_b}"
+            argv = [sys.executable, "-m", "grafos_fabric.tools.bench_ucx", "--netns-client", url, token,
+                    str(iters), str(seconds)]
+            out = subprocess.run(["ip", "netns", "exec", pair.ns_b, *argv], capture_output=True, text=True,
+                                 timeout=600)
+            got = [ln for ln in out.stdout.splitlines() if ln.startswith("[")]
+            if out.returncode or not got:
+                raise RuntimeError(f"the client in {pair.ns_b} failed (exit {out.returncode}): {out.stderr[-2000:]}")
+            rows.extend(json.loads(got[-1]))
+        finally:
+            node.kill()
+            node.wait()
+        # perftest after our node is gone: the two never share the cores
+        port = 13400 + os.getpid() % 500
+        for row in rows:
+            if progress:
+                progress(f"ucx netns: perftest {row['perftest_test']}")
+            size = 1 << 20 if row["op"].startswith(("put 1 MiB", "queue 1 MiB")) else 8
+            n = max(100, iters // 20) if size > 8 else iters
+            test = row["perftest_test"]
+            if row["op"].startswith("queue") and any(r.get("perftest_test") == test and "perftest" in r for r in rows):
+                row["perftest"] = next(r["perftest"] for r in rows if r.get("perftest_test") == test
+                                       and "perftest" in r)
+            else:
+                row["perftest"] = perftest_netns(test, size, n, pair, port)
+            port += 1
+            pt = row["perftest"]
+            if pt:
+                if "MB_per_s" in row:
+                    row["ratio"] = row["MB_per_s"] / pt  # >= 0.8 is the target
+                else:
+                    same = 2 * pt if row["op"] == "put_flush" else pt  # a whole round trip either way
+                    row["perftest_same_work"] = same
+                    row["ratio_py"] = row["py_p50"] / same  # <= 1.3 is the target
+                    row["ratio_c"] = row["c_p50"] / same
+    return rows
+
+
+def _client_ops(url: str, token: str, iters: int, seconds: float) -> list[dict[str, Any]]:
+    """In namespace B: two fabrics onto the node in A; operation latencies, 1 MiB queue and puts."""
+    from grafos_fabric.drivers import ucx
+
+    fa = ucx.UcxFabric.from_url(url, token_file=token)
+    fb = ucx.UcxFabric.from_url(url, token_file=token)
+    rows: list[dict[str, Any]] = []
+    try:
+        r = fa.alloc(2 << 20, 600.0)
+        buf = bytearray(8)
+        py_ops = {
+            "cas": lambda: r.cas64(0, 0, 0),
+            "faa": lambda: r.faa64(0, 1),
+            "put_flush": lambda: r.store64(0, 1),
+            "get": lambda: r.read_into(0, buf),
+        }
+        for op, fn in py_ops.items():
+            for _ in range(200):
+                fn()
+            lat = np.empty(iters)
+            for i in range(iters):
+                t0 = time.perf_counter_ns()
+                fn()
+                lat[i] = (time.perf_counter_ns() - t0) / 1e3
+            c = np.array(r.bench(op, 8, iters))
+            rows.append({"op": op, "py_p50": float(np.percentile(lat, 50)), "py_p99": float(np.percentile(lat, 99)),
+                         "c_p50": float(np.percentile(c, 50)), "c_p99": float(np.percentile(c, 99)),
+                         "perftest_test": _PERFTEST[op]})
+        big = bytes(1 << 20)
+        n = max(20, min(200, iters // 20))
+        for _ in range(5):
+            r.write(0, big)
+        r.flush()
+        start = time.perf_counter()
+        for _ in range(n):
+            r.write(0, big)
+        r.flush()
+        rows.append({"op": "put 1 MiB", "MB_per_s": n * len(big) / (time.perf_counter() - start) / 1e6,
+                     "perftest_test": "ucp_put_bw"})
+        rate = _queue_rate(fa, fb, 1 << 20, seconds, False)
+        rows.append({"op": "queue 1 MiB items", "MB_per_s": rate * (1 << 20) / 1e6, "items_per_s": rate,
+                     "perftest_test": "ucp_put_bw"})
+        r.lease.free()
+    finally:
+        fa.close()
+        fb.close()
+    return rows
 
 
 def run(tls: str = "tcp", iters: int = 20000) -> list[dict[str, Any]]:
@@ -207,8 +359,11 @@ def queue_rates(sizes: tuple[int, ...], seconds: float, progress: Any = None,
 
 
 def run_ucx_bench(sizes: tuple[int, ...] = (64, 4096, 1 << 20), seconds: float = 0.8,
-                  progress: Any = None, iters: int | None = None) -> dict[str, list[dict[str, Any]]]:
-    """grafos-bench's ``ucx`` case: queue rates (``ucx``) and raw operation latencies (``ucx ops``)."""
+                  progress: Any = None, iters: int | None = None,
+                  netns: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """grafos-bench's ``ucx`` case: queue rates (``ucx``) and raw operation latencies (``ucx ops``) on
+    loopback; with ``netns`` (``grafos-bench --driver ucx``) also ``ucx netns``: the same across two
+    network namespaces beside ``ucx_perftest`` between them (:func:`run_netns`)."""
     from grafos_fabric.drivers import ucx
 
     why = ucx.available()
@@ -220,19 +375,33 @@ def run_ucx_bench(sizes: tuple[int, ...] = (64, 4096, 1 << 20), seconds: float =
             progress(f"ucx ops: {tls}")
         for row in run(tls, iters=iters or max(1000, int(seconds * 5000))):
             ops.append({"tls": tls, **{k: v for k, v in row.items() if v is not None}})
-    return {"ucx": queue_rates(tuple(sizes), seconds, progress), "ucx ops": ops}
+    out = {"ucx": queue_rates(tuple(sizes), seconds, progress), "ucx ops": ops}
+    if netns:
+        out["ucx netns"] = run_netns(iters=iters or max(2000, int(seconds * 10000)), seconds=max(1.0, seconds),
+                                     progress=progress)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tls", default="tcp")
     ap.add_argument("--iters", type=int, default=20000)
+    ap.add_argument("--netns", action="store_true",
+                    help="across two network namespaces (root): node in one, client in the other, tcp over a veth")
+    ap.add_argument("--seconds", type=float, default=1.0, help="seconds of 1 MiB queue traffic (--netns)")
+    ap.add_argument("--netns-client", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.netns_client:
+        url, token, iters, seconds = args.netns_client
+        print(json.dumps(_client_ops(url, token, int(iters), float(seconds))), flush=True)
+        return 0
     from grafos_fabric.drivers import ucx
 
     if ucx.available() is not None:
         print(f"UCX unavailable: {ucx.available()}")
         return 69
+    if args.netns:
+        return _print_netns(run_netns(args.iters, args.seconds), ucx.version())
     print(f"UCX {ucx.version()}, UCX_TLS={args.tls}, loopback; µs unless stated; perftest measured in this run")
     print(f"{'op':18} {'py p50':>8} {'py p99':>8} {'C p50':>8} {'C p99':>8} {'perftest':>9}  (test)")
     for row in run(args.tls, args.iters):
@@ -242,6 +411,27 @@ def main(argv: list[str] | None = None) -> int:
                   f"{pt:>9}  ({row['perftest_test']})")
         else:
             print(f"{row['op']:18} {row['py_p50']:8.0f} {'':8} {'':8} {'':8} {pt:>9}  ({row['perftest_test']})")
+    return 0
+
+
+def _print_netns(rows: list[dict[str, Any]], version: str) -> int:
+    if rows and "error" in rows[0]:
+        print(rows[0]["error"])
+        return 69
+    print(f"UCX {version}, tcp between two network namespaces (veth), memory node in one, client in the other; "
+          "µs unless stated; ucx_perftest between the same namespaces, in this run")
+    print(f"{'op':18} {'py p50':>8} {'py p99':>9} {'C p50':>8} {'C p99':>9} {'perftest':>9} {'same work':>9} "
+          f"{'py/pt':>6} {'C/pt':>6}  (test)")
+    for row in rows:
+        pt = "-" if row.get("perftest") is None else f"{row['perftest']:.2f}"
+        if "c_p50" in row:
+            same = row.get("perftest_same_work")
+            print(f"{row['op']:18} {row['py_p50']:8.2f} {row['py_p99']:9.1f} {row['c_p50']:8.2f} {row['c_p99']:9.1f} "
+                  f"{pt:>9} {'-' if same is None else f'{same:.2f}':>9} {row.get('ratio_py', 0):6.2f} "
+                  f"{row.get('ratio_c', 0):6.2f}  ({row['perftest_test']})")
+        else:
+            print(f"{row['op'] + ' MB/s':18} {row['MB_per_s']:8.0f} {'':9} {'':8} {'':9} {pt:>9} {'':9} "
+                  f"{row.get('ratio', 0):6.2f} {'':6}  ({row['perftest_test']})")
     return 0
 
 
