@@ -14,6 +14,7 @@ latency target is measured by ``python -m grafos_fabric.tools.ucx_pipeline``.
 from __future__ import annotations
 
 import pytest
+
 from grafos_fabric.drivers import ucx
 
 pytestmark = [

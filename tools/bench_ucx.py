@@ -170,6 +170,7 @@ def _client_ops(url: str, token: str, iters: int, seconds: float) -> list[dict[s
     rows: list[dict[str, Any]] = []
     try:
         r = fa.alloc(2 << 20, 600.0)
+        assert isinstance(r, ucx.UcxRegion)
         buf = bytearray(8)
         py_ops = {
             "cas": lambda: r.cas64(0, 0, 0),

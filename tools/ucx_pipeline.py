@@ -50,9 +50,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from grafos_fabric.drivers.base import Region, RegionRef
+    from grafos_fabric.lease import Lease
 
 __all__ = ["DemoResult", "FailoverFabric", "main", "run_demo"]
 
@@ -76,19 +80,19 @@ class FailoverFabric:
     ref names. One :class:`~grafos_fabric.drivers.ucx.UcxFabric` per node, opened on
     first use (a node that is down now may serve later)."""
 
-    driver = "ucx"
-    mapped_regions = False
+    driver: str = "ucx"
+    mapped_regions: bool = False
 
     def __init__(self, nodes: list[tuple[str, int]], *, token_file: str, tls: str = "tcp",
                  net_devices: str | None = None, op_timeout: float = 2.0) -> None:
-        from grafos_fabric.lease import MonotonicClock
+        from grafos_fabric.lease import Clock, MonotonicClock
 
         if not nodes:
             raise ValueError("FailoverFabric needs at least one node")
         self.nodes = list(nodes)
-        self.url = f"ucx://{nodes[0][0]}:{nodes[0][1]}"
-        self.clock = MonotonicClock()
-        self._opts = {"token_file": token_file, "tls": tls, "net_devices": net_devices, "op_timeout": op_timeout}
+        self.url: str = f"ucx://{nodes[0][0]}:{nodes[0][1]}"
+        self.clock: Clock = MonotonicClock()
+        self._token_file, self._tls, self._net_devices, self._op_timeout = token_file, tls, net_devices, op_timeout
         self._fabrics: dict[tuple[str, int], Any] = {}
         self._pref = 0
         self.allocs: list[int] = []  # the port of each successful alloc (which node served)
@@ -104,7 +108,8 @@ class FailoverFabric:
         if f is None:
             from grafos_fabric.drivers.ucx import UcxFabric
 
-            f = UcxFabric(node[0], node[1], clock=self.clock, **self._opts)
+            f = UcxFabric(node[0], node[1], clock=self.clock, token_file=self._token_file, tls=self._tls,
+                          net_devices=self._net_devices, op_timeout=self._op_timeout)
             self._fabrics[node] = f
         return f
 
@@ -123,7 +128,7 @@ class FailoverFabric:
             with contextlib.suppress(Disconnected):
                 self._fabric(node).warm(*node)
 
-    def alloc(self, nbytes: int, ttl: float) -> Any:
+    def alloc(self, nbytes: int, ttl: float) -> Region:
         from grafos_fabric.errors import Disconnected
 
         last: BaseException | None = None
@@ -136,22 +141,22 @@ class FailoverFabric:
                 continue
             self._pref = i
             self.allocs.append(self.nodes[i][1])
-            return region
+            return cast("Region", region)
         raise Disconnected(f"no memory node answered ({', '.join(f'{h}:{p}' for h, p in self.nodes)}): {last}")
 
-    def attach(self, ref: Any, *, mapped: bool = True) -> Any:
+    def attach(self, ref: RegionRef, *, mapped: bool = True) -> Region:
         from grafos_fabric.errors import FabricValueError
 
         node = (ref.host, ref.port)
         if node not in self.nodes:
             raise FabricValueError(f"the ref names node {ref.host}:{ref.port}, which this fabric does not use")
-        return self._fabric(node).attach(ref, mapped=mapped)
+        return cast("Region", self._fabric(node).attach(ref, mapped=mapped))
 
-    def free(self, lease: Any) -> None:
+    def free(self, lease: Lease) -> None:
         lease.free()
 
     def reap(self) -> int:
-        return sum(f.reap() for f in self._fabrics.values())
+        return sum(int(f.reap()) for f in self._fabrics.values())
 
     def close(self) -> None:
         fabrics, self._fabrics = list(self._fabrics.values()), {}
@@ -448,9 +453,8 @@ class _Node:
 
 def _current(workdir: Path, edge: str) -> tuple[int, int] | None:
     """(generation, node port) of the queue an edge uses now, from its handoff record."""
-    from grafos_fabric.drivers.block import open_block
-
     from grafos_fabric import errors as E
+    from grafos_fabric.drivers.block import open_block
     from grafos_fabric.handoff import HandoffReader
     from grafos_fabric.locator import QueueLocator
 
