@@ -12,7 +12,12 @@ than the region (truncated by another process) raises ``Corrupted``.
 I/O goes through ``O_DIRECT`` with page-aligned buffers (anonymous ``mmap``),
 so a write reaches the device and never sits in the page cache. ``sync()`` is
 ``fdatasync``: it is what makes written blocks durable (it flushes the
-device's volatile cache, and for files the allocation metadata). Where the
+device's volatile cache, and for files the allocation metadata).
+:meth:`BlockRegion.write_durable` is the one exception: it gathers buffers of
+any alignment into one ``pwritev`` with ``RWF_DSYNC`` on a second, buffered
+descriptor of the same file (durable when it returns, same promise as
+``write_blocks`` + ``sync``), which costs what a raw write of those bytes
+costs: no copy into an aligned buffer first (see its docstring). Where the
 filesystem refuses ``O_DIRECT`` (``EINVAL``: tmpfs on older kernels, some
 FUSE filesystems) the region falls back to buffered I/O plus ``fdatasync`` and
 logs a warning saying so; the durability promise is the same, only the page
@@ -52,7 +57,7 @@ import struct
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +86,7 @@ log = logging.getLogger(__name__)
 BLKSSZGET = 0x1268  # _IO(0x12, 104): logical sector size, int
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): device size in bytes, u64
 DEFAULT_FILE_BLOCK_SIZE = 4096
+_MAX_IOV = 1024  # IOV_MAX on Linux: buffers one pwritev takes
 MAX_IO_CHUNK = 8 << 20  # the aligned bounce buffer never grows past this; larger I/O is split
 VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
 _LEASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -93,6 +99,12 @@ def _is_block_size(value: int) -> bool:
 def _close_fd(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        _close_fd(fd)
+    fds.clear()
 
 
 class BlockRegion:
@@ -128,7 +140,11 @@ class BlockRegion:
         self.direct = direct
         self.is_blockdev = is_blockdev
         self._fd = fd
-        self._finalizer = weakref.finalize(self, _close_fd, fd)
+        self._fds = [fd]  # this one, and the buffered one write_durable opens (closed together)
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+        self._buffered_fd: int | None = None  # write_durable's descriptor, opened on first use
+        self._buffered_failed = False  # /proc/self/fd could not reopen the file: write_durable copies
+        self._rwf_dsync = hasattr(os, "RWF_DSYNC")  # cleared when the kernel refuses the flag
         self._io_lock = threading.Lock()
         self._bounce: mmap.mmap | None = None
         self._closed = False
@@ -302,6 +318,99 @@ class BlockRegion:
             return False
         return addr % max(self.block_size, 512) == 0
 
+    def _buffered(self) -> int | None:
+        """A descriptor without ``O_DIRECT`` on the same file (not the same path: the same inode)."""
+        if self._buffered_fd is None and not self._buffered_failed:
+            if not self.direct:
+                self._buffered_fd = self._fd
+                return self._fd
+            try:
+                bfd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                self._buffered_failed = True
+                log.info("cannot reopen %s without O_DIRECT (%s): write_durable copies", self.path, exc)
+                return None
+            a, b = os.fstat(self._fd), os.fstat(bfd)
+            if (a.st_dev, a.st_ino, a.st_rdev) != (b.st_dev, b.st_ino, b.st_rdev):  # pragma: no cover
+                os.close(bfd)
+                self._buffered_failed = True
+                return None
+            self._buffered_fd = bfd
+            self._fds.append(bfd)
+        return self._buffered_fd
+
+    def write_durable(self, lba: int, parts: Sequence[Any]) -> int:
+        """Write ``parts`` back to back at ``lba`` and make them durable; returns the blocks written.
+
+        ``parts`` are bytes-like objects of any size and alignment that
+        together make whole blocks (``Misaligned`` otherwise). They go out in
+        one gathered ``pwritev`` with ``RWF_DSYNC`` on a buffered descriptor of
+        the same file (``pwritev`` + ``fdatasync`` where the kernel refuses the
+        flag): the kernel copies them once into the page cache and writes them
+        back before returning, so nothing is copied into an aligned buffer
+        first, and the call is durable when it returns, like
+        :meth:`write_blocks` followed by :meth:`sync`. Reads stay coherent
+        (Linux writes dirty pages back before an ``O_DIRECT`` read, and the
+        flag leaves none). The same checks as :meth:`write_blocks`; where the
+        file cannot be reopened without ``O_DIRECT`` it is exactly
+        ``write_blocks`` + ``sync``. A write torn by a crash may leave any
+        subset of its blocks, as with any write.
+        """
+        views = [memoryview(p).cast("B") for p in parts]
+        if len(views) > _MAX_IOV:  # more than one pwritev takes: join them (a copy, only then)
+            views = [memoryview(b"".join(views))]
+        total = sum(len(v) for v in views)
+        if total % self.block_size:
+            raise Misaligned(f"{total} bytes is not a multiple of the block size {self.block_size}")
+        n = total // self.block_size
+        self._check()
+        self._check_range(lba, n)
+        pos = self.offset + lba * self.block_size
+        with self._io_lock:
+            fd = self._buffered()
+            if fd is None:
+                buf = self._buffer(total) if total else memoryview(b"")
+                at = 0
+                for v in views:
+                    buf[at : at + len(v)] = v
+                    at += len(v)
+                self._pwrite(pos, buf)
+                os.fdatasync(self._fd)
+                return n
+            self._pwrite_gather(fd, pos, views)
+        return n
+
+    def _pwrite_gather(self, fd: int, pos: int, views: list[memoryview]) -> None:
+        views = [v for v in views if len(v)]
+        synced = False
+        while views:
+            try:
+                if self._rwf_dsync:
+                    done = os.pwritev(fd, views, pos, os.RWF_DSYNC)
+                    synced = True
+                else:
+                    done = os.pwritev(fd, views, pos)
+            except OSError as exc:
+                if self._rwf_dsync and exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self._rwf_dsync = False
+                    log.info("RWF_DSYNC refused on %s (%s): pwritev + fdatasync", self.path, exc.strerror)
+                    continue
+                if exc.errno == errno.ENOSPC:
+                    raise CapacityExceeded(f"no space left behind {self.path}") from exc
+                raise
+            if done <= 0:
+                raise OSError(errno.EIO, f"short write on {self.path} at byte {pos}")
+            pos += done
+            while views and done >= len(views[0]):
+                done -= len(views[0])
+                views.pop(0)
+            if views and done:
+                views[0] = views[0][done:]
+            if views:
+                synced = False  # a short write: what landed is durable, the rest is written next
+        if not synced:
+            os.fdatasync(fd)
+
     def sync(self) -> None:
         """Make every block written so far durable (``fdatasync``)."""
         self._check()
@@ -330,6 +439,7 @@ class BlockRegion:
             return
         self._closed = True
         self._finalizer()
+        self._buffered_fd = None
         if self._bounce is not None:
             with contextlib.suppress(BufferError):
                 self._bounce.close()

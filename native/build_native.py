@@ -32,11 +32,11 @@ ffibuilder = FFI()
 ffibuilder.cdef((HERE / "gf_cdef.h").read_text())
 ffibuilder.set_source(
     "grafos_fabric._native",
-    '#include "gf_native.h"\n#include "gf_msgpack.h"\n',
-    sources=[os.path.join(REL, "gf_native.c"), os.path.join(REL, "gf_msgpack.c")],
+    '#include "gf_native.h"\n#include "gf_msgpack.h"\n#include "gf_crc.h"\n',
+    sources=[os.path.join(REL, n) for n in ("gf_native.c", "gf_msgpack.c", "gf_crc.c")],
     include_dirs=[REL],
     depends=[
-        os.path.join(REL, n) for n in ("gf_native.h", "gf_atomics.h", "gf_segment.h", "gf_ring.h", "gf_msgpack.h")
+        os.path.join(REL, n) for n in ("gf_native.h", "gf_atomics.h", "gf_segment.h", "gf_ring.h", "gf_msgpack.h", "gf_crc.h")
     ],
     py_limited_api=True,  # stable ABI: grafos_fabric/_native.abi3.so, wheel tag cp310-abi3 (setup.py)
     extra_compile_args=CFLAGS,

@@ -119,3 +119,7 @@ uint64_t gf_consumer_outstanding(gf_consumer *c);
 #define GF_MSGPACK_MALFORMED ...
 #define GF_MSGPACK_TOO_DEEP ...
 int64_t gf_msgpack_depth(const uint8_t *buf, uint64_t len, uint32_t max_depth);
+
+/* gf_crc.h: CRC32C, fused with the copy into an aligned write buffer (slot records) */
+uint32_t gf_crc32c_copy(uint8_t *dst, const uint8_t *src, uint64_t len, uint32_t crc);
+uint32_t gf_crc32c(const uint8_t *buf, uint64_t len, uint32_t crc);

@@ -631,7 +631,13 @@ def _kill_loop(path: Path, rounds: int, seed: int) -> list[int]:
         done = [int(line.split()[1]) for line in rest if line.startswith("done")]
         last_done = done[-1] if done else start
         with open_block(path) as region:
-            got = CheckpointedStageState.restore(region, stage="victim")
+            try:
+                got = CheckpointedStageState.restore(region, stage="victim")
+            except NoRecord:
+                # killed before its first checkpoint completed (a loaded machine): nothing to restore is right
+                assert not done and start == 0, f"no checkpoint on disk, but {last_done} completed"
+                restored_at.append(0)
+                continue
         i = got.state["i"]
         # the newest completed checkpoint, or the one whose "done" the kill cut off
         assert i in (last_done, last_done + 1), f"restored {i}, last completed {last_done}"
