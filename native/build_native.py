@@ -36,7 +36,8 @@ ffibuilder.set_source(
     sources=[os.path.join(REL, n) for n in ("gf_native.c", "gf_msgpack.c", "gf_crc.c")],
     include_dirs=[REL],
     depends=[
-        os.path.join(REL, n) for n in ("gf_native.h", "gf_atomics.h", "gf_segment.h", "gf_ring.h", "gf_msgpack.h", "gf_crc.h")
+        os.path.join(REL, n)
+        for n in ("gf_native.h", "gf_atomics.h", "gf_segment.h", "gf_ring.h", "gf_msgpack.h", "gf_crc.h")
     ],
     py_limited_api=True,  # stable ABI: grafos_fabric/_native.abi3.so, wheel tag cp310-abi3 (setup.py)
     extra_compile_args=CFLAGS,

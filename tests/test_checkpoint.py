@@ -702,12 +702,18 @@ def test_the_checkpoint_bench_reports_each_case_next_to_the_raw_sync_rate(tmp_pa
             "rounds",
             "target",
             "met",
+            "baseline",
+            "baselines",
+            "ratio_vs_pwrite_fdatasync",
         }
         assert r["ops_per_s"] > 0 and r["baseline_ops_per_s"] > 0 and r["rounds"] == 3
+        # the baseline is the fastest raw write measured, and the plain aligned pwrite + fdatasync is one of them
+        assert r["baseline_ops_per_s"] == max(r["baselines"].values()) == r["baselines"][r["baseline"]]
+        assert "aligned O_DIRECT pwrite + fdatasync" in r["baselines"] and r["ratio_vs_pwrite_fdatasync"] > 0
         assert 0 < r["ratio_min"] <= r["ratio"] <= r["ratio_max"]  # the median of the rounds
         assert r["target"] == (0.9 if r["case"].endswith("ordered") else 0.95)
         assert r["met"] == (r["ratio"] >= r["target"])
-    assert len(lines) == 4 and all("write+fdatasync" in line and "median of 3 rounds" in line for line in lines)
+    assert len(lines) == 4 and all("best raw write" in line and "median of 3 rounds" in line for line in lines)
     assert list(tmp_path.glob(".grafos-ckpt-bench-*")) == []  # the scratch file is gone
 
 

@@ -13,7 +13,7 @@ payloads, consumer work and buffering, it measures:
 * ``faster-fifo`` (put/get; put_many/get_many), when installed;
 * ``pyzmq`` PUSH/PULL over ``ipc://`` (send/recv; send_multipart), when installed,
   and ``zmq_packed``: a batch of fixed-size items packed into one frame;
-* ``checkpoint``: checkpoints/s against raw fdatasync, when
+* ``checkpoint``: checkpoints/s against the best raw durable write, when
   ``grafos_fabric.tools.bench_checkpoint`` is present;
 * ``relocation``: when ``grafos_fabric.tools.bench_relocation`` is present.
 

@@ -252,9 +252,7 @@ def _bench_size(
             f"{row['case']}: {rates[durability]:,.0f}/s vs the best raw write {rates[best]:,.0f}/s ({best}) "
             f"= {row['ratio']:.2f}x median of {rounds} rounds [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}] "
             f"(target {target:g}x); vs aligned pwrite + fdatasync {row['ratio_vs_pwrite_fdatasync']:.2f}x "
-            f"({region.path}, {bs}-byte blocks; "
-            + ", ".join(f"{k} {v:,.0f}/s" for k, v in row["baselines"].items())
-            + ")"
+            f"({region.path}, {bs}-byte blocks; " + ", ".join(f"{k} {rates[k]:,.0f}/s" for k in baselines) + ")"
         )
         log.info("%s", line)
         if progress is not None:
