@@ -72,7 +72,7 @@ GRAFOS_CONFORMANCE_DRIVERS=shm LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:ca
   --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests/whitebox/test_ring_whitebox.py" \
   "$ROOT/tests/whitebox/test_onesided_ring.py" "$ROOT/tests/conformance/test_queue.py" \
   "$ROOT/tests/conformance/test_queue_model.py" "$ROOT/tests/conformance/test_queue_paths.py" \
-  "$ROOT/tests/test_hostile_memory.py" "$@" || status=$?
+  "$ROOT/tests/test_hostile_memory.py" "$ROOT/tests/test_block_durable.py" "$@" || status=$?
 cd "$ROOT"
 
 # -- 4. any report fails the run
