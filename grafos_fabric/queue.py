@@ -295,17 +295,7 @@ class Batch:
     """
 
     __slots__ = (
-        "__weakref__",
-        "_base",
-        "_gc",
-        "_ntokens",
-        "_offsets",
-        "_q",
-        "_start",
-        "_token",
-        "lengths",
-        "seqs",
-        "uniform",
+        "__weakref__", "_base", "_gc", "_ntokens", "_offsets", "_q", "_start", "_token", "lengths", "seqs", "uniform",
     )
 
     def __init__(
