@@ -356,9 +356,9 @@ class BlockRegion:
         ``write_blocks`` + ``sync``. A write torn by a crash may leave any
         subset of its blocks, as with any write.
         """
-        views = [memoryview(p).cast("B") for p in parts]
+        views = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
         if len(views) > _MAX_IOV:  # more than one pwritev takes: join them (a copy, only then)
-            views = [memoryview(b"".join(views))]
+            views = [b"".join(views)]
         total = sum(len(v) for v in views)
         if total % self.block_size:
             raise Misaligned(f"{total} bytes is not a multiple of the block size {self.block_size}")
@@ -377,11 +377,23 @@ class BlockRegion:
                 self._pwrite(pos, buf)
                 os.fdatasync(self._fd)
                 return n
-            self._pwrite_gather(fd, pos, views)
+            self._pwrite_gather(fd, pos, views, total)
         return n
 
-    def _pwrite_gather(self, fd: int, pos: int, views: list[memoryview]) -> None:
-        views = [v for v in views if len(v)]
+    def _pwrite_gather(self, fd: int, pos: int, views: list[Any], total: int) -> None:
+        if self._rwf_dsync and total:  # the usual case: one call writes it all, durably
+            try:
+                if os.pwritev(fd, views, pos, os.RWF_DSYNC) == total:
+                    return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    if exc.errno == errno.ENOSPC:
+                        raise CapacityExceeded(f"no space left behind {self.path}") from exc
+                    raise
+                self._rwf_dsync = False
+                log.info("RWF_DSYNC refused on %s (%s): pwritev + fdatasync", self.path, exc.strerror)
+            # a short write (or the flag refused): the loop below writes it all again, piece by piece
+        views = [memoryview(v).cast("B") for v in views if len(v)]
         synced = False
         while views:
             try:
