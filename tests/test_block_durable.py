@@ -128,7 +128,7 @@ def test_write_durable_finishes_a_short_write(tmp_path: Path, monkeypatch: pytes
     monkeypatch.undo()
     assert r.read_blocks(0, 3) == pieces[0] + pieces[1]
     # the first call came up short; the rest wrote the whole range again, piece by piece, to its end
-    assert chunks[0] == 1000 and sum(chunks[1:]) == 3 * bs and len(chunks) > 3
+    assert chunks[0] < 3 * bs and sum(chunks[1:]) == 3 * bs and len(chunks) > 3
     r.close()
 
 
