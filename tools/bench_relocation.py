@@ -21,11 +21,14 @@ handoff placement:
 * replayed items, dropped duplicates, relocations done.
 
 The handoff record lives on a block lease (a file opened with ``open_block``):
-``handoff_dirs`` names where. The producer's writer uses ``O_DIRECT`` (its
-publishes are durable); the consumer's reader opens the file with
-``direct=False`` (page-cache reads: Linux keeps them coherent with
-``O_DIRECT`` writes, and a reader needs no durability), which takes two
-``O_DIRECT`` reads (about 0.3 ms each on a virtual disk) off every rebind. The default runs it twice, on the temp
+``handoff_dirs`` names where. The producer's writer opens it with ``O_DIRECT``;
+its publishes (``bytes`` records) go out through ``BlockRegion.write_durable``,
+one ``pwritev`` with ``RWF_DSYNC`` through the page cache, durable on return,
+which leaves the record's pages cached. The consumer's reader opens the file
+with ``direct=False`` (a reader needs no durability), so the poll after a
+publish reads those cached pages instead of two blocks from the disk (about
+0.3 ms each on a virtual disk, far more when other tenants queue I/O on it:
+with the writer's O_DIRECT writes the cache was dropped on every publish). The default runs it twice, on the temp
 directory's filesystem (a disk) and on ``/dev/shm`` (tmpfs: the shm-only
 setup, where block I/O costs what a memory copy costs); each row says which.
 Targets (issue 5): rebind p99 <= 1 ms on shm, ratio >= 0.8 at 10 relocations/s.
