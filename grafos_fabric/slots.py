@@ -498,10 +498,11 @@ class SlotStore:
 
         ``data`` is a bytes-like object, or a list/tuple of them that together
         form the record (gathered without joining them first). When the
-        device has ``write_durable`` (a ``BlockRegion``) and every piece is a
-        ``bytes`` object (immutable, so the bytes checksummed are the bytes
-        written), header and pieces go out as one gathered durable write with
-        no copy; otherwise the record is built once in a page-aligned buffer
+        device has ``write_durable`` (a ``BlockRegion``), the record is at
+        most its ``gather_limit`` and every piece is a ``bytes`` object
+        (immutable, so the bytes checksummed are the bytes written), header
+        and pieces go out as one gathered durable write with no copy;
+        otherwise the record is built once in a page-aligned buffer
         (the copy and the data CRC in one pass) that the device writes
         without another copy, then ``sync``. ``CapacityExceeded`` (before any block is
         written) if the data does not fit a slot. A record of a format
@@ -532,7 +533,11 @@ class SlotStore:
         bs = self.block_size
         nbytes = -(-(DATA_OFFSET + n) // bs) * bs
         gather = getattr(type(self.dev), "write_durable", None)  # the class's: a wrapper's __getattr__ never counts
-        if gather is not None and all(type(p.obj) is bytes for p in parts):  # immutable: CRC'd = written
+        if (
+            gather is not None
+            and nbytes <= getattr(self.dev, "gather_limit", 0)  # where it is the faster path (BlockRegion)
+            and all(type(p.obj) is bytes for p in parts)  # immutable: the bytes checksummed are the bytes written
+        ):
             crc = 0
             for p in parts:
                 crc = _crc32c.crc32c(p, crc)
