@@ -12,7 +12,7 @@ from typing import Any
 
 import crc32c as crc32c_pkg
 import pytest
-from grafos_fabric.drivers.block import GATHER_LIMIT, BlockRegion, filesystem_type, open_block
+from grafos_fabric.drivers.block import GATHER_LIMIT, BlockRegion, open_block
 
 from grafos_fabric import slots as slotsmod
 from grafos_fabric._ffi import ffi, lib
@@ -205,31 +205,32 @@ def test_mutable_records_are_copied_so_the_bytes_checksummed_are_the_bytes_writt
     r.close()
 
 
-def test_records_past_the_gather_limit_take_the_aligned_path_on_a_disk(tmp_path: Path) -> None:
+@pytest.mark.blockdev
+def test_records_past_the_gather_limit_take_the_aligned_path_on_a_block_device(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        r = open_kind("loop", tmp_path, 4 * GATHER_LIMIT, stack)
+        r.__class__ = Spy
+        Spy.gathered = Spy.copied = 0
+        assert r.gather_limit == GATHER_LIMIT
+        store = SlotStore(r, PCHK)
+        big = pattern(GATHER_LIMIT, 5)  # with the header, one block more than the limit
+        store.write(big)
+        assert (Spy.gathered, Spy.copied) == (0, 1)
+        small = big[: GATHER_LIMIT - 4096]
+        store.write(small)
+        assert (Spy.gathered, Spy.copied) == (1, 1)
+        assert store.read().data == small
+
+
+def test_regular_files_have_no_gather_limit(tmp_path: Path) -> None:
+    for direct in (True, False):
+        with open_block(tmp_path / f"b{direct}.img", create_size=SIZE, direct=direct) as r:
+            assert r.gather_limit > 1 << 40
     r = _spy(tmp_path)
-    if r.gather_limit > GATHER_LIMIT:
-        pytest.skip(f"{tmp_path} is on {filesystem_type(tmp_path)}: no gather limit there")
-    assert r.gather_limit == GATHER_LIMIT
     store = SlotStore(r, PCHK)
-    big = pattern(GATHER_LIMIT, 5)  # with the header, one block more than the limit
-    store.write(big)
-    assert (Spy.gathered, Spy.copied) == (0, 1)
-    store.write(big[: GATHER_LIMIT - 4096])
-    assert (Spy.gathered, Spy.copied) == (1, 1)
-    assert store.read().data == big[: GATHER_LIMIT - 4096]
+    store.write(pattern(SIZE // 2 - 4096, 1))  # a large bytes record still goes out gathered
+    assert (Spy.gathered, Spy.copied) == (1, 0)
     r.close()
-
-
-def test_no_gather_limit_where_the_page_cache_is_the_storage_or_already_in_the_way(tmp_path: Path) -> None:
-    with open_block(tmp_path / "b.img", create_size=SIZE, direct=False) as r:
-        assert r.gather_limit > 1 << 40
-    if os.path.isdir("/dev/shm"):
-        path = Path("/dev/shm") / f"grafos-test-{os.getpid()}-gather.img"
-        try:
-            with open_block(path, create_size=SIZE) as r:
-                assert r.gather_limit > 1 << 40
-        finally:
-            path.unlink(missing_ok=True)
 
 
 def test_a_wrapper_that_forwards_attributes_keeps_its_own_write_blocks(tmp_path: Path) -> None:
