@@ -58,8 +58,11 @@ other version are refused with ``VersionMismatch``.
 Who writes, who reads, what makes a record visible. One writer at a time
 (a stage for its checkpoints; the handoff writer holds an ``flock``) writes
 the slot that does *not* hold the newest valid record, with sequence
-``newest + 1``: the whole record (header and data) in one write request, then
-one ``fdatasync``; ``write`` returns once that flush is done. The record is
+``newest + 1``: the whole record (header and data) in one write request that
+is durable when it returns (a gathered ``pwritev`` with ``RWF_DSYNC`` through
+the page cache, see ``BlockRegion.write_durable``), or one ``O_DIRECT`` write
+from an aligned buffer then one ``fdatasync``; ``write`` returns once the
+record is durable. The record is
 valid exactly when its header checksum (bytes 0..47, which include
 ``data_crc``) and its data checksum both match, so the two checksums cover
 every byte the reader uses. Any reader reads both slots, keeps those whose
