@@ -58,7 +58,7 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -436,7 +436,7 @@ _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 _MAPPED_TYPES: set[type] = set()  # region classes already seen to satisfy MappedRegion
 
 
-def _is_mapped_region(region: object) -> bool:
+def _is_mapped_region(region: object) -> TypeGuard[MappedRegion]:
     """``isinstance(region, MappedRegion)``, remembered per class: a runtime Protocol check walks
     every member of the protocol each time (tens of µs on Python 3.11, on every attach and rebind).
     Only a class one of whose instances passed is remembered: its instances all carry the same

@@ -12,11 +12,11 @@ from typing import Any
 
 import crc32c as crc32c_pkg
 import pytest
-from grafos_fabric.drivers.block import GATHER_LIMIT, BlockRegion, open_block
 
 from grafos_fabric import slots as slotsmod
 from grafos_fabric._ffi import ffi, lib
 from grafos_fabric.checkpoint import CheckpointedStageState
+from grafos_fabric.drivers.block import GATHER_LIMIT, BlockRegion, open_block
 from grafos_fabric.errors import CapacityExceeded, Disconnected, LeaseExpired, Misaligned
 from grafos_fabric.slots import GHOF, PCHK, SlotStore, pack_record
 

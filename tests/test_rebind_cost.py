@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from grafos_fabric.drivers.base import MappedRegion
 
 import grafos_fabric as gf
 from grafos_fabric import queue as queuemod
+from grafos_fabric.drivers.base import MappedRegion
 from grafos_fabric.errors import Unsupported
 from grafos_fabric.queue import FabricQueue
 
