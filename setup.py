@@ -7,15 +7,27 @@ message and ``ucx://`` raises ``Unsupported``.
 
 import runpy
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 modules = ["native/build_native.py:ffibuilder"]
 if runpy.run_path("native/build_ucx.py")["ffibuilder"] is not None:
     modules.append("native/build_ucx.py:ffibuilder")
 
-# The native modules use only the stable ABI (cffi, py_limited_api=True in the build
-# scripts): one wheel, tagged cp310-abi3, serves CPython 3.10 and every later version.
+# Every native module uses only the stable ABI: the cffi ones (py_limited_api=True in
+# their build scripts) and grafos_fabric._item, the C base of a popped item, which is
+# built against the limited API of 3.11 (Py_LIMITED_API 0x030B0000 in native/gf_item.c:
+# the buffer-protocol slots are in the limited API from 3.11). One wheel, tagged
+# cp311-abi3, serves CPython 3.11 and every later version.
 setup(
     cffi_modules=modules,
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    ext_modules=[
+        Extension(
+            "grafos_fabric._item",
+            sources=["native/gf_item.c"],
+            py_limited_api=True,
+            define_macros=[("Py_LIMITED_API", "0x030B0000")],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+        )
+    ],
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

@@ -104,6 +104,7 @@ from .queue import (
     _check_int,
     _deadline,
     _dtype_from_str,
+    _item_info,
     _next_pow2,
     _ring_geometry,
     _role_id,
@@ -290,22 +291,6 @@ class OneSidedItem(Item):
     bookkeeping (a ``store64`` of head), not the native consumer."""
 
     __slots__ = ()
-
-    def release(self) -> None:
-        """Let go of the item (idempotent). Its ring space is reused once the item
-        is released and every view made from it is gone."""
-        token = self._token
-        if token < 0:
-            return
-        self._token = -1
-        if self._gc is not None:
-            self._gc = None  # views still hold it; its destructor releases the span
-        else:
-            self._q._release_token(token)
-
-    def __del__(self) -> None:
-        if self._token >= 0 and self._gc is None:
-            self._q._release_token(self._token)
 
 
 class OneSidedQueue(FabricQueue):
@@ -1039,6 +1024,7 @@ class OneSidedQueue(FabricQueue):
                 self._mirror = _LocalBuffer(self.fabric, self.capacity)
                 self._locals.append(self._mirror)
                 self._data = self._mirror.ptr  # what Item/Batch view (offsets are ring indices)
+                self._item_info = _item_info(self._data, self.capacity, self.dtype)
         except BaseException:
             r.cas64(_CONSUMER_ID, cid, 0)
             if lock is not None:

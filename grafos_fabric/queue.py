@@ -65,6 +65,7 @@ import numpy as np
 from . import errors as E
 from . import observe
 from ._ffi import ffi, lib, raise_status
+from ._item import ItemBase, bind as _bind_item
 from ._types import ItemLike
 from .drivers.base import Fabric, MappedRegion, Region
 from .lease import NS, Lease, check_ttl
@@ -197,35 +198,45 @@ def _typed(arr: np.ndarray[Any, Any], dt: np.dtype[Any] | None) -> np.ndarray[An
     return arr.view(dt)
 
 
-class Item:
-    """One popped item: ``seq``, ``len()``, ``np.asarray(item)`` (a zero-copy view)."""
+def _buffer_format(dt: np.dtype[Any] | None) -> tuple[bytes | None, int]:
+    """The PEP 3118 format and size of one element that an item exports (``B``
+    without a dtype); ``None`` for a dtype that has no buffer format."""
+    if dt is None:
+        return b"B", 1
+    try:
+        fmt = memoryview(np.empty(1, dt)).format
+    except (ValueError, TypeError, BufferError):
+        return None, dt.itemsize
+    return fmt.encode("ascii"), dt.itemsize
 
-    __slots__ = ("__weakref__", "_batch", "_gc", "_q", "_token", "length", "offset", "seq")
 
-    def __init__(self, q: FabricQueue, token: int, offset: int, length: int, seq: int, batch: Batch | None) -> None:
-        self._q = q
-        self._token = token
-        self.offset = offset
-        self.length = length
-        self.seq = seq
-        self._batch = batch
-        self._gc = None
+def _item_info(data: Any, capacity: int, dt: np.dtype[Any] | None) -> tuple[int, int, bytes | None, int]:
+    """What an :class:`Item` reads from its queue when made: the data area's
+    address and size (the C base checks offset and length against them), the
+    buffer format and element size."""
+    fmt, itemsize = _buffer_format(dt)
+    return int(ffi.cast("uintptr_t", data)), capacity, fmt, itemsize
+
+
+class Item(ItemBase):
+    """One popped item: ``seq``, ``len()``, and its payload in place, read-only,
+    through the buffer protocol: ``memoryview(item)``, ``np.asarray(item)``,
+    ``np.frombuffer(item, dtype)``, ``bytes(item)`` (no copy but the last).
+
+    The base (``grafos_fabric._item.ItemBase``, C) counts the exports: the ring
+    space goes back to the queue once the item is released (``release()``,
+    ``with item:``, or garbage) and every view made from it is gone. A view
+    holds the item, the item its queue, the queue the mapping."""
+
+    __slots__ = ()
 
     # -- data ----------------------------------------------------------------------
     def array(self) -> np.ndarray[Any, Any]:
         """The payload as a read-only numpy view (uint8, or the queue's dtype)."""
-        if self._token < 0:
-            raise E.FabricValueError("item was released: its bytes may have been reused")
-        if self._batch is not None:
-            return self._batch._item_view(self.offset, self.length)
-        gcp = self._gc
-        if gcp is None:
-            release = self._q._release_token
-            token = self._token
-            gcp = self._gc = ffi.gc(self._q._data + self.offset, lambda _p: release(token))
-        # a read-only memoryview: the array is read-only without a flags round trip
-        arr = np.frombuffer(memoryview(ffi.buffer(gcp, self.length)).toreadonly(), _U8)
-        return _typed(arr, self._q.dtype)
+        if self._q._item_info[2] is not None:
+            return np.asarray(memoryview(self))  # a typed (or byte) export, checked in C
+        # a dtype without a buffer format: a byte export, viewed as the dtype
+        return _typed(np.frombuffer(self, _U8), self._q.dtype)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
         arr = self.array()
@@ -235,52 +246,20 @@ class Item:
 
     @property
     def data(self) -> memoryview:
-        """The payload as a read-only memoryview (zero-copy)."""
-        return self.array().data.cast("B")
+        """The payload as a read-only byte memoryview (zero-copy)."""
+        if self._q._item_info[2] is None:
+            return memoryview(self.array().view(_U8))
+        mv = memoryview(self)
+        return mv if mv.itemsize == 1 else mv.cast("B")
 
     def tobytes(self) -> bytes:
         """A copy of the payload (safe to keep after release)."""
-        return self.array().tobytes()
-
-    def __len__(self) -> int:
-        return self.length
-
-    @property
-    def nbytes(self) -> int:
-        return self.length
-
-    # -- lifetime ------------------------------------------------------------------
-    @property
-    def released(self) -> bool:
-        return self._token < 0
-
-    def release(self) -> None:
-        """Let go of the item (idempotent). Its ring space is reused once the item
-        is released and every view made from it is gone; the item itself can no
-        longer make views. Items of a batch are released with their batch."""
-        token = self._token
-        if token < 0:
-            return
-        self._token = -1
-        if self._batch is not None:
-            return
-        if self._gc is not None:
-            self._gc = None  # views still hold it; its destructor releases the span
-        else:
-            self._q._release_token(token)
-
-    def __del__(self) -> None:
-        if self._token >= 0 and self._gc is None and self._batch is None:
-            self._q._release_token(self._token)
-
-    def __enter__(self) -> Item:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+        if self._q._item_info[2] is None:
+            return self.array().tobytes()
+        return bytes(self)  # raises FabricValueError once released
 
     def __repr__(self) -> str:
-        state = "released" if self._token < 0 else f"{self.length}B"
+        state = "released" if self.released else f"{self.length}B"
         return f"<Item seq={self.seq} {state}>"
 
 
@@ -466,6 +445,8 @@ class FabricQueue(QueueProtocols):
     call raises :class:`~grafos_fabric.errors.ForkedHandle`): attach again there.
     """
 
+    _item_info: tuple[int, int, bytes | None, int] = (0, 0, b"B", 1)  # set once the data area is known
+
     def __init__(self, fabric: Fabric, region: Region, *, owner: bool, epoch: int | None = None) -> None:
         if epoch is not None:
             epoch = _check_int("epoch", epoch, 0, _EPOCH_MAX)
@@ -492,6 +473,7 @@ class FabricQueue(QueueProtocols):
         self.first_seq = int(hdr.first_seq)
         self.dtype = _dtype_from_str(ffi.string(hdr.dtype, int(hdr.dtype_len)).decode("ascii", "replace"))
         self._data = self._ring + RING_HEADER
+        self._item_info = _item_info(self._data, self.capacity, self.dtype)
         self._epoch = epoch
         self._prod: Any = None
         self._cons: Any = None
@@ -1499,6 +1481,8 @@ def _deadline(timeout: Any) -> float | None:
 
 
 _NO_PREFETCH: Iterator[Any] = iter(())
+
+_bind_item(E.FabricValueError, E.Corrupted)
 
 # Every live handle, so a child after fork() can mark the ones it inherited.
 _LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
