@@ -992,6 +992,31 @@ class OneSidedQueue(FabricQueue):
             self._publish(p, st, "commit")
             self.last_seq = seq
 
+    @contextmanager
+    def reserve_batch(self, n: int, size: int, timeout: float | None = None) -> Iterator[np.ndarray[Any, Any]]:
+        """Up to ``n`` items of ``size`` bytes written in a local ``(n, size)`` buffer,
+        published on exit with one ``push_batch`` (one-sided: copied on commit, like
+        :meth:`reserve`). ``q.commit_rows(k)`` inside the block publishes only the
+        first ``k``; an exception publishes none."""
+        n = _check_int("reserve_batch rows", n, 1, 1 << 32)
+        size = _check_int("reserve size", size, 1)
+        if size > self.max_item:
+            raise E.ItemTooLarge(f"reservation of {size} bytes exceeds the queue's max_item of {self.max_item}")
+        dt = self.dtype
+        if dt is not None and size % dt.itemsize:
+            raise E.DtypeMismatch(f"reservation must be a multiple of {dt.itemsize} bytes for {dt}")
+        n = min(n, max(1, self.capacity // _rec_size(size)))
+        rows = np.zeros((n, size), dtype=np.uint8)
+        view = rows if dt is None else rows.view(dt)
+        outer = self._rows_commit
+        self._rows_commit = n
+        try:
+            yield view
+            k = self._rows_commit
+        finally:
+            self._rows_commit = outer
+        self.push_batch(view[:k], timeout=timeout)
+
         # -- consuming -------------------------------------------------------------------
 
     def _consumer(self) -> _Consumer:

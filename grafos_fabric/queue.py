@@ -1093,6 +1093,88 @@ class FabricQueue(QueueProtocols):
                 self._give_back_producer(p)
             plock.release()
 
+    @contextmanager
+    def reserve_batch(self, n: int, size: int, timeout: float | None = None) -> Iterator[np.ndarray[Any, Any]]:
+        """Zero-copy production of many items of ``size`` bytes: ``(k, size)`` rows
+        written in place, published together on exit.
+
+        ``with q.reserve_batch(n, size) as rows: np.add(a, b, out=rows)`` —
+        ``rows`` is a writable 2-D view of the ring (uint8, or the queue's dtype:
+        ``(k, size // itemsize)``) of ``k`` contiguous records, ``1 <= k <= n``:
+        fewer than ``n`` where the ring wraps or has room for fewer (waits, like
+        :meth:`reserve`, only until one fits). Leaving the block normally
+        publishes all ``k`` (one release store); ``q.commit_rows(j)`` inside it
+        publishes only the first ``j``; an exception publishes none. The view
+        keeps the mapping alive, as :meth:`reserve`'s does; the same rules for
+        other threads and ``close()`` apply.
+        """
+        n = _check_int("reserve_batch rows", n, 1)
+        size = _check_int("reserve size", size, 1)
+        if size > self.max_item:
+            raise E.ItemTooLarge(f"reservation of {size} bytes exceeds the queue's max_item of {self.max_item}")
+        dt = self.dtype
+        if dt is not None and size % dt.itemsize:
+            raise E.DtypeMismatch(f"reservation must be a multiple of {dt.itemsize} bytes for {dt}")
+        outs = ffi.new("uint64_t[2]")
+        deadline = _deadline(timeout)
+        plock = self._plock
+        while True:
+            plock.acquire()
+            try:
+                p = self._prod or self._producer()
+                rc = lib.gf_reserve_rows(p, n, size, self._now(), outs, outs + 1)
+                if rc == OK:
+                    break
+                if rc != FULL:
+                    self._raise(rc, "reserve_batch")
+            except BaseException:
+                plock.release()
+                raise
+            plock.release()
+            self._wait_space(size, deadline)
+        off, k = int(outs[0]), int(outs[1])
+        stride = int(lib.gf_record_size(size))
+        span = (k - 1) * stride + size
+        if k < 1 or off + span > self.capacity:  # the native layer never does this: refuse, don't overrun
+            lib.gf_abort(p)
+            plock.release()
+            raise E.Corrupted(f"reserve_batch: {k} rows at {off} lie outside the ring")
+        keep = ffi.gc(self._data + off, self._pin)  # the view pins the mapping
+        flat = np.frombuffer(ffi.buffer(keep, span), dtype=np.uint8)
+        rows = np.lib.stride_tricks.as_strided(flat, shape=(k, size), strides=(stride, 1), writeable=True)
+        self._reserver = threading.get_ident()
+        self._reserving = True
+        self._rows_commit = k
+        try:
+            try:
+                yield rows if dt is None else rows.view(dt)
+            except BaseException:
+                lib.gf_abort(p)
+                raise
+            rc = lib.gf_commit_rows(p, self._rows_commit, outs)
+            if rc != OK:
+                self._raise(rc, "commit")
+            self.last_seq = int(outs[0]) + self._rows_commit - 1
+        finally:
+            self._rows_commit = 0
+            self._reserving = False
+            self._reserver = None
+            if self._give_back_after_reserve:
+                self._give_back_producer(p)
+            plock.release()
+
+    _rows_commit = 0
+
+    def commit_rows(self, k: int) -> None:
+        """Inside ``reserve_batch()``: publish only the first ``k`` rows."""
+        self._check_open()
+        if not self._rows_commit:
+            raise E.FabricValueError("commit_rows is for inside a reserve_batch() block")
+        k = _check_int("commit rows", k, 1)
+        if k > self._rows_commit:
+            raise E.FabricValueError(f"commit_rows needs k in (0, {self._rows_commit}] inside reserve_batch")
+        self._rows_commit = k
+
     def _pin(self, _ptr: Any) -> None:
         """Destructor of a reserved view's pointer: holding it pins this queue (and its mapping)."""
 

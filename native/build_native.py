@@ -39,7 +39,7 @@ ffibuilder.set_source(
         os.path.join(REL, n)
         for n in ("gf_native.h", "gf_atomics.h", "gf_segment.h", "gf_ring.h", "gf_msgpack.h", "gf_crc.h")
     ],
-    py_limited_api=True,  # stable ABI: grafos_fabric/_native.abi3.so, wheel tag cp310-abi3 (setup.py)
+    py_limited_api=True,  # stable ABI: grafos_fabric/_native.abi3.so, wheel tag cp311-abi3 (setup.py)
     extra_compile_args=CFLAGS,
     extra_link_args=LDFLAGS,
 )

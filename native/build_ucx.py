@@ -74,7 +74,7 @@ def make_builder() -> FFI | None:
         extra_link_args=[f"-Wl,-rpath,{d}" for d in rpaths],
         depends=[os.path.join(REL, n) for n in ("gf_ucx.h", "gf_ucx_api.h", "gf_ucx_cdef.h")],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        py_limited_api=True,  # stable ABI, like _native (setup.py tags the wheel cp310-abi3)
+        py_limited_api=True,  # stable ABI, like _native (setup.py tags the wheel cp311-abi3)
     )
     return builder
 

@@ -123,3 +123,7 @@ int64_t gf_msgpack_depth(const uint8_t *buf, uint64_t len, uint32_t max_depth);
 /* gf_crc.h: CRC32C, fused with the copy into an aligned write buffer (slot records) */
 uint32_t gf_crc32c_copy(uint8_t *dst, const uint8_t *src, uint64_t len, uint32_t crc);
 uint32_t gf_crc32c(const uint8_t *buf, uint64_t len, uint32_t crc);
+
+/* reserved rows (reserve_batch), gf_native.h */
+int gf_reserve_rows(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off, uint64_t *got);
+int gf_commit_rows(gf_producer *p, uint64_t k, uint64_t *first_seq);

@@ -462,7 +462,7 @@ static int gf_reserve_unlocked(gf_producer *p, uint64_t len, uint64_t now_ns, ui
 }
 
 static int gf_commit_unlocked(gf_producer *p, uint64_t len, uint64_t *seq_out) {
-    if (!p->hdr || !p->reserved) return GF_E_ARG;
+    if (!p->hdr || p->reserved != 1) return GF_E_ARG; /* rows (gf_reserve_rows) commit with gf_commit_rows */
     if (len == 0 || len > p->reserved_len) return GF_E_ARG;
     gf_record_header *r = (gf_record_header *)(p->data + (p->reserved_at & p->mask));
     r->length = (uint32_t)len;
@@ -752,5 +752,91 @@ int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per
     int rc = gf_pop_batch_unlocked(c, max_items, max_bytes, per_item, now_ns, offs, lens, seqs, n_out, token_out,
                                    uniform_len);
     gf_unlock(&c->lock);
+    return rc;
+}
+
+/* ------------------------------------------------------- reserved rows (batch) */
+
+/* A reservation of rows is marked reserved == GF_RESERVED_ROWS (a single one:
+ * 1); its row count is next_seq - reserved_seq (one sequence number per row). */
+#define GF_RESERVED_ROWS 2
+
+/* Reserve up to n records of payload len that are contiguous in the ring: the
+ * first may follow a padding record at the wrap; the others stop at the wrap
+ * point and at the first that does not fit (room is checked against the head
+ * as prod_place does, a head read from shared memory validated by head_ok).
+ * Record headers are written now (length, type, seq); the payloads are at
+ * *payload_off + i * gf_record_size(len), i < *got, all inside the data area.
+ * Nothing is visible until gf_commit_rows; gf_abort drops them. */
+static int gf_reserve_rows_unlocked(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off,
+                                    uint64_t *got) {
+    *got = 0;
+    if (!p->hdr) return GF_E_ARG;
+    if (p->reserved) return GF_E_CLAIMED;
+    int rc = gf_lease_status(p->lease_state, p->lease_deadline, now_ns);
+    if (rc) return rc;
+    rc = prod_owner(p);
+    if (rc) return rc;
+    if (len == 0 || n == 0) return GF_E_ARG;
+    if (len > p->max_item) return GF_E_TOO_LARGE;
+    uint64_t idx0;
+    rc = prod_place(p, len, &idx0);
+    if (rc == GF_FULL) return full_reason(p);
+    if (rc) return rc;
+    uint64_t rs = rec_size(len);
+    uint64_t first = p->claim; /* the first row's record (after any padding) */
+    uint64_t first_seq = p->next_seq - 1;
+    p->claim += rs;
+    uint64_t k = 1;
+    while (k < n) {
+        uint64_t idx = p->claim & p->mask;
+        if (idx == 0 || idx + rs > p->capacity) break; /* contiguous rows only */
+        int room = prod_room(p, rs);
+        if (room <= 0) break; /* full (or a bad head, which the next call reports) */
+        gf_record_header *r = (gf_record_header *)(p->data + idx);
+        r->length = (uint32_t)len;
+        r->type = GF_RECORD_DATA;
+        r->seq = p->next_seq++;
+        p->claim += rs;
+        k++;
+    }
+    p->claim = first; /* what commit publishes is decided there */
+    p->reserved = GF_RESERVED_ROWS;
+    p->reserved_at = first;
+    p->reserved_len = len;
+    p->reserved_seq = first_seq;
+    *payload_off = idx0 + GF_RECORD_HEADER_SIZE;
+    *got = k;
+    return GF_OK;
+}
+
+/* Publish the first k rows of a gf_reserve_rows reservation (the others are
+ * dropped: their space and sequence numbers are reused). Everything it uses is
+ * the producer's own state, nothing read back from shared memory. */
+static int gf_commit_rows_unlocked(gf_producer *p, uint64_t k, uint64_t *first_seq) {
+    if (!p->hdr || p->reserved != GF_RESERVED_ROWS) return GF_E_ARG;
+    uint64_t rows = p->next_seq - p->reserved_seq;
+    if (k == 0 || k > rows) return GF_E_ARG;
+    uint64_t seq = p->reserved_seq;
+    p->claim = p->reserved_at + k * rec_size(p->reserved_len);
+    p->next_seq = seq + k;
+    p->reserved = 0;
+    int rc = prod_publish(p);
+    if (rc) return rc;
+    *first_seq = seq;
+    return GF_OK;
+}
+
+int gf_reserve_rows(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off, uint64_t *got) {
+    gf_lock(&p->lock);
+    int rc = gf_reserve_rows_unlocked(p, n, len, now_ns, payload_off, got);
+    gf_unlock(&p->lock);
+    return rc;
+}
+
+int gf_commit_rows(gf_producer *p, uint64_t k, uint64_t *first_seq) {
+    gf_lock(&p->lock);
+    int rc = gf_commit_rows_unlocked(p, k, first_seq);
+    gf_unlock(&p->lock);
     return rc;
 }

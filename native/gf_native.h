@@ -15,7 +15,7 @@
 
 /* Bumped whenever a layout or this API changes; the Python wrapper refuses a
  * build whose number differs from the one it was written for. */
-#define GF_NATIVE_ABI 10
+#define GF_NATIVE_ABI 11
 
 /* Status codes. 0 and the small positive values are ordinary outcomes;
  * negatives are errors (the grafOS ones first). */
@@ -131,5 +131,10 @@ int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per
 int gf_release(gf_consumer *c, uint64_t token);
 int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin);
 uint64_t gf_consumer_outstanding(gf_consumer *c);
+
+/* reserved rows (reserve_batch): up to n contiguous records of payload len,
+ * published together (the first k of them) by gf_commit_rows; gf_abort drops them */
+int gf_reserve_rows(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off, uint64_t *got);
+int gf_commit_rows(gf_producer *p, uint64_t k, uint64_t *first_seq);
 
 #endif /* GF_NATIVE_H */
