@@ -236,7 +236,7 @@ class Item(ItemBase):
         if self._q._item_info[2] is not None:
             return np.asarray(memoryview(self))  # a typed (or byte) export, checked in C
         # a dtype without a buffer format: a byte export, viewed as the dtype
-        return _typed(np.frombuffer(self, _U8), self._q.dtype)
+        return _typed(np.frombuffer(self._byte_view(), _U8), self._q.dtype)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
         arr = self.array()
@@ -247,16 +247,11 @@ class Item(ItemBase):
     @property
     def data(self) -> memoryview:
         """The payload as a read-only byte memoryview (zero-copy)."""
-        if self._q._item_info[2] is None:
-            return memoryview(self.array().view(_U8))
-        mv = memoryview(self)
-        return mv if mv.itemsize == 1 else mv.cast("B")
+        return self._byte_view()
 
     def tobytes(self) -> bytes:
         """A copy of the payload (safe to keep after release)."""
-        if self._q._item_info[2] is None:
-            return self.array().tobytes()
-        return bytes(self)  # raises FabricValueError once released
+        return self._byte_view().tobytes()  # raises FabricValueError once released
 
     def __repr__(self) -> str:
         state = "released" if self.released else f"{self.length}B"

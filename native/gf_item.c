@@ -49,6 +49,7 @@ typedef struct {
     Py_ssize_t dims_t[2]; /* ... and of a typed one */
     int pending;        /* the token is still to be released into the queue */
     int released;       /* release() was called: no new exports */
+    int byte_export;    /* set by _byte_view() for one export: bytes, whatever the format */
 } ItemBase;
 
 static PyObject *g_released_exc;  /* errors.FabricValueError */
@@ -120,6 +121,7 @@ static PyObject *item_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
     self->exports = 0;
     self->pending = self->batch == NULL;
     self->released = 0;
+    self->byte_export = 0;
     return (PyObject *)self;
 }
 
@@ -152,7 +154,9 @@ static int item_getbuffer(PyObject *o, Py_buffer *view, int flags) {
     }
     Py_ssize_t itemsize = 1;
     const char *format = NULL;
-    if ((flags & PyBUF_FORMAT) == PyBUF_FORMAT) {
+    if ((flags & PyBUF_FORMAT) == PyBUF_FORMAT && self->byte_export) {
+        format = "B";
+    } else if ((flags & PyBUF_FORMAT) == PyBUF_FORMAT) {
         if (!self->fmt) {
             /* numpy then falls back to __array__, which gives the right dtype */
             PyErr_SetString(PyExc_BufferError,
@@ -218,6 +222,15 @@ static PyObject *item_release(PyObject *o, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* _byte_view() -> a read-only byte memoryview (format B), whatever the queue's dtype */
+static PyObject *item_byte_view(PyObject *o, PyObject *unused) {
+    ItemBase *self = (ItemBase *)o;
+    self->byte_export = 1;
+    PyObject *mv = PyMemoryView_FromObject(o);
+    self->byte_export = 0;
+    return mv;
+}
+
 static PyObject *item_enter(PyObject *o, PyObject *unused) { return Py_NewRef(o); }
 
 static PyObject *item_exit(PyObject *o, PyObject *args) {
@@ -268,6 +281,7 @@ static PyMethodDef item_methods[] = {
     {"release", item_release, METH_NOARGS,
      "Let go of the item (idempotent). Its ring space is reused once the item is released and every view made "
      "from it is gone; the item itself can no longer make views. Items of a batch are released with their batch."},
+    {"_byte_view", item_byte_view, METH_NOARGS, "A read-only byte memoryview of the payload (format B)."},
     {"__enter__", item_enter, METH_NOARGS, NULL},
     {"__exit__", item_exit, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
