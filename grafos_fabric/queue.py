@@ -57,7 +57,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -65,7 +65,7 @@ import numpy as np
 from . import errors as E
 from . import observe
 from ._ffi import ffi, lib, raise_status
-from ._item import ItemBase, bind as _bind_item
+from ._item import ItemBase, Span, bind as _bind_item
 from ._types import ItemLike
 from .drivers.base import Fabric, MappedRegion, Region
 from .lease import NS, Lease, check_ttl
@@ -422,6 +422,87 @@ def _is_mapped_region(region: object) -> TypeGuard[MappedRegion]:
         _MAPPED_TYPES.add(t)
         return True
     return False
+
+
+class _Reservation:
+    """``with q.reserve(n) as buf:`` (see :meth:`FabricQueue.reserve`): reused, one per
+    thread and handle, so a reservation costs no generator or context object."""
+
+    __slots__ = ("active", "nbytes", "out", "p", "q", "timeout")
+
+    def __init__(self) -> None:
+        self.q: Any = None
+        self.out = ffi.new("uint64_t[2]")
+        self.nbytes = 0
+        self.timeout: float | None = None
+        self.active = False
+        self.p: Any = None
+
+    def __enter__(self) -> np.ndarray[Any, Any]:
+        q = self.q
+        if q is None or self.active:
+            raise E.FabricValueError("enter a reservation once, right after q.reserve(n): `with q.reserve(n) as buf:`")
+        nbytes = self.nbytes
+        out = self.out
+        plock = q._plock
+        deadline: float | None = None
+        first = True
+        while True:
+            plock.acquire()
+            try:
+                p = q._prod or q._producer()
+                rc = lib.gf_reserve(p, nbytes, q._now(), out)
+                if rc == OK:
+                    break
+                if rc != FULL:
+                    q._raise(rc, "reserve")
+            except BaseException:
+                plock.release()
+                self.q = None
+                raise
+            plock.release()
+            try:
+                if first:
+                    deadline = _deadline(self.timeout)
+                    first = False
+                q._wait_space(nbytes, deadline)
+            except BaseException:
+                self.q = None
+                raise
+        self.p = p
+        self.active = True
+        q._reserver = threading.get_ident()
+        q._reserving = True
+        q._commit_len = nbytes
+        off = out[0]
+        # the view holds a Span that holds this handle (and so the mapping); Span checks the range
+        buf = np.frombuffer(Span(q, off, nbytes, True), dtype=np.uint8)
+        dt = q.dtype
+        return buf if dt is None else buf.view(dt)
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        if not self.active:
+            return
+        q = self.q
+        p = self.p
+        self.active = False
+        self.p = None
+        self.q = None
+        try:
+            if et is not None:
+                lib.gf_abort(p)
+                return
+            out = self.out
+            rc = lib.gf_commit(p, q._commit_len, out + 1)
+            if rc != OK:
+                q._raise(rc, "commit")
+            q.last_seq = out[1]
+        finally:
+            q._reserving = False
+            q._reserver = None
+            if q._give_back_after_reserve:
+                q._give_back_producer(p)
+            q._plock.release()
 
 
 class FabricQueue(QueueProtocols):
@@ -1025,8 +1106,7 @@ class FabricQueue(QueueProtocols):
         del arr
         return done
 
-    @contextmanager
-    def reserve(self, nbytes: int, timeout: float | None = None) -> Iterator[np.ndarray[Any, Any]]:
+    def reserve(self, nbytes: int, timeout: float | None = None) -> AbstractContextManager[np.ndarray[Any, Any]]:
         """Zero-copy production: write the item in place, published on exit.
 
         ``with q.reserve(n) as buf: buf[:] = ...`` — ``buf`` is a writable view of
@@ -1041,52 +1121,31 @@ class FabricQueue(QueueProtocols):
         from other threads wait for it; a push from inside the block raises.
         ``close()`` from another thread gives the producer role up only when the
         block ends.
+
+        What it returns is a context manager to enter at once (``with``): it is
+        reused by the next ``reserve`` of this thread, so a reservation makes no
+        Python objects but the view.
         """
-        nbytes = _check_int("reserve size", nbytes, 1)
-        if nbytes > self.max_item:
-            raise E.ItemTooLarge(f"reservation of {nbytes} bytes exceeds the queue's max_item of {self.max_item}")
-        if self.dtype is not None and nbytes % self.dtype.itemsize:
-            raise E.DtypeMismatch(f"reservation must be a multiple of {self.dtype.itemsize} bytes for {self.dtype}")
-        off = ffi.new("uint64_t *")
-        deadline = _deadline(timeout)
-        plock = self._plock
-        while True:
-            plock.acquire()
-            try:
-                p = self._prod or self._producer()
-                rc = lib.gf_reserve(p, nbytes, self._now(), off)
-                if rc == OK:
-                    break
-                if rc != FULL:
-                    self._raise(rc, "reserve")
-            except BaseException:
-                plock.release()
-                raise
-            plock.release()
-            self._wait_space(nbytes, deadline)
-        # the view pins the mapping (the gc'd pointer's destructor holds this queue)
-        keep = ffi.gc(self._data + int(off[0]), self._pin)
-        buf = np.frombuffer(ffi.buffer(keep, nbytes), dtype=np.uint8)
-        self._reserver = threading.get_ident()
-        self._reserving = True
-        self._commit_len = nbytes
-        try:
-            try:
-                yield buf if self.dtype is None else buf.view(self.dtype)
-            except BaseException:
-                lib.gf_abort(p)
-                raise
-            seq = ffi.new("uint64_t *")
-            rc = lib.gf_commit(p, self._commit_len, seq)
-            if rc != OK:
-                self._raise(rc, "commit")
-            self.last_seq = int(seq[0])
-        finally:
-            self._reserving = False
-            self._reserver = None
-            if self._give_back_after_reserve:
-                self._give_back_producer(p)
-            plock.release()
+        res = getattr(self._tls, "res", None)
+        if res is None or res.active:  # one reusable reservation per thread (a nested one gets its own)
+            res = self._tls.res = _Reservation()
+        if type(nbytes) is not int or not 0 < nbytes <= self.max_item or (
+            self.dtype is not None and nbytes % self.dtype.itemsize
+        ):
+            nbytes = _check_int("reserve size", nbytes, 1)
+            if nbytes > self.max_item:
+                raise E.ItemTooLarge(f"reservation of {nbytes} bytes exceeds the queue's max_item of {self.max_item}")
+            if self.dtype is not None and nbytes % self.dtype.itemsize:
+                raise E.DtypeMismatch(
+                    f"reservation must be a multiple of {self.dtype.itemsize} bytes for {self.dtype}"
+                )
+        if timeout is not None and not (type(timeout) is float and timeout >= 0.0):
+            _deadline(timeout)  # refuse a bad timeout now, not inside the with statement
+        res.q = self  # dropped again on exit: no lasting cycle through this handle's thread-locals
+        res.nbytes = nbytes
+        res.timeout = timeout
+        return res
+
 
     @contextmanager
     def reserve_batch(self, n: int, size: int, timeout: float | None = None) -> Iterator[np.ndarray[Any, Any]]:
@@ -1134,8 +1193,7 @@ class FabricQueue(QueueProtocols):
             lib.gf_abort(p)
             plock.release()
             raise E.Corrupted(f"reserve_batch: {k} rows at {off} lie outside the ring")
-        keep = ffi.gc(self._data + off, self._pin)  # the view pins the mapping
-        flat = np.frombuffer(ffi.buffer(keep, span), dtype=np.uint8)
+        flat = np.frombuffer(Span(self, off, span, True), dtype=np.uint8)  # pins the handle and the mapping
         rows = np.lib.stride_tricks.as_strided(flat, shape=(k, size), strides=(stride, 1), writeable=True)
         self._reserver = threading.get_ident()
         self._reserving = True
@@ -1169,9 +1227,6 @@ class FabricQueue(QueueProtocols):
         if k > self._rows_commit:
             raise E.FabricValueError(f"commit_rows needs k in (0, {self._rows_commit}] inside reserve_batch")
         self._rows_commit = k
-
-    def _pin(self, _ptr: Any) -> None:
-        """Destructor of a reserved view's pointer: holding it pins this queue (and its mapping)."""
 
     _commit_len = 0
     last_seq = -1

@@ -308,6 +308,101 @@ static PyType_Spec item_spec = {
     .slots = item_slots,
 };
 
+/* ------------------------------------------------------------------ Span */
+
+/* Span(q, offset, length, writable): a buffer over [offset, offset + length) of
+ * the queue's data area (the range checked against queue._item_info), holding
+ * the queue: what a reservation's view is made from, so the view pins the
+ * queue and its mapping without a reference cycle through the queue. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *q;
+    char *ptr;
+    Py_ssize_t length;
+    Py_ssize_t shape;
+    int writable;
+} SpanObject;
+
+static PyObject *span_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
+    static char *names[] = {"q", "offset", "length", "writable", NULL};
+    PyObject *q;
+    unsigned long long offset;
+    Py_ssize_t length;
+    int writable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OKn|p", names, &q, &offset, &length, &writable)) return NULL;
+    PyObject *info = PyObject_GetAttr(q, g_str_item_info);
+    if (!info) return NULL;
+    unsigned long long addr, cap;
+    PyObject *fmt;
+    Py_ssize_t itemsize;
+    int ok = PyArg_ParseTuple(info, "KKOn;queue._item_info must be (address, capacity, format, itemsize)", &addr,
+                              &cap, &fmt, &itemsize);
+    Py_DECREF(info);
+    if (!ok) return NULL;
+    if (addr == 0 || length < 0 || offset > cap || (unsigned long long)length > cap - offset) {
+        PyErr_SetString(g_released_exc, "span lies outside the queue's data area");
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(tp, Py_tp_alloc);
+    SpanObject *self = (SpanObject *)alloc(tp, 0);
+    if (!self) return NULL;
+    self->q = Py_NewRef(q);
+    self->ptr = (char *)(uintptr_t)addr + offset;
+    self->length = length;
+    self->shape = length;
+    self->writable = writable;
+    return (PyObject *)self;
+}
+
+static void span_dealloc(PyObject *o) {
+    SpanObject *self = (SpanObject *)o;
+    PyTypeObject *tp = Py_TYPE(o);
+    Py_CLEAR(self->q);
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+static int span_getbuffer(PyObject *o, Py_buffer *view, int flags) {
+    SpanObject *self = (SpanObject *)o;
+    view->obj = NULL;
+    if ((flags & PyBUF_WRITABLE) && !self->writable) {
+        PyErr_SetString(PyExc_BufferError, "this span is read-only");
+        return -1;
+    }
+    view->buf = self->ptr;
+    view->len = self->length;
+    view->readonly = !self->writable;
+    view->itemsize = 1;
+    view->format = (flags & PyBUF_FORMAT) == PyBUF_FORMAT ? "B" : NULL;
+    view->ndim = 1;
+    view->shape = (flags & PyBUF_ND) == PyBUF_ND ? &self->shape : NULL;
+    view->strides = NULL;
+    view->suboffsets = NULL;
+    view->internal = NULL;
+    view->obj = Py_NewRef(o);
+    return 0;
+}
+
+static void span_releasebuffer(PyObject *o, Py_buffer *view) {}
+
+static PyType_Slot span_slots[] = {
+    {Py_tp_doc, "A buffer over part of a queue's data area that holds the queue (reservation views)."},
+    {Py_tp_new, span_new},
+    {Py_tp_dealloc, span_dealloc},
+    {Py_bf_getbuffer, span_getbuffer},
+    {Py_bf_releasebuffer, span_releasebuffer},
+    {0, NULL},
+};
+
+static PyType_Spec span_spec = {
+    .name = "grafos_fabric._item.Span",
+    .basicsize = sizeof(SpanObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = span_slots,
+};
+
 /* bind(released_exc, corrupted_exc): the typed errors (once, at import) */
 static PyObject *mod_bind(PyObject *mod, PyObject *args) {
     PyObject *rel, *cor;
@@ -341,6 +436,12 @@ PyMODINIT_FUNC PyInit__item(void) {
     PyObject *tp = PyType_FromSpec(&item_spec);
     if (!tp || PyModule_AddObject(m, "ItemBase", tp) < 0) {
         Py_XDECREF(tp);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *sp = PyType_FromSpec(&span_spec);
+    if (!sp || PyModule_AddObject(m, "Span", sp) < 0) {
+        Py_XDECREF(sp);
         Py_DECREF(m);
         return NULL;
     }

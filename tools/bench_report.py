@@ -19,7 +19,45 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 #: The peer mode a fabric mode is compared with (reserve/commit is single-item production).
-PEER_MODE = {"single": "single", "batch": "batch", "reserve": "single"}
+PEER_MODE = {
+    "single": "single",
+    "batch": "batch",
+    "reserve": "single",
+    "produce": "single",
+    "reserve_batch": "batch",
+    "produce_batch": "batch",
+}
+
+#: Fabric cases divided by fabric cases of the same run: (case, over, what it says).
+SELF_RATIOS = (
+    ("reserve", "produce", "reserve/commit, produced in place, vs produce then push"),
+    ("reserve", "single", "reserve/commit, produced in place, vs push of a ready item"),
+    ("reserve_batch", "produce_batch", "reserve_batch in place vs produce rows then push_batch"),
+    ("reserve_batch", "batch", "reserve_batch in place vs push_batch of ready rows"),
+    ("reserve_batch", "single", "reserve_batch in place vs push of a ready item"),
+)
+
+
+def compute_self_ratios(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
+    """Fabric against fabric, same run and size: median over median, and the
+    spread (min over max, max over min) of the rounds."""
+    by = _lookup(results)
+    out = []
+    for size in dict.fromkeys(r.size for r in results):
+        for case, over, what in SELF_RATIOS:
+            a, b = by.get(("fabric", case, size)), by.get(("fabric", over, size))
+            if a is None or b is None:
+                continue
+            out.append({
+                "size": size,
+                "case": case,
+                "over": over,
+                "ratio": a.items_per_s / b.items_per_s,
+                "low": min(a.samples) / max(b.samples),
+                "high": max(a.samples) / min(b.samples),
+                "what": what,
+            })
+    return out
 
 
 @dataclass
@@ -211,6 +249,25 @@ def render(
             rt.add_row("  which", *[x.best_peer or "-" for x in group])
         console.print(rt)
 
+    self_ratios = compute_self_ratios(results)
+    if self_ratios:
+        st = Table(
+            title="grafos-fabric against itself, same run (median ÷ median; low-high: worst/best rounds)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        st.add_column("size", justify="right")
+        st.add_column("case ÷ over", overflow="fold")
+        st.add_column("ratio", justify="right")
+        st.add_column("low-high", justify="right")
+        for x in self_ratios:
+            st.add_row(
+                fmt_size(x["size"]), f"{x['case']} ÷ {x['over']}", _styled_ratio(x["ratio"]),
+                f"{fmt_ratio(x['low'])}-{fmt_ratio(x['high'])}",
+            )
+        console.print(st)
+
     for name, rows in extra.items():
         if not rows:
             continue
@@ -325,6 +382,7 @@ def to_json(
         "baselines": baselines,
         "results": [r.to_dict() for r in results],
         "ratios": [x.to_dict() for x in ratios],
+        "self_ratios": compute_self_ratios(results),
         **extra,
         "skipped": skipped,
     }

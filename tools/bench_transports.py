@@ -137,6 +137,14 @@ def touch_many(bufs: Sequence[Any]) -> int:
     return touch(b"".join(bufs))
 
 
+def _operands(size: int, rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint8 arrays (``(rows, size)`` with rows) whose sum is the produced item
+    (the reserve/produce cases: production in place against production then copy-in)."""
+    rng = np.random.default_rng(3)
+    shape: tuple[int, ...] = (rows, size) if rows else (size,)
+    return rng.integers(0, 128, shape, dtype=np.uint8), rng.integers(0, 128, shape, dtype=np.uint8)
+
+
 def make_payload(size: int, seed: int = 1) -> bytes:
     """Deterministic, non-constant payload bytes of ``size``."""
     rng = np.random.default_rng(seed)
@@ -557,15 +565,19 @@ class FabricTransport(Transport):
     """grafos-fabric FabricQueue on a driver (``shm`` by default).
 
     single: push/pop; batch: push_batch of a 2-D array / pop_batch with one
-    reduction over ``Batch.array()``; reserve: ``with q.reserve(n) as buf``
-    (zero-copy production) / pop. The parent creates the queue; both workers
+    reduction over ``Batch.array()``; reserve: ``with q.reserve(n) as buf:
+    np.add(a, b, out=buf)`` (the item produced in place) / pop; produce: the
+    same ``np.add`` into the producer's own buffer, then ``push`` (copy-in), the
+    like-for-like baseline of reserve; reserve_batch: ``with q.reserve_batch(k,
+    n) as rows: np.add(A, B, out=rows)`` / pop_batch; produce_batch: the same
+    into the producer's own rows, then ``push_batch``. The parent creates the queue; both workers
     attach through its locator bytes, mapped (the default) or, with
     ``mapped=False``, through the one-sided ring protocol (what an RDMA client
     of a memory node speaks), which the shm driver also offers.
     """
 
     name = "fabric"
-    modes = ("single", "batch", "reserve")
+    modes = ("single", "batch", "reserve", "produce", "reserve_batch", "produce_batch")
     description = "grafos_fabric.FabricQueue"
     ttl = 300.0
 
@@ -648,8 +660,10 @@ class FabricTransport(Transport):
                     raise RuntimeError(f"push_batch pushed {pushed} of {n}")
                 return n
         elif spec.mode == "reserve":
+            # zero-copy production, what reserve is for: the item is computed in place
             reserve = q.reserve
-            src = np.frombuffer(payload, dtype=np.uint8)
+            a, b = _operands(spec.size)
+            add = np.add
             chunk = range(spec.chunk)
             n = spec.chunk
             size = spec.size
@@ -657,8 +671,46 @@ class FabricTransport(Transport):
             def step() -> int:
                 for _ in chunk:
                     with reserve(size, timeout=STALL_S) as buf:
-                        buf[:] = src
+                        add(a, b, out=buf)
                 return n
+        elif spec.mode == "produce":
+            # the same production into a buffer of the producer's, then push (copy-in): what reserve saves
+            push = q.push
+            a, b = _operands(spec.size)
+            tmp = np.empty(spec.size, dtype=np.uint8)
+            add = np.add
+            chunk = range(spec.chunk)
+            n = spec.chunk
+
+            def step() -> int:
+                for _ in chunk:
+                    add(a, b, out=tmp)
+                    push(tmp, timeout=STALL_S)
+                return n
+        elif spec.mode == "reserve_batch":
+            reserve_batch = q.reserve_batch
+            ra, rb = _operands(spec.size, spec.batch)
+            add = np.add
+            nb, size = spec.batch, spec.size
+
+            def step() -> int:
+                with reserve_batch(nb, size, timeout=STALL_S) as rows:
+                    k = len(rows)
+                    add(ra[:k], rb[:k], out=rows)
+                return k
+        elif spec.mode == "produce_batch":
+            push_batch = q.push_batch
+            ra, rb = _operands(spec.size, spec.batch)
+            tmp2 = np.empty((spec.batch, spec.size), dtype=np.uint8)
+            add = np.add
+            nb = spec.batch
+
+            def step() -> int:
+                add(ra, rb, out=tmp2)
+                pushed: int = push_batch(tmp2, timeout=STALL_S)
+                if pushed != nb:
+                    raise RuntimeError(f"push_batch pushed {pushed} of {nb}")
+                return nb
         else:
             push = q.push
             chunk = range(spec.chunk)
@@ -682,7 +734,7 @@ class FabricTransport(Transport):
         fabric, q = self._attach(handle)
         t = toucher(spec.size)
         step: ConsumerStep
-        if spec.mode == "batch":
+        if spec.mode in ("batch", "reserve_batch", "produce_batch"):
             pop_batch = q.pop_batch
 
             def step(limit: int) -> int:
