@@ -65,7 +65,8 @@ import numpy as np
 from . import errors as E
 from . import observe
 from ._ffi import ffi, lib, raise_status
-from ._item import ItemBase, Span, bind as _bind_item
+from ._item import ItemBase, Span
+from ._item import bind as _bind_item
 from ._types import ItemLike
 from .drivers.base import Fabric, MappedRegion, Region
 from .lease import NS, Lease, check_ttl
@@ -204,7 +205,7 @@ def _buffer_format(dt: np.dtype[Any] | None) -> tuple[bytes | None, int]:
     if dt is None:
         return b"B", 1
     try:
-        fmt = memoryview(np.empty(1, dt)).format
+        fmt = memoryview(np.empty(1, dt)).format  # type: ignore[arg-type]
     except (ValueError, TypeError, BufferError):
         return None, dt.itemsize
     return fmt.encode("ascii"), dt.itemsize
@@ -476,7 +477,7 @@ class _Reservation:
         q._commit_len = nbytes
         off = out[0]
         # the view holds a Span that holds this handle (and so the mapping); Span checks the range
-        buf = np.frombuffer(Span(q, off, nbytes, True), dtype=np.uint8)
+        buf = np.frombuffer(Span(q, off, nbytes, True), dtype=np.uint8)  # type: ignore[call-overload]
         dt = q.dtype
         return buf if dt is None else buf.view(dt)
 
@@ -1193,7 +1194,7 @@ class FabricQueue(QueueProtocols):
             lib.gf_abort(p)
             plock.release()
             raise E.Corrupted(f"reserve_batch: {k} rows at {off} lie outside the ring")
-        flat = np.frombuffer(Span(self, off, span, True), dtype=np.uint8)  # pins the handle and the mapping
+        flat = np.frombuffer(Span(self, off, span, True), dtype=np.uint8)  # type: ignore[call-overload]  # pins the mapping
         rows = np.lib.stride_tricks.as_strided(flat, shape=(k, size), strides=(stride, 1), writeable=True)
         self._reserver = threading.get_ident()
         self._reserving = True

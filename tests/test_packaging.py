@@ -28,10 +28,17 @@ def _pyproject() -> dict:
     return tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
 
 
-def test_the_native_module_uses_the_stable_abi() -> None:
-    from grafos_fabric import _native
+def test_the_native_modules_use_the_stable_abi() -> None:
+    from grafos_fabric import _item, _native
 
     assert _native.__file__.endswith(".abi3.so"), _native.__file__
+    assert _item.__file__.endswith(".abi3.so"), _item.__file__  # the limited API of 3.11 (native/gf_item.c)
+
+
+def test_requires_python_matches_the_limited_api_the_item_type_is_built_for() -> None:
+    assert _pyproject()["project"]["requires-python"] == ">=3.11"
+    setup_py = (ROOT / "setup.py").read_text(encoding="utf-8")
+    assert '"py_limited_api": "cp311"' in setup_py and '("Py_LIMITED_API", "0x030B0000")' in setup_py
 
 
 def test_rich_matplotlib_and_prometheus_client_are_extras_not_dependencies() -> None:
@@ -78,7 +85,7 @@ def test_the_license_file_is_the_apache_2_text() -> None:
 
 @pytest.mark.stress
 def test_sdist_is_complete_and_the_wheel_is_tagged_abi3(tmp_path: Path) -> None:
-    """Builds both (about half a minute): the sdist has what pytest needs, the wheel is cp310-abi3."""
+    """Builds both (about half a minute): the sdist has what pytest needs, the wheel is cp311-abi3."""
     _pyproject()
     pytest.importorskip("build", reason="the 'build' package is not installed (it is in the [dev] extra)")
     proc = subprocess.run(
@@ -93,7 +100,7 @@ def test_sdist_is_complete_and_the_wheel_is_tagged_abi3(tmp_path: Path) -> None:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     (sdist,) = tmp_path.glob("*.tar.gz")
     (wheel,) = tmp_path.glob("*.whl")
-    assert wheel.name == f"grafos_fabric-{gf.__version__}-cp310-abi3-linux_{os.uname().machine}.whl"
+    assert wheel.name == f"grafos_fabric-{gf.__version__}-cp311-abi3-linux_{os.uname().machine}.whl"
     with tarfile.open(sdist) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     for need in (
@@ -107,6 +114,7 @@ def test_sdist_is_complete_and_the_wheel_is_tagged_abi3(tmp_path: Path) -> None:
         "tools/setup.sh",
         "tools/check_sdist.sh",
         "native/gf_native.c",
+        "native/gf_item.c",
         "native/build_native.py",
         "drivers/shm.py",
         "tools/cli.py",
@@ -116,6 +124,7 @@ def test_sdist_is_complete_and_the_wheel_is_tagged_abi3(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         wnames = set(zf.namelist())
     assert "grafos_fabric/_native.abi3.so" in wnames and "grafos_fabric/py.typed" in wnames
+    assert "grafos_fabric/_item.abi3.so" in wnames
     assert "grafos_fabric/drivers/shm.py" in wnames and "grafos_fabric/tools/cli.py" in wnames
     assert any(n.endswith("licenses/LICENSE") for n in wnames)
     assert not any(n.endswith(".sh") for n in wnames)

@@ -261,10 +261,10 @@ def render(
         st.add_column("case ÷ over", overflow="fold")
         st.add_column("ratio", justify="right")
         st.add_column("low-high", justify="right")
-        for x in self_ratios:
+        for sr in self_ratios:
             st.add_row(
-                fmt_size(x["size"]), f"{x['case']} ÷ {x['over']}", _styled_ratio(x["ratio"]),
-                f"{fmt_ratio(x['low'])}-{fmt_ratio(x['high'])}",
+                fmt_size(sr["size"]), f"{sr['case']} ÷ {sr['over']}", _styled_ratio(sr["ratio"]),
+                f"{fmt_ratio(sr['low'])}-{fmt_ratio(sr['high'])}",
             )
         console.print(st)
 

@@ -25,8 +25,8 @@ wheel=$(ls "$WORK"/dist/*.whl)
 echo "sdist: $(basename "$sdist")"
 echo "wheel: $(basename "$wheel")"
 case "$wheel" in
-  *-cp310-abi3-*.whl) ;;
-  *) echo "check_sdist: the wheel is not tagged cp310-abi3: $wheel" >&2; exit 1 ;;
+  *-cp311-abi3-*.whl) ;;
+  *) echo "check_sdist: the wheel is not tagged cp311-abi3: $wheel" >&2; exit 1 ;;
 esac
 
 echo "== install the sdist (built from source) into a fresh venv"
@@ -34,10 +34,11 @@ echo "== install the sdist (built from source) into a fresh venv"
 "$WORK/venv/bin/python" -m pip install -q "${sdist}[test,bench,prometheus]"
 # from $WORK: run from the checkout, its grafos_fabric/ folder would shadow the installed package
 (cd "$WORK" && "$WORK/venv/bin/python" - <<'EOF'
-import importlib.util, grafos_fabric, grafos_fabric._native as n
+import importlib.util, grafos_fabric, grafos_fabric._native as n, grafos_fabric._item as i
 print("installed:", grafos_fabric.__file__)
-print("native:", n.__file__)
+print("native:", n.__file__, i.__file__)
 assert n.__file__.endswith(".abi3.so"), n.__file__
+assert i.__file__.endswith(".abi3.so"), i.__file__
 assert "site-packages" in grafos_fabric.__file__
 EOF
 )
