@@ -368,3 +368,83 @@ def test_a_next_sequence_number_at_the_end_of_u64_gives_typed_errors_only(fabric
         for _ in range(3):
             tx.push(b"abc", timeout=1)
             rx.pop(timeout=1).release()
+
+
+# -- reserve_batch (gf_reserve_rows / gf_commit_rows) under hostile words ---------------------
+
+
+def test_reserve_batch_near_the_wrap_pads_and_keeps_its_rows_inside_the_ring(fabric):
+    position = 3 * 4096 + 4096 - 48  # 48 bytes before the end: the first row needs a padding record
+    tx, rx, view = _queue_at(fabric, position)
+    rs = int(lib.gf_record_size(40))
+    with tx.reserve_batch(100, 40) as rows:
+        assert rows.shape == ((4096 - 48) // rs, 40)  # the padding takes room too
+        lo = tx.region.address() + DATA
+        assert rows.ctypes.data == lo + 16  # the first row starts the ring, after its header
+        assert rows.ctypes.data + (len(rows) - 1) * rs + 40 <= lo + 4096
+        rows[:] = np.arange(len(rows), dtype=np.uint8)[:, None]
+    rec = view[DATA + 4096 - 48 : DATA + 4096 - 40]
+    assert int.from_bytes(rec[4:8], "little") == lib.GF_RECORD_PADDING
+    got = rx.pop_batch(1000, timeout=5)
+    assert got.array()[:, 0].tolist() == list(range((4096 - 48) // rs))
+
+
+def test_reserve_batch_with_a_head_moved_backwards_is_corrupted(fabric):
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30, max_item=1000)
+    tx = gf.FabricQueue.attach(fabric, q.locator())
+    rx = gf.FabricQueue.attach(fabric, q.locator())
+    for _ in range(3):
+        tx.push(b"p" * 1000)
+    for _ in range(3):
+        rx.pop(timeout=5).release()
+    while tx.try_push(b"q" * 1000):  # until full: the producer's head cache is refreshed
+        pass
+    q.region.view()[HEAD : HEAD + 8] = (0).to_bytes(8, "little")  # before the head it saw: impossible
+    with pytest.raises(E.Corrupted):
+        with tx.reserve_batch(4, 1000, timeout=0.5):
+            pass
+
+
+def test_reserve_batch_of_a_fenced_producer_is_stale_and_a_moved_tail_corrupted(fabric):
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
+    tx = gf.FabricQueue.attach(fabric, q.locator())
+    tx.push(b"a")
+    view = q.region.view()
+    view[TAIL : TAIL + 8] = (1024).to_bytes(8, "little")  # aligned, same epoch tag, not ours
+    with pytest.raises(E.Corrupted):
+        with tx.reserve_batch(2, 8):
+            pass
+    view[TAIL : TAIL + 8] = (16).to_bytes(8, "little")
+    q.advance_epoch(5)
+    with pytest.raises(E.StaleEpoch):
+        with tx.reserve_batch(2, 8):
+            pass
+
+
+def test_commit_rows_publishes_nothing_if_the_epoch_moved_during_the_block(fabric):
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
+    tx = gf.FabricQueue.attach(fabric, q.locator())
+    rx = gf.FabricQueue.attach(fabric, q.locator())
+    with pytest.raises(E.StaleEpoch):
+        with tx.reserve_batch(4, 8) as rows:
+            rows[:] = 1
+            q.advance_epoch(3)  # fenced while the rows are being written
+    assert rx.try_pop() is None
+
+
+def test_the_native_rows_calls_refuse_misuse_with_status_codes(fabric):
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
+    q.push(b"x")  # claims the producer role
+    p = q._prod
+    out = ffi.new("uint64_t[2]")
+    assert lib.gf_commit_rows(p, 1, out) == lib.GF_E_ARG  # nothing reserved
+    assert lib.gf_reserve_rows(p, 0, 8, 0, out, out + 1) == lib.GF_E_ARG
+    assert lib.gf_reserve_rows(p, 4, 0, 0, out, out + 1) == lib.GF_E_ARG
+    assert lib.gf_reserve_rows(p, 4, 1 << 40, 0, out, out + 1) == lib.GF_E_TOO_LARGE
+    assert lib.gf_reserve_rows(p, 4, 8, 0, out, out + 1) == lib.GF_OK and out[1] == 4
+    assert lib.gf_reserve_rows(p, 4, 8, 0, out, out + 1) == lib.GF_E_CLAIMED
+    assert lib.gf_commit(p, 8, out) == lib.GF_E_ARG  # rows commit with gf_commit_rows only
+    assert lib.gf_commit_rows(p, 5, out) == lib.GF_E_ARG  # more than reserved
+    assert lib.gf_commit_rows(p, 0, out) == lib.GF_E_ARG
+    assert lib.gf_commit_rows(p, 2, out) == lib.GF_OK and out[0] == 1
+    assert q.push(b"y") == 3  # the two dropped rows took no sequence numbers
