@@ -3,7 +3,7 @@
 #
 #   bash tools/sanitize.sh [pytest args...]
 #
-# 1. builds grafos_fabric._native with -fsanitize=address,undefined into
+# 1. builds grafos_fabric._native (and _item) with -fsanitize=address,undefined into
 #    build/sanitize/ (the normal build in grafos_fabric/ is left alone),
 # 2. lays out an overlay package there (the Python sources by symlink, the
 #    sanitized module as a file) and puts it first on PYTHONPATH,
@@ -48,6 +48,14 @@ for f in grafos_fabric/*; do
   ln -s "$ROOT/$f" "$OUT/overlay/grafos_fabric/$(basename "$f")"
 done
 cp "$SO" "$OUT/overlay/grafos_fabric/"
+# grafos_fabric._item (native/gf_item.c: the item type's buffer protocol), sanitized the same way
+PYINC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+gcc -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize="$SANITIZERS" -std=gnu11 -I"$PYINC" \
+  -DPy_LIMITED_API=0x030B0000 native/gf_item.c -o "$OUT/overlay/grafos_fabric/_item.abi3.so" 2>"$OUT/build_item.log" || {
+  cat "$OUT/build_item.log" >&2
+  echo "sanitize: building _item failed" >&2
+  exit 1
+}
 
 export PYTHONPATH="$OUT/overlay${PYTHONPATH:+:$PYTHONPATH}"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$OUT/logs/asan"
@@ -59,9 +67,10 @@ export GRAFOS_FUZZ_ROUNDS=${GRAFOS_FUZZ_ROUNDS:-6}
 # repository's own grafos_fabric/ (with the normal module) is not what loads
 cd "$OUT/overlay"
 LD_PRELOAD="$LIBASAN" "$PY" - <<'EOF'
-import grafos_fabric._native as n, sys
-print("sanitize: using", n.__file__)
-sys.exit(0 if "/build/sanitize/overlay/" in n.__file__ else "sanitize: the normal build was imported")
+import grafos_fabric._native as n, grafos_fabric._item as i, sys
+print("sanitize: using", n.__file__, i.__file__)
+ok = all("/build/sanitize/overlay/" in m.__file__ for m in (n, i))
+sys.exit(0 if ok else "sanitize: the normal build was imported")
 EOF
 
 # -- 3. the native-facing tests
@@ -72,7 +81,8 @@ GRAFOS_CONFORMANCE_DRIVERS=shm LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:ca
   --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests/whitebox/test_ring_whitebox.py" \
   "$ROOT/tests/whitebox/test_onesided_ring.py" "$ROOT/tests/conformance/test_queue.py" \
   "$ROOT/tests/conformance/test_queue_model.py" "$ROOT/tests/conformance/test_queue_paths.py" \
-  "$ROOT/tests/test_hostile_memory.py" "$ROOT/tests/test_block_durable.py" "$@" || status=$?
+  "$ROOT/tests/test_hostile_memory.py" "$ROOT/tests/test_block_durable.py" "$ROOT/tests/test_item_buffer.py" \
+  "$@" || status=$?
 cd "$ROOT"
 
 # -- 4. any report fails the run
