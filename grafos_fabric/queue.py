@@ -65,7 +65,8 @@ import numpy as np
 from . import errors as E
 from . import observe
 from ._ffi import ffi, lib, raise_status
-from ._item import ItemBase, Span
+from ._item import GF_NATIVE_ABI as _ITEM_ABI
+from ._item import ItemBase, Releaser, Span
 from ._item import bind as _bind_item
 from ._types import ItemLike
 from .drivers.base import Fabric, MappedRegion, Region
@@ -522,7 +523,8 @@ class FabricQueue(QueueProtocols):
     call raises :class:`~grafos_fabric.errors.ForkedHandle`): attach again there.
     """
 
-    _item_info: tuple[int, int, bytes | None, int] = (0, 0, b"B", 1)  # set once the data area is known
+    # set once the data area is known: (address, capacity, format, itemsize[, Releaser])
+    _item_info: tuple[Any, ...] = (0, 0, b"B", 1)
 
     def __init__(self, fabric: Fabric, region: Region, *, owner: bool, epoch: int | None = None) -> None:
         if epoch is not None:
@@ -900,6 +902,8 @@ class FabricQueue(QueueProtocols):
         self._pend = (pend_end, pend_done)
         self._pend_cap = cap
         self._cons_rel = c
+        # items release with one native call into c (until close(): then through _release_token)
+        self._item_info = (*self._item_info[:4], Releaser(ffi.buffer(c)))
         self._cons = c
         return c
 
@@ -1484,6 +1488,9 @@ class FabricQueue(QueueProtocols):
         if self.closed:
             return
         self.closed = True
+        info = self._item_info
+        if len(info) > 4:  # items released from now on go through _release_token (which gives the role back)
+            info[4].close()
         if self._forked:
             return  # the roles are the parent's: nothing of them is given back here
         self._aio_shutdown()
@@ -1616,6 +1623,11 @@ def _deadline(timeout: Any) -> float | None:
 _NO_PREFETCH: Iterator[Any] = iter(())
 
 _bind_item(E.FabricValueError, E.Corrupted)
+if _ITEM_ABI != lib.gf_native_abi():  # pragma: no cover - only on a stale build
+    raise ImportError(
+        f"stale grafos_fabric._item build (native ABI {_ITEM_ABI}, _native has {lib.gf_native_abi()}): "
+        "reinstall with `pip install -e .`"
+    )
 
 # Every live handle, so a child after fork() can mark the ones it inherited.
 _LIVE: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -31,12 +31,37 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include <pthread.h>
+
+#include "gf_native.h" /* gf_consumer and gf_release: gf_native.c is compiled into this module too */
+
+/* Bumped in a child after fork(): a Releaser made before it must not release
+ * there (the native consumer is the parent's: it would move the parent's head). */
+static volatile unsigned long g_fork_gen;
+static void after_fork_in_child(void) { g_fork_gen++; }
+
+/* Releaser(buffer over a gf_consumer): lets items release their token with one
+ * native call instead of a call into Python. It holds the buffer (so the
+ * consumer state's memory, owned by the queue's cffi object) until it goes.
+ * close() (the queue closed) and fork() turn it off: items then go through
+ * queue._release_token (closed: it also gives the role back) or do nothing
+ * (a forked child). Private: the buffer must be the queue's own gf_consumer. */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    gf_consumer *c;
+    unsigned long fork_gen;
+    int closed;
+} ReleaserObject;
+
+static PyTypeObject *g_releaser_type;
 
 typedef struct {
     PyObject_HEAD
     PyObject *q;        /* the queue handle: pins the mapping */
     PyObject *batch;    /* the Batch this item belongs to (it owns the release), or NULL */
     PyObject *fmt;      /* buffer format (bytes) of one element, or NULL: exports carry no typed format */
+    ReleaserObject *rel; /* the queue's native release path, or NULL */
     PyObject *weakrefs;
     char *ptr;
     Py_ssize_t length;
@@ -60,6 +85,12 @@ static PyObject *g_str_span;
 
 /* Give the token back to the queue. Never raises (a finalizer calls it too). */
 static void item_give_back(ItemBase *self) {
+    ReleaserObject *rel = self->rel;
+    if (rel && rel->fork_gen != g_fork_gen) return; /* a forked child: the parent's consumer, not ours */
+    if (rel && !rel->closed) {
+        gf_release(rel->c, (uint64_t)self->token); /* a bad token is refused there (GF_E_ARG) */
+        return;
+    }
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     PyObject *t = PyLong_FromLongLong(self->token);
@@ -88,9 +119,15 @@ static PyObject *item_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
     unsigned long long addr, cap;
     PyObject *fmt;
     Py_ssize_t itemsize;
-    if (!PyArg_ParseTuple(info, "KKOn;queue._item_info must be (address, capacity, format, itemsize)", &addr, &cap,
-                          &fmt, &itemsize)) {
+    PyObject *rel = Py_None;
+    if (!PyArg_ParseTuple(info, "KKOn|O;queue._item_info must be (address, capacity, format, itemsize[, releaser])",
+                          &addr, &cap, &fmt, &itemsize, &rel)) {
         Py_DECREF(info);
+        return NULL;
+    }
+    if (rel != Py_None && !PyObject_TypeCheck(rel, g_releaser_type)) {
+        Py_DECREF(info);
+        PyErr_SetString(PyExc_TypeError, "queue._item_info[4] must be a Releaser or None");
         return NULL;
     }
     /* the item may only point inside the queue's data area */
@@ -110,6 +147,7 @@ static PyObject *item_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
     self->q = Py_NewRef(q);
     self->batch = batch == Py_None ? NULL : Py_NewRef(batch);
     self->fmt = fmt == Py_None ? NULL : Py_NewRef(fmt);
+    self->rel = rel == Py_None ? NULL : (ReleaserObject *)Py_NewRef(rel);
     Py_DECREF(info);
     self->weakrefs = NULL;
     self->ptr = (char *)(uintptr_t)addr + offset;
@@ -135,6 +173,7 @@ static void item_dealloc(PyObject *o) {
     }
     Py_CLEAR(self->batch);
     Py_CLEAR(self->fmt);
+    Py_CLEAR(self->rel);
     Py_CLEAR(self->q);
     freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     f(o);
@@ -308,6 +347,65 @@ static PyType_Spec item_spec = {
     .slots = item_slots,
 };
 
+/* -------------------------------------------------------------- Releaser */
+
+static PyObject *releaser_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
+    PyObject *buf;
+    if (!PyArg_ParseTuple(args, "O", &buf)) return NULL;
+    allocfunc alloc = (allocfunc)PyType_GetSlot(tp, Py_tp_alloc);
+    ReleaserObject *self = (ReleaserObject *)alloc(tp, 0);
+    if (!self) return NULL;
+    if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
+        self->view.obj = NULL;
+        Py_DECREF(self);
+        return NULL;
+    }
+    if (self->view.len != (Py_ssize_t)sizeof(gf_consumer) || ((uintptr_t)self->view.buf & 7)) {
+        PyErr_SetString(PyExc_ValueError, "a Releaser needs the buffer of a gf_consumer");
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->c = (gf_consumer *)self->view.buf;
+    self->fork_gen = g_fork_gen;
+    self->closed = 0;
+    return (PyObject *)self;
+}
+
+static void releaser_dealloc(PyObject *o) {
+    ReleaserObject *self = (ReleaserObject *)o;
+    PyTypeObject *tp = Py_TYPE(o);
+    if (self->view.obj) PyBuffer_Release(&self->view);
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+static PyObject *releaser_close(PyObject *o, PyObject *unused) {
+    ((ReleaserObject *)o)->closed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef releaser_methods[] = {
+    {"close", releaser_close, METH_NOARGS, "Items release through queue._release_token from now on."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot releaser_slots[] = {
+    {Py_tp_doc, "The native release path of a queue's items (private: see native/gf_item.c)."},
+    {Py_tp_new, releaser_new},
+    {Py_tp_dealloc, releaser_dealloc},
+    {Py_tp_methods, releaser_methods},
+    {0, NULL},
+};
+
+static PyType_Spec releaser_spec = {
+    .name = "grafos_fabric._item.Releaser",
+    .basicsize = sizeof(ReleaserObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = releaser_slots,
+};
+
 /* ------------------------------------------------------------------ Span */
 
 /* Span(q, offset, length, writable): a buffer over [offset, offset + length) of
@@ -436,6 +534,22 @@ PyMODINIT_FUNC PyInit__item(void) {
     PyObject *tp = PyType_FromSpec(&item_spec);
     if (!tp || PyModule_AddObject(m, "ItemBase", tp) < 0) {
         Py_XDECREF(tp);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *rt = PyType_FromSpec(&releaser_spec);
+    if (!rt || PyModule_AddObject(m, "Releaser", Py_NewRef(rt)) < 0) {
+        Py_XDECREF(rt);
+        Py_DECREF(m);
+        return NULL;
+    }
+    g_releaser_type = (PyTypeObject *)rt; /* the module's reference keeps it, and this one */
+    if (PyModule_AddIntConstant(m, "GF_NATIVE_ABI", GF_NATIVE_ABI) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         Py_DECREF(m);
         return NULL;
     }

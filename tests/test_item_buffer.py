@@ -342,3 +342,36 @@ def test_an_item_dropped_in_a_forked_child_does_not_release_the_parents_space(ma
     assert tx.try_push(payload) is False  # still pinned by the parent's item
     item.release()
     assert tx.try_push(payload) is True
+
+
+def test_items_release_natively_until_close_then_through_the_queue(fabric):
+    q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
+    try:
+        for k in range(3):
+            q.push(bytes([k]) * 100)
+        a, b, c = q.pop(timeout=5), q.pop(timeout=5), q.pop(timeout=5)
+        assert q.outstanding == 3
+        a.release()  # the native path (a Releaser in the queue's _item_info)
+        assert len(q._item_info) == 5 and q.outstanding == 2
+        view = memoryview(b)
+        q.close()  # from now on releases go through _release_token, which gives the role back at 0
+        del b
+        assert q.outstanding == 2  # the view still pins b
+        view.release()
+        assert q.outstanding == 1 and q._cons_rel is not None  # c is still out: the role stays
+        c.release()
+        assert q._cons_rel is None  # nothing unreleased: the consumer role was given back
+        rx = gf.FabricQueue.attach(fabric, q.locator())
+        assert rx.try_pop() is None  # the role is free again
+        rx.close()
+    finally:
+        q.free()
+
+
+def test_the_releaser_refuses_a_buffer_that_is_not_a_consumer():
+    from grafos_fabric._item import Releaser
+
+    with pytest.raises(ValueError):
+        Releaser(bytearray(8))
+    with pytest.raises((TypeError, BufferError)):
+        Releaser(b"\0" * 256)  # not writable
