@@ -433,8 +433,9 @@ static PyObject *span_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
     unsigned long long addr, cap;
     PyObject *fmt;
     Py_ssize_t itemsize;
-    int ok = PyArg_ParseTuple(info, "KKOn;queue._item_info must be (address, capacity, format, itemsize)", &addr,
-                              &cap, &fmt, &itemsize);
+    PyObject *rel;
+    int ok = PyArg_ParseTuple(info, "KKOn|O;queue._item_info must be (address, capacity, format, itemsize[, releaser])",
+                              &addr, &cap, &fmt, &itemsize, &rel);
     Py_DECREF(info);
     if (!ok) return NULL;
     if (addr == 0 || length < 0 || offset > cap || (unsigned long long)length > cap - offset) {

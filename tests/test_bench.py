@@ -254,3 +254,15 @@ def test_the_plot_has_ratio_bars_with_values_and_checkpoint_and_relocation_panel
     texts = {t.get_text() for ax in fig.axes for t in ax.texts}
     assert {"2", "0.25", "30", "7.8", "0.45", "0.40", "0.50"} <= texts  # values on the bars
     plt.close(fig)
+
+
+def test_bench_hotpath_reports_every_case_and_the_reserve_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from grafos_fabric.tools import bench_hotpath
+
+    out = tmp_path / "hot.json"
+    assert bench_hotpath.main(["--sizes", "64", "--rounds", "1", "--seconds", "0.005", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {r["case"] for r in res} == {"push", "pop+asarray", "produce", "reserve", "reserve_batch", "produce_batch"}
+    assert all(r["min_ns"] > 0 for r in res)
+    text = capsys.readouterr().out
+    assert "reserve ÷ produce" in text and "reserve_batch ÷ produce_batch" in text

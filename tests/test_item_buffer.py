@@ -375,3 +375,20 @@ def test_the_releaser_refuses_a_buffer_that_is_not_a_consumer():
         Releaser(bytearray(8))
     with pytest.raises((TypeError, BufferError)):
         Releaser(b"\0" * 256)  # not writable
+
+
+def test_a_handle_that_pops_can_still_reserve_and_reserve_batch(fabric):
+    """One handle in both roles: once it popped, its _item_info carries the releaser;
+    the reservation views (Span) read the same tuple."""
+    q = gf.FabricQueue.create(fabric, capacity=1 << 14, ttl=30)
+    try:
+        q.push(b"first")
+        assert q.pop(timeout=5).tobytes() == b"first"
+        with q.reserve(8) as buf:
+            buf[:] = 4
+        with q.reserve_batch(3, 8) as rows:
+            rows[:] = 5
+        assert q.pop(timeout=5).tobytes() == b"\x04" * 8
+        assert q.pop_batch(8, timeout=5).array().tolist() == [[5] * 8] * len(rows)
+    finally:
+        q.free()

@@ -1,0 +1,178 @@
+"""Per-call cost of the queue's hot path, in one process (``python -m grafos_fabric.tools.bench_hotpath``).
+
+What a call costs, without the scheduling of two processes in the way (which
+``grafos-bench`` measures, and which on a loaded machine swamps the per-call
+cost): producer and consumer calls alternate in one thread, on one queue.
+Each figure is the minimum over ``--rounds`` rounds (the least disturbed),
+in ns per item, with the median next to it; ratios are taken in the same run.
+
+Cases, per item size:
+
+* ``push``: ``q.push(payload)`` of ready bytes (then drained in batches);
+* ``pop+asarray``: ``item = q.pop(); np.asarray(item); item.release()``;
+* ``produce``: ``np.add(a, b, out=tmp); q.push(tmp)``: production, then copy-in;
+* ``reserve``: ``with q.reserve(n) as buf: np.add(a, b, out=buf)``: in place;
+* ``reserve_batch``: ``with q.reserve_batch(k, n) as rows: np.add(A, B, out=rows)``, per row;
+* ``produce_batch``: ``np.add(A, B, out=rows); q.push_batch(rows)``, per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import grafos_fabric as gf
+
+SIZES = (64, 4096, 1 << 20)
+
+
+def _drain(q: Any) -> None:
+    while True:
+        b = q.pop_batch(1 << 20, timeout=0)
+        if not len(b):
+            return
+        b.release()
+
+
+def _cases(q: Any, size: int, rows: int) -> dict[str, Callable[[int], None]]:
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 128, size, dtype=np.uint8)
+    b = rng.integers(0, 128, size, dtype=np.uint8)
+    ra = rng.integers(0, 128, (rows, size), dtype=np.uint8)
+    rb = rng.integers(0, 128, (rows, size), dtype=np.uint8)
+    tmp = np.empty(size, dtype=np.uint8)
+    tmp2 = np.empty((rows, size), dtype=np.uint8)
+    payload = bytes(a)
+    add = np.add
+    per_drain = max(1, min(64, (q.capacity // 4) // (size + 16)))
+
+    def push(n: int) -> None:
+        for i in range(n):
+            q.push(payload)
+            if i % per_drain == per_drain - 1:
+                _drain(q)
+        _drain(q)
+
+    def pop_asarray(n: int) -> None:
+        asarray = np.asarray
+        done = 0
+        while done < n:
+            k = min(per_drain, n - done)
+            for _ in range(k):
+                q.push(payload)
+            for _ in range(k):
+                item = q.pop()
+                asarray(item)
+                item.release()
+            done += k
+
+    def produce(n: int) -> None:
+        for i in range(n):
+            add(a, b, out=tmp)
+            q.push(tmp)
+            if i % per_drain == per_drain - 1:
+                _drain(q)
+        _drain(q)
+
+    def reserve(n: int) -> None:
+        res = q.reserve
+        for i in range(n):
+            with res(size) as buf:
+                add(a, b, out=buf)
+            if i % per_drain == per_drain - 1:
+                _drain(q)
+        _drain(q)
+
+    def reserve_batch(n: int) -> None:
+        done = 0
+        while done < n:
+            with q.reserve_batch(min(rows, n - done), size) as view:
+                k = len(view)
+                add(ra[:k], rb[:k], out=view)
+            done += k
+            _drain(q)
+
+    def produce_batch(n: int) -> None:
+        done = 0
+        while done < n:
+            k = min(rows, n - done)
+            add(ra[:k], rb[:k], out=tmp2[:k])
+            q.push_batch(tmp2[:k])
+            done += k
+            _drain(q)
+
+    out: dict[str, Callable[[int], None]] = {
+        "push": push, "pop+asarray": pop_asarray, "produce": produce, "reserve": reserve,
+    }
+    if hasattr(q, "reserve_batch"):
+        out["reserve_batch"] = reserve_batch
+    out["produce_batch"] = produce_batch
+    return out
+
+
+def measure(sizes: tuple[int, ...], rounds: int, seconds: float) -> list[dict[str, Any]]:
+    fabric = gf.open_fabric()
+    results = []
+    for size in sizes:
+        cap = max(1 << 20, 1 << (4 * (size + 16) - 1).bit_length())
+        q = gf.FabricQueue.create(fabric, capacity=cap, ttl=3600.0)
+        try:
+            rows = max(1, min(64, (cap // 4) // (size + 16)))
+            cases = _cases(q, size, rows)
+            # calibrate: items per round so that a round lasts about `seconds`
+            counts: dict[str, int] = {}
+            for name, fn in cases.items():
+                t0 = time.perf_counter()
+                fn(8)
+                per = max(1e-7, (time.perf_counter() - t0) / 8)
+                counts[name] = max(8, int(seconds / per))
+            samples: dict[str, list[float]] = {name: [] for name in cases}
+            for _ in range(rounds):  # round-robin: every case sees the same conditions
+                for name, fn in cases.items():
+                    n = counts[name]
+                    t0 = time.perf_counter()
+                    fn(n)
+                    samples[name].append((time.perf_counter() - t0) / n * 1e9)
+            for name, s in samples.items():
+                results.append({"size": size, "case": name, "min_ns": min(s), "median_ns": statistics.median(s),
+                                "max_ns": max(s), "rounds": len(s)})
+        finally:
+            q.free()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="64,4096,1048576", help="item sizes in bytes (default 64,4096,1048576)")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds per case (default 7)")
+    ap.add_argument("--seconds", type=float, default=0.1, help="seconds per case and round (default 0.1)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    res = measure(sizes, args.rounds, args.seconds)
+    by = {(r["size"], r["case"]): r for r in res}
+    print(f"ns per item, min (median) of {args.rounds} rounds, one process")
+    for r in res:
+        print(f"{r['size']:>8} B  {r['case']:<14} {r['min_ns']:>10.0f} ({r['median_ns']:.0f})")
+    print("ratios (items/s of the first ÷ the second, from the minima):")
+    for size in sizes:
+        for case, over in (("reserve", "produce"), ("reserve", "push"), ("reserve_batch", "produce_batch"),
+                           ("reserve_batch", "push")):
+            x, y = by.get((size, case)), by.get((size, over))
+            if x and y:
+                print(f"{size:>8} B  {case} ÷ {over}: {y['min_ns'] / x['min_ns']:.2f}x")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
