@@ -256,7 +256,9 @@ def test_the_plot_has_ratio_bars_with_values_and_checkpoint_and_relocation_panel
     plt.close(fig)
 
 
-def test_bench_hotpath_reports_every_case_and_the_reserve_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_hotpath_reports_every_case_and_the_reserve_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from grafos_fabric.tools import bench_hotpath
 
     out = tmp_path / "hot.json"
