@@ -51,7 +51,8 @@ cp "$SO" "$OUT/overlay/grafos_fabric/"
 # grafos_fabric._item (native/gf_item.c: the item type's buffer protocol), sanitized the same way
 PYINC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 gcc -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize="$SANITIZERS" -std=gnu11 -I"$PYINC" \
-  -DPy_LIMITED_API=0x030B0000 native/gf_item.c -o "$OUT/overlay/grafos_fabric/_item.abi3.so" 2>"$OUT/build_item.log" || {
+  -DPy_LIMITED_API=0x030B0000 -Inative native/gf_item.c native/gf_native.c \
+  -o "$OUT/overlay/grafos_fabric/_item.abi3.so" 2>"$OUT/build_item.log" || {
   cat "$OUT/build_item.log" >&2
   echo "sanitize: building _item failed" >&2
   exit 1
