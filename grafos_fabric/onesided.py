@@ -87,6 +87,7 @@ import numpy as np
 from . import errors as E
 from ._ffi import ffi, lib
 from ._types import ItemLike
+from .backoff import Backoff
 from .drivers.base import Fabric, Region
 from .lease import check_ttl
 from .locator import QueueLocator
@@ -178,29 +179,14 @@ def _cas_lost(what: str) -> E.Corrupted:
     return E.Corrupted(f"{what}: the word kept changing ({_CAS_TRIES} lost compare-and-swaps)")
 
 
-class _Backoff:
-    """Polling with backoff against a deadline (``None``: wait forever)."""
+class _Backoff(Backoff):
+    """The ring's polling (the shared :class:`~grafos_fabric.backoff.Backoff`):
+    ``_SPIN_POLLS`` immediate re-checks, then sleeps from 20 us up to 1 ms."""
 
-    __slots__ = ("deadline", "delay", "polls")
+    __slots__ = ()
 
     def __init__(self, deadline: float | None) -> None:
-        self.deadline = deadline
-        self.delay = _SLEEP_MIN
-        self.polls = 0
-
-    def pause(self, what: str) -> None:
-        """Sleep a little before the next poll; ``TimeoutError`` once the deadline has passed."""
-        now = time.monotonic()
-        if self.deadline is not None and now >= self.deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        self.polls += 1
-        if self.polls <= _SPIN_POLLS:
-            return
-        delay = self.delay
-        if self.deadline is not None:
-            delay = min(delay, max(0.0, self.deadline - now))
-        time.sleep(delay)
-        self.delay = min(self.delay * 2, _SLEEP_MAX)
+        super().__init__(deadline, first=_SLEEP_MIN, cap=_SLEEP_MAX, spin=_SPIN_POLLS)
 
 
 class _Producer:

@@ -1,0 +1,386 @@
+"""The consuming side of a relocatable edge: rebind on a new generation, dedup by sequence.
+
+The consumer reads the current queue; every item (or batch) it reads goes
+through its :class:`~grafos_fabric.pipeline.gate.SequenceGate` (deliver,
+drop a duplicate, or raise on a gap). It looks for a newer generation in the
+handoff record when its queue is empty (every ``poll_interval``), sealed and
+drained, or failed; see the package docstring ("Rebind") for the protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from .. import errors as E
+from .. import observe
+from ..backoff import Backoff
+from ..checkpoint import StageId
+from ..drivers.base import Fabric
+from ..errors import EdgeError
+from ..handoff import HandoffReader, HandoffRecord
+from ..locator import QueueLocator
+from ..queue import Batch, FabricQueue, Item, _deadline
+from ..slots import BlockDevice
+from .edge import _CONSUMER_LOST, DEFAULT_CONSUMER_STAGE, RelocatableQueueEdge, _remaining
+from .gate import SequenceGate
+
+__all__ = ["EdgeConsumer"]
+
+log = logging.getLogger("grafos_fabric.pipeline")
+
+
+class EdgeConsumer(RelocatableQueueEdge):
+    """The consuming side of a relocatable edge (build with ``RelocatableQueueEdge.consumer``).
+
+    ``input_offset`` (a restart) is the sequence of the next item the stage
+    needs: the consumer seals the current queue with it and waits for the
+    producer's next generation. Without it, the consumer attaches to the
+    current queue and starts with whatever sequence comes first.
+    ``poll_interval`` is how often an idle consumer reads the handoff record.
+    ``mapped=False`` reads the queues with one-sided operations only (the RDMA
+    ring protocol; on the verbs driver that is what every attach does).
+    """
+
+    role = "consumer"
+
+    def __init__(
+        self,
+        fabric: Fabric,
+        blk: BlockDevice,
+        *,
+        stage: StageId | str = DEFAULT_CONSUMER_STAGE,
+        input_offset: int | None = None,
+        poll_interval: float = 0.005,
+        mapped: bool = True,
+    ) -> None:
+        super().__init__(fabric, blk, stage)
+        if poll_interval <= 0:
+            raise E.FabricValueError("poll_interval must be positive")
+        self.poll_interval = poll_interval
+        self.mapped = mapped
+        self._reader = HandoffReader(blk)
+        self._gate = SequenceGate(input_offset, f"stage {self.stage}")  # deliver / drop / gap
+        self._acked_local = input_offset or 0
+        self._rebinds = 0
+        self._pending: HandoffRecord | None = None  # a newer generation, seen while the old queue drains
+        self._lost_at: float | None = None  # when the current queue was found done (rebind timer)
+        self._next_poll = 0.0
+        rec = self._reader.poll()
+        if rec is None:
+            return
+        if input_offset is not None:
+            # restart: seal what the predecessor was reading, ask for a replay from input_offset
+            try:
+                old = FabricQueue.attach(fabric, QueueLocator.from_bytes(rec.payload))
+                old.seal(input_offset)
+                old.close()
+            except (E.FabricError, E.FabricValueError, OSError) as exc:
+                log.debug("stage %s: the current queue is unreachable: %s", self.stage, exc)
+            self._gen = rec.generation
+            self._lost_at = time.perf_counter()
+            log.info("stage %s: restarted at %d; sealed generation %d", self.stage, input_offset, int(rec.generation))
+            return
+        self._attach(rec)
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def position(self) -> int | None:
+        """The sequence of the next item to deliver (None before the first one, on a fresh start)."""
+        return self._gate.expected
+
+    @property
+    def acked(self) -> int:
+        """What this consumer acked: every sequence below it is durably processed."""
+        return self._acked_local
+
+    def ack(self, seq: int) -> None:
+        """Publish that every item up to and including ``seq`` is durably processed.
+
+        Call it after the stage's checkpoint (the producer trims its replay
+        window to it). Acks only grow; ``seq`` must have been delivered."""
+        exp = self._gate.expected
+        if exp is None or seq >= exp:
+            raise E.FabricValueError(f"cannot ack {seq}: delivered up to {exp}")
+        if seq + 1 > self._acked_local:
+            self._acked_local = seq + 1
+            q = self._q
+            if q is not None:
+                q.set_acked(self._acked_local)
+
+    # -- binding ---------------------------------------------------------------------------
+    def _attach(self, rec: HandoffRecord) -> bool:
+        """Bind to the queue ``rec`` names; False when it is already gone."""
+        try:
+            q = FabricQueue.attach(self.fabric, QueueLocator.from_bytes(rec.payload), mapped=self.mapped)
+        except (E.LeaseExpired, E.Revoked, E.Disconnected, E.NotReady) as exc:
+            log.info("stage %s: generation %d is already gone: %s", self.stage, int(rec.generation), exc)
+            self._gen = rec.generation
+            return False
+        first = q.first_seq
+        exp = self._gate.expected
+        try:
+            self._gate.bind(first, int(rec.generation))
+        except EdgeError:
+            q.close()
+            raise
+        had = self._q is not None or self._lost_at is not None
+        self._q = q
+        self._gen = rec.generation
+        if self._acked_local > first:
+            q.set_acked(self._acked_local)
+        if had:
+            self._rebinds += 1
+            dt = time.perf_counter() - self._lost_at if self._lost_at is not None else 0.0
+            if self._lost_at is not None:
+                self._rebind_s.append(dt)
+            event = {"generation": int(rec.generation), "first_seq": first, "position": exp, "ms": dt * 1e3}
+            self._events.append(event)
+            observe.count("edge_rebinds", stage=self.stage.name)
+            observe.latency("edge_rebind", dt, stage=self.stage.name)
+            observe.emit("edge.rebound", stage=self.stage.name, **event)
+        self._lost_at = None
+        log.debug("stage %s: bound to generation %d (first_seq %d)", self.stage, int(rec.generation), first)
+        return True
+
+    def _drop_current(self) -> None:
+        q = self._q
+        if q is not None:
+            q.close()
+        self._q = None
+        if self._lost_at is None:
+            self._lost_at = time.perf_counter()
+
+    def _poll(self) -> HandoffRecord | None:
+        rec = self._reader.poll()
+        if rec is not None and self._gen is not None and rec.generation <= self._gen:
+            return None
+        return rec
+
+    def _rebind(self, deadline: float | None) -> None:
+        """Without a queue: wait for a newer generation and attach it."""
+        backoff = Backoff(deadline, first=50e-6, cap=2e-3)
+        while self._q is None:
+            rec = self._pending or self._poll()
+            self._pending = None
+            if rec is not None:
+                if self._attach(rec):
+                    return
+                continue
+            if backoff.expired():
+                raise TimeoutError(f"stage {self.stage}: no new generation of the edge within the timeout")
+            backoff.sleep()
+
+    def relocate(self) -> bool:
+        """Look for a newer generation now and switch to it (without draining the old queue).
+
+        Returns True when it switched. Items the old queue still held come
+        again from the new one (the producer replays from the last ack)."""
+        rec = self._pending or self._poll()
+        self._pending = None
+        if rec is None:
+            return False
+        self._seal_current()
+        self._drop_current()
+        if not self._attach(rec):
+            self._rebind(None)
+        return True
+
+    def _seal_current(self) -> None:
+        q = self._q
+        if q is not None:
+            try:
+                exp = self._gate.expected
+                q.seal(exp if exp is not None else q.acked)
+            except (E.FabricError, OSError):  # pragma: no cover
+                pass
+
+    def _empty(self) -> bool:
+        """The queue is empty: is there a newer generation? (Polls at most every poll_interval.)"""
+        now = time.monotonic()
+        if self._pending is None and now < self._next_poll:
+            return False
+        self._next_poll = now + self.poll_interval
+        rec = self._pending or self._poll()
+        if rec is None:
+            return False
+        # a newer generation: seal the old queue (a zombie producer stops there) and drain it
+        self._pending = rec
+        self._seal_current()
+        return True
+
+    # -- popping ---------------------------------------------------------------------------------
+    def _next(self, max_items: int, timeout: float | None, batch: bool) -> Item | Batch | None:
+        self._check_open()
+        deadline = _deadline(timeout)
+        while True:
+            if self._q is None:
+                if timeout == 0:
+                    rec = self._pending or self._poll()
+                    self._pending = None
+                    if rec is None or not self._attach(rec):
+                        return None
+                else:
+                    self._rebind(deadline)
+                continue
+            q = self._q
+            left = _remaining(deadline)
+            wait = 0.0 if timeout == 0 else (self.poll_interval if left is None else min(self.poll_interval, left))
+            try:
+                out, again = self._read(q, max_items, wait, batch)
+                if out is not None:
+                    return out
+                if again:
+                    continue
+                # nothing came within this slice
+                if self._empty():
+                    continue  # a newer generation: drain the sealed old queue, then switch
+                if timeout == 0:
+                    return None
+                if _remaining(deadline) == 0.0:
+                    raise TimeoutError(f"stage {self.stage}: no item within the timeout")
+            except E.QueueSealed:
+                self._drop_current()
+                if self._pending is None:
+                    self._pending = self._poll()
+                if self._pending is not None and self._attach(self._pending):
+                    self._pending = None
+            except _CONSUMER_LOST as exc:
+                if isinstance(exc, E.RoleTaken):
+                    self._seal_current()
+                log.info("stage %s: queue of generation %s lost (%s)", self.stage, self._gen, type(exc).__name__)
+                self._drop_current()
+
+    def _read(self, q: FabricQueue, max_items: int, wait: float, batch: bool) -> tuple[Item | Batch | None, bool]:
+        """One read from ``q`` through the gate: ``(what to deliver, False)`` or
+        ``(None, again)``; ``again``: something was read and dropped, read on."""
+        gate = self._gate
+        dup = gate.duplicates_ahead
+        if dup > 0 or batch:  # dup > 0: duplicates ahead in this queue, dropped in bulk
+            try:
+                b = q.pop_batch(min(dup, 1 << 16) if dup > 0 else max_items, timeout=wait)
+            except TimeoutError:
+                return None, False
+            if not len(b):
+                return None, False
+            if self._taken_before(q, int(b.seqs[0])):
+                b.release()
+                return None, True
+            if gate.admit_run(b.seqs):
+                return b, False
+            b.release()
+            return None, True
+        try:
+            item = q.try_pop() if wait == 0.0 else q.pop(timeout=wait)
+        except TimeoutError:
+            return None, False
+        if item is None:
+            return None, False
+        if self._taken_before(q, item.seq):
+            item.release()
+            return None, True
+        if gate.admit(item.seq):
+            return item, False
+        item.release()
+        return None, True
+
+    def _taken_before(self, q: FabricQueue, first: int) -> bool:
+        """The first record this handle reads from ``q`` is past the queue's first
+        sequence: an earlier consumer (one that crashed and whose role was taken
+        over, or one that closed) took the records before it, and what it took
+        may not be durable. Seal the queue with this consumer's position (or the
+        queue's ack) and move on: the producer replays from there."""
+        gate = self._gate
+        if not gate.taken_before(first, q.first_seq):
+            return False
+        log.info(
+            "stage %s: generation %s was partly consumed before this consumer (starts at %d, not %d): asking for "
+            "a replay",
+            self.stage,
+            self._gen,
+            first,
+            gate.qpos,
+        )
+        self._seal_current()
+        self._drop_current()
+        return True
+
+    def pop(self, timeout: float | None = None) -> Item:
+        """The next item in sequence order (``item.seq``, ``np.asarray(item)``), rebinding as needed.
+
+        ``TimeoutError`` when nothing arrives within ``timeout`` seconds."""
+        q = self._q
+        gate = self._gate
+        exp = gate.expected
+        if q is not None and exp is not None and exp == gate.qpos and not self.closed:
+            try:  # the common case: the next item is there and is the one expected
+                it = q.try_pop()
+            except E.FabricError:
+                it = None  # the slow path meets the same failure and rebinds
+            if it is not None:
+                if gate.admit(it.seq):
+                    return it
+                it.release()
+        out = self._next(1, timeout, False)
+        if out is None:
+            raise TimeoutError(f"stage {self.stage}: no item within the timeout")
+        assert isinstance(out, Item)
+        return out
+
+    def try_pop(self) -> Item | None:
+        """The next item, or None when none is there right now (never waits for data)."""
+        out = self._next(1, 0, False)
+        assert out is None or isinstance(out, Item)
+        return out
+
+    def pop_batch(self, max_items: int, timeout: float | None = None) -> Batch:
+        """Up to ``max_items`` next items, in order, as one :class:`Batch` (``.seqs``, ``.array()``).
+
+        Waits for at least one (``timeout=0``: may return an empty batch)."""
+        if not isinstance(max_items, int) or max_items <= 0:
+            raise E.FabricValueError(f"max_items must be a positive int, got {max_items!r}")
+        out = self._next(max_items, timeout, True)
+        if out is None:
+            if timeout == 0:
+                return Batch.empty()
+            raise TimeoutError(f"stage {self.stage}: no item within the timeout")
+        assert isinstance(out, Batch)
+        return out
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise E.QueueClosed(f"consumer of stage {self.stage} is closed")
+
+    # -- teardown, stats ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Give up the consumer role (idempotent). Items already popped stay readable."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._q is not None:
+            self._q.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: rebinds, delivered, dropped duplicates, position, acked, rebind times.
+
+        ``rebind_*_ms`` is the time from finding the queue done (sealed and
+        drained, failed, or superseded) to being bound to the next one,
+        including any wait for the producer to publish it."""
+        out: dict[str, Any] = {
+            "stage": self.stage.name,
+            "role": self.role,
+            "generation": None if self._gen is None else int(self._gen),
+            "rebinds": self._rebinds,
+            "relocations": self._rebinds,
+            "delivered": self._gate.delivered,
+            "dropped_duplicates": self._gate.dropped,
+            "position": self._gate.expected,
+            "acked": self._acked_local,
+        }
+        out.update(self._rebind_stats())
+        return out
+
+    def __repr__(self) -> str:
+        gen = None if self._gen is None else int(self._gen)
+        return f"<EdgeConsumer stage={self.stage.name!r} generation={gen} position={self._gate.expected}>"
