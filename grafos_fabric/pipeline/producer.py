@@ -217,8 +217,8 @@ class EdgeProducer(RelocatableQueueEdge):
             raise E.StaleEpoch(epoch=int(self._gen), current=q.epoch)
 
     # -- the one guarded call site -----------------------------------------------------------
-    def _guarded(self, step: Callable[[], T]) -> T:
-        """Run ``step``; when the queue is lost under it, relocate and run it again.
+    def _guarded(self, step: Callable[..., T], *args: Any) -> T:
+        """Run ``step(*args)``; when the queue is lost under it, relocate and run it again.
 
         Every failure of the current queue that relocation answers
         (``_QUEUE_LOST``) is caught here and only here. ``4 * max_attempts``
@@ -227,7 +227,7 @@ class EdgeProducer(RelocatableQueueEdge):
         streak = 0
         while True:
             try:
-                return step()
+                return step(*args)
             except _QUEUE_LOST as exc:
                 streak += 1
                 if streak > 4 * self.max_attempts:
@@ -507,7 +507,7 @@ class EdgeProducer(RelocatableQueueEdge):
 
     def _drive(self, deadline: float | None, timeout: float | None) -> bool:
         """Catch the queue up with the window, relocating on failures."""
-        return self._guarded(lambda: self._push_step(deadline, timeout))
+        return self._guarded(self._push_step, deadline, timeout)
 
     def _window_step(self, nbytes: int, deadline: float | None) -> bool:
         """True when the window has room for ``nbytes``; else push the backlog (the
@@ -522,7 +522,7 @@ class EdgeProducer(RelocatableQueueEdge):
     def _wait_window(self, nbytes: int, deadline: float | None, timeout: float | None) -> None:
         """Backpressure: wait until the window has room for ``nbytes`` (or is empty)."""
         backoff = Backoff(deadline, first=20e-6, cap=1e-3)
-        while not self._guarded(lambda: self._window_step(nbytes, deadline)):
+        while not self._guarded(self._window_step, nbytes, deadline):
             if timeout == 0:
                 raise EdgeError(EdgeError.QUEUE_FULL, f"stage {self.stage}: the replay window is full")
             if backoff.expired():
