@@ -9,7 +9,8 @@ from ``first`` up to ``cap`` seconds, and never sleeps past its deadline
 * the one-sided ring (:mod:`grafos_fabric.onesided`) polls for space and data
   (no futex over RDMA): 16 immediate re-checks, then 20 us doubling to 1 ms;
 * the pipeline edge (:mod:`grafos_fabric.pipeline`) waits for acks, for a new
-  generation and between relocation attempts.
+  generation and between relocation attempts;
+* :meth:`grafos_fabric.handoff.HandoffReader.wait` polls for a newer record.
 
 Only waiting paths use it: a call that finds what it wants never builds one.
 Deadlines are ``time.monotonic()`` values.

@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .backoff import Backoff
 from .errors import Corrupted, FabricValueError, NoRecord, StaleEpoch
 from .fence import EdgeGeneration, FenceEpoch
 from .slots import GHOF, MAX_SEQ, BlockDevice, Durability, SlotRecord, SlotStore
@@ -263,19 +264,17 @@ class HandoffReader:
             raise FabricValueError(f"timeout must be >= 0 or None, got {timeout!r}")
         if not 0 < initial_backoff <= max_backoff:
             raise FabricValueError("backoff must satisfy 0 < initial_backoff <= max_backoff")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = initial_backoff
+        backoff = Backoff(
+            None if timeout is None else time.monotonic() + timeout, first=initial_backoff, cap=max_backoff
+        )
         while True:
             record = self.poll()
             if record is not None:
                 return record
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            if backoff.expired():
                 last = "none" if self._last is None else str(int(self._last))
                 raise TimeoutError(f"no handoff newer than generation {last} within {timeout}s")
-            sleep = delay if deadline is None else min(delay, deadline - now)
-            time.sleep(max(sleep, 0.0))
-            delay = min(delay * 2, max_backoff)
+            backoff.sleep()
 
     def __repr__(self) -> str:
         last = None if self._last is None else int(self._last)

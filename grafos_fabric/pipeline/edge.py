@@ -71,7 +71,7 @@ class RelocatableQueueEdge:
 
     Common surface: ``generation`` (the handoff generation of the queue in use),
     ``lease`` (that queue's lease: ``tx.lease.revoke()`` kills it), ``relocate()``,
-    ``stats()``, ``close()``. See the module docstring for the protocol.
+    ``stats()``, ``close()``. See the package docstring (:mod:`grafos_fabric.pipeline`) for the protocol.
     """
 
     role = "edge"
