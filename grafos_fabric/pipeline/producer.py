@@ -1,16 +1,14 @@
 """The producing side of a relocatable edge: a state machine around a replay window.
 
-States (:class:`ProducerState`, ``tx.state``)::
+States (:class:`ProducerState`, ``tx.state``) and the moves between them::
 
-                 publish ok                      queue lost / sealed /
-    RELOCATING -------------> BOUND ----------> RELOCATING ...  explicit relocate()
-        |  ^  (start,            |
-        |  |   takeover)         |  a successor's epoch on our queue, or the
-        |  +-- attempt failed    |  handoff publish refused (StaleEpoch)
-        |      (keeps the old    v
-        +--------------------> FENCED  (terminal: every call raises StaleEpoch)
-
-    any state --close()--> CLOSED
+    (start)    -> RELOCATING  take the edge over: fence the queue on disk, publish ours
+    RELOCATING -> BOUND       the new queue is published and the old one sealed
+    RELOCATING -> BOUND       max_attempts failed: back to the queue it had (EdgeError)
+    BOUND      -> RELOCATING  the queue is lost or sealed, or relocate() is called
+    RELOCATING -> FENCED      the handoff publish is refused: a newer generation is on disk
+    BOUND      -> FENCED      a successor advanced our queue's epoch and sealed it
+    any        -> CLOSED      close(); CLOSED is terminal, FENCED only moves to CLOSED
 
 * **BOUND**: pushing into the queue of generation ``tx.generation``. A push
   that meets a lost queue (``LeaseExpired``, ``Revoked``, ``Disconnected``,
@@ -22,10 +20,11 @@ States (:class:`ProducerState`, ``tx.state``)::
   A relocation that fails ``max_attempts`` times raises
   ``EdgeError(RELOCATION_FAILED)`` and leaves the producer BOUND to the
   queue it had (the next call fails on it again and retries).
-* **FENCED**: a newer producer took the edge over. Terminal.
+* **FENCED**: a newer producer took the edge over; every call raises
+  ``StaleEpoch`` (``close()`` still works).
 
-Waiting (for acks, for space in a new queue, between attempts) uses the
-shared :class:`~grafos_fabric.backoff.Backoff`. The window's counters and
+Waiting for acks (a full window, ``flush``) and between allocation attempts
+uses the shared :class:`~grafos_fabric.backoff.Backoff`. The window's counters and
 their invariants are in :mod:`grafos_fabric.pipeline.window`.
 """
 
