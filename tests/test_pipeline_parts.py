@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 from _pipeline_faults import FaultPlan, FaultyFabric
-from grafos_fabric.drivers.block import open_block
-from grafos_fabric.drivers.shm import SHM_DIR
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -30,6 +28,8 @@ import grafos_fabric as gf
 from grafos_fabric import backoff as backoff_mod
 from grafos_fabric import errors as E
 from grafos_fabric.backoff import Backoff
+from grafos_fabric.drivers.block import open_block
+from grafos_fabric.drivers.shm import SHM_DIR
 from grafos_fabric.pipeline import (
     SEQUENCE_GAP,
     EdgeError,
