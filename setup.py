@@ -26,7 +26,14 @@ setup(
             # gf_native.c too: items release their ring space with a direct native call
             sources=["native/gf_item.c", "native/gf_native.c"],
             include_dirs=["native"],
-            depends=["native/gf_native.h", "native/gf_atomics.h", "native/gf_segment.h", "native/gf_ring.h"],
+            depends=[
+                "native/gf_native.h",
+                "native/gf_native_api.h",
+                "native/gf_ring_core.h",  # the ring core's inline functions, which gf_native.c calls
+                "native/gf_atomics.h",
+                "native/gf_segment.h",
+                "native/gf_ring.h",
+            ],
             py_limited_api=True,
             define_macros=[("Py_LIMITED_API", "0x030B0000")],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],

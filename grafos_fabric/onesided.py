@@ -7,9 +7,18 @@ region is one of the driver protocol's one-sided operations (``read_into``,
 client of a memory node. A mapped handle and a one-sided handle work on the
 same ring at the same time, in either role.
 
+The protocol's decisions are not in this module: they are the ring core's
+pure functions (``native/gf_ring_core.h``), the very ones the mapped path's C
+code calls, reached through cffi (``lib.gf_ring_*``). This module orders the
+remote reads, writes and atomics around them: it loads the shared words and
+hands them to the core, and writes out or reads in the bytes the core framed
+or will parse. The role state is the C structs (``gf_producer`` /
+``gf_consumer``, allocated with ``ffi.new``), not a Python copy of them.
+
 Producer
-    Frames records locally in a staging buffer (registered with the fabric
-    when the driver can register memory), exactly as the C code lays them out
+    Frames records locally (``gf_ring_frame``, in C) in a staging image laid
+    out like the ring's data area (registered with the fabric when the driver
+    can register memory), exactly as the mapped path lays them out
     (16-byte headers, 16-byte aligned records, a PADDING record where a record
     would straddle the end of the ring), writes them with one ``write`` per
     contiguous span (two when a batch crosses the wrap), then publishes with
@@ -29,7 +38,8 @@ Consumer
     published records up to the wrap (at most ``read_chunk`` bytes, but every
     record whole) with one ``read_into`` into a local buffer laid out like the
     ring and as large as it (registered with the fabric when it can register
-    memory), and parses the headers locally, validating every length,
+    memory), and parses the headers locally with the core (``gf_ring_take``,
+    in C), validating every length,
     type, bound and sequence number (:class:`~grafos_fabric.errors.Corrupted`
     for anything the C producer cannot have written: remote bytes are never
     trusted). Items (:class:`OneSidedItem`, an :class:`~grafos_fabric.queue.Item`)
@@ -72,7 +82,6 @@ Limits (shared with the mapped path, or of RDMA itself)
 
 from __future__ import annotations
 
-import collections
 import logging
 import mmap
 import threading
@@ -109,6 +118,7 @@ from .queue import (
     _next_pow2,
     _ring_geometry,
     _role_id,
+    register_one_sided,
 )
 
 __all__ = ["OneSidedItem", "OneSidedQueue"]
@@ -141,18 +151,18 @@ _SEQ_LIMIT = _U64 - (1 << 40)  # a producer starts only below this (its u64 sequ
 _CAS_TRIES = 100_000  # a CAS loop that loses this many races in a row is fighting a writer outside the protocol
 
 _SEALED = int(lib.GF_TAIL_SEALED)
-_TAG_SHIFT = int(lib.GF_TAIL_TAG_SHIFT)
 _TAG_MASK = int(lib.GF_TAIL_TAG_MASK)
 _POS_MASK = int(lib.GF_TAIL_POS_MASK)
-_DATA = int(lib.GF_RECORD_DATA)
-_PADDING = int(lib.GF_RECORD_PADDING)
 _ALIGN = int(lib.GF_RECORD_ALIGN)
-_MISALIGNED = _ALIGN - 1  # a position with any of these bits set is corrupt
 _OK = int(lib.GF_OK)
+_FULL = int(lib.GF_FULL)
+_END = int(lib.GF_END)
+_TAIL_REACHED = int(lib.GF_TAIL)
+_READ = int(lib.GF_READ)
+_NO_PAD = _U64  # "no padding record in this frame" (gf_ring_frame leaves *pad_at as it was)
 
 # Record header fields, as indices into u32 / u64 views of a 16-aligned record.
 _LEN32 = _roff("length") // 4
-_TYPE32 = _roff("type") // 4
 _SEQ64 = _roff("seq") // 8
 
 DEFAULT_READ_CHUNK = 1 << 22  # bytes one READ brings in at most (a record is always read whole)
@@ -164,12 +174,8 @@ _SLEEP_MAX = 1e-3
 
 
 def _rec_size(length: int) -> int:
-    """``gf_record_size`` (header + payload rounded up to the record alignment), without a C call."""
-    return (RECORD_HEADER + length + _ALIGN - 1) & ~(_ALIGN - 1)
-
-
-def _tag(epoch: int) -> int:
-    return (epoch << _TAG_SHIFT) & _TAG_MASK
+    """``gf_record_size``: header + payload rounded up to the record alignment."""
+    return int(lib.gf_record_size(length))
 
 
 def _cas_lost(what: str) -> E.Corrupted:
@@ -189,51 +195,38 @@ class _Backoff(Backoff):
         super().__init__(deadline, first=_SLEEP_MIN, cap=_SLEEP_MAX, spin=_SPIN_POLLS)
 
 
-class _Producer:
-    """This handle's producer role: published tail, claim, head cache, sequence numbers."""
-
-    __slots__ = ("claim", "epoch", "head_cache", "id", "next_seq", "pub_seq", "reserved", "tag", "tail")
-
-    def __init__(self, pid: int, epoch: int, tail: int, head: int, next_seq: int) -> None:
-        self.id = pid
-        self.epoch = epoch
-        self.tag = _tag(epoch)
-        self.tail = self.claim = tail
-        self.head_cache = head
-        self.next_seq = self.pub_seq = next_seq
-        self.reserved = False
-
-
 class _Consumer:
-    """This handle's consumer role: read position, cached tail, what the local buffer holds,
-    and the outstanding items/batches (tokens) that pin ring space until released."""
+    """This handle's consumer role: the core's state (``st``, a ``gf_consumer``:
+    read position, tail cache, last sequence number, head, and the release
+    tokens of the items/batches that pin ring space until released, in
+    ``pend_end``/``pend_done``), what the local mirror holds (``read_pos``),
+    and the head last stored in the ring (``head_stored``; ``lock``: one store
+    at a time)."""
 
-    __slots__ = (
-        "done",
-        "head",
-        "head_stored",
-        "id",
-        "last_seq",
-        "lock",
-        "pend_cap",
-        "pend_end",
-        "pend_first",
-        "pend_next",
-        "read_pos",
-        "rpos",
-        "tail_cache",
-    )
+    __slots__ = ("head_stored", "id", "lock", "pend_cap", "pend_done", "pend_end", "read_pos", "st")
 
-    def __init__(self, cid: int, head: int, pend_cap: int) -> None:
+    def __init__(self, cid: int, pend_cap: int) -> None:
         self.id = cid
-        self.head = self.head_stored = self.rpos = self.tail_cache = self.read_pos = head
-        self.last_seq = -1
-        self.pend_first = 0
-        self.pend_next = 0
-        self.pend_end: collections.deque[int] = collections.deque()
+        self.st = ffi.new("gf_consumer *")
         self.pend_cap = pend_cap
-        self.done: set[int] = set()
+        self.pend_end = ffi.new("uint64_t[]", pend_cap)
+        self.pend_done = ffi.new("uint8_t[]", pend_cap)
+        self.head_stored = self.read_pos = 0
         self.lock = threading.Lock()
+
+    def start(self, capacity: int, max_item: int, head: int, tail_word: int) -> int:
+        rc = int(
+            lib.gf_ring_cons_start(
+                self.st, capacity, max_item, head, tail_word, self.pend_end, self.pend_done, self.pend_cap
+            )
+        )
+        self.head_stored = self.read_pos = int(self.st.head)
+        return rc
+
+    @property
+    def held(self) -> int:
+        """Items and batches handed out and not yet released."""
+        return int(self.st.pend_next - self.st.pend_first)
 
 
 class _LocalBuffer:
@@ -273,8 +266,8 @@ def _deregister(buffers: list[_LocalBuffer]) -> None:
 
 class OneSidedItem(Item):
     """An :class:`~grafos_fabric.queue.Item` popped one-sided: its views are of this
-    handle's local buffer, and releasing it goes through the queue's release
-    bookkeeping (a ``store64`` of head), not the native consumer."""
+    handle's local buffer, and releasing it goes through the core's release
+    tokens (``gf_ring_release``) and a ``store64`` of head, not a mapped consumer."""
 
     __slots__ = ()
 
@@ -311,7 +304,7 @@ class OneSidedQueue(FabricQueue):
         self._epoch = epoch
         self._prod = None
         self._cons = None
-        self._p: _Producer | None = None
+        self._p: Any = None  # the producer's core state: a gf_producer (ffi.new), once the role is taken
         self._c: _Consumer | None = None
         self._staging: _LocalBuffer | None = None
         self._mirror: _LocalBuffer | None = None
@@ -334,10 +327,18 @@ class OneSidedQueue(FabricQueue):
         self._mask = self.capacity - 1
         if locator is not None and (self.capacity != locator.capacity or self.max_item != locator.max_item):
             raise E.Corrupted("the queue at this locator has another geometry: the locator is stale or foreign")
-        # the local frame being built by the producer (see _place / _write_frame)
-        self._f_idx = 0
-        self._f_sp = 0
-        self._f_wrap: int | None = None
+        # the frame being built by the producer in the staging image (see _frame / _write_frame):
+        # the position it starts at, and the index of a padding record in it
+        self._f_start = 0
+        self._f_pad = _NO_PAD
+        # in/out words of the core's framing calls (next item, its source offset, padding index),
+        # used under the producer lock
+        self._io = ffi.new("uint64_t[3]")
+        # the consumer's (under the consumer lock): out-words of gf_ring_take, one item's arrays
+        self._take_io = ffi.new("uint64_t[2]")
+        self._need = ffi.new("uint64_t *")
+        self._one = ffi.new("uint64_t[3]")  # one item's offset, length, sequence number
+        self._token_out = ffi.new("uint64_t *")
 
     def _read_header(self) -> Any:
         """Read and validate the ring header (the C checks, on a local copy)."""
@@ -383,19 +384,12 @@ class OneSidedQueue(FabricQueue):
         try:
             hdr = ffi.new("gf_ring_header *")
             raw_dtype = dtext.encode("ascii")
-            hdr.magic = lib.GF_RING_MAGIC
-            hdr.version = 0
-            hdr.capacity = cap
-            hdr.max_item = max_item
-            hdr.first_seq = first_seq
-            hdr.created_epoch = epoch
-            hdr.flags = 0
-            hdr.dtype_len = len(raw_dtype)
-            ffi.memmove(hdr.dtype, raw_dtype, len(raw_dtype))
-            hdr.epoch = epoch
-            hdr.tail = _tag(epoch)
-            hdr.next_seq = first_seq
-            hdr.acked = first_seq
+            # the header image the mapped path builds too (everything but the version word)
+            rc = int(
+                lib.gf_ring_build(hdr, RING_HEADER + cap, cap, max_item, first_seq, epoch, raw_dtype, len(raw_dtype), 0)
+            )
+            if rc != _OK:
+                raise E.FabricValueError(f"cannot build a ring of capacity {cap}, max_item {max_item} (status {rc})")
             image = np.frombuffer(ffi.buffer(hdr), dtype=np.uint8).copy()
             if image.nbytes != RING_HEADER:
                 raise E.Corrupted(f"ring header is {image.nbytes} bytes, expected {RING_HEADER}")
@@ -506,7 +500,7 @@ class OneSidedQueue(FabricQueue):
             cur = found
         else:
             raise _cas_lost("advancing the epoch")
-        tag = _tag(new_epoch)
+        tag = int(lib.gf_ring_tag(new_epoch))
         w = self.region.load64(_TAIL)
         for _ in range(_CAS_TRIES):
             found = self.region.cas64(_TAIL, w, (w & ~_TAG_MASK & _U64) | tag)
@@ -544,7 +538,7 @@ class OneSidedQueue(FabricQueue):
         return E.QueueSealed(f"queue is sealed: {what}", seal_seq=self.seal_seq)
 
     # -- producing -------------------------------------------------------------------
-    def _producer(self) -> _Producer:
+    def _producer(self) -> Any:
         p = self._p
         if p is not None:
             return p
@@ -572,23 +566,20 @@ class OneSidedQueue(FabricQueue):
                     found = r.cas64(_PRODUCER_ID, 0, pid)
                     if found not in (0, pid):
                         raise E.RoleTaken("another process holds this role on the queue: claiming the producer role")
-                w = r.load64(_TAIL)  # SYNC POINT: ring-publish
-                tag = _tag(epoch)
-                if w & _SEALED or w & _TAG_MASK != tag:
+                try:
+                    w = r.load64(_TAIL)  # SYNC POINT: ring-publish
+                    head = r.load64(_HEAD)  # SYNC POINT: ring-release
+                    next_seq = r.load64(_NEXT_SEQ)
+                    p = ffi.new("gf_producer *")
+                    rc = int(lib.gf_ring_prod_start(p, self.capacity, self.max_item, epoch, w, head, next_seq))
+                    if rc != _OK:
+                        raise self._ring_error(rc, "claiming the producer role", epoch, w)
+                    if next_seq > _SEQ_LIMIT:  # would overflow u64 framing within 2**40 items: not a real count
+                        raise E.Corrupted(f"the ring's next sequence number ({next_seq}) is too close to 2**64")
+                except BaseException:
                     r.cas64(_PRODUCER_ID, pid, 0)
-                    if w & _SEALED:
-                        raise self._sealed_error("claiming the producer role")
-                    raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=self.epoch)
-                tail = w & _POS_MASK
-                head = r.load64(_HEAD)  # SYNC POINT: ring-release
-                if (head | tail) & _MISALIGNED or head > tail or tail - head > self.capacity:
-                    r.cas64(_PRODUCER_ID, pid, 0)
-                    raise E.Corrupted(f"ring positions make no sense (head {head}, tail {tail})")
-                next_seq = r.load64(_NEXT_SEQ)
-                if next_seq > _SEQ_LIMIT:  # would overflow u64 framing within 2**40 items: not a real count
-                    r.cas64(_PRODUCER_ID, pid, 0)
-                    raise E.Corrupted(f"the ring's next sequence number ({next_seq}) is too close to 2**64")
-                p = _Producer(pid, epoch, tail, head, next_seq)
+                    raise
+                p.id = pid
                 if lock is not None:
                     self._role_locks[_ROLE_PRODUCER] = lock
                     lock = None
@@ -600,135 +591,116 @@ class OneSidedQueue(FabricQueue):
             self._announce()
             return p
 
-    def _producer_ready(self) -> _Producer:
+    def _producer_ready(self) -> Any:
         self._check_live()
         p = self._p or self._producer()
         if p.reserved:
             raise E.FabricValueError("a reservation is outstanding: commit or abort it first")
         return p
 
-    def _check_owner(self, p: _Producer, what: str) -> None:
-        """Is the tail word still ours (our tag and position, not sealed)? Checked
-        before writing a byte, as the C producer does (``prod_owner``)."""
+    def _ring_error(self, rc: int, what: str, epoch: int, w: int) -> Exception:
+        """The typed error for a refusal of the core (sealed, fenced, corrupt)."""
+        if rc == lib.GF_E_SEALED:
+            return self._sealed_error(what)
+        if rc == lib.GF_E_FENCED:
+            return E.StaleEpoch(f"{what}: fenced", epoch=epoch, current=self.region.load64(_EPOCH))
+        return E.Corrupted(f"{what}: the ring's positions make no sense (tail word {w:#x})")
+
+    def _check_owner(self, p: Any, what: str) -> None:
+        """Is the tail word still ours (``gf_ring_owns``)? Checked before writing a
+        byte, as the mapped producer does."""
         w = self.region.load64(_TAIL)  # SYNC POINT: ring-publish
-        if w == p.tag | p.tail:
+        if lib.gf_ring_owns(p, w) == _OK:
             return
         raise self._lost_tail(p, w, what)
 
-    def _lost_tail(self, p: _Producer, w: int, what: str) -> Exception:
-        """The tail word isn't what this producer published: sealed, fenced (the
-        epoch moved on), or, with our epoch still in place, written by something
-        outside the protocol (as ``lost_tail`` in gf_native.c)."""
-        if w & _SEALED:
-            return self._sealed_error(what)
-        cur = self.epoch
-        if w & _TAG_MASK != p.tag or cur != p.epoch:
-            return E.StaleEpoch(f"{what}: fenced", epoch=p.epoch, current=cur)
-        return E.Corrupted(f"{what}: the ring's tail word ({w:#x}) was rewritten outside the protocol")
+    def _lost_tail(self, p: Any, w: int, what: str) -> Exception:
+        """The tail word isn't what this producer published: why, as the core
+        judges it (``gf_ring_lost_tail``) with the epoch as it is now."""
+        cur = self.region.load64(_EPOCH)
+        rc = int(lib.gf_ring_lost_tail(p, w, cur))
+        if rc == lib.GF_E_CORRUPT:
+            return E.Corrupted(f"{what}: the ring's tail word ({w:#x}) was rewritten outside the protocol")
+        if rc == lib.GF_E_FENCED:
+            return E.StaleEpoch(f"{what}: fenced", epoch=int(p.epoch), current=cur)
+        return self._ring_error(rc, what, int(p.epoch), w)
 
-    def _refresh_head(self, p: _Producer) -> None:
+    def _refresh_head(self, p: Any) -> None:
         h = self.region.load64(_HEAD)  # SYNC POINT: ring-release
-        if h & _MISALIGNED or h > p.tail or p.tail - h > self.capacity or h < p.head_cache:
+        if lib.gf_ring_set_head(p, h) != _OK:
             raise E.Corrupted(f"the ring's head ({h}) is outside [{p.head_cache}, {p.tail}]")
-        p.head_cache = h
 
-    def _room(self, p: _Producer, need: int) -> bool:
-        """Room for ``need`` bytes past the claim? Loads head only when the cache says no."""
-        if p.claim + need - p.head_cache <= self.capacity:
-            return True
-        self._refresh_head(p)
-        return p.claim + need - p.head_cache <= self.capacity
-
-    def _staging_for(self, nbytes: int) -> _LocalBuffer:
-        """The staging buffer, grown (once, to the largest record asked for) when
-        ``nbytes`` don't fit; a frame never holds more than the ring's free space."""
+    def _stage(self) -> _LocalBuffer:
+        """The staging image: local memory laid out like the ring's data area
+        (index = position & mask), where the core frames records before they are
+        written out; a frame never holds more than the ring's free space."""
         st = self._staging
-        if st is None or st.nbytes < nbytes:
-            st = self._staging = _LocalBuffer(self.fabric, max(nbytes, min(self.capacity, DEFAULT_STAGING)))
+        if st is None:
+            st = self._staging = _LocalBuffer(self.fabric, self.capacity)
             self._locals.append(st)
         return st
 
-    def _begin(self, p: _Producer) -> None:
-        self._f_idx = p.claim & self._mask
-        self._f_sp = 0
-        self._f_wrap = None
+    def _begin(self, p: Any) -> None:
+        self._f_start = int(p.claim)
+        self._f_pad = _NO_PAD
 
-    def _header(self, st: _LocalBuffer, sp: int, length: int, rtype: int, seq: int) -> None:
-        st.u32[sp // 4 + _LEN32] = length
-        st.u32[sp // 4 + _TYPE32] = rtype
-        st.u64[sp // 8 + _SEQ64] = seq
+    def _frame(self, p: Any, st: _LocalBuffer, src: Any, lens: Any, n: int, row_len: int, row_stride: int) -> int:
+        """Frame items into the staging image with the core (``gf_ring_frame``),
+        from item ``self._io[0]`` on: as many as the head cache says fit, then,
+        after one load of head, as many more as fit. Returns how many were framed."""
+        io = self._io
+        before = int(io[0])
+        io[2] = self._f_pad
+        refreshed = False
+        while True:
+            rc = int(lib.gf_ring_frame(p, st.ptr, src, lens, n, row_len, row_stride, io))
+            if rc == _OK:
+                break
+            if rc != _FULL:
+                raise E.FabricValueError(f"cannot frame this item (status {rc})")  # checked before: unreachable
+            if refreshed:
+                break
+            self._refresh_head(p)
+            refreshed = True
+        self._f_pad = int(io[2])
+        return int(io[0]) - before
 
-    def _pad_if_needed(self, p: _Producer, st: _LocalBuffer, rs: int) -> bool:
-        """Before a record of ``rs`` bytes: place a PADDING record if it would
-        straddle the end of the ring. False when there is no room (for the
-        padding and the record) or no staging space."""
-        idx = p.claim & self._mask
-        pad = self.capacity - idx if idx + rs > self.capacity else 0
-        extra = RECORD_HEADER if pad else 0
-        if self._f_sp + extra + rs > st.nbytes or not self._room(p, pad + rs):
-            return False
-        if pad:
-            self._header(st, self._f_sp, pad - RECORD_HEADER, _PADDING, 0)
-            self._f_sp += RECORD_HEADER
-            self._f_wrap = self._f_sp
-            p.claim += pad
-        return True
-
-    def _place(self, p: _Producer, st: _LocalBuffer, length: int) -> int | None:
-        """Frame one DATA record of ``length`` payload bytes at the claim (after a
-        PADDING record when it would straddle the wrap); returns the staging
-        offset of its payload, or None when it doesn't fit."""
-        rs = _rec_size(length)
-        if not self._pad_if_needed(p, st, rs):
-            return None
-        sp = self._f_sp
-        self._header(st, sp, length, _DATA, p.next_seq)
-        p.next_seq += 1
-        st.array[sp + RECORD_HEADER + length : sp + rs] = 0
-        self._f_sp = sp + rs
-        p.claim += rs
-        return sp + RECORD_HEADER
-
-    def _write_frame(self, p: _Producer, st: _LocalBuffer) -> None:
-        """WRITE the framed records: one write per contiguous span of the ring."""
-        sp = self._f_sp
-        if sp == 0:
+    def _write_frame(self, p: Any, st: _LocalBuffer) -> None:
+        """WRITE the framed records: one write per contiguous span of the ring
+        (up to the padding record's header, then from index 0, at the wrap)."""
+        start, end = self._f_start, int(p.claim)
+        if end == start:
             return
-        first = self._f_wrap if self._f_wrap is not None else min(sp, self.capacity - self._f_idx)
-        if first:
-            self.region.write(RING_HEADER + self._f_idx, st.array[:first])
-        if sp > first:
-            self.region.write(RING_HEADER, st.array[first:sp])
+        idx = start & self._mask
+        if idx + (end - start) <= self.capacity:
+            self.region.write(RING_HEADER + idx, st.array[idx : idx + (end - start)])
+            return
+        first = self._f_pad + RECORD_HEADER if self._f_pad != _NO_PAD else self.capacity
+        self.region.write(RING_HEADER + idx, st.array[idx:first])
+        self.region.write(RING_HEADER, st.array[: end & self._mask])
 
-    def _publish(self, p: _Producer, st: _LocalBuffer, what: str) -> None:
-        """Write the frame, store next_seq, then CAS the tail word (fenced at the target)."""
+    def _publish(self, p: Any, st: _LocalBuffer, what: str) -> None:
+        """Write the frame, store next_seq, then CAS the tail word (fenced at the
+        target): the arguments and the outcome are the core's."""
         try:
             self._write_frame(p, st)
             if p.claim == p.tail:
                 return
             r = self.region
-            if p.next_seq > _U64:
-                raise E.Corrupted("sequence numbers ran past 2**64")
-            r.store64(_NEXT_SEQ, p.next_seq)  # a release: the record WRITEs are complete before it
-            expected = p.tag | p.tail
+            r.store64(_NEXT_SEQ, int(p.next_seq))  # a release: the record WRITEs are complete before it
             # SYNC POINT: ring-publish (records and next_seq before the tail word)
-            found = r.cas64(_TAIL, expected, p.tag | p.claim)
+            found = r.cas64(_TAIL, int(lib.gf_ring_publish_expected(p)), int(lib.gf_ring_publish_desired(p)))
         except BaseException:
-            p.claim = p.tail
-            p.next_seq = p.pub_seq
+            lib.gf_ring_rollback(p)
             raise
         finally:
-            self._f_sp = 0
-        if found != expected:
-            p.claim = p.tail
-            p.next_seq = p.pub_seq
+            self._f_start = int(p.claim)
+            self._f_pad = _NO_PAD
+        if lib.gf_ring_published(p, found) != _OK:
             raise self._lost_tail(p, found, what)
-        p.tail = p.claim
-        p.pub_seq = p.next_seq
 
-    def _full(self, p: _Producer, what: str) -> None:
+    def _full(self, p: Any, what: str) -> None:
         """Nothing fit: raise if that is because the ring is sealed or we are fenced."""
-        self._f_sp = 0
         self._check_owner(p, what)
 
     def _item_bytes(self, buf: Any) -> np.ndarray[Any, Any]:
@@ -751,14 +723,13 @@ class OneSidedQueue(FabricQueue):
         if n > self.max_item:
             raise E.ItemTooLarge(f"item of {n} bytes exceeds the queue's max_item of {self.max_item}")
         self._check_owner(p, "push")
-        st = self._staging_for(RECORD_HEADER + _rec_size(n))
+        st = self._stage()
         self._begin(p)
-        off = self._place(p, st, n)
-        if off is None:
+        self._io[0] = self._io[1] = 0
+        if not self._frame(p, st, ffi.from_buffer("char[]", src), ffi.NULL, 1, n, n):
             self._full(p, "push")
             return None
-        st.array[off : off + n] = src
-        seq = p.next_seq - 1
+        seq = int(p.next_seq) - 1
         self._publish(p, st, "push")
         return seq
 
@@ -786,12 +757,10 @@ class OneSidedQueue(FabricQueue):
             while True:
                 with self._plock:  # each poll under the producer lock; the pause without it
                     p = self._producer_ready()
-                    rs = _rec_size(nbytes)
-                    idx = p.claim & self._mask
-                    need = (self.capacity - idx if idx + rs > self.capacity else 0) + rs
+                    need = int(lib.gf_ring_need(p, nbytes))
                     self.lease.check()
                     self._refresh_head(p)
-                    if p.claim + need - p.head_cache <= self.capacity:
+                    if lib.gf_ring_room(p, need):
                         return
                     self._check_owner(p, "waiting for space")
                     if not counted:
@@ -807,8 +776,8 @@ class OneSidedQueue(FabricQueue):
                     log.debug("could not uncount a space waiter: %s", exc)
 
     def push_batch(self, bufs: Sequence[Any] | np.ndarray[Any, Any], timeout: float | None = None) -> int:
-        """Push many items: framed locally, one WRITE per contiguous span and one
-        tail CAS per staging-full; returns how many were pushed.
+        """Push many items: framed locally (in C), one WRITE per contiguous span and
+        one tail CAS per frame; returns how many were pushed.
 
         ``bufs`` is a 2-D array whose rows are the items (the fast path), or a
         sequence of bytes-like items. With ``timeout=0`` it pushes what fits and
@@ -820,7 +789,11 @@ class OneSidedQueue(FabricQueue):
             p = self._producer_ready()
             deadline = _deadline(timeout)
             if isinstance(bufs, np.ndarray):
-                return self._frame_rows(p, bufs, deadline, timeout)
+                n, length = self._check_rows(bufs)
+                if n == 0:
+                    return 0
+                base = ffi.cast("char *", bufs.ctypes.data)  # bufs stays alive: it is an argument
+                return self._push_frames(p, base, ffi.NULL, n, length, bufs.strides[0], deadline, timeout)
             if isinstance(bufs, (str, bytes, bytearray, memoryview)):  # as FabricQueue.push_batch
                 raise E.FabricTypeError("push_batch takes a sequence of items (or a 2-D array), not one item: use push")
             try:
@@ -831,37 +804,55 @@ class OneSidedQueue(FabricQueue):
                 raise E.FabricTypeError(f"push_batch takes a sequence of items, got {type(bufs).__name__}") from None
             if not items:
                 return 0
-            lens = [a.nbytes for a in items]
-            if min(lens) == 0:
+            lens = np.fromiter((a.nbytes for a in items), dtype=np.uint64, count=len(items))
+            if int(lens.min()) == 0:
                 raise E.FabricValueError("empty items are not allowed")
-            big = max(lens)
+            big = int(lens.max())
             if big > self.max_item:
                 raise E.ItemTooLarge(f"item of {big} bytes exceeds the queue's max_item of {self.max_item}")
-            st = self._staging_for(RECORD_HEADER + _rec_size(big))
-            done = 0
-            total = len(items)
-            while done < total:
-                self._check_owner(p, "push_batch")
-                self._begin(p)
-                k = 0
-                while done + k < total:
-                    off = self._place(p, st, lens[done + k])
-                    if off is None:
-                        break
-                    st.array[off : off + lens[done + k]] = items[done + k]
-                    k += 1
-                if k:
-                    self._publish(p, st, "push_batch")
-                    done += k
-                    continue
-                self._full(p, "push_batch")
-                if timeout == 0:
-                    break
-                try:
-                    self._wait_unlocked(lens[done], deadline)
-                except TimeoutError:
-                    raise TimeoutError("timed out waiting for space in the queue", done) from None
-            return done
+            blob = np.concatenate(items)
+            src = ffi.from_buffer("char[]", blob)
+            lptr = ffi.from_buffer("uint64_t[]", lens)
+            return self._push_frames(p, src, lptr, len(items), 0, 0, deadline, timeout)
+
+    def _push_frames(
+        self,
+        p: Any,
+        src: Any,
+        lens: Any,
+        total: int,
+        row_len: int,
+        row_stride: int,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> int:
+        """Frame and publish ``total`` items (rows of ``row_len`` bytes
+        ``row_stride`` apart at ``src``, or, with ``lens``, payloads of those
+        lengths concatenated at ``src``), a frame at a time; waits for space
+        between frames unless ``timeout`` is 0. Where it stands (items done, their
+        source bytes) is kept here, not in ``self._io``: another thread pushes
+        through this handle while this one waits without the lock."""
+        st = self._stage()
+        io = self._io
+        done = offset = 0
+        while done < total:
+            self._check_owner(p, "push_batch")
+            self._begin(p)
+            io[0], io[1] = done, offset
+            framed = self._frame(p, st, src, lens, total, row_len, row_stride)
+            if framed:
+                done, offset = int(io[0]), int(io[1])
+                self._publish(p, st, "push_batch")
+                continue
+            self._full(p, "push_batch")
+            if timeout == 0:
+                return done
+            try:
+                self._wait_unlocked(int(lens[done]) if lens != ffi.NULL else row_len, deadline)
+            except TimeoutError:
+                raise TimeoutError("timed out waiting for space in the queue", done) from None
+            p = self._producer_ready()
+        return done
 
     def _wait_unlocked(self, nbytes: int, deadline: float | None) -> None:
         """``_wait_space`` from inside a ``with self._plock`` block: the lock is let
@@ -872,63 +863,13 @@ class OneSidedQueue(FabricQueue):
         finally:
             self._plock.acquire()
 
-    def _frame_rows(
-        self, p: _Producer, arr: np.ndarray[Any, Any], deadline: float | None, timeout: float | None
-    ) -> int:
-        n, length = self._check_rows(arr)
-        if n == 0:
-            return 0
-        rows = arr.view(np.uint8)  # (n, length) bytes; rows may be strided
-        rs = _rec_size(length)
-        st = self._staging_for(RECORD_HEADER + rs)
-        cap = self.capacity
-        done = 0
-        while done < n:
-            self._check_owner(p, "push_batch")
-            self._begin(p)
-            k_frame = 0
-            while done + k_frame < n:
-                if not self._pad_if_needed(p, st, rs):
-                    break
-                idx = p.claim & self._mask
-                want = min(n - done - k_frame, (cap - idx) // rs, (st.nbytes - self._f_sp) // rs)
-                if cap - (p.claim - p.head_cache) < want * rs:
-                    self._refresh_head(p)
-                want = min(want, (cap - (p.claim - p.head_cache)) // rs)
-                # _pad_if_needed guaranteed room and staging for one record
-                sp = self._f_sp
-                block = st.array[sp : sp + want * rs].reshape(want, rs)
-                block[:, RECORD_HEADER : RECORD_HEADER + length] = rows[done + k_frame : done + k_frame + want]
-                block[:, RECORD_HEADER + length :] = 0
-                h32 = block[:, :RECORD_HEADER].view(np.uint32)
-                h32[:, _LEN32] = length
-                h32[:, _TYPE32] = _DATA
-                h64 = block[:, :RECORD_HEADER].view(np.uint64)
-                h64[:, _SEQ64] = np.arange(p.next_seq, p.next_seq + want, dtype=np.uint64)
-                p.next_seq += want
-                p.claim += want * rs
-                self._f_sp = sp + want * rs
-                k_frame += want
-            if k_frame:
-                self._publish(p, st, "push_batch")
-                done += k_frame
-                continue
-            self._full(p, "push_batch")
-            if timeout == 0:
-                break
-            try:
-                self._wait_unlocked(length, deadline)
-            except TimeoutError:
-                raise TimeoutError("timed out waiting for space in the queue", done) from None
-        return done
-
     @contextmanager
     def reserve(self, nbytes: int, timeout: float | None = None) -> Iterator[np.ndarray[Any, Any]]:
         """Production in a local buffer, published on exit.
 
         ``with q.reserve(n) as buf: buf[:] = ...`` — space in the ring is
         claimed first (waiting for it, like ``push``); ``buf`` is a writable view
-        of this handle's staging buffer (uint8, or the queue's dtype), *not* of
+        of this handle's staging image (uint8, or the queue's dtype), *not* of
         the ring: leaving the block normally copies the record into the ring
         with one WRITE and publishes it (so one-sided reserve/commit copies on
         commit). An exception aborts it (nothing is written or published). Call
@@ -942,39 +883,40 @@ class OneSidedQueue(FabricQueue):
             if self.dtype is not None and nbytes % self.dtype.itemsize:
                 raise E.DtypeMismatch(f"reservation must be a multiple of {self.dtype.itemsize} bytes for {self.dtype}")
             deadline = _deadline(timeout)
-            st = self._staging_for(RECORD_HEADER + _rec_size(nbytes))
+            st = self._stage()
+            out = self._io
             while True:
                 self._check_owner(p, "reserve")
                 self._begin(p)
-                off = self._place(p, st, nbytes)
-                if off is not None:
+                out[2] = _NO_PAD
+                rc = int(lib.gf_ring_reserve_in(p, st.ptr, nbytes, out, out + 2))
+                if rc == _FULL:
+                    self._refresh_head(p)
+                    rc = int(lib.gf_ring_reserve_in(p, st.ptr, nbytes, out, out + 2))
+                if rc == _OK:
                     break
+                if rc != _FULL:
+                    raise E.FabricValueError(f"cannot reserve {nbytes} bytes (status {rc})")  # checked before
                 self._full(p, "reserve")
                 self._wait_unlocked(nbytes, deadline)
                 p = self._producer_ready()
-                st = self._staging_for(RECORD_HEADER + _rec_size(nbytes))
-            rec_pos = p.claim - _rec_size(nbytes)
-            p.reserved = True
+            off = int(out[0])
+            self._f_pad = int(out[2])
             self._reserving = True
             self._commit_len = nbytes
             buf = st.array[off : off + nbytes]
             try:
                 yield buf if self.dtype is None else buf.view(self.dtype)
             except BaseException:
-                p.claim = p.tail
-                p.next_seq = p.pub_seq
-                p.reserved = False
+                lib.gf_ring_abort_in(p)
                 self._reserving = False
-                self._f_sp = 0
                 raise
-            p.reserved = False
             self._reserving = False
-            k = self._commit_len
-            seq = p.next_seq - 1
-            st.u32[(off - RECORD_HEADER) // 4 + _LEN32] = k
-            st.array[off + k : off - RECORD_HEADER + _rec_size(k)] = 0
-            p.claim = rec_pos + _rec_size(k)
-            self._f_sp = off - RECORD_HEADER + _rec_size(k)
+            rc = int(lib.gf_ring_commit_in(p, st.ptr, self._commit_len, out))
+            if rc != _OK:
+                lib.gf_ring_abort_in(p)
+                raise E.FabricValueError(f"cannot commit {self._commit_len} bytes (status {rc})")
+            seq = int(out[0])
             self._publish(p, st, "commit")
             self.last_seq = seq
 
@@ -1028,9 +970,10 @@ class OneSidedQueue(FabricQueue):
         try:
             head = r.load64(_HEAD)
             w = r.load64(_TAIL)  # SYNC POINT: ring-publish
-            pos = w & _POS_MASK
-            if (head | pos) & _MISALIGNED or pos < head or pos - head > self.capacity:
-                raise E.Corrupted(f"ring positions make no sense (head {head}, tail {pos})")
+            pend_cap = min(1 << 20, max(64, _next_pow2(self.capacity // 32)))
+            c = _Consumer(cid, pend_cap)
+            if c.start(self.capacity, self.max_item, head, w) != _OK:
+                raise E.Corrupted(f"ring positions make no sense (head {head}, tail {w & _POS_MASK})")
             if self._mirror is None:
                 self._mirror = _LocalBuffer(self.fabric, self.capacity)
                 self._locals.append(self._mirror)
@@ -1043,8 +986,6 @@ class OneSidedQueue(FabricQueue):
             raise
         if lock is not None:
             self._role_locks[_ROLE_CONSUMER] = lock
-        pend_cap = min(1 << 20, max(64, _next_pow2(self.capacity // 32)))
-        c = _Consumer(cid, head, pend_cap)
         self._c = c
         self._announce()
         return c
@@ -1069,20 +1010,21 @@ class OneSidedQueue(FabricQueue):
         c = self._c or self._consumer()
         if self._cons_tid != threading.get_ident():
             self._note_consumer_thread()
-        if c.head != c.head_stored:
-            self._advance_head(c)  # an earlier store of head failed: try again
-        if strict and not self._cons_multi and c.pend_next - c.pend_first >= c.pend_cap:
+        if c.st.head != c.head_stored:
+            self._store_head(c)  # an earlier store of head failed: try again
+        if strict and not self._cons_multi and c.held >= c.pend_cap:
             raise E.HeldItemsStall("too many unreleased items: pop")
         return c
 
     def _load_tail(self, c: _Consumer) -> int:
-        """Load the tail word, validate it, update the tail cache; returns the word."""
+        """Load the tail word and hand it to the core (``gf_ring_set_tail``: validated,
+        into the tail cache); returns its answer: GF_OK, GF_EMPTY or GF_END."""
         w = self.region.load64(_TAIL)  # SYNC POINT: ring-publish
-        pos = w & _POS_MASK
-        if pos & _MISALIGNED or pos < c.rpos or pos - c.head > self.capacity:
-            raise E.Corrupted(f"the ring's tail ({pos}) is outside [{c.rpos}, {c.head + self.capacity}]")
-        c.tail_cache = pos
-        return w
+        rc = int(lib.gf_ring_set_tail(c.st, w))
+        if rc < 0:
+            pos = w & _POS_MASK
+            raise E.Corrupted(f"the ring's tail ({pos}) is outside [{c.st.rpos}, {c.st.head + self.capacity}]")
+        return rc
 
     def _fill(self, c: _Consumer, upto: int) -> None:
         """READ published bytes from ``read_pos`` (up to the wrap, the tail, and
@@ -1091,56 +1033,60 @@ class OneSidedQueue(FabricQueue):
         assert m is not None
         start = c.read_pos
         idx = start & self._mask
-        end = min(c.tail_cache, start + (self.capacity - idx))
+        end = min(int(c.st.tail_cache), start + (self.capacity - idx))
         n = min(end - start, max(self._read_chunk, upto - start))
         self.region.read_into(RING_HEADER + idx, m.array[idx : idx + n])
         c.read_pos = start + n
 
-    _EMPTY = -1
-    _END = -2
-    _WRAP = -3
-
-    def _next_record(self, c: _Consumer, stop_at_wrap: bool) -> int:
-        """Index of the next DATA record at ``rpos`` (skipping padding unless
-        ``stop_at_wrap``), or _EMPTY, _END (sealed and drained), _WRAP (stopped).
-        Every header is validated before it is used."""
+    def _take(self, c: _Consumer, max_items: int, po: Any, pl: Any, ps: Any, io: Any) -> int:
+        """Parse records from the mirror with the core (``gf_ring_take``, the
+        mapped pop's parser), bringing in the tail word and the bytes it asks
+        for: up to ``max_items`` into ``po``/``pl``/``ps`` (pointers to uint64
+        offsets, lengths, sequence numbers; ``io``: count and common length, out). Returns the count, leaving the
+        state as it was when a remote operation fails (nothing taken); raises
+        ``Corrupted`` only when nothing good came before the bad record (else the
+        good ones go out and the next call reports it, as in C) and
+        ``QueueSealed`` when sealed and drained."""
         m = self._mirror
         assert m is not None
-        cap = self.capacity
-        while True:
-            if c.rpos == c.tail_cache:
-                w = self._load_tail(c)
-                if c.tail_cache == c.rpos:
-                    return self._END if w & _SEALED else self._EMPTY
-            if c.rpos == c.read_pos:
-                self._fill(c, c.rpos + RECORD_HEADER)
-            idx = c.rpos & self._mask
-            length = int(m.u32[idx // 4 + _LEN32])
-            rtype = int(m.u32[idx // 4 + _TYPE32])
-            if rtype == _PADDING:
-                if idx + RECORD_HEADER + length != cap or c.rpos + (cap - idx) > c.tail_cache:
-                    raise E.Corrupted(f"bad padding record at position {c.rpos} (length {length})")
-                if stop_at_wrap:
-                    return self._WRAP
-                c.rpos += cap - idx
-                c.read_pos = max(c.read_pos, c.rpos)
-                continue
-            rs = _rec_size(length)
-            if rtype != _DATA or length == 0 or length > self.max_item or idx + rs > cap or c.rpos + rs > c.tail_cache:
-                raise E.Corrupted(f"bad record at position {c.rpos} (type {rtype}, length {length})")
-            if c.rpos + rs > c.read_pos:
-                self._fill(c, c.rpos + rs)
-            seq = int(m.u64[idx // 8 + _SEQ64])
-            if seq <= c.last_seq:
-                raise E.Corrupted(f"record at position {c.rpos} has sequence {seq} after {c.last_seq}")
-            return idx
+        st = c.st
+        start = (int(st.rpos), int(st.last_seq), int(st.have_seq))
+        io[0] = io[1] = 0
+        need = self._need
+        try:
+            while True:
+                rc = int(lib.gf_ring_take(st, m.ptr, c.read_pos, max_items, po, pl, ps, io, io + 1, need))
+                if c.read_pos < st.rpos:
+                    c.read_pos = int(st.rpos)  # past a padding record: the mirror starts over at index 0
+                if rc == _READ:
+                    self._fill(c, int(need[0]))
+                    continue
+                if rc == _TAIL_REACHED:
+                    rc = self._load_tail(c)
+                    if rc == _OK:
+                        continue
+                break
+        except E.Corrupted:
+            if io[0]:
+                return int(io[0])
+            raise
+        except BaseException:
+            st.rpos, st.last_seq, st.have_seq = start  # nothing taken: the records stay queued
+            raise
+        n = int(io[0])
+        if n == 0:
+            if rc == _END:
+                raise self._sealed_error("sealed and drained")
+            if rc < 0:
+                raise E.Corrupted(f"bad record at position {st.rpos}")
+        return n
 
-    def _pend_push(self, c: _Consumer, end: int) -> int:
-        with c.lock:
-            token = c.pend_next
-            c.pend_end.append(end)
-            c.pend_next = token + 1
-        return token
+    def _pend_push(self, c: _Consumer) -> int:
+        """A release token for what was just taken (up to the read position)."""
+        token = self._token_out
+        if lib.gf_ring_pend_push(c.st, c.st.rpos, token) != _OK:  # the callers checked held < pend_cap
+            raise E.HeldItemsStall("too many unreleased items: pop")
+        return int(token[0])
 
     def try_pop(self) -> Item | None:
         """Pop one item, or None when the queue is empty (never waits).
@@ -1148,21 +1094,13 @@ class OneSidedQueue(FabricQueue):
         Raises ``QueueSealed`` once a sealed queue is drained."""
         with self._clock_lock:
             c = self._consumer_ready()
-            if c.pend_next - c.pend_first >= c.pend_cap:
+            if c.held >= c.pend_cap:
                 return None  # other threads hold every token: nothing to hand out until they release
-            m = self._mirror
-            assert m is not None
-            idx = self._next_record(c, False)
-            if idx == self._EMPTY:
+            one = self._one
+            if not self._take(c, 1, one, one + 1, one + 2, self._take_io):
                 return None
-            if idx == self._END:
-                raise self._sealed_error("sealed and drained")
-            length = int(m.u32[idx // 4 + _LEN32])
-            seq = int(m.u64[idx // 8 + _SEQ64])
-            c.rpos += _rec_size(length)
-            c.last_seq = seq
-            token = self._pend_push(c, c.rpos)
-            return OneSidedItem(self, token, idx + RECORD_HEADER, length, seq, None)
+            token = self._pend_push(c)
+            return OneSidedItem(self, token, int(one[0]), int(one[1]), int(one[2]), None)
 
     def pop(self, timeout: float | None = None) -> Item:
         """Pop one item, polling for it; ``TimeoutError`` when ``timeout`` passes."""
@@ -1184,10 +1122,7 @@ class OneSidedQueue(FabricQueue):
         while True:
             with self._clock_lock:
                 c = self._consumer_ready(strict=False)
-                if c.rpos != c.tail_cache:
-                    return
-                w = self._load_tail(c)
-                if c.tail_cache != c.rpos or w & _SEALED:
+                if c.st.rpos != c.st.tail_cache or self._load_tail(c) != lib.GF_EMPTY:
                     return
             self._poll_data(backoff, stall)
 
@@ -1203,7 +1138,7 @@ class OneSidedQueue(FabricQueue):
         pause (``TimeoutError`` at the deadline)."""
         with self._clock_lock:
             c = self._consumer_ready(strict=False)
-            held = c.pend_next - c.pend_first
+            held = c.held
             waiters = 0
             if held and held < c.pend_cap:
                 waiters = self.region.load64(_SPACE_WAITERS)
@@ -1238,7 +1173,7 @@ class OneSidedQueue(FabricQueue):
         while True:
             with self._clock_lock:
                 c = self._consumer_ready()
-                full = c.pend_next - c.pend_first >= c.pend_cap
+                full = c.held >= c.pend_cap
                 batch = None if full else self._take_batch(c, max_items)
             if batch is not None:
                 return batch
@@ -1247,88 +1182,25 @@ class OneSidedQueue(FabricQueue):
             self._poll_data(backoff, stall)
 
     def _take_batch(self, c: _Consumer, max_items: int) -> Batch | None:
-        m = self._mirror
-        assert m is not None
         # a batch never holds more records than fit in the ring (the smallest is 32 bytes)
         max_items = min(max_items, self.capacity // _rec_size(1))
         offs = np.empty(max_items, dtype=np.uint64)
         lens = np.empty(max_items, dtype=np.uint64)
         seqs = np.empty(max_items, dtype=np.uint64)
-        n = 0
-        uniform = 0
-        rc = 0
-        start_rpos, start_seq = c.rpos, c.last_seq
-        while n < max_items:
-            if n > 0 and c.rpos & self._mask == 0:
-                break  # a batch stops at the wrap: its payloads are contiguous
-            try:
-                rc = self._next_record(c, n > 0)
-            except E.Corrupted:
-                if n:
-                    break  # the good records go out; the next call reports the bad one (as in C)
-                raise
-            except BaseException:
-                c.rpos, c.last_seq = start_rpos, start_seq  # nothing taken: the records stay queued
-                raise
-            if rc < 0:
-                break
-            idx = rc
-            length = int(m.u32[idx // 4 + _LEN32])
-            if n == 0:
-                uniform = length
-            elif uniform != length:
-                uniform = 0
-            k = self._uniform_run(c, idx, length, max_items - n) if uniform else 0
-            if k:
-                rs = _rec_size(length)
-                base = idx + np.arange(k, dtype=np.uint64) * rs
-                offs[n : n + k] = base + RECORD_HEADER
-                lens[n : n + k] = length
-                seqs[n : n + k] = m.u64[(base // 8 + _SEQ64).astype(np.intp)]
-                c.rpos += k * rs
-                c.last_seq = int(seqs[n + k - 1])
-                n += k
-                continue
-            seq = int(m.u64[idx // 8 + _SEQ64])
-            offs[n] = idx + RECORD_HEADER
-            lens[n] = length
-            seqs[n] = seq
-            c.rpos += _rec_size(length)
-            c.last_seq = seq
-            n += 1
+        io = self._take_io
+        po, pl, ps = (ffi.from_buffer("uint64_t[]", a) for a in (offs, lens, seqs))
+        n = self._take(c, max_items, po, pl, ps, io)
         if n == 0:
-            if rc == self._END:
-                raise self._sealed_error("sealed and drained")
             return None
-        token = self._pend_push(c, c.rpos)
-        return Batch(self, token, offs[:n], lens[:n], seqs[:n], uniform)
-
-    def _uniform_run(self, c: _Consumer, idx: int, length: int, limit: int) -> int:
-        """How many records from ``idx`` on are DATA records of ``length`` bytes
-        with increasing sequence numbers, all already in the local buffer and
-        before the wrap (validated with numpy, at most ``limit``). The first
-        record must already be validated by ``_next_record``."""
-        rs = _rec_size(length)
-        avail = min(c.read_pos - c.rpos, self.capacity - idx) // rs
-        k = min(limit, avail)
-        if k <= 1:
-            return k
-        m = self._mirror
-        assert m is not None
-        base = (idx + np.arange(k, dtype=np.int64) * rs) // 4
-        ok = (m.u32[base + _LEN32] == length) & (m.u32[base + _TYPE32] == _DATA)
-        seqs = m.u64[(base // 2 + _SEQ64)]
-        ok[1:] &= seqs[1:] > seqs[:-1]
-        ok[0] = bool(int(seqs[0]) > c.last_seq)
-        bad = np.flatnonzero(~ok)
-        return int(bad[0]) if len(bad) else k
+        token = self._pend_push(c)
+        return Batch(self, token, offs[:n], lens[:n], seqs[:n], int(io[1]))
 
     def _release_token(self, token: int) -> None:
         c = self._c
         if c is None:
             return
-        c.done.add(token)
-        self._advance_head(c)
+        if lib.gf_ring_release(c.st, token) == 1:
+            self._store_head(c)
         if self.closed:
             self._maybe_give_back_consumer()
 
@@ -1336,7 +1208,7 @@ class OneSidedQueue(FabricQueue):
         """After close: give the consumer role back once nothing popped here is
         unreleased (as the mapped queue does)."""
         c = self._c
-        if c is not None and self.closed and c.pend_next == c.pend_first:
+        if c is not None and self.closed and c.held == 0:
             try:
                 self.region.cas64(_CONSUMER_ID, c.id, 0)
             except (E.FabricError, E.FabricValueError) as exc:
@@ -1346,36 +1218,34 @@ class OneSidedQueue(FabricQueue):
             if lock is not None:
                 lock.release()
 
-    def _advance_head(self, c: _Consumer) -> None:
+    def _store_head(self, c: _Consumer) -> None:
         """Free the space of the oldest released items/batches: one ``store64`` of
-        ``head``. Reentrant-safe (a garbage-collected item may release while this
-        handle is mid-call): whoever holds the lock does the work, and re-checks."""
+        the head the core computed (``gf_ring_release``). Reentrant-safe (a
+        garbage-collected item may release while this handle is mid-call, or on
+        another thread): whoever holds the lock stores, then re-checks, so a
+        smaller head is never stored after a larger one."""
         while True:
             if not c.lock.acquire(blocking=False):
                 return
             try:
-                head = c.head
-                while c.pend_first < c.pend_next and c.pend_first in c.done:
-                    c.done.discard(c.pend_first)
-                    head = c.pend_end.popleft()
-                    c.pend_first += 1
-                c.head = head
+                head = int(c.st.head)
                 if head != c.head_stored:
                     try:
                         self.region.store64(_HEAD, head)  # SYNC POINT: ring-release
                         c.head_stored = head
                     except (E.FabricError, E.FabricValueError) as exc:
                         log.debug("could not store head %d: %s", head, exc)
+                        return
             finally:
                 c.lock.release()
-            if not (c.pend_first < c.pend_next and c.pend_first in c.done):
+            if int(c.st.head) == c.head_stored:
                 return
 
     @property
     def outstanding(self) -> int:
         """Items and batches popped here and not yet released."""
         c = self._c
-        return 0 if c is None else c.pend_next - c.pend_first
+        return 0 if c is None else c.held
 
     # -- teardown --------------------------------------------------------------------
     def close(self) -> None:
@@ -1424,3 +1294,6 @@ class OneSidedQueue(FabricQueue):
 
     def __repr__(self) -> str:
         return f"<OneSidedQueue {self.region.ref().name} capacity={self.capacity}>"
+
+
+register_one_sided(OneSidedQueue)  # FabricQueue hands this class out for regions that don't map

@@ -619,9 +619,7 @@ class FabricQueue(QueueProtocols):
         dtype: pushes must match it and pops come out in it.
         """
         if not getattr(fabric, "mapped_regions", True):
-            from .onesided import OneSidedQueue
-
-            return OneSidedQueue.create(
+            return _one_sided().create(
                 fabric, capacity, ttl, dtype=dtype, max_item=max_item, epoch=epoch, first_seq=first_seq
             )
         cap, max_item, _dt, dtext = _ring_geometry(capacity, max_item, epoch, first_seq, dtype)
@@ -686,9 +684,7 @@ class FabricQueue(QueueProtocols):
             raise E.Unsupported("take_over needs the holder's host: attach mapped on the node that holds the ring")
         region = fabric.attach(locator.region, mapped=mapped)
         if not region.mapped:
-            from .onesided import OneSidedQueue
-
-            return OneSidedQueue(fabric, region, locator, epoch=epoch)
+            return _one_sided()(fabric, region, locator, epoch=epoch)
         if take_over and not callable(getattr(region, "lock_role", None)):
             raise E.Unsupported(f"take_over needs role locks, which {fabric.url} regions don't have")
         q = cls(fabric, region, owner=False, epoch=epoch)
@@ -1560,6 +1556,25 @@ class FabricQueue(QueueProtocols):
 
     def __repr__(self) -> str:
         return f"<FabricQueue {self.region.ref().name} capacity={self.capacity} epoch={self.epoch}>"
+
+
+# The one-sided handle (grafos_fabric.onesided.OneSidedQueue) subclasses
+# FabricQueue, which hands it out for regions that don't map. So that this
+# module never imports it back (no import cycle), it registers itself here
+# when it is imported, which ``import grafos_fabric`` always does.
+_ONE_SIDED: list[Any] = []
+
+
+def register_one_sided(cls: Any) -> None:
+    """Name the class FabricQueue uses for regions reached one-sided (called by
+    grafos_fabric.onesided at import)."""
+    _ONE_SIDED[:] = [cls]
+
+
+def _one_sided() -> Any:
+    if not _ONE_SIDED:  # pragma: no cover - grafos_fabric/__init__ imports onesided first
+        raise E.Unsupported("one-sided queues need grafos_fabric.onesided, which `import grafos_fabric` loads")
+    return _ONE_SIDED[0]
 
 
 _PRODUCER_ID_OFF = int(ffi.offsetof("gf_ring_header", "producer_id"))

@@ -1,5 +1,8 @@
-/* cffi declarations (build-only). Constants and layouts come from the real
- * headers through "...": Python never re-types an offset or a value. */
+/* cffi declarations (build-only): the constants and types only. Values and
+ * layouts come from the real headers through "...", so Python never re-types
+ * an offset or a value; the function prototypes are not here but in
+ * gf_native_api.h, which the C code includes and build_native.py appends to
+ * this text for ffi.cdef (one copy of each prototype). */
 #define GF_NATIVE_ABI ...
 #define GF_OK ...
 #define GF_FULL ...
@@ -20,6 +23,10 @@
 #define GF_E_HELD ...
 #define GF_E_CLAIMED ...
 #define GF_E_ARG ...
+#define GF_PADDING ...
+#define GF_TAIL ...
+#define GF_READ ...
+#define GF_LOST ...
 
 #define GF_SEG_MAGIC ...
 #define GF_SEG_LAYOUT_VERSION ...
@@ -64,66 +71,19 @@ typedef struct {
 
 typedef struct {
     uint64_t capacity; uint64_t mask; uint64_t max_item; uint64_t tail; uint64_t claim; uint64_t head_cache;
-    uint64_t next_seq; uint64_t epoch; uint64_t id; uint64_t publish_every; int reserved; ...;
+    uint64_t next_seq; uint64_t pub_seq; uint64_t tag; uint64_t epoch; uint64_t id; uint64_t publish_every;
+    uint64_t reserved_at; uint64_t reserved_len; uint64_t reserved_seq; int reserved; ...;
 } gf_producer;
 
 typedef struct {
     uint64_t capacity; uint64_t mask; uint64_t max_item; uint64_t rpos; uint64_t tail_cache; uint64_t head;
-    uint64_t pend_first; uint64_t pend_next; uint64_t id; ...;
+    uint64_t pend_first; uint64_t pend_next; uint64_t id; uint64_t last_seq; int have_seq; ...;
 } gf_consumer;
 
-int gf_native_abi(void);
-
-int gf_segment_init(void *seg, uint64_t segment_size, const uint8_t *lease_id, uint64_t generation,
-                    uint64_t ttl_ns, uint64_t created_ns, uint64_t deadline_ns, uint64_t pid);
-int gf_segment_check(const void *seg, uint64_t mapped_size);
-
-uint64_t gf_load_acquire_at(void *base, uint64_t off);
-void gf_store_release_at(void *base, uint64_t off, uint64_t value);
-uint64_t gf_cas_at(void *base, uint64_t off, uint64_t expected, uint64_t desired);
-uint64_t gf_faa_at(void *base, uint64_t off, uint64_t add);
-
-uint64_t gf_record_size(uint64_t length);
-int gf_ring_init(void *ring, uint64_t region_size, uint64_t capacity, uint64_t max_item, uint64_t first_seq,
-                 uint64_t epoch, const char *dtype, uint32_t dtype_len, uint32_t flags);
-int gf_ring_check(const void *ring, uint64_t region_size);
-int gf_ring_seal(void *ring, uint64_t seal_seq);
-int gf_ring_advance_epoch(void *ring, uint64_t new_epoch);
-
-int gf_producer_init(gf_producer *p, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
-                     volatile uint64_t *lease_deadline, uint64_t epoch, uint64_t id);
-int gf_producer_close(gf_producer *p);
-int gf_push(gf_producer *p, const char *buf, uint64_t len, uint64_t now_ns, uint64_t *seq_out);
-int gf_push_rows(gf_producer *p, const void *base, uint64_t n, uint64_t row_stride, uint64_t len, uint64_t now_ns,
-                 uint64_t *pushed);
-int gf_push_concat(gf_producer *p, const char *base, const uint64_t *lens, uint64_t n, uint64_t now_ns,
-                   uint64_t *pushed);
-int gf_reserve(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_off);
-int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out);
-int gf_abort(gf_producer *p);
-int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t spin);
-
-int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
-                     volatile uint64_t *lease_deadline, uint64_t id, uint64_t *pend_end, uint8_t *pend_done,
-                     uint64_t pend_cap);
-int gf_consumer_close(gf_consumer *c);
-int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per_item, uint64_t now_ns,
-                 uint64_t *offs, uint64_t *lens, uint64_t *seqs, uint64_t *n_out, uint64_t *token_out,
-                 uint64_t *uniform_len);
-int gf_release(gf_consumer *c, uint64_t token);
-int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin);
-uint64_t gf_consumer_outstanding(gf_consumer *c);
+/* The function prototypes follow from gf_native_api.h (build_native.py appends it). */
 
 /* gf_msgpack.h: bounds on untrusted msgpack (checkpoint states) */
 #define GF_MSGPACK_MAX_DEPTH ...
 #define GF_MSGPACK_MALFORMED ...
 #define GF_MSGPACK_TOO_DEEP ...
 int64_t gf_msgpack_depth(const uint8_t *buf, uint64_t len, uint32_t max_depth);
-
-/* gf_crc.h: CRC32C, fused with the copy into an aligned write buffer (slot records) */
-uint32_t gf_crc32c_copy(uint8_t *dst, const uint8_t *src, uint64_t len, uint32_t crc);
-uint32_t gf_crc32c(const uint8_t *buf, uint64_t len, uint32_t crc);
-
-/* reserved rows (reserve_batch), gf_native.h */
-int gf_reserve_rows(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off, uint64_t *got);
-int gf_commit_rows(gf_producer *p, uint64_t k, uint64_t *first_seq);

@@ -2,21 +2,22 @@
  * gf_native.c: the hot path. Ring push/pop (single, batched, reserve/commit),
  * blocking waits on futexes, segment headers, and the generic atomics that the
  * shm driver's one-sided operations use. See gf_ring.h for the protocol.
+ * The protocol's decisions (geometry, role start, owner check, place,
+ * publish, record parsing) are the pure functions of gf_ring_core.h; this
+ * file brings the shared words to them with atomics and waits on futexes
+ * (gf_ring_core.c exports the same functions to the one-sided path).
  *
  * Why C and not a library: this is the per-item hot path; each push/pop is one
  * call with no allocation, and the batch framing loops run here, not in Python.
  */
 #include <string.h>
 #include "gf_native.h"
+#include "gf_ring_core.h"
 
 int gf_native_abi(void) { return GF_NATIVE_ABI; }
 
-static inline uint64_t rec_size(uint64_t len) {
-    return (GF_RECORD_HEADER_SIZE + len + GF_RECORD_ALIGN - 1) & ~(uint64_t)(GF_RECORD_ALIGN - 1);
-}
+#define rec_size gf_rc_record_size
 uint64_t gf_record_size(uint64_t length) { return rec_size(length); }
-
-static inline int is_pow2(uint64_t v) { return v && !(v & (v - 1)); }
 
 /* ------------------------------------------------------------------ leases */
 
@@ -89,41 +90,21 @@ uint64_t gf_faa_at(void *base, uint64_t off, uint64_t add) {
 int gf_ring_init(void *ring, uint64_t region_size, uint64_t capacity, uint64_t max_item, uint64_t first_seq,
                  uint64_t epoch, const char *dtype, uint32_t dtype_len, uint32_t flags) {
     if (!ring) return GF_E_ARG;
-    if (!is_pow2(capacity) || capacity < GF_RING_MIN_CAPACITY || capacity > GF_RING_MAX_CAPACITY) return GF_E_ARG;
-    if (region_size < GF_RING_HEADER_SIZE || region_size - GF_RING_HEADER_SIZE < capacity) return GF_E_CAPACITY;
-    if (max_item == 0 || max_item > capacity / 2 || rec_size(max_item) > capacity / 2) return GF_E_ARG;
-    if (dtype_len > GF_DTYPE_MAX) return GF_E_ARG;
     gf_ring_header *h = (gf_ring_header *)ring;
-    memset(h, 0, sizeof(*h));
-    h->magic = GF_RING_MAGIC;
-    h->capacity = capacity;
-    h->max_item = max_item;
-    h->first_seq = first_seq;
-    h->created_epoch = epoch;
-    h->flags = flags;
-    h->dtype_len = dtype_len;
-    if (dtype_len) memcpy(h->dtype, dtype, dtype_len);
-    h->epoch = epoch;
-    h->tail = (epoch << GF_TAIL_TAG_SHIFT) & GF_TAIL_TAG_MASK;
-    h->next_seq = first_seq;
-    h->acked = first_seq;
+    int rc = gf_rc_build(h, region_size, capacity, max_item, first_seq, epoch, dtype, dtype_len, flags);
+    if (rc) return rc;
     /* SYNC POINT: ring-ready */
     __atomic_store_n(&h->version, GF_RING_LAYOUT_VERSION, __ATOMIC_RELEASE);
     return GF_OK;
 }
 
-/* The ring's geometry, each word read once and checked against the region
- * the caller mapped: a capacity that is a power of two in range and fits the
- * region, a max_item that fits half of it (checked before rec_size, which
- * would wrap for a huge value). */
+/* The ring's geometry, each word read once and checked (gf_rc_geometry)
+ * against the region the caller mapped. */
 static int ring_geometry(const gf_ring_header *h, uint64_t region_size, uint64_t *cap_out, uint64_t *max_item_out) {
     if (region_size < GF_RING_HEADER_SIZE) return GF_E_CORRUPT;
     uint64_t cap = gf_load_relaxed_u64(&h->capacity);
     uint64_t max_item = gf_load_relaxed_u64(&h->max_item);
-    if (!is_pow2(cap) || cap < GF_RING_MIN_CAPACITY || cap > GF_RING_MAX_CAPACITY ||
-        region_size - GF_RING_HEADER_SIZE < cap)
-        return GF_E_CORRUPT;
-    if (max_item == 0 || max_item > cap / 2 || rec_size(max_item) > cap / 2) return GF_E_CORRUPT;
+    if (gf_rc_geometry(cap, max_item, region_size)) return GF_E_CORRUPT;
     *cap_out = cap;
     *max_item_out = max_item;
     return GF_OK;
@@ -190,7 +171,7 @@ int gf_ring_advance_epoch(void *ring, uint64_t new_epoch) {
         if (found == cur) break;
         cur = found;
     }
-    uint64_t tag = (new_epoch << GF_TAIL_TAG_SHIFT) & GF_TAIL_TAG_MASK;
+    uint64_t tag = gf_rc_tag(new_epoch);
     uint64_t w = gf_load_acquire_u64(&h->tail);
     for (uint32_t tries = 0;; tries++) {
         if (tries == GF_CAS_TRIES) return GF_E_CORRUPT;
@@ -204,12 +185,6 @@ int gf_ring_advance_epoch(void *ring, uint64_t new_epoch) {
 
 /* ---------------------------------------------------------------- producer */
 
-/* head as the producer may use it: aligned, not past the published tail, not
- * more than a ring behind it, and never moving backwards. */
-static inline int head_ok(uint64_t head, uint64_t tail, uint64_t cap, uint64_t floor) {
-    return !GF_POS_MISALIGNED(head) && head <= tail && tail - head <= cap && head >= floor;
-}
-
 int gf_producer_init(gf_producer *p, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
                      volatile uint64_t *lease_deadline, uint64_t epoch, uint64_t id) {
     if (!p || !ring || id == 0) return GF_E_ARG;
@@ -217,12 +192,6 @@ int gf_producer_init(gf_producer *p, void *ring, uint64_t region_size, volatile 
     memset(p, 0, sizeof(*p));
     uint64_t cap, max_item;
     if (ring_geometry(h, region_size, &cap, &max_item)) return GF_E_CORRUPT;
-    p->data = (uint8_t *)ring + GF_RING_HEADER_SIZE;
-    p->lease_state = lease_state;
-    p->lease_deadline = lease_deadline;
-    p->capacity = cap;
-    p->mask = cap - 1;
-    p->max_item = max_item;
     uint64_t cur = gf_load_acquire_u64(&h->epoch);
     if (epoch < cur) return GF_E_FENCED;
     if (epoch > cur) {
@@ -234,26 +203,19 @@ int gf_producer_init(gf_producer *p, void *ring, uint64_t region_size, volatile 
         if (found != 0 && found != id) return GF_E_ROLE;
     }
     /* the role is ours from here: every failure gives it back */
-    int rc = GF_OK;
     uint64_t w = gf_load_acquire_u64(&h->tail); /* SYNC POINT: ring-publish */
-    uint64_t tag = (epoch << GF_TAIL_TAG_SHIFT) & GF_TAIL_TAG_MASK;
-    uint64_t tail = w & GF_TAIL_POS_MASK;
     uint64_t head = gf_load_acquire_u64(&h->head); /* SYNC POINT: ring-release */
-    if (w & GF_TAIL_SEALED) rc = GF_E_SEALED;
-    else if ((w & GF_TAIL_TAG_MASK) != tag) rc = GF_E_FENCED;
-    else if (GF_POS_MISALIGNED(tail) || !head_ok(head, tail, cap, 0)) rc = GF_E_CORRUPT;
+    uint64_t next_seq = gf_load_acquire_u64(&h->next_seq);
+    int rc = gf_rc_prod_start(p, cap, max_item, epoch, w, head, next_seq);
     if (rc) {
         gf_cas_u64(&h->producer_id, id, 0);
         return rc;
     }
     p->hdr = h;
-    p->epoch = epoch;
+    p->data = (uint8_t *)ring + GF_RING_HEADER_SIZE;
+    p->lease_state = lease_state;
+    p->lease_deadline = lease_deadline;
     p->id = id;
-    p->tag = tag;
-    p->tail = p->claim = tail;
-    p->head_cache = head;
-    p->next_seq = p->pub_seq = gf_load_acquire_u64(&h->next_seq);
-    p->publish_every = cap / 8 > 4096 ? cap / 8 : 4096;
     return GF_OK;
 }
 
@@ -268,64 +230,42 @@ int gf_producer_close(gf_producer *p) {
     return GF_OK;
 }
 
-/* The tail word is not the one this producer published: sealed; fenced (the
- * epoch moved on); or, with our epoch still in place, written by something
- * that does not follow the protocol: corrupt. */
+/* The tail word is not the one this producer published: why (sealed,
+ * fenced, corrupt), judged by the core with the epoch as it is now. */
 static int lost_tail(gf_producer *p, uint64_t w) {
-    if (w & GF_TAIL_SEALED) return GF_E_SEALED;
-    if ((w & GF_TAIL_TAG_MASK) != p->tag || gf_load_acquire_u64(&p->hdr->epoch) != p->epoch) return GF_E_FENCED;
-    return GF_E_CORRUPT;
+    return gf_rc_lost_tail(p, w, gf_load_acquire_u64(&p->hdr->epoch));
 }
 
 /* Why a full or failed push failed: sealed, fenced, corrupt, or really full. */
 static int full_reason(gf_producer *p) {
     uint64_t w = gf_load_acquire_u64(&p->hdr->tail);
-    if (w == (p->tag | p->tail)) return GF_FULL;
+    if (gf_rc_owns(p, w) == GF_OK) return GF_FULL;
     return lost_tail(p, w);
 }
 
-/* Before writing a byte: is the tail word still ours (our tag, our position,
- * not sealed)? A producer whose epoch was superseded must not write record
- * bytes over what the new owner published. (This narrows, but cannot close,
- * the window for a stale producer that is mid-copy at the instant of a
- * takeover: in-place takeover assumes a dead or paused predecessor, which is
- * why relocation moves to a fresh queue.) */
+/* Before writing a byte: is the tail word still ours (gf_rc_owns)? */
 static inline int prod_owner(gf_producer *p) {
     uint64_t w = gf_load_acquire_u64(&p->hdr->tail); /* SYNC POINT: ring-publish */
-    if (w == (p->tag | p->tail)) return GF_OK;
+    if (gf_rc_owns(p, w) == GF_OK) return GF_OK;
     return lost_tail(p, w);
 }
 
-/* Room for `need` bytes past claim? 1 yes, 0 no, <0 corrupt head. */
+/* Room for `need` bytes past claim? 1 yes, 0 no, <0 corrupt head. Loads head
+ * only when the head cache says no. */
 static inline int prod_room(gf_producer *p, uint64_t need) {
-    if (p->claim + need - p->head_cache <= p->capacity) return 1;
-    uint64_t h = gf_load_acquire_u64(&p->hdr->head); /* SYNC POINT: ring-release */
-    if (!head_ok(h, p->tail, p->capacity, p->head_cache)) return GF_E_CORRUPT;
-    p->head_cache = h;
-    return p->claim + need - h <= p->capacity;
+    if (gf_rc_room(p, need)) return 1;
+    int rc = gf_rc_set_head(p, gf_load_acquire_u64(&p->hdr->head)); /* SYNC POINT: ring-release */
+    if (rc) return rc;
+    return gf_rc_room(p, need);
 }
 
-/* Place one record of payload `len` at claim (padding first if it would
- * straddle the wrap). Writes the header and returns the record's index. */
+/* Place one record of payload `len` at claim (gf_rc_place: padding first if
+ * it would straddle the wrap), when there is room. */
 static inline int prod_place(gf_producer *p, uint64_t len, uint64_t *rec_idx) {
-    uint64_t rs = rec_size(len);
-    uint64_t idx = p->claim & p->mask;
-    uint64_t pad = idx + rs > p->capacity ? p->capacity - idx : 0;
-    int room = prod_room(p, pad + rs);
+    uint64_t pad, need = gf_rc_need(p, len, &pad);
+    int room = prod_room(p, need);
     if (room <= 0) return room == 0 ? GF_FULL : room;
-    if (pad) {
-        gf_record_header *r = (gf_record_header *)(p->data + idx);
-        r->length = (uint32_t)(pad - GF_RECORD_HEADER_SIZE);
-        r->type = GF_RECORD_PADDING;
-        r->seq = 0;
-        p->claim += pad;
-        idx = 0;
-    }
-    gf_record_header *r = (gf_record_header *)(p->data + idx);
-    r->length = (uint32_t)len;
-    r->type = GF_RECORD_DATA;
-    r->seq = p->next_seq++;
-    *rec_idx = idx;
+    *rec_idx = gf_rc_place(p, p->data, len, pad);
     return GF_OK;
 }
 
@@ -333,16 +273,9 @@ static inline int prod_publish(gf_producer *p) {
     if (p->claim == p->tail) return GF_OK;
     gf_ring_header *h = p->hdr;
     __atomic_store_n(&h->next_seq, p->next_seq, __ATOMIC_RELAXED);
-    uint64_t expected = p->tag | p->tail;
     /* SYNC POINT: ring-publish (records and next_seq before the tail; full fence) */
-    uint64_t found = gf_cas_u64(&h->tail, expected, p->tag | p->claim);
-    if (found != expected) {
-        p->claim = p->tail;
-        p->next_seq = p->pub_seq;
-        return lost_tail(p, found);
-    }
-    p->tail = p->claim;
-    p->pub_seq = p->next_seq;
+    uint64_t found = gf_cas_u64(&h->tail, gf_rc_publish_expected(p), gf_rc_publish_desired(p));
+    if (gf_rc_published(p, found) != GF_OK) return lost_tail(p, found);
     if (gf_load_seq_cst_u64(&h->data_waiters)) {
         gf_faa_u32(&h->data_futex, 1);
         gf_futex_wake_all(&h->data_futex);
@@ -449,27 +382,20 @@ static int gf_reserve_unlocked(gf_producer *p, uint64_t len, uint64_t now_ns, ui
     if (rc) return rc;
     if (len == 0) return GF_E_ARG;
     if (len > p->max_item) return GF_E_TOO_LARGE;
-    uint64_t idx;
-    rc = prod_place(p, len, &idx);
-    if (rc == GF_FULL) return full_reason(p);
-    if (rc) return rc;
-    p->reserved = 1;
-    p->reserved_at = p->claim;
-    p->reserved_len = len;
-    p->reserved_seq = p->next_seq - 1;
-    *payload_off = idx + GF_RECORD_HEADER_SIZE;
+    uint64_t pad, need = gf_rc_need(p, len, &pad);
+    rc = prod_room(p, need);
+    if (rc == 0) return full_reason(p);
+    if (rc < 0) return rc;
+    *payload_off = gf_rc_reserve(p, p->data, len, pad) + GF_RECORD_HEADER_SIZE;
     return GF_OK;
 }
 
 static int gf_commit_unlocked(gf_producer *p, uint64_t len, uint64_t *seq_out) {
     if (!p->hdr || p->reserved != 1) return GF_E_ARG; /* rows (gf_reserve_rows) commit with gf_commit_rows */
-    if (len == 0 || len > p->reserved_len) return GF_E_ARG;
-    gf_record_header *r = (gf_record_header *)(p->data + (p->reserved_at & p->mask));
-    r->length = (uint32_t)len;
     uint64_t seq = p->reserved_seq; /* ours, not read back from shared memory */
-    p->claim = p->reserved_at + rec_size(len);
-    p->reserved = 0;
-    int rc = prod_publish(p);
+    int rc = gf_rc_commit(p, p->data, len);
+    if (rc) return rc;
+    rc = prod_publish(p);
     if (rc) return rc;
     *seq_out = seq;
     return GF_OK;
@@ -477,18 +403,14 @@ static int gf_commit_unlocked(gf_producer *p, uint64_t len, uint64_t *seq_out) {
 
 static int gf_abort_unlocked(gf_producer *p) {
     if (!p->hdr || !p->reserved) return GF_E_ARG;
-    p->claim = p->tail;
-    p->next_seq = p->pub_seq;
-    p->reserved = 0;
+    gf_rc_abort(p);
     return GF_OK;
 }
 
 int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t spin) {
     if (!p->hdr) return GF_E_ARG;
     gf_ring_header *h = p->hdr;
-    uint64_t rs = rec_size(len);
-    uint64_t idx = p->claim & p->mask;
-    uint64_t need = (idx + rs > p->capacity ? p->capacity - idx : 0) + rs;
+    uint64_t pad, need = gf_rc_need(p, len, &pad);
     uint64_t want = p->claim + need - p->capacity; /* the head that makes room */
     /* head and tail are only compared here, never used as positions: the
      * push that follows re-reads and validates them */
@@ -516,7 +438,7 @@ int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t sp
 int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
                      volatile uint64_t *lease_deadline, uint64_t id, uint64_t *pend_end, uint8_t *pend_done,
                      uint64_t pend_cap) {
-    if (!c || !ring || id == 0 || !is_pow2(pend_cap) || !pend_end || !pend_done) return GF_E_ARG;
+    if (!c || !ring || id == 0 || !gf_rc_is_pow2(pend_cap) || !pend_end || !pend_done) return GF_E_ARG;
     gf_ring_header *h = (gf_ring_header *)ring;
     memset(c, 0, sizeof(*c));
     uint64_t cap, max_item;
@@ -525,8 +447,8 @@ int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile 
     if (found != 0 && found != id) return GF_E_ROLE;
     /* head is ours from here (only the consumer stores it): read it, then the tail */
     uint64_t head = gf_load_acquire_u64(&h->head);
-    uint64_t tail = gf_load_acquire_u64(&h->tail) & GF_TAIL_POS_MASK; /* SYNC POINT: ring-publish */
-    if (GF_POS_MISALIGNED(head) || GF_POS_MISALIGNED(tail) || tail < head || tail - head > cap) {
+    uint64_t w = gf_load_acquire_u64(&h->tail); /* SYNC POINT: ring-publish */
+    if (gf_rc_cons_start(c, cap, max_item, head, w)) {
         gf_cas_u64(&h->consumer_id, id, 0);
         return GF_E_CORRUPT;
     }
@@ -534,10 +456,6 @@ int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile 
     c->data = (uint8_t *)ring + GF_RING_HEADER_SIZE;
     c->lease_state = lease_state;
     c->lease_deadline = lease_deadline;
-    c->capacity = cap;
-    c->mask = cap - 1;
-    c->max_item = max_item;
-    c->head = c->rpos = c->tail_cache = head;
     c->pend_end = pend_end;
     c->pend_done = pend_done;
     c->pend_mask = pend_cap - 1;
@@ -556,53 +474,21 @@ int gf_consumer_close(gf_consumer *c) {
     return GF_OK;
 }
 
-/* Find the next data record at rpos (skipping padding unless stop_at_padding).
- * GF_OK with *rec_idx, *len_out, *seq_out set (each header word read once and
- * checked: what is returned is what was checked); GF_EMPTY; GF_END (sealed,
- * drained); 3 (padding, stopped). rpos is always a multiple of
- * GF_RECORD_ALIGN (validated at init, advanced by multiples of it, or to the
- * ring's end), so idx is too. */
+/* The next data record at rpos (gf_rc_next over the mapped data area),
+ * loading the tail word whenever the tail cache is reached: GF_OK with
+ * *rec_idx, *len_out, *seq_out; GF_EMPTY; GF_END (sealed, drained);
+ * GF_PADDING (stopped at it); GF_E_CORRUPT. */
 static inline int cons_next(gf_consumer *c, uint64_t *rec_idx, uint64_t *len_out, uint64_t *seq_out,
                             int stop_at_padding) {
     for (;;) {
-        if (c->rpos == c->tail_cache) {
-            uint64_t w = gf_load_acquire_u64(&c->hdr->tail); /* SYNC POINT: ring-publish */
-            uint64_t pos = w & GF_TAIL_POS_MASK;
-            if (GF_POS_MISALIGNED(pos) || pos < c->rpos || pos - c->head > c->capacity) return GF_E_CORRUPT;
-            c->tail_cache = pos;
-            if (pos == c->rpos) return (w & GF_TAIL_SEALED) ? GF_END : GF_EMPTY;
-        }
-        uint64_t idx = c->rpos & c->mask;
-        gf_record_header *r = (gf_record_header *)(c->data + idx);
-        uint32_t len = gf_load_relaxed_u32(&r->length), type = gf_load_relaxed_u32(&r->type);
-        if (type == GF_RECORD_PADDING) {
-            if (idx + GF_RECORD_HEADER_SIZE + (uint64_t)len != c->capacity) return GF_E_CORRUPT;
-            if (c->rpos + (c->capacity - idx) > c->tail_cache) return GF_E_CORRUPT;
-            if (stop_at_padding) return 3;
-            c->rpos += c->capacity - idx;
-            continue;
-        }
-        uint64_t rs = rec_size(len);
-        if (type != GF_RECORD_DATA || len == 0 || len > c->max_item || idx + rs > c->capacity ||
-            c->rpos + rs > c->tail_cache)
-            return GF_E_CORRUPT;
-        uint64_t seq = gf_load_relaxed_u64(&r->seq);
-        if (c->have_seq && seq <= c->last_seq) return GF_E_CORRUPT; /* sequence numbers only grow */
-        *rec_idx = idx;
-        *len_out = len;
-        *seq_out = seq;
-        return GF_OK;
+        int rc = gf_rc_next(c, c->data, UINT64_MAX, stop_at_padding, rec_idx, len_out, seq_out);
+        if (rc != GF_TAIL) return rc;
+        rc = gf_rc_set_tail(c, gf_load_acquire_u64(&c->hdr->tail)); /* SYNC POINT: ring-publish */
+        if (rc) return rc;
     }
 }
 
-static inline int pend_push(gf_consumer *c, uint64_t end, uint64_t *token) {
-    if (c->pend_next - c->pend_first > c->pend_mask) return GF_E_HELD;
-    uint64_t t = c->pend_next++;
-    c->pend_end[t & c->pend_mask] = end;
-    c->pend_done[t & c->pend_mask] = 0;
-    *token = t;
-    return GF_OK;
-}
+#define pend_push gf_rc_pend_push
 
 /* Pop up to max_items records (and about max_bytes of ring) in one call. With
  * per_item, every record gets a release token of its own (tokens
@@ -631,11 +517,9 @@ static int gf_pop_batch_unlocked(gf_consumer *c, uint64_t max_items, uint64_t ma
         offs[n] = idx + GF_RECORD_HEADER_SIZE;
         lens[n] = len;
         seqs[n] = seq;
-        c->last_seq = seq;
-        c->have_seq = 1;
+        gf_rc_take(c, len, seq);
         if (n == 0) uni = len;
         else if (uni != len) uni = 0;
-        c->rpos += rec_size(len);
         n++;
         if (per_item) {
             uint64_t t = 0;
@@ -653,16 +537,9 @@ static int gf_pop_batch_unlocked(gf_consumer *c, uint64_t max_items, uint64_t ma
 
 static int gf_release_unlocked(gf_consumer *c, uint64_t token) {
     if (!c->hdr) return GF_E_ARG;
-    if (token < c->pend_first || token >= c->pend_next) return GF_E_ARG;
-    c->pend_done[token & c->pend_mask] = 1;
-    if (token != c->pend_first) return GF_OK;
+    int moved = gf_rc_release(c, token);
+    if (moved <= 0) return moved; /* GF_E_ARG, or GF_OK: an older token is still out */
     uint64_t head = c->head;
-    while (c->pend_first < c->pend_next && c->pend_done[c->pend_first & c->pend_mask]) {
-        head = c->pend_end[c->pend_first & c->pend_mask];
-        c->pend_done[c->pend_first & c->pend_mask] = 0;
-        c->pend_first++;
-    }
-    c->head = head;
     gf_ring_header *h = c->hdr;
     gf_store_seq_cst_u64(&h->head, head); /* SYNC POINT: ring-release (full fence before the waiter check) */
     /* waiter count and space_want only decide whether to wake (a wrong value
@@ -695,7 +572,7 @@ int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin) {
     return rc;
 }
 
-int gf_push(gf_producer *p, const void *buf, uint64_t len, uint64_t now_ns, uint64_t *seq_out) {
+int gf_push(gf_producer *p, const char *buf, uint64_t len, uint64_t now_ns, uint64_t *seq_out) {
     gf_lock(&p->lock);
     int rc = gf_push_unlocked(p, buf, len, now_ns, seq_out);
     gf_unlock(&p->lock);
@@ -709,7 +586,7 @@ int gf_push_rows(gf_producer *p, const void *base, uint64_t n, uint64_t row_stri
     return rc;
 }
 
-int gf_push_concat(gf_producer *p, const void *base, const uint64_t *lens, uint64_t n, uint64_t now_ns, uint64_t *pushed) {
+int gf_push_concat(gf_producer *p, const char *base, const uint64_t *lens, uint64_t n, uint64_t now_ns, uint64_t *pushed) {
     gf_lock(&p->lock);
     int rc = gf_push_concat_unlocked(p, base, lens, n, now_ns, pushed);
     gf_unlock(&p->lock);
@@ -764,8 +641,8 @@ int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per
 /* Reserve up to n records of payload len that are contiguous in the ring: the
  * first may follow a padding record at the wrap; the others stop at the wrap
  * point and at the first that does not fit (room is checked against the head
- * as prod_place does, a head read from shared memory validated by head_ok).
- * Record headers are written now (length, type, seq); the payloads are at
+ * as prod_place does, a head read from shared memory validated by gf_rc_head_ok).
+ * Record headers are written now (gf_rc_place: length, type, seq); the payloads are at
  * *payload_off + i * gf_record_size(len), i < *got, all inside the data area.
  * Nothing is visible until gf_commit_rows; gf_abort drops them. */
 static int gf_reserve_rows_unlocked(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off,
@@ -793,10 +670,7 @@ static int gf_reserve_rows_unlocked(gf_producer *p, uint64_t n, uint64_t len, ui
         if (idx == 0 || idx + rs > p->capacity) break; /* contiguous rows only */
         int room = prod_room(p, rs);
         if (room <= 0) break; /* full (or a bad head, which the next call reports) */
-        gf_record_header *r = (gf_record_header *)(p->data + idx);
-        r->length = (uint32_t)len;
-        r->type = GF_RECORD_DATA;
-        r->seq = p->next_seq++;
+        gf_rc_place(p, p->data, len, 0); /* the row's header, its sequence number (no padding here) */
         p->claim += rs;
         k++;
     }

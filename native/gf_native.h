@@ -15,7 +15,7 @@
 
 /* Bumped whenever a layout or this API changes; the Python wrapper refuses a
  * build whose number differs from the one it was written for. */
-#define GF_NATIVE_ABI 11
+#define GF_NATIVE_ABI 12
 
 /* Status codes. 0 and the small positive values are ordinary outcomes;
  * negatives are errors (the grafOS ones first). */
@@ -38,6 +38,13 @@
 #define GF_E_HELD -16       /* too many unreleased items */
 #define GF_E_CLAIMED -17    /* a reservation is outstanding */
 #define GF_E_ARG -18
+
+/* Outcomes of the ring core's pure functions (gf_ring_core.h), which do no
+ * I/O: they tell the caller which word or bytes to bring next. */
+#define GF_PADDING 3        /* the next record is the padding at the wrap (a batch stops there) */
+#define GF_TAIL 4           /* the reader reached its tail cache: load the tail word */
+#define GF_READ 5           /* the image lacks bytes the next record needs: read them */
+#define GF_LOST 6           /* the tail word is not this producer's: gf_ring_lost_tail says why */
 
 typedef struct gf_producer {
     gf_ring_header *hdr;
@@ -85,56 +92,8 @@ typedef struct gf_consumer {
     int lock;             /* pops, releases from finalizers in other threads: serialized */
 } gf_consumer;
 
-int gf_native_abi(void);
-
-/* segments */
-int gf_segment_init(void *seg, uint64_t segment_size, const uint8_t *lease_id, uint64_t generation,
-                    uint64_t ttl_ns, uint64_t created_ns, uint64_t deadline_ns, uint64_t pid);
-int gf_segment_check(const void *seg, uint64_t mapped_size);
-
-/* generic atomics at a byte offset of a mapping (the shm one-sided ops) */
-uint64_t gf_load_acquire_at(void *base, uint64_t off);
-void gf_store_release_at(void *base, uint64_t off, uint64_t value);
-uint64_t gf_cas_at(void *base, uint64_t off, uint64_t expected, uint64_t desired);
-uint64_t gf_faa_at(void *base, uint64_t off, uint64_t add);
-
-/* rings */
-uint64_t gf_record_size(uint64_t length);
-int gf_ring_init(void *ring, uint64_t region_size, uint64_t capacity, uint64_t max_item, uint64_t first_seq,
-                 uint64_t epoch, const char *dtype, uint32_t dtype_len, uint32_t flags);
-int gf_ring_check(const void *ring, uint64_t region_size);
-int gf_ring_seal(void *ring, uint64_t seal_seq);
-int gf_ring_advance_epoch(void *ring, uint64_t new_epoch);
-
-/* Role init validates the ring's geometry against region_size (the bytes
- * mapped at `ring`), and the positions it starts from. */
-int gf_producer_init(gf_producer *p, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
-                     volatile uint64_t *lease_deadline, uint64_t epoch, uint64_t id);
-int gf_producer_close(gf_producer *p);
-int gf_push(gf_producer *p, const void *buf, uint64_t len, uint64_t now_ns, uint64_t *seq_out);
-int gf_push_rows(gf_producer *p, const void *base, uint64_t n, uint64_t row_stride, uint64_t len, uint64_t now_ns,
-                 uint64_t *pushed);
-int gf_push_concat(gf_producer *p, const void *base, const uint64_t *lens, uint64_t n, uint64_t now_ns,
-                   uint64_t *pushed);
-int gf_reserve(gf_producer *p, uint64_t len, uint64_t now_ns, uint64_t *payload_off);
-int gf_commit(gf_producer *p, uint64_t len, uint64_t *seq_out);
-int gf_abort(gf_producer *p);
-int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t spin);
-
-int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile uint64_t *lease_state,
-                     volatile uint64_t *lease_deadline, uint64_t id, uint64_t *pend_end, uint8_t *pend_done,
-                     uint64_t pend_cap);
-int gf_consumer_close(gf_consumer *c);
-int gf_pop_batch(gf_consumer *c, uint64_t max_items, uint64_t max_bytes, int per_item, uint64_t now_ns,
-                 uint64_t *offs, uint64_t *lens, uint64_t *seqs, uint64_t *n_out, uint64_t *token_out,
-                 uint64_t *uniform_len);
-int gf_release(gf_consumer *c, uint64_t token);
-int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin);
-uint64_t gf_consumer_outstanding(gf_consumer *c);
-
-/* reserved rows (reserve_batch): up to n contiguous records of payload len,
- * published together (the first k of them) by gf_commit_rows; gf_abort drops them */
-int gf_reserve_rows(gf_producer *p, uint64_t n, uint64_t len, uint64_t now_ns, uint64_t *payload_off, uint64_t *got);
-int gf_commit_rows(gf_producer *p, uint64_t k, uint64_t *first_seq);
+/* The functions: one prototype-only header, shared with the cffi build
+ * (native/build_native.py passes it to ffi.cdef as it is). */
+#include "gf_native_api.h"
 
 #endif /* GF_NATIVE_H */

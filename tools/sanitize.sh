@@ -7,7 +7,7 @@
 #    build/sanitize/ (the normal build in grafos_fabric/ is left alone),
 # 2. lays out an overlay package there (the Python sources by symlink, the
 #    sanitized module as a file) and puts it first on PYTHONPATH,
-# 3. runs the native-facing tests (ring white-box, queue, one-sided, and the
+# 3. runs the native-facing tests (ring white-box, ring core, queue, one-sided, and the
 #    hostile-memory fuzzer at a reduced count) with libasan preloaded into the
 #    Python host, leaks off (CPython's own allocations are not ours), and every
 #    UBSan finding fatal,
@@ -49,6 +49,8 @@ for f in grafos_fabric/*; do
 done
 cp "$SO" "$OUT/overlay/grafos_fabric/"
 # grafos_fabric._item (native/gf_item.c: the item type's buffer protocol), sanitized the same way
+# (gf_native.c's ring core is gf_ring_core.h's inline functions, found through -Inative: gf_ring_core.c
+# only exports them to cffi, so _item needs no other source)
 PYINC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 gcc -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize="$SANITIZERS" -std=gnu11 -I"$PYINC" \
   -DPy_LIMITED_API=0x030B0000 -Inative native/gf_item.c native/gf_native.c \
@@ -80,7 +82,8 @@ status=0
 # native code (UCX, pyverbs) is not what this run is about
 GRAFOS_CONFORMANCE_DRIVERS=shm LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:cacheprovider -p no:randomly \
   --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests/whitebox/test_ring_whitebox.py" \
-  "$ROOT/tests/whitebox/test_onesided_ring.py" "$ROOT/tests/conformance/test_queue.py" \
+  "$ROOT/tests/whitebox/test_onesided_ring.py" "$ROOT/tests/whitebox/test_ring_core.py" \
+  "$ROOT/tests/conformance/test_queue.py" \
   "$ROOT/tests/conformance/test_queue_model.py" "$ROOT/tests/conformance/test_queue_paths.py" \
   "$ROOT/tests/test_hostile_memory.py" "$ROOT/tests/test_block_durable.py" \
   "$ROOT/tests/conformance/test_item_buffer.py" "$@" || status=$?
