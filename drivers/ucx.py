@@ -733,6 +733,12 @@ class UcxRegion:
         # the node instance that granted the lease (NodeChannel.node, its tag): a restarted node on the same
         # address never held it, and over tcp/sm it would serve the stale address blindly (even crash on it)
         self._node = getattr(connector.link, "node", None)
+        # The endpoint generation this lease was last known live on. A fence destroys the node-side
+        # worker of every session that held the lease, but the client then reconnects (for its other
+        # leases) and over tcp/sm an rkey is not enforced: on any endpoint newer than this one the
+        # region asks the node for the lease state before its first operation (fail closed).
+        ep = connector._ep
+        self._live_gen = connector.generation if ep is not None and not ep.failed else -1
 
     # -- plumbing --------------------------------------------------------------
     def _handles(self) -> tuple[UcxEndpoint, _Rkey]:
@@ -750,6 +756,8 @@ class UcxRegion:
             if cell is not None:
                 cell.mark("expired")
             raise self._dead
+        if gen != self._live_gen:
+            self._confirm_live(gen)
         with self._lock:
             if self._rkey is None or self._rkey_gen != gen:
                 if self._rkey is not None:
@@ -759,6 +767,20 @@ class UcxRegion:
                 self._rkey_gen = gen
             self._h = (ep, self._rkey)
             return self._h
+
+    def _confirm_live(self, gen: int) -> None:
+        """Before the first operation on endpoint generation ``gen``: the node must say ``active``."""
+        state = self.connector.link.lease_state(self.lease.id)
+        if state != "active":
+            fabric = self.connector.fabric
+            cell = fabric.cell(self.lease.id) if fabric is not None and hasattr(fabric, "cell") else None
+            if cell is not None:
+                cell.mark(state)
+            what = f"lease {self.lease.id} on {self.connector.link.host}:{self.connector.link.port}"
+            self._dead = (Revoked(f"{what} was revoked") if state == "revoked"
+                          else LeaseExpired(f"{what} is {state}"))
+            raise type(self._dead)(str(self._dead))
+        self._live_gen = gen
 
     def _check(self, offset: int, length: int, *, write: bool = False) -> None:
         if self._closed:
