@@ -97,6 +97,12 @@ class NodeProc:
                 assert region.load64(0) == 42
                 f.free(region.lease)
 
+    def kill_if_running(self) -> None:
+        """Finalizer: a test that failed before its stop() leaves no node process behind."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -532,7 +538,7 @@ def test_node_ls_and_revoke_with_the_admin_secret(node, capsys):
 
 
 @pytest.mark.stress
-def test_a_thousand_connections_on_a_node_with_64_fds_leave_it_serving(tmp_path):
+def test_a_thousand_connections_on_a_node_with_64_fds_leave_it_serving(tmp_path, request):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 1200
     if soft < want:
@@ -540,6 +546,7 @@ def test_a_thousand_connections_on_a_node_with_64_fds_leave_it_serving(tmp_path)
             pytest.skip(f"this process may open only {hard} files; the test needs {want}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     n = start_node(tmp_path / "fds", nofile=64, max_connections=2000)
+    request.addfinalizer(n.kill_if_running)
     socks: list[socket.socket] = []
     held = n.fabric("alice")  # authenticated before the flood: it is never shed
     region = held.alloc(64, ttl=60.0)
