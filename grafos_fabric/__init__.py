@@ -14,7 +14,6 @@ Layers, top to bottom: ``pipeline`` (relocatable edges, checkpoints),
 from __future__ import annotations
 
 from . import errors, observe
-from . import onesided as _onesided  # noqa: F401  (registers the one-sided handle with FabricQueue)
 from .checkpoint import CheckpointedStageState, CheckpointFlushObserver, EdgeCheckpoint, StageId
 from .drivers import open_fabric
 from .drivers.block import BlockRegion, BlockStore, open_block

@@ -1,6 +1,6 @@
 """The raw native layer (``ffi``/``lib``) and its status codes as exceptions.
 
-Only the wrapper classes (drivers/shm.py, queue.py) call ``lib``. The compiled
+Only the wrapper classes (drivers/shm.py, the queue/ package) call ``lib``. The compiled
 module embeds its ABI number; a stale build is refused here with a message
 that says how to rebuild, instead of misbehaving later.
 """

@@ -6,7 +6,7 @@ the caller re-check ``spin`` times at once, then sleeps, doubling the sleep
 from ``first`` up to ``cap`` seconds, and never sleeps past its deadline
 (``None``: no deadline). Users:
 
-* the one-sided ring (:mod:`grafos_fabric.onesided`) polls for space and data
+* the one-sided ring (:mod:`grafos_fabric.queue._onesided`) polls for space and data
   (no futex over RDMA): 16 immediate re-checks, then 20 us doubling to 1 ms;
 * the pipeline edge (:mod:`grafos_fabric.pipeline`) waits for acks, for a new
   generation and between relocation attempts;

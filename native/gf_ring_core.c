@@ -1,6 +1,6 @@
 /*
  * gf_ring_core.c: the ring core (gf_ring_core.h) exported for a caller that
- * brings the shared words itself: the one-sided path (onesided.py), whose
+ * brings the shared words itself: the one-sided path (grafos_fabric/queue/_onesided*.py), whose
  * region is reached only with load64/cas64/read_into/write. Each function is
  * a thin wrapper of the same inline function the mapped path (gf_native.c)
  * calls; the framing and parsing loops run here so that no Python loop runs

@@ -11,7 +11,7 @@
  *
  *   - the mapped path (gf_native.c) loads them from the mapping with the
  *     atomics of gf_atomics.h, and passes the mapped data area as the image;
- *   - the one-sided path (grafos_fabric/onesided.py) loads them with the
+ *   - the one-sided path (grafos_fabric/queue/_onesided*.py) loads them with the
  *     region's load64/cas64/read_into, and passes local buffers laid out like
  *     the ring (a staging image the producer frames into and then WRITEs, a
  *     mirror the consumer READs into), through the exported gf_ring_*

@@ -186,8 +186,7 @@ def test_after_a_node_restart_old_leases_end_as_lease_expired_and_new_ones_work(
 
 
 def test_the_one_sided_queue_carries_items_in_order_through_a_node(fabric):
-    from grafos_fabric.onesided import OneSidedQueue
-    from grafos_fabric.queue import FabricQueue
+    from grafos_fabric.queue import FabricQueue, OneSidedQueue
 
     producer = OneSidedQueue.create(fabric, capacity=1 << 16, ttl=30.0)
     consumer = FabricQueue.attach(fabric, producer.locator())

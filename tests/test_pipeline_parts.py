@@ -345,7 +345,7 @@ def test_backoff_refuses_nonsense_settings() -> None:
 
 
 def test_the_one_sided_ring_polls_with_the_shared_backoff() -> None:
-    from grafos_fabric.onesided import _Backoff
+    from grafos_fabric.queue._onesided_handle import _Backoff
 
     b = _Backoff(None)
     assert isinstance(b, Backoff)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import grafos_fabric as gf
-from grafos_fabric import queue as queuemod
 from grafos_fabric.drivers.base import MappedRegion
 from grafos_fabric.errors import Unsupported
 from grafos_fabric.queue import FabricQueue
+from grafos_fabric.queue import _handle as queuemod
 
 
 @pytest.fixture

@@ -248,8 +248,7 @@ def test_a_verbs_region_is_never_mapped(fabric):
 
 
 def test_the_one_sided_queue_carries_items_in_order_over_rdma(fabric):
-    from grafos_fabric.onesided import OneSidedQueue
-    from grafos_fabric.queue import FabricQueue
+    from grafos_fabric.queue import FabricQueue, OneSidedQueue
 
     producer = OneSidedQueue.create(fabric, capacity=1 << 16, ttl=30.0)
     consumer = FabricQueue.attach(fabric, producer.locator())

@@ -45,7 +45,7 @@ EXIT_NOT_FOUND = 1
 EXIT_FABRIC = 2
 EXIT_MISSING_EXTRA = 3
 
-_PID_ROLE = 1 << 63  # role ids carry the holder's pid (grafos_fabric.queue._role_id)
+_PID_ROLE = 1 << 63  # role ids carry the holder's pid (grafos_fabric.queue._roles._role_id)
 _CLOCK_SLACK_S = 2.0  # /proc/stat's btime has whole seconds; the wall clock may step a little
 
 

@@ -261,7 +261,7 @@ QueuePair = Callable[..., "tuple[Any, Any]"]
 def make_pair(driver: Driver, access: str) -> QueuePair:
     """``make_pair(**create_kwargs) -> (producer, consumer)``: two handles on one queue, made
     and attached as this case's access pair says, on this case's driver."""
-    from grafos_fabric.onesided import OneSidedQueue
+    from grafos_fabric.queue import OneSidedQueue
 
     producer, consumer = access.split("->")
 

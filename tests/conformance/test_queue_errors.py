@@ -16,7 +16,7 @@ import pytest
 import grafos_fabric as gf
 from grafos_fabric import errors as E
 from grafos_fabric._ffi import ffi
-from grafos_fabric.onesided import OneSidedQueue
+from grafos_fabric.queue import OneSidedQueue
 
 BIG = 2**64
 HUGE = 10**400
@@ -275,7 +275,7 @@ _PIN_SCRIPT = textwrap.dedent(
     import gc, sys
     import numpy as np
     import grafos_fabric as gf
-    from grafos_fabric.onesided import OneSidedQueue
+    from grafos_fabric.queue import OneSidedQueue
     fabric = gf.open_fabric(sys.argv[1])
     cls = gf.FabricQueue if sys.argv[2] == "mapped" else OneSidedQueue
     q = cls.create(fabric, capacity=1 << 16, ttl=30)

@@ -1,4 +1,4 @@
-"""The one-sided ring protocol (grafos_fabric.onesided) on the shm driver's one-sided ops, white-box.
+"""The one-sided ring protocol (grafos_fabric.queue's one-sided modules) on the shm driver's one-sided ops, white-box.
 
 Header pokes and operation counts (a recording region logs every one-sided op);
 construction and attach; fencing at the target (the tail CAS); leases failing
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import grafos_fabric as gf
 from grafos_fabric import errors as E
 from grafos_fabric._ffi import ffi, lib
-from grafos_fabric.onesided import OneSidedItem, OneSidedQueue
+from grafos_fabric.queue import OneSidedItem, OneSidedQueue
 
 CTX = mp.get_context("spawn")
 RING = int(lib.GF_RING_HEADER_SIZE)
@@ -178,7 +178,7 @@ def make(fabric: Any, pair: str, **kwargs: Any) -> tuple[Any, Any]:
 
 
 def test_record_sizes_and_the_space_waiter_word_agree_with_the_native_layout():
-    from grafos_fabric import onesided
+    from grafos_fabric.queue import _onesided_handle as onesided
 
     assert all(onesided._rec_size(n) == rec_size(n) for n in range(1, 600))
     assert onesided._SPACE_WAITERS % 8 == 0  # a u64 of its own: faa64 needs 8-byte alignment

@@ -113,7 +113,7 @@ def test_a_stale_native_build_is_refused_at_import_with_a_clear_message():
 
 
 def test_a_one_sided_peer_is_counted_so_mapped_waiters_poll_in_short_slices(fabric):
-    from grafos_fabric.queue import _POLL_SLICE_NS, _WAIT_SLICE_NS
+    from grafos_fabric.queue._layout import _POLL_SLICE_NS, _WAIT_SLICE_NS
 
     peers = int(ffi.offsetof("gf_ring_header", "onesided_peers"))
     q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
@@ -226,7 +226,8 @@ def test_every_64_bit_word_of_the_shared_headers_is_8_byte_aligned():
     seg = _u64_fields("gf_segment_header")
     assert {"lease_state", "deadline_ns", "magic"} <= set(seg)
     assert {n: o for n, o in seg.items() if o % 8} == {}
-    from grafos_fabric import onesided, queue
+    from grafos_fabric.queue import _layout as queue
+    from grafos_fabric.queue import _onesided_handle as onesided
 
     python_words = [
         queue._SPACE_WAITERS_OFF,
@@ -336,7 +337,7 @@ def test_a_head_that_moves_backwards_under_the_producer_is_corrupted(fabric, acc
 
 
 def test_one_sided_cas_loops_give_up_on_a_word_that_never_stops_changing(fabric, monkeypatch):
-    from grafos_fabric import onesided
+    from grafos_fabric.queue import _onesided_handle as onesided
 
     q = gf.FabricQueue.create(fabric, capacity=4096, ttl=30)
     rx = gf.FabricQueue.attach(fabric, q.locator(), mapped=False)

@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from . import errors as E
-from ._ffi import lib
-from ._types import ItemLike
+from .. import errors as E
+from .._ffi import lib
+from .._types import ItemLike
 
 # ring layout constants, from the native descriptor (gf_ring.h), never re-typed
 _RING_HEADER = int(lib.GF_RING_HEADER_SIZE)
@@ -42,7 +42,7 @@ _PADDING = int(lib.GF_RECORD_PADDING)
 _MIN_RECORD = int(lib.gf_record_size(1))
 
 if TYPE_CHECKING:
-    from .queue import Item
+    from ._items import Item
 
 __all__ = ["QueueProtocols"]
 
