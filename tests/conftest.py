@@ -33,5 +33,14 @@ def namespace() -> Iterator[str]:
 
 
 @pytest.fixture
+def edge_ns() -> Iterator[str]:
+    """A fresh shm namespace for a pipeline edge's queues (the edge tests build their own
+    fabric in it, with a manual clock and a fault plan), cleaned up afterwards."""
+    ns = "pe" + secrets.token_hex(5)
+    yield ns
+    _cleanup(ns)
+
+
+@pytest.fixture
 def fabric(namespace: str) -> Any:
     return gf.open_fabric(f"shm://{namespace}")

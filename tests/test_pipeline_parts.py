@@ -10,10 +10,7 @@ invariants (the docstrings of ``grafos_fabric/pipeline/window.py`` and
 
 from __future__ import annotations
 
-import os
-import secrets
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,6 @@ from grafos_fabric import backoff as backoff_mod
 from grafos_fabric import errors as E
 from grafos_fabric.backoff import Backoff
 from grafos_fabric.drivers.block import open_block
-from grafos_fabric.drivers.shm import SHM_DIR
 from grafos_fabric.pipeline import (
     SEQUENCE_GAP,
     EdgeError,
@@ -354,19 +350,6 @@ def test_the_one_sided_ring_polls_with_the_shared_backoff() -> None:
 
 # -- the producer's states -----------------------------------------------------------------------------------
 TTL = 5.0
-
-
-@pytest.fixture
-def edge_ns() -> Iterator[str]:
-    ns = "pp" + secrets.token_hex(5)
-    yield ns
-    prefix = f"grafos.{ns}."
-    for name in os.listdir(SHM_DIR):
-        if name.startswith(prefix) or name == f"grafos-gen.{ns}":
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-            except FileNotFoundError:
-                pass
 
 
 @pytest.fixture

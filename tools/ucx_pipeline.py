@@ -342,11 +342,24 @@ def _run_sink(st: _Stage) -> None:
     rx.close()
 
 
+def _mono(record: logging.LogRecord) -> bool:
+    """A log filter that stamps records with ``time.monotonic()`` (comparable with the kill times)."""
+    record.mono = time.monotonic()
+    return True
+
+
 def _stage_main(args: argparse.Namespace) -> int:
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor asks for stacks on a hang
     nodes = [(h, int(p)) for h, p in (n.rsplit(":", 1) for n in args.nodes.split(","))]
+    level = os.environ.get("GRAFOS_UCX_PIPELINE_LOG")  # debugging: each stage logs to DIR/log-STAGE.txt
+    if level:
+        handler = logging.FileHandler(Path(args.dir) / f"log-{args.stage}.txt")
+        handler.setFormatter(logging.Formatter("%(mono).4f %(name)s %(message)s"))
+        handler.addFilter(_mono)
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(level)
     st = _Stage(args.stage, Path(args.dir), nodes, args.net_devices or None)
     try:
         if args.stage == "source":
@@ -386,6 +399,7 @@ class DemoResult:
     extra: int = 0
     kills: list[dict[str, Any]] = field(default_factory=list)
     relocation_ms: dict[str, list[float]] = field(default_factory=dict)
+    breakdown: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     counters: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
@@ -558,6 +572,7 @@ def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, lo
                         break
                     check(0.02)
                 kill = {"kill": k + 1, "port": victim.port, "t": t_kill, "before": before, "after": now}
+                log.info("kill #%d at monotonic %.4f", k + 1, t_kill)
                 res.kills.append(kill)
                 say(f"kill -9 #{k + 1} of the node on port {victim.port}: "
                     + ", ".join(f"{e} generation {before[e][0]} -> {c[0]} (node {c[1]})"  # type: ignore[index]
@@ -579,7 +594,10 @@ def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, lo
             p.wait()
         for n in nodes:
             n.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if os.environ.get("GRAFOS_UCX_PIPELINE_KEEP"):
+            say(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _verify(workdir: Path, res: DemoResult) -> None:
@@ -629,6 +647,47 @@ def _verify(workdir: Path, res: DemoResult) -> None:
             if after:
                 pms.append(round((min(after) - kill["t"]) * 1e3, 1))
         res.counters[f"{edge} kill -> producer on the new queue ms"] = pms
+        cstage, ckey = ("transform", "edge1_in") if edge == "edge1" else ("sink", "edge2_in")
+        okey = "edge1" if edge == "edge1" else "edge2_out"
+        res.breakdown[edge] = _breakdown(res.kills, edge, stats.get(pstage, {}).get(okey, {}).get("events", []),
+                                         stats.get(cstage, {}).get(ckey, {}).get("events", []), firsts)
+
+
+#: The steps of a relocation, as (name, side, event field), in the order they happen.
+STEPS = (
+    ("producer notices", "tx", "t_lost"),
+    ("new lease granted", "tx", "t_alloc"),
+    ("handoff published", "tx", "t_published"),
+    ("producer bound", "tx", "t_bound"),
+    ("consumer notices", "rx", "t_lost"),
+    ("consumer reads the record", "rx", "t_seen"),
+    ("consumer attached", "rx", "t_bound"),
+    ("first item", "first", ""),
+)
+
+
+def _breakdown(kills: list[dict[str, Any]], edge: str, tx_events: list[dict[str, Any]],
+               rx_events: list[dict[str, Any]], firsts: list[tuple[Any, ...]]) -> dict[str, list[float]]:
+    """Per step of :data:`STEPS`: ms from each kill that moved ``edge`` to that step (monotonic clocks,
+    one machine), taken from the producer's relocation events and the consumer's rebind events of the
+    first generation after the kill."""
+    out: dict[str, list[float]] = {name: [] for name, _, _ in STEPS}
+    for kill in kills:
+        b = kill["before"].get(edge)
+        if b is None or b[1] != kill["port"]:
+            continue
+        t_kill = kill["t"]
+        tx = min((e for e in tx_events if e.get("generation", 0) > b[0] and e.get("t_bound", 0) >= t_kill),
+                 key=lambda e: e["generation"], default=None)
+        if tx is None:
+            continue
+        rx = next((e for e in rx_events if e.get("generation") == tx["generation"]), None)
+        first = min((t for g, t in firsts if g >= tx["generation"] and t >= t_kill), default=None)
+        for name, side, key in STEPS:
+            t = first if side == "first" else (tx if side == "tx" else rx or {}).get(key)
+            if isinstance(t, (int, float)) and t > 0:
+                out[name].append(round((t - t_kill) * 1e3, 1))
+    return out
 
 
 def _print(res: DemoResult) -> None:
@@ -645,6 +704,11 @@ def _print(res: DemoResult) -> None:
         if ms:
             print(f"  {edge}: kill -9 -> first item from the new node: p50 {np.percentile(ms, 50):.1f} ms, "
                   f"p99 {np.percentile(ms, 99):.1f} ms, max {max(ms):.1f} ms over {len(ms)} kills")
+    for edge, steps in res.breakdown.items():
+        print(f"  {edge}: breakdown, ms after the kill (p50 / max over kills):")
+        for name, ms in steps.items():
+            if ms:
+                print(f"    {name:<26} {np.percentile(ms, 50):7.1f} / {max(ms):7.1f}")
     if "relocation_p99_ms" in s:
         verdict = "met" if s["relocation_p99_ms"] < RELOCATION_TARGET_MS else "NOT met"
         print(f"  all edges: p99 {s['relocation_p99_ms']:.1f} ms (target < {RELOCATION_TARGET_MS:.0f} ms: {verdict})")

@@ -67,6 +67,7 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._pending: HandoffRecord | None = None  # a newer generation, seen while the old queue drains
         self._lost_at: float | None = None  # when the current queue was found done (rebind timer)
         self._next_poll = 0.0
+        self._seen: dict[int, float] = {}  # generation -> when a poll first returned it (monotonic)
         rec = self._reader.poll()
         if rec is None:
             return
@@ -79,7 +80,7 @@ class EdgeConsumer(RelocatableQueueEdge):
             except (E.FabricError, E.FabricValueError, OSError) as exc:
                 log.debug("stage %s: the current queue is unreachable: %s", self.stage, exc)
             self._gen = rec.generation
-            self._lost_at = time.perf_counter()
+            self._lost_at = time.monotonic()
             log.info("stage %s: restarted at %d; sealed generation %d", self.stage, input_offset, int(rec.generation))
             return
         self._attach(rec)
@@ -132,10 +133,19 @@ class EdgeConsumer(RelocatableQueueEdge):
             q.set_acked(self._acked_local)
         if had:
             self._rebinds += 1
-            dt = time.perf_counter() - self._lost_at if self._lost_at is not None else 0.0
+            dt = time.monotonic() - self._lost_at if self._lost_at is not None else 0.0
             if self._lost_at is not None:
                 self._rebind_s.append(dt)
-            event = {"generation": int(rec.generation), "first_seq": first, "position": exp, "ms": dt * 1e3}
+            event = {
+                "generation": int(rec.generation),
+                "first_seq": first,
+                "position": exp,
+                "ms": dt * 1e3,
+                # monotonic times: queue found done, newer record first read, bound to its queue
+                "t_lost": self._lost_at,
+                "t_seen": self._seen.get(int(rec.generation)),
+                "t_bound": time.monotonic(),
+            }
             self._events.append(event)
             observe.count("edge_rebinds", stage=self.stage.name)
             observe.latency("edge_rebind", dt, stage=self.stage.name)
@@ -150,12 +160,14 @@ class EdgeConsumer(RelocatableQueueEdge):
             q.close()
         self._q = None
         if self._lost_at is None:
-            self._lost_at = time.perf_counter()
+            self._lost_at = time.monotonic()
 
     def _poll(self) -> HandoffRecord | None:
         rec = self._reader.poll()
         if rec is not None and self._gen is not None and rec.generation <= self._gen:
             return None
+        if rec is not None:
+            self._seen = {int(rec.generation): time.monotonic()}
         return rec
 
     def _rebind(self, deadline: float | None) -> None:

@@ -138,6 +138,7 @@ class EdgeProducer(RelocatableQueueEdge):
         self._relocations = 0
         self._failures = 0
         self._fenced: E.StaleEpoch | None = None
+        self._t_lost = self._t_alloc = self._t_published = 0.0  # the last relocation's steps (monotonic)
         self._writer = HandoffWriter.from_disk(blk, durability=durability)
         self._reader = HandoffReader(blk)
         self._takeover()
@@ -320,6 +321,7 @@ class EdgeProducer(RelocatableQueueEdge):
         epoch is advanced to ours, and a ``StaleEpoch`` from the publish is the
         caller's to retry instead of fencing this producer."""
         t0 = time.perf_counter()
+        self._t_lost = time.monotonic()
         prev = self._state
         self._to(_RELOCATING)
         try:
@@ -361,9 +363,12 @@ class EdgeProducer(RelocatableQueueEdge):
                 last = exc
                 log.warning("stage %s: allocating a queue failed (attempt %d): %s", self.stage, attempt + 1, exc)
                 continue
+            self._t_alloc = time.monotonic()
             payload = bytes(newq.locator())
             try:
-                return newq, self._publish(payload)
+                gen = self._publish(payload)
+                self._t_published = time.monotonic()
+                return newq, gen
             except E.StaleEpoch:
                 newq.free()
                 raise
@@ -393,7 +398,18 @@ class EdgeProducer(RelocatableQueueEdge):
         dt = time.perf_counter() - t0
         self._rebind_s.append(dt)
         replay = self._w.next_seq - start
-        event = {"generation": int(gen), "reason": reason, "first_seq": start, "replay": replay, "ms": dt * 1e3}
+        event = {
+            "generation": int(gen),
+            "reason": reason,
+            "first_seq": start,
+            "replay": replay,
+            "ms": dt * 1e3,
+            # monotonic times (the breakdown of a relocation): failure seen, queue allocated, published, bound
+            "t_lost": self._t_lost,
+            "t_alloc": self._t_alloc,
+            "t_published": self._t_published,
+            "t_bound": time.monotonic(),
+        }
         self._events.append(event)
         observe.count("edge_relocations", stage=self.stage.name, reason=reason)
         observe.latency("edge_relocate", dt, stage=self.stage.name)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import secrets
 import signal
 import struct
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from _pipeline_workers import consumer_main, dedup_sink, producer_main, wait_pid
 import grafos_fabric as gf
 from grafos_fabric import errors as E
 from grafos_fabric.drivers.block import open_block
-from grafos_fabric.drivers.shm import SHM_DIR
 from grafos_fabric.pipeline import (
     SEQUENCE_GAP,
     EdgeConsumer,
@@ -45,19 +43,6 @@ KILL_ITEMS = 1_000_000  # about 0.4 s of streaming: kills land mid-stream
 
 
 # -- fixtures --------------------------------------------------------------------------------------
-@pytest.fixture
-def edge_ns() -> Iterator[str]:
-    ns = "pe" + secrets.token_hex(5)
-    yield ns
-    prefix = f"grafos.{ns}."
-    for name in os.listdir(SHM_DIR):
-        if name.startswith(prefix) or name == f"grafos-gen.{ns}":
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-            except FileNotFoundError:
-                pass
-
-
 @pytest.fixture
 def clock() -> gf.ManualClock:
     return gf.ManualClock()
