@@ -440,3 +440,130 @@ def test_a_queue_lost_on_every_allocation_ends_in_an_error_not_a_hang(
         assert ei.value.kind == EdgeError.RELOCATION_FAILED
         assert "without progress" in str(ei.value)
     assert tx.state is ProducerState.BOUND
+
+
+class _Unreachable:
+    """A queue whose memory node stopped answering: every call that would reach the node raises
+    ``Disconnected`` and is recorded; ``owner``/``closed`` are local state, ``free`` gives the
+    real queue back (as the producer does once the consumer moved on)."""
+
+    def __init__(self, q: Any) -> None:
+        self._q = q
+        self.reached: list[str] = []
+        self.freed = False
+
+    @property
+    def owner(self) -> bool:
+        return bool(self._q.owner)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._q.closed)
+
+    def free(self) -> None:
+        self.freed = True
+        self._q.free()
+
+    def __getattr__(self, name: str) -> Any:
+        self.reached.append(name)
+        raise E.Disconnected(f"injected: the node holding the queue does not answer ({name})")
+
+
+def test_a_producer_whose_node_does_not_answer_moves_on_without_touching_the_old_queue_again(
+    fabric: Any, edge_path: str
+) -> None:
+    """Disconnected (a killed or cut-off node): the producer relocates at once, neither reads the
+    old queue's ack nor seals it (each would wait for or reconnect to the dead node), replays from
+    the last ack it read, and frees the old queue once the consumer is on the new one; then its
+    pushes take the fast path again. The consumer gets every item once, in order."""
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), poll_interval=0.001)
+    for s in range(10):
+        tx.push(_payload(s))
+    got = []
+    for _ in range(4):
+        it = rx.pop(timeout=5)
+        got.append(it.seq)
+        it.release()
+    rx.ack(got[-1])
+    tx.poll()  # reads the ack: 4
+    real_old = tx.queue
+    assert real_old is not None
+    dead = _Unreachable(real_old)
+    tx._q = dead  # type: ignore[assignment]
+    gen = tx.generation
+    assert tx.push(_payload(10)) == 10
+    assert tx.generation is not None and gen is not None and tx.generation > gen
+    assert tx.events()[-1]["reason"] == "Disconnected" and tx.events()[-1]["first_seq"] == 4
+    # the push that failed moved the edge: after it nothing was asked of the old queue's node
+    assert dead.reached[-1] == "push" and "seal" not in dead.reached, dead.reached
+    reached = len(dead.reached)
+    assert not real_old.sealed  # never sealed: the consumer finds the new generation by itself
+    assert not dead.freed  # kept until the consumer is on the new queue
+    while len(got) < 11:
+        it = rx.pop(timeout=5)
+        got.append(it.seq)
+        it.release()
+    assert got == list(range(11))
+    rx.ack(10)
+    assert rx.generation == tx.generation
+    tx.push(_payload(11))
+    assert dead.freed and tx._retired == []  # freed: the fast path is open again
+    assert len(dead.reached) == reached, dead.reached  # the ack was never read from it again
+    fast = tx._fast
+    tx.push(_payload(12))
+    assert tx._fast == fast + 1
+    assert [rx.pop(timeout=5).seq for _ in range(2)] == [11, 12]
+    tx.free()
+    rx.close()
+
+
+def test_a_consumer_attaches_a_newer_generation_while_it_drains_the_old_queue(
+    fabric: Any, edge_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The producer moved on without sealing the old queue (its node stopped answering it): the
+    consumer, idle on the old queue, finds the newer generation in the handoff record, attaches
+    its queue at once, seals and drains the old one, and then switches to the queue it attached
+    early (no second attach). Nothing is delivered twice or lost."""
+    import grafos_fabric.pipeline.consumer as consumer_mod
+
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), poll_interval=0.001)
+    tx.push(_payload(0))
+    it = rx.pop(timeout=5)
+    assert it.seq == 0
+    it.release()
+    rx.ack(0)
+    tx.poll()
+    real_old = tx.queue
+    tx._q = _Unreachable(real_old)  # type: ignore[assignment]
+    tx.push(_payload(1))  # moves the edge; the old queue stays unsealed
+    assert real_old is not None and not real_old.sealed
+    attached: list[Any] = []
+    real_attach = consumer_mod.FabricQueue.attach
+
+    while_bound: list[bool] = []
+
+    def counting_attach(*a: Any, **k: Any) -> Any:
+        while_bound.append(rx.queue is not None)  # still bound to the old queue
+        q = real_attach(*a, **k)
+        attached.append(q)
+        return q
+
+    monkeypatch.setattr(consumer_mod.FabricQueue, "attach", counting_attach)
+    it = rx.pop(timeout=5)
+    assert it.seq == 1
+    it.release()
+    assert while_bound == [True]  # one attach, made while the old queue was still the one in use
+    assert rx.queue is attached[0]  # and the queue it attached early is the one in use now
+    assert real_old.sealed  # the consumer sealed the old queue before draining it
+    assert rx.generation == tx.generation and rx._ready is None
+    ev = rx.events()[-1]
+    assert ev["t_seen"] <= ev["t_lost"] <= ev["t_bound"]  # the record was read before the old queue ran out
+    tx.push(_payload(2))
+    it = rx.pop(timeout=5)
+    assert it.seq == 2
+    it.release()
+    assert rx.stats()["dropped_duplicates"] == 0
+    tx.free()
+    rx.close()

@@ -65,6 +65,7 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._acked_local = input_offset or 0
         self._rebinds = 0
         self._pending: HandoffRecord | None = None  # a newer generation, seen while the old queue drains
+        self._ready: tuple[int, FabricQueue] | None = None  # the pending generation's queue, attached early
         self._lost_at: float | None = None  # when the current queue was found done (rebind timer)
         self._next_poll = 0.0
         self._seen: dict[int, float] = {}  # generation -> when a poll first returned it (monotonic)
@@ -113,12 +114,14 @@ class EdgeConsumer(RelocatableQueueEdge):
     # -- binding ---------------------------------------------------------------------------
     def _attach(self, rec: HandoffRecord) -> bool:
         """Bind to the queue ``rec`` names; False when it is already gone."""
-        try:
-            q = FabricQueue.attach(self.fabric, QueueLocator.from_bytes(rec.payload), mapped=self.mapped)
-        except (E.LeaseExpired, E.Revoked, E.Disconnected, E.NotReady) as exc:
-            log.info("stage %s: generation %d is already gone: %s", self.stage, int(rec.generation), exc)
-            self._gen = rec.generation
-            return False
+        q = self._take_ready(rec)
+        if q is None:
+            try:
+                q = FabricQueue.attach(self.fabric, QueueLocator.from_bytes(rec.payload), mapped=self.mapped)
+            except (E.LeaseExpired, E.Revoked, E.Disconnected, E.NotReady) as exc:
+                log.info("stage %s: generation %d is already gone: %s", self.stage, int(rec.generation), exc)
+                self._gen = rec.generation
+                return False
         first = q.first_seq
         exp = self._gate.expected
         try:
@@ -153,6 +156,36 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._lost_at = None
         log.debug("stage %s: bound to generation %d (first_seq %d)", self.stage, int(rec.generation), first)
         return True
+
+    def _preattach(self, rec: HandoffRecord) -> None:
+        """Attach the queue of a newer generation now, while the old queue drains: the switch
+        then costs no attach. Best effort: a queue that cannot be attached now is attached (and
+        its failure reported) when the switch comes."""
+        if self._ready is not None and self._ready[0] == int(rec.generation):
+            return
+        self._close_ready()
+        try:
+            q = FabricQueue.attach(self.fabric, QueueLocator.from_bytes(rec.payload), mapped=self.mapped)
+        except (E.FabricError, E.FabricValueError, OSError) as exc:
+            log.debug("stage %s: generation %d not attached early: %s", self.stage, int(rec.generation), exc)
+            return
+        self._ready = (int(rec.generation), q)
+
+    def _take_ready(self, rec: HandoffRecord) -> FabricQueue | None:
+        """The queue attached early for ``rec``'s generation (None: none was; an early queue of
+        another generation is closed)."""
+        ready, self._ready = self._ready, None
+        if ready is None:
+            return None
+        if ready[0] == int(rec.generation) and not ready[1].closed:
+            return ready[1]
+        ready[1].close()
+        return None
+
+    def _close_ready(self) -> None:
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready[1].close()
 
     def _drop_current(self) -> None:
         q = self._q
@@ -217,9 +250,11 @@ class EdgeConsumer(RelocatableQueueEdge):
         rec = self._pending or self._poll()
         if rec is None:
             return False
-        # a newer generation: seal the old queue (a zombie producer stops there) and drain it
+        # a newer generation: seal the old queue (a zombie producer stops there) and drain it;
+        # attach the new one meanwhile, so the switch costs no attach
         self._pending = rec
         self._seal_current()
+        self._preattach(rec)
         return True
 
     # -- popping ---------------------------------------------------------------------------------
@@ -370,6 +405,7 @@ class EdgeConsumer(RelocatableQueueEdge):
         if self.closed:
             return
         self.closed = True
+        self._close_ready()
         if self._q is not None:
             self._q.close()
 

@@ -132,6 +132,7 @@ class EdgeProducer(RelocatableQueueEdge):
         self._w = ReplayWindow(output_commit or 0, window if window is not None else 4 * capacity)
         self._state = _RELOCATING
         self._retired: list[FabricQueue] = []
+        self._unreachable: set[int] = set()  # id() of retired queues that failed a read: not read again
         self._renew_at = 0
         self._pushed = 0
         self._replayed = 0
@@ -190,9 +191,12 @@ class EdgeProducer(RelocatableQueueEdge):
             except (E.FabricError, OSError):  # the current queue is lost: the push that follows relocates
                 a = self._w.acked
             for old in self._retired:  # the consumer may still be acking on a queue we left
+                if id(old) in self._unreachable:
+                    continue
                 try:
                     a = max(a, old.acked)
                 except (E.FabricError, OSError):  # its lease is gone (one-sided reads fail closed)
+                    self._unreachable.add(id(old))  # (an unreachable node: each read would reconnect)
                     continue
             self._w.ack(a)
 
@@ -251,7 +255,11 @@ class EdgeProducer(RelocatableQueueEdge):
                     current=old.epoch,
                 ) from exc
             seal_seq = old.seal_seq
-        self._relocate(type(exc).__name__, old=old, seal_seq=seal_seq)
+        # Disconnected: the queue's node does not answer (killed, stopped, cut off). Nothing is read
+        # from or written to the old queue now (each try would wait for or reconnect to that node):
+        # the replay starts at the last ack read, and the consumer finds the new generation by
+        # its own failure or its idle poll of the handoff record (a seal is only a hint to it)
+        self._relocate(type(exc).__name__, old=old, seal_seq=seal_seq, reachable=not isinstance(exc, E.Disconnected))
 
     # -- relocation: RELOCATING -> BOUND ---------------------------------------------------------
     def _takeover(self) -> None:
@@ -291,9 +299,9 @@ class EdgeProducer(RelocatableQueueEdge):
         assert self._gen is not None
         return self._gen
 
-    def _replay_start(self, old: FabricQueue | None, seal_seq: int | None, fence: bool) -> int:
+    def _replay_start(self, old: FabricQueue | None, seal_seq: int | None, fence: bool, reachable: bool = True) -> int:
         w = self._w
-        if old is not None and not fence:
+        if old is not None and not fence and reachable:
             try:
                 if old.lease.live:
                     w.ack(old.acked)
@@ -313,7 +321,13 @@ class EdgeProducer(RelocatableQueueEdge):
         return start
 
     def _relocate(
-        self, reason: str, *, old: FabricQueue | None, seal_seq: int | None = None, fence: bool = False
+        self,
+        reason: str,
+        *,
+        old: FabricQueue | None,
+        seal_seq: int | None = None,
+        fence: bool = False,
+        reachable: bool = True,
     ) -> None:
         """RELOCATING: new queue, publish, retire the old one, BOUND to the new one.
 
@@ -325,7 +339,7 @@ class EdgeProducer(RelocatableQueueEdge):
         prev = self._state
         self._to(_RELOCATING)
         try:
-            start = self._replay_start(old, seal_seq, fence)
+            start = self._replay_start(old, seal_seq, fence, reachable)
             try:
                 newq, gen = self._allocate_and_publish(start)
             except E.StaleEpoch as exc:
@@ -335,7 +349,7 @@ class EdgeProducer(RelocatableQueueEdge):
                     self._fence(exc)
                 raise
             if old is not None:
-                self._retire(old, gen if fence else None, start)
+                self._retire(old, gen if fence else None, start, reachable)
             self._bind(newq, gen, start, reason, t0)
         finally:
             if self._state is _RELOCATING:  # it failed: keep the queue we had (the next call retries)
@@ -440,7 +454,12 @@ class EdgeProducer(RelocatableQueueEdge):
             log.warning("stage %s: the handoff publish reported %s, but the record landed", self.stage, exc)
             return cur.generation
 
-    def _retire(self, old: FabricQueue, fence_gen: EdgeGeneration | None, seal_seq: int) -> None:
+    def _retire(self, old: FabricQueue, fence_gen: EdgeGeneration | None, seal_seq: int, reachable: bool) -> None:
+        if not reachable and old.owner:
+            # not sealed, not closed now (both reach the node): freed with the other retired queues
+            self._unreachable.add(id(old))
+            self._retired.append(old)
+            return
         try:
             if fence_gen is not None:
                 try:
@@ -462,15 +481,25 @@ class EdgeProducer(RelocatableQueueEdge):
             try:
                 if not q.stats()["consumer"]:
                     return  # the consumer may still be draining an old queue (and acking there)
-                self._w.ack(max(old.acked for old in self._retired))
             except (E.FabricError, OSError):  # pragma: no cover
                 return
+            # the consumer is on the current queue: the last acks it left in the old ones count.
+            # An old queue that cannot be read (its node is gone) is freed all the same: were one
+            # failure to keep them all, the producer would never leave its slow path again
+            for old in self._retired:
+                if id(old) in self._unreachable:
+                    continue
+                try:
+                    self._w.ack(old.acked)
+                except (E.FabricError, OSError):
+                    continue
         for old in self._retired:
             try:
                 old.free()
             except (E.FabricError, OSError):  # pragma: no cover
                 pass
         self._retired.clear()
+        self._unreachable.clear()
 
     # -- steps: what the guarded call site runs ------------------------------------------------
     def _catch_up(self, timeout: float | None, deadline: float | None) -> bool:
