@@ -38,7 +38,11 @@ Relocation (producer)
     replay start; publishes ``bytes(locator)`` through its ``HandoffWriter``;
     seals the old queue (when it is still reachable) with the replay start as
     ``seal_seq``; and then replays its window from the replay start before the
-    caller's item goes in. The caller sees no error unless relocation itself
+    caller's item goes in. After ``Disconnected`` (the queue's node does not
+    answer: killed, stopped, cut off) it neither reads the old queue's ack nor
+    seals it, since each would wait for or reconnect to that node: the replay
+    starts at the last ack it read, and the old queue is freed once the
+    consumer is on the new one. The caller sees no error unless relocation itself
     fails: after ``max_attempts`` failed allocations or publishes it raises
     ``EdgeError(EdgeError.RELOCATION_FAILED)``; the call's item was not
     accepted, the window is kept, and a later call tries again. A producer
@@ -65,7 +69,9 @@ Rebind (consumer)
     drained, and when it fails (``LeaseExpired``, ``Revoked``,
     ``Disconnected``, ``RoleTaken``). On a new generation it seals the old queue
     (if live) with its position as ``seal_seq``, drains what the old queue
-    still holds, attaches the new queue, re-publishes its ack there, and skips
+    still holds (having attached the new queue already, when it found the new
+    generation while idle, so the switch costs no attach), binds the new
+    queue, re-publishes its ack there, and skips
     the items below its position (their number is known exactly: a queue's
     items are numbered contiguously from its ``first_seq``). An item whose
     sequence is *above* the consumer's position would mean lost items; the
