@@ -45,5 +45,12 @@ def test_three_stages_lose_nothing_when_the_memory_node_is_killed_and_restarted_
     assert res.counters["edge1 relocations"] >= 1 + 3  # the first queue, then one per kill at least
     for edge in ("edge1", "edge2"):  # the consumers popped from each new generation after a kill
         assert len(res.relocation_ms[edge]) >= 1
+    # the breakdown: the producer's steps of each relocation, in the order they happen, after the kill
+    steps = res.breakdown["edge1"]
+    tx = [steps[k] for k in ("producer notices", "new lease granted", "handoff published", "producer bound")]
+    assert len(tx[0]) >= 1 and all(len(x) == len(tx[0]) for x in tx), steps
+    for kill in zip(*tx, strict=True):
+        assert 0 <= kill[0] <= kill[1] <= kill[2] <= kill[3], steps
+    assert steps["first item"] and min(steps["first item"]) >= 0
     if "namespaces" not in res.where:
         print(f"\nnote: ran on {res.where}")
