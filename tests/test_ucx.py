@@ -47,8 +47,8 @@ LO = ucx.ucx_config("tcp", "lo")
 
 
 def test_ucx_url_without_the_binding_raises_unsupported_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ucx, "lib", None)
-    monkeypatch.setattr(ucx, "_IMPORT_ERROR", "no module named grafos_fabric._ucx")
+    monkeypatch.setattr(ucx.binding, "lib", None)
+    monkeypatch.setattr(ucx.binding, "_IMPORT_ERROR", "no module named grafos_fabric._ucx")
     with pytest.raises(Unsupported, match="UCX binding is not built"):
         gf.open_fabric("ucx://127.0.0.1:18600")
 
@@ -443,7 +443,7 @@ def test_a_peer_reached_by_worker_address_over_shared_memory_alone() -> None:
         n = ffi.new("size_t *")
         assert lib.gfu_rkey_pack(mem[0], packed, 4096, n) == lib.GFU_OK
         ep = ucx.UcxEndpoint.connect_worker(client, node.worker_address())
-        rk = ucx._Rkey(ep, bytes(ffi.buffer(packed, n[0])))
+        rk = ucx.Rkey(ep, bytes(ffi.buffer(packed, n[0])))
         old = ffi.new("uint64_t *")
         addr = int(ffi.cast("uintptr_t", buf))
         assert lib.gfu_faa64(ep.ptr, rk.ptr, addr + 8, 41, old, 5.0) == lib.GFU_OK and old[0] == 0

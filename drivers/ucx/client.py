@@ -1,0 +1,191 @@
+"""The client's UCX data plane towards one node (:class:`UcxConnector`) and the ucx:// fabric.
+
+:class:`UcxFabric` is a :class:`RemoteFabric` (leases, capabilities and auth
+are the node package's) whose data plane is one UCX context per fabric and one
+:class:`UcxConnector` (endpoint) per node; :func:`parse_ucx_url` and
+:func:`open_ucx_fabric` are what ``open_fabric("ucx://...")`` uses.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
+
+from grafos_fabric.errors import Disconnected, FabricValueError, QueueClosed, Unsupported
+from grafos_fabric.lease import Lease
+
+from ..base import Fabric
+from ..node.client import RemoteFabric
+from ..node.registrar import Grant, NodeLink
+from .binding import CONNECT_TIMEOUT, DEFAULT_OP_TIMEOUT, UcxContext, UcxEndpoint, require, ucx_config
+from .region import UcxRegion
+
+__all__ = ["UcxConnector", "UcxFabric", "open_ucx_fabric", "parse_ucx_url"]
+
+
+class UcxConnector:
+    """This client's UCX data plane towards one node: one endpoint, (re)connected on demand.
+
+    ``ctx`` is the client fabric's context (shared by its connectors). The
+    control session's ``link.connect({})`` opens a UCX listener for this client
+    on the node and answers its port; the endpoint connects there
+    (``info["ucx_host"]``, or the node's control host). After an
+    endpoint error, a deadline, a fence, or a new control session
+    (``link.session_epoch``) the next operation connects a new one.
+    """
+
+    def __init__(self, ctx: UcxContext, link: NodeLink, *, timeout: float = DEFAULT_OP_TIMEOUT,
+                 fabric: Any = None) -> None:
+        self.ctx = ctx
+        self.link = link
+        self.fabric = fabric  # the RemoteFabric (refs with capabilities, lease cells); None in bare use
+        self.timeout = float(timeout)
+        self._lock = threading.RLock()
+        self._ep: UcxEndpoint | None = None
+        self._epoch = -1
+        self.generation = 0  # grows with each new endpoint: regions re-unpack their rkeys
+        self.reconnects = 0
+        self._retired: list[UcxEndpoint] = []  # shut down, freed at close (regions may still hold them)
+        self._closed = False
+
+    def endpoint(self) -> tuple[UcxEndpoint, int]:
+        with self._lock:
+            if self._closed:
+                raise QueueClosed("the UCX connector is closed")
+            ep = self._ep
+            if ep is not None and not ep.failed and self._epoch == self.link.session_epoch:
+                return ep, self.generation
+            if ep is not None:
+                self._retire(ep)
+            epoch = self.link.session_epoch
+            reply = self.link.connect({})
+            port = reply.get("ucx_port")
+            if not isinstance(port, int) or not 0 < port < 65536:
+                raise Unsupported(f"node {self.link.host}:{self.link.port} sent no UCX port (is it a UCX node?)")
+            host = str(self.link.info.get("ucx_host") or self.link.host)
+            new = UcxEndpoint.connect(self.ctx, host, port, min(self.timeout, CONNECT_TIMEOUT))
+            self._ep, self._epoch = new, epoch
+            self.generation += 1
+            return new, self.generation
+
+    def warm(self) -> None:
+        """Have a working endpoint now (a standby node: a later alloc or attach pays no connect).
+
+        One pass of the worker first, so a node that died since (its endpoint's
+        error callback) is noticed; its control channel is then found broken
+        once and reopened at once. Raises :class:`Disconnected` while the node
+        is down."""
+        with self._lock:
+            self.ctx.progress()
+            try:
+                self.endpoint()
+            except Disconnected:
+                self.endpoint()  # the old control channel broke with the node: once more, on a new one
+
+    def _retire(self, ep: UcxEndpoint) -> None:
+        ep.shutdown()
+        self._retired.append(ep)
+        self._ep = None
+        self.reconnects += 1
+
+    def invalidate(self, ep: UcxEndpoint) -> None:
+        """The endpoint failed (the C side already force-closed its UCX half): the next operation reconnects."""
+        with self._lock:
+            if self._ep is ep:
+                self._retire(ep)
+
+    def region(self, lease: Lease, grant: Grant) -> UcxRegion:
+        return UcxRegion(self, lease, grant)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            ep, self._ep = self._ep, None
+            retired, self._retired = self._retired, []
+        if ep is not None:
+            ep.close(force=False)
+        for old in retired:
+            old.close()
+
+
+def parse_ucx_url(url: str) -> tuple[str, int, dict[str, str]]:
+    """``ucx://HOST:PORT[?tls=tcp&net_devices=lo&timeout=5&progress=busy|event&tenant=...]``.
+
+    Returns ``(host, port, options)``."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "ucx":
+        raise FabricValueError(f"not a ucx:// URL: {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise FabricValueError(f"bad port in {url!r}") from None
+    host = parts.hostname or ""
+    if not host or not port:
+        raise FabricValueError(f"ucx:// URLs name the node's control channel: ucx://HOST:PORT, got {url!r}")
+    known = {"tls", "net_devices", "timeout", "progress", "tenant"}
+    opts: dict[str, str] = {}
+    for key, values in parse_qs(parts.query).items():
+        if key not in known:
+            raise FabricValueError(f"unknown option {key!r} in {url!r} (known: {', '.join(sorted(known))})")
+        opts[key] = values[-1]
+    return host, port, opts
+
+
+class UcxFabric(RemoteFabric):
+    """A client of UCX memory nodes: ``ucx://HOST:PORT[?tenant=&tls=tcp&net_devices=eth0&op_timeout=5]``.
+
+    Leases, capabilities and auth are the node package's (:class:`RemoteFabric`);
+    the data plane is one UCX context per fabric and one :class:`UcxConnector`
+    (endpoint) per node. ``tls``/``net_devices`` restrict UCX's transports and
+    interfaces for this client (``UCX_TLS``/``UCX_NET_DEVICES`` in the
+    environment apply too); ``op_timeout`` is every operation's deadline.
+    """
+
+    driver = "ucx"
+    schemes = ("ucx",)
+    url_options = frozenset({"tls", "net_devices", "op_timeout"})
+
+    def __init__(self, host: str, port: int, *, tls: str | None = None, net_devices: str | None = None,
+                 op_timeout: float = DEFAULT_OP_TIMEOUT, **kwargs: Any) -> None:
+        require()
+        if not op_timeout > 0:
+            raise FabricValueError(f"op_timeout must be positive, got {op_timeout}")
+        self.ucx = UcxContext(ucx_config(tls, net_devices))
+        self.op_timeout = float(op_timeout)
+        try:
+            super().__init__(host, port, **kwargs)
+            self.channel()  # authenticate now: a wrong secret fails before any lease
+        except BaseException:
+            self.ucx.close()
+            raise
+
+    @classmethod
+    def url_kwargs(cls, opts: dict[str, str]) -> dict[str, Any]:
+        out: dict[str, Any] = {"tls": opts.get("tls"), "net_devices": opts.get("net_devices")}
+        if "op_timeout" in opts:
+            out["op_timeout"] = float(opts["op_timeout"])
+        return out
+
+    def connector(self, link: Any) -> UcxConnector:
+        return UcxConnector(self.ucx, link, timeout=self.op_timeout, fabric=self)
+
+    def warm(self, host: str | None = None, port: int | None = None) -> None:
+        """Connect to a node (default: the URL's) now, control channel and UCX endpoint, and
+        reconnect it if it restarted: a failover to a standby node then pays no connect.
+        Cheap when nothing changed (one worker pass); :class:`Disconnected` while the node is down."""
+        conn = self._node(host or self.host, port or self.port)[1]
+        assert isinstance(conn, UcxConnector)
+        conn.warm()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.ucx.close()
+
+
+def open_ucx_fabric(url: str, *, clock: Any = None, token_file: Any = None) -> Fabric:
+    """``open_fabric("ucx://HOST:PORT?...")``: :class:`Unsupported` with the reason where UCX is absent."""
+    require()
+    return cast("Fabric", UcxFabric.from_url(url, clock=clock, token_file=token_file))

@@ -1,0 +1,258 @@
+"""A leased region on a UCX memory node (:class:`UcxRegion`): the driver protocol as one-sided UCX operations."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from grafos_fabric.errors import (
+    CapacityExceeded,
+    Disconnected,
+    FabricError,
+    FabricValueError,
+    LeaseExpired,
+    QueueClosed,
+    Revoked,
+    Unsupported,
+)
+from grafos_fabric.lease import Lease
+
+from ..base import Buffer, RegionRef, byte_view
+from ..node.registrar import Grant
+from .binding import U64, Rkey, UcxEndpoint, ffi, lib
+
+if TYPE_CHECKING:
+    from .client import UcxConnector
+
+__all__ = ["UcxRegion"]
+
+
+class UcxRegion:
+    """A leased region on a UCX memory node, reached one-sided (never mapped here).
+
+    Every operation checks the lease first (fail closed), then the range and
+    alignment, then runs as one C call with a deadline of ``timeout`` seconds.
+    """
+
+    mapped = False
+
+    def __init__(self, connector: UcxConnector, lease: Lease, grant: Grant) -> None:
+        access = grant.access
+        addr, rkey = access.get("addr"), access.get("rkey")
+        if not isinstance(addr, int) or not 0 <= addr <= U64 or not isinstance(rkey, str):
+            raise FabricValueError("a UCX grant needs access {'addr': int, 'rkey': hex}")
+        try:
+            self._packed = bytes.fromhex(rkey)
+        except ValueError:
+            raise FabricValueError("the grant's rkey is not hex") from None
+        if not 0 < len(self._packed) <= 4096 or addr + grant.nbytes > U64:
+            raise FabricValueError("the grant's rkey or address range is out of bounds")
+        self.connector = connector
+        self.lease = lease
+        self.grant = grant
+        self.nbytes = grant.nbytes
+        self.writable = grant.writable
+        self.remote_addr = addr
+        self.timeout = connector.timeout
+        self._rkey: Rkey | None = None
+        self._rkey_gen = -1
+        self._h: tuple[UcxEndpoint, Rkey] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._dead: FabricError | None = None  # the node said the lease is revoked/gone: terminal
+        # the node instance that granted the lease (NodeChannel.node, its tag): a restarted node on the same
+        # address never held it, and over tcp/sm it would serve the stale address blindly (even crash on it)
+        self._node = getattr(connector.link, "node", None)
+        # The endpoint generation this lease was last known live on. A fence destroys the node-side
+        # worker of every session that held the lease, but the client then reconnects (for its other
+        # leases) and over tcp/sm an rkey is not enforced: on any endpoint newer than this one the
+        # region asks the node for the lease state before its first operation (fail closed).
+        ep = connector._ep
+        self._live_gen = connector.generation if ep is not None and not ep.failed else -1
+
+    # -- plumbing --------------------------------------------------------------
+    def _handles(self) -> tuple[UcxEndpoint, Rkey]:
+        h = self._h
+        conn = self.connector
+        if h is not None and conn._ep is h[0] and not conn._closed:
+            return h  # fast path: the connector still uses the endpoint this rkey was unpacked on
+        ep, gen = conn.endpoint()
+        node = getattr(conn.link, "node", None)
+        if self._node is not None and node != self._node:
+            self._dead = LeaseExpired(f"lease {self.lease.id}: memory node {conn.link.host}:{conn.link.port} "
+                                      f"restarted ({self._node} -> {node}); its leases are gone")
+            fabric = conn.fabric
+            cell = fabric.cell(self.lease.id) if fabric is not None and hasattr(fabric, "cell") else None
+            if cell is not None:
+                cell.mark("expired")
+            raise self._dead
+        if gen != self._live_gen:
+            self._confirm_live(gen)
+        with self._lock:
+            if self._rkey is None or self._rkey_gen != gen:
+                if self._rkey is not None:
+                    self._rkey.close()
+                    self._rkey = None
+                self._rkey = Rkey(ep, self._packed)
+                self._rkey_gen = gen
+            self._h = (ep, self._rkey)
+            return self._h
+
+    def _confirm_live(self, gen: int) -> None:
+        """Before the first operation on endpoint generation ``gen``: the node must say ``active``."""
+        state = self.connector.link.lease_state(self.lease.id)
+        if state != "active":
+            fabric = self.connector.fabric
+            cell = fabric.cell(self.lease.id) if fabric is not None and hasattr(fabric, "cell") else None
+            if cell is not None:
+                cell.mark(state)
+            what = f"lease {self.lease.id} on {self.connector.link.host}:{self.connector.link.port}"
+            self._dead = (Revoked(f"{what} was revoked") if state == "revoked"
+                          else LeaseExpired(f"{what} is {state}"))
+            raise type(self._dead)(str(self._dead))
+        self._live_gen = gen
+
+    def _check(self, offset: int, length: int, *, write: bool = False) -> None:
+        if self._closed:
+            raise QueueClosed(f"region {self.lease.id} is closed")
+        self.lease.check()
+        if self._dead is not None:
+            raise type(self._dead)(str(self._dead))
+        if write and not self.writable:
+            raise Revoked(f"lease {self.lease.id} was granted read-only")
+        if not isinstance(offset, int) or offset < 0 or length < 0 or offset + length > self.nbytes:
+            raise CapacityExceeded(f"[{offset}, {offset + length}) is outside the region's {self.nbytes} bytes")
+
+    def _check_word(self, offset: int, *, write: bool = False) -> None:
+        if isinstance(offset, int) and offset % 8:
+            raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {offset}")
+        self._check(offset, 8, write=write)
+
+    def _failure(self, rc: int, op: str, ep: UcxEndpoint) -> FabricError:
+        """The typed error of a failed operation (the endpoint is already force-closed).
+
+        A missed deadline means the node does not answer (stopped, link down,
+        overloaded): :class:`Disconnected` at once, without a control call that
+        would wait for the same silent node. An endpoint error is asked about:
+        the node answers ``revoked``/gone when it fenced this client."""
+        why = ep.error or "endpoint failed"
+        self.connector.invalidate(ep)
+        if rc == lib.GFU_TIMEOUT:
+            return Disconnected(f"{op} on lease {self.lease.id}: no answer within {self.timeout:.3f}s ({why})")
+        what = f"{op} on lease {self.lease.id} failed: {why}"
+        try:
+            state = self.connector.link.lease_state(self.lease.id)
+        except FabricError as ex:
+            return Disconnected(f"{what}; the node could not be asked for the lease state: {ex}")
+        fabric = self.connector.fabric
+        cell = fabric.cell(self.lease.id) if fabric is not None and hasattr(fabric, "cell") else None
+        if cell is not None:
+            cell.mark(state)
+        if state == "revoked":
+            self._dead = Revoked(f"{what}: the lease was revoked")
+            return self._dead
+        if state in ("expired", "freed", "unknown"):
+            self._dead = LeaseExpired(f"{what}: the lease is {state}")
+            return self._dead
+        return Disconnected(what)
+
+    def _run(self, op: str, call: Callable[[Any, Any], int]) -> None:
+        ep, rk = self._handles()
+        rc = call(ep._ptr, rk._ptr)
+        if rc != lib.GFU_OK:
+            raise self._failure(rc, op, ep)
+
+    # -- the driver protocol ---------------------------------------------------
+    def ref(self) -> RegionRef:
+        fabric = self.connector.fabric
+        if fabric is not None:
+            ref: RegionRef = fabric.region_ref(self.lease, self.nbytes)
+            return ref
+        link = self.connector.link
+        return RegionRef(driver="ucx", name=self.lease.id, nbytes=self.nbytes, lease_id=self.lease.id,
+                         generation=self.lease.generation, host=link.host, port=link.port)
+
+    def address(self) -> int:
+        raise Unsupported("a UCX region is not mapped into this process; use the one-sided operations")
+
+    def view(self) -> memoryview:
+        raise Unsupported("a UCX region is not mapped into this process; use the one-sided operations")
+
+    def read_into(self, offset: int, buf: Buffer) -> None:
+        mv = byte_view(buf, writable=True)
+        self._check(offset, mv.nbytes)
+        if mv.nbytes:
+            ptr = ffi.from_buffer(mv)
+            self._run("read_into", lambda ep, rk: lib.gfu_get(ep, rk, ptr, mv.nbytes, self.remote_addr + offset,
+                                                               self.timeout))
+        self.lease.check()  # fail closed: bytes read across an expiry are not returned
+
+    def write(self, offset: int, buf: Buffer) -> None:
+        """Put ``buf`` at ``offset``: complete locally on return, remotely visible after :meth:`flush`."""
+        mv = byte_view(buf, writable=False)
+        self._check(offset, mv.nbytes, write=True)
+        if mv.nbytes:
+            ptr = ffi.from_buffer(mv)
+            self._run("write", lambda ep, rk: lib.gfu_put(ep, rk, ptr, mv.nbytes, self.remote_addr + offset, 0,
+                                                           self.timeout))
+
+    def cas64(self, offset: int, expected: int, desired: int) -> int:
+        """Compare-and-swap the 64-bit word at ``offset``; returns the old value (unsigned)."""
+        self._check_word(offset, write=True)
+        old = ffi.new("uint64_t *")
+        ep, rk = self._handles()
+        rc = lib.gfu_cas64(ep._ptr, rk._ptr, self.remote_addr + offset, expected & U64, desired & U64, old,
+                           self.timeout)
+        if rc:
+            raise self._failure(rc, "cas64", ep)
+        return int(old[0])
+
+    def faa64(self, offset: int, add: int) -> int:
+        """Fetch-and-add on the 64-bit word at ``offset`` (wraps mod 2**64); returns the old value."""
+        self._check_word(offset, write=True)
+        old = ffi.new("uint64_t *")
+        ep, rk = self._handles()
+        rc = lib.gfu_faa64(ep._ptr, rk._ptr, self.remote_addr + offset, add & U64, old, self.timeout)
+        if rc:
+            raise self._failure(rc, "faa64", ep)
+        return int(old[0])
+
+    def load64(self, offset: int) -> int:
+        """Read the little-endian word at ``offset`` (acquire: completes with the data)."""
+        self._check_word(offset)
+        out = bytearray(8)
+        ptr = ffi.from_buffer(out)
+        self._run("load64", lambda ep, rk: lib.gfu_get(ep, rk, ptr, 8, self.remote_addr + offset, self.timeout))
+        self.lease.check()
+        return int.from_bytes(out, "little")
+
+    def store64(self, offset: int, value: int) -> None:
+        """Write the little-endian word at ``offset`` (release: put + flush, so everything earlier is visible)."""
+        self._check_word(offset, write=True)
+        data = (value & U64).to_bytes(8, "little")
+        self._run("store64", lambda ep, rk: lib.gfu_put(ep, rk, data, 8, self.remote_addr + offset, 1,
+                                                         self.timeout))
+
+    def flush(self) -> None:
+        """Wait until every put is remotely visible."""
+        self._check(0, 0)
+        self._run("flush", lambda ep, rk: lib.gfu_flush(ep, self.timeout))
+
+    def bench(self, op: str, nbytes: int, iters: int) -> list[float]:
+        """Per-operation latencies (µs) of a tight C loop of ``op`` (put, put_flush, get, cas, faa) on word 0."""
+        ops = {"put": 0, "put_flush": 1, "get": 2, "cas": 3, "faa": 4}
+        self._check(0, nbytes, write=op != "get")
+        buf = bytearray(max(8, nbytes))
+        lat = ffi.new("double[]", iters)
+        self._run(f"bench {op}", lambda ep, rk: lib.gfu_bench(ep, rk, ops[op], ffi.from_buffer(buf), nbytes,
+                                                               self.remote_addr, iters, lat))
+        return list(lat)
+
+    def close(self) -> None:
+        """Detach (the lease stays until freed or expired); later calls raise ``QueueClosed``. Idempotent."""
+        self._closed = True
+        with self._lock:
+            rk, self._rkey, self._h = self._rkey, None, None
+        if rk is not None:
+            rk.close()
