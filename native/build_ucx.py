@@ -55,6 +55,16 @@ def find_ucx() -> tuple[list[str], list[str], list[str]] | None:
     return _prefix() or _pkg_config()
 
 
+def cdef_text() -> str:
+    """What ffi.cdef gets: gf_ucx_api.h, the very header gf_ucx.c includes (status codes as an
+    enum, opaque handle types, prototypes), so nothing is typed twice. cdef takes no
+    preprocessor lines: the header has none, and this refuses one that grows any."""
+    api = (HERE / "gf_ucx_api.h").read_text()
+    if any(line.lstrip().startswith("#") for line in api.splitlines()):
+        raise SystemExit("native/gf_ucx_api.h must stay plain declarations (ffi.cdef takes no # lines)")
+    return api
+
+
 def make_builder() -> FFI | None:
     found = find_ucx()
     if found is None:
@@ -63,7 +73,7 @@ def make_builder() -> FFI | None:
         return None
     incs, libdirs, rpaths = found
     builder = FFI()
-    builder.cdef((HERE / "gf_ucx_cdef.h").read_text() + (HERE / "gf_ucx_api.h").read_text())
+    builder.cdef(cdef_text())
     builder.set_source(
         "grafos_fabric._ucx",
         '#include "gf_ucx.h"\n',
@@ -72,7 +82,7 @@ def make_builder() -> FFI | None:
         library_dirs=libdirs,
         libraries=["ucp", "uct", "ucs"],
         extra_link_args=[f"-Wl,-rpath,{d}" for d in rpaths],
-        depends=[os.path.join(REL, n) for n in ("gf_ucx.h", "gf_ucx_api.h", "gf_ucx_cdef.h")],
+        depends=[os.path.join(REL, n) for n in ("gf_ucx.h", "gf_ucx_api.h")],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         py_limited_api=True,  # stable ABI, like _native (setup.py tags the wheel cp311-abi3)
     )

@@ -17,7 +17,7 @@
  * operations, connects, closes) holds the context's mutex. A busy progress
  * thread drops the mutex and yields whenever another thread is waiting for it.
  *
- * Only opaque handles and plain integers cross to Python (gf_ucx_cdef.h):
+ * Only opaque handles and plain integers cross to Python (gf_ucx_api.h):
  * UCX's structs and enums stay here, so the same source builds against
  * UCX 1.13 (Debian 12) and 1.22 (PyPI libucx-cu12).
  */
@@ -25,6 +25,7 @@
 #include "gf_ucx.h"
 
 #include <arpa/inet.h>
+#include <endian.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -669,7 +670,7 @@ void gfu_rkey_destroy(gfu_rkey *r) {
         return GFU_DISCONNECTED;                           \
     }
 
-int gfu_put(gfu_ep *e, gfu_rkey *r, const void *buf, size_t len, uint64_t raddr, int flush, double timeout) {
+int gfu_put(gfu_ep *e, gfu_rkey *r, const char *buf, size_t len, uint64_t raddr, int flush, double timeout) {
     double deadline = now_s() + timeout;
     OP_BEGIN(e);
     ucp_request_param_t rp;
@@ -681,13 +682,45 @@ int gfu_put(gfu_ep *e, gfu_rkey *r, const void *buf, size_t len, uint64_t raddr,
     return rc;
 }
 
-int gfu_get(gfu_ep *e, gfu_rkey *r, void *buf, size_t len, uint64_t raddr, double timeout) {
+int gfu_get(gfu_ep *e, gfu_rkey *r, char *buf, size_t len, uint64_t raddr, double timeout) {
     double deadline = now_s() + timeout;
     OP_BEGIN(e);
     ucp_request_param_t rp;
     memset(&rp, 0, sizeof rp);
     ucs_status_t st;
     int rc = wait_req(e, ucp_get_nbx(e->ep, buf, len, raddr, r->rkey, &rp), deadline, &st);
+    ctx_unlock(e->ctx);
+    return rc;
+}
+
+/* The ring's 64-bit words are little-endian on the wire (the node may be either). The operand
+ * lives in the endpoint's heap slot, like an atomic's: abandoned (leaked) if the put or get never
+ * completes, so UCX never writes into memory that was freed or reused. */
+int gfu_load64(gfu_ep *e, gfu_rkey *r, uint64_t raddr, uint64_t *out, double timeout) {
+    double deadline = now_s() + timeout;
+    OP_BEGIN(e);
+    uint64_t *slot = e->slot;
+    ucp_request_param_t rp;
+    memset(&rp, 0, sizeof rp);
+    ucs_status_t st;
+    int rc = wait_req(e, ucp_get_nbx(e->ep, slot, 8, raddr, r->rkey, &rp), deadline, &st);
+    if (rc == GFU_OK) *out = le64toh(slot[0]);
+    else if (e->abandoned) e->slot = NULL; /* leaked on purpose: UCX may still hold it */
+    ctx_unlock(e->ctx);
+    return rc;
+}
+
+int gfu_store64(gfu_ep *e, gfu_rkey *r, uint64_t raddr, uint64_t value, double timeout) {
+    double deadline = now_s() + timeout;
+    OP_BEGIN(e);
+    uint64_t *slot = e->slot;
+    slot[0] = htole64(value);
+    ucp_request_param_t rp;
+    memset(&rp, 0, sizeof rp);
+    ucs_status_t st;
+    int rc = wait_req(e, ucp_put_nbx(e->ep, slot, 8, raddr, r->rkey, &rp), deadline, &st);
+    if (rc == GFU_OK) rc = flush_locked(e, deadline);
+    else if (e->abandoned) e->slot = NULL; /* leaked on purpose: UCX may still hold it */
     ctx_unlock(e->ctx);
     return rc;
 }

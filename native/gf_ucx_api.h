@@ -1,4 +1,30 @@
-/* The API of grafos_fabric._ucx (typedefs and prototypes), shared by gf_ucx.h and the cffi cdef. */
+/* gf_ucx_api.h: everything grafos_fabric._ucx exposes (status codes, handle types, functions), once.
+ *
+ * Plain C declarations, no preprocessor lines: the C code sees it through
+ * gf_ucx.h, and native/build_ucx.py hands the very same text to ffi.cdef, so
+ * the C side and the cffi declarations cannot drift apart (as pyca does).
+ * Only opaque handles and plain integers cross: UCX's own structs and enums
+ * stay in gf_ucx.c, so one binding builds against UCX 1.13 and 1.22. Buffers
+ * Python passes as bytes are `const char *` (cffi passes bytes only to char
+ * pointers, without a copy). */
+
+enum {
+    GFU_OK = 0,
+    GFU_DISCONNECTED = -1, /* endpoint error (peer gone, connection reset) */
+    GFU_UNSUPPORTED = -5,
+    GFU_TIMEOUT = -8,      /* deadline passed; the endpoint was force-closed */
+    GFU_ERROR = -9,        /* a local failure (bad argument, out of memory, UCX refused) */
+    GFU_CLOSED = -10,      /* the endpoint was closed before the call */
+    GFU_ABI_VERSION = 2
+};
+
+typedef struct gfu_ctx gfu_ctx;
+typedef struct gfu_ep gfu_ep;
+typedef struct gfu_mem gfu_mem;
+typedef struct gfu_rkey gfu_rkey;
+typedef struct gfu_listener gfu_listener;
+typedef struct gfu_group gfu_group;
+
 const char *gfu_version(void);
 int gfu_abi_version(void);
 
@@ -36,11 +62,13 @@ int gfu_rkey_pack(gfu_mem *mem, uint8_t *buf, size_t cap, size_t *len);
 int gfu_rkey_unpack(gfu_ep *ep, const uint8_t *buf, size_t len, gfu_rkey **out);
 void gfu_rkey_destroy(gfu_rkey *rkey);
 
-int gfu_put(gfu_ep *ep, gfu_rkey *rkey, const void *buf, size_t len, uint64_t raddr, int flush, double timeout);
-int gfu_get(gfu_ep *ep, gfu_rkey *rkey, void *buf, size_t len, uint64_t raddr, double timeout);
+int gfu_put(gfu_ep *ep, gfu_rkey *rkey, const char *buf, size_t len, uint64_t raddr, int flush, double timeout);
+int gfu_get(gfu_ep *ep, gfu_rkey *rkey, char *buf, size_t len, uint64_t raddr, double timeout);
 int gfu_cas64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t expected, uint64_t desired, uint64_t *old,
               double timeout);
 int gfu_faa64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t add, uint64_t *old, double timeout);
+int gfu_load64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t *out, double timeout);
+int gfu_store64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t value, double timeout);
 int gfu_flush(gfu_ep *ep, double timeout);
 
 int gfu_bench(gfu_ep *ep, gfu_rkey *rkey, int op, void *buf, size_t len, uint64_t raddr, int iters,

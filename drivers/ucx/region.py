@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from grafos_fabric.errors import (
@@ -26,6 +25,21 @@ if TYPE_CHECKING:
     from .client import UcxConnector
 
 __all__ = ["UcxRegion"]
+
+_OUT = threading.local()
+
+
+def _u64_out() -> Any:
+    """This thread's ``uint64_t`` result cell for cas64/faa64/load64 (no allocation per operation).
+
+    Per thread, because operations of one region may run on several threads
+    at once; a thread runs one operation at a time (nothing calls back into
+    Python while the C call runs), and each reads its result right after."""
+    try:
+        return _OUT.u64
+    except AttributeError:
+        _OUT.u64 = ffi.new("uint64_t *")
+        return _OUT.u64
 
 
 class UcxRegion:
@@ -113,21 +127,34 @@ class UcxRegion:
             raise type(self._dead)(str(self._dead))
         self._live_gen = gen
 
-    def _check(self, offset: int, length: int, *, write: bool = False) -> None:
+    def _prep(self, offset: int, length: int, write: bool) -> tuple[UcxEndpoint, Rkey]:
+        """Every check an operation makes before it runs, then its endpoint and rkey.
+
+        In order: closed, the lease (revoked, expired: fail closed), what the
+        node said (terminal), write rights, the range. The handles come from
+        the fast path while the connector still uses the endpoint this rkey was
+        unpacked on, else :meth:`_handles` (reconnect, node restart and
+        ``_confirm_live`` checks). One call on the per-operation path."""
         if self._closed:
             raise QueueClosed(f"region {self.lease.id} is closed")
         self.lease.check()
-        if self._dead is not None:
-            raise type(self._dead)(str(self._dead))
+        dead = self._dead
+        if dead is not None:
+            raise type(dead)(str(dead))
         if write and not self.writable:
             raise Revoked(f"lease {self.lease.id} was granted read-only")
         if not isinstance(offset, int) or offset < 0 or length < 0 or offset + length > self.nbytes:
             raise CapacityExceeded(f"[{offset}, {offset + length}) is outside the region's {self.nbytes} bytes")
+        h = self._h
+        conn = self.connector
+        if h is not None and conn._ep is h[0] and not conn._closed:
+            return h
+        return self._handles()
 
-    def _check_word(self, offset: int, *, write: bool = False) -> None:
-        if isinstance(offset, int) and offset % 8:
+    def _prep_word(self, offset: int, write: bool) -> tuple[UcxEndpoint, Rkey]:
+        if isinstance(offset, int) and offset & 7:
             raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {offset}")
-        self._check(offset, 8, write=write)
+        return self._prep(offset, 8, write)
 
     def _failure(self, rc: int, op: str, ep: UcxEndpoint) -> FabricError:
         """The typed error of a failed operation (the endpoint is already force-closed).
@@ -157,12 +184,6 @@ class UcxRegion:
             return self._dead
         return Disconnected(what)
 
-    def _run(self, op: str, call: Callable[[Any, Any], int]) -> None:
-        ep, rk = self._handles()
-        rc = call(ep._ptr, rk._ptr)
-        if rc != lib.GFU_OK:
-            raise self._failure(rc, op, ep)
-
     # -- the driver protocol ---------------------------------------------------
     def ref(self) -> RegionRef:
         fabric = self.connector.fabric
@@ -180,28 +201,40 @@ class UcxRegion:
         raise Unsupported("a UCX region is not mapped into this process; use the one-sided operations")
 
     def read_into(self, offset: int, buf: Buffer) -> None:
-        mv = byte_view(buf, writable=True)
-        self._check(offset, mv.nbytes)
-        if mv.nbytes:
-            ptr = ffi.from_buffer(mv)
-            self._run("read_into", lambda ep, rk: lib.gfu_get(ep, rk, ptr, mv.nbytes, self.remote_addr + offset,
-                                                               self.timeout))
+        ptr: Any
+        if type(buf) is bytearray:  # no memoryview on the common path: cffi takes a bytearray as is
+            n, ptr = len(buf), buf
+        else:
+            mv = byte_view(buf, writable=True)
+            n, ptr = mv.nbytes, mv
+        ep, rk = self._prep(offset, n, False)
+        if n:
+            rc = lib.gfu_get(ep._ptr, rk._ptr, ffi.from_buffer(ptr), n, self.remote_addr + offset, self.timeout)
+            if rc:
+                raise self._failure(rc, "read_into", ep)
         self.lease.check()  # fail closed: bytes read across an expiry are not returned
 
     def write(self, offset: int, buf: Buffer) -> None:
-        """Put ``buf`` at ``offset``: complete locally on return, remotely visible after :meth:`flush`."""
-        mv = byte_view(buf, writable=False)
-        self._check(offset, mv.nbytes, write=True)
-        if mv.nbytes:
-            ptr = ffi.from_buffer(mv)
-            self._run("write", lambda ep, rk: lib.gfu_put(ep, rk, ptr, mv.nbytes, self.remote_addr + offset, 0,
-                                                           self.timeout))
+        """Put ``buf`` at ``offset``: complete locally on return, remotely visible after :meth:`flush`.
+
+        The bytes go straight from ``buf`` (no copy here; UCX sends from it
+        zero-copy or copies it out, and is done with it when this returns)."""
+        ptr: Any
+        if type(buf) is bytes:  # cffi passes bytes to a const char * as is
+            n, ptr = len(buf), buf
+        else:
+            mv = byte_view(buf, writable=False)
+            n, ptr = mv.nbytes, ffi.from_buffer(mv)
+        ep, rk = self._prep(offset, n, True)
+        if n:
+            rc = lib.gfu_put(ep._ptr, rk._ptr, ptr, n, self.remote_addr + offset, 0, self.timeout)
+            if rc:
+                raise self._failure(rc, "write", ep)
 
     def cas64(self, offset: int, expected: int, desired: int) -> int:
         """Compare-and-swap the 64-bit word at ``offset``; returns the old value (unsigned)."""
-        self._check_word(offset, write=True)
-        old = ffi.new("uint64_t *")
-        ep, rk = self._handles()
+        ep, rk = self._prep_word(offset, True)
+        old = _u64_out()
         rc = lib.gfu_cas64(ep._ptr, rk._ptr, self.remote_addr + offset, expected & U64, desired & U64, old,
                            self.timeout)
         if rc:
@@ -210,9 +243,8 @@ class UcxRegion:
 
     def faa64(self, offset: int, add: int) -> int:
         """Fetch-and-add on the 64-bit word at ``offset`` (wraps mod 2**64); returns the old value."""
-        self._check_word(offset, write=True)
-        old = ffi.new("uint64_t *")
-        ep, rk = self._handles()
+        ep, rk = self._prep_word(offset, True)
+        old = _u64_out()
         rc = lib.gfu_faa64(ep._ptr, rk._ptr, self.remote_addr + offset, add & U64, old, self.timeout)
         if rc:
             raise self._failure(rc, "faa64", ep)
@@ -220,33 +252,37 @@ class UcxRegion:
 
     def load64(self, offset: int) -> int:
         """Read the little-endian word at ``offset`` (acquire: completes with the data)."""
-        self._check_word(offset)
-        out = bytearray(8)
-        ptr = ffi.from_buffer(out)
-        self._run("load64", lambda ep, rk: lib.gfu_get(ep, rk, ptr, 8, self.remote_addr + offset, self.timeout))
+        ep, rk = self._prep_word(offset, False)
+        out = _u64_out()
+        rc = lib.gfu_load64(ep._ptr, rk._ptr, self.remote_addr + offset, out, self.timeout)
+        if rc:
+            raise self._failure(rc, "load64", ep)
         self.lease.check()
-        return int.from_bytes(out, "little")
+        return int(out[0])
 
     def store64(self, offset: int, value: int) -> None:
         """Write the little-endian word at ``offset`` (release: put + flush, so everything earlier is visible)."""
-        self._check_word(offset, write=True)
-        data = (value & U64).to_bytes(8, "little")
-        self._run("store64", lambda ep, rk: lib.gfu_put(ep, rk, data, 8, self.remote_addr + offset, 1,
-                                                         self.timeout))
+        ep, rk = self._prep_word(offset, True)
+        rc = lib.gfu_store64(ep._ptr, rk._ptr, self.remote_addr + offset, value & U64, self.timeout)
+        if rc:
+            raise self._failure(rc, "store64", ep)
 
     def flush(self) -> None:
         """Wait until every put is remotely visible."""
-        self._check(0, 0)
-        self._run("flush", lambda ep, rk: lib.gfu_flush(ep, self.timeout))
+        ep, _ = self._prep(0, 0, False)
+        rc = lib.gfu_flush(ep._ptr, self.timeout)
+        if rc:
+            raise self._failure(rc, "flush", ep)
 
     def bench(self, op: str, nbytes: int, iters: int) -> list[float]:
         """Per-operation latencies (µs) of a tight C loop of ``op`` (put, put_flush, get, cas, faa) on word 0."""
         ops = {"put": 0, "put_flush": 1, "get": 2, "cas": 3, "faa": 4}
-        self._check(0, nbytes, write=op != "get")
+        ep, rk = self._prep(0, nbytes, op != "get")
         buf = bytearray(max(8, nbytes))
         lat = ffi.new("double[]", iters)
-        self._run(f"bench {op}", lambda ep, rk: lib.gfu_bench(ep, rk, ops[op], ffi.from_buffer(buf), nbytes,
-                                                               self.remote_addr, iters, lat))
+        rc = lib.gfu_bench(ep._ptr, rk._ptr, ops[op], ffi.from_buffer(buf), nbytes, self.remote_addr, iters, lat)
+        if rc:
+            raise self._failure(rc, f"bench {op}", ep)
         return list(lat)
 
     def close(self) -> None:
