@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,56 +31,83 @@ __all__ = ["main", "perftest", "perftest_netns", "queue_rates", "run", "run_netn
 _SECRET = b"grafos-bench-ucx-secret-32-bytes"
 
 
-def perftest(test: str, size: int, iters: int, tls: str) -> float | None:
-    """``ucx_perftest`` -t TEST on loopback: typical latency (µs) or bandwidth (MB/s); None where absent."""
+def _parse_perftest(out: str, test: str) -> float | None:
+    """The figure of ``ucx_perftest``'s last ``Final:`` row: typical latency (µs, its p50) for a latency
+    test, overall bandwidth (MB/s) for a ``*_bw`` test; None when there is no such row.
+
+    ``Final:`` columns: iterations, latency p50, latency average (of the last report interval only),
+    latency overall, bandwidth average (last interval), bandwidth overall, message rate average,
+    overall. The bandwidth is the *overall* one: the last interval's is a few iterations under
+    whatever the scheduler did then (it ranged 5-250 MB/s in one run where the overall stayed
+    120-240)."""
+    rows = [line for line in out.splitlines() if line.startswith("Final:")]
+    if not rows:
+        return None
+    cols = rows[-1].split()[1:]
+    try:
+        return float(cols[5]) if test.endswith("_bw") else float(cols[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _perftest_args(test: str, size: int, iters: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The client's test flags: an explicit warm-up (the default is 10,000 iterations, 10 GB at 1 MiB)."""
+    return ["-t", test, "-s", str(size), "-n", str(iters), "-w", str(max(10, iters // 10)), *extra]
+
+
+# ucp_put_bw: its best of these outstanding-request windows, measured in the same run (-O 1 is what
+# a write that waits for local completion does; the default window, unlimited, queues every put on
+# a socket the responder drains only as fast as it is scheduled)
+_PUT_BW_WINDOWS: tuple[tuple[str, ...], ...] = (("-O", "1"), ("-O", "4"), ())
+
+
+def _run_perftest(server: list[str], client: list[str], server_env: dict[str, str], client_env: dict[str, str],
+                  test: str) -> float | None:
+    proc = subprocess.Popen(server, env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = subprocess.run(client, env=client_env, capture_output=True, text=True, timeout=120).stdout
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        proc.kill()
+        proc.wait()
+    return _parse_perftest(out, test)
+
+
+def perftest(test: str, size: int, iters: int, tls: str, extra: tuple[str, ...] = ()) -> float | None:
+    """``ucx_perftest`` -t TEST on loopback: typical latency (µs) or overall bandwidth (MB/s); None where absent."""
     exe = shutil.which("ucx_perftest")
     if exe is None:
         return None
     env = {**os.environ, "UCX_TLS": tls, "UCX_NET_DEVICES": "lo"}
     port = str(13337 + os.getpid() % 1000)
-    server = subprocess.Popen([exe, "-p", port], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
-        out = subprocess.run([exe, "127.0.0.1", "-p", port, "-t", test, "-s", str(size), "-n", str(iters)],
-                             env=env, capture_output=True, text=True, timeout=120).stdout
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
-        server.kill()
-        server.wait()
-    rows = [line for line in out.splitlines() if line.startswith("Final:")]
-    if not rows:
-        return None
-    cols = rows[-1].split()[1:]
-    # Final: iterations, latency p50, average, overall, bandwidth (MB/s) average, overall, msgrate ...
-    return float(cols[4]) if test.endswith("_bw") else float(cols[1])
+    return _run_perftest([exe, "-p", port], [exe, "127.0.0.1", "-p", port, *_perftest_args(test, size, iters, extra)],
+                         env, env, test)
 
 
-def perftest_netns(test: str, size: int, iters: int, pair: Any, port: int) -> float | None:
+def perftest_netns(test: str, size: int, iters: int, pair: Any, port: int,
+                   extra: tuple[str, ...] = ()) -> float | None:
     """``ucx_perftest`` across two namespaces (server in A, client in B, tcp over the veth):
-    typical latency (µs) or bandwidth (MB/s); None where absent or failed."""
+    typical latency (µs) or overall bandwidth (MB/s); None where absent or failed."""
     exe = shutil.which("ucx_perftest")
     if exe is None:
         return None
     base = {**os.environ, "UCX_TLS": "tcp"}
-    server = subprocess.Popen(["ip", "netns", "exec", pair.ns_a, exe, "-p", str(port)],
-                              env={**base, "UCX_NET_DEVICES": pair.dev_a}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
-        out = subprocess.run(["ip", "netns", "exec", pair.ns_b, exe, pair.ip_a, "-p", str(port), "-t", test, "-s",
-                              str(size), "-n", str(iters)], env={**base, "UCX_NET_DEVICES": pair.dev_b},
-                             capture_output=True, text=True, timeout=120).stdout
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
-        server.kill()
-        server.wait()
-    rows = [line for line in out.splitlines() if line.startswith("Final:")]
-    if not rows:
-        return None
-    cols = rows[-1].split()[1:]
-    return float(cols[4]) if test.endswith("_bw") else float(cols[1])
+    return _run_perftest(["ip", "netns", "exec", pair.ns_a, exe, "-p", str(port)],
+                         ["ip", "netns", "exec", pair.ns_b, exe, pair.ip_a, "-p", str(port),
+                          *_perftest_args(test, size, iters, extra)],
+                         {**base, "UCX_NET_DEVICES": pair.dev_a}, {**base, "UCX_NET_DEVICES": pair.dev_b}, test)
+
+
+def _best_put_bw(run_one: Callable[[tuple[str, ...]], float | None]) -> tuple[float | None, str]:
+    """``ucp_put_bw`` at each window of :data:`_PUT_BW_WINDOWS`: the best figure and its flags."""
+    best: tuple[float | None, str] = (None, "")
+    for flags in _PUT_BW_WINDOWS:
+        got = run_one(flags)
+        if got is not None and (best[0] is None or got > best[0]):
+            best = (got, " ".join(flags) or "default window")
+    return best
 
 
 # the perftest test beside each operation: ucp_put_lat is a ping-pong (half a round trip), so the
@@ -87,13 +115,20 @@ def perftest_netns(test: str, size: int, iters: int, pair: Any, port: int) -> fl
 _PERFTEST = {"cas": "ucp_cswap", "faa": "ucp_fadd", "put_flush": "ucp_put_lat", "get": "ucp_get"}
 
 
-def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None,
-              node_progress: str = "busy") -> list[dict[str, Any]]:
+def _spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of one figure over the rounds."""
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
+
+
+def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None, node_progress: str = "busy",
+              rounds: int = 5) -> list[dict[str, Any]]:
     """Across two network namespaces (root): the memory node (``serve --driver ucx``, busy progress)
     in A, this client in B, tcp over a veth. Raw operation latencies from Python and from the C
     loop, 1 MiB queue items (producer and consumer in B) and raw 1 MiB puts, each beside
-    ``ucx_perftest`` between the same namespaces, in the same run. Returns rows; one row with
-    ``error`` where namespaces are not possible."""
+    ``ucx_perftest`` between the same namespaces. ``rounds`` times, alternating (our client, then
+    perftest: the two never share the cores), so each ratio pairs figures taken a few seconds
+    apart; every figure is reported as the median over the rounds with its min and max. Returns
+    rows; one row with ``error`` where namespaces are not possible."""
     import tempfile
 
     from grafos_fabric.tools import netns
@@ -101,64 +136,106 @@ def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None,
     why = netns.unavailable()
     if why is not None:
         return [{"case": "ucx netns", "error": f"no network namespaces: {why}"}]
-    rows: list[dict[str, Any]] = []
+    per_round: list[list[dict[str, Any]]] = []
+    port = 13400 + os.getpid() % 500
     with tempfile.TemporaryDirectory(prefix="grafos-bench-ucx-") as tmp, netns.veth_pair() as pair:
         token = os.path.join(tmp, "node.token")
-        node = subprocess.Popen(
-            ["ip", "netns", "exec", pair.ns_a, sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx",
-             "--host", pair.ip_a, "--allow-remote", "--port", "7400", "--token-file", token, "--pool", "256M",
-             "--ucx-net-devices", pair.dev_a, "--ucx-progress", node_progress, "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, text=True)
-        try:
-            assert node.stdout is not None
-            line = node.stdout.readline()
-            while line and not line.startswith("serving "):
-                line = node.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the memory node did not start (exit {node.wait()})")
+        for rnd in range(rounds):
             if progress:
-                progress("ucx netns: operations")
-            # the client is a process in B (``ip netns exec`` also gives it B's /sys, where UCX finds the veth)
-            url = f"ucx://{pair.ip_a}:7400?tls=tcp&net_devices={pair.dev_b}"
-            argv = [sys.executable, "-m", "grafos_fabric.tools.bench_ucx", "--netns-client", url, token,
-                    str(iters), str(seconds)]
-            out = subprocess.run(["ip", "netns", "exec", pair.ns_b, *argv], capture_output=True, text=True,
-                                 timeout=600)
-            got = [ln for ln in out.stdout.splitlines() if ln.startswith("[")]
-            if out.returncode or not got:
-                raise RuntimeError(f"the client in {pair.ns_b} failed (exit {out.returncode}): {out.stderr[-2000:]}")
-            rows.extend(json.loads(got[-1]))
-        finally:
-            node.kill()
-            node.wait()
-        # perftest after our node is gone: the two never share the cores
-        port = 13400 + os.getpid() % 500
-        for row in rows:
-            if progress:
-                progress(f"ucx netns: perftest {row['perftest_test']}")
-            size = 1 << 20 if row["op"].startswith(("put 1 MiB", "queue 1 MiB")) else 8
-            n = max(100, iters // 20) if size > 8 else iters
-            test = row["perftest_test"]
-            if row["op"].startswith("queue") and any(r.get("perftest_test") == test and "perftest" in r for r in rows):
-                row["perftest"] = next(r["perftest"] for r in rows if r.get("perftest_test") == test
-                                       and "perftest" in r)
-            else:
-                row["perftest"] = perftest_netns(test, size, n, pair, port)
-            port += 1
-            pt = row["perftest"]
-            if row["op"] == "get":
-                # ucp_get is a bandwidth-style test whose responder does not progress over tcp: its
-                # "latency" is milliseconds, not a round trip (FAA/CAS are the round-trip reference)
-                row["perftest_note"] = "not comparable over tcp"
-            elif pt:
-                if "MB_per_s" in row:
-                    row["ratio"] = row["MB_per_s"] / pt  # >= 0.8 is the target
+                progress(f"ucx netns: round {rnd + 1}/{rounds}: operations")
+            rows = _netns_client_round(pair, token, iters, seconds, node_progress)
+            # perftest after our node is gone: the two never share the cores
+            bw: dict[str, Any] = {}
+            for row in rows:
+                test = row["perftest_test"]
+                if progress:
+                    progress(f"ucx netns: round {rnd + 1}/{rounds}: perftest {test}")
+                if test == "ucp_put_bw":
+                    if not bw:
+                        n = max(100, min(500, iters // 20))
+
+                        def one(flags: tuple[str, ...], n: int = n) -> float | None:
+                            nonlocal port
+                            port += 1
+                            return perftest_netns("ucp_put_bw", 1 << 20, n, pair, port, flags)
+
+                        bw["perftest"], bw["perftest_flags"] = _best_put_bw(one)
+                    row.update(bw)
                 else:
-                    same = 2 * pt if row["op"] == "put_flush" else pt  # a whole round trip either way
-                    row["perftest_same_work"] = same
-                    row["ratio_py"] = row["py_p50"] / same  # <= 1.3 is the target
-                    row["ratio_c"] = row["c_p50"] / same
-    return rows
+                    port += 1
+                    row["perftest"] = perftest_netns(test, 8, iters, pair, port)
+                _ratios(row)
+            per_round.append(rows)
+    return _merge_rounds(per_round)
+
+
+def _netns_client_round(pair: Any, token: str, iters: int, seconds: float, node_progress: str) -> list[dict[str, Any]]:
+    """One round: a fresh memory node in A, the client process in B; its rows."""
+    node = subprocess.Popen(
+        ["ip", "netns", "exec", pair.ns_a, sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx",
+         "--host", pair.ip_a, "--allow-remote", "--port", "7400", "--token-file", token, "--pool", "256M",
+         "--ucx-net-devices", pair.dev_a, "--ucx-progress", node_progress, "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None
+        line = node.stdout.readline()
+        while line and not line.startswith("serving "):
+            line = node.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the memory node did not start (exit {node.wait()})")
+        # the client is a process in B (``ip netns exec`` also gives it B's /sys, where UCX finds the veth)
+        url = f"ucx://{pair.ip_a}:7400?tls=tcp&net_devices={pair.dev_b}"
+        argv = [sys.executable, "-m", "grafos_fabric.tools.bench_ucx", "--netns-client", url, token,
+                str(iters), str(seconds)]
+        out = subprocess.run(["ip", "netns", "exec", pair.ns_b, *argv], capture_output=True, text=True, timeout=600)
+        got = [ln for ln in out.stdout.splitlines() if ln.startswith("[")]
+        if out.returncode or not got:
+            raise RuntimeError(f"the client in {pair.ns_b} failed (exit {out.returncode}): {out.stderr[-2000:]}")
+        rows: list[dict[str, Any]] = json.loads(got[-1])
+        return rows
+    finally:
+        node.kill()
+        node.wait()
+
+
+def _ratios(row: dict[str, Any]) -> None:
+    """This round's ratios to perftest (the targets: latency <= 1.3x, 1 MiB bandwidth >= 0.8x)."""
+    pt = row.get("perftest")
+    if row["op"] == "get":
+        # ucp_get is a bandwidth-style test whose responder does not progress over tcp: its
+        # "latency" is milliseconds, not a round trip (FAA/CAS are the round-trip reference)
+        row["perftest_note"] = "not comparable over tcp"
+    elif pt:
+        if "MB_per_s" in row:
+            row["ratio"] = row["MB_per_s"] / pt  # >= 0.8 is the target
+        else:
+            same = 2 * pt if row["op"] == "put_flush" else pt  # a whole round trip either way
+            row["perftest_same_work"] = same
+            row["ratio_py"] = row["py_p50"] / same  # <= 1.3 is the target
+            row["ratio_c"] = row["c_p50"] / same
+
+
+_FIGURES = ("py_p50", "py_p99", "c_p50", "c_p99", "perftest", "perftest_same_work", "ratio_py", "ratio_c",
+            "MB_per_s", "items_per_s", "ratio")
+
+
+def _merge_rounds(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per operation: each figure's median over the rounds (``fig``), ``fig_min``, ``fig_max``."""
+    merged: list[dict[str, Any]] = []
+    for i, first in enumerate(per_round[0]):
+        rows = [r[i] for r in per_round if i < len(r)]
+        out = {k: v for k, v in first.items() if k not in _FIGURES}
+        out["rounds"] = len(rows)
+        for fig in _FIGURES:
+            vals = [float(r[fig]) for r in rows if r.get(fig) is not None]
+            if vals:
+                sp = _spread(vals)
+                out[fig], out[f"{fig}_min"], out[f"{fig}_max"] = sp["median"], sp["min"], sp["max"]
+        flags = sorted({str(r["perftest_flags"]) for r in rows if r.get("perftest_flags")})
+        if flags:
+            out["perftest_flags"] = ", ".join(flags)
+        merged.append(out)
+    return merged
 
 
 def _client_ops(url: str, token: str, iters: int, seconds: float) -> list[dict[str, Any]]:
@@ -266,8 +343,9 @@ def run(tls: str = "tcp", iters: int = 20000) -> list[dict[str, Any]]:
             r.write(0, big)
         r.flush()
         mbs = n * len(big) / (time.perf_counter() - start) / 1e6
-        rows.append({"op": "put 1 MiB (MB/s)", "py_p50": mbs,
-                     "perftest": perftest("ucp_put_bw", 1 << 20, max(100, iters // 10), tls),
+        pt, flags = _best_put_bw(lambda extra: perftest("ucp_put_bw", 1 << 20, max(100, min(500, iters // 10)),
+                                                        tls, extra))
+        rows.append({"op": "put 1 MiB (MB/s)", "py_p50": mbs, "perftest": pt, "perftest_flags": flags,
                      "perftest_test": "ucp_put_bw"})
         r.close()
         conn.close()
@@ -395,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--netns", action="store_true",
                     help="across two network namespaces (root): node in one, client in the other, tcp over a veth")
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds of 1 MiB queue traffic (--netns)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of ours then perftest (--netns)")
     ap.add_argument("--netns-client", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.netns_client:
@@ -407,7 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"UCX unavailable: {ucx.available()}")
         return 69
     if args.netns:
-        return _print_netns(run_netns(args.iters, args.seconds), ucx.version())
+        before = os.getloadavg()[0]
+        rows = run_netns(args.iters, args.seconds, rounds=max(1, args.rounds))
+        print(f"load average (1 min) {before:.2f} before, {os.getloadavg()[0]:.2f} after")
+        return _print_netns(rows, ucx.version())
     print(f"UCX {ucx.version()}, UCX_TLS={args.tls}, loopback; µs unless stated; perftest measured in this run")
     print(f"{'op':18} {'py p50':>8} {'py p99':>8} {'C p50':>8} {'C p99':>8} {'perftest':>9}  (test)")
     for row in run(args.tls, args.iters):
@@ -420,24 +502,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _fmt(row: dict[str, Any], fig: str, spec: str) -> str:
+    """``median [min-max]`` of a figure over the rounds, ``-`` where absent."""
+    if row.get(fig) is None:
+        return "-"
+    lo, hi = row.get(f"{fig}_min", row[fig]), row.get(f"{fig}_max", row[fig])
+    return f"{row[fig]:{spec}} [{lo:{spec}}-{hi:{spec}}]"
+
+
 def _print_netns(rows: list[dict[str, Any]], version: str) -> int:
     if rows and "error" in rows[0]:
         print(rows[0]["error"])
         return 69
+    n = rows[0].get("rounds", 1) if rows else 0
     print(f"UCX {version}, tcp between two network namespaces (veth), memory node in one, client in the other; "
-          "µs unless stated; ucx_perftest between the same namespaces, in this run")
-    print(f"{'op':18} {'py p50':>8} {'py p99':>9} {'C p50':>8} {'C p99':>9} {'perftest':>9} {'same work':>9} "
-          f"{'py/pt':>6} {'C/pt':>6}  (test)")
+          f"µs unless stated; ucx_perftest between the same namespaces, in this run, alternating with ours; "
+          f"median [min-max] over {n} rounds")
     for row in rows:
-        pt = "-" if row.get("perftest") is None else f"{row['perftest']:.2f}"
         if "c_p50" in row:
-            same = row.get("perftest_same_work")
-            print(f"{row['op']:18} {row['py_p50']:8.2f} {row['py_p99']:9.1f} {row['c_p50']:8.2f} {row['c_p99']:9.1f} "
-                  f"{pt:>9} {'-' if same is None else f'{same:.2f}':>9} {row.get('ratio_py', 0):6.2f} "
-                  f"{row.get('ratio_c', 0):6.2f}  ({row['perftest_test']})")
+            print(f"{row['op']:10} py p50 {_fmt(row, 'py_p50', '.2f'):24} C p50 {_fmt(row, 'c_p50', '.2f'):24} "
+                  f"perftest {_fmt(row, 'perftest_same_work', '.2f'):24} py/pt {_fmt(row, 'ratio_py', '.2f'):20} "
+                  f"C/pt {_fmt(row, 'ratio_c', '.2f'):20} ({row['perftest_test']}"
+                  f"{', x2: half a round trip' if row['op'] == 'put_flush' else ''}"
+                  f"{', ' + row['perftest_note'] if row.get('perftest_note') else ''})")
         else:
-            print(f"{row['op'] + ' MB/s':18} {row['MB_per_s']:8.0f} {'':9} {'':8} {'':9} {pt:>9} {'':9} "
-                  f"{row.get('ratio', 0):6.2f} {'':6}  ({row['perftest_test']})")
+            print(f"{row['op']:18} MB/s {_fmt(row, 'MB_per_s', '.0f'):20} perftest {_fmt(row, 'perftest', '.0f'):20} "
+                  f"ours/pt {_fmt(row, 'ratio', '.2f'):20} ({row['perftest_test']}, best of its windows: "
+                  f"{row.get('perftest_flags', '-')})")
     return 0
 
 
