@@ -96,6 +96,48 @@ def test_one_sided_operations_round_trip_in_one_process(local: Any) -> None:
 
 
 @needs_ucx
+def test_words_are_little_endian_in_the_node_and_each_thread_gets_its_own_results(local: Any) -> None:
+    """load64/store64 are one C call each (the word in the endpoint's heap slot); cas64/faa64/load64
+    return through a per-thread result cell: threads hammering one word must each see their own."""
+    import threading
+
+    import numpy as np
+
+    r, _link, span, _reg = local
+    node = ucx.ffi.buffer(ucx.ffi.cast("char *", span.addr), 64)
+    r.store64(16, 0x0102030405060708)
+    assert bytes(node[16:24]) == bytes([8, 7, 6, 5, 4, 3, 2, 1])  # little-endian, as the ring's words
+    assert r.load64(16) == 0x0102030405060708
+    r.store64(16, -1)  # masked to 64 bits, like the other drivers
+    assert r.load64(16) == 2**64 - 1
+    # every buffer kind a caller passes: bytes and bytearray as is, numpy and memoryview through byte_view
+    r.write(64, b"abcd")
+    r.write(68, bytearray(b"efgh"))
+    r.write(72, np.frombuffer(b"ijkl", np.uint8))
+    r.write(76, memoryview(b"mnop"))
+    r.flush()
+    back, arr = bytearray(16), np.zeros(16, np.uint8)
+    r.read_into(64, back)
+    r.read_into(64, arr)
+    assert bytes(back) == arr.tobytes() == b"abcdefghijklmnop"
+    r.store64(0, 0)
+    olds: list[list[int]] = [[] for _ in range(4)]
+
+    def hammer(i: int) -> None:
+        for _ in range(300):
+            olds[i].append(r.faa64(0, 1))
+            assert r.load64(0) >= olds[i][-1] + 1
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(v for o in olds for v in o) == list(range(1200))  # each old value seen exactly once
+    assert r.load64(0) == 1200
+
+
+@needs_ucx
 def test_bad_offsets_and_closed_regions_fail_with_typed_errors(local: Any) -> None:
     r, _link, _span, _reg = local
     with pytest.raises(CapacityExceeded):
@@ -500,3 +542,29 @@ def test_a_region_of_a_node_that_restarted_on_the_same_address_fails_closed() ->
     finally:
         f.close()
         node.close()
+
+
+@needs_ucx
+def test_the_binding_declarations_come_from_the_one_header_the_c_code_includes() -> None:
+    """gf_ucx_api.h (status codes, handle types, prototypes) is what gf_ucx.c includes and what
+    build_ucx.py gives ffi.cdef, unchanged: nothing of the API is typed twice."""
+    import importlib.util
+    import pathlib
+    import re
+
+    native = pathlib.Path(HERE).parent / "native"
+    api = (native / "gf_ucx_api.h").read_text()
+    assert not [line for line in api.splitlines() if line.lstrip().startswith("#")]  # cdef takes it as it is
+    assert '#include "gf_ucx_api.h"' in (native / "gf_ucx.h").read_text()
+    assert not (native / "gf_ucx_cdef.h").exists()
+    spec = importlib.util.spec_from_file_location("_build_ucx_under_test", native / "build_ucx.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert build.cdef_text() == api
+    c_src = (native / "gf_ucx.c").read_text() + (native / "gf_ucx.h").read_text()
+    assert not re.findall(r"#define\s+GFU_(?!CLOSE_GRACE|GROUP_MAX|BACKLOG)\w+", c_src)  # codes: the header's enum
+    assert not re.findall(r"typedef struct gfu_\w+ gfu_\w+;", c_src)
+    names = re.findall(r"\b(gfu_\w+)\s*\(", re.sub(r"/\*.*?\*/", "", api, flags=re.S))
+    assert len(names) > 30
+    assert [n for n in names if not hasattr(ucx.lib, n)] == []

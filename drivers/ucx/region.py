@@ -30,16 +30,15 @@ _OUT = threading.local()
 
 
 def _u64_out() -> Any:
-    """This thread's ``uint64_t`` result cell for cas64/faa64/load64 (no allocation per operation).
+    """This thread's ``uint64_t`` result cell for cas64/faa64/load64 (``_OUT.u64``: no allocation per
+    operation; the operations read ``_OUT.u64`` and call this only the first time on a thread).
 
     Per thread, because operations of one region may run on several threads
     at once; a thread runs one operation at a time (nothing calls back into
     Python while the C call runs), and each reads its result right after."""
-    try:
-        return _OUT.u64
-    except AttributeError:
-        _OUT.u64 = ffi.new("uint64_t *")
-        return _OUT.u64
+    cell = ffi.new("uint64_t *")
+    _OUT.u64 = cell
+    return cell
 
 
 class UcxRegion:
@@ -127,14 +126,17 @@ class UcxRegion:
             raise type(self._dead)(str(self._dead))
         self._live_gen = gen
 
-    def _prep(self, offset: int, length: int, write: bool) -> tuple[UcxEndpoint, Rkey]:
+    def _prep(self, offset: int, length: int, write: bool, word: bool = False) -> tuple[UcxEndpoint, Rkey]:
         """Every check an operation makes before it runs, then its endpoint and rkey.
 
-        In order: closed, the lease (revoked, expired: fail closed), what the
-        node said (terminal), write rights, the range. The handles come from
+        In order: alignment (``word``: a 64-bit operation), closed, the lease
+        (revoked, expired: fail closed), what the node said (terminal), write
+        rights, the range. The handles come from
         the fast path while the connector still uses the endpoint this rkey was
         unpacked on, else :meth:`_handles` (reconnect, node restart and
         ``_confirm_live`` checks). One call on the per-operation path."""
+        if word and isinstance(offset, int) and offset & 7:
+            raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {offset}")
         if self._closed:
             raise QueueClosed(f"region {self.lease.id} is closed")
         self.lease.check()
@@ -150,11 +152,6 @@ class UcxRegion:
         if h is not None and conn._ep is h[0] and not conn._closed:
             return h
         return self._handles()
-
-    def _prep_word(self, offset: int, write: bool) -> tuple[UcxEndpoint, Rkey]:
-        if isinstance(offset, int) and offset & 7:
-            raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {offset}")
-        return self._prep(offset, 8, write)
 
     def _failure(self, rc: int, op: str, ep: UcxEndpoint) -> FabricError:
         """The typed error of a failed operation (the endpoint is already force-closed).
@@ -233,8 +230,11 @@ class UcxRegion:
 
     def cas64(self, offset: int, expected: int, desired: int) -> int:
         """Compare-and-swap the 64-bit word at ``offset``; returns the old value (unsigned)."""
-        ep, rk = self._prep_word(offset, True)
-        old = _u64_out()
+        ep, rk = self._prep(offset, 8, True, True)
+        try:
+            old = _OUT.u64
+        except AttributeError:
+            old = _u64_out()
         rc = lib.gfu_cas64(ep._ptr, rk._ptr, self.remote_addr + offset, expected & U64, desired & U64, old,
                            self.timeout)
         if rc:
@@ -243,8 +243,11 @@ class UcxRegion:
 
     def faa64(self, offset: int, add: int) -> int:
         """Fetch-and-add on the 64-bit word at ``offset`` (wraps mod 2**64); returns the old value."""
-        ep, rk = self._prep_word(offset, True)
-        old = _u64_out()
+        ep, rk = self._prep(offset, 8, True, True)
+        try:
+            old = _OUT.u64
+        except AttributeError:
+            old = _u64_out()
         rc = lib.gfu_faa64(ep._ptr, rk._ptr, self.remote_addr + offset, add & U64, old, self.timeout)
         if rc:
             raise self._failure(rc, "faa64", ep)
@@ -252,8 +255,11 @@ class UcxRegion:
 
     def load64(self, offset: int) -> int:
         """Read the little-endian word at ``offset`` (acquire: completes with the data)."""
-        ep, rk = self._prep_word(offset, False)
-        out = _u64_out()
+        ep, rk = self._prep(offset, 8, False, True)
+        try:
+            out = _OUT.u64
+        except AttributeError:
+            out = _u64_out()
         rc = lib.gfu_load64(ep._ptr, rk._ptr, self.remote_addr + offset, out, self.timeout)
         if rc:
             raise self._failure(rc, "load64", ep)
@@ -262,7 +268,7 @@ class UcxRegion:
 
     def store64(self, offset: int, value: int) -> None:
         """Write the little-endian word at ``offset`` (release: put + flush, so everything earlier is visible)."""
-        ep, rk = self._prep_word(offset, True)
+        ep, rk = self._prep(offset, 8, True, True)
         rc = lib.gfu_store64(ep._ptr, rk._ptr, self.remote_addr + offset, value & U64, self.timeout)
         if rc:
             raise self._failure(rc, "store64", ep)
