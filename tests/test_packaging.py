@@ -126,8 +126,24 @@ def test_sdist_is_complete_and_the_wheel_is_tagged_abi3(tmp_path: Path) -> None:
     assert "grafos_fabric/_native.abi3.so" in wnames and "grafos_fabric/py.typed" in wnames
     assert "grafos_fabric/_item.abi3.so" in wnames
     assert "grafos_fabric/drivers/shm.py" in wnames and "grafos_fabric/tools/cli.py" in wnames
+    assert "grafos_fabric/drivers/ucx/region.py" in wnames
     assert any(n.endswith("licenses/LICENSE") for n in wnames)
     assert not any(n.endswith(".sh") for n in wnames)
+
+
+def test_every_package_folder_is_listed_for_the_wheel() -> None:
+    """pyproject lists the packages by name (no find): a folder with an __init__.py that is not listed
+    would work from the checkout and an editable install but be missing from the wheel."""
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = set()
+    for top, name in ((ROOT / "grafos_fabric", "grafos_fabric"), (ROOT / "drivers", "grafos_fabric.drivers"),
+                      (ROOT / "tools", "grafos_fabric.tools")):
+        for init in top.rglob("__init__.py"):
+            rel = init.parent.relative_to(top)
+            if any(part in ("drivers", "tools") for part in rel.parts[:1]) and top.name == "grafos_fabric":
+                continue  # the links: counted under their own folders
+            found.add(".".join([name, *rel.parts]))
+    assert found - listed == set(), f"package folders missing from pyproject's packages: {sorted(found - listed)}"
 
 
 def test_the_source_tree_is_the_import_tree():
