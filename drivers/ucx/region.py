@@ -70,7 +70,8 @@ class UcxRegion:
         self.timeout = connector.timeout
         self._rkey: Rkey | None = None
         self._rkey_gen = -1
-        self._h: tuple[UcxEndpoint, Rkey] | None = None
+        # (endpoint, rkey, their C handles): what _prep hands each operation
+        self._h: tuple[UcxEndpoint, Rkey, Any, Any] | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._dead: FabricError | None = None  # the node said the lease is revoked/gone: terminal
@@ -85,7 +86,7 @@ class UcxRegion:
         self._live_gen = connector.generation if ep is not None and not ep.failed else -1
 
     # -- plumbing --------------------------------------------------------------
-    def _handles(self) -> tuple[UcxEndpoint, Rkey]:
+    def _handles(self) -> tuple[UcxEndpoint, Rkey, Any, Any]:
         h = self._h
         conn = self.connector
         if h is not None and conn._ep is h[0] and not conn._closed:
@@ -109,7 +110,7 @@ class UcxRegion:
                     self._rkey = None
                 self._rkey = Rkey(ep, self._packed)
                 self._rkey_gen = gen
-            self._h = (ep, self._rkey)
+            self._h = (ep, self._rkey, ep.ptr, self._rkey.ptr)
             return self._h
 
     def _confirm_live(self, gen: int) -> None:
@@ -126,8 +127,8 @@ class UcxRegion:
             raise type(self._dead)(str(self._dead))
         self._live_gen = gen
 
-    def _prep(self, offset: int, length: int, write: bool, word: bool = False) -> tuple[UcxEndpoint, Rkey]:
-        """Every check an operation makes before it runs, then its endpoint and rkey.
+    def _prep(self, offset: int, length: int, write: bool, word: bool = False) -> tuple[UcxEndpoint, Rkey, Any, Any]:
+        """Every check an operation makes before it runs, then its endpoint and rkey (and their C handles).
 
         In order: alignment (``word``: a 64-bit operation), closed, the lease
         (revoked, expired: fail closed), what the node said (terminal), write
@@ -204,9 +205,9 @@ class UcxRegion:
         else:
             mv = byte_view(buf, writable=True)
             n, ptr = mv.nbytes, mv
-        ep, rk = self._prep(offset, n, False)
+        ep, _, e, k = self._prep(offset, n, False)
         if n:
-            rc = lib.gfu_get(ep._ptr, rk._ptr, ffi.from_buffer(ptr), n, self.remote_addr + offset, self.timeout)
+            rc = lib.gfu_get(e, k, ffi.from_buffer(ptr), n, self.remote_addr + offset, self.timeout)
             if rc:
                 raise self._failure(rc, "read_into", ep)
         self.lease.check()  # fail closed: bytes read across an expiry are not returned
@@ -222,20 +223,20 @@ class UcxRegion:
         else:
             mv = byte_view(buf, writable=False)
             n, ptr = mv.nbytes, ffi.from_buffer(mv)
-        ep, rk = self._prep(offset, n, True)
+        ep, _, e, k = self._prep(offset, n, True)
         if n:
-            rc = lib.gfu_put(ep._ptr, rk._ptr, ptr, n, self.remote_addr + offset, 0, self.timeout)
+            rc = lib.gfu_put(e, k, ptr, n, self.remote_addr + offset, 0, self.timeout)
             if rc:
                 raise self._failure(rc, "write", ep)
 
     def cas64(self, offset: int, expected: int, desired: int) -> int:
         """Compare-and-swap the 64-bit word at ``offset``; returns the old value (unsigned)."""
-        ep, rk = self._prep(offset, 8, True, True)
+        ep, _, e, k = self._prep(offset, 8, True, True)
         try:
             old = _OUT.u64
         except AttributeError:
             old = _u64_out()
-        rc = lib.gfu_cas64(ep._ptr, rk._ptr, self.remote_addr + offset, expected & U64, desired & U64, old,
+        rc = lib.gfu_cas64(e, k, self.remote_addr + offset, expected & U64, desired & U64, old,
                            self.timeout)
         if rc:
             raise self._failure(rc, "cas64", ep)
@@ -243,24 +244,24 @@ class UcxRegion:
 
     def faa64(self, offset: int, add: int) -> int:
         """Fetch-and-add on the 64-bit word at ``offset`` (wraps mod 2**64); returns the old value."""
-        ep, rk = self._prep(offset, 8, True, True)
+        ep, _, e, k = self._prep(offset, 8, True, True)
         try:
             old = _OUT.u64
         except AttributeError:
             old = _u64_out()
-        rc = lib.gfu_faa64(ep._ptr, rk._ptr, self.remote_addr + offset, add & U64, old, self.timeout)
+        rc = lib.gfu_faa64(e, k, self.remote_addr + offset, add & U64, old, self.timeout)
         if rc:
             raise self._failure(rc, "faa64", ep)
         return int(old[0])
 
     def load64(self, offset: int) -> int:
         """Read the little-endian word at ``offset`` (acquire: completes with the data)."""
-        ep, rk = self._prep(offset, 8, False, True)
+        ep, _, e, k = self._prep(offset, 8, False, True)
         try:
             out = _OUT.u64
         except AttributeError:
             out = _u64_out()
-        rc = lib.gfu_load64(ep._ptr, rk._ptr, self.remote_addr + offset, out, self.timeout)
+        rc = lib.gfu_load64(e, k, self.remote_addr + offset, out, self.timeout)
         if rc:
             raise self._failure(rc, "load64", ep)
         self.lease.check()
@@ -268,25 +269,25 @@ class UcxRegion:
 
     def store64(self, offset: int, value: int) -> None:
         """Write the little-endian word at ``offset`` (release: put + flush, so everything earlier is visible)."""
-        ep, rk = self._prep(offset, 8, True, True)
-        rc = lib.gfu_store64(ep._ptr, rk._ptr, self.remote_addr + offset, value & U64, self.timeout)
+        ep, _, e, k = self._prep(offset, 8, True, True)
+        rc = lib.gfu_store64(e, k, self.remote_addr + offset, value & U64, self.timeout)
         if rc:
             raise self._failure(rc, "store64", ep)
 
     def flush(self) -> None:
         """Wait until every put is remotely visible."""
-        ep, _ = self._prep(0, 0, False)
-        rc = lib.gfu_flush(ep._ptr, self.timeout)
+        ep, _, e, _ = self._prep(0, 0, False)
+        rc = lib.gfu_flush(e, self.timeout)
         if rc:
             raise self._failure(rc, "flush", ep)
 
     def bench(self, op: str, nbytes: int, iters: int) -> list[float]:
         """Per-operation latencies (µs) of a tight C loop of ``op`` (put, put_flush, get, cas, faa) on word 0."""
         ops = {"put": 0, "put_flush": 1, "get": 2, "cas": 3, "faa": 4}
-        ep, rk = self._prep(0, nbytes, op != "get")
+        ep, _, e, k = self._prep(0, nbytes, op != "get")
         buf = bytearray(max(8, nbytes))
         lat = ffi.new("double[]", iters)
-        rc = lib.gfu_bench(ep._ptr, rk._ptr, ops[op], ffi.from_buffer(buf), nbytes, self.remote_addr, iters, lat)
+        rc = lib.gfu_bench(e, k, ops[op], ffi.from_buffer(buf), nbytes, self.remote_addr, iters, lat)
         if rc:
             raise self._failure(rc, f"bench {op}", ep)
         return list(lat)
