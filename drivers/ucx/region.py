@@ -132,10 +132,10 @@ class UcxRegion:
 
         In order: alignment (``word``: a 64-bit operation), closed, the lease
         (revoked, expired: fail closed), what the node said (terminal), write
-        rights, the range. The handles come from
-        the fast path while the connector still uses the endpoint this rkey was
-        unpacked on, else :meth:`_handles` (reconnect, node restart and
-        ``_confirm_live`` checks). One call on the per-operation path."""
+        rights, the range. The handles come from the fast path while the
+        connector still uses the endpoint this rkey was unpacked on, else from
+        :meth:`_handles` (reconnect, node restart and ``_confirm_live``
+        checks). One Python call on the per-operation path."""
         if word and isinstance(offset, int) and offset & 7:
             raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {offset}")
         if self._closed:
@@ -240,7 +240,7 @@ class UcxRegion:
                            self.timeout)
         if rc:
             raise self._failure(rc, "cas64", ep)
-        return int(old[0])
+        return old[0]
 
     def faa64(self, offset: int, add: int) -> int:
         """Fetch-and-add on the 64-bit word at ``offset`` (wraps mod 2**64); returns the old value."""
@@ -252,7 +252,7 @@ class UcxRegion:
         rc = lib.gfu_faa64(e, k, self.remote_addr + offset, add & U64, old, self.timeout)
         if rc:
             raise self._failure(rc, "faa64", ep)
-        return int(old[0])
+        return old[0]
 
     def load64(self, offset: int) -> int:
         """Read the little-endian word at ``offset`` (acquire: completes with the data)."""
@@ -265,7 +265,7 @@ class UcxRegion:
         if rc:
             raise self._failure(rc, "load64", ep)
         self.lease.check()
-        return int(out[0])
+        return out[0]
 
     def store64(self, offset: int, value: int) -> None:
         """Write the little-endian word at ``offset`` (release: put + flush, so everything earlier is visible)."""
