@@ -115,6 +115,31 @@ def _best_put_bw(run_one: Callable[[tuple[str, ...]], float | None]) -> tuple[fl
 _PERFTEST = {"cas": "ucp_cswap", "faa": "ucp_fadd", "put_flush": "ucp_put_lat", "get": "ucp_get"}
 
 
+def _py_latencies(r: Any, op: str, iters: int) -> Any:
+    """µs per call of one region operation from Python (after 200 warm-up calls): the bound method
+    called with its arguments between two clock reads, nothing else in the timed span."""
+    buf = bytearray(8)
+    method, args = {"cas": (r.cas64, (0, 0, 0)), "faa": (r.faa64, (0, 1)), "put_flush": (r.store64, (0, 1)),
+                    "get": (r.read_into, (0, buf))}[op]
+    for _ in range(200):
+        method(*args)
+    lat = np.empty(iters)
+    clock = time.perf_counter_ns
+    if len(args) == 2:
+        a, b = args
+        for i in range(iters):
+            t0 = clock()
+            method(a, b)
+            lat[i] = clock() - t0
+    else:
+        a, b, c = args
+        for i in range(iters):
+            t0 = clock()
+            method(a, b, c)
+            lat[i] = clock() - t0
+    return lat / 1e3
+
+
 def _spread(values: list[float]) -> dict[str, float]:
     """Median, min and max of one figure over the rounds."""
     return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
@@ -250,21 +275,8 @@ def _client_ops(url: str, token: str, iters: int, seconds: float) -> list[dict[s
     try:
         r = fa.alloc(2 << 20, 600.0)
         assert isinstance(r, ucx.UcxRegion)
-        buf = bytearray(8)
-        py_ops = {
-            "cas": lambda: r.cas64(0, 0, 0),
-            "faa": lambda: r.faa64(0, 1),
-            "put_flush": lambda: r.store64(0, 1),
-            "get": lambda: r.read_into(0, buf),
-        }
-        for op, fn in py_ops.items():
-            for _ in range(200):
-                fn()
-            lat = np.empty(iters)
-            for i in range(iters):
-                t0 = time.perf_counter_ns()
-                fn()
-                lat[i] = (time.perf_counter_ns() - t0) / 1e3
+        for op in _PERFTEST:
+            lat = _py_latencies(r, op, iters)
             c = np.array(r.bench(op, 8, iters))
             rows.append({"op": op, "py_p50": float(np.percentile(lat, 50)), "py_p99": float(np.percentile(lat, 99)),
                          "c_p50": float(np.percentile(c, 50)), "c_p99": float(np.percentile(c, 99)),
@@ -320,21 +332,8 @@ def run(tls: str = "tcp", iters: int = 20000) -> list[dict[str, Any]]:
         lease = Lease("bench", ttl=3600.0, generation=1, cell=LocalLeaseCell(clock.now_ns() + 3600 * NS), clock=clock)
         conn = ucx.UcxConnector(ctx, _Link(reg.open_session("bench")))
         r = conn.region(lease, Grant("bench", 1, nbytes, 3600.0, True, span.access(True)))
-        buf = bytearray(64)
-        py_ops = {
-            "cas": ("ucp_cswap", lambda: r.cas64(0, 0, 0)),
-            "faa": ("ucp_fadd", lambda: r.faa64(0, 1)),
-            "put_flush": ("ucp_put_lat", lambda: r.store64(0, 1)),
-            "get": ("ucp_get", lambda: r.read_into(0, buf)),
-        }
-        for op, (ptest, fn) in py_ops.items():
-            for _ in range(200):
-                fn()
-            lat = np.empty(iters)
-            for i in range(iters):
-                t0 = time.perf_counter_ns()
-                fn()
-                lat[i] = (time.perf_counter_ns() - t0) / 1e3
+        for op, ptest in _PERFTEST.items():
+            lat = _py_latencies(r, op, iters)
             c = np.array(r.bench(op, 8, iters))
             pt = perftest(ptest, 8, iters, tls) if ptest != "ucp_get" else None
             rows.append({"op": op, "py_p50": float(np.percentile(lat, 50)), "py_p99": float(np.percentile(lat, 99)),
