@@ -4,12 +4,16 @@ beside ``ucx_perftest``'s figures for the same operations, measured in the same 
 ::
 
     python -m grafos_fabric.tools.bench_ucx [--tls tcp] [--iters 20000]
+    python -m grafos_fabric.tools.bench_ucx --netns [--rounds 5] [--iters 10000]   # root
 
 The memory node's data plane (UcxRegistrar, busy progress thread) and the client
 run in this process over loopback (``UCX_NET_DEVICES=lo``); ``ucx_perftest``
 (ucx-utils) runs as two processes over the same transport. Prints one row per
 operation: p50/p99 in µs for Python (one region call), the C loop, and perftest
-(its typical latency), and 1 MiB put bandwidth beside perftest's ``ucp_put_bw``.
+(its typical latency), and 1 MiB put bandwidth beside perftest's ``ucp_put_bw``
+(its overall bandwidth, best of its outstanding windows). ``--netns``: the node
+and the client in two network namespaces, perftest between the same two,
+alternating for ``--rounds`` rounds; each figure as median [min-max].
 """
 
 from __future__ import annotations
