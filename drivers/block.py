@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from grafos_fabric import lease as _lease
+from grafos_fabric._ffi import ffi, lib
 from grafos_fabric.errors import (
     CapacityExceeded,
     Corrupted,
@@ -91,6 +92,12 @@ GATHER_LIMIT = 64 << 10  # block devices: see BlockRegion.gather_limit
 _MAX_IOV = 1024  # IOV_MAX on Linux: buffers one pwritev takes
 MAX_IO_CHUNK = 8 << 20  # the aligned bounce buffer never grows past this; larger I/O is split
 VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
+RECORD_MODES = ("auto", "gather", "direct", "aio")
+AIO_CHUNK = 128 << 10  # write_record's pipelined path: bytes per request while the record is built
+_AIO_EVENTS = 64
+_RECORD_HEADER = 56  # slots.HEADER_FIELDS (block.py does not import slots: slots imports nothing from here)
+_RECORD_DATA = 64  # slots.DATA_OFFSET
+_ZEROS = bytes(1 << 16)
 _LEASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -103,10 +110,18 @@ def _close_fd(fd: int) -> None:
         os.close(fd)
 
 
-def _close_fds(fds: list[int]) -> None:
+def _close_fds(fds: list[int], aio: list[int]) -> None:
+    for ctx in aio:  # no request is ever in flight here: gf_slot_write reaps all it submits
+        lib.gf_aio_destroy(ctx)
+    aio.clear()
     for fd in fds:
         _close_fd(fd)
     fds.clear()
+
+
+def _is_immutable(p: Any) -> bool:
+    """Whether ``p`` is a ``bytes`` object or a view of one (nobody can change it while it is written)."""
+    return type(p) is bytes or (type(p) is memoryview and type(p.obj) is bytes)
 
 
 class BlockRegion:
@@ -143,7 +158,10 @@ class BlockRegion:
         self.is_blockdev = is_blockdev
         self._fd = fd
         self._fds = [fd]  # this one, and the buffered one write_durable opens (closed together)
-        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+        self._aio: list[int] = []  # write_record's AIO context, once made (destroyed with the fds)
+        self._aio_failed = False  # the kernel refused AIO here once: write_record writes in one request
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds, self._aio)
+        self.record_mode = "auto"  # how write_record writes: see record_path
         self._buffered_fd: int | None = None  # write_durable's descriptor, opened on first use
         self._buffered_failed = False  # /proc/self/fd could not reopen the file: write_durable copies
         self._rwf_dsync = hasattr(os, "RWF_DSYNC")  # cleared when the kernel refuses the flag
@@ -437,6 +455,110 @@ class BlockRegion:
         if not synced:
             os.fdatasync(fd)
 
+    # -- slot records (grafos_fabric.slots) ----------------------------------
+    def record_path(self, nbytes: int, immutable: bool) -> str:
+        """How :meth:`write_record` writes a record of ``nbytes``: ``"gather"``, ``"direct"`` or ``"aio"``.
+
+        ``record_mode`` (``"auto"``, the default, or one of the three) decides; ``"gather"`` needs
+        pieces nobody can change while they are written (``immutable``: ``bytes``), else the record
+        is copied (``"direct"``). ``"auto"``, by measurement (tools/bench_checkpoint.py, README):
+        TODO(ckpt2) fill in from the measurements.
+        """
+        mode = self.record_mode
+        if mode == "auto":
+            if not self.direct:
+                mode = "gather"
+            elif nbytes > AIO_CHUNK:
+                mode = "aio"
+            else:
+                mode = "gather"
+        if mode == "gather" and not immutable:
+            return "direct"
+        if mode == "aio" and (self._aio_failed or nbytes <= AIO_CHUNK):
+            return "direct"
+        return mode
+
+    def _aio_ctx(self) -> int:
+        if not self._aio:
+            ctx = ffi.new("uint64_t *")
+            rc = lib.gf_aio_setup(_AIO_EVENTS, ctx)
+            if rc < 0:
+                self._aio_failed = True
+                log.info("no AIO context for %s (%s): records go out in one request", self.path, os.strerror(-rc))
+                return 0
+            self._aio.append(int(ctx[0]))
+        return self._aio[0]
+
+    def write_record(self, lba: int, header: bytes, parts: Sequence[Any], nbytes: int) -> int:
+        """Write one slot record at ``lba`` and make it durable; returns the blocks written.
+
+        The record (the format is :mod:`grafos_fabric.slots`'s) is ``header`` (its 56 bytes with
+        ``data_crc`` and ``header_crc`` zero), zeros to byte 64, the ``parts`` back to back, zeros
+        to ``nbytes`` (whole blocks, ``Misaligned`` otherwise). One native call, with the GIL
+        released, computes the data's CRC32C and the header's, puts them into the header and
+        writes the record durably, by the path :meth:`record_path` picks:
+
+        * ``"gather"``: header, parts and padding in one gathered ``pwritev`` with ``RWF_DSYNC``
+          on the buffered descriptor (parts checksummed where they lie, no copy: only for
+          ``bytes`` parts, which nobody can change between the checksum and the write);
+        * ``"direct"``: copied into the page-aligned buffer with the CRC in the same pass, then one
+          ``O_DIRECT`` write with ``RWF_DSYNC``;
+        * ``"aio"``: the same copy, but each 128 KiB of the record is submitted (Linux AIO,
+          ``O_DIRECT``) as soon as it is copied, so the copy and the CRC overlap the device's
+          work; the first block (the header, which needs the CRC) goes last, then one
+          ``fdatasync``. Where the kernel refuses AIO it falls back to ``"direct"``.
+
+        Every path writes the same bytes (``slots.pack_record``'s) into the same blocks; a write
+        torn by a crash may leave any subset of them, which the record's CRCs catch. The same
+        checks as :meth:`write_blocks`.
+        """
+        if len(header) != _RECORD_HEADER:
+            raise FabricValueError(f"a record header is {_RECORD_HEADER} bytes, got {len(header)}")
+        bs = self.block_size
+        if nbytes % bs or nbytes <= 0:
+            raise Misaligned(f"{nbytes} bytes is not a positive multiple of the block size {bs}")
+        views = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
+        if len(views) > _MAX_IOV - 2:
+            views = [b"".join(views)]
+        n = sum(len(v) for v in views)
+        if _RECORD_DATA + n > nbytes:
+            raise CapacityExceeded(f"a record of {n} data bytes does not fit {nbytes} bytes")
+        self._check()
+        self._check_range(lba, nbytes // bs)
+        pos = self.offset + lba * bs
+        bufs = [ffi.from_buffer(v) for v in views]
+        lens = [len(v) for v in views]
+        with self._io_lock:
+            path = self.record_path(nbytes, all(_is_immutable(v) for v in views))
+            if path == "gather":
+                fd = self._buffered()
+                if fd is not None:
+                    head = bytearray(header) + bytes(_RECORD_DATA - _RECORD_HEADER)
+                    pad = nbytes - _RECORD_DATA - n
+                    zeros = _ZEROS if pad <= len(_ZEROS) else bytes(pad)
+                    rc = lib.gf_slot_write_gather(fd, pos, ffi.from_buffer(head), bufs, lens, len(bufs), zeros, pad, 1)
+                    self._raise_io(rc)
+                    return nbytes // bs
+                path = "direct"
+            ctx = self._aio_ctx() if path == "aio" else 0
+            cbuf = ffi.from_buffer(self._buffer(nbytes))
+            rc = lib.gf_slot_write(self._fd, pos, cbuf, nbytes, bs, header, bufs, lens, len(bufs), ctx, AIO_CHUNK, 1)
+            if rc == -errno.EINVAL and self.direct:  # O_DIRECT refused by a filesystem that took the flag at open
+                self._disable_direct(OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
+                rc = lib.gf_slot_write(self._fd, pos, cbuf, nbytes, bs, header, bufs, lens, len(bufs), 0, 0, 1)
+            if rc == 1:
+                self._aio_failed = True
+                log.info("AIO refused on %s: records go out in one request", self.path)
+            self._raise_io(rc)
+        return nbytes // bs
+
+    def _raise_io(self, rc: int) -> None:
+        if rc >= 0:
+            return
+        if rc == -errno.ENOSPC:
+            raise CapacityExceeded(f"no space left behind {self.path}")
+        raise OSError(-rc, f"{os.strerror(-rc)}: writing a record to {self.path}")
+
     def sync(self) -> None:
         """Make every block written so far durable (``fdatasync``)."""
         self._check()
@@ -464,7 +586,8 @@ class BlockRegion:
         if self._closed:
             return
         self._closed = True
-        self._finalizer()
+        with self._io_lock:  # no write_record may be using the AIO context or the descriptors
+            self._finalizer()
         self._buffered_fd = None
         if self._bounce is not None:
             with contextlib.suppress(BufferError):

@@ -190,12 +190,16 @@ class CheckpointedStageState(Generic[S]):
     def _encode(self, edge: EdgeCheckpoint) -> list[Any]:
         stage = self.stage.name.encode("utf-8")
         if self.codec == "raw":
-            try:
-                body: Any = memoryview(self.state).cast("B")  # type: ignore[arg-type]
-            except TypeError:
-                raise FabricValueError(
-                    f"codec 'raw' needs a bytes-like state, got {type(self.state).__name__}"
-                ) from None
+            body: Any = self.state
+            if type(body) is bytes:  # as it is: the slot store may write it without a copy
+                pass
+            else:
+                try:
+                    body = memoryview(self.state).cast("B")  # type: ignore[arg-type]
+                except TypeError:
+                    raise FabricValueError(
+                        f"codec 'raw' needs a bytes-like state, got {type(self.state).__name__}"
+                    ) from None
         else:
             too_deep = (
                 f"state nests deeper than {MAX_STATE_DEPTH} containers: flatten it, or encode it yourself "

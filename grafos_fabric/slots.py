@@ -348,6 +348,9 @@ class SlotStore:
         self.slot_blocks = dev.nblocks // 2
         self._newest: tuple[int, int] | None = None  # (slot, seq) of the newest valid record, once known
         self._scratch: mmap.mmap | None = None  # page-aligned: header block + data blocks of one record
+        # the class's write_record (a BlockRegion's), never one a wrapper's __getattr__ forwards: a
+        # wrapper (fault injection, recording) must see every write through its own write_blocks
+        self._write_record: Any = getattr(type(dev), "write_record", None)
 
     @property
     def capacity(self) -> int:
@@ -515,8 +518,8 @@ class SlotStore:
         previous record stays readable whatever happened.
         """
         chunks: Sequence[Any] = data if isinstance(data, (list, tuple)) else (data,)
-        parts = [memoryview(p).cast("B") for p in chunks]
-        n = sum(len(p) for p in parts)
+        parts = [p if type(p) is bytes else memoryview(p).cast("B") for p in chunks]
+        n = sum(map(len, parts))
         if n > self.capacity:
             raise CapacityExceeded(
                 f"{self.fmt.name} of {n} bytes does not fit a slot of {self.capacity} data bytes "
@@ -535,22 +538,16 @@ class SlotStore:
             )
         bs = self.block_size
         nbytes = -(-(DATA_OFFSET + n) // bs) * bs
-        gather = getattr(type(self.dev), "write_durable", None)  # the class's: a wrapper's __getattr__ never counts
-        if (
-            gather is not None
-            and nbytes <= getattr(self.dev, "gather_limit", 0)  # where it is the faster path (BlockRegion)
-            and all(type(p.obj) is bytes for p in parts)  # immutable: the bytes checksummed are the bytes written
-        ):
-            crc = 0
-            for p in parts:
-                crc = _crc32c.crc32c(p, crc)
-            header = self._header(n, seq, tag, crc, slot)
-            iov = [header + bytes(DATA_OFFSET - HEADER_FIELDS), *parts, bytes(nbytes - DATA_OFFSET - n)]
+        if self._write_record is not None:  # a BlockRegion: one native call builds, checksums and writes
+            header = _HEADER.pack(
+                self.fmt.magic, self.fmt.version, n, seq, tag, 0, slot, bs, self.slot_blocks, 0, 0
+            )  # both CRCs zero: write_record puts them in
             self._newest = None  # unknown until this write completes: a failure re-scans next time
-            # SYNC POINT: record durable. Header and data in one gathered write that is durable when it
-            # returns (RWF_DSYNC, see BlockRegion.write_durable); the reader's side is the two checksums in
-            # _examine (why no ordering is needed: the module descriptor).
-            gather(self.dev, self._start(slot), iov)
+            # SYNC POINT: record durable. Header and data in one durable write (BlockRegion.write_record:
+            # gathered with RWF_DSYNC, or copied and written with O_DIRECT, the header block last);
+            # the reader's side is the two checksums in _examine (why no ordering is needed: the
+            # module descriptor).
+            self._write_record(self.dev, self._start(slot), header, parts, nbytes)
             self._newest = (slot, seq)
             return SlotPosition(slot, seq)
         record = self._record_buffer(nbytes)

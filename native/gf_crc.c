@@ -8,7 +8,16 @@
  * joins the three registers: feeding a register STRETCH zero bytes is a linear
  * map over GF(2), tabulated once (four tables of 256 entries, one per byte of
  * the register) from its action on the 32 one-bit registers. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* pwritev2, RWF_DSYNC */
+#endif
 #include "gf_crc.h"
+
+#include <errno.h>
+#include <linux/aio_abi.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include <pthread.h>
 #include <stdint.h>
@@ -150,3 +159,224 @@ uint32_t gf_crc32c_copy(uint8_t *dst, const uint8_t *src, uint64_t len, uint32_t
 }
 
 uint32_t gf_crc32c(const uint8_t *buf, uint64_t len, uint32_t crc) { return gf_crc32c_copy(NULL, buf, len, crc); }
+
+/* ---- slot records: build, checksum and write in one call (gf_crc.h) ---- */
+
+#ifndef RWF_DSYNC
+#define RWF_DSYNC 0x00000002
+#endif
+
+int gf_aio_setup(uint32_t nr_events, uint64_t *ctx) {
+    aio_context_t c = 0;
+    if (syscall(SYS_io_setup, nr_events, &c) < 0) return -errno;
+    *ctx = (uint64_t)c;
+    return 0;
+}
+
+int gf_aio_destroy(uint64_t ctx) { return syscall(SYS_io_destroy, (aio_context_t)ctx) < 0 ? -errno : 0; }
+
+static void put_u32le(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+/* The whole buffer, durably, with plain system calls; 0 or -errno. */
+static int write_sync(int fd, int64_t pos, const uint8_t *buf, uint64_t nbytes, int dsync) {
+    uint64_t done = 0;
+    int flag = dsync ? RWF_DSYNC : 0;
+    while (done < nbytes) {
+        struct iovec iov = {(void *)(buf + done), (size_t)(nbytes - done)};
+        ssize_t n = pwritev2(fd, &iov, 1, (off_t)(pos + (int64_t)done), flag);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (flag && (errno == EOPNOTSUPP || errno == EINVAL)) { /* the flag refused: write + fdatasync */
+                flag = 0;
+                dsync = 0;
+                continue;
+            }
+            return -errno;
+        }
+        if (n == 0) return -EIO;
+        done += (uint64_t)n;
+        if (done < nbytes) dsync = 0; /* a short write: what landed is durable, the rest needs the flush */
+    }
+    if (!dsync || !flag) {
+        while (fdatasync(fd) < 0)
+            if (errno != EINTR) return -errno;
+    }
+    return 0;
+}
+
+/* Reaps `want` completions; *bad set when one failed or came up short. 0 or -errno (then nothing
+ * more can be reaped: the context is broken, which io_getevents only reports for a bad context). */
+static int reap(aio_context_t ctx, long want, const uint64_t *expect, int *bad) {
+    struct io_event ev[GF_SLOT_MAX_AIO + 2];
+    while (want > 0) {
+        long got = syscall(SYS_io_getevents, ctx, 1L, want, ev, NULL);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        for (long i = 0; i < got; i++) {
+            uint64_t idx = ev[i].data;
+            if (ev[i].res < 0 || idx >= GF_SLOT_MAX_AIO + 2 || (uint64_t)ev[i].res != expect[idx]) *bad = 1;
+        }
+        want -= got;
+    }
+    return 0;
+}
+
+int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block, const uint8_t *header,
+                  const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts, uint64_t aio_ctx,
+                  uint64_t chunk, int dsync) {
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < nparts; i++) {
+        if (lens[i] > nbytes) return -EINVAL;
+        n += lens[i];
+    }
+    if (block < 512 || (block & (block - 1)) || nbytes % block || nbytes < block || n > nbytes - GF_SLOT_DATA_OFFSET ||
+        pos < 0)
+        return -EINVAL;
+    int use_aio = aio_ctx != 0 && nbytes > chunk && chunk >= block && chunk % block == 0;
+    if (use_aio && (nbytes - block) / chunk + 2 > GF_SLOT_MAX_AIO) return -EINVAL;
+    aio_context_t ctx = (aio_context_t)aio_ctx;
+    struct iocb cbs[GF_SLOT_MAX_AIO + 2];
+    uint64_t expect[GF_SLOT_MAX_AIO + 2];
+    long inflight = 0, nreq = 0;
+    int aio_failed = 0;
+    uint64_t at = GF_SLOT_DATA_OFFSET, sent = block; /* block 0 (the header) goes last */
+    uint32_t crc = 0;
+
+    memcpy(buf, header, GF_SLOT_HEADER_FIELDS);
+    memset(buf + GF_SLOT_HEADER_FIELDS, 0, GF_SLOT_DATA_OFFSET - GF_SLOT_HEADER_FIELDS);
+    for (uint32_t i = 0; i < nparts; i++) {
+        uint64_t off = 0;
+        while (off < lens[i]) {
+            uint64_t step = lens[i] - off;
+            if (use_aio && step > chunk) step = chunk;
+            crc = gf_crc32c_copy(buf + at, parts[i] + off, step, crc);
+            at += step;
+            off += step;
+            if (use_aio && !aio_failed && at / block * block >= sent + chunk) {
+                uint64_t end = at / block * block, len = end - sent;
+                struct iocb *cb = &cbs[nreq];
+                memset(cb, 0, sizeof *cb);
+                cb->aio_data = (uint64_t)nreq;
+                cb->aio_lio_opcode = IOCB_CMD_PWRITE;
+                cb->aio_fildes = (uint32_t)fd;
+                cb->aio_buf = (uint64_t)(uintptr_t)(buf + sent);
+                cb->aio_nbytes = len;
+                cb->aio_offset = pos + (int64_t)sent;
+                expect[nreq] = len;
+                struct iocb *one[1] = {cb};
+                if (syscall(SYS_io_submit, ctx, 1L, one) == 1) {
+                    nreq++;
+                    inflight++;
+                    sent = end;
+                } else {
+                    aio_failed = 1;
+                }
+            }
+        }
+    }
+    memset(buf + at, 0, nbytes - at);
+    put_u32le(buf + GF_SLOT_DATA_CRC_AT, crc);
+    put_u32le(buf + GF_SLOT_HEADER_CRC_AT, gf_crc32c(buf, GF_SLOT_HEADER_CRC_AT, 0));
+    if (!use_aio) return write_sync(fd, pos, buf, nbytes, dsync);
+
+    struct iocb *last[2];
+    long nlast = 0;
+    if (!aio_failed) {
+        if (sent < nbytes) { /* the rest of the data blocks */
+            struct iocb *cb = &cbs[nreq];
+            memset(cb, 0, sizeof *cb);
+            cb->aio_data = (uint64_t)nreq;
+            cb->aio_lio_opcode = IOCB_CMD_PWRITE;
+            cb->aio_fildes = (uint32_t)fd;
+            cb->aio_buf = (uint64_t)(uintptr_t)(buf + sent);
+            cb->aio_nbytes = nbytes - sent;
+            cb->aio_offset = pos + (int64_t)sent;
+            expect[nreq] = nbytes - sent;
+            last[nlast++] = cb;
+            nreq++;
+        }
+        struct iocb *cb = &cbs[nreq]; /* the header block */
+        memset(cb, 0, sizeof *cb);
+        cb->aio_data = (uint64_t)nreq;
+        cb->aio_lio_opcode = IOCB_CMD_PWRITE;
+        cb->aio_fildes = (uint32_t)fd;
+        cb->aio_buf = (uint64_t)(uintptr_t)buf;
+        cb->aio_nbytes = block;
+        cb->aio_offset = pos;
+        expect[nreq] = block;
+        last[nlast++] = cb;
+        nreq++;
+        long got = syscall(SYS_io_submit, ctx, nlast, last);
+        if (got < 0) got = 0;
+        inflight += got;
+        if (got < nlast) aio_failed = 1;
+    }
+    int bad = 0;
+    if (inflight && reap(ctx, inflight, expect, &bad) < 0) {
+        /* a context that cannot be reaped: only a bad ctx does that, and then nothing was submitted to it */
+        aio_failed = 1;
+    }
+    if (aio_failed || bad) {
+        int rc = write_sync(fd, pos, buf, nbytes, dsync);
+        return rc < 0 ? rc : 1;
+    }
+    while (fdatasync(fd) < 0)
+        if (errno != EINTR) return -errno;
+    return 0;
+}
+
+int gf_slot_write_gather(int fd, int64_t pos, uint8_t *head, const uint8_t *const *parts, const uint64_t *lens,
+                         uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync) {
+    struct iovec iov[1002];
+    if (nparts > 1000 || pos < 0) return -EINVAL;
+    uint32_t crc = 0, niov = 0;
+    iov[niov++] = (struct iovec){head, GF_SLOT_DATA_OFFSET};
+    for (uint32_t i = 0; i < nparts; i++) {
+        crc = gf_crc32c(parts[i], lens[i], crc);
+        if (lens[i]) iov[niov++] = (struct iovec){(void *)parts[i], (size_t)lens[i]};
+    }
+    if (pad) iov[niov++] = (struct iovec){(void *)zeros, (size_t)pad};
+    memset(head + GF_SLOT_HEADER_FIELDS, 0, GF_SLOT_DATA_OFFSET - GF_SLOT_HEADER_FIELDS);
+    put_u32le(head + GF_SLOT_DATA_CRC_AT, crc);
+    put_u32le(head + GF_SLOT_HEADER_CRC_AT, gf_crc32c(head, GF_SLOT_HEADER_CRC_AT, 0));
+    int flag = dsync ? RWF_DSYNC : 0, synced = 0;
+    struct iovec *v = iov;
+    int64_t at = pos;
+    while (niov) {
+        ssize_t n = pwritev2(fd, v, (int)niov, (off_t)at, flag);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (flag && (errno == EOPNOTSUPP || errno == EINVAL)) {
+                flag = 0;
+                continue;
+            }
+            return -errno;
+        }
+        if (n == 0) return -EIO;
+        at += n;
+        synced = flag != 0;
+        size_t left = (size_t)n;
+        while (niov && left >= v->iov_len) {
+            left -= v->iov_len;
+            v++;
+            niov--;
+        }
+        if (niov && left) {
+            v->iov_base = (uint8_t *)v->iov_base + left;
+            v->iov_len -= left;
+        }
+        if (niov) synced = 0; /* short: what landed is durable, the rest needs its own write (or the flush) */
+    }
+    if (!synced) {
+        while (fdatasync(fd) < 0)
+            if (errno != EINTR) return -errno;
+    }
+    return 0;
+}

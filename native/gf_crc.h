@@ -16,4 +16,46 @@ uint32_t gf_crc32c_copy(uint8_t *dst, const uint8_t *src, uint64_t len, uint32_t
 /* The CRC32C of buf[0, len), continuing from crc (no copy). */
 uint32_t gf_crc32c(const uint8_t *buf, uint64_t len, uint32_t crc);
 
+/* Slot records (grafos_fabric.slots): the 56 header bytes, zero to byte 64,
+ * the data, zero to nbytes. */
+#define GF_SLOT_DATA_OFFSET 64u
+#define GF_SLOT_HEADER_FIELDS 56u
+#define GF_SLOT_DATA_CRC_AT 32u
+#define GF_SLOT_HEADER_CRC_AT 48u /* the header CRC covers bytes [0, 48) */
+#define GF_SLOT_MAX_AIO 60u       /* requests one record is split into, at most */
+
+/* A Linux native AIO context for gf_slot_write (*ctx set); 0 or -errno. */
+int gf_aio_setup(uint32_t nr_events, uint64_t *ctx);
+/* Destroys it (no request may be in flight: gf_slot_write never returns with one). */
+int gf_aio_destroy(uint64_t ctx);
+
+/* Builds one slot record in buf[0, nbytes) and writes it durably at byte pos of fd.
+ * buf: page-aligned, nbytes a multiple of block, block a power of two >= 512;
+ * header: the 56 header bytes with data_crc and header_crc zero; parts[i] of
+ * lens[i] bytes: the data, 64 + sum(lens) <= nbytes (else -EINVAL, nothing
+ * written). The data is copied into buf from byte 64 with its CRC32C computed in
+ * the same pass, the tail zeroed, both CRCs put into the header. Then:
+ *  - aio_ctx == 0 or nbytes <= chunk: one write of buf (pwritev2 with RWF_DSYNC
+ *    when dsync, else pwrite + fdatasync), repeated on short writes;
+ *  - otherwise the record goes out as it is built: each `chunk` bytes (a
+ *    multiple of block) of blocks 1.. are submitted to aio_ctx as soon as they
+ *    are copied, the first block (header) last, once the CRC is known; every
+ *    request is reaped, then one fdatasync. Should AIO fail (a submit refused,
+ *    a short or failed request), the whole record is written again the first
+ *    way, and 1 is returned (the caller may stop using aio_ctx).
+ * Returns 0 (or 1, see above) once the record is durable, -errno otherwise.
+ * Never returns with a request in flight: buf may be reused at once. */
+int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block, const uint8_t *header,
+                  const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts, uint64_t aio_ctx,
+                  uint64_t chunk, int dsync);
+
+/* The same record without building it: head[0, 64) holds the 56 header bytes
+ * (data_crc and header_crc zero) and zeros; parts are checksummed where they lie
+ * (no copy), both CRCs put into head, then head, the parts and `pad` zero bytes
+ * (from zeros, which holds at least pad) go out in one gathered pwritev2 (RWF_DSYNC
+ * when dsync, else write + fdatasync; short writes continued). nparts <= 1000.
+ * 0 once durable, -errno otherwise (-EINVAL: bad arguments, nothing written). */
+int gf_slot_write_gather(int fd, int64_t pos, uint8_t *head, const uint8_t *const *parts, const uint64_t *lens,
+                         uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync);
+
 #endif

@@ -94,3 +94,12 @@ int gf_ring_take(gf_consumer *c, const uint8_t *image, uint64_t avail, uint64_t 
  * fused with the copy into an aligned write buffer (slot records). */
 uint32_t gf_crc32c_copy(uint8_t *dst, const uint8_t *src, uint64_t len, uint32_t crc);
 uint32_t gf_crc32c(const uint8_t *buf, uint64_t len, uint32_t crc);
+
+/* One slot record, built and made durable in one native call (gf_crc.c; see gf_crc.h). */
+int gf_aio_setup(uint32_t nr_events, uint64_t *ctx);
+int gf_aio_destroy(uint64_t ctx);
+int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block, const uint8_t *header,
+                  const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts, uint64_t aio_ctx,
+                  uint64_t chunk, int dsync);
+int gf_slot_write_gather(int fd, int64_t pos, uint8_t *head, const uint8_t *const *parts, const uint64_t *lens,
+                         uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync);
