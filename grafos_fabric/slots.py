@@ -146,7 +146,7 @@ def crc32c(data: Any) -> int:
     return int(_crc32c.crc32c(data))
 
 
-def _copy_crc(dst: memoryview, src: memoryview, crc: int) -> int:
+def _copy_crc(dst: memoryview, src: bytes | memoryview, crc: int) -> int:
     """Copy ``src`` into ``dst`` (same length) and return the CRC32C continued from ``crc``, in one pass."""
     if len(src) < 256:  # a native call costs more than the two passes here
         dst[:] = src

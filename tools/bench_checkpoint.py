@@ -24,10 +24,14 @@ For each state size, in the same run and on the same file or device range:
   where the 64-byte header and the envelope push the record over a block
   boundary (a 4 KiB state on 4 KiB blocks is two blocks).
 
-Baselines and candidates take turns every 20 ms so that drift in the device
-(write cache, other tenants of a shared disk) hits all alike. A size runs
-``rounds`` rounds (default 5); each round gives a ratio (candidate rate / the
-best baseline's rate in that round), and the row reports their median as
+Baselines and candidates take turns every 20 ms, in a new random order each
+time (the device remembers what ran just before it: queued writeback, cache
+state), so that drift in the device (write cache, other tenants of a shared
+disk) hits all alike. A size runs ``rounds`` rounds (default 5); the best
+baseline is the fastest over the whole run, each round gives a ratio
+(candidate rate / that baseline's rate in the same round; not the round's best
+of three, which would favour the baseline by picking the luckiest of three
+noisy samples), and the row reports their median as
 ``ratio`` with ``ratio_min`` and ``ratio_max`` as the spread, next to the
 target from issue 14 (0.9x ordered, 0.95x single-sync), and
 ``ratio_vs_pwrite_fdatasync`` against the first baseline alone.
@@ -45,6 +49,7 @@ import contextlib
 import logging
 import mmap
 import os
+import random
 import stat
 import statistics
 import sys
@@ -55,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from grafos_fabric.checkpoint import ENVELOPE_SIZE, CheckpointedStageState
-from grafos_fabric.drivers.block import BlockRegion, open_block
+from grafos_fabric.drivers.block import RECORD_MODES, BlockRegion, open_block
 from grafos_fabric.errors import FabricValueError
 from grafos_fabric.slots import DATA_OFFSET
 
@@ -67,6 +72,7 @@ ROUND_SECONDS = 0.02  # baseline and candidate alternate this often, so noise fr
 _STAGE = "bench"
 _OVERHEAD = DATA_OFFSET + ENVELOPE_SIZE + len(_STAGE)  # slot header + checkpoint envelope + stage name
 TARGETS = {"ordered": 0.9, "single-sync": 0.95}  # issue 14: checkpoint rate / the best raw write's rate
+_CONTROL = "control"  # the best baseline measured again as a candidate: its ratio shows the noise
 BASELINES = (
     "aligned O_DIRECT pwrite + fdatasync",
     "aligned O_DIRECT pwritev RWF_DSYNC",
@@ -122,6 +128,8 @@ def run_checkpoint_bench(
     seconds: float = 2.0,
     progress: Callable[[str], None] | None = None,
     rounds: int = 5,
+    modes: Sequence[str] = (),
+    control: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure checkpoints/s against the best raw durable write/s; one dict per case.
 
@@ -132,7 +140,11 @@ def run_checkpoint_bench(
     ``seconds`` is spent on each candidate and on each baseline, split over
     ``rounds`` rounds. Rows also carry ``baseline`` (the best raw write's
     name), ``baselines`` (each one's ops/s) and ``ratio_vs_pwrite_fdatasync``. ``progress`` (optional) is called with a
-    line of text as each case ends.
+    line of text as each case ends. ``modes`` adds, for each of ``BlockRegion.RECORD_MODES``
+    named, a single-sync candidate whose region is forced to write its records that way
+    (case ``"checkpoint 4 KiB single-sync [aio]"``): how the ``auto`` choice was measured.
+    ``control`` adds a row ``"control 4 KiB"``: the best baseline's own write, timed again as
+    a candidate (its ratio is 1.0 but for noise: the run's error bar).
     """
     if not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes):
         raise FabricValueError(f"sizes must be positive ints, got {sizes!r}")
@@ -140,6 +152,8 @@ def run_checkpoint_bench(
         raise FabricValueError(f"seconds must be positive, got {seconds!r}")
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise FabricValueError(f"rounds must be a positive int, got {rounds!r}")
+    if any(m not in RECORD_MODES for m in modes):
+        raise FabricValueError(f"modes must be among {RECORD_MODES}, got {modes!r}")
     results: list[dict[str, Any]] = []
     big, max_bs = max(sizes), 1 << 16
     span = 2 * (big + _OVERHEAD + 2 * max_bs) + big + max_bs  # two slots, then the baseline's blocks
@@ -156,7 +170,7 @@ def run_checkpoint_bench(
         )
         try:
             for size in sizes:
-                results.extend(_bench_size(region, fd, bfd, size, seconds, rounds, progress))
+                results.extend(_bench_size(region, fd, bfd, size, seconds, rounds, progress, modes, control))
         finally:
             os.close(bfd)
     return results
@@ -170,12 +184,15 @@ def _bench_size(
     seconds: float,
     rounds: int,
     progress: Callable[[str], None] | None,
+    modes: Sequence[str] = (),
+    control: bool = False,
 ) -> list[dict[str, Any]]:
     bs = region.block_size
     slot_blocks = -(-(size + _OVERHEAD) // bs)
     if 2 * slot_blocks + -(-size // bs) > region.nblocks:
         raise FabricValueError(f"{region.path} is too small for a {size}-byte checkpoint")
-    with open_block(region.path, region.offset, 2 * slot_blocks * bs) as ckpt_region:
+    with contextlib.ExitStack() as stack:
+        ckpt_region = stack.enter_context(open_block(region.path, region.offset, 2 * slot_blocks * bs))
         ckpt_region.write_blocks(0, bytes(ckpt_region.nbytes))  # a blank area for this geometry
         ckpt_region.sync()
         raw_len = -(-size // bs) * bs
@@ -204,10 +221,21 @@ def _bench_size(
             d: CheckpointedStageState(os.urandom(size), ckpt_region, codec="raw", stage=_STAGE, durability=d)
             for d in ("ordered", "single-sync")
         }
+        for mode in modes:  # the same slots, through a region forced to write records one way
+            forced = stack.enter_context(open_block(region.path, region.offset, 2 * slot_blocks * bs))
+            forced.record_mode = mode
+            states[f"single-sync [{mode}]"] = CheckpointedStageState(
+                os.urandom(size), forced, codec="raw", stage=_STAGE, durability="single-sync"
+            )
         fns: dict[str, Callable[[], Any]] = {**baselines, **{d: st.checkpoint for d, st in states.items()}}
+        # the control: every baseline once more, measured as if it were a candidate; its ratio to
+        # the same write (1.0 but for noise) shows how far this run's ratios can be trusted
+        if control:
+            fns.update({f"{_CONTROL} {k}": fn for k, fn in baselines.items()})
         for fn in fns.values():  # warm up: first writes allocate, later ones overwrite
             fn()
             fn()
+        shuffle = random.Random(0x9C4B).shuffle
         per_round = seconds / rounds
         pieces = max(2, round(per_round / ROUND_SECONDS))
         totals = {k: [0, 0.0] for k in fns}
@@ -215,8 +243,10 @@ def _bench_size(
         for _ in range(rounds):
             r = {k: [0, 0.0] for k in fns}
             for _ in range(pieces):
-                for k, fn in fns.items():
-                    n, dt = _run_for(fn, per_round / pieces)
+                order = list(fns)
+                shuffle(order)  # no case always runs right after the same other one (the device remembers)
+                for k in order:
+                    n, dt = _run_for(fns[k], per_round / pieces)
                     r[k][0] += n
                     r[k][1] += dt
             per_round_rates.append({k: v[0] / v[1] for k, v in r.items()})
@@ -226,16 +256,19 @@ def _bench_size(
         view.release()
         buf.close()
     rates = {k: v[0] / v[1] for k, v in totals.items()}
+    # the best baseline over the whole run, then every round's ratio against that one: taking each
+    # round's best of three noisy rates instead would favour the baseline (the max of three samples)
     best = max(baselines, key=lambda k: rates[k])
     rows = []
-    for durability in states:
-        ratios = [rr[durability] / max(rr[b] for b in baselines) for rr in per_round_rates]
-        floor = [rr[durability] / rr["aligned O_DIRECT pwrite + fdatasync"] for rr in per_round_rates]
-        target = TARGETS[durability]
+    for durability in [*states, *([_CONTROL] if control else [])]:
+        key = f"{_CONTROL} {best}" if durability == _CONTROL else durability
+        ratios = [rr[key] / rr[best] for rr in per_round_rates]
+        floor = [rr[key] / rr["aligned O_DIRECT pwrite + fdatasync"] for rr in per_round_rates]
+        target = TARGETS.get(durability.split(" ")[0], 1.0)
         row = {
-            "case": f"checkpoint {_human(size)} {durability}",
+            "case": f"checkpoint {_human(size)} {durability}" if key == durability else f"{_CONTROL} {_human(size)}",
             "size": size,
-            "ops_per_s": rates[durability],
+            "ops_per_s": rates[key],
             "baseline_ops_per_s": rates[best],
             "baseline": best,
             "baselines": {k: rates[k] for k in baselines},
@@ -249,7 +282,7 @@ def _bench_size(
         }
         rows.append(row)
         line = (
-            f"{row['case']}: {rates[durability]:,.0f}/s vs the best raw write {rates[best]:,.0f}/s ({best}) "
+            f"{row['case']}: {rates[key]:,.0f}/s vs the best raw write {rates[best]:,.0f}/s ({best}) "
             f"= {row['ratio']:.2f}x median of {rounds} rounds [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}] "
             f"(target {target:g}x); vs aligned pwrite + fdatasync {row['ratio_vs_pwrite_fdatasync']:.2f}x "
             f"({region.path}, {bs}-byte blocks; " + ", ".join(f"{k} {rates[k]:,.0f}/s" for k in baselines) + ")"
@@ -266,16 +299,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per case and per baseline")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 1 << 20])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per case (the median ratio is reported)")
+    parser.add_argument(
+        "--modes",
+        type=lambda s: [m for m in s.split(",") if m],
+        default=[],
+        help="also single-sync with the region's record_mode forced to each of these (gather,direct,aio)",
+    )
+    parser.add_argument(
+        "--no-control", action="store_true", help="skip the control row (the best raw write timed as a candidate)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = run_checkpoint_bench(args.path, sizes=args.sizes, seconds=args.seconds, rounds=args.rounds)
+    rows = run_checkpoint_bench(
+        args.path,
+        sizes=args.sizes,
+        seconds=args.seconds,
+        rounds=args.rounds,
+        modes=args.modes,
+        control=not args.no_control,
+    )
     sys.stdout.write(
-        f"{'case':<32}{'ops/s':>10}{'best raw/s':>12}{'ratio':>7}{'min':>6}{'max':>6}{'target':>8}"
+        f"{'case':<40}{'ops/s':>10}{'best raw/s':>12}{'ratio':>7}{'min':>6}{'max':>6}{'target':>8}"
         f"{'vs pwrite+fdatasync':>21}  best raw write\n"
     )
     for r in rows:
         sys.stdout.write(
-            f"{r['case']:<32}{r['ops_per_s']:>10,.0f}{r['baseline_ops_per_s']:>12,.0f}{r['ratio']:>7.2f}"
+            f"{r['case']:<40}{r['ops_per_s']:>10,.0f}{r['baseline_ops_per_s']:>12,.0f}{r['ratio']:>7.2f}"
             f"{r['ratio_min']:>6.2f}{r['ratio_max']:>6.2f}{r['target']:>7g}x{r['ratio_vs_pwrite_fdatasync']:>20.2f}x"
             f"  {r['baseline']}\n"
         )
