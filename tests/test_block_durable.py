@@ -16,8 +16,9 @@ import pytest
 from grafos_fabric import slots as slotsmod
 from grafos_fabric._ffi import ffi, lib
 from grafos_fabric.checkpoint import CheckpointedStageState
-from grafos_fabric.drivers.block import GATHER_LIMIT, BlockRegion, open_block
-from grafos_fabric.errors import CapacityExceeded, Disconnected, LeaseExpired, Misaligned
+from grafos_fabric.drivers import block as blockmod
+from grafos_fabric.drivers.block import BlockRegion, open_block
+from grafos_fabric.errors import CapacityExceeded, Disconnected, FabricValueError, LeaseExpired, Misaligned
 from grafos_fabric.slots import GHOF, PCHK, SlotStore, pack_record
 
 try:
@@ -156,81 +157,224 @@ def test_write_durable_copies_into_the_aligned_buffer_when_the_file_cannot_be_re
 
 
 class Spy(BlockRegion):
-    """A BlockRegion that counts which write path the slot store took."""
+    """A BlockRegion that records which path write_record took and counts write_blocks calls."""
 
-    gathered = 0
+    paths: list[str] = []  # a test spy, reset per test
     copied = 0
 
-    def write_durable(self, lba: int, parts: Any) -> int:
-        type(self).gathered += 1
-        return super().write_durable(lba, parts)
+    def record_path(self, nbytes: int, immutable: bool) -> str:
+        path = super().record_path(nbytes, immutable)
+        type(self).paths.append(path)
+        return path
 
     def write_blocks(self, lba: int, buf: Any) -> int:
         type(self).copied += 1
         return super().write_blocks(lba, buf)
 
 
-def _spy(tmp_path: Path) -> Spy:
-    r = open_block(tmp_path / "spy.img", create_size=SIZE)
+def _spy(tmp_path: Path, **kw: Any) -> Spy:
+    r = open_block(tmp_path / "spy.img", create_size=SIZE, **kw)
     r.__class__ = Spy
-    Spy.gathered = Spy.copied = 0
+    Spy.paths, Spy.copied = [], 0
     return r  # type: ignore[return-value]
 
 
-def test_bytes_records_take_one_gathered_write_and_match_the_format_byte_for_byte(tmp_path: Path) -> None:
-    r = _spy(tmp_path)
-    store = SlotStore(r, GHOF)
-    data = [b"head", pattern(5000, 7)]
-    pos = store.write(data, tag=9)
-    assert (Spy.gathered, Spy.copied) == (1, 0)
+def _on_disk(r: BlockRegion, store: SlotStore, pos: Any, data: bytes, tag: int) -> None:
     bs, sb = r.block_size, store.slot_blocks
-    want = pack_record(GHOF, b"".join(data), seq=pos.seq, tag=9, slot=pos.slot, block_size=bs, slot_blocks=sb)
-    assert r.read_blocks(pos.slot * sb, len(want) // bs) == want  # what the torn-write tests cut up
-    assert store.read().data == b"".join(data)
-    r.close()
+    want = pack_record(store.fmt, data, seq=pos.seq, tag=tag, slot=pos.slot, block_size=bs, slot_blocks=sb)
+    assert r.read_blocks(pos.slot * sb, len(want) // bs) == want  # the image the torn-write tests cut up
+    assert store.read().data == data
 
 
-def test_mutable_records_are_copied_so_the_bytes_checksummed_are_the_bytes_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["gather", "direct", "aio"])
+def test_every_record_path_writes_the_format_byte_for_byte(
+    region: BlockRegion, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blockmod, "AIO_CHUNK", 8192)  # many requests per record on the aio path
+    region.record_mode = mode
+    store = SlotStore(region, GHOF)
+    bs = region.block_size
+    cases: list[list[Any]] = [
+        [b""],
+        [b"x"],
+        [pattern(bs - 64, 1)],  # exactly one block
+        [pattern(bs - 63, 2)],  # one byte into the second
+        [b"head", b"", bytearray(pattern(5000, 3)), memoryview(pattern(9000, 4))[7:]],
+        [pattern(100_000, 5)],  # 13 requests of 8 KiB, then the rest, then the header block
+        [pattern(8192 * 3 - 64, 6)],  # ends exactly on a request boundary
+    ]
+    for i, parts in enumerate(cases):
+        data = b"".join(bytes(p) for p in parts)
+        pos = store.write(parts, tag=i)
+        _on_disk(region, store, pos, data, i)
+
+
+def test_bytes_records_go_out_gathered_and_mutable_ones_are_copied(tmp_path: Path) -> None:
     r = _spy(tmp_path)
+    r._on_volatile = False  # the rule for a disk, wherever tmp_path is
     state = bytearray(pattern(30000, 3))
     st = CheckpointedStageState(state, r, codec="raw", stage="s")
     st.checkpoint()
-    assert (Spy.gathered, Spy.copied) == (0, 1)
+    assert Spy.paths == ["direct"] and Spy.copied == 0  # copied in the native call, with its CRC
     state[:4] = b"XXXX"  # the caller's buffer changes after the call: the record does not
     assert CheckpointedStageState.restore(r).state == pattern(30000, 3)
-    st2 = CheckpointedStageState(bytes(state), r, codec="raw", stage="s")
-    st2.checkpoint()
-    assert (Spy.gathered, Spy.copied) == (1, 1)
+    CheckpointedStageState(bytes(state), r, codec="raw", stage="s").checkpoint()
+    assert Spy.paths == ["direct", "gather"]
     assert CheckpointedStageState.restore(r).state == bytes(state)
     r.close()
 
 
-@pytest.mark.blockdev
-def test_records_past_the_gather_limit_take_the_aligned_path_on_a_block_device(tmp_path: Path) -> None:
-    with contextlib.ExitStack() as stack:
-        r = open_kind("loop", tmp_path, 4 * GATHER_LIMIT, stack)
-        r.__class__ = Spy
-        Spy.gathered = Spy.copied = 0
-        assert r.gather_limit == GATHER_LIMIT
-        store = SlotStore(r, PCHK)
-        big = pattern(GATHER_LIMIT, 5)  # with the header, one block more than the limit
-        store.write(big)
-        assert (Spy.gathered, Spy.copied) == (0, 1)
-        small = big[: GATHER_LIMIT - 4096]
-        store.write(small)
-        assert (Spy.gathered, Spy.copied) == (1, 1)
-        assert store.read().data == small
-
-
-def test_regular_files_have_no_gather_limit(tmp_path: Path) -> None:
-    for direct in (True, False):
-        with open_block(tmp_path / f"b{direct}.img", create_size=SIZE, direct=direct) as r:
-            assert r.gather_limit > 1 << 40
+def test_the_auto_path_by_size_and_target(tmp_path: Path) -> None:
     r = _spy(tmp_path)
-    store = SlotStore(r, PCHK)
-    store.write(pattern(SIZE // 2 - 4096, 1))  # a large bytes record still goes out gathered
-    assert (Spy.gathered, Spy.copied) == (1, 0)
+    small, big = blockmod.AIO_CHUNK, blockmod.AIO_CHUNK + r.block_size
+    r._on_volatile = False
+    assert [r.record_path(small, True), r.record_path(big, True), r.record_path(big, False)] == [
+        "gather",
+        "aio",
+        "aio",
+    ]
+    assert r.record_path(small, False) == "direct"  # a mutable small record is copied, never gathered
+    r._on_volatile = True  # tmpfs: nothing to overlap the copy with, gathered at every size
+    assert [r.record_path(small, True), r.record_path(big, True), r.record_path(big, False)] == [
+        "gather",
+        "gather",
+        "direct",
+    ]
+    r._on_volatile = False
+    r.record_mode = "aio"
+    assert r.record_path(small, True) == "direct"  # nothing to split
+    r._aio_failed = True
+    assert r.record_path(big, True) == "direct"
+    with pytest.raises(FabricValueError):
+        r.record_mode = "fastest"
+    assert r.record_mode == "aio"
     r.close()
+    with open_block(tmp_path / "buffered.img", create_size=SIZE, direct=False) as b:
+        assert b.record_path(big, True) == "gather"  # no O_DIRECT, nothing to gain from AIO
+
+
+@pytest.mark.blockdev
+def test_a_block_device_splits_large_records_over_aio(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        r = open_kind("loop", tmp_path, 4 * blockmod.AIO_CHUNK, stack)
+        assert r.record_path(blockmod.AIO_CHUNK, True) == "gather"
+        assert r.record_path(blockmod.AIO_CHUNK + r.block_size, True) == "aio"
+        store = SlotStore(r, PCHK)
+        big = pattern(blockmod.AIO_CHUNK + 5000, 5)
+        _on_disk(r, store, store.write(big), big, 0)
+        assert r._aio and not r._aio_failed
+
+
+def test_large_records_on_a_file_take_the_aio_path_and_survive_any_block_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of the new record that did not land (in any combination a crash could leave, here:
+    each block alone, and each block alone landing) make the reader fall back to the previous one."""
+    monkeypatch.setattr(blockmod, "AIO_CHUNK", 8192)
+    r = _spy(tmp_path)
+    r._on_volatile = False
+    store = SlotStore(r, PCHK)
+    store.write(pattern(40000, 1))
+    store.write(pattern(40000, 2))  # slot 1, the newest
+    before = r.read_blocks(0, r.nblocks)
+    pos = store.write(pattern(40000, 3))
+    assert Spy.paths[-1] == "aio" and pos.slot == 0
+    after = r.read_blocks(0, r.nblocks)
+    bs, nrec = r.block_size, -(-(40000 + 64) // r.block_size)
+    for i in range(nrec):
+        blk = slice(i * bs, (i + 1) * bs)
+        for image in (
+            after[: blk.start] + before[blk] + after[blk.stop :],
+            before[: blk.start] + after[blk] + before[blk.stop :],
+        ):
+            r.write_blocks(0, image)
+            got = SlotStore(r, PCHK).read()
+            assert got.data == pattern(40000, 2) and got.seq == 2, i
+    r.close()
+
+
+def test_a_refused_aio_context_falls_back_to_one_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blockmod, "AIO_CHUNK", 8192)
+    r = open_block(tmp_path / "a.img", create_size=SIZE)
+    r.record_mode = "aio"
+    r._aio.append(0xDEAD)  # not a context the kernel knows: io_submit refuses it
+    store = SlotStore(r, PCHK)
+    data = pattern(50000, 9)
+    _on_disk(r, store, store.write(data), data, 0)
+    assert r._aio_failed and r.record_path(50000, True) == "direct"
+    r._aio.clear()
+    r.close()
+
+
+def test_a_forked_child_writes_through_the_parents_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AIO contexts do not survive fork: the child's records still land whole (one request)."""
+    monkeypatch.setattr(blockmod, "AIO_CHUNK", 8192)
+    r = open_block(tmp_path / "f.img", create_size=SIZE)
+    r.record_mode = "aio"
+    store = SlotStore(r, PCHK)
+    store.write(pattern(30000, 1))  # the parent's context exists now
+    assert r._aio
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            store.write(pattern(30000, 2))
+            code = 0 if store.read().data == pattern(30000, 2) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert SlotStore(r, PCHK).read().data == pattern(30000, 2)
+    r.close()
+
+
+def test_write_record_checks_its_arguments_and_the_lease(tmp_path: Path) -> None:
+    r = open_block(tmp_path / "c.img", create_size=SIZE)
+    bs = r.block_size
+    with pytest.raises(FabricValueError):
+        r.write_record(0, bytes(55), [b"x"], bs)
+    with pytest.raises(Misaligned):
+        r.write_record(0, bytes(56), [b"x"], bs + 1)
+    with pytest.raises(CapacityExceeded):
+        r.write_record(0, bytes(56), [bytes(bs - 63)], bs)  # does not fit the record
+    with pytest.raises(CapacityExceeded):
+        r.write_record(r.nblocks, bytes(56), [b"x"], bs)  # outside the lease
+    with pytest.raises(CapacityExceeded):
+        r._raise_io(-errno.ENOSPC)
+    with pytest.raises(OSError) as exc:
+        r._raise_io(-errno.EIO)
+    assert exc.value.errno == errno.EIO
+    r.lease.free()
+    with pytest.raises(LeaseExpired):
+        r.write_record(0, bytes(56), [b"x"], bs)
+
+
+def test_the_native_record_writers_refuse_bad_arguments_and_write_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "n.img"
+    path.write_bytes(bytes(1 << 18))
+    fd = os.open(path, os.O_RDWR)
+    buf = ffi.new("uint8_t[]", 1 << 18)
+    part = b"abc"
+    bad = [  # (nbytes, block, lens, pos)
+        (4096, 4096, 4096 - 63, 0),  # data past the record
+        (4097, 4096, 3, 0),  # not whole blocks
+        (6144, 3072, 3, 0),  # a block that is not a power of two
+        (256, 256, 3, 0),  # a block under 512
+        (4096, 4096, 3, -4096),  # a negative position
+        (0, 4096, 0, 0),  # no block at all
+    ]
+    try:
+        for nbytes, block, n, pos in bad:
+            src = bytes(n) if n > 3 else part
+            rc = lib.gf_slot_write(fd, pos, buf, nbytes, block, bytes(56), [ffi.from_buffer(src)], [n], 1, 0, 0, 1)
+            assert rc == -errno.EINVAL, (nbytes, block, n, pos)
+        rc = lib.gf_slot_write(fd, 0, buf, 1 << 18, 4096, bytes(56), [ffi.from_buffer(part)], [3], 1, 1, 4096, 1)
+        assert rc == -errno.EINVAL  # more AIO requests than one record may take
+        many = [ffi.from_buffer(part)] * 1001
+        assert lib.gf_slot_write_gather(fd, 0, buf, many, [3] * 1001, 1001, bytes(16), 0, 1) == -errno.EINVAL
+        assert path.read_bytes() == bytes(1 << 18)
+    finally:
+        os.close(fd)
 
 
 def test_a_wrapper_that_forwards_attributes_keeps_its_own_write_blocks(tmp_path: Path) -> None:
