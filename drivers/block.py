@@ -17,8 +17,11 @@ device's volatile cache, and for files the allocation metadata).
 any alignment into one ``pwritev`` with ``RWF_DSYNC`` on a second, buffered
 descriptor of the same file (durable when it returns, same promise as
 ``write_blocks`` + ``sync``), which costs what a raw write of those bytes
-costs: no copy into an aligned buffer first (see its docstring). Where the
-filesystem refuses ``O_DIRECT`` (``EINVAL``: tmpfs on older kernels, some
+costs: no copy into an aligned buffer first (see its docstring).
+:meth:`BlockRegion.write_record` writes one record of :mod:`grafos_fabric.slots`
+durably in one native call (CRCs, copy and I/O with the GIL released), by the
+path that measured fastest for its size and target (:meth:`BlockRegion.record_path`).
+Where the filesystem refuses ``O_DIRECT`` (``EINVAL``: tmpfs on older kernels, some
 FUSE filesystems) the region falls back to buffered I/O plus ``fdatasync`` and
 logs a warning saying so; the durability promise is the same, only the page
 cache is in the way.

@@ -58,11 +58,15 @@ other version are refused with ``VersionMismatch``.
 Who writes, who reads, what makes a record visible. One writer at a time
 (a stage for its checkpoints; the handoff writer holds an ``flock``) writes
 the slot that does *not* hold the newest valid record, with sequence
-``newest + 1``: the whole record (header and data) in one write request that
-is durable when it returns (a gathered ``pwritev`` with ``RWF_DSYNC`` through
-the page cache, see ``BlockRegion.write_durable``), or one ``O_DIRECT`` write
-from an aligned buffer then one ``fdatasync``; ``write`` returns once the
-record is durable. The record is
+``newest + 1``: the whole record (header and data) made durable by one native
+call on a ``BlockRegion`` (``BlockRegion.write_record``: a gathered ``pwritev``
+with ``RWF_DSYNC`` through the page cache; or one ``O_DIRECT`` write with
+``RWF_DSYNC`` from an aligned copy; or, for large records, that copy submitted
+in 128 KiB requests as it is made, the first block, which holds the header,
+last, then one ``fdatasync``), or on any other device one write from an aligned
+buffer then one ``sync``; ``write`` returns once the record is durable. The
+requests of one record are never ordered among themselves, and need not be:
+until the last has landed the slot fails a checksum. The record is
 valid exactly when its header checksum (bytes 0..47, which include
 ``data_crc``) and its data checksum both match, so the two checksums cover
 every byte the reader uses. Any reader reads both slots, keeps those whose
@@ -504,13 +508,14 @@ class SlotStore:
 
         ``data`` is a bytes-like object, or a list/tuple of them that together
         form the record (gathered without joining them first). When the
-        device has ``write_durable`` (a ``BlockRegion``), the record is at
-        most its ``gather_limit`` and every piece is a ``bytes`` object
-        (immutable, so the bytes checksummed are the bytes written), header
-        and pieces go out as one gathered durable write with no copy;
-        otherwise the record is built once in a page-aligned buffer
-        (the copy and the data CRC in one pass) that the device writes
-        without another copy, then ``sync``. ``CapacityExceeded`` (before any block is
+        device's class has ``write_record`` (a ``BlockRegion``), the header is
+        packed here and one native call checksums, builds and writes the
+        record (``BlockRegion.write_record``: pieces checksummed where they lie
+        only when they are ``bytes``, so the bytes checksummed are the bytes
+        written; copied with the CRC in the same pass otherwise); on any other
+        device the record is built once in a page-aligned buffer (the copy
+        and the data CRC in one pass) that the device writes without another
+        copy, then ``sync``. ``CapacityExceeded`` (before any block is
         written) if the data does not fit a slot. A record of a format
         version this build does not speak is never overwritten
         (``VersionMismatch``), nor one written with another geometry

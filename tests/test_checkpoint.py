@@ -717,6 +717,26 @@ def test_the_checkpoint_bench_reports_each_case_next_to_the_raw_sync_rate(tmp_pa
     assert list(tmp_path.glob(".grafos-ckpt-bench-*")) == []  # the scratch file is gone
 
 
+def test_the_checkpoint_bench_adds_forced_record_paths_a_control_and_the_record_size(tmp_path: Path) -> None:
+    from grafos_fabric.tools.bench_checkpoint import run_checkpoint_bench
+
+    rows = run_checkpoint_bench(
+        tmp_path, sizes=(4096,), seconds=0.06, rounds=2, modes=("gather", "direct", "aio"), control=True
+    )
+    assert [r["case"] for r in rows] == [
+        "checkpoint 4 KiB ordered",
+        "checkpoint 4 KiB single-sync",
+        "checkpoint 4 KiB single-sync [gather]",
+        "checkpoint 4 KiB single-sync [direct]",
+        "checkpoint 4 KiB single-sync [aio]",
+        "control 4 KiB",
+        "raw O_DIRECT write of the record's size 4 KiB",
+    ]
+    for r in rows:
+        assert r["ops_per_s"] > 0 and 0 < r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    assert [r["target"] for r in rows] == [0.9, 0.95, 0.95, 0.95, 0.95, 1.0, 1.0]
+
+
 def test_the_checkpoint_bench_refuses_nonsense_arguments(tmp_path: Path) -> None:
     from grafos_fabric.tools.bench_checkpoint import run_checkpoint_bench
 
@@ -726,6 +746,8 @@ def test_the_checkpoint_bench_refuses_nonsense_arguments(tmp_path: Path) -> None
         run_checkpoint_bench(tmp_path, sizes=(4096,), seconds=0)
     with pytest.raises(FabricValueError):
         run_checkpoint_bench(tmp_path, sizes=(4096,), seconds=0.01, rounds=0)
+    with pytest.raises(FabricValueError):
+        run_checkpoint_bench(tmp_path, sizes=(4096,), seconds=0.01, modes=("fastest",))
 
 
 def test_a_checkpoint_never_overwrites_a_record_of_an_unknown_version(region: BlockRegion) -> None:
