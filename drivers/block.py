@@ -122,11 +122,6 @@ def _close_fds(fds: list[int], aio: list[int]) -> None:
     fds.clear()
 
 
-def _is_immutable(p: Any) -> bool:
-    """Whether ``p`` is a ``bytes`` object or a view of one (nobody can change it while it is written)."""
-    return type(p) is bytes or (type(p) is memoryview and type(p.obj) is bytes)
-
-
 class BlockRegion:
     """A leased range of blocks on a file or block device (see the module docstring).
 
@@ -540,26 +535,29 @@ class BlockRegion:
         bs = self.block_size
         if nbytes % bs or nbytes <= 0:
             raise Misaligned(f"{nbytes} bytes is not a positive multiple of the block size {bs}")
-        views = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
-        if len(views) > _MAX_IOV - 2:
-            views = [b"".join(views)]
-        n = sum(len(v) for v in views)
+        if len(parts) > _MAX_IOV - 2:  # more than one pwritev takes: join them (a copy, only then)
+            parts = [b"".join(parts)]
+        bufs, lens, n, immutable = [], [], 0, True
+        for p in parts:  # one pass: the C pointers, the lengths, and whether anyone could change them
+            if type(p) is not bytes:
+                p = memoryview(p).cast("B")
+                immutable = immutable and type(p.obj) is bytes
+            bufs.append(ffi.from_buffer(p))
+            lens.append(len(p))
+            n += len(p)
         if _RECORD_DATA + n > nbytes:
             raise CapacityExceeded(f"a record of {n} data bytes does not fit {nbytes} bytes")
         self._check()
         self._check_range(lba, nbytes // bs)
         pos = self.offset + lba * bs
-        bufs = [ffi.from_buffer(v) for v in views]
-        lens = [len(v) for v in views]
         with self._io_lock:
-            path = self.record_path(nbytes, all(_is_immutable(v) for v in views))
+            path = self.record_path(nbytes, immutable)
             if path == "gather":
                 fd = self._buffered()
                 if fd is not None:
-                    head = bytearray(header) + bytes(_RECORD_DATA - _RECORD_HEADER)
                     pad = nbytes - _RECORD_DATA - n
                     zeros = _ZEROS if pad <= len(_ZEROS) else bytes(pad)
-                    rc = lib.gf_slot_write_gather(fd, pos, ffi.from_buffer(head), bufs, lens, len(bufs), zeros, pad, 1)
+                    rc = lib.gf_slot_write_gather(fd, pos, header, bufs, lens, len(bufs), zeros, pad, 1)
                     self._raise_io(rc)
                     return nbytes // bs
                 path = "direct"

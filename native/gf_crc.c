@@ -332,11 +332,13 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
     return 0;
 }
 
-int gf_slot_write_gather(int fd, int64_t pos, uint8_t *head, const uint8_t *const *parts, const uint64_t *lens,
-                         uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync) {
+int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
+                         const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync) {
     struct iovec iov[1002];
+    uint8_t head[GF_SLOT_DATA_OFFSET];
     if (nparts > 1000 || pos < 0) return -EINVAL;
     uint32_t crc = 0, niov = 0;
+    memcpy(head, header, GF_SLOT_HEADER_FIELDS);
     iov[niov++] = (struct iovec){head, GF_SLOT_DATA_OFFSET};
     for (uint32_t i = 0; i < nparts; i++) {
         crc = gf_crc32c(parts[i], lens[i], crc);

@@ -49,13 +49,13 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
                   const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts, uint64_t aio_ctx,
                   uint64_t chunk, int dsync);
 
-/* The same record without building it: head[0, 64) holds the 56 header bytes
- * (data_crc and header_crc zero) and zeros; parts are checksummed where they lie
- * (no copy), both CRCs put into head, then head, the parts and `pad` zero bytes
+/* The same record without building it: header as above; parts are checksummed
+ * where they lie (no copy), the 64 bytes from the header (both CRCs put in, then
+ * zeros) built on the stack, then those 64 bytes, the parts and `pad` zero bytes
  * (from zeros, which holds at least pad) go out in one gathered pwritev2 (RWF_DSYNC
  * when dsync, else write + fdatasync; short writes continued). nparts <= 1000.
  * 0 once durable, -errno otherwise (-EINVAL: bad arguments, nothing written). */
-int gf_slot_write_gather(int fd, int64_t pos, uint8_t *head, const uint8_t *const *parts, const uint64_t *lens,
-                         uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync);
+int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
+                         const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync);
 
 #endif
