@@ -567,8 +567,10 @@ class BlockRegion:
             if rc == -errno.EINVAL and self.direct:  # O_DIRECT refused by a filesystem that took the flag at open
                 self._disable_direct(OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
                 rc = lib.gf_slot_write(self._fd, pos, cbuf, nbytes, bs, header, bufs, lens, len(bufs), 0, 0, 1)
-            if rc == 1:
+            if rc in (1, 2):
                 self._aio_failed = True
+                if rc == 2:  # gf_slot_write destroyed the context to end requests it could not reap
+                    self._aio.clear()
                 log.info("AIO refused on %s: records go out in one request", self.path)
             self._raise_io(rc)
         return nbytes // bs

@@ -240,7 +240,7 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
         pos < 0)
         return -EINVAL;
     int use_aio = aio_ctx != 0 && nbytes > chunk && chunk >= block && chunk % block == 0;
-    if (use_aio && (nbytes - block) / chunk + 2 > GF_SLOT_MAX_AIO) return -EINVAL;
+    while (use_aio && (nbytes - block) / chunk + 2 > GF_SLOT_MAX_AIO) chunk *= 2; /* a large record: fewer, larger */
     aio_context_t ctx = (aio_context_t)aio_ctx;
     struct iocb cbs[GF_SLOT_MAX_AIO + 2];
     uint64_t expect[GF_SLOT_MAX_AIO + 2];
@@ -318,14 +318,16 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
         inflight += got;
         if (got < nlast) aio_failed = 1;
     }
-    int bad = 0;
+    int bad = 0, destroyed = 0;
     if (inflight && reap(ctx, inflight, expect, &bad) < 0) {
-        /* a context that cannot be reaped: only a bad ctx does that, and then nothing was submitted to it */
-        aio_failed = 1;
+        /* requests that cannot be reaped (never seen: io_getevents fails only on bad arguments) must
+         * still end before buf is reused: io_destroy cancels or waits for every one of them */
+        syscall(SYS_io_destroy, ctx);
+        destroyed = 1;
     }
-    if (aio_failed || bad) {
+    if (aio_failed || bad || destroyed) {
         int rc = write_sync(fd, pos, buf, nbytes, dsync);
-        return rc < 0 ? rc : 1;
+        return rc < 0 ? rc : 1 + destroyed;
     }
     while (fdatasync(fd) < 0)
         if (errno != EINTR) return -errno;

@@ -42,7 +42,10 @@ int gf_aio_destroy(uint64_t ctx);
  *    are copied, the first block (header) last, once the CRC is known; every
  *    request is reaped, then one fdatasync. Should AIO fail (a submit refused,
  *    a short or failed request), the whole record is written again the first
- *    way, and 1 is returned (the caller may stop using aio_ctx).
+ *    way, and 1 is returned (the caller may stop using aio_ctx); 2 when, on top
+ *    of that, the requests could not be reaped and aio_ctx was destroyed to end
+ *    them (the caller must not use or destroy it again). A record too large for
+ *    GF_SLOT_MAX_AIO requests of `chunk` bytes goes out in larger ones.
  * Returns 0 (or 1, see above) once the record is durable, -errno otherwise.
  * Never returns with a request in flight: buf may be reused at once. */
 int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block, const uint8_t *header,
