@@ -478,8 +478,10 @@ class BlockRegion:
         states: level with ``"direct"`` on an ext4 file, ahead on a loop device, and it leaves the
         record in the page cache for same-host readers) and on a volatile filesystem (tmpfs: no
         device to overlap with, and the copy is the cost: 0.50x against 0.37x for ``"aio"`` at
-        1 MiB); ``"aio"`` above it (1 MiB on ext4: 0.91x of the best raw write against 0.70x for
-        ``"gather"`` and 0.60x for ``"direct"``, which copies before the device starts).
+        1 MiB); ``"aio"`` above it (1 MiB on an ext4 file, three runs at load 5-15: 0.44-0.86x of
+        the best raw write against 0.31-0.69x for ``"gather"`` and 0.39-0.61x for ``"direct"``,
+        which copies before the device starts; on a loop device 0.53-0.66x against 0.58-0.62x
+        and 0.47-0.55x).
         """
         mode = self._record_mode
         if mode == "auto":
