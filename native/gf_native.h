@@ -15,7 +15,7 @@
 
 /* Bumped whenever a layout or this API changes; the Python wrapper refuses a
  * build whose number differs from the one it was written for. */
-#define GF_NATIVE_ABI 12
+#define GF_NATIVE_ABI 13
 
 /* Status codes. 0 and the small positive values are ordinary outcomes;
  * negatives are errors (the grafOS ones first). */
@@ -45,6 +45,24 @@
 #define GF_TAIL 4           /* the reader reached its tail cache: load the tail word */
 #define GF_READ 5           /* the image lacks bytes the next record needs: read them */
 #define GF_LOST 6           /* the tail word is not this producer's: gf_ring_lost_tail says why */
+#define GF_DONE 7           /* a CAS loop's step: the word already says it, nothing to store */
+#define GF_CLAIM_CAS 8      /* take the role with a CAS of its id word from 0 */
+#define GF_CLAIM_TAKEOVER 9 /* a newer epoch: advance the epoch, then store the id (the holder is gone) */
+#define GF_CLAIM_SEAL 10    /* a newer epoch found a live or unprovable holder: fence and seal instead */
+
+/* What the region's role lock said to a claimant (gf_ring_claim_verdict). */
+#define GF_LOCK_NONE 0      /* the region has no role locks */
+#define GF_LOCK_BUSY 1      /* a live holder has the lock */
+#define GF_LOCK_HELD 2      /* the claimant has it */
+
+/* A role id whose holder keeps the region's role lock while it holds the role
+ * (so its death is provable: the lock is free); the other bits are the
+ * holder's (grafos_fabric.queue._roles). */
+#define GF_ROLE_LOCKED (1ull << 63)
+
+/* A producer starts only below this next sequence number: its u64 sequence
+ * numbers must not wrap within 2**40 items (more than any real count). */
+#define GF_SEQ_LIMIT (~0ull - (1ull << 40))
 
 typedef struct gf_producer {
     gf_ring_header *hdr;

@@ -27,6 +27,8 @@ int gf_ring_init(void *ring, uint64_t region_size, uint64_t capacity, uint64_t m
 int gf_ring_check(const void *ring, uint64_t region_size);
 int gf_ring_seal(void *ring, uint64_t seal_seq);
 int gf_ring_advance_epoch(void *ring, uint64_t new_epoch);
+/* acked only grows: 0, or GF_E_CORRUPT when the word kept changing */
+int gf_ring_set_acked(void *ring, uint64_t seq);
 
 /* Role init validates the ring's geometry against region_size (the bytes
  * mapped at `ring`), and the positions it starts from. */
@@ -64,6 +66,13 @@ uint64_t gf_consumer_outstanding(gf_consumer *c);
  * gf_consumer whose hdr/data are unused) and a local image laid out like the
  * ring's data area; no I/O. */
 uint64_t gf_ring_tag(uint64_t epoch);
+int gf_ring_claim_verdict(uint64_t epoch, uint64_t epoch_now, uint64_t holder, int lock);
+int gf_ring_claimed(uint64_t found, uint64_t id);
+int gf_ring_reclaimable(uint64_t holder);
+int gf_ring_seal_step(uint64_t tail_word, uint64_t *desired);
+int gf_ring_epoch_step(uint64_t cur, uint64_t new_epoch);
+uint64_t gf_ring_retag(uint64_t tail_word, uint64_t new_epoch);
+int gf_ring_acked_step(uint64_t cur, uint64_t seq);
 int gf_ring_build(void *header_image, uint64_t region_size, uint64_t capacity, uint64_t max_item,
                   uint64_t first_seq, uint64_t epoch, const char *dtype, uint32_t dtype_len, uint32_t flags);
 int gf_ring_prod_start(gf_producer *p, uint64_t capacity, uint64_t max_item, uint64_t epoch, uint64_t tail_word,

@@ -18,6 +18,27 @@ int gf_ring_build(void *header_image, uint64_t region_size, uint64_t capacity, u
                        dtype_len, flags);
 }
 
+/* ---------------------------------------------------- roles, seal, epoch, acked */
+
+int gf_ring_claim_verdict(uint64_t epoch, uint64_t epoch_now, uint64_t holder, int lock) {
+    return gf_rc_claim_verdict(epoch, epoch_now, holder, lock);
+}
+
+int gf_ring_claimed(uint64_t found, uint64_t id) { return gf_rc_claimed(found, id); }
+
+int gf_ring_reclaimable(uint64_t holder) { return gf_rc_reclaimable(holder); }
+
+int gf_ring_seal_step(uint64_t tail_word, uint64_t *desired) {
+    if (!desired) return GF_E_ARG;
+    return gf_rc_seal_step(tail_word, desired);
+}
+
+int gf_ring_epoch_step(uint64_t cur, uint64_t new_epoch) { return gf_rc_epoch_step(cur, new_epoch); }
+
+uint64_t gf_ring_retag(uint64_t tail_word, uint64_t new_epoch) { return gf_rc_retag(tail_word, new_epoch); }
+
+int gf_ring_acked_step(uint64_t cur, uint64_t seq) { return gf_rc_acked_step(cur, seq); }
+
 /* ---------------------------------------------------------------- producer */
 
 int gf_ring_prod_start(gf_producer *p, uint64_t capacity, uint64_t max_item, uint64_t epoch, uint64_t tail_word,

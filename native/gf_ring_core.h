@@ -24,6 +24,11 @@
  * ring pend_*), never hdr/data/lease/lock,
  * so a one-sided handle uses the same structs with those left NULL.
  *
+ * Taking a role and the header's CAS loops (seal, advance the epoch, acked)
+ * are decided here too, one step at a time: given the word the caller loaded
+ * (or a CAS returned), what to do or store next. The caller runs the loop and
+ * bounds it (a word that keeps changing is GF_E_CORRUPT).
+ *
  * A word that comes from shared memory is untrusted: each function that
  * takes one checks range and alignment before anything is derived from it,
  * and answers GF_E_CORRUPT for what a producer following the protocol
@@ -85,6 +90,57 @@ static inline int gf_rc_build(gf_ring_header *h, uint64_t region_size, uint64_t 
     return GF_OK;
 }
 
+/* ------------------------------------------------- roles, seal, epoch, acked */
+
+/* May a producer stamped `epoch` take the role, given the queue's epoch as
+ * loaded (`epoch_now`), the producer id word as loaded (`holder`) and what
+ * the region's role lock said (`lock`: GF_LOCK_NONE / _BUSY / _HELD)?
+ *   GF_E_FENCED        older than the queue;
+ *   GF_CLAIM_SEAL      newer, and the role is held by someone whose death is
+ *                      not proven (no lock held here, or an id without
+ *                      GF_ROLE_LOCKED): it may be mid-copy, so fence it and
+ *                      seal the queue instead of writing where it writes;
+ *   GF_E_ROLE          a live holder has the role lock;
+ *   GF_CLAIM_TAKEOVER  newer: advance the epoch, then store the id;
+ *   GF_CLAIM_CAS       the same epoch: CAS the id word from 0.
+ * A caller that knows no holder and no lock (the mapped C init, after the
+ * Python side decided) passes 0 and GF_LOCK_NONE. */
+static inline int gf_rc_claim_verdict(uint64_t epoch, uint64_t epoch_now, uint64_t holder, int lock) {
+    if (epoch < epoch_now) return GF_E_FENCED;
+    if (epoch > epoch_now && holder != 0 && !(lock == GF_LOCK_HELD && (holder & GF_ROLE_LOCKED)))
+        return GF_CLAIM_SEAL;
+    if (lock == GF_LOCK_BUSY) return GF_E_ROLE;
+    return epoch > epoch_now ? GF_CLAIM_TAKEOVER : GF_CLAIM_CAS;
+}
+
+/* The id word a claiming CAS (0 -> id) found: the role is ours, or another's. */
+static inline int gf_rc_claimed(uint64_t found, uint64_t id) { return found == 0 || found == id ? GF_OK : GF_E_ROLE; }
+
+/* A holder id that can be reclaimed by a caller that holds the role's lock:
+ * one whose holder keeps that lock while it holds the role (so it is gone). */
+static inline int gf_rc_reclaimable(uint64_t holder) { return holder != 0 && (holder & GF_ROLE_LOCKED) != 0; }
+
+/* Seal, one step: the tail word `w` as loaded or found. GF_DONE when it is
+ * sealed already, else GF_OK and the word to CAS in (SYNC POINT: ring-publish). */
+static inline int gf_rc_seal_step(uint64_t w, uint64_t *desired) {
+    if (w & GF_TAIL_SEALED) return GF_DONE;
+    *desired = w | GF_TAIL_SEALED;
+    return GF_OK;
+}
+
+/* Advance the epoch, one step: GF_OK (CAS `cur` -> new_epoch) while new_epoch
+ * is newer than the epoch found, else GF_E_FENCED. */
+static inline int gf_rc_epoch_step(uint64_t cur, uint64_t new_epoch) { return new_epoch > cur ? GF_OK : GF_E_FENCED; }
+
+/* ... then the tail word `w` retagged with the new epoch (position and SEALED
+ * kept): producers of older epochs fail their publish CAS at the target. */
+static inline uint64_t gf_rc_retag(uint64_t w, uint64_t new_epoch) {
+    return (w & ~GF_TAIL_TAG_MASK) | gf_rc_tag(new_epoch);
+}
+
+/* acked only grows: GF_OK (CAS `cur` -> seq) while seq is past it, else GF_DONE. */
+static inline int gf_rc_acked_step(uint64_t cur, uint64_t seq) { return seq > cur ? GF_OK : GF_DONE; }
+
 /* ------------------------------------------------------------- producer */
 
 /* head as the producer may use it: aligned, not past the published tail, not
@@ -103,6 +159,7 @@ static inline int gf_rc_prod_start(gf_producer *p, uint64_t cap, uint64_t max_it
     if (tail_word & GF_TAIL_SEALED) return GF_E_SEALED;
     if ((tail_word & GF_TAIL_TAG_MASK) != tag) return GF_E_FENCED;
     if (GF_POS_MISALIGNED(tail) || !gf_rc_head_ok(head, tail, cap, 0)) return GF_E_CORRUPT;
+    if (next_seq > GF_SEQ_LIMIT) return GF_E_CORRUPT; /* would wrap within 2**40 items: not a real count */
     p->capacity = cap;
     p->mask = cap - 1;
     p->max_item = max_item;

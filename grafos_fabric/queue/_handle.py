@@ -184,12 +184,9 @@ class _QueueHandle(QueueProtocols):
 
         ``acked`` only grows (a smaller value is ignored)."""
         seq = _check_int("acked", seq)
-        cur = self.acked
-        while seq > cur:
-            found = int(lib.gf_cas_at(self._ring, _ACKED_OFF, cur, seq))
-            if found == cur:
-                return
-            cur = found
+        self._check_handle()
+        if lib.gf_ring_set_acked(self._ring, seq) != OK:  # the core's step (gf_rc_acked_step), bounded in C
+            raise E.Corrupted("setting acked: the word kept changing (lost compare-and-swaps without end)")
 
     def seal(self, seal_seq: int = 0) -> bool:
         """Seal the queue: no push succeeds afterwards; the consumer drains what
@@ -268,6 +265,22 @@ class _QueueHandle(QueueProtocols):
             "proven), so it was fenced and the queue sealed; move to a fresh queue (relocate)",
             seal_seq=self.seal_seq,
         )
+
+    def _admit_producer(self, epoch: int, cur: int, holder: int, supported: bool, lock: Any) -> int:
+        """The core's verdict on claiming the producer role (``gf_ring_claim_verdict``, the
+        same for both paths) from the queue's epoch and the producer id word as loaded and
+        what the role lock said: ``GF_CLAIM_TAKEOVER`` or ``GF_CLAIM_CAS``, or the typed
+        error: ``StaleEpoch``; ``QueueSealed`` after fencing a live (or unprovable) holder,
+        which may be mid-write, and sealing the queue; ``RoleTaken``."""
+        state = lib.GF_LOCK_HELD if lock is not None else lib.GF_LOCK_BUSY if supported else lib.GF_LOCK_NONE
+        rc = int(lib.gf_ring_claim_verdict(epoch, cur, holder, state))
+        if rc == lib.GF_E_FENCED:
+            raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=cur)
+        if rc == lib.GF_CLAIM_SEAL:
+            self._fence_and_seal(epoch)  # never takes the role in place from a holder that may be writing
+        if rc == lib.GF_E_ROLE:
+            raise E.RoleTaken("a live producer holds this queue's producer role (claiming the producer role)")
+        return rc
 
     def _raise(self, rc: int, what: str, epoch: int | None = None) -> None:
         observe.count("queue_errors", status=rc, op=what)

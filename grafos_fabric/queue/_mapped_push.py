@@ -21,7 +21,7 @@ from .._item import Span
 from .._types import ItemLike
 from ._handle import _QueueHandle
 from ._layout import _SPIN, FULL, OK, _check_int, _deadline
-from ._roles import _LOCKED_ROLE, _PRODUCER_ID_OFF, _ROLE_PRODUCER, _reclaim_role, _role_id
+from ._roles import _PRODUCER_ID_OFF, _ROLE_PRODUCER, _reclaim_role, _role_id
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +123,8 @@ class _MappedProducer(_QueueHandle):
             supported, lock = self._lock_role(_ROLE_PRODUCER)
             try:
                 cur = self.epoch
-                if epoch < cur:
-                    raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=cur)
                 holder = int(lib.gf_load_acquire_at(self._ring, _PRODUCER_ID_OFF))
-                if epoch > cur and holder != 0 and not (lock is not None and holder & _LOCKED_ROLE):
-                    self._fence_and_seal(epoch)
-                if supported and lock is None:
-                    raise E.RoleTaken("a live producer holds this queue's producer role (claiming the producer role)")
+                self._admit_producer(epoch, cur, holder, supported, lock)  # gf_producer_init takes the role
                 p = ffi.new("gf_producer *")
                 role_id = _role_id(locked=lock is not None)
                 rc = lib.gf_producer_init(

@@ -229,7 +229,7 @@ class OneSidedQueue(_OneSidedProducer):
             if lock is not None:
                 lock.release()
             raise
-        if found not in (0, cid):
+        if lib.gf_ring_claimed(found, cid) != _OK:
             if lock is not None:
                 lock.release()
             raise E.RoleTaken("another process holds this role on the queue: claiming the consumer role")

@@ -50,16 +50,15 @@ _HEAD = _hoff("head")
 _ACKED = _hoff("acked")
 _SPACE_WAITERS = _hoff("space_waiters")  # a u64 of its own, 8-byte aligned: faa64 counts a waiter
 _U64 = (1 << 64) - 1
-_SEQ_LIMIT = _U64 - (1 << 40)  # a producer starts only below this (its u64 sequence numbers must not wrap)
 _CAS_TRIES = 100_000  # a CAS loop that loses this many races in a row is fighting a writer outside the protocol
 
 _SEALED = int(lib.GF_TAIL_SEALED)
-_TAG_MASK = int(lib.GF_TAIL_TAG_MASK)
 _POS_MASK = int(lib.GF_TAIL_POS_MASK)
 _ALIGN = int(lib.GF_RECORD_ALIGN)
 _OK = int(lib.GF_OK)
 _FULL = int(lib.GF_FULL)
 _END = int(lib.GF_END)
+_DONE = int(lib.GF_DONE)  # a CAS step of the core: the word already says it
 _TAIL_REACHED = int(lib.GF_TAIL)
 _READ = int(lib.GF_READ)
 _NO_PAD = _U64  # "no padding record in this frame" (gf_ring_frame leaves *pad_at as it was)
@@ -284,7 +283,7 @@ class _OneSidedHandle(FabricQueue):
         seq = _check_int("acked", seq)
         cur = self.acked
         for _ in range(_CAS_TRIES):
-            if seq <= cur:
+            if lib.gf_ring_acked_step(cur, seq) == _DONE:
                 return
             found = self.region.cas64(_ACKED, cur, seq)
             if found == cur:
@@ -298,17 +297,18 @@ class _OneSidedHandle(FabricQueue):
         Returns False if already sealed."""
         seal_seq = _check_int("seal_seq", seal_seq)
         self._check_handle()
+        desired = ffi.new("uint64_t *")  # the word the core computes for the CAS
         w = self.region.load64(_TAIL)
-        if w & _SEALED:
+        if lib.gf_ring_seal_step(w, desired) == _DONE:  # sealed already
             return False
         self.region.store64(_SEAL_SEQ, seal_seq)
         for _ in range(_CAS_TRIES):
-            found = self.region.cas64(_TAIL, w, w | _SEALED)  # SYNC POINT: ring-publish
+            found = self.region.cas64(_TAIL, w, int(desired[0]))  # SYNC POINT: ring-publish
             if found == w:
                 return True
-            if found & _SEALED:
-                return False
             w = found
+            if lib.gf_ring_seal_step(w, desired) == _DONE:
+                return False
         raise _cas_lost("sealing")
 
     def advance_epoch(self, new_epoch: int) -> None:
@@ -319,7 +319,7 @@ class _OneSidedHandle(FabricQueue):
         self._check_handle()
         cur = self.region.load64(_EPOCH)
         for _ in range(_CAS_TRIES):
-            if new_epoch <= cur:
+            if lib.gf_ring_epoch_step(cur, new_epoch) != _OK:
                 raise E.StaleEpoch(epoch=new_epoch, current=cur)
             found = self.region.cas64(_EPOCH, cur, new_epoch)
             if found == cur:
@@ -327,10 +327,9 @@ class _OneSidedHandle(FabricQueue):
             cur = found
         else:
             raise _cas_lost("advancing the epoch")
-        tag = int(lib.gf_ring_tag(new_epoch))
         w = self.region.load64(_TAIL)
         for _ in range(_CAS_TRIES):
-            found = self.region.cas64(_TAIL, w, (w & ~_TAG_MASK & _U64) | tag)
+            found = self.region.cas64(_TAIL, w, int(lib.gf_ring_retag(w, new_epoch)))
             if found == w:
                 return
             w = found

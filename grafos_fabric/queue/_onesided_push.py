@@ -25,7 +25,6 @@ from ._onesided_handle import (
     _NO_PAD,
     _OK,
     _PRODUCER_ID,
-    _SEQ_LIMIT,
     _SPACE_WAITERS,
     _TAIL,
     _U64,
@@ -34,7 +33,7 @@ from ._onesided_handle import (
     _OneSidedHandle,
     _rec_size,
 )
-from ._roles import _LOCKED_ROLE, _ROLE_PRODUCER, _role_id
+from ._roles import _ROLE_PRODUCER, _role_id
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +56,20 @@ class _OneSidedProducer(_OneSidedHandle):
             try:
                 pid = _role_id(locked=lock is not None)
                 cur = r.load64(_EPOCH)
-                if epoch < cur:
-                    raise E.StaleEpoch("claiming the producer role: fenced", epoch=epoch, current=cur)
                 holder = r.load64(_PRODUCER_ID)
-                if epoch > cur and holder != 0 and not (lock is not None and holder & _LOCKED_ROLE):
-                    self._fence_and_seal(epoch)  # a live or unprovable holder may be mid-write: never in place
-                if supported and lock is None:
-                    raise E.RoleTaken("a live producer holds this queue's producer role (claiming the producer role)")
-                if epoch > cur:
+                if self._admit_producer(epoch, cur, holder, supported, lock) == lib.GF_CLAIM_TAKEOVER:
                     self.advance_epoch(epoch)
                     r.store64(_PRODUCER_ID, pid)  # take over: the old holder is gone (or there was none)
-                else:
-                    found = r.cas64(_PRODUCER_ID, 0, pid)
-                    if found not in (0, pid):
-                        raise E.RoleTaken("another process holds this role on the queue: claiming the producer role")
+                elif lib.gf_ring_claimed(r.cas64(_PRODUCER_ID, 0, pid), pid) != _OK:
+                    raise E.RoleTaken("another process holds this role on the queue: claiming the producer role")
                 try:
                     w = r.load64(_TAIL)  # SYNC POINT: ring-publish
                     head = r.load64(_HEAD)  # SYNC POINT: ring-release
                     next_seq = r.load64(_NEXT_SEQ)
                     p = ffi.new("gf_producer *")
                     rc = int(lib.gf_ring_prod_start(p, self.capacity, self.max_item, epoch, w, head, next_seq))
-                    if rc != _OK:
+                    if rc != _OK:  # the core also refuses a next_seq within 2**40 of wrapping (GF_SEQ_LIMIT)
                         raise self._ring_error(rc, "claiming the producer role", epoch, w)
-                    if next_seq > _SEQ_LIMIT:  # would overflow u64 framing within 2**40 items: not a real count
-                        raise E.Corrupted(f"the ring's next sequence number ({next_seq}) is too close to 2**64")
                 except BaseException:
                     r.cas64(_PRODUCER_ID, pid, 0)
                     raise
@@ -109,7 +98,7 @@ class _OneSidedProducer(_OneSidedHandle):
             return self._sealed_error(what)
         if rc == lib.GF_E_FENCED:
             return E.StaleEpoch(f"{what}: fenced", epoch=epoch, current=self.region.load64(_EPOCH))
-        return E.Corrupted(f"{what}: the ring's positions make no sense (tail word {w:#x})")
+        return E.Corrupted(f"{what}: the ring's positions or sequence number make no sense (tail word {w:#x})")
 
     def _check_owner(self, p: Any, what: str) -> None:
         """Is the tail word still ours (``gf_ring_owns``)? Checked before writing a

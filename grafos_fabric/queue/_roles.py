@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 _PRODUCER_ID_OFF = int(ffi.offsetof("gf_ring_header", "producer_id"))
 _CONSUMER_ID_OFF = int(ffi.offsetof("gf_ring_header", "consumer_id"))
 
-_LOCKED_ROLE = 1 << 63  # marks an id whose holder keeps the region's role lock while it holds the role
+_LOCKED_ROLE = int(lib.GF_ROLE_LOCKED)  # marks an id whose holder keeps the region's role lock while it holds the role
 _ROLE_PRODUCER = 0  # the role-lock bytes (drivers.shm.ROLE_PRODUCER / ROLE_CONSUMER)
 _ROLE_CONSUMER = 1
 
@@ -39,7 +39,7 @@ def _reclaim_role(ring: Any, offset: int) -> bool:
     has already let go of. Ids without the marker (one-sided peers) can't be
     judged and keep their role (``RoleTaken`` stands)."""
     holder = int(lib.gf_load_acquire_at(ring, offset))
-    if not holder & _LOCKED_ROLE:
+    if not lib.gf_ring_reclaimable(holder):
         return False
     if int(lib.gf_cas_at(ring, offset, holder, 0)) != holder:
         return False

@@ -264,3 +264,92 @@ def test_queue_never_imports_the_one_sided_module_back():
     from grafos_fabric.queue._handle import _one_sided
 
     assert _one_sided() is OneSidedQueue and gf.FabricQueue is queue.FabricQueue
+
+
+# -- roles, seal, epoch, acked: the CAS loops' decisions ----------------------------------------
+
+LOCKED = lib.GF_ROLE_LOCKED
+HOLDER = 0x1234_0000_0001
+
+
+@pytest.mark.parametrize(
+    ("epoch", "now", "holder", "lock", "verdict"),
+    [
+        (1, 2, 0, lib.GF_LOCK_NONE, lib.GF_E_FENCED),  # older than the queue
+        (1, 2, 0, lib.GF_LOCK_HELD, lib.GF_E_FENCED),
+        (2, 2, 0, lib.GF_LOCK_NONE, lib.GF_CLAIM_CAS),  # same epoch: CAS the id in
+        (2, 2, HOLDER, lib.GF_LOCK_NONE, lib.GF_CLAIM_CAS),  # (the CAS finds the holder: gf_ring_claimed)
+        (2, 2, HOLDER, lib.GF_LOCK_BUSY, lib.GF_E_ROLE),  # a live holder has the lock
+        (3, 2, 0, lib.GF_LOCK_NONE, lib.GF_CLAIM_TAKEOVER),  # newer, nobody holds it
+        (3, 2, 0, lib.GF_LOCK_BUSY, lib.GF_E_ROLE),
+        (3, 2, HOLDER, lib.GF_LOCK_NONE, lib.GF_CLAIM_SEAL),  # newer, a holder whose death can't be proven
+        (3, 2, HOLDER | LOCKED, lib.GF_LOCK_BUSY, lib.GF_CLAIM_SEAL),  # ... alive: it has its lock
+        (3, 2, HOLDER, lib.GF_LOCK_HELD, lib.GF_CLAIM_SEAL),  # a one-sided holder (no marker) can't be judged
+        (3, 2, HOLDER | LOCKED, lib.GF_LOCK_HELD, lib.GF_CLAIM_TAKEOVER),  # its lock is ours: it is gone
+    ],
+)
+def test_the_claim_verdict_fences_seals_refuses_or_says_how_to_take_the_role(epoch, now, holder, lock, verdict):
+    assert lib.gf_ring_claim_verdict(epoch, now, holder, lock) == verdict
+
+
+def test_a_claiming_cas_is_ours_only_when_it_found_the_word_free_or_our_own_id():
+    assert lib.gf_ring_claimed(0, HOLDER) == lib.GF_OK
+    assert lib.gf_ring_claimed(HOLDER, HOLDER) == lib.GF_OK
+    assert lib.gf_ring_claimed(HOLDER + 2, HOLDER) == lib.GF_E_ROLE
+    assert lib.gf_ring_reclaimable(HOLDER | LOCKED)
+    assert not lib.gf_ring_reclaimable(HOLDER)
+    assert not lib.gf_ring_reclaimable(0)
+
+
+def test_the_seal_step_sets_the_sealed_bit_and_stops_at_a_sealed_word():
+    desired = ffi.new("uint64_t *")
+    word = int(lib.gf_ring_tag(5)) | 4096
+    assert lib.gf_ring_seal_step(word, desired) == lib.GF_OK
+    assert desired[0] == word | lib.GF_TAIL_SEALED
+    desired[0] = 7
+    assert lib.gf_ring_seal_step(word | lib.GF_TAIL_SEALED, desired) == lib.GF_DONE
+    assert desired[0] == 7  # nothing to store
+    assert lib.gf_ring_seal_step(word, ffi.NULL) == lib.GF_E_ARG
+
+
+def test_the_epoch_steps_only_move_forward_and_retag_keeps_position_and_seal():
+    assert lib.gf_ring_epoch_step(4, 5) == lib.GF_OK
+    assert lib.gf_ring_epoch_step(5, 5) == lib.GF_E_FENCED
+    assert lib.gf_ring_epoch_step(6, 5) == lib.GF_E_FENCED
+    word = int(lib.gf_ring_tag(3)) | lib.GF_TAIL_SEALED | 8192
+    new = lib.gf_ring_retag(word, 9)
+    assert new & lib.GF_TAIL_TAG_MASK == lib.gf_ring_tag(9)
+    assert new & ~lib.GF_TAIL_TAG_MASK & ((1 << 64) - 1) == lib.GF_TAIL_SEALED | 8192
+
+
+def test_acked_only_grows():
+    assert lib.gf_ring_acked_step(10, 11) == lib.GF_OK
+    assert lib.gf_ring_acked_step(10, 10) == lib.GF_DONE
+    assert lib.gf_ring_acked_step(10, 3) == lib.GF_DONE
+
+
+def test_a_producer_refuses_to_start_within_2_to_the_40_of_a_wrapping_sequence_number():
+    p = ffi.new("gf_producer *")
+    tag = int(lib.gf_ring_tag(0))
+    assert lib.gf_ring_prod_start(p, CAP, MAX_ITEM, 0, tag, 0, lib.GF_SEQ_LIMIT) == lib.GF_OK
+    assert lib.gf_ring_prod_start(p, CAP, MAX_ITEM, 0, tag, 0, lib.GF_SEQ_LIMIT + 1) == lib.GF_E_CORRUPT
+    assert lib.GF_SEQ_LIMIT == (1 << 64) - 1 - (1 << 40)
+
+
+def test_the_role_and_cas_loop_decisions_are_the_cores_on_both_paths():
+    one_sided = set().union(*(_names(path) for path in ONE_SIDED))
+    mapped = set().union(*(_names(path) for path in MAPPED))
+    # no Python copy of the decisions: the lock marker, the sequence limit, the tag arithmetic
+    assert one_sided.isdisjoint({"_LOCKED_ROLE", "_SEQ_LIMIT", "_TAG_MASK", "GF_TAIL_TAG_MASK"})
+    assert {
+        "_admit_producer",  # the shared handle's call of gf_ring_claim_verdict
+        "gf_ring_claimed",
+        "gf_ring_seal_step",
+        "gf_ring_epoch_step",
+        "gf_ring_retag",
+        "gf_ring_acked_step",
+    } <= one_sided
+    assert {"_admit_producer", "gf_ring_claim_verdict", "gf_ring_reclaimable", "gf_ring_set_acked"} <= mapped
+    native = (NATIVE / "gf_native.c").read_text()
+    for step in ("gf_rc_claim_verdict", "gf_rc_claimed", "gf_rc_seal_step", "gf_rc_epoch_step", "gf_rc_retag"):
+        assert step + "(" in native, step

@@ -363,8 +363,8 @@ def test_a_next_sequence_number_at_the_end_of_u64_gives_typed_errors_only(fabric
     q.region.view()[off : off + 8] = next_seq.to_bytes(8, "little")
     tx = gf.FabricQueue.attach(fabric, q.locator(), mapped=access == "mapped")
     rx = gf.FabricQueue.attach(fabric, q.locator())
-    # one-sided: refused when the role starts (before: OverflowError from a u64 store);
-    # mapped: the sequence wraps in C and the consumer sees it go backwards
+    # both paths: refused when the role starts (the core's GF_SEQ_LIMIT); before, one-sided got
+    # OverflowError from a u64 store and mapped wrapped, so the consumer saw the sequence go backwards
     with pytest.raises(E.Corrupted):
         for _ in range(3):
             tx.push(b"abc", timeout=1)
