@@ -38,6 +38,13 @@ Regions offer both modes of the driver protocol: **mapped** (``view()``,
 ``address()``) and **one-sided** (``mapped=False``: only ``read_into``,
 ``write``, ``cas64``, ``faa64``, ``load64``, ``store64``, ``flush``), so the
 one-sided protocol used over RDMA runs, and is tested, on every machine.
+
+The driver is three modules, by concept: this one (:class:`ShmFabric`: the
+namespace, alloc/attach/free, the generation counter, reaping),
+``_shm_region`` (:class:`ShmRegion`, its lease cell and role locks) and
+``_shm_files`` (segment names, safe opening of untrusted files, the OFD
+clock-domain lock, :func:`segment_info`). Their public names are imported
+from here; all three log to this module's logger.
 """
 
 from __future__ import annotations
@@ -50,9 +57,7 @@ import os
 import re
 import secrets
 import stat
-import struct
 import time
-import weakref
 from typing import Any
 
 from grafos_fabric import errors as E
@@ -69,7 +74,22 @@ from grafos_fabric.lease import (
     clock_domain,
 )
 
-from .base import Buffer, RegionRef
+from ._shm_files import (
+    _DOMAIN_OFF,
+    _O_SAFE,
+    _STATE_OFF,
+    HEADER,
+    SHM_DIR,
+    _gen_path,
+    _inspect,
+    _not_ours,
+    _ofd_hold,
+    _open_error,
+    _segment_path,
+    segment_info,
+)
+from ._shm_region import ROLE_CONSUMER, ROLE_PRODUCER, ShmLeaseCell, ShmRegion, ShmRoleLock, _check_status
+from .base import RegionRef
 
 __all__ = [
     "ROLE_CONSUMER",
@@ -84,62 +104,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = "/dev/shm"
-HEADER = int(lib.GF_SEG_HEADER_SIZE)
-_STATE_OFF = int(ffi.offsetof("gf_segment_header", "lease_state"))
-_DEADLINE_OFF = int(ffi.offsetof("gf_segment_header", "deadline_ns"))
-_DOMAIN_OFF = int(ffi.offsetof("gf_segment_header", "clock_domain"))
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_REGION = 1 << 41  # 2 TiB: anything larger is a mistake on one machine
 REAP_GRACE_NS = 60 * NS  # a segment left half-built this long is garbage
-
-# Everything in /dev/shm may be planted by another user: never follow a link,
-# never block in open() (a FIFO), never leak the fd into a child.
-_O_SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-# OFD locks (Linux >= 3.15): owned by the open file description, so they are
-# released exactly when the last fd of it closes, whichever process holds it.
-_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
-_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-_FLOCK = struct.Struct("@hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
-_DOMAIN_LOCK = (_DOMAIN_OFF, 8)  # held (read) by every holder of a private-clock region
-
-
-def _ofd_hold(fd: int) -> bool:
-    """Take a shared OFD lock on the clock_domain word; False if that is impossible here."""
-    start, length = _DOMAIN_LOCK
-    try:
-        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, start, length, 0))
-        return True
-    except OSError as exc:
-        log.warning("cannot hold an OFD lock on a private-clock segment (%s): reapers will leave it alone", exc)
-        return False
-
-
-def _ofd_held(fd: int) -> bool:
-    """Does any open file description hold a lock on the clock_domain word? (True when unknown.)"""
-    start, length = _DOMAIN_LOCK
-    try:
-        res = fcntl.fcntl(fd, _F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
-    except OSError:
-        return True  # cannot tell: assume a holder (never reap what may be live)
-    return bool(_FLOCK.unpack(res)[0] != fcntl.F_UNLCK)
-
-
-def _not_ours(st: os.stat_result) -> str | None:
-    """Why a file found in /dev/shm is not one this user could have made (None: it could be)."""
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "not a file"
-        return f"{kind}, not a regular file"
-    if st.st_uid != os.geteuid():
-        return f"owned by uid {st.st_uid}, not by this user ({os.geteuid()})"
-    return None
-
-
-def _open_error(exc: OSError) -> str:
-    if exc.errno == errno.ELOOP:
-        return "a symbolic link (never followed)"
-    return exc.strerror or str(exc)
 
 
 def _free_bytes() -> int:
@@ -152,377 +119,6 @@ def _free_bytes() -> int:
 
 def _mib(n: int) -> str:
     return f"{n} bytes ({n / (1 << 20):.1f} MiB)"
-
-
-# Role locks: one byte of the segment file per queue role, locked with an
-# open-file-description lock (Linux F_OFD_SETLK) on an fd of its own.
-ROLE_PRODUCER = 0
-ROLE_CONSUMER = 1
-_F_OFD_SETLK = int(getattr(fcntl, "F_OFD_SETLK", 37))
-_LEASE_ID_OFF = int(ffi.offsetof("gf_segment_header", "lease_id"))
-
-
-def _flock(ltype: int, start: int) -> bytes:
-    """A ``struct flock`` for one byte at ``start`` (l_pid 0, as OFD locks need)."""
-    return struct.pack("hhqqi4x", ltype, os.SEEK_SET, start, 1, 0)
-
-
-class ShmRoleLock:
-    """A held role lock (see :meth:`ShmRegion.lock_role`). ``release()`` closes
-    its fd, which drops the lock (idempotent). In a child process after
-    ``fork()`` the inherited fd is closed the same way: the parent's fd still
-    refers to the lock, so the parent keeps it."""
-
-    __slots__ = ("_fd",)
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    @property
-    def held(self) -> bool:
-        return self._fd >= 0
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:  # pragma: no cover - closing our own fd
-                pass
-
-    def __del__(self) -> None:
-        self.release()
-
-
-def _check_status(rc: int, what: str) -> None:
-    if rc == lib.GF_OK:
-        return
-    if rc == lib.GF_E_NOT_READY:
-        raise E.NotReady(f"{what}: segment is still being built")
-    if rc == lib.GF_E_VERSION:
-        raise E.VersionMismatch(f"{what}: segment has layout version other than {lib.GF_SEG_LAYOUT_VERSION}")
-    raise E.Corrupted(f"{what}: not a grafos-fabric segment (bad magic, size or header)")
-
-
-class ShmLeaseCell:
-    """Lease state in a segment header: shared by every attached process."""
-
-    def __init__(self, mm: mmap.mmap, ident: tuple[int, int] | None = None) -> None:
-        self._keep = ffi.from_buffer(mm)  # keeps the mapping exported while the lease lives
-        self._base = ffi.cast("uint8_t *", self._keep)
-        self.ident = ident  # (st_dev, st_ino) of the segment file: free unlinks only that file
-
-    def load_state(self) -> int:
-        return int(lib.gf_load_acquire_at(self._base, _STATE_OFF))
-
-    def load_deadline_ns(self) -> int:
-        return int(lib.gf_load_acquire_at(self._base, _DEADLINE_OFF))
-
-    def store_deadline_ns(self, deadline_ns: int) -> None:
-        lib.gf_store_release_at(self._base, _DEADLINE_OFF, deadline_ns)
-
-    def store_state(self, state: int) -> None:
-        lib.gf_store_release_at(self._base, _STATE_OFF, state)
-
-
-class ShmRegion:
-    """A mapped shm segment; see the module docstring for the two modes."""
-
-    def __init__(
-        self,
-        fabric: ShmFabric,
-        name: str,
-        mm: mmap.mmap,
-        lease: Lease,
-        *,
-        mapped: bool,
-        owner: bool,
-        fd: int | None = None,
-    ):
-        self.fabric = fabric
-        self.name = name
-        self._mm = mm
-        # from_buffer keeps the mmap exported (it cannot be unmapped under us)
-        # for as long as this region or anything derived from it is alive.
-        self._buf = ffi.from_buffer(mm)
-        self._seg = ffi.cast("uint8_t *", self._buf)
-        self._payload = self._seg + HEADER
-        self.nbytes = len(mm) - HEADER
-        self.lease = lease
-        self.mapped = mapped
-        self.owner = owner
-        self.closed = False
-        self._mapped_size = len(mm)
-        self._shrunk = False
-        # The segment's fd stays open while the region lives: check_size() fstats
-        # it, and for a private-clock region it carries the OFD lock that tells
-        # reapers of other clock domains that the region is still held.
-        self._fd = fd
-        if fd is not None:
-            weakref.finalize(self, os.close, fd)
-
-    # -- identity -------------------------------------------------------------
-    def ref(self) -> RegionRef:
-        return RegionRef(
-            driver="shm",
-            name=self.name,
-            nbytes=self.nbytes,
-            lease_id=self.lease.id,
-            generation=self.lease.generation,
-            namespace=self.fabric.namespace,
-        )
-
-    # -- native access (wrappers only) ------------------------------------------
-    def segment_pointer(self) -> Any:
-        return self._seg
-
-    def lease_pointers(self) -> tuple[Any, Any]:
-        """cdata pointers to the lease state and deadline words (for the ring)."""
-        return (
-            ffi.cast("uint64_t *", self._seg + _STATE_OFF),
-            ffi.cast("uint64_t *", self._seg + _DEADLINE_OFF),
-        )
-
-    def lock_role(self, role: int) -> ShmRoleLock | None:
-        """Take this segment's lock for a queue role (``ROLE_PRODUCER``,
-        ``ROLE_CONSUMER``) without waiting: a :class:`ShmRoleLock` to keep for as
-        long as the role is held, or None when another holder has it.
-
-        The lock is an open-file-description lock on one byte of the segment
-        file, on an fd of its own: the kernel drops it when the holder closes
-        that fd or dies, whatever pid namespace it runs in, so a free lock
-        proves that its last holder is gone. Two handles of one process
-        conflict like two processes do."""
-        if role not in (ROLE_PRODUCER, ROLE_CONSUMER):
-            raise E.FabricValueError(f"unknown queue role {role!r}")
-        path = _segment_path(self.fabric.namespace, self.name)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise E.LeaseExpired(f"region {self.name} is gone (freed, or reclaimed after expiry)") from None
-        except OSError as exc:
-            raise E.Unsupported(f"cannot open {path} to lock a queue role: {exc}") from None
-        try:
-            # the file at the path must still be this region's segment (same lease id)
-            if os.pread(fd, 16, _LEASE_ID_OFF).hex() != self.lease.id:
-                raise E.LeaseExpired(f"region {self.name} now belongs to another lease")
-            try:
-                fcntl.fcntl(fd, _F_OFD_SETLK, _flock(fcntl.F_WRLCK, role))
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    return None
-                raise E.Unsupported(f"open-file-description locks are not available here: {exc}") from None
-        except BaseException:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            raise
-        return ShmRoleLock(fd)
-
-    def payload_pointer(self) -> Any:
-        if not self.mapped:
-            raise E.Unsupported("region was attached one-sided: it is not mapped into this process")
-        return self._payload
-
-    def address(self) -> int:
-        return int(ffi.cast("uintptr_t", self.payload_pointer()))
-
-    def view(self) -> memoryview:
-        self._check()
-        if not self.mapped:
-            raise E.Unsupported("region was attached one-sided: it is not mapped into this process")
-        return memoryview(self._mm)[HEADER:]
-
-    # -- truncation ----------------------------------------------------------------
-    def check_size(self) -> None:
-        """Raise :class:`Corrupted` if the segment file is now shorter than this
-        mapping (someone truncated it: touching the missing pages would raise
-        SIGBUS). One ``fstat``, about a microsecond: call it before blocking
-        waits. Once seen, every operation of this region raises ``Corrupted``.
-        A no-op on a closed region.
-        """
-        if self.closed:
-            return
-        if not self._shrunk and self._fd is not None:
-            size = os.fstat(self._fd).st_size
-            if size >= self._mapped_size:
-                return
-            self._shrunk = True
-            log.warning(
-                "segment %s/%s was truncated to %d bytes under a %d-byte mapping",
-                self.fabric.namespace,
-                self.name,
-                size,
-                self._mapped_size,
-            )
-        if self._shrunk:
-            raise E.Corrupted(
-                f"region {self.fabric.namespace}/{self.name} was truncated under its mapping "
-                f"(the file is shorter than the {self._mapped_size} bytes mapped): it cannot be used; "
-                "allocate a new region"
-            )
-
-    # -- one-sided operations ----------------------------------------------------
-    def _check(self) -> None:
-        if self.closed:
-            raise E.QueueClosed(f"region {self.name} is closed")
-        if self._shrunk:
-            self.check_size()
-        self.lease.check()
-
-    def _bounds(self, offset: int, n: int) -> None:
-        if offset < 0 or n < 0 or offset + n > self.nbytes:
-            raise E.CapacityExceeded(f"[{offset}, {offset + n}) is outside the region's {self.nbytes} bytes")
-
-    def _word(self, offset: int) -> None:
-        if offset % 8:
-            raise E.FabricValueError(f"64-bit atomics need an 8-byte aligned offset, got {offset}")
-        self._bounds(offset, 8)
-
-    def read_into(self, offset: int, buf: Buffer) -> None:
-        self._check()
-        dst = ffi.from_buffer(buf, require_writable=True)
-        self._bounds(offset, len(dst))
-        ffi.memmove(dst, self._payload + offset, len(dst))
-        self.lease.check()  # fail closed: bytes read across an expiry are not returned
-
-    def write(self, offset: int, buf: Buffer) -> None:
-        self._check()
-        src = ffi.from_buffer(buf)
-        self._bounds(offset, len(src))
-        ffi.memmove(self._payload + offset, src, len(src))
-
-    def cas64(self, offset: int, expected: int, desired: int) -> int:
-        self._check()
-        self._word(offset)
-        return int(lib.gf_cas_at(self._payload, offset, expected, desired))
-
-    def faa64(self, offset: int, add: int) -> int:
-        self._check()
-        self._word(offset)
-        return int(lib.gf_faa_at(self._payload, offset, add & 0xFFFFFFFFFFFFFFFF))
-
-    def load64(self, offset: int) -> int:
-        self._check()
-        self._word(offset)
-        return int(lib.gf_load_acquire_at(self._payload, offset))
-
-    def store64(self, offset: int, value: int) -> None:
-        self._check()
-        self._word(offset)
-        lib.gf_store_release_at(self._payload, offset, value)
-
-    def flush(self) -> None:
-        """Everything posted is complete: shm operations are synchronous."""
-        self._check()
-
-    def close(self) -> None:
-        """Detach (idempotent). The mapping itself stays until nothing uses it."""
-        self.closed = True
-
-    def __repr__(self) -> str:
-        mode = "mapped" if self.mapped else "one-sided"
-        return f"<ShmRegion {self.fabric.namespace}/{self.name} {self.nbytes}B {mode} {self.lease!r}>"
-
-
-def _segment_path(namespace: str, name: str) -> str:
-    return os.path.join(SHM_DIR, f"grafos.{namespace}.{name}")
-
-
-def _gen_path(namespace: str) -> str:
-    return os.path.join(SHM_DIR, f"grafos-gen.{namespace}")
-
-
-_STATE_NAMES = {
-    LeaseState.BUILDING: "building",
-    LeaseState.ACTIVE: "active",
-    LeaseState.REVOKED: "revoked",
-    LeaseState.FREED: "freed",
-}
-
-
-def _inspect(fd: int, st: os.stat_result, path: str, clock: Clock) -> dict[str, Any]:
-    """Judge the segment open on ``fd`` (a regular file of ours, ``st`` its fstat).
-
-    ``status``: ok, not-ready (being built, or left half-built), version-mismatch,
-    corrupted. For ``ok``, ``state``: active, expired, orphaned (a private-clock
-    lease nobody holds any more), revoked, freed, or unknown(N); ``clock``:
-    host or private; ``remaining`` where this process can read the clock.
-    """
-    size = st.st_size
-    info: dict[str, Any] = {"path": path, "size": size}
-    if size < HEADER:
-        info["status"] = "not-ready" if size == 0 else "corrupted"
-        return info
-    with mmap.mmap(fd, HEADER, prot=mmap.PROT_READ) as mm:
-        raw = bytes(mm[:HEADER])
-        # the lease line moves (renew, revoke): read it once more with acquire loads
-        live = ffi.from_buffer(mm)
-        state = int(lib.gf_load_acquire_at(live, _STATE_OFF))
-        deadline = int(lib.gf_load_acquire_at(live, _DEADLINE_OFF))
-        del live
-    buf = ffi.from_buffer(raw)
-    hdr = ffi.cast("gf_segment_header *", buf)
-    rc = lib.gf_segment_check(buf, size)
-    info["status"] = {
-        lib.GF_OK: "ok",
-        lib.GF_E_NOT_READY: "not-ready",
-        lib.GF_E_VERSION: "version-mismatch",
-    }.get(rc, "corrupted")
-    if rc != lib.GF_OK:
-        return info
-    domain = int(hdr.clock_domain)
-    info.update(
-        lease_id=bytes(ffi.buffer(hdr.lease_id, 16)).hex(),
-        generation=int(hdr.generation),
-        ttl=int(hdr.ttl_ns) / NS,
-        owner_pid=int(hdr.owner_pid),
-        payload=int(hdr.payload_size),
-        state=_STATE_NAMES.get(state, f"unknown({state})"),
-        clock="host" if domain == HOST_CLOCK_DOMAIN else "private",
-    )
-    if state != LeaseState.ACTIVE:
-        return info
-    if domain == HOST_CLOCK_DOMAIN:
-        now: int | None = clock.now_ns() if clock_domain(clock) == HOST_CLOCK_DOMAIN else time.monotonic_ns()
-    elif domain == clock_domain(clock):
-        now = clock.now_ns()
-    else:
-        now = None  # another process's private clock: its deadline means nothing here
-        if not _ofd_held(fd):
-            info["state"] = "orphaned"
-    if now is not None:
-        info["remaining"] = (deadline - now) / NS
-        if deadline <= now:
-            info["state"] = "expired"
-    return info
-
-
-def segment_info(path: str, clock: Clock | None = None) -> dict[str, Any]:
-    """Read a segment's header for inspection (``grafos-fabric ls``/``inspect``).
-
-    Never follows a link or blocks on a FIFO; a file that is not a regular
-    file of this user gets ``status: "not-ours"`` and a ``reason``. A
-    host-clock lease is judged by ``CLOCK_MONOTONIC`` whatever ``clock`` is; a
-    private-clock lease only by that same clock (else no ``remaining``).
-    """
-    clock = clock or MonotonicClock()
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_SAFE)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        return {"path": path, "size": 0, "status": "not-ours", "reason": _open_error(exc)}
-    try:
-        st = os.fstat(fd)
-        why = _not_ours(st)
-        if why:
-            return {"path": path, "size": st.st_size, "status": "not-ours", "reason": why}
-        return _inspect(fd, st, path, clock)
-    finally:
-        os.close(fd)
 
 
 class ShmFabric:

@@ -180,3 +180,10 @@ def test_every_package_folder_is_listed_for_the_wheel():
     folders = {_module_name(p) for p in _library_files() if p.name == "__init__.py"}
     assert "grafos_fabric.queue" in folders
     assert folders - listed == set()
+
+
+def test_the_shm_driver_is_split_by_concept_under_the_size_limit():
+    drivers = ROOT / "drivers"
+    sizes = {p.name: len(p.read_text().splitlines()) for p in [drivers / "shm.py", *drivers.glob("_shm_*.py")]}
+    assert set(sizes) == {"shm.py", "_shm_files.py", "_shm_region.py"}
+    assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
