@@ -8,7 +8,7 @@ only the ones above it (no cycle; ``tests/whitebox/test_queue_package.py``)::
     _items             Item and Batch: popped bytes, zero-copy views of the ring
     _roles             producer/consumer ids, the role-lock marker, reclaiming a dead holder's role
     _protocols         iteration, len() and asyncio on top of push/pop (QueueProtocols)
-    _handle            _QueueHandle: a mapped handle's state, header words, seal/epoch, fork
+    _handle            _QueueHandle: a handle's state, header words, seal/epoch, the claim verdict, fork
     _mapped_push       the mapped producer side: push, push_batch, reserve (C hot path)
     _mapped            FabricQueue: create/attach, the mapped consumer side, close
     _onesided_handle   the one-sided handle's state, header words over one-sided ops
