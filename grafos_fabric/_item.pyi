@@ -1,5 +1,6 @@
 """Types of grafos_fabric._item (native/gf_item.c)."""
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 class ItemBase:
@@ -46,3 +47,53 @@ class Releaser:
 GF_NATIVE_ABI: int
 
 def bind(released_exc: type[BaseException], corrupted_exc: type[BaseException], /) -> None: ...
+
+class Fast:
+    """The single-item hot path of a mapped queue handle (private: see native/gf_item.c)."""
+
+    def __new__(cls, typed: bool, /) -> Fast: ...
+    def set_producer(self, producer_buffer: Any, ring: Any, plock: Any, /) -> None: ...
+    def set_consumer(
+        self,
+        consumer_buffer: Any,
+        releaser: Releaser,
+        item_type: type,
+        address: int,
+        capacity: int,
+        fmt: bytes | None,
+        itemsize: int,
+        prefetch_bytes: int,
+        tid: int,
+        /,
+    ) -> None: ...
+    def note_thread(self, tid: int | None, /) -> None: ...
+    def close(self) -> None: ...
+    def refill(self) -> int: ...
+    def take(self, k: int, /) -> tuple[int, list[int], list[int], list[int]] | None: ...
+    def __iter__(self) -> Fast: ...
+    def __next__(self) -> tuple[int, int, int, int]: ...
+    @property
+    def pending(self) -> int: ...
+
+class QueueBase:
+    """Base of FabricQueue: its single-item calls in C (private: see native/gf_item.c)."""
+
+    def push(self, buf: Any, timeout: float | None = None) -> int:
+        """Push one item, waiting for space; returns its sequence number.
+
+        Raises ``TimeoutError`` when ``timeout`` seconds pass first."""
+    def try_push(self, buf: Any, /) -> bool:
+        """Push one item; False when the ring is full (never waits)."""
+    def pop(self, timeout: float | None = None) -> Any:
+        """Pop one item, waiting for it; ``TimeoutError`` when ``timeout`` passes."""
+    def try_pop(self) -> Any:
+        """Pop one item, or None when the queue is empty (never waits)."""
+    def reserve(self, nbytes: int, timeout: float | None = None) -> AbstractContextManager[Any]:
+        """Zero-copy production: ``with q.reserve(n) as buf: ...`` writes the item in
+        place; it is published on exit (aborted when the block raises)."""
+    def _fast_bind(self, fast: Fast | None, /) -> None: ...
+    _reserver: int | None
+    _reserving: bool
+    _give_back_after_reserve: bool
+    _commit_len: int
+    last_seq: int

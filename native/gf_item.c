@@ -32,6 +32,7 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <pthread.h>
+#include <string.h>
 
 #include "gf_native.h" /* gf_consumer and gf_release: gf_native.c is compiled into this module too */
 
@@ -77,6 +78,7 @@ typedef struct {
     int byte_export;    /* set by _byte_view() for one export: bytes, whatever the format */
 } ItemBase;
 
+static PyObject *g_item_type;     /* ItemBase */
 static PyObject *g_released_exc;  /* errors.FabricValueError */
 static PyObject *g_corrupted_exc; /* errors.Corrupted */
 static PyObject *g_str_release_token;
@@ -502,6 +504,897 @@ static PyType_Spec span_spec = {
     .slots = span_slots,
 };
 
+/* ------------------------------------------------------------------ Fast */
+
+/* QueueBase: the base class of FabricQueue, whose push/try_push/pop/try_pop
+ * are these C methods, so that q.push(buf) / q.try_push(buf) / q.pop() /
+ * q.try_pop() are each ONE native call from Python. Each serves only the common
+ * case, with the handle's Fast (the state below, bound once by _fast_bind), and
+ * hands every other one to the class's Python method of the same name with
+ * "_slow_" in front (_slow_push, ...), which does exactly what the method always
+ * did (waits, errors, the role claim, fences, closed and forked handles):
+ *
+ *   push/try_push   the producer is claimed (set_producer), the handle is open,
+ *                   not forked, the queue has no dtype, the item is exact bytes
+ *                   or a C-contiguous buffer without Python objects, not empty;
+ *                   then one gf_push (which takes the native producer lock,
+ *                   checks the lease state and deadline against the native clock
+ *                   and the tail word's owner/epoch, as every push does). FULL:
+ *                   try_push answers False; push waits in Python. Any error:
+ *                   the Python method runs again and raises the typed error.
+ *   pop/try_pop     the consumer is claimed (set_consumer). Records prefetched
+ *                   by one gf_pop_batch (up to FAST_PF_MAX, tokens of their own)
+ *                   go out one per call after a lease check (state + deadline vs
+ *                   the native clock); an empty prefetch is refilled by one
+ *                   gf_pop_batch from the thread that pops here (another thread:
+ *                   Python, which notes it). EMPTY: try_pop answers None; any
+ *                   other outcome goes to Python.
+ *
+ * The prefetch is also the handle's prefetch iterator for the Python code
+ * (q._pf_it): next() hands out (token, offset, length, seq); take(k) the first
+ * k as one run (pop_batch). Everything runs with the GIL held and no Python
+ * code runs between reading and updating the prefetch (the record is taken
+ * before the item is allocated), so each record goes to exactly one caller.
+ * close() (the handle closed) and fork() (the pthread_atfork generation) turn
+ * every fast path off. A Fast holds nothing of the handle's Python objects (the
+ * handle holds it: no cycle); items hold the handle. Only FabricQueue makes
+ * one: the buffers it is given must be the handle's own gf_producer /
+ * gf_consumer. */
+#define FAST_PF_MAX 64
+#define FAST_GIL_FREE_BYTES (1 << 16) /* pushes this big copy without the GIL */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer pview;
+    gf_producer *p;
+    Py_buffer cview;
+    gf_consumer *c;
+    ReleaserObject *rel;
+    PyTypeObject *item_type;
+    PyObject *fmt;
+    Py_ssize_t itemsize;
+    char *data;
+    unsigned long long cap;
+    unsigned long long pf_bytes;
+    unsigned long long pf_token; /* token of offs[pf_pos] */
+    Py_ssize_t pf_pos, pf_n;
+    unsigned long tid;    /* the thread whose refills run here (0: none) */
+    unsigned long fork_gen;
+    int typed;
+    int closed;
+    PyObject *ring;          /* writable uint8 array over the data area (pins the mapping, not the handle) */
+    PyObject *plock_acquire; /* the handle's producer lock (bound methods) */
+    PyObject *plock_release;
+    PyObject *res;           /* a reusable Reservation (not in use), or NULL */
+    uint64_t max_item;
+    uint64_t ring_len;
+    uint64_t offs[FAST_PF_MAX], lens[FAST_PF_MAX], seqs[FAST_PF_MAX];
+} FastObject;
+
+static PyTypeObject *g_fast_type;
+
+static inline int fast_off(FastObject *self) { return self->closed || self->fork_gen != g_fork_gen; }
+
+typedef struct {
+    PyObject_HEAD
+    FastObject *fast; /* NULL: every call takes the Python path */
+    /* the handle's reservation state (FabricQueue's _reserving, _reserver, _commit_len,
+     * _give_back_after_reserve, last_seq: attributes in C, so a native reservation
+     * sets them without a dictionary) */
+    PyObject *reserver;   /* thread id (int) or NULL: None */
+    long long last_seq;
+    Py_ssize_t commit_len;
+    int reserving;
+    int give_back_after_reserve;
+} QueueBaseObject;
+
+static PyObject *g_str_slow_push, *g_str_slow_try_push, *g_str_slow_pop, *g_str_slow_try_pop;
+
+/* q._slow_<name>(buf, timeout): the Python method */
+static PyObject *fast_slow(PyObject *q, PyObject *name, PyObject *buf, PyObject *timeout) {
+    if (buf && timeout) return PyObject_CallMethodObjArgs(q, name, buf, timeout, NULL);
+    if (buf) return PyObject_CallMethodObjArgs(q, name, buf, NULL);
+    if (timeout) return PyObject_CallMethodObjArgs(q, name, timeout, NULL);
+    return PyObject_CallMethodObjArgs(q, name, NULL);
+}
+
+/* (buf, timeout=None) from fastcall arguments; 0 ok, -1 error set */
+static int fast_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int nbuf, PyObject **buf,
+                     PyObject **timeout) {
+    *buf = NULL;
+    *timeout = NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_Size(kwnames) : 0;
+    if (nargs > nbuf + 1 || nargs < 0) goto bad;
+    if (nbuf) {
+        if (nargs < 1) goto bad;
+        *buf = args[0];
+    }
+    if (nargs > nbuf) *timeout = args[nbuf];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *k = PyTuple_GetItem(kwnames, i);
+        if (!k) return -1;
+        if (*timeout || PyUnicode_CompareWithASCIIString(k, "timeout") != 0) goto bad;
+        *timeout = args[nargs + i];
+    }
+    return 0;
+bad:
+    PyErr_SetString(PyExc_TypeError, nbuf ? "expected (buf, timeout=None)" : "expected (timeout=None)");
+    return -1;
+}
+
+/* a timeout the fast path may ignore (it never waits): None or a float >= 0 */
+static inline int fast_timeout_ok(PyObject *t) {
+    if (!t || t == Py_None) return 1;
+    if (!PyFloat_CheckExact(t)) return 0;
+    double v = PyFloat_AsDouble(t);
+    return v >= 0.0; /* NaN: no */
+}
+
+/* One push: 1 pushed (*seq), 0 full, -1 take the slow path (nothing pushed). */
+static int fast_push1(FastObject *self, PyObject *buf, uint64_t *seq) {
+    if (!self || fast_off(self) || !self->p || self->typed) return -1;
+    const char *src;
+    Py_ssize_t n;
+    Py_buffer view;
+    int have_view = 0;
+    if (PyBytes_CheckExact(buf)) {
+        src = PyBytes_AsString(buf);
+        n = PyBytes_Size(buf);
+        if (!src) {
+            PyErr_Clear();
+            return -1;
+        }
+    } else {
+        if (PyObject_GetBuffer(buf, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+            PyErr_Clear(); /* str, non-contiguous, not a buffer: the slow path names the error */
+            return -1;
+        }
+        if (view.format && strchr(view.format, 'O')) { /* Python objects (or a name with an O): slow path */
+            PyBuffer_Release(&view);
+            return -1;
+        }
+        have_view = 1;
+        src = view.buf;
+        n = view.len;
+    }
+    int rc;
+    if (n <= 0) {
+        rc = GF_E_ARG;
+    } else if (n >= FAST_GIL_FREE_BYTES) {
+        /* a big copy lets other threads run (the native producer lock serializes pushes) */
+        Py_BEGIN_ALLOW_THREADS
+        rc = gf_push(self->p, src, (uint64_t)n, 0, seq);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = gf_push(self->p, src, (uint64_t)n, 0, seq);
+    }
+    if (have_view) PyBuffer_Release(&view);
+    if (rc == GF_OK) return 1;
+    if (rc == GF_FULL) return 0;
+    return -1;
+}
+
+static PyObject *qb_push(PyObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    FastObject *self = ((QueueBaseObject *)q)->fast;
+    PyObject *buf, *timeout;
+    if (fast_args(args, nargs, kwnames, 1, &buf, &timeout) < 0) return NULL;
+    if (fast_timeout_ok(timeout)) {
+        uint64_t seq;
+        if (fast_push1(self, buf, &seq) == 1) return PyLong_FromUnsignedLongLong(seq);
+    }
+    return fast_slow(q, g_str_slow_push, buf, timeout ? timeout : Py_None);
+}
+
+static PyObject *qb_try_push(PyObject *q, PyObject *buf) {
+    uint64_t seq;
+    int r = fast_push1(((QueueBaseObject *)q)->fast, buf, &seq);
+    if (r == 1) Py_RETURN_TRUE;
+    if (r == 0) Py_RETURN_FALSE;
+    return fast_slow(q, g_str_slow_try_push, buf, NULL);
+}
+
+/* An item of the queue for a record this handle took: range-checked against
+ * the data area, released natively (the Releaser). On failure the record's
+ * token is released (the item never went out). */
+static PyObject *fast_item(FastObject *self, PyObject *q, uint64_t token, uint64_t off, uint64_t len, uint64_t seq) {
+    if (off > self->cap || len == 0 || len > self->cap - off) {
+        gf_release(self->c, token);
+        PyErr_SetString(g_corrupted_exc, "a record lies outside the queue's data area");
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(self->item_type, Py_tp_alloc);
+    ItemBase *it = (ItemBase *)alloc(self->item_type, 0);
+    if (!it) {
+        gf_release(self->c, token);
+        return NULL;
+    }
+    it->q = Py_NewRef(q);
+    it->batch = NULL;
+    it->fmt = self->fmt ? Py_NewRef(self->fmt) : NULL;
+    it->rel = (ReleaserObject *)Py_NewRef((PyObject *)self->rel);
+    it->weakrefs = NULL;
+    it->ptr = self->data + off;
+    it->length = (Py_ssize_t)len;
+    it->itemsize = self->itemsize;
+    it->seq = seq;
+    it->offset = off;
+    it->token = (long long)token;
+    it->exports = 0;
+    it->pending = 1;
+    it->released = 0;
+    it->byte_export = 0;
+    return (PyObject *)it;
+}
+
+/* One pop: an item (new reference), Py_None (borrowed, not incref'd: the ring
+ * is empty), or NULL: the slow path (no error set) or an error (set). */
+static PyObject *fast_pop1(FastObject *self, PyObject *q) {
+    if (!self || fast_off(self) || !self->c) return NULL;
+    uint64_t token, off, len, seq;
+    if (self->pf_pos < self->pf_n) {
+        /* a prefetched record: the lease is checked again (fail closed) */
+        if (self->c->lease_state) {
+            if (gf_load_acquire_u64(self->c->lease_state) != GF_LEASE_ACTIVE ||
+                gf_monotonic_ns() >= gf_load_acquire_u64(self->c->lease_deadline))
+                return NULL;
+        }
+    } else {
+        if (self->tid != PyThread_get_thread_ident()) return NULL; /* Python notes the thread */
+        uint64_t outs[3];
+        int rc = gf_pop_batch(self->c, FAST_PF_MAX, self->pf_bytes, 1, 0, self->offs, self->lens, self->seqs,
+                              &outs[0], &outs[1], &outs[2]);
+        if (rc == GF_EMPTY) return Py_None;
+        if (rc != GF_OK || outs[0] == 0 || outs[0] > FAST_PF_MAX) return NULL;
+        self->pf_n = (Py_ssize_t)outs[0];
+        self->pf_pos = 0;
+        self->pf_token = outs[1];
+    }
+    /* take the record before anything that may run Python code (the allocation) */
+    Py_ssize_t i = self->pf_pos++;
+    token = self->pf_token++;
+    off = self->offs[i];
+    len = self->lens[i];
+    seq = self->seqs[i];
+    return fast_item(self, q, token, off, len, seq);
+}
+
+static PyObject *qb_try_pop(PyObject *q, PyObject *unused) {
+    PyObject *r = fast_pop1(((QueueBaseObject *)q)->fast, q);
+    if (r == Py_None) Py_RETURN_NONE;
+    if (r || PyErr_Occurred()) return r;
+    return fast_slow(q, g_str_slow_try_pop, NULL, NULL);
+}
+
+static PyObject *qb_pop(PyObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *buf, *timeout;
+    if (fast_args(args, nargs, kwnames, 0, &buf, &timeout) < 0) return NULL;
+    if (fast_timeout_ok(timeout)) {
+        PyObject *r = fast_pop1(((QueueBaseObject *)q)->fast, q);
+        if (r && r != Py_None) return r;
+        if (!r && PyErr_Occurred()) return NULL;
+    }
+    return fast_slow(q, g_str_slow_pop, NULL, timeout ? timeout : Py_None);
+}
+
+/* set_producer(buffer over the handle's gf_producer, ring, plock): ring is a writable
+ * uint8 array over the whole data area (reservation views are slices of it), plock the
+ * handle's producer lock */
+static PyObject *fast_set_producer(PyObject *o, PyObject *args) {
+    FastObject *self = (FastObject *)o;
+    PyObject *buf, *ring, *plock;
+    if (!PyArg_ParseTuple(args, "OOO", &buf, &ring, &plock)) return NULL;
+    if (self->p) {
+        PyErr_SetString(PyExc_ValueError, "the producer is set already");
+        return NULL;
+    }
+    Py_ssize_t ring_len = PyObject_Length(ring);
+    if (ring_len < 0) return NULL;
+    PyObject *acq = PyObject_GetAttrString(plock, "acquire");
+    PyObject *rel = acq ? PyObject_GetAttrString(plock, "release") : NULL;
+    if (!rel) {
+        Py_XDECREF(acq);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(buf, &self->pview, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
+        Py_DECREF(acq);
+        Py_DECREF(rel);
+        return NULL;
+    }
+    if (self->pview.len != (Py_ssize_t)sizeof(gf_producer) || ((uintptr_t)self->pview.buf & 7)) {
+        PyBuffer_Release(&self->pview);
+        Py_DECREF(acq);
+        Py_DECREF(rel);
+        PyErr_SetString(PyExc_ValueError, "set_producer needs the buffer of a gf_producer");
+        return NULL;
+    }
+    self->p = (gf_producer *)self->pview.buf;
+    self->max_item = self->p->max_item;
+    self->ring = Py_NewRef(ring);
+    self->ring_len = (uint64_t)ring_len;
+    self->plock_acquire = acq;
+    self->plock_release = rel;
+    Py_RETURN_NONE;
+}
+
+/* set_consumer(buffer over the handle's gf_consumer, releaser, item_type, address, capacity, fmt, itemsize,
+ * prefetch_bytes, tid) */
+static PyObject *fast_set_consumer(PyObject *o, PyObject *args) {
+    FastObject *self = (FastObject *)o;
+    PyObject *buf, *rel, *tp, *fmt;
+    unsigned long long addr, cap, pf_bytes, tid;
+    Py_ssize_t itemsize;
+    if (!PyArg_ParseTuple(args, "OOOKKOnKK", &buf, &rel, &tp, &addr, &cap, &fmt, &itemsize, &pf_bytes, &tid))
+        return NULL;
+    if (self->c) {
+        PyErr_SetString(PyExc_ValueError, "the consumer is set already");
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(rel, g_releaser_type) || !PyType_Check(tp) ||
+        !PyType_IsSubtype((PyTypeObject *)tp, (PyTypeObject *)g_item_type) || (fmt != Py_None && !PyBytes_Check(fmt)) ||
+        addr == 0 || itemsize <= 0 || pf_bytes == 0) {
+        PyErr_SetString(PyExc_TypeError, "set_consumer: bad arguments");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(buf, &self->cview, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return NULL;
+    if (self->cview.len != (Py_ssize_t)sizeof(gf_consumer) || ((uintptr_t)self->cview.buf & 7) ||
+        ((ReleaserObject *)rel)->c != (gf_consumer *)self->cview.buf) {
+        PyBuffer_Release(&self->cview);
+        PyErr_SetString(PyExc_ValueError, "set_consumer needs the buffer of the releaser's gf_consumer");
+        return NULL;
+    }
+    self->c = (gf_consumer *)self->cview.buf;
+    self->rel = (ReleaserObject *)Py_NewRef(rel);
+    self->item_type = (PyTypeObject *)Py_NewRef(tp);
+    self->fmt = fmt == Py_None ? NULL : Py_NewRef(fmt);
+    self->itemsize = itemsize;
+    self->data = (char *)(uintptr_t)addr;
+    self->cap = cap;
+    self->pf_bytes = pf_bytes;
+    self->tid = (unsigned long)tid;
+    Py_RETURN_NONE;
+}
+
+static PyObject *fast_note_thread(PyObject *o, PyObject *arg) {
+    unsigned long long t = PyLong_AsUnsignedLongLong(arg);
+    if (t == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    ((FastObject *)o)->tid = (unsigned long)t;
+    Py_RETURN_NONE;
+}
+
+static PyObject *fast_close(PyObject *o, PyObject *unused) {
+    ((FastObject *)o)->closed = 1;
+    Py_RETURN_NONE;
+}
+
+/* refill() -> status: one gf_pop_batch into the (empty) prefetch (the Python
+ * path's refill, with its consumer lock held); GF_OK: next() has records */
+static PyObject *fast_refill(PyObject *o, PyObject *unused) {
+    FastObject *self = (FastObject *)o;
+    if (!self->c || self->fork_gen != g_fork_gen) return PyLong_FromLong(GF_E_ARG);
+    if (self->pf_pos < self->pf_n) return PyLong_FromLong(GF_OK);
+    uint64_t outs[3];
+    int rc = gf_pop_batch(self->c, FAST_PF_MAX, self->pf_bytes, 1, 0, self->offs, self->lens, self->seqs, &outs[0],
+                          &outs[1], &outs[2]);
+    if (rc == GF_OK) {
+        if (outs[0] == 0 || outs[0] > FAST_PF_MAX) return PyLong_FromLong(GF_E_CORRUPT);
+        self->pf_n = (Py_ssize_t)outs[0];
+        self->pf_pos = 0;
+        self->pf_token = outs[1];
+    }
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *fast_iternext(PyObject *o) {
+    FastObject *self = (FastObject *)o;
+    if (self->pf_pos >= self->pf_n) return NULL; /* StopIteration */
+    Py_ssize_t i = self->pf_pos++;
+    unsigned long long token = self->pf_token++;
+    return Py_BuildValue("(KKKK)", token, (unsigned long long)self->offs[i], (unsigned long long)self->lens[i],
+                         (unsigned long long)self->seqs[i]);
+}
+
+static PyObject *fast_iter(PyObject *o) { return Py_NewRef(o); }
+
+/* take(k) -> (first_token, offsets, lengths, seqs) of the next min(k, pending) records, or None */
+static PyObject *fast_take(PyObject *o, PyObject *arg) {
+    FastObject *self = (FastObject *)o;
+    Py_ssize_t k = PyLong_AsSsize_t(arg);
+    if (k == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t have = self->pf_n - self->pf_pos;
+    if (k > have) k = have;
+    if (k <= 0) Py_RETURN_NONE;
+    PyObject *lo = PyList_New(k), *ll = PyList_New(k), *ls = PyList_New(k);
+    if (!lo || !ll || !ls) goto fail;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        Py_ssize_t i = self->pf_pos + j;
+        PyObject *a = PyLong_FromUnsignedLongLong(self->offs[i]);
+        PyObject *b = PyLong_FromUnsignedLongLong(self->lens[i]);
+        PyObject *c = PyLong_FromUnsignedLongLong(self->seqs[i]);
+        if (!a || !b || !c) {
+            Py_XDECREF(a);
+            Py_XDECREF(b);
+            Py_XDECREF(c);
+            goto fail;
+        }
+        PyList_SetItem(lo, j, a);
+        PyList_SetItem(ll, j, b);
+        PyList_SetItem(ls, j, c);
+    }
+    unsigned long long first = self->pf_token;
+    PyObject *r = Py_BuildValue("(KNNN)", first, lo, ll, ls);
+    if (!r) return NULL; /* Py_BuildValue's N steals even on failure */
+    self->pf_pos += k;
+    self->pf_token += (unsigned long long)k;
+    return r;
+fail:
+    Py_XDECREF(lo);
+    Py_XDECREF(ll);
+    Py_XDECREF(ls);
+    return NULL;
+}
+
+static PyObject *fast_get_pending(PyObject *o, void *unused) {
+    FastObject *self = (FastObject *)o;
+    return PyLong_FromSsize_t(self->pf_n - self->pf_pos);
+}
+
+/* Fast(typed): typed (the queue has a dtype): pushes always take the Python path */
+static PyObject *fast_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
+    int typed;
+    if (!PyArg_ParseTuple(args, "p", &typed)) return NULL;
+    allocfunc alloc = (allocfunc)PyType_GetSlot(tp, Py_tp_alloc);
+    FastObject *self = (FastObject *)alloc(tp, 0);
+    if (!self) return NULL;
+    /* alloc zeroes the object: every pointer is NULL */
+    self->fork_gen = g_fork_gen;
+    self->typed = typed;
+    return (PyObject *)self;
+}
+
+static void fast_dealloc(PyObject *o) {
+    FastObject *self = (FastObject *)o;
+    PyTypeObject *tp = Py_TYPE(o);
+    PyObject_GC_UnTrack(o);
+    if (self->p) PyBuffer_Release(&self->pview);
+    if (self->c) PyBuffer_Release(&self->cview);
+    Py_CLEAR(self->ring);
+    Py_CLEAR(self->plock_acquire);
+    Py_CLEAR(self->plock_release);
+    Py_CLEAR(self->res);
+    self->p = NULL;
+    self->c = NULL;
+    Py_CLEAR(self->rel);
+    Py_CLEAR(self->item_type);
+    Py_CLEAR(self->fmt);
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef fast_methods[] = {
+    {"set_producer", fast_set_producer, METH_VARARGS, "set_producer(buffer of the handle's gf_producer, ring, plock)"},
+    {"set_consumer", fast_set_consumer, METH_VARARGS,
+     "set_consumer(consumer buffer, releaser, item type, address, capacity, format, itemsize, prefetch bytes, tid)"},
+    {"note_thread", fast_note_thread, METH_O, "note_thread(tid): refills run natively from this thread (0: none)"},
+    {"close", fast_close, METH_NOARGS, "Every call takes the Python path from now on."},
+    {"refill", fast_refill, METH_NOARGS, "refill() -> status of one gf_pop_batch into the empty prefetch"},
+    {"take", fast_take, METH_O, "take(k) -> (first token, offsets, lengths, seqs) | None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef fast_getset[] = {
+    {"pending", fast_get_pending, NULL, "prefetched records not handed out", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static int fast_traverse(PyObject *o, visitproc visit, void *arg) {
+    FastObject *self = (FastObject *)o;
+    Py_VISIT(self->res);
+    Py_VISIT(self->ring);
+    Py_VISIT(self->plock_acquire);
+    Py_VISIT(self->plock_release);
+    return 0;
+}
+
+static int fast_clear(PyObject *o) {
+    FastObject *self = (FastObject *)o;
+    Py_CLEAR(self->res);
+    return 0;
+}
+
+static PyType_Slot fast_slots[] = {
+    {Py_tp_traverse, fast_traverse},
+    {Py_tp_clear, fast_clear},
+    {Py_tp_doc, "The single-item hot path of a mapped queue handle (private: see native/gf_item.c)."},
+    {Py_tp_new, fast_new},
+    {Py_tp_dealloc, fast_dealloc},
+    {Py_tp_methods, fast_methods},
+    {Py_tp_getset, fast_getset},
+    {Py_tp_iter, fast_iter},
+    {Py_tp_iternext, fast_iternext},
+    {0, NULL},
+};
+
+static PyType_Spec fast_spec = {
+    .name = "grafos_fabric._item.Fast",
+    .basicsize = sizeof(FastObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = fast_slots,
+};
+
+/* QueueBase(*args, **kw): the arguments are FabricQueue.__init__'s */
+static PyObject *qb_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
+    allocfunc alloc = (allocfunc)PyType_GetSlot(tp, Py_tp_alloc);
+    QueueBaseObject *self = (QueueBaseObject *)alloc(tp, 0); /* zeroed: no Fast yet */
+    if (self) self->last_seq = -1;
+    return (PyObject *)self;
+}
+
+static int qb_traverse(PyObject *o, visitproc visit, void *arg) {
+    Py_VISIT((PyObject *)((QueueBaseObject *)o)->fast);
+    return 0;
+}
+
+static int qb_clear(PyObject *o) {
+    Py_CLEAR(((QueueBaseObject *)o)->fast);
+    return 0;
+}
+
+static PyObject *qb_get_reserver(PyObject *o, void *unused) {
+    QueueBaseObject *self = (QueueBaseObject *)o;
+    return Py_NewRef(self->reserver ? self->reserver : Py_None);
+}
+static int qb_set_reserver(PyObject *o, PyObject *v, void *unused) {
+    QueueBaseObject *self = (QueueBaseObject *)o;
+    PyObject *old = self->reserver;
+    self->reserver = (!v || v == Py_None) ? NULL : Py_NewRef(v);
+    Py_XDECREF(old);
+    return 0;
+}
+static PyObject *qb_get_reserving(PyObject *o, void *unused) { return PyBool_FromLong(((QueueBaseObject *)o)->reserving); }
+static int qb_set_reserving(PyObject *o, PyObject *v, void *unused) {
+    int t = v ? PyObject_IsTrue(v) : 0;
+    if (t < 0) return -1;
+    ((QueueBaseObject *)o)->reserving = t;
+    return 0;
+}
+static PyObject *qb_get_gbar(PyObject *o, void *unused) {
+    return PyBool_FromLong(((QueueBaseObject *)o)->give_back_after_reserve);
+}
+static int qb_set_gbar(PyObject *o, PyObject *v, void *unused) {
+    int t = v ? PyObject_IsTrue(v) : 0;
+    if (t < 0) return -1;
+    ((QueueBaseObject *)o)->give_back_after_reserve = t;
+    return 0;
+}
+static PyObject *qb_get_commit_len(PyObject *o, void *unused) {
+    return PyLong_FromSsize_t(((QueueBaseObject *)o)->commit_len);
+}
+static int qb_set_commit_len(PyObject *o, PyObject *v, void *unused) {
+    Py_ssize_t n = v ? PyLong_AsSsize_t(v) : 0;
+    if (n == -1 && PyErr_Occurred()) return -1;
+    ((QueueBaseObject *)o)->commit_len = n;
+    return 0;
+}
+static PyObject *qb_get_last_seq(PyObject *o, void *unused) { return PyLong_FromLongLong(((QueueBaseObject *)o)->last_seq); }
+static int qb_set_last_seq(PyObject *o, PyObject *v, void *unused) {
+    long long n = v ? PyLong_AsLongLong(v) : -1;
+    if (n == -1 && PyErr_Occurred()) return -1;
+    ((QueueBaseObject *)o)->last_seq = n;
+    return 0;
+}
+
+static PyGetSetDef qb_getset[] = {
+    {"_reserver", qb_get_reserver, qb_set_reserver, "the thread whose reservation is open, or None", NULL},
+    {"_reserving", qb_get_reserving, qb_set_reserving, "a reservation is open", NULL},
+    {"_give_back_after_reserve", qb_get_gbar, qb_set_gbar, "close() came during a reservation", NULL},
+    {"_commit_len", qb_get_commit_len, qb_set_commit_len, "bytes the open reservation publishes", NULL},
+    {"last_seq", qb_get_last_seq, qb_set_last_seq, "sequence number of the last item reserved here (-1: none)",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+/* ----------------------------------------------------------- Reservation */
+
+/* What q.reserve(n) returns on the fast path: `with q.reserve(n) as buf:` enters
+ * (one gf_reserve under the handle's producer lock, which stays held until the
+ * exit, as the Python reservation holds it) and hands out buf = ring[off:off+n],
+ * a writable slice of the data area array (it pins the mapping); the exit
+ * commits (q._commit_len bytes: commit_len() may shrink it) or aborts (the block
+ * raised), and sets q.last_seq. When the ring is full, or anything else is not
+ * the common case, __enter__ hands the whole reservation to the Python one
+ * (q._slow_reserve(n, timeout)), which waits, raises, and exits as always. */
+typedef struct {
+    PyObject_HEAD
+    FastObject *fast;
+    PyObject *q;        /* while armed or entered: the handle */
+    PyObject *timeout;
+    PyObject *slow;     /* the Python reservation this one handed over to, while entered */
+    Py_ssize_t nbytes;
+    int armed;
+    int active;
+} ResObject;
+
+static PyTypeObject *g_res_type;
+static PyObject *g_str_slow_reserve, *g_str_raise, *g_str_after_reserve, *g_str_commit, *g_str_enter, *g_str_exit;
+
+static void res_disarm(ResObject *self) {
+    self->armed = 0;
+    Py_CLEAR(self->q);
+    Py_CLEAR(self->timeout);
+}
+
+static PyObject *res_enter(PyObject *o, PyObject *unused) {
+    ResObject *self = (ResObject *)o;
+    if (!self->armed || self->active) {
+        PyErr_SetString(g_released_exc, "enter a reservation once, right after q.reserve(n): `with q.reserve(n) as buf:`");
+        return NULL;
+    }
+    self->armed = 0;
+    FastObject *f = self->fast;
+    PyObject *q = self->q;
+    uint64_t off = 0;
+    int rc = GF_E_ARG;
+    if (!fast_off(f) && f->p) {
+        PyObject *r = PyObject_CallNoArgs(f->plock_acquire);
+        if (!r) {
+            res_disarm(self);
+            return NULL;
+        }
+        Py_DECREF(r);
+        rc = gf_reserve(f->p, (uint64_t)self->nbytes, 0, &off);
+        if (rc == GF_OK && (off > f->ring_len || (uint64_t)self->nbytes > f->ring_len - off)) {
+            gf_abort(f->p); /* never from the native layer; refuse rather than hand out a view past the ring */
+            rc = GF_E_CORRUPT;
+        }
+        if (rc != GF_OK) {
+            r = PyObject_CallNoArgs(f->plock_release);
+            if (!r) {
+                res_disarm(self);
+                return NULL;
+            }
+            Py_DECREF(r);
+        }
+    }
+    if (rc != GF_OK) {
+        /* full, an error, a closed or forked handle: the Python reservation does it all */
+        PyObject *n = PyLong_FromSsize_t(self->nbytes);
+        PyObject *slow = n ? PyObject_CallMethodObjArgs(q, g_str_slow_reserve, n, self->timeout, NULL) : NULL;
+        Py_XDECREF(n);
+        res_disarm(self);
+        if (!slow) return NULL;
+        PyObject *v = PyObject_CallMethodObjArgs(slow, g_str_enter, NULL);
+        if (!v) {
+            Py_DECREF(slow);
+            return NULL;
+        }
+        self->slow = slow;
+        self->active = 1;
+        return v;
+    }
+    QueueBaseObject *qb = (QueueBaseObject *)q;
+    PyObject *tid = PyLong_FromUnsignedLong(PyThread_get_thread_ident()); /* the thread that entered */
+    PyObject *lo = PyLong_FromUnsignedLongLong(off);
+    PyObject *hi = PyLong_FromUnsignedLongLong(off + (uint64_t)self->nbytes);
+    PyObject *sl = lo && hi ? PySlice_New(lo, hi, NULL) : NULL;
+    Py_XDECREF(lo);
+    Py_XDECREF(hi);
+    PyObject *v = sl ? PyObject_GetItem(f->ring, sl) : NULL;
+    Py_XDECREF(sl);
+    if (!v || !tid) {
+        Py_XDECREF(v);
+        Py_XDECREF(tid);
+        gf_abort(f->p);
+        PyObject *r = PyObject_CallNoArgs(f->plock_release);
+        Py_XDECREF(r);
+        res_disarm(self);
+        return NULL;
+    }
+    PyObject *old_reserver = qb->reserver;
+    qb->reserver = tid;
+    Py_XDECREF(old_reserver);
+    qb->reserving = 1;
+    qb->commit_len = self->nbytes;
+    self->active = 1;
+    return v; /* q stays held until the exit */
+}
+
+static PyObject *res_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) {
+    ResObject *self = (ResObject *)o;
+    PyObject *et = nargs > 0 ? args[0] : Py_None;
+    if (!self->active) Py_RETURN_NONE;
+    self->active = 0;
+    if (self->slow) {
+        PyObject *slow = self->slow;
+        self->slow = NULL;
+        PyObject *ex = PyObject_GetAttr(slow, g_str_exit);
+        PyObject *r = ex ? PyObject_CallFunctionObjArgs(ex, nargs > 0 ? args[0] : Py_None, nargs > 1 ? args[1] : Py_None,
+                                                        nargs > 2 ? args[2] : Py_None, NULL)
+                         : NULL;
+        Py_XDECREF(ex);
+        Py_DECREF(slow);
+        return r;
+    }
+    FastObject *f = self->fast;
+    QueueBaseObject *qb = (QueueBaseObject *)self->q;
+    PyObject *q = self->q;
+    self->q = NULL; /* ours now: dropped below */
+    PyObject *err = NULL;
+    uint64_t seq = 0;
+    int rc = GF_OK;
+    if (et != Py_None) {
+        gf_abort(f->p);
+    } else {
+        Py_ssize_t k = qb->commit_len;
+        rc = (k <= 0 || k > self->nbytes) ? GF_E_ARG : gf_commit(f->p, (uint64_t)k, &seq);
+        if (rc == GF_OK) qb->last_seq = (long long)seq;
+    }
+    qb->reserving = 0;
+    Py_CLEAR(qb->reserver);
+    if (rc != GF_OK) {
+        /* the typed error (q._raise), with the lock still held as the Python path does */
+        PyObject *n = PyLong_FromLong(rc);
+        err = n ? PyObject_CallMethodObjArgs(q, g_str_raise, n, g_str_commit, NULL) : NULL;
+        Py_XDECREF(n);
+        Py_XDECREF(err);
+        err = NULL;
+    }
+    PyObject *exc_t = NULL, *exc_v = NULL, *exc_tb = NULL;
+    PyErr_Fetch(&exc_t, &exc_v, &exc_tb);
+    if (qb->give_back_after_reserve) { /* close() came during the block: give the role back now */
+        PyObject *r = PyObject_CallMethodObjArgs(q, g_str_after_reserve, NULL);
+        if (!r) PyErr_WriteUnraisable(q);
+        Py_XDECREF(r);
+    }
+    PyObject *r = PyObject_CallNoArgs(f->plock_release);
+    if (!r) PyErr_WriteUnraisable(q);
+    Py_XDECREF(r);
+    PyErr_Restore(exc_t, exc_v, exc_tb);
+    Py_DECREF(q);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+static int res_traverse(PyObject *o, visitproc visit, void *arg) {
+    ResObject *self = (ResObject *)o;
+    Py_VISIT(self->q);
+    Py_VISIT(self->timeout);
+    Py_VISIT(self->slow);
+    Py_VISIT((PyObject *)self->fast);
+    return 0;
+}
+
+static int res_clear(PyObject *o) {
+    ResObject *self = (ResObject *)o;
+    Py_CLEAR(self->q);
+    Py_CLEAR(self->timeout);
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->fast);
+    return 0;
+}
+
+static void res_dealloc(PyObject *o) {
+    PyTypeObject *tp = Py_TYPE(o);
+    PyObject_GC_UnTrack(o);
+    res_clear(o);
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef res_methods[] = {
+    {"__enter__", res_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))res_exit, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot res_slots[] = {
+    {Py_tp_doc, "`with q.reserve(n) as buf:` on a mapped handle (see FabricQueue.reserve)."},
+    {Py_tp_dealloc, res_dealloc},
+    {Py_tp_traverse, res_traverse},
+    {Py_tp_clear, res_clear},
+    {Py_tp_methods, res_methods},
+    {0, NULL},
+};
+
+static PyType_Spec res_spec = {
+    .name = "grafos_fabric._item.Reservation",
+    .basicsize = sizeof(ResObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = res_slots,
+};
+
+/* q.reserve(nbytes, timeout=None): the Reservation (armed) on the fast path, else
+ * q._slow_reserve(nbytes, timeout) */
+static PyObject *qb_reserve(PyObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    FastObject *f = ((QueueBaseObject *)q)->fast;
+    PyObject *nb, *timeout;
+    if (fast_args(args, nargs, kwnames, 1, &nb, &timeout) < 0) return NULL;
+    if (!timeout) timeout = Py_None;
+    Py_ssize_t n = PyLong_CheckExact(nb) ? PyLong_AsSsize_t(nb) : -1;
+    if (n == -1) PyErr_Clear();
+    if (!f || fast_off(f) || !f->p || f->typed || n <= 0 || (uint64_t)n > f->max_item || !fast_timeout_ok(timeout))
+        return PyObject_CallMethodObjArgs(q, g_str_slow_reserve, nb, timeout, NULL);
+    ResObject *r = (ResObject *)f->res;
+    if (r && Py_REFCNT((PyObject *)r) == 1 && !r->armed && !r->active) {
+        Py_INCREF((PyObject *)r); /* the cached one, not in use anywhere */
+    } else {
+        allocfunc alloc = (allocfunc)PyType_GetSlot(g_res_type, Py_tp_alloc);
+        r = (ResObject *)alloc(g_res_type, 0);
+        if (!r) return NULL;
+        r->fast = (FastObject *)Py_NewRef((PyObject *)f);
+        if (!f->res) f->res = Py_NewRef((PyObject *)r);
+    }
+    r->q = Py_NewRef(q);
+    r->timeout = Py_NewRef(timeout);
+    r->nbytes = n;
+    r->armed = 1;
+    return (PyObject *)r;
+}
+
+
+
+static void qb_dealloc(PyObject *o) {
+    PyTypeObject *tp = Py_TYPE(o);
+    PyObject_GC_UnTrack(o);
+    Py_CLEAR(((QueueBaseObject *)o)->fast);
+    Py_CLEAR(((QueueBaseObject *)o)->reserver);
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+/* _fast_bind(fast | None) */
+static PyObject *qb_fast_bind(PyObject *o, PyObject *arg) {
+    if (arg != Py_None && !PyObject_TypeCheck(arg, g_fast_type)) {
+        PyErr_SetString(PyExc_TypeError, "_fast_bind needs a Fast or None");
+        return NULL;
+    }
+    QueueBaseObject *self = (QueueBaseObject *)o;
+    FastObject *old = self->fast;
+    self->fast = arg == Py_None ? NULL : (FastObject *)Py_NewRef(arg);
+    Py_XDECREF((PyObject *)old);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef qb_methods[] = {
+    {"push", (PyCFunction)(void (*)(void))qb_push, METH_FASTCALL | METH_KEYWORDS,
+     "push(buf, timeout=None) -> seq: push one item, waiting for space; TimeoutError when timeout seconds pass "
+     "first."},
+    {"try_push", qb_try_push, METH_O, "try_push(buf) -> bool: push one item; False when the ring is full (never "
+     "waits)."},
+    {"pop", (PyCFunction)(void (*)(void))qb_pop, METH_FASTCALL | METH_KEYWORDS,
+     "pop(timeout=None) -> Item: pop one item, waiting for it; TimeoutError when timeout passes."},
+    {"try_pop", qb_try_pop, METH_NOARGS,
+     "try_pop() -> Item | None: pop one item, or None when the queue is empty (never waits)."},
+    {"reserve", (PyCFunction)(void (*)(void))qb_reserve, METH_FASTCALL | METH_KEYWORDS,
+     "reserve(nbytes, timeout=None): zero-copy production (see FabricQueue._slow_reserve for the whole story): "
+     "`with q.reserve(n) as buf: buf[:] = ...` publishes the item on exit, aborts it when the block raises."},
+    {"_fast_bind", qb_fast_bind, METH_O, "_fast_bind(fast | None): the native state the methods above use."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot qb_slots[] = {
+    {Py_tp_doc, "Base of FabricQueue: its single-item calls in C (private: see native/gf_item.c)."},
+    {Py_tp_new, qb_new},
+    {Py_tp_dealloc, qb_dealloc},
+    {Py_tp_traverse, qb_traverse},
+    {Py_tp_clear, qb_clear},
+    {Py_tp_methods, qb_methods},
+    {Py_tp_getset, qb_getset},
+    {0, NULL},
+};
+
+static PyType_Spec qb_spec = {
+    .name = "grafos_fabric._item.QueueBase",
+    .basicsize = sizeof(QueueBaseObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = qb_slots,
+};
+
 /* bind(released_exc, corrupted_exc): the typed errors (once, at import) */
 static PyObject *mod_bind(PyObject *mod, PyObject *args) {
     PyObject *rel, *cor;
@@ -527,7 +1420,21 @@ PyMODINIT_FUNC PyInit__item(void) {
     g_str_release_token = PyUnicode_InternFromString("_release_token");
     g_str_item_info = PyUnicode_InternFromString("_item_info");
     g_str_span = PyUnicode_InternFromString("_span");
-    if (!g_str_release_token || !g_str_item_info || !g_str_span) return NULL;
+    g_str_slow_push = PyUnicode_InternFromString("_slow_push");
+    g_str_slow_try_push = PyUnicode_InternFromString("_slow_try_push");
+    g_str_slow_pop = PyUnicode_InternFromString("_slow_pop");
+    g_str_slow_try_pop = PyUnicode_InternFromString("_slow_try_pop");
+    g_str_slow_reserve = PyUnicode_InternFromString("_slow_reserve");
+    g_str_raise = PyUnicode_InternFromString("_raise");
+    g_str_after_reserve = PyUnicode_InternFromString("_give_back_after_fast_reserve");
+    g_str_commit = PyUnicode_InternFromString("commit");
+    g_str_enter = PyUnicode_InternFromString("__enter__");
+    g_str_exit = PyUnicode_InternFromString("__exit__");
+    if (!g_str_slow_reserve || !g_str_raise || !g_str_after_reserve || !g_str_commit || !g_str_enter || !g_str_exit)
+        return NULL;
+    if (!g_str_release_token || !g_str_item_info || !g_str_span || !g_str_slow_push || !g_str_slow_try_push ||
+        !g_str_slow_pop || !g_str_slow_try_pop)
+        return NULL;
     g_released_exc = Py_NewRef(PyExc_ValueError);
     g_corrupted_exc = Py_NewRef(PyExc_ValueError);
     PyObject *m = PyModule_Create(&moddef);
@@ -538,6 +1445,7 @@ PyMODINIT_FUNC PyInit__item(void) {
         Py_DECREF(m);
         return NULL;
     }
+    g_item_type = tp; /* the module's reference keeps it */
     PyObject *rt = PyType_FromSpec(&releaser_spec);
     if (!rt || PyModule_AddObject(m, "Releaser", Py_NewRef(rt)) < 0) {
         Py_XDECREF(rt);
@@ -551,6 +1459,26 @@ PyMODINIT_FUNC PyInit__item(void) {
     }
     if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {
         PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *ft = PyType_FromSpec(&fast_spec);
+    if (!ft || PyModule_AddObject(m, "Fast", ft) < 0) {
+        Py_XDECREF(ft);
+        Py_DECREF(m);
+        return NULL;
+    }
+    g_fast_type = (PyTypeObject *)ft;
+    PyObject *rt2 = PyType_FromSpec(&res_spec);
+    if (!rt2 || PyModule_AddObject(m, "Reservation", rt2) < 0) {
+        Py_XDECREF(rt2);
+        Py_DECREF(m);
+        return NULL;
+    }
+    g_res_type = (PyTypeObject *)rt2;
+    PyObject *qt = PyType_FromSpec(&qb_spec);
+    if (!qt || PyModule_AddObject(m, "QueueBase", qt) < 0) {
+        Py_XDECREF(qt);
         Py_DECREF(m);
         return NULL;
     }

@@ -22,6 +22,7 @@ import numpy as np
 from .. import errors as E
 from .. import observe
 from .._ffi import ffi, lib, raise_status
+from .._item import Fast, QueueBase
 from ..drivers.base import Fabric, MappedRegion, Region
 from ..lease import NS, Lease
 from ..locator import QueueLocator
@@ -66,11 +67,13 @@ def _is_mapped_region(region: object) -> TypeGuard[MappedRegion]:
     return False
 
 
-class _QueueHandle(QueueProtocols):
+class _QueueHandle(QueueBase, QueueProtocols):
     """A mapped handle's state, header words and lifecycle checks (no role of its own)."""
 
     # set once the data area is known: (address, capacity, format, itemsize[, Releaser])
     _item_info: tuple[Any, ...] = (0, 0, b"B", 1)
+    # the native single-item path (native/gf_item.c, Fast), or None: see _install_fast
+    _fast: Any = None
 
     def __init__(self, fabric: Fabric, region: Region, *, owner: bool, epoch: int | None = None) -> None:
         if epoch is not None:
@@ -123,6 +126,20 @@ class _QueueHandle(QueueProtocols):
         self._take_over = False
         self.closed = False
         self._init_handle_state()
+        self._install_fast()
+
+    def _install_fast(self) -> None:
+        """``push``/``try_push``/``pop``/``try_pop``/``reserve`` are C methods
+        (``_item.QueueBase``): with a ``Fast`` bound they are one native call each in
+        the common case, and every other case runs ``_slow_push``/``_slow_try_push``/
+        ``_slow_pop``/``_slow_try_pop``/``_slow_reserve``. Only on the native clock (the
+        lease deadline is compared with it in C); without a Fast, every call takes the
+        Python path."""
+        if not self._native_clock:
+            return
+        fast = Fast(self.dtype is not None)
+        self._fast = fast
+        self._fast_bind(fast)
 
     def _init_handle_state(self) -> None:
         """Locks, role locks and lifecycle flags (shared with OneSidedQueue)."""

@@ -201,11 +201,17 @@ class FabricQueue(_MappedProducer):
         self._pend_cap = cap
         self._cons_rel = c
         # items release with one native call into c (until close(): then through _release_token)
-        self._item_info = (*self._item_info[:4], Releaser(ffi.buffer(c)))
+        rel = Releaser(ffi.buffer(c))
+        self._item_info = (*self._item_info[:4], rel)
+        fast = self._fast
+        if fast is not None:  # single pops go natively from here (the prefetch is the native one)
+            addr, capacity, fmt, itemsize = self._item_info[:4]
+            fast.set_consumer(ffi.buffer(c), rel, Item, addr, capacity, fmt, itemsize, self._prefetch_bytes, 0)
+            self._pf_it = fast
         self._cons = c
         return c
 
-    def try_pop(self) -> Item | None:
+    def _slow_try_pop(self) -> Item | None:
         """Pop one item, or None when the queue is empty (never waits).
 
         Raises ``QueueSealed`` once a sealed queue is drained.
@@ -242,6 +248,15 @@ class FabricQueue(_MappedProducer):
         c = self._cons or self._consumer()
         if self._cons_tid != threading.get_ident():
             self._note_consumer_thread()
+        fast: Any = self._fast
+        if fast is not None and id(self._pf_it) == id(fast):
+            # refills run natively from the one thread that pops here (none once several do)
+            fast.note_thread(0 if self._cons_multi else self._cons_tid)
+            rc = fast.refill()
+            if rc == OK:
+                t = next(fast)
+                return Item(self, t[0], t[1], t[2], t[3], None)
+            return self._refill_failed(rc)
         outs = self._outs
         rc = lib.gf_pop_batch(
             c,
@@ -266,6 +281,9 @@ class FabricQueue(_MappedProducer):
             seqs = self._pfa_seqs[:n].tolist()
             self._pf_it = zip(range(token + 1, token + n), offs[1:], lens[1:], seqs[1:], strict=True)
             return Item(self, token, offs[0], lens[0], seqs[0], None)
+        return self._refill_failed(rc)
+
+    def _refill_failed(self, rc: int) -> Item | None:
         if rc == EMPTY:
             return None
         if rc == END:
@@ -275,7 +293,7 @@ class FabricQueue(_MappedProducer):
         self._raise(rc, "pop")
         return None
 
-    def pop(self, timeout: float | None = None) -> Item:
+    def _slow_pop(self, timeout: float | None = None) -> Item:
         """Pop one item, waiting for it; ``TimeoutError`` when ``timeout`` passes."""
         if timeout is not None and not (type(timeout) is float and timeout >= 0.0):
             _deadline(timeout)  # refuse a bad timeout even when no wait is needed
@@ -350,7 +368,9 @@ class FabricQueue(_MappedProducer):
         stall: list[Any] = [None, -1]
         while True:
             with self._clock_lock:
-                if self._pf_it is not _NO_PREFETCH:
+                it = self._pf_it
+                fast: Any = self._fast
+                if it is not _NO_PREFETCH and (id(it) != id(fast) or fast.pending):
                     batch = self._batch_from_prefetch(max_items)
                     if batch is not None:
                         return batch
@@ -386,6 +406,19 @@ class FabricQueue(_MappedProducer):
         that had already reached it may still take some records, so the batch
         is the first run of consecutive records, and what follows it is put back."""
         self.lease.check()
+        fast: Any = self._fast
+        if fast is not None and id(self._pf_it) == id(fast):
+            # the native prefetch: one run of consecutive records (one refill's), the rest stays
+            got = fast.take(max_items)
+            if got is None:
+                return None
+            first, offs_l, lens_l, seqs_l = got
+            lens_a = np.array(lens_l, dtype=np.uint64)
+            uniform = int(lens_a[0]) if bool((lens_a == lens_a[0]).all()) else 0
+            return Batch(
+                self, first, np.array(offs_l, dtype=np.uint64), lens_a, np.array(seqs_l, dtype=np.uint64), uniform,
+                ntokens=len(offs_l),
+            )
         it, self._pf_it = self._pf_it, _NO_PREFETCH
         rest = list(it)
         if not rest:
@@ -431,6 +464,8 @@ class FabricQueue(_MappedProducer):
         if self.closed:
             return
         self.closed = True
+        if self._fast is not None:
+            self._fast.close()  # every call takes the Python path (QueueClosed) from now on
         info = self._item_info
         if len(info) > 4:  # items released from now on go through _release_token (which gives the role back)
             info[4].close()

@@ -107,6 +107,17 @@ class _Reservation:
             q._plock.release()
 
 
+class _MappingPin:
+    """What the data-area array of a handle's native reservations is made over (with
+    Span): the region, which holds the mapping, and the data area's bounds."""
+
+    __slots__ = ("_item_info", "region")
+
+    def __init__(self, q: _QueueHandle) -> None:
+        self._item_info = q._item_info[:4]
+        self.region = q.region
+
+
 class _MappedProducer(_QueueHandle):
     """The producer side of a mapped handle (see the module docstring)."""
 
@@ -144,6 +155,13 @@ class _MappedProducer(_QueueHandle):
                 if lock is not None:
                     lock.release()
             self._epoch = epoch
+            if self._fast is not None:  # pushes and reservations go natively from here
+                # reservation views are slices of one array over the data area, which pins the
+                # mapping through the region (not this handle: the handle holds the array)
+                span = Span(_MappingPin(self), 0, self.capacity, True)
+                ring = np.frombuffer(span, dtype=np.uint8)  # type: ignore[call-overload]
+                self._fast.set_producer(ffi.buffer(p), ring, self._plock)
+                self._fast_p = p
             self._prod = p
             return p
 
@@ -175,7 +193,7 @@ class _MappedProducer(_QueueHandle):
         except (BufferError, ValueError) as exc:
             raise E.DtypeMismatch(f"item must be bytes-like and contiguous: {exc}") from None
 
-    def try_push(self, buf: ItemLike) -> bool:
+    def _slow_try_push(self, buf: ItemLike) -> bool:
         """Push one item; False when the ring is full (never waits)."""
         return self._push1(buf) is not None
 
@@ -203,7 +221,7 @@ class _MappedProducer(_QueueHandle):
         self._raise(rc, "push")
         return None  # unreachable
 
-    def push(self, buf: ItemLike, timeout: float | None = None) -> int:
+    def _slow_push(self, buf: ItemLike, timeout: float | None = None) -> int:
         """Push one item, waiting for space; returns its sequence number.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first."""
@@ -341,7 +359,14 @@ class _MappedProducer(_QueueHandle):
         del arr
         return done
 
-    def reserve(self, nbytes: int, timeout: float | None = None) -> AbstractContextManager[np.ndarray[Any, Any]]:
+    def _give_back_after_fast_reserve(self) -> None:
+        """A native reservation ended after close() came: give the producer role back."""
+        if self._give_back_after_reserve and self._fast_p is not None:
+            self._give_back_producer(self._fast_p)
+
+    _fast_p: Any = None
+
+    def _slow_reserve(self, nbytes: int, timeout: float | None = None) -> AbstractContextManager[np.ndarray[Any, Any]]:
         """Zero-copy production: write the item in place, published on exit.
 
         ``with q.reserve(n) as buf: buf[:] = ...`` — ``buf`` is a writable view of
@@ -462,8 +487,7 @@ class _MappedProducer(_QueueHandle):
             raise E.FabricValueError(f"commit_rows needs k in (0, {self._rows_commit}] inside reserve_batch")
         self._rows_commit = k
 
-    _commit_len = 0
-    last_seq = -1
+    # _commit_len and last_seq (-1 until an item is reserved here) are attributes of QueueBase
 
     def commit_len(self, nbytes: int) -> None:
         """Inside ``reserve()``: publish only the first ``nbytes`` bytes (a whole
