@@ -866,22 +866,27 @@ static PyObject *fast_close(PyObject *o, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* refill() -> status: one gf_pop_batch into the (empty) prefetch (the Python
- * path's refill, with its consumer lock held); GF_OK: next() has records */
+/* refill() -> (token, offset, length, seq) | status: the next record, taken, from
+ * the prefetch, refilled first by one gf_pop_batch when it is empty (the Python
+ * path's refill, with its consumer lock held); else the gf_pop_batch status.
+ * One call, so no other thread takes the record in between. */
 static PyObject *fast_refill(PyObject *o, PyObject *unused) {
     FastObject *self = (FastObject *)o;
     if (!self->c || self->fork_gen != g_fork_gen) return PyLong_FromLong(GF_E_ARG);
-    if (self->pf_pos < self->pf_n) return PyLong_FromLong(GF_OK);
-    uint64_t outs[3];
-    int rc = gf_pop_batch(self->c, FAST_PF_MAX, self->pf_bytes, 1, 0, self->offs, self->lens, self->seqs, &outs[0],
-                          &outs[1], &outs[2]);
-    if (rc == GF_OK) {
+    if (self->pf_pos >= self->pf_n) {
+        uint64_t outs[3];
+        int rc = gf_pop_batch(self->c, FAST_PF_MAX, self->pf_bytes, 1, 0, self->offs, self->lens, self->seqs,
+                              &outs[0], &outs[1], &outs[2]);
+        if (rc != GF_OK) return PyLong_FromLong(rc);
         if (outs[0] == 0 || outs[0] > FAST_PF_MAX) return PyLong_FromLong(GF_E_CORRUPT);
         self->pf_n = (Py_ssize_t)outs[0];
         self->pf_pos = 0;
         self->pf_token = outs[1];
     }
-    return PyLong_FromLong(rc);
+    Py_ssize_t i = self->pf_pos++;
+    unsigned long long token = self->pf_token++;
+    return Py_BuildValue("(KKKK)", token, (unsigned long long)self->offs[i], (unsigned long long)self->lens[i],
+                         (unsigned long long)self->seqs[i]);
 }
 
 static PyObject *fast_iternext(PyObject *o) {
@@ -977,7 +982,7 @@ static PyMethodDef fast_methods[] = {
      "set_consumer(consumer buffer, releaser, item type, address, capacity, format, itemsize, prefetch bytes, tid)"},
     {"note_thread", fast_note_thread, METH_O, "note_thread(tid): refills run natively from this thread (0: none)"},
     {"close", fast_close, METH_NOARGS, "Every call takes the Python path from now on."},
-    {"refill", fast_refill, METH_NOARGS, "refill() -> status of one gf_pop_batch into the empty prefetch"},
+    {"refill", fast_refill, METH_NOARGS, "refill() -> the next record (refilled first when empty) | status"},
     {"take", fast_take, METH_O, "take(k) -> (first token, offsets, lengths, seqs) | None"},
     {NULL, NULL, 0, NULL},
 };
@@ -989,10 +994,14 @@ static PyGetSetDef fast_getset[] = {
 
 static int fast_traverse(PyObject *o, visitproc visit, void *arg) {
     FastObject *self = (FastObject *)o;
+    Py_VISIT(Py_TYPE(o)); /* a heap type's instances hold it */
     Py_VISIT(self->res);
     Py_VISIT(self->ring);
     Py_VISIT(self->plock_acquire);
     Py_VISIT(self->plock_release);
+    Py_VISIT((PyObject *)self->rel);
+    Py_VISIT((PyObject *)self->item_type);
+    Py_VISIT(self->fmt);
     return 0;
 }
 
@@ -1032,6 +1041,7 @@ static PyObject *qb_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
 }
 
 static int qb_traverse(PyObject *o, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(o)); /* a heap type's instances hold it (subtype_traverse leaves it to a heap base) */
     Py_VISIT((PyObject *)((QueueBaseObject *)o)->fast);
     return 0;
 }
@@ -1107,8 +1117,7 @@ static PyGetSetDef qb_getset[] = {
  * (q._slow_reserve(n, timeout)), which waits, raises, and exits as always. */
 typedef struct {
     PyObject_HEAD
-    FastObject *fast;
-    PyObject *q;        /* while armed or entered: the handle */
+    PyObject *q;        /* while armed or entered: the handle (its Fast is the one used) */
     PyObject *timeout;
     PyObject *slow;     /* the Python reservation this one handed over to, while entered */
     Py_ssize_t nbytes;
@@ -1132,11 +1141,11 @@ static PyObject *res_enter(PyObject *o, PyObject *unused) {
         return NULL;
     }
     self->armed = 0;
-    FastObject *f = self->fast;
     PyObject *q = self->q;
+    FastObject *f = ((QueueBaseObject *)q)->fast; /* held by q, which this holds until the exit */
     uint64_t off = 0;
     int rc = GF_E_ARG;
-    if (!fast_off(f) && f->p) {
+    if (f && !fast_off(f) && f->p) {
         PyObject *r = PyObject_CallNoArgs(f->plock_acquire);
         if (!r) {
             res_disarm(self);
@@ -1216,10 +1225,14 @@ static PyObject *res_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) 
         Py_DECREF(slow);
         return r;
     }
-    FastObject *f = self->fast;
     QueueBaseObject *qb = (QueueBaseObject *)self->q;
+    FastObject *f = qb->fast; /* the one entered with: q's Fast never changes once bound */
     PyObject *q = self->q;
     self->q = NULL; /* ours now: dropped below */
+    if (!f || !f->p) { /* only in a collector's teardown (q's Fast cleared): nothing to commit into */
+        Py_XDECREF(q);
+        Py_RETURN_NONE;
+    }
     PyObject *err = NULL;
     uint64_t seq = 0;
     int rc = GF_OK;
@@ -1258,10 +1271,10 @@ static PyObject *res_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) 
 
 static int res_traverse(PyObject *o, visitproc visit, void *arg) {
     ResObject *self = (ResObject *)o;
+    Py_VISIT(Py_TYPE(o));
     Py_VISIT(self->q);
     Py_VISIT(self->timeout);
     Py_VISIT(self->slow);
-    Py_VISIT((PyObject *)self->fast);
     return 0;
 }
 
@@ -1270,7 +1283,6 @@ static int res_clear(PyObject *o) {
     Py_CLEAR(self->q);
     Py_CLEAR(self->timeout);
     Py_CLEAR(self->slow);
-    Py_CLEAR(self->fast);
     return 0;
 }
 
@@ -1324,7 +1336,6 @@ static PyObject *qb_reserve(PyObject *q, PyObject *const *args, Py_ssize_t nargs
         allocfunc alloc = (allocfunc)PyType_GetSlot(g_res_type, Py_tp_alloc);
         r = (ResObject *)alloc(g_res_type, 0);
         if (!r) return NULL;
-        r->fast = (FastObject *)Py_NewRef((PyObject *)f);
         if (!f->res) f->res = Py_NewRef((PyObject *)r);
     }
     r->q = Py_NewRef(q);
@@ -1353,9 +1364,11 @@ static PyObject *qb_fast_bind(PyObject *o, PyObject *arg) {
         return NULL;
     }
     QueueBaseObject *self = (QueueBaseObject *)o;
-    FastObject *old = self->fast;
+    if (self->fast) { /* bound once: a reservation relies on it staying */
+        PyErr_SetString(PyExc_ValueError, "_fast_bind: a Fast is bound already");
+        return NULL;
+    }
     self->fast = arg == Py_None ? NULL : (FastObject *)Py_NewRef(arg);
-    Py_XDECREF((PyObject *)old);
     Py_RETURN_NONE;
 }
 
@@ -1372,7 +1385,7 @@ static PyMethodDef qb_methods[] = {
     {"reserve", (PyCFunction)(void (*)(void))qb_reserve, METH_FASTCALL | METH_KEYWORDS,
      "reserve(nbytes, timeout=None): zero-copy production (see FabricQueue._slow_reserve for the whole story): "
      "`with q.reserve(n) as buf: buf[:] = ...` publishes the item on exit, aborts it when the block raises."},
-    {"_fast_bind", qb_fast_bind, METH_O, "_fast_bind(fast | None): the native state the methods above use."},
+    {"_fast_bind", qb_fast_bind, METH_O, "_fast_bind(fast): the native state the methods above use (once)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -252,11 +252,10 @@ class FabricQueue(_MappedProducer):
         if fast is not None and id(self._pf_it) == id(fast):
             # refills run natively from the one thread that pops here (none once several do)
             fast.note_thread(0 if self._cons_multi else self._cons_tid)
-            rc = fast.refill()
-            if rc == OK:
-                t = next(fast)
+            t = fast.refill()  # the next record, taken (another thread's native pop may race this one)
+            if type(t) is tuple:
                 return Item(self, t[0], t[1], t[2], t[3], None)
-            return self._refill_failed(rc)
+            return self._refill_failed(t)
         outs = self._outs
         rc = lib.gf_pop_batch(
             c,
