@@ -582,7 +582,7 @@ typedef struct {
      * _give_back_after_reserve, last_seq: attributes in C, so a native reservation
      * sets them without a dictionary) */
     PyObject *reserver;   /* thread id (int) or NULL: None */
-    long long last_seq;
+    PyObject *last_seq;   /* an int, or NULL: -1 */
     Py_ssize_t commit_len;
     int reserving;
     int give_back_after_reserve;
@@ -1036,7 +1036,6 @@ static PyType_Spec fast_spec = {
 static PyObject *qb_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
     allocfunc alloc = (allocfunc)PyType_GetSlot(tp, Py_tp_alloc);
     QueueBaseObject *self = (QueueBaseObject *)alloc(tp, 0); /* zeroed: no Fast yet */
-    if (self) self->last_seq = -1;
     return (PyObject *)self;
 }
 
@@ -1087,11 +1086,19 @@ static int qb_set_commit_len(PyObject *o, PyObject *v, void *unused) {
     ((QueueBaseObject *)o)->commit_len = n;
     return 0;
 }
-static PyObject *qb_get_last_seq(PyObject *o, void *unused) { return PyLong_FromLongLong(((QueueBaseObject *)o)->last_seq); }
+static PyObject *qb_get_last_seq(PyObject *o, void *unused) {
+    QueueBaseObject *self = (QueueBaseObject *)o;
+    return self->last_seq ? Py_NewRef(self->last_seq) : PyLong_FromLong(-1);
+}
 static int qb_set_last_seq(PyObject *o, PyObject *v, void *unused) {
-    long long n = v ? PyLong_AsLongLong(v) : -1;
-    if (n == -1 && PyErr_Occurred()) return -1;
-    ((QueueBaseObject *)o)->last_seq = n;
+    QueueBaseObject *self = (QueueBaseObject *)o;
+    if (v && !PyLong_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "last_seq is an int");
+        return -1;
+    }
+    PyObject *old = self->last_seq;
+    self->last_seq = v ? Py_NewRef(v) : NULL;
+    Py_XDECREF(old);
     return 0;
 }
 
@@ -1241,7 +1248,13 @@ static PyObject *res_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) 
     } else {
         Py_ssize_t k = qb->commit_len;
         rc = (k <= 0 || k > self->nbytes) ? GF_E_ARG : gf_commit(f->p, (uint64_t)k, &seq);
-        if (rc == GF_OK) qb->last_seq = (long long)seq;
+        if (rc == GF_OK) {
+            PyObject *ls = PyLong_FromUnsignedLongLong(seq); /* a sequence number is any u64 */
+            if (ls) {
+                Py_XDECREF(qb->last_seq);
+                qb->last_seq = ls;
+            }
+        }
     }
     qb->reserving = 0;
     Py_CLEAR(qb->reserver);
@@ -1352,6 +1365,7 @@ static void qb_dealloc(PyObject *o) {
     PyObject_GC_UnTrack(o);
     Py_CLEAR(((QueueBaseObject *)o)->fast);
     Py_CLEAR(((QueueBaseObject *)o)->reserver);
+    Py_CLEAR(((QueueBaseObject *)o)->last_seq);
     freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     f(o);
     Py_DECREF(tp);
