@@ -86,7 +86,7 @@ GRAFOS_CONFORMANCE_DRIVERS=shm LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:ca
   "$ROOT/tests/conformance/test_queue.py" \
   "$ROOT/tests/conformance/test_queue_model.py" "$ROOT/tests/conformance/test_queue_paths.py" \
   "$ROOT/tests/test_hostile_memory.py" "$ROOT/tests/test_block_durable.py" \
-  "$ROOT/tests/conformance/test_item_buffer.py" "$@" || status=$?
+  "$ROOT/tests/conformance/test_item_buffer.py" "$ROOT/tests/conformance/test_queue_fast.py" "$@" || status=$?
 cd "$ROOT"
 
 # -- 4. any report fails the run
