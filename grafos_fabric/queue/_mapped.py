@@ -29,8 +29,11 @@ from ._layout import (
     _NO_BYTE_LIMIT,
     _NO_PREFETCH,
     _POLL_SLICE_NS,
+    _POS_MASK,
+    _SEALED,
     _SPACE_WAITERS_OFF,
     _SPIN,
+    _TAIL_OFF,
     DEFAULT_CAPACITY,
     EMPTY,
     END,
@@ -324,6 +327,14 @@ class FabricQueue(_MappedProducer):
         held = int(lib.gf_consumer_outstanding(c))
         tokens_full = held >= self._pend_cap
         if held and (tokens_full or lib.gf_load_acquire_at(self._ring, _SPACE_WAITERS_OFF) & 0xFFFFFFFF):
+            if not tokens_full:
+                # The producer waits for space. Not a stall if records were
+                # published after this consumer last looked (read after the
+                # waiters word, so the two observations are ordered): pop again.
+                w = int(lib.gf_load_acquire_at(self._ring, _TAIL_OFF))
+                if (w & _POS_MASK) != int(c.rpos) or w & _SEALED:
+                    stall[0] = None
+                    return
             if not self._cons_multi:
                 raise E.HeldItemsStall(_stall_message(held))
             now = time.monotonic()

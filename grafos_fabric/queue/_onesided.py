@@ -396,6 +396,12 @@ class OneSidedQueue(_OneSidedProducer):
             waiters = 0
             if held and held < c.pend_cap:
                 waiters = self.region.load64(_SPACE_WAITERS)
+                # The producer waits for space. Not a stall if records were
+                # published after this consumer last looked (the tail is read
+                # after the waiters word): return and pop again.
+                if waiters and (c.st.rpos != c.st.tail_cache or self._load_tail(c) != lib.GF_EMPTY):
+                    stall[0] = None
+                    return
         if held and (waiters or held >= c.pend_cap):
             message = (
                 f"the producer waits for space that {held} unreleased "

@@ -475,6 +475,47 @@ def test_holding_items_while_waiting_raises_instead_of_deadlocking(make_pair):
     assert n_held + rest == 200
 
 
+def test_a_producer_waiting_for_space_is_no_stall_while_records_wait_unread(make_pair):
+    """The consumer holds an item and has seen the ring empty; then records are
+    published and the producer waits for space. The wait before the next pop
+    must see the new records and return, not raise ``HeldItemsStall`` (it did:
+    the holding-items test above failed this way under load)."""
+    from grafos_fabric.queue import OneSidedQueue
+    from grafos_fabric.queue._onesided_handle import _SPACE_WAITERS, _Backoff
+
+    tx, rx = make_pair(capacity=4096)
+    tx.push(b"a" * 200)
+    held = [rx.pop(timeout=30)]
+    assert rx.try_pop() is None  # this consumer has looked, and the ring was empty
+    pushed = 1
+    while tx.try_push(b"b" * 200):  # then the ring fills behind its back
+        pushed += 1
+    assert pushed > 2
+    blocked = threading.Thread(target=tx.push, args=(b"c" * 200,), kwargs={"timeout": 120})
+    blocked.start()
+    deadline = time.monotonic() + 60
+    while not tx.region.load64(_SPACE_WAITERS) & 0xFFFFFFFF:  # the producer now waits for space
+        assert time.monotonic() < deadline, "the producer never waited for space"
+        time.sleep(0.005)
+    if isinstance(rx, OneSidedQueue):
+        rx._poll_data(_Backoff(time.monotonic() + 30), [None, -1])
+    else:
+        rx._wait_data(time.monotonic() + 30, [None, -1])
+    got = rx.pop(timeout=30)
+    assert bytes(got) == b"b" * 200
+    held.append(got)
+    for item in held:
+        item.release()
+    held.clear()
+    rest = 0
+    while pushed + 1 - 2 - rest > 0:
+        rx.pop(timeout=30).release()
+        rest += 1
+    blocked.join(60)
+    assert not blocked.is_alive()
+    assert rx.try_pop() is None  # every record came out once: a, the b's, c
+
+
 def test_locator_round_trips_and_attaches(make_pair):
     tx, _ = make_pair(dtype=np.int16, epoch=2, first_seq=5)
     loc = tx.locator()
