@@ -14,7 +14,7 @@ import math
 import numbers
 import operator
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -170,6 +170,20 @@ _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
 
 STALL_GRACE = 2.0  # seconds a multi-threaded consumer's stall must last before HeldItemsStall
+
+
+def _batch_items(bufs: Any, convert: Callable[[Any], Any]) -> list[Any]:
+    """The items of a ``push_batch`` argument that is not a 2-D array, each
+    through ``convert``; one item, or something that is not a sequence of
+    items, is a ``FabricTypeError`` (both access paths)."""
+    if isinstance(bufs, (str, bytes, bytearray, memoryview)):
+        raise E.FabricTypeError("push_batch takes a sequence of items (or a 2-D array), not one item: use push")
+    try:
+        return [convert(b) for b in bufs]
+    except TypeError as exc:
+        if isinstance(exc, E.FabricTypeError):
+            raise
+        raise E.FabricTypeError(f"push_batch takes a sequence of items, got {type(bufs).__name__}") from None
 
 
 def _stall_message(held: int) -> str:

@@ -20,7 +20,7 @@ from .._ffi import ffi, lib
 from .._item import Span
 from .._types import ItemLike
 from ._handle import _QueueHandle
-from ._layout import _SPIN, FULL, OK, _check_int, _deadline
+from ._layout import _SPIN, FULL, OK, _batch_items, _check_int, _deadline
 from ._roles import _PRODUCER_ID_OFF, _ROLE_PRODUCER, _reclaim_role, _role_id
 
 log = logging.getLogger(__name__)
@@ -270,14 +270,7 @@ class _MappedProducer(_QueueHandle):
         deadline = _deadline(timeout)
         if isinstance(bufs, np.ndarray):
             return self._push_rows(bufs, deadline, timeout)
-        if isinstance(bufs, (str, bytes, bytearray, memoryview)):
-            raise E.FabricTypeError("push_batch takes a sequence of items (or a 2-D array), not one item: use push")
-        try:
-            items = [self._as_item(b) for b in bufs]
-        except TypeError as exc:
-            if isinstance(exc, E.FabricTypeError):
-                raise
-            raise E.FabricTypeError(f"push_batch takes a sequence of items, got {type(bufs).__name__}") from None
+        items = _batch_items(bufs, self._as_item)
         if not items:
             self._prod or self._producer()  # a closed handle refuses even an empty batch
             return 0

@@ -16,7 +16,7 @@ import numpy as np
 from .. import errors as E
 from .._ffi import ffi, lib
 from .._types import ItemLike
-from ._layout import RECORD_HEADER, RING_HEADER, _check_int, _deadline
+from ._layout import RECORD_HEADER, RING_HEADER, _batch_items, _check_int, _deadline
 from ._onesided_handle import (
     _EPOCH,
     _FULL,
@@ -288,14 +288,7 @@ class _OneSidedProducer(_OneSidedHandle):
                     return 0
                 base = ffi.cast("char *", bufs.ctypes.data)  # bufs stays alive: it is an argument
                 return self._push_frames(p, base, ffi.NULL, n, length, bufs.strides[0], deadline, timeout)
-            if isinstance(bufs, (str, bytes, bytearray, memoryview)):  # as FabricQueue.push_batch
-                raise E.FabricTypeError("push_batch takes a sequence of items (or a 2-D array), not one item: use push")
-            try:
-                items = [self._item_bytes(b) for b in bufs]
-            except TypeError as exc:
-                if isinstance(exc, E.FabricTypeError):
-                    raise
-                raise E.FabricTypeError(f"push_batch takes a sequence of items, got {type(bufs).__name__}") from None
+            items = _batch_items(bufs, self._item_bytes)
             if not items:
                 return 0
             lens = np.fromiter((a.nbytes for a in items), dtype=np.uint64, count=len(items))
