@@ -237,6 +237,10 @@ def _ratios(row: dict[str, Any]) -> None:
     elif pt:
         if "MB_per_s" in row:
             row["ratio"] = row["MB_per_s"] / pt  # >= 0.8 is the target
+            if row["op"].startswith("queue"):
+                # each item crosses the wire twice (producer put to the node, consumer get from it)
+                # and the node's one progress thread serves both: 0.5 is where the wire says stop
+                row["ratio_wire"] = 2 * row["MB_per_s"] / pt
         else:
             same = 2 * pt if row["op"] == "put_flush" else pt  # a whole round trip either way
             row["perftest_same_work"] = same
@@ -245,7 +249,7 @@ def _ratios(row: dict[str, Any]) -> None:
 
 
 _FIGURES = ("py_p50", "py_p99", "c_p50", "c_p99", "perftest", "perftest_same_work", "ratio_py", "ratio_c",
-            "MB_per_s", "items_per_s", "ratio")
+            "MB_per_s", "items_per_s", "ratio", "ratio_wire")
 
 
 def _merge_rounds(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -297,9 +301,10 @@ def _client_ops(url: str, token: str, iters: int, seconds: float) -> list[dict[s
         rows.append({"op": "put 1 MiB", "MB_per_s": n * len(big) / (time.perf_counter() - start) / 1e6,
                      "perftest_test": "ucp_put_bw"})
         fb = ucx.UcxFabric.from_url(url, token_file=token)
-        rate = _queue_rate(fa, fb, 1 << 20, seconds, False)
+        ops: dict[str, Any] = {}
+        rate = _queue_rate(fa, fb, 1 << 20, seconds, False, ops)
         rows.append({"op": "queue 1 MiB items", "MB_per_s": rate * (1 << 20) / 1e6, "items_per_s": rate,
-                     "perftest_test": "ucp_put_bw"})
+                     "perftest_test": "ucp_put_bw", "ops": ops})
         r.lease.free()
     finally:
         fa.close()
@@ -362,8 +367,48 @@ def run(tls: str = "tcp", iters: int = 20000) -> list[dict[str, Any]]:
     return rows
 
 
-def _queue_rate(ftx: Any, frx: Any, size: int, seconds: float, mapped: bool) -> float:
-    """Items/s through one queue: a producer thread pushing batches, this thread popping them."""
+_COUNTED = ("write", "read_into", "load64", "store64", "cas64", "faa64", "flush")
+
+
+def _count_ops(region: Any, into: dict[str, list[float]]) -> None:
+    """Count and time ``region``'s remote operations into ``into`` (op -> [calls, seconds, bytes]):
+    instance attributes wrapping its methods (the queue looks them up on the instance each call).
+    Costs about a microsecond per operation, against milliseconds per 1 MiB item."""
+    clock = time.perf_counter
+
+    for name in _COUNTED:
+        method = getattr(region, name)
+        cell = into.setdefault(name, [0.0, 0.0, 0.0])
+
+        def timed(*args: Any, _m: Any = method, _c: list[float] = cell) -> Any:
+            t0 = clock()
+            try:
+                return _m(*args)
+            finally:
+                _c[0] += 1
+                _c[1] += clock() - t0
+                if len(args) == 2 and not isinstance(args[1], int):
+                    _c[2] += memoryview(args[1]).nbytes
+
+        setattr(region, name, timed)
+
+
+def _per_item(counts: dict[str, list[float]], items: int) -> dict[str, Any]:
+    """Per item: calls, µs spent in each operation, and bytes moved (only the operations that ran)."""
+    out: dict[str, Any] = {}
+    for name, (n, secs, nbytes) in counts.items():
+        if n:
+            out[name] = {"per_item": n / items, "mean_us": secs / n * 1e6, "us_per_item": secs / items * 1e6,
+                         **({"MB_per_item": nbytes / items / 1e6} if nbytes else {})}
+    return out
+
+
+def _queue_rate(ftx: Any, frx: Any, size: int, seconds: float, mapped: bool,
+                ops: dict[str, Any] | None = None) -> float:
+    """Items/s through one queue: a producer thread pushing batches, this thread popping them.
+
+    ``ops``: filled with the remote operations per item over the timed window,
+    ``{"producer": {op: ...}, "consumer": {op: ...}}`` (see :func:`_per_item`)."""
     import threading
 
     import grafos_fabric as gf
@@ -372,6 +417,10 @@ def _queue_rate(ftx: Any, frx: Any, size: int, seconds: float, mapped: bool) -> 
     cap = 1 << max(16, (4 * batch * (size + 64) - 1).bit_length())
     tx = gf.FabricQueue.create(ftx, capacity=cap, ttl=600.0)
     rx = gf.FabricQueue.attach(frx, bytes(tx.locator()), mapped=mapped)
+    counts: dict[str, dict[str, list[float]]] = {"producer": {}, "consumer": {}}
+    if ops is not None:
+        _count_ops(tx.region, counts["producer"])
+        _count_ops(rx.region, counts["consumer"])
     items = np.zeros((batch, size), np.uint8)
     stop = threading.Event()
 
@@ -392,12 +441,17 @@ def _queue_rate(ftx: Any, frx: Any, size: int, seconds: float, mapped: bool) -> 
         now = time.perf_counter()
         if start == 0.0 and now >= warm:
             start, got = now, 0
+            for side in counts.values():  # count the timed window only
+                for cell in side.values():
+                    cell[:] = [0.0, 0.0, 0.0]
         got += len(b)
         b.release()
         if start and now - start >= seconds:
             end = now
             break
     stop.set()
+    if ops is not None:
+        ops.update({side: _per_item(c, max(1, got)) for side, c in counts.items()})
     while t.is_alive():  # drain so the producer's last push returns
         rx.pop_batch(batch, timeout=0).release()
         t.join(0.05)
@@ -536,6 +590,11 @@ def _print_netns(rows: list[dict[str, Any]], version: str) -> int:
             print(f"{row['op']:18} MB/s {_fmt(row, 'MB_per_s', '.0f'):20} perftest {_fmt(row, 'perftest', '.0f'):20} "
                   f"ours/pt {_fmt(row, 'ratio', '.2f'):20} ({row['perftest_test']}, best of its windows: "
                   f"{row.get('perftest_flags', '-')})")
+            if row.get("ratio_wire") is not None:
+                print(f"{'':18} wire bytes (2 per item byte)/pt {_fmt(row, 'ratio_wire', '.2f')}")
+            for side, counted in (row.get("ops") or {}).items():  # the first round's
+                print(f"{'':18} {side}: " + ", ".join(
+                    f"{op} {v['per_item']:.2f}x {v['mean_us']:.0f} us" for op, v in counted.items()))
     return 0
 
 
