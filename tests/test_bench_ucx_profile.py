@@ -1,0 +1,72 @@
+"""bench_ucx's per-item operation profile of the queue case (no UCX needed: a fake region)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from grafos_fabric.tools.bench_ucx import _count_ops, _per_item, _ratios
+
+
+class _Region:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def _op(self, name: str, *args: Any) -> Any:
+        self.calls.append((name, args))
+        return 7
+
+    def write(self, offset: int, buf: Any) -> None:
+        self._op("write", offset, buf)
+
+    def read_into(self, offset: int, buf: Any) -> None:
+        self._op("read_into", offset, buf)
+
+    def load64(self, offset: int) -> int:
+        return int(self._op("load64", offset))
+
+    def store64(self, offset: int, value: int) -> None:
+        self._op("store64", offset, value)
+
+    def cas64(self, offset: int, expected: int, desired: int) -> int:
+        return int(self._op("cas64", offset, expected, desired))
+
+    def faa64(self, offset: int, add: int) -> int:
+        return int(self._op("faa64", offset, add))
+
+    def flush(self) -> None:
+        self._op("flush")
+
+
+def test_count_ops_counts_calls_and_bytes_and_passes_results_through() -> None:
+    r = _Region()
+    counts: dict[str, list[float]] = {}
+    _count_ops(r, counts)
+    r.write(64, bytes(1000))
+    r.write(64, bytearray(24))
+    r.read_into(0, bytearray(500))
+    assert r.load64(8) == 7 and r.cas64(8, 1, 2) == 7
+    r.store64(16, 5)
+    r.store64(16, 6)
+    # the wrapped methods still reach the region with the same arguments
+    assert [c[0] for c in r.calls] == ["write", "write", "read_into", "load64", "cas64", "store64", "store64"]
+    assert r.calls[4][1] == (8, 1, 2)
+    assert counts["write"][0] == 2 and counts["write"][2] == 1024
+    assert counts["read_into"][2] == 500
+    assert counts["store64"][0] == 2 and counts["store64"][2] == 0  # an int value is not a byte count
+    per = _per_item(counts, 2)
+    assert per["write"]["per_item"] == 1.0 and per["write"]["MB_per_item"] == pytest.approx(512e-6)
+    assert per["store64"]["per_item"] == 1.0 and "MB_per_item" not in per["store64"]
+    assert "flush" not in per and "faa64" not in per  # operations that never ran are left out
+    assert per["load64"]["mean_us"] >= 0.0
+
+
+def test_queue_row_reports_the_ratio_in_wire_bytes() -> None:
+    row: dict[str, Any] = {"op": "queue 1 MiB items", "MB_per_s": 100.0, "perftest": 400.0}
+    _ratios(row)
+    assert row["ratio"] == pytest.approx(0.25)
+    assert row["ratio_wire"] == pytest.approx(0.5)  # every item byte crosses the wire twice
+    put: dict[str, Any] = {"op": "put 1 MiB", "MB_per_s": 100.0, "perftest": 400.0}
+    _ratios(put)
+    assert "ratio_wire" not in put
