@@ -24,6 +24,11 @@ rates differ a hundredfold; a count published at the end ends the stream just
 as exactly.) The consumer times the stream itself, from the first step after a short
 warm-up to its last item, so process start-up and teardown are never counted.
 
+Why one module of ~900 lines: one short, independent :class:`Transport` per
+peer (``mp.Queue``, faster-fifo, zmq, zmq packed, the fabric queue, a bare
+shared-memory pipe) beside the two drivers they share; the forkserver imports
+it whole (below), and a module per peer would only scatter that one table.
+
 This module is imported by the forkserver before it forks the workers, so it
 imports every installed peer at module level (missing peers are ``None``).
 """
