@@ -256,6 +256,9 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
         while (off < lens[i]) {
             uint64_t step = lens[i] - off;
             if (use_aio && step > chunk) step = chunk;
+            /* stop the copy exactly where the next request ends (block aligned): the first request
+             * goes out after `chunk - block` bytes are copied, not two steps (2 * chunk) later */
+            if (use_aio && !aio_failed && sent + chunk > at && step > sent + chunk - at) step = sent + chunk - at;
             crc = gf_crc32c_copy(buf + at, parts[i] + off, step, crc);
             at += step;
             off += step;

@@ -202,6 +202,9 @@ def test_every_record_path_writes_the_format_byte_for_byte(
         [b"head", b"", bytearray(pattern(5000, 3)), memoryview(pattern(9000, 4))[7:]],
         [pattern(100_000, 5)],  # 13 requests of 8 KiB, then the rest, then the header block
         [pattern(8192 * 3 - 64, 6)],  # ends exactly on a request boundary
+        # parts of odd sizes whose copies stop mid-part at every request boundary (the copy halts
+        # exactly where a request ends, so a part is copied and checksummed in several steps)
+        [pattern(8191, 7), b"y", pattern(16385, 8), pattern(3, 9), bytearray(pattern(8192 - 64, 10))],
     ]
     for i, parts in enumerate(cases):
         data = b"".join(bytes(p) for p in parts)
