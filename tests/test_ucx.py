@@ -568,3 +568,27 @@ def test_the_binding_declarations_come_from_the_one_header_the_c_code_includes()
     names = re.findall(r"\b(gfu_\w+)\s*\(", re.sub(r"/\*.*?\*/", "", api, flags=re.S))
     assert len(names) > 30
     assert [n for n in names if not hasattr(ucx.lib, n)] == []
+
+
+@needs_ucx
+@pytest.mark.parametrize("prefault", [False, True])
+def test_a_registered_span_is_zeroed_even_where_a_freed_one_left_bytes(prefault: bool) -> None:
+    """register() zeroes the span in place (the pool prefaulted or not): bytes a freed
+    span left in the pool never reach the next lease of that memory."""
+    import ctypes
+
+    reg = ucx.UcxRegistrar(1 << 20, host="127.0.0.1", tls="tcp", net_devices="lo", progress="event",
+                           prefault=prefault)
+    try:
+        n = 3 * 4096
+        span = reg.register(4096, n)
+        ctypes.memset(reg.pool_addr + 4096, 0xAB, n)  # what a tenant wrote there
+        reg.deregister(span)
+        again = reg.register(0, 2 * n)  # overlaps the old span and the pages around it
+        got = ctypes.string_at(reg.pool_addr, 2 * n)
+        assert got == bytes(2 * n)
+        reg.deregister(again)
+        with pytest.raises(FabricValueError):
+            reg.register(reg.pool_size - 4096, 8192)  # past the pool: refused before any write
+    finally:
+        reg.close()

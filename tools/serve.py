@@ -104,6 +104,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="ucx driver: interfaces to use (UCX_NET_DEVICES), e.g. eth0 (default: UCX's choice)")
     parser.add_argument("--ucx-progress", choices=["busy", "event"], default="busy",
                         help="ucx driver: busy-polling progress thread (lowest latency, one core) or event")
+    parser.add_argument("--ucx-prefault", action="store_true",
+                        help="ucx driver: fault the whole pool in at start (MAP_POPULATE; it is resident from "
+                             "then on), so a grant zeroes its span without page faults")
     parser.add_argument("--supervise", action="store_true",
                         help="run the node in a child process and restart it when it dies abnormally "
                              "(UCX can abort inside its atomic handler when a client vanishes)")
@@ -189,7 +192,8 @@ def run_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> 
             if reason is not None:
                 return _fail(f"UCX unavailable: {reason}", EX_UNAVAILABLE)
             registrar = UcxRegistrar(args.pool, host=args.host, tls=args.ucx_tls,
-                                     net_devices=args.ucx_net_devices, progress=args.ucx_progress)
+                                     net_devices=args.ucx_net_devices, progress=args.ucx_progress,
+                                     prefault=args.ucx_prefault)
         else:
             from grafos_fabric.drivers.node.shmfile import ShmFileRegistrar
 
@@ -235,7 +239,7 @@ def _child_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name, None)
         if value is not None:
             out += ["--" + name.replace("_", "-"), str(value)]
-    for flag in ("allow_remote", "metrics"):
+    for flag in ("allow_remote", "metrics", "ucx_prefault"):
         if getattr(args, flag, False):
             out.append("--" + flag.replace("_", "-"))
     return out

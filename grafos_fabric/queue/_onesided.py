@@ -163,7 +163,9 @@ class OneSidedQueue(_OneSidedProducer):
         """
         cap, max_item, _dt, dtext = _ring_geometry(capacity, max_item, epoch, first_seq, dtype)
         ttl = check_ttl(ttl)
+        t0 = time.perf_counter()
         region = fabric.alloc(RING_HEADER + cap, ttl)
+        t1 = time.perf_counter()
         try:
             hdr = ffi.new("gf_ring_header *")
             raw_dtype = dtext.encode("ascii")
@@ -187,7 +189,8 @@ class OneSidedQueue(_OneSidedProducer):
         except BaseException:
             region.lease.free()
             raise
-        log.debug("created one-sided queue %s (capacity %d, max_item %d)", region.ref().name, cap, max_item)
+        log.debug("created one-sided queue %s (capacity %d, max_item %d; alloc %.3f ms, ring build %.3f ms)",
+                  region.ref().name, cap, max_item, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
         return cls(fabric, region, None, epoch=epoch, owner=True)
 
     @classmethod
