@@ -52,5 +52,76 @@ def test_three_stages_lose_nothing_when_the_memory_node_is_killed_and_restarted_
     for kill in zip(*tx, strict=True):
         assert 0 <= kill[0] <= kill[1] <= kill[2] <= kill[3], steps
     assert steps["first item"] and min(steps["first item"]) >= 0
+    assert steps["first new item pushed"] and min(steps["first new item pushed"]) >= 0
     if "namespaces" not in res.where:
         print(f"\nnote: ran on {res.where}")
+
+
+def test_the_breakdown_takes_the_first_new_push_of_the_generation_after_each_kill() -> None:
+    """``_breakdown``'s "first new item pushed": the producer's first push into the kill's new
+    generation (or a later one) after the kill; pushes before the kill, or into the old
+    generation, do not count; a kill that did not hit the edge gives no row."""
+    from grafos_fabric.tools.ucx_pipeline import _breakdown
+
+    kills = [{"t": 10.0, "port": 1, "before": {"e": (3, 1)}}, {"t": 20.0, "port": 2, "before": {"e": (4, 1)}}]
+    tx = [{"generation": 4, "t_lost": 10.01, "t_alloc": 10.02, "t_published": 10.03, "t_bound": 10.04}]
+    rx = [{"generation": 4, "t_lost": 10.015, "t_seen": 10.035, "t_bound": 10.05}]
+    firsts = [(3, 9.0), (4, 10.07)]
+    pushed = [(3, 9.5), (4, 9.99), (5, 10.2)]  # gen 4's first push began before the kill: not it
+    out = _breakdown(kills, "e", tx, rx, firsts, pushed)
+    assert out["producer notices"] == [10.0]
+    assert out["consumer attached"] == [50.0]
+    assert out["first new item pushed"] == [200.0]
+    assert out["first item"] == [70.0]
+    assert _breakdown(kills, "e", tx, rx, firsts)["first new item pushed"] == []  # no pushes recorded
+
+
+def test_failover_alloc_tries_a_node_found_down_last() -> None:
+    """FailoverFabric.alloc: the preferred node first, unless its last warm-up or alloc failed;
+    a down node is still tried when no other answers, and one that answers again is preferred."""
+    from typing import Any
+
+    from grafos_fabric.errors import Disconnected
+    from grafos_fabric.tools.ucx_pipeline import FailoverFabric
+
+    tried: list[int] = []
+    up = {1: True, 2: True}
+
+    class Fake:
+        def __init__(self, port: int) -> None:
+            self.port = port
+
+        def warm(self, host: str, port: int) -> None:
+            if not up[self.port]:
+                raise Disconnected(f"node {self.port} down")
+
+        def alloc(self, nbytes: int, ttl: float) -> Any:
+            tried.append(self.port)
+            if not up[self.port]:
+                raise Disconnected(f"node {self.port} down")
+            return object()
+
+    class F(FailoverFabric):
+        def _fabric(self, node: tuple[str, int]) -> Any:
+            return self._fabrics.setdefault(node, Fake(node[1]))
+
+    ff = F([("h", 1), ("h", 2)], token_file="unused")
+    ff.alloc(1, 1.0)
+    assert tried == [1] and ff.allocs == [1]
+    up[1] = False
+    ff._next_warm = 0.0
+    ff.keep_warm()  # node 1 found down by the warm-up: the next alloc goes to node 2 at once
+    tried.clear()
+    ff.alloc(1, 1.0)
+    assert tried == [2] and ff.allocs == [1, 2]
+    up[2] = False  # both down: both are tried, then Disconnected
+    tried.clear()
+    with pytest.raises(Disconnected):
+        ff.alloc(1, 1.0)
+    assert sorted(tried) == [1, 2]
+    up[1] = True
+    ff._next_warm = 0.0
+    ff.keep_warm()  # node 1 is back, node 2 is down: node 1 first although node 2 served last
+    tried.clear()
+    ff.alloc(1, 1.0)
+    assert tried == [1] and ff.allocs == [1, 2, 1]
