@@ -365,8 +365,9 @@ class BlockRegion:
 
     @property
     def gather_limit(self) -> int:
-        """The largest write for which :meth:`write_durable` (through the page cache) is the faster
-        way to a durable write here; above it an aligned copy and ``O_DIRECT`` win.
+        """(For :meth:`write_durable` callers; the slot store now goes through :meth:`write_record`
+        and :meth:`record_path`.) The largest write for which :meth:`write_durable` (through the
+        page cache) is the faster way to a durable write here; above it an aligned copy and ``O_DIRECT`` win.
 
         Measured with checkpoints of each kind interleaved op by op on a virtual disk: on a regular
         file (ext4, tmpfs) the page-cache path was ahead at every size (1 MiB on ext4: 0.84x of a

@@ -18,11 +18,13 @@ For each state size, in the same run and on the same file or device range:
 * **candidates**: ``CheckpointedStageState.checkpoint()`` of a ``size``-byte
   raw ``bytes`` state, with ``durability="ordered"`` (the default) and
   ``"single-sync"``. Since slot format v3 both are one durable write of the
-  whole record: header and state gathered into one ``pwritev`` with
-  ``RWF_DSYNC`` (``BlockRegion.write_durable``), no copy. A checkpoint still
-  pays what the raw write does not: the state's CRC32C and one more block
-  where the 64-byte header and the envelope push the record over a block
-  boundary (a 4 KiB state on 4 KiB blocks is two blocks).
+  whole record, made by one native call (``BlockRegion.write_record``: CRCs,
+  header and I/O by the path ``record_path()`` picks: gathered into one
+  ``pwritev`` with ``RWF_DSYNC``, copied to ``O_DIRECT``, or copied and
+  submitted by AIO in 128 KiB requests). A checkpoint still pays what the raw
+  write does not: the state's CRC32C, the copy where the path copies, and one
+  more block where the 64-byte header and the envelope push the record over a
+  block boundary (a 4 KiB state on 4 KiB blocks is two blocks).
 
 Baselines and candidates take turns every 20 ms, in a new random order each
 time (the device remembers what ran just before it: queued writeback, cache

@@ -22,8 +22,8 @@ handoff placement:
 
 The handoff record lives on a block lease (a file opened with ``open_block``):
 ``handoff_dirs`` names where. The producer's writer opens it with ``O_DIRECT``;
-its publishes (``bytes`` records) go out through ``BlockRegion.write_durable``,
-one ``pwritev`` with ``RWF_DSYNC`` through the page cache, durable on return,
+its publishes (small ``bytes`` records) go out through ``BlockRegion.write_record``'s
+gather path, one ``pwritev`` with ``RWF_DSYNC`` through the page cache, durable on return,
 which leaves the record's pages cached. The consumer's reader opens the file
 with ``direct=False`` (a reader needs no durability), so the poll after a
 publish reads those cached pages instead of two blocks from the disk (about
