@@ -1,4 +1,5 @@
-"""bench_ucx's per-item operation profile of the queue case (no UCX needed: a fake region)."""
+"""bench_ucx: the per-item operation profile of the queue case (a fake region, no UCX), the ratios, and
+the consumer-host round across two namespaces (UCX and root)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,30 @@ def test_queue_row_reports_the_ratio_in_wire_bytes() -> None:
     put: dict[str, Any] = {"op": "put 1 MiB", "MB_per_s": 100.0, "perftest": 400.0}
     _ratios(put)
     assert "ratio_wire" not in put
+
+
+def test_the_consumer_host_row_counts_each_item_byte_once() -> None:
+    row: dict[str, Any] = {"op": "queue 1 MiB items, node on the consumer's host", "MB_per_s": 300.0,
+                           "perftest": 400.0}
+    _ratios(row)
+    assert row["ratio"] == pytest.approx(0.75)
+    assert "ratio_wire" not in row  # the item crosses the veth once: the ratio is the wire ratio
+
+
+def test_the_consumer_host_round_moves_items_between_two_namespaces(tmp_path: Any) -> None:
+    """The row's round for real: node and consumer in namespace A, producer in B, 1 MiB items."""
+    from grafos_fabric.drivers import ucx
+    from grafos_fabric.tools import netns
+    from grafos_fabric.tools.bench_ucx import _netns_split_round
+
+    if ucx.available() is not None:
+        pytest.skip(f"UCX unavailable: {ucx.available()}")
+    why = netns.unavailable()
+    if why is not None:
+        pytest.skip(f"no network namespaces: {why}")
+    with netns.veth_pair() as pair:
+        row = _netns_split_round(pair, str(tmp_path / "split"), 0.3)
+    assert row is not None, "the round failed (its stderr is above)"
+    assert row["op"] == "queue 1 MiB items, node on the consumer's host"
+    assert row["items_per_s"] > 0 and row["MB_per_s"] == pytest.approx(row["items_per_s"] * (1 << 20) / 1e6)
+    assert (tmp_path / "split" / "queue.locator.done").exists()  # the consumer timed its window to the end

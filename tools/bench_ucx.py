@@ -13,12 +13,18 @@ operation: p50/p99 in µs for Python (one region call), the C loop, and perftest
 (its typical latency), and 1 MiB put bandwidth beside perftest's ``ucp_put_bw``
 (its overall bandwidth, best of its outstanding windows). ``--netns``: the node
 and the client in two network namespaces, perftest between the same two,
-alternating for ``--rounds`` rounds; each figure as median [min-max].
+alternating for ``--rounds`` rounds; each figure as median [min-max]. Two
+placements of a 1 MiB queue: the node on a third host (producer and consumer
+both in B: every item crosses the veth twice, through the node's one progress
+thread) and the node on the consumer's host (node and consumer in A, the
+consumer reaching it over UCX shared memory, the producer in B: every item
+crosses the veth once, as perftest's puts do).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -194,24 +200,132 @@ def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None, no
                     port += 1
                     row["perftest"] = perftest_netns(test, 8, iters, pair, port)
                 _ratios(row)
+            if progress:
+                progress(f"ucx netns: round {rnd + 1}/{rounds}: 1 MiB items, node on the consumer's host")
+            split = _netns_split_round(pair, os.path.join(tmp, f"split{rnd}"), seconds)
+            if split is not None:
+                split.update(bw)
+                _ratios(split)
+                rows.append(split)
             per_round.append(rows)
     return _merge_rounds(per_round)
 
 
+def _serve_node(ns: str, pair: Any, token: str, node_progress: str, tls: str = "tcp") -> subprocess.Popen[str]:
+    """``grafos-fabric serve --driver ucx`` in namespace ``ns`` on ``pair.ip_a:7400``, once it serves."""
+    node = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx",
+         "--host", pair.ip_a, "--allow-remote", "--port", "7400", "--token-file", token, "--pool", "256M",
+         "--ucx-net-devices", pair.dev_a, "--ucx-tls", tls, "--ucx-progress", node_progress,
+         "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, text=True)
+    assert node.stdout is not None
+    line = node.stdout.readline()
+    while line and not line.startswith("serving "):
+        line = node.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the memory node did not start (exit {node.wait()})")
+    return node
+
+
+def _netns_split_round(pair: Any, tmp: str, seconds: float) -> dict[str, Any] | None:
+    """1 MiB queue items with the memory node on the consumer's host: node and consumer in A, producer in B.
+
+    Each item crosses the veth once (the producer's put, over tcp, as ``ucx_perftest``'s); the
+    consumer reaches the node on its own host through UCX shared memory (``tls=sm,tcp``: the
+    node's memory read by the kernel's cross-memory attach, no network stack). This is where an
+    edge's memory goes when the consumer's host can serve it: the receive-side ring of RDMA queues.
+    None (and a log line) where the consumer or producer fails."""
+    os.makedirs(tmp, exist_ok=True)
+    token, loc = os.path.join(tmp, "node.token"), os.path.join(tmp, "queue.locator")
+    node = _serve_node(pair.ns_a, pair, token, "busy", tls="sm,tcp")
+    me = [sys.executable, "-m", "grafos_fabric.tools.bench_ucx", "--netns-split"]
+    try:
+        cons = subprocess.Popen(
+            ["ip", "netns", "exec", pair.ns_a, *me, "consumer", f"ucx://{pair.ip_a}:7400?tls=sm,tcp", token, loc,
+             str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        prod = subprocess.Popen(
+            ["ip", "netns", "exec", pair.ns_b, *me, "producer",
+             f"ucx://{pair.ip_a}:7400?tls=tcp&net_devices={pair.dev_b}", token, loc, str(seconds)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = cons.communicate(timeout=120 + 4 * seconds)
+            perr = prod.communicate(timeout=60)[1]
+        finally:
+            for p in (cons, prod):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        got = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if cons.returncode or prod.returncode or not got:
+            sys.stderr.write(f"bench_ucx: the split round failed (consumer exit {cons.returncode}, producer exit "
+                             f"{prod.returncode}): {err[-1000:]} {perr[-1000:]}\n")
+            return None
+        row: dict[str, Any] = json.loads(got[-1])
+        return {"op": "queue 1 MiB items, node on the consumer's host", "perftest_test": "ucp_put_bw", **row}
+    finally:
+        node.kill()
+        node.wait()
+
+
+def _split_role(role: str, url: str, token: str, loc: str, seconds: float) -> dict[str, Any] | None:
+    """One side of :func:`_netns_split_round`. The consumer creates the queue on the node, publishes
+    its locator in ``loc``, times ``seconds`` of popping after a warm-up and writes ``loc.done``;
+    the producer attaches by that locator and pushes 1 MiB items until ``loc.done`` appears."""
+    import grafos_fabric as gf
+    from grafos_fabric.drivers import ucx
+
+    size = 1 << 20
+    fabric = ucx.UcxFabric.from_url(url, token_file=token)
+    try:
+        if role == "consumer":
+            q = gf.FabricQueue.create(fabric, capacity=8 << 20, ttl=600.0)
+            rx = gf.FabricQueue.attach(fabric, bytes(q.locator()), mapped=False)
+            with open(loc + ".tmp", "wb") as fh:
+                fh.write(bytes(q.locator()))
+            os.rename(loc + ".tmp", loc)
+            got, start, warm, now = 0, 0.0, 0.0, 0.0
+            deadline = time.monotonic() + 60.0
+            while True:
+                b = rx.pop_batch(4, timeout=1.0)
+                now = time.perf_counter()
+                if len(b) and not warm:
+                    warm = now + min(0.3, seconds / 4)  # from the first item on
+                if warm and not start and now >= warm:
+                    start, got = now, 0
+                got += len(b)
+                b.release()
+                if start and now - start >= seconds:
+                    break
+                if not warm and time.monotonic() > deadline:
+                    raise TimeoutError("no item from the producer in 60 s")
+            open(loc + ".done", "w").close()
+            rx.close()
+            q.free()
+            rate = got / (now - start)
+            return {"items_per_s": rate, "MB_per_s": rate * size / 1e6}
+        deadline = time.monotonic() + 60.0
+        while not os.path.exists(loc):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no queue locator in 60 s")
+            time.sleep(0.01)
+        with open(loc, "rb") as fh:
+            tx = gf.FabricQueue.attach(fabric, fh.read(), mapped=False)
+        items = np.zeros((1, size), np.uint8)
+        while not os.path.exists(loc + ".done"):
+            with contextlib.suppress(TimeoutError):
+                tx.push_batch(items, timeout=0.2)
+        with contextlib.suppress(Exception):  # the consumer freed the queue: a revoked lease is fine now
+            tx.close()
+        return None
+    finally:
+        fabric.close()
+
+
 def _netns_client_round(pair: Any, token: str, iters: int, seconds: float, node_progress: str) -> list[dict[str, Any]]:
     """One round: a fresh memory node in A, the client process in B; its rows."""
-    node = subprocess.Popen(
-        ["ip", "netns", "exec", pair.ns_a, sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx",
-         "--host", pair.ip_a, "--allow-remote", "--port", "7400", "--token-file", token, "--pool", "256M",
-         "--ucx-net-devices", pair.dev_a, "--ucx-progress", node_progress, "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, text=True)
+    node = _serve_node(pair.ns_a, pair, token, node_progress)
     try:
-        assert node.stdout is not None
-        line = node.stdout.readline()
-        while line and not line.startswith("serving "):
-            line = node.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the memory node did not start (exit {node.wait()})")
         # the client is a process in B (``ip netns exec`` also gives it B's /sys, where UCX finds the veth)
         url = f"ucx://{pair.ip_a}:7400?tls=tcp&net_devices={pair.dev_b}"
         argv = [sys.executable, "-m", "grafos_fabric.tools.bench_ucx", "--netns-client", url, token,
@@ -237,7 +351,7 @@ def _ratios(row: dict[str, Any]) -> None:
     elif pt:
         if "MB_per_s" in row:
             row["ratio"] = row["MB_per_s"] / pt  # >= 0.8 is the target
-            if row["op"].startswith("queue"):
+            if row["op"] == "queue 1 MiB items":
                 # each item crosses the wire twice (producer put to the node, consumer get from it)
                 # and the node's one progress thread serves both: 0.5 is where the wire says stop
                 row["ratio_wire"] = 2 * row["MB_per_s"] / pt
@@ -536,7 +650,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds of 1 MiB queue traffic (--netns)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of ours then perftest (--netns)")
     ap.add_argument("--netns-client", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--netns-split", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.netns_split:
+        role, url, token, loc, secs = args.netns_split
+        got = _split_role(role, url, token, loc, float(secs))
+        if got is not None:
+            print(json.dumps(got), flush=True)
+        return 0
     if args.netns_client:
         url, token, iters, seconds = args.netns_client
         print(json.dumps(_client_ops(url, token, int(iters), float(seconds))), flush=True)
