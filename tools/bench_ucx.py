@@ -271,7 +271,8 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float) -> dict[str, Any] | 
 def _split_role(role: str, url: str, token: str, loc: str, seconds: float) -> dict[str, Any] | None:
     """One side of :func:`_netns_split_round`. The consumer creates the queue on the node, publishes
     its locator in ``loc``, times ``seconds`` of popping after a warm-up and writes ``loc.done``;
-    the producer attaches by that locator and pushes 1 MiB items until ``loc.done`` appears."""
+    the producer attaches by that locator and pushes 1 MiB items until ``loc.done`` appears, then
+    closes its handle and writes ``loc.stopped``, after which the consumer frees the queue."""
     import grafos_fabric as gf
     from grafos_fabric.drivers import ucx
 
@@ -300,6 +301,10 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float) -> di
                 if not warm and time.monotonic() > deadline:
                     raise TimeoutError("no item from the producer in 60 s")
             open(loc + ".done", "w").close()
+            stop_by = time.monotonic() + 10.0  # free the queue once the producer has stopped pushing
+            while not os.path.exists(loc + ".stopped") and time.monotonic() < stop_by:
+                with contextlib.suppress(TimeoutError):  # keep its last push from waiting for space
+                    rx.pop_batch(4, timeout=0.05).release()
             rx.close()
             q.free()
             rate = got / (now - start)
@@ -315,8 +320,8 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float) -> di
         while not os.path.exists(loc + ".done"):
             with contextlib.suppress(TimeoutError):
                 tx.push_batch(items, timeout=0.2)
-        with contextlib.suppress(Exception):  # the consumer freed the queue: a revoked lease is fine now
-            tx.close()
+        tx.close()
+        open(loc + ".stopped", "w").close()
         return None
     finally:
         fabric.close()
