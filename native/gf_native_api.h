@@ -103,6 +103,7 @@ int gf_ring_take(gf_consumer *c, const uint8_t *image, uint64_t avail, uint64_t 
  * fused with the copy into an aligned write buffer (slot records). */
 uint32_t gf_crc32c_copy(uint8_t *dst, const uint8_t *src, uint64_t len, uint32_t crc);
 uint32_t gf_crc32c(const uint8_t *buf, uint64_t len, uint32_t crc);
+int gf_crc32c_impl(void);
 
 /* One slot record, built and made durable in one native call (gf_crc.c; see gf_crc.h). */
 int gf_aio_setup(uint32_t nr_events, uint64_t *ctx);

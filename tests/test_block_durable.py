@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -462,3 +465,57 @@ def test_copy_crc_chains_over_pieces_like_one_pass() -> None:
     for a, b in ((0, 10), (10, 20000), (20000, 50000)):
         crc = slotsmod._copy_crc(mv[a:b], memoryview(data)[a:b], crc)
     assert crc == crc32c_pkg.crc32c(data) and bytes(dst) == data
+
+
+def test_the_cpu_picks_the_fastest_crc_it_has() -> None:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    want = 2 if all(f" {f}" in flags for f in ("avx512f", "avx512vl", "avx512bw", "vpclmulqdq", "sse4_2")) else None
+    impl = lib.gf_crc32c_impl()
+    assert impl in (0, 1, 2)
+    if want is not None:
+        assert impl == want  # this CPU has the folding instructions: they are used
+
+
+def _crc_cases(seed: int) -> list[tuple[int, int, int]]:
+    """(length, offset, start) triples: every length around the fold's edges, then random ones up to 5 MiB."""
+    rng = random.Random(seed)
+    edges = [n + d for n in (0, 16, 256, 512, 768, 4096, 6144, 65536, 1 << 20) for d in (-17, -16, -1, 0, 1, 15, 16)]
+    cases = [(n, rng.randrange(64), rng.choice((0, 0xFFFFFFFF, rng.getrandbits(32)))) for n in edges if n >= 0]
+    cases += [(rng.randrange(5 << 20), rng.randrange(64), rng.getrandbits(32)) for _ in range(12)]
+    cases += [(rng.randrange(4096), rng.randrange(64), rng.getrandbits(32)) for _ in range(200)]
+    return cases
+
+
+def test_crc_and_fused_copy_match_the_crc32c_package_at_random_lengths_and_offsets() -> None:
+    """Both the folding path (runs of 512 bytes and more on an AVX-512 CPU) and the crc32
+    instruction around it, from unaligned source and destination addresses."""
+    blob = os.urandom((5 << 20) + 128)
+    for n, off, start in _crc_cases(7):
+        src = memoryview(blob)[off : off + n]
+        want = crc32c_pkg.crc32c(src, start)
+        assert lib.gf_crc32c(ffi.from_buffer(src), n, start) == want, (n, off)
+        dst = bytearray(n + 80)
+        doff = (off * 7 + 3) % 64
+        assert lib.gf_crc32c_copy(ffi.from_buffer(dst) + doff, ffi.from_buffer(src), n, start) == want, (n, off)
+        assert dst[doff : doff + n] == src and not any(dst[:doff]) and not any(dst[doff + n :]), (n, off)
+
+
+def test_the_folding_and_the_crc32_streams_agree() -> None:
+    """The same cases with GRAFOS_CRC_NO_VPCLMUL (the three-stream crc32 path) in a child process."""
+    script = (
+        "import os, random, sys\n"
+        "from grafos_fabric._ffi import ffi, lib\n"
+        "assert lib.gf_crc32c_impl() != 2\n"
+        "blob = random.Random(3).randbytes((1 << 20) + 4096)\n"
+        "out = [lib.gf_crc32c(ffi.from_buffer(blob) + o, n, s) for n, o, s in "
+        "[(1 << 20, 0, 0), (1 << 20, 3, 1), (4093, 1, 5), (777, 9, 0xFFFFFFFF), (100003, 63, 7)]]\n"
+        "print(out)\n"
+    )
+    env = {**os.environ, "GRAFOS_CRC_NO_VPCLMUL": "1"}
+    child = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    blob = random.Random(3).randbytes((1 << 20) + 4096)
+    cases = [(1 << 20, 0, 0), (1 << 20, 3, 1), (4093, 1, 5), (777, 9, 0xFFFFFFFF), (100003, 63, 7)]
+    here = [lib.gf_crc32c(ffi.from_buffer(blob) + o, n, s) for n, o, s in cases]
+    assert child.stdout.strip() == str(here)
+    assert here == [crc32c_pkg.crc32c(blob[o : o + n], s) for n, o, s in cases]
