@@ -583,6 +583,74 @@ class BlockRegion:
             self._raise_io(rc)
         return nbytes // bs
 
+    def takes_direct(self, data: Any) -> bool:
+        """Whether :meth:`write_record_direct` writes ``data`` from where it lies: a C-contiguous
+        buffer whose address is block-aligned (any buffer shorter than a block: only its copy goes out)."""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        if not view.c_contiguous:
+            return False
+        if view.nbytes < self.block_size:
+            return True
+        try:
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        except (TypeError, ValueError):  # read-only: ask cffi, which takes those too
+            addr = int(ffi.cast("uintptr_t", ffi.from_buffer(view)))
+        return addr % self.block_size == 0
+
+    def write_record_direct(self, lba: int, head: bytes, data: Any) -> int:
+        """Write the slot record ``head + data`` at ``lba`` durably, ``data`` from where it lies; returns blocks.
+
+        ``head`` is the record's first bytes up to a block boundary (the 56 header bytes with both
+        CRCs zero, zeros to byte 64, the first data bytes); ``data``, the rest of the record's
+        data, a C-contiguous buffer at a block-aligned address (:meth:`takes_direct`,
+        ``Misaligned`` otherwise). One native call (``gf_slot_write_direct``, GIL released):
+        ``data``'s whole blocks are submitted first, by Linux AIO with ``O_DIRECT``, straight
+        from the caller's memory (no copy), the data CRC32C is computed while they are in flight,
+        then the header block (now holding both CRCs) and ``data``'s last partial block (copied
+        into an aligned block, zero-padded) follow; one ``fdatasync`` once all have landed. Small
+        records (``data`` of :data:`AIO_CHUNK` or less, ``record_mode`` ``"direct"``/``"gather"``),
+        regions without ``O_DIRECT`` and a kernel that refuses AIO take one gathered ``pwritev``
+        with ``RWF_DSYNC`` after the CRC instead. The same bytes as :meth:`write_record` of
+        ``[head[64:], data]``; a write torn by a crash fails the record's CRCs. ``data`` must not
+        change until this returns (the record would then fail its CRC on read).
+        """
+        bs = self.block_size
+        if len(head) < bs or len(head) % bs or len(head) < _RECORD_DATA:
+            raise Misaligned(f"a record head is a positive multiple of the block size {bs}, got {len(head)} bytes")
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        if not self.takes_direct(view):
+            raise Misaligned(f"data for write_record_direct must be C-contiguous at a {bs}-byte aligned address")
+        n = len(view)
+        nbytes = len(head) + -(-n // bs) * bs
+        self._check()
+        self._check_range(lba, nbytes // bs)
+        pos = self.offset + lba * bs
+        with self._io_lock:
+            mode = self._record_mode
+            aio = self.direct and not self._aio_failed and n >= bs
+            if mode == "auto":
+                aio = aio and n > AIO_CHUNK and not self._volatile()
+            else:
+                aio = aio and mode == "aio"
+            ctx = self._aio_ctx() if aio else 0
+            scratch = self._buffer(len(head) + bs)
+            scratch[: len(head)] = head
+            cbuf = ffi.from_buffer(scratch)
+            dbuf = ffi.from_buffer(view)
+            args = (pos, cbuf, len(head), bs, dbuf, n, cbuf + len(head))
+            rc = lib.gf_slot_write_direct(self._fd, *args, ctx, AIO_CHUNK, 1)
+            if rc == -errno.EINVAL and self.direct:  # O_DIRECT refused by a filesystem that took the flag at open
+                self._disable_direct(OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
+                rc = lib.gf_slot_write_direct(self._fd, *args, 0, AIO_CHUNK, 1)
+            if rc in (1, 2):
+                self._aio_failed = True
+                if rc == 2:  # the context was destroyed to end requests it could not reap
+                    self._aio.clear()
+                log.info("AIO refused on %s: records go out in one request", self.path)
+            self._raise_io(rc)
+        return nbytes // bs
+
     def _raise_io(self, rc: int) -> None:
         if rc >= 0:
             return

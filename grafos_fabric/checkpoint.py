@@ -15,9 +15,9 @@ data is this envelope, then the state bytes::
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |  codec (u8)   | reserved (0)  |        stage_len (u16)        |  0
+    |  codec (u8)   |   flags (u8)  |        stage_len (u16)        |  0
     +---------------------------------------------------------------+
-    |                        reserved (0)                           |  4
+    |                        pad_len (u32)                          |  4
     +---------------------------------------------------------------+
     |                  input_offset (u64)                           |  8
     +                                                               +
@@ -27,11 +27,23 @@ data is this envelope, then the state bytes::
     +                                                               +
     |                                                               | 20
     +---------------------------------------------------------------+
-    |        stage name (UTF-8, stage_len bytes), then the state    | 24
-    |        (msgpack via msgspec for codec 1, raw bytes for 2)     |
+    |        stage name (UTF-8, stage_len bytes), then pad_len      | 24
+    |        zero bytes, then the state (msgpack via msgspec for    |
+    |        codec 1, raw bytes for 2)                              |
     +---------------------------------------------------------------+
 
-Little-endian. The stage writes, a restarted stage reads; the record becomes
+Little-endian. ``flags`` and ``pad_len`` are 0 in a ``PCHK`` version 3 record
+(a reader of version 3 ignores both bytes, as older builds did). Version 4 is
+a checkpoint of a state kept in an aligned buffer
+(:meth:`CheckpointedStageState.with_buffer`): ``flags`` bit 0 (``ALIGNED``) is
+set, and ``pad_len`` zero bytes put the state at a block boundary of the slot
+(the slot header is 64 bytes, so ``64 + 24 + stage_len + pad_len`` is a
+multiple of the block size), where ``O_DIRECT`` can write it from the buffer
+itself; a reader refuses other flags, a ``pad_len`` that runs past the data,
+and pad bytes that are not zero (``Corrupted``). Older builds refuse version 4
+(``VersionMismatch``) rather than misread the padding as state.
+
+The stage writes, a restarted stage reads; the record becomes
 visible when its slot header lands (see :mod:`grafos_fabric.slots`). State is
 msgpack or raw bytes: nothing read back can run code (no pickle, anywhere).
 A msgpack state nests at most :data:`MAX_STATE_DEPTH` containers deep: deeper
@@ -44,17 +56,19 @@ can exhaust the stack.
 from __future__ import annotations
 
 import logging
+import mmap
 import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 import msgspec
+import numpy as np
 
 from . import observe
 from ._ffi import ffi, lib
-from .errors import Corrupted, FabricValueError
-from .slots import PCHK, BlockDevice, Durability, SlotStore
+from .errors import CapacityExceeded, Corrupted, FabricValueError
+from .slots import DATA_OFFSET, PCHK, BlockDevice, Durability, SlotStore
 
 __all__ = [
     "MAX_STATE_DEPTH",
@@ -73,6 +87,8 @@ _CODEC_IDS: dict[str, int] = {"msgpack": 1, "raw": 2}
 _CODEC_NAMES: dict[int, Codec] = {1: "msgpack", 2: "raw"}
 _ENVELOPE = struct.Struct("<BBHIQQ")
 ENVELOPE_SIZE = _ENVELOPE.size  # 24
+ALIGNED = 0x01  # envelope flag (version 4): the state starts at a block boundary, restored into a buffer
+_PLAIN_VERSION, _ALIGNED_VERSION = 3, 4  # PCHK record versions: slots.PCHK.version, its variant
 MAX_STAGE_NAME = 1024
 _U64 = (1 << 64) - 1
 _ENCODER = msgspec.msgpack.Encoder()
@@ -138,6 +154,15 @@ class CheckpointFlushObserver(Protocol):
     def on_flush_complete(self, lease_id: str) -> None: ...
 
 
+def _aligned_array(nbytes: int, block_size: int) -> np.ndarray[Any, Any]:
+    """A zeroed, writable uint8 array of ``nbytes`` whose first byte is ``block_size``-aligned."""
+    align = max(block_size, mmap.PAGESIZE)
+    mm = mmap.mmap(-1, -(-max(nbytes, 1) // mmap.PAGESIZE) * mmap.PAGESIZE + align - mmap.PAGESIZE)
+    base = np.frombuffer(mm, dtype=np.uint8)
+    skip = -base.ctypes.data % align
+    return base[skip : skip + nbytes]
+
+
 def _stage(stage: StageId | str) -> StageId:
     return stage if isinstance(stage, StageId) else StageId(stage)
 
@@ -180,6 +205,69 @@ class CheckpointedStageState(Generic[S]):
         self.lease_id = lease_id if lease_id is not None else str(block_lease.lease.id)
         self.last_seq: int | None = None
         self._store = SlotStore(block_lease, PCHK, durability=durability)
+        self._buffer: np.ndarray[Any, Any] | None = None  # with_buffer's state, written from where it lies
+
+    @classmethod
+    def with_buffer(
+        cls,
+        block_lease: BlockDevice,
+        nbytes: int,
+        *,
+        stage: StageId | str = "stage",
+        observer: CheckpointFlushObserver | None = None,
+        edge: EdgeCheckpoint | None = None,
+        lease_id: str | None = None,
+        durability: Durability = "ordered",
+    ) -> CheckpointedStageState[np.ndarray[Any, Any]]:
+        """A stage state kept in a block-aligned buffer that checkpoints without a copy.
+
+        ``state`` is a writable numpy ``uint8`` array of ``nbytes`` (zeroed, its first byte on a
+        block boundary, owned by this object: ``state.view(np.float32)``, ``np.add(a, b,
+        out=...)`` into a view of it, ``state[:] = ...``). ``checkpoint()`` writes it as a
+        ``PCHK`` version 4 record whose state starts at a block boundary of the slot, so on a
+        ``BlockRegion`` the state goes to the device by ``O_DIRECT`` from the buffer itself, its
+        CRC32C computed while the write is in flight (``BlockRegion.write_record_direct``); other
+        devices get the same bytes through the ordinary path. Keep ``state`` bound to this
+        array (rebinding it to something else checkpoints that object, codec ``"raw"``, with a
+        copy, as version 3) and do not change it from another thread while ``checkpoint()``
+        runs (the record would fail its CRC on read, and the previous checkpoint would be
+        restored: never a mix). :meth:`restore` of such a checkpoint gives the state back in a
+        new buffer of the same kind. ``CapacityExceeded`` at once when ``nbytes`` does not fit
+        the lease's slot next to the envelope and the padding.
+        """
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise FabricValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+        inst: CheckpointedStageState[np.ndarray[Any, Any]] = cls(  # type: ignore[assignment]
+            _aligned_array(nbytes, int(block_lease.block_size)),  # type: ignore[arg-type]
+            block_lease,
+            stage=stage,
+            observer=observer,
+            codec="raw",
+            edge=edge,
+            lease_id=lease_id,
+            durability=durability,
+        )
+        need = len(inst._aligned_prefix(inst.edge)) + nbytes
+        if need > inst.capacity:
+            raise CapacityExceeded(
+                f"an aligned state of {nbytes} bytes needs {need} bytes of the slot, which holds {inst.capacity}"
+            )
+        inst._buffer = inst.state
+        return inst
+
+    @property
+    def buffer(self) -> np.ndarray[Any, Any] | None:
+        """The aligned state buffer (:meth:`with_buffer`, or restored from such a checkpoint), else None."""
+        return self._buffer
+
+    def _aligned_prefix(self, edge: EdgeCheckpoint) -> bytes:
+        """Envelope, stage name and zero padding up to the slot's next block boundary (version 4)."""
+        stage = self.stage.name.encode("utf-8")
+        pad = -(DATA_OFFSET + ENVELOPE_SIZE + len(stage)) % int(self.block_lease.block_size)
+        head = _ENVELOPE.pack(
+            _CODEC_IDS["raw"], ALIGNED, len(stage), pad, edge.input_offset, edge.output_commit
+        )
+        return head + stage + bytes(pad)
 
     @property
     def capacity(self) -> int:
@@ -243,7 +331,12 @@ class CheckpointedStageState(Generic[S]):
         ok = False
         try:
             target = edge if edge is not None else self.edge
-            seq = self._store.write(self._encode(target)).seq
+            if self._buffer is not None and self.state is self._buffer:  # with_buffer: no copy
+                seq = self._store.write_direct(
+                    self._aligned_prefix(target), self._buffer, version=_ALIGNED_VERSION
+                ).seq
+            else:
+                seq = self._store.write(self._encode(target)).seq
             self.edge = target
             self.last_seq = seq
             ok = True
@@ -282,12 +375,23 @@ class CheckpointedStageState(Generic[S]):
         data = record.data
         if len(data) < ENVELOPE_SIZE:
             raise Corrupted(f"checkpoint of {len(data)} bytes is shorter than its {ENVELOPE_SIZE}-byte envelope")
-        codec_id, _r0, stage_len, _r1, input_offset, output_commit = _ENVELOPE.unpack_from(data)
+        codec_id, flags, stage_len, pad, input_offset, output_commit = _ENVELOPE.unpack_from(data)
+        if record.version != _ALIGNED_VERSION:
+            flags = pad = 0  # reserved in versions 2 and 3: never read
         written_codec = _CODEC_NAMES.get(codec_id)
         if written_codec is None:
             raise Corrupted(f"checkpoint names unknown codec {codec_id}")
+        if flags & ~ALIGNED:
+            raise Corrupted(f"checkpoint envelope has unknown flags {flags:#x} (damaged or forged)")
+        if flags & ALIGNED and written_codec != "raw":
+            raise Corrupted("checkpoint claims an aligned state with codec msgpack (damaged or forged)")
         if ENVELOPE_SIZE + stage_len > len(data):
             raise Corrupted(f"checkpoint stage name of {stage_len} bytes runs past its {len(data)} bytes")
+        if ENVELOPE_SIZE + stage_len + pad > len(data):
+            raise Corrupted(f"checkpoint padding of {pad} bytes runs past its {len(data)} bytes")
+        start = ENVELOPE_SIZE + stage_len
+        if pad and any(data[start : start + pad]):
+            raise Corrupted("checkpoint padding is not zero (damaged or forged)")
         try:
             written_stage = StageId(bytes(data[ENVELOPE_SIZE : ENVELOPE_SIZE + stage_len]).decode("utf-8"))
         except (UnicodeDecodeError, FabricValueError) as exc:
@@ -298,9 +402,13 @@ class CheckpointedStageState(Generic[S]):
             )
         if codec is not None and codec != written_codec:
             raise FabricValueError(f"the checkpoint was written with codec {written_codec!r}, not {codec!r}")
-        body = data[ENVELOPE_SIZE + stage_len :]
+        body = memoryview(data)[start + pad :]
         state: Any
-        if written_codec == "raw":
+        buffer = None
+        if flags & ALIGNED:
+            state = buffer = _aligned_array(len(body), int(block_lease.block_size))
+            state[:] = np.frombuffer(body, dtype=np.uint8)
+        elif written_codec == "raw":
             state = bytes(body)
         else:
             depth = _msgpack_depth(body)
@@ -334,6 +442,7 @@ class CheckpointedStageState(Generic[S]):
         inst.lease_id = lease_id if lease_id is not None else str(block_lease.lease.id)
         inst.last_seq = record.seq
         inst._store = store
+        inst._buffer = buffer
         log.debug("restored checkpoint of stage %s (seq %d, slot %d)", written_stage, record.seq, record.slot)
         return inst
 

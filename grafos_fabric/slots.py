@@ -49,8 +49,11 @@ the slot, zero-padded to whole blocks: a small record (up to ``block_size -
 not three. Magic, version and data length sit at offsets 0, 4 and 8 as in the
 grafOS ``PCHK``/``DCHK`` header, extended after those fields with the slot
 sequence, a tag, CRC32C checksums (Castagnoli, the ``crc32c`` package) and the
-geometry. Checkpoints use magic ``PCHK``, version 3; handoff records ``GHOF``,
-version 2. The previous versions (``PCHK`` 2, ``GHOF`` 1: the same header,
+geometry. Checkpoints use magic ``PCHK``, version 3, or 4 for a checkpoint
+whose state starts at a block boundary of the slot (the same slot layout: the
+checkpoint's envelope, in :mod:`grafos_fabric.checkpoint`, pads its data so,
+and an older build must refuse what it would misread); handoff records
+``GHOF``, version 2. The previous versions (``PCHK`` 2, ``GHOF`` 1: the same header,
 data from the slot's second block) are still read, never written; grafOS's
 ``PCHK`` version 1 (single slot, no checksum, cannot be validated) and any
 other version are refused with ``VersionMismatch``.
@@ -109,7 +112,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 import crc32c as _crc32c
 
 from ._ffi import ffi, lib
-from .errors import CapacityExceeded, Corrupted, FabricValueError, NoRecord, VersionMismatch
+from .errors import CapacityExceeded, Corrupted, FabricValueError, Misaligned, NoRecord, VersionMismatch
 from .lease import Lease
 
 __all__ = [
@@ -172,23 +175,32 @@ class BlockDevice(Protocol):
 
 @dataclass(frozen=True)
 class SlotFormat:
-    """A record kind: its magic, the version this build writes, and the older one it still reads.
+    """A record kind: its magic, the version this build writes, and the others it reads.
 
-    ``version`` records hold their data from byte :data:`DATA_OFFSET` of the slot;
-    ``legacy_version`` records (same header) from the slot's second block.
+    ``version`` records (and ``variants``: versions with the same slot layout whose data the
+    record kind reads its own way, written when the writer asks for them) hold their data from
+    byte :data:`DATA_OFFSET` of the slot; ``legacy_version`` records (same header) from the slot's
+    second block, and are only read.
     """
 
     magic: bytes
     version: int
     name: str
     legacy_version: int | None = None
+    variants: tuple[int, ...] = ()
+
+    @property
+    def readable(self) -> tuple[int, ...]:
+        """Every version this build reads, newest first."""
+        legacy = () if self.legacy_version is None else (self.legacy_version,)
+        return tuple(sorted({self.version, *self.variants, *legacy}, reverse=True))
 
     def data_start(self, version: int, block_size: int) -> int:
         """Byte offset of the data in a slot, for a record of ``version``."""
         return block_size if version == self.legacy_version else DATA_OFFSET
 
 
-PCHK = SlotFormat(b"PCHK", 3, "checkpoint", legacy_version=2)
+PCHK = SlotFormat(b"PCHK", 3, "checkpoint", legacy_version=2, variants=(4,))
 GHOF = SlotFormat(b"GHOF", 2, "handoff", legacy_version=1)
 
 
@@ -296,12 +308,13 @@ class SlotHeader:
 
 @dataclass(frozen=True)
 class SlotRecord:
-    """A valid record: the slot it is in, its sequence, tag and data."""
+    """A valid record: the slot it is in, its sequence, tag, data and format version."""
 
     slot: int
     seq: int
     tag: int
     data: bytes
+    version: int = 0
 
 
 class SlotPosition(NamedTuple):
@@ -383,12 +396,12 @@ class SlotStore:
         hdr = SlotHeader.parse(raw)
         if hdr.magic != self.fmt.magic:
             return SlotStatus(slot, "foreign", f"magic {hdr.magic!r}, expected {self.fmt.magic!r}", hdr)
-        if hdr.version not in (self.fmt.version, self.fmt.legacy_version):
+        if hdr.version not in self.fmt.readable:
             return SlotStatus(
                 slot,
                 "version",
-                f"{self.fmt.name} format version {hdr.version} (this build reads {self.fmt.version} "
-                f"and {self.fmt.legacy_version}: use a build that speaks {hdr.version}, or a new lease)"
+                f"{self.fmt.name} format version {hdr.version} (this build reads "
+                f"{', '.join(map(str, self.fmt.readable))}: use a build that speaks {hdr.version}, or a new lease)"
                 + ("" if hdr.crc_ok else "; header checksum does not match"),
                 hdr,
             )
@@ -416,7 +429,7 @@ class SlotStore:
             data = block[first:] + rest[: end - bs] if first < bs else rest[: hdr.data_len]
         if crc32c(data) != hdr.data_crc:
             return SlotStatus(slot, "torn", "data checksum does not match", hdr)
-        return SlotStatus(slot, "valid", "", hdr, SlotRecord(slot, hdr.seq, hdr.tag, data))
+        return SlotStatus(slot, "valid", "", hdr, SlotRecord(slot, hdr.seq, hdr.tag, data, hdr.version))
 
     def scan(self) -> list[SlotStatus]:
         """Examine both slots (for diagnostics and tests); raises only on I/O or lease errors."""
@@ -484,9 +497,10 @@ class SlotStore:
             return 0, max(seqs, default=0) + 1
         return 1 - best.slot, best.seq + 1
 
-    def _header(self, n: int, seq: int, tag: int, crc: int, slot: int) -> bytes:
+    def _header(self, n: int, seq: int, tag: int, crc: int, slot: int, version: int) -> bytes:
         return pack_header(
             self.fmt,
+            version=version,
             data_len=n,
             seq=seq,
             tag=tag,
@@ -496,6 +510,64 @@ class SlotStore:
             slot_blocks=self.slot_blocks,
         )
 
+    def _prepare(self, n: int, tag: int, refresh: bool, version: int | None) -> tuple[int, int, int]:
+        """Checks a write of ``n`` data bytes; (version, slot, seq) it goes to."""
+        if n > self.capacity:
+            raise CapacityExceeded(
+                f"{self.fmt.name} of {n} bytes does not fit a slot of {self.capacity} data bytes "
+                f"(lease of {self.dev.nblocks} blocks of {self.block_size} bytes)"
+            )
+        if not isinstance(tag, int) or not 0 <= tag < 1 << 64:
+            raise FabricValueError(f"tag must be a u64, got {tag!r}")
+        v = self.fmt.version if version is None else version
+        if v != self.fmt.version and v not in self.fmt.variants:
+            raise FabricValueError(
+                f"{self.fmt.name} records are written as version {self.fmt.version} or {self.fmt.variants}, not {v!r}"
+            )
+        if refresh or self._newest is None:
+            slot, seq = self._next_slot()
+        else:
+            slot, seq = 1 - self._newest[0], self._newest[1] + 1
+        if seq > MAX_SEQ:  # only after a forged record at MAX_SEQ: readers would refuse this one
+            raise Corrupted(
+                f"the newest {self.fmt.name} record claims sequence {seq - 1}, the last one there is (forged?): "
+                "nothing written; move to a new lease"
+            )
+        return v, slot, seq
+
+    def write_direct(
+        self, prefix: bytes, data: Any, *, tag: int = 0, refresh: bool = False, version: int | None = None
+    ) -> SlotPosition:
+        """Write the record ``prefix + data`` like :meth:`write`, with ``data`` written from where it lies.
+
+        ``prefix`` must end at a block boundary of the slot (``64 + len(prefix)`` a multiple of the
+        block size, else ``Misaligned``), so ``data`` starts on one. On a ``BlockRegion`` whose
+        ``write_record_direct`` takes ``data`` (a block-aligned, C-contiguous buffer: an
+        ``mmap``, a numpy array made by ``CheckpointedStageState.with_buffer``), ``data`` goes to
+        the device by ``O_DIRECT`` without being copied, its CRC computed while it is in flight
+        (``BlockRegion.write_record_direct``); anywhere else this is ``write([prefix, data])``:
+        the same bytes on disk either way. ``data`` must not change until this returns (if it
+        does, the record fails its CRC on read and the previous one is read instead: never a
+        mix).
+        """
+        bs = self.block_size
+        if (DATA_OFFSET + len(prefix)) % bs:
+            raise Misaligned(f"a prefix of {len(prefix)} bytes does not end at a {bs}-byte block boundary")
+        view = memoryview(data).cast("B")
+        direct = getattr(type(self.dev), "write_record_direct", None)
+        if direct is None or not self.dev.takes_direct(view):  # type: ignore[attr-defined]
+            return self.write([prefix, view], tag=tag, refresh=refresh, version=version)
+        n = len(prefix) + len(view)
+        v, slot, seq = self._prepare(n, tag, refresh, version)
+        header = _HEADER.pack(self.fmt.magic, v, n, seq, tag, 0, slot, bs, self.slot_blocks, 0, 0)
+        self._newest = None  # unknown until this write completes: a failure re-scans next time
+        # SYNC POINT: record durable (BlockRegion.write_record_direct: the data's blocks from the
+        # caller's buffer, the header block after them, one flush); the reader's side is the two
+        # checksums in _examine.
+        direct(self.dev, self._start(slot), header + bytes(DATA_OFFSET - HEADER_FIELDS) + prefix, view)
+        self._newest = (slot, seq)
+        return SlotPosition(slot, seq)
+
     def _record_buffer(self, nbytes: int) -> memoryview:
         if self._scratch is None or len(self._scratch) < nbytes:
             if self._scratch is not None:
@@ -503,7 +575,9 @@ class SlotStore:
             self._scratch = mmap.mmap(-1, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
         return memoryview(self._scratch)[:nbytes]
 
-    def write(self, data: Any | Sequence[Any], *, tag: int = 0, refresh: bool = False) -> SlotPosition:
+    def write(
+        self, data: Any | Sequence[Any], *, tag: int = 0, refresh: bool = False, version: int | None = None
+    ) -> SlotPosition:
         """Write ``data`` as the new newest record and make it durable; returns where it went.
 
         ``data`` is a bytes-like object, or a list/tuple of them that together
@@ -520,32 +594,18 @@ class SlotStore:
         version this build does not speak is never overwritten
         (``VersionMismatch``), nor one written with another geometry
         (``Corrupted``). Errors from the device propagate at once; the
-        previous record stays readable whatever happened.
+        previous record stays readable whatever happened. ``version`` (default
+        the format's ``version``) may name one of its ``variants``.
         """
         chunks: Sequence[Any] = data if isinstance(data, (list, tuple)) else (data,)
         parts = [p if type(p) is bytes else memoryview(p).cast("B") for p in chunks]
         n = sum(map(len, parts))
-        if n > self.capacity:
-            raise CapacityExceeded(
-                f"{self.fmt.name} of {n} bytes does not fit a slot of {self.capacity} data bytes "
-                f"(lease of {self.dev.nblocks} blocks of {self.block_size} bytes)"
-            )
-        if not isinstance(tag, int) or not 0 <= tag < 1 << 64:
-            raise FabricValueError(f"tag must be a u64, got {tag!r}")
-        if refresh or self._newest is None:
-            slot, seq = self._next_slot()
-        else:
-            slot, seq = 1 - self._newest[0], self._newest[1] + 1
-        if seq > MAX_SEQ:  # only after a forged record at MAX_SEQ: readers would refuse this one
-            raise Corrupted(
-                f"the newest {self.fmt.name} record claims sequence {seq - 1}, the last one there is (forged?): "
-                "nothing written; move to a new lease"
-            )
+        v, slot, seq = self._prepare(n, tag, refresh, version)
         bs = self.block_size
         nbytes = -(-(DATA_OFFSET + n) // bs) * bs
         if self._write_record is not None:  # a BlockRegion: one native call builds, checksums and writes
             header = _HEADER.pack(
-                self.fmt.magic, self.fmt.version, n, seq, tag, 0, slot, bs, self.slot_blocks, 0, 0
+                self.fmt.magic, v, n, seq, tag, 0, slot, bs, self.slot_blocks, 0, 0
             )  # both CRCs zero: write_record puts them in
             self._newest = None  # unknown until this write completes: a failure re-scans next time
             # SYNC POINT: record durable. Header and data in one durable write (BlockRegion.write_record:
@@ -562,7 +622,7 @@ class SlotStore:
                 crc = _copy_crc(record[pos : pos + len(p)], p, crc)
                 pos += len(p)
             record[pos:] = bytes(len(record) - pos)  # zero padding of the last block
-            record[:HEADER_FIELDS] = self._header(n, seq, tag, crc, slot)
+            record[:HEADER_FIELDS] = self._header(n, seq, tag, crc, slot, v)
             record[HEADER_FIELDS:DATA_OFFSET] = bytes(DATA_OFFSET - HEADER_FIELDS)
             self._newest = None  # unknown until this write completes: a failure re-scans next time
             # SYNC POINT: record durable. One request for header and data, then one flush (see the

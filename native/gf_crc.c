@@ -529,3 +529,127 @@ int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8
     }
     return 0;
 }
+
+/* The whole of iov[0, niov) at pos, durably (RWF_DSYNC when dsync, else + fdatasync), short writes
+ * continued; iov is consumed. 0 or -errno. */
+static int writev_sync(int fd, int64_t pos, struct iovec *iov, int niov, int dsync) {
+    int flag = dsync ? RWF_DSYNC : 0, synced = 0;
+    while (niov) {
+        ssize_t n = pwritev2(fd, iov, niov, (off_t)pos, flag);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (flag && (errno == EOPNOTSUPP || errno == EINVAL)) { /* the flag refused: write + fdatasync */
+                flag = 0;
+                continue;
+            }
+            return -errno;
+        }
+        if (n == 0) return -EIO;
+        pos += n;
+        synced = flag != 0;
+        size_t left = (size_t)n;
+        while (niov && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            niov--;
+        }
+        if (niov && left) {
+            iov->iov_base = (uint8_t *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+        if (niov) synced = 0; /* short: what landed is durable, the rest needs the flush */
+    }
+    if (!synced) {
+        while (fdatasync(fd) < 0)
+            if (errno != EINTR) return -errno;
+    }
+    return 0;
+}
+
+static void prep_write(struct iocb *cb, uint64_t idx, int fd, const uint8_t *buf, uint64_t len, int64_t off) {
+    memset(cb, 0, sizeof *cb);
+    cb->aio_data = idx;
+    cb->aio_lio_opcode = IOCB_CMD_PWRITE;
+    cb->aio_fildes = (uint32_t)fd;
+    cb->aio_buf = (uint64_t)(uintptr_t)buf;
+    cb->aio_nbytes = len;
+    cb->aio_offset = off;
+}
+
+int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, uint64_t block, const uint8_t *data,
+                         uint64_t data_len, uint8_t *tail, uint64_t aio_ctx, uint64_t chunk, int dsync) {
+    if (block < 512 || (block & (block - 1)) || head_len < block || head_len % block || pos < 0 ||
+        ((uintptr_t)head | (uintptr_t)tail) % block || (data_len >= block && (uintptr_t)data % block) ||
+        chunk < block || chunk % block)
+        return -EINVAL;
+    uint64_t whole = data_len / block * block, rest = data_len - whole;
+    aio_context_t ctx = (aio_context_t)aio_ctx;
+    struct iocb cbs[GF_SLOT_MAX_AIO + 2];
+    uint64_t expect[GF_SLOT_MAX_AIO + 2];
+    long inflight = 0, nreq = 0;
+    int aio_failed = 0, use_aio = aio_ctx != 0 && whole > 0;
+    while (use_aio && whole / chunk + 2 > GF_SLOT_MAX_AIO) chunk *= 2; /* a large state: fewer, larger */
+
+    /* SYNC POINT: record durable. The state's whole blocks go out first, straight from the caller's
+     * buffer, and are in flight while the CRC is computed; the header block(s), which need it, and
+     * the state's last partial block go after; one flush once every request has landed. Nothing
+     * orders the requests among themselves: until all have landed the slot fails a checksum
+     * (slots.py's descriptor), which is the reader's side of this point. */
+    if (use_aio) {
+        struct iocb *one[GF_SLOT_MAX_AIO + 2];
+        long want = 0;
+        for (uint64_t at = 0; at < whole; at += chunk) {
+            uint64_t len = whole - at < chunk ? whole - at : chunk;
+            prep_write(&cbs[nreq], (uint64_t)nreq, fd, data + at, len, pos + (int64_t)(head_len + at));
+            expect[nreq] = len;
+            one[want++] = &cbs[nreq++];
+        }
+        long got = syscall(SYS_io_submit, ctx, want, one);
+        if (got < 0) got = 0;
+        inflight = got;
+        if (got < want) aio_failed = 1;
+    }
+    uint32_t crc = gf_crc32c(head + GF_SLOT_DATA_OFFSET, head_len - GF_SLOT_DATA_OFFSET, 0);
+    crc = gf_crc32c(data, data_len, crc);
+    if (rest) {
+        memcpy(tail, data + whole, rest);
+        memset(tail + rest, 0, block - rest);
+    }
+    memset(head + GF_SLOT_HEADER_FIELDS, 0, GF_SLOT_DATA_OFFSET - GF_SLOT_HEADER_FIELDS);
+    put_u32le(head + GF_SLOT_DATA_CRC_AT, crc);
+    put_u32le(head + GF_SLOT_HEADER_CRC_AT, gf_crc32c(head, GF_SLOT_HEADER_CRC_AT, 0));
+    if (use_aio && !aio_failed) {
+        struct iocb *last[2];
+        long nlast = 0;
+        if (rest) {
+            prep_write(&cbs[nreq], (uint64_t)nreq, fd, tail, block, pos + (int64_t)(head_len + whole));
+            expect[nreq] = block;
+            last[nlast++] = &cbs[nreq++];
+        }
+        prep_write(&cbs[nreq], (uint64_t)nreq, fd, head, head_len, pos);
+        expect[nreq] = head_len;
+        last[nlast++] = &cbs[nreq++];
+        long got = syscall(SYS_io_submit, ctx, nlast, last);
+        if (got < 0) got = 0;
+        inflight += got;
+        if (got < nlast) aio_failed = 1;
+    }
+    int bad = 0, destroyed = 0;
+    if (inflight && reap(ctx, inflight, expect, &bad) < 0) {
+        syscall(SYS_io_destroy, ctx); /* requests that cannot be reaped must end before the buffers are reused */
+        destroyed = 1;
+    }
+    if (!use_aio || aio_failed || bad || destroyed) {
+        struct iovec iov[3];
+        int niov = 0;
+        iov[niov++] = (struct iovec){head, (size_t)head_len};
+        if (whole) iov[niov++] = (struct iovec){(void *)data, (size_t)whole};
+        if (rest) iov[niov++] = (struct iovec){tail, (size_t)block};
+        int rc = writev_sync(fd, pos, iov, niov, dsync);
+        if (rc < 0) return rc;
+        return use_aio ? 1 + destroyed : 0;
+    }
+    while (fdatasync(fd) < 0)
+        if (errno != EINTR) return -errno;
+    return 0;
+}

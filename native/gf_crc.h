@@ -67,4 +67,25 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
 int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
                          const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync);
 
+/* A record whose data ends in the caller's own aligned buffer, written from there (no copy).
+ * head[0, head_len): the record's first head_len bytes (a positive multiple of block): the 56 header
+ * bytes (both CRCs zero), then from byte 64 the first head_len - 64 data bytes; writable (the CRCs
+ * are put in, bytes 56-63 zeroed). data[0, data_len): the rest of the data. head, tail and (when
+ * data_len >= block) data are block-aligned addresses; tail is `block` writable bytes. The data's
+ * whole blocks are written from data itself, its last partial block (if any) from tail (copied
+ * there, zero-filled); data CRC = CRC32C of head[64, head_len) then data[0, data_len).
+ *  - aio_ctx != 0 and a whole block of data: those blocks are submitted first (requests of at
+ *    most `chunk` bytes, a multiple of block; larger when more than GF_SLOT_MAX_AIO would be
+ *    needed), the CRC computed while they are in flight, then the tail and the head submitted,
+ *    all reaped, one fdatasync; on AIO failure the whole record is written again as below and
+ *    1 (2: aio_ctx destroyed too) is returned, as gf_slot_write does;
+ *  - otherwise the CRC first, then one pwritev2 of head, data blocks and tail (RWF_DSYNC when
+ *    dsync, else + fdatasync), short writes continued.
+ * Returns 0 (or 1, 2) once the record is durable, -errno otherwise (-EINVAL: bad arguments,
+ * nothing written). Never returns with a request in flight. The caller must not change data
+ * until it returns: the bytes checksummed would not be the bytes written (the record would then
+ * fail its CRC on read, never be taken for a good one). */
+int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, uint64_t block, const uint8_t *data,
+                         uint64_t data_len, uint8_t *tail, uint64_t aio_ctx, uint64_t chunk, int dsync);
+
 #endif

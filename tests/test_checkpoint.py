@@ -254,7 +254,7 @@ def test_wrong_magic_raises_corrupted(region: BlockRegion) -> None:
 
 def test_unknown_version_with_a_valid_checksum_raises_version_mismatch(region: BlockRegion) -> None:
     data = _good_envelope()
-    _write_header(region, 0, _valid_header(region, 0, data, version=4), data)
+    _write_header(region, 0, _valid_header(region, 0, data, version=5), data)
     with pytest.raises(VersionMismatch):
         CheckpointedStageState.restore(region)
 
@@ -752,7 +752,7 @@ def test_the_checkpoint_bench_refuses_nonsense_arguments(tmp_path: Path) -> None
 
 def test_a_checkpoint_never_overwrites_a_record_of_an_unknown_version(region: BlockRegion) -> None:
     data = _good_envelope()
-    _write_header(region, 0, _valid_header(region, 0, data, version=4), data)
+    _write_header(region, 0, _valid_header(region, 0, data, version=5), data)
     before = snapshot(region)
     with pytest.raises(VersionMismatch):
         CheckpointedStageState({"new": 1}, region).checkpoint()
