@@ -61,10 +61,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from grafos_fabric.checkpoint import ENVELOPE_SIZE, CheckpointedStageState
 from grafos_fabric.drivers.block import RECORD_MODES, BlockRegion, open_block
 from grafos_fabric.errors import FabricValueError
-from grafos_fabric.slots import DATA_OFFSET
+from grafos_fabric.slots import DATA_OFFSET, Durability
 
 __all__ = ["main", "run_checkpoint_bench"]
 
@@ -76,6 +78,7 @@ _OVERHEAD = DATA_OFFSET + ENVELOPE_SIZE + len(_STAGE)  # slot header + checkpoin
 TARGETS = {"ordered": 0.9, "single-sync": 0.95}  # issue 14: checkpoint rate / the best raw write's rate
 _CONTROL = "control"  # the best baseline measured again as a candidate: its ratio shows the noise
 _RECORD_SIZE = "raw O_DIRECT write of the record's size"  # breakdown: what the extra block costs
+ALIGNED = "aligned-buffer"  # candidates whose state is CheckpointedStageState.with_buffer's array
 BASELINES = (
     "aligned O_DIRECT pwrite + fdatasync",
     "aligned O_DIRECT pwritev RWF_DSYNC",
@@ -111,6 +114,12 @@ def _target(path_or_dir: str | os.PathLike[str], nbytes: int) -> Iterator[BlockR
         if scratch is not None:
             with contextlib.suppress(FileNotFoundError):
                 scratch.unlink()
+
+
+def _aligned_state(region: BlockRegion, size: int, durability: Durability) -> CheckpointedStageState[Any]:
+    st = CheckpointedStageState.with_buffer(region, size, stage=_STAGE, durability=durability)
+    st.state[:] = np.frombuffer(os.urandom(size), dtype=np.uint8)
+    return st
 
 
 def _run_for(fn: Callable[[], Any], seconds: float) -> tuple[int, float]:
@@ -193,7 +202,7 @@ def _bench_size(
     control: bool = False,
 ) -> list[dict[str, Any]]:
     bs = region.block_size
-    slot_blocks = -(-(size + _OVERHEAD) // bs)
+    slot_blocks = max(-(-(size + _OVERHEAD) // bs), 1 + -(-size // bs))  # a bytes state, an aligned one
     if 2 * slot_blocks + -(-(size + _OVERHEAD) // bs) > region.nblocks:
         raise FabricValueError(f"{region.path} is too small for a {size}-byte checkpoint")
     with contextlib.ExitStack() as stack:
@@ -228,16 +237,19 @@ def _bench_size(
         if dsync:
             baselines["aligned O_DIRECT pwritev RWF_DSYNC"] = aligned_dsync
             baselines["bytes buffered pwritev RWF_DSYNC"] = bytes_dsync
-        states = {
+        states: dict[str, CheckpointedStageState[Any]] = {
             d: CheckpointedStageState(os.urandom(size), ckpt_region, codec="raw", stage=_STAGE, durability=d)
             for d in ("ordered", "single-sync")
         }
+        for d in ("ordered", "single-sync"):  # the state in the checkpoint's own aligned buffer: no copy
+            states[f"{d} {ALIGNED}"] = _aligned_state(ckpt_region, size, d)
         for mode in modes:  # the same slots, through a region forced to write records one way
             forced = stack.enter_context(open_block(region.path, region.offset, 2 * slot_blocks * bs))
             forced.record_mode = mode
             states[f"single-sync [{mode}]"] = CheckpointedStageState(
                 os.urandom(size), forced, codec="raw", stage=_STAGE, durability="single-sync"
             )
+            states[f"single-sync {ALIGNED} [{mode}]"] = _aligned_state(forced, size, "single-sync")
         fns: dict[str, Callable[[], Any]] = {**baselines, **{d: st.checkpoint for d, st in states.items()}}
         # the control: every baseline once more, measured as if it were a candidate; its ratio to
         # the same write (1.0 but for noise) shows how far this run's ratios can be trusted
