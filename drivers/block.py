@@ -86,6 +86,7 @@ __all__ = [
     "VOLATILE_FILESYSTEMS",
     "BlockRegion",
     "BlockStore",
+    "DirectRecordWriter",
     "default_block_dir",
     "filesystem_type",
     "open_block",
@@ -612,44 +613,60 @@ class BlockRegion:
         regions without ``O_DIRECT`` and a kernel that refuses AIO take one gathered ``pwritev``
         with ``RWF_DSYNC`` after the CRC instead. The same bytes as :meth:`write_record` of
         ``[head[64:], data]``; a write torn by a crash fails the record's CRCs. ``data`` must not
-        change until this returns (the record would then fail its CRC on read).
+        change until this returns (the record would then fail its CRC on read). A caller that
+        writes the same buffer again and again keeps a :meth:`direct_writer` instead.
         """
+        writer = self.direct_writer(len(head), data)
+        try:
+            writer.head[:] = head
+            return writer.write(lba)
+        finally:
+            writer.close()
+
+    def direct_writer(self, head_len: int, data: Any) -> DirectRecordWriter:
+        """A :class:`DirectRecordWriter` for records of a ``head_len``-byte head and ``data``
+        (checked as :meth:`write_record_direct` does: ``Misaligned``)."""
         bs = self.block_size
-        if len(head) < bs or len(head) % bs or len(head) < _RECORD_DATA:
-            raise Misaligned(f"a record head is a positive multiple of the block size {bs}, got {len(head)} bytes")
+        if head_len < bs or head_len % bs or head_len < _RECORD_DATA:
+            raise Misaligned(f"a record head is a positive multiple of the block size {bs}, got {head_len} bytes")
         view = data if isinstance(data, memoryview) else memoryview(data)
         view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
         if not self.takes_direct(view):
             raise Misaligned(f"data for write_record_direct must be C-contiguous at a {bs}-byte aligned address")
-        n = len(view)
-        nbytes = len(head) + -(-n // bs) * bs
-        self._check()
-        self._check_range(lba, nbytes // bs)
+        return DirectRecordWriter(self, head_len, view)
+
+    def _write_direct(self, w: DirectRecordWriter, lba: int) -> int:
+        """DirectRecordWriter.write: the checks and the one native call."""
+        if self._closed:
+            self._check()
+        if w._mm.closed:
+            raise Disconnected("this DirectRecordWriter is closed")
+        self.lease.check()
+        bs = self.block_size
+        if lba < 0 or lba + w.nblocks > self.nblocks:
+            self._check_range(lba, w.nblocks)
         pos = self.offset + lba * bs
         with self._io_lock:
-            mode = self._record_mode
-            aio = self.direct and not self._aio_failed and n >= bs
-            if mode == "auto":
-                aio = aio and n > AIO_CHUNK and not self._volatile()
-            else:
-                aio = aio and mode == "aio"
+            if self._closed:  # closed while this thread waited for the lock
+                self._check()
+            aio = self.direct and not self._aio_failed and w.n >= bs
+            if aio:
+                mode = self._record_mode
+                aio = (w.n > AIO_CHUNK and not self._volatile()) if mode == "auto" else mode == "aio"
             ctx = self._aio_ctx() if aio else 0
-            scratch = self._buffer(len(head) + bs)
-            scratch[: len(head)] = head
-            cbuf = ffi.from_buffer(scratch)
-            dbuf = ffi.from_buffer(view)
-            args = (pos, cbuf, len(head), bs, dbuf, n, cbuf + len(head))
+            args = (pos, w._hptr, w.head_len, bs, w._dptr, w.n, w._tptr)
             rc = lib.gf_slot_write_direct(self._fd, *args, ctx, AIO_CHUNK, 1)
-            if rc == -errno.EINVAL and self.direct:  # O_DIRECT refused by a filesystem that took the flag at open
-                self._disable_direct(OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
-                rc = lib.gf_slot_write_direct(self._fd, *args, 0, AIO_CHUNK, 1)
-            if rc in (1, 2):
-                self._aio_failed = True
-                if rc == 2:  # the context was destroyed to end requests it could not reap
-                    self._aio.clear()
-                log.info("AIO refused on %s: records go out in one request", self.path)
-            self._raise_io(rc)
-        return nbytes // bs
+            if rc:
+                if rc == -errno.EINVAL and self.direct:  # O_DIRECT refused by a filesystem that took the flag
+                    self._disable_direct(OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
+                    rc = lib.gf_slot_write_direct(self._fd, *args, 0, AIO_CHUNK, 1)
+                if rc in (1, 2):
+                    self._aio_failed = True
+                    if rc == 2:  # the context was destroyed to end requests it could not reap
+                        self._aio.clear()
+                    log.info("AIO refused on %s: records go out in one request", self.path)
+                self._raise_io(rc)
+        return w.nblocks
 
     def _raise_io(self, rc: int) -> None:
         if rc >= 0:
@@ -704,6 +721,50 @@ class BlockRegion:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DirectRecordWriter:
+    """Writes slot records whose data ends in one caller's buffer, from that buffer (no copy).
+
+    Made by :meth:`BlockRegion.direct_writer`. ``head`` is a writable, block-aligned buffer of
+    ``head_len`` bytes that the caller fills before each :meth:`write` (the 56 header bytes with
+    both CRCs zero, anything in bytes 56-63, which the write zeroes, then the record's first data
+    bytes); the data buffer given at creation is the rest of the data, and must stay as it is
+    while a write runs. :meth:`write` is :meth:`BlockRegion.write_record_direct` without its
+    per-call checks and copies (the buffers are checked and their C pointers taken once), for a
+    stage that checkpoints the same buffer again and again. ``close()`` releases the buffers.
+    """
+
+    def __init__(self, region: BlockRegion, head_len: int, data: memoryview) -> None:
+        bs = region.block_size
+        align = max(bs, mmap.PAGESIZE)
+        size = -(-(head_len + bs) // mmap.PAGESIZE) * mmap.PAGESIZE + align - mmap.PAGESIZE
+        self._mm = mmap.mmap(-1, size)
+        base = ffi.from_buffer(self._mm)
+        skip = -int(ffi.cast("uintptr_t", base)) % align
+        self.region = region
+        self.head_len = head_len
+        self.n = len(data)
+        self.nblocks = head_len // bs + -(-self.n // bs)
+        self.head = memoryview(self._mm)[skip : skip + head_len]
+        self._data = data
+        self._hptr = base + skip
+        self._tptr = self._hptr + head_len
+        self._dptr = ffi.from_buffer(data)
+        self._base = base
+
+    def write(self, lba: int) -> int:
+        """Write the record (``head``, then the data) at ``lba`` and make it durable; returns blocks."""
+        return self.region._write_direct(self, lba)
+
+    def close(self) -> None:
+        """Release the buffers (idempotent); the writer cannot write afterwards."""
+        if self._mm.closed:
+            return
+        self.head.release()
+        ffi.release(self._base)
+        ffi.release(self._dptr)
+        self._mm.close()
 
 
 def _device_geometry(fd: int) -> tuple[bool, int, int]:

@@ -206,6 +206,7 @@ class CheckpointedStageState(Generic[S]):
         self.last_seq: int | None = None
         self._store = SlotStore(block_lease, PCHK, durability=durability)
         self._buffer: np.ndarray[Any, Any] | None = None  # with_buffer's state, written from where it lies
+        self._prefix_tail: tuple[StageId, int, int, bytes] | None = None  # stage name + padding, once
 
     @classmethod
     def with_buffer(
@@ -262,12 +263,13 @@ class CheckpointedStageState(Generic[S]):
 
     def _aligned_prefix(self, edge: EdgeCheckpoint) -> bytes:
         """Envelope, stage name and zero padding up to the slot's next block boundary (version 4)."""
-        stage = self.stage.name.encode("utf-8")
-        pad = -(DATA_OFFSET + ENVELOPE_SIZE + len(stage)) % int(self.block_lease.block_size)
-        head = _ENVELOPE.pack(
-            _CODEC_IDS["raw"], ALIGNED, len(stage), pad, edge.input_offset, edge.output_commit
-        )
-        return head + stage + bytes(pad)
+        cached = self._prefix_tail
+        if cached is None or cached[0] is not self.stage:
+            stage = self.stage.name.encode("utf-8")
+            pad = -(DATA_OFFSET + ENVELOPE_SIZE + len(stage)) % int(self.block_lease.block_size)
+            cached = self._prefix_tail = (self.stage, len(stage), pad, stage + bytes(pad))
+        _, stage_len, pad, tail = cached
+        return _ENVELOPE.pack(_CODEC_IDS["raw"], ALIGNED, stage_len, pad, edge.input_offset, edge.output_commit) + tail
 
     @property
     def capacity(self) -> int:
@@ -443,6 +445,7 @@ class CheckpointedStageState(Generic[S]):
         inst.last_seq = record.seq
         inst._store = store
         inst._buffer = buffer
+        inst._prefix_tail = None
         log.debug("restored checkpoint of stage %s (seq %d, slot %d)", written_stage, record.seq, record.slot)
         return inst
 

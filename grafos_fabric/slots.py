@@ -365,6 +365,7 @@ class SlotStore:
         self.slot_blocks = dev.nblocks // 2
         self._newest: tuple[int, int] | None = None  # (slot, seq) of the newest valid record, once known
         self._scratch: mmap.mmap | None = None  # page-aligned: header block + data blocks of one record
+        self._direct: Any = None  # write_direct's DirectRecordWriter, kept while the data buffer is the same
         # the class's write_record (a BlockRegion's), never one a wrapper's __getattr__ forwards: a
         # wrapper (fault injection, recording) must see every write through its own write_blocks
         self._write_record: Any = getattr(type(dev), "write_record", None)
@@ -541,30 +542,39 @@ class SlotStore:
         """Write the record ``prefix + data`` like :meth:`write`, with ``data`` written from where it lies.
 
         ``prefix`` must end at a block boundary of the slot (``64 + len(prefix)`` a multiple of the
-        block size, else ``Misaligned``), so ``data`` starts on one. On a ``BlockRegion`` whose
-        ``write_record_direct`` takes ``data`` (a block-aligned, C-contiguous buffer: an
+        block size, else ``Misaligned``), so ``data`` starts on one. On a ``BlockRegion`` that
+        takes ``data`` as it lies (``takes_direct``: a block-aligned, C-contiguous buffer: an
         ``mmap``, a numpy array made by ``CheckpointedStageState.with_buffer``), ``data`` goes to
         the device by ``O_DIRECT`` without being copied, its CRC computed while it is in flight
-        (``BlockRegion.write_record_direct``); anywhere else this is ``write([prefix, data])``:
-        the same bytes on disk either way. ``data`` must not change until this returns (if it
+        (``BlockRegion.write_record_direct``'s path, through a ``DirectRecordWriter`` the store
+        keeps while ``data`` is the same object, so a stage that checkpoints one buffer pays the
+        checks and the C pointers once); anywhere else this is ``write([prefix, data])``: the
+        same bytes on disk either way. ``data`` must not change until this returns (if it
         does, the record fails its CRC on read and the previous one is read instead: never a
         mix).
         """
         bs = self.block_size
-        if (DATA_OFFSET + len(prefix)) % bs:
+        head_len = DATA_OFFSET + len(prefix)
+        if head_len % bs:
             raise Misaligned(f"a prefix of {len(prefix)} bytes does not end at a {bs}-byte block boundary")
-        view = memoryview(data).cast("B")
-        direct = getattr(type(self.dev), "write_record_direct", None)
-        if direct is None or not self.dev.takes_direct(view):  # type: ignore[attr-defined]
-            return self.write([prefix, view], tag=tag, refresh=refresh, version=version)
-        n = len(prefix) + len(view)
-        v, slot, seq = self._prepare(n, tag, refresh, version)
-        header = _HEADER.pack(self.fmt.magic, v, n, seq, tag, 0, slot, bs, self.slot_blocks, 0, 0)
+        w = self._direct
+        if w is None or w._data.obj is not data or w.head_len != head_len or w._mm.closed:
+            view = memoryview(data).cast("B")
+            direct = getattr(type(self.dev), "direct_writer", None)
+            if direct is None or not self.dev.takes_direct(view):  # type: ignore[attr-defined]
+                return self.write([prefix, view], tag=tag, refresh=refresh, version=version)
+            if w is not None:
+                w.close()
+            w = self._direct = direct(self.dev, head_len, view)
+        v, slot, seq = self._prepare(len(prefix) + w.n, tag, refresh, version)
+        head = w.head
+        _HEADER.pack_into(head, 0, self.fmt.magic, v, len(prefix) + w.n, seq, tag, 0, slot, bs, self.slot_blocks, 0, 0)
+        head[DATA_OFFSET:] = prefix
         self._newest = None  # unknown until this write completes: a failure re-scans next time
-        # SYNC POINT: record durable (BlockRegion.write_record_direct: the data's blocks from the
-        # caller's buffer, the header block after them, one flush); the reader's side is the two
-        # checksums in _examine.
-        direct(self.dev, self._start(slot), header + bytes(DATA_OFFSET - HEADER_FIELDS) + prefix, view)
+        # SYNC POINT: record durable (DirectRecordWriter.write, BlockRegion.write_record_direct's
+        # path: the data's blocks from the caller's buffer, the header block after them, one
+        # flush); the reader's side is the two checksums in _examine.
+        w.write(self._start(slot))
         self._newest = (slot, seq)
         return SlotPosition(slot, seq)
 

@@ -18,7 +18,15 @@ import pytest
 from grafos_fabric.checkpoint import ALIGNED, ENVELOPE_SIZE, CheckpointedStageState, EdgeCheckpoint
 from grafos_fabric.drivers import block as blockmod
 from grafos_fabric.drivers.block import BlockRegion, open_block
-from grafos_fabric.errors import CapacityExceeded, Corrupted, FabricValueError, Misaligned, VersionMismatch
+from grafos_fabric.errors import (
+    CapacityExceeded,
+    Corrupted,
+    Disconnected,
+    FabricValueError,
+    LeaseExpired,
+    Misaligned,
+    VersionMismatch,
+)
 from grafos_fabric.slots import DATA_OFFSET, PCHK, SlotFormat, SlotStore, pack_record
 
 try:
@@ -54,9 +62,9 @@ class Spy(BlockRegion):
         type(self).calls.append("record")
         return super().write_record(lba, header, parts, nbytes)
 
-    def write_record_direct(self, lba: int, head: bytes, data: Any) -> int:
+    def _write_direct(self, w: Any, lba: int) -> int:
         type(self).calls.append("direct")
-        return super().write_record_direct(lba, head, data)
+        return super()._write_direct(w, lba)
 
 
 def spy(r: BlockRegion) -> Spy:
@@ -343,3 +351,29 @@ def test_version_3_ignores_the_envelope_bytes_version_4_reads(region: BlockRegio
     got = CheckpointedStageState.restore(region)
     assert got.state == b"plain state" and got.edge == EdgeCheckpoint(4, 5) and got.buffer is None
     assert ENVELOPE_SIZE == 24
+
+
+def test_the_store_keeps_one_writer_per_buffer_and_a_closed_one_writes_nothing(tmp_path: Path) -> None:
+    r = open_block(tmp_path / "w.img", create_size=SIZE)
+    st = CheckpointedStageState.with_buffer(r, 50_000, stage=STAGE)
+    st.checkpoint()
+    w = st._store._direct
+    assert w is not None and w.n == 50_000
+    st.checkpoint()
+    assert st._store._direct is w  # the checks and the C pointers were paid once
+    other = CheckpointedStageState.with_buffer(r, 50_000, stage=STAGE)
+    other._store = st._store  # another buffer through the same store: a new writer
+    other.checkpoint()
+    assert st._store._direct is not w and w._mm.closed
+    w2 = r.direct_writer(r.block_size, other.state)
+    w2.close()
+    w2.close()  # idempotent
+    with pytest.raises(Disconnected):
+        w2.write(0)
+    w3 = r.direct_writer(r.block_size, other.state)
+    r.lease.free()
+    with pytest.raises(LeaseExpired):
+        w3.write(0)
+    w3.close()
+    with pytest.raises(LeaseExpired):
+        st.checkpoint()
