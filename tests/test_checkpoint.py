@@ -709,7 +709,9 @@ def test_the_checkpoint_bench_reports_each_case_next_to_the_raw_sync_rate(tmp_pa
             "baseline",
             "baselines",
             "ratio_vs_pwrite_fdatasync",
+            "latency_ratio",
         }
+        assert r["latency_ratio"] is None  # only taken op by op
         assert r["ops_per_s"] > 0 and r["baseline_ops_per_s"] > 0 and r["rounds"] == 3
         # the baseline is the fastest raw write measured, and the plain aligned pwrite + fdatasync is one of them
         assert r["baseline_ops_per_s"] == max(r["baselines"].values()) == r["baselines"][r["baseline"]]
@@ -744,6 +746,16 @@ def test_the_checkpoint_bench_adds_forced_record_paths_a_control_and_the_record_
     for r in rows:
         assert r["ops_per_s"] > 0 and 0 < r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
     assert [r["target"] for r in rows] == [0.9, 0.95, 0.9, 0.95, *[0.95] * 6, 1.0, 1.0]
+
+
+def test_the_checkpoint_bench_can_take_turns_op_by_op(tmp_path: Path) -> None:
+    from grafos_fabric.tools.bench_checkpoint import main, run_checkpoint_bench
+
+    rows = run_checkpoint_bench(tmp_path, sizes=(4096,), seconds=0.1, rounds=2, op_by_op=True, control=True)
+    for r in rows:
+        assert r["ops_per_s"] > 0 and 0 < r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+        assert r["latency_ratio"] is not None and r["latency_ratio"] > 0
+    assert main([str(tmp_path), "--sizes", "4096", "--seconds", "0.05", "--rounds", "1", "--op-by-op"]) == 0
 
 
 def test_the_checkpoint_bench_refuses_nonsense_arguments(tmp_path: Path) -> None:

@@ -142,6 +142,7 @@ def run_checkpoint_bench(
     rounds: int = 5,
     modes: Sequence[str] = (),
     control: bool = False,
+    op_by_op: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure checkpoints/s against the best raw durable write/s; one dict per case.
 
@@ -184,7 +185,9 @@ def run_checkpoint_bench(
         )
         try:
             for size in sizes:
-                results.extend(_bench_size(region, fd, bfd, size, seconds, rounds, progress, modes, control))
+                results.extend(
+                    _bench_size(region, fd, bfd, size, seconds, rounds, progress, modes, control, op_by_op)
+                )
         finally:
             os.close(bfd)
     return results
@@ -200,6 +203,7 @@ def _bench_size(
     progress: Callable[[str], None] | None,
     modes: Sequence[str] = (),
     control: bool = False,
+    op_by_op: bool = False,
 ) -> list[dict[str, Any]]:
     bs = region.block_size
     slot_blocks = max(-(-(size + _OVERHEAD) // bs), 1 + -(-size // bs))  # a bytes state, an aligned one
@@ -268,15 +272,32 @@ def _bench_size(
         pieces = max(2, round(per_round / ROUND_SECONDS))
         totals = {k: [0, 0.0] for k in fns}
         per_round_rates: list[dict[str, float]] = []
+        per_round_medians: list[dict[str, float]] = []  # op by op: each case's median op time
         for _ in range(rounds):
             r = {k: [0, 0.0] for k in fns}
-            for _ in range(pieces):
-                order = list(fns)
-                shuffle(order)  # no case always runs right after the same other one (the device remembers)
-                for k in order:
-                    n, dt = _run_for(fns[k], per_round / pieces)
-                    r[k][0] += n
-                    r[k][1] += dt
+            order = list(fns)
+            if op_by_op:  # one op of every case in turn, in a new random order each time
+                lat: dict[str, list[float]] = {k: [] for k in fns}
+                clock = time.perf_counter
+                deadline = clock() + per_round * len(fns)
+                while clock() < deadline:
+                    shuffle(order)
+                    for k in order:
+                        fn = fns[k]
+                        t0 = clock()
+                        fn()
+                        lat[k].append(clock() - t0)
+                for k, v in lat.items():
+                    r[k][0] += len(v)
+                    r[k][1] += sum(v)
+                per_round_medians.append({k: statistics.median(v) for k, v in lat.items()})
+            else:
+                for _ in range(pieces):
+                    shuffle(order)  # no case always runs right after the same other one (the device remembers)
+                    for k in order:
+                        n, dt = _run_for(fns[k], per_round / pieces)
+                        r[k][0] += n
+                        r[k][1] += dt
             per_round_rates.append({k: v[0] / v[1] for k, v in r.items()})
             for k, v in r.items():
                 totals[k][0] += v[0]
@@ -293,6 +314,7 @@ def _bench_size(
         key = {_CONTROL: f"{_CONTROL} {best}"}.get(durability, durability)
         ratios = [rr[key] / rr[best] for rr in per_round_rates]
         floor = [rr[key] / rr["aligned O_DIRECT pwrite + fdatasync"] for rr in per_round_rates]
+        by_latency = [rm[best] / rm[key] for rm in per_round_medians]
         target = TARGETS.get(durability.split(" ")[0], 1.0)
         row = {
             "case": f"{durability} {_human(size)}"
@@ -307,6 +329,7 @@ def _bench_size(
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
             "ratio_vs_pwrite_fdatasync": statistics.median(floor),
+            "latency_ratio": statistics.median(by_latency) if by_latency else None,
             "rounds": rounds,
             "target": target,
             "met": statistics.median(ratios) >= target,
@@ -315,8 +338,11 @@ def _bench_size(
         line = (
             f"{row['case']}: {rates[key]:,.0f}/s vs the best raw write {rates[best]:,.0f}/s ({best}) "
             f"= {row['ratio']:.2f}x median of {rounds} rounds [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}] "
-            f"(target {target:g}x); vs aligned pwrite + fdatasync {row['ratio_vs_pwrite_fdatasync']:.2f}x "
-            f"({region.path}, {bs}-byte blocks; " + ", ".join(f"{k} {rates[k]:,.0f}/s" for k in baselines) + ")"
+            f"(target {target:g}x); vs aligned pwrite + fdatasync {row['ratio_vs_pwrite_fdatasync']:.2f}x; "
+            + (f"median op time ratio {row['latency_ratio']:.2f}x " if by_latency else "")
+            + f"({region.path}, {bs}-byte blocks; "
+            + ", ".join(f"{k} {rates[k]:,.0f}/s" for k in baselines)
+            + ")"
         )
         log.info("%s", line)
         if progress is not None:
@@ -339,6 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-control", action="store_true", help="skip the control row (the best raw write timed as a candidate)"
     )
+    parser.add_argument(
+        "--op-by-op",
+        action="store_true",
+        help="take turns op by op (not every 20 ms) and also report the ratio of median op times",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = run_checkpoint_bench(
@@ -348,16 +379,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
         modes=args.modes,
         control=not args.no_control,
+        op_by_op=args.op_by_op,
     )
     sys.stdout.write(
-        f"{'case':<40}{'ops/s':>10}{'best raw/s':>12}{'ratio':>7}{'min':>6}{'max':>6}{'target':>8}"
-        f"{'vs pwrite+fdatasync':>21}  best raw write\n"
+        f"{'case':<56}{'ops/s':>10}{'best raw/s':>12}{'ratio':>7}{'min':>6}{'max':>6}{'target':>8}"
+        f"{'vs pwrite+fdatasync':>21}{'median op':>10}  best raw write\n"
     )
     for r in rows:
+        by_latency = "" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}x"
         sys.stdout.write(
-            f"{r['case']:<40}{r['ops_per_s']:>10,.0f}{r['baseline_ops_per_s']:>12,.0f}{r['ratio']:>7.2f}"
+            f"{r['case']:<56}{r['ops_per_s']:>10,.0f}{r['baseline_ops_per_s']:>12,.0f}{r['ratio']:>7.2f}"
             f"{r['ratio_min']:>6.2f}{r['ratio_max']:>6.2f}{r['target']:>7g}x{r['ratio_vs_pwrite_fdatasync']:>20.2f}x"
-            f"  {r['baseline']}\n"
+            f"{by_latency:>10}  {r['baseline']}\n"
         )
     return 0
 
