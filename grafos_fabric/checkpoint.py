@@ -326,17 +326,18 @@ class CheckpointedStageState(Generic[S]):
         the device): the stage should halt rather than run on uncheckpointed.
         The previous checkpoint stays readable whatever happens.
         """
-        if edge is not None and not isinstance(edge, EdgeCheckpoint):
+        if edge is not None and type(edge) is not EdgeCheckpoint and not isinstance(edge, EdgeCheckpoint):
             raise FabricValueError(f"edge must be an EdgeCheckpoint, got {type(edge).__name__}")
-        self._notify("on_flush_start")
-        t0 = time.perf_counter()
+        if self.observer is not None:
+            self._notify("on_flush_start")
+        obs = observe.current()  # the counters only when observing (this call is on a stage's hot path)
+        t0 = time.perf_counter() if obs is not None else 0.0
         ok = False
         try:
             target = edge if edge is not None else self.edge
-            if self._buffer is not None and self.state is self._buffer:  # with_buffer: no copy
-                seq = self._store.write_direct(
-                    self._aligned_prefix(target), self._buffer, version=_ALIGNED_VERSION
-                ).seq
+            buffer = self._buffer
+            if buffer is not None and self.state is buffer:  # with_buffer: no copy
+                seq = self._store.write_direct(self._aligned_prefix(target), buffer, version=_ALIGNED_VERSION).seq
             else:
                 seq = self._store.write(self._encode(target)).seq
             self.edge = target
@@ -344,10 +345,12 @@ class CheckpointedStageState(Generic[S]):
             ok = True
             return seq
         finally:
-            self._notify("on_flush_complete")
-            observe.count("checkpoint_flushes" if ok else "checkpoint_failures", stage=self.stage.name)
-            if ok:
-                observe.latency("checkpoint_flush", time.perf_counter() - t0, stage=self.stage.name)
+            if self.observer is not None:
+                self._notify("on_flush_complete")
+            if obs is not None:
+                obs.count("checkpoint_flushes" if ok else "checkpoint_failures", 1, stage=self.stage.name)
+                if ok:
+                    obs.latency("checkpoint_flush", time.perf_counter() - t0, stage=self.stage.name)
 
     # -- restore -------------------------------------------------------------
     @classmethod
