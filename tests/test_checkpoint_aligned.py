@@ -76,7 +76,7 @@ def spy(r: BlockRegion) -> Spy:
 # -- round trips and the bytes on disk ---------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["auto", "direct", "aio"])
+@pytest.mark.parametrize("mode", ["auto", "gather", "direct", "aio"])
 @pytest.mark.parametrize("nbytes", [0, 1, 4095, 4096, 5000, 3 * 4096, 200_000, 300_007])
 def test_an_aligned_state_round_trips_and_is_written_byte_for_byte_from_its_buffer(
     region: BlockRegion, nbytes: int, mode: str, monkeypatch: pytest.MonkeyPatch
@@ -114,6 +114,10 @@ def test_an_aligned_state_round_trips_and_is_written_byte_for_byte_from_its_buff
         assert got.buffer is got.state and (nbytes == 0 or got.state.ctypes.data % r.block_size == 0)
     if (mode == "aio" and nbytes >= r.block_size) or (mode == "auto" and nbytes > blockmod.AIO_CHUNK):
         assert r._aio and not r._aio_failed  # the AIO path ran (and its context is kept)
+    if mode in ("gather", "auto") and nbytes <= blockmod.AIO_CHUNK:
+        assert r._buffered_fd is not None  # through the page cache
+    if mode in ("direct", "aio"):
+        assert r._buffered_fd is None and bool(r._aio) == (mode == "aio" and nbytes >= r.block_size)
     assert Spy.calls.count("record") == 0
 
 
@@ -244,7 +248,7 @@ def _changed_sectors(before: bytes, after: bytes) -> list[tuple[int, bytes]]:
     ]
 
 
-@pytest.mark.parametrize("mode", ["direct", "aio"])
+@pytest.mark.parametrize("mode", ["gather", "direct", "aio"])
 @pytest.mark.parametrize("nbytes", [4096, 20_000, 300_000])
 def test_an_aligned_checkpoint_torn_anywhere_restores_the_previous_one_and_never_touches_the_other_slot(
     region: BlockRegion, nbytes: int, mode: str, monkeypatch: pytest.MonkeyPatch
