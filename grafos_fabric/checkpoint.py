@@ -226,9 +226,11 @@ class CheckpointedStageState(Generic[S]):
         block boundary, owned by this object: ``state.view(np.float32)``, ``np.add(a, b,
         out=...)`` into a view of it, ``state[:] = ...``). ``checkpoint()`` writes it as a
         ``PCHK`` version 4 record whose state starts at a block boundary of the slot, so on a
-        ``BlockRegion`` the state goes to the device by ``O_DIRECT`` from the buffer itself, its
-        CRC32C computed while the write is in flight (``BlockRegion.write_record_direct``); other
-        devices get the same bytes through the ordinary path. Keep ``state`` bound to this
+        ``BlockRegion`` a state over 128 KiB goes to the device by ``O_DIRECT`` from the buffer
+        itself, its CRC32C computed while the write is in flight, and a smaller one in one
+        ``RWF_DSYNC`` write through the page cache, which measured faster there
+        (``BlockRegion.write_record_direct``; nothing is copied by this library either way);
+        other devices get the same bytes through the ordinary path. Keep ``state`` bound to this
         array (rebinding it to something else checkpoints that object, codec ``"raw"``, with a
         copy, as version 3) and do not change it from another thread while ``checkpoint()``
         runs (the record would fail its CRC on read, and the previous checkpoint would be
