@@ -24,9 +24,19 @@ For each state size, in the same run and on the same file or device range:
   submitted by AIO in 128 KiB requests). A checkpoint still pays what the raw
   write does not: the state's CRC32C, the copy where the path copies, and one
   more block where the 64-byte header and the envelope push the record over a
-  block boundary (a 4 KiB state on 4 KiB blocks is two blocks).
+  block boundary (a 4 KiB state on 4 KiB blocks is two blocks);
+* **aligned-buffer candidates**: the same checkpoints of a state kept in
+  ``CheckpointedStageState.with_buffer``'s block-aligned array (``PCHK``
+  version 4: the state starts on a block boundary of the slot and is written
+  from the array itself, ``BlockRegion.write_record_direct``; over 128 KiB by
+  AIO with the CRC computed while the state's blocks are in flight). Both
+  kinds are reported: a program whose state is a Python object pays the copy
+  or the CRC before its write, one that produces its state in the aligned
+  buffer does not.
 
-Baselines and candidates take turns every 20 ms, in a new random order each
+Baselines and candidates take turns every 20 ms (``--op-by-op``: one op each,
+and the rows also give ``latency_ratio``, the baseline's median op time over
+the candidate's, which a few stalled ops cannot move), in a new random order each
 time (the device remembers what ran just before it: queued writeback, cache
 state), so that drift in the device (write cache, other tenants of a shared
 disk) hits all alike. A size runs ``rounds`` rounds (default 5); the best
