@@ -6,6 +6,7 @@ file and a loop device, forged envelopes, and the fallbacks."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import struct
 from collections.abc import Iterator
@@ -381,3 +382,31 @@ def test_the_store_keeps_one_writer_per_buffer_and_a_closed_one_writes_nothing(t
     w3.close()
     with pytest.raises(LeaseExpired):
         st.checkpoint()
+
+
+def test_a_forked_child_checkpoints_its_aligned_state_through_the_parents_region(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AIO contexts do not survive fork: the child's aligned checkpoint still lands whole."""
+    monkeypatch.setattr(blockmod, "AIO_CHUNK", 8192)
+    r = open_block(tmp_path / "f.img", create_size=SIZE)
+    r.record_mode = "aio"
+    st = CheckpointedStageState.with_buffer(r, 30_000, stage=STAGE)
+    fill(st, 1)
+    st.checkpoint()
+    assert r._aio  # the parent's context exists now
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            want = fill(st, 2)
+            st.checkpoint()
+            code = 0 if bytes(CheckpointedStageState.restore(r).state) == want else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert bytes(CheckpointedStageState.restore(r).state) == bytes(
+        np.frombuffer(random.Random(2).randbytes(30_000), dtype=np.uint8)
+    )
+    r.close()
