@@ -659,7 +659,8 @@ class BlockRegion:
             if mode == "aio" and self.direct and not self._aio_failed and w.n >= bs:
                 ctx = self._aio_ctx()
             elif mode == "gather":  # one pwritev2 with RWF_DSYNC through the page cache (a kernel copy)
-                fd = self._buffered() or self._fd
+                bfd = self._buffered()
+                fd = self._fd if bfd is None else bfd
             args = (pos, w._hptr, w.head_len, bs, w._dptr, w.n, w._tptr)
             rc = lib.gf_slot_write_direct(fd, *args, ctx, AIO_CHUNK, 1)
             if rc:
