@@ -20,7 +20,10 @@ descriptor of the same file (durable when it returns, same promise as
 costs: no copy into an aligned buffer first (see its docstring).
 :meth:`BlockRegion.write_record` writes one record of :mod:`grafos_fabric.slots`
 durably in one native call (CRCs, copy and I/O with the GIL released), by the
-path that measured fastest for its size and target (:meth:`BlockRegion.record_path`).
+path that measured fastest for its size and target (:meth:`BlockRegion.record_path`);
+:meth:`BlockRegion.write_record_direct` (and the :class:`DirectRecordWriter` a caller keeps for
+one buffer) writes a record whose data ends in the caller's block-aligned buffer from that buffer,
+the CRC computed while it is in flight.
 Where the filesystem refuses ``O_DIRECT`` (``EINVAL``: tmpfs on older kernels, some
 FUSE filesystems) the region falls back to buffered I/O plus ``fdatasync`` and
 logs a warning saying so; the durability promise is the same, only the page
