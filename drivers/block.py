@@ -29,10 +29,12 @@ FUSE filesystems) the region falls back to buffered I/O plus ``fdatasync`` and
 logs a warning saying so; the durability promise is the same, only the page
 cache is in the way.
 
-Why one module of ~900 lines: it is one class (plus ``open_block``), and every
-I/O path (blocks, ``write_durable``, ``write_record`` with its AIO context)
-shares the region's descriptors, I/O lock and lease check; split, those
-private parts would have to cross modules.
+Why one module of ~1000 lines: it is one class (plus ``open_block`` and the
+small ``DirectRecordWriter``, which only holds buffers for the region), and
+every I/O path (blocks, ``write_durable``, ``write_record`` and
+``write_record_direct`` with their AIO context) shares the region's
+descriptors, I/O lock and lease check; split, those private parts would have
+to cross modules.
 
 The block size is the device's, never assumed:
 
