@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
 
 from grafos_fabric.checkpoint import ALIGNED, ENVELOPE_SIZE, CheckpointedStageState, EdgeCheckpoint
 from grafos_fabric.drivers import block as blockmod
@@ -410,3 +412,31 @@ def test_a_forked_child_checkpoints_its_aligned_state_through_the_parents_region
         np.frombuffer(random.Random(2).randbytes(30_000), dtype=np.uint8)
     )
     r.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    codec=hst.one_of(hst.sampled_from([1, 2]), hst.integers(0, 255)),
+    flags=hst.one_of(hst.sampled_from([0, ALIGNED]), hst.integers(0, 255)),
+    stage_len=hst.one_of(hst.integers(0, 12), hst.integers(0, 0xFFFF)),
+    pad=hst.one_of(hst.integers(0, 40), hst.integers(0, 0xFFFFFFFF)),
+    body=hst.one_of(
+        hst.binary(max_size=600),
+        hst.builds(lambda n, tail: b"stage" + bytes(n) + tail, hst.integers(0, 60), hst.binary(max_size=80)),
+    ),
+)
+def test_any_version_4_envelope_restores_or_raises_a_typed_error(
+    codec: int, flags: int, stage_len: int, pad: int, body: bytes
+) -> None:
+    """Whatever a forger puts in a checksummed version 4 record's envelope: a state, or Corrupted
+    (or FabricValueError for a stage name that is not one), never another exception."""
+    dev = MemDevice(block_size=512, nblocks=16)
+    envelope = struct.pack("<BBHIQQ", codec, flags, stage_len, pad, 1, 2)
+    SlotStore(dev, PCHK).write([envelope, body], version=4)
+    try:
+        got = CheckpointedStageState.restore(dev)  # type: ignore[arg-type]
+    except (Corrupted, FabricValueError):
+        return
+    assert got.edge == EdgeCheckpoint(1, 2)
+    if flags & ALIGNED:
+        assert isinstance(got.state, np.ndarray) and got.buffer is got.state
