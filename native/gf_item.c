@@ -512,6 +512,205 @@ static PyType_Spec span_spec = {
     .slots = span_slots,
 };
 
+/* ----------------------------------------------------------------- PLock */
+
+/* PLock(): a handle's producer lock, a recursive lock (the same rules as
+ * threading.RLock: the holder may take it again; only the holder releases it)
+ * that the native reservation takes and gives back with a C call, not a call
+ * into Python. Python code uses it as a context manager or with
+ * acquire()/release().
+ *
+ * Every call runs with the GIL held (this module is built for the limited API,
+ * which has no free-threaded build), so owner and count are plain fields: a
+ * free lock is taken by setting them, with no OS call. Only a thread that finds
+ * it held by another thread blocks: it counts itself in `waiters` and sleeps,
+ * with the GIL released, on `wake` (a PyThread lock used as a semaphore: held
+ * while nobody is woken); the last release posts it when someone waits. A woken
+ * thread takes the lock only if it is free when it has the GIL again, else it
+ * sleeps again (a spurious wake-up costs a loop, never a wrong owner). A blocked
+ * acquire wakes for signals: their handlers run, and an exception they raise
+ * (KeyboardInterrupt) comes out of acquire with the lock not taken, as with
+ * threading.RLock. Fork: in the child only the forking thread exists; the
+ * first call there gives the lock a fresh `wake`, keeps what that thread held
+ * and drops what other threads held or waited for. */
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock wake;
+    unsigned long owner;   /* thread id of the holder (meaningful while count > 0) */
+    unsigned long count;   /* 0: free */
+    unsigned long waiters; /* threads sleeping on wake */
+    unsigned long fork_gen;
+} PLockObject;
+
+static PyTypeObject *g_plock_type;
+
+/* a PyThread lock that is held: acquiring it sleeps until it is released */
+static PyThread_type_lock plock_new_wake(void) {
+    PyThread_type_lock w = PyThread_allocate_lock();
+    if (w && PyThread_acquire_lock(w, NOWAIT_LOCK) != PY_LOCK_ACQUIRED) { /* new: always free */
+        PyThread_free_lock(w);
+        w = NULL;
+    }
+    return w;
+}
+
+/* after fork(): a fresh wake lock (the old one is the parent's, left as it is);
+ * 0, or -1 with MemoryError set */
+static int plock_after_fork(PLockObject *self) {
+    PyThread_type_lock fresh = plock_new_wake();
+    if (!fresh) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->wake = fresh;
+    self->fork_gen = g_fork_gen;
+    self->waiters = 0;
+    if (self->count > 0 && self->owner != PyThread_get_thread_ident()) {
+        self->count = 0;
+        self->owner = 0;
+    }
+    return 0;
+}
+
+/* Take the lock (blocking); 0, or -1 with an error set (a signal handler raised
+ * while it waited, or the count would overflow): the lock is then not taken. */
+static int plock_acquire_c(PLockObject *self) {
+    if (self->fork_gen != g_fork_gen && plock_after_fork(self) < 0) return -1;
+    unsigned long me = PyThread_get_thread_ident();
+    if (self->count > 0) {
+        if (self->owner == me) {
+            if (self->count == ULONG_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "producer lock taken too many times");
+                return -1;
+            }
+            self->count++;
+            return 0;
+        }
+        self->waiters++;
+        for (;;) {
+            if (self->fork_gen != g_fork_gen) { /* a signal handler forked, and this is the child */
+                if (plock_after_fork(self) < 0) return -1; /* (waiters is 0 there) */
+                self->waiters = 1;
+            }
+            if (self->count == 0) break;
+            PyThread_type_lock wake = self->wake;
+            PyLockStatus st;
+            Py_BEGIN_ALLOW_THREADS
+            st = PyThread_acquire_lock_timed(wake, -1, 1);
+            Py_END_ALLOW_THREADS
+            if (st == PY_LOCK_INTR && PyErr_CheckSignals() < 0) {
+                self->waiters--;
+                return -1;
+            }
+        }
+        self->waiters--;
+    }
+    self->owner = me;
+    self->count = 1;
+    return 0;
+}
+
+/* Give one level back; 0, or -1 with RuntimeError when this thread does not hold it. */
+static int plock_release_c(PLockObject *self) {
+    if (self->fork_gen != g_fork_gen && plock_after_fork(self) < 0) return -1;
+    if (self->count == 0 || self->owner != PyThread_get_thread_ident()) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
+        return -1;
+    }
+    if (--self->count == 0) {
+        self->owner = 0;
+        if (self->waiters) PyThread_release_lock(self->wake); /* wake one sleeper (it checks again) */
+    }
+    return 0;
+}
+
+static PyObject *plock_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
+    if (PyTuple_Size(args) != 0 || (kw && PyDict_Size(kw) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "PLock() takes no arguments");
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(tp, Py_tp_alloc);
+    PLockObject *self = (PLockObject *)alloc(tp, 0);
+    if (!self) return NULL;
+    self->wake = plock_new_wake();
+    if (!self->wake) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    self->fork_gen = g_fork_gen;
+    return (PyObject *)self;
+}
+
+static void plock_dealloc(PyObject *o) {
+    PLockObject *self = (PLockObject *)o;
+    PyTypeObject *tp = Py_TYPE(o);
+    /* nobody waits on a lock that is going away (a waiter holds a reference) */
+    if (self->wake && self->fork_gen == g_fork_gen) PyThread_free_lock(self->wake); /* else: the parent's */
+    self->wake = NULL;
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+static PyObject *plock_py_acquire(PyObject *o, PyObject *unused) {
+    if (plock_acquire_c((PLockObject *)o) < 0) return NULL;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *plock_py_release(PyObject *o, PyObject *unused) {
+    if (plock_release_c((PLockObject *)o) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *plock_py_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) {
+    if (plock_release_c((PLockObject *)o) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* _is_owned(): this thread holds it (as threading.RLock._is_owned) */
+static PyObject *plock_is_owned(PyObject *o, PyObject *unused) {
+    PLockObject *self = (PLockObject *)o;
+    if (self->fork_gen != g_fork_gen && plock_after_fork(self) < 0) return NULL;
+    return PyBool_FromLong(self->count > 0 && self->owner == PyThread_get_thread_ident());
+}
+
+static PyObject *plock_get_count(PyObject *o, void *unused) {
+    PLockObject *self = (PLockObject *)o;
+    if (self->fork_gen != g_fork_gen && plock_after_fork(self) < 0) return NULL;
+    return PyLong_FromUnsignedLong(self->count);
+}
+
+static PyMethodDef plock_methods[] = {
+    {"acquire", plock_py_acquire, METH_NOARGS, "acquire() -> True: take the lock, waiting for it (reentrant)."},
+    {"release", plock_py_release, METH_NOARGS, "release(): give one level back (RuntimeError if not held here)."},
+    {"__enter__", plock_py_acquire, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))plock_py_exit, METH_FASTCALL, NULL},
+    {"_is_owned", plock_is_owned, METH_NOARGS, "_is_owned() -> bool: this thread holds the lock."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef plock_getset[] = {
+    {"_count", plock_get_count, NULL, "how many times the holder has taken it (0: free)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot plock_slots[] = {
+    {Py_tp_doc, "A handle's producer lock: a recursive lock the native reservation takes without a Python call."},
+    {Py_tp_new, plock_new},
+    {Py_tp_dealloc, plock_dealloc},
+    {Py_tp_methods, plock_methods},
+    {Py_tp_getset, plock_getset},
+    {0, NULL},
+};
+
+static PyType_Spec plock_spec = {
+    .name = "grafos_fabric._item.PLock",
+    .basicsize = sizeof(PLockObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = plock_slots,
+};
+
 /* ------------------------------------------------------------------ Fast */
 
 /* QueueBase: the base class of FabricQueue, whose push/try_push/pop/try_pop
@@ -571,8 +770,7 @@ typedef struct {
     int typed;
     int closed;
     PyObject *ring;          /* writable uint8 array over the data area (pins the mapping, not the handle) */
-    PyObject *plock_acquire; /* the handle's producer lock (bound methods) */
-    PyObject *plock_release;
+    PLockObject *plock;      /* the handle's producer lock */
     PyObject *res;           /* a reusable Reservation (not in use), or NULL */
     uint64_t max_item;
     uint64_t ring_len;
@@ -589,8 +787,11 @@ typedef struct {
     /* the handle's reservation state (FabricQueue's _reserving, _reserver, _commit_len,
      * _give_back_after_reserve, last_seq: attributes in C, so a native reservation
      * sets them without a dictionary) */
-    PyObject *reserver;   /* thread id (int) or NULL: None */
-    PyObject *last_seq;   /* an int, or NULL: -1 */
+    PyObject *last_seq;   /* an int set from Python, or NULL: last_seq_raw (when have_seq), else -1 */
+    unsigned long reserver; /* thread id of the open reservation (when have_reserver): ints made on demand */
+    uint64_t last_seq_raw;  /* set by a native commit */
+    int have_reserver;
+    int have_seq;
     Py_ssize_t commit_len;
     int reserving;
     int give_back_after_reserve;
@@ -630,12 +831,21 @@ bad:
     return -1;
 }
 
-/* a timeout the fast path may ignore (it never waits): None or a float >= 0 */
+/* a timeout the fast path may ignore (it never waits): None, a float >= 0 or an
+ * int >= 0 (exact types: bool, subclasses and anything else go to the Python path,
+ * which checks them; so do ints past 2**63, which it refuses as too large) */
 static inline int fast_timeout_ok(PyObject *t) {
     if (!t || t == Py_None) return 1;
-    if (!PyFloat_CheckExact(t)) return 0;
-    double v = PyFloat_AsDouble(t);
-    return v >= 0.0; /* NaN: no */
+    if (PyFloat_CheckExact(t)) {
+        double v = PyFloat_AsDouble(t);
+        return v >= 0.0; /* NaN: no */
+    }
+    if (PyLong_CheckExact(t)) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(t, &overflow);
+        return overflow == 0 && v >= 0; /* (v == -1 with an error set cannot happen for an exact int) */
+    }
+    return 0;
 }
 
 /* One push: 1 pushed (*seq), 0 full, -1 take the slow path (nothing pushed). */
@@ -797,21 +1007,13 @@ static PyObject *fast_set_producer(PyObject *o, PyObject *args) {
     }
     Py_ssize_t ring_len = PyObject_Length(ring);
     if (ring_len < 0) return NULL;
-    PyObject *acq = PyObject_GetAttrString(plock, "acquire");
-    PyObject *rel = acq ? PyObject_GetAttrString(plock, "release") : NULL;
-    if (!rel) {
-        Py_XDECREF(acq);
+    if (!PyObject_TypeCheck(plock, g_plock_type)) {
+        PyErr_SetString(PyExc_TypeError, "set_producer needs the handle's PLock");
         return NULL;
     }
-    if (PyObject_GetBuffer(buf, &self->pview, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
-        Py_DECREF(acq);
-        Py_DECREF(rel);
-        return NULL;
-    }
+    if (PyObject_GetBuffer(buf, &self->pview, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return NULL;
     if (self->pview.len != (Py_ssize_t)sizeof(gf_producer) || ((uintptr_t)self->pview.buf & 7)) {
         PyBuffer_Release(&self->pview);
-        Py_DECREF(acq);
-        Py_DECREF(rel);
         PyErr_SetString(PyExc_ValueError, "set_producer needs the buffer of a gf_producer");
         return NULL;
     }
@@ -819,8 +1021,7 @@ static PyObject *fast_set_producer(PyObject *o, PyObject *args) {
     self->max_item = self->p->max_item;
     self->ring = Py_NewRef(ring);
     self->ring_len = (uint64_t)ring_len;
-    self->plock_acquire = acq;
-    self->plock_release = rel;
+    self->plock = (PLockObject *)Py_NewRef(plock);
     Py_RETURN_NONE;
 }
 
@@ -971,8 +1172,7 @@ static void fast_dealloc(PyObject *o) {
     if (self->p) PyBuffer_Release(&self->pview);
     if (self->c) PyBuffer_Release(&self->cview);
     Py_CLEAR(self->ring);
-    Py_CLEAR(self->plock_acquire);
-    Py_CLEAR(self->plock_release);
+    Py_CLEAR(self->plock);
     Py_CLEAR(self->res);
     self->p = NULL;
     self->c = NULL;
@@ -1005,8 +1205,7 @@ static int fast_traverse(PyObject *o, visitproc visit, void *arg) {
     Py_VISIT(Py_TYPE(o)); /* a heap type's instances hold it */
     Py_VISIT(self->res);
     Py_VISIT(self->ring);
-    Py_VISIT(self->plock_acquire);
-    Py_VISIT(self->plock_release);
+    Py_VISIT((PyObject *)self->plock);
     Py_VISIT((PyObject *)self->rel);
     Py_VISIT((PyObject *)self->item_type);
     Py_VISIT(self->fmt);
@@ -1060,13 +1259,23 @@ static int qb_clear(PyObject *o) {
 
 static PyObject *qb_get_reserver(PyObject *o, void *unused) {
     QueueBaseObject *self = (QueueBaseObject *)o;
-    return Py_NewRef(self->reserver ? self->reserver : Py_None);
+    if (!self->have_reserver) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLong(self->reserver);
 }
 static int qb_set_reserver(PyObject *o, PyObject *v, void *unused) {
     QueueBaseObject *self = (QueueBaseObject *)o;
-    PyObject *old = self->reserver;
-    self->reserver = (!v || v == Py_None) ? NULL : Py_NewRef(v);
-    Py_XDECREF(old);
+    if (!v || v == Py_None) {
+        self->have_reserver = 0;
+        return 0;
+    }
+    unsigned long t = PyLong_Check(v) ? PyLong_AsUnsignedLong(v) : (unsigned long)-1;
+    if (t == (unsigned long)-1 && (!PyLong_Check(v) || PyErr_Occurred())) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "_reserver is a thread id (threading.get_ident()) or None");
+        return -1;
+    }
+    self->reserver = t;
+    self->have_reserver = 1;
     return 0;
 }
 static PyObject *qb_get_reserving(PyObject *o, void *unused) { return PyBool_FromLong(((QueueBaseObject *)o)->reserving); }
@@ -1096,7 +1305,8 @@ static int qb_set_commit_len(PyObject *o, PyObject *v, void *unused) {
 }
 static PyObject *qb_get_last_seq(PyObject *o, void *unused) {
     QueueBaseObject *self = (QueueBaseObject *)o;
-    return self->last_seq ? Py_NewRef(self->last_seq) : PyLong_FromLong(-1);
+    if (self->last_seq) return Py_NewRef(self->last_seq);
+    return self->have_seq ? PyLong_FromUnsignedLongLong(self->last_seq_raw) : PyLong_FromLong(-1);
 }
 static int qb_set_last_seq(PyObject *o, PyObject *v, void *unused) {
     QueueBaseObject *self = (QueueBaseObject *)o;
@@ -1106,6 +1316,7 @@ static int qb_set_last_seq(PyObject *o, PyObject *v, void *unused) {
     }
     PyObject *old = self->last_seq;
     self->last_seq = v ? Py_NewRef(v) : NULL;
+    self->have_seq = 0;
     Py_XDECREF(old);
     return 0;
 }
@@ -1161,25 +1372,16 @@ static PyObject *res_enter(PyObject *o, PyObject *unused) {
     uint64_t off = 0;
     int rc = GF_E_ARG;
     if (f && !fast_off(f) && f->p) {
-        PyObject *r = PyObject_CallNoArgs(f->plock_acquire);
-        if (!r) {
+        if (plock_acquire_c(f->plock) < 0) { /* a signal handler raised while it waited */
             res_disarm(self);
             return NULL;
         }
-        Py_DECREF(r);
         rc = gf_reserve(f->p, (uint64_t)self->nbytes, 0, &off);
         if (rc == GF_OK && (off > f->ring_len || (uint64_t)self->nbytes > f->ring_len - off)) {
             gf_abort(f->p); /* never from the native layer; refuse rather than hand out a view past the ring */
             rc = GF_E_CORRUPT;
         }
-        if (rc != GF_OK) {
-            r = PyObject_CallNoArgs(f->plock_release);
-            if (!r) {
-                res_disarm(self);
-                return NULL;
-            }
-            Py_DECREF(r);
-        }
+        if (rc != GF_OK) (void)plock_release_c(f->plock); /* held here: never fails */
     }
     if (rc != GF_OK) {
         /* full, an error, a closed or forked handle: the Python reservation does it all */
@@ -1198,7 +1400,6 @@ static PyObject *res_enter(PyObject *o, PyObject *unused) {
         return v;
     }
     QueueBaseObject *qb = (QueueBaseObject *)q;
-    PyObject *tid = PyLong_FromUnsignedLong(PyThread_get_thread_ident()); /* the thread that entered */
     PyObject *lo = PyLong_FromUnsignedLongLong(off);
     PyObject *hi = PyLong_FromUnsignedLongLong(off + (uint64_t)self->nbytes);
     PyObject *sl = lo && hi ? PySlice_New(lo, hi, NULL) : NULL;
@@ -1206,18 +1407,14 @@ static PyObject *res_enter(PyObject *o, PyObject *unused) {
     Py_XDECREF(hi);
     PyObject *v = sl ? PyObject_GetItem(f->ring, sl) : NULL;
     Py_XDECREF(sl);
-    if (!v || !tid) {
-        Py_XDECREF(v);
-        Py_XDECREF(tid);
+    if (!v) {
         gf_abort(f->p);
-        PyObject *r = PyObject_CallNoArgs(f->plock_release);
-        Py_XDECREF(r);
+        (void)plock_release_c(f->plock); /* held here: never fails (the error set stays) */
         res_disarm(self);
         return NULL;
     }
-    PyObject *old_reserver = qb->reserver;
-    qb->reserver = tid;
-    Py_XDECREF(old_reserver);
+    qb->reserver = PyThread_get_thread_ident(); /* the thread that entered */
+    qb->have_reserver = 1;
     qb->reserving = 1;
     qb->commit_len = self->nbytes;
     self->active = 1;
@@ -1257,15 +1454,13 @@ static PyObject *res_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) 
         Py_ssize_t k = qb->commit_len;
         rc = (k <= 0 || k > self->nbytes) ? GF_E_ARG : gf_commit(f->p, (uint64_t)k, &seq);
         if (rc == GF_OK) {
-            PyObject *ls = PyLong_FromUnsignedLongLong(seq); /* a sequence number is any u64 */
-            if (ls) {
-                Py_XDECREF(qb->last_seq);
-                qb->last_seq = ls;
-            }
+            Py_CLEAR(qb->last_seq); /* a sequence number is any u64: an int only when asked for */
+            qb->last_seq_raw = seq;
+            qb->have_seq = 1;
         }
     }
     qb->reserving = 0;
-    Py_CLEAR(qb->reserver);
+    qb->have_reserver = 0;
     if (rc != GF_OK) {
         /* the typed error (q._raise), with the lock still held as the Python path does */
         PyObject *n = PyLong_FromLong(rc);
@@ -1281,9 +1476,7 @@ static PyObject *res_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) 
         if (!r) PyErr_WriteUnraisable(q);
         Py_XDECREF(r);
     }
-    PyObject *r = PyObject_CallNoArgs(f->plock_release);
-    if (!r) PyErr_WriteUnraisable(q);
-    Py_XDECREF(r);
+    if (plock_release_c(f->plock) < 0) PyErr_WriteUnraisable(q); /* held since the enter: never */
     PyErr_Restore(exc_t, exc_v, exc_tb);
     Py_DECREF(q);
     if (PyErr_Occurred()) return NULL;
@@ -1372,7 +1565,6 @@ static void qb_dealloc(PyObject *o) {
     PyTypeObject *tp = Py_TYPE(o);
     PyObject_GC_UnTrack(o);
     Py_CLEAR(((QueueBaseObject *)o)->fast);
-    Py_CLEAR(((QueueBaseObject *)o)->reserver);
     Py_CLEAR(((QueueBaseObject *)o)->last_seq);
     freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     f(o);
@@ -1511,6 +1703,13 @@ PyMODINIT_FUNC PyInit__item(void) {
         return NULL;
     }
     g_res_type = (PyTypeObject *)rt2;
+    PyObject *pl = PyType_FromSpec(&plock_spec);
+    if (!pl || PyModule_AddObject(m, "PLock", pl) < 0) {
+        Py_XDECREF(pl);
+        Py_DECREF(m);
+        return NULL;
+    }
+    g_plock_type = (PyTypeObject *)pl;
     PyObject *qt = PyType_FromSpec(&qb_spec);
     if (!qt || PyModule_AddObject(m, "QueueBase", qt) < 0) {
         Py_XDECREF(qt);

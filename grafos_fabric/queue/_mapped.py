@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import errors as E
 from .._ffi import ffi, lib, raise_status
-from .._item import Releaser
+from .._item import PLock, Releaser
 from ..drivers.base import Fabric
 from ..lease import NS, check_ttl
 from ..locator import QueueLocator
@@ -528,7 +528,7 @@ class FabricQueue(_MappedProducer):
         self._cons = None
         self._cons_rel = None
         self._pf_it = _NO_PREFETCH
-        self._plock = threading.RLock()
+        self._plock = PLock()
         self._clock_lock = threading.Lock()
         locks, self._role_locks = self._role_locks, {}
         for lock in locks.values():
