@@ -44,6 +44,17 @@
 
 #include "gf_native.h" /* gf_consumer and gf_release: gf_native.c is compiled into this module too */
 
+/* numpy's C API (its function table, fetched at import by import_array): only to
+ * make a reservation's view, a uint8 array over the ring, without numpy's slicing
+ * machinery. numpy's headers build under Py_LIMITED_API; setup.py builds against
+ * numpy >= 2 with NPY_TARGET_VERSION 1.24 (pyproject's floor), which numpy 1.24
+ * and later all load. */
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#ifndef NPY_TARGET_VERSION
+#define NPY_TARGET_VERSION NPY_1_24_API_VERSION
+#endif
+#include <numpy/arrayobject.h>
+
 /* Bumped in a child after fork(): a Releaser made before it must not release
  * there (the native consumer is the parent's: it would move the parent's head). */
 static volatile unsigned long g_fork_gen;
@@ -770,6 +781,7 @@ typedef struct {
     int typed;
     int closed;
     PyObject *ring;          /* writable uint8 array over the data area (pins the mapping, not the handle) */
+    char *ring_data;         /* its first byte */
     PLockObject *plock;      /* the handle's producer lock */
     PyObject *res;           /* a reusable Reservation (not in use), or NULL */
     uint64_t max_item;
@@ -1005,8 +1017,15 @@ static PyObject *fast_set_producer(PyObject *o, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "the producer is set already");
         return NULL;
     }
-    Py_ssize_t ring_len = PyObject_Length(ring);
-    if (ring_len < 0) return NULL;
+    /* reservation views are made over it with numpy's C API: it must be what
+     * FabricQueue passes, a writable, C-contiguous, 1-D uint8 ndarray */
+    if (!PyArray_CheckExact(ring) || PyArray_NDIM((PyArrayObject *)ring) != 1 ||
+        PyArray_TYPE((PyArrayObject *)ring) != NPY_UINT8 ||
+        !PyArray_CHKFLAGS((PyArrayObject *)ring, NPY_ARRAY_CARRAY)) {
+        PyErr_SetString(PyExc_TypeError, "set_producer needs a writable, C-contiguous 1-D uint8 array over the ring");
+        return NULL;
+    }
+    Py_ssize_t ring_len = (Py_ssize_t)PyArray_SIZE((PyArrayObject *)ring);
     if (!PyObject_TypeCheck(plock, g_plock_type)) {
         PyErr_SetString(PyExc_TypeError, "set_producer needs the handle's PLock");
         return NULL;
@@ -1020,6 +1039,7 @@ static PyObject *fast_set_producer(PyObject *o, PyObject *args) {
     self->p = (gf_producer *)self->pview.buf;
     self->max_item = self->p->max_item;
     self->ring = Py_NewRef(ring);
+    self->ring_data = PyArray_BYTES((PyArrayObject *)ring);
     self->ring_len = (uint64_t)ring_len;
     self->plock = (PLockObject *)Py_NewRef(plock);
     Py_RETURN_NONE;
@@ -1352,6 +1372,7 @@ typedef struct {
 } ResObject;
 
 static PyTypeObject *g_res_type;
+static PyArray_Descr *g_u8_descr; /* numpy's uint8 descriptor (set at import) */
 static PyObject *g_str_slow_reserve, *g_str_raise, *g_str_after_reserve, *g_str_commit, *g_str_enter, *g_str_exit;
 
 static void res_disarm(ResObject *self) {
@@ -1400,13 +1421,15 @@ static PyObject *res_enter(PyObject *o, PyObject *unused) {
         return v;
     }
     QueueBaseObject *qb = (QueueBaseObject *)q;
-    PyObject *lo = PyLong_FromUnsignedLongLong(off);
-    PyObject *hi = PyLong_FromUnsignedLongLong(off + (uint64_t)self->nbytes);
-    PyObject *sl = lo && hi ? PySlice_New(lo, hi, NULL) : NULL;
-    Py_XDECREF(lo);
-    Py_XDECREF(hi);
-    PyObject *v = sl ? PyObject_GetItem(f->ring, sl) : NULL;
-    Py_XDECREF(sl);
+    /* the view: ring[off:off + nbytes] (checked above to lie inside it), made directly
+     * (what numpy's slicing makes, without parsing a slice): a writable uint8 array
+     * whose base is the ring array, which pins the mapping */
+    npy_intp dims[1] = {(npy_intp)self->nbytes};
+    Py_INCREF((PyObject *)g_u8_descr);
+    PyObject *v = PyArray_NewFromDescr(&PyArray_Type, g_u8_descr, 1, dims, NULL, f->ring_data + off,
+                                       NPY_ARRAY_CARRAY, NULL); /* steals the descriptor's reference */
+    if (v && PyArray_SetBaseObject((PyArrayObject *)v, Py_NewRef(f->ring)) < 0) /* steals the ring's (also on failure) */
+        Py_CLEAR(v);
     if (!v) {
         gf_abort(f->p);
         (void)plock_release_c(f->plock); /* held here: never fails (the error set stays) */
@@ -1664,6 +1687,9 @@ PyMODINIT_FUNC PyInit__item(void) {
         return NULL;
     g_released_exc = Py_NewRef(PyExc_ValueError);
     g_corrupted_exc = Py_NewRef(PyExc_ValueError);
+    import_array1(NULL); /* numpy's C API table (raises ImportError if numpy is missing or too old) */
+    g_u8_descr = PyArray_DescrFromType(NPY_UINT8);
+    if (!g_u8_descr) return NULL;
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
     PyObject *tp = PyType_FromSpec(&item_spec);

@@ -52,8 +52,9 @@ cp "$SO" "$OUT/overlay/grafos_fabric/"
 # (gf_native.c's ring core is gf_ring_core.h's inline functions, found through -Inative: gf_ring_core.c
 # only exports them to cffi, so _item needs no other source)
 PYINC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-gcc -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize="$SANITIZERS" -std=gnu11 -I"$PYINC" \
-  -DPy_LIMITED_API=0x030B0000 -Inative native/gf_item.c native/gf_native.c \
+NPINC=$("$PY" -c 'import numpy; print(numpy.get_include())')  # gf_item.c makes reservation views with numpy's C API
+gcc -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize="$SANITIZERS" -std=gnu11 -I"$PYINC" -I"$NPINC" \
+  -DPy_LIMITED_API=0x030B0000 -DNPY_TARGET_VERSION=NPY_1_24_API_VERSION -Inative native/gf_item.c native/gf_native.c \
   -o "$OUT/overlay/grafos_fabric/_item.abi3.so" 2>"$OUT/build_item.log" || {
   cat "$OUT/build_item.log" >&2
   echo "sanitize: building _item failed" >&2
