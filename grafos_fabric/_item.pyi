@@ -3,6 +3,8 @@
 from contextlib import AbstractContextManager
 from typing import Any
 
+import numpy as np
+
 class ItemBase:
     """Base of grafos_fabric.queue.Item: the buffer protocol and the release bookkeeping."""
 
@@ -66,6 +68,7 @@ class Fast:
         tid: int,
         /,
     ) -> None: ...
+    def set_array_dtype(self, dtype: np.dtype[Any], /) -> None: ...
     def note_thread(self, tid: int | None, /) -> None: ...
     def close(self) -> None: ...
     def refill(self) -> tuple[int, int, int, int] | int: ...
@@ -100,6 +103,9 @@ class QueueBase:
         """Pop one item, waiting for it; ``TimeoutError`` when ``timeout`` passes."""
     def try_pop(self) -> Any:
         """Pop one item, or None when the queue is empty (never waits)."""
+    def pop_array(self, timeout: float | None = None) -> np.ndarray[Any, Any]:
+        """Pop one item as a read-only array of the queue's dtype (uint8 without one);
+        its ring space is reused once that array and every view of it are gone."""
     def reserve(self, nbytes: int, timeout: float | None = None) -> AbstractContextManager[Any]:
         """Zero-copy production: ``with q.reserve(n) as buf: ...`` writes the item in
         place; it is published on exit (aborted when the block raises)."""

@@ -784,6 +784,7 @@ typedef struct {
     char *ring_data;         /* its first byte */
     PLockObject *plock;      /* the handle's producer lock */
     PyObject *res;           /* a reusable Reservation (not in use), or NULL */
+    PyArray_Descr *arr_descr; /* pop_array's dtype (set_array_dtype), or NULL: pop_array takes the Python path */
     uint64_t max_item;
     uint64_t ring_len;
     uint64_t offs[FAST_PF_MAX], lens[FAST_PF_MAX], seqs[FAST_PF_MAX];
@@ -809,7 +810,7 @@ typedef struct {
     int give_back_after_reserve;
 } QueueBaseObject;
 
-static PyObject *g_str_slow_push, *g_str_slow_try_push, *g_str_slow_pop, *g_str_slow_try_pop;
+static PyObject *g_str_slow_push, *g_str_slow_try_push, *g_str_slow_pop, *g_str_slow_try_pop, *g_str_slow_pop_array;
 
 /* q._slow_<name>(buf, timeout): the Python method */
 static PyObject *fast_slow(PyObject *q, PyObject *name, PyObject *buf, PyObject *timeout) {
@@ -1006,6 +1007,65 @@ static PyObject *qb_pop(PyObject *q, PyObject *const *args, Py_ssize_t nargs, Py
     return fast_slow(q, g_str_slow_pop, NULL, timeout ? timeout : Py_None);
 }
 
+/* pop_array(timeout=None) -> a read-only 1-D array of the queue's dtype (uint8 without
+ * one) over the next item's payload, made with numpy's C API; its base is the item, so
+ * the item's ring space goes back when the array and every view of it are gone (the
+ * item's dealloc). Served natively when a record is prefetched (or refilled here) and
+ * the dtype is set; every other case is q._slow_pop_array(timeout). */
+static PyObject *fast_item_array(FastObject *f, PyObject *item) {
+    ItemBase *it = (ItemBase *)item;
+    Py_ssize_t isz = f->arr_descr ? PyDataType_ELSIZE(f->arr_descr) : 0;
+    if (isz <= 0 || it->length % isz) {
+        Py_DECREF(item); /* released (its dealloc gives the token back) */
+        PyErr_Format(g_corrupted_exc, "an item of %zd bytes is not a whole number of %zd-byte dtype elements",
+                     it->length, isz);
+        return NULL;
+    }
+    npy_intp dims[1] = {(npy_intp)(it->length / isz)};
+    Py_INCREF((PyObject *)f->arr_descr);
+    npy_intp align = PyDataType_ALIGNMENT(f->arr_descr);
+    int flags = NPY_ARRAY_C_CONTIGUOUS; /* read-only (no NPY_ARRAY_WRITEABLE); aligned only if it is */
+    if (align <= 1 || (uintptr_t)it->ptr % (uintptr_t)align == 0) flags |= NPY_ARRAY_ALIGNED;
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, f->arr_descr, 1, dims, NULL, it->ptr, flags, NULL);
+    if (!arr) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, item) < 0) { /* steals the item (also on failure) */
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+static PyObject *qb_pop_array(PyObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *buf, *timeout;
+    if (fast_args(args, nargs, kwnames, 0, &buf, &timeout) < 0) return NULL;
+    FastObject *f = ((QueueBaseObject *)q)->fast;
+    if (f && f->arr_descr && fast_timeout_ok(timeout)) {
+        PyObject *r = fast_pop1(f, q);
+        if (r && r != Py_None) return fast_item_array(f, r);
+        if (!r && PyErr_Occurred()) return NULL;
+    }
+    return fast_slow(q, g_str_slow_pop_array, NULL, timeout ? timeout : Py_None);
+}
+
+/* set_array_dtype(dtype): pop_array's element type (a numpy dtype without Python objects
+ * whose size is the queue's itemsize) */
+static PyObject *fast_set_array_dtype(PyObject *o, PyObject *arg) {
+    FastObject *self = (FastObject *)o;
+    if (!PyArray_DescrCheck(arg) || PyDataType_REFCHK((PyArray_Descr *)arg) ||
+        PyDataType_ELSIZE((PyArray_Descr *)arg) <= 0 ||
+        (self->c && PyDataType_ELSIZE((PyArray_Descr *)arg) != self->itemsize)) {
+        PyErr_SetString(PyExc_TypeError, "set_array_dtype needs the queue's numpy dtype (no objects, its itemsize)");
+        return NULL;
+    }
+    PyArray_Descr *old = self->arr_descr;
+    self->arr_descr = (PyArray_Descr *)Py_NewRef(arg);
+    Py_XDECREF((PyObject *)old);
+    Py_RETURN_NONE;
+}
+
 /* set_producer(buffer over the handle's gf_producer, ring, plock): ring is a writable
  * uint8 array over the whole data area (reservation views are slices of it), plock the
  * handle's producer lock */
@@ -1194,6 +1254,7 @@ static void fast_dealloc(PyObject *o) {
     Py_CLEAR(self->ring);
     Py_CLEAR(self->plock);
     Py_CLEAR(self->res);
+    Py_CLEAR(self->arr_descr);
     self->p = NULL;
     self->c = NULL;
     Py_CLEAR(self->rel);
@@ -1208,6 +1269,7 @@ static PyMethodDef fast_methods[] = {
     {"set_producer", fast_set_producer, METH_VARARGS, "set_producer(buffer of the handle's gf_producer, ring, plock)"},
     {"set_consumer", fast_set_consumer, METH_VARARGS,
      "set_consumer(consumer buffer, releaser, item type, address, capacity, format, itemsize, prefetch bytes, tid)"},
+    {"set_array_dtype", fast_set_array_dtype, METH_O, "set_array_dtype(dtype): pop_array's element type"},
     {"note_thread", fast_note_thread, METH_O, "note_thread(tid): refills run natively from this thread (0: none)"},
     {"close", fast_close, METH_NOARGS, "Every call takes the Python path from now on."},
     {"refill", fast_refill, METH_NOARGS, "refill() -> the next record (refilled first when empty) | status"},
@@ -1229,6 +1291,7 @@ static int fast_traverse(PyObject *o, visitproc visit, void *arg) {
     Py_VISIT((PyObject *)self->rel);
     Py_VISIT((PyObject *)self->item_type);
     Py_VISIT(self->fmt);
+    Py_VISIT((PyObject *)self->arr_descr);
     return 0;
 }
 
@@ -1617,6 +1680,9 @@ static PyMethodDef qb_methods[] = {
      "waits)."},
     {"pop", (PyCFunction)(void (*)(void))qb_pop, METH_FASTCALL | METH_KEYWORDS,
      "pop(timeout=None) -> Item: pop one item, waiting for it; TimeoutError when timeout passes."},
+    {"pop_array", (PyCFunction)(void (*)(void))qb_pop_array, METH_FASTCALL | METH_KEYWORDS,
+     "pop_array(timeout=None) -> ndarray: pop one item as a read-only array of the queue's dtype (uint8 without "
+     "one); its ring space is reused once that array and every view of it are gone."},
     {"try_pop", qb_try_pop, METH_NOARGS,
      "try_pop() -> Item | None: pop one item, or None when the queue is empty (never waits)."},
     {"reserve", (PyCFunction)(void (*)(void))qb_reserve, METH_FASTCALL | METH_KEYWORDS,
@@ -1674,6 +1740,7 @@ PyMODINIT_FUNC PyInit__item(void) {
     g_str_slow_try_push = PyUnicode_InternFromString("_slow_try_push");
     g_str_slow_pop = PyUnicode_InternFromString("_slow_pop");
     g_str_slow_try_pop = PyUnicode_InternFromString("_slow_try_pop");
+    g_str_slow_pop_array = PyUnicode_InternFromString("_slow_pop_array");
     g_str_slow_reserve = PyUnicode_InternFromString("_slow_reserve");
     g_str_raise = PyUnicode_InternFromString("_raise");
     g_str_after_reserve = PyUnicode_InternFromString("_give_back_after_fast_reserve");
@@ -1683,7 +1750,7 @@ PyMODINIT_FUNC PyInit__item(void) {
     if (!g_str_slow_reserve || !g_str_raise || !g_str_after_reserve || !g_str_commit || !g_str_enter || !g_str_exit)
         return NULL;
     if (!g_str_release_token || !g_str_item_info || !g_str_span || !g_str_slow_push || !g_str_slow_try_push ||
-        !g_str_slow_pop || !g_str_slow_try_pop)
+        !g_str_slow_pop || !g_str_slow_try_pop || !g_str_slow_pop_array)
         return NULL;
     g_released_exc = Py_NewRef(PyExc_ValueError);
     g_corrupted_exc = Py_NewRef(PyExc_ValueError);

@@ -264,7 +264,10 @@ def test_bench_hotpath_reports_every_case_and_the_reserve_ratios(
     out = tmp_path / "hot.json"
     assert bench_hotpath.main(["--sizes", "64", "--rounds", "1", "--seconds", "0.005", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert {r["case"] for r in res} == {"push", "pop+asarray", "produce", "reserve", "reserve_batch", "produce_batch"}
+    assert {r["case"] for r in res} == {
+        "push", "pop+asarray", "pop_array", "produce", "reserve", "reserve_batch", "produce_batch", "drain",
+    }
     assert all(r["min_ns"] > 0 for r in res)
     text = capsys.readouterr().out
     assert "reserve ÷ produce" in text and "reserve_batch ÷ produce_batch" in text
+    assert "pop_array ÷ pop+asarray" in text

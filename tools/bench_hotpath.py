@@ -15,6 +15,8 @@ Cases, per item size:
 
 * ``push``: ``q.push(payload)`` of ready bytes (then drained in batches);
 * ``pop+asarray``: ``item = q.pop(); np.asarray(item); item.release()`` (each item pushed first: both counted);
+* ``pop_array``: ``arr = q.pop_array(); del arr`` (each item pushed first: both counted): the
+  item as a ready array, released with it;
 * ``drain``: what the producer cases spent in ``pop_batch`` + ``release`` per item (left out of theirs);
 * ``produce``: ``np.add(a, b, out=tmp); q.push(tmp)``: production, then copy-in;
 * ``reserve``: ``with q.reserve(n) as buf: np.add(a, b, out=buf)``: in place;
@@ -90,6 +92,18 @@ def _cases(q: Any, size: int, rows: int, drain: _Drain) -> dict[str, Callable[[i
                 item.release()
             done += k
 
+    def pop_array(n: int) -> None:
+        pop_arr = q.pop_array
+        done = 0
+        while done < n:
+            k = min(per_drain, n - done)
+            for _ in range(k):
+                q.push(payload)
+            for _ in range(k):
+                arr = pop_arr()
+                del arr  # the item's space goes back with its array
+            done += k
+
     def produce(n: int) -> None:
         for i in range(n):
             add(a, b, out=tmp)
@@ -125,9 +139,10 @@ def _cases(q: Any, size: int, rows: int, drain: _Drain) -> dict[str, Callable[[i
             done += k
             drain()
 
-    out: dict[str, Callable[[int], None]] = {
-        "push": push, "pop+asarray": pop_asarray, "produce": produce, "reserve": reserve,
-    }
+    out: dict[str, Callable[[int], None]] = {"push": push, "pop+asarray": pop_asarray}
+    if hasattr(q, "pop_array"):
+        out["pop_array"] = pop_array
+    out.update(produce=produce, reserve=reserve)
     if hasattr(q, "reserve_batch"):
         out["reserve_batch"] = reserve_batch
     out["produce_batch"] = produce_batch
@@ -161,7 +176,7 @@ def measure(sizes: tuple[int, ...], rounds: int, seconds: float) -> list[dict[st
                     t0 = time.process_time()
                     fn(n)
                     t = time.process_time() - t0
-                    if name != "pop+asarray":  # its pops are the case itself
+                    if name not in ("pop+asarray", "pop_array"):  # their pops are the case itself
                         drained += drain.spent
                         items += n
                         t -= drain.spent
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print("ratios (items/s of the first ÷ the second, from the minima):")
     for size in sizes:
         for case, over in (("reserve", "produce"), ("reserve", "push"), ("reserve_batch", "produce_batch"),
-                           ("reserve_batch", "push")):
+                           ("reserve_batch", "push"), ("pop_array", "pop+asarray")):
             x, y = by.get((size, case)), by.get((size, over))
             if x and y:
                 print(f"{size:>8} B  {case} ÷ {over}: {y['min_ns'] / x['min_ns']:.2f}x")

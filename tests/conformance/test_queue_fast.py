@@ -557,3 +557,59 @@ def test_keyboard_interrupt_reaches_a_thread_waiting_for_the_producer_lock(q):
         buf[:] = 5
     assert [q.pop(timeout=WAIT).tobytes() for _ in range(2)] == [b"\x04" * 4, b"\x05" * 4]
     assert q.try_pop() is None and q._plock._count == 0
+
+
+def _outstanding(q: Any) -> int:
+    from grafos_fabric._ffi import lib
+
+    return int(lib.gf_consumer_outstanding(q._cons_rel))
+
+
+def test_pop_array_hands_out_a_read_only_array_natively_and_frees_its_space_when_it_is_gone(q):
+    _warm(q)[0].release()  # so the next item is the oldest one out: its release moves the head
+    took = _no_slow_path(q)
+    base = _outstanding(q)
+    arr = q.pop_array(timeout=5)
+    assert took == [] and type(arr) is np.ndarray and arr.dtype == np.uint8
+    assert arr.tobytes() == b"warm 1" and not arr.flags.writeable and arr.flags.c_contiguous
+    with pytest.raises(ValueError):
+        arr[0] = 1  # read-only, like an item's exports
+    assert _outstanding(q) == base  # (prefetched records hold their tokens already)
+    part = arr[2:]  # a view of it keeps the item (and its space) too
+    del arr
+    gc.collect()
+    assert _outstanding(q) == base and part.tobytes() == b"rm 1"
+    del part
+    assert _outstanding(q) == base - 1  # the item's space goes back with its last view
+
+
+def test_pop_array_of_a_typed_queue_is_in_its_dtype_and_an_empty_queue_takes_the_python_path(fabric):
+    q = gf.FabricQueue.create(fabric, capacity=1 << 14, ttl=WAIT, dtype=np.float32)
+    try:
+        for i in range(3):
+            q.push(np.arange(4, dtype=np.float32) + i)
+        first = q.pop(timeout=WAIT)  # claims the consumer and fills the native prefetch
+        a = q.pop_array()
+        assert a.dtype == np.float32 and a.tolist() == [1.0, 2.0, 3.0, 4.0]
+        b = q.pop_array(timeout=WAIT)
+        assert b.tolist() == [2.0, 3.0, 4.0, 5.0]
+        with pytest.raises(TimeoutError):
+            q.pop_array(timeout=0.01)  # empty: the Python path waits and times out
+        q.push(np.full(2, 7, dtype=np.float32))
+        c = q.pop_array(timeout=WAIT)  # the Python path after the wait (a refill)
+        assert c.tolist() == [7.0, 7.0] and not c.flags.writeable
+        first.release()
+        q.close()
+        with pytest.raises(E.QueueClosed):
+            q.pop_array(timeout=0)
+        assert a.tolist() == [1.0, 2.0, 3.0, 4.0]  # arrays outlive close, as items' views do
+    finally:
+        q.close()
+
+
+def test_pop_array_gives_the_same_bytes_on_every_access_pair(make_pair):
+    tx, rx = make_pair()
+    for i in range(5):
+        tx.push(b"item %d" % i)
+    got = [rx.pop_array(timeout=WAIT).tobytes() for _ in range(5)]  # the first claims (Python), then native
+    assert got == [b"item %d" % i for i in range(5)]
