@@ -8,7 +8,7 @@
 # 2. lays out an overlay package there (the Python sources by symlink, the
 #    sanitized module as a file) and puts it first on PYTHONPATH,
 # 3. runs the native-facing tests (ring white-box, ring core, queue, one-sided, and the
-#    hostile-memory fuzzer at a reduced count) with libasan preloaded into the
+#    hostile-memory fuzzer at a reduced count, the producer lock) with libasan preloaded into the
 #    Python host, leaks off (CPython's own allocations are not ours), and every
 #    UBSan finding fatal,
 # 4. fails on a failed test or on any sanitizer report (reports also go to
@@ -87,7 +87,8 @@ GRAFOS_CONFORMANCE_DRIVERS=shm LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:ca
   "$ROOT/tests/conformance/test_queue.py" \
   "$ROOT/tests/conformance/test_queue_model.py" "$ROOT/tests/conformance/test_queue_paths.py" \
   "$ROOT/tests/test_hostile_memory.py" "$ROOT/tests/test_block_durable.py" \
-  "$ROOT/tests/conformance/test_item_buffer.py" "$ROOT/tests/conformance/test_queue_fast.py" "$@" || status=$?
+  "$ROOT/tests/conformance/test_item_buffer.py" "$ROOT/tests/conformance/test_queue_fast.py" \
+  "$ROOT/tests/whitebox/test_plock.py" "$@" || status=$?
 cd "$ROOT"
 
 # -- 4. any report fails the run
