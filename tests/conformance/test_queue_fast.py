@@ -92,7 +92,13 @@ def test_a_forked_child_gets_forked_handle_from_every_fast_call(q):
     def child() -> int:
         bad = 0
         for k, op in enumerate(
-            (lambda: q.push(b"c"), lambda: q.try_push(b"c"), lambda: q.pop(timeout=0), lambda: q.try_pop())
+            (
+                lambda: q.push(b"c"),
+                lambda: q.try_push(b"c"),
+                lambda: q.pop(timeout=0),
+                lambda: q.try_pop(),
+                lambda: q.pop_array(timeout=0),
+            )
         ):
             try:
                 op()
