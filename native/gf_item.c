@@ -811,6 +811,7 @@ typedef struct {
 } QueueBaseObject;
 
 static PyObject *g_str_slow_push, *g_str_slow_try_push, *g_str_slow_pop, *g_str_slow_try_pop, *g_str_slow_pop_array;
+static PyObject *g_str_timeout;
 
 /* q._slow_<name>(buf, timeout): the Python method */
 static PyObject *fast_slow(PyObject *q, PyObject *name, PyObject *buf, PyObject *timeout) {
@@ -835,7 +836,8 @@ static int fast_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *k = PyTuple_GetItem(kwnames, i);
         if (!k) return -1;
-        if (*timeout || PyUnicode_CompareWithASCIIString(k, "timeout") != 0) goto bad;
+        /* keyword names in a call are interned: the pointer test is the common case */
+        if (*timeout || (k != g_str_timeout && PyUnicode_CompareWithASCIIString(k, "timeout") != 0)) goto bad;
         *timeout = args[nargs + i];
     }
     return 0;
@@ -1741,6 +1743,7 @@ PyMODINIT_FUNC PyInit__item(void) {
     g_str_slow_pop = PyUnicode_InternFromString("_slow_pop");
     g_str_slow_try_pop = PyUnicode_InternFromString("_slow_try_pop");
     g_str_slow_pop_array = PyUnicode_InternFromString("_slow_pop_array");
+    g_str_timeout = PyUnicode_InternFromString("timeout");
     g_str_slow_reserve = PyUnicode_InternFromString("_slow_reserve");
     g_str_raise = PyUnicode_InternFromString("_raise");
     g_str_after_reserve = PyUnicode_InternFromString("_give_back_after_fast_reserve");
@@ -1750,7 +1753,7 @@ PyMODINIT_FUNC PyInit__item(void) {
     if (!g_str_slow_reserve || !g_str_raise || !g_str_after_reserve || !g_str_commit || !g_str_enter || !g_str_exit)
         return NULL;
     if (!g_str_release_token || !g_str_item_info || !g_str_span || !g_str_slow_push || !g_str_slow_try_push ||
-        !g_str_slow_pop || !g_str_slow_try_pop || !g_str_slow_pop_array)
+        !g_str_slow_pop || !g_str_slow_try_pop || !g_str_slow_pop_array || !g_str_timeout)
         return NULL;
     g_released_exc = Py_NewRef(PyExc_ValueError);
     g_corrupted_exc = Py_NewRef(PyExc_ValueError);
