@@ -619,3 +619,28 @@ def test_pop_array_gives_the_same_bytes_on_every_access_pair(make_pair):
         tx.push(b"item %d" % i)
     got = [rx.pop_array(timeout=WAIT).tobytes() for _ in range(5)]  # the first claims (Python), then native
     assert got == [b"item %d" % i for i in range(5)]
+
+
+def test_the_native_state_refuses_a_lock_ring_or_dtype_that_is_not_the_handles_kind():
+    from grafos_fabric._ffi import ffi
+    from grafos_fabric._item import Fast, PLock
+
+    f = Fast(False)
+    p = ffi.new("gf_producer *")
+    ring = np.zeros(64, dtype=np.uint8)
+    for lock, r in (
+        (threading.RLock(), ring),  # the lock must be a PLock (taken from C)
+        (PLock(), ring[::2]),  # not contiguous
+        (PLock(), np.zeros(8, dtype=np.float64)),  # not uint8
+        (PLock(), bytearray(64)),  # not an ndarray
+        (PLock(), np.zeros((8, 8), dtype=np.uint8)),  # not 1-D
+    ):
+        with pytest.raises(TypeError):
+            f.set_producer(ffi.buffer(p), r, lock)
+    ro = np.zeros(64, dtype=np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(TypeError):
+        f.set_producer(ffi.buffer(p), ro, PLock())
+    for bad in (np.dtype(object), "u1", None, np.dtype([("a", "O")])):
+        with pytest.raises(TypeError):
+            f.set_array_dtype(bad)
