@@ -24,13 +24,14 @@
  * buffer format, itemsize), so no Python caller can make it read outside the
  * mapping. Everything here runs with the GIL held: the counters need no lock.
  *
- * Why one file of ~1,500 lines (the project keeps modules under ~800): the
- * native single-item path (Fast, QueueBase, Reservation, below) builds items
- * and spans itself and shares the module state (interned names, the fork
- * generation, the type objects); in one translation unit those stay static
- * and the item constructor inlines into pop. Sections, in order: Item (first),
- * then under dashed banners Releaser, Span, Fast (with QueueBase, whose
- * methods it serves) and Reservation; PyInit__item at the end.
+ * Why one file of ~1,850 lines (the project keeps modules under ~800): the
+ * native single-item path (PLock, Fast, QueueBase, Reservation, below) builds
+ * items and spans itself and shares the module state (interned names, the fork
+ * generation, the type objects, numpy's API table); in one translation unit
+ * those stay static and the item constructor inlines into pop. Sections, in
+ * order: Item (first), then under dashed banners Releaser, Span, PLock (the
+ * producer lock), Fast (with QueueBase, whose methods it serves, and
+ * pop_array) and Reservation; PyInit__item at the end.
  */
 #ifndef Py_LIMITED_API
 #define Py_LIMITED_API 0x030B0000
