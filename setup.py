@@ -7,6 +7,7 @@ message and ``ucx://`` raises ``Unsupported``.
 
 import runpy
 
+import numpy
 from setuptools import Extension, setup
 
 modules = ["native/build_native.py:ffibuilder"]
@@ -25,7 +26,10 @@ setup(
             "grafos_fabric._item",
             # gf_native.c too: items release their ring space with a direct native call
             sources=["native/gf_item.c", "native/gf_native.c"],
-            include_dirs=["native"],
+            # numpy's headers: a reservation's view is made with numpy's C API (its function
+            # table, fetched at import). Built against numpy >= 2 (pyproject's build requirement)
+            # for numpy 1.24 and later (NPY_TARGET_VERSION: pyproject's runtime floor).
+            include_dirs=["native", numpy.get_include()],
             depends=[
                 "native/gf_native.h",
                 "native/gf_native_api.h",
@@ -35,7 +39,7 @@ setup(
                 "native/gf_ring.h",
             ],
             py_limited_api=True,
-            define_macros=[("Py_LIMITED_API", "0x030B0000")],
+            define_macros=[("Py_LIMITED_API", "0x030B0000"), ("NPY_TARGET_VERSION", "NPY_1_24_API_VERSION")],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         )
     ],

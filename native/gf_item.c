@@ -24,13 +24,14 @@
  * buffer format, itemsize), so no Python caller can make it read outside the
  * mapping. Everything here runs with the GIL held: the counters need no lock.
  *
- * Why one file of ~1,500 lines (the project keeps modules under ~800): the
- * native single-item path (Fast, QueueBase, Reservation, below) builds items
- * and spans itself and shares the module state (interned names, the fork
- * generation, the type objects); in one translation unit those stay static
- * and the item constructor inlines into pop. Sections, in order: Item (first),
- * then under dashed banners Releaser, Span, Fast (with QueueBase, whose
- * methods it serves) and Reservation; PyInit__item at the end.
+ * Why one file of ~1,850 lines (the project keeps modules under ~800): the
+ * native single-item path (PLock, Fast, QueueBase, Reservation, below) builds
+ * items and spans itself and shares the module state (interned names, the fork
+ * generation, the type objects, numpy's API table); in one translation unit
+ * those stay static and the item constructor inlines into pop. Sections, in
+ * order: Item (first), then under dashed banners Releaser, Span, PLock (the
+ * producer lock), Fast (with QueueBase, whose methods it serves, and
+ * pop_array) and Reservation; PyInit__item at the end.
  */
 #ifndef Py_LIMITED_API
 #define Py_LIMITED_API 0x030B0000
@@ -43,6 +44,17 @@
 #include <string.h>
 
 #include "gf_native.h" /* gf_consumer and gf_release: gf_native.c is compiled into this module too */
+
+/* numpy's C API (its function table, fetched at import by import_array): only to
+ * make a reservation's view, a uint8 array over the ring, without numpy's slicing
+ * machinery. numpy's headers build under Py_LIMITED_API; setup.py builds against
+ * numpy >= 2 with NPY_TARGET_VERSION 1.24 (pyproject's floor), which numpy 1.24
+ * and later all load. */
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#ifndef NPY_TARGET_VERSION
+#define NPY_TARGET_VERSION NPY_1_24_API_VERSION
+#endif
+#include <numpy/arrayobject.h>
 
 /* Bumped in a child after fork(): a Releaser made before it must not release
  * there (the native consumer is the parent's: it would move the parent's head). */
@@ -512,6 +524,205 @@ static PyType_Spec span_spec = {
     .slots = span_slots,
 };
 
+/* ----------------------------------------------------------------- PLock */
+
+/* PLock(): a handle's producer lock, a recursive lock (the same rules as
+ * threading.RLock: the holder may take it again; only the holder releases it)
+ * that the native reservation takes and gives back with a C call, not a call
+ * into Python. Python code uses it as a context manager or with
+ * acquire()/release().
+ *
+ * Every call runs with the GIL held (this module is built for the limited API,
+ * which has no free-threaded build), so owner and count are plain fields: a
+ * free lock is taken by setting them, with no OS call. Only a thread that finds
+ * it held by another thread blocks: it counts itself in `waiters` and sleeps,
+ * with the GIL released, on `wake` (a PyThread lock used as a semaphore: held
+ * while nobody is woken); the last release posts it when someone waits. A woken
+ * thread takes the lock only if it is free when it has the GIL again, else it
+ * sleeps again (a spurious wake-up costs a loop, never a wrong owner). A blocked
+ * acquire wakes for signals: their handlers run, and an exception they raise
+ * (KeyboardInterrupt) comes out of acquire with the lock not taken, as with
+ * threading.RLock. Fork: in the child only the forking thread exists; the
+ * first call there gives the lock a fresh `wake`, keeps what that thread held
+ * and drops what other threads held or waited for. */
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock wake;
+    unsigned long owner;   /* thread id of the holder (meaningful while count > 0) */
+    unsigned long count;   /* 0: free */
+    unsigned long waiters; /* threads sleeping on wake */
+    unsigned long fork_gen;
+} PLockObject;
+
+static PyTypeObject *g_plock_type;
+
+/* a PyThread lock that is held: acquiring it sleeps until it is released */
+static PyThread_type_lock plock_new_wake(void) {
+    PyThread_type_lock w = PyThread_allocate_lock();
+    if (w && PyThread_acquire_lock(w, NOWAIT_LOCK) != PY_LOCK_ACQUIRED) { /* new: always free */
+        PyThread_free_lock(w);
+        w = NULL;
+    }
+    return w;
+}
+
+/* after fork(): a fresh wake lock (the old one is the parent's, left as it is);
+ * 0, or -1 with MemoryError set */
+static int plock_after_fork(PLockObject *self) {
+    PyThread_type_lock fresh = plock_new_wake();
+    if (!fresh) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->wake = fresh;
+    self->fork_gen = g_fork_gen;
+    self->waiters = 0;
+    if (self->count > 0 && self->owner != PyThread_get_thread_ident()) {
+        self->count = 0;
+        self->owner = 0;
+    }
+    return 0;
+}
+
+/* Take the lock (blocking); 0, or -1 with an error set (a signal handler raised
+ * while it waited, or the count would overflow): the lock is then not taken. */
+static int plock_acquire_c(PLockObject *self) {
+    if (self->fork_gen != g_fork_gen && plock_after_fork(self) < 0) return -1;
+    unsigned long me = PyThread_get_thread_ident();
+    if (self->count > 0) {
+        if (self->owner == me) {
+            if (self->count == ULONG_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "producer lock taken too many times");
+                return -1;
+            }
+            self->count++;
+            return 0;
+        }
+        self->waiters++;
+        for (;;) {
+            if (self->fork_gen != g_fork_gen) { /* a signal handler forked, and this is the child */
+                if (plock_after_fork(self) < 0) return -1; /* (waiters is 0 there) */
+                self->waiters = 1;
+            }
+            if (self->count == 0) break;
+            PyThread_type_lock wake = self->wake;
+            PyLockStatus st;
+            Py_BEGIN_ALLOW_THREADS
+            st = PyThread_acquire_lock_timed(wake, -1, 1);
+            Py_END_ALLOW_THREADS
+            if (st == PY_LOCK_INTR && PyErr_CheckSignals() < 0) {
+                self->waiters--;
+                return -1;
+            }
+        }
+        self->waiters--;
+    }
+    self->owner = me;
+    self->count = 1;
+    return 0;
+}
+
+/* Give one level back; 0, or -1 with RuntimeError when this thread does not hold it. */
+static int plock_release_c(PLockObject *self) {
+    if (self->fork_gen != g_fork_gen && plock_after_fork(self) < 0) return -1;
+    if (self->count == 0 || self->owner != PyThread_get_thread_ident()) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
+        return -1;
+    }
+    if (--self->count == 0) {
+        self->owner = 0;
+        if (self->waiters) PyThread_release_lock(self->wake); /* wake one sleeper (it checks again) */
+    }
+    return 0;
+}
+
+static PyObject *plock_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
+    if (PyTuple_Size(args) != 0 || (kw && PyDict_Size(kw) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "PLock() takes no arguments");
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(tp, Py_tp_alloc);
+    PLockObject *self = (PLockObject *)alloc(tp, 0);
+    if (!self) return NULL;
+    self->wake = plock_new_wake();
+    if (!self->wake) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    self->fork_gen = g_fork_gen;
+    return (PyObject *)self;
+}
+
+static void plock_dealloc(PyObject *o) {
+    PLockObject *self = (PLockObject *)o;
+    PyTypeObject *tp = Py_TYPE(o);
+    /* nobody waits on a lock that is going away (a waiter holds a reference) */
+    if (self->wake && self->fork_gen == g_fork_gen) PyThread_free_lock(self->wake); /* else: the parent's */
+    self->wake = NULL;
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+static PyObject *plock_py_acquire(PyObject *o, PyObject *unused) {
+    if (plock_acquire_c((PLockObject *)o) < 0) return NULL;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *plock_py_release(PyObject *o, PyObject *unused) {
+    if (plock_release_c((PLockObject *)o) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *plock_py_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) {
+    if (plock_release_c((PLockObject *)o) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* _is_owned(): this thread holds it (as threading.RLock._is_owned) */
+static PyObject *plock_is_owned(PyObject *o, PyObject *unused) {
+    PLockObject *self = (PLockObject *)o;
+    if (self->fork_gen != g_fork_gen && plock_after_fork(self) < 0) return NULL;
+    return PyBool_FromLong(self->count > 0 && self->owner == PyThread_get_thread_ident());
+}
+
+static PyObject *plock_get_count(PyObject *o, void *unused) {
+    PLockObject *self = (PLockObject *)o;
+    if (self->fork_gen != g_fork_gen && plock_after_fork(self) < 0) return NULL;
+    return PyLong_FromUnsignedLong(self->count);
+}
+
+static PyMethodDef plock_methods[] = {
+    {"acquire", plock_py_acquire, METH_NOARGS, "acquire() -> True: take the lock, waiting for it (reentrant)."},
+    {"release", plock_py_release, METH_NOARGS, "release(): give one level back (RuntimeError if not held here)."},
+    {"__enter__", plock_py_acquire, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))plock_py_exit, METH_FASTCALL, NULL},
+    {"_is_owned", plock_is_owned, METH_NOARGS, "_is_owned() -> bool: this thread holds the lock."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef plock_getset[] = {
+    {"_count", plock_get_count, NULL, "how many times the holder has taken it (0: free)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot plock_slots[] = {
+    {Py_tp_doc, "A handle's producer lock: a recursive lock the native reservation takes without a Python call."},
+    {Py_tp_new, plock_new},
+    {Py_tp_dealloc, plock_dealloc},
+    {Py_tp_methods, plock_methods},
+    {Py_tp_getset, plock_getset},
+    {0, NULL},
+};
+
+static PyType_Spec plock_spec = {
+    .name = "grafos_fabric._item.PLock",
+    .basicsize = sizeof(PLockObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = plock_slots,
+};
+
 /* ------------------------------------------------------------------ Fast */
 
 /* QueueBase: the base class of FabricQueue, whose push/try_push/pop/try_pop
@@ -571,9 +782,10 @@ typedef struct {
     int typed;
     int closed;
     PyObject *ring;          /* writable uint8 array over the data area (pins the mapping, not the handle) */
-    PyObject *plock_acquire; /* the handle's producer lock (bound methods) */
-    PyObject *plock_release;
+    char *ring_data;         /* its first byte */
+    PLockObject *plock;      /* the handle's producer lock */
     PyObject *res;           /* a reusable Reservation (not in use), or NULL */
+    PyArray_Descr *arr_descr; /* pop_array's dtype (set_array_dtype), or NULL: pop_array takes the Python path */
     uint64_t max_item;
     uint64_t ring_len;
     uint64_t offs[FAST_PF_MAX], lens[FAST_PF_MAX], seqs[FAST_PF_MAX];
@@ -589,14 +801,18 @@ typedef struct {
     /* the handle's reservation state (FabricQueue's _reserving, _reserver, _commit_len,
      * _give_back_after_reserve, last_seq: attributes in C, so a native reservation
      * sets them without a dictionary) */
-    PyObject *reserver;   /* thread id (int) or NULL: None */
-    PyObject *last_seq;   /* an int, or NULL: -1 */
+    PyObject *last_seq;   /* an int set from Python, or NULL: last_seq_raw (when have_seq), else -1 */
+    unsigned long reserver; /* thread id of the open reservation (when have_reserver): ints made on demand */
+    uint64_t last_seq_raw;  /* set by a native commit */
+    int have_reserver;
+    int have_seq;
     Py_ssize_t commit_len;
     int reserving;
     int give_back_after_reserve;
 } QueueBaseObject;
 
-static PyObject *g_str_slow_push, *g_str_slow_try_push, *g_str_slow_pop, *g_str_slow_try_pop;
+static PyObject *g_str_slow_push, *g_str_slow_try_push, *g_str_slow_pop, *g_str_slow_try_pop, *g_str_slow_pop_array;
+static PyObject *g_str_timeout;
 
 /* q._slow_<name>(buf, timeout): the Python method */
 static PyObject *fast_slow(PyObject *q, PyObject *name, PyObject *buf, PyObject *timeout) {
@@ -621,7 +837,8 @@ static int fast_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *k = PyTuple_GetItem(kwnames, i);
         if (!k) return -1;
-        if (*timeout || PyUnicode_CompareWithASCIIString(k, "timeout") != 0) goto bad;
+        /* keyword names in a call are interned: the pointer test is the common case */
+        if (*timeout || (k != g_str_timeout && PyUnicode_CompareWithASCIIString(k, "timeout") != 0)) goto bad;
         *timeout = args[nargs + i];
     }
     return 0;
@@ -630,12 +847,21 @@ bad:
     return -1;
 }
 
-/* a timeout the fast path may ignore (it never waits): None or a float >= 0 */
+/* a timeout the fast path may ignore (it never waits): None, a float >= 0 or an
+ * int >= 0 (exact types: bool, subclasses and anything else go to the Python path,
+ * which checks them; so do ints past 2**63, which it refuses as too large) */
 static inline int fast_timeout_ok(PyObject *t) {
     if (!t || t == Py_None) return 1;
-    if (!PyFloat_CheckExact(t)) return 0;
-    double v = PyFloat_AsDouble(t);
-    return v >= 0.0; /* NaN: no */
+    if (PyFloat_CheckExact(t)) {
+        double v = PyFloat_AsDouble(t);
+        return v >= 0.0; /* NaN: no */
+    }
+    if (PyLong_CheckExact(t)) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(t, &overflow);
+        return overflow == 0 && v >= 0; /* (v == -1 with an error set cannot happen for an exact int) */
+    }
+    return 0;
 }
 
 /* One push: 1 pushed (*seq), 0 full, -1 take the slow path (nothing pushed). */
@@ -784,6 +1010,65 @@ static PyObject *qb_pop(PyObject *q, PyObject *const *args, Py_ssize_t nargs, Py
     return fast_slow(q, g_str_slow_pop, NULL, timeout ? timeout : Py_None);
 }
 
+/* pop_array(timeout=None) -> a read-only 1-D array of the queue's dtype (uint8 without
+ * one) over the next item's payload, made with numpy's C API; its base is the item, so
+ * the item's ring space goes back when the array and every view of it are gone (the
+ * item's dealloc). Served natively when a record is prefetched (or refilled here) and
+ * the dtype is set; every other case is q._slow_pop_array(timeout). */
+static PyObject *fast_item_array(FastObject *f, PyObject *item) {
+    ItemBase *it = (ItemBase *)item;
+    Py_ssize_t isz = f->arr_descr ? PyDataType_ELSIZE(f->arr_descr) : 0;
+    if (isz <= 0 || it->length % isz) {
+        Py_DECREF(item); /* released (its dealloc gives the token back) */
+        PyErr_Format(g_corrupted_exc, "an item of %zd bytes is not a whole number of %zd-byte dtype elements",
+                     it->length, isz);
+        return NULL;
+    }
+    npy_intp dims[1] = {(npy_intp)(it->length / isz)};
+    Py_INCREF((PyObject *)f->arr_descr);
+    npy_intp align = PyDataType_ALIGNMENT(f->arr_descr);
+    int flags = NPY_ARRAY_C_CONTIGUOUS; /* read-only (no NPY_ARRAY_WRITEABLE); aligned only if it is */
+    if (align <= 1 || (uintptr_t)it->ptr % (uintptr_t)align == 0) flags |= NPY_ARRAY_ALIGNED;
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, f->arr_descr, 1, dims, NULL, it->ptr, flags, NULL);
+    if (!arr) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, item) < 0) { /* steals the item (also on failure) */
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+static PyObject *qb_pop_array(PyObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *buf, *timeout;
+    if (fast_args(args, nargs, kwnames, 0, &buf, &timeout) < 0) return NULL;
+    FastObject *f = ((QueueBaseObject *)q)->fast;
+    if (f && f->arr_descr && fast_timeout_ok(timeout)) {
+        PyObject *r = fast_pop1(f, q);
+        if (r && r != Py_None) return fast_item_array(f, r);
+        if (!r && PyErr_Occurred()) return NULL;
+    }
+    return fast_slow(q, g_str_slow_pop_array, NULL, timeout ? timeout : Py_None);
+}
+
+/* set_array_dtype(dtype): pop_array's element type (a numpy dtype without Python objects
+ * whose size is the queue's itemsize) */
+static PyObject *fast_set_array_dtype(PyObject *o, PyObject *arg) {
+    FastObject *self = (FastObject *)o;
+    if (!PyArray_DescrCheck(arg) || PyDataType_REFCHK((PyArray_Descr *)arg) ||
+        PyDataType_ELSIZE((PyArray_Descr *)arg) <= 0 ||
+        (self->c && PyDataType_ELSIZE((PyArray_Descr *)arg) != self->itemsize)) {
+        PyErr_SetString(PyExc_TypeError, "set_array_dtype needs the queue's numpy dtype (no objects, its itemsize)");
+        return NULL;
+    }
+    PyArray_Descr *old = self->arr_descr;
+    self->arr_descr = (PyArray_Descr *)Py_NewRef(arg);
+    Py_XDECREF((PyObject *)old);
+    Py_RETURN_NONE;
+}
+
 /* set_producer(buffer over the handle's gf_producer, ring, plock): ring is a writable
  * uint8 array over the whole data area (reservation views are slices of it), plock the
  * handle's producer lock */
@@ -795,32 +1080,31 @@ static PyObject *fast_set_producer(PyObject *o, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "the producer is set already");
         return NULL;
     }
-    Py_ssize_t ring_len = PyObject_Length(ring);
-    if (ring_len < 0) return NULL;
-    PyObject *acq = PyObject_GetAttrString(plock, "acquire");
-    PyObject *rel = acq ? PyObject_GetAttrString(plock, "release") : NULL;
-    if (!rel) {
-        Py_XDECREF(acq);
+    /* reservation views are made over it with numpy's C API: it must be what
+     * FabricQueue passes, a writable, C-contiguous, 1-D uint8 ndarray */
+    if (!PyArray_CheckExact(ring) || PyArray_NDIM((PyArrayObject *)ring) != 1 ||
+        PyArray_TYPE((PyArrayObject *)ring) != NPY_UINT8 ||
+        !PyArray_CHKFLAGS((PyArrayObject *)ring, NPY_ARRAY_CARRAY)) {
+        PyErr_SetString(PyExc_TypeError, "set_producer needs a writable, C-contiguous 1-D uint8 array over the ring");
         return NULL;
     }
-    if (PyObject_GetBuffer(buf, &self->pview, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
-        Py_DECREF(acq);
-        Py_DECREF(rel);
+    Py_ssize_t ring_len = (Py_ssize_t)PyArray_SIZE((PyArrayObject *)ring);
+    if (!PyObject_TypeCheck(plock, g_plock_type)) {
+        PyErr_SetString(PyExc_TypeError, "set_producer needs the handle's PLock");
         return NULL;
     }
+    if (PyObject_GetBuffer(buf, &self->pview, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return NULL;
     if (self->pview.len != (Py_ssize_t)sizeof(gf_producer) || ((uintptr_t)self->pview.buf & 7)) {
         PyBuffer_Release(&self->pview);
-        Py_DECREF(acq);
-        Py_DECREF(rel);
         PyErr_SetString(PyExc_ValueError, "set_producer needs the buffer of a gf_producer");
         return NULL;
     }
     self->p = (gf_producer *)self->pview.buf;
     self->max_item = self->p->max_item;
     self->ring = Py_NewRef(ring);
+    self->ring_data = PyArray_BYTES((PyArrayObject *)ring);
     self->ring_len = (uint64_t)ring_len;
-    self->plock_acquire = acq;
-    self->plock_release = rel;
+    self->plock = (PLockObject *)Py_NewRef(plock);
     Py_RETURN_NONE;
 }
 
@@ -971,9 +1255,9 @@ static void fast_dealloc(PyObject *o) {
     if (self->p) PyBuffer_Release(&self->pview);
     if (self->c) PyBuffer_Release(&self->cview);
     Py_CLEAR(self->ring);
-    Py_CLEAR(self->plock_acquire);
-    Py_CLEAR(self->plock_release);
+    Py_CLEAR(self->plock);
     Py_CLEAR(self->res);
+    Py_CLEAR(self->arr_descr);
     self->p = NULL;
     self->c = NULL;
     Py_CLEAR(self->rel);
@@ -988,6 +1272,7 @@ static PyMethodDef fast_methods[] = {
     {"set_producer", fast_set_producer, METH_VARARGS, "set_producer(buffer of the handle's gf_producer, ring, plock)"},
     {"set_consumer", fast_set_consumer, METH_VARARGS,
      "set_consumer(consumer buffer, releaser, item type, address, capacity, format, itemsize, prefetch bytes, tid)"},
+    {"set_array_dtype", fast_set_array_dtype, METH_O, "set_array_dtype(dtype): pop_array's element type"},
     {"note_thread", fast_note_thread, METH_O, "note_thread(tid): refills run natively from this thread (0: none)"},
     {"close", fast_close, METH_NOARGS, "Every call takes the Python path from now on."},
     {"refill", fast_refill, METH_NOARGS, "refill() -> the next record (refilled first when empty) | status"},
@@ -1005,11 +1290,11 @@ static int fast_traverse(PyObject *o, visitproc visit, void *arg) {
     Py_VISIT(Py_TYPE(o)); /* a heap type's instances hold it */
     Py_VISIT(self->res);
     Py_VISIT(self->ring);
-    Py_VISIT(self->plock_acquire);
-    Py_VISIT(self->plock_release);
+    Py_VISIT((PyObject *)self->plock);
     Py_VISIT((PyObject *)self->rel);
     Py_VISIT((PyObject *)self->item_type);
     Py_VISIT(self->fmt);
+    Py_VISIT((PyObject *)self->arr_descr);
     return 0;
 }
 
@@ -1060,13 +1345,23 @@ static int qb_clear(PyObject *o) {
 
 static PyObject *qb_get_reserver(PyObject *o, void *unused) {
     QueueBaseObject *self = (QueueBaseObject *)o;
-    return Py_NewRef(self->reserver ? self->reserver : Py_None);
+    if (!self->have_reserver) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLong(self->reserver);
 }
 static int qb_set_reserver(PyObject *o, PyObject *v, void *unused) {
     QueueBaseObject *self = (QueueBaseObject *)o;
-    PyObject *old = self->reserver;
-    self->reserver = (!v || v == Py_None) ? NULL : Py_NewRef(v);
-    Py_XDECREF(old);
+    if (!v || v == Py_None) {
+        self->have_reserver = 0;
+        return 0;
+    }
+    unsigned long t = PyLong_Check(v) ? PyLong_AsUnsignedLong(v) : (unsigned long)-1;
+    if (t == (unsigned long)-1 && (!PyLong_Check(v) || PyErr_Occurred())) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "_reserver is a thread id (threading.get_ident()) or None");
+        return -1;
+    }
+    self->reserver = t;
+    self->have_reserver = 1;
     return 0;
 }
 static PyObject *qb_get_reserving(PyObject *o, void *unused) { return PyBool_FromLong(((QueueBaseObject *)o)->reserving); }
@@ -1096,7 +1391,8 @@ static int qb_set_commit_len(PyObject *o, PyObject *v, void *unused) {
 }
 static PyObject *qb_get_last_seq(PyObject *o, void *unused) {
     QueueBaseObject *self = (QueueBaseObject *)o;
-    return self->last_seq ? Py_NewRef(self->last_seq) : PyLong_FromLong(-1);
+    if (self->last_seq) return Py_NewRef(self->last_seq);
+    return self->have_seq ? PyLong_FromUnsignedLongLong(self->last_seq_raw) : PyLong_FromLong(-1);
 }
 static int qb_set_last_seq(PyObject *o, PyObject *v, void *unused) {
     QueueBaseObject *self = (QueueBaseObject *)o;
@@ -1106,6 +1402,7 @@ static int qb_set_last_seq(PyObject *o, PyObject *v, void *unused) {
     }
     PyObject *old = self->last_seq;
     self->last_seq = v ? Py_NewRef(v) : NULL;
+    self->have_seq = 0;
     Py_XDECREF(old);
     return 0;
 }
@@ -1141,6 +1438,7 @@ typedef struct {
 } ResObject;
 
 static PyTypeObject *g_res_type;
+static PyArray_Descr *g_u8_descr; /* numpy's uint8 descriptor (set at import) */
 static PyObject *g_str_slow_reserve, *g_str_raise, *g_str_after_reserve, *g_str_commit, *g_str_enter, *g_str_exit;
 
 static void res_disarm(ResObject *self) {
@@ -1161,25 +1459,16 @@ static PyObject *res_enter(PyObject *o, PyObject *unused) {
     uint64_t off = 0;
     int rc = GF_E_ARG;
     if (f && !fast_off(f) && f->p) {
-        PyObject *r = PyObject_CallNoArgs(f->plock_acquire);
-        if (!r) {
+        if (plock_acquire_c(f->plock) < 0) { /* a signal handler raised while it waited */
             res_disarm(self);
             return NULL;
         }
-        Py_DECREF(r);
         rc = gf_reserve(f->p, (uint64_t)self->nbytes, 0, &off);
         if (rc == GF_OK && (off > f->ring_len || (uint64_t)self->nbytes > f->ring_len - off)) {
             gf_abort(f->p); /* never from the native layer; refuse rather than hand out a view past the ring */
             rc = GF_E_CORRUPT;
         }
-        if (rc != GF_OK) {
-            r = PyObject_CallNoArgs(f->plock_release);
-            if (!r) {
-                res_disarm(self);
-                return NULL;
-            }
-            Py_DECREF(r);
-        }
+        if (rc != GF_OK) (void)plock_release_c(f->plock); /* held here: never fails */
     }
     if (rc != GF_OK) {
         /* full, an error, a closed or forked handle: the Python reservation does it all */
@@ -1198,26 +1487,23 @@ static PyObject *res_enter(PyObject *o, PyObject *unused) {
         return v;
     }
     QueueBaseObject *qb = (QueueBaseObject *)q;
-    PyObject *tid = PyLong_FromUnsignedLong(PyThread_get_thread_ident()); /* the thread that entered */
-    PyObject *lo = PyLong_FromUnsignedLongLong(off);
-    PyObject *hi = PyLong_FromUnsignedLongLong(off + (uint64_t)self->nbytes);
-    PyObject *sl = lo && hi ? PySlice_New(lo, hi, NULL) : NULL;
-    Py_XDECREF(lo);
-    Py_XDECREF(hi);
-    PyObject *v = sl ? PyObject_GetItem(f->ring, sl) : NULL;
-    Py_XDECREF(sl);
-    if (!v || !tid) {
-        Py_XDECREF(v);
-        Py_XDECREF(tid);
+    /* the view: ring[off:off + nbytes] (checked above to lie inside it), made directly
+     * (what numpy's slicing makes, without parsing a slice): a writable uint8 array
+     * whose base is the ring array, which pins the mapping */
+    npy_intp dims[1] = {(npy_intp)self->nbytes};
+    Py_INCREF((PyObject *)g_u8_descr);
+    PyObject *v = PyArray_NewFromDescr(&PyArray_Type, g_u8_descr, 1, dims, NULL, f->ring_data + off,
+                                       NPY_ARRAY_CARRAY, NULL); /* steals the descriptor's reference */
+    if (v && PyArray_SetBaseObject((PyArrayObject *)v, Py_NewRef(f->ring)) < 0) /* steals the ring's (also on failure) */
+        Py_CLEAR(v);
+    if (!v) {
         gf_abort(f->p);
-        PyObject *r = PyObject_CallNoArgs(f->plock_release);
-        Py_XDECREF(r);
+        (void)plock_release_c(f->plock); /* held here: never fails (the error set stays) */
         res_disarm(self);
         return NULL;
     }
-    PyObject *old_reserver = qb->reserver;
-    qb->reserver = tid;
-    Py_XDECREF(old_reserver);
+    qb->reserver = PyThread_get_thread_ident(); /* the thread that entered */
+    qb->have_reserver = 1;
     qb->reserving = 1;
     qb->commit_len = self->nbytes;
     self->active = 1;
@@ -1257,15 +1543,13 @@ static PyObject *res_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) 
         Py_ssize_t k = qb->commit_len;
         rc = (k <= 0 || k > self->nbytes) ? GF_E_ARG : gf_commit(f->p, (uint64_t)k, &seq);
         if (rc == GF_OK) {
-            PyObject *ls = PyLong_FromUnsignedLongLong(seq); /* a sequence number is any u64 */
-            if (ls) {
-                Py_XDECREF(qb->last_seq);
-                qb->last_seq = ls;
-            }
+            Py_CLEAR(qb->last_seq); /* a sequence number is any u64: an int only when asked for */
+            qb->last_seq_raw = seq;
+            qb->have_seq = 1;
         }
     }
     qb->reserving = 0;
-    Py_CLEAR(qb->reserver);
+    qb->have_reserver = 0;
     if (rc != GF_OK) {
         /* the typed error (q._raise), with the lock still held as the Python path does */
         PyObject *n = PyLong_FromLong(rc);
@@ -1281,9 +1565,7 @@ static PyObject *res_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) 
         if (!r) PyErr_WriteUnraisable(q);
         Py_XDECREF(r);
     }
-    PyObject *r = PyObject_CallNoArgs(f->plock_release);
-    if (!r) PyErr_WriteUnraisable(q);
-    Py_XDECREF(r);
+    if (plock_release_c(f->plock) < 0) PyErr_WriteUnraisable(q); /* held since the enter: never */
     PyErr_Restore(exc_t, exc_v, exc_tb);
     Py_DECREF(q);
     if (PyErr_Occurred()) return NULL;
@@ -1372,7 +1654,6 @@ static void qb_dealloc(PyObject *o) {
     PyTypeObject *tp = Py_TYPE(o);
     PyObject_GC_UnTrack(o);
     Py_CLEAR(((QueueBaseObject *)o)->fast);
-    Py_CLEAR(((QueueBaseObject *)o)->reserver);
     Py_CLEAR(((QueueBaseObject *)o)->last_seq);
     freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     f(o);
@@ -1402,6 +1683,9 @@ static PyMethodDef qb_methods[] = {
      "waits)."},
     {"pop", (PyCFunction)(void (*)(void))qb_pop, METH_FASTCALL | METH_KEYWORDS,
      "pop(timeout=None) -> Item: pop one item, waiting for it; TimeoutError when timeout passes."},
+    {"pop_array", (PyCFunction)(void (*)(void))qb_pop_array, METH_FASTCALL | METH_KEYWORDS,
+     "pop_array(timeout=None) -> ndarray: pop one item as a read-only array of the queue's dtype (uint8 without "
+     "one); its ring space is reused once that array and every view of it are gone."},
     {"try_pop", qb_try_pop, METH_NOARGS,
      "try_pop() -> Item | None: pop one item, or None when the queue is empty (never waits)."},
     {"reserve", (PyCFunction)(void (*)(void))qb_reserve, METH_FASTCALL | METH_KEYWORDS,
@@ -1459,6 +1743,8 @@ PyMODINIT_FUNC PyInit__item(void) {
     g_str_slow_try_push = PyUnicode_InternFromString("_slow_try_push");
     g_str_slow_pop = PyUnicode_InternFromString("_slow_pop");
     g_str_slow_try_pop = PyUnicode_InternFromString("_slow_try_pop");
+    g_str_slow_pop_array = PyUnicode_InternFromString("_slow_pop_array");
+    g_str_timeout = PyUnicode_InternFromString("timeout");
     g_str_slow_reserve = PyUnicode_InternFromString("_slow_reserve");
     g_str_raise = PyUnicode_InternFromString("_raise");
     g_str_after_reserve = PyUnicode_InternFromString("_give_back_after_fast_reserve");
@@ -1468,10 +1754,13 @@ PyMODINIT_FUNC PyInit__item(void) {
     if (!g_str_slow_reserve || !g_str_raise || !g_str_after_reserve || !g_str_commit || !g_str_enter || !g_str_exit)
         return NULL;
     if (!g_str_release_token || !g_str_item_info || !g_str_span || !g_str_slow_push || !g_str_slow_try_push ||
-        !g_str_slow_pop || !g_str_slow_try_pop)
+        !g_str_slow_pop || !g_str_slow_try_pop || !g_str_slow_pop_array || !g_str_timeout)
         return NULL;
     g_released_exc = Py_NewRef(PyExc_ValueError);
     g_corrupted_exc = Py_NewRef(PyExc_ValueError);
+    import_array1(NULL); /* numpy's C API table (raises ImportError if numpy is missing or too old) */
+    g_u8_descr = PyArray_DescrFromType(NPY_UINT8);
+    if (!g_u8_descr) return NULL;
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
     PyObject *tp = PyType_FromSpec(&item_spec);
@@ -1511,6 +1800,13 @@ PyMODINIT_FUNC PyInit__item(void) {
         return NULL;
     }
     g_res_type = (PyTypeObject *)rt2;
+    PyObject *pl = PyType_FromSpec(&plock_spec);
+    if (!pl || PyModule_AddObject(m, "PLock", pl) < 0) {
+        Py_XDECREF(pl);
+        Py_DECREF(m);
+        return NULL;
+    }
+    g_plock_type = (PyTypeObject *)pl;
     PyObject *qt = PyType_FromSpec(&qb_spec);
     if (!qt || PyModule_AddObject(m, "QueueBase", qt) < 0) {
         Py_XDECREF(qt);

@@ -108,11 +108,15 @@ class Round:
         q = self.q
         lo = int(ffi.cast("uintptr_t", q._data))
         hi = lo + q.capacity
-        view = np.asarray(item).view(np.uint8)
+        if isinstance(item, np.ndarray):  # pop_array's: its base is the item (native) or an export of it
+            owner = item.base.obj if isinstance(item.base, memoryview) else item.base
+            view, seq, length = item.view(np.uint8), owner.seq, len(owner)
+        else:
+            view, seq, length = np.asarray(item).view(np.uint8), item.seq, len(item)
         ptr = view.ctypes.data
         n = view.nbytes
-        if not (lo <= ptr and ptr + n <= hi) or not (1 <= n <= q.max_item) or n != len(item):
-            self.outside.append(f"item seq {item.seq}: {n} bytes at +{ptr - lo} (ring {q.capacity}, len {len(item)})")
+        if not (lo <= ptr and ptr + n <= hi) or not (1 <= n <= q.max_item) or n != length:
+            self.outside.append(f"item seq {seq}: {n} bytes at +{ptr - lo} (ring {q.capacity}, len {length})")
             return
         self.counts["delivered"] += 1
         if n < 4 or int.from_bytes(view[:4].tobytes(), "little") != n:
@@ -120,10 +124,14 @@ class Round:
 
     def consume(self) -> None:
         q = self.q
-        op = int(self.rng.integers(0, 3))
+        op = int(self.rng.integers(0, 4))
         if op == 0:
             with q.pop(timeout=OP_TIMEOUT) as item:
                 self._check(item)
+        elif op == 3:
+            arr = q.pop_array(timeout=OP_TIMEOUT)  # released with the array
+            self._check(arr)
+            del arr
         elif op == 1:
             item = q.try_pop()
             if item is not None:

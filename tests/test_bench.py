@@ -113,6 +113,16 @@ def test_bench_filters_limit_the_cases_that_run() -> None:
     assert all(r["size"] == 64 for r in doc["results"])
 
 
+def test_bench_single_array_case_pops_ready_arrays_and_is_set_against_single() -> None:
+    if not _fabric_available():
+        pytest.skip("grafos_fabric.FabricQueue is not available in this build")
+    doc, _ = _run_bench("--duration", "0.1", "--sizes", "64", "--cases", "single,single_array", "--peers", "none")
+    fab = {r["mode"]: r for r in doc["results"] if r["transport"] == "fabric"}
+    assert set(fab) == {"single", "single_array"} and all(r["ok"] and r["items_per_s"] > 0 for r in fab.values())
+    ratios = {(r["case"], r["over"]): r["ratio"] for r in doc["self_ratios"]}
+    assert ratios[("single_array", "single")] > 0
+
+
 def test_sizes_parse_with_binary_units() -> None:
     assert [parse_size(s) for s in ("64", "4K", "4KiB", "1M", "1 MiB", "2b")] == [64, 4096, 4096, 1 << 20, 1 << 20, 2]
     args = build_parser().parse_args(["--sizes", "64,4K,1MiB", "--peers", "none", "--cases", "batch"])
@@ -264,7 +274,10 @@ def test_bench_hotpath_reports_every_case_and_the_reserve_ratios(
     out = tmp_path / "hot.json"
     assert bench_hotpath.main(["--sizes", "64", "--rounds", "1", "--seconds", "0.005", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert {r["case"] for r in res} == {"push", "pop+asarray", "produce", "reserve", "reserve_batch", "produce_batch"}
+    assert {r["case"] for r in res} == {
+        "push", "pop+asarray", "pop_array", "produce", "reserve", "reserve_batch", "produce_batch", "drain",
+    }
     assert all(r["min_ns"] > 0 for r in res)
     text = capsys.readouterr().out
     assert "reserve ÷ produce" in text and "reserve_batch ÷ produce_batch" in text
+    assert "pop_array ÷ pop+asarray" in text

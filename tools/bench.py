@@ -82,7 +82,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("grafos_fabric.tools.bench")
 
 DEFAULT_SIZES = (64, 4096, 1 << 20)
-QUEUE_CASES = ("single", "batch", "reserve", "produce", "reserve_batch", "produce_batch")
+QUEUE_CASES = ("single", "single_array", "batch", "reserve", "produce", "reserve_batch", "produce_batch")
 EXTRA_CASES = ("checkpoint", "relocation", "ucx")
 ALL_CASES = QUEUE_CASES + EXTRA_CASES
 BASELINES = (*PEERS, *CEILINGS)

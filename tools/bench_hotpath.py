@@ -6,12 +6,18 @@ cost): producer and consumer calls alternate in one thread, on one queue, and
 the clock is the process's CPU time (``time.process_time``), so time the
 process spends preempted does not count. Each figure is the minimum over
 ``--rounds`` rounds, in CPU ns per item, with the median next to it; ratios
-are taken in the same run.
+are taken in the same run. The producer cases drain the queue every few items
+(``pop_batch`` + ``release``); that time is measured on its own and left out of
+their figures (it is the same for each of them and would only dilute the
+ratios), and is printed as the ``drain`` line.
 
 Cases, per item size:
 
 * ``push``: ``q.push(payload)`` of ready bytes (then drained in batches);
-* ``pop+asarray``: ``item = q.pop(); np.asarray(item); item.release()``;
+* ``pop+asarray``: ``item = q.pop(); np.asarray(item); item.release()`` (each item pushed first: both counted);
+* ``pop_array``: ``arr = q.pop_array(); del arr`` (each item pushed first: both counted): the
+  item as a ready array, released with it;
+* ``drain``: what the producer cases spent in ``pop_batch`` + ``release`` per item (left out of theirs);
 * ``produce``: ``np.add(a, b, out=tmp); q.push(tmp)``: production, then copy-in;
 * ``reserve``: ``with q.reserve(n) as buf: np.add(a, b, out=buf)``: in place;
 * ``reserve_batch``: ``with q.reserve_batch(k, n) as rows: np.add(A, B, out=rows)``, per row;
@@ -35,15 +41,26 @@ import grafos_fabric as gf
 SIZES = (64, 4096, 1 << 20)
 
 
-def _drain(q: Any) -> None:
-    while True:
-        b = q.pop_batch(1 << 20, timeout=0)
-        if not len(b):
-            return
-        b.release()
+class _Drain:
+    """Empties the queue with ``pop_batch``; adds the CPU time it took to ``spent``."""
+
+    def __init__(self, q: Any, most: int) -> None:
+        self.q = q
+        self.most = most  # a pop_batch as big as what was pushed (no larger arrays than needed)
+        self.spent = 0.0
+
+    def __call__(self) -> None:
+        t0 = time.process_time()
+        pop_batch = self.q.pop_batch
+        while True:
+            b = pop_batch(self.most, timeout=0)
+            if not len(b):
+                break
+            b.release()
+        self.spent += time.process_time() - t0
 
 
-def _cases(q: Any, size: int, rows: int) -> dict[str, Callable[[int], None]]:
+def _cases(q: Any, size: int, rows: int, drain: _Drain) -> dict[str, Callable[[int], None]]:
     rng = np.random.default_rng(3)
     a = rng.integers(0, 128, size, dtype=np.uint8)
     b = rng.integers(0, 128, size, dtype=np.uint8)
@@ -53,14 +70,14 @@ def _cases(q: Any, size: int, rows: int) -> dict[str, Callable[[int], None]]:
     tmp2 = np.empty((rows, size), dtype=np.uint8)
     payload = bytes(a)
     add = np.add
-    per_drain = max(1, min(64, (q.capacity // 4) // (size + 16)))
+    per_drain = drain.most
 
     def push(n: int) -> None:
         for i in range(n):
             q.push(payload)
             if i % per_drain == per_drain - 1:
-                _drain(q)
-        _drain(q)
+                drain()
+        drain()
 
     def pop_asarray(n: int) -> None:
         asarray = np.asarray
@@ -75,13 +92,25 @@ def _cases(q: Any, size: int, rows: int) -> dict[str, Callable[[int], None]]:
                 item.release()
             done += k
 
+    def pop_array(n: int) -> None:
+        pop_arr = q.pop_array
+        done = 0
+        while done < n:
+            k = min(per_drain, n - done)
+            for _ in range(k):
+                q.push(payload)
+            for _ in range(k):
+                arr = pop_arr()
+                del arr  # the item's space goes back with its array
+            done += k
+
     def produce(n: int) -> None:
         for i in range(n):
             add(a, b, out=tmp)
             q.push(tmp)
             if i % per_drain == per_drain - 1:
-                _drain(q)
-        _drain(q)
+                drain()
+        drain()
 
     def reserve(n: int) -> None:
         res = q.reserve
@@ -89,8 +118,8 @@ def _cases(q: Any, size: int, rows: int) -> dict[str, Callable[[int], None]]:
             with res(size) as buf:
                 add(a, b, out=buf)
             if i % per_drain == per_drain - 1:
-                _drain(q)
-        _drain(q)
+                drain()
+        drain()
 
     def reserve_batch(n: int) -> None:
         done = 0
@@ -99,7 +128,7 @@ def _cases(q: Any, size: int, rows: int) -> dict[str, Callable[[int], None]]:
                 k = len(view)
                 add(ra[:k], rb[:k], out=view)
             done += k
-            _drain(q)
+            drain()
 
     def produce_batch(n: int) -> None:
         done = 0
@@ -108,11 +137,12 @@ def _cases(q: Any, size: int, rows: int) -> dict[str, Callable[[int], None]]:
             add(ra[:k], rb[:k], out=tmp2[:k])
             q.push_batch(tmp2[:k])
             done += k
-            _drain(q)
+            drain()
 
-    out: dict[str, Callable[[int], None]] = {
-        "push": push, "pop+asarray": pop_asarray, "produce": produce, "reserve": reserve,
-    }
+    out: dict[str, Callable[[int], None]] = {"push": push, "pop+asarray": pop_asarray}
+    if hasattr(q, "pop_array"):
+        out["pop_array"] = pop_array
+    out.update(produce=produce, reserve=reserve)
     if hasattr(q, "reserve_batch"):
         out["reserve_batch"] = reserve_batch
     out["produce_batch"] = produce_batch
@@ -127,7 +157,8 @@ def measure(sizes: tuple[int, ...], rounds: int, seconds: float) -> list[dict[st
         q = gf.FabricQueue.create(fabric, capacity=cap, ttl=3600.0)
         try:
             rows = max(1, min(64, (cap // 4) // (size + 16)))
-            cases = _cases(q, size, rows)
+            drain = _Drain(q, rows)
+            cases = _cases(q, size, rows, drain)
             # calibrate: items per round so that a round lasts about `seconds`
             counts: dict[str, int] = {}
             for name, fn in cases.items():
@@ -136,12 +167,21 @@ def measure(sizes: tuple[int, ...], rounds: int, seconds: float) -> list[dict[st
                 per = max(1e-7, (time.process_time() - t0) / 8)
                 counts[name] = max(8, int(seconds / per))
             samples: dict[str, list[float]] = {name: [] for name in cases}
+            samples["drain"] = []
             for _ in range(rounds):  # round-robin: every case sees the same conditions
+                drained, items = 0.0, 0
                 for name, fn in cases.items():
                     n = counts[name]
+                    drain.spent = 0.0
                     t0 = time.process_time()
                     fn(n)
-                    samples[name].append((time.process_time() - t0) / n * 1e9)
+                    t = time.process_time() - t0
+                    if name not in ("pop+asarray", "pop_array"):  # their pops are the case itself
+                        drained += drain.spent
+                        items += n
+                        t -= drain.spent
+                    samples[name].append(t / n * 1e9)
+                samples["drain"].append(drained / items * 1e9)
             for name, s in samples.items():
                 results.append({"size": size, "case": name, "min_ns": min(s), "median_ns": statistics.median(s),
                                 "max_ns": max(s), "rounds": len(s)})
@@ -166,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print("ratios (items/s of the first ÷ the second, from the minima):")
     for size in sizes:
         for case, over in (("reserve", "produce"), ("reserve", "push"), ("reserve_batch", "produce_batch"),
-                           ("reserve_batch", "push")):
+                           ("reserve_batch", "push"), ("pop_array", "pop+asarray")):
             x, y = by.get((size, case)), by.get((size, over))
             if x and y:
                 print(f"{size:>8} B  {case} ÷ {over}: {y['min_ns'] / x['min_ns']:.2f}x")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 #: The peer mode a fabric mode is compared with (reserve/commit is single-item production).
 PEER_MODE = {
     "single": "single",
+    "single_array": "single",
     "batch": "batch",
     "reserve": "single",
     "produce": "single",
@@ -35,6 +36,7 @@ SELF_RATIOS = (
     ("reserve_batch", "produce_batch", "reserve_batch in place vs produce rows then push_batch"),
     ("reserve_batch", "batch", "reserve_batch in place vs push_batch of ready rows"),
     ("reserve_batch", "single", "reserve_batch in place vs push of a ready item"),
+    ("single_array", "single", "pop_array (the item as a ready array) vs pop + np.asarray + release"),
 )
 
 

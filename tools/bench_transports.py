@@ -569,7 +569,8 @@ class ZmqPackedTransport(ZmqTransport):
 class FabricTransport(Transport):
     """grafos-fabric FabricQueue on a driver (``shm`` by default).
 
-    single: push/pop; batch: push_batch of a 2-D array / pop_batch with one
+    single: push/pop; single_array: push / ``pop_array`` (the item as a ready
+    array, released with it), the consumer otherwise as in single; batch: push_batch of a 2-D array / pop_batch with one
     reduction over ``Batch.array()``; reserve: ``with q.reserve(n) as buf:
     np.add(a, b, out=buf)`` (the item produced in place) / pop; produce: the
     same ``np.add`` into the producer's own buffer, then ``push`` (copy-in), the
@@ -582,7 +583,7 @@ class FabricTransport(Transport):
     """
 
     name = "fabric"
-    modes = ("single", "batch", "reserve", "produce", "reserve_batch", "produce_batch")
+    modes = ("single", "single_array", "batch", "reserve", "produce", "reserve_batch", "produce_batch")
     description = "grafos_fabric.FabricQueue"
     ttl = 300.0
 
@@ -759,6 +760,20 @@ class FabricTransport(Transport):
                 return n
 
             limit = spec.batch
+        elif spec.mode == "single_array":
+            pop_array = q.pop_array
+
+            def step(limit: int) -> int:
+                for i in range(limit):
+                    try:
+                        arr = pop_array(timeout=POLL_S)
+                    except TimeoutError:
+                        return i
+                    t(arr)
+                    del arr  # the item's space goes back with its array
+                return limit
+
+            limit = spec.chunk
         else:
             pop = q.pop
             asarray = np.asarray

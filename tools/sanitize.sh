@@ -8,7 +8,7 @@
 # 2. lays out an overlay package there (the Python sources by symlink, the
 #    sanitized module as a file) and puts it first on PYTHONPATH,
 # 3. runs the native-facing tests (ring white-box, ring core, queue, one-sided, and the
-#    hostile-memory fuzzer at a reduced count) with libasan preloaded into the
+#    hostile-memory fuzzer at a reduced count, the producer lock) with libasan preloaded into the
 #    Python host, leaks off (CPython's own allocations are not ours), and every
 #    UBSan finding fatal,
 # 4. fails on a failed test or on any sanitizer report (reports also go to
@@ -52,8 +52,9 @@ cp "$SO" "$OUT/overlay/grafos_fabric/"
 # (gf_native.c's ring core is gf_ring_core.h's inline functions, found through -Inative: gf_ring_core.c
 # only exports them to cffi, so _item needs no other source)
 PYINC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-gcc -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize="$SANITIZERS" -std=gnu11 -I"$PYINC" \
-  -DPy_LIMITED_API=0x030B0000 -Inative native/gf_item.c native/gf_native.c \
+NPINC=$("$PY" -c 'import numpy; print(numpy.get_include())')  # gf_item.c makes reservation views with numpy's C API
+gcc -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize="$SANITIZERS" -std=gnu11 -I"$PYINC" -I"$NPINC" \
+  -DPy_LIMITED_API=0x030B0000 -DNPY_TARGET_VERSION=NPY_1_24_API_VERSION -Inative native/gf_item.c native/gf_native.c \
   -o "$OUT/overlay/grafos_fabric/_item.abi3.so" 2>"$OUT/build_item.log" || {
   cat "$OUT/build_item.log" >&2
   echo "sanitize: building _item failed" >&2
@@ -86,7 +87,8 @@ GRAFOS_CONFORMANCE_DRIVERS=shm LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:ca
   "$ROOT/tests/conformance/test_queue.py" \
   "$ROOT/tests/conformance/test_queue_model.py" "$ROOT/tests/conformance/test_queue_paths.py" \
   "$ROOT/tests/test_hostile_memory.py" "$ROOT/tests/test_block_durable.py" \
-  "$ROOT/tests/conformance/test_item_buffer.py" "$ROOT/tests/conformance/test_queue_fast.py" "$@" || status=$?
+  "$ROOT/tests/conformance/test_item_buffer.py" "$ROOT/tests/conformance/test_queue_fast.py" \
+  "$ROOT/tests/whitebox/test_plock.py" "$@" || status=$?
 cd "$ROOT"
 
 # -- 4. any report fails the run

@@ -22,7 +22,7 @@ import numpy as np
 from .. import errors as E
 from .. import observe
 from .._ffi import ffi, lib, raise_status
-from .._item import Fast, QueueBase
+from .._item import Fast, PLock, QueueBase
 from ..drivers.base import Fabric, MappedRegion, Region
 from ..lease import NS, Lease
 from ..locator import QueueLocator
@@ -145,8 +145,9 @@ class _QueueHandle(QueueBase, QueueProtocols):
         """Locks, role locks and lifecycle flags (shared with OneSidedQueue)."""
         # producer calls run one at a time (reentrant: a push inside reserve() gets
         # its typed error instead of a deadlock); consumer calls too (never held
-        # while sleeping, nor by releases, which only take the native lock)
-        self._plock = threading.RLock()
+        # while sleeping, nor by releases, which only take the native lock). PLock is
+        # threading.RLock's rules in C: the native reservation takes it without a Python call
+        self._plock = PLock()
         self._clock_lock: Any = threading.Lock()
         self._freed = False
         self._forked = False

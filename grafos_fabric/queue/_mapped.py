@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import errors as E
 from .._ffi import ffi, lib, raise_status
-from .._item import Releaser
+from .._item import PLock, Releaser
 from ..drivers.base import Fabric
 from ..lease import NS, check_ttl
 from ..locator import QueueLocator
@@ -52,6 +52,8 @@ from ._mapped_push import _MappedProducer
 from ._roles import _CONSUMER_ID_OFF, _ROLE_CONSUMER, _reclaim_role, _role_id
 
 log = logging.getLogger(__name__)
+
+_U8 = np.dtype(np.uint8)
 
 
 class FabricQueue(_MappedProducer):
@@ -210,6 +212,7 @@ class FabricQueue(_MappedProducer):
         if fast is not None:  # single pops go natively from here (the prefetch is the native one)
             addr, capacity, fmt, itemsize = self._item_info[:4]
             fast.set_consumer(ffi.buffer(c), rel, Item, addr, capacity, fmt, itemsize, self._prefetch_bytes, 0)
+            fast.set_array_dtype(_U8 if self.dtype is None else self.dtype)  # pop_array's, natively
             self._pf_it = fast
         self._cons = c
         return c
@@ -309,6 +312,11 @@ class FabricQueue(_MappedProducer):
             item = self.try_pop()
             if item is not None:
                 return item
+
+    def _slow_pop_array(self, timeout: float | None = None) -> np.ndarray[Any, Any]:
+        """``pop_array`` where the native path does not serve it: ``pop`` and the item's
+        array, whose views hold the item (so its space is reused once they are gone)."""
+        return self.pop(timeout).array()
 
     def _wait_data(self, deadline: float | None, stall: list[Any]) -> None:
         """Sleep (without the consumer lock) until data may have come, a slice at most.
@@ -528,7 +536,7 @@ class FabricQueue(_MappedProducer):
         self._cons = None
         self._cons_rel = None
         self._pf_it = _NO_PREFETCH
-        self._plock = threading.RLock()
+        self._plock = PLock()
         self._clock_lock = threading.Lock()
         locks, self._role_locks = self._role_locks, {}
         for lock in locks.values():

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -105,6 +105,35 @@ class _Reservation:
             if q._give_back_after_reserve:
                 q._give_back_producer(p)
             q._plock.release()
+
+
+class _RowsReservation:
+    """``with q.reserve_batch(n, size) as rows:`` (see :meth:`_MappedProducer.reserve_batch`):
+    a small object instead of a generator-based context manager (a few µs less per batch)."""
+
+    __slots__ = ("n", "outs", "p", "q", "size", "timeout")
+
+    def __init__(self, q: Any, n: int, size: int, timeout: float | None) -> None:
+        self.q: Any = q
+        self.n = n
+        self.size = size
+        self.timeout = timeout
+        self.outs = ffi.new("uint64_t[2]")
+        self.p: Any = None
+
+    def __enter__(self) -> np.ndarray[Any, Any]:
+        if self.p is not None or self.q is None:
+            raise E.FabricValueError("enter a reservation once, right after q.reserve_batch(n, size)")
+        q, self.q = self.q, None
+        view: np.ndarray[Any, Any] = q._enter_rows(self)
+        self.q = q
+        return view
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        if self.p is None:
+            return
+        q, self.q = self.q, None
+        q._exit_rows(self, et is not None)
 
 
 class _MappingPin:
@@ -399,8 +428,9 @@ class _MappedProducer(_QueueHandle):
         res.timeout = timeout
         return res
 
-    @contextmanager
-    def reserve_batch(self, n: int, size: int, timeout: float | None = None) -> Iterator[np.ndarray[Any, Any]]:
+    def reserve_batch(
+        self, n: int, size: int, timeout: float | None = None
+    ) -> AbstractContextManager[np.ndarray[Any, Any]]:
         """Zero-copy production of many items of ``size`` bytes: ``(k, size)`` rows
         written in place, published together on exit.
 
@@ -412,7 +442,8 @@ class _MappedProducer(_QueueHandle):
         publishes all ``k`` (one release store); ``q.commit_rows(j)`` inside it
         publishes only the first ``j``; an exception publishes none. The view
         keeps the mapping alive, as :meth:`reserve`'s does; the same rules for
-        other threads and ``close()`` apply.
+        other threads and ``close()`` apply. Bad arguments raise here, before the
+        ``with`` block is entered.
         """
         n = _check_int("reserve_batch rows", n, 1)
         size = _check_int("reserve size", size, 1)
@@ -421,9 +452,18 @@ class _MappedProducer(_QueueHandle):
         dt = self.dtype
         if dt is not None and size % dt.itemsize:
             raise E.DtypeMismatch(f"reservation must be a multiple of {dt.itemsize} bytes for {dt}")
-        outs = ffi.new("uint64_t[2]")
-        deadline = _deadline(timeout)
+        if timeout is not None and not (type(timeout) is float and timeout >= 0.0):
+            _deadline(timeout)  # refuse a bad timeout now, not inside the with statement
+        return _RowsReservation(self, n, size, timeout)
+
+    def _enter_rows(self, r: _RowsReservation) -> np.ndarray[Any, Any]:
+        """``_RowsReservation.__enter__``: reserve the rows (waiting for room) under the
+        producer lock, which stays held until ``_exit_rows``; the ``(k, size)`` view."""
+        n, size = r.n, r.size
+        outs = r.outs
         plock = self._plock
+        first = True
+        deadline: float | None = None
         while True:
             plock.acquire()
             try:
@@ -437,6 +477,9 @@ class _MappedProducer(_QueueHandle):
                 plock.release()
                 raise
             plock.release()
+            if first:
+                deadline = _deadline(r.timeout)
+                first = False
             self._wait_space(size, deadline)
         off, k = int(outs[0]), int(outs[1])
         stride = int(lib.gf_record_size(size))
@@ -445,28 +488,46 @@ class _MappedProducer(_QueueHandle):
             lib.gf_abort(p)
             plock.release()
             raise E.Corrupted(f"reserve_batch: {k} rows at {off} lie outside the ring")
-        flat = np.frombuffer(Span(self, off, span, True), dtype=np.uint8)  # type: ignore[call-overload]  # pins the mapping
-        rows = np.lib.stride_tricks.as_strided(flat, shape=(k, size), strides=(stride, 1), writeable=True)
+        try:
+            # one array over the rows, made straight from a Span (it holds this handle, so the
+            # mapping; it checks the range): rows `stride` bytes apart, `size` bytes each
+            rows: np.ndarray[Any, Any] = np.ndarray(
+                (k, size), dtype=np.uint8, buffer=Span(self, off, span, True), strides=(stride, 1)  # type: ignore[arg-type]
+            )
+            dt = self.dtype
+            view = rows if dt is None else rows.view(dt)
+        except BaseException:
+            lib.gf_abort(p)
+            plock.release()
+            raise
+        r.p = p
         self._reserver = threading.get_ident()
         self._reserving = True
         self._rows_commit = k
+        return view
+
+    def _exit_rows(self, r: _RowsReservation, failed: bool) -> None:
+        """``_RowsReservation.__exit__``: commit ``_rows_commit`` rows (abort when the block
+        raised), then give the producer lock back."""
+        p = r.p
+        r.p = None
         try:
-            try:
-                yield rows if dt is None else rows.view(dt)
-            except BaseException:
+            if failed:
                 lib.gf_abort(p)
-                raise
-            rc = lib.gf_commit_rows(p, self._rows_commit, outs)
+                return
+            outs = r.outs
+            k = self._rows_commit
+            rc = lib.gf_commit_rows(p, k, outs)
             if rc != OK:
                 self._raise(rc, "commit")
-            self.last_seq = int(outs[0]) + self._rows_commit - 1
+            self.last_seq = int(outs[0]) + k - 1
         finally:
             self._rows_commit = 0
             self._reserving = False
             self._reserver = None
             if self._give_back_after_reserve:
                 self._give_back_producer(p)
-            plock.release()
+            self._plock.release()
 
     _rows_commit = 0
 

@@ -92,6 +92,7 @@ import numpy as np
 
 from .. import errors as E
 from .._ffi import ffi, lib
+from .._item import PLock
 from ..drivers.base import Fabric
 from ..lease import check_ttl
 from ..locator import QueueLocator
@@ -549,7 +550,7 @@ class OneSidedQueue(_OneSidedProducer):
         super()._after_fork_in_child()
         self._p = None
         self._c = None
-        self._plock = threading.RLock()
+        self._plock = PLock()
         self._clock_lock = threading.RLock()
 
     def __enter__(self) -> OneSidedQueue:

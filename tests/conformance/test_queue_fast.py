@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -91,7 +92,13 @@ def test_a_forked_child_gets_forked_handle_from_every_fast_call(q):
     def child() -> int:
         bad = 0
         for k, op in enumerate(
-            (lambda: q.push(b"c"), lambda: q.try_push(b"c"), lambda: q.pop(timeout=0), lambda: q.try_pop())
+            (
+                lambda: q.push(b"c"),
+                lambda: q.try_push(b"c"),
+                lambda: q.pop(timeout=0),
+                lambda: q.try_pop(),
+                lambda: q.pop_array(timeout=0),
+            )
         ):
             try:
                 op()
@@ -150,7 +157,7 @@ def test_bad_timeouts_are_refused_even_when_the_fast_path_could_serve(q):
         q.push(b"x", 1.0, 2.0)
     with pytest.raises(TypeError):
         q.pop(wait=1.0)
-    assert q.pop(timeout=1).tobytes() == b"warm 1"  # an int timeout takes the Python path, same answer
+    assert q.pop(timeout=1).tobytes() == b"warm 1"  # an int timeout: the native path, same answer
     held[0].release()
 
 
@@ -429,3 +436,211 @@ def test_bad_reservation_sizes_get_typed_errors_on_the_native_path(q, bad):
         with q.reserve(bad):
             pass
     assert not q._reserving
+
+
+def _no_slow_path(q: Any) -> list[str]:
+    """Make every Python fallback of q's single-item calls record its name (and fail)."""
+    took: list[str] = []
+
+    def boom(name: str) -> Any:
+        def f(*a: Any, **k: Any) -> Any:
+            took.append(name)
+            raise AssertionError(f"{name} ran: the native path did not serve the call")
+
+        return f
+
+    for name in ("_slow_push", "_slow_try_push", "_slow_pop", "_slow_try_pop", "_slow_reserve"):
+        setattr(q, name, boom(name))
+    return took
+
+
+def test_an_int_timeout_is_served_by_the_native_path_like_a_float(q):
+    held = _warm(q)
+    took = _no_slow_path(q)
+    assert q.push(b"int", timeout=5) > 0
+    assert q.push(b"zero", timeout=0) > 0
+    assert q.pop(timeout=5).tobytes() == b"warm 1"
+    with q.reserve(3, timeout=7) as buf:
+        buf[:] = np.frombuffer(b"res", dtype=np.uint8)
+    assert took == []
+    for bad in (True, -1, 1 << 70):  # a bool, a negative or a huge int: the Python path decides
+        with pytest.raises(AssertionError):
+            q.push(b"x", timeout=bad)
+    assert took == ["_slow_push"] * 3
+    del q._slow_push, q._slow_try_push, q._slow_pop, q._slow_try_pop, q._slow_reserve
+    with pytest.raises((E.FabricTypeError, E.FabricValueError)):
+        q.push(b"x", timeout=-1)
+    with pytest.raises((E.FabricTypeError, E.FabricValueError)):
+        q.push(b"x", timeout=True)
+    assert [q.pop(timeout=5).tobytes() for _ in range(5)] == [b"warm 2", b"warm 3", b"int", b"zero", b"res"]
+    held[0].release()
+
+
+def test_the_producer_lock_is_native_and_reentrant_for_the_python_paths(q):
+    from grafos_fabric._item import PLock
+
+    assert type(q._plock) is PLock
+    _warm(q, 1)[0].release()
+    with q.reserve(4) as buf:  # the native reservation holds the lock until its exit
+        assert q._plock._is_owned() and q._plock._count == 1
+        buf[:] = 1
+        with q._plock:  # the same thread takes it again (as the Python paths do)
+            assert q._plock._count == 2
+    assert q._plock._count == 0 and not q._plock._is_owned()
+    with pytest.raises(RuntimeError):
+        q._plock.release()
+    assert q.pop(timeout=WAIT).tobytes() == b"\x01" * 4
+
+
+def test_two_threads_reserving_natively_on_one_handle_land_every_item_once_and_whole(q):
+    """The producer lock serializes reservations: a thread that finds it held sleeps (GIL
+    released) until the other commits; no item is lost, torn or doubled."""
+    n = 1500
+    _warm(q, 1)[0].release()
+    out: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def reserver(k: int) -> None:
+        try:
+            for i in range(n):
+                with q.reserve(9, timeout=WAIT) as buf:
+                    buf[:] = np.frombuffer(b"%d:%07d" % (k, i), dtype=np.uint8)
+                    if i % 50 == 0:
+                        time.sleep(0)  # let the other thread find the lock held
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reserver, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + WAIT
+    while len(out) < 2 * n and time.monotonic() < end:
+        item = q.pop(timeout=WAIT)
+        out.append(item.tobytes())
+        item.release()
+    for t in threads:
+        t.join(WAIT)
+    assert not errors
+    for k in range(2):
+        mine = [x for x in out if x.startswith(b"%d:" % k)]
+        assert mine == [b"%d:%07d" % (k, i) for i in range(n)]
+    assert q._plock._count == 0
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer (POSIX)")
+def test_keyboard_interrupt_reaches_a_thread_waiting_for_the_producer_lock(q):
+    """A reservation waiting for the producer lock (another thread's reservation is open)
+    still gets KeyboardInterrupt, leaves nothing held, and the next one works."""
+    _warm(q, 1)[0].release()
+    entered, leave = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with q.reserve(4) as buf:
+            buf[:] = 4
+            entered.set()
+            leave.wait(WAIT)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert entered.wait(WAIT)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            with q.reserve(4) as buf:  # pragma: no cover - never entered
+                buf[:] = 9
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert not q._plock._is_owned()
+    leave.set()
+    t.join(WAIT)
+    with q.reserve(4) as buf:
+        buf[:] = 5
+    assert [q.pop(timeout=WAIT).tobytes() for _ in range(2)] == [b"\x04" * 4, b"\x05" * 4]
+    assert q.try_pop() is None and q._plock._count == 0
+
+
+def _outstanding(q: Any) -> int:
+    from grafos_fabric._ffi import lib
+
+    return int(lib.gf_consumer_outstanding(q._cons_rel))
+
+
+def test_pop_array_hands_out_a_read_only_array_natively_and_frees_its_space_when_it_is_gone(q):
+    _warm(q)[0].release()  # so the next item is the oldest one out: its release moves the head
+    took = _no_slow_path(q)
+    base = _outstanding(q)
+    arr = q.pop_array(timeout=5)
+    assert took == [] and type(arr) is np.ndarray and arr.dtype == np.uint8
+    assert arr.tobytes() == b"warm 1" and not arr.flags.writeable and arr.flags.c_contiguous
+    with pytest.raises(ValueError):
+        arr[0] = 1  # read-only, like an item's exports
+    assert _outstanding(q) == base  # (prefetched records hold their tokens already)
+    part = arr[2:]  # a view of it keeps the item (and its space) too
+    del arr
+    gc.collect()
+    assert _outstanding(q) == base and part.tobytes() == b"rm 1"
+    del part
+    assert _outstanding(q) == base - 1  # the item's space goes back with its last view
+
+
+def test_pop_array_of_a_typed_queue_is_in_its_dtype_and_an_empty_queue_takes_the_python_path(fabric):
+    q = gf.FabricQueue.create(fabric, capacity=1 << 14, ttl=WAIT, dtype=np.float32)
+    try:
+        for i in range(3):
+            q.push(np.arange(4, dtype=np.float32) + i)
+        first = q.pop(timeout=WAIT)  # claims the consumer and fills the native prefetch
+        a = q.pop_array()
+        assert a.dtype == np.float32 and a.tolist() == [1.0, 2.0, 3.0, 4.0]
+        b = q.pop_array(timeout=WAIT)
+        assert b.tolist() == [2.0, 3.0, 4.0, 5.0]
+        with pytest.raises(TimeoutError):
+            q.pop_array(timeout=0.01)  # empty: the Python path waits and times out
+        q.push(np.full(2, 7, dtype=np.float32))
+        c = q.pop_array(timeout=WAIT)  # the Python path after the wait (a refill)
+        assert c.tolist() == [7.0, 7.0] and not c.flags.writeable
+        first.release()
+        q.close()
+        with pytest.raises(E.QueueClosed):
+            q.pop_array(timeout=0)
+        assert a.tolist() == [1.0, 2.0, 3.0, 4.0]  # arrays outlive close, as items' views do
+    finally:
+        q.close()
+
+
+def test_pop_array_gives_the_same_bytes_on_every_access_pair(make_pair):
+    tx, rx = make_pair()
+    for i in range(5):
+        tx.push(b"item %d" % i)
+    got = [rx.pop_array(timeout=WAIT).tobytes() for _ in range(5)]  # the first claims (Python), then native
+    assert got == [b"item %d" % i for i in range(5)]
+
+
+def test_the_native_state_refuses_a_lock_ring_or_dtype_that_is_not_the_handles_kind():
+    from grafos_fabric._ffi import ffi
+    from grafos_fabric._item import Fast, PLock
+
+    f = Fast(False)
+    p = ffi.new("gf_producer *")
+    ring = np.zeros(64, dtype=np.uint8)
+    for lock, r in (
+        (threading.RLock(), ring),  # the lock must be a PLock (taken from C)
+        (PLock(), ring[::2]),  # not contiguous
+        (PLock(), np.zeros(8, dtype=np.float64)),  # not uint8
+        (PLock(), bytearray(64)),  # not an ndarray
+        (PLock(), np.zeros((8, 8), dtype=np.uint8)),  # not 1-D
+    ):
+        with pytest.raises(TypeError):
+            f.set_producer(ffi.buffer(p), r, lock)
+    ro = np.zeros(64, dtype=np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(TypeError):
+        f.set_producer(ffi.buffer(p), ro, PLock())
+    for bad in (np.dtype(object), "u1", None, np.dtype([("a", "O")])):
+        with pytest.raises(TypeError):
+            f.set_array_dtype(bad)
