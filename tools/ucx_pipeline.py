@@ -264,6 +264,17 @@ def source_batch(rate: float, period_ms: float) -> int:
     return max(1, round(rate * period_ms / 1e3))
 
 
+def _period(text: str) -> float:
+    """``--source-period``: milliseconds, positive."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0 < v <= 60_000:
+        raise argparse.ArgumentTypeError(f"the source period must be in (0, 60000] ms, got {text}")
+    return v
+
+
 def _run_source(st: _Stage, rate: float, period_ms: float = SOURCE_PERIOD_MS) -> None:
     from grafos_fabric.pipeline import RelocatableQueueEdge, StageId
 
@@ -801,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=10, help="how many times to kill -9 the node holding edge 1")
     ap.add_argument("--interval", type=float, default=1.0, help="seconds of traffic between kills")
     ap.add_argument("--rate", type=float, default=20000.0, help="items/s the source aims at")
-    ap.add_argument("--source-period", type=float, default=SOURCE_PERIOD_MS, metavar="MS",
+    ap.add_argument("--source-period", type=_period, default=SOURCE_PERIOD_MS, metavar="MS",
                     help="the source pushes rate * MS / 1000 items (at least one) every MS milliseconds "
                          f"(default {SOURCE_PERIOD_MS:g}; 25.6 at --rate 10000 is 256-item bursts)")
     ap.add_argument("--progress", choices=("event", "busy"), default="event", help="the nodes' UCX progress mode")
