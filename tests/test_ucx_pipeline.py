@@ -54,7 +54,7 @@ def test_three_stages_lose_nothing_when_the_memory_node_is_killed_and_restarted_
     assert steps["first item"] and min(steps["first item"]) >= 0
     assert steps["first new item pushed"] and min(steps["first new item pushed"]) >= 0
     assert len(steps["node process gone"]) == len(tx[0]) and min(steps["node process gone"]) >= 0
-    assert res.source_batch == 20 and res.source_period_ms == 1.0  # 20,000 items/s: 20 per 1 ms push
+    assert res.source_batch == 100 and res.source_period_ms == 5.0  # 20,000 items/s: 100 per 5 ms push
     if "namespaces" not in res.where:
         print(f"\nnote: ran on {res.where}")
 
@@ -82,10 +82,11 @@ def test_the_breakdown_takes_the_first_new_push_of_the_generation_after_each_kil
 
 def test_the_source_pushes_rate_times_period_items_at_least_one() -> None:
     """The demo source's cadence: ``rate * period`` items per push (at least one), so at
-    10,000 items/s a 1 ms period is 10-item pushes and 25.6 ms the old 256-item bursts."""
+    10,000 items/s the default 5 ms period is 50-item pushes and 25.6 ms the old 256-item bursts."""
     from grafos_fabric.tools.ucx_pipeline import SOURCE_PERIOD_MS, main, source_batch
 
-    assert SOURCE_PERIOD_MS == 1.0
+    assert SOURCE_PERIOD_MS == 5.0
+    assert source_batch(10000, SOURCE_PERIOD_MS) == 50
     assert source_batch(10000, 1.0) == 10
     assert source_batch(10000, 25.6) == 256
     assert source_batch(20000, 2.0) == 40

@@ -69,8 +69,11 @@ log = logging.getLogger("grafos_fabric.tools.ucx_pipeline")
 CAPACITY = 1 << 18
 #: The source's default cadence: one push every SOURCE_PERIOD_MS of ``rate * period`` items (at least
 #: one), as a rate-limited source does; the consumer's first item after a relocation waits up to one
-#: period for the source's next push.
-SOURCE_PERIOD_MS = 1.0
+#: period for the source's next push. 5 ms, not 1: on the 2-core dev VM a 1 ms cadence cost the source
+#: ~0.27 of a core more (three Python stages and two nodes share the cores), and a relocation's replay
+#: pushes the window one ring push per source push (~25 instead of ~5), so 1 ms came out slower end to
+#: end (README, "Detection, progress and the source's cadence").
+SOURCE_PERIOD_MS = 5.0
 RELOCATION_TARGET_MS = 50.0
 NODE_PORTS = (7411, 7412)
 STAGES = ("source", "transform", "sink")
@@ -814,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=20000.0, help="items/s the source aims at")
     ap.add_argument("--source-period", type=_period, default=SOURCE_PERIOD_MS, metavar="MS",
                     help="the source pushes rate * MS / 1000 items (at least one) every MS milliseconds "
-                         f"(default {SOURCE_PERIOD_MS:g}; 25.6 at --rate 10000 is 256-item bursts)")
+                         f"(default {SOURCE_PERIOD_MS:g}; 25.6 at --rate 10000 is the old 256-item bursts)")
     ap.add_argument("--progress", choices=("event", "busy"), default="event", help="the nodes' UCX progress mode")
     ap.add_argument("--prefault", action="store_true",
                     help="the nodes fault their pools in at start (serve --ucx-prefault)")
