@@ -53,6 +53,8 @@ def test_three_stages_lose_nothing_when_the_memory_node_is_killed_and_restarted_
         assert 0 <= kill[0] <= kill[1] <= kill[2] <= kill[3], steps
     assert steps["first item"] and min(steps["first item"]) >= 0
     assert steps["first new item pushed"] and min(steps["first new item pushed"]) >= 0
+    assert len(steps["node process gone"]) == len(tx[0]) and min(steps["node process gone"]) >= 0
+    assert res.source_batch == 100 and res.source_period_ms == 5.0  # 20,000 items/s: 100 per 5 ms push
     if "namespaces" not in res.where:
         print(f"\nnote: ran on {res.where}")
 
@@ -63,17 +65,36 @@ def test_the_breakdown_takes_the_first_new_push_of_the_generation_after_each_kil
     generation, do not count; a kill that did not hit the edge gives no row."""
     from grafos_fabric.tools.ucx_pipeline import _breakdown
 
-    kills = [{"t": 10.0, "port": 1, "before": {"e": (3, 1)}}, {"t": 20.0, "port": 2, "before": {"e": (4, 1)}}]
+    kills = [{"t": 10.0, "t_dead": 10.004, "port": 1, "before": {"e": (3, 1)}},
+             {"t": 20.0, "port": 2, "before": {"e": (4, 1)}}]
     tx = [{"generation": 4, "t_lost": 10.01, "t_alloc": 10.02, "t_published": 10.03, "t_bound": 10.04}]
     rx = [{"generation": 4, "t_lost": 10.015, "t_seen": 10.035, "t_bound": 10.05}]
     firsts = [(3, 9.0), (4, 10.07)]
     pushed = [(3, 9.5), (4, 9.99), (5, 10.2)]  # gen 4's first push began before the kill: not it
     out = _breakdown(kills, "e", tx, rx, firsts, pushed)
+    assert out["node process gone"] == [4.0]  # the kill's own record: when the supervisor reaped the node
     assert out["producer notices"] == [10.0]
     assert out["consumer attached"] == [50.0]
     assert out["first new item pushed"] == [200.0]
     assert out["first item"] == [70.0]
     assert _breakdown(kills, "e", tx, rx, firsts)["first new item pushed"] == []  # no pushes recorded
+
+
+def test_the_source_pushes_rate_times_period_items_at_least_one() -> None:
+    """The demo source's cadence: ``rate * period`` items per push (at least one), so at
+    10,000 items/s the default 5 ms period is 50-item pushes and 25.6 ms the old 256-item bursts."""
+    from grafos_fabric.tools.ucx_pipeline import SOURCE_PERIOD_MS, main, source_batch
+
+    assert SOURCE_PERIOD_MS == 5.0
+    assert source_batch(10000, SOURCE_PERIOD_MS) == 50
+    assert source_batch(10000, 1.0) == 10
+    assert source_batch(10000, 25.6) == 256
+    assert source_batch(20000, 2.0) == 40
+    assert source_batch(100, 1.0) == 1  # a slow source still pushes one item per period
+    assert source_batch(0.1, 1.0) == 1
+    for bad in ("fast", "0", "-1"):
+        with pytest.raises(SystemExit):
+            main(["--source-period", bad])  # argparse refuses it: a positive number of ms
 
 
 def test_failover_alloc_tries_a_node_found_down_last() -> None:

@@ -4,7 +4,7 @@ beside ``ucx_perftest``'s figures for the same operations, measured in the same 
 ::
 
     python -m grafos_fabric.tools.bench_ucx [--tls tcp] [--iters 20000]
-    python -m grafos_fabric.tools.bench_ucx --netns [--rounds 5] [--iters 10000]   # root
+    python -m grafos_fabric.tools.bench_ucx --netns [--rounds 5] [--iters 10000] [--progress busy|event]  # root
 
 The memory node's data plane (UcxRegistrar, busy progress thread) and the client
 run in this process over loopback (``UCX_NET_DEVICES=lo``); ``ucx_perftest``
@@ -157,13 +157,13 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None, node_progress: str = "busy",
               rounds: int = 5) -> list[dict[str, Any]]:
-    """Across two network namespaces (root): the memory node (``serve --driver ucx``, busy progress)
-    in A, this client in B, tcp over a veth. Raw operation latencies from Python and from the C
-    loop, 1 MiB queue items (producer and consumer in B) and raw 1 MiB puts, each beside
-    ``ucx_perftest`` between the same namespaces. ``rounds`` times, alternating (our client, then
-    perftest: the two never share the cores), so each ratio pairs figures taken a few seconds
-    apart; every figure is reported as the median over the rounds with its min and max. Returns
-    rows; one row with ``error`` where namespaces are not possible."""
+    """Across two network namespaces (root): the memory node (``serve --driver ucx``, progress
+    ``node_progress``, busy by default) in A, this client in B, tcp over a veth. Raw operation
+    latencies from Python and from the C loop, 1 MiB queue items (producer and consumer in B) and
+    raw 1 MiB puts, each beside ``ucx_perftest`` between the same namespaces. ``rounds`` times,
+    alternating (our client, then perftest: the two never share the cores), so each ratio pairs
+    figures taken a few seconds apart; every figure is reported as the median over the rounds with
+    its min and max. Returns rows; one row with ``error`` where namespaces are not possible."""
     import tempfile
 
     from grafos_fabric.tools import netns
@@ -654,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="across two network namespaces (root): node in one, client in the other, tcp over a veth")
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds of 1 MiB queue traffic (--netns)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of ours then perftest (--netns)")
+    ap.add_argument("--progress", choices=("busy", "event"), default="busy",
+                    help="the memory node's progress mode (--netns; default busy)")
     ap.add_argument("--netns-client", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--netns-split", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -674,8 +676,9 @@ def main(argv: list[str] | None = None) -> int:
         return 69
     if args.netns:
         before = os.getloadavg()[0]
-        rows = run_netns(args.iters, args.seconds, rounds=max(1, args.rounds))
-        print(f"load average (1 min) {before:.2f} before, {os.getloadavg()[0]:.2f} after")
+        rows = run_netns(args.iters, args.seconds, node_progress=args.progress, rounds=max(1, args.rounds))
+        print(f"load average (1 min) {before:.2f} before, {os.getloadavg()[0]:.2f} after; "
+              f"node progress {args.progress}")
         return _print_netns(rows, ucx.version())
     print(f"UCX {ucx.version()}, UCX_TLS={args.tls}, loopback; µs unless stated; perftest measured in this run")
     print(f"{'op':18} {'py p50':>8} {'py p99':>8} {'C p50':>8} {'C p99':>8} {'perftest':>9}  (test)")

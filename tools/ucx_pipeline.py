@@ -67,7 +67,13 @@ __all__ = ["DemoResult", "FailoverFabric", "main", "run_demo"]
 log = logging.getLogger("grafos_fabric.tools.ucx_pipeline")
 
 CAPACITY = 1 << 18
-BATCH = 256
+#: The source's default cadence: one push every SOURCE_PERIOD_MS of ``rate * period`` items (at least
+#: one), as a rate-limited source does; the consumer's first item after a relocation waits up to one
+#: period for the source's next push. 5 ms, not 1: on the 2-core dev VM a 1 ms cadence cost the source
+#: ~0.27 of a core more (three Python stages and two nodes share the cores), and a relocation's replay
+#: pushes the window one ring push per source push (~25 instead of ~5), so 1 ms came out slower end to
+#: end (README, "Detection, progress and the source's cadence").
+SOURCE_PERIOD_MS = 5.0
 RELOCATION_TARGET_MS = 50.0
 NODE_PORTS = (7411, 7412)
 STAGES = ("source", "transform", "sink")
@@ -256,29 +262,48 @@ def _ack(rx: Any, seq: int) -> bool:
         return False
 
 
-def _run_source(st: _Stage, rate: float) -> None:
+def source_batch(rate: float, period_ms: float) -> int:
+    """Items per push of a source that aims at ``rate`` items/s and pushes every ``period_ms``: at least one."""
+    return max(1, round(rate * period_ms / 1e3))
+
+
+def _period(text: str) -> float:
+    """``--source-period``: milliseconds, positive."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0 < v <= 60_000:
+        raise argparse.ArgumentTypeError(f"the source period must be in (0, 60000] ms, got {text}")
+    return v
+
+
+def _run_source(st: _Stage, rate: float, period_ms: float = SOURCE_PERIOD_MS) -> None:
     from grafos_fabric.pipeline import RelocatableQueueEdge, StageId
 
     tx = RelocatableQueueEdge.producer(st.fabric, st.block("edge1"), capacity=CAPACITY, ttl=60.0,
                                        stage=StageId("source"))
     st.counters["produced"] = 0
     stop = st.dir / "stop"
+    batch = source_batch(rate, period_ms)
     t0 = time.monotonic()
     seq = 0
     while not stop.exists():
-        s = np.arange(seq, seq + BATCH, dtype=np.int64)
+        s = np.arange(seq, seq + batch, dtype=np.int64)
         tx.push_batch(np.stack([s, s * 7], axis=1), timeout=60)
         st.pushed_new("edge1", tx)
         st.relocated("edge1", tx)
-        seq += BATCH
+        seq += batch
         st.counters["produced"] = seq
         st.dump({"edge1": tx})
-        # stay near --rate items/s (the stages share a few cores); an idle producer polls its edge, so a
-        # lost node is noticed within a few ms, not at the next push
+        # stay near --rate items/s (the stages share a few cores): the next push is due at seq / rate. A
+        # producer idle for longer than a few ms polls its edge meanwhile, so a lost node is noticed within
+        # a few ms, not at the next push (with a short period the next push notices it as soon)
         while (ahead := seq / rate - (time.monotonic() - t0)) > 0:
             time.sleep(min(ahead, 0.004))
-            tx.poll()
-            st.relocated("edge1", tx)
+            if seq / rate - (time.monotonic() - t0) > 0.001:
+                tx.poll()
+                st.relocated("edge1", tx)
     deadline = time.monotonic() + 120
     while tx.acked < seq:
         if time.monotonic() > deadline:
@@ -392,7 +417,7 @@ def _stage_main(args: argparse.Namespace) -> int:
     st = _Stage(args.stage, Path(args.dir), nodes, args.net_devices or None)
     try:
         if args.stage == "source":
-            _run_source(st, args.rate)
+            _run_source(st, args.rate, args.source_period)
         elif args.stage == "transform":
             _run_transform(st)
         else:
@@ -430,6 +455,8 @@ class DemoResult:
     relocation_ms: dict[str, list[float]] = field(default_factory=dict)
     breakdown: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     restart_during: bool = False
+    source_period_ms: float = SOURCE_PERIOD_MS
+    source_batch: int = 0
     counters: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
@@ -542,8 +569,11 @@ def _hosts(loopback: bool) -> Iterator[tuple[str, list[str], list[str], str, str
 
 def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, loopback: bool = False,
              progress_mode: str = "event", limit: float = 300.0, say: Any = None,
-             restart_during: bool = False, prefault: bool = False) -> DemoResult:
+             restart_during: bool = False, prefault: bool = False,
+             source_period_ms: float = SOURCE_PERIOD_MS) -> DemoResult:
     """Run the pipeline, kill the node holding edge 1 ``kills`` times, verify the sink's file.
+    The source pushes ``rate * source_period_ms / 1000`` items (at least one) every
+    ``source_period_ms``; the first item after a relocation waits up to one period for its next push.
     ``prefault``: the nodes fault their pools in at start (``serve --ucx-prefault``; measured: no
     difference here, the grant is not dominated by page faults).
 
@@ -562,7 +592,8 @@ def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, lo
         for edge in ("edge1", "edge2"):
             open_block(str(workdir / f"{edge}.blk"), create_size=1 << 20).close()
         with _hosts(loopback) as (where, node_pre, stage_pre, host, node_dev, stage_dev):
-            res = DemoResult(where=where, restart_during=restart_during)
+            res = DemoResult(where=where, restart_during=restart_during, source_period_ms=source_period_ms,
+                             source_batch=source_batch(rate, source_period_ms))
             say(f"ucx pipeline: {where}")
             nodes = [_Node(node_pre, host, p, workdir, node_dev, progress_mode, prefault) for p in NODE_PORTS]
             for n in nodes:  # one after the other: the first creates the shared token file
@@ -571,7 +602,8 @@ def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, lo
             for s in ("sink", "transform", "source"):
                 procs[s] = subprocess.Popen(
                     [*stage_pre, sys.executable, "-m", "grafos_fabric.tools.ucx_pipeline", "--stage", s, "--dir",
-                     str(workdir), "--nodes", addr, "--net-devices", stage_dev, "--rate", str(rate)],
+                     str(workdir), "--nodes", addr, "--net-devices", stage_dev, "--rate", str(rate),
+                     "--source-period", str(source_period_ms)],
                     preexec_fn=_die_with_parent)
             deadline = time.monotonic() + limit
 
@@ -604,6 +636,7 @@ def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, lo
                 assert victim.proc is not None
                 os.kill(victim.proc.pid, signal.SIGKILL)
                 victim.proc.wait()
+                t_dead = time.monotonic()  # reaped: its sockets were closed before (the peers see resets)
                 if restart_during:
                     victim.start()  # the killed node comes back, empty, on its port, while the edges move
                 hit = [e for e, c in before.items() if c is not None and c[1] == victim.port]
@@ -614,7 +647,8 @@ def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, lo
                     check(0.02)
                 if not restart_during:
                     victim.start()  # the killed node comes back, empty, on its port, once the edges moved
-                kill = {"kill": k + 1, "port": victim.port, "t": t_kill, "before": before, "after": now}
+                kill = {"kill": k + 1, "port": victim.port, "t": t_kill, "t_dead": t_dead, "before": before,
+                        "after": now}
                 log.info("kill #%d at monotonic %.4f", k + 1, t_kill)
                 res.kills.append(kill)
                 say(f"kill -9 #{k + 1} of the node on port {victim.port}: "
@@ -699,6 +733,7 @@ def _verify(workdir: Path, res: DemoResult) -> None:
 
 #: The steps of a relocation, as (name, side, event field), in the order they happen.
 STEPS = (
+    ("node process gone", "kill", "t_dead"),
     ("producer notices", "tx", "t_lost"),
     ("new lease granted", "tx", "t_alloc"),
     ("handoff published", "tx", "t_published"),
@@ -716,10 +751,11 @@ def _breakdown(kills: list[dict[str, Any]], edge: str, tx_events: list[dict[str,
                pushed: list[tuple[Any, ...]] | None = None) -> dict[str, list[float]]:
     """Per step of :data:`STEPS`: ms from each kill that moved ``edge`` to that step (monotonic clocks,
     one machine), taken from the producer's relocation events and the consumer's rebind events of the
-    first generation after the kill. "first new item pushed": when the producer's first push of
-    items the consumer had not seen (after the replay) returned; the source pushes a batch of
-    ``BATCH`` items every ``BATCH / rate`` s, so the consumer's first item of the new generation
-    waits up to that long for it, whatever the relocation costs."""
+    first generation after the kill. "node process gone": the killed node was reaped (the kernel
+    closed its sockets before: no peer can notice earlier). "first new item pushed": when the
+    producer's first push of items the consumer had not seen (after the replay) returned; the
+    source pushes once per period (``--source-period``), so the consumer's first item of the new
+    generation waits up to one period for it, whatever the relocation costs."""
     out: dict[str, list[float]] = {name: [] for name, _, _ in STEPS}
     for kill in kills:
         b = kill["before"].get(edge)
@@ -734,7 +770,9 @@ def _breakdown(kills: list[dict[str, Any]], edge: str, tx_events: list[dict[str,
         first = min((t for g, t in firsts if g >= tx["generation"] and t >= t_kill), default=None)
         push = min((t for g, t in (pushed or []) if g >= tx["generation"] and t >= t_kill), default=None)
         for name, side, key in STEPS:
-            if side in ("first", "pushed"):
+            if side == "kill":
+                t = kill.get(key)
+            elif side in ("first", "pushed"):
                 t = first if side == "first" else push
             else:
                 t = (tx if side == "tx" else rx or {}).get(key)
@@ -747,6 +785,8 @@ def _print(res: DemoResult) -> None:
     s = res.summary()
     print(f"ucx pipeline demo: source -> transform -> sink over ucx:// (tcp), {res.where}")
     when = "at once (while the edges relocate)" if res.restart_during else "once the edges moved"
+    print(f"  the source pushes {res.source_batch} items every {res.source_period_ms:g} ms "
+          f"(the first item after a relocation waits up to one period for the next push)")
     print(f"  kill -9 of the memory node holding the edges: {len(res.kills)} times, each restarted on its port "
           f"{when}")
     print(f"  sent {res.sent:,} items; the sink wrote {res.records:,} records, {res.distinct:,} distinct, "
@@ -775,6 +815,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=10, help="how many times to kill -9 the node holding edge 1")
     ap.add_argument("--interval", type=float, default=1.0, help="seconds of traffic between kills")
     ap.add_argument("--rate", type=float, default=20000.0, help="items/s the source aims at")
+    ap.add_argument("--source-period", type=_period, default=SOURCE_PERIOD_MS, metavar="MS",
+                    help="the source pushes rate * MS / 1000 items (at least one) every MS milliseconds "
+                         f"(default {SOURCE_PERIOD_MS:g}; 25.6 at --rate 10000 is the old 256-item bursts)")
     ap.add_argument("--progress", choices=("event", "busy"), default="event", help="the nodes' UCX progress mode")
     ap.add_argument("--prefault", action="store_true",
                     help="the nodes fault their pools in at start (serve --ucx-prefault)")
@@ -798,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         return 69
     res = run_demo(args.kills, args.interval, args.rate, loopback=args.loopback, progress_mode=args.progress,
                    limit=args.limit, say=print, restart_during=args.restart_during,
-                   prefault=args.prefault)
+                   prefault=args.prefault, source_period_ms=args.source_period)
     _print(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res.summary(), default=str, indent=1))

@@ -217,15 +217,22 @@ class UcxRegion:
 
         The bytes go straight from ``buf`` (no copy here; UCX sends from it
         zero-copy or copies it out, and is done with it when this returns)."""
-        ptr: Any
+        mv: memoryview | None = None
         if type(buf) is bytes:  # cffi passes bytes to a const char * as is
-            n, ptr = len(buf), buf
+            n = len(buf)
         else:
             mv = byte_view(buf, writable=False)
-            n, ptr = mv.nbytes, ffi.from_buffer(mv)
+            n = mv.nbytes
         ep, _, e, k = self._prep(offset, n, True)
         if n:
-            rc = lib.gfu_put(e, k, ptr, n, self.remote_addr + offset, 0, self.timeout)
+            # The cffi view of mv lives only for the call (an argument, never a local): a raise from this
+            # frame (here or in _prep) keeps the frame alive in the traceback, and when the GC clears a
+            # reference cycle through it (an exception kept by a frame of its own traceback) it may clear
+            # the memoryview while a cffi view still exports it; CPython 3.11 then leaves the memoryview
+            # without its buffer and the export's release later dereferences NULL (a stage crashed so,
+            # SIGSEGV in memory_dealloc, after a node's kill -9 under UCX 1.22). read_into does the same.
+            rc = lib.gfu_put(e, k, buf if mv is None else ffi.from_buffer(mv), n, self.remote_addr + offset, 0,
+                             self.timeout)
             if rc:
                 raise self._failure(rc, "write", ep)
 
