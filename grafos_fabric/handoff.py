@@ -20,6 +20,30 @@ is covered by the header CRC), and the record's data is::
     |                 payload (data_len - 8 bytes)                  |  8
     +---------------------------------------------------------------+
 
+A record may also *announce a standby*: the payload the writer means to
+publish next (the pipeline's producer keeps its next queue made ahead of time
+and names it here, so a reader can prepare for it; :mod:`grafos_fabric.pipeline`).
+Such a record (and one whose payload starts with the tag) carries a tag and
+the payload's length after the prefix::
+
+    +---------------------------------------------------------------+
+    |        published_ns (u64, writer's CLOCK_REALTIME, ns)        |  0
+    +---------------------------------------------------------------+
+    |                         tag "GHSB"                            |  8
+    +---------------------------------------------------------------+
+    |                     payload_len (u32)                         | 12
+    +---------------------------------------------------------------+
+    |   payload (payload_len bytes), then the standby (the rest)    | 16
+    +---------------------------------------------------------------+
+
+A record without the tag has no standby (``HandoffRecord.standby == b""``),
+which is every record written before the tag existed. The standby is a hint
+under the record's CRC: a reader never takes it for the current payload.
+:meth:`HandoffWriter.announce` re-writes the writer's last record *at the same
+generation* with a new standby (the writer makes its standby after a publish,
+off the critical path); :meth:`HandoffReader.poll` returns such an amended
+record only when asked (``amendments=True``).
+
 Little-endian. Who writes: one :class:`HandoffWriter` at a time wins. Under an
 exclusive ``flock`` on the lease's file or device it reads the newest valid
 record, refuses with :class:`~grafos_fabric.errors.StaleEpoch` when that
@@ -52,12 +76,14 @@ from .errors import Corrupted, FabricValueError, NoRecord, StaleEpoch
 from .fence import EdgeGeneration, FenceEpoch
 from .slots import GHOF, MAX_SEQ, BlockDevice, Durability, SlotRecord, SlotStore
 
-__all__ = ["HandoffReader", "HandoffRecord", "HandoffWriter"]
+__all__ = ["STANDBY_TAG", "HandoffReader", "HandoffRecord", "HandoffWriter"]
 
 log = logging.getLogger(__name__)
 
 _PREFIX = struct.Struct("<Q")
 PREFIX_SIZE = _PREFIX.size
+STANDBY_TAG = b"GHSB"
+_TAGGED = struct.Struct("<4sI")
 
 # flock is per open file description: two writers sharing one region object (one
 # fd) in two threads would both "hold" it. A per-region thread lock covers that.
@@ -98,6 +124,7 @@ class HandoffRecord:
     payload: bytes
     published_ns: int
     seq: int
+    standby: bytes = b""  #: the payload the writer announced it will publish next (b"": none)
 
     @classmethod
     def _from_slot(cls, record: SlotRecord) -> HandoffRecord:
@@ -111,7 +138,32 @@ class HandoffRecord:
                 "forged or damaged); publish on a fresh block lease and point the readers at it"
             )
         (published_ns,) = _PREFIX.unpack_from(record.data)
-        return cls(FenceEpoch(record.tag), bytes(record.data[PREFIX_SIZE:]), published_ns, record.seq)
+        body = bytes(record.data[PREFIX_SIZE:])
+        standby = b""
+        if body[: len(STANDBY_TAG)] == STANDBY_TAG:
+            if len(body) < _TAGGED.size:
+                raise Corrupted(f"handoff record with a standby tag but {len(body)} bytes after its prefix")
+            _, n = _TAGGED.unpack_from(body)
+            if n > len(body) - _TAGGED.size:
+                raise Corrupted(f"handoff payload length {n} runs past the record ({len(body) - _TAGGED.size} bytes)")
+            standby = body[_TAGGED.size + n :]
+            body = body[_TAGGED.size : _TAGGED.size + n]
+        return cls(FenceEpoch(record.tag), body, published_ns, record.seq, standby)
+
+
+def _as_bytes(value: Any, what: str) -> bytes:
+    try:
+        return memoryview(value).cast("B").tobytes()
+    except TypeError:
+        raise FabricValueError(f"a handoff {what} is bytes-like, got {type(value).__name__}") from None
+
+
+def _encode(published_ns: int, payload: bytes, standby: bytes) -> bytes:
+    """The record's data: the plain layout, or the tagged one when there is a standby (or
+    the payload itself starts with the tag, so that it is never misread)."""
+    if not standby and payload[: len(STANDBY_TAG)] != STANDBY_TAG:
+        return _PREFIX.pack(published_ns) + payload
+    return _PREFIX.pack(published_ns) + _TAGGED.pack(STANDBY_TAG, len(payload)) + payload + standby
 
 
 def _read_newest(store: SlotStore) -> HandoffRecord | None:
@@ -148,6 +200,7 @@ class HandoffWriter:
             self._generation = newest.generation if newest is not None else FenceEpoch.zero()
         else:
             self._generation = FenceEpoch(generation)
+        self._last_payload: bytes | None = None  # what this writer published last (announce re-writes it)
 
     @classmethod
     def from_disk(cls, block_lease: BlockDevice, *, durability: Durability = "ordered") -> HandoffWriter:
@@ -169,21 +222,21 @@ class HandoffWriter:
         """The largest payload a record can carry, in bytes."""
         return self._store.capacity - PREFIX_SIZE
 
-    def publish(self, payload: Any) -> EdgeGeneration:
+    def publish(self, payload: Any, *, standby: Any = None) -> EdgeGeneration:
         """Durably publish ``payload`` at the next generation and return that generation.
 
-        Raises ``StaleEpoch`` (a ``Fenced``) when the generation on disk is
-        newer than this writer's: another writer won. ``CapacityExceeded`` when
-        the payload does not fit the lease (nothing written), ``Corrupted``
-        when no valid record can be read back to check against (the writer
-        will not guess a generation), ``LeaseExpired``/``Revoked`` when the
-        lease is gone.
+        ``standby`` (optional, bytes-like) announces the payload this writer
+        means to publish next (see the module docstring). Raises
+        ``StaleEpoch`` (a ``Fenced``) when the generation on disk is newer
+        than this writer's: another writer won. ``CapacityExceeded`` when the
+        payload does not fit the lease (nothing written), ``Corrupted`` when
+        no valid record can be read back to check against (the writer will
+        not guess a generation), ``LeaseExpired``/``Revoked`` when the lease
+        is gone.
         """
-        try:
-            body = memoryview(payload).cast("B")
-        except TypeError:
-            raise FabricValueError(f"a handoff payload is bytes-like, got {type(payload).__name__}") from None
-        data = _PREFIX.pack(time.time_ns()) + body.tobytes()
+        body = _as_bytes(payload, "payload")
+        extra = b"" if standby is None else _as_bytes(standby, "standby")
+        data = _encode(time.time_ns(), body, extra)
         with _locked(self.block_lease, shared=False):
             newest = _read_newest(self._store)
             on_disk = newest.generation if newest is not None else FenceEpoch.zero()
@@ -195,10 +248,35 @@ class HandoffWriter:
                     f"generation {int(new)} is past 2**63 - 1, which readers refuse as forged: "
                     "publish from a writer at a real generation (HandoffWriter.from_disk)"
                 )
+            self._last_payload = None  # until the write is known to have landed
             self._store.write(data, tag=int(new), refresh=True)
             self._generation = new
+            self._last_payload = body
         log.info("published handoff generation %d (%d payload bytes)", int(new), len(body))
         return new
+
+    def announce(self, standby: Any) -> EdgeGeneration:
+        """Re-write this writer's last record, at the same generation, announcing ``standby``.
+
+        The payload and generation stay; readers see the amendment with
+        ``HandoffReader.poll(amendments=True)``. Refused like :meth:`publish`:
+        ``StaleEpoch`` when a newer generation is on disk (or the record at
+        this generation is not the one this writer published), and
+        ``FabricValueError`` when this writer has not published yet."""
+        extra = _as_bytes(standby, "standby")
+        body = self._last_payload
+        if body is None:
+            raise FabricValueError("announce re-writes this writer's last record: publish first")
+        with _locked(self.block_lease, shared=False):
+            newest = _read_newest(self._store)
+            if newest is None or newest.generation < self._generation:
+                raise Corrupted(f"announcing at generation {int(self._generation)}: the record on disk is older")
+            if newest.generation > self._generation or newest.payload != body:
+                current = int(newest.generation)
+                raise StaleEpoch(epoch=int(self._generation), current=max(current, int(self._generation) + 1))
+            self._store.write(_encode(newest.published_ns, body, extra), tag=int(self._generation), refresh=True)
+        log.debug("announced a standby at handoff generation %d (%d bytes)", int(self._generation), len(extra))
+        return self._generation
 
     def __repr__(self) -> str:
         return f"<HandoffWriter generation={int(self._generation)}>"
@@ -215,6 +293,7 @@ class HandoffReader:
         self.block_lease = block_lease
         self._store = SlotStore(block_lease, GHOF)
         self._last: FenceEpoch | None = None if since is None else FenceEpoch(since)
+        self._last_seq = 0  # slot sequence of the last record returned (amendments have a higher one)
 
     @property
     def last_generation(self) -> EdgeGeneration | None:
@@ -226,9 +305,11 @@ class HandoffReader:
         with _locked(self.block_lease, shared=True):
             return HandoffRecord._from_slot(self._store.read())
 
-    def poll(self) -> HandoffRecord | None:
+    def poll(self, *, amendments: bool = False) -> HandoffRecord | None:
         """The newest record if its generation is newer than the last one seen, else None.
 
+        With ``amendments=True``, also a record at the last generation seen
+        that was re-written since it was returned (:meth:`HandoffWriter.announce`).
         None also when nothing was published yet. Raises ``Corrupted`` when no
         record validates, or when the generation on disk went *backwards*
         (the newest record was lost): never a stale value.
@@ -241,12 +322,16 @@ class HandoffReader:
             return None
         if self._last is None or newest.generation > self._last:
             self._last = newest.generation
+            self._last_seq = newest.seq
             return newest
         if newest.generation < self._last:
             raise Corrupted(
                 f"handoff generation went backwards from {int(self._last)} to {int(newest.generation)}: "
                 "the newest record was lost"
             )
+        if amendments and newest.seq > self._last_seq:
+            self._last_seq = newest.seq
+            return newest
         return None
 
     def wait(

@@ -524,10 +524,11 @@ def test_a_consumer_attaches_a_newer_generation_while_it_drains_the_old_queue(
     """The producer moved on without sealing the old queue (its node stopped answering it): the
     consumer, idle on the old queue, finds the newer generation in the handoff record, attaches
     its queue at once, seals and drains the old one, and then switches to the queue it attached
-    early (no second attach). Nothing is delivered twice or lost."""
+    early (no second attach). Nothing is delivered twice or lost. (Without a standby: with one,
+    the queue was attached even earlier, when its announcement was read; see test_pipeline_standby.)"""
     import grafos_fabric.pipeline.consumer as consumer_mod
 
-    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL, standby=False)
     rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), poll_interval=0.001)
     tx.push(_payload(0))
     it = rx.pop(timeout=5)

@@ -17,14 +17,16 @@ from .. import errors as E
 from .. import observe
 from ..backoff import Backoff
 from ..checkpoint import StageId
-from ..drivers.base import Fabric
+from ..drivers.base import Fabric, RegionRef
 from ..errors import EdgeError
+from ..fence import EdgeGeneration, FenceEpoch
 from ..handoff import HandoffReader, HandoffRecord
 from ..locator import QueueLocator
 from ..queue import Batch, FabricQueue, Item, _deadline
 from ..slots import BlockDevice
 from .edge import _CONSUMER_LOST, DEFAULT_CONSUMER_STAGE, RelocatableQueueEdge, _remaining
 from .gate import SequenceGate
+from .standby import announced_standby
 
 __all__ = ["EdgeConsumer"]
 
@@ -69,9 +71,18 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._lost_at: float | None = None  # when the current queue was found done (rebind timer)
         self._next_poll = 0.0
         self._seen: dict[int, float] = {}  # generation -> when a poll first returned it (monotonic)
+        # the producer's standby queue, attached ahead: (the generation it is for, its locator,
+        # the handle, when its announcement was read); see grafos_fabric.pipeline.standby
+        self._sb: tuple[int, QueueLocator, FabricQueue, float] | None = None
+        self._sb_want = True  # no standby for the next generation known: poll the record while busy
+        self._sb_next_poll = 0.0
+        self._sb_binds = 0
+        self._unconfirmed: RegionRef | None = None  # a standby bound before its generation's record was read
+        self._sb_refused = 0
         rec = self._reader.poll()
         if rec is None:
             return
+        self._learn(rec)
         if input_offset is not None:
             # restart: seal what the predecessor was reading, ask for a replay from input_offset
             try:
@@ -114,24 +125,31 @@ class EdgeConsumer(RelocatableQueueEdge):
     # -- binding ---------------------------------------------------------------------------
     def _attach(self, rec: HandoffRecord) -> bool:
         """Bind to the queue ``rec`` names; False when it is already gone."""
-        q = self._take_ready(rec)
+        loc = QueueLocator.from_bytes(rec.payload)
+        q = self._take_ready(rec) or self._take_standby(int(rec.generation), loc)
         if q is None:
             try:
-                q = FabricQueue.attach(self.fabric, QueueLocator.from_bytes(rec.payload), mapped=self.mapped)
+                q = FabricQueue.attach(self.fabric, loc, mapped=self.mapped)
             except (E.LeaseExpired, E.Revoked, E.Disconnected, E.NotReady) as exc:
                 log.info("stage %s: generation %d is already gone: %s", self.stage, int(rec.generation), exc)
                 self._gen = rec.generation
                 return False
+        return self._bind(q, rec.generation)
+
+    def _bind(self, q: FabricQueue, generation: EdgeGeneration, *, standby: bool = False) -> bool:
+        """``q`` (of ``generation``) becomes the current queue."""
         first = q.first_seq
         exp = self._gate.expected
         try:
-            self._gate.bind(first, int(rec.generation))
+            self._gate.bind(first, int(generation))
         except EdgeError:
             q.close()
             raise
         had = self._q is not None or self._lost_at is not None
+        self._unconfirmed = None
         self._q = q
-        self._gen = rec.generation
+        self._gen = generation
+        self._sb_want = self._sb is None or self._sb[0] != int(generation) + 1
         if self._acked_local > first:
             q.set_acked(self._acked_local)
         if had:
@@ -140,22 +158,128 @@ class EdgeConsumer(RelocatableQueueEdge):
             if self._lost_at is not None:
                 self._rebind_s.append(dt)
             event = {
-                "generation": int(rec.generation),
+                "generation": int(generation),
                 "first_seq": first,
                 "position": exp,
                 "ms": dt * 1e3,
-                # monotonic times: queue found done, newer record first read, bound to its queue
+                # monotonic times: queue found done, newer record (or the standby's announcement)
+                # first read, bound to its queue
                 "t_lost": self._lost_at,
-                "t_seen": self._seen.get(int(rec.generation)),
+                "t_seen": self._seen.get(int(generation)),
                 "t_bound": time.monotonic(),
+                "standby": standby,
             }
             self._events.append(event)
             observe.count("edge_rebinds", stage=self.stage.name)
             observe.latency("edge_rebind", dt, stage=self.stage.name)
             observe.emit("edge.rebound", stage=self.stage.name, **event)
         self._lost_at = None
-        log.debug("stage %s: bound to generation %d (first_seq %d)", self.stage, int(rec.generation), first)
+        log.debug("stage %s: bound to generation %d (first_seq %d)", self.stage, int(generation), first)
         return True
+
+    # -- the standby (grafos_fabric.pipeline.standby) ----------------------------------------
+    def _learn(self, rec: HandoffRecord) -> None:
+        """Attach the standby ``rec`` announces (off the critical path). ``Corrupted`` when the
+        announcement does not validate; a standby that cannot be attached is left out."""
+        sb = self._sb
+        if sb is not None and sb[0] <= int(rec.generation):  # the generation the standby was for is out
+            self._sb = None
+            if sb[0] == int(rec.generation) and self._as_published(sb[2], QueueLocator.from_bytes(rec.payload)):
+                self._close_ready()
+                self._ready = (sb[0], sb[2])  # it is that generation's queue: attached already
+            else:
+                sb[2].close()
+        loc = announced_standby(rec)
+        if loc is None:
+            return
+        gen = int(rec.generation) + 1
+        sb = self._sb
+        if sb is not None and sb[0] == gen and sb[1].region == loc.region:
+            return
+        self._close_standby()
+        try:
+            q = FabricQueue.attach(self.fabric, loc, mapped=self.mapped)
+        except (E.FabricError, E.FabricValueError, OSError) as exc:
+            log.debug("stage %s: the standby for generation %d not attached: %s", self.stage, gen, exc)
+            return
+        self._sb = (gen, loc, q, time.monotonic())
+        if self._gen is not None and gen == int(self._gen) + 1:
+            self._sb_want = False
+
+    def _take_standby(self, generation: int, loc: QueueLocator) -> FabricQueue | None:
+        """The attached standby when it is the queue ``loc`` names for ``generation`` (no second
+        attach of the same queue); a standby for that generation that is another queue is closed."""
+        sb = self._sb
+        if sb is None or sb[0] != generation:
+            return None
+        self._sb = None
+        if sb[1].region == loc.region and not sb[2].closed and self._as_published(sb[2], loc):
+            return sb[2]
+        sb[2].close()
+        return None
+
+    @staticmethod
+    def _as_published(q: FabricQueue, loc: QueueLocator) -> bool:
+        """A standby handle, attached while it was dormant, is the queue the durable record
+        ``loc`` names as it was published: same region, epoch and first_seq (re-read)."""
+        if q.closed or q.region.ref() != loc.region:
+            return False
+        try:
+            return q.epoch == loc.epoch and q.reread_first_seq() == loc.first_seq
+        except (E.FabricError, OSError):
+            return False
+
+    def _bind_standby(self) -> bool:
+        """The critical moment: the queue is done. Bind the standby if its producer activated it
+        for the next generation (epoch advanced, not sealed); False: take the durable path."""
+        sb = self._sb
+        gen = self._gen
+        if sb is None or gen is None or sb[0] != int(gen) + 1:
+            return False
+        q = sb[2]
+        try:
+            if q.epoch != sb[0]:
+                return False  # not activated (yet): the producer has not moved
+            if q.sealed:
+                self._refuse_standby("it was sealed (fenced)")
+                return False
+            first = q.reread_first_seq()  # SYNC POINT: queue-rebase (after the epoch)
+        except (E.FabricError, OSError) as exc:
+            self._refuse_standby(f"it cannot be read ({type(exc).__name__}: {exc})")
+            return False
+        exp = self._gate.expected
+        if exp is not None and first > exp:
+            self._refuse_standby(f"it starts at {first}, past {exp}")
+            return False
+        self._sb = None
+        self._seen = {sb[0]: sb[3]}
+        self._sb_binds += 1
+        self._bind(q, FenceEpoch(sb[0]), standby=True)
+        self._unconfirmed = sb[1].region
+        return True
+
+    def _refuse_standby(self, why: str) -> None:
+        log.info("stage %s: not binding the standby: %s; reading the handoff record", self.stage, why)
+        self._sb_refused += 1
+        self._close_standby()
+
+    def _close_standby(self) -> None:
+        sb, self._sb = self._sb, None
+        if sb is not None:
+            sb[2].close()
+
+    def _maybe_learn(self) -> None:
+        """While busy and without a standby for the next generation: read the handoff record
+        (at most every ``poll_interval``) to learn the standby, or a newer generation."""
+        now = time.monotonic()
+        if now < self._sb_next_poll or self._pending is not None:
+            return
+        self._sb_next_poll = now + self.poll_interval
+        rec = self._poll()
+        if rec is not None:
+            self._pending = rec
+            self._preattach(rec)
+            self._sb_want = False
 
     def _preattach(self, rec: HandoffRecord) -> None:
         """Attach the queue of a newer generation now, while the old queue drains: the switch
@@ -164,8 +288,13 @@ class EdgeConsumer(RelocatableQueueEdge):
         if self._ready is not None and self._ready[0] == int(rec.generation):
             return
         self._close_ready()
+        loc = QueueLocator.from_bytes(rec.payload)
+        q = self._take_standby(int(rec.generation), loc)
+        if q is not None:
+            self._ready = (int(rec.generation), q)
+            return
         try:
-            q = FabricQueue.attach(self.fabric, QueueLocator.from_bytes(rec.payload), mapped=self.mapped)
+            q = FabricQueue.attach(self.fabric, loc, mapped=self.mapped)
         except (E.FabricError, E.FabricValueError, OSError) as exc:
             log.debug("stage %s: generation %d not attached early: %s", self.stage, int(rec.generation), exc)
             return
@@ -196,17 +325,35 @@ class EdgeConsumer(RelocatableQueueEdge):
             self._lost_at = time.monotonic()
 
     def _poll(self) -> HandoffRecord | None:
-        rec = self._reader.poll()
-        if rec is not None and self._gen is not None and rec.generation <= self._gen:
+        """A record of a newer generation than the current one, or None. Every record read
+        (amendments too) is learned from (its standby); a record at the current generation that
+        names another queue than the one bound (a standby bound at the critical moment, when a
+        producer taking over published elsewhere) is returned too: the consumer moves there."""
+        rec = self._reader.poll(amendments=True)
+        if rec is None:
             return None
-        if rec is not None:
-            self._seen = {int(rec.generation): time.monotonic()}
+        self._learn(rec)
+        if self._gen is not None and rec.generation <= self._gen:
+            bound = self._unconfirmed
+            if rec.generation < self._gen or bound is None:
+                return None
+            self._unconfirmed = None
+            if QueueLocator.from_bytes(rec.payload).region == bound:
+                return None  # the record names the standby bound at the critical moment: confirmed
+            log.warning(
+                "stage %s: the record of generation %d names another queue than the one bound; moving there",
+                self.stage,
+                int(rec.generation),
+            )
+        self._seen = {int(rec.generation): time.monotonic()}
         return rec
 
     def _rebind(self, deadline: float | None) -> None:
         """Without a queue: wait for a newer generation and attach it."""
         backoff = Backoff(deadline, first=50e-6, cap=2e-3)
         while self._q is None:
+            if self._pending is None and self._bind_standby():
+                return
             rec = self._pending or self._poll()
             self._pending = None
             if rec is not None:
@@ -277,6 +424,8 @@ class EdgeConsumer(RelocatableQueueEdge):
             try:
                 out, again = self._read(q, max_items, wait, batch)
                 if out is not None:
+                    if self._sb_want:
+                        self._maybe_learn()
                     return out
                 if again:
                     continue
@@ -289,6 +438,8 @@ class EdgeConsumer(RelocatableQueueEdge):
                     raise TimeoutError(f"stage {self.stage}: no item within the timeout")
             except E.QueueSealed:
                 self._drop_current()
+                if self._pending is None and self._bind_standby():
+                    continue
                 if self._pending is None:
                     self._pending = self._poll()
                 if self._pending is not None and self._attach(self._pending):
@@ -367,6 +518,8 @@ class EdgeConsumer(RelocatableQueueEdge):
                 it = None  # the slow path meets the same failure and rebinds
             if it is not None:
                 if gate.admit(it.seq):
+                    if self._sb_want:
+                        self._maybe_learn()
                     return it
                 it.release()
         out = self._next(1, timeout, False)
@@ -406,6 +559,7 @@ class EdgeConsumer(RelocatableQueueEdge):
             return
         self.closed = True
         self._close_ready()
+        self._close_standby()
         if self._q is not None:
             self._q.close()
 
@@ -425,6 +579,8 @@ class EdgeConsumer(RelocatableQueueEdge):
             "dropped_duplicates": self._gate.dropped,
             "position": self._gate.expected,
             "acked": self._acked_local,
+            "standby_binds": self._sb_binds,
+            "standby_refused": self._sb_refused,
         }
         out.update(self._rebind_stats())
         return out

@@ -104,6 +104,7 @@ class RelocatableQueueEdge:
         renew: bool = True,
         max_attempts: int = 5,
         durability: Durability = "ordered",
+        standby: bool = True,
     ) -> EdgeProducer:
         """The producing side; see :class:`EdgeProducer`."""
         from .producer import EdgeProducer  # the sides subclass this class: imported on use
@@ -121,6 +122,7 @@ class RelocatableQueueEdge:
             renew=renew,
             max_attempts=max_attempts,
             durability=durability,
+            standby=standby,
         )
 
     @classmethod

@@ -54,6 +54,7 @@ from ..locator import QueueLocator
 from ..queue import FabricQueue, _deadline
 from ..slots import BlockDevice, Durability
 from .edge import _QUEUE_LOST, DEFAULT_PRODUCER_STAGE, RelocatableQueueEdge, _remaining
+from .standby import StandbyQueue, fence_announced
 from .window import LIST, ROWS, SINGLE, ReplayWindow, copy_item
 
 __all__ = ["EdgeProducer", "ProducerState"]
@@ -97,7 +98,9 @@ class EdgeProducer(RelocatableQueueEdge):
     the allocations/publishes one relocation tries before
     ``EdgeError.RELOCATION_FAILED``. ``durability`` is the handoff writer's
     (``"ordered"`` or ``"single-sync"``: since slot format v3 both are one
-    write and one sync; see :mod:`grafos_fabric.slots`).
+    write and one sync; see :mod:`grafos_fabric.slots`). ``standby`` keeps the
+    next queue made and announced ahead of time (one more ring of ``capacity``
+    bytes; :mod:`grafos_fabric.pipeline.standby`).
     """
 
     role = "producer"
@@ -117,6 +120,7 @@ class EdgeProducer(RelocatableQueueEdge):
         renew: bool = True,
         max_attempts: int = 5,
         durability: Durability = "ordered",
+        standby: bool = True,
     ) -> None:
         super().__init__(fabric, blk, stage)
         self.durability: Durability = durability
@@ -142,9 +146,14 @@ class EdgeProducer(RelocatableQueueEdge):
         self._relocations = 0
         self._failures = 0
         self._fenced: E.StaleEpoch | None = None
+        self._q_ref: Any = None  # the current queue's RegionRef
+        self._standby_used = 0  # StandbyQueue.used at the last relocation (the event says whether it used one)
         self._t_lost = self._t_alloc = self._t_published = 0.0  # the last relocation's steps (monotonic)
         self._writer = HandoffWriter.from_disk(blk, durability=durability)
         self._reader = HandoffReader(blk)
+        self._sb = StandbyQueue(
+            fabric, self.stage, capacity=capacity, ttl=ttl, dtype=dtype, max_item=max_item, enabled=standby
+        )
         self._takeover()
 
     # -- state -------------------------------------------------------------------------
@@ -212,6 +221,7 @@ class EdgeProducer(RelocatableQueueEdge):
         if now >= self._renew_at:
             q.lease.renew()  # LeaseExpired / Revoked when it is already gone: relocation
             self._renew_at = now + int(self.ttl * NS) // 2
+            self._sb.renew()
 
     def _check_queue(self) -> None:
         """Raise the typed failure of the current queue, if it has one (cheap)."""
@@ -275,6 +285,7 @@ class EdgeProducer(RelocatableQueueEdge):
             except E.NoRecord:
                 rec = None
             if rec is not None:
+                fence_announced(self.fabric, rec, self.stage)  # the predecessor's standby: sealed first
                 try:
                     old = FabricQueue.attach(self.fabric, QueueLocator.from_bytes(rec.payload))
                     if self._w.resume_at(old.acked):
@@ -346,7 +357,8 @@ class EdgeProducer(RelocatableQueueEdge):
             log.debug("stage %s: relocating (%s): replay start %d found in %.3f ms", self.stage, reason, start,
                       (time.perf_counter() - t0) * 1e3)
             try:
-                newq, gen = self._allocate_and_publish(start)
+                lost = self._q_ref if old is not None and not reachable else None
+                newq, gen = self._allocate_and_publish(start, lost)
             except E.StaleEpoch as exc:
                 self._failures += 1
                 log.warning("stage %s: fenced out by a newer producer (%s)", self.stage, exc)
@@ -360,16 +372,19 @@ class EdgeProducer(RelocatableQueueEdge):
             if self._state is _RELOCATING:  # it failed: keep the queue we had (the next call retries)
                 self._state = prev
 
-    def _allocate_and_publish(self, start: int) -> tuple[FabricQueue, EdgeGeneration]:
+    def _allocate_and_publish(self, start: int, lost: Any = None) -> tuple[FabricQueue, EdgeGeneration]:
         """A new queue at the next generation, numbering from ``start``, published through the
-        handoff writer; up to ``max_attempts`` tries, with backoff between them."""
+        handoff writer; up to ``max_attempts`` tries, with backoff between them. The first try
+        activates the standby queue when there is a usable one (``lost``: the region of a
+        queue whose node does not answer)."""
         last: BaseException | None = None
         backoff = Backoff(None, first=0.002, cap=0.05)
         for attempt in range(self.max_attempts):
             if attempt:
                 backoff.sleep()
+            sb = self._sb.take(start, self._writer.next_generation, lost) if attempt == 0 else None
             try:
-                newq = FabricQueue.create(
+                newq = sb or FabricQueue.create(
                     self.fabric,
                     self.capacity,
                     self.ttl,
@@ -389,14 +404,14 @@ class EdgeProducer(RelocatableQueueEdge):
                 self._t_published = time.monotonic()
                 return newq, gen
             except E.StaleEpoch:
-                newq.free()
+                self._sb.unusable(newq)  # sealed, then freed: a consumer that bound it (a standby) leaves
                 raise
             except (E.FabricError, OSError) as exc:
-                newq.free()
+                self._sb.unusable(newq)
                 last = exc
                 log.warning("stage %s: publishing the handoff failed (attempt %d): %s", self.stage, attempt + 1, exc)
             except BaseException:
-                newq.free()  # a damaged handoff record (Corrupted) or an interrupt: not retried
+                self._sb.unusable(newq)  # a damaged handoff record (Corrupted) or an interrupt: not retried
                 raise
         self._failures += 1
         raise EdgeError(
@@ -407,6 +422,7 @@ class EdgeProducer(RelocatableQueueEdge):
     def _bind(self, newq: FabricQueue, gen: EdgeGeneration, start: int, reason: str, t0: float) -> None:
         """BOUND to ``newq``: it numbers from ``start``; the window replays from there."""
         self._q = newq
+        self._q_ref = newq.region.ref()  # where it lives, known without asking it (it may stop answering)
         self._gen = gen
         self._w.rebase(start)
         self._renew_at = self.fabric.clock.now_ns() + int(self.ttl * NS) // 2
@@ -428,7 +444,10 @@ class EdgeProducer(RelocatableQueueEdge):
             "t_alloc": self._t_alloc,
             "t_published": self._t_published,
             "t_bound": time.monotonic(),
+            "standby": self._sb.used > self._standby_used,
         }
+        self._standby_used = self._sb.used
+        self._sb.after_relocation()
         self._events.append(event)
         observe.count("edge_relocations", stage=self.stage.name, reason=reason)
         observe.latency("edge_relocate", dt, stage=self.stage.name)
@@ -552,7 +571,16 @@ class EdgeProducer(RelocatableQueueEdge):
         self._maybe_renew()
         if self._retired:
             self._free_retired(force=False)
-        return self._catch_up(timeout, deadline)
+        done = self._catch_up(timeout, deadline)
+        if done and self._sb.due:
+            self._make_standby()
+        return done
+
+    def _make_standby(self) -> None:
+        """The next queue, made and announced once the replay after a relocation is in
+        (off the consumer's critical path; see :mod:`grafos_fabric.pipeline.standby`)."""
+        if self._gen is not None and self._state is _BOUND:
+            self._sb.make(self._gen, self._writer)
 
     def _drive(self, deadline: float | None, timeout: float | None) -> bool:
         """Catch the queue up with the window, relocating on failures."""
@@ -581,6 +609,8 @@ class EdgeProducer(RelocatableQueueEdge):
     def _flush_step(self) -> bool:
         self._maybe_renew()
         done = self._catch_up(0, None)
+        if done and self._sb.due:
+            self._make_standby()
         self._refresh_acked()
         if done and self._w.acked >= self._w.next_seq:
             return True
@@ -589,7 +619,8 @@ class EdgeProducer(RelocatableQueueEdge):
 
     def _poll_step(self) -> None:
         self._maybe_renew()
-        self._catch_up(0, None)
+        if self._catch_up(0, None) and self._sb.due:
+            self._make_standby()
         self._refresh_acked()
         self._check_queue()
 
@@ -635,7 +666,7 @@ class EdgeProducer(RelocatableQueueEdge):
     def _fast_push(self, buf: Any) -> int:
         """The common case in one go: BOUND, no backlog, room everywhere, lease not due. -1: take the slow path."""
         w = self._w
-        if self._state is not _BOUND or w.qnext != w.next_seq or self._retired:
+        if self._state is not _BOUND or w.qnext != w.next_seq or self._retired or self._sb.due:
             return -1
         q = self._q
         assert q is not None
@@ -772,6 +803,7 @@ class EdgeProducer(RelocatableQueueEdge):
             return
         self.closed = True
         self._to(_CLOSED)
+        self._sb.discard()
         self._free_retired(force=True)
         if self._q is not None:
             self._q.close()
@@ -802,6 +834,9 @@ class EdgeProducer(RelocatableQueueEdge):
             "reasons": dict(self._reasons),
             "pushed": self._pushed,
             "replayed": self._replayed,
+            "standby_made": self._sb.made,
+            "standby_used": self._sb.used,
+            "standby_missed": self._sb.missed,
             "next_seq": w.next_seq,
             "acked": w.acked,
             "window_items": w.items,

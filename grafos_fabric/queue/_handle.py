@@ -222,6 +222,48 @@ class _QueueHandle(QueueBase, QueueProtocols):
         if rc != OK:
             raise E.StaleEpoch(epoch=new_epoch, current=self.epoch)
 
+    def rebase(self, first_seq: int, epoch: int) -> None:
+        """Renumber a fresh queue and advance its epoch (a standby made ahead of time, put to use).
+
+        Only the handle that created the queue (``owner``), before any producer
+        role was claimed on it and before anything was published: its items
+        will be numbered from ``first_seq``, and its epoch becomes ``epoch``
+        (this handle's pushes are stamped with it). The words are stored
+        first and the epoch advanced last (a compare-and-swap, a full fence):
+        a reader that sees the new epoch sees the new ``first_seq``
+        (:meth:`reread_first_seq`). ``QueueSealed`` when the queue was sealed
+        (fenced), ``StaleEpoch`` unless ``epoch`` is newer than the queue's,
+        ``FabricValueError`` when the handle may not rebase it."""
+        first_seq = _check_int("first_seq", first_seq, 0, _EPOCH_MAX)
+        epoch = _check_int("epoch", epoch, 0, _EPOCH_MAX)
+        self._check_open()
+        self.lease.check()
+        if not self.owner or self._prod is not None:
+            raise E.FabricValueError("only the creating handle rebases a queue, before its first push")
+        tail = int(lib.gf_load_acquire_at(self._ring, _TAIL_OFF))
+        if tail & _SEALED:
+            raise E.QueueSealed("rebasing a sealed queue (it was fenced)", seal_seq=self.seal_seq)
+        hdr = self._hdr
+        if tail & _POS_MASK or int(hdr.producer_id) or int(hdr.head):
+            raise E.FabricValueError("rebasing a queue that was used: only a fresh queue is renumbered")
+        if epoch <= self.epoch:
+            raise E.StaleEpoch("rebasing a queue", epoch=epoch, current=self.epoch)
+        hdr.first_seq = first_seq
+        hdr.next_seq = first_seq
+        hdr.acked = first_seq
+        self.advance_epoch(epoch)  # SYNC POINT: queue-rebase (the words above before the epoch)
+        self.first_seq = first_seq
+        self._epoch = epoch
+
+    def reread_first_seq(self) -> int:
+        """Read ``first_seq`` from the header again (after its owner's :meth:`rebase`)
+        and keep it as this handle's; call it after seeing the new epoch
+        (SYNC POINT: queue-rebase). Untrusted like every header word: the consumer checks
+        the sequence numbers of the records against it."""
+        self._check_handle()
+        self.first_seq = int(self._hdr.first_seq)
+        return self.first_seq
+
     def stats(self) -> dict[str, int | bool]:
         self._check_handle()
         hdr = self._hdr

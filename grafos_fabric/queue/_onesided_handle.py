@@ -46,6 +46,7 @@ _CONSUMER_ID = _hoff("consumer_id")
 _ONESIDED_PEERS = _hoff("onesided_peers")
 _TAIL = _hoff("tail")
 _NEXT_SEQ = _hoff("next_seq")
+_FIRST_SEQ = _hoff("first_seq")
 _HEAD = _hoff("head")
 _ACKED = _hoff("acked")
 _SPACE_WAITERS = _hoff("space_waiters")  # a u64 of its own, 8-byte aligned: faa64 counts a waiter
@@ -334,6 +335,37 @@ class _OneSidedHandle(FabricQueue):
                 return
             w = found
         raise _cas_lost("advancing the epoch")
+
+    def rebase(self, first_seq: int, epoch: int) -> None:
+        """As :meth:`FabricQueue.rebase`, with one-sided operations: the words are
+        stored and flushed before the epoch's compare-and-swap."""
+        first_seq = _check_int("first_seq", first_seq)
+        epoch = _check_int("epoch", epoch)
+        self._check_live()
+        if not self.owner or self._p is not None:
+            raise E.FabricValueError("only the creating handle rebases a queue, before its first push")
+        r = self.region
+        tail = r.load64(_TAIL)
+        if tail & _SEALED:
+            raise self._sealed_error("rebasing a sealed queue (it was fenced)")
+        if tail & _POS_MASK or r.load64(_PRODUCER_ID) or r.load64(_HEAD):
+            raise E.FabricValueError("rebasing a queue that was used: only a fresh queue is renumbered")
+        cur = r.load64(_EPOCH)
+        if epoch <= cur:
+            raise E.StaleEpoch("rebasing a queue", epoch=epoch, current=cur)
+        r.store64(_FIRST_SEQ, first_seq)
+        r.store64(_NEXT_SEQ, first_seq)
+        r.store64(_ACKED, first_seq)
+        r.flush()
+        self.advance_epoch(epoch)  # SYNC POINT: queue-rebase (the words above before the epoch)
+        self.first_seq = first_seq
+        self._epoch = epoch
+
+    def reread_first_seq(self) -> int:
+        """As :meth:`FabricQueue.reread_first_seq` (one ``load64``)."""
+        self._check_handle()
+        self.first_seq = self.region.load64(_FIRST_SEQ)
+        return self.first_seq
 
     def stats(self) -> dict[str, int | bool]:
         self._check_handle()

@@ -282,12 +282,27 @@ def test_a_publish_that_fails_after_its_header_landed_counts_and_does_not_fence_
 def test_allocation_failure_at_relocation_is_retried(
     make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
 ) -> None:
-    tx, rx = make_edge()
+    tx, rx = make_edge(standby=False)  # every relocation allocates (a standby would be used instead)
     plan.count = 3
     plan.at(50, "alloc_fails", "revoke")
     sink = run_stream(tx, rx, 200, plan, clock)
     sink.assert_complete(200)
     assert plan.alloc_failures == 0
+
+
+def test_a_standby_that_cannot_be_made_leaves_the_edge_working(
+    make_edge: Any, fabric: Any, edge_path: str, plan: FaultPlan, clock: gf.ManualClock
+) -> None:
+    """Allocations fail when the producer makes its next standby, after a relocation that used
+    the standby it had: the edge keeps working, and nothing is lost or delivered twice."""
+    tx, rx = make_edge()
+    plan.count = 3
+    plan.at(50, "alloc_fails", "revoke")
+    sink = run_stream(tx, rx, 200, plan, clock)
+    sink.assert_complete(200)
+    assert plan.alloc_failures < 3  # making the next standby met a failure (retried later: 1 s)
+    st = tx.stats()
+    assert st["relocations"] >= 2 and st["standby_used"] >= 1
 
 
 def test_relocation_that_fails_every_attempt_raises_relocation_failed_and_keeps_the_window(
