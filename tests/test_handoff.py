@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import struct
 import subprocess
 import sys
 import threading
@@ -85,6 +86,66 @@ def test_a_reader_given_since_skips_what_it_already_knows(region: BlockRegion) -
     writer.publish(b"c")
     rec = reader.poll()
     assert rec is not None and rec.payload == b"c"
+
+
+# -- the standby announcement -----------------------------------------------------------
+
+
+def test_a_record_carries_a_standby_apart_from_its_payload(region: BlockRegion) -> None:
+    writer = HandoffWriter(region)
+    writer.publish(b"plain")
+    rec = HandoffReader(region).current()
+    assert (rec.payload, rec.standby) == (b"plain", b"")
+    writer.publish(b"cur", standby=b"next")
+    rec = HandoffReader(region).current()
+    assert (int(rec.generation), rec.payload, rec.standby) == (2, b"cur", b"next")
+    writer.publish(b"GHSB looks tagged")  # a payload that starts with the tag is never misread
+    rec = HandoffReader(region).current()
+    assert (rec.payload, rec.standby) == (b"GHSB looks tagged", b"")
+
+
+def test_announce_rewrites_the_same_generation_and_readers_see_it_when_asked(region: BlockRegion) -> None:
+    writer = HandoffWriter(region)
+    with pytest.raises(FabricValueError):
+        writer.announce(b"sb")  # nothing published by this writer yet
+    writer.publish(b"cur")
+    reader = HandoffReader(region)
+    first = reader.poll(amendments=True)
+    assert first is not None and first.standby == b""
+    published = first.published_ns
+    assert writer.announce(b"sb-1") == FenceEpoch(1)
+    plain = HandoffReader(region, since=1)
+    assert plain.poll() is None  # not a new generation
+    rec = reader.poll(amendments=True)
+    assert rec is not None and (int(rec.generation), rec.payload, rec.standby) == (1, b"cur", b"sb-1")
+    assert rec.published_ns == published  # when the generation was published, not amended
+    assert reader.poll(amendments=True) is None
+    writer.announce(b"sb-2")
+    rec = reader.poll(amendments=True)
+    assert rec is not None and rec.standby == b"sb-2"
+    assert writer.publish(b"cur-2") == FenceEpoch(2)
+
+
+def test_announce_is_refused_once_another_writer_moved_on(region: BlockRegion) -> None:
+    writer = HandoffWriter(region)
+    writer.publish(b"mine")
+    HandoffWriter.from_disk(region).publish(b"theirs")
+    with pytest.raises(StaleEpoch):
+        writer.announce(b"sb")
+    rec = HandoffReader(region).current()
+    assert (int(rec.generation), rec.payload, rec.standby) == (2, b"theirs", b"")
+
+
+def test_a_tagged_record_whose_length_runs_past_it_is_corrupted(region: BlockRegion) -> None:
+    bad = struct.pack("<Q", time.time_ns()) + b"GHSB" + struct.pack("<I", 1000) + b"short"
+    SlotStore(region, GHOF).write(bad, tag=1)
+    with pytest.raises(Corrupted, match="runs past"):
+        HandoffReader(region).current()
+    SlotStore(region, GHOF).write(struct.pack("<Q", 1) + b"GHS", tag=2)  # a plain payload, 3 bytes
+    assert HandoffReader(region).current().payload == b"GHS"
+    SlotStore(region, GHOF).write(struct.pack("<Q", 1) + b"GHSB\x01", tag=3)
+    with pytest.raises(Corrupted, match="standby tag"):
+        HandoffReader(region).current()
 
 
 def test_records_carry_the_publish_time(region: BlockRegion) -> None:

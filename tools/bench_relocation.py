@@ -77,11 +77,12 @@ def _producer(
     rate: float,
     final: Any,
     conn: Any,
+    standby: bool = True,
 ) -> None:
     try:
         fabric = gf.open_fabric(url)
         tx = RelocatableQueueEdge.producer(
-            fabric, open_block(edge_path), capacity=capacity, ttl=60.0, stage=StageId("bench-src")
+            fabric, open_block(edge_path), capacity=capacity, ttl=60.0, stage=StageId("bench-src"), standby=standby
         )
         rows = np.zeros((batch, max(1, item_size // 8)), dtype=np.int64)
         phases: list[dict[str, Any]] = []
@@ -149,6 +150,7 @@ def _one_run(
     item_size: int,
     batch: int,
     capacity: int,
+    standby: bool = True,
 ) -> dict[str, Any]:
     ctx: Any = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     tmp = tempfile.mkdtemp(prefix="grafos-reloc-", dir=handoff_dir)
@@ -160,7 +162,9 @@ def _one_run(
     p_recv, p_send = ctx.Pipe(duplex=False)
     c_recv, c_send = ctx.Pipe(duplex=False)
     prod = ctx.Process(
-        target=_producer, args=(url, edge_path, capacity, item_size, batch, schedule, rate, final, p_send), daemon=True
+        target=_producer,
+        args=(url, edge_path, capacity, item_size, batch, schedule, rate, final, p_send, standby),
+        daemon=True,
     )
     cons = ctx.Process(target=_consumer, args=(url, edge_path, final, c_send), daemon=True)
     try:
@@ -195,6 +199,7 @@ def _one_run(
     poll_s = [max(0.0, e["t_seen"] - e["t_lost"]) for e in ev]
     bind_s = [e["t_bound"] - max(e["t_seen"], e["t_lost"]) for e in ev]
     early = sum(1 for e in ev if e["t_seen"] < e["t_lost"])
+    by_standby = sum(1 for e in cres.get("events", []) if e.get("standby"))
     relocate = pres["relocate_s"]
     fs = filesystem_type(handoff_dir) or "?"
     row = {
@@ -218,6 +223,9 @@ def _one_run(
         "rebind_bind_p50_ms": round(percentile(bind_s, 0.5, empty=float("nan")) * 1e3, 3),
         "rebind_bind_p99_ms": round(percentile(bind_s, 0.99, empty=float("nan")) * 1e3, 3),
         "rebind_seen_early": early,
+        "standby": standby,
+        "rebind_by_standby": by_standby,
+        "standby_used": pres["stats"].get("standby_used", 0),
         "relocate_p50_ms": round(percentile(relocate, 0.5, empty=float("nan")) * 1e3, 3),
         "relocate_p99_ms": round(percentile(relocate, 0.99, empty=float("nan")) * 1e3, 3),
         "replayed": pres["stats"]["replayed"],
@@ -251,6 +259,7 @@ def run_relocation_bench(
     batch: int = 256,
     capacity: int = 1 << 22,
     seconds: float | None = None,
+    standby: bool = True,
 ) -> list[dict[str, Any]]:
     """Run the relocation benchmark; one result row per handoff placement (see the module docstring).
 
@@ -268,7 +277,9 @@ def run_relocation_bench(
     rows = []
     try:
         for d in handoff_dirs or default_handoff_dirs():
-            rows.append(_run_row(url, d, duration, relocations_per_s, window, item_size, batch, capacity, progress))
+            rows.append(
+                _run_row(url, d, duration, relocations_per_s, window, item_size, batch, capacity, progress, standby)
+            )
     finally:
         _cleanup(url, own)
     return rows
@@ -302,6 +313,7 @@ def _run_row(
     batch: int,
     capacity: int,
     progress: Callable[[str], None] | None,
+    standby: bool = True,
 ) -> dict[str, Any]:
     row = _one_run(
         url,
@@ -312,13 +324,15 @@ def _run_row(
         item_size=item_size,
         batch=batch,
         capacity=capacity,
+        standby=standby,
     )
     if progress is not None:
         progress(
             f"relocation ({row['handoff']}): {row['relocations_per_s']}/s, ratio {row['ratio']:.2f} "
             f"(steady {row['steady_items_per_s']:,}/s), rebind p50 {row['rebind_p50_ms']:.3f} ms "
             f"p99 {row['rebind_p99_ms']:.3f} ms (poll p99 {row['rebind_poll_p99_ms']:.3f}, bind p99 "
-            f"{row['rebind_bind_p99_ms']:.3f}, {row['rebind_seen_early']} of {row['rebind_samples']} seen early), "
+            f"{row['rebind_bind_p99_ms']:.3f}, {row['rebind_seen_early']} of {row['rebind_samples']} seen early, "
+            f"{row['rebind_by_standby']} by standby), "
             f"relocate p99 {row['relocate_p99_ms']:.3f} ms"
         )
     return row
@@ -332,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--item-size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--no-standby", action="store_true", help="the producer keeps no standby queue (to compare)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     rows = run_relocation_bench(
@@ -341,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handoff_dirs=args.handoff_dir,
         item_size=args.item_size,
         batch=args.batch,
+        standby=not args.no_standby,
     )
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -1,0 +1,339 @@
+"""The standby queue (grafos_fabric.pipeline.standby): made, announced, attached, used, freed.
+
+The producer keeps its next queue made ahead of time (dormant: epoch = the current
+generation), announces it in the handoff record, and activates it at the next relocation
+(``FabricQueue.rebase``); the consumer attaches it when it reads the announcement and binds
+it at the critical moment without an attach or a handoff read. These tests check each step,
+the fallbacks (a sealed, forged or missing standby), the cleanup (close, a dead producer) and
+that nothing is lost, reordered or delivered twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import grafos_fabric as gf
+from grafos_fabric import errors as E
+from grafos_fabric.drivers.block import open_block
+from grafos_fabric.handoff import HandoffReader, HandoffWriter
+from grafos_fabric.locator import QueueLocator
+from grafos_fabric.pipeline import RelocatableQueueEdge
+from grafos_fabric.pipeline.standby import announced_standby
+from grafos_fabric.queue import OneSidedQueue
+
+TTL = 30.0
+
+
+@pytest.fixture
+def fabric(edge_ns: str) -> Any:
+    return gf.open_fabric(f"shm://{edge_ns}")
+
+
+@pytest.fixture
+def edge_path(tmp_path: Path) -> str:
+    path = str(tmp_path / "edge.blk")
+    open_block(path, create_size=1 << 20).close()
+    return path
+
+
+def _item(seq: int) -> bytes:
+    return struct.pack("<Q", seq)
+
+
+def _take(rx: Any, n: int, got: list[int]) -> None:
+    for _ in range(n):
+        it = rx.pop(timeout=10)
+        assert struct.unpack("<Q", it.tobytes())[0] == it.seq
+        got.append(it.seq)
+        it.release()
+
+
+def _standby_locator(edge_path: str) -> QueueLocator:
+    loc = announced_standby(HandoffReader(open_block(edge_path, direct=False)).current())
+    assert loc is not None, "no standby announced"
+    return loc
+
+
+def _learn(rx: Any) -> None:
+    """Let an idle consumer read the handoff record (it attaches the standby it announces)."""
+    rx._sb_next_poll = 0.0
+    rx._next_poll = 0.0
+    assert rx.try_pop() is None
+
+
+# -- FabricQueue.rebase: the activation step ------------------------------------------------------------------
+@pytest.mark.parametrize("one_sided", [False, True], ids=["mapped", "onesided"])
+def test_a_fresh_queue_is_rebased_to_a_new_first_seq_and_epoch(fabric: Any, one_sided: bool) -> None:
+    make = OneSidedQueue.create if one_sided else gf.FabricQueue.create
+    q = make(fabric, 1 << 16, TTL, epoch=3, first_seq=7)
+    reader = gf.FabricQueue.attach(fabric, q.locator(), mapped=not one_sided)  # attached while dormant
+    assert reader.first_seq == 7 and reader.epoch == 3
+    q.rebase(100, 4)
+    assert reader.epoch == 4 and reader.reread_first_seq() == 100
+    loc = q.locator()
+    assert (loc.first_seq, loc.epoch) == (100, 4)
+    assert q.push(b"abc") == 100 and q.push(b"def") == 101
+    assert [reader.pop(timeout=5).seq for _ in range(2)] == [100, 101]
+    q.free()
+
+
+@pytest.mark.parametrize("one_sided", [False, True], ids=["mapped", "onesided"])
+def test_rebase_is_refused_once_used_sealed_by_another_handle_or_not_forward(fabric: Any, one_sided: bool) -> None:
+    make = OneSidedQueue.create if one_sided else gf.FabricQueue.create
+    q = make(fabric, 1 << 16, TTL, epoch=3)
+    other = gf.FabricQueue.attach(fabric, q.locator(), mapped=not one_sided)
+    with pytest.raises(E.FabricValueError):
+        other.rebase(5, 4)  # not the creating handle
+    with pytest.raises(E.StaleEpoch):
+        q.rebase(5, 3)  # the epoch must move forward
+    q.push(b"x")
+    with pytest.raises(E.FabricValueError):
+        q.rebase(5, 4)  # a producer pushed: no longer fresh
+    q.free()
+    s = make(fabric, 1 << 16, TTL, epoch=3)
+    gf.FabricQueue.attach(fabric, s.locator()).seal(0)  # fenced by someone else
+    with pytest.raises(E.QueueSealed):
+        s.rebase(5, 4)
+    s.free()
+
+
+# -- made, announced, attached, used -------------------------------------------------------------------------
+def test_the_producer_announces_a_dormant_standby_after_it_binds(fabric: Any, edge_path: str) -> None:
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    tx.push(_item(0))  # the first call after the relocation makes the standby
+    rec = HandoffReader(open_block(edge_path, direct=False)).current()
+    loc = announced_standby(rec)
+    assert loc is not None and int(rec.generation) == int(tx.generation or 0)
+    assert QueueLocator.from_bytes(rec.payload).region == tx.queue.region.ref()  # the payload is untouched
+    sb = gf.FabricQueue.attach(fabric, loc)
+    assert sb.epoch == int(rec.generation) and not sb.sealed  # dormant: the current generation's epoch
+    assert sb.region.ref() != tx.queue.region.ref()
+    assert tx.stats()["standby_made"] == 1
+    sb.close()
+    tx.free()
+
+
+def test_the_consumer_binds_the_standby_without_an_attach_or_a_handoff_read(
+    fabric: Any, edge_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grafos_fabric.pipeline.consumer as consumer_mod
+
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path, direct=False), poll_interval=0.001)
+    got: list[int] = []
+    for s in range(5):
+        tx.push(_item(s))
+    _take(rx, 5, got)
+    _learn(rx)  # reads the announcement and attaches the standby
+    sb_loc = _standby_locator(edge_path)
+    assert rx._sb is not None and rx._sb[1].region == sb_loc.region
+    polls: list[float] = []
+    attaches: list[float] = []
+    real_poll = rx._reader.poll
+    real_attach = consumer_mod.FabricQueue.attach
+
+    def counting_poll(*a: Any, **k: Any) -> Any:
+        polls.append(time.monotonic())
+        return real_poll(*a, **k)
+
+    def counting_attach(*a: Any, **k: Any) -> Any:
+        attaches.append(time.monotonic())
+        return real_attach(*a, **k)
+
+    monkeypatch.setattr(rx._reader, "poll", counting_poll)
+    monkeypatch.setattr(consumer_mod.FabricQueue, "attach", counting_attach)
+    rx._sb_next_poll = time.monotonic() + 3600  # no busy poll before the switch
+    gen = tx.generation
+    tx.relocate()  # activates the standby, publishes it, seals the old queue
+    assert tx.queue is not None and tx.queue.region.ref() == sb_loc.region
+    assert tx.events()[-1]["standby"] is True
+    for s in range(5, 10):
+        tx.push(_item(s))
+    _take(rx, 5, got)
+    assert got == list(range(10))
+    ev = rx.events()[-1]
+    assert ev["standby"] is True and rx.generation == tx.generation and int(rx.generation) == int(gen) + 1
+    assert rx.queue.region.ref() == sb_loc.region
+    assert not [t for t in attaches if t <= ev["t_bound"]]  # nothing attached (mapped) at the switch
+    assert not [t for t in polls if t <= ev["t_bound"]]  # no handoff read at the switch
+    assert rx.stats()["standby_binds"] == 1
+    # afterwards, off the critical path, the consumer reads the record: it names the queue bound
+    rx._sb_next_poll = 0.0
+    _learn(rx)
+    assert polls and rx._unconfirmed is None and rx.queue.region.ref() == sb_loc.region
+    tx.free()
+    rx.close()
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "onesided"])
+def test_many_relocations_through_standbys_keep_every_item_once_in_order(
+    fabric: Any, edge_path: str, mapped: bool
+) -> None:
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path, direct=False), poll_interval=0.001, mapped=mapped)
+    got: list[int] = []
+    seq = 0
+    for _round in range(30):
+        for _ in range(7):
+            tx.push(_item(seq))
+            seq += 1
+        rx._sb_next_poll = 0.0  # the next pop reads the record (busy: at most every poll_interval)
+        _take(rx, 4, got)
+        rx.ack(got[-1])
+        tx.relocate()
+        _take(rx, 3, got)
+    assert got == list(range(seq))
+    st = tx.stats()
+    assert st["relocations"] == 31 and st["standby_used"] == 30
+    # the last switch comes with the next pop (the old queue still held the last three)
+    assert rx.stats()["rebinds"] == 29 and rx.stats()["dropped_duplicates"] > 0  # replays came, were dropped
+    assert sum(1 for e in rx.events() if e["standby"]) >= 25  # the rest: the record was read first
+    tx.free()
+    rx.close()
+
+
+def test_standby_false_announces_nothing(fabric: Any, edge_path: str) -> None:
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL, standby=False)
+    tx.push(_item(0))
+    tx.relocate()
+    tx.push(_item(1))
+    assert HandoffReader(open_block(edge_path, direct=False)).current().standby == b""
+    assert tx.stats()["standby_made"] == 0 and len(fabric.segments()) == 2  # the queue, the one retired
+    tx.free()
+
+
+# -- freed, reaped -----------------------------------------------------------------------------------------------
+def test_close_seals_and_frees_the_standby(fabric: Any, edge_path: str) -> None:
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    tx.push(_item(0))
+    loc = _standby_locator(edge_path)
+    held = gf.FabricQueue.attach(fabric, loc)  # a consumer that attached it ahead
+    assert len(fabric.segments()) == 2
+    tx.close()
+    assert held.sealed  # a consumer never binds it now
+    assert len(fabric.segments()) == 1  # the standby is gone; the current queue stays for the consumer
+    with pytest.raises((E.LeaseExpired, E.Revoked, E.FabricError)):
+        gf.FabricQueue.attach(fabric, loc)
+    held.close()
+    tx.free()
+    assert fabric.segments() == []
+
+
+def test_a_dead_producers_standby_is_reaped_with_its_lease(edge_ns: str, edge_path: str) -> None:
+    ttl = 0.5
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            fab = gf.open_fabric(f"shm://{edge_ns}")
+            tx = RelocatableQueueEdge.producer(fab, open_block(edge_path), capacity=1 << 16, ttl=ttl)
+            tx.push(_item(0))
+            tx.relocate()
+            tx.push(_item(1))  # a standby again, after the one the relocation used
+            assert tx.stats()["standby_made"] == 2
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    fabric = gf.open_fabric(f"shm://{edge_ns}")
+    assert _standby_locator(edge_path) is not None
+    assert len(fabric.segments()) >= 2  # the current queue and the standby, at least
+    time.sleep(ttl * 3)
+    fabric.reap()
+    assert fabric.segments() == []
+
+
+# -- forged, fenced, missing -----------------------------------------------------------------------------------
+def test_a_record_announcing_a_damaged_or_live_standby_is_refused_with_corrupted(fabric: Any, edge_path: str) -> None:
+    q = gf.FabricQueue.create(fabric, 1 << 16, TTL, epoch=1)
+    w = HandoffWriter(open_block(edge_path))
+    w.publish(bytes(q.locator()), standby=b"GFQL not a locator")
+    with pytest.raises(E.Corrupted):
+        RelocatableQueueEdge.consumer(fabric, open_block(edge_path, direct=False))
+    live = gf.FabricQueue.create(fabric, 1 << 16, TTL, epoch=5)  # at an epoch past the next generation
+    w.publish(bytes(q.locator()), standby=bytes(live.locator()))
+    with pytest.raises(E.Corrupted, match="dormant"):
+        RelocatableQueueEdge.consumer(fabric, open_block(edge_path, direct=False))
+    q.free()
+    live.free()
+
+
+def test_a_forged_activation_is_followed_only_as_far_as_the_record_allows(fabric: Any, edge_path: str) -> None:
+    """A co-tenant seals the current queue and advances the standby's epoch (what the producer's
+    activation does). The consumer binds the standby, which is empty; the producer cannot activate it
+    (its epoch moved) and allocates instead; the consumer reads the record naming the new queue at
+    that generation and moves there. Every item once, in order."""
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path, direct=False), poll_interval=0.001)
+    got: list[int] = []
+    for s in range(6):
+        tx.push(_item(s))
+    _take(rx, 6, got)
+    _learn(rx)
+    gen = int(tx.generation or 0)
+    forger_sb = gf.FabricQueue.attach(fabric, _standby_locator(edge_path))
+    forger_cur = gf.FabricQueue.attach(fabric, tx.queue.locator())
+    forger_sb.advance_epoch(gen + 1)
+    forger_cur.seal(6)
+    with pytest.raises(TimeoutError):
+        rx.pop(timeout=0.05)  # the forged switch: bound to the (empty) standby
+    assert rx.stats()["standby_binds"] == 1 and rx._unconfirmed is not None
+    for s in range(6, 12):
+        tx.push(_item(s))  # sealed queue: the producer relocates, the standby is refused (epoch moved)
+    assert tx.stats()["standby_missed"] >= 1 and tx.queue.region.ref() != forger_sb.region.ref()
+    assert forger_sb.sealed  # the producer sealed and freed it
+    _take(rx, 6, got)
+    assert got == list(range(12))
+    assert rx.queue.region.ref() == tx.queue.region.ref()
+    forger_sb.close()
+    forger_cur.close()
+    tx.free()
+    rx.close()
+
+
+def test_a_takeover_seals_the_predecessors_standby(fabric: Any, edge_path: str) -> None:
+    old = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path, direct=False), poll_interval=0.001)
+    got: list[int] = []
+    for s in range(4):
+        old.push(_item(s))
+    _take(rx, 4, got)
+    rx.ack(3)
+    _learn(rx)
+    sb = gf.FabricQueue.attach(fabric, _standby_locator(edge_path))
+    new = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL, output_commit=4)
+    assert sb.sealed  # the predecessor's standby: never bound by the consumer now
+    with pytest.raises(E.StaleEpoch):
+        old.push(_item(99))
+    for s in range(4, 8):
+        new.push(_item(s))
+    _take(rx, 4, got)
+    assert got == list(range(8)) and rx.stats()["standby_binds"] == 0
+    sb.close()
+    old.close()
+    new.free()
+    rx.close()
+
+
+def test_a_producer_without_a_usable_standby_allocates(fabric: Any, edge_path: str) -> None:
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path, direct=False), poll_interval=0.001)
+    tx.push(_item(0))
+    got: list[int] = []
+    _take(rx, 1, got)
+    _learn(rx)
+    gf.FabricQueue.attach(fabric, _standby_locator(edge_path)).seal(0)  # someone fenced it
+    tx.relocate()
+    tx.push(_item(1))
+    _take(rx, 1, got)
+    assert got == [0, 1]
+    assert tx.stats()["standby_missed"] >= 1 and rx.stats()["standby_binds"] == 0
+    assert rx.stats()["standby_refused"] + rx.stats()["rebinds"] >= 1
+    tx.free()
+    rx.close()
