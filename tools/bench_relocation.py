@@ -13,11 +13,15 @@ handoff placement:
   window, so this is also the consumer's rate); ``ratio`` = relocating / steady,
   measured in the same run;
 * ``rebind_p50_ms`` / ``rebind_p99_ms``: the consumer's rebind time, from
-  finding its queue sealed and drained to being bound to the next one (one
-  handoff poll + attach);
+  finding its queue sealed and drained to being bound to the next one: with
+  the producer's standby queue (the default; ``--no-standby`` to compare) a
+  check of the standby it attached ahead (``rebind_by_standby`` counts those);
+  otherwise one handoff poll + attach, or only the bind when it read the newer
+  record before the old queue ran out (``rebind_seen_early``; a standby bind
+  counts as seen early too: its announcement was read before);
 * ``relocate_p50_ms`` / ``relocate_p99_ms``: the producer's side: allocate the
-  new queue, publish the handoff record (durable: one write, one sync),
-  seal the old queue;
+  new queue (or activate the standby), publish the handoff record (durable:
+  one write, one sync), seal the old queue;
 * replayed items, dropped duplicates, relocations done.
 
 The handoff record lives on a block lease (a file opened with ``open_block``):
@@ -31,7 +35,7 @@ publish reads those cached pages instead of two blocks from the disk (about
 with the writer's O_DIRECT writes the cache was dropped on every publish). The default runs it twice, on the temp
 directory's filesystem (a disk) and on ``/dev/shm`` (tmpfs: the shm-only
 setup, where block I/O costs what a memory copy costs); each row says which.
-Targets (issue 5): rebind p99 <= 1 ms on shm, ratio >= 0.8 at 10 relocations/s.
+Targets (issues 5, 14): rebind p99 <= 1 ms on both rows, ratio >= 0.8 at 10 relocations/s.
 
 ``python -m grafos_fabric.tools.bench_relocation [--duration S] [--rate N] [--handoff-dir DIR ...]``
 """

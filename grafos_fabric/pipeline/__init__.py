@@ -33,9 +33,11 @@ Acknowledgement and the replay window
 Relocation (producer)
     When a push (or a wait inside one) fails with ``LeaseExpired``,
     ``Revoked``, ``Disconnected``, ``QueueSealed`` or ``StaleEpoch``, or on an
-    explicit :meth:`EdgeProducer.relocate`, the producer: allocates a new queue
+    explicit :meth:`EdgeProducer.relocate`, the producer: takes a new queue
     whose epoch is the next handoff generation and whose ``first_seq`` is the
-    replay start; publishes ``bytes(locator)`` through its ``HandoffWriter``;
+    replay start (its *standby*, made ahead of time and activated now with
+    ``FabricQueue.rebase``, or else a freshly allocated one; see *Standby*
+    below); publishes ``bytes(locator)`` through its ``HandoffWriter``;
     seals the old queue (when it is still reachable) with the replay start as
     ``seal_seq``; and then replays its window from the replay start before the
     caller's item goes in. After ``Disconnected`` (the queue's node does not
@@ -63,11 +65,36 @@ Relocation (producer)
     that really needs the missing items then raises ``SequenceGap`` (see
     below), so nothing is lost silently.
 
+Standby (both sides; :mod:`.standby`)
+    After each relocation (on its next call, once the replay is in) the
+    producer makes the *next* queue: dormant (its epoch is the current
+    generation, which no producer of the next one pushes at), announced in
+    the current generation's handoff record (``HandoffWriter.announce``:
+    the same record re-written with a ``standby`` field). The consumer reads
+    the announcement (it polls the record while busy until it has one, at
+    most every ``poll_interval``, backing off while nothing is announced) and
+    attaches the standby at once. At the next relocation the producer
+    activates it (``rebase``: ``first_seq`` = the replay start, then the
+    epoch advanced), publishes it, seals the old queue and only then pushes
+    into it; the consumer, finding the old queue done, sees the standby's
+    epoch advanced and binds it: no allocation, mapping or durable read at
+    that moment. It reads the new record afterwards (off the critical path),
+    which names the queue it bound, or, when it does not (a producer that
+    took over published another queue at that generation), it moves to the
+    one named. A standby that is sealed, at another epoch or starts past the
+    consumer's position is never bound (the record decides). A producer
+    taking the edge over seals its predecessor's announced standby; a
+    producer seals and frees its standby when it cannot use it and on
+    ``close``; a dead producer's standby expires with its lease and is
+    reaped. Cost: one more ring of ``capacity`` bytes per edge, one more
+    durable write per relocation (off the critical path).
+    ``producer(..., standby=False)`` turns it off.
+
 Rebind (consumer)
     The consumer polls the handoff reader when its queue is empty (every
     ``poll_interval`` seconds while it waits), when the queue is sealed and
     drained, and when it fails (``LeaseExpired``, ``Revoked``,
-    ``Disconnected``, ``RoleTaken``). On a new generation it seals the old queue
+    ``Disconnected``, ``RoleTaken``); first, it binds an activated standby. On a new generation it seals the old queue
     (if live) with its position as ``seal_seq``, drains what the old queue
     still holds (having attached the new queue already, when it found the new
     generation while idle, so the switch costs no attach), binds the new
@@ -136,6 +163,8 @@ Modules (each holds one concept; this one only re-exports)
       (:class:`ProducerState`: RELOCATING -> BOUND -> RELOCATING ... -> FENCED)
       with one guarded call site for a lost queue;
     * :mod:`.consumer`: :class:`EdgeConsumer`;
+    * :mod:`.standby`: :class:`StandbyQueue`, the producer's next queue made
+      ahead of time, and the consumer's checks of an announced one;
     * waits use the library's one :class:`~grafos_fabric.backoff.Backoff`.
 """
 
@@ -148,6 +177,7 @@ from .consumer import EdgeConsumer
 from .edge import RelocatableQueueEdge
 from .gate import SEQUENCE_GAP, SequenceGate, Verdict
 from .producer import EdgeProducer, ProducerState
+from .standby import StandbyQueue
 from .window import ReplayWindow
 
 __all__ = [
@@ -163,5 +193,6 @@ __all__ = [
     "ReplayWindow",
     "SequenceGate",
     "StageId",
+    "StandbyQueue",
     "Verdict",
 ]

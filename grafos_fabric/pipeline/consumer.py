@@ -76,6 +76,7 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._sb: tuple[int, QueueLocator, FabricQueue, float] | None = None
         self._sb_want = True  # no standby for the next generation known: poll the record while busy
         self._sb_next_poll = 0.0
+        self._sb_every = poll_interval  # busy polls back off (x2, to 64 poll_intervals) while they find nothing
         self._sb_binds = 0
         self._unconfirmed: RegionRef | None = None  # a standby bound before its generation's record was read
         self._sb_refused = 0
@@ -150,11 +151,13 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._q = q
         self._gen = generation
         self._sb_want = self._sb is None or self._sb[0] != int(generation) + 1
+        self._sb_every = self.poll_interval
         if self._acked_local > first:
             q.set_acked(self._acked_local)
         if had:
             self._rebinds += 1
-            dt = time.monotonic() - self._lost_at if self._lost_at is not None else 0.0
+            now = time.monotonic()  # one instant: the sample and the event's t_bound agree
+            dt = now - self._lost_at if self._lost_at is not None else 0.0
             if self._lost_at is not None:
                 self._rebind_s.append(dt)
             event = {
@@ -166,7 +169,7 @@ class EdgeConsumer(RelocatableQueueEdge):
                 # first read, bound to its queue
                 "t_lost": self._lost_at,
                 "t_seen": self._seen.get(int(generation)),
-                "t_bound": time.monotonic(),
+                "t_bound": now,
                 "standby": standby,
             }
             self._events.append(event)
@@ -274,8 +277,10 @@ class EdgeConsumer(RelocatableQueueEdge):
         now = time.monotonic()
         if now < self._sb_next_poll or self._pending is not None:
             return
-        self._sb_next_poll = now + self.poll_interval
         rec = self._poll()
+        if self._sb_want and rec is None:  # nothing announced yet (or a producer without a standby)
+            self._sb_every = min(self._sb_every * 2, 64 * self.poll_interval)
+        self._sb_next_poll = now + self._sb_every
         if rec is not None:
             self._pending = rec
             self._preattach(rec)

@@ -858,7 +858,9 @@ def test_a_thousand_forced_relocations_over_a_million_items_deliver_every_sequen
     _forced_relocations(tmp_path, edge_ns, 1_000_000, 1000, timeout=240)
 
 
-def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed: int) -> None:
+def _kill_trials(
+    tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed: int, relocate_every: int = 0
+) -> None:
     """Each trial: a producer and a consumer process; the victim is killed with SIGKILL 1-3 times
     at random moments and restarted from its checkpoint. The sink (deduped by sequence) must hold
     every sequence once, in order."""
@@ -868,7 +870,9 @@ def _kill_trials(tmp_path: Path, ns: str, victim: str, trials: int, n: int, seed
         p = _paths(tmp_path, f"{victim}{trial}")
 
         def start_producer(p: dict[str, str] = p) -> int:
-            return fork(producer_main, ns, p["edge"], p["pck"], n, batch=128, checkpoint_every=8192)
+            return fork(
+                producer_main, ns, p["edge"], p["pck"], n, batch=128, checkpoint_every=8192, relocate_every=relocate_every
+            )
 
         def start_consumer(p: dict[str, str] = p) -> int:
             return fork(consumer_main, ns, p["edge"], p["cck"], p["sink"], n, checkpoint_every=8192)
@@ -913,6 +917,13 @@ def test_producer_kill_9_at_random_points_loses_nothing(tmp_path: Path, edge_ns:
 
 def test_consumer_kill_9_at_random_points_loses_nothing(tmp_path: Path, edge_ns: str) -> None:
     _kill_trials(tmp_path, edge_ns, "consumer", trials=4, n=KILL_ITEMS, seed=2)
+
+
+def test_kill_9_of_either_side_amid_standby_relocations_loses_nothing(tmp_path: Path, edge_ns: str) -> None:
+    """The producer relocates every 4096 items (about every 2 ms), each time into its standby
+    and making the next one: kills land mid-relocation, mid-activation and mid-announcement.
+    The restarted producer seals its predecessor's standby; nothing is lost."""
+    _kill_trials(tmp_path, edge_ns, "both", trials=6, n=KILL_ITEMS // 2, seed=21, relocate_every=4096)
 
 
 @pytest.mark.stress
