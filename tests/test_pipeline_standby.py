@@ -337,3 +337,28 @@ def test_a_producer_without_a_usable_standby_allocates(fabric: Any, edge_path: s
     assert rx.stats()["standby_refused"] + rx.stats()["rebinds"] >= 1
     tx.free()
     rx.close()
+
+
+def test_a_damaged_announcement_met_while_busy_raises_once_and_loses_no_item(fabric: Any, edge_path: str) -> None:
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL, standby=False)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path, direct=False), poll_interval=0.001)
+    for s in range(4):
+        tx.push(_item(s))
+    got: list[int] = []
+    _take(rx, 1, got)
+    tx._writer.announce(b"GFQL forged")  # the record re-written with a standby that does not decode
+    rx._sb_next_poll = 0.0
+    with pytest.raises(E.Corrupted):
+        rx.pop(timeout=5)
+    _take(rx, 3, got)  # the record is not read again; nothing was taken by the failed call
+    assert got == [0, 1, 2, 3]
+    rx._sb_next_poll = 0.0
+    assert len(rx.pop_batch(8, timeout=0)) == 0  # once: the same record is not raised about again
+    tx._writer.announce(b"GFQL forged again")
+    tx.push(_item(4))
+    rx._sb_next_poll = 0.0
+    with pytest.raises(E.Corrupted):
+        rx.pop_batch(8, timeout=5)
+    assert [int(s) for s in rx.pop_batch(8, timeout=5).seqs] == [4]
+    tx.free()
+    rx.close()

@@ -427,10 +427,10 @@ class EdgeConsumer(RelocatableQueueEdge):
             left = _remaining(deadline)
             wait = 0.0 if timeout == 0 else (self.poll_interval if left is None else min(self.poll_interval, left))
             try:
+                if self._sb_want:
+                    self._maybe_learn()  # before the read: what it raises must not lose an item read
                 out, again = self._read(q, max_items, wait, batch)
                 if out is not None:
-                    if self._sb_want:
-                        self._maybe_learn()
                     return out
                 if again:
                     continue
@@ -517,14 +517,14 @@ class EdgeConsumer(RelocatableQueueEdge):
         gate = self._gate
         exp = gate.expected
         if q is not None and exp is not None and exp == gate.qpos and not self.closed:
+            if self._sb_want:
+                self._maybe_learn()  # before the pop: what it raises must not lose an item popped
             try:  # the common case: the next item is there and is the one expected
                 it = q.try_pop()
             except E.FabricError:
                 it = None  # the slow path meets the same failure and rebinds
             if it is not None:
                 if gate.admit(it.seq):
-                    if self._sb_want:
-                        self._maybe_learn()
                     return it
                 it.release()
         out = self._next(1, timeout, False)

@@ -580,7 +580,7 @@ class EdgeProducer(RelocatableQueueEdge):
         """The next queue, made and announced once the replay after a relocation is in
         (off the consumer's critical path; see :mod:`grafos_fabric.pipeline.standby`)."""
         if self._gen is not None and self._state is _BOUND:
-            self._sb.make(self._gen, self._writer)
+            self._sb.make(self._gen, self._writer, self._q_ref)
 
     def _drive(self, deadline: float | None, timeout: float | None) -> bool:
         """Catch the queue up with the window, relocating on failures."""

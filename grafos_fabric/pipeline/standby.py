@@ -39,6 +39,11 @@ where the record decides. The segment's bytes are untrusted like any queue's:
 a co-tenant who can write them can make the switch fail or fall back, and
 every record's sequence number still goes through the consumer's gate.
 
+Placement: the standby is allocated like any queue, except that a fabric of
+several nodes offering ``allocating_away_from(ref)`` is asked for another node
+than the current queue's (``tools/ucx_pipeline.py``'s ``FailoverFabric``):
+a relocation after that node dies then needs no allocation either.
+
 Memory: one more ring of the edge's ``capacity`` per producer (on shm,
 reserved at create like every segment), for as long as the producer runs; it
 is sealed and freed on ``close``/``free``, and a producer that dies leaves it
@@ -48,6 +53,7 @@ to expire with its lease (the reaper frees it, as it does the current queue).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -106,17 +112,30 @@ class StandbyQueue:
         """A relocation finished: the next call makes the next standby (when enabled)."""
         self.due = self.enabled and self.q is None
 
-    def make(self, generation: EdgeGeneration, writer: HandoffWriter) -> None:
+    def make(self, generation: EdgeGeneration, writer: HandoffWriter, current: RegionRef | None = None) -> None:
         """Create the dormant queue (epoch = ``generation``) and announce it in that
-        generation's record. Failures are logged: the edge works without a standby."""
+        generation's record. Failures are logged: the edge works without a standby.
+
+        ``current``: where the current queue lives. A fabric of several nodes that offers
+        ``allocating_away_from(ref)`` (a context manager: allocations inside it try another
+        node than ``ref``'s first) gets the standby on another node, so that losing the
+        current queue's node does not take the standby along."""
         now = time.monotonic()
         if now < self._retry_at:
             return
         self.due = False
+        away = getattr(self.fabric, "allocating_away_from", None)
+        placement = away(current) if callable(away) and current is not None else contextlib.nullcontext()
         try:
-            q = FabricQueue.create(
-                self.fabric, self.capacity, self.ttl, dtype=self.dtype, max_item=self.max_item, epoch=int(generation)
-            )
+            with placement:
+                q = FabricQueue.create(
+                    self.fabric,
+                    self.capacity,
+                    self.ttl,
+                    dtype=self.dtype,
+                    max_item=self.max_item,
+                    epoch=int(generation),
+                )
         except _FAILURES as exc:
             log.warning("stage %s: could not make a standby queue: %s", self.stage, exc)
             self._retry_at = now + _RETRY_S
