@@ -74,7 +74,7 @@ class EdgeConsumer(RelocatableQueueEdge):
         # the producer's standby queue, attached ahead: (the generation it is for, its locator,
         # the handle, when its announcement was read); see grafos_fabric.pipeline.standby
         self._sb: tuple[int, QueueLocator, FabricQueue, float] | None = None
-        self._sb_want = True  # no standby for the next generation known: poll the record while busy
+        self._sb_tick = 1  # pops until the fast path next looks at the clock for a busy poll
         self._sb_next_poll = 0.0
         self._sb_every = poll_interval  # busy polls back off (x2, to 64 poll_intervals) while they find nothing
         self._sb_binds = 0
@@ -150,7 +150,6 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._unconfirmed = None
         self._q = q
         self._gen = generation
-        self._sb_want = self._sb is None or self._sb[0] != int(generation) + 1
         self._sb_every = self.poll_interval
         if self._acked_local > first:
             q.set_acked(self._acked_local)
@@ -206,8 +205,6 @@ class EdgeConsumer(RelocatableQueueEdge):
             log.debug("stage %s: the standby for generation %d not attached: %s", self.stage, gen, exc)
             return
         self._sb = (gen, loc, q, time.monotonic())
-        if self._gen is not None and gen == int(self._gen) + 1:
-            self._sb_want = False
 
     def _take_standby(self, generation: int, loc: QueueLocator) -> FabricQueue | None:
         """The attached standby when it is the queue ``loc`` names for ``generation`` (no second
@@ -272,19 +269,25 @@ class EdgeConsumer(RelocatableQueueEdge):
             sb[2].close()
 
     def _maybe_learn(self) -> None:
-        """While busy and without a standby for the next generation: read the handoff record
-        (at most every ``poll_interval``) to learn the standby, or a newer generation."""
+        """While busy, read the handoff record now and then: every ``poll_interval`` while no
+        standby for the next generation is known (backing off, x2 up to 64 intervals, while
+        nothing is announced: a producer without a standby), every 64 once one is (the
+        producer may replace it: one on the current queue's node is made again elsewhere).
+        A newer generation found here is attached at once (pending)."""
         now = time.monotonic()
         if now < self._sb_next_poll or self._pending is not None:
             return
         rec = self._poll()
-        if self._sb_want and rec is None:  # nothing announced yet (or a producer without a standby)
+        sb = self._sb
+        gen = self._gen
+        if sb is not None and gen is not None and sb[0] == int(gen) + 1:
+            self._sb_every = 64 * self.poll_interval
+        elif rec is None:
             self._sb_every = min(self._sb_every * 2, 64 * self.poll_interval)
         self._sb_next_poll = now + self._sb_every
         if rec is not None:
             self._pending = rec
             self._preattach(rec)
-            self._sb_want = False
 
     def _preattach(self, rec: HandoffRecord) -> None:
         """Attach the queue of a newer generation now, while the old queue drains: the switch
@@ -427,8 +430,7 @@ class EdgeConsumer(RelocatableQueueEdge):
             left = _remaining(deadline)
             wait = 0.0 if timeout == 0 else (self.poll_interval if left is None else min(self.poll_interval, left))
             try:
-                if self._sb_want:
-                    self._maybe_learn()  # before the read: what it raises must not lose an item read
+                self._maybe_learn()  # before the read: what it raises must not lose an item read
                 out, again = self._read(q, max_items, wait, batch)
                 if out is not None:
                     return out
@@ -517,8 +519,10 @@ class EdgeConsumer(RelocatableQueueEdge):
         gate = self._gate
         exp = gate.expected
         if q is not None and exp is not None and exp == gate.qpos and not self.closed:
-            if self._sb_want:
-                self._maybe_learn()  # before the pop: what it raises must not lose an item popped
+            self._sb_tick -= 1
+            if not self._sb_tick:  # every 64 pops: the clock (the busy poll), before the pop
+                self._sb_tick = 64
+                self._maybe_learn()  # what it raises must not lose an item popped
             try:  # the common case: the next item is there and is the one expected
                 it = q.try_pop()
             except E.FabricError:

@@ -383,6 +383,8 @@ class EdgeProducer(RelocatableQueueEdge):
             if attempt:
                 backoff.sleep()
             sb = self._sb.take(start, self._writer.next_generation, lost) if attempt == 0 else None
+            if sb is not None:
+                self._t_alloc = time.monotonic()  # the queue is there: activated, not allocated
             try:
                 newq = sb or FabricQueue.create(
                     self.fabric,
@@ -572,15 +574,18 @@ class EdgeProducer(RelocatableQueueEdge):
         if self._retired:
             self._free_retired(force=False)
         done = self._catch_up(timeout, deadline)
-        if done and self._sb.due:
-            self._make_standby()
+        if done:
+            self._standby_step()
         return done
 
-    def _make_standby(self) -> None:
+    def _standby_step(self) -> None:
         """The next queue, made and announced once the replay after a relocation is in
-        (off the consumer's critical path; see :mod:`grafos_fabric.pipeline.standby`)."""
-        if self._gen is not None and self._state is _BOUND:
-            self._sb.make(self._gen, self._writer, self._q_ref)
+        (off the consumer's critical path; see :mod:`grafos_fabric.pipeline.standby`), or
+        made again away from the current queue's node."""
+        sb = self._sb
+        sb.check_placement()
+        if sb.due and self._gen is not None and self._state is _BOUND:
+            sb.make(self._gen, self._writer, self._q_ref)
 
     def _drive(self, deadline: float | None, timeout: float | None) -> bool:
         """Catch the queue up with the window, relocating on failures."""
@@ -609,8 +614,8 @@ class EdgeProducer(RelocatableQueueEdge):
     def _flush_step(self) -> bool:
         self._maybe_renew()
         done = self._catch_up(0, None)
-        if done and self._sb.due:
-            self._make_standby()
+        if done:
+            self._standby_step()
         self._refresh_acked()
         if done and self._w.acked >= self._w.next_seq:
             return True
@@ -619,8 +624,8 @@ class EdgeProducer(RelocatableQueueEdge):
 
     def _poll_step(self) -> None:
         self._maybe_renew()
-        if self._catch_up(0, None) and self._sb.due:
-            self._make_standby()
+        if self._catch_up(0, None):
+            self._standby_step()
         self._refresh_acked()
         self._check_queue()
 
@@ -673,6 +678,7 @@ class EdgeProducer(RelocatableQueueEdge):
         self._fast += 1
         if self._fast & 63 == 0:
             self._refresh_acked()
+            self._sb.check_placement()
         data, nbytes = copy_item(buf)
         if (w.nbytes and w.nbytes + nbytes > w.limit) or (self.renew and self.fabric.clock.now_ns() >= self._renew_at):
             return -1

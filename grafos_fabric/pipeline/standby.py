@@ -71,6 +71,8 @@ __all__ = ["StandbyQueue", "announced_standby", "fence_announced"]
 log = logging.getLogger("grafos_fabric.pipeline")
 
 _RETRY_S = 1.0  # after a failed create, the next try waits this long (the edge works without a standby)
+_REPLACE_S = 0.25  # a standby on the current queue's node: the first try elsewhere after this long
+_REPLACE_MAX_S = 8.0  # ... then doubling (one node up only: an alloc and a free now and then)
 _FAILURES = (E.FabricError, E.FabricValueError, OSError)
 
 
@@ -105,12 +107,17 @@ class StandbyQueue:
         self.used = 0
         self.missed = 0  # relocations that allocated because no usable standby was there
         self._retry_at = 0.0
+        # on the current queue's node (no other node took it): made again elsewhere now and then
+        self.colocated = False
+        self._replace_at = 0.0
+        self._replace_every = _REPLACE_S
         self._orphans: list[FabricQueue] = []  # standbys on a lost node: freed on discard (or reaped)
 
     # -- making one --------------------------------------------------------------------
     def after_relocation(self) -> None:
         """A relocation finished: the next call makes the next standby (when enabled)."""
         self.due = self.enabled and self.q is None
+        self._replace_every = _REPLACE_S
 
     def make(self, generation: EdgeGeneration, writer: HandoffWriter, current: RegionRef | None = None) -> None:
         """Create the dormant queue (epoch = ``generation``) and announce it in that
@@ -125,7 +132,9 @@ class StandbyQueue:
             return
         self.due = False
         away = getattr(self.fabric, "allocating_away_from", None)
-        placement = away(current) if callable(away) and current is not None else contextlib.nullcontext()
+        placed = callable(away) and current is not None
+        placement: Any = away(current) if away is not None and placed else contextlib.nullcontext()
+        old = self.q  # a standby on the current queue's node, being replaced
         try:
             with placement:
                 q = FabricQueue.create(
@@ -139,8 +148,19 @@ class StandbyQueue:
         except _FAILURES as exc:
             log.warning("stage %s: could not make a standby queue: %s", self.stage, exc)
             self._retry_at = now + _RETRY_S
-            self.due = True
+            self.due = old is None
             return
+        self.colocated = placed and current is not None and _node(q.region.ref()) == _node(current)
+        if self.colocated:
+            self._replace_at = now + self._replace_every
+            self._replace_every = min(self._replace_every * 2, _REPLACE_MAX_S)
+        else:
+            self._replace_every = _REPLACE_S
+        if old is not None:
+            if self.colocated:  # no other node took it either: keep the one announced
+                self._drop(q, seal=False)
+                return
+            self._drop(old, seal=True)  # a consumer that attached it falls back, then learns the new one
         self.q = q
         self.made += 1
         try:
@@ -150,6 +170,13 @@ class StandbyQueue:
             self.discard()
         except _FAILURES as exc:  # kept: a relocation may still use it (the consumer attaches it then)
             log.warning("stage %s: could not announce the standby queue: %s", self.stage, exc)
+
+    def check_placement(self) -> None:
+        """A standby on the current queue's node (another node was down when it was made) is
+        made again, away from it, once a while has passed (``due``; the next call makes it)."""
+        if self.colocated and self.q is not None and time.monotonic() >= self._replace_at:
+            self.colocated = False
+            self.due = True
 
     def renew(self) -> None:
         q = self.q
@@ -196,6 +223,7 @@ class StandbyQueue:
         """Seal and free the standby (close, or a newer generation made it useless)."""
         q, self.q = self.q, None
         self.due = False
+        self.colocated = False
         if q is not None:
             self._drop(q, seal=True)
         orphans, self._orphans = self._orphans, []

@@ -871,7 +871,8 @@ def _kill_trials(
 
         def start_producer(p: dict[str, str] = p) -> int:
             return fork(
-                producer_main, ns, p["edge"], p["pck"], n, batch=128, checkpoint_every=8192, relocate_every=relocate_every
+                producer_main, ns, p["edge"], p["pck"], n,
+                batch=128, checkpoint_every=8192, relocate_every=relocate_every,
             )
 
         def start_consumer(p: dict[str, str] = p) -> int:
