@@ -412,3 +412,37 @@ def test_a_standby_on_the_current_queues_node_is_made_again_later_and_kept_if_no
     assert _standby_locator(edge_path).region == first.region.ref()  # the announced one stays
     tx.free()
     assert fabric.segments() == []
+
+
+def test_a_standby_whose_node_fails_while_the_consumer_learns_a_new_one_is_no_loss_of_the_current_queue(
+    fabric: Any, edge_path: str
+) -> None:
+    """What the standby's node raises (here: closing the replaced standby's handle) is not a failure
+    of the queue in use: the consumer keeps reading it (it used to drop it and wait for a newer
+    generation that never came)."""
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path, direct=False), poll_interval=0.001)
+    tx.push(_item(0))
+    got: list[int] = []
+    _take(rx, 1, got)
+    _learn(rx)
+    assert rx._sb is not None
+    held = rx._sb[2]
+
+    def dead_close() -> None:
+        raise E.Disconnected("injected: the standby's node does not answer")
+
+    held.close = dead_close  # type: ignore[method-assign]
+    current = rx.queue
+    tx._sb.discard()  # the producer replaces its standby (as when it moves it to another node)
+    tx._sb.due = True
+    tx.poll()
+    assert announced_standby(HandoffReader(open_block(edge_path, direct=False)).current()) is not None
+    for s in range(1, 5):
+        tx.push(_item(s))
+    _poll_soon(rx)
+    _take(rx, 4, got)
+    assert got == [0, 1, 2, 3, 4] and rx.queue is current and rx.generation == tx.generation
+    assert rx._sb is not None and rx._sb[2] is not held  # the new standby is attached
+    tx.free()
+    rx.close()

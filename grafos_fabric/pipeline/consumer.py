@@ -33,6 +33,15 @@ __all__ = ["EdgeConsumer"]
 log = logging.getLogger("grafos_fabric.pipeline")
 
 
+def _close_quietly(q: FabricQueue) -> None:
+    """Close a handle that is not the current queue (a standby, an early attach): its node may be
+    gone, and what that raises is no failure of the queue in use."""
+    try:
+        q.close()
+    except (E.FabricError, OSError) as exc:
+        log.debug("closing a side queue handle: %s", exc)
+
+
 class EdgeConsumer(RelocatableQueueEdge):
     """The consuming side of a relocatable edge (build with ``RelocatableQueueEdge.consumer``).
 
@@ -190,7 +199,7 @@ class EdgeConsumer(RelocatableQueueEdge):
                 self._close_ready()
                 self._ready = (sb[0], sb[2])  # it is that generation's queue: attached already
             else:
-                sb[2].close()
+                _close_quietly(sb[2])
         loc = announced_standby(rec)
         if loc is None:
             return
@@ -215,7 +224,7 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._sb = None
         if sb[1].region == loc.region and not sb[2].closed and self._as_published(sb[2], loc):
             return sb[2]
-        sb[2].close()
+        _close_quietly(sb[2])
         return None
 
     @staticmethod
@@ -266,7 +275,7 @@ class EdgeConsumer(RelocatableQueueEdge):
     def _close_standby(self) -> None:
         sb, self._sb = self._sb, None
         if sb is not None:
-            sb[2].close()
+            _close_quietly(sb[2])
 
     def _maybe_learn(self) -> None:
         """While busy, read the handoff record now and then: every ``poll_interval`` while no
@@ -277,7 +286,12 @@ class EdgeConsumer(RelocatableQueueEdge):
         now = time.monotonic()
         if now < self._sb_next_poll or self._pending is not None:
             return
-        rec = self._poll()
+        try:
+            rec = self._poll()
+        except E.FabricError as exc:  # a side handle's node (a standby's): never the queue in use
+            log.info("stage %s: reading the handoff record while busy: %s", self.stage, exc)
+            self._sb_next_poll = now + self._sb_every
+            return
         sb = self._sb
         gen = self._gen
         if sb is not None and gen is not None and sb[0] == int(gen) + 1:
@@ -287,7 +301,10 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._sb_next_poll = now + self._sb_every
         if rec is not None:
             self._pending = rec
-            self._preattach(rec)
+            try:
+                self._preattach(rec)
+            except E.FabricError as exc:  # attached when the switch comes
+                log.info("stage %s: generation %d not attached early: %s", self.stage, int(rec.generation), exc)
 
     def _preattach(self, rec: HandoffRecord) -> None:
         """Attach the queue of a newer generation now, while the old queue drains: the switch
@@ -316,13 +333,13 @@ class EdgeConsumer(RelocatableQueueEdge):
             return None
         if ready[0] == int(rec.generation) and not ready[1].closed:
             return ready[1]
-        ready[1].close()
+        _close_quietly(ready[1])
         return None
 
     def _close_ready(self) -> None:
         ready, self._ready = self._ready, None
         if ready is not None:
-            ready[1].close()
+            _close_quietly(ready[1])
 
     def _drop_current(self) -> None:
         q = self._q
