@@ -109,7 +109,6 @@ class FailoverFabric:
         self.allocs: list[int] = []  # the port of each successful alloc (which node served)
         self._next_warm = 0.0
         self._down: set[tuple[str, int]] = set()  # nodes whose last warm-up or alloc failed: tried last
-        self._away: tuple[str, int] | None = None  # allocating_away_from: this node just before the down ones
         for node in self.nodes:  # connect to every node now: a failover must not pay for a connect
             self._warm(node)
 
@@ -151,8 +150,7 @@ class FailoverFabric:
 
         last: BaseException | None = None
         order = [(self._pref + k) % len(self.nodes) for k in range(len(self.nodes))]
-        # stable: the preferred live node first (a node to keep away from after the other live ones)
-        order.sort(key=lambda i: (self.nodes[i] in self._down, self.nodes[i] == self._away))
+        order.sort(key=lambda i: self.nodes[i] in self._down)  # stable: the preferred live node first
         for i in order:
             t0 = time.perf_counter()
             try:
@@ -168,16 +166,6 @@ class FailoverFabric:
             self.allocs.append(self.nodes[i][1])
             return cast("Region", region)
         raise Disconnected(f"no memory node answered ({', '.join(f'{h}:{p}' for h, p in self.nodes)}): {last}")
-
-    @contextlib.contextmanager
-    def allocating_away_from(self, ref: RegionRef) -> Iterator[None]:
-        """Allocations inside try another live node than ``ref``'s first (the pipeline's standby
-        queue: it survives the death of the current queue's node); the preferred node stays."""
-        pref, self._away = self._pref, (ref.host, ref.port)
-        try:
-            yield
-        finally:
-            self._away, self._pref = None, pref
 
     def attach(self, ref: RegionRef, *, mapped: bool = True) -> Region:
         from grafos_fabric.errors import FabricValueError
