@@ -23,8 +23,9 @@ States (:class:`ProducerState`, ``tx.state``) and the moves between them::
 * **FENCED**: a newer producer took the edge over; every call raises
   ``StaleEpoch`` (``close()`` still works).
 
-(About 810 lines, a little over the project's ~800: the state machine, its one
-guarded call site and the relocation steps read best in one file.)
+(About 860 lines, over the project's ~800: the state machine, its one guarded
+call site and the relocation steps read best in one file; the standby queue's
+own logic lives in :mod:`grafos_fabric.pipeline.standby`.)
 
 Waiting for acks (a full window, ``flush``) and between allocation attempts
 uses the shared :class:`~grafos_fabric.backoff.Backoff`. The window's counters and
