@@ -162,6 +162,7 @@ def test_bench_relocation_case_reports_rebind_times_and_both_rates() -> None:
         assert "error" not in r, r
         assert r["steady_items_per_s"] > 0 and r["relocating_items_per_s"] > 0 and r["ratio"] > 0, r
         assert r["relocations"] > 0 and r["rebind_p99_ms"] >= r["rebind_p50_ms"] > 0, r
+        assert r["segments_left"] == 0, r  # the producer freed its queue and its standby queue
     assert "relocation (same run" in console
 
 

@@ -188,6 +188,10 @@ def _one_run(
                 proc.kill()
                 proc.join()
         shutil.rmtree(tmp, ignore_errors=True)
+    # what the run left in the fabric once both sides were done (the producer frees its queue and
+    # its standby queue; nothing should be left before the bench's own cleanup reaps the namespace)
+    segments = getattr(gf.open_fabric(url), "segments", None)
+    left = len(segments()) if callable(segments) else -1
     if "error" in pres or "error" in cres:
         raise RuntimeError(f"relocation bench failed: producer {pres.get('error')}, consumer {cres.get('error')}")
     steady = [p for p in pres["phases"] if p["kind"] == "steady"]
@@ -230,6 +234,7 @@ def _one_run(
         "standby": standby,
         "rebind_by_standby": by_standby,
         "standby_used": pres["stats"].get("standby_used", 0),
+        "segments_left": left,
         "relocate_p50_ms": round(percentile(relocate, 0.5, empty=float("nan")) * 1e3, 3),
         "relocate_p99_ms": round(percentile(relocate, 0.99, empty=float("nan")) * 1e3, 3),
         "replayed": pres["stats"]["replayed"],
