@@ -446,3 +446,30 @@ def test_a_standby_whose_node_fails_while_the_consumer_learns_a_new_one_is_no_lo
     assert rx._sb is not None and rx._sb[2] is not held  # the new standby is attached
     tx.free()
     rx.close()
+
+
+def test_a_busy_consumer_learns_each_next_standby_by_itself(fabric: Any, edge_path: str) -> None:
+    """No forced polls: after each switch the consumer looks for the next announcement within a
+    poll interval or so (its slow cadence while a standby is known must not carry over)."""
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path, direct=False), poll_interval=0.002)
+    got: list[int] = []
+    seq = 0
+    for _round in range(8):
+        deadline = time.monotonic() + 0.06
+        while time.monotonic() < deadline:  # a busy stream for several poll intervals
+            tx.push(_item(seq))
+            seq += 1
+            _take(rx, 1, got)
+            rx.ack(got[-1])  # the replay window stays small
+            time.sleep(0.0002)
+        tx.relocate()
+    tx.push(_item(seq))
+    seq += 1
+    _take(rx, 1, got)
+    assert got == list(range(seq))
+    ev = rx.events()
+    assert len(ev) == 8 and all(e["t_seen"] < e["t_lost"] for e in ev), ev
+    assert sum(1 for e in ev if e["standby"]) >= 6, ev
+    tx.free()
+    rx.close()

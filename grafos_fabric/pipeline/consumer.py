@@ -159,7 +159,8 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._unconfirmed = None
         self._q = q
         self._gen = generation
-        self._sb_every = self.poll_interval
+        self._sb_every = self.poll_interval  # the next standby is announced soon: look for it
+        self._sb_next_poll = time.monotonic() + self.poll_interval
         if self._acked_local > first:
             q.set_acked(self._acked_local)
         if had:
