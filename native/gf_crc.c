@@ -479,57 +479,6 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
     return 0;
 }
 
-int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
-                         const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync) {
-    struct iovec iov[1002];
-    uint8_t head[GF_SLOT_DATA_OFFSET];
-    if (nparts > 1000 || pos < 0) return -EINVAL;
-    uint32_t crc = 0, niov = 0;
-    memcpy(head, header, GF_SLOT_HEADER_FIELDS);
-    iov[niov++] = (struct iovec){head, GF_SLOT_DATA_OFFSET};
-    for (uint32_t i = 0; i < nparts; i++) {
-        crc = gf_crc32c(parts[i], lens[i], crc);
-        if (lens[i]) iov[niov++] = (struct iovec){(void *)parts[i], (size_t)lens[i]};
-    }
-    if (pad) iov[niov++] = (struct iovec){(void *)zeros, (size_t)pad};
-    memset(head + GF_SLOT_HEADER_FIELDS, 0, GF_SLOT_DATA_OFFSET - GF_SLOT_HEADER_FIELDS);
-    put_u32le(head + GF_SLOT_DATA_CRC_AT, crc);
-    put_u32le(head + GF_SLOT_HEADER_CRC_AT, gf_crc32c(head, GF_SLOT_HEADER_CRC_AT, 0));
-    int flag = dsync ? RWF_DSYNC : 0, synced = 0;
-    struct iovec *v = iov;
-    int64_t at = pos;
-    while (niov) {
-        ssize_t n = pwritev2(fd, v, (int)niov, (off_t)at, flag);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            if (flag && (errno == EOPNOTSUPP || errno == EINVAL)) {
-                flag = 0;
-                continue;
-            }
-            return -errno;
-        }
-        if (n == 0) return -EIO;
-        at += n;
-        synced = flag != 0;
-        size_t left = (size_t)n;
-        while (niov && left >= v->iov_len) {
-            left -= v->iov_len;
-            v++;
-            niov--;
-        }
-        if (niov && left) {
-            v->iov_base = (uint8_t *)v->iov_base + left;
-            v->iov_len -= left;
-        }
-        if (niov) synced = 0; /* short: what landed is durable, the rest needs its own write (or the flush) */
-    }
-    if (!synced) {
-        while (fdatasync(fd) < 0)
-            if (errno != EINTR) return -errno;
-    }
-    return 0;
-}
-
 /* The whole of iov[0, niov) at pos, durably (RWF_DSYNC when dsync, else + fdatasync), short writes
  * continued; iov is consumed. 0 or -errno. */
 static int writev_sync(int fd, int64_t pos, struct iovec *iov, int niov, int dsync) {
@@ -565,6 +514,26 @@ static int writev_sync(int fd, int64_t pos, struct iovec *iov, int niov, int dsy
     }
     return 0;
 }
+
+int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
+                         const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync) {
+    struct iovec iov[1002];
+    uint8_t head[GF_SLOT_DATA_OFFSET];
+    if (nparts > 1000 || pos < 0) return -EINVAL;
+    uint32_t crc = 0, niov = 0;
+    memcpy(head, header, GF_SLOT_HEADER_FIELDS);
+    iov[niov++] = (struct iovec){head, GF_SLOT_DATA_OFFSET};
+    for (uint32_t i = 0; i < nparts; i++) {
+        crc = gf_crc32c(parts[i], lens[i], crc);
+        if (lens[i]) iov[niov++] = (struct iovec){(void *)parts[i], (size_t)lens[i]};
+    }
+    if (pad) iov[niov++] = (struct iovec){(void *)zeros, (size_t)pad};
+    memset(head + GF_SLOT_HEADER_FIELDS, 0, GF_SLOT_DATA_OFFSET - GF_SLOT_HEADER_FIELDS);
+    put_u32le(head + GF_SLOT_DATA_CRC_AT, crc);
+    put_u32le(head + GF_SLOT_HEADER_CRC_AT, gf_crc32c(head, GF_SLOT_HEADER_CRC_AT, 0));
+    return writev_sync(fd, pos, iov, (int)niov, dsync);
+}
+
 
 static void prep_write(struct iocb *cb, uint64_t idx, int fd, const uint8_t *buf, uint64_t len, int64_t off) {
     memset(cb, 0, sizeof *cb);
