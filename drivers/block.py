@@ -108,6 +108,9 @@ MAX_IO_CHUNK = 8 << 20  # the aligned bounce buffer never grows past this; large
 VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
 RECORD_MODES = ("auto", "gather", "direct", "aio")
 AIO_CHUNK = 128 << 10  # write_record's pipelined path: bytes per request while the record is built
+# write_record_direct's AIO path: data whose whole blocks come to at most this many bytes goes out in
+# two equal requests (not AIO_CHUNK ones); see _direct_chunk
+DIRECT_SPLIT_MAX = 3 << 19
 _AIO_EVENTS = 64
 _RECORD_HEADER = 56  # slots.HEADER_FIELDS (block.py does not import slots: slots imports nothing from here)
 _RECORD_DATA = 64  # slots.DATA_OFFSET
@@ -667,11 +670,12 @@ class BlockRegion:
                 bfd = self._buffered()
                 fd = self._fd if bfd is None else bfd
             args = (pos, w._hptr, w.head_len, bs, w._dptr, w.n, w._tptr)
-            rc = lib.gf_slot_write_direct(fd, *args, ctx, AIO_CHUNK, 1)
+            chunk = _direct_chunk(w.n // bs * bs, bs)
+            rc = lib.gf_slot_write_direct(fd, *args, ctx, chunk, 1)
             if rc:
                 if rc == -errno.EINVAL and self.direct and fd == self._fd:  # O_DIRECT refused after open
                     self._disable_direct(OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
-                    rc = lib.gf_slot_write_direct(self._fd, *args, 0, AIO_CHUNK, 1)
+                    rc = lib.gf_slot_write_direct(self._fd, *args, 0, chunk, 1)
                 if rc in (1, 2):
                     self._aio_failed = True
                     if rc == 2:  # the context was destroyed to end requests it could not reap
@@ -777,6 +781,18 @@ class DirectRecordWriter:
         ffi.release(self._base)
         ffi.release(self._dptr)
         self._mm.close()
+
+
+def _direct_chunk(whole: int, bs: int) -> int:
+    """The most bytes per AIO request for :meth:`BlockRegion.write_record_direct`'s ``whole`` bytes
+    of whole data blocks: two equal requests (rounded up to a block) up to :data:`DIRECT_SPLIT_MAX`,
+    :data:`AIO_CHUNK` above it. Why two: a 1 MiB state on an ext4 file on virtio-blk measured
+    about 10% faster (interleaved, same process: the C call alone) in two 512 KiB requests than in
+    eight of 128 KiB, whose last one lagged the others by ~100 us, or in one of 1 MiB; from 2 MiB
+    on, 128 KiB requests were as fast or faster. The requests are submitted together either way."""
+    if whole > DIRECT_SPLIT_MAX:
+        return AIO_CHUNK
+    return max(AIO_CHUNK, -(-whole // (2 * bs)) * bs)
 
 
 def _device_geometry(fd: int) -> tuple[bool, int, int]:
