@@ -85,6 +85,7 @@ def test_an_aligned_state_round_trips_and_is_written_byte_for_byte_from_its_buff
     region: BlockRegion, nbytes: int, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(blockmod, "AIO_CHUNK", 64 << 10)  # several requests for the larger states
+    monkeypatch.setattr(blockmod, "DIRECT_SPLIT_MAX", 0)  # (not the two a state this small gets)
     r = spy(region)
     r.record_mode = mode
     st = CheckpointedStageState.with_buffer(r, nbytes, stage=STAGE)
@@ -209,6 +210,46 @@ def test_devices_without_the_direct_path_get_the_same_record(tmp_path: Path) -> 
         assert bytes(got.state) == want and got.buffer is got.state
 
 
+def test_the_direct_aio_path_sends_up_to_1_5_mib_of_data_in_two_equal_requests() -> None:
+    bs, chunk = 4096, blockmod.AIO_CHUNK
+    assert blockmod._direct_chunk(1 << 20, bs) == 512 << 10  # 1 MiB: two of 512 KiB
+    assert blockmod._direct_chunk(3 << 19, bs) == 768 << 10  # DIRECT_SPLIT_MAX itself: two
+    assert blockmod._direct_chunk((3 << 19) + bs, bs) == chunk  # above it: AIO_CHUNK requests
+    assert blockmod._direct_chunk(2 << 20, bs) == chunk
+    assert blockmod._direct_chunk(301 * bs, bs) == 151 * bs  # an odd count: the first one a block longer
+    assert blockmod._direct_chunk(3 * bs, bs) == chunk  # never below AIO_CHUNK (one request then)
+    for whole in range(bs, 2 << 20, 37 * bs):  # never more than two requests up to the limit
+        c = blockmod._direct_chunk(whole, bs)
+        assert c % bs == 0 and c >= chunk and (whole > blockmod.DIRECT_SPLIT_MAX or -(-whole // c) <= 2)
+
+
+def test_a_1_mib_aligned_checkpoint_goes_out_in_two_requests_and_reads_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real = blockmod.lib
+
+    class Lib:  # the native library, with the chunk each direct write is given noted
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def gf_slot_write_direct(self, *args: Any) -> int:
+            seen.append(args[-2])
+            return int(real.gf_slot_write_direct(*args))
+
+    monkeypatch.setattr(blockmod, "lib", Lib())
+    with open_block(tmp_path / "big.img", create_size=4 << 20) as r:
+        r.record_mode = "aio"
+        st = CheckpointedStageState.with_buffer(r, 1 << 20, stage=STAGE)
+        for i in range(3):
+            want = fill(st, 20 + i)
+            st.checkpoint(EdgeCheckpoint(i, i))
+            got = CheckpointedStageState.restore(r)
+            assert bytes(got.state) == want and got.edge == EdgeCheckpoint(i, i)
+        assert r._aio and not r._aio_failed  # the AIO path ran
+    assert seen == [512 << 10] * 3
+
+
 def test_a_refused_aio_request_writes_the_record_again_in_one_request(tmp_path: Path) -> None:
     with open_block(tmp_path / "r.img", create_size=SIZE) as r:
         r.record_mode = "aio"
@@ -251,15 +292,17 @@ def _changed_sectors(before: bytes, after: bytes) -> list[tuple[int, bytes]]:
     ]
 
 
-@pytest.mark.parametrize("mode", ["gather", "direct", "aio"])
+@pytest.mark.parametrize(("mode", "split"), [("gather", "two"), ("direct", "two"), ("aio", "two"), ("aio", "chunks")])
 @pytest.mark.parametrize("nbytes", [4096, 20_000, 300_000])
 def test_an_aligned_checkpoint_torn_anywhere_restores_the_previous_one_and_never_touches_the_other_slot(
-    region: BlockRegion, nbytes: int, mode: str, monkeypatch: pytest.MonkeyPatch
+    region: BlockRegion, nbytes: int, mode: str, split: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The native direct path's own write (a file and a loop device; one request or AIO requests
     in any completion order): any subset of its sectors that is not all of them leaves the
     previous checkpoint, and the slot holding it is byte for byte what it was."""
     monkeypatch.setattr(blockmod, "AIO_CHUNK", 32 << 10)
+    if split == "chunks":  # AIO_CHUNK requests, else the two equal ones a state this small gets
+        monkeypatch.setattr(blockmod, "DIRECT_SPLIT_MAX", 0)
     region.record_mode = mode
     st, prev, prev_edge = _history(region, nbytes)
     store = SlotStore(region, PCHK)
