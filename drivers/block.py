@@ -614,7 +614,8 @@ class BlockRegion:
         data, a C-contiguous buffer at a block-aligned address (:meth:`takes_direct`,
         ``Misaligned`` otherwise). One native call (``gf_slot_write_direct``, GIL released):
         ``data``'s whole blocks are submitted first, by Linux AIO with ``O_DIRECT``, straight
-        from the caller's memory (no copy), the data CRC32C is computed while they are in flight,
+        from the caller's memory (no copy; two equal requests up to :data:`DIRECT_SPLIT_MAX`,
+        :data:`AIO_CHUNK` ones above it), the data CRC32C is computed while they are in flight,
         then the header block (now holding both CRCs) and ``data``'s last partial block (copied
         into an aligned block, zero-padded) follow; one ``fdatasync`` once all have landed. That is
         ``record_mode`` ``"aio"``, and ``"auto"`` for ``data`` over :data:`AIO_CHUNK` on a disk or
