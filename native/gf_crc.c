@@ -324,31 +324,57 @@ static void put_u32le(uint8_t *p, uint32_t v) {
     p[3] = (uint8_t)(v >> 24);
 }
 
-/* The whole buffer, durably, with plain system calls; 0 or -errno. */
-static int write_sync(int fd, int64_t pos, const uint8_t *buf, uint64_t nbytes, int dsync) {
-    uint64_t done = 0;
-    int flag = dsync ? RWF_DSYNC : 0;
-    while (done < nbytes) {
-        struct iovec iov = {(void *)(buf + done), (size_t)(nbytes - done)};
-        ssize_t n = pwritev2(fd, &iov, 1, (off_t)(pos + (int64_t)done), flag);
+/* The whole of iov[0, niov) at pos, durably (RWF_DSYNC when dsync, else + fdatasync), short writes
+ * continued; iov is consumed. 0 or -errno. */
+static int writev_sync(int fd, int64_t pos, struct iovec *iov, int niov, int dsync) {
+    int flag = dsync ? RWF_DSYNC : 0, synced = 0;
+    while (niov) {
+        ssize_t n = pwritev2(fd, iov, niov, (off_t)pos, flag);
         if (n < 0) {
             if (errno == EINTR) continue;
             if (flag && (errno == EOPNOTSUPP || errno == EINVAL)) { /* the flag refused: write + fdatasync */
                 flag = 0;
-                dsync = 0;
                 continue;
             }
             return -errno;
         }
         if (n == 0) return -EIO;
-        done += (uint64_t)n;
-        if (done < nbytes) dsync = 0; /* a short write: what landed is durable, the rest needs the flush */
+        pos += n;
+        synced = flag != 0;
+        size_t left = (size_t)n;
+        while (niov && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            niov--;
+        }
+        if (niov && left) {
+            iov->iov_base = (uint8_t *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+        if (niov) synced = 0; /* short: what landed is durable, the rest needs the flush */
     }
-    if (!dsync || !flag) {
+    if (!synced) {
         while (fdatasync(fd) < 0)
             if (errno != EINTR) return -errno;
     }
     return 0;
+}
+
+/* The whole buffer, durably (writev_sync of one piece); 0 or -errno. */
+static int write_sync(int fd, int64_t pos, const uint8_t *buf, uint64_t nbytes, int dsync) {
+    struct iovec iov = {(void *)buf, (size_t)nbytes};
+    return writev_sync(fd, pos, &iov, 1, dsync);
+}
+
+/* One write request of len bytes from buf at off, completion tagged idx. */
+static void prep_write(struct iocb *cb, uint64_t idx, int fd, const uint8_t *buf, uint64_t len, int64_t off) {
+    memset(cb, 0, sizeof *cb);
+    cb->aio_data = idx;
+    cb->aio_lio_opcode = IOCB_CMD_PWRITE;
+    cb->aio_fildes = (uint32_t)fd;
+    cb->aio_buf = (uint64_t)(uintptr_t)buf;
+    cb->aio_nbytes = len;
+    cb->aio_offset = off;
 }
 
 /* Reaps `want` completions; *bad set when one failed or came up short. 0 or -errno (then nothing
@@ -368,6 +394,15 @@ static int reap(aio_context_t ctx, long want, const uint64_t *expect, int *bad) 
         want -= got;
     }
     return 0;
+}
+
+/* Reaps the `inflight` requests; when they cannot be reaped (never seen: io_getevents fails only on
+ * bad arguments) they must still end before the buffers are reused: io_destroy cancels or waits for
+ * every one of them. Returns 1 when the context was destroyed, else 0 (*bad as reap sets it). */
+static int reap_or_end(aio_context_t ctx, long inflight, const uint64_t *expect, int *bad) {
+    if (!inflight || reap(ctx, inflight, expect, bad) == 0) return 0;
+    syscall(SYS_io_destroy, ctx);
+    return 1;
 }
 
 int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block, const uint8_t *header,
@@ -407,13 +442,7 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
             if (use_aio && !aio_failed && at / block * block >= sent + chunk) {
                 uint64_t end = at / block * block, len = end - sent;
                 struct iocb *cb = &cbs[nreq];
-                memset(cb, 0, sizeof *cb);
-                cb->aio_data = (uint64_t)nreq;
-                cb->aio_lio_opcode = IOCB_CMD_PWRITE;
-                cb->aio_fildes = (uint32_t)fd;
-                cb->aio_buf = (uint64_t)(uintptr_t)(buf + sent);
-                cb->aio_nbytes = len;
-                cb->aio_offset = pos + (int64_t)sent;
+                prep_write(cb, (uint64_t)nreq, fd, buf + sent, len, pos + (int64_t)sent);
                 expect[nreq] = len;
                 struct iocb *one[1] = {cb};
                 if (syscall(SYS_io_submit, ctx, 1L, one) == 1) {
@@ -435,41 +464,19 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
     long nlast = 0;
     if (!aio_failed) {
         if (sent < nbytes) { /* the rest of the data blocks */
-            struct iocb *cb = &cbs[nreq];
-            memset(cb, 0, sizeof *cb);
-            cb->aio_data = (uint64_t)nreq;
-            cb->aio_lio_opcode = IOCB_CMD_PWRITE;
-            cb->aio_fildes = (uint32_t)fd;
-            cb->aio_buf = (uint64_t)(uintptr_t)(buf + sent);
-            cb->aio_nbytes = nbytes - sent;
-            cb->aio_offset = pos + (int64_t)sent;
+            prep_write(&cbs[nreq], (uint64_t)nreq, fd, buf + sent, nbytes - sent, pos + (int64_t)sent);
             expect[nreq] = nbytes - sent;
-            last[nlast++] = cb;
-            nreq++;
+            last[nlast++] = &cbs[nreq++];
         }
-        struct iocb *cb = &cbs[nreq]; /* the header block */
-        memset(cb, 0, sizeof *cb);
-        cb->aio_data = (uint64_t)nreq;
-        cb->aio_lio_opcode = IOCB_CMD_PWRITE;
-        cb->aio_fildes = (uint32_t)fd;
-        cb->aio_buf = (uint64_t)(uintptr_t)buf;
-        cb->aio_nbytes = block;
-        cb->aio_offset = pos;
+        prep_write(&cbs[nreq], (uint64_t)nreq, fd, buf, block, pos); /* the header block */
         expect[nreq] = block;
-        last[nlast++] = cb;
-        nreq++;
+        last[nlast++] = &cbs[nreq++];
         long got = syscall(SYS_io_submit, ctx, nlast, last);
         if (got < 0) got = 0;
         inflight += got;
         if (got < nlast) aio_failed = 1;
     }
-    int bad = 0, destroyed = 0;
-    if (inflight && reap(ctx, inflight, expect, &bad) < 0) {
-        /* requests that cannot be reaped (never seen: io_getevents fails only on bad arguments) must
-         * still end before buf is reused: io_destroy cancels or waits for every one of them */
-        syscall(SYS_io_destroy, ctx);
-        destroyed = 1;
-    }
+    int bad = 0, destroyed = reap_or_end(ctx, inflight, expect, &bad);
     if (aio_failed || bad || destroyed) {
         int rc = write_sync(fd, pos, buf, nbytes, dsync);
         return rc < 0 ? rc : 1 + destroyed;
@@ -479,41 +486,6 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
     return 0;
 }
 
-/* The whole of iov[0, niov) at pos, durably (RWF_DSYNC when dsync, else + fdatasync), short writes
- * continued; iov is consumed. 0 or -errno. */
-static int writev_sync(int fd, int64_t pos, struct iovec *iov, int niov, int dsync) {
-    int flag = dsync ? RWF_DSYNC : 0, synced = 0;
-    while (niov) {
-        ssize_t n = pwritev2(fd, iov, niov, (off_t)pos, flag);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            if (flag && (errno == EOPNOTSUPP || errno == EINVAL)) { /* the flag refused: write + fdatasync */
-                flag = 0;
-                continue;
-            }
-            return -errno;
-        }
-        if (n == 0) return -EIO;
-        pos += n;
-        synced = flag != 0;
-        size_t left = (size_t)n;
-        while (niov && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            niov--;
-        }
-        if (niov && left) {
-            iov->iov_base = (uint8_t *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
-        if (niov) synced = 0; /* short: what landed is durable, the rest needs the flush */
-    }
-    if (!synced) {
-        while (fdatasync(fd) < 0)
-            if (errno != EINTR) return -errno;
-    }
-    return 0;
-}
 
 int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
                          const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync) {
@@ -535,15 +507,6 @@ int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8
 }
 
 
-static void prep_write(struct iocb *cb, uint64_t idx, int fd, const uint8_t *buf, uint64_t len, int64_t off) {
-    memset(cb, 0, sizeof *cb);
-    cb->aio_data = idx;
-    cb->aio_lio_opcode = IOCB_CMD_PWRITE;
-    cb->aio_fildes = (uint32_t)fd;
-    cb->aio_buf = (uint64_t)(uintptr_t)buf;
-    cb->aio_nbytes = len;
-    cb->aio_offset = off;
-}
 
 int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, uint64_t block, const uint8_t *data,
                          uint64_t data_len, uint8_t *tail, uint64_t aio_ctx, uint64_t chunk, int dsync) {
@@ -603,11 +566,7 @@ int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, 
         inflight += got;
         if (got < nlast) aio_failed = 1;
     }
-    int bad = 0, destroyed = 0;
-    if (inflight && reap(ctx, inflight, expect, &bad) < 0) {
-        syscall(SYS_io_destroy, ctx); /* requests that cannot be reaped must end before the buffers are reused */
-        destroyed = 1;
-    }
+    int bad = 0, destroyed = reap_or_end(ctx, inflight, expect, &bad);
     if (!use_aio || aio_failed || bad || destroyed) {
         struct iovec iov[3];
         int niov = 0;
