@@ -62,7 +62,11 @@ class ChildLink:
         self.sid = sid
         self.host, self.port, self.tenant = host, 1, "default"
         self.info = {**info, "ucx_host": host}
-        self._lock = threading.Lock()
+        # One lock per node process, shared by every link onto it: the links of two client
+        # threads write to the same stdin and read the same stdout, so a request and its reply
+        # must not interleave with another's (one thread would read the other's reply, or find
+        # it already in the pipe's read buffer, where select() does not see it).
+        self._lock = proc.__dict__.setdefault("_grafos_link_lock", threading.Lock())
 
     session_epoch = 0
     timeout = 2.0

@@ -285,6 +285,34 @@ def test_kill_9_of_the_node_gives_disconnected(node: Any) -> None:
 
 
 @needs_ucx
+def test_links_of_several_threads_onto_one_node_process_each_get_their_own_reply(node: Any) -> None:
+    """The harness itself: links onto one node process share its stdin/stdout, so they must
+    share one lock (a lock per link let two clients' connects interleave: one thread read the
+    other's reply and the other timed out, a CI failure of the two-client test below)."""
+    proc, hello = node
+    errors: list[BaseException] = []
+    done: list[int] = []
+
+    def worker(sid: int) -> None:
+        link = H.ChildLink(proc, hello["info"], "127.0.0.1", sid)
+        try:
+            for _ in range(200):
+                assert link.call(cmd="peek", index=0)["value"] == 0
+            done.append(sid)
+        except BaseException as ex:
+            errors.append(ex)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not errors, errors
+    assert sorted(done) == [0, 1, 2, 3]
+
+
+@needs_ucx
 def test_two_clients_fetch_and_add_and_cas_counts_are_exact(node: Any) -> None:
     proc, hello = node
     n = 2000
