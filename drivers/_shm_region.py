@@ -265,15 +265,21 @@ class ShmRegion:
     def read_into(self, offset: int, buf: Buffer) -> None:
         self._check()
         dst = ffi.from_buffer(buf, require_writable=True)
-        self._bounds(offset, len(dst))
-        ffi.memmove(dst, self._payload + offset, len(dst))
+        try:  # released before any raise: a traceback keeps this frame, and an exported buffer in it
+            self._bounds(offset, len(dst))  # pins the caller's memoryview (the GC may clear it later)
+            ffi.memmove(dst, self._payload + offset, len(dst))
+        finally:
+            ffi.release(dst)
         self.lease.check()  # fail closed: bytes read across an expiry are not returned
 
     def write(self, offset: int, buf: Buffer) -> None:
         self._check()
         src = ffi.from_buffer(buf)
-        self._bounds(offset, len(src))
-        ffi.memmove(self._payload + offset, src, len(src))
+        try:  # released before any raise (see read_into)
+            self._bounds(offset, len(src))
+            ffi.memmove(self._payload + offset, src, len(src))
+        finally:
+            ffi.release(src)
 
     def cas64(self, offset: int, expected: int, desired: int) -> int:
         self._check()

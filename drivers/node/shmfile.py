@@ -225,16 +225,22 @@ class NodeShmRegion:
     def read_into(self, offset: int, buf: Buffer) -> None:
         self._live()
         dst = ffi.from_buffer(buf, require_writable=True)
-        self._bounds(offset, len(dst))
-        ffi.memmove(dst, self._base + offset, len(dst))
+        try:  # released before any raise: a traceback keeps this frame, and an exported buffer in it
+            self._bounds(offset, len(dst))  # pins the caller's memoryview (the GC may clear it later)
+            ffi.memmove(dst, self._base + offset, len(dst))
+        finally:
+            ffi.release(dst)
         self._live()  # bytes read across an expiry or fence are not returned
 
     def write(self, offset: int, buf: Buffer) -> None:
         self._need_write()
         self._live()
         src = ffi.from_buffer(buf)
-        self._bounds(offset, len(src))
-        ffi.memmove(self._base + offset, src, len(src))
+        try:  # released before any raise (see read_into)
+            self._bounds(offset, len(src))
+            ffi.memmove(self._base + offset, src, len(src))
+        finally:
+            ffi.release(src)
 
     def cas64(self, offset: int, expected: int, desired: int) -> int:
         self._need_write()

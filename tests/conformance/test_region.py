@@ -104,3 +104,27 @@ def test_a_holder_fenced_by_one_revoke_keeps_its_other_leases_and_never_regains_
             holder.read_into(0, bytearray(6))
         with pytest.raises((E.Revoked, E.LeaseExpired)):
             holder.write(0, b"after")
+
+
+def test_a_failed_read_or_write_leaves_the_callers_buffer_unexported(driver):
+    """A read_into/write that raises (out of range, or a revoked lease) holds no export of the
+    caller's buffer once it has raised: the traceback keeps the raising frame alive, and a
+    memoryview still exported from it cannot be released, and crashes CPython 3.11 if the GC
+    clears it (a SIGSEGV seen on UCX 1.22 before that driver released its views)."""
+    owner, other = two_holders(driver)
+    for region in (owner, other):
+        arr = np.zeros(64, dtype=np.uint8)
+        for op in (region.read_into, region.write):
+            mv = memoryview(arr)
+            with pytest.raises(E.FabricError) as failed:
+                op(region.nbytes - 8, mv)  # 56 bytes past the end
+            mv.release()  # BufferError if a view of it is still alive in the traceback
+            del failed
+    owner.lease.revoke()
+    arr = np.zeros(64, dtype=np.uint8)
+    for op in (other.read_into, other.write, owner.read_into, owner.write):
+        mv = memoryview(arr)
+        with pytest.raises(E.FabricError) as failed:
+            op(0, mv)
+        mv.release()
+        del failed
