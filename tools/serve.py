@@ -107,6 +107,10 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--ucx-prefault", action="store_true",
                         help="ucx driver: fault the whole pool in at start (MAP_POPULATE; it is resident from "
                              "then on), so a grant zeroes its span without page faults")
+    parser.add_argument("--ucx-local-map", action="store_true",
+                        help="ucx driver: back each span with its own file in /dev/shm, mapped over the pool, so "
+                             "clients on this host (as this user, URL option map=local) map it and reach the "
+                             "ring with CPU loads instead of UCX (needs /dev/shm room for the spans)")
     parser.add_argument("--supervise", action="store_true",
                         help="run the node in a child process and restart it when it dies abnormally "
                              "(UCX can abort inside its atomic handler when a client vanishes)")
@@ -193,7 +197,7 @@ def run_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> 
                 return _fail(f"UCX unavailable: {reason}", EX_UNAVAILABLE)
             registrar = UcxRegistrar(args.pool, host=args.host, tls=args.ucx_tls,
                                      net_devices=args.ucx_net_devices, progress=args.ucx_progress,
-                                     prefault=args.ucx_prefault)
+                                     prefault=args.ucx_prefault, local_map=args.ucx_local_map)
         else:
             from grafos_fabric.drivers.node.shmfile import ShmFileRegistrar
 
@@ -239,7 +243,7 @@ def _child_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name, None)
         if value is not None:
             out += ["--" + name.replace("_", "-"), str(value)]
-    for flag in ("allow_remote", "metrics", "ucx_prefault"):
+    for flag in ("allow_remote", "metrics", "ucx_prefault", "ucx_local_map"):
         if getattr(args, flag, False):
             out.append("--" + flag.replace("_", "-"))
     return out

@@ -25,7 +25,7 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 from grafos_fabric.errors import (
@@ -40,6 +40,7 @@ from grafos_fabric.errors import (
 )
 from grafos_fabric.lease import NS, Clock, Lease, LeaseState, MonotonicClock, check_ttl
 
+from ..._ffi import ffi, lib
 from ..base import Region, RegionRef
 from . import wire as W
 from .auth import (
@@ -70,6 +71,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "GRAFOS_TOKEN_FILE"
+_U64 = (1 << 64) - 1
 
 
 def resolve_secret(token_file: str | os.PathLike[str] | None = None, secret: bytes | None = None) -> bytes:
@@ -315,9 +317,45 @@ class RemoteLeaseCell:
         self.lease_id = lease_id
         self.clock = clock
         self.cap = cap
+        self._words: Any = None  # the native copy (state, deadline), made by native_words()
         self._deadline = deadline_ns
         self._state = LeaseState.ACTIVE
         channel.remember(lease_id, cap)
+
+    # The cached state and deadline are written through to the native words once a mapped region
+    # asked for them (native_words), so the native ring fails closed on what this cell knows.
+    @property
+    def _state(self) -> int:
+        return self.__state
+
+    @_state.setter
+    def _state(self, state: int) -> None:
+        self.__state = state
+        if self._words is not None:
+            lib.gf_store_release_at(ffi.cast("uint8_t *", self._words), 0, int(state))
+
+    @property
+    def _deadline(self) -> int:
+        return self.__deadline
+
+    @_deadline.setter
+    def _deadline(self, deadline_ns: int) -> None:
+        self.__deadline = deadline_ns
+        if self._words is not None:
+            lib.gf_store_release_at(ffi.cast("uint8_t *", self._words), 8, max(0, int(deadline_ns)) & _U64)
+
+    def native_words(self) -> Any:
+        """Two u64 words in C memory, ``[state, deadline_ns]`` (the layout a mapped region's
+        ``lease_pointers`` hands the native ring), kept in step with this cell from now on:
+        renewals, revoke, free and every state the node reports (:meth:`mark`). The deadline is
+        in this cell's clock (``CLOCK_MONOTONIC`` for the default clock, what the native ring
+        compares it with), so expiry fails the native push/pop closed without a call into Python."""
+        if self._words is None:
+            words = ffi.new("uint64_t[2]")
+            words[0] = int(self.__state)
+            words[1] = max(0, int(self.__deadline)) & _U64
+            self._words = words
+        return self._words
 
     def load_state(self) -> int:
         return self._state
@@ -482,7 +520,7 @@ class RemoteFabric:
                 self._nodes[(host, port)] = entry
             return entry
 
-    def _region(self, ch: NodeChannel, conn: Connector, g: W.Granted, sent_ns: int) -> Region:
+    def _region(self, ch: NodeChannel, conn: Connector, g: W.Granted, sent_ns: int, mapped: bool = False) -> Region:
         deadline = sent_ns + int(g.remaining * NS)
         with self._lock:
             held = self._cells.get(g.lease_id)
@@ -497,7 +535,10 @@ class RemoteFabric:
                       on_free=self._release)
         grant = Grant(lease_id=g.lease_id, generation=g.generation, nbytes=g.nbytes, ttl=g.ttl,
                       writable=g.writable, access=dict(g.access))
-        region = conn.region(lease, grant)
+        # mapped: the caller wants the span mapped into this process, where the driver can (ucx with
+        # map=local); other connectors are asked the way they always were
+        region: Region = (cast(Any, conn).region(lease, grant, mapped=True) if mapped
+                          else conn.region(lease, grant))
         with self._lock:
             self._regions.append(region)
         return region
@@ -514,7 +555,7 @@ class RemoteFabric:
         sent = self.clock.now_ns()
         g: W.Granted = ch.call(W.Alloc(nbytes=nbytes, ttl=ttl), W.Granted)
         t2 = time.perf_counter()
-        region = self._region(ch, conn, g, sent)
+        region = self._region(ch, conn, g, sent, self.mapped_regions)
         log.debug("alloc on %s:%d: channel %.3f ms, grant %.3f ms, region %.3f ms", self.host, self.port,
                   (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
         return region
@@ -522,8 +563,10 @@ class RemoteFabric:
     def attach(self, ref: RegionRef, *, mapped: bool = True) -> Region:
         """Attach to a region by its :class:`RegionRef` (its capability is in ``ref.name``).
 
-        ``mapped`` is a preference: node regions are never mapped into the
-        client, so the region returned always has ``mapped = False``.
+        ``mapped`` is a preference: node regions are mapped into the client
+        only where the driver can (``mapped_regions``: the ucx driver with
+        ``map=local`` on the node's host); otherwise the region returned has
+        ``mapped = False``.
         """
         if ref.driver != self.driver:
             raise FabricValueError(f"a {ref.driver!r} region cannot be attached by the {self.driver} driver")
@@ -531,7 +574,7 @@ class RemoteFabric:
         ch, conn = self._node(ref.host or self.host, ref.port or self.port)
         sent = self.clock.now_ns()
         g: W.Granted = ch.call(W.Attach(lease_id=ref.lease_id, cap=cap), W.Granted)
-        return self._region(ch, conn, g, sent)
+        return self._region(ch, conn, g, sent, bool(mapped) and self.mapped_regions)
 
     def region_ref(self, lease: Lease, nbytes: int, rights: int | str = CONSUMER) -> RegionRef:
         """A ref another process of this tenant can attach with: it carries a capability with

@@ -24,11 +24,13 @@ URLs: ``nodeshm://127.0.0.1:PORT?tenant=NAME``; the node:
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +55,18 @@ from .client import NodeChannel, RemoteFabric
 from .registrar import Access, Grant, RegisteredSpan, RegistrarSession
 from .wire import EXPIRED, FREED, REVOKED, UNKNOWN
 
-__all__ = ["DIR_PREFIX", "NodeShmFabric", "NodeShmRegion", "ShmFileRegistrar"]
+__all__ = [
+    "DIR_PREFIX",
+    "SHM_ROOT",
+    "NodeShmFabric",
+    "NodeShmRegion",
+    "ShmFileRegistrar",
+    "create_span_file",
+    "make_span_dir",
+    "open_span_file",
+    "span_file_name_ok",
+    "unlink_span_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +102,92 @@ class _NoSession:
         pass
 
 
+def make_span_dir(root: str = SHM_ROOT) -> str:
+    """A fresh directory ``ROOT/grafos-node.XXXX`` of mode 0700 for a node's span files."""
+    return tempfile.mkdtemp(prefix=DIR_PREFIX, dir=root)  # mode 0700
+
+
+def create_span_file(directory: str, nbytes: int) -> tuple[str, int]:
+    """A new owner-only span file of ``nbytes`` in ``directory`` with a 128-bit random name,
+    fully reserved (``posix_fallocate``: a full tmpfs fails here with :class:`CapacityExceeded`,
+    never as SIGBUS in a mapper later). Returns ``(path, fd)``; the caller closes ``fd``."""
+    path = os.path.join(directory, secrets.token_hex(16))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as ex:
+        os.close(fd)
+        os.unlink(path)
+        raise CapacityExceeded(f"cannot reserve {nbytes} bytes in {directory}: {ex.strerror}") from None
+    return path, fd
+
+
+def unlink_span_file(path: str) -> None:
+    """Fence a span file: unlink it (idempotent). Holders see its link count drop to 0."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def span_file_name_ok(path: object, node_dir: object, root: str = SHM_ROOT) -> bool:
+    """Whether ``path`` is shaped like a span file of the node whose directory is ``node_dir``:
+    ``ROOT/grafos-node.XXXX/<32 hex digits>``, with no other component (no ``..``, no slashes)."""
+    if not isinstance(path, str) or not isinstance(node_dir, str):
+        return False
+    base = os.path.basename(node_dir)
+    name = os.path.basename(path)
+    return (os.path.dirname(node_dir) == root and base.startswith(DIR_PREFIX) and base not in (".", "..")
+            and os.path.dirname(path) == node_dir and len(name) == 32
+            and all(c in "0123456789abcdef" for c in name))
+
+
+def open_span_file(path: str, node_dir: str, *, writable: bool) -> int:
+    """Open a span file a grant names, checked: its directory is opened first without following
+    a link (``O_NOFOLLOW``, ``O_DIRECTORY``) and must be ours and mode 0700, then the file in it
+    (``O_NOFOLLOW``), which must be a regular file owned by this user. Returns the fd.
+
+    :class:`LeaseExpired` when the file is gone (fenced); :class:`Unsupported` when it cannot be
+    opened (another host, another user); :class:`Corrupted` when what is there is not a span file
+    of a node of ours (a forged grant)."""
+    uid = os.geteuid()
+    try:
+        dfd = os.open(node_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Unsupported(f"no span directory {node_dir} here: the node is on another host") from None
+    except OSError as ex:
+        raise Unsupported(f"cannot open the span directory {node_dir}: {ex.strerror} (the node's host and "
+                          f"user only)") from None
+    try:
+        st = os.fstat(dfd)
+        if st.st_uid != uid:
+            raise Unsupported(f"span directory {node_dir} belongs to uid {st.st_uid}, not to this user ({uid})")
+        if st.st_mode & 0o777 != 0o700:
+            raise Corrupted(f"span directory {node_dir} has mode {st.st_mode & 0o777:o}, not 700")
+        try:
+            fd = os.open(os.path.basename(path), (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW
+                         | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, dir_fd=dfd)
+        except FileNotFoundError:
+            raise LeaseExpired(f"span file {path} is gone (fenced)") from None
+        except OSError as ex:
+            if ex.errno == errno.ELOOP:
+                raise Corrupted(f"span file {path} is a symbolic link") from None
+            raise Unsupported(f"cannot open span file {path}: {ex.strerror} (the node's host and user only)") \
+                from None
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Corrupted(f"span file {path} is not a regular file")
+        if st.st_uid != uid:
+            raise Unsupported(f"span file {path} belongs to uid {st.st_uid}, not to this user ({uid})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class ShmFileRegistrar:
     """A :class:`~.registrar.Registrar` over tmpfs files (see the module docstring)."""
 
@@ -98,30 +197,20 @@ class ShmFileRegistrar:
         if pool_size <= 0:
             raise FabricValueError(f"pool size must be positive, got {pool_size}")
         self.pool_size = pool_size
-        self.dir = tempfile.mkdtemp(prefix=DIR_PREFIX, dir=root)  # mode 0700
+        self.dir = make_span_dir(root)
         self._closed = False
 
     def node_info(self) -> Access:
         return {"dir": self.dir}
 
     def register(self, offset: int, nbytes: int) -> FileSpan:
-        path = os.path.join(self.dir, secrets.token_hex(16))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, nbytes)  # reserved now: a full /dev/shm fails here, not as SIGBUS later
-        except OSError as ex:
-            os.close(fd)
-            os.unlink(path)
-            raise CapacityExceeded(f"cannot reserve {nbytes} bytes in {self.dir}: {ex.strerror}") from None
+        path, fd = create_span_file(self.dir, nbytes)  # reserved now: a full /dev/shm fails here
         os.close(fd)
         return FileSpan(offset, nbytes, path)
 
     def fence(self, span: RegisteredSpan, holders: list[RegistrarSession]) -> None:
         assert isinstance(span, FileSpan)
-        try:
-            os.unlink(span.path)
-        except FileNotFoundError:
-            pass
+        unlink_span_file(span.path)
 
     def deregister(self, span: RegisteredSpan) -> None:
         self.fence(span, [])
@@ -152,18 +241,14 @@ class NodeShmRegion:
         self.nbytes = grant.nbytes
         path = grant.access.get("path")
         node_dir = link.info.get("dir")
-        if (not isinstance(path, str) or not isinstance(node_dir, str)
-                or os.path.dirname(path) != node_dir or not os.path.basename(node_dir).startswith(DIR_PREFIX)
-                or os.path.dirname(node_dir) != SHM_ROOT):
+        if not span_file_name_ok(path, node_dir):
             raise Corrupted(f"grant for lease {lease.id} names no span file of this node: {path!r}")
+        assert isinstance(path, str) and isinstance(node_dir, str)
         self.writable = bool(grant.writable and grant.access.get("writable", False))
         try:
-            self._fd = os.open(path, (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
+            self._fd = open_span_file(path, node_dir, writable=self.writable)
+        except LeaseExpired:
             raise LeaseExpired(f"lease {lease.id}: its span is gone") from None
-        except OSError as ex:
-            raise Unsupported(f"the nodeshm driver reaches spans on the node's host only, as the node's "
-                              f"user: {ex.strerror}") from None
         try:
             if os.fstat(self._fd).st_size < self.nbytes:
                 raise Corrupted(f"span file of lease {lease.id} is smaller than the grant")

@@ -8,20 +8,25 @@ are the node package's) whose data plane is one UCX context per fabric and one
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
-from typing import Any, cast
+from typing import Any, cast, overload
 from urllib.parse import parse_qs, urlsplit
 
-from grafos_fabric.errors import Disconnected, FabricValueError, QueueClosed, Unsupported
+from grafos_fabric.errors import Corrupted, Disconnected, FabricValueError, QueueClosed, Unsupported
 from grafos_fabric.lease import Lease
 
 from ..base import Fabric
 from ..node.client import RemoteFabric
 from ..node.registrar import Grant, NodeLink
+from ..node.shmfile import open_span_file, span_file_name_ok
 from .binding import CONNECT_TIMEOUT, DEFAULT_OP_TIMEOUT, UcxContext, UcxEndpoint, require, ucx_config
-from .region import UcxRegion
+from .region import UcxMappedRegion, UcxRegion
 
 __all__ = ["UcxConnector", "UcxFabric", "open_ucx_fabric", "parse_ucx_url"]
+
+log = logging.getLogger(__name__)
 
 
 class UcxConnector:
@@ -95,8 +100,45 @@ class UcxConnector:
             if self._ep is ep:
                 self._retire(ep)
 
-    def region(self, lease: Lease, grant: Grant) -> UcxRegion:
+    @overload
+    def region(self, lease: Lease, grant: Grant) -> UcxRegion: ...
+    @overload
+    def region(self, lease: Lease, grant: Grant, *, mapped: bool) -> UcxRegion | UcxMappedRegion: ...
+
+    def region(self, lease: Lease, grant: Grant, *, mapped: bool = False) -> UcxRegion | UcxMappedRegion:
+        """The region of a grant: mapped here when asked for (``mapped``) and possible (a ``local_map``
+        node on this host, this user, a writable grant), else one-sided (the reason logged at debug).
+        A grant whose span file is not shaped like one of the node's raises :class:`Corrupted`."""
+        if mapped:
+            m = self._mapped(lease, grant)
+            if m is not None:
+                return m
         return UcxRegion(self, lease, grant)
+
+    def _mapped(self, lease: Lease, grant: Grant) -> UcxMappedRegion | None:
+        path = grant.access.get("path")
+        node_dir = self.link.info.get("shm_dir")
+        where = f"lease {lease.id} on {self.link.host}:{self.link.port}"
+        if path is None or node_dir is None:
+            log.debug("%s: one-sided (the node does not map spans locally: no --ucx-local-map)", where)
+            return None
+        if not span_file_name_ok(path, node_dir):
+            raise Corrupted(f"the grant of {where} names no span file of this node: {path!r} (node dir {node_dir!r})")
+        assert isinstance(path, str) and isinstance(node_dir, str)
+        if not grant.writable:
+            log.debug("%s: one-sided (a read-only grant is never mapped: the native ring writes to it)", where)
+            return None
+        fabric = self.fabric
+        cell = fabric.cell(lease.id) if fabric is not None and hasattr(fabric, "cell") else None
+        if cell is None or not hasattr(cell, "native_words"):
+            log.debug("%s: one-sided (no lease cell with native words to map with)", where)
+            return None
+        try:
+            fd = open_span_file(path, node_dir, writable=True)
+        except Unsupported as ex:
+            log.debug("%s: one-sided (%s)", where, ex)
+            return None
+        return UcxMappedRegion(self, lease, grant, fd, cell)
 
     def close(self) -> None:
         with self._lock:
@@ -110,7 +152,7 @@ class UcxConnector:
 
 
 def parse_ucx_url(url: str) -> tuple[str, int, dict[str, str]]:
-    """``ucx://HOST:PORT[?tls=tcp&net_devices=lo&timeout=5&progress=busy|event&tenant=...]``.
+    """``ucx://HOST:PORT[?tls=tcp&net_devices=lo&timeout=5&progress=busy|event&tenant=...&map=local]``.
 
     Returns ``(host, port, options)``."""
     parts = urlsplit(url)
@@ -123,7 +165,7 @@ def parse_ucx_url(url: str) -> tuple[str, int, dict[str, str]]:
     host = parts.hostname or ""
     if not host or not port:
         raise FabricValueError(f"ucx:// URLs name the node's control channel: ucx://HOST:PORT, got {url!r}")
-    known = {"tls", "net_devices", "timeout", "progress", "tenant"}
+    known = {"tls", "net_devices", "timeout", "progress", "tenant", "map"}
     opts: dict[str, str] = {}
     for key, values in parse_qs(parts.query).items():
         if key not in known:
@@ -133,38 +175,54 @@ def parse_ucx_url(url: str) -> tuple[str, int, dict[str, str]]:
 
 
 class UcxFabric(RemoteFabric):
-    """A client of UCX memory nodes: ``ucx://HOST:PORT[?tenant=&tls=tcp&net_devices=eth0&op_timeout=5]``.
+    """A client of UCX memory nodes: ``ucx://HOST:PORT[?tenant=&tls=tcp&net_devices=eth0&op_timeout=5&map=local]``.
 
     Leases, capabilities and auth are the node package's (:class:`RemoteFabric`);
     the data plane is one UCX context per fabric and one :class:`UcxConnector`
     (endpoint) per node. ``tls``/``net_devices`` restrict UCX's transports and
     interfaces for this client (``UCX_TLS``/``UCX_NET_DEVICES`` in the
     environment apply too); ``op_timeout`` is every operation's deadline.
+
+    ``map=local`` (``local_map=True``): where the URL's node maps its spans
+    locally (``serve --ucx-local-map``) and runs on this host as this user,
+    ``alloc`` and ``attach(ref, mapped=True)`` give regions mapped into this
+    process (:class:`~.region.UcxMappedRegion`: ``mapped_regions`` is then
+    true, and ``FabricQueue`` runs its native ring on them); anywhere else the
+    regions are one-sided as without it (the reason logged at debug).
+    ``attach(ref, mapped=False)`` is always one-sided.
     """
 
     driver = "ucx"
     schemes = ("ucx",)
-    url_options = frozenset({"tls", "net_devices", "op_timeout"})
+    url_options = frozenset({"tls", "net_devices", "op_timeout", "map"})
 
     def __init__(self, host: str, port: int, *, tls: str | None = None, net_devices: str | None = None,
-                 op_timeout: float = DEFAULT_OP_TIMEOUT, **kwargs: Any) -> None:
+                 op_timeout: float = DEFAULT_OP_TIMEOUT, local_map: bool = False, **kwargs: Any) -> None:
         require()
         if not op_timeout > 0:
             raise FabricValueError(f"op_timeout must be positive, got {op_timeout}")
         self.ucx = UcxContext(ucx_config(tls, net_devices))
         self.op_timeout = float(op_timeout)
+        self.local_map = bool(local_map)
+        self.mapped_regions = False
         try:
             super().__init__(host, port, **kwargs)
-            self.channel()  # authenticate now: a wrong secret fails before any lease
+            ch = self.channel()  # authenticate now: a wrong secret fails before any lease
         except BaseException:
             self.ucx.close()
             raise
+        if self.local_map:
+            self.mapped_regions = _can_map(ch.info.get("shm_dir"), f"{host}:{port}")
 
     @classmethod
     def url_kwargs(cls, opts: dict[str, str]) -> dict[str, Any]:
         out: dict[str, Any] = {"tls": opts.get("tls"), "net_devices": opts.get("net_devices")}
         if "op_timeout" in opts:
             out["op_timeout"] = float(opts["op_timeout"])
+        if "map" in opts:
+            if opts["map"] not in ("local", "none"):
+                raise FabricValueError(f"map={opts['map']!r}: the choices are map=local and map=none")
+            out["local_map"] = opts["map"] == "local"
         return out
 
     def connector(self, link: Any) -> UcxConnector:
@@ -183,6 +241,27 @@ class UcxFabric(RemoteFabric):
             super().close()
         finally:
             self.ucx.close()
+
+
+def _can_map(node_dir: object, where: str) -> bool:
+    """Whether this process can map the spans of a node whose span directory is ``node_dir``:
+    it exists here (same host), is a real directory of this user, mode 0700."""
+    if not isinstance(node_dir, str) or not node_dir:
+        log.debug("ucx node %s does not map spans locally (no --ucx-local-map): regions are one-sided", where)
+        return False
+    try:
+        st = os.lstat(node_dir)
+    except OSError as ex:
+        log.debug("ucx node %s: its span directory %s is not here (%s): regions are one-sided", where, node_dir,
+                  ex.strerror)
+        return False
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o777 != 0o700:
+        log.debug("ucx node %s: its span directory %s is not a 0700 directory of this user: regions are one-sided",
+                  where, node_dir)
+        return False
+    return True
 
 
 def open_ucx_fabric(url: str, *, clock: Any = None, token_file: Any = None) -> Fabric:

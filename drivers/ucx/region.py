@@ -1,12 +1,16 @@
-"""A leased region on a UCX memory node (:class:`UcxRegion`): the driver protocol as one-sided UCX operations."""
+"""A leased region on a UCX memory node: :class:`UcxRegion`, the driver protocol as one-sided UCX
+operations, and :class:`UcxMappedRegion`, a span of a ``local_map`` node mapped on the node's host."""
 
 from __future__ import annotations
 
 import threading
 from typing import TYPE_CHECKING, Any
 
+from grafos_fabric._ffi import ffi as gffi
+from grafos_fabric._ffi import lib as glib
 from grafos_fabric.errors import (
     CapacityExceeded,
+    Corrupted,
     Disconnected,
     FabricError,
     FabricValueError,
@@ -24,7 +28,7 @@ from .binding import U64, Rkey, UcxEndpoint, ffi, lib
 if TYPE_CHECKING:
     from .client import UcxConnector
 
-__all__ = ["UcxRegion"]
+__all__ = ["UcxMappedRegion", "UcxRegion"]
 
 _OUT = threading.local()
 
@@ -306,3 +310,220 @@ class UcxRegion:
             rk, self._rkey, self._h = self._rkey, None, None
         if rk is not None:
             rk.close()
+
+
+class UcxMappedRegion:
+    """A span of a ``local_map`` UCX node, mapped into this process on the node's own host.
+
+    The node backs the span with an owner-only file under /dev/shm and maps it
+    over the span's range of its pool, so remote clients' UCX operations (the
+    node's progress thread) and this process's CPU loads and stores reach the
+    same pages. The region implements :class:`~grafos_fabric.drivers.base.MappedRegion`:
+    the native ring runs on the mapping (zero copy, no UCX call per item), and
+    the one-sided operations are done locally (CPU atomics, which are atomic
+    against the node's: over tcp/sm it executes remote atomics with
+    lock-prefixed instructions).
+
+    Lease state: the native ring reads two u64 words (state, deadline) that
+    the fabric's :class:`~grafos_fabric.drivers.node.client.RemoteLeaseCell`
+    keeps in step (renewals, revoke, free, what the node reports), so expiry
+    fails a push/pop closed with no call into Python. A revoke (or free, or
+    expiry) by anyone else is seen through the span file: the node unlinks it
+    when it fences the span, and :meth:`check_size` (the queue calls it before
+    every blocking wait) and every one-sided operation check its link count
+    (one ``fstat``), ask the node, and mark the cell, after which the ring
+    fails closed. A node that died is seen on its control connection (a poll
+    of the socket in the same checks): :class:`Disconnected`, or
+    :class:`LeaseExpired` once a restarted node does not know the lease. A
+    stale mapping only ever reaches its own orphaned pages: the node maps
+    fresh memory over the range when it fences, so nothing written here after
+    a fence lands in the next tenant's span.
+    """
+
+    mapped = True
+
+    def __init__(self, connector: UcxConnector, lease: Lease, grant: Grant, fd: int, cell: Any) -> None:
+        import mmap
+        import os
+
+        self.connector = connector
+        self.lease = lease
+        self.grant = grant
+        self.nbytes = grant.nbytes
+        self.writable = True  # only writable grants are mapped (the native ring writes head and tail)
+        self._fd = fd
+        try:
+            st = os.fstat(fd)
+            if st.st_size != self.nbytes:
+                raise Corrupted(f"span file of lease {lease.id} is {st.st_size} bytes, the grant says {self.nbytes}")
+            self._mm = mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._keep = gffi.from_buffer(self._mm)  # keeps the mapping exported while this region lives
+        self._base = gffi.cast("uint8_t *", self._keep)
+        self._cell = cell
+        self._words = cell.native_words()
+        self._fenced: Exception | None = None
+        self.closed = False
+
+    # -- identity ---------------------------------------------------------------
+    def ref(self) -> RegionRef:
+        ref: RegionRef = self.connector.fabric.region_ref(self.lease, self.nbytes)
+        return ref
+
+    # -- the mapping (MappedRegion) ------------------------------------------------
+    def payload_pointer(self) -> Any:
+        return self._base
+
+    def lease_pointers(self) -> tuple[Any, Any]:
+        """cdata pointers to the lease's state and deadline words (C memory the lease cell keeps in step)."""
+        return (gffi.cast("uint64_t *", self._words), gffi.cast("uint64_t *", self._words) + 1)
+
+    def address(self) -> int:
+        return int(gffi.cast("uintptr_t", self._base))
+
+    def view(self) -> memoryview:
+        self._live()
+        return memoryview(self._mm)
+
+    # -- checks ---------------------------------------------------------------------
+    def check_size(self) -> None:
+        """The checks a mapped holder makes between items (the queue calls this before each
+        blocking wait): the span file was not shrunk (``Corrupted``), not fenced (its link count:
+        ``Revoked``/``LeaseExpired`` as the node reports the lease), and the node's control
+        connection is not gone (``Disconnected`` while the node is unreachable, ``LeaseExpired``
+        when a restarted node does not know the lease). A few microseconds; a no-op once closed."""
+        if self.closed:
+            return
+        self._check_file()
+        self._check_node()
+
+    def _check_file(self) -> None:
+        import os
+
+        if self._fenced is not None:
+            raise type(self._fenced)(str(self._fenced))
+        st = os.fstat(self._fd)
+        if st.st_nlink == 0:
+            self._fenced = self._ask("its span was fenced (the node unlinked its file)")
+            raise type(self._fenced)(str(self._fenced))
+        if st.st_size < self.nbytes:
+            self._fenced = Corrupted(f"the span file of lease {self.lease.id} was truncated under its mapping")
+            raise self._fenced
+
+    def _check_node(self) -> None:
+        """Poll the control connection (no wait): a hang-up means an idle timeout or a dead node; ask it."""
+        import select
+        import socket
+
+        link = self.connector.link
+        sock = getattr(getattr(link, "control", None), "sock", None)
+        if sock is None:
+            return  # a link without a control socket of its own (test harnesses)
+        fd = sock.fileno()
+        if fd >= 0:
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            if not p.poll(0):
+                return  # connected, nothing to read: the node is there
+            try:
+                if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    return  # a reply on its way to another thread's request
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                pass
+        # the connection ended (the node hung up an idle channel, or died): ask it on a new one
+        try:
+            state = link.lease_state(self.lease.id)
+        except FabricError as ex:
+            raise Disconnected(f"lease {self.lease.id}: the memory node {link.host}:{link.port} is unreachable "
+                               f"({ex}); the mapping stays readable, the lease cannot be confirmed") from None
+        if state != "active":
+            self._fenced = self._verdict(state, "the node reports it")
+            raise type(self._fenced)(str(self._fenced))
+
+    def _ask(self, why: str) -> FabricError:
+        try:
+            state = self.connector.link.lease_state(self.lease.id)
+        except FabricError as ex:
+            return Disconnected(f"lease {self.lease.id}: {why}, and the node cannot be asked: {ex}")
+        return self._verdict(state, why)
+
+    def _verdict(self, state: str, why: str) -> FabricError:
+        self._cell.mark(state)
+        if state == "active":  # fenced although active: never trust the mapping again
+            self._cell.mark("freed")
+            return LeaseExpired(f"lease {self.lease.id}: {why}, although the node reports it active")
+        if state == "revoked":
+            return Revoked(f"lease {self.lease.id} was revoked ({why})")
+        return LeaseExpired(f"lease {self.lease.id} is {state} ({why})")
+
+    def _live(self) -> None:
+        if self.closed:
+            raise QueueClosed(f"region {self.lease.id} is closed")
+        self.lease.check()
+        self._check_file()
+        self._check_node()
+
+    def _bounds(self, offset: int, n: int) -> None:
+        if not isinstance(offset, int) or offset < 0 or n < 0 or offset + n > self.nbytes:
+            raise CapacityExceeded(f"[{offset}, {offset + n}) is outside the region's {self.nbytes} bytes")
+
+    def _word(self, offset: int) -> None:
+        if not isinstance(offset, int) or offset % 8:
+            raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {offset}")
+        self._bounds(offset, 8)
+
+    # -- the one-sided operations, done locally -------------------------------------------
+    def read_into(self, offset: int, buf: Buffer) -> None:
+        self._live()
+        dst = gffi.from_buffer(buf, require_writable=True)
+        self._bounds(offset, len(dst))
+        gffi.memmove(dst, self._base + offset, len(dst))
+        self._live()  # bytes read across an expiry or fence are not returned
+
+    def write(self, offset: int, buf: Buffer) -> None:
+        self._live()
+        src = gffi.from_buffer(buf)
+        self._bounds(offset, len(src))
+        gffi.memmove(self._base + offset, src, len(src))
+
+    def cas64(self, offset: int, expected: int, desired: int) -> int:
+        self._live()
+        self._word(offset)
+        return int(glib.gf_cas_at(self._base, offset, expected & U64, desired & U64))
+
+    def faa64(self, offset: int, add: int) -> int:
+        self._live()
+        self._word(offset)
+        return int(glib.gf_faa_at(self._base, offset, add & U64))
+
+    def load64(self, offset: int) -> int:
+        self._live()
+        self._word(offset)
+        value = int(glib.gf_load_acquire_at(self._base, offset))
+        self._live()
+        return value
+
+    def store64(self, offset: int, value: int) -> None:
+        self._live()
+        self._word(offset)
+        glib.gf_store_release_at(self._base, offset, value & U64)
+
+    def flush(self) -> None:
+        """Local operations are synchronous; this only checks the lease."""
+        self._live()
+
+    def close(self) -> None:
+        """Detach (the lease stays until freed or expired); later calls raise ``QueueClosed``. Idempotent.
+        The mapping stays while anything (a queue, a view) still uses it."""
+        import os
+
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
+
+    def __repr__(self) -> str:
+        return f"<UcxMappedRegion {self.lease.id} {self.nbytes}B mapped {self.lease!r}>"

@@ -9,6 +9,21 @@ session (:class:`UcxSession`). Each span is ``ucp_mem_map``-ed on its own
 (:class:`UcxSpan`); its access is ``{"addr", "rkey" (packed, hex)}``.
 Fencing destroys the worker of every session that held the lease (see the
 package docstring for why closing endpoints is not enough).
+
+``local_map=True`` (``serve --driver ucx --ucx-local-map``; off by default,
+because it puts the spans in /dev/shm, which is small in some containers)
+backs each span with its own owner-only file in a 0700 directory under
+/dev/shm with a 128-bit random name (the ``nodeshm`` model,
+:mod:`grafos_fabric.drivers.node.shmfile`), ``posix_fallocate``-d first (a
+full /dev/shm fails the grant with :class:`CapacityExceeded`, never SIGBUS
+later) and mapped ``MAP_SHARED | MAP_FIXED`` over the span's range of the
+pool: ``pool_addr + offset``, the rkey and every remote client stay as they
+were, and a client on this host, as this user, maps the file and reaches the
+ring with CPU loads and stores (``ucx://...?map=local``). The grant's access
+carries the file's ``path`` beside ``addr``/``rkey``. Fencing (revoke, free,
+expiry) also unlinks the file and maps fresh anonymous memory back over the
+range, so the next tenant of that range gets new zeroed pages and a stale
+local mapping only ever reaches its own orphaned pages.
 """
 
 from __future__ import annotations
@@ -16,12 +31,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import threading
 from typing import Any
 
 from grafos_fabric.errors import CapacityExceeded, Disconnected, FabricValueError, Unsupported
 
 from ..node.registrar import Access
+from ..node.shmfile import SHM_ROOT, create_span_file, make_span_dir, unlink_span_file
 from .binding import (
     ERRLEN,
     PAGE,
@@ -40,14 +57,30 @@ __all__ = ["UcxRegistrar", "UcxSession", "UcxSpan"]
 
 log = logging.getLogger(__name__)
 
+_MAP_FIXED = 0x10  # Linux
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+
+
+def _map_over(addr: int, nbytes: int, fd: int) -> None:
+    """Map ``fd`` (shared; ``-1``: fresh private anonymous memory) over ``[addr, addr + nbytes)``
+    in place (``MAP_FIXED``: the range stays mapped throughout, never a hole in the pool)."""
+    flags = _MAP_FIXED | (mmap.MAP_SHARED if fd >= 0 else mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    got = _libc.mmap(addr, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+    if got != addr:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap over the pool at {addr:#x}: {os.strerror(err)}")
+
 
 class UcxSpan:
     """A span of the pool mapped for UCX on its own (own memory handle and packed rkey)."""
 
-    def __init__(self, registrar: UcxRegistrar, offset: int, nbytes: int) -> None:
+    def __init__(self, registrar: UcxRegistrar, offset: int, nbytes: int, path: str | None = None) -> None:
         self.offset = offset
         self.nbytes = nbytes
         self.addr = registrar.pool_addr + offset
+        self.path = path  # the span's file (local_map), until fenced
         out = ffi.new("gfu_mem **")
         err = ffi.new("char[]", ERRLEN)
         rc = lib.gfu_mem_map(registrar.ctx.ptr, ffi.cast("void *", self.addr), nbytes, out, err, ERRLEN)
@@ -63,9 +96,22 @@ class UcxSpan:
         self.fenced = False
 
     def access(self, writable: bool) -> Access:
-        """``{"addr", "rkey" (hex)}``. UCX over tcp/sm cannot make a span read-only in the transport:
-        the client library refuses writes on a read-only grant itself."""
-        return {"addr": self.addr, "rkey": self.rkey.hex()}
+        """``{"addr", "rkey" (hex)}`` (and ``"path"``, the span's file, with ``local_map``). UCX over
+        tcp/sm cannot make a span read-only in the transport: the client library refuses writes on a
+        read-only grant itself (and maps the file read-only)."""
+        out: Access = {"addr": self.addr, "rkey": self.rkey.hex()}
+        if self.path is not None:
+            out["path"] = self.path
+        return out
+
+    def unlink(self) -> None:
+        """``local_map``: unlink the span's file and map fresh anonymous memory back over its range
+        (idempotent). Local holders see the file's link count drop to 0 and fail closed; whatever a
+        stale holder writes lands in its own orphaned pages, never in the next tenant's."""
+        path, self.path = self.path, None
+        if path is not None:
+            unlink_span_file(path)
+            _map_over(self.addr, self.nbytes, -1)
 
     def unmap(self) -> None:
         mem, self._mem = self._mem, None
@@ -202,7 +248,10 @@ class UcxRegistrar:
     off): the pool's pages are faulted in when it is mapped (``MAP_POPULATE``:
     the whole pool is resident from the start), so a grant zeroes its span
     without page faults (measured: 256 KiB zeroed in ~2.3 ms on fresh pages,
-    ~0.1 ms on resident ones, on the 2-core dev VM).
+    ~0.1 ms on resident ones, on the 2-core dev VM). ``local_map`` (default
+    off): each span is a file in a 0700 directory under ``shm_root``
+    (/dev/shm), mapped over its range of the pool, for clients on this host
+    (see the module docstring).
     """
 
     name = "ucx"
@@ -218,6 +267,8 @@ class UcxRegistrar:
         progress: str = "busy",
         config: dict[str, str] | None = None,
         prefault: bool = False,
+        local_map: bool = False,
+        shm_root: str = SHM_ROOT,
     ) -> None:
         require()
         if pool_size <= 0:
@@ -233,11 +284,18 @@ class UcxRegistrar:
         self._pool = mmap.mmap(-1, self.pool_size, flags=flags)
         self._anchor: Any = ffi.from_buffer(self._pool)
         self.pool_addr = int(ffi.cast("uintptr_t", self._anchor))
-        self.ctx = UcxContext(self.config)
+        self.local_map = bool(local_map)
+        self.shm_dir = make_span_dir(shm_root) if self.local_map else ""
+        try:
+            self.ctx = UcxContext(self.config)
+        except BaseException:
+            self._remove_dir()
+            raise
         try:
             self._group = _Group(progress)
         except BaseException:
             self.ctx.close()
+            self._remove_dir()
             raise
         self._lock = threading.Lock()
         self._spans: set[UcxSpan] = set()
@@ -260,17 +318,49 @@ class UcxRegistrar:
                     log.exception("UCX accept pump failed for session %s", s.peer)
 
     # -- the Registrar protocol ------------------------------------------------
+    def _remove_dir(self) -> None:
+        if self.shm_dir:
+            import shutil
+
+            shutil.rmtree(self.shm_dir, ignore_errors=True)
+
     def node_info(self) -> Access:
-        return {"ucx_host": self.advertise}
+        info: Access = {"ucx_host": self.advertise}
+        if self.local_map:
+            info["shm_dir"] = self.shm_dir
+        return info
 
     def register(self, offset: int, nbytes: int) -> UcxSpan:
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.pool_size or offset % PAGE:
             raise FabricValueError(f"span [{offset}, {offset + nbytes}) is not a page-aligned part of the pool")
-        ctypes.memset(self.pool_addr + offset, 0, nbytes)  # no bytes leak (in place: no source buffer)
-        span = UcxSpan(self, offset, nbytes)
+        if not self.local_map:
+            ctypes.memset(self.pool_addr + offset, 0, nbytes)  # no bytes leak (in place: no source buffer)
+            span = UcxSpan(self, offset, nbytes)
+        else:
+            span = self._register_file(offset, nbytes)
         with self._lock:
             self._spans.add(span)
         return span
+
+    def _register_file(self, offset: int, nbytes: int) -> UcxSpan:
+        """``local_map``: a fresh span file (zeros: no bytes leak) mapped over the span's range."""
+        addr = self.pool_addr + offset
+        path, fd = create_span_file(self.shm_dir, nbytes)  # CapacityExceeded when /dev/shm is full
+        try:
+            try:
+                _map_over(addr, nbytes, fd)
+            finally:
+                os.close(fd)
+        except OSError as ex:
+            unlink_span_file(path)
+            _map_over(addr, nbytes, -1)  # whatever happened to the range, it is fresh anonymous memory again
+            raise CapacityExceeded(f"cannot map span file {path} over the pool: {ex}") from None
+        try:
+            return UcxSpan(self, offset, nbytes, path)
+        except BaseException:
+            unlink_span_file(path)
+            _map_over(addr, nbytes, -1)
+            raise
 
     def fence(self, span: Any, holders: list[Any]) -> None:
         """Destroy the worker of every holder's session: later remote access by them fails."""
@@ -279,6 +369,7 @@ class UcxRegistrar:
                 h.fence()
         if isinstance(span, UcxSpan):
             span.fenced = True
+            span.unlink()  # local_map: local holders fail closed; their later writes reach orphaned pages
 
     def deregister(self, span: Any) -> None:
         if not isinstance(span, UcxSpan):
@@ -286,6 +377,7 @@ class UcxRegistrar:
         with self._lock:
             self._spans.discard(span)
         span.unmap()
+        span.unlink()
 
     def open_session(self, peer: str) -> UcxSession:
         s = UcxSession(self, peer)
@@ -308,9 +400,11 @@ class UcxRegistrar:
         self._group.close()
         for span in spans:
             span.unmap()
+            span.path = None  # the directory goes as a whole below
         self.ctx.close()
         self._anchor = None
         self._pool.close()
+        self._remove_dir()
 
     def __enter__(self) -> UcxRegistrar:
         return self
