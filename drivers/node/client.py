@@ -317,13 +317,17 @@ class RemoteLeaseCell:
         self.lease_id = lease_id
         self.clock = clock
         self.cap = cap
-        self._words: Any = None  # the native copy (state, deadline), made by native_words()
+        self._shared: Any = None  # [state, deadline] u64 words in shared memory (bind_shared)
+        self._keep: Any = None
+        self._probed = False
+        self._local_only = False  # a store_state that only this process sees (a consumer letting go)
         self._deadline = deadline_ns
         self._state = LeaseState.ACTIVE
         channel.remember(lease_id, cap)
 
-    # The cached state and deadline are written through to the native words once a mapped region
-    # asked for them (native_words), so the native ring fails closed on what this cell knows.
+    # With shared lease words bound (a span mapped on the node's host, bind_shared), the cached
+    # state and deadline are written through to them, so the native ring fails closed on what
+    # any holder on this host knows; the node itself marks the state word when it fences the span.
     @property
     def _state(self) -> int:
         return self.__state
@@ -331,8 +335,8 @@ class RemoteLeaseCell:
     @_state.setter
     def _state(self, state: int) -> None:
         self.__state = state
-        if self._words is not None:
-            lib.gf_store_release_at(ffi.cast("uint8_t *", self._words), 0, int(state))
+        if self._shared is not None and state != LeaseState.ACTIVE and not self._local_only:
+            lib.gf_store_release_at(self._shared, 0, int(state))
 
     @property
     def _deadline(self) -> int:
@@ -341,24 +345,35 @@ class RemoteLeaseCell:
     @_deadline.setter
     def _deadline(self, deadline_ns: int) -> None:
         self.__deadline = deadline_ns
-        if self._words is not None:
-            lib.gf_store_release_at(ffi.cast("uint8_t *", self._words), 8, max(0, int(deadline_ns)) & _U64)
+        if self._shared is not None:
+            lib.gf_store_release_at(self._shared, 8, max(0, int(deadline_ns)) & _U64)
 
-    def native_words(self) -> Any:
-        """Two u64 words in C memory, ``[state, deadline_ns]`` (the layout a mapped region's
-        ``lease_pointers`` hands the native ring), kept in step with this cell from now on:
-        renewals, revoke, free and every state the node reports (:meth:`mark`). The deadline is
-        in this cell's clock (``CLOCK_MONOTONIC`` for the default clock, what the native ring
-        compares it with), so expiry fails the native push/pop closed without a call into Python."""
-        if self._words is None:
-            words = ffi.new("uint64_t[2]")
-            words[0] = int(self.__state)
-            words[1] = max(0, int(self.__deadline)) & _U64
-            self._words = words
-        return self._words
+    def bind_shared(self, words: Any, keep: Any) -> None:
+        """Keep the lease's two shared u64 words ``[state, deadline_ns]`` (``words``: a cffi
+        pointer; ``keep``: what keeps its memory mapped) in step with this cell from now on:
+        renewals write the deadline (in this cell's clock: ``CLOCK_MONOTONIC`` for the default
+        clock, what the native ring compares it with, so expiry fails the native push/pop closed
+        with no call into Python), revoke and what the node reports write the state. The node
+        writes the state word when it fences the span; this cell then asks the node which state
+        it is (:meth:`load_state`). The state word is never set back to active here."""
+        self._keep = keep
+        self._shared = ffi.cast("uint8_t *", words)
+        lib.gf_store_release_at(self._shared, 8, max(0, int(self.__deadline)) & _U64)
+        if self.__state != LeaseState.ACTIVE:
+            lib.gf_store_release_at(self._shared, 0, int(self.__state))
 
     def load_state(self) -> int:
-        return self._state
+        shared = self._shared
+        if shared is not None and self.__state == LeaseState.ACTIVE and not self._probed \
+                and int(lib.gf_load_acquire_at(shared, 0)) != LeaseState.ACTIVE:
+            # the node fenced the span (or a holder on this host revoked it): which state is it in?
+            # (asked once: a fenced span never comes back)
+            state = self.channel.lease_state(self.lease_id)
+            self._probed = True
+            self.mark(state)
+            if state == W.ACTIVE:  # never trust a span whose words say it is gone
+                self.mark(W.FREED)
+        return self.__state
 
     def load_deadline_ns(self) -> int:
         return self._deadline
@@ -392,6 +407,8 @@ class RemoteLeaseCell:
             self.channel.call(W.Revoke(lease_id=self.lease_id, cap=self.cap), W.Done)
         elif state == LeaseState.FREED and self.cap.rights & REVOKE:
             self.channel.call(W.Free(lease_id=self.lease_id, cap=self.cap), W.Done)
+        elif state == LeaseState.FREED:
+            self._local_only = True  # a consumer lets go: the other holders on this host keep the lease
         self._state = state
 
     def mark(self, state: str) -> None:

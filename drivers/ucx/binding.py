@@ -23,6 +23,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "DEFAULT_OP_TIMEOUT",
     "ERRLEN",
+    "LEASE_TRAILER",
     "PAGE",
     "U64",
     "Rkey",
@@ -44,6 +45,8 @@ DEFAULT_OP_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5.0
 U64 = (1 << 64) - 1
 PAGE = mmap.PAGESIZE
+# local_map span files: one page past the span holds the lease words [state, deadline_ns] (u64 each)
+LEASE_TRAILER = PAGE
 ERRLEN = 256
 
 try:

@@ -130,8 +130,8 @@ class UcxConnector:
             return None
         fabric = self.fabric
         cell = fabric.cell(lease.id) if fabric is not None and hasattr(fabric, "cell") else None
-        if cell is None or not hasattr(cell, "native_words"):
-            log.debug("%s: one-sided (no lease cell with native words to map with)", where)
+        if cell is None or not hasattr(cell, "bind_shared"):
+            log.debug("%s: one-sided (no lease cell that can share its words)", where)
             return None
         try:
             fd = open_span_file(path, node_dir, writable=True)

@@ -23,7 +23,7 @@ from grafos_fabric.lease import Lease
 
 from ..base import Buffer, RegionRef, byte_view
 from ..node.registrar import Grant
-from .binding import U64, Rkey, UcxEndpoint, ffi, lib
+from .binding import LEASE_TRAILER, U64, Rkey, UcxEndpoint, ffi, lib
 
 if TYPE_CHECKING:
     from .client import UcxConnector
@@ -324,20 +324,22 @@ class UcxMappedRegion:
     against the node's: over tcp/sm it executes remote atomics with
     lock-prefixed instructions).
 
-    Lease state: the native ring reads two u64 words (state, deadline) that
-    the fabric's :class:`~grafos_fabric.drivers.node.client.RemoteLeaseCell`
-    keeps in step (renewals, revoke, free, what the node reports), so expiry
-    fails a push/pop closed with no call into Python. A revoke (or free, or
-    expiry) by anyone else is seen through the span file: the node unlinks it
-    when it fences the span, and :meth:`check_size` (the queue calls it before
-    every blocking wait) and every one-sided operation check its link count
-    (one ``fstat``), ask the node, and mark the cell, after which the ring
-    fails closed. A node that died is seen on its control connection (a poll
-    of the socket in the same checks): :class:`Disconnected`, or
-    :class:`LeaseExpired` once a restarted node does not know the lease. A
-    stale mapping only ever reaches its own orphaned pages: the node maps
-    fresh memory over the range when it fences, so nothing written here after
-    a fence lands in the next tenant's span.
+    Lease state: the native ring reads two u64 words (state, deadline) in the
+    span file's last page (past the span: no remote client reaches it). The
+    node sets the state word when it fences the span (revoke, free, expiry:
+    before it unlinks the file), so the next native push or pop of every local
+    holder fails closed at once; the fabric's
+    :class:`~grafos_fabric.drivers.node.client.RemoteLeaseCell` writes the
+    deadline as it renews (``CLOCK_MONOTONIC``, one clock on one host), so
+    expiry fails closed with no call into Python, and asks the node which
+    state a fenced lease is in (``Revoked`` or ``LeaseExpired``). Also, as in
+    ``nodeshm``: :meth:`check_size` (the queue calls it before every blocking
+    wait) and every one-sided operation check the file's link count (one
+    ``fstat``), and poll the node's control connection: a node that died is
+    :class:`Disconnected` (:class:`LeaseExpired` once a restarted node does not
+    know the lease). A stale mapping only ever reaches its own orphaned pages:
+    the node maps fresh memory over the range when it fences, so nothing
+    written here after a fence lands in the next tenant's span.
     """
 
     mapped = True
@@ -352,18 +354,21 @@ class UcxMappedRegion:
         self.nbytes = grant.nbytes
         self.writable = True  # only writable grants are mapped (the native ring writes head and tail)
         self._fd = fd
+        self._size = self.nbytes + LEASE_TRAILER  # the span, then the page of lease words
         try:
             st = os.fstat(fd)
-            if st.st_size != self.nbytes:
-                raise Corrupted(f"span file of lease {lease.id} is {st.st_size} bytes, the grant says {self.nbytes}")
-            self._mm = mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if st.st_size != self._size:
+                raise Corrupted(f"span file of lease {lease.id} is {st.st_size} bytes, not the grant's "
+                                f"{self.nbytes} and a {LEASE_TRAILER}-byte trailer")
+            self._mm = mmap.mmap(fd, self._size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
         self._keep = gffi.from_buffer(self._mm)  # keeps the mapping exported while this region lives
         self._base = gffi.cast("uint8_t *", self._keep)
+        self._words = gffi.cast("uint64_t *", self._base + self.nbytes)
         self._cell = cell
-        self._words = cell.native_words()
+        cell.bind_shared(self._words, self._keep)
         self._fenced: Exception | None = None
         self.closed = False
 
@@ -377,15 +382,16 @@ class UcxMappedRegion:
         return self._base
 
     def lease_pointers(self) -> tuple[Any, Any]:
-        """cdata pointers to the lease's state and deadline words (C memory the lease cell keeps in step)."""
-        return (gffi.cast("uint64_t *", self._words), gffi.cast("uint64_t *", self._words) + 1)
+        """cdata pointers to the lease's state and deadline words (the span file's trailer: the node marks
+        the state when it fences, the lease cells of this host's holders keep both in step)."""
+        return (self._words, self._words + 1)
 
     def address(self) -> int:
         return int(gffi.cast("uintptr_t", self._base))
 
     def view(self) -> memoryview:
         self._live()
-        return memoryview(self._mm)
+        return memoryview(self._mm)[: self.nbytes]
 
     # -- checks ---------------------------------------------------------------------
     def check_size(self) -> None:
@@ -408,7 +414,7 @@ class UcxMappedRegion:
         if st.st_nlink == 0:
             self._fenced = self._ask("its span was fenced (the node unlinked its file)")
             raise type(self._fenced)(str(self._fenced))
-        if st.st_size < self.nbytes:
+        if st.st_size < self._size:
             self._fenced = Corrupted(f"the span file of lease {self.lease.id} was truncated under its mapping")
             raise self._fenced
 

@@ -20,10 +20,15 @@ later) and mapped ``MAP_SHARED | MAP_FIXED`` over the span's range of the
 pool: ``pool_addr + offset``, the rkey and every remote client stay as they
 were, and a client on this host, as this user, maps the file and reaches the
 ring with CPU loads and stores (``ucx://...?map=local``). The grant's access
-carries the file's ``path`` beside ``addr``/``rkey``. Fencing (revoke, free,
-expiry) also unlinks the file and maps fresh anonymous memory back over the
-range, so the next tenant of that range gets new zeroed pages and a stale
-local mapping only ever reaches its own orphaned pages.
+carries the file's ``path`` beside ``addr``/``rkey``. The file's last page
+(``LEASE_TRAILER``, past the span, never in the pool, so no remote client
+reaches it) holds the lease's state and deadline words for the native rings
+of local holders: the node sets the state active at register and marks it
+gone when it fences; local holders write the deadline as they renew.
+Fencing (revoke, free, expiry) marks the state word, unlinks the file and
+maps fresh anonymous memory back over the range, so the next tenant of that
+range gets new zeroed pages and a stale local mapping only ever reaches its
+own orphaned pages.
 """
 
 from __future__ import annotations
@@ -35,12 +40,16 @@ import os
 import threading
 from typing import Any
 
+from grafos_fabric._ffi import ffi as gffi
+from grafos_fabric._ffi import lib as glib
 from grafos_fabric.errors import CapacityExceeded, Disconnected, FabricValueError, Unsupported
+from grafos_fabric.lease import LeaseState
 
 from ..node.registrar import Access
 from ..node.shmfile import SHM_ROOT, create_span_file, make_span_dir, unlink_span_file
 from .binding import (
     ERRLEN,
+    LEASE_TRAILER,
     PAGE,
     UcxContext,
     UcxEndpoint,
@@ -73,14 +82,32 @@ def _map_over(addr: int, nbytes: int, fd: int) -> None:
         raise OSError(err, f"mmap over the pool at {addr:#x}: {os.strerror(err)}")
 
 
+def _store_word(trailer: mmap.mmap, offset: int, value: int) -> None:
+    keep = gffi.from_buffer(trailer)
+    try:
+        glib.gf_store_release_at(gffi.cast("uint8_t *", keep), offset, value)
+    finally:
+        gffi.release(keep)
+
+
+def _mark_fenced(trailer: mmap.mmap | None) -> None:
+    """Set the lease state word of a span file's trailer to FREED (the span is gone: local holders
+    ask the node which state the lease is in) and let go of the trailer's mapping."""
+    if trailer is not None:
+        _store_word(trailer, 0, LeaseState.FREED)
+        trailer.close()
+
+
 class UcxSpan:
     """A span of the pool mapped for UCX on its own (own memory handle and packed rkey)."""
 
-    def __init__(self, registrar: UcxRegistrar, offset: int, nbytes: int, path: str | None = None) -> None:
+    def __init__(self, registrar: UcxRegistrar, offset: int, nbytes: int, path: str | None = None,
+                 trailer: mmap.mmap | None = None) -> None:
         self.offset = offset
         self.nbytes = nbytes
         self.addr = registrar.pool_addr + offset
         self.path = path  # the span's file (local_map), until fenced
+        self.trailer = trailer  # the file's last page: the lease words local holders share (local_map)
         out = ffi.new("gfu_mem **")
         err = ffi.new("char[]", ERRLEN)
         rc = lib.gfu_mem_map(registrar.ctx.ptr, ffi.cast("void *", self.addr), nbytes, out, err, ERRLEN)
@@ -110,6 +137,8 @@ class UcxSpan:
         stale holder writes lands in its own orphaned pages, never in the next tenant's."""
         path, self.path = self.path, None
         if path is not None:
+            _mark_fenced(self.trailer)  # SYNC POINT: lease-state (local holders' native rings fail closed)
+            self.trailer = None
             unlink_span_file(path)
             _map_over(self.addr, self.nbytes, -1)
 
@@ -345,19 +374,27 @@ class UcxRegistrar:
     def _register_file(self, offset: int, nbytes: int) -> UcxSpan:
         """``local_map``: a fresh span file (zeros: no bytes leak) mapped over the span's range."""
         addr = self.pool_addr + offset
-        path, fd = create_span_file(self.shm_dir, nbytes)  # CapacityExceeded when /dev/shm is full
+        # the span, then one page of lease words (LEASE_TRAILER), never reachable by remote clients
+        path, fd = create_span_file(self.shm_dir, nbytes + LEASE_TRAILER)  # CapacityExceeded when full
+        trailer: mmap.mmap | None = None
         try:
             try:
                 _map_over(addr, nbytes, fd)
+                trailer = mmap.mmap(fd, LEASE_TRAILER, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                    offset=nbytes)
+                _store_word(trailer, 0, LeaseState.ACTIVE)
             finally:
                 os.close(fd)
         except OSError as ex:
+            if trailer is not None:
+                trailer.close()
             unlink_span_file(path)
             _map_over(addr, nbytes, -1)  # whatever happened to the range, it is fresh anonymous memory again
             raise CapacityExceeded(f"cannot map span file {path} over the pool: {ex}") from None
         try:
-            return UcxSpan(self, offset, nbytes, path)
+            return UcxSpan(self, offset, nbytes, path, trailer)
         except BaseException:
+            _mark_fenced(trailer)
             unlink_span_file(path)
             _map_over(addr, nbytes, -1)
             raise
@@ -401,6 +438,8 @@ class UcxRegistrar:
         for span in spans:
             span.unmap()
             span.path = None  # the directory goes as a whole below
+            _mark_fenced(span.trailer)
+            span.trailer = None
         self.ctx.close()
         self._anchor = None
         self._pool.close()
