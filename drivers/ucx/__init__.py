@@ -15,7 +15,8 @@ released; it is built only where UCX's headers were found, and
 ``registrar``  node side: :class:`UcxRegistrar`, :class:`UcxSession`, :class:`UcxSpan`
 ``client``     client side: :class:`UcxFabric` (``ucx://HOST:PORT``),
                :class:`UcxConnector` (one endpoint per node)
-``region``     :class:`UcxRegion`: the driver protocol, one C call per operation
+``region``     :class:`UcxRegion`: the driver protocol, one C call per operation;
+               :class:`UcxMappedRegion`: a ``local_map`` node's span mapped on its host
 =============  ===================================================================
 
 Players (plugged into the memory node's seams, :mod:`grafos_fabric.drivers.node.registrar`):
@@ -32,6 +33,12 @@ Players (plugged into the memory node's seams, :mod:`grafos_fabric.drivers.node.
 * client side, :class:`UcxConnector` (one per node) and :class:`UcxRegion`:
   one endpoint per node, (re)connected on demand; regions unpack the rkey per
   endpoint.
+* local mapping (``UcxRegistrar(local_map=True)``, ``serve --ucx-local-map``;
+  clients ``ucx://...?map=local``): each span is an owner-only file under
+  /dev/shm mapped over its range of the pool, so a client on the node's host,
+  as the node's user, maps it (:class:`UcxMappedRegion`) and runs the native
+  ring on it (no UCX operation per item), while remote clients keep reaching
+  the same pages one-sided (see :mod:`.registrar`).
 
 Fencing (why the node does it): over tcp and sm, ``ucp_mem_unmap`` does not
 stop remote access, and an rkey is an address hint, not a capability: any
@@ -83,7 +90,7 @@ from .binding import (
     version,
 )
 from .client import UcxConnector, UcxFabric, open_ucx_fabric, parse_ucx_url
-from .region import UcxRegion
+from .region import UcxMappedRegion, UcxRegion
 from .registrar import UcxRegistrar, UcxSession, UcxSpan
 
 __all__ = [
@@ -94,6 +101,7 @@ __all__ = [
     "UcxContext",
     "UcxEndpoint",
     "UcxFabric",
+    "UcxMappedRegion",
     "UcxRegion",
     "UcxRegistrar",
     "UcxSession",
