@@ -81,8 +81,10 @@ def test_the_consumer_host_row_counts_each_item_byte_once() -> None:
     assert "ratio_wire" not in row  # the item crosses the veth once: the ratio is the wire ratio
 
 
-def test_the_consumer_host_round_moves_items_between_two_namespaces(tmp_path: Any) -> None:
-    """The row's round for real: node and consumer in namespace A, producer in B, 1 MiB items."""
+@pytest.mark.parametrize("mode", ["map", "sm"])
+def test_the_consumer_host_round_moves_items_between_two_namespaces(tmp_path: Any, mode: str) -> None:
+    """The row's round for real: node and consumer in namespace A, producer in B, 1 MiB items
+    (``map``: the consumer maps the span; ``sm``: it reaches the node over UCX shared memory)."""
     from grafos_fabric.drivers import ucx
     from grafos_fabric.tools import netns
     from grafos_fabric.tools.bench_ucx import _netns_split_round
@@ -93,8 +95,9 @@ def test_the_consumer_host_round_moves_items_between_two_namespaces(tmp_path: An
     if why is not None:
         pytest.skip(f"no network namespaces: {why}")
     with netns.veth_pair() as pair:
-        row = _netns_split_round(pair, str(tmp_path / "split"), 0.3)
+        row = _netns_split_round(pair, str(tmp_path / "split"), 0.3, mode)
     assert row is not None, "the round failed (its stderr is above)"
-    assert row["op"] == "queue 1 MiB items, node on the consumer's host"
+    assert row["op"].startswith("queue 1 MiB items, node on the consumer's host")
+    assert ("maps the span" in row["op"]) == (mode == "map")
     assert row["items_per_s"] > 0 and row["MB_per_s"] == pytest.approx(row["items_per_s"] * (1 << 20) / 1e6)
     assert (tmp_path / "split" / "queue.locator.done").exists()  # the consumer timed its window to the end

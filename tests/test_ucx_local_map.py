@@ -25,10 +25,10 @@ from grafos_fabric.drivers import ucx
 if ucx.available() is not None:
     pytest.skip(f"UCX unavailable: {ucx.available()}", allow_module_level=True)
 
-from grafos_fabric.drivers.node.auth import load_policy  # noqa: E402
-from grafos_fabric.drivers.node.registrar import Grant  # noqa: E402
-from grafos_fabric.drivers.node.server import NodeServer  # noqa: E402
-from grafos_fabric.drivers.ucx import UcxMappedRegion, UcxRegion  # noqa: E402
+from grafos_fabric.drivers.node.auth import load_policy
+from grafos_fabric.drivers.node.registrar import Grant
+from grafos_fabric.drivers.node.server import NodeServer
+from grafos_fabric.drivers.ucx import UcxMappedRegion, UcxRegion
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECRET = b"ucx-local-map-test-secret-32byte"

@@ -16,9 +16,12 @@ and the client in two network namespaces, perftest between the same two,
 alternating for ``--rounds`` rounds; each figure as median [min-max]. Two
 placements of a 1 MiB queue: the node on a third host (producer and consumer
 both in B: every item crosses the veth twice, through the node's one progress
-thread) and the node on the consumer's host (node and consumer in A, the
-consumer reaching it over UCX shared memory, the producer in B: every item
-crosses the veth once, as perftest's puts do).
+thread) and the node on the consumer's host (node and consumer in A, the producer in
+B: every item crosses the veth once, as perftest's puts do), in three rows:
+the consumer mapping the span (the node with ``--ucx-local-map``, the
+consumer with ``map=local``: no UCX operation per item), with the node's
+progress thread busy and in event mode, and the consumer reaching the node
+over UCX shared memory (a cross-memory-attach copy per record).
 """
 
 from __future__ import annotations
@@ -200,10 +203,13 @@ def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None, no
                     port += 1
                     row["perftest"] = perftest_netns(test, 8, iters, pair, port)
                 _ratios(row)
-            if progress:
-                progress(f"ucx netns: round {rnd + 1}/{rounds}: 1 MiB items, node on the consumer's host")
-            split = _netns_split_round(pair, os.path.join(tmp, f"split{rnd}"), seconds)
-            if split is not None:
+            for mode, prog in _SPLITS:
+                if progress:
+                    progress(f"ucx netns: round {rnd + 1}/{rounds}: 1 MiB items, node on the consumer's host "
+                             f"({mode}, node progress {prog})")
+                split = _netns_split_round(pair, os.path.join(tmp, f"split{rnd}-{mode}-{prog}"), seconds, mode, prog)
+                if split is None:  # keep the rows of every round in step (the merge pairs them by position)
+                    split = {"op": _split_op(mode, prog), "perftest_test": "ucp_put_bw"}
                 split.update(bw)
                 _ratios(split)
                 rows.append(split)
@@ -211,13 +217,14 @@ def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None, no
     return _merge_rounds(per_round)
 
 
-def _serve_node(ns: str, pair: Any, token: str, node_progress: str, tls: str = "tcp") -> subprocess.Popen[str]:
+def _serve_node(ns: str, pair: Any, token: str, node_progress: str, tls: str = "tcp",
+                local_map: bool = False) -> subprocess.Popen[str]:
     """``grafos-fabric serve --driver ucx`` in namespace ``ns`` on ``pair.ip_a:7400``, once it serves."""
     node = subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx",
          "--host", pair.ip_a, "--allow-remote", "--port", "7400", "--token-file", token, "--pool", "256M",
          "--ucx-net-devices", pair.dev_a, "--ucx-tls", tls, "--ucx-progress", node_progress,
-         "--log-level", "WARNING"],
+         "--log-level", "WARNING", *(["--ucx-local-map"] if local_map else [])],
         stdout=subprocess.PIPE, text=True)
     assert node.stdout is not None
     line = node.stdout.readline()
@@ -228,21 +235,40 @@ def _serve_node(ns: str, pair: Any, token: str, node_progress: str, tls: str = "
     return node
 
 
-def _netns_split_round(pair: Any, tmp: str, seconds: float) -> dict[str, Any] | None:
+# The placements of the node on the consumer's host, each a row: how the consumer reaches the ring
+# ("map": it maps the span, the node runs with --ucx-local-map; "sm": UCX shared memory) and the
+# node's progress mode.
+_SPLITS = (("map", "busy"), ("map", "event"), ("sm", "busy"))
+
+
+def _split_op(mode: str, node_progress: str) -> str:
+    how = "consumer maps the span" if mode == "map" else "consumer over UCX sm"
+    return f"queue 1 MiB items, node on the consumer's host ({how}, node progress {node_progress})"
+
+
+def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
+                       node_progress: str = "busy") -> dict[str, Any] | None:
     """1 MiB queue items with the memory node on the consumer's host: node and consumer in A, producer in B.
 
-    Each item crosses the veth once (the producer's put, over tcp, as ``ucx_perftest``'s); the
-    consumer reaches the node on its own host through UCX shared memory (``tls=sm,tcp``: the
-    node's memory read by the kernel's cross-memory attach, no network stack). This is where an
-    edge's memory goes when the consumer's host can serve it: the receive-side ring of RDMA queues.
-    None (and a log line) where the consumer or producer fails."""
+    Each item crosses the veth once (the producer's put, over tcp, as ``ucx_perftest``'s). This is
+    where an edge's memory goes when the consumer's host can serve it: the receive-side ring of
+    RDMA queues. ``mode="map"``: the node maps its spans locally (``--ucx-local-map``) and the
+    consumer maps the queue's span (``map=local``): it reads records with CPU loads, no UCX
+    operation and no copy per item. ``mode="sm"``: the consumer reaches the node through UCX
+    shared memory (``tls=sm,tcp``: the node's memory read by the kernel's cross-memory attach, a
+    copy per record). None (and a log line) where the consumer or producer fails."""
     os.makedirs(tmp, exist_ok=True)
     token, loc = os.path.join(tmp, "node.token"), os.path.join(tmp, "queue.locator")
-    node = _serve_node(pair.ns_a, pair, token, "busy", tls="sm,tcp")
+    if mode == "map":
+        node = _serve_node(pair.ns_a, pair, token, node_progress, tls="tcp", local_map=True)
+        cons_url = f"ucx://{pair.ip_a}:7400?tls=tcp&net_devices={pair.dev_a}&map=local"
+    else:
+        node = _serve_node(pair.ns_a, pair, token, node_progress, tls="sm,tcp")
+        cons_url = f"ucx://{pair.ip_a}:7400?tls=sm,tcp"
     me = [sys.executable, "-m", "grafos_fabric.tools.bench_ucx", "--netns-split"]
     try:
         cons = subprocess.Popen(
-            ["ip", "netns", "exec", pair.ns_a, *me, "consumer", f"ucx://{pair.ip_a}:7400?tls=sm,tcp", token, loc,
+            ["ip", "netns", "exec", pair.ns_a, *me, "consumer", cons_url, token, loc,
              str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         prod = subprocess.Popen(
             ["ip", "netns", "exec", pair.ns_b, *me, "producer",
@@ -262,7 +288,7 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float) -> dict[str, Any] | 
                              f"{prod.returncode}): {err[-1000:]} {perr[-1000:]}\n")
             return None
         row: dict[str, Any] = json.loads(got[-1])
-        return {"op": "queue 1 MiB items, node on the consumer's host", "perftest_test": "ucp_put_bw", **row}
+        return {"op": _split_op(mode, node_progress), "perftest_test": "ucp_put_bw", **row}
     finally:
         node.kill()
         node.wait()
@@ -281,7 +307,10 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float) -> di
     try:
         if role == "consumer":
             q = gf.FabricQueue.create(fabric, capacity=8 << 20, ttl=600.0)
-            rx = gf.FabricQueue.attach(fabric, bytes(q.locator()), mapped=False)
+            # map=local: the consumer maps the span (mapped_regions); else it reaches it one-sided
+            rx = gf.FabricQueue.attach(fabric, bytes(q.locator()), mapped=fabric.mapped_regions)
+            if "map=local" in url and not rx.region.mapped:
+                raise RuntimeError("map=local, but the consumer's region is not mapped (is /dev/shm shared?)")
             with open(loc + ".tmp", "wb") as fh:
                 fh.write(bytes(q.locator()))
             os.rename(loc + ".tmp", loc)
