@@ -164,6 +164,12 @@ def test_atomics_of_a_mapped_holder_and_of_a_one_sided_holder_on_one_word_are_ex
             m.faa64(8, 1)
         t.join()
         assert m.load64(8) == 4000 == r.load64(8)
+        odd = fm.alloc(5000, 600.0)  # not whole pages: the node registers 8192, the grant says 5000
+        assert isinstance(odd, UcxMappedRegion) and odd.nbytes == 5000 and len(odd.view()) == 5000
+        odd.store64(4992, 7)
+        with pytest.raises(E.CapacityExceeded):
+            odd.store64(5000, 7)
+        odd.lease.free()
         m.write(64, b"mapped")
         r.write(128, b"remote")
         r.flush()

@@ -337,7 +337,11 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float) -> di
             rx.close()
             q.free()
             rate = got / (now - start)
-            return {"items_per_s": rate, "MB_per_s": rate * size / 1e6}
+            out: dict[str, Any] = {"items_per_s": rate, "MB_per_s": rate * size / 1e6}
+            with contextlib.suppress(OSError, ValueError):
+                with open(loc + ".ops") as fh:
+                    out["ops"] = {"producer": json.load(fh)}
+            return out
         deadline = time.monotonic() + 60.0
         while not os.path.exists(loc):
             if time.monotonic() > deadline:
@@ -346,10 +350,15 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float) -> di
         with open(loc, "rb") as fh:
             tx = gf.FabricQueue.attach(fabric, fh.read(), mapped=False)
         items = np.zeros((1, size), np.uint8)
+        counts: dict[str, list[float]] = {}
+        _count_ops(tx.region, counts)  # the producer's remote operations per item, for the row
+        pushed = 0
         while not os.path.exists(loc + ".done"):
             with contextlib.suppress(TimeoutError):
-                tx.push_batch(items, timeout=0.2)
+                pushed += tx.push_batch(items, timeout=0.2)
         tx.close()
+        with open(loc + ".ops", "w") as fh:
+            json.dump(_per_item(counts, max(1, pushed)), fh)
         open(loc + ".stopped", "w").close()
         return None
     finally:

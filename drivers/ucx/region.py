@@ -23,7 +23,7 @@ from grafos_fabric.lease import Lease
 
 from ..base import Buffer, RegionRef, byte_view
 from ..node.registrar import Grant
-from .binding import LEASE_TRAILER, U64, Rkey, UcxEndpoint, ffi, lib
+from .binding import LEASE_TRAILER, PAGE, U64, Rkey, UcxEndpoint, ffi, lib
 
 if TYPE_CHECKING:
     from .client import UcxConnector
@@ -354,19 +354,21 @@ class UcxMappedRegion:
         self.nbytes = grant.nbytes
         self.writable = True  # only writable grants are mapped (the native ring writes head and tail)
         self._fd = fd
-        self._size = self.nbytes + LEASE_TRAILER  # the span, then the page of lease words
+        # the span as the node registered it (whole pages), then the page of lease words
+        span = (self.nbytes + PAGE - 1) // PAGE * PAGE
+        self._size = span + LEASE_TRAILER
         try:
             st = os.fstat(fd)
             if st.st_size != self._size:
                 raise Corrupted(f"span file of lease {lease.id} is {st.st_size} bytes, not the grant's "
-                                f"{self.nbytes} and a {LEASE_TRAILER}-byte trailer")
+                                f"{self.nbytes} in whole pages and a {LEASE_TRAILER}-byte trailer")
             self._mm = mmap.mmap(fd, self._size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
         self._keep = gffi.from_buffer(self._mm)  # keeps the mapping exported while this region lives
         self._base = gffi.cast("uint8_t *", self._keep)
-        self._words = gffi.cast("uint64_t *", self._base + self.nbytes)
+        self._words = gffi.cast("uint64_t *", self._base + span)
         self._cell = cell
         cell.bind_shared(self._words, self._keep)
         self._fenced: Exception | None = None

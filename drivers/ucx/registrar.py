@@ -362,6 +362,8 @@ class UcxRegistrar:
     def register(self, offset: int, nbytes: int) -> UcxSpan:
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.pool_size or offset % PAGE:
             raise FabricValueError(f"span [{offset}, {offset + nbytes}) is not a page-aligned part of the pool")
+        if self.local_map and nbytes % PAGE:  # a file mapped over the pool covers whole pages
+            raise FabricValueError(f"a locally mapped span is whole pages, got {nbytes} bytes")
         if not self.local_map:
             ctypes.memset(self.pool_addr + offset, 0, nbytes)  # no bytes leak (in place: no source buffer)
             span = UcxSpan(self, offset, nbytes)

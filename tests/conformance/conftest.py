@@ -13,6 +13,9 @@ Two axes, both fixtures with readable ids (``test_x[shm-onesided->mapped]``):
                clients over 127.0.0.1; one-sided
   ucx-tcp      a UCX memory node (tcp on loopback), two clients; one-sided  "UCX unavailable: ..."
   ucx-sm       the same with ``sm,tcp``                                     "UCX unavailable: ..."
+  ucx-map      a UCX node with ``local_map`` (tcp): the mapped side maps    "UCX unavailable: ..."
+               the span (``map=local``), the one-sided side is a client
+               over tcp (the mixed pairs; onesided->onesided is ucx-tcp's)
   softverbs    the verbs driver against the software responder of          "needs pyverbs's WR objects"
                tests/test_verbs_softrdma.py (NOT RDMA); one-sided
   verbs        the verbs driver on a real RDMA device; one-sided            "no RDMA device: ..."
@@ -20,8 +23,9 @@ Two axes, both fixtures with readable ids (``test_x[shm-onesided->mapped]``):
 
 * ``access``: ``PRODUCER->CONSUMER``, each ``mapped`` (the native ring on a
   mapping) or ``onesided`` (the RDMA ring protocol over the region's one-sided
-  operations). Only shm maps, so the remote drivers run ``onesided->onesided``
-  only (pairs that cannot exist are not generated; drivers that are absent skip).
+  operations). Only shm and ucx-map map, so the other remote drivers run
+  ``onesided->onesided`` only, and ucx-map the pairs with a mapped side (pairs
+  that cannot exist are not generated; drivers that are absent skip).
 
 What a test gets is decided by the fixtures it asks for:
 
@@ -53,7 +57,7 @@ import pytest
 import grafos_fabric as gf
 
 ACCESS = ["mapped->mapped", "mapped->onesided", "onesided->mapped", "onesided->onesided"]
-DRIVERS = ["shm", "nodeshm", "ucx-tcp", "ucx-sm", "softverbs", "verbs"]
+DRIVERS = ["shm", "nodeshm", "ucx-tcp", "ucx-sm", "ucx-map", "softverbs", "verbs"]
 REMOTE = ["nodeshm", "ucx-tcp", "ucx-sm", "softverbs", "verbs"]  # regions reached one-sided only
 SECRET = secrets.token_bytes(32)
 
@@ -84,7 +88,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     drivers = _marker_args(metafunc, "drivers", ["shm"])
     access = _marker_args(metafunc, "access", ACCESS)
     if "access" in names and "driver" in names:  # make_pair
-        cases = [(d, a) for d in drivers for a in access if d == "shm" or a == "onesided->onesided"]
+        cases = [(d, a) for d in drivers for a in access
+                 if d == "shm" or (a == "onesided->onesided") != (d == "ucx-map")]
         metafunc.parametrize(
             ("driver", "access"),
             [pytest.param(d, a, marks=[pytest.mark.device] if d == "verbs" else [], id=f"{d}-{a}") for d, a in cases],
@@ -108,10 +113,11 @@ class Driver:
     consumer_fabric: Any
     ttl: float = 60.0  # a remote driver on a loaded 2-core machine can take a minute over the wrap tests
     closers: list[Callable[[], None]] = field(default_factory=list)
+    onesided_fabric: Any = None  # ucx-map: a client that reaches the node over tcp only (a one-sided producer)
 
     @property
     def maps(self) -> bool:
-        return self.name == "shm"
+        return self.name in ("shm", "ucx-map")
 
 
 class _UcxNodes:
@@ -121,16 +127,18 @@ class _UcxNodes:
     def __init__(self) -> None:
         self.nodes: dict[str, Any] = {}
 
-    def get(self, tls: str) -> Any:
-        if tls not in self.nodes:
+    def get(self, tls: str, local_map: bool = False) -> Any:
+        key = f"{tls}{'+map' if local_map else ''}"
+        if key not in self.nodes:
             from grafos_fabric.drivers import ucx
             from grafos_fabric.drivers.node.auth import load_policy
             from grafos_fabric.drivers.node.server import NodeServer
 
             # event progress: no core burnt by the node on a shared 2-core machine (busy mode: test_ucx.py)
-            registrar = ucx.UcxRegistrar(64 << 20, host="127.0.0.1", tls=tls, net_devices="lo", progress="event")
-            self.nodes[tls] = NodeServer(registrar, load_policy(SECRET), port=0).start()
-        return self.nodes[tls]
+            registrar = ucx.UcxRegistrar(64 << 20, host="127.0.0.1", tls=tls, net_devices="lo", progress="event",
+                                         local_map=local_map)
+            self.nodes[key] = NodeServer(registrar, load_policy(SECRET), port=0).start()
+        return self.nodes[key]
 
     def close(self) -> None:
         for node in self.nodes.values():
@@ -170,6 +178,20 @@ def _ucx(request: pytest.FixtureRequest, tls: str) -> Driver:
     tx = ucx.UcxFabric("127.0.0.1", node.port, secret=SECRET, tls=tls, net_devices="lo")
     rx = ucx.UcxFabric("127.0.0.1", node.port, secret=SECRET, tls=tls, net_devices="lo")
     return Driver(f"ucx-{tls.split(',')[0]}", tx, rx, ttl=600.0, closers=[rx.close, tx.close])
+
+
+def _ucx_map(request: pytest.FixtureRequest) -> Driver:
+    """Two clients that map spans (``map=local``) and one that reaches the node over tcp only."""
+    from grafos_fabric.drivers import ucx
+
+    why = ucx.available()
+    if why is not None:
+        pytest.skip(f"UCX unavailable: {why}")
+    node = request.getfixturevalue("_ucx_nodes").get("tcp", local_map=True)
+    tx, rx, one = (ucx.UcxFabric("127.0.0.1", node.port, secret=SECRET, tls="tcp", net_devices="lo",
+                                 local_map=m) for m in (True, True, False))
+    assert tx.mapped_regions and rx.mapped_regions and not one.mapped_regions
+    return Driver("ucx-map", tx, rx, ttl=600.0, closers=[one.close, rx.close, tx.close], onesided_fabric=one)
 
 
 def _tests_on_path() -> None:
@@ -220,6 +242,7 @@ _MAKERS: dict[str, Callable[[pytest.FixtureRequest], Driver]] = {
     "nodeshm": _nodeshm,
     "ucx-tcp": lambda request: _ucx(request, "tcp"),
     "ucx-sm": lambda request: _ucx(request, "sm,tcp"),
+    "ucx-map": _ucx_map,
     "softverbs": _softverbs,
     "verbs": _verbs,
 }
@@ -268,8 +291,11 @@ def make_pair(driver: Driver, access: str) -> QueuePair:
     def make(**kwargs: Any) -> tuple[Any, Any]:
         kwargs.setdefault("capacity", 1 << 16)
         kwargs.setdefault("ttl", driver.ttl)
-        create = OneSidedQueue.create if producer == "onesided" and driver.maps else gf.FabricQueue.create
-        tx = create(driver.fabric, **kwargs)
+        if producer == "onesided" and driver.onesided_fabric is not None:  # ucx-map: a producer over tcp
+            tx = gf.FabricQueue.create(driver.onesided_fabric, **kwargs)
+        else:
+            create = OneSidedQueue.create if producer == "onesided" and driver.maps else gf.FabricQueue.create
+            tx = create(driver.fabric, **kwargs)
         rx = gf.FabricQueue.attach(driver.consumer_fabric, bytes(tx.locator()), mapped=consumer == "mapped")
         return tx, rx
 

@@ -16,7 +16,7 @@ import pytest
 import grafos_fabric as gf
 from grafos_fabric import errors as E
 
-pytestmark = pytest.mark.drivers("shm", "nodeshm", "ucx-tcp", "ucx-sm", "softverbs", "verbs")
+pytestmark = pytest.mark.drivers("shm", "nodeshm", "ucx-tcp", "ucx-sm", "ucx-map", "softverbs", "verbs")
 
 
 def test_items_come_out_in_order_with_consecutive_sequence_numbers(make_pair):

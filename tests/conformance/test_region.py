@@ -15,7 +15,7 @@ import pytest
 
 from grafos_fabric import errors as E
 
-pytestmark = pytest.mark.drivers("shm", "nodeshm", "ucx-tcp", "ucx-sm", "softverbs", "verbs")
+pytestmark = pytest.mark.drivers("shm", "nodeshm", "ucx-tcp", "ucx-sm", "ucx-map", "softverbs", "verbs")
 
 
 def two_holders(driver: Any, nbytes: int = 8192) -> tuple[Any, Any]:
