@@ -470,3 +470,23 @@ def test_a_node_killed_under_a_mapped_consumer_gives_disconnected_and_the_items_
         owner.close()
         if node_dir:
             shutil.rmtree(node_dir, ignore_errors=True)  # a killed node leaves its span directory behind
+
+
+def test_a_node_shut_down_under_a_mapped_consumer_fails_its_next_pop_closed() -> None:
+    """A clean shutdown retires every lease (fence: the shared state word marked gone); the node can
+    no longer be asked which state, so the holder fails closed with LeaseExpired, not a hang."""
+    reg = ucx.UcxRegistrar(8 << 20, host="127.0.0.1", tls="tcp", net_devices="lo", progress="event", local_map=True)
+    srv = NodeServer(reg, load_policy(SECRET), port=0).start()
+    fab = ucx.UcxFabric("127.0.0.1", srv.port, secret=SECRET, tls="tcp", net_devices="lo", local_map=True)
+    try:
+        q = gf.FabricQueue.create(fab, capacity=1 << 14, ttl=600.0)
+        assert isinstance(q.region, UcxMappedRegion)
+        q.push(b"published", timeout=5)
+        srv.close()
+        with pytest.raises(E.LeaseExpired):
+            q.try_pop()
+        with pytest.raises(E.LeaseExpired):
+            q.push(b"late", timeout=1)
+    finally:
+        fab.close()
+        srv.close()

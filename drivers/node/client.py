@@ -33,6 +33,7 @@ from grafos_fabric.errors import (
     CapabilityDenied,
     Corrupted,
     Disconnected,
+    FabricError,
     FabricValueError,
     LeaseExpired,
     Revoked,
@@ -368,7 +369,11 @@ class RemoteLeaseCell:
                 and int(lib.gf_load_acquire_at(shared, 0)) != LeaseState.ACTIVE:
             # the node fenced the span (or a holder on this host revoked it): which state is it in?
             # (asked once: a fenced span never comes back)
-            state = self.channel.lease_state(self.lease_id)
+            try:
+                state = self.channel.lease_state(self.lease_id)
+            except FabricError as ex:  # the span is gone whatever the node would say: fail closed
+                log.debug("lease %s: fenced on this host, and the node cannot be asked: %s", self.lease_id, ex)
+                state = W.FREED
             self._probed = True
             self.mark(state)
             if state == W.ACTIVE:  # never trust a span whose words say it is gone
