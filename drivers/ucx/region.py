@@ -488,15 +488,21 @@ class UcxMappedRegion:
     def read_into(self, offset: int, buf: Buffer) -> None:
         self._live()
         dst = gffi.from_buffer(buf, require_writable=True)
-        self._bounds(offset, len(dst))
-        gffi.memmove(dst, self._base + offset, len(dst))
+        try:  # released before any raise: a traceback keeps this frame, and an exported buffer in it
+            self._bounds(offset, len(dst))  # pins the caller's memoryview (see UcxRegion.write)
+            gffi.memmove(dst, self._base + offset, len(dst))
+        finally:
+            gffi.release(dst)
         self._live()  # bytes read across an expiry or fence are not returned
 
     def write(self, offset: int, buf: Buffer) -> None:
         self._live()
         src = gffi.from_buffer(buf)
-        self._bounds(offset, len(src))
-        gffi.memmove(self._base + offset, src, len(src))
+        try:  # released before any raise (see read_into)
+            self._bounds(offset, len(src))
+            gffi.memmove(self._base + offset, src, len(src))
+        finally:
+            gffi.release(src)
 
     def cas64(self, offset: int, expected: int, desired: int) -> int:
         self._live()
