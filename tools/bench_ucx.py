@@ -290,8 +290,12 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
         row: dict[str, Any] = json.loads(got[-1])
         return {"op": _split_op(mode, node_progress), "perftest_test": "ucp_put_bw", **row}
     finally:
-        node.kill()
-        node.wait()
+        node.terminate()  # SIGTERM: the node closes (a --ucx-local-map node removes its /dev/shm directory)
+        try:
+            node.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
 
 
 def _split_role(role: str, url: str, token: str, loc: str, seconds: float) -> dict[str, Any] | None:
