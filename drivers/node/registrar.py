@@ -231,7 +231,10 @@ class Connector(Protocol):
     """A driver's client half towards one node: turns grants into regions."""
 
     def region(self, lease: Lease, grant: Grant) -> Region:
-        """A region for ``grant`` (one-sided: ``mapped = False``) that checks ``lease`` first."""
+        """A region for ``grant`` (one-sided: ``mapped = False``) that checks ``lease`` first.
+
+        A connector whose fabric sets ``mapped_regions`` (the ucx driver with ``map=local``) also
+        takes ``mapped=True`` and may then return a region mapped into this process."""
         ...
 
     def close(self) -> None:
