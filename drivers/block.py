@@ -92,6 +92,7 @@ __all__ = [
     "BlockRegion",
     "BlockStore",
     "DirectRecordWriter",
+    "RecordLane",
     "default_block_dir",
     "filesystem_type",
     "open_block",
@@ -174,6 +175,7 @@ class BlockRegion:
         self._aio_failed = False  # the kernel refused AIO here once: write_record writes in one request
         self._finalizer = weakref.finalize(self, _close_fds, self._fds, self._aio)
         self._record_mode = "auto"  # how write_record writes: see record_path
+        self._lane_gen = 0  # bumped when how records go out changes: a RecordLane made before is stale
         self._on_volatile: bool | None = None  # on tmpfs and the like (record_path asks once)
         self._buffered_fd: int | None = None  # write_durable's descriptor, opened on first use
         self._buffered_failed = False  # /proc/self/fd could not reopen the file: write_durable copies
@@ -249,6 +251,7 @@ class BlockRegion:
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         self.direct = False
+        self._lane_gen += 1
         log.warning(
             "O_DIRECT I/O refused on %s (%s): falling back to buffered I/O + fdatasync", self.path, why.strerror
         )
@@ -480,6 +483,7 @@ class BlockRegion:
         if mode not in RECORD_MODES:
             raise FabricValueError(f"record_mode must be one of {RECORD_MODES}, got {mode!r}")
         self._record_mode = mode
+        self._lane_gen += 1
 
     def record_path(self, nbytes: int, immutable: bool) -> str:
         """How :meth:`write_record` writes a record of ``nbytes``: ``"gather"``, ``"direct"`` or ``"aio"``.
@@ -519,6 +523,7 @@ class BlockRegion:
             rc = lib.gf_aio_setup(_AIO_EVENTS, ctx)
             if rc < 0:
                 self._aio_failed = True
+                self._lane_gen += 1
                 log.info("no AIO context for %s (%s): records go out in one request", self.path, os.strerror(-rc))
                 return 0
             self._aio.append(int(ctx[0]))
@@ -586,6 +591,7 @@ class BlockRegion:
                 rc = lib.gf_slot_write(self._fd, pos, cbuf, nbytes, bs, header, bufs, lens, len(bufs), 0, 0, 1)
             if rc in (1, 2):
                 self._aio_failed = True
+                self._lane_gen += 1
                 if rc == 2:  # gf_slot_write destroyed the context to end requests it could not reap
                     self._aio.clear()
                 log.info("AIO refused on %s: records go out in one request", self.path)
@@ -679,11 +685,37 @@ class BlockRegion:
                     rc = lib.gf_slot_write_direct(self._fd, *args, 0, chunk, 1)
                 if rc in (1, 2):
                     self._aio_failed = True
+                    self._lane_gen += 1
                     if rc == 2:  # the context was destroyed to end requests it could not reap
                         self._aio.clear()
                     log.info("AIO refused on %s: records go out in one request", self.path)
                 self._raise_io(rc)
         return w.nblocks
+
+    def record_lane(self, lbas: tuple[int, int], head_len: int, data: Any, *, aligned: bool) -> RecordLane:
+        """A :class:`RecordLane`: the same writes as :meth:`write_record` (``aligned=False``) or
+        :meth:`write_record_direct` (``aligned=True``) of records whose first ``head_len`` bytes are
+        the lane's ``head`` and whose last ones are ``data``, at either of the two ``lbas``, with
+        every choice (path, descriptor, buffers, C pointers, argument lists) made once here.
+
+        ``aligned=False``: ``data`` is a ``bytes`` object (:meth:`RecordLane.take` points the lane at
+        another one of the same length); ``head_len`` >= 64 (the 56 header bytes, zeros, then the
+        record's first data bytes). ``aligned=True``: as :meth:`direct_writer` (``head_len`` a
+        multiple of the block size, ``data`` a block-aligned buffer, ``Misaligned`` otherwise).
+        ``CapacityExceeded`` when a record does not fit from either lba."""
+        bs = self.block_size
+        n = len(data) if not aligned else memoryview(data).nbytes
+        if aligned:
+            if head_len < bs or head_len % bs:
+                raise Misaligned(f"a record head is a positive multiple of the block size {bs}, got {head_len} bytes")
+        elif type(data) is not bytes or head_len < _RECORD_DATA:
+            raise FabricValueError("a record lane without aligned=True takes a bytes object after a 64-byte head")
+        nbytes = head_len + n if aligned else -(-(head_len + n) // bs) * bs
+        nblocks = head_len // bs + -(-n // bs) if aligned else nbytes // bs
+        for lba in lbas:
+            self._check_range(lba, nblocks)
+        self._check()
+        return RecordLane(self, lbas, head_len, data, aligned, nblocks)
 
     def _raise_io(self, rc: int) -> None:
         if rc >= 0:
@@ -782,6 +814,158 @@ class DirectRecordWriter:
         ffi.release(self._base)
         ffi.release(self._dptr)
         self._mm.close()
+
+
+class RecordLane:
+    """Writes slot records of one shape at two fixed places, again and again, for a few lines of Python.
+
+    Made by :meth:`BlockRegion.record_lane` for the slot store's two slots (the checkpoint of a
+    ``bytes`` state of a fixed length, or of an aligned buffer). A record is ``head`` (writable,
+    ``head_len`` bytes, filled by the caller before each :meth:`write`: the 56 header bytes, both
+    CRCs zero, anything in bytes 56-63, which the write zeroes, then the record's first data bytes)
+    followed by the data. What :meth:`BlockRegion.write_record` (or ``write_record_direct``)
+    decides and checks on every call (the path, the descriptor, the AIO context, the request
+    size, C pointers to every buffer, the lbas' range) is decided once, here, into the argument
+    list of the one native call (the same call those methods make, so the same bytes go out the
+    same way). :meth:`write` then checks the lease and the region and makes that call: a
+    checkpoint's Python after its I/O is a few lines (the rest of the gap to a raw write measured
+    on an ext4 file was Python run with cold caches around the I/O; README "Checkpoint speed").
+    :meth:`write` returns False, writing nothing, once the region changed how it writes records
+    (``record_mode`` set, ``O_DIRECT`` or AIO refused): the caller writes that record the ordinary
+    way and makes a new lane. ``close()`` releases the buffers.
+    """
+
+    def __init__(
+        self, region: BlockRegion, lbas: tuple[int, int], head_len: int, data: Any, aligned: bool, nblocks: int
+    ) -> None:
+        bs = region.block_size
+        self.region = region
+        self.head_len = head_len
+        self.nblocks = nblocks
+        self.aligned = aligned
+        self._gen = region._lane_gen
+        pos = [region.offset + lba * bs for lba in lbas]
+        align = max(bs, mmap.PAGESIZE)
+        if aligned:
+            view = memoryview(data)
+            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            if not region.takes_direct(view):
+                raise Misaligned(f"data for a record lane must be C-contiguous at a {bs}-byte aligned address")
+            self.n = n = len(view)
+            extra = bs  # the tail block: data's last partial block, zero-padded
+        else:
+            self.n = n = len(data)
+            nbytes = -(-(head_len + n) // bs) * bs
+            path = region.record_path(nbytes, True)
+            if path == "gather" and region._buffered() is None:
+                path = "direct"
+            extra = 0 if path == "gather" else nbytes  # the aligned record buffer gf_slot_write builds in
+        head_room = -(-head_len // align) * align
+        self._mm = mmap.mmap(-1, -(-(head_room + extra) // mmap.PAGESIZE) * mmap.PAGESIZE + align - mmap.PAGESIZE)
+        base = ffi.from_buffer(self._mm)
+        skip = -int(ffi.cast("uintptr_t", base)) % align
+        self._base = base
+        self.head = memoryview(self._mm)[skip : skip + head_len]
+        hptr = base + skip
+        xptr = hptr + head_room
+        self.data: Any = data
+        self._keep: list[Any] = []  # zeros, pointer arrays: alive as long as the lane
+        self._fn: Any
+        self._args: tuple[tuple[Any, ...], ...]
+        if aligned:
+            self._dptr = ffi.from_buffer(view)
+            self._keep.append(view)
+            mode = region._record_mode
+            if mode == "auto":  # as _write_direct
+                mode = "aio" if n > AIO_CHUNK and region.direct and not region._volatile() else "gather"
+            ctx, fd = 0, region._fd
+            if mode == "aio" and region.direct and not region._aio_failed and n >= bs:
+                ctx = region._aio_ctx()
+            elif mode == "gather":
+                bfd = region._buffered()
+                fd = region._fd if bfd is None else bfd
+            chunk = _direct_chunk(n // bs * bs, bs)
+            self._fn = lib.gf_slot_write_direct
+            self._args = tuple((fd, p, hptr, head_len, bs, self._dptr, n, xptr, ctx, chunk, 1) for p in pos)
+            self._bufs = None
+        else:
+            self._dptr = ffi.from_buffer(data)
+            self._bufs = ffi.new("uint8_t *[2]", [hptr + _RECORD_DATA, self._dptr])
+            lens = ffi.new("uint64_t[2]", [head_len - _RECORD_DATA, n])
+            self._keep.append(lens)
+            if path == "gather":
+                pad = nbytes - head_len - n
+                zeros = ffi.from_buffer(_ZEROS if pad <= len(_ZEROS) else bytes(pad))
+                self._keep.append(zeros)
+                bfd = region._buffered()
+                self._fn = lib.gf_slot_write_gather
+                self._args = tuple((bfd, p, hptr, self._bufs, lens, 2, zeros, pad, 1) for p in pos)
+            else:
+                ctx = region._aio_ctx() if path == "aio" else 0
+                self._fn = lib.gf_slot_write
+                self._args = tuple(
+                    (region._fd, p, xptr, nbytes, bs, hptr, self._bufs, lens, 2, ctx, AIO_CHUNK, 1) for p in pos
+                )
+
+    @property
+    def live(self) -> bool:
+        """Whether :meth:`write` can still write: open, the region open and writing records as it did."""
+        return not self._mm.closed and not self.region._closed and self._gen == self.region._lane_gen
+
+    def take(self, data: Any) -> bool:
+        """Point a ``bytes`` lane at ``data`` (True) when it is a ``bytes`` object of the lane's length."""
+        if self._bufs is None or type(data) is not bytes or len(data) != self.n or self._mm.closed:
+            return False
+        ptr = ffi.from_buffer(data)  # keeps data alive while the lane points at it
+        self._bufs[1] = ptr
+        self._dptr = ptr
+        self.data = data
+        return True
+
+    def write(self, i: int) -> bool:
+        """Write the record (``head``, then the data) at the lane's ``i``-th lba and make it durable.
+
+        True once durable; False, with nothing written, when the lane is stale (see the class).
+        Raises what :meth:`BlockRegion.write_record` raises (the lease, a closed region, I/O)."""
+        region = self.region
+        if region._closed or self._mm.closed:
+            if self._mm.closed:
+                raise Disconnected("this RecordLane is closed")
+            region._check()
+        region.lease.check()
+        with region._io_lock:
+            if self._gen != region._lane_gen or region._closed:
+                return False  # stale, or closed while this thread waited: the caller's ordinary path
+            rc = self._fn(*self._args[i])
+            if rc:
+                return self._failed(rc)
+        return True
+
+    def _failed(self, rc: int) -> bool:
+        """After a native call returned ``rc`` != 0 (the region's I/O lock held)."""
+        region = self.region
+        if rc in (1, 2):  # durable, by the one-request fallback: AIO is off from now on
+            region._aio_failed = True
+            region._lane_gen += 1
+            if rc == 2:  # the context was destroyed to end requests it could not reap
+                region._aio.clear()
+            log.info("AIO refused on %s: records go out in one request", region.path)
+            return True
+        if rc == -errno.EINVAL and region.direct and self._args[0][0] == region._fd:  # O_DIRECT refused
+            region._disable_direct(OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
+            return False  # the caller writes this record the ordinary (now buffered) way
+        region._raise_io(rc)
+        return True  # pragma: no cover - _raise_io raised
+
+    def close(self) -> None:
+        """Release the buffers (idempotent); the lane cannot write afterwards."""
+        if self._mm.closed:
+            return
+        self.head.release()
+        ffi.release(self._base)
+        self._mm.close()
+        self._keep.clear()
+        self.data = None
 
 
 def _direct_chunk(whole: int, bs: int) -> int:

@@ -68,7 +68,7 @@ import numpy as np
 from . import observe
 from ._ffi import ffi, lib
 from .errors import CapacityExceeded, Corrupted, FabricValueError
-from .slots import DATA_OFFSET, PCHK, BlockDevice, Durability, SlotStore
+from .slots import DATA_OFFSET, PCHK, BlockDevice, Durability, SlotLane, SlotStore
 
 __all__ = [
     "MAX_STATE_DEPTH",
@@ -207,6 +207,10 @@ class CheckpointedStageState(Generic[S]):
         self._store = SlotStore(block_lease, PCHK, durability=durability)
         self._buffer: np.ndarray[Any, Any] | None = None  # with_buffer's state, written from where it lies
         self._prefix_tail: tuple[StageId, int, int, bytes] | None = None  # stage name + padding, once
+        self._lane: SlotLane | None = None  # checkpoint()'s prepared write (see _make_lane)
+        self._lane_env: tuple[int, int, int, int] = (0, 0, 0, 0)  # the lane's constant envelope fields
+        self._lane_want = -1  # a bytes state's length at the last ordinary write (a lane after two alike)
+        self._lane_stage: StageId | None = None  # the stage name the lane's prefix holds
 
     @classmethod
     def with_buffer(
@@ -309,6 +313,52 @@ class CheckpointedStageState(Generic[S]):
         return [head + stage, body]
 
     # -- checkpoint ----------------------------------------------------------
+    def _make_lane(self) -> None:
+        """After an ordinary write: prepare the next ones (a ``SlotLane``) where they will look alike.
+
+        A lane writes a ``raw`` state that is ``bytes`` of the length written last time (made after
+        two ordinary writes of that length, so a state whose size keeps changing does not make one
+        per write) or the aligned buffer, of this stage name, on a ``BlockRegion``: the same record
+        the slot store would write, its header and envelope packed in one call and the native
+        call's arguments made once (``BlockRegion.record_lane``). A lane that no longer fits (the
+        state's type or length changed, the region changed how it writes) is replaced here after
+        the next ordinary write; checkpoints with an observer or while observing (metrics) take
+        the ordinary path.
+        """
+        lane = self._lane
+        state: Any = self.state
+        if lane is not None and lane.live and lane.data is not None and self._lane_stage is self.stage:
+            if state is lane.data or (type(state) is bytes and len(state) == lane.lane.n):
+                return  # it still fits (it was skipped for an observer, or the slot was unknown)
+        if lane is not None:
+            self._lane = None
+            lane.close()
+        if self.codec != "raw":
+            return
+        buffer = self._buffer
+        if buffer is not None and state is buffer:
+            prefix = self._aligned_prefix(self.edge)
+            fields = (_CODEC_IDS["raw"], ALIGNED, *_ENVELOPE.unpack_from(prefix)[2:4])
+            data: Any = buffer
+            version = _ALIGNED_VERSION
+            tail = prefix[ENVELOPE_SIZE:]
+        elif type(state) is bytes:
+            if self._lane_want != len(state):
+                self._lane_want = len(state)
+                return
+            tail = self.stage.name.encode("utf-8")
+            fields = (_CODEC_IDS["raw"], 0, len(tail), 0)
+            data, version = state, _PLAIN_VERSION
+        else:
+            return
+        try:
+            new = self._store.lane(_ENVELOPE, tail, data, version=version)
+        except (FabricValueError, CapacityExceeded) as exc:  # the ordinary path keeps writing it
+            log.debug("no checkpoint lane for stage %s: %s", self.stage, exc)
+            return
+        if new is not None:
+            self._lane, self._lane_env, self._lane_stage = new, fields, self.stage
+
     def _notify(self, method: str) -> None:
         if self.observer is None:
             return
@@ -328,6 +378,20 @@ class CheckpointedStageState(Generic[S]):
         the device): the stage should halt rather than run on uncheckpointed.
         The previous checkpoint stays readable whatever happens.
         """
+        lane = self._lane
+        if lane is not None and self.observer is None and observe._current is None:  # the lane: few lines
+            target = self.edge if edge is None else edge
+            state = self.state
+            if type(target) is EdgeCheckpoint and (lane.lane.data is state or lane.take(state)):
+                seq = lane.write(*self._lane_env, target.input_offset, target.output_commit)
+                if seq is not None:
+                    self.edge = target
+                    self.last_seq = seq
+                    return seq
+        return self._checkpoint(edge)
+
+    def _checkpoint(self, edge: EdgeCheckpoint | None) -> int:
+        """checkpoint() the ordinary way: observers, metrics, the slot store's write; then a lane."""
         if edge is not None and type(edge) is not EdgeCheckpoint and not isinstance(edge, EdgeCheckpoint):
             raise FabricValueError(f"edge must be an EdgeCheckpoint, got {type(edge).__name__}")
         if self.observer is not None:
@@ -345,6 +409,7 @@ class CheckpointedStageState(Generic[S]):
             self.edge = target
             self.last_seq = seq
             ok = True
+            self._make_lane()
             return seq
         finally:
             if self.observer is not None:
@@ -451,6 +516,10 @@ class CheckpointedStageState(Generic[S]):
         inst._store = store
         inst._buffer = buffer
         inst._prefix_tail = None
+        inst._lane = None
+        inst._lane_env = (0, 0, 0, 0)
+        inst._lane_want = -1
+        inst._lane_stage = None
         log.debug("restored checkpoint of stage %s (seq %d, slot %d)", written_stage, record.seq, record.slot)
         return inst
 

@@ -126,6 +126,7 @@ __all__ = [
     "Durability",
     "SlotFormat",
     "SlotHeader",
+    "SlotLane",
     "SlotPosition",
     "SlotRecord",
     "SlotStatus",
@@ -578,6 +579,38 @@ class SlotStore:
         self._newest = (slot, seq)
         return SlotPosition(slot, seq)
 
+    def lane(self, fields: struct.Struct, prefix: bytes, data: Any, *, version: int | None = None) -> SlotLane | None:
+        """A :class:`SlotLane` for records whose data is ``fields`` (packed at each write), then
+        ``prefix`` (the same every time), then ``data``; None where the device has no record lanes
+        (not a ``BlockRegion``: wrappers and test devices keep every write on :meth:`write`).
+
+        A ``bytes`` ``data`` goes out as :meth:`write` would write ``[packed fields + prefix, data]``;
+        any other ``data`` as :meth:`write_direct` writes ``(packed fields + prefix, data)``, so
+        ``64 + fields.size + len(prefix)`` must then be a multiple of the block size and ``data``
+        a buffer :meth:`write_direct` takes from where it lies (``Misaligned`` otherwise). The
+        checks :meth:`write` makes of such a record (capacity, version) are made here, once.
+        """
+        make = getattr(type(self.dev), "record_lane", None)
+        if make is None:
+            return None
+        v = self.fmt.version if version is None else version
+        if v != self.fmt.version and v not in self.fmt.variants:
+            raise FabricValueError(
+                f"{self.fmt.name} records are written as version {self.fmt.version} or {self.fmt.variants}, not {v!r}"
+            )
+        head_len = DATA_OFFSET + fields.size + len(prefix)
+        aligned = type(data) is not bytes
+        n = fields.size + len(prefix) + (len(data) if not aligned else memoryview(data).nbytes)
+        if n > self.capacity:
+            raise CapacityExceeded(f"{self.fmt.name} of {n} bytes does not fit a slot of {self.capacity} data bytes")
+        if aligned and head_len % self.block_size:
+            raise Misaligned(
+                f"a prefix of {head_len - DATA_OFFSET} bytes does not end at a {self.block_size}-byte block boundary"
+            )
+        lane = make(self.dev, (self._start(0), self._start(1)), head_len, data, aligned=aligned)
+        lane.head[DATA_OFFSET + fields.size :] = prefix
+        return SlotLane(self, lane, fields, v, n)
+
     def _record_buffer(self, nbytes: int) -> memoryview:
         if self._scratch is None or len(self._scratch) < nbytes:
             if self._scratch is not None:
@@ -644,3 +677,79 @@ class SlotStore:
             record.release()
         self._newest = (slot, seq)
         return SlotPosition(slot, seq)
+
+
+class SlotLane:
+    """Writes records of one shape into a :class:`SlotStore`'s slots with a few lines of Python.
+
+    Made by :meth:`SlotStore.lane`. :meth:`write` is :meth:`SlotStore.write` for a record whose
+    data is the lane's fields (packed with the header into the lane's head in one
+    ``struct.pack_into``), its constant prefix and its data, through the device's record lane
+    (``drivers.block.RecordLane``: the native call's arguments made once). It returns None,
+    having written nothing, where the ordinary path must write the record instead: the newest
+    slot is not known (a failed write, never read or written), or the device changed how it
+    writes records. The bytes on the device are :meth:`SlotStore.write`'s, byte for byte.
+    """
+
+    def __init__(self, store: SlotStore, lane: Any, fields: struct.Struct, version: int, n: int) -> None:
+        self.store = store
+        self.lane = lane
+        self.n = n
+        self._pack = struct.Struct(_HEADER.format + "8x" + fields.format.lstrip("<>=!@")).pack_into
+        self._magic = store.fmt.magic
+        self._version = version
+        self._bs = store.block_size
+        self._slot_blocks = store.slot_blocks
+
+    @property
+    def data(self) -> Any:
+        """The data the lane writes after its prefix (None once closed)."""
+        return self.lane.data
+
+    @property
+    def live(self) -> bool:
+        """Whether :meth:`write` can still write (open, and the device writes records as it did)."""
+        return bool(self.lane.live)
+
+    def take(self, data: Any) -> bool:
+        """Point the lane at other ``bytes`` of the same length (True), else False (see ``RecordLane.take``)."""
+        return bool(self.lane.take(data))
+
+    def write(self, *fields: Any) -> int | None:
+        """Write the record with these field values, durably; its sequence number, or None (see the class)."""
+        store = self.store
+        newest = store._newest
+        if newest is None or newest[1] >= MAX_SEQ:
+            return None
+        slot = 1 - newest[0]
+        seq = newest[1] + 1
+        lane = self.lane
+        self._pack(
+            lane.head,
+            0,
+            self._magic,
+            self._version,
+            self.n,
+            seq,
+            0,
+            0,
+            slot,
+            self._bs,
+            self._slot_blocks,
+            0,
+            0,
+            *fields,
+        )
+        store._newest = None  # unknown until this write completes: a failure re-scans next time
+        # SYNC POINT: record durable (RecordLane.write: the native call SlotStore.write's path makes,
+        # with the header block after the data or gathered with it, one flush); the reader's side is
+        # the two checksums in _examine.
+        if not lane.write(slot):
+            store._newest = newest  # nothing was written
+            return None
+        store._newest = (slot, seq)
+        return seq
+
+    def close(self) -> None:
+        """Release the lane's buffers (idempotent)."""
+        self.lane.close()
