@@ -692,7 +692,9 @@ class BlockRegion:
                 self._raise_io(rc)
         return w.nblocks
 
-    def record_lane(self, lbas: tuple[int, int], head_len: int, data: Any, *, aligned: bool) -> RecordLane:
+    def record_lane(
+        self, lbas: tuple[int, int], head_len: int, data: Any, *, aligned: bool, split: bool = False
+    ) -> RecordLane:
         """A :class:`RecordLane`: the same writes as :meth:`write_record` (``aligned=False``) or
         :meth:`write_record_direct` (``aligned=True``) of records whose first ``head_len`` bytes are
         the lane's ``head`` and whose last ones are ``data``, at either of the two ``lbas``, with
@@ -702,7 +704,12 @@ class BlockRegion:
         another one of the same length); ``head_len`` >= 64 (the 56 header bytes, zeros, then the
         record's first data bytes). ``aligned=True``: as :meth:`direct_writer` (``head_len`` a
         multiple of the block size, ``data`` a block-aligned buffer, ``Misaligned`` otherwise).
-        ``CapacityExceeded`` when a record does not fit from either lba."""
+        ``split=True`` (``bytes`` ``data`` only) lets the lane write ``data`` from its own memory
+        where it would go out by AIO (over :data:`AIO_CHUNK`, ``O_DIRECT``): the lane then puts
+        :attr:`RecordLane.pad` zero bytes and ``data``'s bytes up to its first block-aligned address
+        after the head, so that address starts a block of the record (:attr:`RecordLane.split`
+        says whether it does; see the class). ``CapacityExceeded`` when a record does not fit from
+        either lba."""
         bs = self.block_size
         n = len(data) if not aligned else memoryview(data).nbytes
         if aligned:
@@ -710,12 +717,12 @@ class BlockRegion:
                 raise Misaligned(f"a record head is a positive multiple of the block size {bs}, got {head_len} bytes")
         elif type(data) is not bytes or head_len < _RECORD_DATA:
             raise FabricValueError("a record lane without aligned=True takes a bytes object after a 64-byte head")
-        nbytes = head_len + n if aligned else -(-(head_len + n) // bs) * bs
+        nbytes = head_len + n if aligned else -(-(head_len + n + (2 * bs if split else 0)) // bs) * bs
         nblocks = head_len // bs + -(-n // bs) if aligned else nbytes // bs
         for lba in lbas:
             self._check_range(lba, nblocks)
         self._check()
-        return RecordLane(self, lbas, head_len, data, aligned, nblocks)
+        return RecordLane(self, lbas, head_len, data, aligned, nblocks, split)
 
     def _raise_io(self, rc: int) -> None:
         if rc >= 0:
@@ -836,13 +843,22 @@ class RecordLane:
     """
 
     def __init__(
-        self, region: BlockRegion, lbas: tuple[int, int], head_len: int, data: Any, aligned: bool, nblocks: int
+        self,
+        region: BlockRegion,
+        lbas: tuple[int, int],
+        head_len: int,
+        data: Any,
+        aligned: bool,
+        nblocks: int,
+        split: bool = False,
     ) -> None:
         bs = region.block_size
         self.region = region
         self.head_len = head_len
         self.nblocks = nblocks
         self.aligned = aligned
+        self.split = False  # set below when a bytes record goes out from the bytes' own memory
+        self.pad = 0  # zero bytes the lane puts after head (a split lane's, for the current data)
         self._gen = region._lane_gen
         pos = [region.offset + lba * bs for lba in lbas]
         align = max(bs, mmap.PAGESIZE)
@@ -859,8 +875,11 @@ class RecordLane:
             path = region.record_path(nbytes, True)
             if path == "gather" and region._buffered() is None:
                 path = "direct"
+            self.split = split and path == "aio" and n >= bs and region._aio_ctx() != 0
             extra = 0 if path == "gather" else nbytes  # the aligned record buffer gf_slot_write builds in
-        head_room = -(-head_len // align) * align
+            if self.split:
+                extra = bs  # the tail block
+        head_room = -(-(head_len + (2 * bs if self.split else 0)) // align) * align
         self._mm = mmap.mmap(-1, -(-(head_room + extra) // mmap.PAGESIZE) * mmap.PAGESIZE + align - mmap.PAGESIZE)
         base = ffi.from_buffer(self._mm)
         skip = -int(ffi.cast("uintptr_t", base)) % align
@@ -872,6 +891,7 @@ class RecordLane:
         self._keep: list[Any] = []  # zeros, pointer arrays: alive as long as the lane
         self._fn: Any
         self._args: tuple[tuple[Any, ...], ...]
+        self._bufs: Any = None  # a gathered lane's two data pointers (head's prefix, the bytes)
         if aligned:
             self._dptr = ffi.from_buffer(view)
             self._keep.append(view)
@@ -887,7 +907,11 @@ class RecordLane:
             chunk = _direct_chunk(n // bs * bs, bs)
             self._fn = lib.gf_slot_write_direct
             self._args = tuple((fd, p, hptr, head_len, bs, self._dptr, n, xptr, ctx, chunk, 1) for p in pos)
-            self._bufs = None
+        elif self.split:  # the bytes' block-aligned part from where it lies (see _point)
+            self._fn = lib.gf_slot_write_direct
+            self._pos = pos
+            self._hptr, self._tptr, self._ctx = hptr, xptr, region._aio_ctx()
+            self._point(data)
         else:
             self._dptr = ffi.from_buffer(data)
             self._bufs = ffi.new("uint8_t *[2]", [hptr + _RECORD_DATA, self._dptr])
@@ -912,10 +936,39 @@ class RecordLane:
         """Whether :meth:`write` can still write: open, the region open and writing records as it did."""
         return not self._mm.closed and not self.region._closed and self._gen == self.region._lane_gen
 
+    def _point(self, data: bytes) -> None:
+        """A split lane: write ``data`` next, its first block-aligned byte at a block boundary.
+
+        ``k`` bytes of ``data`` lie before its first block-aligned address (a ``bytes`` object's
+        bytes start 32 bytes into the object, which is never aligned); those go into the head
+        block after :attr:`pad` zero bytes chosen so that ``head_len + pad + k`` is a whole number
+        of blocks, and the rest is written by ``O_DIRECT`` from ``data`` itself (its last partial
+        block from the tail buffer), as ``gf_slot_write_direct`` writes an aligned state."""
+        bs = self.region.block_size
+        ptr = ffi.from_buffer(data)  # keeps data alive while the lane points at it
+        k = min(-int(ffi.cast("uintptr_t", ptr)) % bs, len(data))
+        pad = -(self.head_len + k) % bs
+        at = self._hptr + self.head_len
+        ffi.memmove(at, _ZEROS, pad)
+        ffi.memmove(at + pad, ptr, k)
+        rest = len(data) - k
+        head = self.head_len + pad + k
+        chunk = _direct_chunk(rest // bs * bs, bs)
+        self._args = tuple(
+            (self.region._fd, p, self._hptr, head, bs, ptr + k, rest, self._tptr, self._ctx, chunk, 1)
+            for p in self._pos
+        )
+        self._dptr = ptr
+        self.pad = pad
+        self.data = data
+
     def take(self, data: Any) -> bool:
         """Point a ``bytes`` lane at ``data`` (True) when it is a ``bytes`` object of the lane's length."""
-        if self._bufs is None or type(data) is not bytes or len(data) != self.n or self._mm.closed:
+        if type(data) is not bytes or len(data) != self.n or self._mm.closed or self.aligned:
             return False
+        if self.split:
+            self._point(data)
+            return True
         ptr = ffi.from_buffer(data)  # keeps data alive while the lane points at it
         self._bufs[1] = ptr
         self._dptr = ptr

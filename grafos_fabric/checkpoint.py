@@ -351,8 +351,8 @@ class CheckpointedStageState(Generic[S]):
             data, version = state, _PLAIN_VERSION
         else:
             return
-        try:
-            new = self._store.lane(_ENVELOPE, tail, data, version=version)
+        try:  # a large bytes state may go out from its own memory, as version 4 without ALIGNED
+            new = self._store.lane(_ENVELOPE, tail, data, version=version, split_version=_ALIGNED_VERSION)
         except (FabricValueError, CapacityExceeded) as exc:  # the ordinary path keeps writing it
             log.debug("no checkpoint lane for stage %s: %s", self.stage, exc)
             return
@@ -382,8 +382,10 @@ class CheckpointedStageState(Generic[S]):
         if lane is not None and self.observer is None and observe._current is None:  # the lane: few lines
             target = self.edge if edge is None else edge
             state = self.state
-            if type(target) is EdgeCheckpoint and (lane.lane.data is state or lane.take(state)):
-                seq = lane.write(*self._lane_env, target.input_offset, target.output_commit)
+            rl = lane.lane
+            if type(target) is EdgeCheckpoint and (rl.data is state or rl.take(state)):
+                c, f, n, pad = self._lane_env
+                seq = lane.write(c, f, n, pad + rl.pad, target.input_offset, target.output_commit)
                 if seq is not None:
                     self.edge = target
                     self.last_seq = seq

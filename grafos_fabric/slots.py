@@ -579,7 +579,15 @@ class SlotStore:
         self._newest = (slot, seq)
         return SlotPosition(slot, seq)
 
-    def lane(self, fields: struct.Struct, prefix: bytes, data: Any, *, version: int | None = None) -> SlotLane | None:
+    def lane(
+        self,
+        fields: struct.Struct,
+        prefix: bytes,
+        data: Any,
+        *,
+        version: int | None = None,
+        split_version: int | None = None,
+    ) -> SlotLane | None:
         """A :class:`SlotLane` for records whose data is ``fields`` (packed at each write), then
         ``prefix`` (the same every time), then ``data``; None where the device has no record lanes
         (not a ``BlockRegion``: wrappers and test devices keep every write on :meth:`write`).
@@ -589,6 +597,11 @@ class SlotStore:
         ``64 + fields.size + len(prefix)`` must then be a multiple of the block size and ``data``
         a buffer :meth:`write_direct` takes from where it lies (``Misaligned`` otherwise). The
         checks :meth:`write` makes of such a record (capacity, version) are made here, once.
+        ``split_version`` (a ``bytes`` ``data``): where the device would write the record by AIO,
+        the lane may write ``data`` from its own memory instead (``RecordLane`` ``split``), after
+        ``pad`` zero bytes that put its first block-aligned byte on a block boundary of the slot:
+        such records are written as ``split_version``, and the caller puts ``SlotLane.pad`` into
+        its fields, where the record format says how far the zero bytes run.
         """
         make = getattr(type(self.dev), "record_lane", None)
         if make is None:
@@ -607,9 +620,12 @@ class SlotStore:
             raise Misaligned(
                 f"a prefix of {head_len - DATA_OFFSET} bytes does not end at a {self.block_size}-byte block boundary"
             )
-        lane = make(self.dev, (self._start(0), self._start(1)), head_len, data, aligned=aligned)
+        split = split_version is not None and not aligned and n + 2 * self.block_size <= self.capacity
+        if split and split_version != self.fmt.version and split_version not in self.fmt.variants:
+            raise FabricValueError(f"{self.fmt.name} records are not written as version {split_version!r}")
+        lane = make(self.dev, (self._start(0), self._start(1)), head_len, data, aligned=aligned, split=split)
         lane.head[DATA_OFFSET + fields.size :] = prefix
-        return SlotLane(self, lane, fields, v, n)
+        return SlotLane(self, lane, fields, split_version if lane.split else v, n)  # type: ignore[arg-type]
 
     def _record_buffer(self, nbytes: int) -> memoryview:
         if self._scratch is None or len(self._scratch) < nbytes:
@@ -711,6 +727,16 @@ class SlotLane:
         """Whether :meth:`write` can still write (open, and the device writes records as it did)."""
         return bool(self.lane.live)
 
+    @property
+    def pad(self) -> int:
+        """Zero bytes the lane puts between its prefix and the data it writes next (a split lane's)."""
+        return int(self.lane.pad)
+
+    @property
+    def version(self) -> int:
+        """The format version of the records this lane writes."""
+        return self._version
+
     def take(self, data: Any) -> bool:
         """Point the lane at other ``bytes`` of the same length (True), else False (see ``RecordLane.take``)."""
         return bool(self.lane.take(data))
@@ -729,7 +755,7 @@ class SlotLane:
             0,
             self._magic,
             self._version,
-            self.n,
+            self.n + lane.pad,
             seq,
             0,
             0,
