@@ -717,7 +717,8 @@ class BlockRegion:
                 raise Misaligned(f"a record head is a positive multiple of the block size {bs}, got {head_len} bytes")
         elif type(data) is not bytes or head_len < _RECORD_DATA:
             raise FabricValueError("a record lane without aligned=True takes a bytes object after a 64-byte head")
-        nbytes = head_len + n if aligned else -(-(head_len + n + (2 * bs if split else 0)) // bs) * bs
+        # a split record: at most one block more (the zero padding before the data's aligned part)
+        nbytes = head_len + n if aligned else -(-(head_len + n) // bs) * bs + (bs if split else 0)
         nblocks = head_len // bs + -(-n // bs) if aligned else nbytes // bs
         for lba in lbas:
             self._check_range(lba, nblocks)

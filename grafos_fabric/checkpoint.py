@@ -40,8 +40,29 @@ set, and ``pad_len`` zero bytes put the state at a block boundary of the slot
 (the slot header is 64 bytes, so ``64 + 24 + stage_len + pad_len`` is a
 multiple of the block size), where ``O_DIRECT`` can write it from the buffer
 itself; a reader refuses other flags, a ``pad_len`` that runs past the data,
-and pad bytes that are not zero (``Corrupted``). Older builds refuse version 4
+and pad bytes that are not zero (``Corrupted``). A version 4 record without
+``ALIGNED`` holds a ``raw`` ``bytes`` state written from the object's own memory
+(a checkpoint lane's split write, below): ``pad_len`` zero bytes put the
+state's first byte at a block-aligned memory address on a block boundary of
+the slot, and it is restored as ``bytes``. Older builds refuse version 4
 (``VersionMismatch``) rather than misread the padding as state.
+
+How a checkpoint is written: the first ones go the ordinary way (encode, the
+slot store's ``write``/``write_direct``, observers and metrics). Once a
+``raw`` state has been written twice with one length as ``bytes`` (or once as
+the aligned buffer) on a ``BlockRegion``, the state keeps a *lane*
+(:class:`grafos_fabric.slots.SlotLane` over
+:class:`grafos_fabric.drivers.block.RecordLane`): the header and envelope
+packed by one ``struct.pack_into`` into a prepared buffer and one native call
+whose arguments were made once; about 220 bytecodes of Python per checkpoint
+against 500-660 the ordinary way, which is most of what a checkpoint cost
+over a raw write of its bytes on an ext4 file (README "Checkpoint speed"). A
+``bytes`` state over 128 KiB that would go out by AIO is then written from its
+own memory (only the bytes before its first block-aligned address are copied,
+into the header block), as version 4 without ``ALIGNED``. Observers, metrics
+(``observe`` on), another stage name or codec, another length or kind of
+state, or a region that changed how it writes take the ordinary path, which
+writes the same data.
 
 The stage writes, a restarted stage reads; the record becomes
 visible when its slot header lands (see :mod:`grafos_fabric.slots`). State is
@@ -383,7 +404,12 @@ class CheckpointedStageState(Generic[S]):
             target = self.edge if edge is None else edge
             state = self.state
             rl = lane.lane
-            if type(target) is EdgeCheckpoint and (rl.data is state or rl.take(state)):
+            if (
+                type(target) is EdgeCheckpoint
+                and self.stage is self._lane_stage
+                and self.codec == "raw"
+                and (rl.data is state or rl.take(state))
+            ):
                 c, f, n, pad = self._lane_env
                 seq = lane.write(c, f, n, pad + rl.pad, target.input_offset, target.output_commit)
                 if seq is not None:

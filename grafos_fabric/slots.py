@@ -50,9 +50,10 @@ not three. Magic, version and data length sit at offsets 0, 4 and 8 as in the
 grafOS ``PCHK``/``DCHK`` header, extended after those fields with the slot
 sequence, a tag, CRC32C checksums (Castagnoli, the ``crc32c`` package) and the
 geometry. Checkpoints use magic ``PCHK``, version 3, or 4 for a checkpoint
-whose state starts at a block boundary of the slot (the same slot layout: the
-checkpoint's envelope, in :mod:`grafos_fabric.checkpoint`, pads its data so,
-and an older build must refuse what it would misread); handoff records
+whose state (or, for a ``bytes`` state written from its own memory, the
+state's first block-aligned byte) starts at a block boundary of the slot (the
+same slot layout: the checkpoint's envelope, in :mod:`grafos_fabric.checkpoint`,
+pads its data so, and an older build must refuse what it would misread); handoff records
 ``GHOF``, version 2. The previous versions (``PCHK`` 2, ``GHOF`` 1: the same header,
 data from the slot's second block) are still read, never written; grafOS's
 ``PCHK`` version 1 (single slot, no checksum, cannot be validated) and any
@@ -620,7 +621,9 @@ class SlotStore:
             raise Misaligned(
                 f"a prefix of {head_len - DATA_OFFSET} bytes does not end at a {self.block_size}-byte block boundary"
             )
-        split = split_version is not None and not aligned and n + 2 * self.block_size <= self.capacity
+        # a split record takes at most one block more than the same data written after the header
+        bs = self.block_size
+        split = split_version is not None and not aligned and -(-(DATA_OFFSET + n) // bs) + 1 <= self.slot_blocks
         if split and split_version != self.fmt.version and split_version not in self.fmt.variants:
             raise FabricValueError(f"{self.fmt.name} records are not written as version {split_version!r}")
         lane = make(self.dev, (self._start(0), self._start(1)), head_len, data, aligned=aligned, split=split)

@@ -216,7 +216,9 @@ def _bench_size(
     op_by_op: bool = False,
 ) -> list[dict[str, Any]]:
     bs = region.block_size
-    slot_blocks = max(-(-(size + _OVERHEAD) // bs), 1 + -(-size // bs))  # a bytes state, an aligned one
+    # a bytes state (one block more: written from its own memory, the zero padding before its first
+    # block-aligned byte may take one), an aligned one
+    slot_blocks = max(-(-(size + _OVERHEAD) // bs) + 1, 1 + -(-size // bs))
     if 2 * slot_blocks + -(-(size + _OVERHEAD) // bs) > region.nblocks:
         raise FabricValueError(f"{region.path} is too small for a {size}-byte checkpoint")
     with contextlib.ExitStack() as stack:

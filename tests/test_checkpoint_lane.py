@@ -1,0 +1,336 @@
+"""Checkpoint lanes (slots.SlotLane over drivers.block.RecordLane): the prepared write a
+CheckpointedStageState keeps for a bytes state of one length or its aligned buffer. The same
+records as the ordinary path (byte for byte where the format is the same), a large bytes state
+written from its own memory (PCHK version 4 without ALIGNED), when the ordinary path takes over,
+typed errors, and torn writes of the lane's own requests on a file and a loop device."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from grafos_fabric import observe
+from grafos_fabric.checkpoint import ENVELOPE_SIZE, CheckpointedStageState, EdgeCheckpoint, StageId
+from grafos_fabric.drivers import block as blockmod
+from grafos_fabric.drivers.block import BlockRegion, open_block
+from grafos_fabric.errors import Disconnected, LeaseExpired, VersionMismatch
+from grafos_fabric.slots import DATA_OFFSET, PCHK, SlotFormat, SlotStore, pack_record
+
+try:
+    from _blockdev import SECTOR, MemDevice, open_kind, snapshot
+except ImportError:  # tests/ imported as a package
+    from tests._blockdev import SECTOR, MemDevice, open_kind, snapshot
+
+SIZE = 4 << 20
+STAGE = "lane"
+_ENV = struct.Struct("<BBHIQQ")
+
+
+@pytest.fixture(params=["file", pytest.param("loop", marks=pytest.mark.blockdev)])
+def region(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockRegion]:
+    with contextlib.ExitStack() as stack:
+        yield open_kind(request.param, tmp_path, SIZE, stack)
+
+
+def state_of(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def slot_image(region: BlockRegion, store: SlotStore, slot: int, nbytes: int) -> bytes:
+    return region.read_blocks(slot * store.slot_blocks, nbytes // region.block_size)
+
+
+@pytest.mark.parametrize("mode", ["auto", "gather", "direct", "aio"])
+@pytest.mark.parametrize("nbytes", [1, 4096, 5000, 200_000, 300_007])
+def test_a_bytes_state_goes_through_a_lane_and_writes_what_the_ordinary_path_writes(
+    region: BlockRegion, nbytes: int, mode: str
+) -> None:
+    """Version 3 lanes write pack_record's bytes; a split lane (a large state by AIO) writes
+    version 4 without ALIGNED, its zero padding putting the state's first block-aligned byte on a
+    block boundary; every record restores to the bytes state, fresh objects of the same length
+    included (each at its own address)."""
+    region.record_mode = mode
+    st = CheckpointedStageState(state_of(nbytes, 0), region, codec="raw", stage=STAGE)
+    store = SlotStore(region, PCHK)
+    bs = region.block_size
+    lanes = set()
+    for i in range(6):
+        if i >= 3:  # a new object each time, as a program makes them
+            st.state = state_of(nbytes, i)
+        edge = EdgeCheckpoint(i, 2 * i)
+        seq = st.checkpoint(edge)
+        rec = store.read()
+        assert rec.seq == seq == i + 1
+        got = CheckpointedStageState.restore(region)
+        assert type(got.state) is bytes and got.state == st.state and got.edge == edge and got.codec == "raw"
+        codec, flags, stage_len, pad, *_ = _ENV.unpack_from(rec.data)
+        assert (codec, flags, stage_len) == (2, 0, len(STAGE))
+        if rec.version == 3:
+            image = pack_record(
+                PCHK,
+                _ENV.pack(2, 0, len(STAGE), 0, i, 2 * i) + STAGE.encode() + st.state,
+                seq=seq,
+                tag=0,
+                slot=rec.slot,
+                block_size=bs,
+                slot_blocks=store.slot_blocks,
+            )
+            assert slot_image(region, store, rec.slot, len(image)) == image
+        else:  # the split lane's record: the state's first aligned byte on a block boundary
+            assert rec.version == 4 and st._lane is not None and st._lane.lane.split
+            addr = int(blockmod.ffi.cast("uintptr_t", blockmod.ffi.from_buffer(st.state)))
+            k = -addr % bs
+            assert (DATA_OFFSET + ENVELOPE_SIZE + stage_len + pad + k) % bs == 0 and pad < bs
+            assert rec.data[ENVELOPE_SIZE + stage_len + pad :] == st.state
+        if st._lane is not None:
+            lanes.add(id(st._lane))
+    assert st._lane is not None and len(lanes) == 1  # made once (after two ordinary writes), kept
+    split = mode in ("auto", "aio") and nbytes > blockmod.AIO_CHUNK
+    assert st._lane.lane.split == split
+    assert store.read().version == (4 if split else 3)
+
+
+def test_a_lane_checkpoint_runs_a_few_hundred_bytecodes(tmp_path: Path) -> None:
+    """What the lane is for: the Python around the I/O (the ordinary path ran ~660 bytecodes for a
+    bytes state, ~500 for an aligned one). Counted, not timed."""
+    import sys
+
+    with open_block(tmp_path / "r.img", create_size=SIZE) as r:
+        for st in (
+            CheckpointedStageState(state_of(4096, 1), r, codec="raw", stage=STAGE),
+            CheckpointedStageState(state_of(1 << 20, 1), r, codec="raw", stage=STAGE),
+            CheckpointedStageState.with_buffer(r, 1 << 20, stage=STAGE),
+        ):
+            for _ in range(3):
+                st.checkpoint()
+            count = 0
+
+            def trace(frame: Any, event: str, arg: Any) -> Any:
+                nonlocal count
+                frame.f_trace_opcodes = True
+                count += event == "opcode"
+                return trace
+
+            sys.settrace(trace)
+            try:
+                st.checkpoint()
+            finally:
+                sys.settrace(None)
+            assert 0 < count < 300, count
+
+
+def test_the_ordinary_path_takes_over_where_the_lane_does_not_fit(tmp_path: Path) -> None:
+    """Another length, another stage name, a state of another kind, an observer, metrics, a changed
+    record mode: each record is still right, written the ordinary way where the lane cannot."""
+    calls: list[str] = []
+
+    class Obs:
+        def on_flush_start(self, lease_id: str) -> None:
+            calls.append("start")
+
+        def on_flush_complete(self, lease_id: str) -> None:
+            calls.append("end")
+
+    with open_block(tmp_path / "r.img", create_size=SIZE) as r:
+        st = CheckpointedStageState(state_of(5000, 1), r, codec="raw", stage=STAGE)
+        for _ in range(3):
+            st.checkpoint()
+        lane = st._lane
+        assert lane is not None
+
+        def check(want_stage: str = STAGE) -> None:
+            got = CheckpointedStageState.restore(r)
+            assert got.state == bytes(st.state) and got.stage.name == want_stage
+
+        st.state = state_of(6000, 2)  # another length: ordinary, and no lane for it yet
+        st.checkpoint()
+        check()
+        assert st._lane is None
+        st.checkpoint()  # the second of that length: a lane for it
+        assert st._lane is not None and st._lane.lane.n == 6000
+        st.stage = StageId("renamed")
+        st.checkpoint()
+        check("renamed")
+        st.state = bytearray(state_of(6000, 3))  # not bytes: ordinary (a copy), no lane
+        st.checkpoint()
+        check("renamed")
+        assert st._lane is None
+        st.state = state_of(6000, 4)
+        st.checkpoint()
+        st.checkpoint()
+        assert st._lane is not None
+        st.observer = Obs()
+        st.checkpoint()
+        check("renamed")
+        assert calls == ["start", "end"]
+        st.observer = None
+        obs = observe.enable()
+        try:
+            st.checkpoint()
+        finally:
+            observe.disable()
+        assert obs.snapshot()["counters"]
+        check("renamed")
+        lane = st._lane
+        r.record_mode = "direct"  # the region changes how it writes: the lane is stale
+        assert not lane.live
+        seq = st.checkpoint()
+        check("renamed")
+        assert st._lane is not lane and st._lane is not None and st._lane.live
+        assert st.checkpoint() == seq + 1  # through the new lane
+        check("renamed")
+
+
+def test_a_lane_fails_closed_like_the_ordinary_path(tmp_path: Path) -> None:
+    with open_block(tmp_path / "r.img", create_size=SIZE, ttl=60) as r:
+        st = CheckpointedStageState(state_of(4096, 1), r, codec="raw", stage=STAGE)
+        for _ in range(3):
+            st.checkpoint()
+        assert st._lane is not None
+        r._cell.store_deadline_ns(0)  # the lease's deadline passed
+        st.state = state_of(4096, 2)
+        with pytest.raises(LeaseExpired):
+            st.checkpoint()
+    with pytest.raises(Disconnected):  # the region is closed
+        st.checkpoint()
+    with open_block(tmp_path / "r.img") as again:
+        assert CheckpointedStageState.restore(again).state == state_of(4096, 1)
+        st2 = CheckpointedStageState(state_of(4096, 5), again, codec="raw", stage=STAGE)
+        for _ in range(3):
+            st2.checkpoint()
+        lane = st2._lane
+        assert lane is not None
+        lane.close()  # a closed lane writes nothing: the ordinary path writes the record
+        st2.state = state_of(4096, 6)
+        with pytest.raises(Disconnected):
+            lane.lane.write(0)
+        st2.checkpoint()
+        assert CheckpointedStageState.restore(again).state == state_of(4096, 6)
+
+
+def test_devices_without_record_lanes_keep_the_ordinary_path() -> None:
+    dev = MemDevice(block_size=4096, nblocks=256)
+    st = CheckpointedStageState(state_of(300_000, 1), dev, codec="raw", stage=STAGE)
+    for _ in range(3):
+        st.checkpoint()
+    assert st._lane is None
+    assert CheckpointedStageState.restore(dev).state == state_of(300_000, 1)
+
+
+def test_a_build_that_reads_only_version_3_refuses_a_split_record(tmp_path: Path) -> None:
+    with open_block(tmp_path / "r.img", create_size=SIZE) as r:
+        st = CheckpointedStageState(state_of(300_000, 1), r, codec="raw", stage=STAGE)
+        for _ in range(3):
+            st.checkpoint()
+        assert SlotStore(r, PCHK).read().version == 4
+        old = SlotFormat(b"PCHK", 3, "checkpoint", legacy_version=2)
+        with pytest.raises(VersionMismatch):
+            SlotStore(r, old).read()
+
+
+def test_a_refused_aio_context_makes_the_lane_stale_and_the_record_lands(tmp_path: Path) -> None:
+    with open_block(tmp_path / "r.img", create_size=SIZE) as r:
+        st = CheckpointedStageState(state_of(300_000, 1), r, codec="raw", stage=STAGE)
+        for _ in range(3):
+            st.checkpoint()
+        lane = st._lane
+        assert lane is not None and lane.lane.split
+        ctx = r._aio[0]
+        blockmod.lib.gf_aio_destroy(ctx)  # the kernel no longer knows it: io_submit refuses
+        st.state = state_of(300_000, 2)
+        st.checkpoint()  # rewritten in one request by the native fallback (rc 1)
+        r._aio.clear()
+        assert r._aio_failed and not lane.live
+        assert CheckpointedStageState.restore(r).state == state_of(300_000, 2)
+        st.state = state_of(300_000, 3)
+        st.checkpoint()  # ordinary, then a lane without AIO (so without the split)
+        st.checkpoint()
+        assert st._lane is not None and not st._lane.lane.split
+        assert CheckpointedStageState.restore(r).state == state_of(300_000, 3)
+
+
+def _changed_sectors(before: bytes, after: bytes) -> list[tuple[int, bytes]]:
+    return [
+        (off, after[off : off + SECTOR])
+        for off in range(0, len(after), SECTOR)
+        if before[off : off + SECTOR] != after[off : off + SECTOR]
+    ]
+
+
+@pytest.mark.parametrize(("nbytes", "mode"), [(4096, "auto"), (20_000, "direct"), (300_000, "auto"), (300_001, "aio")])
+def test_a_lane_checkpoint_torn_anywhere_restores_the_previous_one(
+    region: BlockRegion, nbytes: int, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane's own write (gathered, one O_DIRECT request, or split AIO requests from the bytes'
+    memory): any subset of its sectors short of all leaves the previous checkpoint, and never
+    touches the slot that holds it."""
+    monkeypatch.setattr(blockmod, "DIRECT_SPLIT_MAX", 0)  # AIO_CHUNK requests: more of them
+    region.record_mode = mode
+    st = CheckpointedStageState(state_of(nbytes, 1), region, codec="raw", stage=STAGE)
+    for i in range(3):
+        st.state = state_of(nbytes, 10 + i)
+        st.checkpoint(EdgeCheckpoint(i, i))
+    assert st._lane is not None
+    prev, prev_edge = st.state, st.edge
+    store = SlotStore(region, PCHK)
+    newest = store.read()
+    sb, bs = store.slot_blocks, region.block_size
+    before = snapshot(region)
+    st.state = state_of(nbytes, 99)
+    seq = st.checkpoint(EdgeCheckpoint(99, 98))
+    after = snapshot(region)
+    other = slice(newest.slot * sb * bs, (newest.slot + 1) * sb * bs)
+    assert after[other] == before[other]
+    secs = _changed_sectors(before, after)
+    assert secs
+    rng = random.Random(nbytes)
+    subsets = [set(range(k)) for k in range(len(secs))]
+    subsets += [set(range(k, len(secs))) for k in range(1, len(secs))]
+    subsets += [set(rng.sample(range(len(secs)), rng.randrange(len(secs)))) for _ in range(30)]
+    for chosen in subsets:
+        image = bytearray(before)
+        for j in chosen:
+            off, data = secs[j]
+            image[off : off + len(data)] = data
+        region.write_blocks(0, image)
+        got = CheckpointedStageState.restore(region)
+        assert got.state == prev and got.edge == prev_edge, (len(chosen), len(secs))
+    region.write_blocks(0, after)
+    got = CheckpointedStageState.restore(region)
+    assert got.state == st.state and got.edge == EdgeCheckpoint(99, 98) and got.last_seq == seq
+
+
+def test_a_split_record_with_forged_padding_is_refused(tmp_path: Path) -> None:
+    """The padding a split record carries is checked like an aligned one's: not zero, Corrupted."""
+    from grafos_fabric.errors import Corrupted
+
+    with open_block(tmp_path / "r.img", create_size=SIZE) as r:
+        st = CheckpointedStageState(state_of(300_000, 1), r, codec="raw", stage=STAGE)
+        for _ in range(3):
+            st.checkpoint()
+        store = SlotStore(r, PCHK)
+        rec = store.read()
+        assert rec.version == 4
+        _c, _f, stage_len, pad, *_ = _ENV.unpack_from(rec.data)
+        assert pad > 0
+        data = bytearray(rec.data)
+        data[ENVELOPE_SIZE + stage_len] = 1
+        image = pack_record(
+            PCHK,
+            bytes(data),
+            seq=rec.seq + 1,
+            tag=0,
+            slot=1 - rec.slot,
+            block_size=r.block_size,
+            slot_blocks=store.slot_blocks,
+            version=4,
+        )
+        r.write_blocks((1 - rec.slot) * store.slot_blocks, image)
+        with pytest.raises(Corrupted):
+            CheckpointedStageState.restore(r)
