@@ -88,7 +88,7 @@ import numpy as np
 
 from . import observe
 from ._ffi import ffi, lib
-from .errors import CapacityExceeded, Corrupted, FabricValueError
+from .errors import CapacityExceeded, Corrupted, FabricError, FabricValueError
 from .slots import DATA_OFFSET, PCHK, BlockDevice, Durability, SlotLane, SlotStore
 
 __all__ = [
@@ -374,7 +374,7 @@ class CheckpointedStageState(Generic[S]):
             return
         try:  # a large bytes state may go out from its own memory, as version 4 without ALIGNED
             new = self._store.lane(_ENVELOPE, tail, data, version=version, split_version=_ALIGNED_VERSION)
-        except (FabricValueError, CapacityExceeded) as exc:  # the ordinary path keeps writing it
+        except (FabricError, OSError) as exc:  # the checkpoint is durable; the ordinary path keeps writing
             log.debug("no checkpoint lane for stage %s: %s", self.stage, exc)
             return
         if new is not None:

@@ -334,3 +334,18 @@ def test_a_split_record_with_forged_padding_is_refused(tmp_path: Path) -> None:
         r.write_blocks((1 - rec.slot) * store.slot_blocks, image)
         with pytest.raises(Corrupted):
             CheckpointedStageState.restore(r)
+
+
+def test_a_lane_that_cannot_be_made_leaves_a_durable_checkpoint_and_the_ordinary_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(SlotStore, "lane", refuse)
+    with open_block(tmp_path / "r.img", create_size=SIZE) as r:
+        st = CheckpointedStageState(state_of(4096, 1), r, codec="raw", stage=STAGE)
+        for i in range(4):
+            assert st.checkpoint() == i + 1
+        assert st._lane is None
+        assert CheckpointedStageState.restore(r).state == state_of(4096, 1)

@@ -24,7 +24,13 @@ For each state size, in the same run and on the same file or device range:
   submitted by AIO in 128 KiB requests). A checkpoint still pays what the raw
   write does not: the state's CRC32C, the copy where the path copies, and one
   more block where the 64-byte header and the envelope push the record over a
-  block boundary (a 4 KiB state on 4 KiB blocks is two blocks);
+  block boundary (a 4 KiB state on 4 KiB blocks is two blocks). From its
+  third checkpoint on, a state goes through its checkpoint lane (the header
+  packed into a prepared buffer, the native call's arguments made once;
+  ``grafos_fabric.checkpoint``), and a ``bytes`` state over 128 KiB is then
+  written from its own memory (``PCHK`` version 4 without ``ALIGNED``: only
+  the bytes before its first block-aligned address are copied), for which
+  each slot here has one block more than a version 3 record needs;
 * **aligned-buffer candidates**: the same checkpoints of a state kept in
   ``CheckpointedStageState.with_buffer``'s block-aligned array (``PCHK``
   version 4: the state starts on a block boundary of the slot and is written
