@@ -54,7 +54,7 @@ the aligned buffer) on a ``BlockRegion``, the state keeps a *lane*
 (:class:`grafos_fabric.slots.SlotLane` over
 :class:`grafos_fabric.drivers.block.RecordLane`): the header and envelope
 packed by one ``struct.pack_into`` into a prepared buffer and one native call
-whose arguments were made once; about 220 bytecodes of Python per checkpoint
+whose arguments were made once; about 250 bytecodes of Python per checkpoint
 against 500-660 the ordinary way, which is most of what a checkpoint cost
 over a raw write of its bytes on an ext4 file (README "Checkpoint speed"). A
 ``bytes`` state over 128 KiB that would go out by AIO is then written from its
