@@ -1680,6 +1680,32 @@ static PyObject *res_slot_get(PyObject *self, PyObject *obj, PyObject *type) {
     return Py_NewRef(*slot);
 }
 
+/* Reservation.__enter__(r) / Reservation.__exit__(r, et, ev, tb) looked up on the class
+ * (contextlib.ExitStack does): the descriptor called with the reservation first */
+static PyObject *res_slot_call(PyObject *self, PyObject *args, PyObject *kw) {
+    Py_ssize_t n = PyTuple_Size(args);
+    if (n < 0) return NULL;
+    PyObject *obj = n > 0 ? PyTuple_GetItem(args, 0) : NULL;
+    if (!obj || !PyObject_TypeCheck(obj, g_res_type) || (kw && PyDict_Size(kw) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "Reservation.__enter__/__exit__ take a Reservation first (no keywords)");
+        return NULL;
+    }
+    if (((ResSlotObject *)self)->which == 0) {
+        if (n != 1) {
+            PyErr_SetString(PyExc_TypeError, "Reservation.__enter__ takes no arguments");
+            return NULL;
+        }
+        return res_enter(obj, NULL);
+    }
+    PyObject *rest[3] = {NULL, NULL, NULL};
+    if (n > 4) {
+        PyErr_SetString(PyExc_TypeError, "Reservation.__exit__ takes (exc_type, exc, tb)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 1; i < n; i++) rest[i - 1] = PyTuple_GetItem(args, i); /* borrowed, held by args */
+    return res_exit(obj, rest, n - 1);
+}
+
 static void res_slot_dealloc(PyObject *o) {
     PyTypeObject *tp = Py_TYPE(o);
     freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
@@ -1690,6 +1716,7 @@ static void res_slot_dealloc(PyObject *o) {
 static PyType_Slot res_slot_slots[] = {
     {Py_tp_doc, "Reservation.__enter__ / __exit__: the reservation's bound method, made once (private)."},
     {Py_tp_descr_get, res_slot_get},
+    {Py_tp_call, res_slot_call},
     {Py_tp_dealloc, res_slot_dealloc},
     {0, NULL},
 };

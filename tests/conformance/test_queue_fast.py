@@ -520,6 +520,25 @@ def test_a_reservation_is_not_reused_while_someone_holds_its_bound_exit(q):
     assert not q._reserving
 
 
+def test_a_native_reservation_works_through_its_class_as_exitstack_uses_it(q):
+    import contextlib
+
+    _warm(q, 1)[0].release()
+    r = q.reserve(8)
+    assert type(r).__name__ == "Reservation"
+    with contextlib.ExitStack() as stack:  # looks __enter__/__exit__ up on the class
+        buf = stack.enter_context(r)
+        buf[:] = 6
+    r2 = q.reserve(8)
+    buf = type(r2).__enter__(r2)
+    buf[:] = 7
+    assert type(r2).__exit__(r2, None, None, None) is None
+    with pytest.raises(TypeError):
+        type(r2).__enter__(b"not a reservation")
+    assert [q.pop(timeout=WAIT).tobytes() for _ in range(2)] == [b"\x06" * 8, b"\x07" * 8]
+    assert not q._reserving
+
+
 def _no_slow_path(q: Any) -> list[str]:
     """Make every Python fallback of q's single-item calls record its name (and fail)."""
     took: list[str] = []
