@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "grafos_fabric's native module is missing: reinstall with `pip install -e .` (needs a C compiler)"
     ) from exc
 
-EXPECTED_ABI = 13
+EXPECTED_ABI = 14
 if lib.gf_native_abi() != EXPECTED_ABI:  # pragma: no cover - only on a stale build
     raise ImportError(
         f"stale grafos_fabric native build (ABI {lib.gf_native_abi()}, this code needs {EXPECTED_ABI}): "

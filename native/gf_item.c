@@ -1432,12 +1432,17 @@ typedef struct {
     PyObject *q;        /* while armed or entered: the handle (its Fast is the one used) */
     PyObject *timeout;
     PyObject *slow;     /* the Python reservation this one handed over to, while entered */
+    PyObject *m_enter;  /* this reservation's bound __enter__ / __exit__, made once (see ResSlot) */
+    PyObject *m_exit;
+    PyObject *views[2]; /* the last two views handed out, reused when nothing else holds them (res_view) */
+    int view_flags[2];  /* their numpy flags as made */
     Py_ssize_t nbytes;
     int armed;
     int active;
 } ResObject;
 
 static PyTypeObject *g_res_type;
+static PyTypeObject *g_res_slot_type;
 static PyArray_Descr *g_u8_descr; /* numpy's uint8 descriptor (set at import) */
 static PyObject *g_str_slow_reserve, *g_str_raise, *g_str_after_reserve, *g_str_commit, *g_str_enter, *g_str_exit;
 
@@ -1445,6 +1450,43 @@ static void res_disarm(ResObject *self) {
     self->armed = 0;
     Py_CLEAR(self->q);
     Py_CLEAR(self->timeout);
+}
+
+/* The view of an entered reservation: ring[off:off + nbytes] (the caller checked it
+ * lies inside), a writable uint8 array whose base is the ring array, which pins the
+ * mapping. One of the last two views this reservation handed out is handed out
+ * again, pointed at the new bytes, when nothing but this reservation holds it (no
+ * reference, no view or buffer export of it, no weak reference: nobody can see it
+ * change) and it is still exactly as made (shape, strides, dtype, flags, base). Two,
+ * because in a loop `with q.reserve(n) as buf:` the name still holds the previous
+ * one while the next is entered. Else a new one is made (what numpy's slicing makes,
+ * without parsing a slice) and replaces one that is not free. New reference or NULL. */
+static PyObject *res_view(ResObject *self, FastObject *f, uint64_t off) {
+    for (int i = 0; i < 2; i++) {
+        PyObject *v = self->views[i];
+        if (!v || Py_REFCNT(v) != 1 || !Py_IS_TYPE(v, &PyArray_Type)) continue;
+        PyArrayObject *a = (PyArrayObject *)v;
+        if (PyArray_NDIM(a) == 1 && PyArray_DIM(a, 0) == (npy_intp)self->nbytes && PyArray_STRIDE(a, 0) == 1 &&
+            PyArray_DESCR(a) == g_u8_descr && PyArray_FLAGS(a) == self->view_flags[i] &&
+            PyArray_BASE(a) == f->ring && ((PyArrayObject_fields *)a)->weakreflist == NULL) {
+            ((PyArrayObject_fields *)a)->data = f->ring_data + off;
+            return Py_NewRef(v);
+        }
+    }
+    npy_intp dims[1] = {(npy_intp)self->nbytes};
+    Py_INCREF((PyObject *)g_u8_descr);
+    PyObject *v = PyArray_NewFromDescr(&PyArray_Type, g_u8_descr, 1, dims, NULL, f->ring_data + off,
+                                       NPY_ARRAY_CARRAY, NULL); /* steals the descriptor's reference */
+    if (v && PyArray_SetBaseObject((PyArrayObject *)v, Py_NewRef(f->ring)) < 0) /* steals the ring's (also on failure) */
+        Py_CLEAR(v);
+    if (!v) return NULL;
+    /* kept in a free place, else in place of one held elsewhere (so not reusable now) */
+    int i = !self->views[0] ? 0 : !self->views[1] ? 1 : Py_REFCNT(self->views[0]) == 1 ? 0 : 1;
+    PyObject *old = self->views[i];
+    self->views[i] = Py_NewRef(v);
+    self->view_flags[i] = PyArray_FLAGS((PyArrayObject *)v);
+    Py_XDECREF(old);
+    return v;
 }
 
 static PyObject *res_enter(PyObject *o, PyObject *unused) {
@@ -1487,15 +1529,7 @@ static PyObject *res_enter(PyObject *o, PyObject *unused) {
         return v;
     }
     QueueBaseObject *qb = (QueueBaseObject *)q;
-    /* the view: ring[off:off + nbytes] (checked above to lie inside it), made directly
-     * (what numpy's slicing makes, without parsing a slice): a writable uint8 array
-     * whose base is the ring array, which pins the mapping */
-    npy_intp dims[1] = {(npy_intp)self->nbytes};
-    Py_INCREF((PyObject *)g_u8_descr);
-    PyObject *v = PyArray_NewFromDescr(&PyArray_Type, g_u8_descr, 1, dims, NULL, f->ring_data + off,
-                                       NPY_ARRAY_CARRAY, NULL); /* steals the descriptor's reference */
-    if (v && PyArray_SetBaseObject((PyArrayObject *)v, Py_NewRef(f->ring)) < 0) /* steals the ring's (also on failure) */
-        Py_CLEAR(v);
+    PyObject *v = res_view(self, f, off); /* ring[off:off + nbytes], checked above to lie inside it */
     if (!v) {
         gf_abort(f->p);
         (void)plock_release_c(f->plock); /* held here: never fails (the error set stays) */
@@ -1567,6 +1601,12 @@ static PyObject *res_exit(PyObject *o, PyObject *const *args, Py_ssize_t nargs) 
     }
     if (plock_release_c(f->plock) < 0) PyErr_WriteUnraisable(q); /* held since the enter: never */
     PyErr_Restore(exc_t, exc_v, exc_tb);
+    if (f->res != o) { /* a one-off (the cached one was busy): no cycle through its bound methods */
+        Py_CLEAR(self->m_enter); /* (the call running now holds the one it runs) */
+        Py_CLEAR(self->m_exit);
+        Py_CLEAR(self->views[0]);
+        Py_CLEAR(self->views[1]);
+    }
     Py_DECREF(q);
     if (PyErr_Occurred()) return NULL;
     Py_RETURN_NONE;
@@ -1578,6 +1618,10 @@ static int res_traverse(PyObject *o, visitproc visit, void *arg) {
     Py_VISIT(self->q);
     Py_VISIT(self->timeout);
     Py_VISIT(self->slow);
+    Py_VISIT(self->m_enter);
+    Py_VISIT(self->m_exit);
+    Py_VISIT(self->views[0]);
+    Py_VISIT(self->views[1]);
     return 0;
 }
 
@@ -1586,6 +1630,10 @@ static int res_clear(PyObject *o) {
     Py_CLEAR(self->q);
     Py_CLEAR(self->timeout);
     Py_CLEAR(self->slow);
+    Py_CLEAR(self->m_enter);
+    Py_CLEAR(self->m_exit);
+    Py_CLEAR(self->views[0]);
+    Py_CLEAR(self->views[1]);
     return 0;
 }
 
@@ -1598,20 +1646,106 @@ static void res_dealloc(PyObject *o) {
     Py_DECREF(tp);
 }
 
-static PyMethodDef res_methods[] = {
-    {"__enter__", res_enter, METH_NOARGS, NULL},
-    {"__exit__", (PyCFunction)(void (*)(void))res_exit, METH_FASTCALL, NULL},
-    {NULL, NULL, 0, NULL},
-};
+static PyMethodDef res_enter_def = {"__enter__", res_enter, METH_NOARGS, NULL};
+static PyMethodDef res_exit_def = {"__exit__", (PyCFunction)(void (*)(void))res_exit, METH_FASTCALL, NULL};
 
 static PyType_Slot res_slots[] = {
     {Py_tp_doc, "`with q.reserve(n) as buf:` on a mapped handle (see FabricQueue.reserve)."},
     {Py_tp_dealloc, res_dealloc},
     {Py_tp_traverse, res_traverse},
     {Py_tp_clear, res_clear},
-    {Py_tp_methods, res_methods},
     {0, NULL},
 };
+
+/* ResSlot: Reservation.__enter__ and .__exit__. The with statement looks both up on
+ * every entry (BEFORE_WITH: _PyObject_LookupSpecial), and a method descriptor would
+ * make a new bound method each time (two allocations, two GC-tracked frees, and the
+ * collections they bring on). This descriptor hands out the reservation's own bound
+ * method, made on first use and kept (the cached reservation is reused, so after
+ * its first use a `with` allocates nothing here). */
+typedef struct {
+    PyObject_HEAD
+    int which; /* 0: __enter__, 1: __exit__ */
+} ResSlotObject;
+
+static PyObject *res_slot_get(PyObject *self, PyObject *obj, PyObject *type) {
+    if (!obj || obj == Py_None || !PyObject_TypeCheck(obj, g_res_type)) return Py_NewRef(self); /* on the class */
+    ResObject *r = (ResObject *)obj;
+    int which = ((ResSlotObject *)self)->which;
+    PyObject **slot = which ? &r->m_exit : &r->m_enter;
+    if (!*slot) {
+        *slot = PyCFunction_New(which ? &res_exit_def : &res_enter_def, obj);
+        if (!*slot) return NULL;
+    }
+    return Py_NewRef(*slot);
+}
+
+/* Reservation.__enter__(r) / Reservation.__exit__(r, et, ev, tb) looked up on the class
+ * (contextlib.ExitStack does): the descriptor called with the reservation first */
+static PyObject *res_slot_call(PyObject *self, PyObject *args, PyObject *kw) {
+    Py_ssize_t n = PyTuple_Size(args);
+    if (n < 0) return NULL;
+    PyObject *obj = n > 0 ? PyTuple_GetItem(args, 0) : NULL;
+    if (!obj || !PyObject_TypeCheck(obj, g_res_type) || (kw && PyDict_Size(kw) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "Reservation.__enter__/__exit__ take a Reservation first (no keywords)");
+        return NULL;
+    }
+    if (((ResSlotObject *)self)->which == 0) {
+        if (n != 1) {
+            PyErr_SetString(PyExc_TypeError, "Reservation.__enter__ takes no arguments");
+            return NULL;
+        }
+        return res_enter(obj, NULL);
+    }
+    PyObject *rest[3] = {NULL, NULL, NULL};
+    if (n > 4) {
+        PyErr_SetString(PyExc_TypeError, "Reservation.__exit__ takes (exc_type, exc, tb)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 1; i < n; i++) rest[i - 1] = PyTuple_GetItem(args, i); /* borrowed, held by args */
+    return res_exit(obj, rest, n - 1);
+}
+
+static void res_slot_dealloc(PyObject *o) {
+    PyTypeObject *tp = Py_TYPE(o);
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot res_slot_slots[] = {
+    {Py_tp_doc, "Reservation.__enter__ / __exit__: the reservation's bound method, made once (private)."},
+    {Py_tp_descr_get, res_slot_get},
+    {Py_tp_call, res_slot_call},
+    {Py_tp_dealloc, res_slot_dealloc},
+    {0, NULL},
+};
+
+static PyType_Spec res_slot_spec = {
+    .name = "grafos_fabric._item.ResSlot",
+    .basicsize = sizeof(ResSlotObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = res_slot_slots,
+};
+
+/* Reservation.__enter__ / __exit__ as ResSlot descriptors; 0, or -1 with an error set */
+static int res_add_slots(PyTypeObject *res_type) {
+    PyObject *st = PyType_FromSpec(&res_slot_spec);
+    if (!st) return -1;
+    g_res_slot_type = (PyTypeObject *)st; /* kept for the module's life (its instances hold it too) */
+    static const char *names[2] = {"__enter__", "__exit__"};
+    for (int which = 0; which < 2; which++) {
+        allocfunc alloc = (allocfunc)PyType_GetSlot(g_res_slot_type, Py_tp_alloc);
+        ResSlotObject *d = (ResSlotObject *)alloc(g_res_slot_type, 0);
+        if (!d) return -1;
+        d->which = which;
+        int rc = PyObject_SetAttrString((PyObject *)res_type, names[which], (PyObject *)d);
+        Py_DECREF(d);
+        if (rc < 0) return -1;
+    }
+    return 0;
+}
 
 static PyType_Spec res_spec = {
     .name = "grafos_fabric._item.Reservation",
@@ -1633,8 +1767,12 @@ static PyObject *qb_reserve(PyObject *q, PyObject *const *args, Py_ssize_t nargs
     if (!f || fast_off(f) || !f->p || f->typed || n <= 0 || (uint64_t)n > f->max_item || !fast_timeout_ok(timeout))
         return PyObject_CallMethodObjArgs(q, g_str_slow_reserve, nb, timeout, NULL);
     ResObject *r = (ResObject *)f->res;
-    if (r && Py_REFCNT((PyObject *)r) == 1 && !r->armed && !r->active) {
-        Py_INCREF((PyObject *)r); /* the cached one, not in use anywhere */
+    /* the cached one, when not in use anywhere: held only by the Fast and its own bound
+     * methods, which nobody else holds either */
+    if (r && !r->armed && !r->active && (!r->m_enter || Py_REFCNT(r->m_enter) == 1) &&
+        (!r->m_exit || Py_REFCNT(r->m_exit) == 1) &&
+        Py_REFCNT((PyObject *)r) == 1 + (r->m_enter != NULL) + (r->m_exit != NULL)) {
+        Py_INCREF((PyObject *)r);
     } else {
         allocfunc alloc = (allocfunc)PyType_GetSlot(g_res_type, Py_tp_alloc);
         r = (ResObject *)alloc(g_res_type, 0);
@@ -1800,6 +1938,10 @@ PyMODINIT_FUNC PyInit__item(void) {
         return NULL;
     }
     g_res_type = (PyTypeObject *)rt2;
+    if (res_add_slots(g_res_type) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     PyObject *pl = PyType_FromSpec(&plock_spec);
     if (!pl || PyModule_AddObject(m, "PLock", pl) < 0) {
         Py_XDECREF(pl);

@@ -229,6 +229,7 @@ int gf_producer_init(gf_producer *p, void *ring, uint64_t region_size, volatile 
     p->lease_state = lease_state;
     p->lease_deadline = lease_deadline;
     p->id = id;
+    p->data_woke = gf_load_seq_cst_u32(&h->data_futex) - 1; /* not the word's value: a sleeper now is woken */
     return GF_OK;
 }
 
@@ -289,8 +290,10 @@ static inline int prod_publish(gf_producer *p) {
     /* SYNC POINT: ring-publish (records and next_seq before the tail; full fence) */
     uint64_t found = gf_cas_u64(&h->tail, gf_rc_publish_expected(p), gf_rc_publish_desired(p));
     if (gf_rc_published(p, found) != GF_OK) return lost_tail(p, found);
-    if (gf_load_seq_cst_u64(&h->data_waiters)) {
-        gf_faa_u32(&h->data_futex, 1);
+    /* wake only when someone went to sleep since this producer's last wake (the
+     * sleeper bumps data_futex first): one syscall per sleep, not one per publish */
+    if (gf_load_seq_cst_u64(&h->data_waiters) && gf_load_seq_cst_u32(&h->data_futex) != p->data_woke) {
+        p->data_woke = gf_faa_u32(&h->data_futex, 1) + 1;
         gf_futex_wake_all(&h->data_futex);
     }
     return GF_OK;
@@ -436,7 +439,7 @@ int gf_wait_space(gf_producer *p, uint64_t len, uint64_t timeout_ns, uint32_t sp
     uint64_t lazy = want + p->capacity / 4;
     __atomic_store_n(&h->space_want, lazy < p->claim ? lazy : p->claim, __ATOMIC_RELAXED);
     gf_faa_u64(&h->space_waiters, 1);
-    uint32_t v = gf_load_seq_cst_u32(&h->space_futex);
+    uint32_t v = gf_faa_u32(&h->space_futex, 1) + 1; /* a new sleep: the next release wakes it (gf_ring.h) */
     uint64_t hd = gf_load_seq_cst_u64(&h->head);
     uint64_t w = gf_load_seq_cst_u64(&h->tail);
     int rc = 0;
@@ -472,6 +475,7 @@ int gf_consumer_init(gf_consumer *c, void *ring, uint64_t region_size, volatile 
     c->pend_done = pend_done;
     c->pend_mask = pend_cap - 1;
     c->id = id;
+    c->space_woke = gf_load_seq_cst_u32(&h->space_futex) - 1; /* not the word's value: a sleeper now is woken */
     return GF_OK;
 }
 
@@ -557,8 +561,9 @@ static int gf_release_unlocked(gf_consumer *c, uint64_t token) {
     /* waiter count and space_want only decide whether to wake (a wrong value
      * costs a wake-up or a sleeper's time slice, nothing else) */
     if (gf_load_seq_cst_u64(&h->space_waiters) &&
-        (head >= gf_load_relaxed_u64(&h->space_want) || c->pend_first == c->pend_next)) {
-        gf_faa_u32(&h->space_futex, 1);
+        (head >= gf_load_relaxed_u64(&h->space_want) || c->pend_first == c->pend_next) &&
+        gf_load_seq_cst_u32(&h->space_futex) != c->space_woke) { /* someone slept since our last wake */
+        c->space_woke = gf_faa_u32(&h->space_futex, 1) + 1;
         gf_futex_wake_all(&h->space_futex);
     }
     return GF_OK;
@@ -575,7 +580,7 @@ int gf_wait_data(gf_consumer *c, uint64_t timeout_ns, uint32_t spin) {
         gf_cpu_relax();
     }
     gf_faa_u64(&h->data_waiters, 1);
-    uint32_t v = gf_load_seq_cst_u32(&h->data_futex);
+    uint32_t v = gf_faa_u32(&h->data_futex, 1) + 1; /* a new sleep: the next publish wakes it (gf_ring.h) */
     uint64_t w = gf_load_seq_cst_u64(&h->tail); /* compared only: the pop that follows validates it */
     int rc = 0;
     if ((w & GF_TAIL_POS_MASK) == c->rpos && !(w & GF_TAIL_SEALED))

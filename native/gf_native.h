@@ -15,7 +15,7 @@
 
 /* Bumped whenever a layout or this API changes; the Python wrapper refuses a
  * build whose number differs from the one it was written for. */
-#define GF_NATIVE_ABI 13
+#define GF_NATIVE_ABI 14
 
 /* Status codes. 0 and the small positive values are ordinary outcomes;
  * negatives are errors (the grafOS ones first). */
@@ -86,6 +86,7 @@ typedef struct gf_producer {
     uint64_t reserved_seq;  /* its sequence number (kept here, not read back from the ring) */
     int reserved;
     int lock;             /* cffi drops the GIL: two threads must not run one producer at once */
+    uint32_t data_woke;   /* data_futex as this producer's last wake left it (see gf_ring.h, Waiting) */
 } gf_producer;
 
 typedef struct gf_consumer {
@@ -108,6 +109,7 @@ typedef struct gf_consumer {
     uint64_t last_seq;    /* sequence number of the last record popped (if have_seq) */
     int have_seq;
     int lock;             /* pops, releases from finalizers in other threads: serialized */
+    uint32_t space_woke;  /* space_futex as this consumer's last wake left it (see gf_ring.h, Waiting) */
 } gf_consumer;
 
 /* The functions: one prototype-only header, shared with the cffi build

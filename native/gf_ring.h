@@ -78,8 +78,14 @@
  * (SYNC POINT: ring-publish), reads records up to its position, and frees
  * space by storing head (SYNC POINT: ring-release), which the producer reads
  * with acquire only when its head cache says there is no room. Blocking uses
- * the futex words: a sleeper bumps *_waiters, re-checks, then waits; the
- * other side, after its full-fence store, bumps the futex word and wakes.
+ * the futex words: a sleeper bumps *_waiters, then the futex word (it sleeps
+ * on the value it made), re-checks, then waits. The other side, after its
+ * full-fence store, sees *_waiters and compares the futex word with the value
+ * its own last wake left there: only when they differ (someone went to sleep
+ * since) does it bump the word and wake. So a sleeper costs the other side
+ * one wake syscall, however many items are published (or released) before
+ * it runs again; the bumps are seq_cst read-modify-writes on both sides, so
+ * a sleeper that re-checked before the other side's store is always seen.
  * A producer sleeping for space asks for a quarter of the ring (space_want),
  * so a consumer that is the bottleneck pays one wake per quarter ring, not
  * one per item. A one-sided peer (RDMA) cannot wake a futex: it counts itself
@@ -92,7 +98,7 @@
 #include <stddef.h>
 
 #define GF_RING_MAGIC 0x51524647u /* "GFRQ" */
-#define GF_RING_LAYOUT_VERSION 2 /* 2: waiter counts are u64 at 8-aligned offsets */
+#define GF_RING_LAYOUT_VERSION 3 /* 2: waiter counts are u64 at 8-aligned offsets; 3: sleepers bump the futex word */
 #define GF_RING_HEADER_SIZE 4096
 #define GF_RING_MIN_CAPACITY 4096ull
 #define GF_RING_MAX_CAPACITY (1ull << 40)

@@ -257,23 +257,37 @@ static inline int gf_rc_published(gf_producer *p, uint64_t found) {
     return GF_OK;
 }
 
-/* Reserve: place a record of payload `len` (room checked) and remember it;
- * its payload is written in place before gf_rc_commit. Returns its index. */
+/* Reserve: a record of payload `len` (room checked) at claim, after the
+ * padding record when it would straddle the wrap (written now), remembered
+ * with its sequence number; its payload is written in place before
+ * gf_rc_commit, which writes its header (once: the header line is not touched
+ * twice while the consumer may be reading the record before it on the same
+ * line). Returns its index. */
 static inline uint64_t gf_rc_reserve(gf_producer *p, uint8_t *data, uint64_t len, uint64_t pad) {
-    uint64_t idx = gf_rc_place(p, data, len, pad);
+    uint64_t idx = p->claim & p->mask;
+    if (pad) {
+        gf_record_header *r = (gf_record_header *)(data + idx);
+        r->length = (uint32_t)(pad - GF_RECORD_HEADER_SIZE);
+        r->type = GF_RECORD_PADDING;
+        r->seq = 0;
+        p->claim += pad;
+        idx = 0;
+    }
     p->reserved = 1;
     p->reserved_at = p->claim;
     p->reserved_len = len;
-    p->reserved_seq = p->next_seq - 1; /* kept here, never read back from the ring */
+    p->reserved_seq = p->next_seq++; /* kept here, never read back from the ring */
     return idx;
 }
 
-/* Commit the first `len` bytes of the reservation: the record's length
- * rewritten, claim past it (the caller publishes). */
+/* Commit the first `len` bytes of the reservation: the record's header
+ * written, claim past it (the caller publishes). */
 static inline int gf_rc_commit(gf_producer *p, uint8_t *data, uint64_t len) {
     if (!p->reserved || len == 0 || len > p->reserved_len) return GF_E_ARG;
     gf_record_header *r = (gf_record_header *)(data + (p->reserved_at & p->mask));
     r->length = (uint32_t)len;
+    r->type = GF_RECORD_DATA;
+    r->seq = p->reserved_seq;
     p->claim = p->reserved_at + gf_rc_record_size(len);
     p->reserved = 0;
     return GF_OK;

@@ -438,6 +438,107 @@ def test_bad_reservation_sizes_get_typed_errors_on_the_native_path(q, bad):
     assert not q._reserving
 
 
+def test_a_reservation_view_kept_after_the_block_is_never_handed_out_again(q):
+    _warm(q, 1)[0].release()
+    kept = []
+    for i in range(6):
+        with q.reserve(8) as buf:
+            buf[:] = i
+            kept.append(buf)
+    del buf
+    assert len({id(k) for k in kept}) == 6  # each kept view is its own object...
+    assert len({k.ctypes.data for k in kept}) == 6  # ...over its own item's bytes, which it still shows
+    assert [k.tolist() for k in kept] == [[i] * 8 for i in range(6)]
+    assert [q.pop(timeout=WAIT).tobytes() for _ in range(6)] == [bytes([i]) * 8 for i in range(6)]
+
+
+def test_a_free_reservation_view_is_handed_out_again_over_the_next_items_bytes(q):
+    _warm(q, 1)[0].release()
+    seen = []
+    for i in range(6):
+        with q.reserve(8) as buf:
+            buf[:] = i
+            seen.append((id(buf), buf.ctypes.data))
+    del buf
+    assert len({a for _, a in seen}) == 6  # every reservation got its own bytes
+    assert len({i for i, _ in seen}) <= 2  # through at most two array objects (made once, then re-pointed)
+    assert [q.pop(timeout=WAIT).tobytes() for _ in range(6)] == [bytes([i]) * 8 for i in range(6)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda b: setattr(b.flags, "writeable", False),
+        lambda b: setattr(b, "shape", (2, 4)),
+        lambda b: setattr(b, "dtype", np.uint16),
+    ],
+    ids=["read-only", "reshaped", "retyped"],
+)
+def test_a_reservation_view_changed_in_its_block_is_not_handed_out_again(q, change):
+    _warm(q, 1)[0].release()
+    for _ in range(2):  # both cached views changed
+        with q.reserve(8) as buf:
+            buf[:] = 1
+            change(buf)
+    del buf
+    with q.reserve(8) as buf:
+        assert buf.shape == (8,) and buf.dtype == np.uint8 and buf.flags.writeable and buf.flags.c_contiguous
+        buf[:] = 9
+    assert [q.pop(timeout=WAIT).tobytes() for _ in range(3)][-1] == b"\x09" * 8
+
+
+def test_a_weakly_referenced_reservation_view_is_not_handed_out_again(q):
+    import weakref
+
+    _warm(q, 1)[0].release()
+    refs = []
+    for _ in range(2):
+        with q.reserve(8) as buf:
+            buf[:] = 1
+            refs.append(weakref.ref(buf))
+    del buf
+    with q.reserve(8) as buf:
+        assert all(buf is not r() for r in refs)
+        buf[:] = 2
+
+
+def test_a_reservation_is_not_reused_while_someone_holds_its_bound_exit(q):
+    _warm(q, 1)[0].release()
+    r = q.reserve(8)
+    assert type(r).__name__ == "Reservation"
+    assert r.__exit__ is r.__exit__ and r.__enter__ is r.__enter__  # made once, kept
+    with r as buf:
+        buf[:] = 4
+    ex = r.__exit__
+    del r
+    r2 = q.reserve(8)
+    assert r2 is not ex.__self__  # a new one: the old one's __exit__ is held here
+    with r2 as buf:
+        buf[:] = 5
+    assert ex(None, None, None) is None  # not entered: nothing happens
+    assert [q.pop(timeout=WAIT).tobytes() for _ in range(2)] == [b"\x04" * 8, b"\x05" * 8]
+    assert not q._reserving
+
+
+def test_a_native_reservation_works_through_its_class_as_exitstack_uses_it(q):
+    import contextlib
+
+    _warm(q, 1)[0].release()
+    r = q.reserve(8)
+    assert type(r).__name__ == "Reservation"
+    with contextlib.ExitStack() as stack:  # looks __enter__/__exit__ up on the class
+        buf = stack.enter_context(r)
+        buf[:] = 6
+    r2 = q.reserve(8)
+    buf = type(r2).__enter__(r2)
+    buf[:] = 7
+    assert type(r2).__exit__(r2, None, None, None) is None
+    with pytest.raises(TypeError):
+        type(r2).__enter__(b"not a reservation")
+    assert [q.pop(timeout=WAIT).tobytes() for _ in range(2)] == [b"\x06" * 8, b"\x07" * 8]
+    assert not q._reserving
+
+
 def _no_slow_path(q: Any) -> list[str]:
     """Make every Python fallback of q's single-item calls record its name (and fail)."""
     took: list[str] = []
