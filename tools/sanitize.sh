@@ -88,7 +88,8 @@ GRAFOS_CONFORMANCE_DRIVERS=shm LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:ca
   "$ROOT/tests/conformance/test_queue_model.py" "$ROOT/tests/conformance/test_queue_paths.py" \
   "$ROOT/tests/test_hostile_memory.py" "$ROOT/tests/test_block_durable.py" \
   "$ROOT/tests/conformance/test_item_buffer.py" "$ROOT/tests/conformance/test_queue_fast.py" \
-  "$ROOT/tests/whitebox/test_plock.py" "$@" || status=$?
+  "$ROOT/tests/whitebox/test_plock.py" "$ROOT/tests/whitebox/test_wake_once.py" \
+  "$ROOT/tests/test_checkpoint_lane.py" "$@" || status=$?
 cd "$ROOT"
 
 # -- 4. any report fails the run
