@@ -212,13 +212,10 @@ static inline uint64_t gf_rc_need(const gf_producer *p, uint64_t len, uint64_t *
 /* Room for `need` bytes past claim, as far as the head cache knows? */
 static inline int gf_rc_room(const gf_producer *p, uint64_t need) { return p->claim + need - p->head_cache <= p->capacity; }
 
-/* Place one DATA record of payload `len` at claim in `data` (an image laid
- * out like the ring's data area: index = position & mask), after a PADDING
- * record of `pad` bytes (from gf_rc_need) when it is not 0. Writes the
- * headers, takes a sequence number, moves claim past the padding (the caller
- * moves it past the record once the payload is in) and returns the record's
- * index. Room must have been checked. */
-static inline uint64_t gf_rc_place(gf_producer *p, uint8_t *data, uint64_t len, uint64_t pad) {
+/* The padding record before a record that would straddle the wrap (`pad`
+ * bytes, 0: none), written at claim, and claim moved past it; returns the
+ * index the record itself goes to. */
+static inline uint64_t gf_rc_skip_pad(gf_producer *p, uint8_t *data, uint64_t pad) {
     uint64_t idx = p->claim & p->mask;
     if (pad) {
         gf_record_header *r = (gf_record_header *)(data + idx);
@@ -228,6 +225,17 @@ static inline uint64_t gf_rc_place(gf_producer *p, uint8_t *data, uint64_t len, 
         p->claim += pad;
         idx = 0;
     }
+    return idx;
+}
+
+/* Place one DATA record of payload `len` at claim in `data` (an image laid
+ * out like the ring's data area: index = position & mask), after a PADDING
+ * record of `pad` bytes (from gf_rc_need) when it is not 0. Writes the
+ * headers, takes a sequence number, moves claim past the padding (the caller
+ * moves it past the record once the payload is in) and returns the record's
+ * index. Room must have been checked. */
+static inline uint64_t gf_rc_place(gf_producer *p, uint8_t *data, uint64_t len, uint64_t pad) {
+    uint64_t idx = gf_rc_skip_pad(p, data, pad);
     gf_record_header *r = (gf_record_header *)(data + idx);
     r->length = (uint32_t)len;
     r->type = GF_RECORD_DATA;
@@ -264,15 +272,7 @@ static inline int gf_rc_published(gf_producer *p, uint64_t found) {
  * twice while the consumer may be reading the record before it on the same
  * line). Returns its index. */
 static inline uint64_t gf_rc_reserve(gf_producer *p, uint8_t *data, uint64_t len, uint64_t pad) {
-    uint64_t idx = p->claim & p->mask;
-    if (pad) {
-        gf_record_header *r = (gf_record_header *)(data + idx);
-        r->length = (uint32_t)(pad - GF_RECORD_HEADER_SIZE);
-        r->type = GF_RECORD_PADDING;
-        r->seq = 0;
-        p->claim += pad;
-        idx = 0;
-    }
+    uint64_t idx = gf_rc_skip_pad(p, data, pad);
     p->reserved = 1;
     p->reserved_at = p->claim;
     p->reserved_len = len;
