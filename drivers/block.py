@@ -653,6 +653,21 @@ class BlockRegion:
             raise Misaligned(f"data for write_record_direct must be C-contiguous at a {bs}-byte aligned address")
         return DirectRecordWriter(self, head_len, view)
 
+    def _direct_io(self, n: int) -> tuple[int, int, int]:
+        """How a record of an aligned state with ``n`` data bytes goes out now (``write_record_direct``
+        and a record lane): the descriptor, the AIO context (0: none) and the request size."""
+        bs = self.block_size
+        mode = self._record_mode
+        if mode == "auto":  # as record_path: AIO over AIO_CHUNK on a disk, the page cache below it
+            mode = "aio" if n > AIO_CHUNK and self.direct and not self._volatile() else "gather"
+        ctx, fd = 0, self._fd
+        if mode == "aio" and self.direct and not self._aio_failed and n >= bs:
+            ctx = self._aio_ctx()
+        elif mode == "gather":  # one pwritev2 with RWF_DSYNC through the page cache (a kernel copy)
+            bfd = self._buffered()
+            fd = self._fd if bfd is None else bfd
+        return fd, ctx, _direct_chunk(n // bs * bs, bs)
+
     def _write_direct(self, w: DirectRecordWriter, lba: int) -> int:
         """DirectRecordWriter.write: the checks and the one native call."""
         if self._closed:
@@ -667,17 +682,8 @@ class BlockRegion:
         with self._io_lock:
             if self._closed:  # closed while this thread waited for the lock
                 self._check()
-            mode = self._record_mode
-            if mode == "auto":  # as record_path: AIO over AIO_CHUNK on a disk, the page cache below it
-                mode = "aio" if w.n > AIO_CHUNK and self.direct and not self._volatile() else "gather"
-            ctx, fd = 0, self._fd
-            if mode == "aio" and self.direct and not self._aio_failed and w.n >= bs:
-                ctx = self._aio_ctx()
-            elif mode == "gather":  # one pwritev2 with RWF_DSYNC through the page cache (a kernel copy)
-                bfd = self._buffered()
-                fd = self._fd if bfd is None else bfd
+            fd, ctx, chunk = self._direct_io(w.n)
             args = (pos, w._hptr, w.head_len, bs, w._dptr, w.n, w._tptr)
-            chunk = _direct_chunk(w.n // bs * bs, bs)
             rc = lib.gf_slot_write_direct(fd, *args, ctx, chunk, 1)
             if rc:
                 if rc == -errno.EINVAL and self.direct and fd == self._fd:  # O_DIRECT refused after open
@@ -896,16 +902,7 @@ class RecordLane:
         if aligned:
             self._dptr = ffi.from_buffer(view)
             self._keep.append(view)
-            mode = region._record_mode
-            if mode == "auto":  # as _write_direct
-                mode = "aio" if n > AIO_CHUNK and region.direct and not region._volatile() else "gather"
-            ctx, fd = 0, region._fd
-            if mode == "aio" and region.direct and not region._aio_failed and n >= bs:
-                ctx = region._aio_ctx()
-            elif mode == "gather":
-                bfd = region._buffered()
-                fd = region._fd if bfd is None else bfd
-            chunk = _direct_chunk(n // bs * bs, bs)
+            fd, ctx, chunk = region._direct_io(n)
             self._fn = lib.gf_slot_write_direct
             self._args = tuple((fd, p, hptr, head_len, bs, self._dptr, n, xptr, ctx, chunk, 1) for p in pos)
         elif self.split:  # the bytes' block-aligned part from where it lies (see _point)
