@@ -159,7 +159,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None, node_progress: str = "busy",
-              rounds: int = 5) -> list[dict[str, Any]]:
+              rounds: int = 5, batch: int = 1) -> list[dict[str, Any]]:
     """Across two network namespaces (root): the memory node (``serve --driver ucx``, progress
     ``node_progress``, busy by default) in A, this client in B, tcp over a veth. Raw operation
     latencies from Python and from the C loop, 1 MiB queue items (producer and consumer in B) and
@@ -207,7 +207,8 @@ def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None, no
                 if progress:
                     progress(f"ucx netns: round {rnd + 1}/{rounds}: 1 MiB items, node on the consumer's host "
                              f"({mode}, node progress {prog})")
-                split = _netns_split_round(pair, os.path.join(tmp, f"split{rnd}-{mode}-{prog}"), seconds, mode, prog)
+                split = _netns_split_round(pair, os.path.join(tmp, f"split{rnd}-{mode}-{prog}"), seconds, mode, prog,
+                                           batch)
                 if split is None:  # keep the rows of every round in step (the merge pairs them by position)
                     split = {"op": _split_op(mode, prog), "perftest_test": "ucp_put_bw"}
                 split.update(bw)
@@ -247,7 +248,7 @@ def _split_op(mode: str, node_progress: str) -> str:
 
 
 def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
-                       node_progress: str = "busy") -> dict[str, Any] | None:
+                       node_progress: str = "busy", batch: int = 1) -> dict[str, Any] | None:
     """1 MiB queue items with the memory node on the consumer's host: node and consumer in A, producer in B.
 
     Each item crosses the veth once (the producer's put, over tcp, as ``ucx_perftest``'s). This is
@@ -272,7 +273,8 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
              str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         prod = subprocess.Popen(
             ["ip", "netns", "exec", pair.ns_b, *me, "producer",
-             f"ucx://{pair.ip_a}:7400?tls=tcp&net_devices={pair.dev_b}", token, loc, str(seconds)],
+             f"ucx://{pair.ip_a}:7400?tls=tcp&net_devices={pair.dev_b}", token, loc, str(seconds), "--batch",
+             str(batch)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             out, err = cons.communicate(timeout=120 + 4 * seconds)
@@ -298,7 +300,7 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
             node.wait()
 
 
-def _split_role(role: str, url: str, token: str, loc: str, seconds: float) -> dict[str, Any] | None:
+def _split_role(role: str, url: str, token: str, loc: str, seconds: float, batch: int = 1) -> dict[str, Any] | None:
     """One side of :func:`_netns_split_round`. The consumer creates the queue on the node, publishes
     its locator in ``loc``, times ``seconds`` of popping after a warm-up and writes ``loc.done``;
     the producer attaches by that locator and pushes 1 MiB items until ``loc.done`` appears, then
@@ -353,7 +355,7 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float) -> di
             time.sleep(0.01)
         with open(loc, "rb") as fh:
             tx = gf.FabricQueue.attach(fabric, fh.read(), mapped=False)
-        items = np.zeros((1, size), np.uint8)
+        items = np.zeros((batch, size), np.uint8)  # one push_batch call: up to `batch` items, one publish
         counts: dict[str, list[float]] = {}
         _count_ops(tx.region, counts)  # the producer's remote operations per item, for the row
         pushed = 0
@@ -698,12 +700,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="rounds of ours then perftest (--netns)")
     ap.add_argument("--progress", choices=("busy", "event"), default="busy",
                     help="the memory node's progress mode (--netns; default busy)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="items per push_batch call of the producer in the node-on-the-consumer's-host rows "
+                         "(--netns; default 1): one write of the records, one publish per call")
     ap.add_argument("--netns-client", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--netns-split", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.netns_split:
         role, url, token, loc, secs = args.netns_split
-        got = _split_role(role, url, token, loc, float(secs))
+        got = _split_role(role, url, token, loc, float(secs), max(1, args.batch))
         if got is not None:
             print(json.dumps(got), flush=True)
         return 0
@@ -718,9 +723,10 @@ def main(argv: list[str] | None = None) -> int:
         return 69
     if args.netns:
         before = os.getloadavg()[0]
-        rows = run_netns(args.iters, args.seconds, node_progress=args.progress, rounds=max(1, args.rounds))
+        rows = run_netns(args.iters, args.seconds, node_progress=args.progress, rounds=max(1, args.rounds),
+                         batch=max(1, args.batch))
         print(f"load average (1 min) {before:.2f} before, {os.getloadavg()[0]:.2f} after; "
-              f"node progress {args.progress}")
+              f"node progress {args.progress}; node-on-the-consumer's-host producer batch {max(1, args.batch)}")
         return _print_netns(rows, ucx.version())
     print(f"UCX {ucx.version()}, UCX_TLS={args.tls}, loopback; µs unless stated; perftest measured in this run")
     print(f"{'op':18} {'py p50':>8} {'py p99':>8} {'C p50':>8} {'C p99':>8} {'perftest':>9}  (test)")
