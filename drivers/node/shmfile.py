@@ -58,6 +58,7 @@ from .wire import EXPIRED, FREED, REVOKED, UNKNOWN
 __all__ = [
     "DIR_PREFIX",
     "SHM_ROOT",
+    "LocalSpanOps",
     "NodeShmFabric",
     "NodeShmRegion",
     "ShmFileRegistrar",
@@ -229,69 +230,21 @@ class ShmFileRegistrar:
 # ---------------------------------------------------------------------------
 
 
-class NodeShmRegion:
-    """A span of a ``nodeshm`` node, reached one-sided through a mapping of its file."""
+class LocalSpanOps:
+    """The driver protocol's one-sided operations done on a span mapped into this process (CPU
+    loads, stores and atomics at ``_base``), for the regions that map a node's span file:
+    :class:`NodeShmRegion` and the UCX driver's ``UcxMappedRegion``. Each operation checks the
+    holder first (``_live``: the lease, the span file, the node; the region's own), then the
+    range and alignment; a read checks again after copying (bytes read across an expiry or a
+    fence are not returned)."""
 
-    mapped = False
+    nbytes: int
+    writable: bool
+    lease: Lease
+    _base: Any
 
-    def __init__(self, fabric: NodeShmFabric, link: NodeChannel, lease: Lease, grant: Grant) -> None:
-        self.fabric = fabric
-        self.link = link
-        self.lease = lease
-        self.nbytes = grant.nbytes
-        path = grant.access.get("path")
-        node_dir = link.info.get("dir")
-        if not span_file_name_ok(path, node_dir):
-            raise Corrupted(f"grant for lease {lease.id} names no span file of this node: {path!r}")
-        assert isinstance(path, str) and isinstance(node_dir, str)
-        self.writable = bool(grant.writable and grant.access.get("writable", False))
-        try:
-            self._fd = open_span_file(path, node_dir, writable=self.writable)
-        except LeaseExpired:
-            raise LeaseExpired(f"lease {lease.id}: its span is gone") from None
-        try:
-            if os.fstat(self._fd).st_size < self.nbytes:
-                raise Corrupted(f"span file of lease {lease.id} is smaller than the grant")
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
-            self._mm = mmap.mmap(self._fd, self.nbytes, mmap.MAP_SHARED, prot)
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._keep = ffi.from_buffer(self._mm)
-        self._base = ffi.cast("uint8_t *", self._keep)
-        self.closed = False
-
-    def ref(self) -> RegionRef:
-        return self.fabric.region_ref(self.lease, self.nbytes)
-
-    def address(self) -> int:
-        raise Unsupported("a node region is not mapped into this process; use the one-sided operations")
-
-    def view(self) -> memoryview:
-        raise Unsupported("a node region is not mapped into this process; use the one-sided operations")
-
-    # -- checks ------------------------------------------------------------------
     def _live(self) -> None:
-        """Fail closed: closed region, lease ended locally, or the node fenced the span."""
-        if self.closed:
-            raise QueueClosed(f"region {self.lease.id} is closed")
-        self.lease.check()
-        if os.fstat(self._fd).st_nlink == 0:
-            raise self._fenced_error()
-
-    def _fenced_error(self) -> FabricError:
-        try:
-            state = self.link.lease_state(self.lease.id)
-        except FabricError as ex:
-            return Disconnected(f"lease {self.lease.id}: its span was fenced and the node cannot be asked: {ex}")
-        cell = self.fabric.cell(self.lease.id)
-        if cell is not None:
-            cell.mark(state)
-        if state == REVOKED:
-            return Revoked(f"lease {self.lease.id} was revoked")
-        if state in (EXPIRED, FREED, UNKNOWN):
-            return LeaseExpired(f"lease {self.lease.id} is {state}")
-        return Disconnected(f"lease {self.lease.id}: span fenced although the node reports it {state}")
+        raise NotImplementedError
 
     def _bounds(self, offset: int, n: int) -> None:
         if not isinstance(offset, int) or offset < 0 or n < 0 or offset + n > self.nbytes:
@@ -355,6 +308,71 @@ class NodeShmRegion:
     def flush(self) -> None:
         """Operations are synchronous; this only checks the lease."""
         self._live()
+
+
+class NodeShmRegion(LocalSpanOps):
+    """A span of a ``nodeshm`` node, reached one-sided through a mapping of its file."""
+
+    mapped = False
+
+    def __init__(self, fabric: NodeShmFabric, link: NodeChannel, lease: Lease, grant: Grant) -> None:
+        self.fabric = fabric
+        self.link = link
+        self.lease = lease
+        self.nbytes = grant.nbytes
+        path = grant.access.get("path")
+        node_dir = link.info.get("dir")
+        if not span_file_name_ok(path, node_dir):
+            raise Corrupted(f"grant for lease {lease.id} names no span file of this node: {path!r}")
+        assert isinstance(path, str) and isinstance(node_dir, str)
+        self.writable = bool(grant.writable and grant.access.get("writable", False))
+        try:
+            self._fd = open_span_file(path, node_dir, writable=self.writable)
+        except LeaseExpired:
+            raise LeaseExpired(f"lease {lease.id}: its span is gone") from None
+        try:
+            if os.fstat(self._fd).st_size < self.nbytes:
+                raise Corrupted(f"span file of lease {lease.id} is smaller than the grant")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+            self._mm = mmap.mmap(self._fd, self.nbytes, mmap.MAP_SHARED, prot)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._keep = ffi.from_buffer(self._mm)
+        self._base = ffi.cast("uint8_t *", self._keep)
+        self.closed = False
+
+    def ref(self) -> RegionRef:
+        return self.fabric.region_ref(self.lease, self.nbytes)
+
+    def address(self) -> int:
+        raise Unsupported("a node region is not mapped into this process; use the one-sided operations")
+
+    def view(self) -> memoryview:
+        raise Unsupported("a node region is not mapped into this process; use the one-sided operations")
+
+    # -- checks ------------------------------------------------------------------
+    def _live(self) -> None:
+        """Fail closed: closed region, lease ended locally, or the node fenced the span."""
+        if self.closed:
+            raise QueueClosed(f"region {self.lease.id} is closed")
+        self.lease.check()
+        if os.fstat(self._fd).st_nlink == 0:
+            raise self._fenced_error()
+
+    def _fenced_error(self) -> FabricError:
+        try:
+            state = self.link.lease_state(self.lease.id)
+        except FabricError as ex:
+            return Disconnected(f"lease {self.lease.id}: its span was fenced and the node cannot be asked: {ex}")
+        cell = self.fabric.cell(self.lease.id)
+        if cell is not None:
+            cell.mark(state)
+        if state == REVOKED:
+            return Revoked(f"lease {self.lease.id} was revoked")
+        if state in (EXPIRED, FREED, UNKNOWN):
+            return LeaseExpired(f"lease {self.lease.id} is {state}")
+        return Disconnected(f"lease {self.lease.id}: span fenced although the node reports it {state}")
 
     def close(self) -> None:
         """Detach (the lease stays until freed or expired); later calls raise ``QueueClosed``. Idempotent."""

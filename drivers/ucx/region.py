@@ -7,7 +7,6 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from grafos_fabric._ffi import ffi as gffi
-from grafos_fabric._ffi import lib as glib
 from grafos_fabric.errors import (
     CapacityExceeded,
     Corrupted,
@@ -23,6 +22,7 @@ from grafos_fabric.lease import Lease
 
 from ..base import Buffer, RegionRef, byte_view
 from ..node.registrar import Grant
+from ..node.shmfile import LocalSpanOps
 from .binding import LEASE_TRAILER, PAGE, U64, Rkey, UcxEndpoint, ffi, lib
 
 if TYPE_CHECKING:
@@ -312,7 +312,7 @@ class UcxRegion:
             rk.close()
 
 
-class UcxMappedRegion:
+class UcxMappedRegion(LocalSpanOps):
     """A span of a ``local_map`` UCX node, mapped into this process on the node's own host.
 
     The node backs the span with an owner-only file under /dev/shm and maps it
@@ -474,61 +474,6 @@ class UcxMappedRegion:
         self.lease.check()
         self._check_file()
         self._check_node()
-
-    def _bounds(self, offset: int, n: int) -> None:
-        if not isinstance(offset, int) or offset < 0 or n < 0 or offset + n > self.nbytes:
-            raise CapacityExceeded(f"[{offset}, {offset + n}) is outside the region's {self.nbytes} bytes")
-
-    def _word(self, offset: int) -> None:
-        if not isinstance(offset, int) or offset % 8:
-            raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {offset}")
-        self._bounds(offset, 8)
-
-    # -- the one-sided operations, done locally -------------------------------------------
-    def read_into(self, offset: int, buf: Buffer) -> None:
-        self._live()
-        dst = gffi.from_buffer(buf, require_writable=True)
-        try:  # released before any raise: a traceback keeps this frame, and an exported buffer in it
-            self._bounds(offset, len(dst))  # pins the caller's memoryview (see UcxRegion.write)
-            gffi.memmove(dst, self._base + offset, len(dst))
-        finally:
-            gffi.release(dst)
-        self._live()  # bytes read across an expiry or fence are not returned
-
-    def write(self, offset: int, buf: Buffer) -> None:
-        self._live()
-        src = gffi.from_buffer(buf)
-        try:  # released before any raise (see read_into)
-            self._bounds(offset, len(src))
-            gffi.memmove(self._base + offset, src, len(src))
-        finally:
-            gffi.release(src)
-
-    def cas64(self, offset: int, expected: int, desired: int) -> int:
-        self._live()
-        self._word(offset)
-        return int(glib.gf_cas_at(self._base, offset, expected & U64, desired & U64))
-
-    def faa64(self, offset: int, add: int) -> int:
-        self._live()
-        self._word(offset)
-        return int(glib.gf_faa_at(self._base, offset, add & U64))
-
-    def load64(self, offset: int) -> int:
-        self._live()
-        self._word(offset)
-        value = int(glib.gf_load_acquire_at(self._base, offset))
-        self._live()
-        return value
-
-    def store64(self, offset: int, value: int) -> None:
-        self._live()
-        self._word(offset)
-        glib.gf_store_release_at(self._base, offset, value & U64)
-
-    def flush(self) -> None:
-        """Local operations are synchronous; this only checks the lease."""
-        self._live()
 
     def close(self) -> None:
         """Detach (the lease stays until freed or expired); later calls raise ``QueueClosed``. Idempotent.
