@@ -540,6 +540,8 @@ def test_grafos_bench_ucx_case_reports_queue_rates_beside_shm_and_ops_beside_per
     from grafos_fabric.tools.bench_ucx import run_ucx_bench
 
     out = run_ucx_bench(sizes=(64,), seconds=0.1, iters=300)
+    ns = f"bench-ucx-{os.getpid()}"  # the shm rows' private namespace: nothing of it stays behind
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"grafos.{ns}.") or n == f"grafos-gen.{ns}"]
     transports = {r["transport"] for r in out["ucx"]}
     assert {"shm mapped", "shm one-sided", "ucx tcp (one-sided)", "ucx sm,tcp (one-sided)"} <= transports
     assert all(r["items_per_s"] > 0 for r in out["ucx"])

@@ -618,8 +618,8 @@ def _queue_rate(ftx: Any, frx: Any, size: int, seconds: float, mapped: bool,
     while t.is_alive():  # drain so the producer's last push returns
         rx.pop_batch(batch, timeout=0).release()
         t.join(0.05)
-    tx.close()
     rx.close()
+    tx.free()  # the ring goes back now (closing alone left the segment until its lease expired)
     return got / (end - start)
 
 
@@ -645,6 +645,12 @@ def queue_rates(sizes: tuple[int, ...], seconds: float, progress: Any = None,
     finally:
         shm.reap()
         shm.close()
+        # nothing of this run's private namespace stays in /dev/shm (its generation counter too)
+        with contextlib.suppress(OSError):
+            for name in os.listdir("/dev/shm"):
+                if name.startswith(f"grafos.{ns}.") or name == f"grafos-gen.{ns}":
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join("/dev/shm", name))
     for tls in ("tcp", "sm,tcp"):
         reg = ucx.UcxRegistrar(256 << 20, host="127.0.0.1", tls=tls, net_devices="lo", progress=node_progress)
         node = NodeServer(reg, load_policy(_SECRET), port=0).start()
