@@ -67,8 +67,9 @@ struct gfu_ep {
     ucp_ep_h ep;
     atomic_int failed;       /* ucs_status_t of the error callback, 0 while healthy */
     int abandoned;           /* the last request was freed while still in flight */
-    uint64_t *slot;          /* atomic operand + reply: on the heap; abandoned (leaked, 16 bytes) when an
-                                atomic failed without completing, so UCX can never write into freed memory */
+    uint64_t *slot;          /* GFU_SLOT_WORDS operand/reply words: on the heap; abandoned (leaked, 32 bytes)
+                                when an operation failed without completing, so UCX can never write into
+                                freed memory */
     char err[160];
 };
 
@@ -81,6 +82,8 @@ struct gfu_rkey {
     gfu_ep *ep;
     ucp_rkey_h rkey;
 };
+
+#define GFU_SLOT_WORDS 4 /* CAS compare + swap/old, the published sequence word, spare */
 
 #define GFU_BACKLOG 256
 struct gfu_listener {
@@ -410,7 +413,7 @@ static int flush_locked(gfu_ep *e, double deadline) {
 
 static int connect_common(gfu_ctx *c, ucp_ep_params_t *p, gfu_ep *e, double timeout, gfu_ep **out, char *err,
                           size_t errlen) {
-    e->slot = calloc(2, sizeof(uint64_t));
+    e->slot = calloc(GFU_SLOT_WORDS, sizeof(uint64_t));
     if (!e->slot) { free(e); return GFU_ERROR; }
     fill_ep_errh(p, e);
     ctx_lock(c);
@@ -545,7 +548,7 @@ static void conn_cb(ucp_conn_request_h req, void *arg) {
     ra.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
     if (ucp_conn_request_query(req, &ra) == UCS_OK) format_sockaddr(&ra.client_address, peer, sizeof peer);
     gfu_ep *e = calloc(1, sizeof *e);
-    if (e) e->slot = calloc(2, sizeof(uint64_t));
+    if (e) e->slot = calloc(GFU_SLOT_WORDS, sizeof(uint64_t));
     if (!e || !e->slot) { free(e); ucp_listener_reject(l->listener, req); return; }
     e->ctx = c;
     ucp_ep_params_t p;
@@ -776,6 +779,57 @@ int gfu_faa64(gfu_ep *e, gfu_rkey *r, uint64_t raddr, uint64_t add, uint64_t *ol
     int rc = atomic_locked(e, r, UCP_ATOMIC_OP_ADD, &slot[0], &slot[1], raddr, deadline);
     if (rc == GFU_OK) *old = slot[1];
     else if (e->abandoned) e->slot = NULL; /* leaked on purpose: UCX may still hold it */
+    ctx_unlock(e->ctx);
+    return rc;
+}
+
+/* One publication of the one-sided ring producer (grafos_fabric/queue/_onesided_push.py), in one
+ * crossing: put the framed records (one span, or two at the ring's wrap: l2 may be 0), put the
+ * little-endian word `seq` at seq_raddr, then compare-and-swap the tail word, ordered after both
+ * at the target. order 0: by ucp_worker_fence, UCP's documented guarantee that the operations
+ * issued on an endpoint before the fence complete before those issued after it (OpenSHMEM's
+ * shmem_fence is this call), so the CAS is posted at once and its reply is the only wait past
+ * the puts' local completion. order 1: by a flush that is waited for before the CAS is posted
+ * (store64's release, then cas64, as separate calls do). Every request posted is waited for,
+ * or, on a failure, settled and freed; the first failure is returned. */
+int gfu_publish(gfu_ep *e, gfu_rkey *r, const char *b1, size_t l1, uint64_t a1, const char *b2, size_t l2,
+                uint64_t a2, uint64_t seq_raddr, uint64_t seq, uint64_t tail_raddr, uint64_t expected,
+                uint64_t desired, uint64_t *old, int order, double timeout) {
+    double deadline = now_s() + timeout;
+    OP_BEGIN(e);
+    uint64_t *slot = e->slot;
+    slot[0] = expected; /* CSWAP: buffer = compare value; reply_buffer = new value in, old value out */
+    slot[1] = desired;
+    slot[2] = htole64(seq);
+    ucp_request_param_t rp;
+    memset(&rp, 0, sizeof rp);
+    ucs_status_ptr_t reqs[4];
+    int n = 0, rc = GFU_OK, abandoned = 0;
+    ucs_status_t st;
+    if (l1) reqs[n++] = ucp_put_nbx(e->ep, b1, l1, a1, r->rkey, &rp);
+    if (l2 && !(n && UCS_PTR_IS_ERR(reqs[n - 1]))) reqs[n++] = ucp_put_nbx(e->ep, b2, l2, a2, r->rkey, &rp);
+    if (!(n && UCS_PTR_IS_ERR(reqs[n - 1]))) reqs[n++] = ucp_put_nbx(e->ep, &slot[2], 8, seq_raddr, r->rkey, &rp);
+    int fenced = order == 0 && !UCS_PTR_IS_ERR(reqs[n - 1]) && ucp_worker_fence(e->ctx->worker) == UCS_OK;
+    if (fenced) {
+        ucp_request_param_t ap;
+        memset(&ap, 0, sizeof ap);
+        ap.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_REPLY_BUFFER;
+        ap.datatype = ucp_dt_make_contig(8);
+        ap.reply_buffer = &slot[1];
+        reqs[n++] = ucp_atomic_op_nbx(e->ep, UCP_ATOMIC_OP_CSWAP, &slot[0], 1, tail_raddr, r->rkey, &ap);
+    }
+    for (int i = 0; i < n; i++) { /* wait_req on an endpoint that failed meanwhile settles and frees */
+        int one = wait_req(e, reqs[i], deadline, &st);
+        abandoned |= e->abandoned;
+        if (rc == GFU_OK) rc = one;
+    }
+    if (rc == GFU_OK && !fenced) {
+        rc = flush_locked(e, deadline);
+        if (rc == GFU_OK) rc = atomic_locked(e, r, UCP_ATOMIC_OP_CSWAP, &slot[0], &slot[1], tail_raddr, deadline);
+        abandoned |= e->abandoned;
+    }
+    if (rc == GFU_OK) *old = slot[1];
+    else if (abandoned) e->slot = NULL; /* leaked on purpose: UCX may still hold it */
     ctx_unlock(e->ctx);
     return rc;
 }

@@ -248,7 +248,7 @@ def _split_op(mode: str, node_progress: str) -> str:
 
 
 def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
-                       node_progress: str = "busy", batch: int = 1) -> dict[str, Any] | None:
+                       node_progress: str = "busy", batch: int = 1, publish: str = "fence") -> dict[str, Any] | None:
     """1 MiB queue items with the memory node on the consumer's host: node and consumer in A, producer in B.
 
     Each item crosses the veth once (the producer's put, over tcp, as ``ucx_perftest``'s). This is
@@ -274,7 +274,7 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
         prod = subprocess.Popen(
             ["ip", "netns", "exec", pair.ns_b, *me, "producer",
              f"ucx://{pair.ip_a}:7400?tls=tcp&net_devices={pair.dev_b}", token, loc, str(seconds), "--batch",
-             str(batch)],
+             str(batch), "--publish", publish],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             out, err = cons.communicate(timeout=120 + 4 * seconds)
@@ -300,7 +300,24 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
             node.wait()
 
 
-def _split_role(role: str, url: str, token: str, loc: str, seconds: float, batch: int = 1) -> dict[str, Any] | None:
+PUBLISH_MODES = ("fence", "flush", "separate")
+
+
+def _set_publish(region: Any, publish: str) -> None:
+    """How the one-sided producer publishes on ``region``: ``fence`` (the default: records,
+    sequence word and tail CAS in one ``publish`` call, the CAS ordered by ``ucp_worker_fence``),
+    ``flush`` (one call, the CAS after a flush), ``separate`` (``write``, ``store64``, ``cas64``,
+    as a region without ``publish`` does)."""
+    if publish not in PUBLISH_MODES:
+        raise ValueError(f"publish must be one of {PUBLISH_MODES}, got {publish!r}")
+    if publish == "separate":
+        region.publish = None  # the producer falls back to the separate operations
+    else:
+        region.publish_order = 0 if publish == "fence" else 1
+
+
+def _split_role(role: str, url: str, token: str, loc: str, seconds: float, batch: int = 1,
+                publish: str = "fence") -> dict[str, Any] | None:
     """One side of :func:`_netns_split_round`. The consumer creates the queue on the node, publishes
     its locator in ``loc``, times ``seconds`` of popping after a warm-up and writes ``loc.done``;
     the producer attaches by that locator and pushes 1 MiB items until ``loc.done`` appears, then
@@ -355,6 +372,7 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float, batch
             time.sleep(0.01)
         with open(loc, "rb") as fh:
             tx = gf.FabricQueue.attach(fabric, fh.read(), mapped=False)
+        _set_publish(tx.region, publish)
         items = np.zeros((batch, size), np.uint8)  # one push_batch call: up to `batch` items, one publish
         counts: dict[str, list[float]] = {}
         _count_ops(tx.region, counts)  # the producer's remote operations per item, for the row
@@ -530,7 +548,7 @@ def run(tls: str = "tcp", iters: int = 20000) -> list[dict[str, Any]]:
     return rows
 
 
-_COUNTED = ("write", "read_into", "load64", "store64", "cas64", "faa64", "flush")
+_COUNTED = ("publish", "write", "read_into", "load64", "store64", "cas64", "faa64", "flush")
 
 
 def _count_ops(region: Any, into: dict[str, list[float]]) -> None:
@@ -540,7 +558,9 @@ def _count_ops(region: Any, into: dict[str, list[float]]) -> None:
     clock = time.perf_counter
 
     for name in _COUNTED:
-        method = getattr(region, name)
+        method = getattr(region, name, None)
+        if method is None:  # no publish (another driver, or --publish separate)
+            continue
         cell = into.setdefault(name, [0.0, 0.0, 0.0])
 
         def timed(*args: Any, _m: Any = method, _c: list[float] = cell) -> Any:
@@ -552,6 +572,8 @@ def _count_ops(region: Any, into: dict[str, list[float]]) -> None:
                 _c[1] += clock() - t0
                 if len(args) == 2 and not isinstance(args[1], int):
                     _c[2] += memoryview(args[1]).nbytes
+                elif len(args) == 11:  # publish: the records' two spans
+                    _c[2] += args[1] + args[4]
 
         setattr(region, name, timed)
 
@@ -709,12 +731,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1,
                     help="items per push_batch call of the producer in the node-on-the-consumer's-host rows "
                          "(--netns; default 1): one write of the records, one publish per call")
+    ap.add_argument("--publish", choices=PUBLISH_MODES, default="fence",
+                    help="how the one-sided producer of the node-on-the-consumer's-host rows publishes (--netns): "
+                         "fence (default: records, sequence word and tail CAS in one call, the CAS ordered by "
+                         "ucp_worker_fence), flush (one call, the CAS after a flush), separate (write, store64, "
+                         "cas64: the path of a region without publish)")
     ap.add_argument("--netns-client", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--netns-split", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.netns_split:
         role, url, token, loc, secs = args.netns_split
-        got = _split_role(role, url, token, loc, float(secs), max(1, args.batch))
+        got = _split_role(role, url, token, loc, float(secs), max(1, args.batch), args.publish)
         if got is not None:
             print(json.dumps(got), flush=True)
         return 0

@@ -285,6 +285,40 @@ class UcxRegion:
         if rc:
             raise self._failure(rc, "store64", ep)
 
+    #: how :meth:`publish` orders the records and the sequence word before the tail CAS:
+    #: 0 by ``ucp_worker_fence`` (no wait for remote completion before the CAS is posted),
+    #: 1 by a flush waited for first (as ``store64`` + ``cas64``). Class-wide; tests set it.
+    publish_order = 0
+
+    def publish(self, addr1: int, len1: int, off1: int, addr2: int, len2: int, off2: int, seq_off: int, seq: int,
+                tail_off: int, expected: int, desired: int) -> int:
+        """The one-sided producer's publication in one call (see ``gfu_publish``): put ``len1`` bytes
+        at address ``addr1`` to ``off1`` (and ``len2`` from ``addr2`` to ``off2``: the ring's wrap; 0 for none),
+        put the word ``seq`` at ``seq_off``, then compare-and-swap the word at ``tail_off``
+        (``expected`` -> ``desired``), ordered after them at the node. Returns the tail word found.
+
+        ``addr1``/``addr2`` are addresses in local memory the caller keeps alive (the producer's
+        staging image). The same checks as the separate operations, for every range."""
+        ep, _, e, k = self._prep(tail_off, 8, True, True)  # every check, once; then the other ranges
+        size = self.nbytes
+        for off, n in ((off1, len1), (off2, len2), (seq_off, 8)):
+            if not isinstance(off, int) or off < 0 or n < 0 or off + n > size:
+                raise CapacityExceeded(f"[{off}, {off + n}) is outside the region's {size} bytes")
+        if seq_off & 7:
+            raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {seq_off}")
+        try:
+            old = _OUT.u64
+        except AttributeError:
+            old = _u64_out()
+        a = self.remote_addr
+        cast = ffi.cast
+        rc = lib.gfu_publish(e, k, cast("const char *", addr1), len1, a + off1,
+                             cast("const char *", addr2 if len2 else 0), len2, a + off2, a + seq_off, seq & U64,
+                             a + tail_off, expected & U64, desired & U64, old, self.publish_order, self.timeout)
+        if rc:
+            raise self._failure(rc, "publish", ep)
+        return old[0]
+
     def flush(self) -> None:
         """Wait until every put is remotely visible."""
         ep, _, e, _ = self._prep(0, 0, False)

@@ -136,7 +136,7 @@ class _LocalBuffer:
     """Page-aligned local memory for READs and WRITEs: registered with the fabric
     when the driver can register memory (``fabric.register(nbytes)``, e.g. verbs),
     else anonymous memory. ``array`` is a writable uint8 view; ``ptr`` a cdata
-    pointer to it (which does not by itself keep it alive: ``keep`` does)."""
+    pointer to it (which does not by itself keep it alive: ``keep`` does), ``addr`` its address."""
 
     def __init__(self, fabric: Fabric, nbytes: int) -> None:
         register = getattr(fabric, "register", None)
@@ -150,6 +150,7 @@ class _LocalBuffer:
         self.array: np.ndarray[Any, Any] = arr
         self.keep = ffi.from_buffer(arr, require_writable=True)
         self.ptr = ffi.cast("uint8_t *", self.keep)
+        self.addr = int(ffi.cast("uintptr_t", self.ptr))
         self.u32 = arr[: nbytes - nbytes % 8].view(np.uint32)
         self.u64 = arr[: nbytes - nbytes % 8].view(np.uint64)
         self.nbytes = nbytes

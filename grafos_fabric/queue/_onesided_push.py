@@ -173,17 +173,37 @@ class _OneSidedProducer(_OneSidedHandle):
         self.region.write(RING_HEADER + idx, st.array[idx:first])
         self.region.write(RING_HEADER, st.array[: end & self._mask])
 
+    def _spans(self, p: Any, st: _LocalBuffer) -> tuple[int, int, int, int, int, int]:
+        """The frame's spans as ``publish`` takes them, the same as :meth:`_write_frame`'s
+        writes: (address, length, region offset) of the first, then of the part past the
+        wrap (length 0 when there is none)."""
+        start, end = self._f_start, int(p.claim)
+        idx = start & self._mask
+        if idx + (end - start) <= self.capacity:
+            return st.addr + idx, end - start, RING_HEADER + idx, 0, 0, RING_HEADER
+        first = self._f_pad + RECORD_HEADER if self._f_pad != _NO_PAD else self.capacity
+        return st.addr + idx, first - idx, RING_HEADER + idx, st.addr, end & self._mask, RING_HEADER
+
     def _publish(self, p: Any, st: _LocalBuffer, what: str) -> None:
         """Write the frame, store next_seq, then CAS the tail word (fenced at the
-        target): the arguments and the outcome are the core's."""
+        target): the arguments and the outcome are the core's. A region with a
+        ``publish`` operation (UCX) does all three in one call, the CAS ordered
+        after the WRITEs at the target without waiting for them first."""
         try:
-            self._write_frame(p, st)
-            if p.claim == p.tail:
-                return
             r = self.region
-            r.store64(_NEXT_SEQ, int(p.next_seq))  # a release: the record WRITEs are complete before it
-            # SYNC POINT: ring-publish (records and next_seq before the tail word)
-            found = r.cas64(_TAIL, int(lib.gf_ring_publish_expected(p)), int(lib.gf_ring_publish_desired(p)))
+            publish = getattr(r, "publish", None)
+            if publish is not None:
+                if p.claim == p.tail:
+                    return
+                found = publish(*self._spans(p, st), _NEXT_SEQ, int(p.next_seq),
+                                _TAIL, int(lib.gf_ring_publish_expected(p)), int(lib.gf_ring_publish_desired(p)))
+            else:
+                self._write_frame(p, st)
+                if p.claim == p.tail:
+                    return
+                r.store64(_NEXT_SEQ, int(p.next_seq))  # a release: the record WRITEs are complete before it
+                # SYNC POINT: ring-publish (records and next_seq before the tail word)
+                found = r.cas64(_TAIL, int(lib.gf_ring_publish_expected(p)), int(lib.gf_ring_publish_desired(p)))
         except BaseException:
             lib.gf_ring_rollback(p)
             raise

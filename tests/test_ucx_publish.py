@@ -1,0 +1,152 @@
+"""UCX ``publish``: the one-sided producer's records, sequence word and tail CAS in one call.
+
+The CAS is posted right after the puts, ordered behind them by ``ucp_worker_fence``
+(``publish_order = 0``), or after a flush that is waited for (``publish_order = 1``). These
+tests check the ordering the ring protocol needs: at the node, the CAS must see the bytes
+the puts carried, every time; a CAS that overtook a put would find the old word."""
+
+from __future__ import annotations
+
+import mmap
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import grafos_fabric as gf
+from grafos_fabric.drivers import ucx
+from grafos_fabric.errors import CapacityExceeded, FabricValueError, QueueClosed
+
+needs_ucx = pytest.mark.skipif(ucx.available() is not None, reason=f"UCX unavailable: {ucx.available()}")
+pytestmark = needs_ucx
+
+SECRET = secrets.token_bytes(32)
+N = 256 << 10  # bytes per publication's records
+
+
+@pytest.fixture(params=["tcp", "sm,tcp"])
+def fabric(request: pytest.FixtureRequest) -> Iterator[Any]:
+    from grafos_fabric.drivers.node.auth import load_policy
+    from grafos_fabric.drivers.node.server import NodeServer
+
+    tls = request.param
+    reg = ucx.UcxRegistrar(8 << 20, host="127.0.0.1", tls=tls, net_devices="lo", progress="busy")
+    node = NodeServer(reg, load_policy(SECRET), port=0).start()
+    f = ucx.UcxFabric("127.0.0.1", node.port, secret=SECRET, tls=tls, net_devices="lo")
+    try:
+        yield f
+    finally:
+        f.close()
+        node.close()
+
+
+def _local(nbytes: int) -> tuple[np.ndarray[Any, Any], int, mmap.mmap]:
+    mm = mmap.mmap(-1, nbytes)
+    arr = np.frombuffer(mm, dtype=np.uint8)
+    return arr, arr.ctypes.data, mm
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["fence", "flush"])
+def test_the_tail_cas_sees_the_records_and_the_sequence_word_every_time(fabric: Any, order: int,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 publications of 256 KiB, half of them split in two spans (the wrap): each CAS
+    compares against a word that only that publication's put carries (the last word of the
+    records, or the sequence word), so it succeeds only if it ran after the put landed."""
+    monkeypatch.setattr(ucx.UcxRegion, "publish_order", order)
+    r = fabric.alloc(4 * N, ttl=600.0)
+    try:
+        buf, addr, _mm = _local(2 * N)
+        words = buf.view(np.uint64)
+        seq_off = 3 * N
+        for i in range(1, 301):
+            marker = (i << 8) | 0x5A
+            words[:] = i
+            if i % 2:  # one span; the CAS on the records' last word
+                words[N // 8 - 1] = marker
+                found = r.publish(addr, N, 0, 0, 0, 0, seq_off, i, N - 8, marker, marker | 1)
+                assert found == marker, f"publication {i}: the CAS ran before the put landed ({found:#x})"
+                assert r.load64(N - 8) == marker | 1
+            else:  # two spans (as at the ring's wrap); the CAS on the sequence word
+                found = r.publish(addr + N // 2, N // 2, N, addr, N // 2, 2 * N, seq_off, i, seq_off, i, i | 1 << 63)
+                assert found == i, f"publication {i}: the CAS ran before the sequence word landed ({found:#x})"
+                assert r.load64(seq_off) == i | 1 << 63
+        back = bytearray(N // 2)
+        r.read_into(2 * N, back)
+        assert np.frombuffer(back, np.uint64).tolist() == [300] * (N // 16)
+    finally:
+        r.close()
+
+
+def test_a_failed_compare_changes_nothing_but_the_records_land(fabric: Any) -> None:
+    r = fabric.alloc(2 * N, ttl=600.0)
+    try:
+        buf, addr, _mm = _local(N)
+        buf[:] = 7
+        r.store64(N + 8, 40)
+        assert r.publish(addr, N, 0, 0, 0, 0, N, 99, N + 8, 41, 50) == 40  # compare fails: returns the word
+        assert r.load64(N + 8) == 40
+        assert r.load64(N) == 99
+        back = bytearray(N)
+        r.read_into(0, back)
+        assert bytes(back) == bytes([7]) * N
+    finally:
+        r.close()
+
+
+def test_bad_ranges_alignment_and_a_closed_region_fail_typed(fabric: Any) -> None:
+    r = fabric.alloc(N, ttl=600.0)
+    _buf, addr, _mm = _local(N)
+    with pytest.raises(CapacityExceeded):
+        r.publish(addr, N, 8, 0, 0, 0, 0, 1, 8, 0, 1)  # records past the end
+    with pytest.raises(CapacityExceeded):
+        r.publish(addr, 64, 0, addr, 64, N - 32, 0, 1, 8, 0, 1)  # the second span past the end
+    with pytest.raises(CapacityExceeded):
+        r.publish(addr, 64, 0, 0, 0, 0, N, 1, 8, 0, 1)  # the sequence word past the end
+    with pytest.raises(FabricValueError):
+        r.publish(addr, 64, 0, 0, 0, 0, 12, 1, 16, 0, 1)  # an unaligned sequence word
+    with pytest.raises(FabricValueError):
+        r.publish(addr, 64, 0, 0, 0, 0, 8, 1, 20, 0, 1)  # an unaligned tail word
+    assert r.load64(8) == 0  # none of them wrote anything
+    r.close()
+    with pytest.raises(QueueClosed):
+        r.publish(addr, 64, 0, 0, 0, 0, 8, 1, 16, 0, 1)
+
+
+def test_a_one_sided_producer_publishes_each_push_in_one_call(fabric: Any) -> None:
+    """The queue's producer uses ``publish`` where the region has it: one call per push (no
+    separate write, store64 or cas64), and the items come out whole and in order."""
+    q = gf.FabricQueue.create(fabric, capacity=1 << 20, ttl=600.0)
+    tx = gf.FabricQueue.attach(fabric, bytes(q.locator()), mapped=False)
+    rx = gf.FabricQueue.attach(fabric, bytes(q.locator()), mapped=False)
+    calls: dict[str, int] = {}
+    region = tx.region
+    for name in ("publish", "write", "store64", "cas64"):
+        method = getattr(region, name)
+
+        def counted(*a: Any, _m: Any = method, _n: str = name) -> Any:
+            calls[_n] = calls.get(_n, 0) + 1
+            return _m(*a)
+
+        setattr(region, name, counted)
+    try:
+        tx.push(b"x" * 100)  # claims the producer role (its own operations), then publishes
+        calls.clear()
+        for i in range(50):
+            tx.push(bytes([i]) * (1000 + i))
+        assert calls == {"publish": 50}
+        assert tx.push_batch(np.full((8, 4096), 3, np.uint8)) == 8
+        assert calls == {"publish": 51}
+        assert bytes(rx.pop(timeout=5.0)) == b"x" * 100
+        for i in range(50):
+            it = rx.pop(timeout=5.0)
+            assert bytes(it) == bytes([i]) * (1000 + i)
+            it.release()
+        b = rx.pop_batch(8, timeout=5.0)
+        assert len(b) == 8 and int(b.array().sum()) == 3 * 8 * 4096
+        b.release()
+    finally:
+        tx.close()
+        rx.close()
+        q.free()
