@@ -19,7 +19,7 @@ import pytest
 
 from grafos_fabric.drivers.node.auth import load_policy
 from grafos_fabric.drivers.node.server import NodeServer
-from grafos_fabric.drivers.node.shmfile import NodeShmFabric, ShmFileRegistrar
+from grafos_fabric.drivers.node.shmfile import LOCK_NAME, NodeShmFabric, ShmFileRegistrar
 from grafos_fabric.errors import (
     CapabilityDenied,
     CapacityExceeded,
@@ -95,10 +95,10 @@ def test_span_files_are_owner_only_and_go_when_the_lease_ends(node, fabric):
     assert isinstance(reg, ShmFileRegistrar)
     assert stat.S_IMODE(os.stat(reg.dir).st_mode) == 0o700
     region = fabric.alloc(4096, ttl=30.0)
-    (name,) = os.listdir(reg.dir)
+    (name,) = [n for n in os.listdir(reg.dir) if n != LOCK_NAME]
     assert len(name) == 32 and stat.S_IMODE(os.stat(os.path.join(reg.dir, name)).st_mode) == 0o600
     region.lease.revoke()
-    assert os.listdir(reg.dir) == []
+    assert [n for n in os.listdir(reg.dir) if n != LOCK_NAME] == []
 
 
 def test_a_revoke_by_another_holder_fails_closed_for_every_holder(node, fabric):
@@ -234,3 +234,44 @@ def test_an_owner_that_attaches_its_own_lease_through_a_consumer_ref_keeps_its_r
     region.lease.revoke()
     with pytest.raises(Revoked):
         consumer_side.load64(0)
+
+
+def test_span_directories_of_dead_nodes_are_reaped_and_nothing_else(tmp_path):
+    """A node holds a lock on its span directory; the next node made in the same root removes
+    the directories whose lock nobody holds (nodes killed without closing), and leaves a live
+    node's, one without a lock file (an older build's), another user's, and a symlink."""
+    import subprocess
+    import sys
+
+    root = str(tmp_path)
+    live = ShmFileRegistrar(1 << 20, root=root)
+    child = subprocess.run(  # a node process that dies without closing (os._exit: nothing cleaned up)
+        [sys.executable, "-c", "import os, sys\nfrom grafos_fabric.drivers.node.shmfile import ShmFileRegistrar\n"
+         "r = ShmFileRegistrar(1 << 20, root=sys.argv[1]); r.register(0, 4096)\nprint(r.dir, flush=True)\n"
+         "os._exit(0)", root], capture_output=True, text=True, check=True)
+    dead = child.stdout.strip()
+    assert os.path.isdir(dead) and len(os.listdir(dead)) == 2  # the lock and a span file
+    old = os.path.join(root, "grafos-node.older")
+    os.mkdir(old, 0o700)  # no lock file
+    other = os.path.join(root, "grafos-node.other")
+    os.mkdir(other, 0o700)
+    open(os.path.join(other, LOCK_NAME), "w").close()
+    if os.geteuid() == 0:
+        os.chown(other, 65534, 65534)
+    link = os.path.join(root, "grafos-node.link")
+    os.symlink(dead, link)
+    try:
+        nxt = ShmFileRegistrar(1 << 20, root=root)  # reaps first
+        try:
+            assert not os.path.exists(dead)
+            assert os.path.isdir(live.dir) and os.path.isdir(nxt.dir) and os.path.isdir(old)
+            assert os.path.islink(link)
+            assert os.path.isdir(other) == (os.geteuid() == 0)  # only root could hand it to another user
+            region_file = live.register(0, 4096).path  # the live node still works
+            assert os.path.exists(region_file)
+        finally:
+            nxt.close()
+        assert not os.path.exists(nxt.dir)
+    finally:
+        live.close()
+    assert not os.path.exists(live.dir)

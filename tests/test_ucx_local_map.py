@@ -28,11 +28,18 @@ if ucx.available() is not None:
 from grafos_fabric.drivers.node.auth import load_policy
 from grafos_fabric.drivers.node.registrar import Grant
 from grafos_fabric.drivers.node.server import NodeServer
+from grafos_fabric.drivers.node.shmfile import LOCK_NAME, reap_span_dirs
 from grafos_fabric.drivers.ucx import UcxMappedRegion, UcxRegion
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECRET = b"ucx-local-map-test-secret-32byte"
 PEER = os.path.join(HERE, "_ucx_map_peer.py")
+
+
+
+def _spans(d: str) -> list[str]:
+    """The span files in a node's span directory (not its ``.owner`` lock)."""
+    return [n for n in os.listdir(d) if n != LOCK_NAME]
 
 
 def item(i: int) -> bytes:
@@ -385,7 +392,7 @@ def test_the_registrar_maps_span_files_over_the_pool_and_fences_them_back_to_fre
         assert again.access(True)["path"] != path
         assert ctypes.string_at(reg.pool_addr + 8192, 65536) == bytes(65536)
         reg.deregister(again)
-        assert os.listdir(d) == []
+        assert _spans(d) == []
     finally:
         reg.close()
     assert not os.path.exists(d)
@@ -415,19 +422,19 @@ def test_a_full_dev_shm_fails_the_grant_with_capacity_exceeded_and_leaks_nothing
             try:
                 with pytest.raises(E.CapacityExceeded):
                     fab.alloc(1 << 20, 60.0)
-                assert os.listdir(reg.shm_dir) == []  # the half-made file is gone
+                assert _spans(reg.shm_dir) == []  # the half-made file is gone
                 small = fab.alloc(64 << 10, 60.0)  # the pool range went back; small spans still fit
                 small.write(0, b"fits")
                 small.flush()
                 buf = bytearray(4)
                 small.read_into(0, buf)
                 assert bytes(buf) == b"fits"
-                assert len(os.listdir(reg.shm_dir)) == 1
+                assert len(_spans(reg.shm_dir)) == 1
                 small.lease.free()
                 deadline = time.monotonic() + 10
-                while os.listdir(reg.shm_dir) and time.monotonic() < deadline:
+                while _spans(reg.shm_dir) and time.monotonic() < deadline:
                     time.sleep(0.01)
-                assert os.listdir(reg.shm_dir) == []
+                assert _spans(reg.shm_dir) == []
             finally:
                 fab.close()
         finally:
@@ -465,13 +472,17 @@ def test_a_node_killed_under_a_mapped_consumer_gives_disconnected_and_the_items_
         assert got == [item(i) for i in range(1, 6)]  # published before the kill: whole and in order
         assert took < 10, f"the dead node was seen only after {took:.1f}s"
         assert held.tobytes() == item(0)
+        assert os.path.isdir(node_dir)  # a killed node leaves its span directory: the next node reaps it
+        assert node_dir in reap_span_dirs(os.path.dirname(node_dir))
+        assert not os.path.exists(node_dir)
+        assert held.tobytes() == item(0)  # the reaped span's pages stay this holder's
         held.release()
         rx.close()
     finally:
         local.close()
         owner.close()
         if node_dir:
-            shutil.rmtree(node_dir, ignore_errors=True)  # a killed node leaves its span directory behind
+            shutil.rmtree(node_dir, ignore_errors=True)
 
 
 def test_a_node_shut_down_under_a_mapped_consumer_fails_its_next_pop_closed() -> None:

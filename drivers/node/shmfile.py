@@ -25,6 +25,7 @@ URLs: ``nodeshm://127.0.0.1:PORT?tenant=NAME``; the node:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -63,8 +64,11 @@ __all__ = [
     "NodeShmRegion",
     "ShmFileRegistrar",
     "create_span_file",
+    "LOCK_NAME",
     "make_span_dir",
     "open_span_file",
+    "reap_span_dirs",
+    "remove_span_dir",
     "span_file_name_ok",
     "unlink_span_file",
 ]
@@ -103,9 +107,70 @@ class _NoSession:
         pass
 
 
+LOCK_NAME = ".owner"  # in a node's span directory: held (flock) by the live node that made it
+_held: dict[str, int] = {}  # span directory -> the lock file's descriptor, for this process's nodes
+
+
 def make_span_dir(root: str = SHM_ROOT) -> str:
-    """A fresh directory ``ROOT/grafos-node.XXXX`` of mode 0700 for a node's span files."""
-    return tempfile.mkdtemp(prefix=DIR_PREFIX, dir=root)  # mode 0700
+    """A fresh directory ``ROOT/grafos-node.XXXX`` of mode 0700 for a node's span files.
+
+    The node holds an exclusive ``flock`` on the directory's ``.owner`` file for as long as it
+    lives (the kernel drops it when the process dies, kill -9 included), and first reaps the
+    directories of this user's dead nodes in ``root`` (:func:`reap_span_dirs`)."""
+    reap_span_dirs(root)
+    path = tempfile.mkdtemp(prefix=DIR_PREFIX, dir=root)  # mode 0700
+    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+    _held[path] = fd
+    return path
+
+
+def remove_span_dir(path: str) -> None:
+    """Remove a node's span directory (its spans' names: holders keep their mappings) and let
+    go of its lock (idempotent)."""
+    shutil.rmtree(path, ignore_errors=True)
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def reap_span_dirs(root: str = SHM_ROOT) -> list[str]:
+    """Remove the span directories in ``root`` left by this user's nodes that died without
+    closing (kill -9, a crash): those whose ``.owner`` lock nobody holds. Returns their paths.
+
+    Only directories named ``grafos-node.*``, owned by this user, of mode 0700, not symlinks,
+    and with a lock file are touched (a directory of an older build, without one, is left
+    alone: its node may be alive); the lock is taken without following symlinks and without
+    waiting, so a live node's directory is never removed. Holders that still map a reaped
+    span keep their pages (an unlinked file); their next check finds the link count at 0."""
+    reaped: list[str] = []
+    uid = os.getuid()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return reaped
+    for name in names:
+        if not name.startswith(DIR_PREFIX):
+            continue
+        path = os.path.join(root, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o777 != 0o700 or path in _held:
+                continue
+            fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: its node is alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("reaped the span directory %s of a node that died without closing", path)
+        reaped.append(path)
+    return reaped
 
 
 def create_span_file(directory: str, nbytes: int) -> tuple[str, int]:
@@ -222,7 +287,7 @@ class ShmFileRegistrar:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            shutil.rmtree(self.dir, ignore_errors=True)
+            remove_span_dir(self.dir)
 
 
 # ---------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from grafos_fabric.errors import CapacityExceeded, Disconnected, FabricValueErro
 from grafos_fabric.lease import LeaseState
 
 from ..node.registrar import Access
-from ..node.shmfile import SHM_ROOT, create_span_file, make_span_dir, unlink_span_file
+from ..node.shmfile import SHM_ROOT, create_span_file, make_span_dir, remove_span_dir, unlink_span_file
 from .binding import (
     ERRLEN,
     LEASE_TRAILER,
@@ -349,9 +349,7 @@ class UcxRegistrar:
     # -- the Registrar protocol ------------------------------------------------
     def _remove_dir(self) -> None:
         if self.shm_dir:
-            import shutil
-
-            shutil.rmtree(self.shm_dir, ignore_errors=True)
+            remove_span_dir(self.shm_dir)
 
     def node_info(self) -> Access:
         info: Access = {"ucx_host": self.advertise}
