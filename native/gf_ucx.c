@@ -784,17 +784,19 @@ int gfu_faa64(gfu_ep *e, gfu_rkey *r, uint64_t raddr, uint64_t add, uint64_t *ol
 }
 
 /* One publication of the one-sided ring producer (grafos_fabric/queue/_onesided_push.py), in one
- * crossing: put the framed records (one span, or two at the ring's wrap: l2 may be 0), put the
- * little-endian word `seq` at seq_raddr, then compare-and-swap the tail word, ordered after both
- * at the target. order 0: by ucp_worker_fence, UCP's documented guarantee that the operations
- * issued on an endpoint before the fence complete before those issued after it (OpenSHMEM's
- * shmem_fence is this call), so the CAS is posted at once and its reply is the only wait past
- * the puts' local completion. order 1: by a flush that is waited for before the CAS is posted
- * (store64's release, then cas64, as separate calls do). Every request posted is waited for,
- * or, on a failure, settled and freed; the first failure is returned. */
-int gfu_publish(gfu_ep *e, gfu_rkey *r, const char *b1, size_t l1, uint64_t a1, const char *b2, size_t l2,
-                uint64_t a2, uint64_t seq_raddr, uint64_t seq, uint64_t tail_raddr, uint64_t expected,
-                uint64_t desired, uint64_t *old, int order, double timeout) {
+ * crossing: put the records' spans (nspans triples in `spans`: local address, length, remote
+ * address; the framed records, or headers from the staging image and payloads from the caller's
+ * buffers), put the little-endian word `seq` at seq_raddr, then compare-and-swap the tail word,
+ * ordered after all of them at the target. order 0: by ucp_worker_fence, UCP's documented
+ * guarantee that the operations issued on an endpoint before the fence complete before those
+ * issued after it (OpenSHMEM's shmem_fence is this call), so the CAS is posted at once and its
+ * reply is the only wait past the puts' local completion. order 1: by a flush that is waited for
+ * before the CAS is posted (store64's release, then cas64, as separate calls do). Every request
+ * posted is waited for, or, on a failure, settled and freed; the first failure is returned. */
+int gfu_publish(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, uint64_t seq_raddr, uint64_t seq,
+                uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t *old, int order,
+                double timeout) {
+    if (nspans < 0 || nspans > GFU_PUBLISH_SPANS || (nspans && !spans)) return GFU_ERROR;
     double deadline = now_s() + timeout;
     OP_BEGIN(e);
     uint64_t *slot = e->slot;
@@ -803,13 +805,20 @@ int gfu_publish(gfu_ep *e, gfu_rkey *r, const char *b1, size_t l1, uint64_t a1, 
     slot[2] = htole64(seq);
     ucp_request_param_t rp;
     memset(&rp, 0, sizeof rp);
-    ucs_status_ptr_t reqs[4];
-    int n = 0, rc = GFU_OK, abandoned = 0;
+    ucs_status_ptr_t reqs[GFU_PUBLISH_SPANS + 2];
+    int n = 0, rc = GFU_OK, abandoned = 0, posted_ok = 1;
     ucs_status_t st;
-    if (l1) reqs[n++] = ucp_put_nbx(e->ep, b1, l1, a1, r->rkey, &rp);
-    if (l2 && !(n && UCS_PTR_IS_ERR(reqs[n - 1]))) reqs[n++] = ucp_put_nbx(e->ep, b2, l2, a2, r->rkey, &rp);
-    if (!(n && UCS_PTR_IS_ERR(reqs[n - 1]))) reqs[n++] = ucp_put_nbx(e->ep, &slot[2], 8, seq_raddr, r->rkey, &rp);
-    int fenced = order == 0 && !UCS_PTR_IS_ERR(reqs[n - 1]) && ucp_worker_fence(e->ctx->worker) == UCS_OK;
+    for (int i = 0; i < nspans && posted_ok; i++) {
+        const uint64_t *t = spans + 3 * i;
+        if (!t[1]) continue;
+        reqs[n] = ucp_put_nbx(e->ep, (const void *)(uintptr_t)t[0], (size_t)t[1], t[2], r->rkey, &rp);
+        posted_ok = !UCS_PTR_IS_ERR(reqs[n++]);
+    }
+    if (posted_ok) {
+        reqs[n] = ucp_put_nbx(e->ep, &slot[2], 8, seq_raddr, r->rkey, &rp);
+        posted_ok = !UCS_PTR_IS_ERR(reqs[n++]);
+    }
+    int fenced = order == 0 && posted_ok && ucp_worker_fence(e->ctx->worker) == UCS_OK;
     if (fenced) {
         ucp_request_param_t ap;
         memset(&ap, 0, sizeof ap);

@@ -15,7 +15,8 @@ enum {
     GFU_TIMEOUT = -8,      /* deadline passed; the endpoint was force-closed */
     GFU_ERROR = -9,        /* a local failure (bad argument, out of memory, UCX refused) */
     GFU_CLOSED = -10,      /* the endpoint was closed before the call */
-    GFU_ABI_VERSION = 3
+    GFU_ABI_VERSION = 3,
+    GFU_PUBLISH_SPANS = 64 /* the most spans one gfu_publish puts */
 };
 
 typedef struct gfu_ctx gfu_ctx;
@@ -69,9 +70,9 @@ int gfu_cas64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t expected, uin
 int gfu_faa64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t add, uint64_t *old, double timeout);
 int gfu_load64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t *out, double timeout);
 int gfu_store64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t value, double timeout);
-int gfu_publish(gfu_ep *ep, gfu_rkey *rkey, const char *b1, size_t l1, uint64_t a1, const char *b2, size_t l2,
-                uint64_t a2, uint64_t seq_raddr, uint64_t seq, uint64_t tail_raddr, uint64_t expected,
-                uint64_t desired, uint64_t *old, int order, double timeout);
+int gfu_publish(gfu_ep *ep, gfu_rkey *rkey, const uint64_t *spans, int nspans, uint64_t seq_raddr, uint64_t seq,
+                uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t *old, int order,
+                double timeout);
 int gfu_flush(gfu_ep *ep, double timeout);
 
 int gfu_bench(gfu_ep *ep, gfu_rkey *rkey, int op, void *buf, size_t len, uint64_t raddr, int iters,

@@ -65,11 +65,11 @@ def test_the_tail_cas_sees_the_records_and_the_sequence_word_every_time(fabric: 
             words[:] = i
             if i % 2:  # one span; the CAS on the records' last word
                 words[N // 8 - 1] = marker
-                found = r.publish(addr, N, 0, 0, 0, 0, seq_off, i, N - 8, marker, marker | 1)
+                found = r.publish([(addr, N, 0)], seq_off, i, N - 8, marker, marker | 1)
                 assert found == marker, f"publication {i}: the CAS ran before the put landed ({found:#x})"
                 assert r.load64(N - 8) == marker | 1
             else:  # two spans (as at the ring's wrap); the CAS on the sequence word
-                found = r.publish(addr + N // 2, N // 2, N, addr, N // 2, 2 * N, seq_off, i, seq_off, i, i | 1 << 63)
+                found = r.publish([(addr + N // 2, N // 2, N), (addr, N // 2, 2 * N)], seq_off, i, seq_off, i, i | 1 << 63)
                 assert found == i, f"publication {i}: the CAS ran before the sequence word landed ({found:#x})"
                 assert r.load64(seq_off) == i | 1 << 63
         back = bytearray(N // 2)
@@ -85,7 +85,7 @@ def test_a_failed_compare_changes_nothing_but_the_records_land(fabric: Any) -> N
         buf, addr, _mm = _local(N)
         buf[:] = 7
         r.store64(N + 8, 40)
-        assert r.publish(addr, N, 0, 0, 0, 0, N, 99, N + 8, 41, 50) == 40  # compare fails: returns the word
+        assert r.publish([(addr, N, 0)], N, 99, N + 8, 41, 50) == 40  # compare fails: returns the word
         assert r.load64(N + 8) == 40
         assert r.load64(N) == 99
         back = bytearray(N)
@@ -99,19 +99,21 @@ def test_bad_ranges_alignment_and_a_closed_region_fail_typed(fabric: Any) -> Non
     r = fabric.alloc(N, ttl=600.0)
     _buf, addr, _mm = _local(N)
     with pytest.raises(CapacityExceeded):
-        r.publish(addr, N, 8, 0, 0, 0, 0, 1, 8, 0, 1)  # records past the end
+        r.publish([(addr, N, 8)], 0, 1, 8, 0, 1)  # records past the end
     with pytest.raises(CapacityExceeded):
-        r.publish(addr, 64, 0, addr, 64, N - 32, 0, 1, 8, 0, 1)  # the second span past the end
+        r.publish([(addr, 64, 0), (addr, 64, N - 32)], 0, 1, 8, 0, 1)  # the second span past the end
     with pytest.raises(CapacityExceeded):
-        r.publish(addr, 64, 0, 0, 0, 0, N, 1, 8, 0, 1)  # the sequence word past the end
+        r.publish([(addr, 64, 0)], N, 1, 8, 0, 1)  # the sequence word past the end
     with pytest.raises(FabricValueError):
-        r.publish(addr, 64, 0, 0, 0, 0, 12, 1, 16, 0, 1)  # an unaligned sequence word
+        r.publish([(addr, 64, 0)], 12, 1, 16, 0, 1)  # an unaligned sequence word
     with pytest.raises(FabricValueError):
-        r.publish(addr, 64, 0, 0, 0, 0, 8, 1, 20, 0, 1)  # an unaligned tail word
+        r.publish([(addr, 64, 0)], 8, 1, 20, 0, 1)  # an unaligned tail word
+    with pytest.raises(FabricValueError):
+        r.publish([(addr, 8, 64)] * 65, 8, 1, 16, 0, 1)  # more spans than one call takes
     assert r.load64(8) == 0  # none of them wrote anything
     r.close()
     with pytest.raises(QueueClosed):
-        r.publish(addr, 64, 0, 0, 0, 0, 8, 1, 16, 0, 1)
+        r.publish([(addr, 64, 0)], 8, 1, 16, 0, 1)
 
 
 def test_a_one_sided_producer_publishes_each_push_in_one_call(fabric: Any) -> None:
@@ -147,6 +149,53 @@ def test_a_one_sided_producer_publishes_each_push_in_one_call(fabric: Any) -> No
         assert len(b) == 8 and int(b.array().sum()) == 3 * 8 * 4096
         b.release()
     finally:
+        tx.close()
+        rx.close()
+        q.free()
+
+
+def test_big_items_go_out_from_the_callers_memory_and_come_out_whole(fabric: Any) -> None:
+    """Items of 64 KiB and more are not copied into the staging image: ``publish`` gets a span
+    whose address is the item's own (push) or the row's (push_batch), the headers and tail
+    padding from the staging image; across many wraps of a 1 MiB ring, with odd sizes (tail
+    padding) and small items (framed with a copy) between them, every item comes out whole."""
+    q = gf.FabricQueue.create(fabric, capacity=1 << 20, ttl=600.0)
+    tx = gf.FabricQueue.attach(fabric, bytes(q.locator()), mapped=False)
+    rx = gf.FabricQueue.attach(fabric, bytes(q.locator()), mapped=False)
+    region = tx.region
+    seen: list[list[tuple[int, int, int]]] = []
+    publish = region.publish
+
+    def spy(spans: list[tuple[int, int, int]], *rest: Any) -> Any:
+        seen.append(list(spans))
+        return publish(spans, *rest)
+
+    region.publish = spy
+    rng = np.random.default_rng(7)
+    try:
+        for i in range(40):
+            n = (64 << 10) + int(rng.integers(0, 200_000)) if i % 4 else 1000 + i  # every 4th small
+            item = rng.integers(0, 256, n, dtype=np.uint8)
+            seen.clear()
+            tx.push(item, timeout=5.0)
+            (spans,) = seen
+            direct = any(a == item.ctypes.data and m == n for a, m, _ in spans)
+            assert direct == (n >= 64 << 10), spans  # small items are copied into the staging image
+            got = rx.pop(timeout=5.0)
+            assert bytes(got) == item.tobytes(), f"item {i} ({n} bytes) came out changed"
+            got.release()
+        big = rng.integers(0, 256, (6, 90_000), dtype=np.uint8)
+        for batch in (big, big[::2], big[1:4]):  # contiguous rows, rows with a stride, an offset view
+            seen.clear()
+            assert tx.push_batch(batch, timeout=5.0) == len(batch)
+            addrs = {a for spans in seen for a, _, _ in spans}
+            assert all(batch[r].ctypes.data in addrs for r in range(len(batch)))  # each from its own memory
+            for r in range(len(batch)):
+                got = rx.pop(timeout=5.0)
+                assert bytes(got) == batch[r].tobytes()
+                got.release()
+    finally:
+        region.publish = publish
         tx.close()
         rx.close()
         q.free()

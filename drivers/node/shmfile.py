@@ -58,13 +58,13 @@ from .wire import EXPIRED, FREED, REVOKED, UNKNOWN
 
 __all__ = [
     "DIR_PREFIX",
+    "LOCK_NAME",
     "SHM_ROOT",
     "LocalSpanOps",
     "NodeShmFabric",
     "NodeShmRegion",
     "ShmFileRegistrar",
     "create_span_file",
-    "LOCK_NAME",
     "make_span_dir",
     "open_span_file",
     "reap_span_dirs",

@@ -4,6 +4,7 @@ operations, and :class:`UcxMappedRegion`, a span of a ``local_map`` node mapped 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from grafos_fabric._ffi import ffi as gffi
@@ -290,31 +291,42 @@ class UcxRegion:
     #: 1 by a flush waited for first (as ``store64`` + ``cas64``). Class-wide; tests set it.
     publish_order = 0
 
-    def publish(self, addr1: int, len1: int, off1: int, addr2: int, len2: int, off2: int, seq_off: int, seq: int,
-                tail_off: int, expected: int, desired: int) -> int:
-        """The one-sided producer's publication in one call (see ``gfu_publish``): put ``len1`` bytes
-        at address ``addr1`` to ``off1`` (and ``len2`` from ``addr2`` to ``off2``: the ring's wrap; 0 for none),
-        put the word ``seq`` at ``seq_off``, then compare-and-swap the word at ``tail_off``
-        (``expected`` -> ``desired``), ordered after them at the node. Returns the tail word found.
+    def publish(self, spans: Sequence[tuple[int, int, int]], seq_off: int, seq: int, tail_off: int,
+                expected: int, desired: int) -> int:
+        """The one-sided producer's publication in one call (see ``gfu_publish``): put each span
+        ``(address, length, offset)`` (``length`` bytes of local memory at ``address`` to ``offset``
+        in the region), put the word ``seq`` at ``seq_off``, then compare-and-swap the word at
+        ``tail_off`` (``expected`` -> ``desired``), ordered after them at the node. Returns the
+        tail word found.
 
-        ``addr1``/``addr2`` are addresses in local memory the caller keeps alive (the producer's
-        staging image). The same checks as the separate operations, for every range."""
+        The addresses are of local memory the caller keeps alive and unchanged for the call (the
+        producer's staging image, the items it pushes). The same checks as the separate
+        operations, for every range; at most ``GFU_PUBLISH_SPANS`` spans."""
         ep, _, e, k = self._prep(tail_off, 8, True, True)  # every check, once; then the other ranges
         size = self.nbytes
-        for off, n in ((off1, len1), (off2, len2), (seq_off, 8)):
-            if not isinstance(off, int) or off < 0 or n < 0 or off + n > size:
-                raise CapacityExceeded(f"[{off}, {off + n}) is outside the region's {size} bytes")
-        if seq_off & 7:
+        if not isinstance(seq_off, int) or seq_off & 7:
             raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {seq_off}")
+        n = len(spans)
+        if n > lib.GFU_PUBLISH_SPANS:
+            raise FabricValueError(f"{n} spans in one publish: at most {lib.GFU_PUBLISH_SPANS}")
+        try:
+            arr = _OUT.spans
+        except AttributeError:
+            arr = _OUT.spans = ffi.new("uint64_t[]", 3 * lib.GFU_PUBLISH_SPANS)
+        a = self.remote_addr
+        i = 0
+        for addr, length, off in (*spans, (0, 8, seq_off)):
+            if not isinstance(off, int) or off < 0 or length < 0 or off + length > size:
+                raise CapacityExceeded(f"[{off}, {off + length}) is outside the region's {size} bytes")
+            if i < 3 * n:
+                arr[i], arr[i + 1], arr[i + 2] = addr, length, a + off
+                i += 3
         try:
             old = _OUT.u64
         except AttributeError:
             old = _u64_out()
-        a = self.remote_addr
-        cast = ffi.cast
-        rc = lib.gfu_publish(e, k, cast("const char *", addr1), len1, a + off1,
-                             cast("const char *", addr2 if len2 else 0), len2, a + off2, a + seq_off, seq & U64,
-                             a + tail_off, expected & U64, desired & U64, old, self.publish_order, self.timeout)
+        rc = lib.gfu_publish(e, k, arr, n, a + seq_off, seq & U64, a + tail_off, expected & U64, desired & U64, old,
+                             self.publish_order, self.timeout)
         if rc:
             raise self._failure(rc, "publish", ep)
         return old[0]

@@ -229,6 +229,7 @@ class _OneSidedHandle(FabricQueue):
         # the position it starts at, and the index of a padding record in it
         self._f_start = 0
         self._f_pad = _NO_PAD
+        self._zc: list[tuple[int, int, int]] = []  # the spans of records framed without a copy (_direct)
         # in/out words of the core's framing calls (next item, its source offset, padding index),
         # used under the producer lock
         self._io = ffi.new("uint64_t[3]")

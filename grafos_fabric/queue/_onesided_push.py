@@ -37,6 +37,23 @@ from ._roles import _ROLE_PRODUCER, _role_id
 
 log = logging.getLogger(__name__)
 
+#: items at least this big are pushed without a copy into the staging image where the region
+#: publishes from the caller's memory (UCX): at 64 KiB the copy costs more than the two extra
+#: puts of the record's header and tail
+DIRECT_MIN = 64 << 10
+#: the most spans one publish of items pushed without a copy carries (gfu_publish takes 64)
+DIRECT_SPANS = 64
+
+
+def _span(spans: list[tuple[int, int, int]], addr: int, n: int, off: int) -> None:
+    """Append a span of the staging image, merged into the last one where both continue it."""
+    if spans:
+        a, m, o = spans[-1]
+        if a + m == addr and o + m == off:
+            spans[-1] = (a, m + n, o)
+            return
+    spans.append((addr, n, off))
+
 
 class _OneSidedProducer(_OneSidedHandle):
     """The producer side of a one-sided handle (see the module docstring)."""
@@ -137,6 +154,53 @@ class _OneSidedProducer(_OneSidedHandle):
     def _begin(self, p: Any) -> None:
         self._f_start = int(p.claim)
         self._f_pad = _NO_PAD
+        self._zc.clear()
+
+    def _direct_ok(self, nbytes: int) -> bool:
+        """Whether items of ``nbytes`` go out without a copy (:meth:`_direct`): big enough that
+        the copy into the staging image costs more than two more puts, and a region that can
+        publish from the caller's memory (``publish``: UCX)."""
+        return nbytes >= DIRECT_MIN and getattr(self.region, "publish", None) is not None
+
+    def _direct(self, p: Any, st: _LocalBuffer, addr: int, n: int, count: int, stride: int) -> int:
+        """Frame ``count`` items of ``n`` bytes (at ``addr``, ``stride`` bytes apart) without
+        copying them: the core reserves each record in the staging image and writes its header
+        there (``gf_ring_reserve_in`` / ``gf_ring_commit_in``, as ``reserve`` does), and the
+        record's spans go into ``self._zc`` for ``publish``: the padding record's header at a
+        wrap, the record's header and tail padding from the staging image, the payload straight
+        from the caller's memory. As many as the head cache says fit, then, after one load of
+        head, as many more as fit (and as ``publish`` takes). Returns how many were framed."""
+        out, zc, mask = self._io, self._zc, self._mask
+        base = st.addr
+        refreshed = False
+        done = 0
+        while done < count and len(zc) + 4 <= DIRECT_SPANS:
+            claim = int(p.claim) & mask
+            out[2] = _NO_PAD
+            rc = int(lib.gf_ring_reserve_in(p, st.ptr, n, out, out + 2))
+            if rc == _FULL and not refreshed:
+                self._refresh_head(p)
+                refreshed = True
+                rc = int(lib.gf_ring_reserve_in(p, st.ptr, n, out, out + 2))
+            if rc == _FULL:
+                break
+            if rc != _OK:
+                raise E.FabricValueError(f"cannot frame this item (status {rc})")  # checked before: unreachable
+            off, pad = int(out[0]), int(out[2])
+            rc = int(lib.gf_ring_commit_in(p, st.ptr, n, out))
+            if rc != _OK:
+                lib.gf_ring_abort_in(p)
+                raise E.FabricValueError(f"cannot frame this item (status {rc})")  # unreachable
+            if pad != _NO_PAD:
+                self._f_pad = pad
+                _span(zc, base + claim, pad + RECORD_HEADER - claim, RING_HEADER + claim)
+            _span(zc, base + off - RECORD_HEADER, RECORD_HEADER, RING_HEADER + off - RECORD_HEADER)
+            zc.append((addr + done * stride, n, RING_HEADER + off))
+            tail = _rec_size(n) - RECORD_HEADER - n
+            if tail:
+                zc.append((base + off + n, tail, RING_HEADER + off + n))
+            done += 1
+        return done
 
     def _frame(self, p: Any, st: _LocalBuffer, src: Any, lens: Any, n: int, row_len: int, row_stride: int) -> int:
         """Frame items into the staging image with the core (``gf_ring_frame``),
@@ -173,16 +237,20 @@ class _OneSidedProducer(_OneSidedHandle):
         self.region.write(RING_HEADER + idx, st.array[idx:first])
         self.region.write(RING_HEADER, st.array[: end & self._mask])
 
-    def _spans(self, p: Any, st: _LocalBuffer) -> tuple[int, int, int, int, int, int]:
+    def _spans(self, p: Any, st: _LocalBuffer) -> list[tuple[int, int, int]]:
         """The frame's spans as ``publish`` takes them, the same as :meth:`_write_frame`'s
-        writes: (address, length, region offset) of the first, then of the part past the
-        wrap (length 0 when there is none)."""
+        writes: (address, length, region offset) of the records up to the wrap, then of
+        those past it. The records of items pushed without a copy (:meth:`_direct`) are
+        already in ``self._zc``: their spans are those."""
+        zc = self._zc
+        if zc:
+            return zc
         start, end = self._f_start, int(p.claim)
         idx = start & self._mask
         if idx + (end - start) <= self.capacity:
-            return st.addr + idx, end - start, RING_HEADER + idx, 0, 0, RING_HEADER
+            return [(st.addr + idx, end - start, RING_HEADER + idx)]
         first = self._f_pad + RECORD_HEADER if self._f_pad != _NO_PAD else self.capacity
-        return st.addr + idx, first - idx, RING_HEADER + idx, st.addr, end & self._mask, RING_HEADER
+        return [(st.addr + idx, first - idx, RING_HEADER + idx), (st.addr, end & self._mask, RING_HEADER)]
 
     def _publish(self, p: Any, st: _LocalBuffer, what: str) -> None:
         """Write the frame, store next_seq, then CAS the tail word (fenced at the
@@ -195,7 +263,7 @@ class _OneSidedProducer(_OneSidedHandle):
             if publish is not None:
                 if p.claim == p.tail:
                     return
-                found = publish(*self._spans(p, st), _NEXT_SEQ, int(p.next_seq),
+                found = publish(self._spans(p, st), _NEXT_SEQ, int(p.next_seq),
                                 _TAIL, int(lib.gf_ring_publish_expected(p)), int(lib.gf_ring_publish_desired(p)))
             else:
                 self._write_frame(p, st)
@@ -210,6 +278,7 @@ class _OneSidedProducer(_OneSidedHandle):
         finally:
             self._f_start = int(p.claim)
             self._f_pad = _NO_PAD
+            self._zc.clear()
         if lib.gf_ring_published(p, found) != _OK:
             raise self._lost_tail(p, found, what)
 
@@ -239,8 +308,12 @@ class _OneSidedProducer(_OneSidedHandle):
         self._check_owner(p, "push")
         st = self._stage()
         self._begin(p)
-        self._io[0] = self._io[1] = 0
-        if not self._frame(p, st, ffi.from_buffer("char[]", src), ffi.NULL, 1, n, n):
+        if self._direct_ok(n):
+            framed = self._direct(p, st, src.ctypes.data, n, 1, n)  # src lives until the publish returns
+        else:
+            self._io[0] = self._io[1] = 0
+            framed = self._frame(p, st, ffi.from_buffer("char[]", src), ffi.NULL, 1, n, n)
+        if not framed:
             self._full(p, "push")
             return None
         seq = int(p.next_seq) - 1
@@ -306,6 +379,8 @@ class _OneSidedProducer(_OneSidedHandle):
                 n, length = self._check_rows(bufs)
                 if n == 0:
                     return 0
+                if self._direct_ok(length):  # bufs stays alive and unchanged: it is an argument
+                    return self._push_frames(p, bufs.ctypes.data, None, n, length, bufs.strides[0], deadline, timeout)
                 base = ffi.cast("char *", bufs.ctypes.data)  # bufs stays alive: it is an argument
                 return self._push_frames(p, base, ffi.NULL, n, length, bufs.strides[0], deadline, timeout)
             items = _batch_items(bufs, self._item_bytes)
@@ -335,7 +410,8 @@ class _OneSidedProducer(_OneSidedHandle):
     ) -> int:
         """Frame and publish ``total`` items (rows of ``row_len`` bytes
         ``row_stride`` apart at ``src``, or, with ``lens``, payloads of those
-        lengths concatenated at ``src``), a frame at a time; waits for space
+        lengths concatenated at ``src``; with ``lens`` None, ``src`` is the rows'
+        address and they go out without a copy: :meth:`_direct`), a frame at a time; waits for space
         between frames unless ``timeout`` is 0. Where it stands (items done, their
         source bytes) is kept here, not in ``self._io``: another thread pushes
         through this handle while this one waits without the lock."""
@@ -345,17 +421,22 @@ class _OneSidedProducer(_OneSidedHandle):
         while done < total:
             self._check_owner(p, "push_batch")
             self._begin(p)
-            io[0], io[1] = done, offset
-            framed = self._frame(p, st, src, lens, total, row_len, row_stride)
+            if lens is None:  # rows pushed without a copy: src is their address
+                framed = self._direct(p, st, src + done * row_stride, row_len, total - done, row_stride)
+                done += framed
+            else:
+                io[0], io[1] = done, offset
+                framed = self._frame(p, st, src, lens, total, row_len, row_stride)
             if framed:
-                done, offset = int(io[0]), int(io[1])
+                if lens is not None:
+                    done, offset = int(io[0]), int(io[1])
                 self._publish(p, st, "push_batch")
                 continue
             self._full(p, "push_batch")
             if timeout == 0:
                 return done
             try:
-                self._wait_unlocked(int(lens[done]) if lens != ffi.NULL else row_len, deadline)
+                self._wait_unlocked(int(lens[done]) if lens is not None and lens != ffi.NULL else row_len, deadline)
             except TimeoutError:
                 raise TimeoutError("timed out waiting for space in the queue", done) from None
             p = self._producer_ready()
