@@ -62,6 +62,16 @@ struct gfu_ctx {
     int efd;
 };
 
+/* A publication posted by gfu_publish_post and not yet waited for (gfu_publish_wait): the
+ * requests of its sequence word's put and of its tail CAS, and their operands (compare,
+ * swap/old, sequence word) on the heap: abandoned (leaked) when a request never completes. */
+typedef struct gfu_pub {
+    int busy;
+    int n;
+    ucs_status_ptr_t reqs[2];
+    uint64_t *ops;
+} gfu_pub;
+
 struct gfu_ep {
     gfu_ctx *ctx;
     ucp_ep_h ep;
@@ -70,6 +80,7 @@ struct gfu_ep {
     uint64_t *slot;          /* GFU_SLOT_WORDS operand/reply words: on the heap; abandoned (leaked, 32 bytes)
                                 when an operation failed without completing, so UCX can never write into
                                 freed memory */
+    gfu_pub pubs[GFU_PUB_SLOTS]; /* publications in flight (write-behind); settled by gfu_ep_free */
     char err[160];
 };
 
@@ -525,9 +536,15 @@ void gfu_ep_close(gfu_ep *e, int force) {
     ctx_unlock(e->ctx);
 }
 
+static void pub_settle_locked(gfu_ep *e, gfu_pub *pb);
+
 void gfu_ep_free(gfu_ep *e) {
     if (!e) return;
     gfu_ep_close(e, 1);
+    ctx_lock(e->ctx);
+    for (int i = 0; i < GFU_PUB_SLOTS; i++) /* publications never waited for: settled, freed or abandoned */
+        if (e->pubs[i].busy) pub_settle_locked(e, &e->pubs[i]);
+    ctx_unlock(e->ctx);
     free(e->slot); /* NULL when abandoned */
     free(e);
 }
@@ -783,30 +800,70 @@ int gfu_faa64(gfu_ep *e, gfu_rkey *r, uint64_t raddr, uint64_t add, uint64_t *ol
     return rc;
 }
 
-/* One publication of the one-sided ring producer (grafos_fabric/queue/_onesided_push.py), in one
- * crossing: put the records' spans (nspans triples in `spans`: local address, length, remote
- * address; the framed records, or headers from the staging image and payloads from the caller's
- * buffers), put the little-endian word `seq` at seq_raddr, then compare-and-swap the tail word,
- * ordered after all of them at the target. order 0: by ucp_worker_fence, UCP's documented
- * guarantee that the operations issued on an endpoint before the fence complete before those
- * issued after it (OpenSHMEM's shmem_fence is this call), so the CAS is posted at once and its
- * reply is the only wait past the puts' local completion. order 1: by a flush that is waited for
- * before the CAS is posted (store64's release, then cas64, as separate calls do). Every request
- * posted is waited for, or, on a failure, settled and freed; the first failure is returned. */
-int gfu_publish(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, uint64_t seq_raddr, uint64_t seq,
-                uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t *old, int order,
-                double timeout) {
-    if (nspans < 0 || nspans > GFU_PUBLISH_SPANS || (nspans && !spans)) return GFU_ERROR;
+/* One publication of the one-sided ring producer (grafos_fabric/queue/_onesided_push.py): put the
+ * records' spans (nspans triples in `spans`: local address, length, remote address; the framed
+ * records, or headers from the staging image and payloads from the caller's buffers), put the
+ * little-endian word `seq` at seq_raddr, then compare-and-swap the tail word, ordered after all of
+ * them at the target. order 0: by ucp_worker_fence, UCP's documented guarantee that the operations
+ * issued on an endpoint before the fence complete before those issued after it (OpenSHMEM's
+ * shmem_fence is this call), so the CAS is posted at once and its reply is the only wait past the
+ * puts' local completion. order 1: by a flush that is waited for before the CAS is posted
+ * (store64's release, then cas64, as separate calls do).
+ *
+ * gfu_publish_post returns once the spans' puts completed locally (their buffers may be reused)
+ * and leaves the sequence word's put and the CAS in flight in publication slot *slot_out of the
+ * endpoint (order 1 does everything before it returns); gfu_publish_wait waits for them and
+ * gives the tail word the CAS found. Every request posted is waited for, or, on a failure,
+ * settled and freed; the first failure is returned (and the slot is free again). */
+static void pub_settle_locked(gfu_ep *e, gfu_pub *pb) {
+    int abandoned = 0;
+    for (int i = 0; i < pb->n; i++) {
+        ucs_status_ptr_t req = pb->reqs[i];
+        if (req == NULL || UCS_PTR_IS_ERR(req)) continue;
+        if (!settle_locked(e->ctx->worker, req, 1)) abandoned = 1;
+        ucp_request_free(req);
+    }
+    if (!abandoned) free(pb->ops); /* else leaked on purpose: UCX may still write the reply */
+    memset(pb, 0, sizeof *pb);
+}
+
+static int pub_wait_locked(gfu_ep *e, gfu_pub *pb, double deadline, uint64_t *old) {
+    int rc = GFU_OK, abandoned = 0;
+    ucs_status_t st;
+    for (int i = 0; i < pb->n; i++) {
+        int one = wait_req(e, pb->reqs[i], deadline, &st);
+        abandoned |= e->abandoned;
+        if (rc == GFU_OK) rc = one;
+    }
+    if (rc == GFU_OK && old) *old = pb->ops[1];
+    if (!abandoned) free(pb->ops);
+    memset(pb, 0, sizeof *pb);
+    return rc;
+}
+
+int gfu_publish_post(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, uint64_t seq_raddr, uint64_t seq,
+                     uint64_t tail_raddr, uint64_t expected, uint64_t desired, int order, double timeout,
+                     int *slot_out) {
+    if (nspans < 0 || nspans > GFU_PUBLISH_SPANS || (nspans && !spans) || !slot_out) return GFU_ERROR;
     double deadline = now_s() + timeout;
     OP_BEGIN(e);
-    uint64_t *slot = e->slot;
-    slot[0] = expected; /* CSWAP: buffer = compare value; reply_buffer = new value in, old value out */
-    slot[1] = desired;
-    slot[2] = htole64(seq);
+    int k = 0;
+    while (k < GFU_PUB_SLOTS && e->pubs[k].busy) k++;
+    uint64_t *ops = k < GFU_PUB_SLOTS ? calloc(GFU_SLOT_WORDS, sizeof(uint64_t)) : NULL;
+    if (!ops) {
+        ctx_unlock(e->ctx);
+        return GFU_ERROR; /* every slot in flight (the caller waits for one first), or no memory */
+    }
+    gfu_pub *pb = &e->pubs[k];
+    pb->busy = 1;
+    pb->ops = ops;
+    ops[0] = expected; /* CSWAP: buffer = compare value; reply_buffer = new value in, old value out */
+    ops[1] = desired;
+    ops[2] = htole64(seq);
     ucp_request_param_t rp;
     memset(&rp, 0, sizeof rp);
-    ucs_status_ptr_t reqs[GFU_PUBLISH_SPANS + 2];
-    int n = 0, rc = GFU_OK, abandoned = 0, posted_ok = 1;
+    ucs_status_ptr_t reqs[GFU_PUBLISH_SPANS];
+    int n = 0, rc = GFU_OK, posted_ok = 1;
     ucs_status_t st;
     for (int i = 0; i < nspans && posted_ok; i++) {
         const uint64_t *t = spans + 3 * i;
@@ -815,8 +872,8 @@ int gfu_publish(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, uint6
         posted_ok = !UCS_PTR_IS_ERR(reqs[n++]);
     }
     if (posted_ok) {
-        reqs[n] = ucp_put_nbx(e->ep, &slot[2], 8, seq_raddr, r->rkey, &rp);
-        posted_ok = !UCS_PTR_IS_ERR(reqs[n++]);
+        pb->reqs[pb->n] = ucp_put_nbx(e->ep, &ops[2], 8, seq_raddr, r->rkey, &rp);
+        posted_ok = !UCS_PTR_IS_ERR(pb->reqs[pb->n++]);
     }
     int fenced = order == 0 && posted_ok && ucp_worker_fence(e->ctx->worker) == UCS_OK;
     if (fenced) {
@@ -824,23 +881,58 @@ int gfu_publish(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, uint6
         memset(&ap, 0, sizeof ap);
         ap.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_REPLY_BUFFER;
         ap.datatype = ucp_dt_make_contig(8);
-        ap.reply_buffer = &slot[1];
-        reqs[n++] = ucp_atomic_op_nbx(e->ep, UCP_ATOMIC_OP_CSWAP, &slot[0], 1, tail_raddr, r->rkey, &ap);
+        ap.reply_buffer = &ops[1];
+        pb->reqs[pb->n++] = ucp_atomic_op_nbx(e->ep, UCP_ATOMIC_OP_CSWAP, &ops[0], 1, tail_raddr, r->rkey, &ap);
     }
-    for (int i = 0; i < n; i++) { /* wait_req on an endpoint that failed meanwhile settles and frees */
+    for (int i = 0; i < n; i++) { /* the spans: complete locally (wait_req on a failed endpoint settles) */
         int one = wait_req(e, reqs[i], deadline, &st);
-        abandoned |= e->abandoned;
         if (rc == GFU_OK) rc = one;
     }
-    if (rc == GFU_OK && !fenced) {
-        rc = flush_locked(e, deadline);
-        if (rc == GFU_OK) rc = atomic_locked(e, r, UCP_ATOMIC_OP_CSWAP, &slot[0], &slot[1], tail_raddr, deadline);
-        abandoned |= e->abandoned;
+    if (rc == GFU_OK && !fenced) { /* order 1 (or no fence): the sequence word, a flush, then the CAS, waited */
+        rc = pub_wait_locked(e, pb, deadline, NULL);
+        pb->busy = 1;
+        pb->ops = ops = calloc(GFU_SLOT_WORDS, sizeof(uint64_t));
+        if (!ops) rc = GFU_ERROR;
+        if (rc == GFU_OK) rc = flush_locked(e, deadline);
+        if (rc == GFU_OK) {
+            ops[0] = expected;
+            ops[1] = desired;
+            ucp_request_param_t ap;
+            memset(&ap, 0, sizeof ap);
+            ap.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_REPLY_BUFFER;
+            ap.datatype = ucp_dt_make_contig(8);
+            ap.reply_buffer = &ops[1];
+            pb->reqs[pb->n++] = ucp_atomic_op_nbx(e->ep, UCP_ATOMIC_OP_CSWAP, &ops[0], 1, tail_raddr, r->rkey, &ap);
+        }
     }
-    if (rc == GFU_OK) *old = slot[1];
-    else if (abandoned) e->slot = NULL; /* leaked on purpose: UCX may still hold it */
+    if (rc != GFU_OK) pub_wait_locked(e, pb, deadline, NULL); /* settles what is in flight, frees the slot */
+    else *slot_out = k;
     ctx_unlock(e->ctx);
     return rc;
+}
+
+int gfu_publish_wait(gfu_ep *e, int slot, uint64_t *old, double timeout) {
+    if (!e || slot < 0 || slot >= GFU_PUB_SLOTS || !old) return GFU_ERROR;
+    double deadline = now_s() + timeout;
+    ctx_lock(e->ctx);
+    gfu_pub *pb = &e->pubs[slot];
+    if (!pb->busy) {
+        ctx_unlock(e->ctx);
+        return GFU_ERROR;
+    }
+    int rc = pub_wait_locked(e, pb, deadline, old);
+    ctx_unlock(e->ctx);
+    return rc;
+}
+
+int gfu_publish(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, uint64_t seq_raddr, uint64_t seq,
+                uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t *old, int order,
+                double timeout) {
+    int slot = -1;
+    int rc = gfu_publish_post(e, r, spans, nspans, seq_raddr, seq, tail_raddr, expected, desired, order, timeout,
+                              &slot);
+    if (rc != GFU_OK) return rc;
+    return gfu_publish_wait(e, slot, old, timeout);
 }
 
 int gfu_flush(gfu_ep *e, double timeout) {

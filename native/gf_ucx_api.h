@@ -16,7 +16,8 @@ enum {
     GFU_ERROR = -9,        /* a local failure (bad argument, out of memory, UCX refused) */
     GFU_CLOSED = -10,      /* the endpoint was closed before the call */
     GFU_ABI_VERSION = 3,
-    GFU_PUBLISH_SPANS = 64 /* the most spans one gfu_publish puts */
+    GFU_PUBLISH_SPANS = 64, /* the most spans one gfu_publish puts */
+    GFU_PUB_SLOTS = 16      /* publications in flight per endpoint (gfu_publish_post) */
 };
 
 typedef struct gfu_ctx gfu_ctx;
@@ -73,6 +74,10 @@ int gfu_store64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t value, doub
 int gfu_publish(gfu_ep *ep, gfu_rkey *rkey, const uint64_t *spans, int nspans, uint64_t seq_raddr, uint64_t seq,
                 uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t *old, int order,
                 double timeout);
+int gfu_publish_post(gfu_ep *ep, gfu_rkey *rkey, const uint64_t *spans, int nspans, uint64_t seq_raddr,
+                     uint64_t seq, uint64_t tail_raddr, uint64_t expected, uint64_t desired, int order,
+                     double timeout, int *slot_out);
+int gfu_publish_wait(gfu_ep *ep, int slot, uint64_t *old, double timeout);
 int gfu_flush(gfu_ep *ep, double timeout);
 
 int gfu_bench(gfu_ep *ep, gfu_rkey *rkey, int op, void *buf, size_t len, uint64_t raddr, int iters,

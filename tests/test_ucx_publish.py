@@ -69,7 +69,8 @@ def test_the_tail_cas_sees_the_records_and_the_sequence_word_every_time(fabric: 
                 assert found == marker, f"publication {i}: the CAS ran before the put landed ({found:#x})"
                 assert r.load64(N - 8) == marker | 1
             else:  # two spans (as at the ring's wrap); the CAS on the sequence word
-                found = r.publish([(addr + N // 2, N // 2, N), (addr, N // 2, 2 * N)], seq_off, i, seq_off, i, i | 1 << 63)
+                spans = [(addr + N // 2, N // 2, N), (addr, N // 2, 2 * N)]
+                found = r.publish(spans, seq_off, i, seq_off, i, i | 1 << 63)
                 assert found == i, f"publication {i}: the CAS ran before the sequence word landed ({found:#x})"
                 assert r.load64(seq_off) == i | 1 << 63
         back = bytearray(N // 2)
@@ -196,6 +197,150 @@ def test_big_items_go_out_from_the_callers_memory_and_come_out_whole(fabric: Any
                 got.release()
     finally:
         region.publish = publish
+        tx.close()
+        rx.close()
+        q.free()
+
+
+# ---------------------------------------------------------------------------
+# write-behind (OneSidedQueue.set_write_behind)
+# ---------------------------------------------------------------------------
+
+
+def _pair(fabric: Any, capacity: int = 1 << 20) -> tuple[Any, Any, Any]:
+    q = gf.FabricQueue.create(fabric, capacity=capacity, ttl=600.0)
+    tx = gf.FabricQueue.attach(fabric, bytes(q.locator()), mapped=False)
+    rx = gf.FabricQueue.attach(fabric, bytes(q.locator()), mapped=False)
+    return q, tx, rx
+
+
+def test_write_behind_keeps_one_publication_in_flight_and_every_item_comes_out(fabric: Any) -> None:
+    """A push returns with its CAS in flight (one at most), the buffer reusable at once: the
+    item comes out as it was when pushed, big (sent from the caller's memory) or small."""
+    q, tx, rx = _pair(fabric)
+    tx.set_write_behind()
+    rng = np.random.default_rng(3)
+    buf = np.zeros(200_000, np.uint8)
+    sent: list[bytes] = []
+    try:
+        for i in range(60):
+            n = 100 + i if i % 3 == 0 else 70_000 + 1000 * i
+            buf[:n] = rng.integers(0, 256, n, dtype=np.uint8)
+            tx.push(buf[:n], timeout=5.0)
+            sent.append(buf[:n].tobytes())
+            buf[:n] = 0xEE  # reused at once: what went out must be what was there at push time
+            assert len(tx._inflight) <= 1
+            if i % 5 == 4:  # the consumer keeps up every few items
+                tx.flush()
+                assert not tx._inflight
+                while sent:
+                    got = rx.pop(timeout=5.0)
+                    assert bytes(got) == sent.pop(0)
+                    got.release()
+        rows = rng.integers(0, 256, (5, 100_000), dtype=np.uint8)
+        assert tx.push_batch(rows, timeout=5.0) == 5
+        tx.flush()
+        for r in range(5):
+            got = rx.pop(timeout=5.0)
+            assert bytes(got) == rows[r].tobytes()
+            got.release()
+        tx.set_write_behind(False)
+        tx.push(b"synchronous again", timeout=5.0)
+        assert not tx._inflight
+        assert bytes(rx.pop(timeout=5.0)) == b"synchronous again"
+    finally:
+        tx.close()
+        rx.close()
+        q.free()
+
+
+def test_close_confirms_what_write_behind_left_in_flight(fabric: Any) -> None:
+    q, tx, rx = _pair(fabric)
+    tx.set_write_behind()
+    tx.push(b"a" * 90_000, timeout=5.0)
+    tx.push(b"b" * 90_000, timeout=5.0)
+    assert len(tx._inflight) == 1
+    tx.close()  # confirms the last one before giving the producer role back
+    assert bytes(rx.pop(timeout=5.0)) == b"a" * 90_000
+    assert bytes(rx.pop(timeout=5.0)) == b"b" * 90_000
+    rx.close()
+    q.free()
+
+
+def test_a_seal_under_write_behind_raises_at_confirmation_and_on_every_later_call(fabric: Any) -> None:
+    """The consumer seals the queue while a publication is in flight: its CAS finds the sealed
+    tail word, so the next push (or flush) raises QueueSealed, and every later one too; what
+    was confirmed before the seal comes out, what was not is not in the queue."""
+    q, tx, rx = _pair(fabric)
+    tx.set_write_behind()
+    try:
+        tx.push(b"confirmed", timeout=5.0)
+        tx.flush()
+        tx.push(b"in flight", timeout=5.0)  # posted; its CAS is confirmed by the next call
+        assert len(tx._inflight) == 1
+        assert rx.seal() is True
+        # the CAS of the publication in flight may have run before or after the seal: either it is
+        # in the queue (before the seal) or the next call raises
+        try:
+            tx.push(b"after the seal", timeout=5.0)
+            tx.flush()
+        except gf.errors.QueueSealed:
+            pass
+        with pytest.raises(gf.errors.QueueSealed):
+            tx.push(b"later", timeout=5.0)
+        with pytest.raises(gf.errors.QueueSealed):
+            tx.flush()
+        assert not tx._inflight
+        got = []
+        with pytest.raises(gf.errors.QueueSealed):  # sealed and drained, after what was confirmed
+            while True:
+                got.append(bytes(rx.pop(timeout=5.0)))
+        assert got[0] == b"confirmed" and set(got[1:]) <= {b"in flight"}
+    finally:
+        tx.close()
+        rx.close()
+        q.free()
+
+
+def test_write_behind_is_refused_where_the_region_cannot_post_a_publication(tmp_path: Any) -> None:
+    from grafos_fabric.drivers.node.auth import load_policy
+    from grafos_fabric.drivers.node.server import NodeServer
+    from grafos_fabric.drivers.node.shmfile import NodeShmFabric, ShmFileRegistrar
+
+    node = NodeServer(ShmFileRegistrar(4 << 20), load_policy(SECRET), port=0).start()
+    f = NodeShmFabric("127.0.0.1", node.port, secret=SECRET)
+    try:
+        q = gf.FabricQueue.create(f, capacity=1 << 16, ttl=60.0)
+        tx = gf.FabricQueue.attach(f, bytes(q.locator()), mapped=False)
+        with pytest.raises(gf.errors.Unsupported):
+            tx.set_write_behind()
+        tx.push(b"still synchronous", timeout=5.0)
+        tx.flush()  # nothing in flight: returns at once
+        tx.close()
+        q.free()
+    finally:
+        f.close()
+        node.close()
+
+
+def test_a_publication_posted_into_a_sealed_queue_fails_at_flush_and_nothing_of_it_comes_out(fabric: Any) -> None:
+    q, tx, rx = _pair(fabric)
+    tx.set_write_behind()
+    try:
+        tx.push(b"before", timeout=5.0)
+        tx.flush()
+        assert rx.seal() is True
+        tx.push(b"x" * 80_000, timeout=5.0)  # write-behind makes no owner check: posted, not confirmed
+        with pytest.raises(gf.errors.QueueSealed) as first:
+            tx.flush()
+        assert first.value.__cause__ is not None  # raised again from the stored error
+        for call in (lambda: tx.push(b"y", timeout=5.0), tx.flush, lambda: tx.push_batch(np.ones((2, 8), np.uint8))):
+            with pytest.raises(gf.errors.QueueSealed):
+                call()
+        assert bytes(rx.pop(timeout=5.0)) == b"before"
+        with pytest.raises(gf.errors.QueueSealed):
+            rx.pop(timeout=5.0)
+    finally:
         tx.close()
         rx.close()
         q.free()

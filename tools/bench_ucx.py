@@ -300,20 +300,24 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
             node.wait()
 
 
-PUBLISH_MODES = ("fence", "flush", "separate")
+PUBLISH_MODES = ("fence", "behind", "flush", "separate")
 
 
-def _set_publish(region: Any, publish: str) -> None:
-    """How the one-sided producer publishes on ``region``: ``fence`` (the default: records,
-    sequence word and tail CAS in one ``publish`` call, the CAS ordered by ``ucp_worker_fence``),
-    ``flush`` (one call, the CAS after a flush), ``separate`` (``write``, ``store64``, ``cas64``,
-    as a region without ``publish`` does)."""
+def _set_publish(tx: Any, publish: str) -> None:
+    """How the one-sided producer ``tx`` publishes: ``fence`` (the default: records, sequence
+    word and tail CAS in one ``publish`` call, the CAS ordered by ``ucp_worker_fence``),
+    ``behind`` (the same with write-behind: ``set_write_behind()``, each push's CAS confirmed
+    during the next push), ``flush`` (one call, the CAS after a flush), ``separate`` (``write``,
+    ``store64``, ``cas64``, as a region without ``publish`` does)."""
     if publish not in PUBLISH_MODES:
         raise ValueError(f"publish must be one of {PUBLISH_MODES}, got {publish!r}")
+    region = tx.region
     if publish == "separate":
         region.publish = None  # the producer falls back to the separate operations
     else:
-        region.publish_order = 0 if publish == "fence" else 1
+        region.publish_order = 1 if publish == "flush" else 0
+    if publish == "behind":
+        tx.set_write_behind()
 
 
 def _split_role(role: str, url: str, token: str, loc: str, seconds: float, batch: int = 1,
@@ -372,7 +376,7 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float, batch
             time.sleep(0.01)
         with open(loc, "rb") as fh:
             tx = gf.FabricQueue.attach(fabric, fh.read(), mapped=False)
-        _set_publish(tx.region, publish)
+        _set_publish(tx, publish)
         items = np.zeros((batch, size), np.uint8)  # one push_batch call: up to `batch` items, one publish
         counts: dict[str, list[float]] = {}
         _count_ops(tx.region, counts)  # the producer's remote operations per item, for the row
@@ -548,7 +552,7 @@ def run(tls: str = "tcp", iters: int = 20000) -> list[dict[str, Any]]:
     return rows
 
 
-_COUNTED = ("publish", "write", "read_into", "load64", "store64", "cas64", "faa64", "flush")
+_COUNTED = ("publish", "publish_post", "publish_wait", "write", "read_into", "load64", "store64", "cas64", "faa64", "flush")
 
 
 def _count_ops(region: Any, into: dict[str, list[float]]) -> None:
@@ -734,8 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--publish", choices=PUBLISH_MODES, default="fence",
                     help="how the one-sided producer of the node-on-the-consumer's-host rows publishes (--netns): "
                          "fence (default: records, sequence word and tail CAS in one call, the CAS ordered by "
-                         "ucp_worker_fence), flush (one call, the CAS after a flush), separate (write, store64, "
-                         "cas64: the path of a region without publish)")
+                         "ucp_worker_fence), behind (the same, write-behind: each push's CAS confirmed during the "
+                         "next), flush (one call, the CAS after a flush), separate (write, store64, cas64: the path "
+                         "of a region without publish)")
     ap.add_argument("--netns-client", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--netns-split", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -46,6 +46,13 @@ def _u64_out() -> Any:
     return cell
 
 
+def _slot_out() -> Any:
+    """This thread's ``int`` cell for the publication slot of ``gfu_publish_post`` (as :func:`_u64_out`)."""
+    cell = ffi.new("int *")
+    _OUT.slot = cell
+    return cell
+
+
 class UcxRegion:
     """A leased region on a UCX memory node, reached one-sided (never mapped here).
 
@@ -302,6 +309,55 @@ class UcxRegion:
         The addresses are of local memory the caller keeps alive and unchanged for the call (the
         producer's staging image, the items it pushes). The same checks as the separate
         operations, for every range; at most ``GFU_PUBLISH_SPANS`` spans."""
+        ep, e, k, arr, n = self._publish_args(spans, seq_off, tail_off)
+        try:
+            old = _OUT.u64
+        except AttributeError:
+            old = _u64_out()
+        a = self.remote_addr
+        rc = lib.gfu_publish(e, k, arr, n, a + seq_off, seq & U64, a + tail_off, expected & U64, desired & U64, old,
+                             self.publish_order, self.timeout)
+        if rc:
+            raise self._failure(rc, "publish", ep)
+        return old[0]
+
+    def publish_post(self, spans: Sequence[tuple[int, int, int]], seq_off: int, seq: int, tail_off: int,
+                     expected: int, desired: int) -> tuple[UcxEndpoint, int]:
+        """:meth:`publish` without waiting for the CAS (write-behind): returns once the spans' puts
+        completed locally (their memory may be reused), with the sequence word's put and the CAS
+        in flight; :meth:`publish_wait` with the token returned gives the tail word the CAS found.
+        At most ``GFU_PUB_SLOTS`` in flight per endpoint (``FabricValueError`` past that)."""
+        ep, e, k, arr, n = self._publish_args(spans, seq_off, tail_off)
+        slot = _OUT.slot if hasattr(_OUT, "slot") else _slot_out()
+        a = self.remote_addr
+        rc = lib.gfu_publish_post(e, k, arr, n, a + seq_off, seq & U64, a + tail_off, expected & U64,
+                                  desired & U64, self.publish_order, self.timeout, slot)
+        if rc == lib.GFU_ERROR and not ep.failed:
+            raise FabricValueError(f"{lib.GFU_PUB_SLOTS} publications already in flight on this endpoint")
+        if rc:
+            raise self._failure(rc, "publish", ep)
+        return ep, int(slot[0])
+
+    def publish_wait(self, token: tuple[UcxEndpoint, int]) -> int:
+        """Wait for a publication :meth:`publish_post` left in flight; the tail word its CAS found.
+        Each token is waited for once."""
+        ep, slot = token
+        try:
+            old = _OUT.u64
+        except AttributeError:
+            old = _u64_out()
+        try:
+            e = ep.ptr
+        except Disconnected:
+            raise Disconnected(f"publish on lease {self.lease.id}: the endpoint closed with it in flight") from None
+        rc = lib.gfu_publish_wait(e, slot, old, self.timeout)
+        if rc:
+            raise self._failure(rc, "publish", ep)
+        return old[0]
+
+    def _publish_args(self, spans: Sequence[tuple[int, int, int]], seq_off: int,
+                      tail_off: int) -> tuple[UcxEndpoint, Any, Any, Any, int]:
+        """Every check of a publication, and its spans in this thread's span array."""
         ep, _, e, k = self._prep(tail_off, 8, True, True)  # every check, once; then the other ranges
         size = self.nbytes
         if not isinstance(seq_off, int) or seq_off & 7:
@@ -321,15 +377,7 @@ class UcxRegion:
             if i < 3 * n:
                 arr[i], arr[i + 1], arr[i + 2] = addr, length, a + off
                 i += 3
-        try:
-            old = _OUT.u64
-        except AttributeError:
-            old = _u64_out()
-        rc = lib.gfu_publish(e, k, arr, n, a + seq_off, seq & U64, a + tail_off, expected & U64, desired & U64, old,
-                             self.publish_order, self.timeout)
-        if rc:
-            raise self._failure(rc, "publish", ep)
-        return old[0]
+        return ep, e, k, arr, n
 
     def flush(self) -> None:
         """Wait until every put is remotely visible."""

@@ -527,6 +527,12 @@ class OneSidedQueue(_OneSidedProducer):
             return  # the roles are the parent's: nothing of them is given back here
         self._aio_shutdown()
         with self._plock:
+            if self._inflight:  # write-behind: confirm what is in flight before the role goes
+                try:
+                    self._settle(len(self._inflight))
+                except (E.FabricError, E.FabricValueError) as exc:
+                    log.warning("closing a queue handle: publications in flight failed (their items are not "
+                                "in the queue; call flush() before close() to get this error): %s", exc)
             p = self._p
             self._p = None
             if p is not None:

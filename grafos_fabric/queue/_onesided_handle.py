@@ -9,6 +9,7 @@ header reads and the bounded CAS loops of ``seal``, ``set_acked`` and
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import threading
@@ -230,6 +231,11 @@ class _OneSidedHandle(FabricQueue):
         self._f_start = 0
         self._f_pad = _NO_PAD
         self._zc: list[tuple[int, int, int]] = []  # the spans of records framed without a copy (_direct)
+        # write-behind (set_write_behind): publications posted and not yet confirmed, oldest first
+        # (token, the tail word expected, what), and the error that ended it
+        self._wb = False
+        self._inflight: collections.deque[tuple[Any, int, str]] = collections.deque()
+        self._wb_error: BaseException | None = None
         # in/out words of the core's framing calls (next item, its source offset, padding index),
         # used under the producer lock
         self._io = ffi.new("uint64_t[3]")

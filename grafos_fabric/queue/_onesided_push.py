@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 DIRECT_MIN = 64 << 10
 #: the most spans one publish of items pushed without a copy carries (gfu_publish takes 64)
 DIRECT_SPANS = 64
+#: write-behind: publications left unconfirmed when a push returns (set_write_behind)
+WRITE_BEHIND_DEPTH = 1
 
 
 def _span(spans: list[tuple[int, int, int]], addr: int, n: int, off: int) -> None:
@@ -104,6 +106,8 @@ class _OneSidedProducer(_OneSidedHandle):
 
     def _producer_ready(self) -> Any:
         self._check_live()
+        if self._wb_error is not None:
+            raise self._wb_failed()
         p = self._p or self._producer()
         if p.reserved:
             raise E.FabricValueError("a reservation is outstanding: commit or abort it first")
@@ -258,13 +262,22 @@ class _OneSidedProducer(_OneSidedHandle):
         ``publish`` operation (UCX) does all three in one call, the CAS ordered
         after the WRITEs at the target without waiting for them first."""
         try:
-            r = self.region
+            r: Any = self.region  # publish, publish_post: optional operations (UCX regions have them)
             publish = getattr(r, "publish", None)
             if publish is not None:
                 if p.claim == p.tail:
                     return
+                expected = int(lib.gf_ring_publish_expected(p))
+                if self._wb:
+                    token = r.publish_post(self._spans(p, st), _NEXT_SEQ, int(p.next_seq), _TAIL, expected,
+                                           int(lib.gf_ring_publish_desired(p)))
+                    lib.gf_ring_published(p, expected)  # as if confirmed: the next CAS expects this one's tail
+                    self._inflight.append((token, expected, what))
+                    if len(self._inflight) > WRITE_BEHIND_DEPTH:
+                        self._settle(1)
+                    return
                 found = publish(self._spans(p, st), _NEXT_SEQ, int(p.next_seq),
-                                _TAIL, int(lib.gf_ring_publish_expected(p)), int(lib.gf_ring_publish_desired(p)))
+                                _TAIL, expected, int(lib.gf_ring_publish_desired(p)))
             else:
                 self._write_frame(p, st)
                 if p.claim == p.tail:
@@ -284,7 +297,85 @@ class _OneSidedProducer(_OneSidedHandle):
 
     def _full(self, p: Any, what: str) -> None:
         """Nothing fit: raise if that is because the ring is sealed or we are fenced."""
+        self._settle(len(self._inflight))
         self._check_owner(p, what)
+
+    # -- write-behind ---------------------------------------------------------------
+    def set_write_behind(self, on: bool = True) -> None:
+        """Write-behind publication (off by default; regions with ``publish_post``: UCX).
+
+        On: a push returns once its records were handed to the transport (the
+        caller's buffer may be reused) with their publication, the tail CAS, in
+        flight; it is confirmed during the next push (at most
+        ``WRITE_BEHIND_DEPTH`` stay unconfirmed), by :meth:`flush`, or by
+        ``close``. The next item's records then stream while the previous
+        one's CAS travels, instead of the producer waiting a round trip per
+        item. The price: an item is in the queue only once its publication is
+        confirmed, and a publication that fails (the queue sealed, the
+        producer fenced, the node gone) raises at that confirmation, from a
+        later call, and the unconfirmed items are not in the queue (a
+        pipeline's replay window re-sends them after it relocates). Every
+        later call raises the same error. No owner check is made per push (it
+        would wait behind the records in flight): the CAS chain refuses a
+        tail someone else moved, and a live holder is never taken over in
+        place (the queue is sealed instead). Off: pending publications are
+        confirmed first (:meth:`flush`)."""
+        with self._plock:
+            if on and getattr(self.region, "publish_post", None) is None:
+                raise E.Unsupported(f"write-behind needs a region that can post a publication "
+                                    f"({type(self.region).__name__} cannot)")
+            if not on:
+                self._settle(len(self._inflight))
+            self._wb = bool(on)
+
+    def flush(self) -> None:
+        """Confirm every publication still in flight (write-behind); raises the first one's
+        error (then every later push raises it too). Returns at once when none is."""
+        with self._plock:
+            if self._wb_error is not None:
+                raise self._wb_failed()
+            self._settle(len(self._inflight))
+
+    def _settle(self, n: int) -> None:
+        """Confirm the ``n`` oldest publications in flight. A CAS that found another tail word
+        (or a failed wait) ends write-behind on this handle: the rest are waited for (they can
+        only fail too: each expects the one before it), and the error is raised, now and by
+        every later push."""
+        inflight = self._inflight
+        r: Any = self.region
+        while n > 0 and inflight:
+            token, expected, what = inflight.popleft()
+            n -= 1
+            try:
+                found = r.publish_wait(token)
+                if found == expected:
+                    continue
+                err: BaseException = self._lost_tail(self._p, found, what)
+            except (E.FabricError, E.FabricValueError) as exc:
+                err = exc
+            self._wb_error = err
+            while inflight:  # leave nothing in flight on the endpoint
+                try:
+                    r.publish_wait(inflight.popleft()[0])
+                except (E.FabricError, E.FabricValueError) as exc:
+                    log.debug("a publication after a failed one: %s", exc)
+            raise self._wb_failed()
+
+    def _wb_failed(self) -> BaseException:
+        """The error that ended write-behind on this handle, raised again (a fresh instance
+        where it can be made, chained to the first)."""
+        err = self._wb_error
+        assert err is not None
+        try:
+            again = type(err)(*err.args)
+        except Exception:
+            return err
+        if isinstance(err, E.StaleEpoch) and isinstance(again, E.StaleEpoch):
+            again.epoch, again.current = err.epoch, err.current
+        if isinstance(err, E.QueueSealed) and isinstance(again, E.QueueSealed):
+            again.seal_seq = err.seal_seq
+        again.__cause__ = err
+        return again
 
     def _item_bytes(self, buf: Any) -> np.ndarray[Any, Any]:
         item = self._as_item(buf)
@@ -305,7 +396,8 @@ class _OneSidedProducer(_OneSidedHandle):
             raise E.FabricValueError("empty items are not allowed")
         if n > self.max_item:
             raise E.ItemTooLarge(f"item of {n} bytes exceeds the queue's max_item of {self.max_item}")
-        self._check_owner(p, "push")
+        if not self._wb:
+            self._check_owner(p, "push")
         st = self._stage()
         self._begin(p)
         if self._direct_ok(n):
@@ -419,7 +511,8 @@ class _OneSidedProducer(_OneSidedHandle):
         io = self._io
         done = offset = 0
         while done < total:
-            self._check_owner(p, "push_batch")
+            if not self._wb:
+                self._check_owner(p, "push_batch")
             self._begin(p)
             if lens is None:  # rows pushed without a copy: src is their address
                 framed = self._direct(p, st, src + done * row_stride, row_len, total - done, row_stride)
@@ -474,7 +567,8 @@ class _OneSidedProducer(_OneSidedHandle):
             st = self._stage()
             out = self._io
             while True:
-                self._check_owner(p, "reserve")
+                if not self._wb:
+                    self._check_owner(p, "reserve")
                 self._begin(p)
                 out[2] = _NO_PAD
                 rc = int(lib.gf_ring_reserve_in(p, st.ptr, nbytes, out, out + 2))
