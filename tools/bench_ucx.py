@@ -552,7 +552,8 @@ def run(tls: str = "tcp", iters: int = 20000) -> list[dict[str, Any]]:
     return rows
 
 
-_COUNTED = ("publish", "publish_post", "publish_wait", "write", "read_into", "load64", "store64", "cas64", "faa64", "flush")
+_COUNTED = ("publish", "publish_post", "publish_wait", "write", "read_into", "load64", "store64", "cas64", "faa64",
+            "flush")
 
 
 def _count_ops(region: Any, into: dict[str, list[float]]) -> None:
