@@ -81,11 +81,14 @@ def test_the_consumer_host_row_counts_each_item_byte_once() -> None:
     assert "ratio_wire" not in row  # the item crosses the veth once: the ratio is the wire ratio
 
 
-@pytest.mark.parametrize("mode,batch", [("map", 1), ("sm", 1), ("map", 4)])
-def test_the_consumer_host_round_moves_items_between_two_namespaces(tmp_path: Any, mode: str, batch: int) -> None:
+@pytest.mark.parametrize("mode,batch,publish", [("map", 1, "fence"), ("sm", 1, "fence"), ("map", 4, "fence"),
+                                                ("map", 1, "behind"), ("map", 1, "separate")])
+def test_the_consumer_host_round_moves_items_between_two_namespaces(tmp_path: Any, mode: str, batch: int,
+                                                                    publish: str) -> None:
     """The row's round for real: node and consumer in namespace A, producer in B, 1 MiB items
     (``map``: the consumer maps the span; ``sm``: it reaches the node over UCX shared memory;
-    ``batch``: items per push_batch call of the producer, ``--batch``)."""
+    ``batch``: items per push_batch call of the producer, ``--batch``; ``publish``: one call per
+    publication, write-behind, or the separate operations, ``--publish``)."""
     from grafos_fabric.drivers import ucx
     from grafos_fabric.tools import netns
     from grafos_fabric.tools.bench_ucx import _netns_split_round
@@ -96,13 +99,20 @@ def test_the_consumer_host_round_moves_items_between_two_namespaces(tmp_path: An
     if why is not None:
         pytest.skip(f"no network namespaces: {why}")
     with netns.veth_pair() as pair:
-        row = _netns_split_round(pair, str(tmp_path / "split"), 0.3, mode, batch=batch)
+        row = _netns_split_round(pair, str(tmp_path / "split"), 0.3, mode, batch=batch, publish=publish)
     assert row is not None, "the round failed (its stderr is above)"
     assert row["op"].startswith("queue 1 MiB items, node on the consumer's host")
     assert ("maps the span" in row["op"]) == (mode == "map")
+    assert row["op"].endswith(f"publish {publish})")
     assert row["items_per_s"] > 0 and row["MB_per_s"] == pytest.approx(row["items_per_s"] * (1 << 20) / 1e6)
     assert (tmp_path / "split" / "queue.locator.done").exists()  # the consumer timed its window to the end
-    publishes = row["ops"]["producer"]["store64"]["per_item"]  # next_seq's release: once per push_batch call
+    ops = row["ops"]["producer"]
+    op = {"fence": "publish", "behind": "publish_post", "separate": "store64"}[publish]
+    assert set(ops) & {"publish", "publish_post", "store64"} == {op}  # one way of publishing, the one asked for
+    publishes = ops[op]["per_item"]  # once per push_batch call
+    if publish == "behind":
+        assert ops["publish_wait"]["per_item"] == pytest.approx(publishes, abs=0.05)  # each confirmed once
+        assert "load64" not in ops or ops["load64"]["per_item"] < 0.9  # no owner check per push
     if batch == 1:
         assert publishes == pytest.approx(1.0, abs=0.05)
     else:  # calls of up to 4 items (fewer when the 8 MiB ring has less room): fewer publishes than items

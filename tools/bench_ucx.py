@@ -159,7 +159,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None, node_progress: str = "busy",
-              rounds: int = 5, batch: int = 1) -> list[dict[str, Any]]:
+              rounds: int = 5, batch: int = 1, publish: str = "fence") -> list[dict[str, Any]]:
     """Across two network namespaces (root): the memory node (``serve --driver ucx``, progress
     ``node_progress``, busy by default) in A, this client in B, tcp over a veth. Raw operation
     latencies from Python and from the C loop, 1 MiB queue items (producer and consumer in B) and
@@ -203,14 +203,15 @@ def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None, no
                     port += 1
                     row["perftest"] = perftest_netns(test, 8, iters, pair, port)
                 _ratios(row)
-            for mode, prog in _SPLITS:
+            for mode, prog, pub in _SPLITS:
+                pub = pub or publish
                 if progress:
                     progress(f"ucx netns: round {rnd + 1}/{rounds}: 1 MiB items, node on the consumer's host "
-                             f"({mode}, node progress {prog})")
-                split = _netns_split_round(pair, os.path.join(tmp, f"split{rnd}-{mode}-{prog}"), seconds, mode, prog,
-                                           batch)
+                             f"({mode}, node progress {prog}, publish {pub})")
+                split = _netns_split_round(pair, os.path.join(tmp, f"split{rnd}-{mode}-{prog}-{pub}"), seconds, mode,
+                                           prog, batch, pub)
                 if split is None:  # keep the rows of every round in step (the merge pairs them by position)
-                    split = {"op": _split_op(mode, prog), "perftest_test": "ucp_put_bw"}
+                    split = {"op": _split_op(mode, prog, pub), "perftest_test": "ucp_put_bw"}
                 split.update(bw)
                 _ratios(split)
                 rows.append(split)
@@ -239,12 +240,13 @@ def _serve_node(ns: str, pair: Any, token: str, node_progress: str, tls: str = "
 # The placements of the node on the consumer's host, each a row: how the consumer reaches the ring
 # ("map": it maps the span, the node runs with --ucx-local-map; "sm": UCX shared memory) and the
 # node's progress mode.
-_SPLITS = (("map", "busy"), ("map", "event"), ("sm", "busy"))
+# The publication: None is --publish's (fence by default); the write-behind row is always run.
+_SPLITS = (("map", "busy", None), ("map", "busy", "behind"), ("map", "event", None), ("sm", "busy", None))
 
 
-def _split_op(mode: str, node_progress: str) -> str:
+def _split_op(mode: str, node_progress: str, publish: str = "fence") -> str:
     how = "consumer maps the span" if mode == "map" else "consumer over UCX sm"
-    return f"queue 1 MiB items, node on the consumer's host ({how}, node progress {node_progress})"
+    return f"queue 1 MiB items, node on the consumer's host ({how}, node progress {node_progress}, publish {publish})"
 
 
 def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
@@ -290,7 +292,7 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
                              f"{prod.returncode}): {err[-1000:]} {perr[-1000:]}\n")
             return None
         row: dict[str, Any] = json.loads(got[-1])
-        return {"op": _split_op(mode, node_progress), "perftest_test": "ucp_put_bw", **row}
+        return {"op": _split_op(mode, node_progress, publish), "perftest_test": "ucp_put_bw", **row}
     finally:
         node.terminate()  # SIGTERM: the node closes (a --ucx-local-map node removes its /dev/shm directory)
         try:
@@ -763,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.netns:
         before = os.getloadavg()[0]
         rows = run_netns(args.iters, args.seconds, node_progress=args.progress, rounds=max(1, args.rounds),
-                         batch=max(1, args.batch))
+                         batch=max(1, args.batch), publish=args.publish)
         print(f"load average (1 min) {before:.2f} before, {os.getloadavg()[0]:.2f} after; "
               f"node progress {args.progress}; node-on-the-consumer's-host producer batch {max(1, args.batch)}")
         return _print_netns(rows, ucx.version())
