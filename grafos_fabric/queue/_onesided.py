@@ -556,6 +556,7 @@ class OneSidedQueue(_OneSidedProducer):
         super()._after_fork_in_child()
         self._p = None
         self._c = None
+        self._inflight.clear()  # the parent's publications, on the parent's endpoints
         self._plock = PLock()
         self._clock_lock = threading.RLock()
 
