@@ -109,6 +109,7 @@ class FailoverFabric:
         self.allocs: list[int] = []  # the port of each successful alloc (which node served)
         self._next_warm = 0.0
         self._down: set[tuple[str, int]] = set()  # nodes whose last warm-up or alloc failed: tried last
+        self._away: tuple[str, int] | None = None  # allocating_away_from: never this node
         for node in self.nodes:  # connect to every node now: a failover must not pay for a connect
             self._warm(node)
 
@@ -151,6 +152,10 @@ class FailoverFabric:
         last: BaseException | None = None
         order = [(self._pref + k) % len(self.nodes) for k in range(len(self.nodes))]
         order.sort(key=lambda i: self.nodes[i] in self._down)  # stable: the preferred live node first
+        if self._away is not None:  # a standby: only the other nodes that are up (see allocating_away_from)
+            order = [i for i in order if self.nodes[i] != self._away and self.nodes[i] not in self._down]
+            if not order:
+                raise Disconnected(f"no memory node other than {self._away[0]}:{self._away[1]} is up")
         for i in order:
             t0 = time.perf_counter()
             try:
@@ -166,6 +171,21 @@ class FailoverFabric:
             self.allocs.append(self.nodes[i][1])
             return cast("Region", region)
         raise Disconnected(f"no memory node answered ({', '.join(f'{h}:{p}' for h, p in self.nodes)}): {last}")
+
+    @contextlib.contextmanager
+    def allocating_away_from(self, ref: RegionRef) -> Iterator[None]:
+        """Allocations inside go to another node than ``ref``'s, one that is up (the pipeline's
+        standby queue: it survives the death of the current queue's node), or raise
+        :class:`Disconnected` at once when there is none (the standby is made later, once another
+        node is back: :meth:`keep_warm` notices). Never on ``ref``'s node: a standby there would be
+        made again elsewhere later and freed, and a node fences every session that held a lease
+        when it ends, which would cut this stage and the consumer off the current queue too (they
+        reconnect, but a producer relocates on the way). The preferred node stays."""
+        pref, self._away = self._pref, (ref.host, ref.port)
+        try:
+            yield
+        finally:
+            self._away, self._pref = None, pref
 
     def attach(self, ref: RegionRef, *, mapped: bool = True) -> Region:
         from grafos_fabric.errors import FabricValueError
