@@ -173,8 +173,9 @@ def test_an_endpoint_lost_while_the_lease_is_active_is_disconnected_then_reconne
     r, link, span, reg = local
     r.store64(0, 3)
     reg.fence(span, [link.session])  # the session's worker goes away; the lease stays active
-    with pytest.raises(Disconnected):
+    with pytest.raises(Disconnected) as lost:
         r.faa64(0, 1)
+    assert lost.value.lease_live  # the node said so: only this connection was lost (a consumer reads on)
     assert r.faa64(0, 1) == 3  # the next operation connected a new endpoint
     assert r.connector.reconnects == 1
 
@@ -275,9 +276,10 @@ def test_kill_9_of_the_node_gives_disconnected(node: Any) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         t0 = time.perf_counter()
-        with pytest.raises(Disconnected):
+        with pytest.raises(Disconnected) as gone:
             while True:  # operations may still complete until the kernel has torn the sockets down
                 r.faa64(0, 1)
+        assert not gone.value.lease_live  # nobody said the lease lives: a consumer gives the queue up
         print(f"\nkill -9 (loopback) -> Disconnected in {(time.perf_counter() - t0) * 1e3:.1f} ms")
         conn.close()
     finally:

@@ -461,6 +461,8 @@ class EdgeConsumer(RelocatableQueueEdge):
         while True:
             if self._q is None:
                 if timeout == 0:
+                    if self._pending is None and self._bind_standby():
+                        continue
                     rec = self._pending or self._poll()
                     self._pending = None
                     if rec is None or not self._attach(rec):

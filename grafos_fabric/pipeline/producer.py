@@ -432,7 +432,9 @@ class EdgeProducer(RelocatableQueueEdge):
         self._to(_BOUND)
         self._relocations += 1
         self._reasons[reason] += 1
-        self._free_retired(force=False)
+        # the retired queues are freed once the replay is in (_push_step, _poll_step), not here: a
+        # free reaches the old queue's node, which after a node's loss means connects to a dead node
+        # (refused at best, the control timeout at worst) while the consumer waits for the replay
         dt = time.perf_counter() - t0
         self._rebind_s.append(dt)
         replay = self._w.next_seq - start
@@ -572,10 +574,10 @@ class EdgeProducer(RelocatableQueueEdge):
 
     def _push_step(self, deadline: float | None, timeout: float | None) -> bool:
         self._maybe_renew()
-        if self._retired:
-            self._free_retired(force=False)
         done = self._catch_up(timeout, deadline)
         if done:
+            if self._retired:
+                self._free_retired(force=False)  # after the replay: off the consumer's critical path
             self._standby_step()
         return done
 
@@ -626,6 +628,8 @@ class EdgeProducer(RelocatableQueueEdge):
     def _poll_step(self) -> None:
         self._maybe_renew()
         if self._catch_up(0, None):
+            if self._retired:
+                self._free_retired(force=False)
             self._standby_step()
         self._refresh_acked()
         self._check_queue()
