@@ -17,7 +17,9 @@ that outlive the nodes.
   it already wrote (an idempotent sink), and acknowledges edge 2.
 
 Each stage allocates its queues through a :class:`FailoverFabric`: the first
-of the nodes that answers (the one that served last, first). The supervisor
+of the nodes that answers (the one that served last, first), and a producer's
+standby queue on another node than its current queue's (a killed node then
+costs no allocation: the producer activates the standby). The supervisor
 (this process, in the root namespace) kills the node holding edge 1 with
 ``kill -9`` every ``--interval`` seconds, restarts it on the same port, and
 waits until both edges have moved to the other node (their handoff
@@ -32,7 +34,7 @@ consumer popped from the new queue (p50/p99/max), beside the 50 ms target.
 Where network namespaces are not possible (not root, no ``ip``) it runs on
 127.0.0.1 and says so in its output (``--loopback`` asks for that).
 
-(About 810 lines, a little over the project's ~800: the stages, the supervisor and
+(About 870 lines, a little over the project's ~800: the stages, the supervisor and
 the report share the run's file formats and the breakdown's steps, and one file
 is what ``python -m`` runs in each namespace.)
 """

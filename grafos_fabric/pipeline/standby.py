@@ -42,9 +42,10 @@ every record's sequence number still goes through the consumer's gate.
 Placement: the standby is allocated like any queue, except that a fabric of
 several nodes offering ``allocating_away_from(ref)`` is asked for another node
 than the current queue's (a relocation after that node dies then needs no
-allocation either), and one that still landed there is made again later. No
-fabric in the package offers it yet: see the README ("Standby queue") for
-what a trial on ``tools/ucx_pipeline.py``'s ``FailoverFabric`` showed.
+allocation either), and one that still landed there is made again later.
+``tools/ucx_pipeline.py``'s ``FailoverFabric`` offers it (only another node that
+is up: never the current one, see its docstring and the README, "Standby
+queue"); a failed make is retried after 50 ms, doubling to 1 s.
 
 Memory: one more ring of the edge's ``capacity`` per producer (on shm,
 reserved at create like every segment), for as long as the producer runs; it
