@@ -96,9 +96,16 @@ class FabricError(Exception):
 
 
 class Disconnected(FabricError):
-    """Transport failure: the node or connection is gone. A new connection may succeed."""
+    """Transport failure: the node or connection is gone. A new connection may succeed.
+
+    ``lease_live`` is true when the node, asked after the failure, answered
+    that the lease is still active: only this client's connection to it was
+    lost (a UCX node fences a client's whole session when *another* lease the
+    session held ends), and the same handle's next operation reconnects.
+    False when nothing is known (the node did not answer, or was not asked)."""
 
     code = -1
+    lease_live: bool = False
 
 
 class LeaseExpired(FabricError):

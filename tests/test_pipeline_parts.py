@@ -470,12 +470,16 @@ class _Unreachable:
 
 
 def test_a_producer_whose_node_does_not_answer_moves_on_without_touching_the_old_queue_again(
-    fabric: Any, edge_path: str
+    fabric: Any, edge_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Disconnected (a killed or cut-off node): the producer relocates at once, neither reads the
     old queue's ack nor seals it (each would wait for or reconnect to the dead node), replays from
-    the last ack it read, and frees the old queue once the consumer is on the new one; then its
-    pushes take the fast path again. The consumer gets every item once, in order."""
+    the last ack it read, and frees the old queue once the consumer is on the new one and
+    ``_UNREACHABLE_FREE_DELAY_S`` has passed (never while the replay is the consumer's critical
+    path); then its pushes take the fast path again. The consumer gets every item once, in order."""
+    import grafos_fabric.pipeline.producer as P
+
+    monkeypatch.setattr(P, "_UNREACHABLE_FREE_DELAY_S", 3600.0)  # the delay runs out when the test says so
     tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=1 << 16, ttl=TTL)
     rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path), poll_interval=0.001)
     for s in range(10):
@@ -508,12 +512,15 @@ def test_a_producer_whose_node_does_not_answer_moves_on_without_touching_the_old
     rx.ack(10)
     assert rx.generation == tx.generation
     tx.push(_payload(11))
+    assert not dead.freed and tx._retired  # the consumer is there, but the delay has not passed
+    tx._free_after = 0.0  # it has now (white box)
+    tx.push(_payload(12))
     assert dead.freed and tx._retired == []  # freed: the fast path is open again
     assert len(dead.reached) == reached, dead.reached  # the ack was never read from it again
     fast = tx._fast
-    tx.push(_payload(12))
+    tx.push(_payload(13))
     assert tx._fast == fast + 1
-    assert [rx.pop(timeout=5).seq for _ in range(2)] == [11, 12]
+    assert [rx.pop(timeout=5).seq for _ in range(3)] == [11, 12, 13]
     tx.free()
     rx.close()
 

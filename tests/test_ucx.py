@@ -173,10 +173,71 @@ def test_an_endpoint_lost_while_the_lease_is_active_is_disconnected_then_reconne
     r, link, span, reg = local
     r.store64(0, 3)
     reg.fence(span, [link.session])  # the session's worker goes away; the lease stays active
-    with pytest.raises(Disconnected):
+    with pytest.raises(Disconnected) as lost:
         r.faa64(0, 1)
+    assert lost.value.lease_live  # the node said so: only this connection was lost (a consumer reads on)
     assert r.faa64(0, 1) == 3  # the next operation connected a new endpoint
     assert r.connector.reconnects == 1
+
+
+@needs_ucx
+def test_a_failed_reconnect_fails_the_next_operations_at_once_until_the_hold_ends(local: Any,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that did not answer a reconnect is not reached for again by every operation of every
+    handle on it (a dead node's retired queues, closed standbys): within ``DOWN_HOLD_S`` they fail
+    with ``Disconnected`` at once. A new control session (the node answered an alloc or a lease
+    query) or a probe (``warm``) ends the hold."""
+    r, link, span, reg = local
+    conn = r.connector
+    r.store64(0, 5)
+    calls: list[int] = []
+    real = link.connect
+
+    def refused(params: Any) -> Any:
+        calls.append(1)
+        raise Disconnected("memory node 127.0.0.1:1 unreachable: [Errno 111] Connection refused")
+
+    monkeypatch.setattr(link, "connect", refused)
+    reg.fence(span, [link.session])  # the endpoint goes; the reconnect is refused
+    with pytest.raises(Disconnected):
+        r.load64(0)
+    with pytest.raises(Disconnected, match="Connection refused"):
+        r.load64(0)  # the reconnect: refused
+    assert len(calls) == 1
+    for _ in range(3):
+        with pytest.raises(Disconnected, match="did not answer a reconnect"):
+            r.load64(0)
+    assert len(calls) == 1 and conn.held == 3  # not reached for again
+    with pytest.raises(Disconnected, match="Connection refused"):
+        conn.warm()  # a probe tries anyway (twice: once more on a new control channel)
+    assert len(calls) == 3
+    monkeypatch.setattr(link, "connect", real)
+    link._epoch += 1  # the control channel was reopened meanwhile: the node answers again
+    assert r.load64(0) == 5
+    assert conn.held == 3
+
+
+@needs_ucx
+def test_an_endpoint_made_on_a_reopened_control_session_is_kept(local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``link.connect`` may reopen the control channel (a restarted node): the endpoint belongs to
+    the new session, and the next operation uses it instead of connecting yet another one."""
+    r, link, span, reg = local
+    conn = r.connector
+    r.store64(0, 9)
+    real = link.connect
+
+    def reopening(params: Any) -> Any:
+        link._epoch += 1  # as NodeChannel does when its channel broke and it opened a new one
+        return real(params)
+
+    monkeypatch.setattr(link, "connect", reopening)
+    reg.fence(span, [link.session])
+    with pytest.raises(Disconnected):
+        r.load64(0)
+    gen = conn.generation
+    assert r.load64(0) == 9  # reconnected on a reopened session
+    assert r.load64(0) == 9 and r.load64(0) == 9
+    assert conn.generation == gen + 1  # one new endpoint, kept
 
 
 def _frames(tb: Any) -> list[Any]:
@@ -275,9 +336,10 @@ def test_kill_9_of_the_node_gives_disconnected(node: Any) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         t0 = time.perf_counter()
-        with pytest.raises(Disconnected):
+        with pytest.raises(Disconnected) as gone:
             while True:  # operations may still complete until the kernel has torn the sockets down
                 r.faa64(0, 1)
+        assert not gone.value.lease_live  # nobody said the lease lives: a consumer gives the queue up
         print(f"\nkill -9 (loopback) -> Disconnected in {(time.perf_counter() - t0) * 1e3:.1f} ms")
         conn.close()
     finally:

@@ -17,7 +17,9 @@ that outlive the nodes.
   it already wrote (an idempotent sink), and acknowledges edge 2.
 
 Each stage allocates its queues through a :class:`FailoverFabric`: the first
-of the nodes that answers (the one that served last, first). The supervisor
+of the nodes that answers (the one that served last, first), and a producer's
+standby queue on another node than its current queue's (a killed node then
+costs no allocation: the producer activates the standby). The supervisor
 (this process, in the root namespace) kills the node holding edge 1 with
 ``kill -9`` every ``--interval`` seconds, restarts it on the same port, and
 waits until both edges have moved to the other node (their handoff
@@ -32,7 +34,7 @@ consumer popped from the new queue (p50/p99/max), beside the 50 ms target.
 Where network namespaces are not possible (not root, no ``ip``) it runs on
 127.0.0.1 and says so in its output (``--loopback`` asks for that).
 
-(About 810 lines, a little over the project's ~800: the stages, the supervisor and
+(About 870 lines, a little over the project's ~800: the stages, the supervisor and
 the report share the run's file formats and the breakdown's steps, and one file
 is what ``python -m`` runs in each namespace.)
 """
@@ -109,6 +111,7 @@ class FailoverFabric:
         self.allocs: list[int] = []  # the port of each successful alloc (which node served)
         self._next_warm = 0.0
         self._down: set[tuple[str, int]] = set()  # nodes whose last warm-up or alloc failed: tried last
+        self._away: tuple[str, int] | None = None  # allocating_away_from: never this node
         for node in self.nodes:  # connect to every node now: a failover must not pay for a connect
             self._warm(node)
 
@@ -151,6 +154,10 @@ class FailoverFabric:
         last: BaseException | None = None
         order = [(self._pref + k) % len(self.nodes) for k in range(len(self.nodes))]
         order.sort(key=lambda i: self.nodes[i] in self._down)  # stable: the preferred live node first
+        if self._away is not None:  # a standby: only the other nodes that are up (see allocating_away_from)
+            order = [i for i in order if self.nodes[i] != self._away and self.nodes[i] not in self._down]
+            if not order:
+                raise Disconnected(f"no memory node other than {self._away[0]}:{self._away[1]} is up")
         for i in order:
             t0 = time.perf_counter()
             try:
@@ -166,6 +173,21 @@ class FailoverFabric:
             self.allocs.append(self.nodes[i][1])
             return cast("Region", region)
         raise Disconnected(f"no memory node answered ({', '.join(f'{h}:{p}' for h, p in self.nodes)}): {last}")
+
+    @contextlib.contextmanager
+    def allocating_away_from(self, ref: RegionRef) -> Iterator[None]:
+        """Allocations inside go to another node than ``ref``'s, one that is up (the pipeline's
+        standby queue: it survives the death of the current queue's node), or raise
+        :class:`Disconnected` at once when there is none (the standby is made later, once another
+        node is back: :meth:`keep_warm` notices). Never on ``ref``'s node: a standby there would be
+        made again elsewhere later and freed, and a node fences every session that held a lease
+        when it ends, which would cut this stage and the consumer off the current queue too (they
+        reconnect, but a producer relocates on the way). The preferred node stays."""
+        pref, self._away = self._pref, (ref.host, ref.port)
+        try:
+            yield
+        finally:
+            self._away, self._pref = None, pref
 
     def attach(self, ref: RegionRef, *, mapped: bool = True) -> Region:
         from grafos_fabric.errors import FabricValueError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any, cast, overload
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,6 +28,14 @@ from .region import UcxMappedRegion, UcxRegion
 __all__ = ["UcxConnector", "UcxFabric", "open_ucx_fabric", "parse_ucx_url"]
 
 log = logging.getLogger(__name__)
+
+#: After a reconnect to a node failed, the connector's next operations fail at once with
+#: ``Disconnected`` for this long, without reaching for the node again, unless the control
+#: channel was reopened meanwhile (an alloc, a lease query or :meth:`UcxConnector.warm` found
+#: the node back: ``link.session_epoch`` moved) or the caller probes (``warm``). Every handle on
+#: a node that died (a retired queue given back, a standby closed) otherwise pays a connect
+#: attempt per operation: refused at best, the control timeout on a host that is gone.
+DOWN_HOLD_S = 0.25
 
 
 class UcxConnector:
@@ -53,8 +62,13 @@ class UcxConnector:
         self.reconnects = 0
         self._retired: list[UcxEndpoint] = []  # shut down, freed at close (regions may still hold them)
         self._closed = False
+        self._down_at = 0.0  # monotonic time of the last failed reconnect ...
+        self._down_epoch = -1  # ... and the control session epoch it failed on (-1: none failed)
+        self.held = 0  # operations failed at once during a hold (DOWN_HOLD_S)
 
-    def endpoint(self) -> tuple[UcxEndpoint, int]:
+    def endpoint(self, *, probe: bool = False) -> tuple[UcxEndpoint, int]:
+        """The working endpoint, (re)connected if needed. Within :data:`DOWN_HOLD_S` of a failed
+        reconnect on the same control session, :class:`Disconnected` at once (``probe``: try anyway)."""
         with self._lock:
             if self._closed:
                 raise QueueClosed("the UCX connector is closed")
@@ -64,13 +78,27 @@ class UcxConnector:
             if ep is not None:
                 self._retire(ep)
             epoch = self.link.session_epoch
-            reply = self.link.connect({})
-            port = reply.get("ucx_port")
-            if not isinstance(port, int) or not 0 < port < 65536:
-                raise Unsupported(f"node {self.link.host}:{self.link.port} sent no UCX port (is it a UCX node?)")
-            host = str(self.link.info.get("ucx_host") or self.link.host)
-            new = UcxEndpoint.connect(self.ctx, host, port, min(self.timeout, CONNECT_TIMEOUT))
-            self._ep, self._epoch = new, epoch
+            if not probe and self._down_epoch == epoch:
+                ago = time.monotonic() - self._down_at
+                if ago < DOWN_HOLD_S:
+                    self.held += 1
+                    raise Disconnected(f"memory node {self.link.host}:{self.link.port} did not answer a reconnect "
+                                       f"{ago * 1e3:.1f} ms ago (not tried again for {DOWN_HOLD_S * 1e3:.0f} ms)")
+            try:
+                reply = self.link.connect({})
+                port = reply.get("ucx_port")
+                if not isinstance(port, int) or not 0 < port < 65536:
+                    raise Unsupported(f"node {self.link.host}:{self.link.port} sent no UCX port (is it a UCX node?)")
+                host = str(self.link.info.get("ucx_host") or self.link.host)
+                new = UcxEndpoint.connect(self.ctx, host, port, min(self.timeout, CONNECT_TIMEOUT))
+            except Disconnected:
+                self._down_at, self._down_epoch = time.monotonic(), self.link.session_epoch
+                raise
+            self._down_epoch = -1
+            # the session the listener (and so the endpoint) belongs to: link.connect may have reopened
+            # the control channel (a node that restarted), and an endpoint stored with the epoch from
+            # before would be replaced again by the next operation
+            self._ep, self._epoch = new, self.link.session_epoch
             self.generation += 1
             return new, self.generation
 
@@ -84,9 +112,9 @@ class UcxConnector:
         with self._lock:
             self.ctx.progress()
             try:
-                self.endpoint()
+                self.endpoint(probe=True)
             except Disconnected:
-                self.endpoint()  # the old control channel broke with the node: once more, on a new one
+                self.endpoint(probe=True)  # the old control channel broke with the node: once more, on a new one
 
     def _retire(self, ep: UcxEndpoint) -> None:
         ep.shutdown()

@@ -192,7 +192,9 @@ class UcxRegion:
         if state in ("expired", "freed", "unknown"):
             self._dead = LeaseExpired(f"{what}: the lease is {state}")
             return self._dead
-        return Disconnected(what)
+        err = Disconnected(f"{what}; the lease is {state}: the next operation reconnects")
+        err.lease_live = state == "active"
+        return err
 
     # -- the driver protocol ---------------------------------------------------
     def ref(self) -> RegionRef:

@@ -32,6 +32,14 @@ __all__ = ["EdgeConsumer"]
 
 log = logging.getLogger("grafos_fabric.pipeline")
 
+#: A read of the current queue that fails with ``Disconnected`` while its node says the lease is
+#: live (``Disconnected.lease_live``: only this handle's connection was lost) is tried again on the
+#: same queue up to this many times in a row before the queue counts as lost. A UCX node fences a
+#: client's whole session when another lease the session held ends (a standby replaced, a retired
+#: queue freed): the queues it still holds there are live, and dropping one would leave the consumer
+#: waiting for a generation its producer, which never lost the queue, does not publish.
+_LIVE_RETRIES = 3
+
 
 def _close_quietly(q: FabricQueue) -> None:
     """Close a handle that is not the current queue (a standby, an early attach): its node may be
@@ -89,6 +97,8 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._sb_binds = 0
         self._unconfirmed: RegionRef | None = None  # a standby bound before its generation's record was read
         self._sb_refused = 0
+        self._live_retries = 0  # lease-live Disconnected retries of the current queue in a row
+        self._reconnects = 0  # ... in all (stats: "reconnects")
         rec = self._reader.poll()
         if rec is None:
             return
@@ -130,7 +140,13 @@ class EdgeConsumer(RelocatableQueueEdge):
             self._acked_local = seq + 1
             q = self._q
             if q is not None:
-                q.set_acked(self._acked_local)
+                try:
+                    q.set_acked(self._acked_local)
+                except E.Disconnected as exc:
+                    if not exc.lease_live:
+                        raise
+                    self._reconnects += 1  # only the connection was lost: acked only grows, so once more
+                    q.set_acked(self._acked_local)
 
     # -- binding ---------------------------------------------------------------------------
     def _attach(self, rec: HandoffRecord) -> bool:
@@ -159,6 +175,7 @@ class EdgeConsumer(RelocatableQueueEdge):
         self._unconfirmed = None
         self._q = q
         self._gen = generation
+        self._live_retries = 0
         self._sb_every = self.poll_interval  # the next standby is announced soon: look for it
         self._sb_next_poll = time.monotonic() + self.poll_interval
         if self._acked_local > first:
@@ -247,15 +264,22 @@ class EdgeConsumer(RelocatableQueueEdge):
         if sb is None or gen is None or sb[0] != int(gen) + 1:
             return False
         q = sb[2]
-        try:
-            if q.epoch != sb[0]:
-                return False  # not activated (yet): the producer has not moved
-            if q.sealed:
-                self._refuse_standby("it was sealed (fenced)")
+        for attempt in range(2):
+            try:
+                if q.epoch != sb[0]:
+                    return False  # not activated (yet): the producer has not moved
+                if q.sealed:
+                    self._refuse_standby("it was sealed (fenced)")
+                    return False
+                first = q.reread_first_seq()  # SYNC POINT: queue-rebase (after the epoch)
+                break
+            except (E.FabricError, OSError) as exc:
+                if attempt == 0 and isinstance(exc, E.Disconnected) and exc.lease_live:
+                    self._reconnects += 1  # only the connection was lost (a session fence): read it again
+                    continue
+                self._refuse_standby(f"it cannot be read ({type(exc).__name__}: {exc})")
                 return False
-            first = q.reread_first_seq()  # SYNC POINT: queue-rebase (after the epoch)
-        except (E.FabricError, OSError) as exc:
-            self._refuse_standby(f"it cannot be read ({type(exc).__name__}: {exc})")
+        else:  # pragma: no cover - the loop breaks or returns
             return False
         exp = self._gate.expected
         if exp is not None and first > exp:
@@ -437,6 +461,8 @@ class EdgeConsumer(RelocatableQueueEdge):
         while True:
             if self._q is None:
                 if timeout == 0:
+                    if self._pending is None and self._bind_standby():
+                        continue
                     rec = self._pending or self._poll()
                     self._pending = None
                     if rec is None or not self._attach(rec):
@@ -451,6 +477,7 @@ class EdgeConsumer(RelocatableQueueEdge):
                 self._maybe_learn()  # before the read: what it raises must not lose an item read
                 out, again = self._read(q, max_items, wait, batch)
                 if out is not None:
+                    self._live_retries = 0
                     return out
                 if again:
                     continue
@@ -470,10 +497,26 @@ class EdgeConsumer(RelocatableQueueEdge):
                 if self._pending is not None and self._attach(self._pending):
                     self._pending = None
             except _CONSUMER_LOST as exc:
+                if self._retry_live(exc):
+                    continue
                 if isinstance(exc, E.RoleTaken):
                     self._seal_current()
-                log.info("stage %s: queue of generation %s lost (%s)", self.stage, self._gen, type(exc).__name__)
+                log.info("stage %s: queue of generation %s lost (%s: %s)", self.stage, self._gen,
+                         type(exc).__name__, exc)
                 self._drop_current()
+
+    def _retry_live(self, exc: BaseException) -> bool:
+        """``exc`` (a read of the current queue failed): True when the same queue is read again,
+        because only this handle's connection was lost (``Disconnected.lease_live``; the one-sided
+        ring leaves its state as it was when an operation fails, and its next operation reconnects),
+        at most :data:`_LIVE_RETRIES` times in a row."""
+        if not isinstance(exc, E.Disconnected) or not exc.lease_live or self._live_retries >= _LIVE_RETRIES:
+            return False
+        self._live_retries += 1
+        self._reconnects += 1
+        log.info("stage %s: queue of generation %s: the connection was lost, the lease is live (%s); reading it "
+                 "again", self.stage, self._gen, exc)
+        return True
 
     def _read(self, q: FabricQueue, max_items: int, wait: float, batch: bool) -> tuple[Item | Batch | None, bool]:
         """One read from ``q`` through the gate: ``(what to deliver, False)`` or
@@ -608,6 +651,7 @@ class EdgeConsumer(RelocatableQueueEdge):
             "acked": self._acked_local,
             "standby_binds": self._sb_binds,
             "standby_refused": self._sb_refused,
+            "reconnects": self._reconnects,
         }
         out.update(self._rebind_stats())
         return out

@@ -78,6 +78,11 @@ _BOUND = ProducerState.BOUND
 _RELOCATING = ProducerState.RELOCATING
 _FENCED = ProducerState.FENCED
 _CLOSED = ProducerState.CLOSED
+#: A queue retired because its node stopped answering is freed no sooner than this after the relocation:
+#: freeing it reaches for that node (connects refused, or on a real network a connect timeout), and the
+#: moments after a relocation belong to the replay and to the consumer (a stage that also consumes pops
+#: in the same thread). The node's own end frees it meanwhile, or its lease runs out.
+_UNREACHABLE_FREE_DELAY_S = 0.5
 
 #: The moves the state machine allows (anything else is a bug in this module).
 TRANSITIONS: dict[ProducerState, frozenset[ProducerState]] = {
@@ -141,6 +146,7 @@ class EdgeProducer(RelocatableQueueEdge):
         self._state = _RELOCATING
         self._retired: list[FabricQueue] = []
         self._unreachable: set[int] = set()  # id() of retired queues that failed a read: not read again
+        self._free_after = 0.0  # monotonic: retired queues are freed after this (an unreachable one's delay)
         self._renew_at = 0
         self._pushed = 0
         self._replayed = 0
@@ -432,7 +438,9 @@ class EdgeProducer(RelocatableQueueEdge):
         self._to(_BOUND)
         self._relocations += 1
         self._reasons[reason] += 1
-        self._free_retired(force=False)
+        # the retired queues are freed once the replay is in (_push_step, _poll_step), not here: a
+        # free reaches the old queue's node, which after a node's loss means connects to a dead node
+        # (refused at best, the control timeout at worst) while the consumer waits for the replay
         dt = time.perf_counter() - t0
         self._rebind_s.append(dt)
         replay = self._w.next_seq - start
@@ -486,6 +494,7 @@ class EdgeProducer(RelocatableQueueEdge):
             # not sealed, not closed now (both reach the node): freed with the other retired queues
             self._unreachable.add(id(old))
             self._retired.append(old)
+            self._free_after = time.monotonic() + _UNREACHABLE_FREE_DELAY_S
             return
         try:
             if fence_gen is not None:
@@ -501,7 +510,7 @@ class EdgeProducer(RelocatableQueueEdge):
             self._retired.append(old)
 
     def _free_retired(self, *, force: bool) -> None:
-        if not self._retired:
+        if not self._retired or (not force and time.monotonic() < self._free_after):
             return
         q = self._q
         if not force and q is not None:
@@ -572,10 +581,10 @@ class EdgeProducer(RelocatableQueueEdge):
 
     def _push_step(self, deadline: float | None, timeout: float | None) -> bool:
         self._maybe_renew()
-        if self._retired:
-            self._free_retired(force=False)
         done = self._catch_up(timeout, deadline)
         if done:
+            if self._retired:
+                self._free_retired(force=False)  # after the replay: off the consumer's critical path
             self._standby_step()
         return done
 
@@ -626,6 +635,8 @@ class EdgeProducer(RelocatableQueueEdge):
     def _poll_step(self) -> None:
         self._maybe_renew()
         if self._catch_up(0, None):
+            if self._retired:
+                self._free_retired(force=False)
             self._standby_step()
         self._refresh_acked()
         self._check_queue()

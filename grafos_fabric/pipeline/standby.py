@@ -42,9 +42,10 @@ every record's sequence number still goes through the consumer's gate.
 Placement: the standby is allocated like any queue, except that a fabric of
 several nodes offering ``allocating_away_from(ref)`` is asked for another node
 than the current queue's (a relocation after that node dies then needs no
-allocation either), and one that still landed there is made again later. No
-fabric in the package offers it yet: see the README ("Standby queue") for
-what a trial on ``tools/ucx_pipeline.py``'s ``FailoverFabric`` showed.
+allocation either), and one that still landed there is made again later.
+``tools/ucx_pipeline.py``'s ``FailoverFabric`` offers it (only another node that
+is up: never the current one, see its docstring and the README, "Standby
+queue"); a failed make is retried after 50 ms, doubling to 1 s.
 
 Memory: one more ring of the edge's ``capacity`` per producer (on shm,
 reserved at create like every segment), for as long as the producer runs; it
@@ -72,7 +73,9 @@ __all__ = ["StandbyQueue", "announced_standby", "fence_announced"]
 
 log = logging.getLogger("grafos_fabric.pipeline")
 
-_RETRY_S = 1.0  # after a failed create, the next try waits this long (the edge works without a standby)
+_RETRY_FIRST_S = 0.05  # after a failed create, the next try waits this long, doubling ...
+_RETRY_S = 1.0  # ... up to this (the edge works without a standby; a fabric placing it elsewhere may
+# have no other node up for a moment: its node's restart)
 _REPLACE_S = 0.25  # a standby on the current queue's node: the first try elsewhere after this long
 _REPLACE_MAX_S = 8.0  # ... then doubling (one node up only: an alloc and a free now and then)
 _FAILURES = (E.FabricError, E.FabricValueError, OSError)
@@ -109,6 +112,7 @@ class StandbyQueue:
         self.used = 0
         self.missed = 0  # relocations that allocated because no usable standby was there
         self._retry_at = 0.0
+        self._retry_every = _RETRY_FIRST_S
         # on the current queue's node (no other node took it): made again elsewhere now and then
         self.colocated = False
         self._replace_at = 0.0
@@ -149,9 +153,11 @@ class StandbyQueue:
                 )
         except _FAILURES as exc:
             log.warning("stage %s: could not make a standby queue: %s", self.stage, exc)
-            self._retry_at = now + _RETRY_S
+            self._retry_at = now + self._retry_every
+            self._retry_every = min(self._retry_every * 2, _RETRY_S)
             self.due = old is None
             return
+        self._retry_every = _RETRY_FIRST_S
         self.colocated = placed and current is not None and _node(q.region.ref()) == _node(current)
         if self.colocated:
             self._replace_at = now + self._replace_every
