@@ -280,6 +280,8 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             out, err = cons.communicate(timeout=120 + 4 * seconds)
+            if not os.path.exists(loc + ".done"):  # the consumer failed: stop the producer (its error is below)
+                open(loc + ".done", "w").close()
             perr = prod.communicate(timeout=60)[1]
         finally:
             for p in (cons, prod):
