@@ -181,6 +181,10 @@ class BlockRegion:
         self._buffered_failed = False  # /proc/self/fd could not reopen the file: write_durable copies
         self._rwf_dsync = hasattr(os, "RWF_DSYNC")  # cleared when the kernel refuses the flag
         self._io_lock = threading.Lock()
+        # record lanes that write without _io_lock pass this gate instead (gf_gate_*): close() shuts
+        # it, waiting for such a write, before the descriptors go; freed with the region object
+        gate = lib.gf_gate_new()
+        self._gate: Any = ffi.gc(gate, lib.gf_gate_free) if gate != ffi.NULL else None
         self._bounce: mmap.mmap | None = None
         self._closed = False
         self._on_free = on_free
@@ -766,6 +770,8 @@ class BlockRegion:
             return
         self._closed = True
         with self._io_lock:  # no write_record may be using the AIO context or the descriptors
+            if self._gate is not None:  # nor a record lane's write outside the lock (RecordLane.gated)
+                lib.gf_gate_shut(self._gate)
             self._finalizer()
         self._buffered_fd = None
         if self._bounce is not None:
@@ -899,12 +905,16 @@ class RecordLane:
         self._fn: Any
         self._args: tuple[tuple[Any, ...], ...]
         self._bufs: Any = None  # a gathered lane's two data pointers (head's prefix, the bytes)
+        self.gated = False  # set below where the write needs no lock but the region's gate
+        gate = region._gate
         if aligned:
             self._dptr = ffi.from_buffer(view)
             self._keep.append(view)
             fd, ctx, chunk = region._direct_io(n)
             self._fn = lib.gf_slot_write_direct
             self._args = tuple((fd, p, hptr, head_len, bs, self._dptr, n, xptr, ctx, chunk, 1) for p in pos)
+            if ctx == 0 and gate is not None:
+                self._gate_args(lib.gf_slot_write_direct_gated, gate)
         elif self.split:  # the bytes' block-aligned part from where it lies (see _point)
             self._fn = lib.gf_slot_write_direct
             self._pos = pos
@@ -922,12 +932,25 @@ class RecordLane:
                 bfd = region._buffered()
                 self._fn = lib.gf_slot_write_gather
                 self._args = tuple((bfd, p, hptr, self._bufs, lens, 2, zeros, pad, 1) for p in pos)
+                if gate is not None:
+                    self._gate_args(lib.gf_slot_write_gather_gated, gate)
             else:
                 ctx = region._aio_ctx() if path == "aio" else 0
                 self._fn = lib.gf_slot_write
                 self._args = tuple(
                     (region._fd, p, xptr, nbytes, bs, hptr, self._bufs, lens, 2, ctx, AIO_CHUNK, 1) for p in pos
                 )
+                if ctx == 0 and gate is not None:
+                    self._gate_args(lib.gf_slot_write_gated, gate)
+        self._fd_used = self._args[0][1 if self.gated else 0]  # the descriptor the writes go to
+
+    def _gate_args(self, fn: Any, gate: Any) -> None:
+        """Write through the region's gate (no AIO context: nothing shared with the region's other
+        writes but the descriptor, which the gate guards): :attr:`gated`, and the caller of the
+        lane's native call may skip the region's I/O lock (``SlotLane.write``)."""
+        self._fn = fn
+        self._args = tuple((gate, *a) for a in self._args)
+        self.gated = True
 
     @property
     def live(self) -> bool:
@@ -1002,7 +1025,9 @@ class RecordLane:
                 region._aio.clear()
             log.info("AIO refused on %s: records go out in one request", region.path)
             return True
-        if rc == -errno.EINVAL and region.direct and self._args[0][0] == region._fd:  # O_DIRECT refused
+        if rc == -errno.EBADF and region._closed:  # the gate was shut: closed while this write waited
+            region._check()
+        if rc == -errno.EINVAL and region.direct and self._fd_used == region._fd:  # O_DIRECT refused
             region._disable_direct(OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
             return False  # the caller writes this record the ordinary (now buffered) way
         region._raise_io(rc)

@@ -798,17 +798,25 @@ class SlotLane:
             region, lock, lease, cell, mono = hot
             # the lease as Lease.check judges it, read from the region's in-process cell
             if mono is not None and cell._state == _ACTIVE and mono() < cell._deadline:
-                with lock:
+                if lane.gated:  # no lock: the region's gate, in the native call, guards the descriptor
                     if lane._gen == region._lane_gen and not region._closed and not lane._mm.closed:
                         rc = lane._fn(*lane._args[slot])
                         if not rc:
                             store._newest = (slot, seq)
                             return seq
-                        if lane._failed(rc):  # durable all the same (AIO fell back), or raised
+                        with lock:
+                            ok = lane._failed(rc)  # raises, or False: nothing was written
+                        store._newest = (slot, seq) if ok else newest
+                        return seq if ok else None
+                else:
+                    with lock:
+                        if lane._gen == region._lane_gen and not region._closed and not lane._mm.closed:
+                            rc = lane._fn(*lane._args[slot])
+                            if rc and not lane._failed(rc):  # durable all the same (AIO fell back), or raised
+                                store._newest = newest  # nothing was written (O_DIRECT refused)
+                                return None
                             store._newest = (slot, seq)
                             return seq
-                        store._newest = newest  # nothing was written (O_DIRECT refused)
-                        return None
         if not lane.write(slot):
             store._newest = newest  # nothing was written
             return None

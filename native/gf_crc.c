@@ -581,3 +581,64 @@ int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, 
         if (errno != EINTR) return -errno;
     return 0;
 }
+
+/* ---- the gate (gf_crc.h) ---- */
+
+struct gf_gate {
+    pthread_mutex_t mu; /* held by a write through the gate while it runs, and by gf_gate_shut */
+    int shut;
+};
+
+void *gf_gate_new(void) {
+    struct gf_gate *g = calloc(1, sizeof *g);
+    if (!g) return NULL;
+    if (pthread_mutex_init(&g->mu, NULL)) {
+        free(g);
+        return NULL;
+    }
+    return g;
+}
+
+void gf_gate_shut(void *gate) {
+    struct gf_gate *g = gate;
+    if (!g) return;
+    pthread_mutex_lock(&g->mu); /* waits for the write in the gate, if any */
+    g->shut = 1;
+    pthread_mutex_unlock(&g->mu);
+}
+
+void gf_gate_free(void *gate) {
+    struct gf_gate *g = gate;
+    if (!g) return;
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+}
+
+/* SYNC POINT: descriptor closed. The write runs with the mutex held and only while the gate is
+ * open; gf_gate_shut takes the same mutex before the caller closes the descriptor. */
+#define GF_GATED(gate, call)                                                                                          \
+    do {                                                                                                           \
+        struct gf_gate *g_ = (gate);                                                                               \
+        if (!g_) return -EINVAL;                                                                                   \
+        pthread_mutex_lock(&g_->mu);                                                                               \
+        int rc_ = g_->shut ? -EBADF : (call);                                                                      \
+        pthread_mutex_unlock(&g_->mu);                                                                             \
+        return rc_;                                                                                                \
+    } while (0)
+
+int gf_slot_write_gated(void *gate, int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block,
+                        const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
+                        uint64_t aio_ctx, uint64_t chunk, int dsync) {
+    GF_GATED(gate, gf_slot_write(fd, pos, buf, nbytes, block, header, parts, lens, nparts, aio_ctx, chunk, dsync));
+}
+
+int gf_slot_write_gather_gated(void *gate, int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
+                               const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync) {
+    GF_GATED(gate, gf_slot_write_gather(fd, pos, header, parts, lens, nparts, zeros, pad, dsync));
+}
+
+int gf_slot_write_direct_gated(void *gate, int fd, int64_t pos, uint8_t *head, uint64_t head_len, uint64_t block,
+                               const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
+                               uint64_t chunk, int dsync) {
+    GF_GATED(gate, gf_slot_write_direct(fd, pos, head, head_len, block, data, data_len, tail, aio_ctx, chunk, dsync));
+}

@@ -88,4 +88,24 @@ int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8
 int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, uint64_t block, const uint8_t *data,
                          uint64_t data_len, uint8_t *tail, uint64_t aio_ctx, uint64_t chunk, int dsync);
 
+/* A gate for the three writes above, for callers that write outside their own lock (a record
+ * lane, grafos_fabric.drivers.block): a write through the gate holds its mutex while it runs, and
+ * once gf_gate_shut has returned (after waiting for the write in the gate, if any) every write
+ * through it returns -EBADF without touching its descriptor, so the descriptor may then be closed.
+ * gf_gate_new: NULL when out of memory. gf_gate_free: only once no thread can call through it
+ * any more (NULL is ignored). */
+void *gf_gate_new(void);
+void gf_gate_shut(void *gate);
+void gf_gate_free(void *gate);
+/* gf_slot_write, gf_slot_write_gather and gf_slot_write_direct through a gate (the same
+ * arguments after it, the same results, -EBADF once the gate is shut). */
+int gf_slot_write_gated(void *gate, int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block,
+                        const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
+                        uint64_t aio_ctx, uint64_t chunk, int dsync);
+int gf_slot_write_gather_gated(void *gate, int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
+                               const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync);
+int gf_slot_write_direct_gated(void *gate, int fd, int64_t pos, uint8_t *head, uint64_t head_len, uint64_t block,
+                               const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
+                               uint64_t chunk, int dsync);
+
 #endif
