@@ -717,6 +717,7 @@ class SlotLane:
         self.lane = lane
         self.n = n
         self._pack = struct.Struct(_HEADER.format + "8x" + fields.format.lstrip("<>=!@")).pack_into
+        self._fpack = struct.Struct("<" + fields.format.lstrip("<>=!@")).pack_into  # the fields alone
         self._magic = store.fmt.magic
         self._version = version
         self._bs = store.block_size
@@ -728,9 +729,13 @@ class SlotLane:
         cell = getattr(region, "_cell", None)
         self._hot = (
             (region, region._io_lock, lease, cell, time.monotonic_ns if type(lease.clock) is MonotonicClock else None)
-            if lease is not None and type(cell) is LocalLeaseCell and hasattr(lane, "_fn")
+            if lease is not None and type(cell) is LocalLeaseCell and hasattr(lane, "gated")
             else None
         )
+        if getattr(lane, "gated", False):  # the header but seq and slot, once (see write)
+            _HEADER.pack_into(
+                lane.head, 0, self._magic, version, n + lane.pad, 0, 0, 0, 0, self._bs, self._slot_blocks, 0, 0
+            )
 
     @property
     def data(self) -> Any:
@@ -759,12 +764,13 @@ class SlotLane:
     def write(self, *fields: Any) -> int | None:
         """Write the record with these field values, durably; its sequence number, or None (see the class).
 
-        One Python frame around the native call where it can be (a checkpoint's Python runs with
+        Few lines of Python around the native call where it can be (a checkpoint's Python runs with
         the caches the I/O left cold, so every frame and object touched shows in its rate; README
-        "Checkpoint speed"): the lease read from its in-process cell, the header packed, the
-        region's I/O lock, the call made with the lane's prepared arguments. Anything unusual (a
-        closed or stale lane, a lease that is not plainly live, a native call that did not return
-        0) goes the careful way, :meth:`RecordLane.write`'s, which raises or returns what it does.
+        "Checkpoint speed"): the lease read from its in-process cell, and on a gated lane
+        (``RecordLane.gated``) no lock and only the fields packed, the native call putting the
+        sequence number and slot into the header packed once. Anything unusual (a stale or closed
+        lane or region, a lease that is not plainly live, a native call that did not return 0)
+        goes the careful way, :meth:`RecordLane.write`'s, which raises or returns what it does.
         """
         store = self.store
         newest = store._newest
@@ -773,6 +779,32 @@ class SlotLane:
         slot = 1 - newest[0]
         seq = newest[1] + 1
         lane = self.lane
+        hot = self._hot
+        if hot is not None:
+            region, lock, lease, cell, mono = hot
+            # the lease as Lease.check judges it, read from the region's in-process cell
+            if (
+                mono is not None
+                and cell._state == _ACTIVE
+                and mono() < cell._deadline
+                and lane.gated
+                and lane._gen == region._lane_gen
+                and not region._closed
+                and not lane._mm.closed
+            ):
+                self._fpack(lane.head, DATA_OFFSET, *fields)
+                store._newest = None  # unknown until this write completes: a failure re-scans next time
+                # SYNC POINT: record durable (the native call SlotStore.write's path makes, through
+                # the region's gate; the header with the data, one flush); the reader's side is the
+                # two checksums in _examine.
+                rc = lane._fn(seq, *lane._args[slot])
+                if not rc:
+                    store._newest = (slot, seq)
+                    return seq
+                with lock:
+                    ok = lane._failed(rc)  # raises, or False: nothing was written (O_DIRECT refused)
+                store._newest = (slot, seq) if ok else newest
+                return seq if ok else None
         self._pack(
             lane.head,
             0,
@@ -789,34 +821,10 @@ class SlotLane:
             0,
             *fields,
         )
-        hot = self._hot
         store._newest = None  # unknown until this write completes: a failure re-scans next time
-        # SYNC POINT: record durable (the native call SlotStore.write's path makes, with the header
-        # block after the data or gathered with it, one flush); the reader's side is the two
-        # checksums in _examine.
-        if hot is not None:
-            region, lock, lease, cell, mono = hot
-            # the lease as Lease.check judges it, read from the region's in-process cell
-            if mono is not None and cell._state == _ACTIVE and mono() < cell._deadline:
-                if lane.gated:  # no lock: the region's gate, in the native call, guards the descriptor
-                    if lane._gen == region._lane_gen and not region._closed and not lane._mm.closed:
-                        rc = lane._fn(*lane._args[slot])
-                        if not rc:
-                            store._newest = (slot, seq)
-                            return seq
-                        with lock:
-                            ok = lane._failed(rc)  # raises, or False: nothing was written
-                        store._newest = (slot, seq) if ok else newest
-                        return seq if ok else None
-                else:
-                    with lock:
-                        if lane._gen == region._lane_gen and not region._closed and not lane._mm.closed:
-                            rc = lane._fn(*lane._args[slot])
-                            if rc and not lane._failed(rc):  # durable all the same (AIO fell back), or raised
-                                store._newest = newest  # nothing was written (O_DIRECT refused)
-                                return None
-                            store._newest = (slot, seq)
-                            return seq
+        # SYNC POINT: record durable (RecordLane.write: the native call SlotStore.write's path makes,
+        # with the header block after the data or gathered with it, one flush); the reader's side
+        # is the two checksums in _examine.
         if not lane.write(slot):
             store._newest = newest  # nothing was written
             return None

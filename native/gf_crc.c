@@ -614,31 +614,40 @@ void gf_gate_free(void *gate) {
     free(g);
 }
 
+static void put_u64le(uint8_t *p, uint64_t v) {
+    put_u32le(p, (uint32_t)v);
+    put_u32le(p + 4, (uint32_t)(v >> 32));
+}
+
 /* SYNC POINT: descriptor closed. The write runs with the mutex held and only while the gate is
  * open; gf_gate_shut takes the same mutex before the caller closes the descriptor. */
 #define GF_GATED(gate, call)                                                                                          \
     do {                                                                                                           \
         struct gf_gate *g_ = (gate);                                                                               \
         if (!g_) return -EINVAL;                                                                                   \
+        if (hdr) {                                                                                                 \
+            put_u64le(hdr + GF_SLOT_SEQ_AT, seq);                                                                  \
+            put_u32le(hdr + GF_SLOT_SLOT_AT, slot);                                                                \
+        }                                                                                                          \
         pthread_mutex_lock(&g_->mu);                                                                               \
         int rc_ = g_->shut ? -EBADF : (call);                                                                      \
         pthread_mutex_unlock(&g_->mu);                                                                             \
         return rc_;                                                                                                \
     } while (0)
 
-int gf_slot_write_gated(void *gate, int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block,
-                        const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
+int gf_slot_write_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t slot, int fd, int64_t pos, uint8_t *buf,
+                        uint64_t nbytes, uint64_t block, const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
                         uint64_t aio_ctx, uint64_t chunk, int dsync) {
     GF_GATED(gate, gf_slot_write(fd, pos, buf, nbytes, block, header, parts, lens, nparts, aio_ctx, chunk, dsync));
 }
 
-int gf_slot_write_gather_gated(void *gate, int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
-                               const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync) {
+int gf_slot_write_gather_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t slot, int fd, int64_t pos,
+                               const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync) {
     GF_GATED(gate, gf_slot_write_gather(fd, pos, header, parts, lens, nparts, zeros, pad, dsync));
 }
 
-int gf_slot_write_direct_gated(void *gate, int fd, int64_t pos, uint8_t *head, uint64_t head_len, uint64_t block,
-                               const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
+int gf_slot_write_direct_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t slot, int fd, int64_t pos,
+                               uint8_t *head, uint64_t head_len, uint64_t block, const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
                                uint64_t chunk, int dsync) {
     GF_GATED(gate, gf_slot_write_direct(fd, pos, head, head_len, block, data, data_len, tail, aio_ctx, chunk, dsync));
 }

@@ -26,7 +26,9 @@ int gf_crc32c_impl(void);
  * the data, zero to nbytes. */
 #define GF_SLOT_DATA_OFFSET 64u
 #define GF_SLOT_HEADER_FIELDS 56u
+#define GF_SLOT_SEQ_AT 16u
 #define GF_SLOT_DATA_CRC_AT 32u
+#define GF_SLOT_SLOT_AT 36u
 #define GF_SLOT_HEADER_CRC_AT 48u /* the header CRC covers bytes [0, 48) */
 #define GF_SLOT_MAX_AIO 60u       /* requests one record is split into, at most */
 
@@ -98,14 +100,17 @@ void *gf_gate_new(void);
 void gf_gate_shut(void *gate);
 void gf_gate_free(void *gate);
 /* gf_slot_write, gf_slot_write_gather and gf_slot_write_direct through a gate (the same
- * arguments after it, the same results, -EBADF once the gate is shut). */
-int gf_slot_write_gated(void *gate, int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block,
-                        const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
+ * arguments after slot, the same results, -EBADF once the gate is shut, nothing written). When
+ * hdr is not NULL (the 56 header bytes the call then writes), seq and slot are first stored into
+ * its sequence and slot fields (little-endian), so a caller whose header changes only there and
+ * in its data need not pack it. */
+int gf_slot_write_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t slot, int fd, int64_t pos, uint8_t *buf,
+                        uint64_t nbytes, uint64_t block, const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
                         uint64_t aio_ctx, uint64_t chunk, int dsync);
-int gf_slot_write_gather_gated(void *gate, int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
-                               const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync);
-int gf_slot_write_direct_gated(void *gate, int fd, int64_t pos, uint8_t *head, uint64_t head_len, uint64_t block,
-                               const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
+int gf_slot_write_gather_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t slot, int fd, int64_t pos,
+                               const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync);
+int gf_slot_write_direct_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t slot, int fd, int64_t pos,
+                               uint8_t *head, uint64_t head_len, uint64_t block, const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
                                uint64_t chunk, int dsync);
 
 #endif

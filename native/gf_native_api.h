@@ -118,11 +118,11 @@ int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, 
 void *gf_gate_new(void);
 void gf_gate_shut(void *gate);
 void gf_gate_free(void *gate);
-int gf_slot_write_gated(void *gate, int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block,
-                        const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
+int gf_slot_write_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t slot, int fd, int64_t pos, uint8_t *buf,
+                        uint64_t nbytes, uint64_t block, const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
                         uint64_t aio_ctx, uint64_t chunk, int dsync);
-int gf_slot_write_gather_gated(void *gate, int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
-                               const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync);
-int gf_slot_write_direct_gated(void *gate, int fd, int64_t pos, uint8_t *head, uint64_t head_len, uint64_t block,
-                               const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
+int gf_slot_write_gather_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t slot, int fd, int64_t pos,
+                               const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync);
+int gf_slot_write_direct_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t slot, int fd, int64_t pos,
+                               uint8_t *head, uint64_t head_len, uint64_t block, const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
                                uint64_t chunk, int dsync);
