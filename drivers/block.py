@@ -508,7 +508,8 @@ class BlockRegion:
         per record, interleaved with the raw write op by op, about 1 us less than ``"gather"``,
         whose page-cache copy is a second pass over the data); ``"gather"`` up to
         :data:`AIO_CHUNK` above that and on a block device (4 KiB states ahead of ``"direct"`` on a
-        loop device; it leaves the record in the page cache for same-host readers) and on a volatile filesystem (tmpfs: no
+        loop device; it leaves the record in the page cache for same-host readers) and on a
+        volatile filesystem (tmpfs: no
         device to overlap with, and the copy is the cost: 0.50x against 0.37x for ``"aio"`` at
         1 MiB); ``"aio"`` above it (1 MiB on an ext4 file, three runs at load 5-15: 0.44-0.86x of
         the best raw write against 0.31-0.69x for ``"gather"`` and 0.39-0.61x for ``"direct"``,
@@ -681,8 +682,8 @@ class BlockRegion:
         and a record lane): the descriptor, the AIO context (0: none) and the request size."""
         bs = self.block_size
         mode = self._record_mode
-        if mode == "auto":  # as record_path
-            mode = self._auto_mode(n)
+        if mode == "auto":  # as record_path, for the record's size (its head block at least)
+            mode = self._auto_mode(n + bs)
         ctx, fd = 0, self._fd
         if mode == "aio" and self.direct and not self._aio_failed and n >= bs:
             ctx = self._aio_ctx()

@@ -724,14 +724,13 @@ class SlotLane:
         self._slot_blocks = store.slot_blocks
         # write()'s one-frame path reads these (a RecordLane's region, its in-process lease cell and
         # clock); a lane without them (none is made today) takes the careful path every time
-        region = getattr(lane, "region", None)
+        region: Any = getattr(lane, "region", None)
         lease = getattr(region, "lease", None)
         cell = getattr(region, "_cell", None)
-        self._hot = (
-            (region, region._io_lock, lease, cell, time.monotonic_ns if type(lease.clock) is MonotonicClock else None)
-            if lease is not None and type(cell) is LocalLeaseCell and hasattr(lane, "gated")
-            else None
-        )
+        self._hot: tuple[Any, Any, LocalLeaseCell, Any] | None = None
+        if region is not None and lease is not None and type(cell) is LocalLeaseCell and hasattr(lane, "gated"):
+            mono = time.monotonic_ns if type(lease.clock) is MonotonicClock else None
+            self._hot = (region, region._io_lock, cell, mono)
         if getattr(lane, "gated", False):  # the header but seq and slot, once (see write)
             _HEADER.pack_into(
                 lane.head, 0, self._magic, version, n + lane.pad, 0, 0, 0, 0, self._bs, self._slot_blocks, 0, 0
@@ -781,7 +780,7 @@ class SlotLane:
         lane = self.lane
         hot = self._hot
         if hot is not None:
-            region, lock, lease, cell, mono = hot
+            region, lock, cell, mono = hot
             # the lease as Lease.check judges it, read from the region's in-process cell
             if (
                 mono is not None

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import random
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -257,6 +258,66 @@ def test_the_auto_path_by_size_and_target(tmp_path: Path) -> None:
     r.close()
     with open_block(tmp_path / "buffered.img", create_size=SIZE, direct=False) as b:
         assert b.record_path(big, True) == "gather"  # no O_DIRECT, nothing to gain from AIO
+        assert b.record_path(blockmod.DIRECT_SMALL_MAX, True) == "gather"
+
+
+def test_small_records_on_a_file_with_o_direct_go_direct(tmp_path: Path) -> None:
+    """A 4 KiB state's record (two blocks) is copied with its CRC and written by O_DIRECT on a
+    regular file; a larger one below AIO_CHUNK is still gathered, and tmpfs gathers them all."""
+    r = _spy(tmp_path)
+    r._on_volatile = False
+    small, next_up = blockmod.DIRECT_SMALL_MAX, blockmod.DIRECT_SMALL_MAX + r.block_size
+    assert [r.record_path(r.block_size, True), r.record_path(small, True), r.record_path(next_up, True)] == [
+        "direct",
+        "direct",
+        "gather",
+    ]
+    r._on_volatile = True
+    assert r.record_path(small, True) == "gather"
+    r._on_volatile = False
+    Spy.paths = []
+    st = CheckpointedStageState(pattern(4096, 4), r, codec="raw", stage="s")
+    st.checkpoint()
+    assert Spy.paths == ["direct"]
+    assert CheckpointedStageState.restore(r).state == pattern(4096, 4)
+    r.close()
+
+
+def test_a_shut_gate_refuses_every_gated_write_and_writes_nothing(tmp_path: Path) -> None:
+    """The gate a record lane writes through instead of the region's lock: open, the gated call
+    writes what the plain one does with the sequence and slot it was given put into the header;
+    shut (BlockRegion.close shuts it before closing the descriptors), each returns -EBADF and
+    the file is untouched."""
+    path = tmp_path / "g.img"
+    path.write_bytes(bytes(1 << 16))
+    fd = os.open(path, os.O_RDWR)
+    gate = ffi.gc(lib.gf_gate_new(), lib.gf_gate_free)
+    head = ffi.new("uint8_t[]", 4096)
+    head[0:4] = b"PCHK"
+    tail = ffi.new("uint8_t[]", 8192)
+    zeros = bytes(4096)
+    data = pattern(100, 1)
+    parts, lens = [ffi.from_buffer(data)], [len(data)]
+    try:
+        rc = lib.gf_slot_write_gather_gated(7, gate, head, 1, fd, 0, head, parts, lens, 1, zeros, 4096 - 164, 1)
+        assert rc == 0
+        written = path.read_bytes()[:4096]
+        assert struct.unpack_from("<Q", written, 16)[0] == 7 and struct.unpack_from("<I", written, 36)[0] == 1
+        assert written[64:164] == data and written[:4] == b"PCHK"
+        assert ffi.buffer(head, 56)[16:24] == struct.pack("<Q", 7)  # stored in the caller's header too
+        assert struct.unpack_from("<I", written, 32)[0] == crc32c_pkg.crc32c(data)
+        lib.gf_gate_shut(gate)
+        before = path.read_bytes()
+        gather = (fd, 4096, head, parts, lens, 1, zeros, 0, 1)
+        copy = (fd, 4096, tail, 4096, 4096, head, parts, lens, 1, 0, 0, 1)
+        direct = (fd, 4096, tail, 4096, 4096, head, 0, tail, 0, 4096, 1)
+        assert lib.gf_slot_write_gather_gated(8, gate, head, 0, *gather) == -errno.EBADF
+        assert lib.gf_slot_write_gated(8, gate, head, 0, *copy) == -errno.EBADF
+        assert lib.gf_slot_write_direct_gated(8, gate, ffi.NULL, 0, *direct) == -errno.EBADF
+        assert path.read_bytes() == before
+        assert lib.gf_slot_write_gated(8, ffi.NULL, ffi.NULL, 0, *copy) == -errno.EINVAL  # no gate
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.blockdev

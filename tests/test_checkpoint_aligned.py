@@ -118,9 +118,13 @@ def test_an_aligned_state_round_trips_and_is_written_byte_for_byte_from_its_buff
         assert got.buffer is got.state and (nbytes == 0 or got.state.ctypes.data % r.block_size == 0)
     if (mode == "aio" and nbytes >= r.block_size) or (mode == "auto" and nbytes > blockmod.AIO_CHUNK):
         assert r._aio and not r._aio_failed  # the AIO path ran (and its context is kept)
-    if mode in ("gather", "auto") and nbytes <= blockmod.AIO_CHUNK:
+    # auto: a small record on a regular file with O_DIRECT goes direct (BlockRegion.record_path)
+    small_direct = mode == "auto" and r._auto_mode(nbytes + r.block_size) == "direct"
+    if small_direct:
+        assert not r.is_blockdev and nbytes + r.block_size <= blockmod.DIRECT_SMALL_MAX
+    if mode in ("gather", "auto") and nbytes <= blockmod.AIO_CHUNK and not small_direct:
         assert r._buffered_fd is not None  # through the page cache
-    if mode in ("direct", "aio"):
+    if mode in ("direct", "aio") or small_direct:
         assert r._buffered_fd is None and bool(r._aio) == (mode == "aio" and nbytes >= r.block_size)
     assert Spy.calls.count("record") == 0
 

@@ -125,6 +125,94 @@ def test_a_lane_checkpoint_runs_a_few_hundred_bytecodes(tmp_path: Path) -> None:
             assert 0 < count < 300, count
 
 
+def test_a_small_lane_checkpoint_is_one_python_call_around_the_native_one_and_takes_no_lock(
+    tmp_path: Path,
+) -> None:
+    """A 4 KiB bytes state on a file: checkpoint() calls SlotLane.write and nothing else written in
+    Python (the lease is read from its cell, the header's sequence and slot put in by the native
+    call), under 200 bytecodes, and the region's I/O lock is not taken (the region's gate, in the
+    native call, guards the descriptor instead): held by another thread, the checkpoint still
+    completes. Counted, not timed."""
+    import sys
+    import threading
+
+    with open_block(tmp_path / "r.img", create_size=SIZE) as r:
+        st = CheckpointedStageState(state_of(4096, 1), r, codec="raw", stage=STAGE, durability="single-sync")
+        for _ in range(3):
+            st.checkpoint()
+        assert st._lane is not None and st._lane.lane.gated
+        calls: list[str] = []
+        opcodes = 0
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "call":
+                calls.append(frame.f_code.co_qualname)
+
+        def trace(frame: Any, event: str, arg: Any) -> Any:
+            nonlocal opcodes
+            frame.f_trace_opcodes = True
+            opcodes += event == "opcode"
+            return trace
+
+        first, second = EdgeCheckpoint(5, 6), EdgeCheckpoint(7, 8)
+
+        def run() -> None:
+            try:
+                sys.setprofile(profile)
+                try:
+                    st.checkpoint(first)
+                finally:
+                    sys.setprofile(None)
+                sys.settrace(trace)
+                try:
+                    st.checkpoint(second)
+                finally:
+                    sys.settrace(None)
+            except BaseException as exc:  # handed to the test thread
+                errors.append(exc)
+            finally:
+                done.set()
+
+        with r._io_lock:  # a lane write that took it would wait here for good
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            assert done.wait(120), "the lane's checkpoint waited for the region's I/O lock"
+        worker.join()
+        assert not errors, errors
+        assert calls == ["CheckpointedStageState.checkpoint", "SlotLane.write"]
+        assert 0 < opcodes < 200, opcodes
+        got = CheckpointedStageState.restore(r)
+        assert got.state == state_of(4096, 1) and got.edge == EdgeCheckpoint(7, 8) and got.last_seq == 5
+
+
+def test_a_region_closed_while_a_lane_write_is_on_its_way_refuses_it(tmp_path: Path) -> None:
+    """The close lands between the lane's checks and its native call (no lock between them): the
+    gate, shut by close() before the descriptors go, refuses the write (-EBADF, nothing written),
+    and checkpoint() raises Disconnected; the previous checkpoint is what a reader finds."""
+    path = tmp_path / "r.img"
+    r = open_block(path, create_size=SIZE)
+    st = CheckpointedStageState(state_of(4096, 1), r, codec="raw", stage=STAGE)
+    for _ in range(3):
+        st.checkpoint()
+    lane = st._lane
+    assert lane is not None and lane.lane.gated
+    real = lane.lane._fn
+
+    def close_first(*args: Any) -> int:
+        r.close()
+        return int(real(*args))
+
+    lane.lane._fn = close_first
+    st.state = state_of(4096, 2)
+    with pytest.raises(Disconnected):
+        st.checkpoint()
+    with open_block(path) as again:
+        got = CheckpointedStageState.restore(again)
+        assert got.state == state_of(4096, 1) and got.last_seq == 3
+
+
 def test_the_ordinary_path_takes_over_where_the_lane_does_not_fit(tmp_path: Path) -> None:
     """Another length, another stage name, a state of another kind, an observer, metrics, a changed
     record mode: each record is still right, written the ordinary way where the lane cannot."""
