@@ -710,8 +710,9 @@ def test_the_checkpoint_bench_reports_each_case_next_to_the_raw_sync_rate(tmp_pa
             "baselines",
             "ratio_vs_pwrite_fdatasync",
             "latency_ratio",
+            "cpu_over_us",
         }
-        assert r["latency_ratio"] is None  # only taken op by op
+        assert r["latency_ratio"] is None and r["cpu_over_us"] is None  # only taken op by op
         assert r["ops_per_s"] > 0 and r["baseline_ops_per_s"] > 0 and r["rounds"] == 3
         # the baseline is the fastest raw write measured, and the plain aligned pwrite + fdatasync is one of them
         assert r["baseline_ops_per_s"] == max(r["baselines"].values()) == r["baselines"][r["baseline"]]
@@ -755,6 +756,7 @@ def test_the_checkpoint_bench_can_take_turns_op_by_op(tmp_path: Path) -> None:
     for r in rows:
         assert r["ops_per_s"] > 0 and 0 < r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
         assert r["latency_ratio"] is not None and r["latency_ratio"] > 0
+        assert isinstance(r["cpu_over_us"], float)  # CPU per op over the best raw write's (either sign)
     assert main([str(tmp_path), "--sizes", "4096", "--seconds", "0.05", "--rounds", "1", "--op-by-op"]) == 0
 
 

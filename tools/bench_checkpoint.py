@@ -42,7 +42,11 @@ For each state size, in the same run and on the same file or device range:
 
 Baselines and candidates take turns every 20 ms (``--op-by-op``: one op each,
 and the rows also give ``latency_ratio``, the baseline's median op time over
-the candidate's, which a few stalled ops cannot move), in a new random order each
+the candidate's, which a few stalled ops cannot move, and ``cpu_over_us``, the
+candidate's median CPU time per op (the thread's, user and kernel, from
+``time.thread_time_ns``) less the best baseline's: what the software costs
+over the raw write, which the load on a shared machine moves far less than
+the wall time), in a new random order each
 time (the device remembers what ran just before it: queued writeback, cache
 state), so that drift in the device (write cache, other tenants of a shared
 disk) hits all alike. A size runs ``rounds`` rounds (default 5); the best
@@ -291,24 +295,30 @@ def _bench_size(
         totals = {k: [0, 0.0] for k in fns}
         per_round_rates: list[dict[str, float]] = []
         per_round_medians: list[dict[str, float]] = []  # op by op: each case's median op time
+        per_round_cpu: list[dict[str, float]] = []  # op by op: each case's median thread CPU time per op
         for _ in range(rounds):
             r = {k: [0, 0.0] for k in fns}
             order = list(fns)
             if op_by_op:  # one op of every case in turn, in a new random order each time
                 lat: dict[str, list[float]] = {k: [] for k in fns}
-                clock = time.perf_counter
+                cpu: dict[str, list[int]] = {k: [] for k in fns}
+                clock, cpu_ns = time.perf_counter, time.thread_time_ns
                 deadline = clock() + per_round * len(fns)
                 while clock() < deadline:
                     shuffle(order)
                     for k in order:
                         fn = fns[k]
+                        c0 = cpu_ns()
                         t0 = clock()
                         fn()
-                        lat[k].append(clock() - t0)
+                        t1 = clock()
+                        cpu[k].append(cpu_ns() - c0)
+                        lat[k].append(t1 - t0)
                 for k, v in lat.items():
                     r[k][0] += len(v)
                     r[k][1] += sum(v)
                 per_round_medians.append({k: statistics.median(v) for k, v in lat.items()})
+                per_round_cpu.append({k: statistics.median(v) / 1e3 for k, v in cpu.items()})
             else:
                 for _ in range(pieces):
                     shuffle(order)  # no case always runs right after the same other one (the device remembers)
@@ -333,6 +343,7 @@ def _bench_size(
         ratios = [rr[key] / rr[best] for rr in per_round_rates]
         floor = [rr[key] / rr["aligned O_DIRECT pwrite + fdatasync"] for rr in per_round_rates]
         by_latency = [rm[best] / rm[key] for rm in per_round_medians]
+        cpu_over = [rc[key] - rc[best] for rc in per_round_cpu]
         target = TARGETS.get(durability.split(" ")[0], 1.0)
         row = {
             "case": f"{durability} {_human(size)}"
@@ -348,6 +359,7 @@ def _bench_size(
             "ratio_max": max(ratios),
             "ratio_vs_pwrite_fdatasync": statistics.median(floor),
             "latency_ratio": statistics.median(by_latency) if by_latency else None,
+            "cpu_over_us": statistics.median(cpu_over) if cpu_over else None,
             "rounds": rounds,
             "target": target,
             "met": statistics.median(ratios) >= target,
@@ -358,6 +370,7 @@ def _bench_size(
             f"= {row['ratio']:.2f}x median of {rounds} rounds [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}] "
             f"(target {target:g}x); vs aligned pwrite + fdatasync {row['ratio_vs_pwrite_fdatasync']:.2f}x; "
             + (f"median op time ratio {row['latency_ratio']:.2f}x " if by_latency else "")
+            + (f"CPU per op {row['cpu_over_us']:+.1f} us over the best raw write's " if cpu_over else "")
             + f"({region.path}, {bs}-byte blocks; "
             + ", ".join(f"{k} {rates[k]:,.0f}/s" for k in baselines)
             + ")"
@@ -386,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--op-by-op",
         action="store_true",
-        help="take turns op by op (not every 20 ms) and also report the ratio of median op times",
+        help="take turns op by op (not every 20 ms) and also report the ratio of median op times and the CPU "
+        "time per op over the best raw write's",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -401,14 +415,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sys.stdout.write(
         f"{'case':<56}{'ops/s':>10}{'best raw/s':>12}{'ratio':>7}{'min':>6}{'max':>6}{'target':>8}"
-        f"{'vs pwrite+fdatasync':>21}{'median op':>10}  best raw write\n"
+        f"{'vs pwrite+fdatasync':>21}{'median op':>10}{'CPU us +':>9}  best raw write\n"
     )
     for r in rows:
         by_latency = "" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}x"
+        cpu_over = "" if r["cpu_over_us"] is None else f"{r['cpu_over_us']:+.1f}"
         sys.stdout.write(
             f"{r['case']:<56}{r['ops_per_s']:>10,.0f}{r['baseline_ops_per_s']:>12,.0f}{r['ratio']:>7.2f}"
             f"{r['ratio_min']:>6.2f}{r['ratio_max']:>6.2f}{r['target']:>7g}x{r['ratio_vs_pwrite_fdatasync']:>20.2f}x"
-            f"{by_latency:>10}  {r['baseline']}\n"
+            f"{by_latency:>10}{cpu_over:>9}  {r['baseline']}\n"
         )
     return 0
 
