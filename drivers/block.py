@@ -109,8 +109,9 @@ MAX_IO_CHUNK = 8 << 20  # the aligned bounce buffer never grows past this; large
 VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
 RECORD_MODES = ("auto", "gather", "direct", "aio")
 AIO_CHUNK = 128 << 10  # write_record's pipelined path: bytes per request while the record is built
-# record_mode "auto" on a regular file with O_DIRECT: records up to this many bytes go "direct" (a 4 KiB
-# state's two blocks: about 1 us less CPU per record than "gather" here; see BlockRegion.record_path)
+# record_mode "auto" on a regular file with O_DIRECT: a checkpoint lane's records up to this many bytes go
+# "direct" (a 4 KiB state's two blocks: about 1 us less CPU per record than "gather" here; see
+# BlockRegion.record_path)
 DIRECT_SMALL_MAX = 8 << 10
 # write_record_direct's AIO path: data whose whole blocks come to at most this many bytes goes out in
 # two equal requests (not AIO_CHUNK ones); see _direct_chunk
@@ -494,7 +495,7 @@ class BlockRegion:
         self._record_mode = mode
         self._lane_gen += 1
 
-    def record_path(self, nbytes: int, immutable: bool) -> str:
+    def record_path(self, nbytes: int, immutable: bool, *, checkpoint: bool = False) -> str:
         """How :meth:`write_record` writes a record of ``nbytes``: ``"gather"``, ``"direct"`` or ``"aio"``.
 
         ``record_mode`` (``"auto"``, the default, or one of the three) decides; ``"gather"`` needs
@@ -502,15 +503,16 @@ class BlockRegion:
         is copied (``"direct"``), and ``"aio"`` only splits records over :data:`AIO_CHUNK` (smaller
         ones, or where the kernel refused AIO, go ``"direct"``). ``"auto"`` takes what measured
         fastest (tools/bench_checkpoint.py ``--modes``, checkpoints of each path interleaved on
-        the same slots; README "Checkpoint speed"): on a regular file with ``O_DIRECT``,
-        ``"direct"`` up to :data:`DIRECT_SMALL_MAX` (a 4 KiB state's record: one copy, which
-        also computes the CRC, then the write; measured on an ext4 file by the thread's CPU time
-        per record, interleaved with the raw write op by op, about 1 us less than ``"gather"``,
-        whose page-cache copy is a second pass over the data); ``"gather"`` up to
-        :data:`AIO_CHUNK` above that and on a block device (4 KiB states ahead of ``"direct"`` on a
-        loop device; it leaves the record in the page cache for same-host readers) and on a
-        volatile filesystem (tmpfs: no
-        device to overlap with, and the copy is the cost: 0.50x against 0.37x for ``"aio"`` at
+        the same slots; README "Checkpoint speed"): for a checkpoint lane's records
+        (``checkpoint=True``: ``RecordLane``, and an aligned state's ``write_record_direct``) on a
+        regular file with ``O_DIRECT``, ``"direct"`` up to :data:`DIRECT_SMALL_MAX` (a 4 KiB
+        state's record: one copy, which also computes the CRC, then the write; measured on an ext4
+        file by the thread's CPU time per record, interleaved with the raw write op by op, about
+        1 us less than ``"gather"``, whose page-cache copy is a second pass over the data; other
+        records, a handoff's, keep ``"gather"``: it leaves them in the page cache for same-host
+        readers, which a handoff reader opened with ``direct=False`` polls); ``"gather"`` up to
+        :data:`AIO_CHUNK` otherwise, and on a block device (4 KiB states ahead of ``"direct"`` on
+        a loop device) and on a volatile filesystem (tmpfs: no device to overlap with, and the copy is the cost: 0.50x against 0.37x for ``"aio"`` at
         1 MiB); ``"aio"`` above it (1 MiB on an ext4 file, three runs at load 5-15: 0.44-0.86x of
         the best raw write against 0.31-0.69x for ``"gather"`` and 0.39-0.61x for ``"direct"``,
         which copies before the device starts; on a loop device 0.53-0.66x against 0.58-0.62x
@@ -518,20 +520,20 @@ class BlockRegion:
         """
         mode = self._record_mode
         if mode == "auto":
-            mode = self._auto_mode(nbytes)
+            mode = self._auto_mode(nbytes, checkpoint)
         if mode == "gather" and not immutable:
             return "direct"
         if mode == "aio" and (self._aio_failed or nbytes <= AIO_CHUNK):
             return "direct"
         return mode
 
-    def _auto_mode(self, nbytes: int) -> str:
+    def _auto_mode(self, nbytes: int, checkpoint: bool = False) -> str:
         """``record_mode`` ``"auto"``'s choice for a record of ``nbytes`` (see :meth:`record_path`)."""
         if not self.direct or self._volatile():
             return "gather"
         if nbytes > AIO_CHUNK:
             return "aio"
-        if nbytes <= DIRECT_SMALL_MAX and not self.is_blockdev:
+        if checkpoint and nbytes <= DIRECT_SMALL_MAX and not self.is_blockdev:
             return "direct"
         return "gather"
 
@@ -683,7 +685,7 @@ class BlockRegion:
         bs = self.block_size
         mode = self._record_mode
         if mode == "auto":  # as record_path, for the record's size (its head block at least)
-            mode = self._auto_mode(n + bs)
+            mode = self._auto_mode(n + bs, checkpoint=True)
         ctx, fd = 0, self._fd
         if mode == "aio" and self.direct and not self._aio_failed and n >= bs:
             ctx = self._aio_ctx()
@@ -905,7 +907,7 @@ class RecordLane:
         else:
             self.n = n = len(data)
             nbytes = -(-(head_len + n) // bs) * bs
-            path = region.record_path(nbytes, True)
+            path = region.record_path(nbytes, True, checkpoint=True)
             if path == "gather" and region._buffered() is None:
                 path = "direct"
             self.split = split and path == "aio" and n >= bs and region._aio_ctx() != 0

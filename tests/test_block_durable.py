@@ -166,8 +166,8 @@ class Spy(BlockRegion):
     paths: list[str] = []  # a test spy, reset per test
     copied = 0
 
-    def record_path(self, nbytes: int, immutable: bool) -> str:
-        path = super().record_path(nbytes, immutable)
+    def record_path(self, nbytes: int, immutable: bool, *, checkpoint: bool = False) -> str:
+        path = super().record_path(nbytes, immutable, checkpoint=checkpoint)
         type(self).paths.append(path)
         return path
 
@@ -261,25 +261,30 @@ def test_the_auto_path_by_size_and_target(tmp_path: Path) -> None:
         assert b.record_path(blockmod.DIRECT_SMALL_MAX, True) == "gather"
 
 
-def test_small_records_on_a_file_with_o_direct_go_direct(tmp_path: Path) -> None:
-    """A 4 KiB state's record (two blocks) is copied with its CRC and written by O_DIRECT on a
-    regular file; a larger one below AIO_CHUNK is still gathered, and tmpfs gathers them all."""
+def test_small_checkpoint_lane_records_on_a_file_with_o_direct_go_direct(tmp_path: Path) -> None:
+    """A 4 KiB state's record (two blocks) through a checkpoint lane is copied with its CRC and
+    written by O_DIRECT on a regular file; a larger one below AIO_CHUNK is still gathered, tmpfs
+    gathers them all, and other records (a handoff's, the ordinary path's) stay gathered, in the
+    page cache for same-host readers."""
     r = _spy(tmp_path)
     r._on_volatile = False
     small, next_up = blockmod.DIRECT_SMALL_MAX, blockmod.DIRECT_SMALL_MAX + r.block_size
-    assert [r.record_path(r.block_size, True), r.record_path(small, True), r.record_path(next_up, True)] == [
-        "direct",
-        "direct",
-        "gather",
-    ]
-    r._on_volatile = True
+    lane = [r.record_path(n, True, checkpoint=True) for n in (r.block_size, small, next_up)]
+    assert lane == ["direct", "direct", "gather"]
     assert r.record_path(small, True) == "gather"
+    r._on_volatile = True
+    assert r.record_path(small, True, checkpoint=True) == "gather"
     r._on_volatile = False
     Spy.paths = []
     st = CheckpointedStageState(pattern(4096, 4), r, codec="raw", stage="s")
+    for _ in range(3):
+        st.checkpoint()
+    assert Spy.paths[:2] == ["gather", "gather"]  # the ordinary path, then the lane's choice
+    assert Spy.paths[2:] == ["direct"] and st._lane is not None
+    assert st._lane.lane._fn == lib.gf_slot_write_gated  # copied and written by O_DIRECT
+    st.state = pattern(4096, 5)
     st.checkpoint()
-    assert Spy.paths == ["direct"]
-    assert CheckpointedStageState.restore(r).state == pattern(4096, 4)
+    assert CheckpointedStageState.restore(r).state == pattern(4096, 5)
     r.close()
 
 

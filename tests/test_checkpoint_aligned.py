@@ -118,8 +118,8 @@ def test_an_aligned_state_round_trips_and_is_written_byte_for_byte_from_its_buff
         assert got.buffer is got.state and (nbytes == 0 or got.state.ctypes.data % r.block_size == 0)
     if (mode == "aio" and nbytes >= r.block_size) or (mode == "auto" and nbytes > blockmod.AIO_CHUNK):
         assert r._aio and not r._aio_failed  # the AIO path ran (and its context is kept)
-    # auto: a small record on a regular file with O_DIRECT goes direct (BlockRegion.record_path)
-    small_direct = mode == "auto" and r._auto_mode(nbytes + r.block_size) == "direct"
+    # auto: a small checkpoint record on a regular file with O_DIRECT goes direct (BlockRegion.record_path)
+    small_direct = mode == "auto" and r._auto_mode(nbytes + r.block_size, checkpoint=True) == "direct"
     if small_direct:
         assert not r.is_blockdev and nbytes + r.block_size <= blockmod.DIRECT_SMALL_MAX
     if mode in ("gather", "auto") and nbytes <= blockmod.AIO_CHUNK and not small_direct:
