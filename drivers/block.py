@@ -512,11 +512,11 @@ class BlockRegion:
         records, a handoff's, keep ``"gather"``: it leaves them in the page cache for same-host
         readers, which a handoff reader opened with ``direct=False`` polls); ``"gather"`` up to
         :data:`AIO_CHUNK` otherwise, and on a block device (4 KiB states ahead of ``"direct"`` on
-        a loop device) and on a volatile filesystem (tmpfs: no device to overlap with, and the copy is the cost: 0.50x against 0.37x for ``"aio"`` at
-        1 MiB); ``"aio"`` above it (1 MiB on an ext4 file, three runs at load 5-15: 0.44-0.86x of
-        the best raw write against 0.31-0.69x for ``"gather"`` and 0.39-0.61x for ``"direct"``,
-        which copies before the device starts; on a loop device 0.53-0.66x against 0.58-0.62x
-        and 0.47-0.55x).
+        a loop device) and on a volatile filesystem (tmpfs: no device to overlap with, and the
+        copy is the cost: 0.50x against 0.37x for ``"aio"`` at 1 MiB); ``"aio"`` above it (1 MiB
+        on an ext4 file, three runs at load 5-15: 0.44-0.86x of the best raw write against
+        0.31-0.69x for ``"gather"`` and 0.39-0.61x for ``"direct"``, which copies before the
+        device starts; on a loop device 0.53-0.66x against 0.58-0.62x and 0.47-0.55x).
         """
         mode = self._record_mode
         if mode == "auto":
