@@ -722,7 +722,7 @@ class SlotLane:
         self._version = version
         self._bs = store.block_size
         self._slot_blocks = store.slot_blocks
-        # write()'s one-frame path reads these (a RecordLane's region, its in-process lease cell and
+        # write()'s short path reads these (a RecordLane's region, its in-process lease cell and
         # clock); a lane without them (none is made today) takes the careful path every time
         region: Any = getattr(lane, "region", None)
         lease = getattr(region, "lease", None)
