@@ -63,12 +63,13 @@ struct gfu_ctx {
 };
 
 /* A publication posted by gfu_publish_post and not yet waited for (gfu_publish_wait): the
- * requests of its sequence word's put and of its tail CAS, and their operands (compare,
- * swap/old, sequence word) on the heap: abandoned (leaked) when a request never completes. */
+ * requests of its sequence word's put, of its tail CAS and of its read of the head word, and
+ * their operands (compare, swap/old, sequence word, head) on the heap: abandoned (leaked) when
+ * a request never completes. */
 typedef struct gfu_pub {
     int busy;
     int n;
-    ucs_status_ptr_t reqs[2];
+    ucs_status_ptr_t reqs[3];
     uint64_t *ops;
 } gfu_pub;
 
@@ -94,7 +95,7 @@ struct gfu_rkey {
     ucp_rkey_h rkey;
 };
 
-#define GFU_SLOT_WORDS 4 /* CAS compare + swap/old, the published sequence word, spare */
+#define GFU_SLOT_WORDS 4 /* CAS compare + swap/old, the published sequence word, the head word read */
 
 #define GFU_BACKLOG 256
 struct gfu_listener {
@@ -827,7 +828,7 @@ static void pub_settle_locked(gfu_ep *e, gfu_pub *pb) {
     memset(pb, 0, sizeof *pb);
 }
 
-static int pub_wait_locked(gfu_ep *e, gfu_pub *pb, double deadline, uint64_t *old) {
+static int pub_wait_locked(gfu_ep *e, gfu_pub *pb, double deadline, uint64_t *old, uint64_t *head) {
     int rc = GFU_OK, abandoned = 0;
     ucs_status_t st;
     for (int i = 0; i < pb->n; i++) {
@@ -836,14 +837,23 @@ static int pub_wait_locked(gfu_ep *e, gfu_pub *pb, double deadline, uint64_t *ol
         if (rc == GFU_OK) rc = one;
     }
     if (rc == GFU_OK && old) *old = pb->ops[1];
+    if (rc == GFU_OK && head) *head = le64toh(pb->ops[3]);
     if (!abandoned) free(pb->ops);
     memset(pb, 0, sizeof *pb);
     return rc;
 }
 
+/* The head word (head_raddr, when want_head) is read after the CAS was posted: the consumer's
+ * position as of then, which only grows, so the producer may take it as its head cache. */
+static void post_head_read(gfu_ep *e, gfu_rkey *r, gfu_pub *pb, uint64_t head_raddr) {
+    ucp_request_param_t gp;
+    memset(&gp, 0, sizeof gp);
+    pb->reqs[pb->n++] = ucp_get_nbx(e->ep, &pb->ops[3], 8, head_raddr, r->rkey, &gp);
+}
+
 int gfu_publish_post(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, uint64_t seq_raddr, uint64_t seq,
-                     uint64_t tail_raddr, uint64_t expected, uint64_t desired, int order, double timeout,
-                     int *slot_out) {
+                     uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t head_raddr, int want_head,
+                     int order, double timeout, int *slot_out) {
     if (nspans < 0 || nspans > GFU_PUBLISH_SPANS || (nspans && !spans) || !slot_out) return GFU_ERROR;
     double deadline = now_s() + timeout;
     OP_BEGIN(e);
@@ -883,13 +893,14 @@ int gfu_publish_post(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, 
         ap.datatype = ucp_dt_make_contig(8);
         ap.reply_buffer = &ops[1];
         pb->reqs[pb->n++] = ucp_atomic_op_nbx(e->ep, UCP_ATOMIC_OP_CSWAP, &ops[0], 1, tail_raddr, r->rkey, &ap);
+        if (want_head && !UCS_PTR_IS_ERR(pb->reqs[pb->n - 1])) post_head_read(e, r, pb, head_raddr);
     }
     for (int i = 0; i < n; i++) { /* the spans: complete locally (wait_req on a failed endpoint settles) */
         int one = wait_req(e, reqs[i], deadline, &st);
         if (rc == GFU_OK) rc = one;
     }
     if (rc == GFU_OK && !fenced) { /* order 1 (or no fence): the sequence word, a flush, then the CAS, waited */
-        rc = pub_wait_locked(e, pb, deadline, NULL);
+        rc = pub_wait_locked(e, pb, deadline, NULL, NULL);
         pb->busy = 1;
         pb->ops = ops = calloc(GFU_SLOT_WORDS, sizeof(uint64_t));
         if (!ops) rc = GFU_ERROR;
@@ -903,16 +914,17 @@ int gfu_publish_post(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, 
             ap.datatype = ucp_dt_make_contig(8);
             ap.reply_buffer = &ops[1];
             pb->reqs[pb->n++] = ucp_atomic_op_nbx(e->ep, UCP_ATOMIC_OP_CSWAP, &ops[0], 1, tail_raddr, r->rkey, &ap);
+            if (want_head && !UCS_PTR_IS_ERR(pb->reqs[pb->n - 1])) post_head_read(e, r, pb, head_raddr);
         }
     }
-    if (rc != GFU_OK) pub_wait_locked(e, pb, deadline, NULL); /* settles what is in flight, frees the slot */
+    if (rc != GFU_OK) pub_wait_locked(e, pb, deadline, NULL, NULL); /* settles what is in flight, frees the slot */
     else *slot_out = k;
     ctx_unlock(e->ctx);
     return rc;
 }
 
-int gfu_publish_wait(gfu_ep *e, int slot, uint64_t *old, double timeout) {
-    if (!e || slot < 0 || slot >= GFU_PUB_SLOTS || !old) return GFU_ERROR;
+int gfu_publish_wait(gfu_ep *e, int slot, uint64_t *old, uint64_t *head, double timeout) {
+    if (!e || slot < 0 || slot >= GFU_PUB_SLOTS || !old || !head) return GFU_ERROR;
     double deadline = now_s() + timeout;
     ctx_lock(e->ctx);
     gfu_pub *pb = &e->pubs[slot];
@@ -920,19 +932,19 @@ int gfu_publish_wait(gfu_ep *e, int slot, uint64_t *old, double timeout) {
         ctx_unlock(e->ctx);
         return GFU_ERROR;
     }
-    int rc = pub_wait_locked(e, pb, deadline, old);
+    int rc = pub_wait_locked(e, pb, deadline, old, head);
     ctx_unlock(e->ctx);
     return rc;
 }
 
 int gfu_publish(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, uint64_t seq_raddr, uint64_t seq,
-                uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t *old, int order,
-                double timeout) {
+                uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t head_raddr, int want_head,
+                uint64_t *old, uint64_t *head, int order, double timeout) {
     int slot = -1;
-    int rc = gfu_publish_post(e, r, spans, nspans, seq_raddr, seq, tail_raddr, expected, desired, order, timeout,
-                              &slot);
+    int rc = gfu_publish_post(e, r, spans, nspans, seq_raddr, seq, tail_raddr, expected, desired, head_raddr,
+                              want_head, order, timeout, &slot);
     if (rc != GFU_OK) return rc;
-    return gfu_publish_wait(e, slot, old, timeout);
+    return gfu_publish_wait(e, slot, old, head, timeout);
 }
 
 int gfu_flush(gfu_ep *e, double timeout) {

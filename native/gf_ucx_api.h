@@ -72,12 +72,12 @@ int gfu_faa64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t add, uint64_t
 int gfu_load64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t *out, double timeout);
 int gfu_store64(gfu_ep *ep, gfu_rkey *rkey, uint64_t raddr, uint64_t value, double timeout);
 int gfu_publish(gfu_ep *ep, gfu_rkey *rkey, const uint64_t *spans, int nspans, uint64_t seq_raddr, uint64_t seq,
-                uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t *old, int order,
-                double timeout);
+                uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t head_raddr, int want_head,
+                uint64_t *old, uint64_t *head, int order, double timeout);
 int gfu_publish_post(gfu_ep *ep, gfu_rkey *rkey, const uint64_t *spans, int nspans, uint64_t seq_raddr,
-                     uint64_t seq, uint64_t tail_raddr, uint64_t expected, uint64_t desired, int order,
-                     double timeout, int *slot_out);
-int gfu_publish_wait(gfu_ep *ep, int slot, uint64_t *old, double timeout);
+                     uint64_t seq, uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t head_raddr,
+                     int want_head, int order, double timeout, int *slot_out);
+int gfu_publish_wait(gfu_ep *ep, int slot, uint64_t *old, uint64_t *head, double timeout);
 int gfu_flush(gfu_ep *ep, double timeout);
 
 int gfu_bench(gfu_ep *ep, gfu_rkey *rkey, int op, void *buf, size_t len, uint64_t raddr, int iters,

@@ -65,12 +65,12 @@ def test_the_tail_cas_sees_the_records_and_the_sequence_word_every_time(fabric: 
             words[:] = i
             if i % 2:  # one span; the CAS on the records' last word
                 words[N // 8 - 1] = marker
-                found = r.publish([(addr, N, 0)], seq_off, i, N - 8, marker, marker | 1)
+                found, _ = r.publish([(addr, N, 0)], seq_off, i, N - 8, marker, marker | 1)
                 assert found == marker, f"publication {i}: the CAS ran before the put landed ({found:#x})"
                 assert r.load64(N - 8) == marker | 1
             else:  # two spans (as at the ring's wrap); the CAS on the sequence word
                 spans = [(addr + N // 2, N // 2, N), (addr, N // 2, 2 * N)]
-                found = r.publish(spans, seq_off, i, seq_off, i, i | 1 << 63)
+                found, _ = r.publish(spans, seq_off, i, seq_off, i, i | 1 << 63)
                 assert found == i, f"publication {i}: the CAS ran before the sequence word landed ({found:#x})"
                 assert r.load64(seq_off) == i | 1 << 63
         back = bytearray(N // 2)
@@ -86,9 +86,12 @@ def test_a_failed_compare_changes_nothing_but_the_records_land(fabric: Any) -> N
         buf, addr, _mm = _local(N)
         buf[:] = 7
         r.store64(N + 8, 40)
-        assert r.publish([(addr, N, 0)], N, 99, N + 8, 41, 50) == 40  # compare fails: returns the word
+        assert r.publish([(addr, N, 0)], N, 99, N + 8, 41, 50) == (40, -1)  # compare fails: returns the word
         assert r.load64(N + 8) == 40
         assert r.load64(N) == 99
+        r.store64(N + 16, 12345)  # a head word: read after the CAS, returned with the tail word found
+        assert r.publish([(addr, 64, 0)], N, 100, N + 8, 40, 41, N + 16) == (40, 12345)
+        assert r.load64(N + 8) == 41
         back = bytearray(N)
         r.read_into(0, back)
         assert bytes(back) == bytes([7]) * N
@@ -111,6 +114,10 @@ def test_bad_ranges_alignment_and_a_closed_region_fail_typed(fabric: Any) -> Non
         r.publish([(addr, 64, 0)], 8, 1, 20, 0, 1)  # an unaligned tail word
     with pytest.raises(FabricValueError):
         r.publish([(addr, 8, 64)] * 65, 8, 1, 16, 0, 1)  # more spans than one call takes
+    with pytest.raises(FabricValueError):
+        r.publish([(addr, 64, 0)], 8, 1, 16, 0, 1, 36)  # an unaligned head word
+    with pytest.raises(CapacityExceeded):
+        r.publish([(addr, 64, 0)], 8, 1, 16, 0, 1, N)  # the head word past the end
     assert r.load64(8) == 0  # none of them wrote anything
     r.close()
     with pytest.raises(QueueClosed):

@@ -581,7 +581,7 @@ def _count_ops(region: Any, into: dict[str, list[float]]) -> None:
                 _c[1] += clock() - t0
                 if len(args) == 2 and not isinstance(args[1], int):
                     _c[2] += memoryview(args[1]).nbytes
-                elif len(args) == 6 and isinstance(args[0], list):  # publish: the records' spans
+                elif len(args) >= 6 and isinstance(args[0], list):  # publish: the records' spans
                     _c[2] += sum(span[1] for span in args[0])
 
         setattr(region, name, timed)

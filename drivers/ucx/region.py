@@ -46,6 +46,13 @@ def _u64_out() -> Any:
     return cell
 
 
+def _pair_out() -> Any:
+    """This thread's two ``uint64_t`` result cells for publish (the tail word found, the head read)."""
+    cell = ffi.new("uint64_t[2]")
+    _OUT.pair = cell
+    return cell
+
+
 def _slot_out() -> Any:
     """This thread's ``int`` cell for the publication slot of ``gfu_publish_post`` (as :func:`_u64_out`)."""
     cell = ffi.new("int *")
@@ -301,69 +308,68 @@ class UcxRegion:
     publish_order = 0
 
     def publish(self, spans: Sequence[tuple[int, int, int]], seq_off: int, seq: int, tail_off: int,
-                expected: int, desired: int) -> int:
+                expected: int, desired: int, head_off: int = -1) -> tuple[int, int]:
         """The one-sided producer's publication in one call (see ``gfu_publish``): put each span
         ``(address, length, offset)`` (``length`` bytes of local memory at ``address`` to ``offset``
         in the region), put the word ``seq`` at ``seq_off``, then compare-and-swap the word at
         ``tail_off`` (``expected`` -> ``desired``), ordered after them at the node. Returns the
-        tail word found.
+        tail word found and, with ``head_off``, the word there read after the CAS was posted (the
+        consumer's position, for the producer's head cache; -1 without).
 
         The addresses are of local memory the caller keeps alive and unchanged for the call (the
         producer's staging image, the items it pushes). The same checks as the separate
         operations, for every range; at most ``GFU_PUBLISH_SPANS`` spans."""
-        ep, e, k, arr, n = self._publish_args(spans, seq_off, tail_off)
-        try:
-            old = _OUT.u64
-        except AttributeError:
-            old = _u64_out()
+        ep, e, k, arr, n = self._publish_args(spans, seq_off, tail_off, head_off)
+        out = _OUT.pair if hasattr(_OUT, "pair") else _pair_out()
         a = self.remote_addr
-        rc = lib.gfu_publish(e, k, arr, n, a + seq_off, seq & U64, a + tail_off, expected & U64, desired & U64, old,
-                             self.publish_order, self.timeout)
+        rc = lib.gfu_publish(e, k, arr, n, a + seq_off, seq & U64, a + tail_off, expected & U64, desired & U64,
+                             a + max(head_off, 0), head_off >= 0, out, out + 1, self.publish_order, self.timeout)
         if rc:
             raise self._failure(rc, "publish", ep)
-        return old[0]
+        return out[0], (out[1] if head_off >= 0 else -1)
 
     def publish_post(self, spans: Sequence[tuple[int, int, int]], seq_off: int, seq: int, tail_off: int,
-                     expected: int, desired: int) -> tuple[UcxEndpoint, int]:
+                     expected: int, desired: int, head_off: int = -1) -> tuple[UcxEndpoint, int, bool]:
         """:meth:`publish` without waiting for the CAS (write-behind): returns once the spans' puts
         completed locally (their memory may be reused), with the sequence word's put and the CAS
-        in flight; :meth:`publish_wait` with the token returned gives the tail word the CAS found.
+        in flight; :meth:`publish_wait` with the token returned gives the tail word the CAS found
+        (and the head word, as :meth:`publish`).
         At most ``GFU_PUB_SLOTS`` in flight per endpoint (``FabricValueError`` past that)."""
-        ep, e, k, arr, n = self._publish_args(spans, seq_off, tail_off)
+        ep, e, k, arr, n = self._publish_args(spans, seq_off, tail_off, head_off)
         slot = _OUT.slot if hasattr(_OUT, "slot") else _slot_out()
         a = self.remote_addr
         rc = lib.gfu_publish_post(e, k, arr, n, a + seq_off, seq & U64, a + tail_off, expected & U64,
-                                  desired & U64, self.publish_order, self.timeout, slot)
+                                  desired & U64, a + max(head_off, 0), head_off >= 0, self.publish_order,
+                                  self.timeout, slot)
         if rc == lib.GFU_ERROR and not ep.failed:
             raise FabricValueError(f"{lib.GFU_PUB_SLOTS} publications already in flight on this endpoint")
         if rc:
             raise self._failure(rc, "publish", ep)
-        return ep, int(slot[0])
+        return ep, int(slot[0]), head_off >= 0
 
-    def publish_wait(self, token: tuple[UcxEndpoint, int]) -> int:
-        """Wait for a publication :meth:`publish_post` left in flight; the tail word its CAS found.
-        Each token is waited for once."""
-        ep, slot = token
-        try:
-            old = _OUT.u64
-        except AttributeError:
-            old = _u64_out()
+    def publish_wait(self, token: tuple[UcxEndpoint, int, bool]) -> tuple[int, int]:
+        """Wait for a publication :meth:`publish_post` left in flight: the tail word its CAS found,
+        and the head word read (-1 where none was asked for). Each token is waited for once."""
+        ep, slot, want_head = token
+        out = _OUT.pair if hasattr(_OUT, "pair") else _pair_out()
         try:
             e = ep.ptr
         except Disconnected:
             raise Disconnected(f"publish on lease {self.lease.id}: the endpoint closed with it in flight") from None
-        rc = lib.gfu_publish_wait(e, slot, old, self.timeout)
+        rc = lib.gfu_publish_wait(e, slot, out, out + 1, self.timeout)
         if rc:
             raise self._failure(rc, "publish", ep)
-        return old[0]
+        return out[0], (out[1] if want_head else -1)
 
-    def _publish_args(self, spans: Sequence[tuple[int, int, int]], seq_off: int,
-                      tail_off: int) -> tuple[UcxEndpoint, Any, Any, Any, int]:
+    def _publish_args(self, spans: Sequence[tuple[int, int, int]], seq_off: int, tail_off: int,
+                      head_off: int = -1) -> tuple[UcxEndpoint, Any, Any, Any, int]:
         """Every check of a publication, and its spans in this thread's span array."""
         ep, _, e, k = self._prep(tail_off, 8, True, True)  # every check, once; then the other ranges
         size = self.nbytes
-        if not isinstance(seq_off, int) or seq_off & 7:
-            raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {seq_off}")
+        words = (seq_off, head_off) if head_off != -1 else (seq_off,)
+        for word in words:
+            if not isinstance(word, int) or word & 7:
+                raise FabricValueError(f"64-bit operations need an 8-byte aligned offset, got {word}")
         n = len(spans)
         if n > lib.GFU_PUBLISH_SPANS:
             raise FabricValueError(f"{n} spans in one publish: at most {lib.GFU_PUBLISH_SPANS}")
@@ -373,7 +379,7 @@ class UcxRegion:
             arr = _OUT.spans = ffi.new("uint64_t[]", 3 * lib.GFU_PUBLISH_SPANS)
         a = self.remote_addr
         i = 0
-        for addr, length, off in (*spans, (0, 8, seq_off)):
+        for addr, length, off in (*spans, *((0, 8, w) for w in words)):
             if not isinstance(off, int) or off < 0 or length < 0 or off + length > size:
                 raise CapacityExceeded(f"[{off}, {off + length}) is outside the region's {size} bytes")
             if i < 3 * n:

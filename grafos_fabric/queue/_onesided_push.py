@@ -145,6 +145,16 @@ class _OneSidedProducer(_OneSidedHandle):
         if lib.gf_ring_set_head(p, h) != _OK:
             raise E.Corrupted(f"the ring's head ({h}) is outside [{p.head_cache}, {p.tail}]")
 
+    def _seen_head(self, p: Any, h: int) -> None:
+        """A head word a publication read (after its CAS, so at most the tail it published): into
+        the head cache where it moves it on. The core checks it as a loaded one; an older reading
+        than the cache (a later publication confirmed first cannot happen, but a reading may lag
+        a load made meanwhile) is left out."""
+        if p is None or h < int(p.head_cache):
+            return
+        if lib.gf_ring_set_head(p, h) != _OK:
+            raise E.Corrupted(f"the ring's head ({h}) is outside [{p.head_cache}, {p.tail}]")
+
     def _stage(self) -> _LocalBuffer:
         """The staging image: local memory laid out like the ring's data area
         (index = position & mask), where the core frames records before they are
@@ -261,6 +271,7 @@ class _OneSidedProducer(_OneSidedHandle):
         target): the arguments and the outcome are the core's. A region with a
         ``publish`` operation (UCX) does all three in one call, the CAS ordered
         after the WRITEs at the target without waiting for them first."""
+        head = -1
         try:
             r: Any = self.region  # publish, publish_post: optional operations (UCX regions have them)
             publish = getattr(r, "publish", None)
@@ -270,14 +281,15 @@ class _OneSidedProducer(_OneSidedHandle):
                 expected = int(lib.gf_ring_publish_expected(p))
                 if self._wb:
                     token = r.publish_post(self._spans(p, st), _NEXT_SEQ, int(p.next_seq), _TAIL, expected,
-                                           int(lib.gf_ring_publish_desired(p)))
+                                           int(lib.gf_ring_publish_desired(p)), _HEAD)
                     lib.gf_ring_published(p, expected)  # as if confirmed: the next CAS expects this one's tail
                     self._inflight.append((token, expected, what))
                     if len(self._inflight) > WRITE_BEHIND_DEPTH:
                         self._settle(1)
                     return
-                found = publish(self._spans(p, st), _NEXT_SEQ, int(p.next_seq),
-                                _TAIL, expected, int(lib.gf_ring_publish_desired(p)))
+                # the head word read with it (after the CAS): the head cache for free, no load later
+                found, head = publish(self._spans(p, st), _NEXT_SEQ, int(p.next_seq),
+                                      _TAIL, expected, int(lib.gf_ring_publish_desired(p)), _HEAD)
             else:
                 self._write_frame(p, st)
                 if p.claim == p.tail:
@@ -294,6 +306,7 @@ class _OneSidedProducer(_OneSidedHandle):
             self._zc.clear()
         if lib.gf_ring_published(p, found) != _OK:
             raise self._lost_tail(p, found, what)
+        self._seen_head(p, head)
 
     def _full(self, p: Any, what: str) -> None:
         """Nothing fit: raise if that is because the ring is sealed or we are fenced."""
@@ -347,8 +360,9 @@ class _OneSidedProducer(_OneSidedHandle):
             token, expected, what = inflight.popleft()
             n -= 1
             try:
-                found = r.publish_wait(token)
+                found, head = r.publish_wait(token)
                 if found == expected:
+                    self._seen_head(self._p, head)
                     continue
                 err: BaseException = self._lost_tail(self._p, found, what)
             except (E.FabricError, E.FabricValueError) as exc:
