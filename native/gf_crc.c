@@ -15,6 +15,7 @@
 #define _GNU_SOURCE /* pwritev2, RWF_DSYNC */
 #endif
 #include "gf_crc.h"
+#include "gf_native.h" /* gf_native_api.h (the cdef) declares these too: the compiler checks they agree */
 
 #include <errno.h>
 #include <linux/aio_abi.h>

@@ -851,6 +851,18 @@ static void post_head_read(gfu_ep *e, gfu_rkey *r, gfu_pub *pb, uint64_t head_ra
     pb->reqs[pb->n++] = ucp_get_nbx(e->ep, &pb->ops[3], 8, head_raddr, r->rkey, &gp);
 }
 
+/* Post the publication's tail CAS (operands in pb->ops[0..1], the old word back into ops[1]),
+ * then, when asked, its read of the head word. */
+static void post_cas(gfu_ep *e, gfu_rkey *r, gfu_pub *pb, uint64_t tail_raddr, int want_head, uint64_t head_raddr) {
+    ucp_request_param_t ap;
+    memset(&ap, 0, sizeof ap);
+    ap.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_REPLY_BUFFER;
+    ap.datatype = ucp_dt_make_contig(8);
+    ap.reply_buffer = &pb->ops[1];
+    pb->reqs[pb->n++] = ucp_atomic_op_nbx(e->ep, UCP_ATOMIC_OP_CSWAP, &pb->ops[0], 1, tail_raddr, r->rkey, &ap);
+    if (want_head && !UCS_PTR_IS_ERR(pb->reqs[pb->n - 1])) post_head_read(e, r, pb, head_raddr);
+}
+
 int gfu_publish_post(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, uint64_t seq_raddr, uint64_t seq,
                      uint64_t tail_raddr, uint64_t expected, uint64_t desired, uint64_t head_raddr, int want_head,
                      int order, double timeout, int *slot_out) {
@@ -886,15 +898,7 @@ int gfu_publish_post(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, 
         posted_ok = !UCS_PTR_IS_ERR(pb->reqs[pb->n++]);
     }
     int fenced = order == 0 && posted_ok && ucp_worker_fence(e->ctx->worker) == UCS_OK;
-    if (fenced) {
-        ucp_request_param_t ap;
-        memset(&ap, 0, sizeof ap);
-        ap.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_REPLY_BUFFER;
-        ap.datatype = ucp_dt_make_contig(8);
-        ap.reply_buffer = &ops[1];
-        pb->reqs[pb->n++] = ucp_atomic_op_nbx(e->ep, UCP_ATOMIC_OP_CSWAP, &ops[0], 1, tail_raddr, r->rkey, &ap);
-        if (want_head && !UCS_PTR_IS_ERR(pb->reqs[pb->n - 1])) post_head_read(e, r, pb, head_raddr);
-    }
+    if (fenced) post_cas(e, r, pb, tail_raddr, want_head, head_raddr);
     for (int i = 0; i < n; i++) { /* the spans: complete locally (wait_req on a failed endpoint settles) */
         int one = wait_req(e, reqs[i], deadline, &st);
         if (rc == GFU_OK) rc = one;
@@ -908,13 +912,7 @@ int gfu_publish_post(gfu_ep *e, gfu_rkey *r, const uint64_t *spans, int nspans, 
         if (rc == GFU_OK) {
             ops[0] = expected;
             ops[1] = desired;
-            ucp_request_param_t ap;
-            memset(&ap, 0, sizeof ap);
-            ap.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_REPLY_BUFFER;
-            ap.datatype = ucp_dt_make_contig(8);
-            ap.reply_buffer = &ops[1];
-            pb->reqs[pb->n++] = ucp_atomic_op_nbx(e->ep, UCP_ATOMIC_OP_CSWAP, &ops[0], 1, tail_raddr, r->rkey, &ap);
-            if (want_head && !UCS_PTR_IS_ERR(pb->reqs[pb->n - 1])) post_head_read(e, r, pb, head_raddr);
+            post_cas(e, r, pb, tail_raddr, want_head, head_raddr);
         }
     }
     if (rc != GFU_OK) pub_wait_locked(e, pb, deadline, NULL, NULL); /* settles what is in flight, frees the slot */
