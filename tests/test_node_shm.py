@@ -240,11 +240,19 @@ def test_span_directories_of_dead_nodes_are_reaped_and_nothing_else(tmp_path):
     """A node holds a lock on its span directory; the next node made in the same root removes
     the directories whose lock nobody holds (nodes killed without closing), and leaves a live
     node's, one without a lock file (an older build's), another user's, and a symlink."""
+    import fcntl
     import subprocess
     import sys
 
     root = str(tmp_path)
     live = ShmFileRegistrar(1 << 20, root=root)
+    assert sorted(os.listdir(live.dir)) == [LOCK_NAME]  # the lock, under its name, already held:
+    probe = os.open(os.path.join(live.dir, LOCK_NAME), os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(probe)
     child = subprocess.run(  # a node process that dies without closing (os._exit: nothing cleaned up)
         [sys.executable, "-c", "import os, sys\nfrom grafos_fabric.drivers.node.shmfile import ShmFileRegistrar\n"
          "r = ShmFileRegistrar(1 << 20, root=sys.argv[1]); r.register(0, 4096)\nprint(r.dir, flush=True)\n"

@@ -119,9 +119,12 @@ def make_span_dir(root: str = SHM_ROOT) -> str:
     directories of this user's dead nodes in ``root`` (:func:`reap_span_dirs`)."""
     reap_span_dirs(root)
     path = tempfile.mkdtemp(prefix=DIR_PREFIX, dir=root)  # mode 0700
-    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    # locked under another name first, then renamed: a reaper never finds an unlocked .owner here
+    # (it would take the lock of a node still starting and remove its directory)
+    tmp = os.path.join(path, LOCK_NAME + ".new")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+    os.rename(tmp, os.path.join(path, LOCK_NAME))
     _held[path] = fd
     return path
 
