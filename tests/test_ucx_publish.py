@@ -341,6 +341,9 @@ def test_a_publication_posted_into_a_sealed_queue_fails_at_flush_and_nothing_of_
         with pytest.raises(gf.errors.QueueSealed) as first:
             tx.flush()
         assert first.value.__cause__ is not None  # raised again from the stored error
+        with pytest.raises(gf.errors.QueueSealed) as again:
+            tx.flush()
+        assert again.value is not first.value and again.value.seal_seq == first.value.seal_seq
         for call in (lambda: tx.push(b"y", timeout=5.0), tx.flush, lambda: tx.push_batch(np.ones((2, 8), np.uint8))):
             with pytest.raises(gf.errors.QueueSealed):
                 call()

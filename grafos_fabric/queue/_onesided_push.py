@@ -5,6 +5,7 @@ core's (``gf_ring_frame`` / ``gf_ring_reserve_in`` in C)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -170,6 +171,18 @@ class _OneSidedProducer(_OneSidedHandle):
         self._f_pad = _NO_PAD
         self._zc.clear()
 
+    def _reserve_in(self, p: Any, st: _LocalBuffer, nbytes: int, refresh: bool = True) -> tuple[int, bool]:
+        """``gf_ring_reserve_in`` of a record of ``nbytes`` in the staging image (its payload index
+        in ``self._io[0]``, the padding record's in ``self._io[2]``), once more after a load of
+        head when it does not fit and ``refresh``. Returns the status and whether head was loaded."""
+        out = self._io
+        out[2] = _NO_PAD
+        rc = int(lib.gf_ring_reserve_in(p, st.ptr, nbytes, out, out + 2))
+        if rc != _FULL or not refresh:
+            return rc, False
+        self._refresh_head(p)
+        return int(lib.gf_ring_reserve_in(p, st.ptr, nbytes, out, out + 2)), True
+
     def _direct_ok(self, nbytes: int) -> bool:
         """Whether items of ``nbytes`` go out without a copy (:meth:`_direct`): big enough that
         the copy into the staging image costs more than two more puts, and a region that can
@@ -190,12 +203,8 @@ class _OneSidedProducer(_OneSidedHandle):
         done = 0
         while done < count and len(zc) + 4 <= DIRECT_SPANS:
             claim = int(p.claim) & mask
-            out[2] = _NO_PAD
-            rc = int(lib.gf_ring_reserve_in(p, st.ptr, n, out, out + 2))
-            if rc == _FULL and not refreshed:
-                self._refresh_head(p)
-                refreshed = True
-                rc = int(lib.gf_ring_reserve_in(p, st.ptr, n, out, out + 2))
+            rc, loaded = self._reserve_in(p, st, n, refresh=not refreshed)
+            refreshed = refreshed or loaded
             if rc == _FULL:
                 break
             if rc != _OK:
@@ -206,7 +215,6 @@ class _OneSidedProducer(_OneSidedHandle):
                 lib.gf_ring_abort_in(p)
                 raise E.FabricValueError(f"cannot frame this item (status {rc})")  # unreachable
             if pad != _NO_PAD:
-                self._f_pad = pad
                 _span(zc, base + claim, pad + RECORD_HEADER - claim, RING_HEADER + claim)
             _span(zc, base + off - RECORD_HEADER, RECORD_HEADER, RING_HEADER + off - RECORD_HEADER)
             zc.append((addr + done * stride, n, RING_HEADER + off))
@@ -376,18 +384,14 @@ class _OneSidedProducer(_OneSidedHandle):
             raise self._wb_failed()
 
     def _wb_failed(self) -> BaseException:
-        """The error that ended write-behind on this handle, raised again (a fresh instance
-        where it can be made, chained to the first)."""
+        """The error that ended write-behind on this handle, raised again: a copy (its
+        arguments and attributes, e.g. ``epoch``/``seal_seq``) chained to the first."""
         err = self._wb_error
         assert err is not None
         try:
-            again = type(err)(*err.args)
+            again = copy.copy(err)
         except Exception:
             return err
-        if isinstance(err, E.StaleEpoch) and isinstance(again, E.StaleEpoch):
-            again.epoch, again.current = err.epoch, err.current
-        if isinstance(err, E.QueueSealed) and isinstance(again, E.QueueSealed):
-            again.seal_seq = err.seal_seq
         again.__cause__ = err
         return again
 
@@ -584,11 +588,7 @@ class _OneSidedProducer(_OneSidedHandle):
                 if not self._wb:
                     self._check_owner(p, "reserve")
                 self._begin(p)
-                out[2] = _NO_PAD
-                rc = int(lib.gf_ring_reserve_in(p, st.ptr, nbytes, out, out + 2))
-                if rc == _FULL:
-                    self._refresh_head(p)
-                    rc = int(lib.gf_ring_reserve_in(p, st.ptr, nbytes, out, out + 2))
+                rc = self._reserve_in(p, st, nbytes)[0]
                 if rc == _OK:
                     break
                 if rc != _FULL:
