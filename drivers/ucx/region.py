@@ -46,17 +46,14 @@ def _u64_out() -> Any:
     return cell
 
 
-def _pair_out() -> Any:
-    """This thread's two ``uint64_t`` result cells for publish (the tail word found, the head read)."""
-    cell = ffi.new("uint64_t[2]")
-    _OUT.pair = cell
-    return cell
-
-
-def _slot_out() -> Any:
-    """This thread's ``int`` cell for the publication slot of ``gfu_publish_post`` (as :func:`_u64_out`)."""
-    cell = ffi.new("int *")
-    _OUT.slot = cell
+def _cell(name: str, ctype: str, n: int | None = None) -> Any:
+    """This thread's cell ``_OUT.<name>`` of C type ``ctype`` (``n`` items of it), made on first use,
+    as :func:`_u64_out`: publish's results (``pair``: the tail word found, the head read), its
+    publication slot (``slot``) and its span triples (``spans``)."""
+    cell = getattr(_OUT, name, None)
+    if cell is None:
+        cell = ffi.new(ctype) if n is None else ffi.new(ctype, n)
+        setattr(_OUT, name, cell)
     return cell
 
 
@@ -320,7 +317,7 @@ class UcxRegion:
         producer's staging image, the items it pushes). The same checks as the separate
         operations, for every range; at most ``GFU_PUBLISH_SPANS`` spans."""
         ep, e, k, arr, n = self._publish_args(spans, seq_off, tail_off, head_off)
-        out = _OUT.pair if hasattr(_OUT, "pair") else _pair_out()
+        out = _cell("pair", "uint64_t[2]")
         a = self.remote_addr
         rc = lib.gfu_publish(e, k, arr, n, a + seq_off, seq & U64, a + tail_off, expected & U64, desired & U64,
                              a + max(head_off, 0), head_off >= 0, out, out + 1, self.publish_order, self.timeout)
@@ -336,7 +333,7 @@ class UcxRegion:
         (and the head word, as :meth:`publish`).
         At most ``GFU_PUB_SLOTS`` in flight per endpoint (``FabricValueError`` past that)."""
         ep, e, k, arr, n = self._publish_args(spans, seq_off, tail_off, head_off)
-        slot = _OUT.slot if hasattr(_OUT, "slot") else _slot_out()
+        slot = _cell("slot", "int *")
         a = self.remote_addr
         rc = lib.gfu_publish_post(e, k, arr, n, a + seq_off, seq & U64, a + tail_off, expected & U64,
                                   desired & U64, a + max(head_off, 0), head_off >= 0, self.publish_order,
@@ -351,7 +348,7 @@ class UcxRegion:
         """Wait for a publication :meth:`publish_post` left in flight: the tail word its CAS found,
         and the head word read (-1 where none was asked for). Each token is waited for once."""
         ep, slot, want_head = token
-        out = _OUT.pair if hasattr(_OUT, "pair") else _pair_out()
+        out = _cell("pair", "uint64_t[2]")
         try:
             e = ep.ptr
         except Disconnected:
@@ -373,10 +370,7 @@ class UcxRegion:
         n = len(spans)
         if n > lib.GFU_PUBLISH_SPANS:
             raise FabricValueError(f"{n} spans in one publish: at most {lib.GFU_PUBLISH_SPANS}")
-        try:
-            arr = _OUT.spans
-        except AttributeError:
-            arr = _OUT.spans = ffi.new("uint64_t[]", 3 * lib.GFU_PUBLISH_SPANS)
+        arr = _cell("spans", "uint64_t[]", 3 * lib.GFU_PUBLISH_SPANS)
         a = self.remote_addr
         i = 0
         for addr, length, off in (*spans, *((0, 8, w) for w in words)):

@@ -39,8 +39,9 @@ from ._roles import _ROLE_PRODUCER, _role_id
 log = logging.getLogger(__name__)
 
 #: items at least this big are pushed without a copy into the staging image where the region
-#: publishes from the caller's memory (UCX): at 64 KiB the copy costs more than the two extra
-#: puts of the record's header and tail
+#: publishes from the caller's memory (UCX): the record then takes two or three puts instead
+#: of one, all posted in the same call (not tuned: tests/test_ucx_publish.py checks the path,
+#: bench_ucx measures it only at 1 MiB)
 DIRECT_MIN = 64 << 10
 #: the most spans one publish of items pushed without a copy carries (gfu_publish takes 64)
 DIRECT_SPANS = 64
