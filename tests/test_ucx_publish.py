@@ -354,3 +354,32 @@ def test_a_publication_posted_into_a_sealed_queue_fails_at_flush_and_nothing_of_
         tx.close()
         rx.close()
         q.free()
+
+
+def test_the_head_read_with_each_publication_keeps_the_producer_from_loading_head(fabric: Any) -> None:
+    """Six times round a 64 KiB ring with the consumer keeping up: the producer's only load per
+    push is its owner check (the tail word); its head cache comes from the head word each
+    publication reads after its CAS, so it never stops to load head itself."""
+    q, tx, rx = _pair(fabric, capacity=1 << 16)
+    loads: list[int] = []
+    load64 = tx.region.load64
+    try:
+        tx.push(b"first", timeout=5.0)  # claims the producer role (loads of its own)
+        assert bytes(rx.pop(timeout=5.0)) == b"first"
+
+        def counted(off: int) -> int:
+            loads.append(off)
+            return load64(off)
+
+        tx.region.load64 = counted
+        for i in range(100):
+            tx.push(bytes([i]) * 4000, timeout=5.0)
+            got = rx.pop(timeout=5.0)
+            assert bytes(got) == bytes([i]) * 4000
+            got.release()
+        assert len(loads) == 100 and len(set(loads)) == 1  # one word, the tail: the owner check
+    finally:
+        tx.region.load64 = load64
+        tx.close()
+        rx.close()
+        q.free()
