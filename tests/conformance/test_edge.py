@@ -608,7 +608,7 @@ def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(
     sink = Sink()
 
     def slow_consumer() -> None:
-        time.sleep(1.5)  # three TTLs (the producer renews every quarter TTL while it waits)
+        time.sleep(1.5)  # three TTLs (the producer renews every half TTL while it waits)
         sink.drain(rx)
 
     t = threading.Thread(target=slow_consumer)
@@ -618,6 +618,22 @@ def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(
     sink.drain(rx)
     sink.assert_complete(n + 1)
     assert tx.stats()["relocations"] == 1  # never lost the lease while it waited
+
+
+def test_a_wait_for_space_ends_when_the_renewal_is_due(edge_ns: str, edge_path: str, clock: gf.ManualClock) -> None:
+    """The producer waits for space in slices that end when its renewal is due, not a quarter
+    TTL after the check that found it not yet due (which left a quarter TTL of margin)."""
+    fabric = gf.open_fabric(f"shm://{edge_ns}", clock=clock)
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=4096, ttl=1.0)
+    tx.push(item(0))  # bound: renewed now, due in half a TTL
+    assert tx._renew_slice() == pytest.approx(0.25)  # a quarter TTL while the renewal is far
+    clock.advance(0.4)
+    assert tx._renew_slice() == pytest.approx(0.1)  # cut to end when the renewal is due
+    clock.advance(0.2)
+    assert tx._renew_slice() == 0.001  # overdue: the next check renews
+    tx._maybe_renew()
+    assert tx._renew_slice() == pytest.approx(0.25)
+    tx.close()
 
 
 def test_a_batch_larger_than_the_window_goes_in_pieces_while_the_consumer_acks(
