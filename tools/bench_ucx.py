@@ -211,7 +211,7 @@ def run_netns(iters: int = 20000, seconds: float = 1.0, progress: Any = None, no
                 split = _netns_split_round(pair, os.path.join(tmp, f"split{rnd}-{mode}-{prog}-{pub}"), seconds, mode,
                                            prog, batch, pub)
                 if split is None:  # keep the rows of every round in step (the merge pairs them by position)
-                    split = {"op": _split_op(mode, prog, pub), "perftest_test": "ucp_put_bw"}
+                    split = {"op": _split_op(mode, prog, pub), "perftest_test": "ucp_put_bw", "failed": 1}
                 split.update(bw)
                 _ratios(split)
                 rows.append(split)
@@ -347,9 +347,22 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float, batch
             os.rename(loc + ".tmp", loc)
             got, start, warm, now = 0, 0.0, 0.0, 0.0
             deadline = time.monotonic() + 60.0
+            last, stall = 0.0, 0.0  # the longest wait for an item once they flow: shown in the row
             while True:
-                b = rx.pop_batch(4, timeout=1.0)
+                try:
+                    b = rx.pop_batch(4, timeout=1.0)
+                except TimeoutError:
+                    # before the first item: the producer may still be starting (attach, connect);
+                    # after it: a stall, timed, and an error only past 10 s
+                    if warm and time.perf_counter() - last > 10.0:
+                        raise TimeoutError("no item from the producer in 10 s, mid-stream") from None
+                    if not warm and time.monotonic() > deadline:
+                        raise TimeoutError("no item from the producer in 60 s") from None
+                    continue
                 now = time.perf_counter()
+                if last and start:
+                    stall = max(stall, now - last)
+                last = now
                 if len(b) and not warm:
                     warm = now + min(0.3, seconds / 4)  # from the first item on
                 if warm and not start and now >= warm:
@@ -358,8 +371,6 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float, batch
                 b.release()
                 if start and now - start >= seconds:
                     break
-                if not warm and time.monotonic() > deadline:
-                    raise TimeoutError("no item from the producer in 60 s")
             open(loc + ".done", "w").close()
             stop_by = time.monotonic() + 10.0  # free the queue once the producer has stopped pushing
             while not os.path.exists(loc + ".stopped") and time.monotonic() < stop_by:
@@ -368,7 +379,7 @@ def _split_role(role: str, url: str, token: str, loc: str, seconds: float, batch
             rx.close()
             q.free()
             rate = got / (now - start)
-            out: dict[str, Any] = {"items_per_s": rate, "MB_per_s": rate * size / 1e6}
+            out: dict[str, Any] = {"items_per_s": rate, "MB_per_s": rate * size / 1e6, "max_stall_ms": stall * 1e3}
             with contextlib.suppress(OSError, ValueError):
                 with open(loc + ".ops") as fh:
                     out["ops"] = {"producer": json.load(fh)}
@@ -430,7 +441,7 @@ def _ratios(row: dict[str, Any]) -> None:
                 # each item crosses the wire twice (producer put to the node, consumer get from it)
                 # and the node's one progress thread serves both: 0.5 is where the wire says stop
                 row["ratio_wire"] = 2 * row["MB_per_s"] / pt
-        else:
+        elif "py_p50" in row:  # (a failed round's row has neither figure)
             same = 2 * pt if row["op"] == "put_flush" else pt  # a whole round trip either way
             row["perftest_same_work"] = same
             row["ratio_py"] = row["py_p50"] / same  # <= 1.3 is the target
@@ -438,7 +449,7 @@ def _ratios(row: dict[str, Any]) -> None:
 
 
 _FIGURES = ("py_p50", "py_p99", "c_p50", "c_p99", "perftest", "perftest_same_work", "ratio_py", "ratio_c",
-            "MB_per_s", "items_per_s", "ratio", "ratio_wire")
+            "MB_per_s", "items_per_s", "ratio", "ratio_wire", "max_stall_ms")
 
 
 def _merge_rounds(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -448,6 +459,7 @@ def _merge_rounds(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]
         rows = [r[i] for r in per_round if i < len(r)]
         out = {k: v for k, v in first.items() if k not in _FIGURES}
         out["rounds"] = len(rows)
+        out["failed"] = sum(int(r.get("failed", 0)) for r in rows)  # rounds without figures (logged)
         for fig in _FIGURES:
             vals = [float(r[fig]) for r in rows if r.get(fig) is not None]
             if vals:
