@@ -117,3 +117,21 @@ def test_the_consumer_host_round_moves_items_between_two_namespaces(tmp_path: An
         assert publishes == pytest.approx(1.0, abs=0.05)
     else:  # calls of up to 4 items (fewer when the 8 MiB ring has less room): fewer publishes than items
         assert publishes < 0.9
+    assert row["max_stall_ms"] >= 0.0
+
+
+@pytest.mark.parametrize("publish", ["fence", "behind", "separate"])
+def test_each_consumer_host_round_runs_once_in_its_own_directory(publish: str, tmp_path: Any) -> None:
+    """``--publish behind`` made the always-run write-behind round a second copy of the first, in
+    the first's directory: its producer read the first round's locator and ``.done`` and pushed
+    nothing (or was refused the freed lease), and the row failed every round. Each (mode, node
+    progress, publish) now runs once, and a round refuses a directory that exists."""
+    from grafos_fabric.tools.bench_ucx import _netns_split_round, _splits
+
+    rounds = _splits(publish)
+    assert len(rounds) == len(set(rounds))
+    assert ("map", "busy", publish) in rounds and ("map", "busy", "behind") in rounds
+    assert all(pub == publish for mode, prog, pub in rounds if (mode, prog) != ("map", "busy"))
+    (tmp_path / "used").mkdir()
+    with pytest.raises(FileExistsError):
+        _netns_split_round(None, str(tmp_path / "used"), 0.1)
