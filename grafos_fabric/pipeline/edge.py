@@ -105,6 +105,7 @@ class RelocatableQueueEdge:
         max_attempts: int = 5,
         durability: Durability = "ordered",
         standby: bool = True,
+        write_behind: bool = False,
     ) -> EdgeProducer:
         """The producing side; see :class:`EdgeProducer`."""
         from .producer import EdgeProducer  # the sides subclass this class: imported on use
@@ -123,6 +124,7 @@ class RelocatableQueueEdge:
             max_attempts=max_attempts,
             durability=durability,
             standby=standby,
+            write_behind=write_behind,
         )
 
     @classmethod

@@ -106,7 +106,15 @@ class EdgeProducer(RelocatableQueueEdge):
     (``"ordered"`` or ``"single-sync"``: since slot format v3 both are one
     write and one sync; see :mod:`grafos_fabric.slots`). ``standby`` keeps the
     next queue made and announced ahead of time (one more ring of ``capacity``
-    bytes; :mod:`grafos_fabric.pipeline.standby`).
+    bytes; :mod:`grafos_fabric.pipeline.standby`). ``write_behind`` turns on
+    write-behind publication (``FabricQueue.set_write_behind``) on every queue
+    that offers it (one-sided handles of UCX regions; others run as without
+    it, ``stats()["write_behind"]`` says which): a push returns with its
+    publication in flight, confirmed during the next push, by :meth:`flush`
+    or :meth:`poll`. An item is visible to the consumer once confirmed, so a
+    producer that goes idle calls :meth:`poll` (or :meth:`flush`); a
+    publication that fails relocates the edge like a failed push, and the
+    window replays what it carried.
     """
 
     role = "producer"
@@ -127,6 +135,7 @@ class EdgeProducer(RelocatableQueueEdge):
         max_attempts: int = 5,
         durability: Durability = "ordered",
         standby: bool = True,
+        write_behind: bool = False,
     ) -> None:
         super().__init__(fabric, blk, stage)
         self.durability: Durability = durability
@@ -140,6 +149,8 @@ class EdgeProducer(RelocatableQueueEdge):
         self.max_item = max_item
         self.renew = renew
         self.max_attempts = max_attempts
+        self.write_behind = bool(write_behind)
+        self._wb_on = False  # write-behind is on for the current queue
         self._wait_slice = max(0.001, ttl / 4)
         self._fast = 0
         self._w = ReplayWindow(output_commit or 0, window if window is not None else 4 * capacity)
@@ -439,6 +450,7 @@ class EdgeProducer(RelocatableQueueEdge):
         """BOUND to ``newq``: it numbers from ``start``; the window replays from there."""
         self._q = newq
         self._q_ref = newq.region.ref()  # where it lives, known without asking it (it may stop answering)
+        self._wb_on = self.write_behind and self._turn_on_write_behind(newq)
         self._gen = gen
         self._w.rebase(start)
         self._renew_at = self.fabric.clock.now_ns() + int(self.ttl * NS) // 2
@@ -496,6 +508,25 @@ class EdgeProducer(RelocatableQueueEdge):
             log.warning("stage %s: the handoff publish reported %s, but the record landed", self.stage, exc)
             return cur.generation
 
+    def _turn_on_write_behind(self, q: FabricQueue) -> bool:
+        """Write-behind on ``q`` where its handle offers it; False (logged once per queue) where not."""
+        turn_on = getattr(q, "set_write_behind", None)
+        why = f"{type(q).__name__} has no write-behind"
+        if turn_on is not None:
+            try:
+                turn_on()
+                return True
+            except E.Unsupported as exc:
+                why = str(exc)
+        log.info("stage %s: write-behind asked for, but not on this queue: %s", self.stage, why)
+        return False
+
+    def _confirm(self) -> None:
+        """Write-behind: confirm the current queue's publications in flight (raises their failure)."""
+        q = self._q
+        if self._wb_on and q is not None:
+            q.flush()  # type: ignore[attr-defined]  # (a write-behind handle has it: _turn_on_write_behind)
+
     def _retire(self, old: FabricQueue, fence_gen: EdgeGeneration | None, seal_seq: int, reachable: bool) -> None:
         if not reachable and old.owner:
             # not sealed, not closed now (both reach the node): freed with the other retired queues
@@ -512,6 +543,12 @@ class EdgeProducer(RelocatableQueueEdge):
             old.seal(seal_seq)
         except (E.FabricError, OSError) as exc:  # pragma: no cover - unreachable queue
             log.debug("stage %s: could not seal the old queue: %s", self.stage, exc)
+        flush = getattr(old, "flush", None) if self._wb_on else None
+        if flush is not None:  # write-behind: what is still in flight fails now or lands (the window replays it)
+            try:
+                flush()
+            except (E.FabricError, E.FabricValueError, OSError) as exc:
+                log.debug("stage %s: publications in flight on the old queue: %s", self.stage, exc)
         old.close()
         if old.owner:
             self._retired.append(old)
@@ -617,7 +654,8 @@ class EdgeProducer(RelocatableQueueEdge):
         self._refresh_acked()
         if self._w.has_room(nbytes):
             return True
-        self._push_step(deadline, 0)
+        if self._push_step(deadline, 0):
+            self._confirm()  # write-behind: the consumer can ack only what is confirmed
         self._check_queue()
         return False
 
@@ -635,6 +673,7 @@ class EdgeProducer(RelocatableQueueEdge):
         self._maybe_renew()
         done = self._catch_up(0, None)
         if done:
+            self._confirm()  # write-behind: the consumer can ack only what is confirmed
             self._standby_step()
         self._refresh_acked()
         if done and self._w.acked >= self._w.next_seq:
@@ -645,6 +684,7 @@ class EdgeProducer(RelocatableQueueEdge):
     def _poll_step(self) -> None:
         self._maybe_renew()
         if self._catch_up(0, None):
+            self._confirm()  # write-behind: an idle producer's last items become visible
             if self._retired:
                 self._free_retired(force=False)
             self._standby_step()
@@ -811,7 +851,8 @@ class EdgeProducer(RelocatableQueueEdge):
             backoff.sleep()
 
     def poll(self) -> None:
-        """Housekeeping for an idle producer: renew, notice a seal or a lost lease and relocate, push backlog."""
+        """Housekeeping for an idle producer: renew, notice a seal or a lost lease and relocate, push
+        backlog, confirm write-behind publications (the last items pushed become visible)."""
         self._check_open()
         self._guarded(self._poll_step)
 
@@ -865,6 +906,7 @@ class EdgeProducer(RelocatableQueueEdge):
             "standby_made": self._sb.made,
             "standby_used": self._sb.used,
             "standby_missed": self._sb.missed,
+            "write_behind": self._wb_on,
             "next_seq": w.next_seq,
             "acked": w.acked,
             "window_items": w.items,

@@ -620,6 +620,23 @@ def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(
     assert tx.stats()["relocations"] == 1  # never lost the lease while it waited
 
 
+def test_write_behind_asked_of_an_edge_whose_queues_lack_it_runs_without(edge_ns: str, edge_path: str) -> None:
+    """``write_behind=True`` on a fabric whose queue handles cannot post a publication (shm):
+    the edge runs as without it, says so in ``stats()``, and delivers everything."""
+    fabric = gf.open_fabric(f"shm://{edge_ns}")
+    tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=4096, ttl=30.0, write_behind=True)
+    rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path))
+    assert tx.write_behind and tx.stats()["write_behind"] is False
+    sink = Sink()
+    for n in range(20):
+        tx.push(item(n))
+    tx.poll()
+    sink.drain(rx)
+    sink.assert_complete(20)
+    tx.close()
+    rx.close()
+
+
 def test_a_wait_for_space_ends_when_the_renewal_is_due(edge_ns: str, edge_path: str, clock: gf.ManualClock) -> None:
     """The producer waits for space in slices that end when its renewal is due, not a quarter
     TTL after the check that found it not yet due (which left a quarter TTL of margin)."""
