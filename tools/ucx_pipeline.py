@@ -300,11 +300,11 @@ def _period(text: str) -> float:
     return v
 
 
-def _run_source(st: _Stage, rate: float, period_ms: float = SOURCE_PERIOD_MS) -> None:
+def _run_source(st: _Stage, rate: float, period_ms: float = SOURCE_PERIOD_MS, write_behind: bool = False) -> None:
     from grafos_fabric.pipeline import RelocatableQueueEdge, StageId
 
     tx = RelocatableQueueEdge.producer(st.fabric, st.block("edge1"), capacity=CAPACITY, ttl=60.0,
-                                       stage=StageId("source"))
+                                       stage=StageId("source"), write_behind=write_behind)
     st.counters["produced"] = 0
     stop = st.dir / "stop"
     batch = source_batch(rate, period_ms)
@@ -339,11 +339,11 @@ def _run_source(st: _Stage, rate: float, period_ms: float = SOURCE_PERIOD_MS) ->
     tx.close()
 
 
-def _run_transform(st: _Stage) -> None:
+def _run_transform(st: _Stage, write_behind: bool = False) -> None:
     from grafos_fabric.pipeline import RelocatableQueueEdge, StageId
 
     tx = RelocatableQueueEdge.producer(st.fabric, st.block("edge2"), capacity=CAPACITY, ttl=60.0,
-                                       stage=StageId("transform"))
+                                       stage=StageId("transform"), write_behind=write_behind)
     rx = RelocatableQueueEdge.consumer(st.fabric, st.block("edge1", reader=True), stage=StageId("transform"),
                                        mapped=False)
     edges = {"edge1_in": rx, "edge2_out": tx}
@@ -439,9 +439,9 @@ def _stage_main(args: argparse.Namespace) -> int:
     st = _Stage(args.stage, Path(args.dir), nodes, args.net_devices or None)
     try:
         if args.stage == "source":
-            _run_source(st, args.rate, args.source_period)
+            _run_source(st, args.rate, args.source_period, args.write_behind)
         elif args.stage == "transform":
-            _run_transform(st)
+            _run_transform(st, args.write_behind)
         else:
             _run_sink(st)
     finally:
@@ -479,6 +479,7 @@ class DemoResult:
     restart_during: bool = False
     source_period_ms: float = SOURCE_PERIOD_MS
     source_batch: int = 0
+    write_behind: bool = False
     counters: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
@@ -592,12 +593,14 @@ def _hosts(loopback: bool) -> Iterator[tuple[str, list[str], list[str], str, str
 def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, loopback: bool = False,
              progress_mode: str = "event", limit: float = 300.0, say: Any = None,
              restart_during: bool = False, prefault: bool = False,
-             source_period_ms: float = SOURCE_PERIOD_MS) -> DemoResult:
+             source_period_ms: float = SOURCE_PERIOD_MS, write_behind: bool = False) -> DemoResult:
     """Run the pipeline, kill the node holding edge 1 ``kills`` times, verify the sink's file.
     The source pushes ``rate * source_period_ms / 1000`` items (at least one) every
     ``source_period_ms``; the first item after a relocation waits up to one period for its next push.
     ``prefault``: the nodes fault their pools in at start (``serve --ucx-prefault``; measured: no
-    difference here, the grant is not dominated by page faults).
+    difference here, the grant is not dominated by page faults). ``write_behind``: the source's and
+    the transform's edge producers publish by write-behind (``RelocatableQueueEdge.producer(...,
+    write_behind=True)``).
 
     The killed node is restarted on its port once every edge it held has moved on (on a real
     fabric the node is another host, and its restart takes no CPU from the stages); with
@@ -615,7 +618,7 @@ def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, lo
             open_block(str(workdir / f"{edge}.blk"), create_size=1 << 20).close()
         with _hosts(loopback) as (where, node_pre, stage_pre, host, node_dev, stage_dev):
             res = DemoResult(where=where, restart_during=restart_during, source_period_ms=source_period_ms,
-                             source_batch=source_batch(rate, source_period_ms))
+                             source_batch=source_batch(rate, source_period_ms), write_behind=write_behind)
             say(f"ucx pipeline: {where}")
             nodes = [_Node(node_pre, host, p, workdir, node_dev, progress_mode, prefault) for p in NODE_PORTS]
             for n in nodes:  # one after the other: the first creates the shared token file
@@ -625,7 +628,7 @@ def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, lo
                 procs[s] = subprocess.Popen(
                     [*stage_pre, sys.executable, "-m", "grafos_fabric.tools.ucx_pipeline", "--stage", s, "--dir",
                      str(workdir), "--nodes", addr, "--net-devices", stage_dev, "--rate", str(rate),
-                     "--source-period", str(source_period_ms)],
+                     "--source-period", str(source_period_ms), *(["--write-behind"] if write_behind else [])],
                     preexec_fn=_die_with_parent)
             deadline = time.monotonic() + limit
 
@@ -807,6 +810,8 @@ def _print(res: DemoResult) -> None:
     s = res.summary()
     print(f"ucx pipeline demo: source -> transform -> sink over ucx:// (tcp), {res.where}")
     when = "at once (while the edges relocate)" if res.restart_during else "once the edges moved"
+    if res.write_behind:
+        print("  the edge producers publish by write-behind")
     print(f"  the source pushes {res.source_batch} items every {res.source_period_ms:g} ms "
           f"(the first item after a relocation waits up to one period for the next push)")
     print(f"  kill -9 of the memory node holding the edges: {len(res.kills)} times, each restarted on its port "
@@ -844,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefault", action="store_true",
                     help="the nodes fault their pools in at start (serve --ucx-prefault)")
     ap.add_argument("--loopback", action="store_true", help="127.0.0.1 instead of network namespaces")
+    ap.add_argument("--write-behind", action="store_true",
+                    help="the edge producers publish by write-behind (each push's tail CAS confirmed later)")
     ap.add_argument("--restart-during", action="store_true",
                     help="restart the killed node at once, while the edges relocate (default: once they moved)")
     ap.add_argument("--limit", type=float, default=600.0, help="give up after this many seconds")
@@ -863,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         return 69
     res = run_demo(args.kills, args.interval, args.rate, loopback=args.loopback, progress_mode=args.progress,
                    limit=args.limit, say=print, restart_during=args.restart_during,
-                   prefault=args.prefault, source_period_ms=args.source_period)
+                   prefault=args.prefault, source_period_ms=args.source_period, write_behind=args.write_behind)
     _print(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res.summary(), default=str, indent=1))
