@@ -261,6 +261,37 @@ def test_write_behind_keeps_one_publication_in_flight_and_every_item_comes_out(f
         q.free()
 
 
+def test_a_deeper_write_behind_leaves_that_many_in_flight_and_loses_nothing(fabric: Any) -> None:
+    """``set_write_behind(depth=3)``: up to three publications stay unconfirmed after a push
+    (their CASes chained, each expecting the one before), everything comes out in order;
+    lowering the depth confirms the excess at once; a bad depth is a typed error."""
+    from grafos_fabric.queue._onesided_push import WRITE_BEHIND_MAX_DEPTH
+
+    q, tx, rx = _pair(fabric)
+    for bad in (0, WRITE_BEHIND_MAX_DEPTH + 1, 1.5, True):
+        with pytest.raises(gf.errors.FabricValueError):
+            tx.set_write_behind(depth=bad)
+    tx.set_write_behind(depth=3)
+    try:
+        seen = 0
+        for i in range(12):
+            tx.push(bytes([i]) * 70_000, timeout=5.0)
+            seen = max(seen, len(tx._inflight))
+            assert len(tx._inflight) <= 3
+        assert seen == 3  # the depth is used, not just allowed
+        tx.set_write_behind(depth=1)  # the excess is confirmed now
+        assert len(tx._inflight) <= 1
+        tx.flush()
+        for i in range(12):
+            got = rx.pop(timeout=5.0)
+            assert bytes(got) == bytes([i]) * 70_000
+            got.release()
+    finally:
+        tx.close()
+        rx.close()
+        q.free()
+
+
 def test_close_confirms_what_write_behind_left_in_flight(fabric: Any) -> None:
     q, tx, rx = _pair(fabric)
     tx.set_write_behind()

@@ -316,15 +316,16 @@ def _netns_split_round(pair: Any, tmp: str, seconds: float, mode: str = "map",
             node.wait()
 
 
-PUBLISH_MODES = ("fence", "behind", "flush", "separate")
+PUBLISH_MODES = ("fence", "behind", "behind2", "behind4", "flush", "separate")
 
 
 def _set_publish(tx: Any, publish: str) -> None:
     """How the one-sided producer ``tx`` publishes: ``fence`` (the default: records, sequence
     word and tail CAS in one ``publish`` call, the CAS ordered by ``ucp_worker_fence``),
     ``behind`` (the same with write-behind: ``set_write_behind()``, each push's CAS confirmed
-    during the next push), ``flush`` (one call, the CAS after a flush), ``separate`` (``write``,
-    ``store64``, ``cas64``, as a region without ``publish`` does)."""
+    during the next push; ``behind2``/``behind4``: ``set_write_behind(depth=2/4)``, confirmed
+    two or four pushes later), ``flush`` (one call, the CAS after a flush), ``separate``
+    (``write``, ``store64``, ``cas64``, as a region without ``publish`` does)."""
     if publish not in PUBLISH_MODES:
         raise ValueError(f"publish must be one of {PUBLISH_MODES}, got {publish!r}")
     region = tx.region
@@ -332,8 +333,8 @@ def _set_publish(tx: Any, publish: str) -> None:
         region.publish = None  # the producer falls back to the separate operations
     else:
         region.publish_order = 1 if publish == "flush" else 0
-    if publish == "behind":
-        tx.set_write_behind()
+    if publish.startswith("behind"):
+        tx.set_write_behind(depth=int(publish[6:] or 1))
 
 
 def _split_role(role: str, url: str, token: str, loc: str, seconds: float, batch: int = 1,
@@ -768,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="how the one-sided producer of the node-on-the-consumer's-host rows publishes (--netns): "
                          "fence (default: records, sequence word and tail CAS in one call, the CAS ordered by "
                          "ucp_worker_fence), behind (the same, write-behind: each push's CAS confirmed during the "
-                         "next), flush (one call, the CAS after a flush), separate (write, store64, cas64: the path "
+                         "next; behind2/behind4: two/four pushes later), flush (one call, the CAS after a "
+                         "flush), separate (write, store64, cas64: the path "
                          "of a region without publish)")
     ap.add_argument("--netns-client", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--netns-split", nargs=5, help=argparse.SUPPRESS)

@@ -234,6 +234,7 @@ class _OneSidedHandle(FabricQueue):
         # write-behind (set_write_behind): publications posted and not yet confirmed, oldest first
         # (token, the tail word expected, what), and the error that ended it
         self._wb = False
+        self._wb_depth = 1  # write-behind: publications left unconfirmed when a push returns
         self._inflight: collections.deque[tuple[Any, int, str]] = collections.deque()
         self._wb_error: BaseException | None = None
         # in/out words of the core's framing calls (next item, its source offset, padding index),

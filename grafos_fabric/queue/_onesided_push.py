@@ -45,8 +45,11 @@ log = logging.getLogger(__name__)
 DIRECT_MIN = 64 << 10
 #: the most spans one publish of items pushed without a copy carries (gfu_publish takes 64)
 DIRECT_SPANS = 64
-#: write-behind: publications left unconfirmed when a push returns (set_write_behind)
+#: write-behind: publications left unconfirmed when a push returns (set_write_behind's default
+#: depth, and the most it takes: a handle holds up to depth + 1 of its endpoint's GFU_PUB_SLOTS
+#: (16) publication slots, which every queue handle on that endpoint shares)
 WRITE_BEHIND_DEPTH = 1
+WRITE_BEHIND_MAX_DEPTH = 4
 
 
 def _span(spans: list[tuple[int, int, int]], addr: int, n: int, off: int) -> None:
@@ -293,7 +296,7 @@ class _OneSidedProducer(_OneSidedHandle):
                                            int(lib.gf_ring_publish_desired(p)), _HEAD)
                     lib.gf_ring_published(p, expected)  # as if confirmed: the next CAS expects this one's tail
                     self._inflight.append((token, expected, what))
-                    if len(self._inflight) > WRITE_BEHIND_DEPTH:
+                    if len(self._inflight) > self._wb_depth:
                         self._settle(1)
                     return
                 # the head word read with it (after the CAS): the head cache for free, no load later
@@ -323,14 +326,14 @@ class _OneSidedProducer(_OneSidedHandle):
         self._check_owner(p, what)
 
     # -- write-behind ---------------------------------------------------------------
-    def set_write_behind(self, on: bool = True) -> None:
+    def set_write_behind(self, on: bool = True, depth: int = WRITE_BEHIND_DEPTH) -> None:
         """Write-behind publication (off by default; regions with ``publish_post``: UCX).
 
         On: a push returns once its records were handed to the transport (the
         caller's buffer may be reused) with their publication, the tail CAS, in
-        flight; it is confirmed during the next push (at most
-        ``WRITE_BEHIND_DEPTH`` stay unconfirmed), by :meth:`flush`, or by
-        ``close``. The next item's records then stream while the previous
+        flight; it is confirmed during a later push (at most ``depth``, default
+        1, up to ``WRITE_BEHIND_MAX_DEPTH``, stay unconfirmed), by :meth:`flush`,
+        or by ``close``. The next item's records then stream while the previous
         one's CAS travels, instead of the producer waiting a round trip per
         item. The price: an item is in the queue only once its publication is
         confirmed, and a publication that fails (the queue sealed, the
@@ -342,13 +345,18 @@ class _OneSidedProducer(_OneSidedHandle):
         tail someone else moved, and a live holder is never taken over in
         place (the queue is sealed instead). Off: pending publications are
         confirmed first (:meth:`flush`)."""
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= WRITE_BEHIND_MAX_DEPTH:
+            raise E.FabricValueError(f"depth must be an int in [1, {WRITE_BEHIND_MAX_DEPTH}], got {depth!r}")
         with self._plock:
             if on and getattr(self.region, "publish_post", None) is None:
                 raise E.Unsupported(f"write-behind needs a region that can post a publication "
                                     f"({type(self.region).__name__} cannot)")
             if not on:
                 self._settle(len(self._inflight))
+            elif len(self._inflight) > depth:
+                self._settle(len(self._inflight) - depth)
             self._wb = bool(on)
+            self._wb_depth = depth
 
     def flush(self) -> None:
         """Confirm every publication still in flight (write-behind); raises the first one's
