@@ -257,11 +257,18 @@ class BlockRegion:
             self._bounce = mmap.mmap(-1, size)  # page aligned: good for any O_DIRECT alignment
         return memoryview(self._bounce)[:nbytes]
 
+    def _stale_lanes(self) -> None:
+        """How records go out changed: every RecordLane made before is stale (its next write, the
+        native one included, writes nothing and says so; see RecordLane)."""
+        self._lane_gen += 1
+        if self._gate is not None:
+            lib.gf_gate_bump(self._gate)  # after a lane's write in the gate, if any, has ended
+
     def _disable_direct(self, why: OSError) -> None:
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         self.direct = False
-        self._lane_gen += 1
+        self._stale_lanes()
         log.warning(
             "O_DIRECT I/O refused on %s (%s): falling back to buffered I/O + fdatasync", self.path, why.strerror
         )
@@ -493,7 +500,7 @@ class BlockRegion:
         if mode not in RECORD_MODES:
             raise FabricValueError(f"record_mode must be one of {RECORD_MODES}, got {mode!r}")
         self._record_mode = mode
-        self._lane_gen += 1
+        self._stale_lanes()
 
     def record_path(self, nbytes: int, immutable: bool, *, checkpoint: bool = False) -> str:
         """How :meth:`write_record` writes a record of ``nbytes``: ``"gather"``, ``"direct"`` or ``"aio"``.
@@ -549,7 +556,7 @@ class BlockRegion:
             rc = lib.gf_aio_setup(_AIO_EVENTS, ctx)
             if rc < 0:
                 self._aio_failed = True
-                self._lane_gen += 1
+                self._stale_lanes()
                 log.info("no AIO context for %s (%s): records go out in one request", self.path, os.strerror(-rc))
                 return 0
             self._aio.append(int(ctx[0]))
@@ -617,7 +624,7 @@ class BlockRegion:
                 rc = lib.gf_slot_write(self._fd, pos, cbuf, nbytes, bs, header, bufs, lens, len(bufs), 0, 0, 1)
             if rc in (1, 2):
                 self._aio_failed = True
-                self._lane_gen += 1
+                self._stale_lanes()
                 if rc == 2:  # gf_slot_write destroyed the context to end requests it could not reap
                     self._aio.clear()
                 log.info("AIO refused on %s: records go out in one request", self.path)
@@ -717,7 +724,7 @@ class BlockRegion:
                     rc = lib.gf_slot_write_direct(self._fd, *args, 0, chunk, 1)
                 if rc in (1, 2):
                     self._aio_failed = True
-                    self._lane_gen += 1
+                    self._stale_lanes()
                     if rc == 2:  # the context was destroyed to end requests it could not reap
                         self._aio.clear()
                     log.info("AIO refused on %s: records go out in one request", self.path)
@@ -928,6 +935,7 @@ class RecordLane:
         self._args: tuple[tuple[Any, ...], ...]
         self._bufs: Any = None  # a gathered lane's two data pointers (head's prefix, the bytes)
         self.gated = False  # set below where the write needs no lock but the region's gate
+        self.c: Any = None  # a gated lane's gf_lane (every argument of its write, for gf_lane_write)
         gate = region._gate
         if aligned:
             self._dptr = ffi.from_buffer(view)
@@ -937,6 +945,7 @@ class RecordLane:
             self._args = tuple((fd, p, hptr, head_len, bs, self._dptr, n, xptr, ctx, chunk, 1) for p in pos)
             if ctx == 0 and gate is not None:
                 self._gate_args(lib.gf_slot_write_direct_gated, gate)
+                self._lane_struct(gate, lib.GF_LANE_DIRECT, fd, pos, data=self._dptr, data_len=n, tail=xptr)
         elif self.split:  # the bytes' block-aligned part from where it lies (see _point)
             self._fn = lib.gf_slot_write_direct
             self._pos = pos
@@ -956,6 +965,7 @@ class RecordLane:
                 self._args = tuple((bfd, p, hptr, self._bufs, lens, 2, zeros, pad, 1) for p in pos)
                 if gate is not None:
                     self._gate_args(lib.gf_slot_write_gather_gated, gate)
+                    self._lane_struct(gate, lib.GF_LANE_GATHER, bfd, pos, lens=lens, zeros=zeros, pad=pad)  # type: ignore[arg-type]
             else:
                 ctx = region._aio_ctx() if path == "aio" else 0
                 self._fn = lib.gf_slot_write
@@ -964,6 +974,7 @@ class RecordLane:
                 )
                 if ctx == 0 and gate is not None:
                     self._gate_args(lib.gf_slot_write_gated, gate)
+                    self._lane_struct(gate, lib.GF_LANE_COPY, region._fd, pos, lens=lens, buf=xptr, nbytes=nbytes)
         self._fd_used = self._args[0][1 if self.gated else 0]  # the descriptor the writes go to
 
     def _gate_args(self, fn: Any, gate: Any) -> None:
@@ -975,6 +986,51 @@ class RecordLane:
         self._fn = fn
         self._args = tuple((gate, self._hptr0, i, *a) for i, a in enumerate(self._args))
         self.gated = True
+
+    def _lane_struct(
+        self,
+        gate: Any,
+        kind: int,
+        fd: int,
+        pos: list[int],
+        *,
+        lens: Any = None,
+        zeros: Any = None,
+        pad: int = 0,
+        buf: Any = None,
+        nbytes: int = 0,
+        data: Any = None,
+        data_len: int = 0,
+        tail: Any = None,
+    ) -> None:
+        """:attr:`c`: a ``gf_lane`` holding the gated write's arguments (the same ones as ``_args``),
+        for ``gf_lane_write``: one native call with the sequence number, the slot, two u64 fields
+        (:meth:`values_at`) and the lease's deadline, which checks the lane's generation, whether it
+        is closed, and the deadline itself (``SlotLane.write``, ``CheckpointedStageState.checkpoint``)."""
+        c = ffi.new("gf_lane *")
+        c.gate = gate
+        c.hdr = self._hptr0
+        c.hdr_len = self.head_len
+        c.gen = lib.gf_gate_gen(gate)
+        c.kind = kind
+        c.pos = pos
+        c.fd = fd
+        c.dsync = 1
+        c.block = self.region.block_size
+        if kind == lib.GF_LANE_DIRECT:
+            c.data, c.data_len, c.tail = data, data_len, tail
+        else:
+            c.parts, c.lens, c.nparts = self._bufs, lens, 2
+            if kind == lib.GF_LANE_GATHER:
+                c.zeros, c.pad = zeros, pad
+            else:
+                c.buf, c.nbytes = buf, nbytes
+        self.c = c
+
+    def values_at(self, at0: int, at1: int) -> None:
+        """Where in :attr:`head` ``gf_lane_write`` stores its two u64 values (0: nowhere)."""
+        if self.c is not None:
+            self.c.at = [at0, at1]
 
     @property
     def live(self) -> bool:
@@ -1049,7 +1105,7 @@ class RecordLane:
         region = self.region
         if rc in (1, 2):  # durable, by the one-request fallback: AIO is off from now on
             region._aio_failed = True
-            region._lane_gen += 1
+            region._stale_lanes()
             if rc == 2:  # the context was destroyed to end requests it could not reap
                 region._aio.clear()
             log.info("AIO refused on %s: records go out in one request", region.path)
@@ -1066,6 +1122,8 @@ class RecordLane:
         """Release the buffers (idempotent); the lane cannot write afterwards."""
         if self._mm.closed:
             return
+        if self.c is not None:
+            lib.gf_lane_close(self.c)  # after a write of this lane in the gate, if any: none can start now
         self.head.release()
         ffi.release(self._base)
         self._mm.close()

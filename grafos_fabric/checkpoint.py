@@ -92,6 +92,7 @@ import numpy as np
 from . import observe
 from ._ffi import ffi, lib
 from .errors import CapacityExceeded, Corrupted, FabricError, FabricValueError
+from .lease import LeaseState
 from .slots import DATA_OFFSET, PCHK, BlockDevice, Durability, SlotLane, SlotStore
 
 __all__ = [
@@ -115,6 +116,8 @@ ALIGNED = 0x01  # envelope flag (version 4): the state starts at a block boundar
 _PLAIN_VERSION, _ALIGNED_VERSION = 3, 4  # PCHK record versions: slots.PCHK.version, its variant
 MAX_STAGE_NAME = 1024
 _U64 = (1 << 64) - 1
+_ACTIVE = LeaseState.ACTIVE
+_AGAIN = int(lib.GF_LANE_AGAIN)  # gf_lane_write wrote nothing: the careful way says why
 _ENCODER = msgspec.msgpack.Encoder()
 MAX_STATE_DEPTH = 256  # containers a msgpack state may nest (msgspec recurses once per level)
 
@@ -235,6 +238,7 @@ class CheckpointedStageState(Generic[S]):
         self._lane_env: tuple[int, int, int, int] = (0, 0, 0, 0)  # the lane's constant envelope fields
         self._lane_want = -1  # a bytes state's length at the last ordinary write (a lane after two alike)
         self._lane_stage: StageId | None = None  # the stage name the lane's prefix holds
+        self._fast: tuple[Any, Any, Any, SlotStore] | None = None  # the lane's SlotLane.fast, primed
 
     @classmethod
     def with_buffer(
@@ -356,6 +360,7 @@ class CheckpointedStageState(Generic[S]):
                 return  # it still fits (it was skipped for an observer, or the slot was unknown)
         if lane is not None:
             self._lane = None
+            self._fast = None
             lane.close()
         if self.codec != "raw":
             return
@@ -382,6 +387,9 @@ class CheckpointedStageState(Generic[S]):
             return
         if new is not None:
             self._lane, self._lane_env, self._lane_stage = new, fields, self.stage
+            if new.fast is not None and not new.pad:  # the envelope's constant fields, packed once
+                new.prime(*fields, 0, 0)
+                self._fast = new.fast
 
     def _notify(self, method: str) -> None:
         if self.observer is None:
@@ -413,12 +421,35 @@ class CheckpointedStageState(Generic[S]):
                 and self.codec == "raw"
                 and (rl.data is state or rl.take(state))
             ):
+                fast = self._fast
+                if fast is not None:  # one native call: the lane's gf_lane prepared once (SlotLane.prime)
+                    write, c, cell, store = fast
+                    newest = store._newest
+                    if newest is not None and cell._state == _ACTIVE:
+                        seq = newest[1] + 1
+                        slot = 1 - newest[0]
+                        store._newest = None  # unknown until this write completes: a failure re-scans
+                        # SYNC POINT: record durable (SlotLane.write's; the reader's side is the two
+                        # checksums in slots._examine)
+                        rc = write(c, seq, slot, target.input_offset, target.output_commit, cell._deadline)
+                        if not rc:
+                            store._newest = (slot, seq)
+                            self.edge = target
+                            self.last_seq = seq
+                            return seq
+                        if rc != _AGAIN:  # raises, or nothing was written (then the ordinary path)
+                            if lane.failed(rc, newest, slot, seq) is None:
+                                return self._checkpoint(edge)
+                            self.edge = target
+                            self.last_seq = seq
+                            return seq
+                        store._newest = newest  # nothing written: the careful way below says why
                 c, f, n, pad = self._lane_env
-                seq = lane.write(c, f, n, pad + rl.pad, target.input_offset, target.output_commit)
-                if seq is not None:
+                wrote = lane.write(c, f, n, pad + rl.pad, target.input_offset, target.output_commit)
+                if wrote is not None:
                     self.edge = target
-                    self.last_seq = seq
-                    return seq
+                    self.last_seq = wrote
+                    return wrote
         return self._checkpoint(edge)
 
     def _checkpoint(self, edge: EdgeCheckpoint | None) -> int:
@@ -551,6 +582,7 @@ class CheckpointedStageState(Generic[S]):
         inst._lane_env = (0, 0, 0, 0)
         inst._lane_want = -1
         inst._lane_stage = None
+        inst._fast = None
         log.debug("restored checkpoint of stage %s (seq %d, slot %d)", written_stage, record.seq, record.slot)
         return inst
 

@@ -106,7 +106,6 @@ from __future__ import annotations
 import logging
 import mmap
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
@@ -722,19 +721,52 @@ class SlotLane:
         self._version = version
         self._bs = store.block_size
         self._slot_blocks = store.slot_blocks
-        # write()'s short path reads these (a RecordLane's region, its in-process lease cell and
-        # clock); a lane without them (none is made today) takes the careful path every time
+        # write()'s short path: a gated RecordLane's gf_lane (RecordLane.c), written by one native
+        # call that checks the lane's generation, whether it is closed and the lease's deadline
+        # (read from the region's in-process cell, whose clock must be the monotonic one)
         region: Any = getattr(lane, "region", None)
         lease = getattr(region, "lease", None)
         cell = getattr(region, "_cell", None)
+        c = getattr(lane, "c", None)
         self._hot: tuple[Any, Any, LocalLeaseCell, Any] | None = None
-        if region is not None and lease is not None and type(cell) is LocalLeaseCell and hasattr(lane, "gated"):
-            mono = time.monotonic_ns if type(lease.clock) is MonotonicClock else None
-            self._hot = (region, region._io_lock, cell, mono)
+        #: ``(gf_lane_write, the lane's gf_lane, the lease cell, the store)`` for a caller that
+        #: writes through the lane itself (see :meth:`prime`), or None where it cannot
+        self.fast: tuple[Any, Any, LocalLeaseCell, SlotStore] | None = None
+        fmt = fields.format.lstrip("<>=!@")
+        at = DATA_OFFSET + struct.calcsize("<" + fmt[:-2]) if fmt.endswith("QQ") else 0
+        if (
+            at
+            and c is not None
+            and type(cell) is LocalLeaseCell
+            and type(getattr(lease, "clock", None)) is MonotonicClock
+        ):
+            lane.values_at(at, at + 8)
+            self._hot = (region, region._io_lock, cell, c)
+            self.fast = (lib.gf_lane_write, c, cell, store)
         if getattr(lane, "gated", False):  # the header but seq and slot, once (see write)
             _HEADER.pack_into(
                 lane.head, 0, self._magic, version, n + lane.pad, 0, 0, 0, 0, self._bs, self._slot_blocks, 0, 0
             )
+
+    def prime(self, *fields: Any) -> None:
+        """Pack the fields into the lane's head once, for :attr:`fast` writes: ``fast`` is
+        ``(write, c, cell, store)``, and a record whose fields are these but the last two (two u64,
+        ``v0`` and ``v1``) is written by ``write(c, seq, slot, v0, v1, cell._deadline)`` where
+        ``store._newest`` is ``(newest slot, newest seq)``, ``seq`` the next one (at most
+        ``MAX_SEQ``), ``slot`` the other one and ``cell._state`` live; it returns 0 once the record
+        is durable (then ``store._newest = (slot, seq)``), ``GF_LANE_AGAIN`` having written nothing
+        (then :meth:`write` writes it the careful way), or else what :meth:`failed` takes. Set
+        ``store._newest`` to None while the write runs (a failure re-scans next time)."""
+        self._fpack(self.lane.head, DATA_OFFSET, *fields)
+
+    def failed(self, rc: int, newest: tuple[int, int], slot: int, seq: int) -> int | None:
+        """After a native write of ``seq`` into ``slot`` returned ``rc`` (neither 0 nor
+        ``GF_LANE_AGAIN``): raises what the region raises for it, or returns ``seq`` (durable
+        after all) or None (nothing written: the ordinary path writes the record)."""
+        with self.lane.region._io_lock:
+            ok = self.lane._failed(rc)  # raises, or False: nothing was written (O_DIRECT refused)
+        self.store._newest = (slot, seq) if ok else newest
+        return seq if ok else None
 
     @property
     def data(self) -> Any:
@@ -779,31 +811,19 @@ class SlotLane:
         seq = newest[1] + 1
         lane = self.lane
         hot = self._hot
-        if hot is not None:
-            region, lock, cell, mono = hot
-            # the lease as Lease.check judges it, read from the region's in-process cell
-            if (
-                mono is not None
-                and cell._state == _ACTIVE
-                and mono() < cell._deadline
-                and lane.gated
-                and lane._gen == region._lane_gen
-                and not region._closed
-                and not lane._mm.closed
-            ):
-                self._fpack(lane.head, DATA_OFFSET, *fields)
-                store._newest = None  # unknown until this write completes: a failure re-scans next time
-                # SYNC POINT: record durable (the native call SlotStore.write's path makes, through
-                # the region's gate; the header with the data, one flush); the reader's side is the
-                # two checksums in _examine.
-                rc = lane._fn(seq, *lane._args[slot])
-                if not rc:
-                    store._newest = (slot, seq)
-                    return seq
-                with lock:
-                    ok = lane._failed(rc)  # raises, or False: nothing was written (O_DIRECT refused)
-                store._newest = (slot, seq) if ok else newest
-                return seq if ok else None
+        if hot is not None and hot[2]._state == _ACTIVE:
+            self._fpack(lane.head, DATA_OFFSET, *fields)
+            store._newest = None  # unknown until this write completes: a failure re-scans next time
+            # SYNC POINT: record durable (the native call SlotStore.write's path makes, through the
+            # region's gate; the header with the data, one flush); the reader's side is the two
+            # checksums in _examine.
+            rc = lib.gf_lane_write(hot[3], seq, slot, fields[-2], fields[-1], hot[2]._deadline)
+            if not rc:
+                store._newest = (slot, seq)
+                return seq
+            if rc != lib.GF_LANE_AGAIN:
+                return self.failed(rc, newest, slot, seq)
+            store._newest = newest  # nothing was written: the careful way below says why
         self._pack(
             lane.head,
             0,

@@ -96,3 +96,33 @@ typedef struct {
 #define GF_MSGPACK_MALFORMED ...
 #define GF_MSGPACK_TOO_DEEP ...
 int64_t gf_msgpack_depth(const uint8_t *buf, uint64_t len, uint32_t max_depth);
+
+/* a record lane (gf_crc.h) */
+#define GF_LANE_COPY ...
+#define GF_LANE_GATHER ...
+#define GF_LANE_DIRECT ...
+#define GF_LANE_AGAIN ...
+typedef struct gf_lane {
+    void *gate;
+    uint8_t *hdr;
+    uint64_t hdr_len;
+    uint64_t gen;
+    uint32_t kind;
+    uint32_t closed;
+    int64_t pos[2];
+    uint64_t at[2];
+    int32_t fd;
+    int32_t dsync;
+    uint64_t block;
+    uint8_t *buf;
+    uint64_t nbytes;
+    const uint8_t *const *parts;
+    const uint64_t *lens;
+    uint32_t nparts;
+    const uint8_t *zeros;
+    uint64_t pad;
+    const uint8_t *data;
+    uint64_t data_len;
+    uint8_t *tail;
+    ...;
+} gf_lane;

@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define POLY 0x82F63B78u
 #define STRETCH 2048u /* bytes per chain per round: 3 * 2048 = 6 KiB a round */
@@ -588,6 +589,7 @@ int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, 
 struct gf_gate {
     pthread_mutex_t mu; /* held by a write through the gate while it runs, and by gf_gate_shut */
     int shut;
+    uint64_t gen; /* gf_gate_bump: lanes made for an older one are stale (gf_lane_write) */
 };
 
 void *gf_gate_new(void) {
@@ -605,6 +607,23 @@ void gf_gate_shut(void *gate) {
     if (!g) return;
     pthread_mutex_lock(&g->mu); /* waits for the write in the gate, if any */
     g->shut = 1;
+    pthread_mutex_unlock(&g->mu);
+}
+
+uint64_t gf_gate_gen(void *gate) {
+    struct gf_gate *g = gate;
+    if (!g) return 0;
+    pthread_mutex_lock(&g->mu);
+    uint64_t gen = g->gen;
+    pthread_mutex_unlock(&g->mu);
+    return gen;
+}
+
+void gf_gate_bump(void *gate) {
+    struct gf_gate *g = gate;
+    if (!g) return;
+    pthread_mutex_lock(&g->mu); /* waits for the write in the gate, if any */
+    g->gen++;
     pthread_mutex_unlock(&g->mu);
 }
 
@@ -651,4 +670,70 @@ int gf_slot_write_direct_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t 
                                uint8_t *head, uint64_t head_len, uint64_t block, const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
                                uint64_t chunk, int dsync) {
     GF_GATED(gate, gf_slot_write_direct(fd, pos, head, head_len, block, data, data_len, tail, aio_ctx, chunk, dsync));
+}
+
+/* ---- record lanes (gf_crc.h) ---- */
+
+/* Whether the lane's fields describe a write the three functions above would accept the shape of
+ * (they check the rest themselves: alignment, lengths against nbytes, nparts). */
+static int lane_shape_ok(const gf_lane *l) {
+    if (!l->gate || !l->hdr || l->hdr_len < GF_SLOT_DATA_OFFSET || l->pos[0] < 0 || l->pos[1] < 0) return 0;
+    for (int i = 0; i < 2; i++)
+        if (l->at[i] && (l->at[i] < GF_SLOT_DATA_OFFSET || l->at[i] > l->hdr_len || l->hdr_len - l->at[i] < 8))
+            return 0;
+    switch (l->kind) {
+    case GF_LANE_COPY:
+        return l->buf && l->parts && l->lens && l->nparts <= 1000;
+    case GF_LANE_GATHER:
+        return l->parts && l->lens && l->nparts <= 1000 && (l->zeros || !l->pad);
+    case GF_LANE_DIRECT:
+        return l->tail && (l->data || !l->data_len);
+    default:
+        return 0;
+    }
+}
+
+int gf_lane_write(struct gf_lane *l, uint64_t seq, uint32_t slot, uint64_t v0, uint64_t v1, int64_t deadline_ns) {
+    if (!l || slot > 1 || !lane_shape_ok(l)) return -EINVAL;
+    if (seq > (uint64_t)INT64_MAX) return GF_LANE_AGAIN; /* forged or worn out: the slot store decides */
+    struct timespec now;
+    if (clock_gettime(CLOCK_MONOTONIC, &now) != 0) return GF_LANE_AGAIN;
+    /* live while now < deadline (Lease.check, whose clock, time.monotonic_ns, reads CLOCK_MONOTONIC) */
+    if ((int64_t)now.tv_sec * 1000000000 + now.tv_nsec >= deadline_ns) return GF_LANE_AGAIN;
+    struct gf_gate *g = l->gate;
+    int rc;
+    /* SYNC POINT: descriptor closed (as GF_GATED), lane stale and lane closed: gf_gate_shut,
+     * gf_gate_bump and gf_lane_close take this mutex, so no write of a shut gate, a stale lane or
+     * a closed one starts once they have returned. */
+    pthread_mutex_lock(&g->mu);
+    if (g->shut) {
+        rc = -EBADF;
+    } else if (l->closed || l->gen != g->gen) {
+        rc = GF_LANE_AGAIN;
+    } else {
+        uint8_t *h = l->hdr;
+        put_u64le(h + GF_SLOT_SEQ_AT, seq);
+        put_u32le(h + GF_SLOT_SLOT_AT, slot);
+        if (l->at[0]) put_u64le(h + l->at[0], v0);
+        if (l->at[1]) put_u64le(h + l->at[1], v1);
+        int64_t pos = l->pos[slot];
+        if (l->kind == GF_LANE_COPY)
+            rc = gf_slot_write(l->fd, pos, l->buf, l->nbytes, l->block, h, l->parts, l->lens, l->nparts, 0, l->block,
+                               l->dsync);
+        else if (l->kind == GF_LANE_GATHER)
+            rc = gf_slot_write_gather(l->fd, pos, h, l->parts, l->lens, l->nparts, l->zeros, l->pad, l->dsync);
+        else
+            rc = gf_slot_write_direct(l->fd, pos, h, l->hdr_len, l->block, l->data, l->data_len, l->tail, 0,
+                                      l->block, l->dsync);
+    }
+    pthread_mutex_unlock(&g->mu);
+    return rc;
+}
+
+void gf_lane_close(struct gf_lane *l) {
+    if (!l) return;
+    struct gf_gate *g = l->gate;
+    if (g) pthread_mutex_lock(&g->mu); /* waits for the lane's write in the gate, if any */
+    l->closed = 1;
+    if (g) pthread_mutex_unlock(&g->mu);
 }

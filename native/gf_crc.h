@@ -113,4 +113,46 @@ int gf_slot_write_direct_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t 
                                uint8_t *head, uint64_t head_len, uint64_t block, const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
                                uint64_t chunk, int dsync);
 
+/* A record lane's write, prepared once (grafos_fabric.drivers.block.RecordLane): every argument
+ * of one of the three writes above for the lane's two slots, so that a write is one call with the
+ * few values that change. Filled by the caller; gf_lane_write checks its shape on every call. */
+#define GF_LANE_COPY 0u   /* gf_slot_write: the data copied into buf (nbytes) with its CRC, O_DIRECT */
+#define GF_LANE_GATHER 1u /* gf_slot_write_gather: hdr, the parts and pad zeros in one pwritev2 */
+#define GF_LANE_DIRECT 2u /* gf_slot_write_direct: hdr (a multiple of block), data from where it lies */
+#define GF_LANE_AGAIN 3   /* gf_lane_write wrote nothing: the caller writes the careful way */
+typedef struct gf_lane {
+    void *gate;       /* the region's gate (gf_gate_new): the write runs inside it */
+    uint8_t *hdr;     /* the record's first hdr_len bytes: 56 header bytes (CRCs zero), zeros, data */
+    uint64_t hdr_len; /* >= 64 */
+    uint64_t gen;     /* the gate's generation (gf_gate_gen) when the lane was made */
+    uint32_t kind;    /* GF_LANE_* */
+    uint32_t closed;  /* set by gf_lane_close */
+    int64_t pos[2];   /* byte position of slot 0 and slot 1 */
+    uint64_t at[2];   /* where in hdr gf_lane_write stores v0 and v1 (u64 LE); 0: not stored */
+    int32_t fd;
+    int32_t dsync;
+    uint64_t block;
+    uint8_t *buf;     /* COPY: the page-aligned record buffer of nbytes */
+    uint64_t nbytes;
+    const uint8_t *const *parts; /* COPY, GATHER: the data after the header (hdr + 64 first) */
+    const uint64_t *lens;
+    uint32_t nparts;
+    const uint8_t *zeros; /* GATHER: pad zero bytes after the parts */
+    uint64_t pad;
+    const uint8_t *data; /* DIRECT: the data after hdr, and the tail block */
+    uint64_t data_len;
+    uint8_t *tail;
+} gf_lane;
+/* The gate's generation, and its increment (after the mutex: a write in the gate ends first). */
+uint64_t gf_gate_gen(void *gate);
+void gf_gate_bump(void *gate);
+/* One record through the lane at slot (0 or 1): stores seq and slot into hdr's header, v0 and v1
+ * at at[0], at[1], then makes the lane's write for that slot inside the gate. GF_LANE_AGAIN,
+ * having written nothing, when the lane is closed or its generation is not the gate's, when
+ * CLOCK_MONOTONIC has reached deadline_ns (the lease's), or seq > INT64_MAX; -EBADF once the gate
+ * is shut; -EINVAL when the lane's fields do not describe a write; else the write's result. */
+int gf_lane_write(struct gf_lane *lane, uint64_t seq, uint32_t slot, uint64_t v0, uint64_t v1, int64_t deadline_ns);
+/* Marks the lane closed (after a write in its gate ends); later writes return GF_LANE_AGAIN. */
+void gf_lane_close(struct gf_lane *lane);
+
 #endif

@@ -126,3 +126,8 @@ int gf_slot_write_gather_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t 
 int gf_slot_write_direct_gated(uint64_t seq, void *gate, uint8_t *hdr, uint32_t slot, int fd, int64_t pos,
                                uint8_t *head, uint64_t head_len, uint64_t block, const uint8_t *data, uint64_t data_len, uint8_t *tail, uint64_t aio_ctx,
                                uint64_t chunk, int dsync);
+struct gf_lane;
+uint64_t gf_gate_gen(void *gate);
+void gf_gate_bump(void *gate);
+int gf_lane_write(struct gf_lane *lane, uint64_t seq, uint32_t slot, uint64_t v0, uint64_t v1, int64_t deadline_ns);
+void gf_lane_close(struct gf_lane *lane);
