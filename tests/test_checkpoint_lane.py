@@ -438,3 +438,118 @@ def test_a_lane_that_cannot_be_made_leaves_a_durable_checkpoint_and_the_ordinary
             assert st.checkpoint() == i + 1
         assert st._lane is None
         assert CheckpointedStageState.restore(r).state == state_of(4096, 1)
+
+
+# -- gf_lane_write, attacked directly (the native half of a gated lane) ---------------------------
+
+
+def _gated_lane(tmp_path: Path, mode: str = "auto") -> tuple[BlockRegion, CheckpointedStageState[Any], Any]:
+    r = open_block(tmp_path / "r.img", create_size=SIZE)
+    r.record_mode = mode
+    st = CheckpointedStageState(state_of(4096, 1), r, codec="raw", stage=STAGE, durability="single-sync")
+    for _ in range(3):
+        st.checkpoint()
+    assert st._fast is not None and st._lane is not None and st._lane.lane.c is not None
+    return r, st, st._lane.lane.c
+
+
+def _live_deadline() -> int:
+    import time
+
+    return time.monotonic_ns() + 60 * 10**9
+
+
+@pytest.mark.parametrize("mode", ["auto", "gather", "direct"])
+def test_gf_lane_write_refuses_a_bad_lane_and_writes_nothing(tmp_path: Path, mode: str) -> None:
+    """Every field gf_lane_write relies on is checked before anything is written: a NULL lane, a
+    third slot, offsets for the two values outside the head or over its header, a head shorter
+    than the header, an unknown kind, no gate, a buffer too small for the record (gf_slot_write's
+    own check), a negative position: -EINVAL, and both slots keep their bytes."""
+    from grafos_fabric._ffi import ffi, lib
+
+    r, st, c = _gated_lane(tmp_path, mode)
+    with r:
+        store = SlotStore(r, PCHK)
+        before = [slot_image(r, store, i, 2 * r.block_size) for i in (0, 1)]
+        seq = st.last_seq + 1
+        einval = -__import__("errno").EINVAL
+        assert lib.gf_lane_write(ffi.NULL, seq, 0, 1, 2, _live_deadline()) == einval
+        assert lib.gf_lane_write(c, seq, 2, 1, 2, _live_deadline()) == einval
+        for field, bad in [
+            ("at", [8, 0]),  # inside the header
+            ("at", [0, c.hdr_len - 4]),  # runs past the head
+            ("at", [0, c.hdr_len + 64]),
+            ("hdr_len", 32),
+            ("kind", 7),
+            ("gate", ffi.NULL),
+            ("pos", [-4096, 0]),
+        ] + ([("nbytes", 64)] if c.kind == lib.GF_LANE_COPY else []):
+            saved = getattr(c, field)
+            saved = list(saved) if field in ("at", "pos") else saved
+            setattr(c, field, bad)
+            try:
+                assert lib.gf_lane_write(c, seq, 0, 1, 2, _live_deadline()) == einval, field
+            finally:
+                setattr(c, field, saved)
+        assert [slot_image(r, store, i, 2 * r.block_size) for i in (0, 1)] == before
+        assert st.checkpoint(EdgeCheckpoint(9, 10)) == seq  # the lane as it was still writes
+        got = CheckpointedStageState.restore(r)
+        assert got.edge == EdgeCheckpoint(9, 10) and got.last_seq == seq
+
+
+def test_gf_lane_write_writes_nothing_for_a_closed_or_stale_lane_a_dead_lease_or_a_forged_seq(
+    tmp_path: Path,
+) -> None:
+    """GF_LANE_AGAIN, nothing written: after gf_lane_close, after the gate's generation moved
+    (gf_gate_bump: the region changed how it writes), past the lease's deadline, and for a
+    sequence over 2**63 - 1; -EBADF once the region is closed (its gate shut). checkpoint() then
+    goes the careful way: a typed error, or the record through the ordinary path."""
+    from grafos_fabric._ffi import lib
+
+    r, st, c = _gated_lane(tmp_path)
+    store = SlotStore(r, PCHK)
+    before = [slot_image(r, store, i, 2 * r.block_size) for i in (0, 1)]
+    seq = st.last_seq + 1
+    again = lib.GF_LANE_AGAIN
+    assert lib.gf_lane_write(c, seq, 0, 1, 2, 0) == again  # the deadline has passed
+    assert lib.gf_lane_write(c, 1 << 63, 0, 1, 2, _live_deadline()) == again
+    assert lib.gf_lane_write(c, (1 << 64) - 1, 0, 1, 2, _live_deadline()) == again
+    gen = lib.gf_gate_gen(r._gate)
+    lib.gf_gate_bump(r._gate)
+    assert lib.gf_gate_gen(r._gate) == gen + 1
+    assert lib.gf_lane_write(c, seq, 0, 1, 2, _live_deadline()) == again
+    c.gen = gen + 1
+    lib.gf_lane_close(c)
+    assert lib.gf_lane_write(c, seq, 0, 1, 2, _live_deadline()) == again
+    assert [slot_image(r, store, i, 2 * r.block_size) for i in (0, 1)] == before
+    c.closed = 0  # (only to reach the shut gate below)
+    r.close()
+    assert lib.gf_lane_write(c, seq, 0, 1, 2, _live_deadline()) == -__import__("errno").EBADF
+    with pytest.raises(Disconnected):
+        st.checkpoint()
+    with open_block(tmp_path / "r.img") as again_r:
+        assert CheckpointedStageState.restore(again_r).last_seq == seq - 1
+
+
+def test_a_checkpoint_through_a_stale_closed_or_expired_lane_is_still_right(tmp_path: Path) -> None:
+    """Through checkpoint(): a lane made stale by the region (record_mode set) is replaced after
+    one ordinary write; a lease past its deadline raises LeaseExpired and writes nothing; a lane
+    closed under the state (internal misuse) is not written through (its buffers are gone): the
+    ordinary path writes the record; the newest record is always the last one that returned."""
+    r, st, _c = _gated_lane(tmp_path)
+    with r:
+        old = st._lane
+        r.record_mode = "gather"  # stale: gf_lane_write says so, the ordinary path writes
+        seq = st.checkpoint(EdgeCheckpoint(1, 1))
+        assert st._lane is not old and st._fast is not None
+        assert CheckpointedStageState.restore(r).last_seq == seq
+        assert st.checkpoint(EdgeCheckpoint(2, 2)) == seq + 1  # the new lane, one native call
+        r._cell.store_deadline_ns(0)
+        with pytest.raises(LeaseExpired):
+            st.checkpoint(EdgeCheckpoint(3, 3))
+        r._cell.store_deadline_ns(_live_deadline())
+        assert st._lane is not None
+        st._lane.close()
+        assert st.checkpoint(EdgeCheckpoint(4, 4)) == seq + 2
+        got = CheckpointedStageState.restore(r)
+        assert got.last_seq == seq + 2 and got.edge == EdgeCheckpoint(4, 4) and got.state == state_of(4096, 1)

@@ -98,6 +98,7 @@ _OVERHEAD = DATA_OFFSET + ENVELOPE_SIZE + len(_STAGE)  # slot header + checkpoin
 TARGETS = {"ordered": 0.9, "single-sync": 0.95}  # issue 14: checkpoint rate / the best raw write's rate
 _CONTROL = "control"  # the best baseline measured again as a candidate: its ratio shows the noise
 _RECORD_SIZE = "raw O_DIRECT write of the record's size"  # breakdown: what the extra block costs
+_RECORD_SLOTS = "raw O_DIRECT write of the record's size, two places"  # ... and alternating slots
 ALIGNED = "aligned-buffer"  # candidates whose state is CheckpointedStageState.with_buffer's array
 BASELINES = (
     "aligned O_DIRECT pwrite + fdatasync",
@@ -179,7 +180,10 @@ def run_checkpoint_bench(
     ``control`` adds a row ``"control 4 KiB"``: the best baseline's own write, timed again as
     a candidate (its ratio is 1.0 but for noise: the run's error bar), and one for an aligned
     ``O_DIRECT`` durable write of the checkpoint record's size (8 KiB for a 4 KiB state): how
-    much of the gap is the extra block rather than software.
+    much of the gap is the extra block rather than software; and one for the same write
+    alternating between two places one slot apart, as a checkpoint's records alternate between
+    its two slots (``"raw O_DIRECT write of the record's size, two places 4 KiB"``): what the
+    device charges for that pattern.
     """
     if not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes):
         raise FabricValueError(f"sizes must be positive ints, got {sizes!r}")
@@ -191,7 +195,8 @@ def run_checkpoint_bench(
         raise FabricValueError(f"modes must be among {RECORD_MODES}, got {modes!r}")
     results: list[dict[str, Any]] = []
     big, max_bs = max(sizes), 1 << 16
-    span = 2 * (big + _OVERHEAD + 2 * max_bs) + big + max_bs  # two slots, then the baseline's blocks
+    # two slots, then the baseline's blocks (and a second place, one slot further, for _RECORD_SLOTS)
+    span = 3 * (big + _OVERHEAD + 2 * max_bs) + big + max_bs
     with _target(path_or_dir, span) as region:
         bs = region.block_size
         fd = region.fileno()
@@ -229,7 +234,7 @@ def _bench_size(
     # a bytes state (one block more: written from its own memory, the zero padding before its first
     # block-aligned byte may take one), an aligned one
     slot_blocks = max(-(-(size + _OVERHEAD) // bs) + 1, 1 + -(-size // bs))
-    if 2 * slot_blocks + -(-(size + _OVERHEAD) // bs) > region.nblocks:
+    if 3 * slot_blocks + -(-(size + _OVERHEAD) // bs) > region.nblocks:
         raise FabricValueError(f"{region.path} is too small for a {size}-byte checkpoint")
     with contextlib.ExitStack() as stack:
         ckpt_region = stack.enter_context(open_block(region.path, region.offset, 2 * slot_blocks * bs))
@@ -286,6 +291,20 @@ def _bench_size(
             fns[_RECORD_SIZE] = (
                 (lambda: os.pwritev(fd, [rec], raw_pos, dsync)) if dsync else (lambda: aligned_record_fdatasync(rec))
             )
+            # and alternating between two places one slot apart, as a checkpoint's records do: what
+            # the device charges for that pattern (a program writing its state in place has not it)
+            places = (raw_pos, raw_pos + slot_blocks * bs)
+            turn = [0]
+
+            def record_two_places() -> None:
+                turn[0] ^= 1
+                if dsync:
+                    os.pwritev(fd, [rec], places[turn[0]], dsync)
+                else:
+                    os.pwritev(fd, [rec], places[turn[0]])
+                    os.fdatasync(fd)
+
+            fns[_RECORD_SLOTS] = record_two_places
         for fn in fns.values():  # warm up: first writes allocate, later ones overwrite
             fn()
             fn()
@@ -338,7 +357,7 @@ def _bench_size(
     # round's best of three noisy rates instead would favour the baseline (the max of three samples)
     best = max(baselines, key=lambda k: rates[k])
     rows = []
-    for durability in [*states, *([_CONTROL, _RECORD_SIZE] if control else [])]:
+    for durability in [*states, *([_CONTROL, _RECORD_SIZE, _RECORD_SLOTS] if control else [])]:
         key = {_CONTROL: f"{_CONTROL} {best}"}.get(durability, durability)
         ratios = [rr[key] / rr[best] for rr in per_round_rates]
         floor = [rr[key] / rr["aligned O_DIRECT pwrite + fdatasync"] for rr in per_round_rates]
@@ -347,7 +366,7 @@ def _bench_size(
         target = TARGETS.get(durability.split(" ")[0], 1.0)
         row = {
             "case": f"{durability} {_human(size)}"
-            if durability in (_CONTROL, _RECORD_SIZE)
+            if durability in (_CONTROL, _RECORD_SIZE, _RECORD_SLOTS)
             else f"checkpoint {_human(size)} {durability}",
             "size": size,
             "ops_per_s": rates[key],
