@@ -56,10 +56,15 @@ the aligned buffer) on a ``BlockRegion``, the state keeps a *lane*
 packed by one ``struct.pack_into`` into a prepared buffer and one native call
 whose arguments were made once; about 250 bytecodes of Python per checkpoint
 against 500-660 the ordinary way, which is most of what a checkpoint cost
-over a raw write of its bytes on an ext4 file (README "Checkpoint speed"), and
-about 190 in two frames where the lane needs no AIO context (records up to
-128 KiB: the region's native gate instead of its I/O lock, only the envelope's
-fields packed; ``SlotLane.write``). A
+over a raw write of its bytes on an ext4 file (README "Checkpoint speed"). Where
+the lane needs no AIO context (records up to 128 KiB) and the lease runs on the
+monotonic clock, ``checkpoint()`` is one Python frame of about 110 bytecodes
+around one native call, ``gf_lane_write``, given a C struct of the lane's write
+prepared once (``RecordLane.c``, ``SlotLane.fast``, the envelope's constant
+fields packed once by ``SlotLane.prime``): it checks the lease's deadline, the
+lane's generation and whether it is closed, puts the sequence number, slot,
+``input_offset`` and ``output_commit`` into the header and envelope, and
+writes inside the region's native gate instead of its I/O lock. A
 ``bytes`` state over 128 KiB that would go out by AIO is then written from its
 own memory (only the bytes before its first block-aligned address are copied,
 into the header block), as version 4 without ``ALIGNED``. Observers, metrics
@@ -238,7 +243,8 @@ class CheckpointedStageState(Generic[S]):
         self._lane_env: tuple[int, int, int, int] = (0, 0, 0, 0)  # the lane's constant envelope fields
         self._lane_want = -1  # a bytes state's length at the last ordinary write (a lane after two alike)
         self._lane_stage: StageId | None = None  # the stage name the lane's prefix holds
-        self._fast: tuple[Any, Any, Any, SlotStore] | None = None  # the lane's SlotLane.fast, primed
+        # the lane's SlotLane.fast (primed), its data and stage: checkpoint()'s one native call
+        self._fast: tuple[Any, Any, Any, SlotStore, Any, StageId] | None = None
 
     @classmethod
     def with_buffer(
@@ -389,7 +395,7 @@ class CheckpointedStageState(Generic[S]):
             self._lane, self._lane_env, self._lane_stage = new, fields, self.stage
             if new.fast is not None and not new.pad:  # the envelope's constant fields, packed once
                 new.prime(*fields, 0, 0)
-                self._fast = new.fast
+                self._fast = (*new.fast, data, self.stage)
 
     def _notify(self, method: str) -> None:
         if self.observer is None:
@@ -410,8 +416,58 @@ class CheckpointedStageState(Generic[S]):
         the device): the stage should halt rather than run on uncheckpointed.
         The previous checkpoint stays readable whatever happens.
         """
+        fast = self._fast  # one native call through the lane's gf_lane, prepared once (SlotLane.fast)
+        if fast is not None and self.observer is None and observe._current is None:
+            write, c, cell, store, data, stage = fast
+            target = self.edge if edge is None else edge
+            newest = store._newest
+            if (
+                type(target) is EdgeCheckpoint
+                and self.stage is stage
+                and newest is not None
+                and cell._state == _ACTIVE
+                and self.codec == "raw"
+                and (self.state is data or self._retake())
+            ):
+                seq = newest[1] + 1
+                slot = 1 - newest[0]
+                store._newest = None  # unknown until this write completes: a failure re-scans next time
+                # SYNC POINT: record durable (as SlotLane.write's: header and data in one durable
+                # write; the reader's side is the two checksums in slots._examine)
+                rc = write(c, seq, slot, target.input_offset, target.output_commit, cell._deadline)
+                if not rc:
+                    store._newest = (slot, seq)
+                    self.edge = target
+                    self.last_seq = seq
+                    return seq
+                store._newest = newest
+                if rc != _AGAIN:  # raises, or nothing was written (then the ordinary path)
+                    return self._failed(rc, newest, slot, seq, edge, target)
+        return self._checkpoint_lane(edge)
+
+    def _retake(self) -> bool:
+        """checkpoint()'s fast path: point the lane at a new ``bytes`` state of its length (True)."""
+        lane, fast = self._lane, self._fast
+        if lane is None or fast is None or not lane.take(self.state):
+            return False
+        self._fast = (*fast[:4], self.state, fast[5])
+        return True
+
+    def _failed(
+        self, rc: int, newest: tuple[int, int], slot: int, seq: int, edge: EdgeCheckpoint | None, target: EdgeCheckpoint
+    ) -> int:
+        """checkpoint()'s fast path after its native write returned ``rc`` (not 0, not GF_LANE_AGAIN)."""
         lane = self._lane
-        if lane is not None and self.observer is None and observe._current is None:  # the lane: few lines
+        if lane is None or lane.failed(rc, newest, slot, seq) is None:  # raises, or nothing was written
+            return self._checkpoint(edge)
+        self.edge = target
+        self.last_seq = seq
+        return seq
+
+    def _checkpoint_lane(self, edge: EdgeCheckpoint | None) -> int:
+        """checkpoint() through the lane the careful way (SlotLane.write), else the ordinary way."""
+        lane = self._lane
+        if lane is not None and self.observer is None and observe._current is None:
             target = self.edge if edge is None else edge
             state = self.state
             rl = lane.lane
@@ -421,29 +477,6 @@ class CheckpointedStageState(Generic[S]):
                 and self.codec == "raw"
                 and (rl.data is state or rl.take(state))
             ):
-                fast = self._fast
-                if fast is not None:  # one native call: the lane's gf_lane prepared once (SlotLane.prime)
-                    write, c, cell, store = fast
-                    newest = store._newest
-                    if newest is not None and cell._state == _ACTIVE:
-                        seq = newest[1] + 1
-                        slot = 1 - newest[0]
-                        store._newest = None  # unknown until this write completes: a failure re-scans
-                        # SYNC POINT: record durable (SlotLane.write's; the reader's side is the two
-                        # checksums in slots._examine)
-                        rc = write(c, seq, slot, target.input_offset, target.output_commit, cell._deadline)
-                        if not rc:
-                            store._newest = (slot, seq)
-                            self.edge = target
-                            self.last_seq = seq
-                            return seq
-                        if rc != _AGAIN:  # raises, or nothing was written (then the ordinary path)
-                            if lane.failed(rc, newest, slot, seq) is None:
-                                return self._checkpoint(edge)
-                            self.edge = target
-                            self.last_seq = seq
-                            return seq
-                        store._newest = newest  # nothing written: the careful way below says why
                 c, f, n, pad = self._lane_env
                 wrote = lane.write(c, f, n, pad + rl.pad, target.input_offset, target.output_commit)
                 if wrote is not None:

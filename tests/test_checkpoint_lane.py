@@ -130,7 +130,7 @@ def test_a_small_lane_checkpoint_is_one_python_frame_around_one_native_call_and_
 ) -> None:
     """A 4 KiB bytes state on a file: checkpoint() calls no other Python function (one native call,
     gf_lane_write, with the lane's prepared gf_lane: the lease's deadline checked, the header's
-    sequence and slot and the envelope's two offsets put in natively), under 120 bytecodes (190 in
+    sequence and slot and the envelope's two offsets put in natively), under 110 bytecodes (190 in
     two frames before), and the region's I/O lock is not taken (the region's gate, in the native
     call, guards the descriptor instead): held by another thread, the checkpoint still completes.
     Counted, not timed."""
@@ -183,7 +183,7 @@ def test_a_small_lane_checkpoint_is_one_python_frame_around_one_native_call_and_
         worker.join()
         assert not errors, errors
         assert calls == ["CheckpointedStageState.checkpoint"]
-        assert 0 < opcodes < 120, opcodes
+        assert 0 < opcodes < 110, opcodes
         got = CheckpointedStageState.restore(r)
         assert got.state == state_of(4096, 1) and got.edge == EdgeCheckpoint(7, 8) and got.last_seq == 5
 
