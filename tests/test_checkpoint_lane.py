@@ -553,3 +553,31 @@ def test_a_checkpoint_through_a_stale_closed_or_expired_lane_is_still_right(tmp_
         assert st.checkpoint(EdgeCheckpoint(4, 4)) == seq + 2
         got = CheckpointedStageState.restore(r)
         assert got.last_seq == seq + 2 and got.edge == EdgeCheckpoint(4, 4) and got.state == state_of(4096, 1)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_one_native_call_writes_each_kind_of_small_state_and_a_new_bytes_object_each_time(
+    tmp_path: Path, aligned: bool
+) -> None:
+    """Up to 128 KiB, both kinds of state take checkpoint()'s one-call path (SlotLane.fast), a new
+    bytes object of the lane's length re-points the lane without leaving it, and every record
+    restores to what was checkpointed, with its edge."""
+    with open_block(tmp_path / "r.img", create_size=SIZE) as r:
+        if aligned:
+            st: CheckpointedStageState[Any] = CheckpointedStageState.with_buffer(r, 100_000, stage=STAGE)
+        else:
+            st = CheckpointedStageState(state_of(100_000, 0), r, codec="raw", stage=STAGE)
+        for _ in range(3):
+            st.checkpoint()
+        fast = st._fast
+        assert fast is not None and fast[1] is st._lane.lane.c  # type: ignore[union-attr]
+        for i in range(1, 6):
+            if aligned:
+                st.state[:] = i
+                want: Any = bytes([i]) * 100_000
+            else:
+                st.state = want = state_of(100_000, i)
+            seq = st.checkpoint(EdgeCheckpoint(i, 2 * i))
+            assert st._fast is not None and st._fast[1] is fast[1]  # the same lane all along
+            got = CheckpointedStageState.restore(r)
+            assert bytes(got.state) == want and got.edge == EdgeCheckpoint(i, 2 * i) and got.last_seq == seq
