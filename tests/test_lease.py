@@ -179,10 +179,33 @@ def test_manager_backs_off_after_a_failed_renewal_and_retries():
     assert mgr.tick() == [lease]
 
 
-def test_background_renewer_keeps_a_shared_memory_lease_alive(fabric):
+def test_background_renewer_keeps_a_shared_memory_lease_alive(namespace):
+    """The renewer's thread renews on the fabric's clock. A manual clock steps past each renewal
+    and the test waits (in real time, generously) for the thread to renew before it steps on:
+    a stalled machine slows the test down but cannot expire the lease (with real time, a 0.3 s TTL
+    renewed at 75 % left the thread 75 ms to be scheduled; a loaded machine can take longer)."""
+    clock = ManualClock()
+    fabric = gf.open_fabric(f"shm://{namespace}", clock=clock)
     q = gf.FabricQueue.create(fabric, capacity=4096, ttl=0.3)
-    with BackgroundRenewer(poll=0.01) as renewer:
+    granted = clock.now_ns()
+    renewals = 0
+    with BackgroundRenewer(RenewalManager(clock=clock), poll=0.01) as renewer:
         renewer.manager.track(q.lease)
-        time.sleep(0.8)
-        q.push(b"still alive after more than two TTLs")
+        for _ in range(40):  # 40 steps of 25 ms: a second of the lease's clock, more than three TTLs
+            due = renewer.manager.next_due_ns()
+            assert due is not None and due < q.lease.deadline_ns  # due (75 % +- 10 %) before it expires
+            before = q.lease.deadline_ns
+            clock.advance(0.025)  # never past the deadline: each renewal is due at most 0.255 s in
+            if clock.now_ns() < due:
+                continue
+            end = time.monotonic() + 60
+            while q.lease.deadline_ns == before:  # the thread's next tick renews it
+                assert time.monotonic() < end, "the background renewer did not renew a due lease"
+                time.sleep(0.001)
+            renewals += 1
+        assert clock.now_ns() - granted > 3 * 0.3 * NS and renewals >= 3
+        q.push(b"still alive after more than three TTLs")
     assert q.pop(timeout=1).tobytes().startswith(b"still alive")
+    clock.advance(0.3)  # and with no renewer it expires on the same clock: the renewals were needed
+    with pytest.raises(E.LeaseExpired):
+        q.push(b"late")
