@@ -592,10 +592,17 @@ def test_an_idle_producer_in_flush_notices_a_consumer_restart_and_replays_from_i
     assert tx.stats()["reasons"].get("QueueSealed") == 1
 
 
-def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(edge_ns: str, edge_path: str) -> None:
+def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(
+    edge_ns: str, edge_path: str, clock: gf.ManualClock
+) -> None:
+    """Three TTLs pass on the lease's clock while the producer waits for space in a full ring. The
+    clock is the test's: it steps past each renewal and waits (in real time, generously) for the
+    waiting producer to renew before it steps on, so a stalled machine slows the test but cannot
+    expire the lease (in real time, a 0.5 s TTL renewed at half a TTL left 250 ms of margin). That
+    the renewal is not late in real time is test_a_wait_for_space_ends_when_the_renewal_is_due."""
     import threading
 
-    fabric = gf.open_fabric(f"shm://{edge_ns}")  # real time: the wait is real
+    fabric = gf.open_fabric(f"shm://{edge_ns}", clock=clock)
     tx = RelocatableQueueEdge.producer(fabric, open_block(edge_path), capacity=4096, ttl=0.5)
     rx = RelocatableQueueEdge.consumer(fabric, open_block(edge_path))
     n = 0
@@ -605,16 +612,27 @@ def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(
         except EdgeError:
             break
         n += 1
+    lease = tx.queue.lease
+    pushed: list[int] = []
+    waiter = threading.Thread(target=lambda: pushed.append(tx.push(item(n), timeout=120)))
+    waiter.start()
+    renewals = 0
+    for _ in range(30):  # 30 steps of 50 ms: 1.5 s of the lease's clock, three TTLs
+        before = lease.deadline_ns
+        clock.advance(0.05)  # never past the deadline: the renewal is due half a TTL before it
+        assert clock.now_ns() < before
+        if clock.now_ns() < tx._renew_at:
+            continue
+        end = time.monotonic() + 60
+        while lease.deadline_ns == before:  # the producer renews when its wait slice ends
+            assert time.monotonic() < end, "the producer waiting for space did not renew its lease"
+            time.sleep(0.001)
+        renewals += 1
+    assert renewals >= 5 and waiter.is_alive() and not pushed  # still waiting: nobody has popped
     sink = Sink()
-
-    def slow_consumer() -> None:
-        time.sleep(1.5)  # three TTLs (the producer renews every half TTL while it waits)
-        sink.drain(rx)
-
-    t = threading.Thread(target=slow_consumer)
-    t.start()
-    tx.push(item(n), timeout=5)
-    t.join()
+    sink.drain(rx)
+    waiter.join(60)
+    assert pushed == [n]
     sink.drain(rx)
     sink.assert_complete(n + 1)
     assert tx.stats()["relocations"] == 1  # never lost the lease while it waited
