@@ -56,6 +56,11 @@ log = logging.getLogger("pipeline_demo")
 
 CAPACITY = 1 << 20
 CHECKPOINT_EVERY_S = 0.05
+#: faults are paced by progress as well as by time: the next one also waits until the sink has
+#: written another 1/FAULT_STEPS of the items. On a fast machine the time spacing decides; on a
+#: loaded one faults that came by the clock alone outpaced the restarts they caused (a stage was
+#: killed again before it got going) and the run could go on past its limit.
+FAULT_STEPS = 100
 STATS_EVERY_S = 0.2
 STAGES = ("source", "transform", "sink")
 
@@ -246,6 +251,14 @@ def _edge_lease(fabric: Any, workdir: Path, edge: str) -> Any:
     return lease
 
 
+def _written(workdir: Path) -> int:
+    """How many records the sink's file holds (a progress count: a torn record is not one)."""
+    try:
+        return os.path.getsize(workdir / "sink.out") // 16
+    except FileNotFoundError:
+        return 0
+
+
 def _collect(workdir: Path) -> dict[str, Any]:
     tot: dict[str, Any] = {"produced": 0, "written": 0, "transformed": 0, "sink_dedup": 0}
     tot.update(replayed=0, edge_dedup=0, relocations={"edge1": 0, "edge2": 0}, rebind_ms=[])
@@ -278,6 +291,7 @@ def supervise(items: int, faults: bool, seed: int, limit: float) -> int:
     procs = {s: _spawn(s, workdir, ns, items) for s in STAGES}
     done: set[str] = set()
     next_fault = t0 + rng.uniform(0.1, 0.4)
+    next_progress = 0  # records in the sink's file before the next fault
     rc = 0
     try:
         while len(done) < len(STAGES):
@@ -301,7 +315,12 @@ def supervise(items: int, faults: bool, seed: int, limit: float) -> int:
                         os.kill(p.pid, signal.SIGUSR1)
                 time.sleep(1.0)
                 raise TimeoutError(f"the pipeline did not finish within {limit}s (stage stacks above)")
-            if faults and now >= next_fault and not {"source", "transform"} <= done:
+            if (
+                faults
+                and now >= next_fault
+                and not {"source", "transform"} <= done
+                and _written(workdir) >= next_progress
+            ):
                 what = rng.choice(["kill", "kill", "revoke", "expire"])
                 if what == "kill":
                     s = rng.choice([s for s in STAGES if s not in done])
@@ -322,6 +341,7 @@ def supervise(items: int, faults: bool, seed: int, limit: float) -> int:
                         except (E.LeaseExpired, E.Revoked):
                             pass
                 next_fault = now + rng.uniform(0.1, 0.4)
+                next_progress = _written(workdir) + max(1, items // FAULT_STEPS)
             time.sleep(0.01)
         elapsed = time.monotonic() - t0
         rc = report(workdir, items, injected, elapsed)

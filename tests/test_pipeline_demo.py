@@ -12,7 +12,9 @@ DEMO = Path(__file__).resolve().parent.parent / "examples" / "pipeline_demo.py"
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=timeout)
+    """The demo gives up (with each live stage's stack on stderr) 20 s before the test would kill it."""
+    cmd = [sys.executable, str(DEMO), *args, "--limit", str(timeout - 20)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 def test_demo_without_faults_delivers_every_item_once_in_order() -> None:
