@@ -624,7 +624,9 @@ def test_a_producer_waiting_on_a_slow_consumer_for_several_ttls_keeps_its_lease(
         if clock.now_ns() < tx._renew_at:
             continue
         end = time.monotonic() + 60
-        while lease.deadline_ns == before:  # the producer renews when its wait slice ends
+        # the producer renews when its wait slice ends, then sets when the next renewal is due (both,
+        # before the next step reads that)
+        while lease.deadline_ns == before or tx._renew_at <= clock.now_ns():
             assert time.monotonic() < end, "the producer waiting for space did not renew its lease"
             time.sleep(0.001)
         renewals += 1
