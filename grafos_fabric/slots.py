@@ -728,7 +728,6 @@ class SlotLane:
         lease = getattr(region, "lease", None)
         cell = getattr(region, "_cell", None)
         c = getattr(lane, "c", None)
-        self._hot: tuple[Any, Any, LocalLeaseCell, Any] | None = None
         #: ``(gf_lane_write, the lane's gf_lane, the lease cell, the store)`` for a caller that
         #: writes through the lane itself (see :meth:`prime`), or None where it cannot
         self.fast: tuple[Any, Any, LocalLeaseCell, SlotStore] | None = None
@@ -741,7 +740,6 @@ class SlotLane:
             and type(getattr(lease, "clock", None)) is MonotonicClock
         ):
             lane.values_at(at, at + 8)
-            self._hot = (region, region._io_lock, cell, c)
             self.fast = (lib.gf_lane_write, c, cell, store)
         if getattr(lane, "gated", False):  # the header but seq and slot, once (see write)
             _HEADER.pack_into(
@@ -810,14 +808,14 @@ class SlotLane:
         slot = 1 - newest[0]
         seq = newest[1] + 1
         lane = self.lane
-        hot = self._hot
-        if hot is not None and hot[2]._state == _ACTIVE:
+        fast = self.fast
+        if fast is not None and fast[2]._state == _ACTIVE:
             self._fpack(lane.head, DATA_OFFSET, *fields)
             store._newest = None  # unknown until this write completes: a failure re-scans next time
             # SYNC POINT: record durable (the native call SlotStore.write's path makes, through the
             # region's gate; the header with the data, one flush); the reader's side is the two
             # checksums in _examine.
-            rc = lib.gf_lane_write(hot[3], seq, slot, fields[-2], fields[-1], hot[2]._deadline)
+            rc = fast[0](fast[1], seq, slot, fields[-2], fields[-1], fast[2]._deadline)
             if not rc:
                 store._newest = (slot, seq)
                 return seq
