@@ -167,15 +167,16 @@ static __m128i fold_pair(uint32_t d) {
     return _mm_set_epi64x((long long)rev64(xpow_mod(d - 1)), (long long)rev64(xpow_mod(d + 63)));
 }
 
-__attribute__((target("avx512f,avx512vl,avx512bw,vpclmulqdq,pclmul"))) static inline __m512i fold512(__m512i a,
-                                                                                                    __m512i k) {
+/* always inlined, at -O1 too: a call would pass the vectors in zmm registers and return without
+ * vzeroupper (tests/whitebox/test_native_vectors.py) */
+#define GF_FOLD_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,vpclmulqdq,pclmul"), always_inline))
+GF_FOLD_TARGET static inline __m512i fold512(__m512i a, __m512i k) {
     __m512i lo = _mm512_clmulepi64_epi128(a, k, 0x00); /* L times the constant for x^(D+64) */
     __m512i hi = _mm512_clmulepi64_epi128(a, k, 0x11); /* H times the constant for x^D */
     return _mm512_xor_si512(lo, hi);
 }
 
-__attribute__((target("avx512f,avx512vl,avx512bw,vpclmulqdq,pclmul"))) static inline __m128i fold128(__m128i a,
-                                                                                                    __m128i k) {
+GF_FOLD_TARGET static inline __m128i fold128(__m128i a, __m128i k) {
     return _mm_xor_si128(_mm_clmulepi64_si128(a, k, 0x00), _mm_clmulepi64_si128(a, k, 0x11));
 }
 

@@ -22,6 +22,7 @@ import pytest
 import grafos_fabric
 
 PKG = Path(grafos_fabric.__file__).parent
+NATIVE = Path(__file__).resolve().parents[2] / "native"
 # a write to ymm0-15 or zmm0-15: AT&T syntax puts the destination last
 _DEST = re.compile(r"%[yz]mm([0-9]|1[0-5])\s*(\{[^}]*\}\s*)*$")
 _FUNC = re.compile(r"^[0-9a-f]+ <([^>]+)>:$")
@@ -68,3 +69,20 @@ def test_the_check_sees_the_avx512_crc() -> None:
     if "vpclmul_run" not in funcs:
         pytest.skip("this build has no AVX-512 CRC32C (vpclmul_run): nothing to look at")
     assert _dirtying(so).get("vpclmul_run") is True
+
+
+@pytest.mark.skipif(
+    shutil.which("objdump") is None or shutil.which("gcc") is None, reason="objdump or gcc is not installed"
+)
+@pytest.mark.parametrize("opt", ["-O1", "-O2", "-O3"])
+def test_the_crc_clears_them_at_every_optimisation_level(opt: str, tmp_path: Path) -> None:
+    # tools/sanitize.sh builds at -O1, where GCC inlines less: the fold helpers are always_inline so
+    # that no call passes vectors in zmm registers and returns without clearing them
+    obj = tmp_path / "gf_crc.o"
+    subprocess.run(
+        ["gcc", opt, "-std=gnu11", "-fPIC", "-c", str(NATIVE / "gf_crc.c"), "-o", str(obj)],
+        check=True,
+        capture_output=True,
+    )
+    dirty = _dirtying(obj)
+    assert not [name for name, clears in dirty.items() if not clears], dirty
