@@ -36,8 +36,10 @@ from grafos_fabric.slots import GHOF, PCHK, SlotHeader, SlotStore, crc32c, pack_
 
 try:
     from _blockdev import MemDevice, RecordingDevice, apply_sectors, open_kind, reopen, sectors, snapshot
+    from _realtime import SteppedTime
 except ImportError:  # tests/ imported as a package
     from tests._blockdev import MemDevice, RecordingDevice, apply_sectors, open_kind, reopen, sectors, snapshot
+    from tests._realtime import SteppedTime
 
 SIZE = 32 * 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -388,7 +390,25 @@ def test_wait_raises_timeout_error_when_nothing_new_arrives(region: BlockRegion)
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
         reader.wait(timeout=0.1)
-    assert 0.09 <= time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 >= 0.09  # it waited (a stalled machine only makes this longer)
+
+
+def test_wait_gives_up_at_its_deadline_and_not_before(region: BlockRegion, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clock that moves only while the reader sleeps: the wait ends at its deadline, to the
+    microsecond, whatever the real machine does meanwhile (a real-time upper bound could fail on a stall)."""
+    import grafos_fabric.backoff
+    import grafos_fabric.handoff
+
+    HandoffWriter(region).publish(b"old")
+    reader = HandoffReader(region, since=1)
+    clock = SteppedTime(limit=60.0)
+    monkeypatch.setattr(grafos_fabric.handoff, "time", clock)
+    monkeypatch.setattr(grafos_fabric.backoff, "time", clock)
+    t0 = clock.now
+    with pytest.raises(TimeoutError, match=r"within 2\.5s"):
+        reader.wait(timeout=2.5, initial_backoff=0.001, max_backoff=0.2)
+    assert clock.now - t0 == pytest.approx(2.5, abs=1e-6)
+    assert clock.sleeps >= 2.5 / 0.2  # it polled all along, backing off to max_backoff at most
 
 
 @pytest.mark.parametrize("kw", [{"timeout": -1}, {"initial_backoff": 0}, {"initial_backoff": 1, "max_backoff": 0.5}])
