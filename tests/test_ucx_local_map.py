@@ -245,7 +245,9 @@ def test_expiry_fails_the_mapped_holder_closed_from_the_deadline_word(node: Node
 
     fab = node.fabric(local_map=True)
     try:
-        q = gf.FabricQueue.create(fab, capacity=1 << 14, ttl=2.0)
+        # a long TTL while the lease must live (a stalled machine cannot expire it under the test);
+        # the last renewal shortens it, and nothing after that needs it alive
+        q = gf.FabricQueue.create(fab, capacity=1 << 14, ttl=600.0)
         region = q.region
         assert isinstance(region, UcxMappedRegion)
         state, deadline = region.lease_pointers()
@@ -257,7 +259,10 @@ def test_expiry_fails_the_mapped_holder_closed_from_the_deadline_word(node: Node
         assert int(deadline[0]) == cell.load_deadline_ns()  # renewals move the native word
         assert q.pop(timeout=5).tobytes() == b"before"
         q.push(b"after", timeout=5)
+        far = int(deadline[0])
+        region.lease.renew(0.5)
         until = cell.load_deadline_ns()
+        assert int(deadline[0]) == until < far  # ... back, too
         while time.monotonic_ns() < until:
             time.sleep(0.05)
         with pytest.raises(E.LeaseExpired):
