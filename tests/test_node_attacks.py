@@ -32,6 +32,7 @@ from grafos_fabric.errors import (
     AuthFailed,
     CapabilityDenied,
     Disconnected,
+    LeaseExpired,
     LimitExceeded,
     QuotaExceeded,
     Revoked,
@@ -297,12 +298,19 @@ def test_a_forged_capability_is_denied(node):
 
 def test_an_expired_capability_is_denied_after_a_renewal_replaced_it(node):
     with node.fabric("alice") as f, node.control("alice") as c:
-        region = f.alloc(64, ttl=1.0)
-        old = f.cell(region.lease.id).cap
-        region.lease.renew(20.0)
+        for ttl in (1.0, 4.0, 16.0):  # short, so the old capability expires soon ...
+            region = f.alloc(64, ttl=ttl)
+            old = f.cell(region.lease.id).cap
+            try:
+                region.lease.renew(25.0)
+                break
+            except LeaseExpired:  # ... but a machine stalled for ttl seconds lets the lease expire first:
+                f.free(region.lease)  # again, with a longer one (the renewal is not what is tested here)
+        else:
+            pytest.fail("every lease expired before its renewal, the longest after 16 s")
         assert f.cell(region.lease.id).cap != old
-        deadline = time.monotonic() + 30
-        while True:  # the old capability expires at the old deadline (one second after the grant)
+        deadline = time.monotonic() + ttl + 30
+        while True:  # the old capability expires at the old deadline (ttl seconds after the grant)
             try:
                 c.call(W.Attach(lease_id=region.lease.id, cap=old), W.Granted)
             except CapabilityDenied:
