@@ -14,6 +14,11 @@ import pytest
 import grafos_fabric as gf
 from grafos_fabric.drivers.shm import SHM_DIR
 
+try:
+    from _realtime import reserved_port
+except ImportError:  # tests/ imported as a package
+    from tests._realtime import reserved_port
+
 
 def _cleanup(namespace: str) -> None:
     prefix = f"grafos.{namespace}."
@@ -39,6 +44,14 @@ def edge_ns() -> Iterator[str]:
     ns = "pe" + secrets.token_hex(5)
     yield ns
     _cleanup(ns)
+
+
+@pytest.fixture
+def node_port() -> Iterator[int]:
+    """A port of 127.0.0.1 for this test's memory node to bind, and to bind again when it
+    restarts, that no other process can take meanwhile (tests/_realtime.py)."""
+    with reserved_port() as port:
+        yield port
 
 
 @pytest.fixture

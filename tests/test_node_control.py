@@ -44,6 +44,11 @@ from grafos_fabric.errors import (
 )
 from grafos_fabric.lease import Lease, ManualClock
 
+try:
+    from _realtime import refused_port
+except ImportError:  # tests/ imported as a package
+    from tests._realtime import refused_port
+
 SECRET = bytes(range(32))
 LID = "0123456789abcdef0123456789abcdef"
 CAP = verbs.Cap(generation=1, rights=31, expiry_ns=2**63, mac=b"m" * 32)
@@ -590,11 +595,9 @@ def test_the_control_client_refuses_a_reply_of_the_wrong_type(node):
 
 
 def test_an_unreachable_node_is_disconnected():
-    s = socket.create_server(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    with pytest.raises(Disconnected, match="unreachable"):
-        C.ControlClient("127.0.0.1", port, tenant="default", key=auth.tenant_key(SECRET, "default"), timeout=1.0)
+    with refused_port() as port:  # held: no other process can start listening there meanwhile
+        with pytest.raises(Disconnected, match="unreachable"):
+            C.ControlClient("127.0.0.1", port, tenant="default", key=auth.tenant_key(SECRET, "default"), timeout=1.0)
 
 
 def test_a_node_bound_beyond_loopback_needs_allow_remote():

@@ -563,12 +563,8 @@ def _children(pid: int) -> list[int]:
 
 
 @needs_ucx
-def test_a_supervised_ucx_node_that_dies_is_restarted_and_serves_again(tmp_path: Any) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_a_supervised_ucx_node_that_dies_is_restarted_and_serves_again(tmp_path: Any, node_port: int) -> None:
+    port = node_port  # held for the whole test: the restarted node binds it again
     token = tmp_path / "node.token"
     sup = subprocess.Popen(
         [sys.executable, "-m", "grafos_fabric.tools.serve", "--driver", "ucx", "--supervise", "--port", str(port),
@@ -647,19 +643,16 @@ def test_a_peer_reached_by_worker_address_over_shared_memory_alone() -> None:
 
 
 @needs_ucx
-def test_a_region_of_a_node_that_restarted_on_the_same_address_fails_closed() -> None:
+def test_a_region_of_a_node_that_restarted_on_the_same_address_fails_closed(node_port: int) -> None:
     """A restarted node never held the old lease; over tcp it would serve the old address
     blindly (a SIGSEGV in the node when that address is not mapped there). The region sees
     the node's new identity on its next operation and raises LeaseExpired instead."""
-    import socket
 
     from grafos_fabric.drivers.node.auth import load_policy
     from grafos_fabric.drivers.node.server import NodeServer
 
     secret = b"ucx-restart-same-address-secret!"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = node_port  # held for the whole test: the restarted node binds it again
 
     def start() -> Any:
         reg = ucx.UcxRegistrar(1 << 20, host="127.0.0.1", tls="tcp", net_devices="lo", progress="event")

@@ -510,20 +510,18 @@ def test_a_node_shut_down_under_a_mapped_consumer_fails_its_next_pop_closed() ->
         srv.close()
 
 
-def test_a_mapped_consumer_edge_relocates_when_its_local_map_node_restarts(tmp_path: Any) -> None:
+def test_a_mapped_consumer_edge_relocates_when_its_local_map_node_restarts(tmp_path: Any,
+                                                                             node_port: int) -> None:
     """A pipeline edge whose consumer maps the ring (map=local) and whose producer is one-sided:
     the node goes away mid-stream (every lease fenced: the mapped consumer's lease word marked
     gone) and comes back empty on the same port; the consumer rebinds (mapped again), every item
     arrives once, in order."""
-    import socket
     import struct
 
     from grafos_fabric.drivers.block import open_block
     from grafos_fabric.pipeline import RelocatableQueueEdge
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = node_port  # held for the whole test: the restarted node binds it again
 
     def start() -> Any:
         reg = ucx.UcxRegistrar(16 << 20, host="127.0.0.1", tls="tcp", net_devices="lo", progress="event",

@@ -18,13 +18,13 @@ SECRET = b"ucx-queue-conformance-secret-32b"
 
 
 @pytest.mark.parametrize("write_behind", [False, True], ids=["sync", "write-behind"])
-def test_edges_relocate_to_the_restarted_node_and_lose_nothing(tmp_path: Any, write_behind: bool) -> None:
+def test_edges_relocate_to_the_restarted_node_and_lose_nothing(tmp_path: Any, write_behind: bool,
+                                                                node_port: int) -> None:
     """A pipeline edge over ucx:// whose memory node goes away mid-stream (its leases
     fenced, its sessions' workers destroyed) and comes back empty on the same port:
     the producer relocates, the consumer rebinds, every item arrives once, in order.
     With write-behind, publications in flight when the node goes fail at a later call,
     and the window replays them into the new queue."""
-    import socket
     import struct
 
     from grafos_fabric.drivers.block import open_block
@@ -32,9 +32,7 @@ def test_edges_relocate_to_the_restarted_node_and_lose_nothing(tmp_path: Any, wr
     from grafos_fabric.drivers.node.server import NodeServer
     from grafos_fabric.pipeline import RelocatableQueueEdge
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = node_port  # held for the whole test: the restarted node binds it again
 
     def start() -> Any:
         reg = ucx.UcxRegistrar(16 << 20, host="127.0.0.1", tls="tcp", net_devices="lo", progress="event")

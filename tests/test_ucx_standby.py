@@ -18,8 +18,8 @@ The nodes run in this process on 127.0.0.1 (``NodeServer`` over a
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 import struct
 import time
 from typing import Any
@@ -41,22 +41,22 @@ from grafos_fabric.pipeline import RelocatableQueueEdge
 from grafos_fabric.pipeline.standby import announced_standby
 from grafos_fabric.tools.ucx_pipeline import FailoverFabric
 
+try:
+    from _realtime import reserved_port
+except ImportError:  # tests/ imported as a package
+    from tests._realtime import reserved_port
+
 SECRET = b"ucx-standby-placement-secret-32b"
 WAIT_S = 60.0  # generous: the machine may be loaded; nothing here asserts a time
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _Node:
     """A UCX memory node on 127.0.0.1:port in this process; ``kill`` ends it with every lease
-    (fenced, freed), ``start`` brings it back empty on the same port."""
+    (fenced, freed), ``start`` brings it back empty on the same port (a port the test holds with
+    :func:`reserved_port` for as long as the node may come back: no other process takes it)."""
 
-    def __init__(self) -> None:
-        self.port = _free_port()
+    def __init__(self, port: int) -> None:
+        self.port = port
         self.server: Any = None
         self.start()
 
@@ -77,12 +77,13 @@ def nodes(tmp_path: Any) -> Any:
     os.write(fd, SECRET.hex().encode())
     os.close(fd)
     started: list[_Node] = []
-    try:
-        started += [_Node(), _Node()]
-        yield started, str(token)
-    finally:
-        for n in started:
-            n.kill()
+    with contextlib.ExitStack() as ports:
+        try:
+            started += [_Node(ports.enter_context(reserved_port())) for _ in range(2)]
+            yield started, str(token)
+        finally:
+            for n in started:
+                n.kill()
 
 
 def _fabric(nodes: list[_Node], token: str) -> FailoverFabric:
