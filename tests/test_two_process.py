@@ -71,7 +71,7 @@ def _blocked_pop(url: str, loc: bytes, out: mp.Queue) -> None:
     q = gf.FabricQueue.attach(gf.open_fabric(url), loc)
     out.put("attached")
     try:
-        q.pop(timeout=30)
+        q.pop(timeout=600)  # far past the test's wait for the answer: only the revoke can end it in time
         out.put("popped")
     except E.Revoked:
         out.put("revoked")
@@ -86,10 +86,8 @@ def test_revoke_in_one_process_wakes_a_blocked_consumer_in_another_with_revoked(
     p.start()
     assert out.get(timeout=60) == "attached"  # a loaded machine may take long to spawn
     time.sleep(0.3)  # let it block in pop
-    t0 = time.monotonic()
     q.lease.revoke()
-    assert out.get(timeout=30) == "revoked"
-    assert time.monotonic() - t0 < 10.0  # woken by the revoke, not by its 30 s timeout
+    assert out.get(timeout=120) == "revoked"  # woken by the revoke, not by its 600 s timeout
     p.join(5)
 
 

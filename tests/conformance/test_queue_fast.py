@@ -224,8 +224,9 @@ def test_a_revoked_lease_fails_closed_on_the_fast_paths_even_for_prefetched_reco
 
 
 def test_an_expired_lease_fails_closed_on_the_fast_paths_even_for_prefetched_records(fabric):
-    q = gf.FabricQueue.create(fabric, capacity=1 << 14, ttl=1.0)
+    q = gf.FabricQueue.create(fabric, capacity=1 << 14, ttl=WAIT)  # lives through the warm-up, however slow
     held = _warm(q)
+    q.lease.renew(0.5)  # then runs out soon: nothing after this needs it alive
     # wait past the lease's deadline on the native (monotonic) clock the fast path reads
     end = time.monotonic() + 30.0
     while q.lease.remaining() > 0 and time.monotonic() < end:
