@@ -77,7 +77,7 @@ CAPACITY = 1 << 18
 #: end (README, "Detection, progress and the source's cadence").
 SOURCE_PERIOD_MS = 5.0
 RELOCATION_TARGET_MS = 50.0
-NODE_PORTS = (7411, 7412)
+NODE_PORTS = (7411, 7412)  # in the demo's own network namespace; on 127.0.0.1 see _node_ports
 STAGES = ("source", "transform", "sink")
 
 
@@ -477,6 +477,7 @@ class DemoResult:
     relocation_ms: dict[str, list[float]] = field(default_factory=dict)
     breakdown: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     restart_during: bool = False
+    node_ports: tuple[int, ...] = NODE_PORTS
     source_period_ms: float = SOURCE_PERIOD_MS
     source_batch: int = 0
     write_behind: bool = False
@@ -590,6 +591,28 @@ def _hosts(loopback: bool) -> Iterator[tuple[str, list[str], list[str], str, str
                pair.dev_b)
 
 
+@contextlib.contextmanager
+def _node_ports(own_namespace: bool) -> Iterator[tuple[int, ...]]:
+    """The memory nodes' ports: :data:`NODE_PORTS` in the demo's own network namespace (nothing
+    else lives there); on 127.0.0.1, two ports the kernel picks, held for the whole run by bound
+    sockets that never listen, with ``SO_REUSEADDR`` (the nodes' listeners set it too, so they bind
+    them, and bind them again when restarted after a kill -9), so that no other process on the
+    machine takes them meanwhile (fixed ports there could be anyone's)."""
+    if own_namespace:
+        yield NODE_PORTS
+        return
+    import socket
+
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in NODE_PORTS:
+            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        yield tuple(ports)
+
+
 def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, loopback: bool = False,
              progress_mode: str = "event", limit: float = 300.0, say: Any = None,
              restart_during: bool = False, prefault: bool = False,
@@ -616,14 +639,16 @@ def run_demo(kills: int = 3, interval: float = 1.0, rate: float = 20000.0, *, lo
     try:
         for edge in ("edge1", "edge2"):
             open_block(str(workdir / f"{edge}.blk"), create_size=1 << 20).close()
-        with _hosts(loopback) as (where, node_pre, stage_pre, host, node_dev, stage_dev):
+        with (_hosts(loopback) as (where, node_pre, stage_pre, host, node_dev, stage_dev),
+              _node_ports(own_namespace=bool(node_pre)) as node_ports):
             res = DemoResult(where=where, restart_during=restart_during, source_period_ms=source_period_ms,
-                             source_batch=source_batch(rate, source_period_ms), write_behind=write_behind)
+                             source_batch=source_batch(rate, source_period_ms), write_behind=write_behind,
+                             node_ports=node_ports)
             say(f"ucx pipeline: {where}")
-            nodes = [_Node(node_pre, host, p, workdir, node_dev, progress_mode, prefault) for p in NODE_PORTS]
+            nodes = [_Node(node_pre, host, p, workdir, node_dev, progress_mode, prefault) for p in node_ports]
             for n in nodes:  # one after the other: the first creates the shared token file
                 n.start()
-            addr = ",".join(f"{host}:{p}" for p in NODE_PORTS)
+            addr = ",".join(f"{host}:{p}" for p in node_ports)
             for s in ("sink", "transform", "source"):
                 procs[s] = subprocess.Popen(
                     [*stage_pre, sys.executable, "-m", "grafos_fabric.tools.ucx_pipeline", "--stage", s, "--dir",
