@@ -761,6 +761,74 @@ def test_the_checkpoint_bench_can_take_turns_op_by_op(tmp_path: Path) -> None:
     assert main([str(tmp_path), "--sizes", "4096", "--seconds", "0.05", "--rounds", "1", "--op-by-op"]) == 0
 
 
+def _cached_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (mincore over a mapping that faults none in)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("op_by_op", [False, True])
+def test_the_checkpoint_bench_starts_every_turn_with_no_page_cache_left_by_the_buffered_baseline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op_by_op: bool
+) -> None:
+    # the buffered baseline leaves the pages it wrote cached, and while any page of the file is
+    # cached every O_DIRECT write to it is slower: the bench drops them after every turn, outside
+    # the timing, so no case pays for what another left behind
+    import grafos_fabric.tools.bench_checkpoint as bc
+
+    real_run_for, real_fadvise = bc._run_for, os.posix_fadvise
+    seen: list[int] = []  # cached pages of the scratch file as each turn (op by op: each op) starts
+    after_buffered: list[int] = []  # ... and right after a buffered baseline's own turn
+
+    def scratch() -> Path:
+        (path,) = tmp_path.glob(".grafos-ckpt-bench-*")
+        return path
+
+    def run_for(fn: Any, seconds: float) -> tuple[int, float]:
+        seen.append(_cached_pages(scratch()))
+        out = real_run_for(fn, seconds)
+        if getattr(fn, "__name__", "") == "bytes_dsync":
+            after_buffered.append(_cached_pages(scratch()))
+        return out
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        if op_by_op and advice == os.POSIX_FADV_DONTNEED:
+            seen.append(_cached_pages(scratch()))  # what the op just run left
+        real_fadvise(fd, offset, length, advice)
+        if advice == os.POSIX_FADV_DONTNEED:
+            seen.append(_cached_pages(scratch()))
+
+    monkeypatch.setattr(bc, "_run_for", run_for)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    rows = bc.run_checkpoint_bench(tmp_path, sizes=(16384,), seconds=0.05, rounds=2, op_by_op=op_by_op)
+    assert rows and all(r["ops_per_s"] > 0 for r in rows)
+    if not op_by_op:
+        assert after_buffered and max(after_buffered) > 0  # the buffered baseline does leave pages
+        assert len(seen) > 8 and set(seen) == {0}  # and no turn starts with any
+    else:
+        # after each op the pages it left (the buffered baseline's: some), then none once dropped
+        assert max(seen[0::2]) > 0 and set(seen[1::2]) == {0}
+
+
 def test_the_checkpoint_bench_refuses_nonsense_arguments(tmp_path: Path) -> None:
     from grafos_fabric.tools.bench_checkpoint import run_checkpoint_bench
 

@@ -58,6 +58,14 @@ noisy samples), and the row reports their median as
 target from issue 14 (0.9x ordered, 0.95x single-sync), and
 ``ratio_vs_pwrite_fdatasync`` against the first baseline alone.
 
+After every turn (op by op: every op), outside the timing, the bench drops
+the page-cache pages of its range (``posix_fadvise(POSIX_FADV_DONTNEED)``):
+the buffered baseline leaves the pages it wrote cached, and while any page of
+a file is cached every ``O_DIRECT`` write to that file is slower (5-8% for a
+4 KiB checkpoint on this machine's ext4), which taxed whichever direct case
+ran next; a raw write over the baselines' place dropped the page with its
+first write, a checkpoint, whose slots lie elsewhere, paid for its whole turn.
+
 ``python -m grafos_fabric.tools.bench_checkpoint [PATH] [--seconds S]``: PATH
 is a directory (a scratch file is made and removed there; default: the
 current directory), a regular file, or a block device, whose first blocks are
@@ -305,9 +313,21 @@ def _bench_size(
                     os.fdatasync(fd)
 
             fns[_RECORD_SLOTS] = record_two_places
+
+        def settle() -> None:
+            # Outside the timing, after every turn (op by op: every op): drop the page-cache pages
+            # that a buffered write (the buffered baseline, a forced `gather` record) left in the
+            # file. While any page of a file is cached, every O_DIRECT write to that file is slower
+            # (measured here: 5-8% for an 8 KiB durable write placed nowhere near the cached page),
+            # so a buffered case's leftovers taxed whichever direct case ran next, and a checkpoint,
+            # whose slots are not where the baselines write, paid for the whole turn while a raw
+            # write over the baselines' place dropped the page with its first write.
+            os.posix_fadvise(bfd, region.offset, region.nbytes, os.POSIX_FADV_DONTNEED)
+
         for fn in fns.values():  # warm up: first writes allocate, later ones overwrite
             fn()
             fn()
+        settle()
         shuffle = random.Random(0x9C4B).shuffle
         per_round = seconds / rounds
         pieces = max(2, round(per_round / ROUND_SECONDS))
@@ -333,6 +353,7 @@ def _bench_size(
                         t1 = clock()
                         cpu[k].append(cpu_ns() - c0)
                         lat[k].append(t1 - t0)
+                        settle()
                 for k, v in lat.items():
                     r[k][0] += len(v)
                     r[k][1] += sum(v)
@@ -343,6 +364,7 @@ def _bench_size(
                     shuffle(order)  # no case always runs right after the same other one (the device remembers)
                     for k in order:
                         n, dt = _run_for(fns[k], per_round / pieces)
+                        settle()
                         r[k][0] += n
                         r[k][1] += dt
             per_round_rates.append({k: v[0] / v[1] for k, v in r.items()})
