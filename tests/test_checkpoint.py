@@ -829,6 +829,37 @@ def test_the_checkpoint_bench_starts_every_turn_with_no_page_cache_left_by_the_b
         assert max(seen[0::2]) > 0 and set(seen[1::2]) == {0}
 
 
+def test_the_checkpoint_bench_draws_new_buffers_and_states_for_every_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # how a large write is split into device requests depends on where its buffer's pages lie in
+    # physical memory, for as long as the buffer lives: each round gets new ones, so no run's
+    # ratio rests on one draw
+    import grafos_fabric.tools.bench_checkpoint as bc
+
+    made: list[int] = []
+    states: list[int] = []
+    real_mmap, real_state = bc.mmap.mmap, bc.CheckpointedStageState
+
+    class Counting(real_state):  # type: ignore[misc,valid-type]
+        def __init__(self, *a: Any, **k: Any) -> None:
+            states.append(1)
+            super().__init__(*a, **k)
+
+    def mm(*a: Any, **k: Any) -> Any:
+        m = real_mmap(*a, **k)
+        if sys._getframe(1).f_code.co_filename == bc.__file__:  # the bench's own, not the region's
+            made.append(id(m))
+        return m
+
+    monkeypatch.setattr(bc.mmap, "mmap", mm)
+    monkeypatch.setattr(bc, "CheckpointedStageState", Counting)
+    rows = bc.run_checkpoint_bench(tmp_path, sizes=(4096,), seconds=0.06, rounds=3)
+    assert len(rows) == 4 and all(r["rounds"] == 3 and r["ops_per_s"] > 0 for r in rows)
+    assert len(made) == 3  # the raw writes' buffer, once a round
+    assert len(states) == 3 * 4  # the four candidates' states, once a round (with_buffer ones too)
+
+
 def test_the_checkpoint_bench_refuses_nonsense_arguments(tmp_path: Path) -> None:
     from grafos_fabric.tools.bench_checkpoint import run_checkpoint_bench
 

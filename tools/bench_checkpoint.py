@@ -250,69 +250,84 @@ def _bench_size(
         ckpt_region.sync()
         raw_len = -(-size // bs) * bs
         rec_len = -(-(size + _OVERHEAD) // bs) * bs  # what a checkpoint writes: its header and envelope too
-        buf = mmap.mmap(-1, max(rec_len, mmap.PAGESIZE))
-        state = os.urandom(raw_len)  # the state as a program holds it: a bytes object
-        buf.write(state)
-        view = memoryview(buf)[:raw_len]
-        rec = memoryview(buf)[:rec_len]
         raw_pos = ckpt_region.offset + ckpt_region.nbytes  # next to the slots, not over them
         dsync = getattr(os, "RWF_DSYNC", 0)
-
-        def aligned_fdatasync() -> None:  # the data already sits in a page-aligned buffer: no copy at all
-            os.pwritev(fd, [view], raw_pos)
-            os.fdatasync(fd)
-
-        def aligned_record_fdatasync(rec: memoryview) -> None:
-            os.pwritev(fd, [rec], raw_pos)
-            os.fdatasync(fd)
-
-        def aligned_dsync() -> None:
-            os.pwritev(fd, [view], raw_pos, dsync)
-
-        def bytes_dsync() -> None:  # the state bytes, as they are, through the page cache
-            os.pwritev(bfd, [state], raw_pos, dsync)
-
-        baselines: dict[str, Callable[[], Any]] = {"aligned O_DIRECT pwrite + fdatasync": aligned_fdatasync}
-        if dsync:
-            baselines["aligned O_DIRECT pwritev RWF_DSYNC"] = aligned_dsync
-            baselines["bytes buffered pwritev RWF_DSYNC"] = bytes_dsync
-        states: dict[str, CheckpointedStageState[Any]] = {
-            d: CheckpointedStageState(os.urandom(size), ckpt_region, codec="raw", stage=_STAGE, durability=d)
-            for d in ("ordered", "single-sync")
-        }
-        for d in ("ordered", "single-sync"):  # the state in the checkpoint's own aligned buffer: no copy
-            states[f"{d} {ALIGNED}"] = _aligned_state(ckpt_region, size, d)
+        forced_regions = {}
         for mode in modes:  # the same slots, through a region forced to write records one way
-            forced = stack.enter_context(open_block(region.path, region.offset, 2 * slot_blocks * bs))
+            forced_regions[mode] = forced = stack.enter_context(
+                open_block(region.path, region.offset, 2 * slot_blocks * bs)
+            )
             forced.record_mode = mode
-            states[f"single-sync [{mode}]"] = CheckpointedStageState(
-                os.urandom(size), forced, codec="raw", stage=_STAGE, durability="single-sync"
-            )
-            states[f"single-sync {ALIGNED} [{mode}]"] = _aligned_state(forced, size, "single-sync")
-        fns: dict[str, Callable[[], Any]] = {**baselines, **{d: st.checkpoint for d, st in states.items()}}
-        # the control: every baseline once more, measured as if it were a candidate; its ratio to
-        # the same write (1.0 but for noise) shows how far this run's ratios can be trusted
-        if control:
-            fns.update({f"{_CONTROL} {k}": fn for k, fn in baselines.items()})
-            # a breakdown row: the best raw write of the checkpoint's record size, so the cost of
-            # the extra block a header adds is apart from the software's
-            fns[_RECORD_SIZE] = (
-                (lambda: os.pwritev(fd, [rec], raw_pos, dsync)) if dsync else (lambda: aligned_record_fdatasync(rec))
-            )
-            # and alternating between two places one slot apart, as a checkpoint's records do: what
-            # the device charges for that pattern (a program writing its state in place has not it)
-            places = (raw_pos, raw_pos + slot_blocks * bs)
-            turn = [0]
 
-            def record_two_places() -> None:
-                turn[0] ^= 1
-                if dsync:
-                    os.pwritev(fd, [rec], places[turn[0]], dsync)
-                else:
-                    os.pwritev(fd, [rec], places[turn[0]])
-                    os.fdatasync(fd)
+        def draw() -> tuple[dict[str, Callable[[], Any]], list[str], list[str], list[memoryview], mmap.mmap]:
+            # Every buffer, state and raw write, made anew for each round: where a large write goes
+            # out in one request or is split depends on how its buffer's pages lie in physical
+            # memory (virtio-blk here takes at most 254 segments a request: a 1 MiB buffer of 255
+            # or 256 discontiguous pages goes out in two, which measured 17-20% slower than one of
+            # up to 251, and that lasts as long as the buffer), so one draw per run made a 1 MiB
+            # ratio 0.8 or 1.2 by luck; a new draw per round spreads the luck over the rounds.
+            buf = mmap.mmap(-1, max(rec_len, mmap.PAGESIZE))
+            state = os.urandom(raw_len)  # the state as a program holds it: a bytes object
+            buf.write(state)
+            view = memoryview(buf)[:raw_len]
+            rec = memoryview(buf)[:rec_len]
 
-            fns[_RECORD_SLOTS] = record_two_places
+            def aligned_fdatasync() -> None:  # the data already sits in a page-aligned buffer: no copy at all
+                os.pwritev(fd, [view], raw_pos)
+                os.fdatasync(fd)
+
+            def aligned_record_fdatasync(rec: memoryview) -> None:
+                os.pwritev(fd, [rec], raw_pos)
+                os.fdatasync(fd)
+
+            def aligned_dsync() -> None:
+                os.pwritev(fd, [view], raw_pos, dsync)
+
+            def bytes_dsync() -> None:  # the state bytes, as they are, through the page cache
+                os.pwritev(bfd, [state], raw_pos, dsync)
+
+            baselines: dict[str, Callable[[], Any]] = {"aligned O_DIRECT pwrite + fdatasync": aligned_fdatasync}
+            if dsync:
+                baselines["aligned O_DIRECT pwritev RWF_DSYNC"] = aligned_dsync
+                baselines["bytes buffered pwritev RWF_DSYNC"] = bytes_dsync
+            states: dict[str, CheckpointedStageState[Any]] = {
+                d: CheckpointedStageState(os.urandom(size), ckpt_region, codec="raw", stage=_STAGE, durability=d)
+                for d in ("ordered", "single-sync")
+            }
+            for d in ("ordered", "single-sync"):  # the state in the checkpoint's own aligned buffer: no copy
+                states[f"{d} {ALIGNED}"] = _aligned_state(ckpt_region, size, d)
+            for mode, forced in forced_regions.items():  # the same slots, written one way
+                states[f"single-sync [{mode}]"] = CheckpointedStageState(
+                    os.urandom(size), forced, codec="raw", stage=_STAGE, durability="single-sync"
+                )
+                states[f"single-sync {ALIGNED} [{mode}]"] = _aligned_state(forced, size, "single-sync")
+            fns: dict[str, Callable[[], Any]] = {**baselines, **{d: st.checkpoint for d, st in states.items()}}
+            # the control: every baseline once more, measured as if it were a candidate; its ratio to
+            # the same write (1.0 but for noise) shows how far this run's ratios can be trusted
+            if control:
+                fns.update({f"{_CONTROL} {k}": fn for k, fn in baselines.items()})
+                # a breakdown row: the best raw write of the checkpoint's record size, so the cost of
+                # the extra block a header adds is apart from the software's
+                fns[_RECORD_SIZE] = (
+                    (lambda: os.pwritev(fd, [rec], raw_pos, dsync))
+                    if dsync
+                    else (lambda: aligned_record_fdatasync(rec))
+                )
+                # and alternating between two places one slot apart, as a checkpoint's records do: what
+                # the device charges for that pattern (a program writing its state in place has not it)
+                places = (raw_pos, raw_pos + slot_blocks * bs)
+                turn = [0]
+
+                def record_two_places() -> None:
+                    turn[0] ^= 1
+                    if dsync:
+                        os.pwritev(fd, [rec], places[turn[0]], dsync)
+                    else:
+                        os.pwritev(fd, [rec], places[turn[0]])
+                        os.fdatasync(fd)
+
+                fns[_RECORD_SLOTS] = record_two_places
+            return fns, list(baselines), list(states), [view, rec], buf
 
         def settle() -> None:
             # Outside the timing, after every turn (op by op: every op): drop the page-cache pages
@@ -324,6 +339,7 @@ def _bench_size(
             # write over the baselines' place dropped the page with its first write.
             os.posix_fadvise(bfd, region.offset, region.nbytes, os.POSIX_FADV_DONTNEED)
 
+        fns, baselines, states, views, buf = draw()
         for fn in fns.values():  # warm up: first writes allocate, later ones overwrite
             fn()
             fn()
@@ -335,7 +351,16 @@ def _bench_size(
         per_round_rates: list[dict[str, float]] = []
         per_round_medians: list[dict[str, float]] = []  # op by op: each case's median op time
         per_round_cpu: list[dict[str, float]] = []  # op by op: each case's median thread CPU time per op
-        for _ in range(rounds):
+        for i in range(rounds):
+            if i:  # a new draw of every buffer and state (see draw), warmed up outside the timing
+                for mv in views:
+                    mv.release()
+                buf.close()
+                fns, _, _, views, buf = draw()
+                for fn in fns.values():
+                    fn()
+                    fn()
+                settle()
             r = {k: [0, 0.0] for k in fns}
             order = list(fns)
             if op_by_op:  # one op of every case in turn, in a new random order each time
@@ -371,8 +396,8 @@ def _bench_size(
             for k, v in r.items():
                 totals[k][0] += v[0]
                 totals[k][1] += v[1]
-        view.release()
-        rec.release()
+        for mv in views:
+            mv.release()
         buf.close()
     rates = {k: v[0] / v[1] for k, v in totals.items()}
     # the best baseline over the whole run, then every round's ratio against that one: taking each
