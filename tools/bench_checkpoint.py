@@ -65,6 +65,12 @@ a file is cached every ``O_DIRECT`` write to that file is slower (5-8% for a
 4 KiB checkpoint on this machine's ext4), which taxed whichever direct case
 ran next; a raw write over the baselines' place dropped the page with its
 first write, a checkpoint, whose slots lie elsewhere, paid for its whole turn.
+Each round also makes every buffer, state and raw write anew (warmed up
+outside the timing): how a large write is split into device requests depends
+on where its buffer's pages lie in physical memory, for as long as the buffer
+lives (virtio-blk here takes at most 254 segments a request, so a 1 MiB buffer
+of 255 or 256 discontiguous pages goes out in two requests, 17-20% slower than
+one), and one draw per run made a 1 MiB ratio 0.8 or 1.2 by luck.
 
 ``python -m grafos_fabric.tools.bench_checkpoint [PATH] [--seconds S]``: PATH
 is a directory (a scratch file is made and removed there; default: the
