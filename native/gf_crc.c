@@ -530,17 +530,10 @@ int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, 
     while (use_aio && whole / chunk + 2 > GF_SLOT_MAX_AIO) chunk *= 2; /* a large state: fewer, larger */
 
     /* SYNC POINT: record durable. The state's whole blocks go out first, straight from the caller's
-     * buffer, and are in flight while the CRC is computed; the state's last partial block (copied
-     * into tail) rides with the last of them, one vectored request rather than one of its own (the
-     * device charges per request); the header block(s), which need the CRC, go after; one flush
-     * once every request has landed. Nothing orders the requests among themselves: until all have
-     * landed the slot fails a checksum (slots.py's descriptor), which is the reader's side of this
-     * point. */
-    struct iovec last_iov[2];
-    if (rest) {
-        memcpy(tail, data + whole, rest);
-        memset(tail + rest, 0, block - rest);
-    }
+     * buffer, and are in flight while the CRC is computed; the header block(s), which need it, and
+     * the state's last partial block go after; one flush once every request has landed. Nothing
+     * orders the requests among themselves: until all have landed the slot fails a checksum
+     * (slots.py's descriptor), which is the reader's side of this point. */
     if (use_aio) {
         struct iocb *one[GF_SLOT_MAX_AIO + 2];
         long want = 0;
@@ -548,14 +541,6 @@ int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, 
             uint64_t len = whole - at < chunk ? whole - at : chunk;
             prep_write(&cbs[nreq], (uint64_t)nreq, fd, data + at, len, pos + (int64_t)(head_len + at));
             expect[nreq] = len;
-            if (rest && at + len == whole) {
-                last_iov[0] = (struct iovec){(void *)(data + at), (size_t)len};
-                last_iov[1] = (struct iovec){tail, (size_t)block};
-                cbs[nreq].aio_lio_opcode = IOCB_CMD_PWRITEV;
-                cbs[nreq].aio_buf = (uint64_t)(uintptr_t)last_iov;
-                cbs[nreq].aio_nbytes = 2;
-                expect[nreq] = len + block;
-            }
             one[want++] = &cbs[nreq++];
         }
         long got = syscall(SYS_io_submit, ctx, want, one);
@@ -565,12 +550,21 @@ int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, 
     }
     uint32_t crc = gf_crc32c(head + GF_SLOT_DATA_OFFSET, head_len - GF_SLOT_DATA_OFFSET, 0);
     crc = gf_crc32c(data, data_len, crc);
+    if (rest) {
+        memcpy(tail, data + whole, rest);
+        memset(tail + rest, 0, block - rest);
+    }
     memset(head + GF_SLOT_HEADER_FIELDS, 0, GF_SLOT_DATA_OFFSET - GF_SLOT_HEADER_FIELDS);
     put_u32le(head + GF_SLOT_DATA_CRC_AT, crc);
     put_u32le(head + GF_SLOT_HEADER_CRC_AT, gf_crc32c(head, GF_SLOT_HEADER_CRC_AT, 0));
     if (use_aio && !aio_failed) {
-        struct iocb *last[1];
+        struct iocb *last[2];
         long nlast = 0;
+        if (rest) {
+            prep_write(&cbs[nreq], (uint64_t)nreq, fd, tail, block, pos + (int64_t)(head_len + whole));
+            expect[nreq] = block;
+            last[nlast++] = &cbs[nreq++];
+        }
         prep_write(&cbs[nreq], (uint64_t)nreq, fd, head, head_len, pos);
         expect[nreq] = head_len;
         last[nlast++] = &cbs[nreq++];
