@@ -96,6 +96,7 @@ import numpy as np
 
 from . import observe
 from ._ffi import ffi, lib
+from ._memory import HUGE_MIN, huge_mmap, huge_pages
 from .errors import CapacityExceeded, Corrupted, FabricError, FabricValueError
 from .lease import LeaseState
 from .slots import DATA_OFFSET, PCHK, BlockDevice, Durability, SlotLane, SlotStore
@@ -187,9 +188,15 @@ class CheckpointFlushObserver(Protocol):
 
 
 def _aligned_array(nbytes: int, block_size: int) -> np.ndarray[Any, Any]:
-    """A zeroed, writable uint8 array of ``nbytes`` whose first byte is ``block_size``-aligned."""
+    """A zeroed, writable uint8 array of ``nbytes`` whose first byte is ``block_size``-aligned
+    (2 MiB-aligned on transparent huge pages from ``_memory.HUGE_MIN`` bytes, where the kernel
+    has them: a large record then goes to the device as a few physical pieces, not hundreds)."""
+    if nbytes >= HUGE_MIN and huge_pages():
+        mm, skip = huge_mmap(nbytes)
+        return np.frombuffer(mm, dtype=np.uint8)[skip : skip + nbytes]
     align = max(block_size, mmap.PAGESIZE)
-    mm = mmap.mmap(-1, -(-max(nbytes, 1) // mmap.PAGESIZE) * mmap.PAGESIZE + align - mmap.PAGESIZE)
+    size = -(-max(nbytes, 1) // mmap.PAGESIZE) * mmap.PAGESIZE + align - mmap.PAGESIZE
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # a forked child's copy is its own
     base = np.frombuffer(mm, dtype=np.uint8)
     skip = -base.ctypes.data % align
     return base[skip : skip + nbytes]
@@ -272,7 +279,12 @@ class CheckpointedStageState(Generic[S]):
         array (rebinding it to something else checkpoints that object, codec ``"raw"``, with a
         copy, as version 3) and do not change it from another thread while ``checkpoint()``
         runs (the record would fail its CRC on read, and the previous checkpoint would be
-        restored: never a mix). :meth:`restore` of such a checkpoint gives the state back in a
+        restored: never a mix). The buffer is private memory (a forked child writes its own
+        copy); from 1 MiB it sits on transparent huge pages where the kernel has them, so the
+        device gets a few physical pieces instead of one per 4 KiB page (``grafos_fabric._memory``:
+        1 MiB checkpoints 1.14-1.41x the best raw write here, against 0.89-1.03x on small pages;
+        ``GRAFOS_NO_HUGE_PAGES=1`` turns it off; the cost is up to 2 MiB more resident memory).
+        :meth:`restore` of such a checkpoint gives the state back in a
         new buffer of the same kind. ``CapacityExceeded`` at once when ``nbytes`` does not fit
         the lease's slot next to the envelope and the padding.
         """
