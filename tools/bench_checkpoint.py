@@ -60,10 +60,10 @@ target from issue 14 (0.9x ordered, 0.95x single-sync), and
 
 After every turn (op by op: every op), outside the timing, the bench drops
 the page-cache pages of its range (``posix_fadvise(POSIX_FADV_DONTNEED)``):
-the buffered baseline leaves the pages it wrote cached, and while any page of
-a file is cached every ``O_DIRECT`` write to that file is slower (5-8% for a
-4 KiB checkpoint on this machine's ext4), which taxed whichever direct case
-ran next; a raw write over the baselines' place dropped the page with its
+the buffered baseline leaves the pages it wrote cached, and while a buffered
+writer keeps a page of a file cached every ``O_DIRECT`` write to that file is
+slower, wherever it lands (5-9% for a 4 KiB checkpoint on this machine's
+ext4), which taxed whichever direct case ran next; a raw write over the baselines' place dropped the page with its
 first write, a checkpoint, whose slots lie elsewhere, paid for its whole turn.
 Each round also makes every buffer, state and raw write anew (warmed up
 outside the timing): how a large write is split into device requests depends
@@ -338,9 +338,10 @@ def _bench_size(
         def settle() -> None:
             # Outside the timing, after every turn (op by op: every op): drop the page-cache pages
             # that a buffered write (the buffered baseline, a forced `gather` record) left in the
-            # file. While any page of a file is cached, every O_DIRECT write to that file is slower
-            # (measured here: 5-8% for an 8 KiB durable write placed nowhere near the cached page),
-            # so a buffered case's leftovers taxed whichever direct case ran next, and a checkpoint,
+            # file. While a buffered writer keeps a page of the file cached, every O_DIRECT write to
+            # that file is slower (measured here: 5-9% for an 8 KiB durable write 2 MiB away from the
+            # page; a page written once and left showed nothing), so a buffered case's leftovers
+            # taxed whichever direct case ran next, and a checkpoint,
             # whose slots are not where the baselines write, paid for the whole turn while a raw
             # write over the baselines' place dropped the page with its first write.
             os.posix_fadvise(bfd, region.offset, region.nbytes, os.POSIX_FADV_DONTNEED)
