@@ -75,17 +75,15 @@ def huge_pages() -> bool:
     return "GRAFOS_NO_HUGE_PAGES" not in os.environ and _kernel_huge_pages()
 
 
-def huge_mmap(nbytes: int, lead: int = 0) -> tuple[mmap.mmap, int]:
-    """A zeroed private anonymous mapping and an offset ``skip`` in it: ``[skip, skip + lead)``
-    are ``lead`` bytes (a multiple of the page size) before ``[skip + lead, skip + lead +
-    nbytes)``, which starts on a 2 MiB boundary and is advised ``MADV_HUGEPAGE``. The mapping is
-    private: a forked child gets its own copy, as with any Python object."""
+def huge_mmap(nbytes: int) -> tuple[mmap.mmap, int]:
+    """A zeroed private anonymous mapping and the offset in it of ``nbytes`` bytes that start on
+    a 2 MiB boundary and are advised ``MADV_HUGEPAGE``. The mapping is private: a forked child
+    gets its own copy, as with any Python object."""
     span = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
-    size = -(-lead // HUGE_PAGE) * HUGE_PAGE + span + HUGE_PAGE
-    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mm = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with memoryview(mm) as view:
         addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
-    start = -(addr + lead) % HUGE_PAGE + lead  # a 2 MiB boundary at or after lead bytes in
+    start = -addr % HUGE_PAGE  # the mapping's first 2 MiB boundary
     with contextlib.suppress(OSError, ValueError):  # no huge pages: small ones, as any buffer
         mm.madvise(mmap.MADV_HUGEPAGE, start, span)
-    return mm, start - lead
+    return mm, start
