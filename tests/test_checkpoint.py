@@ -829,6 +829,27 @@ def test_the_checkpoint_bench_starts_every_turn_with_no_page_cache_left_by_the_b
         assert max(seen[0::2]) > 0 and set(seen[1::2]) == {0}
 
 
+def test_the_checkpoint_bench_can_keep_the_page_cache_to_show_what_it_costs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --keep-page-cache: the bench as it ran before the drop, so the cost can be measured again
+    import grafos_fabric.tools.bench_checkpoint as bc
+
+    real_run_for = bc._run_for
+    seen: list[int] = []
+
+    def run_for(fn: Any, seconds: float) -> tuple[int, float]:
+        (path,) = tmp_path.glob(".grafos-ckpt-bench-*")
+        seen.append(_cached_pages(path))
+        return real_run_for(fn, seconds)
+
+    monkeypatch.setattr(bc, "_run_for", run_for)
+    rows = bc.run_checkpoint_bench(tmp_path, sizes=(16384,), seconds=0.05, rounds=2, keep_page_cache=True)
+    assert rows and all(r["ops_per_s"] > 0 for r in rows)
+    assert max(seen) > 0  # some turn starts with the buffered baseline's pages still cached
+    assert bc.main([str(tmp_path), "--sizes", "4096", "--seconds", "0.05", "--rounds", "1", "--keep-page-cache"]) == 0
+
+
 def test_the_checkpoint_bench_draws_new_buffers_and_states_for_every_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

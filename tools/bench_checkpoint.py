@@ -178,6 +178,7 @@ def run_checkpoint_bench(
     modes: Sequence[str] = (),
     control: bool = False,
     op_by_op: bool = False,
+    keep_page_cache: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure checkpoints/s against the best raw durable write/s; one dict per case.
 
@@ -197,7 +198,8 @@ def run_checkpoint_bench(
     much of the gap is the extra block rather than software; and one for the same write
     alternating between two places one slot apart, as a checkpoint's records alternate between
     its two slots (``"raw O_DIRECT write of the record's size, two places 4 KiB"``): what the
-    device charges for that pattern.
+    device charges for that pattern. ``keep_page_cache`` skips the page-cache drop after each
+    turn (the module's text): what the buffered baseline's leftovers cost the other cases.
     """
     if not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes):
         raise FabricValueError(f"sizes must be positive ints, got {sizes!r}")
@@ -225,7 +227,9 @@ def run_checkpoint_bench(
         try:
             for size in sizes:
                 results.extend(
-                    _bench_size(region, fd, bfd, size, seconds, rounds, progress, modes, control, op_by_op)
+                    _bench_size(
+                        region, fd, bfd, size, seconds, rounds, progress, modes, control, op_by_op, keep_page_cache
+                    )
                 )
         finally:
             os.close(bfd)
@@ -243,6 +247,7 @@ def _bench_size(
     modes: Sequence[str] = (),
     control: bool = False,
     op_by_op: bool = False,
+    keep_page_cache: bool = False,
 ) -> list[dict[str, Any]]:
     bs = region.block_size
     # a bytes state (one block more: written from its own memory, the zero padding before its first
@@ -344,7 +349,8 @@ def _bench_size(
             # taxed whichever direct case ran next, and a checkpoint,
             # whose slots are not where the baselines write, paid for the whole turn while a raw
             # write over the baselines' place dropped the page with its first write.
-            os.posix_fadvise(bfd, region.offset, region.nbytes, os.POSIX_FADV_DONTNEED)
+            if not keep_page_cache:
+                os.posix_fadvise(bfd, region.offset, region.nbytes, os.POSIX_FADV_DONTNEED)
 
         fns, baselines, states, views, buf = draw()
         for fn in fns.values():  # warm up: first writes allocate, later ones overwrite
@@ -475,6 +481,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="take turns op by op (not every 20 ms) and also report the ratio of median op times and the CPU "
         "time per op over the best raw write's",
     )
+    parser.add_argument(
+        "--keep-page-cache",
+        action="store_true",
+        help="do not drop the page cache the buffered baseline leaves after each turn (how the bench ran "
+        "before: shows what a buffered writer in the same file costs the O_DIRECT cases)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = run_checkpoint_bench(
@@ -485,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes=args.modes,
         control=not args.no_control,
         op_by_op=args.op_by_op,
+        keep_page_cache=args.keep_page_cache,
     )
     sys.stdout.write(
         f"{'case':<56}{'ops/s':>10}{'best raw/s':>12}{'ratio':>7}{'min':>6}{'max':>6}{'target':>8}"
