@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,3 +121,38 @@ def test_an_aligned_state_is_private_to_a_forked_child(region: BlockRegion, nbyt
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert st.state[0] == 1  # a numpy array, not memory shared with the child
+
+
+def test_the_buffer_pieces_bench_compares_buffers_and_counts_their_pieces(tmp_path: Path) -> None:
+    from grafos_fabric.tools.bench_buffer_pieces import main, physical_pieces, run_buffer_pieces_bench
+
+    size = 256 << 10
+    rows = run_buffer_pieces_bench(tmp_path, buffers=3, size=size, seconds=0.3)
+    names = [r["buffer"] for r in rows]
+    assert names[:3] == ["page-aligned 0", "page-aligned 1", "page-aligned 2"]
+    assert names[3:] == (["huge pages"] if _memory.huge_pages() else [])
+    for half in ("ratio_first_half", "ratio_second_half"):  # each over the fastest buffer of that half
+        assert max(r[half] for r in rows) == 1.0 and all(0 < r[half] <= 1.0 for r in rows)
+    assert all(r["ops_per_s"] > 0 for r in rows)
+    root = os.geteuid() == 0  # page frames are visible to CAP_SYS_ADMIN only
+    for r in rows:
+        assert (1 <= r["pieces"] <= size // 4096) if root else r["pieces"] is None
+    assert list(tmp_path.glob(".grafos-ckpt-bench-*")) == []  # the scratch file is gone
+    if root:  # eight resident pages make one to eight pieces
+        mm = mmap.mmap(-1, 4096 * 8, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        view = memoryview(mm)
+        view[:] = b"\1" * len(view)
+        pieces = physical_pieces(view)
+        assert pieces is not None and 1 <= pieces <= 8
+        view.release()
+        mm.close()
+    assert main([str(tmp_path), "--buffers", "1", "--size", "65536", "--seconds", "0.1"]) == 0
+
+
+def test_the_buffer_pieces_bench_refuses_nonsense_arguments(tmp_path: Path) -> None:
+    from grafos_fabric.errors import FabricValueError
+    from grafos_fabric.tools.bench_buffer_pieces import run_buffer_pieces_bench
+
+    for kwargs in ({"buffers": 0}, {"size": 1000}, {"seconds": 0}):
+        with pytest.raises(FabricValueError):
+            run_buffer_pieces_bench(tmp_path, **kwargs)  # type: ignore[arg-type]
