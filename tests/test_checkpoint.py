@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 
 from grafos_fabric.checkpoint import CheckpointedStageState, EdgeCheckpoint, StageId
@@ -879,6 +880,62 @@ def test_the_checkpoint_bench_draws_new_buffers_and_states_for_every_round(
     assert len(rows) == 4 and all(r["rounds"] == 3 and r["ops_per_s"] > 0 for r in rows)
     assert len(made) == 3  # the raw writes' buffer, once a round
     assert len(states) == 3 * 4  # the four candidates' states, once a round (with_buffer ones too)
+
+
+def test_the_checkpoint_bench_pairs_large_bytes_states_with_a_raw_write_of_their_own_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a 1 MiB write's speed depends on its pages' physical pieces: the candidates' bytes state
+    # is one object, and a 4th baseline writes O_DIRECT from that object's own pages, so a round's
+    # ratio compares the software on the same memory rather than two draws of it
+    import grafos_fabric.tools.bench_checkpoint as bc
+    from grafos_fabric.drivers.block import AIO_CHUNK
+
+    values: list[Any] = []
+    owned: list[tuple[Any, memoryview | None]] = []
+    real_state, real_own = bc.CheckpointedStageState, bc._own_pages
+
+    class Recording(real_state):  # type: ignore[misc,valid-type]
+        def __init__(self, value: Any, *a: Any, **k: Any) -> None:
+            values.append(value)
+            super().__init__(value, *a, **k)
+
+    def own(data: bytes, block: int, length: int) -> memoryview | None:
+        v = real_own(data, block, length)
+        owned.append((data, v))
+        return v
+
+    monkeypatch.setattr(bc, "CheckpointedStageState", Recording)
+    monkeypatch.setattr(bc, "_own_pages", own)
+    size = 2 * AIO_CHUNK
+    rows = bc.run_checkpoint_bench(tmp_path, sizes=(4096, size), seconds=0.06, rounds=2)
+    small = [r for r in rows if r["size"] == 4096]
+    large = [r for r in rows if r["size"] == size]
+    assert small and large
+    assert all(bc.OWN_PAGES not in r["baselines"] for r in small)  # a small state is copied, not paired
+    assert all(bc.OWN_PAGES in r["baselines"] and r["baselines"][bc.OWN_PAGES] > 0 for r in large)
+    big = [(d, v) for d, v in owned if len(d) == size]
+    assert len(big) == 2  # one draw a round
+    for data, view in big:
+        assert view is not None and view.obj is data  # the bytes object's own memory
+        assert len(view) % 4096 == 0 and size - 4096 <= len(view) <= size
+        assert int(np.frombuffer(view, dtype=np.uint8).ctypes.data) % 4096 == 0
+        # both bytes candidates (ordered, single-sync) checkpoint that very object
+        assert sum(1 for v in values if v is data) == 2
+
+
+def test_own_pages_is_the_block_aligned_inside_of_a_bytes_object() -> None:
+    from grafos_fabric.tools.bench_checkpoint import _own_pages
+
+    data = os.urandom(5 * 4096 + 100)
+    view = _own_pages(data, 4096, 1 << 20)
+    assert view is not None and view.obj is data
+    addr = int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
+    at = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+    assert at % 4096 == 0 and addr <= at < addr + 4096 and at + len(view) <= addr + len(data)
+    assert len(view) in (4 * 4096, 5 * 4096) and bytes(view) == data[at - addr : at - addr + len(view)]
+    assert _own_pages(data, 4096, 2 * 4096) is not None and len(_own_pages(data, 4096, 2 * 4096) or b"") == 8192
+    assert _own_pages(os.urandom(100), 4096, 1 << 20) is None  # no whole block inside
 
 
 def test_the_checkpoint_bench_refuses_nonsense_arguments(tmp_path: Path) -> None:
