@@ -41,6 +41,12 @@ Invariants (:meth:`ReplayWindow.check` asserts them; every method keeps them):
 5. ``nbytes <= limit``, or the window holds one chunk that was appended
    alone (an item or a batch larger than the limit into an empty window):
    :meth:`has_room` is how callers keep it.
+6. No kept chunk lies wholly below ``min(acked, qnext)``: an ack read while
+   items waited for the current queue trims them once they are in it
+   (:meth:`sent`, :meth:`pushed_one`, :meth:`resume_at`, :meth:`rollback`), not only at the next
+   ack that grows. (A window that kept them filled up with items the consumer
+   had all acked, and the producer waited for room, for an ack that no
+   consumer would send: the pipeline demo hung under VM freezes.)
 
 A chunk is one push (``SINGLE``: the item), or one batch (``ROWS``: a 2-D
 array whose rows are items; ``LIST``: a list of items).
@@ -176,14 +182,21 @@ class ReplayWindow:
         self._chunks.append(Chunk(seq, 1, SINGLE, data, nbytes))
         self.nbytes += nbytes
         self.next_seq = self.qnext = self.pushed_hi = seq + 1
+        if self.acked > seq:  # an ack read before the item was in the queue: it counts now (invariant 6)
+            self.trim(min(self.acked, seq + 1))
         return seq
 
     def sent(self, k: int) -> int:
         """``k`` items from ``qnext`` on reached the current queue; returns how many were replays."""
         q = self.qnext
         replayed = min(k, self.replay_end - q) if q < self.replay_end else 0
-        q += k
-        self.qnext = q
+        if self.acked > q:  # an ack read while these items waited for the queue counts now that they are in
+            self.qnext = q + k
+            self.trim(min(self.acked, q + k))  # (invariant 6: else a window full of acked items
+            q += k  # waits for an ack that never comes: the consumer has them all)
+        else:
+            q += k
+            self.qnext = q
         if q > self.pushed_hi:
             self.pushed_hi = q
         return replayed
@@ -237,6 +250,7 @@ class ReplayWindow:
         if self.chunks == 0 and acked > self.next_seq:
             self.next_seq = self.qnext = self.pushed_hi = self.replay_end = acked
             return True
+        self.trim(min(self.acked, self.qnext))  # invariant 6
         return False
 
     def rollback(self, seq: int) -> int:
@@ -258,6 +272,7 @@ class ReplayWindow:
                 c.truncate(cut - c.first)
                 self.nbytes -= before - c.nbytes
         self.next_seq = min(self.next_seq, cut)
+        self.trim(min(self.acked, self.qnext))  # a cut chunk may now end below the ack (invariant 6)
         return self.next_seq
 
     # -- the invariants --------------------------------------------------------------------
@@ -283,6 +298,10 @@ class ReplayWindow:
             raise AssertionError(f"3: nbytes {self.nbytes} but the chunks hold {total}")
         if self.nbytes > self.limit and self.chunks > 1:
             raise AssertionError(f"5: {self.nbytes} bytes in {self.chunks} chunks, over the limit {self.limit}")
+        done = min(self.acked, self.qnext)
+        first = self._chunks[self._head] if self.chunks else None
+        if first is not None and first.end <= done:
+            raise AssertionError(f"6: a chunk ending at {first.end} is acked and in the queue (below {done}) but kept")
 
 
 def _first(c: Chunk | None) -> int:
