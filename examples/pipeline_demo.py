@@ -251,6 +251,29 @@ def _edge_lease(fabric: Any, workdir: Path, edge: str) -> Any:
     return lease
 
 
+def _diagnose(fabric: Any, workdir: Path, live: dict[str, int]) -> None:
+    """On a hang, to stderr: each live stage's last stats dump (its edges' generation, position,
+    acked, window) and, per edge, the handoff record's generation with its queue's header words."""
+    for s, pid in live.items():
+        f = workdir / f"stats-{s}-{pid}.json"
+        age = time.time() - f.stat().st_mtime if f.exists() else None
+        dump = f.read_text() if f.exists() else "no stats dump"
+        print(f"state of {s} (pid {pid}, dump {age if age is None else round(age, 2)} s old): {dump}", file=sys.stderr)
+    for edge in ("edge1", "edge2"):
+        try:
+            rec = HandoffReader(open_block(str(workdir / f"{edge}.blk"), direct=False)).current()
+            loc = gf.QueueLocator.from_bytes(rec.payload)
+            line = f"{edge}: handoff generation {rec.generation}, queue {loc.region.name[:12]}..."
+            q = gf.FabricQueue.attach(fabric, loc)
+            try:
+                line += f" epoch {q.epoch} sealed {q.sealed} seal_seq {q.seal_seq} acked {q.acked} len {len(q)}"
+            finally:
+                q.close()
+        except Exception as exc:  # a diagnosis: report what could not be read, go on
+            line = f"{edge}: {type(exc).__name__}: {exc}"
+        print(line, file=sys.stderr)
+
+
 def _written(workdir: Path) -> int:
     """How many records the sink's file holds (a progress count: a torn record is not one)."""
     try:
@@ -313,8 +336,10 @@ def supervise(items: int, faults: bool, seed: int, limit: float) -> int:
                 for s, p in procs.items():  # where is each live stage stuck? (faulthandler, to stderr)
                     if s not in done and p.poll() is None:
                         os.kill(p.pid, signal.SIGUSR1)
+                        os.kill(p.pid, signal.SIGUSR2)
                 time.sleep(1.0)
-                raise TimeoutError(f"the pipeline did not finish within {limit}s (stage stacks above)")
+                _diagnose(fabric, workdir, {s: p.pid for s, p in procs.items() if s not in done})
+                raise TimeoutError(f"the pipeline did not finish within {limit}s (stage stacks and state above)")
             if (
                 faults
                 and now >= next_fault
@@ -408,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage:
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor asks for stacks on a hang
         st = Stage(args.stage, Path(args.dir), args.ns, args.items)
+        signal.signal(signal.SIGUSR2, lambda *_: st.dump())  # ... and for the edges' state as it is now
         {"source": run_source, "transform": run_transform, "sink": run_sink}[args.stage](st)
         return 0
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)

@@ -911,9 +911,24 @@ class EdgeProducer(RelocatableQueueEdge):
             "acked": w.acked,
             "window_items": w.items,
             "window_bytes": w.nbytes,
+            "queued_to": w.qnext,
+            "retired": len(self._retired),
+            "retired_unreachable": len(self._unreachable),
+            "queue": self._queue_stats(),
         }
         out.update(self._rebind_stats())
         return out
+
+    def _queue_stats(self) -> dict[str, Any] | None:
+        """The current queue's header words (epoch, sealed, acked, items in it), or None without
+        one; ``{"error": ...}`` where it cannot be read (a stats call never raises for it)."""
+        q = self._q
+        if q is None:
+            return None
+        try:
+            return {"epoch": q.epoch, "sealed": q.sealed, "acked": q.acked, "items": len(q)}
+        except (E.FabricError, OSError) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     def __repr__(self) -> str:
         gen = None if self._gen is None else int(self._gen)
