@@ -712,6 +712,7 @@ def test_the_checkpoint_bench_reports_each_case_next_to_the_raw_sync_rate(tmp_pa
             "ratio_vs_pwrite_fdatasync",
             "latency_ratio",
             "cpu_over_us",
+            "ratio_same_memory",
         }
         assert r["latency_ratio"] is None and r["cpu_over_us"] is None  # only taken op by op
         assert r["ops_per_s"] > 0 and r["baseline_ops_per_s"] > 0 and r["rounds"] == 3
@@ -919,6 +920,11 @@ def test_the_checkpoint_bench_pairs_large_bytes_states_with_a_raw_write_of_their
         assert all(bc.OWN_PAGES not in r["baselines"] for r in large)
         return
     assert all(bc.OWN_PAGES in r["baselines"] and r["baselines"][bc.OWN_PAGES] > 0 for r in large)
+    # the bytes rows' ratio to the raw write of their own pages; the aligned-buffer rows write other pages
+    for r in large:
+        paired = r["case"].endswith(("ordered", "single-sync"))
+        assert (r["ratio_same_memory"] is not None and r["ratio_same_memory"] > 0) == paired, r["case"]
+    assert all(r["ratio_same_memory"] is None for r in small)
     big = [(d, v) for d, v in owned if len(d) == size]
     assert len(big) == 2  # one draw a round
     for data, view in big:

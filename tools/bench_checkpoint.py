@@ -21,9 +21,13 @@ For each state size, in the same run and on the same file or device range:
     checkpoint this one object). A large write's speed depends on the
     physical pieces of its pages (below); against a buffer drawn apart, a
     round's ratio was as much that draw as software (1 MiB: rounds spread
-    0.76-1.30 around a 0.96 median; paired, 0.92-1.02);
+    0.76-1.30 around a 0.96 median; paired, 0.92-1.02); the ``bytes`` rows
+    also report ``ratio_same_memory``, their rounds' median ratio to this
+    baseline alone: the software's cost on the same pages, whichever
+    baseline is fastest;
 
-  each round's **best** of them is the baseline the ratio is taken against;
+  the **fastest** of them over the whole run is the baseline every round's
+  ratio is taken against (below);
 * **candidates**: ``CheckpointedStageState.checkpoint()`` of a ``size``-byte
   raw ``bytes`` state, with ``durability="ordered"`` (the default) and
   ``"single-sync"``. Since slot format v3 both are one durable write of the
@@ -461,6 +465,13 @@ def _bench_size(
         floor = [rr[key] / rr["aligned O_DIRECT pwrite + fdatasync"] for rr in per_round_rates]
         by_latency = [rm[best] / rm[key] for rm in per_round_medians]
         cpu_over = [rc[key] - rc[best] for rc in per_round_cpu]
+        # a bytes row against the raw write of its own pages, round by round: the software's cost
+        # alone, whatever pages the allocator gave the state (see OWN_PAGES)
+        same = (
+            [rr[key] / rr[OWN_PAGES] for rr in per_round_rates]
+            if OWN_PAGES in baselines and key in ("ordered", "single-sync")
+            else []
+        )
         target = TARGETS.get(durability.split(" ")[0], 1.0)
         row = {
             "case": f"{durability} {_human(size)}"
@@ -477,6 +488,7 @@ def _bench_size(
             "ratio_vs_pwrite_fdatasync": statistics.median(floor),
             "latency_ratio": statistics.median(by_latency) if by_latency else None,
             "cpu_over_us": statistics.median(cpu_over) if cpu_over else None,
+            "ratio_same_memory": statistics.median(same) if same else None,
             "rounds": rounds,
             "target": target,
             "met": statistics.median(ratios) >= target,
@@ -488,6 +500,12 @@ def _bench_size(
             f"(target {target:g}x); vs aligned pwrite + fdatasync {row['ratio_vs_pwrite_fdatasync']:.2f}x; "
             + (f"median op time ratio {row['latency_ratio']:.2f}x " if by_latency else "")
             + (f"CPU per op {row['cpu_over_us']:+.1f} us over the best raw write's " if cpu_over else "")
+            + (
+                f"vs the raw write of its own pages {row['ratio_same_memory']:.2f}x "
+                f"[{min(same):.2f}, {max(same):.2f}]; "
+                if same
+                else ""
+            )
             + f"({region.path}, {bs}-byte blocks; "
             + ", ".join(f"{k} {rates[k]:,.0f}/s" for k in baselines)
             + ")"
@@ -539,15 +557,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sys.stdout.write(
         f"{'case':<56}{'ops/s':>10}{'best raw/s':>12}{'ratio':>7}{'min':>6}{'max':>6}{'target':>8}"
-        f"{'vs pwrite+fdatasync':>21}{'median op':>10}{'CPU us +':>9}  best raw write\n"
+        f"{'vs pwrite+fdatasync':>21}{'median op':>10}{'CPU us +':>9}{'own pages':>10}  best raw write\n"
     )
     for r in rows:
         by_latency = "" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}x"
         cpu_over = "" if r["cpu_over_us"] is None else f"{r['cpu_over_us']:+.1f}"
+        same = "" if r["ratio_same_memory"] is None else f"{r['ratio_same_memory']:.2f}x"
         sys.stdout.write(
             f"{r['case']:<56}{r['ops_per_s']:>10,.0f}{r['baseline_ops_per_s']:>12,.0f}{r['ratio']:>7.2f}"
             f"{r['ratio_min']:>6.2f}{r['ratio_max']:>6.2f}{r['target']:>7g}x{r['ratio_vs_pwrite_fdatasync']:>20.2f}x"
-            f"{by_latency:>10}{cpu_over:>9}  {r['baseline']}\n"
+            f"{by_latency:>10}{cpu_over:>9}{same:>10}  {r['baseline']}\n"
         )
     return 0
 
