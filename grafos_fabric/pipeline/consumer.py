@@ -24,7 +24,7 @@ from ..handoff import HandoffReader, HandoffRecord
 from ..locator import QueueLocator
 from ..queue import Batch, FabricQueue, Item, _deadline
 from ..slots import BlockDevice
-from .edge import _CONSUMER_LOST, DEFAULT_CONSUMER_STAGE, RelocatableQueueEdge, _remaining
+from .edge import _CONSUMER_LOST, DEFAULT_CONSUMER_STAGE, RelocatableQueueEdge, _queue_stats, _remaining
 from .gate import SequenceGate
 from .standby import announced_standby
 
@@ -653,21 +653,11 @@ class EdgeConsumer(RelocatableQueueEdge):
             "standby_refused": self._sb_refused,
             "reconnects": self._reconnects,
             "pending_generation": None if self._pending is None else int(self._pending.generation),
-            "queue": self._queue_stats(),
+            "queue": _queue_stats(self._q),
         }
         out.update(self._rebind_stats())
         return out
 
-    def _queue_stats(self) -> dict[str, Any] | None:
-        """The bound queue's header words (epoch, sealed, acked, items in it), or None when
-        unbound; ``{"error": ...}`` where it cannot be read (a stats call never raises for it)."""
-        q = self._q
-        if q is None:
-            return None
-        try:
-            return {"epoch": q.epoch, "sealed": q.sealed, "acked": q.acked, "items": len(q)}
-        except (E.FabricError, OSError) as exc:
-            return {"error": f"{type(exc).__name__}: {exc}"}
 
     def __repr__(self) -> str:
         gen = None if self._gen is None else int(self._gen)

@@ -62,6 +62,17 @@ def _offset(value: int | EdgeCheckpoint | CheckpointedStageState[Any] | None, fi
     return value
 
 
+def _queue_stats(q: FabricQueue | None) -> dict[str, Any] | None:
+    """A side's current queue's header words for ``stats()`` (epoch, sealed, acked, items in it),
+    None without one, ``{"error": ...}`` where it cannot be read (a stats call never raises for it)."""
+    if q is None:
+        return None
+    try:
+        return {"epoch": q.epoch, "sealed": q.sealed, "acked": q.acked, "items": len(q)}
+    except (E.FabricError, OSError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def _stage(stage: StageId | str) -> StageId:
     return stage if isinstance(stage, StageId) else StageId(stage)
 

@@ -54,7 +54,7 @@ from ..lease import NS
 from ..locator import QueueLocator
 from ..queue import FabricQueue, _deadline
 from ..slots import BlockDevice, Durability
-from .edge import _QUEUE_LOST, DEFAULT_PRODUCER_STAGE, RelocatableQueueEdge, _remaining
+from .edge import _QUEUE_LOST, DEFAULT_PRODUCER_STAGE, RelocatableQueueEdge, _queue_stats, _remaining
 from .standby import StandbyQueue, fence_announced
 from .window import LIST, ROWS, SINGLE, ReplayWindow, copy_item
 
@@ -914,21 +914,11 @@ class EdgeProducer(RelocatableQueueEdge):
             "queued_to": w.qnext,
             "retired": len(self._retired),
             "retired_unreachable": len(self._unreachable),
-            "queue": self._queue_stats(),
+            "queue": _queue_stats(self._q),
         }
         out.update(self._rebind_stats())
         return out
 
-    def _queue_stats(self) -> dict[str, Any] | None:
-        """The current queue's header words (epoch, sealed, acked, items in it), or None without
-        one; ``{"error": ...}`` where it cannot be read (a stats call never raises for it)."""
-        q = self._q
-        if q is None:
-            return None
-        try:
-            return {"epoch": q.epoch, "sealed": q.sealed, "acked": q.acked, "items": len(q)}
-        except (E.FabricError, OSError) as exc:
-            return {"error": f"{type(exc).__name__}: {exc}"}
 
     def __repr__(self) -> str:
         gen = None if self._gen is None else int(self._gen)
