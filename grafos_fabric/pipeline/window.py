@@ -43,8 +43,8 @@ Invariants (:meth:`ReplayWindow.check` asserts them; every method keeps them):
    :meth:`has_room` is how callers keep it.
 6. No kept chunk lies wholly below ``min(acked, qnext)``: an ack read while
    items waited for the current queue trims them once they are in it
-   (:meth:`sent`, :meth:`pushed_one`, :meth:`resume_at`, :meth:`rollback`), not only at the next
-   ack that grows. (A window that kept them filled up with items the consumer
+   (:meth:`sent`, :meth:`pushed_one`, :meth:`resume_at`, :meth:`rollback`),
+   not only at the next ack that grows. (A window that kept them filled up with items the consumer
    had all acked, and the producer waited for room, for an ack that no
    consumer would send: the pipeline demo hung under VM freezes.)
 
@@ -190,15 +190,11 @@ class ReplayWindow:
         """``k`` items from ``qnext`` on reached the current queue; returns how many were replays."""
         q = self.qnext
         replayed = min(k, self.replay_end - q) if q < self.replay_end else 0
-        if self.acked > q:  # an ack read while these items waited for the queue counts now that they are in
-            self.qnext = q + k
-            self.trim(min(self.acked, q + k))  # (invariant 6: else a window full of acked items
-            q += k  # waits for an ack that never comes: the consumer has them all)
-        else:
-            q += k
-            self.qnext = q
-        if q > self.pushed_hi:
-            self.pushed_hi = q
+        end = self.qnext = q + k
+        if self.acked > q:  # an ack read while these items waited for the queue counts now that they
+            self.trim(min(self.acked, end))  # are in (invariant 6: else a full window of acked items
+        if end > self.pushed_hi:  # would wait for an ack that never comes: the consumer has them all)
+            self.pushed_hi = end
         return replayed
 
     def ack(self, acked: int) -> bool:
