@@ -21,7 +21,8 @@ For each state size, in the same run and on the same file or device range:
     checkpoint this one object). A large write's speed depends on the
     physical pieces of its pages (below); against a buffer drawn apart, a
     round's ratio was as much that draw as software (1 MiB: rounds spread
-    0.76-1.30 around a 0.96 median; paired, 0.92-1.02); the ``bytes`` rows
+    0.76-1.30 around a 0.96 median; paired, where the own pages were the
+    fastest baseline, 0.92-1.05; README "Pairing large bytes states"); the ``bytes`` rows
     also report ``ratio_same_memory``, their rounds' median ratio to this
     baseline alone: the software's cost on the same pages, whichever
     baseline is fastest;
