@@ -261,7 +261,8 @@ def _diagnose(fabric: Any, workdir: Path, live: dict[str, int]) -> None:
         print(f"state of {s} (pid {pid}, dump {age if age is None else round(age, 2)} s old): {dump}", file=sys.stderr)
     for edge in ("edge1", "edge2"):
         try:
-            rec = HandoffReader(open_block(str(workdir / f"{edge}.blk"), direct=False)).current()
+            with open_block(str(workdir / f"{edge}.blk"), direct=False) as blk:
+                rec = HandoffReader(blk).current()
             loc = gf.QueueLocator.from_bytes(rec.payload)
             line = f"{edge}: handoff generation {rec.generation}, queue {loc.region.name[:12]}..."
             q = gf.FabricQueue.attach(fabric, loc)
