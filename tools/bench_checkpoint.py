@@ -329,8 +329,8 @@ def _bench_size(
             if dsync:
                 baselines["aligned O_DIRECT pwritev RWF_DSYNC"] = aligned_dsync
                 baselines["bytes buffered pwritev RWF_DSYNC"] = bytes_dsync
-                own = _own_pages(shared, bs, raw_len)
-                if own is not None and size > AIO_CHUNK and region.direct:
+                own = _own_pages(shared, bs, raw_len) if size > AIO_CHUNK and region.direct else None
+                if own is not None:
                     # The candidates' own bytes, written O_DIRECT from where they lie (their whole
                     # blocks at block-aligned addresses, then the rest from the aligned buffer to
                     # the same length): the raw write of the same physical pages a checkpoint of a
