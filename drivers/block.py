@@ -134,10 +134,11 @@ def _close_fd(fd: int) -> None:
         os.close(fd)
 
 
-def _close_fds(fds: list[int], aio: list[int]) -> None:
-    for ctx in aio:  # no request is ever in flight here: gf_slot_write reaps all it submits
+def _close_fds(fds: list[int], aio: list[int], gate_aio: list[int]) -> None:
+    for ctx in (*aio, *gate_aio):  # no request is ever in flight here: gf_slot_write reaps all it submits
         lib.gf_aio_destroy(ctx)
     aio.clear()
+    gate_aio.clear()
     for fd in fds:
         _close_fd(fd)
     fds.clear()
@@ -178,8 +179,11 @@ class BlockRegion:
         self._fd = fd
         self._fds = [fd]  # this one, and the buffered one write_durable opens (closed together)
         self._aio: list[int] = []  # write_record's AIO context, once made (destroyed with the fds)
+        # the AIO context of record lanes that write through the gate (RecordLane.gated): only
+        # writes inside the gate use it, which its mutex serializes, as _io_lock does _aio's
+        self._gate_aio: list[int] = []
         self._aio_failed = False  # the kernel refused AIO here once: write_record writes in one request
-        self._finalizer = weakref.finalize(self, _close_fds, self._fds, self._aio)
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds, self._aio, self._gate_aio)
         self._record_mode = "auto"  # how write_record writes: see record_path
         self._lane_gen = 0  # bumped when how records go out changes: a RecordLane made before is stale
         self._on_volatile: bool | None = None  # on tmpfs and the like (record_path asks once)
@@ -562,6 +566,23 @@ class BlockRegion:
             self._aio.append(int(ctx[0]))
         return self._aio[0]
 
+    def _gate_aio_ctx(self) -> int:
+        """The AIO context of gated record lanes (0: none: the kernel refused one, or no gate).
+
+        A lane whose write goes by AIO cannot share :meth:`_aio_ctx`'s context outside
+        ``_io_lock`` (one write could reap another's completions); writes through the gate are
+        serialized by the gate's mutex instead, so they share this second one."""
+        if self._gate is None or self._aio_failed:
+            return 0
+        if not self._gate_aio:
+            ctx = ffi.new("uint64_t *")
+            rc = lib.gf_aio_setup(_AIO_EVENTS, ctx)
+            if rc < 0:
+                log.info("no AIO context for %s's record lanes (%s)", self.path, os.strerror(-rc))
+                return 0
+            self._gate_aio.append(int(ctx[0]))
+        return self._gate_aio[0]
+
     def write_record(self, lba: int, header: bytes, parts: Sequence[Any], nbytes: int) -> int:
         """Write one slot record at ``lba`` and make it durable; returns the blocks written.
 
@@ -936,20 +957,34 @@ class RecordLane:
         self._bufs: Any = None  # a gathered lane's two data pointers (head's prefix, the bytes)
         self.gated = False  # set below where the write needs no lock but the region's gate
         self.c: Any = None  # a gated lane's gf_lane (every argument of its write, for gf_lane_write)
+        # a lane writing by AIO through the gate uses the gated lanes' context (_gate_aio_ctx), not
+        # the region's, which only writes under _io_lock may use; failing that, the region's, and
+        # the lane writes under _io_lock (not gated)
+        self._gate_ctx = 0
         gate = region._gate
         if aligned:
             self._dptr = ffi.from_buffer(view)
             self._keep.append(view)
             fd, ctx, chunk = region._direct_io(n)
+            if ctx:
+                self._gate_ctx = region._gate_aio_ctx()
+                ctx = self._gate_ctx or ctx
             self._fn = lib.gf_slot_write_direct
             self._args = tuple((fd, p, hptr, head_len, bs, self._dptr, n, xptr, ctx, chunk, 1) for p in pos)
-            if ctx == 0 and gate is not None:
+            if (ctx == 0 or self._gate_ctx) and gate is not None:
                 self._gate_args(lib.gf_slot_write_direct_gated, gate)
-                self._lane_struct(gate, lib.GF_LANE_DIRECT, fd, pos, data=self._dptr, data_len=n, tail=xptr)
+                self._lane_struct(
+                    gate, lib.GF_LANE_DIRECT, fd, pos, data=self._dptr, data_len=n, tail=xptr, aio_ctx=ctx, chunk=chunk
+                )
         elif self.split:  # the bytes' block-aligned part from where it lies (see _point)
             self._fn = lib.gf_slot_write_direct
             self._pos = pos
-            self._hptr, self._tptr, self._ctx = hptr, xptr, region._aio_ctx()
+            self._gate_ctx = region._gate_aio_ctx()
+            self._hptr, self._tptr, self._ctx = hptr, xptr, self._gate_ctx or region._aio_ctx()
+            if self._gate_ctx:  # the pointers _point sets
+                self._lane_struct(
+                    gate, lib.GF_LANE_DIRECT, region._fd, pos, data=ffi.NULL, data_len=0, tail=xptr, aio_ctx=self._ctx
+                )
             self._point(data)
         else:
             self._dptr = ffi.from_buffer(data)
@@ -975,7 +1010,8 @@ class RecordLane:
                 if ctx == 0 and gate is not None:
                     self._gate_args(lib.gf_slot_write_gated, gate)
                     self._lane_struct(gate, lib.GF_LANE_COPY, region._fd, pos, lens=lens, buf=xptr, nbytes=nbytes)
-        self._fd_used = self._args[0][1 if self.gated else 0]  # the descriptor the writes go to
+        # the descriptor the writes go to (a gated call's arguments start with the gate, head and slot)
+        self._fd_used = self._args[0][3 if self.gated else 0]
 
     def _gate_args(self, fn: Any, gate: Any) -> None:
         """Write through the region's gate (no AIO context: nothing shared with the region's other
@@ -1002,6 +1038,8 @@ class RecordLane:
         data: Any = None,
         data_len: int = 0,
         tail: Any = None,
+        aio_ctx: int = 0,
+        chunk: int = 0,
     ) -> None:
         """:attr:`c`: a ``gf_lane`` holding the gated write's arguments (the same ones as ``_args``),
         for ``gf_lane_write``: one native call with the sequence number, the slot, two u64 fields
@@ -1019,6 +1057,7 @@ class RecordLane:
         c.block = self.region.block_size
         if kind == lib.GF_LANE_DIRECT:
             c.data, c.data_len, c.tail = data, data_len, tail
+            c.aio_ctx, c.chunk = aio_ctx, chunk  # the gated lanes' AIO context (0: none), its request size
         else:
             c.parts, c.lens, c.nparts = self._bufs, lens, 2
             if kind == lib.GF_LANE_GATHER:
@@ -1059,6 +1098,11 @@ class RecordLane:
             (self.region._fd, p, self._hptr, head, bs, ptr + k, rest, self._tptr, self._ctx, chunk, 1)
             for p in self._pos
         )
+        c = self.c
+        if c is not None:  # gated (the gated lanes' AIO context): the same write through the gate
+            self._fn = lib.gf_slot_write_direct
+            self._gate_args(lib.gf_slot_write_direct_gated, self.region._gate)
+            lib.gf_lane_point(c, head, ptr + k, rest, chunk)  # after a write in the gate: never a mix
         self._dptr = ptr
         self.pad = pad
         self.data = data
@@ -1107,7 +1151,7 @@ class RecordLane:
             region._aio_failed = True
             region._stale_lanes()
             if rc == 2:  # the context was destroyed to end requests it could not reap
-                region._aio.clear()
+                (region._gate_aio if self._gate_ctx else region._aio).clear()
             log.info("AIO refused on %s: records go out in one request", region.path)
             return True
         if rc == -errno.EBADF and region._closed:  # the gate was shut: closed while this write waited

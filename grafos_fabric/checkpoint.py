@@ -87,6 +87,7 @@ from __future__ import annotations
 import logging
 import mmap
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
@@ -252,6 +253,9 @@ class CheckpointedStageState(Generic[S]):
         self._lane_stage: StageId | None = None  # the stage name the lane's prefix holds
         # the lane's SlotLane.fast (primed), its data and stage: checkpoint()'s one native call
         self._fast: tuple[Any, Any, Any, SlotStore, Any, StageId] | None = None
+        # checkpoint() calls, one at a time: a lane points its native write at the state's own
+        # memory, and a second thread re-pointing it mid-write would free what the first one reads
+        self._lock = threading.RLock()
 
     @classmethod
     def with_buffer(
@@ -405,8 +409,10 @@ class CheckpointedStageState(Generic[S]):
             return
         if new is not None:
             self._lane, self._lane_env, self._lane_stage = new, fields, self.stage
-            if new.fast is not None and not new.pad:  # the envelope's constant fields, packed once
-                new.prime(*fields, 0, 0)
+            if new.fast is not None:  # the envelope's constant fields, packed once (a split lane's
+                # zero bytes for its current data: _retake leaves the first write after a change of
+                # them to the careful way, which packs them again)
+                new.prime(*fields[:3], fields[3] + new.pad, 0, 0)
                 self._fast = (*new.fast, data, self.stage)
 
     def _notify(self, method: str) -> None:
@@ -426,42 +432,58 @@ class CheckpointedStageState(Generic[S]):
         ``LeaseExpired``/``Revoked`` when the block lease is gone;
         ``FabricValueError`` when the state cannot be encoded; ``OSError`` from
         the device): the stage should halt rather than run on uncheckpointed.
-        The previous checkpoint stays readable whatever happens.
+        The previous checkpoint stays readable whatever happens. Calls from
+        several threads run one at a time.
         """
-        fast = self._fast  # one native call through the lane's gf_lane, prepared once (SlotLane.fast)
-        if fast is not None and self.observer is None and observe._current is None:
-            write, c, cell, store, data, stage = fast
-            target = self.edge if edge is None else edge
-            newest = store._newest
-            if (
-                type(target) is EdgeCheckpoint
-                and self.stage is stage
-                and newest is not None
-                and cell._state == _ACTIVE
-                and self.codec == "raw"
-                and (self.state is data or self._retake())
-            ):
-                seq = newest[1] + 1
-                slot = 1 - newest[0]
-                store._newest = None  # unknown until this write completes: a failure re-scans next time
-                # SYNC POINT: record durable (as SlotLane.write's: header and data in one durable
-                # write; the reader's side is the two checksums in slots._examine)
-                rc = write(c, seq, slot, target.input_offset, target.output_commit, cell._deadline)
-                if not rc:
-                    store._newest = (slot, seq)
-                    self.edge = target
-                    self.last_seq = seq
-                    return seq
-                store._newest = newest
-                if rc != _AGAIN:  # raises, or nothing was written (then the ordinary path)
-                    return self._failed(rc, newest, slot, seq, edge, target)
-        return self._checkpoint_lane(edge)
+        lock = self._lock  # one at a time (see __init__); acquire/release: half a with's cost
+        lock.acquire()
+        try:
+            fast = self._fast  # one native call through the lane's gf_lane, prepared once (SlotLane.fast)
+            if fast is not None and self.observer is None and observe._current is None:
+                write, c, cell, store, data, stage = fast
+                target = self.edge if edge is None else edge
+                newest = store._newest
+                if (
+                    type(target) is EdgeCheckpoint
+                    and self.stage is stage
+                    and newest is not None
+                    and cell._state == _ACTIVE
+                    and self.codec == "raw"
+                    and (self.state is data or self._retake())
+                ):
+                    seq = newest[1] + 1
+                    slot = 1 - newest[0]
+                    store._newest = None  # unknown until this write completes: a failure re-scans next time
+                    # SYNC POINT: record durable (as SlotLane.write's: header and data in one durable
+                    # write; the reader's side is the two checksums in slots._examine)
+                    rc = write(c, seq, slot, target.input_offset, target.output_commit, cell._deadline)
+                    if not rc:
+                        store._newest = (slot, seq)
+                        self.edge = target
+                        self.last_seq = seq
+                        return seq
+                    store._newest = newest
+                    if rc != _AGAIN:  # raises, or nothing was written (then the ordinary path)
+                        return self._failed(rc, newest, slot, seq, edge, target)
+            return self._checkpoint_lane(edge)
+        finally:
+            lock.release()
 
     def _retake(self) -> bool:
-        """checkpoint()'s fast path: point the lane at a new ``bytes`` state of its length (True)."""
+        """checkpoint()'s fast path: point the lane at a new ``bytes`` state of its length (True).
+
+        Where the new state needs other zero bytes before it (a split lane's
+        :attr:`~grafos_fabric.slots.SlotLane.pad`, which the header and the envelope carry), the
+        lane packs its header anew and the envelope is primed again here."""
         lane, fast = self._lane, self._fast
-        if lane is None or fast is None or not lane.take(self.state):
+        if lane is None or fast is None:
             return False
+        pad = lane.pad
+        if not lane.take(self.state):
+            return False
+        if lane.pad != pad:
+            c, f, n, p = self._lane_env
+            lane.prime(c, f, n, p + lane.pad, 0, 0)
         self._fast = (*fast[:4], self.state, fast[5])
         return True
 
@@ -628,6 +650,7 @@ class CheckpointedStageState(Generic[S]):
         inst._lane_want = -1
         inst._lane_stage = None
         inst._fast = None
+        inst._lock = threading.RLock()
         log.debug("restored checkpoint of stage %s (seq %d, slot %d)", written_stage, record.seq, record.slot)
         return inst
 

@@ -741,10 +741,14 @@ class SlotLane:
         ):
             lane.values_at(at, at + 8)
             self.fast = (lib.gf_lane_write, c, cell, store)
+        # the zero bytes (RecordLane.pad) the header in the lane's head counts: the fast path below
+        # writes that header as it is, so a lane pointed at data with other ones goes the careful way
+        self._hpad = -1
         if getattr(lane, "gated", False):  # the header but seq and slot, once (see write)
             _HEADER.pack_into(
                 lane.head, 0, self._magic, version, n + lane.pad, 0, 0, 0, 0, self._bs, self._slot_blocks, 0, 0
             )
+            self._hpad = lane.pad
 
     def prime(self, *fields: Any) -> None:
         """Pack the fields into the lane's head once, for :attr:`fast` writes: ``fast`` is
@@ -787,8 +791,18 @@ class SlotLane:
         return self._version
 
     def take(self, data: Any) -> bool:
-        """Point the lane at other ``bytes`` of the same length (True), else False (see ``RecordLane.take``)."""
-        return bool(self.lane.take(data))
+        """Point the lane at other ``bytes`` of the same length (True), else False (see ``RecordLane.take``).
+
+        Where the new data needs other zero bytes before it (:attr:`pad`), a gated lane's header is
+        packed anew here; the caller primes its fields again (:meth:`prime`: the pad is one)."""
+        lane = self.lane
+        if not lane.take(data):
+            return False
+        if lane.pad != self._hpad and self._hpad >= 0:
+            n, bs, blocks = self.n + lane.pad, self._bs, self._slot_blocks
+            _HEADER.pack_into(lane.head, 0, self._magic, self._version, n, 0, 0, 0, 0, bs, blocks, 0, 0)
+            self._hpad = lane.pad
+        return True
 
     def write(self, *fields: Any) -> int | None:
         """Write the record with these field values, durably; its sequence number, or None (see the class).
@@ -809,7 +823,7 @@ class SlotLane:
         seq = newest[1] + 1
         lane = self.lane
         fast = self.fast
-        if fast is not None and fast[2]._state == _ACTIVE:
+        if fast is not None and fast[2]._state == _ACTIVE and lane.pad == self._hpad:
             self._fpack(lane.head, DATA_OFFSET, *fields)
             store._newest = None  # unknown until this write completes: a failure re-scans next time
             # SYNC POINT: record durable (the native call SlotStore.write's path makes, through the
@@ -838,6 +852,7 @@ class SlotLane:
             0,
             *fields,
         )
+        self._hpad = lane.pad
         store._newest = None  # unknown until this write completes: a failure re-scans next time
         # SYNC POINT: record durable (RecordLane.write: the native call SlotStore.write's path makes,
         # with the header block after the data or gathered with it, one flush); the reader's side

@@ -124,5 +124,7 @@ typedef struct gf_lane {
     const uint8_t *data;
     uint64_t data_len;
     uint8_t *tail;
+    uint64_t aio_ctx;
+    uint64_t chunk;
     ...;
 } gf_lane;

@@ -728,11 +728,22 @@ int gf_lane_write(struct gf_lane *l, uint64_t seq, uint32_t slot, uint64_t v0, u
         else if (l->kind == GF_LANE_GATHER)
             rc = gf_slot_write_gather(l->fd, pos, h, l->parts, l->lens, l->nparts, l->zeros, l->pad, l->dsync);
         else
-            rc = gf_slot_write_direct(l->fd, pos, h, l->hdr_len, l->block, l->data, l->data_len, l->tail, 0,
-                                      l->block, l->dsync);
+            rc = gf_slot_write_direct(l->fd, pos, h, l->hdr_len, l->block, l->data, l->data_len, l->tail, l->aio_ctx,
+                                      l->chunk ? l->chunk : l->block, l->dsync);
     }
     pthread_mutex_unlock(&g->mu);
     return rc;
+}
+
+void gf_lane_point(struct gf_lane *l, uint64_t hdr_len, const uint8_t *data, uint64_t data_len, uint64_t chunk) {
+    if (!l) return;
+    struct gf_gate *g = l->gate;
+    if (g) pthread_mutex_lock(&g->mu); /* waits for the lane's write in the gate, if any */
+    l->hdr_len = hdr_len;
+    l->data = data;
+    l->data_len = data_len;
+    l->chunk = chunk;
+    if (g) pthread_mutex_unlock(&g->mu);
 }
 
 void gf_lane_close(struct gf_lane *l) {

@@ -142,6 +142,11 @@ typedef struct gf_lane {
     const uint8_t *data; /* DIRECT: the data after hdr, and the tail block */
     uint64_t data_len;
     uint8_t *tail;
+    /* DIRECT: an AIO context (0: one pwritev2) used only by writes inside the gate, which the
+     * gate's mutex serializes (no other write may reap its completions), and its request size
+     * (0: block) */
+    uint64_t aio_ctx;
+    uint64_t chunk;
 } gf_lane;
 /* The gate's generation, and its increment (after the mutex: a write in the gate ends first). */
 uint64_t gf_gate_gen(void *gate);
@@ -152,6 +157,9 @@ void gf_gate_bump(void *gate);
  * CLOCK_MONOTONIC has reached deadline_ns (the lease's), or seq > INT64_MAX; -EBADF once the gate
  * is shut; -EINVAL when the lane's fields do not describe a write; else the write's result. */
 int gf_lane_write(struct gf_lane *lane, uint64_t seq, uint32_t slot, uint64_t v0, uint64_t v1, int64_t deadline_ns);
+/* Points a DIRECT lane at other data (after a write in its gate ends): its hdr_len, data,
+ * data_len and chunk, together, so that no write sees a mix of the old and the new. */
+void gf_lane_point(struct gf_lane *lane, uint64_t hdr_len, const uint8_t *data, uint64_t data_len, uint64_t chunk);
 /* Marks the lane closed (after a write in its gate ends); later writes return GF_LANE_AGAIN. */
 void gf_lane_close(struct gf_lane *lane);
 

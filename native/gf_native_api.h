@@ -131,3 +131,4 @@ uint64_t gf_gate_gen(void *gate);
 void gf_gate_bump(void *gate);
 int gf_lane_write(struct gf_lane *lane, uint64_t seq, uint32_t slot, uint64_t v0, uint64_t v1, int64_t deadline_ns);
 void gf_lane_close(struct gf_lane *lane);
+void gf_lane_point(struct gf_lane *lane, uint64_t hdr_len, const uint8_t *data, uint64_t data_len, uint64_t chunk);

@@ -251,7 +251,12 @@ def test_a_1_mib_aligned_checkpoint_goes_out_in_two_requests_and_reads_back(
             got = CheckpointedStageState.restore(r)
             assert bytes(got.state) == want and got.edge == EdgeCheckpoint(i, i)
         assert r._aio and not r._aio_failed  # the AIO path ran
-    assert seen == [512 << 10] * 3
+        # the lane's writes: one native call (gf_lane_write) with the same chunk, by the gated
+        # lanes' AIO context
+        lane = st._lane
+        assert lane is not None and lane.lane.gated and lane.lane.c.chunk == 512 << 10
+        assert lane.lane.c.aio_ctx == r._gate_aio[0] != 0
+    assert seen and seen == [512 << 10] * len(seen)
 
 
 def test_a_refused_aio_request_writes_the_record_again_in_one_request(tmp_path: Path) -> None:
