@@ -1014,9 +1014,10 @@ class RecordLane:
         self._fd_used = self._args[0][3 if self.gated else 0]
 
     def _gate_args(self, fn: Any, gate: Any) -> None:
-        """Write through the region's gate (no AIO context: nothing shared with the region's other
-        writes but the descriptor, which the gate guards): :attr:`gated`, and the caller of the
-        lane's native call may skip the region's I/O lock (``SlotLane.write``). The gated call
+        """Write through the region's gate (no AIO context, or the gated lanes' own: nothing shared
+        with the region's other writes but the descriptor, which the gate guards): :attr:`gated`,
+        and the caller of the lane's native call may skip the region's I/O lock
+        (``SlotLane.write``). The gated call
         takes the record's sequence number first and puts it (and the slot, ``i``) into ``head``'s
         header itself: ``self._fn(seq, *self._args[i])``."""
         self._fn = fn

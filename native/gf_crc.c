@@ -384,6 +384,17 @@ static void prep_write(struct iocb *cb, uint64_t idx, int fd, const uint8_t *buf
     cb->aio_offset = off;
 }
 
+/* One vectored write request of the niov buffers in iov at off, completion tagged idx. */
+static void prep_writev(struct iocb *cb, uint64_t idx, int fd, const struct iovec *iov, int niov, int64_t off) {
+    memset(cb, 0, sizeof *cb);
+    cb->aio_data = idx;
+    cb->aio_lio_opcode = IOCB_CMD_PWRITEV;
+    cb->aio_fildes = (uint32_t)fd;
+    cb->aio_buf = (uint64_t)(uintptr_t)iov;
+    cb->aio_nbytes = (uint64_t)niov;
+    cb->aio_offset = off;
+}
+
 /* Reaps `want` completions; *bad set when one failed or came up short. 0 or -errno (then nothing
  * more can be reaped: the context is broken, which io_getevents only reports for a bad context). */
 static int reap(aio_context_t ctx, long want, const uint64_t *expect, int *bad) {
@@ -525,22 +536,41 @@ int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, 
     aio_context_t ctx = (aio_context_t)aio_ctx;
     struct iocb cbs[GF_SLOT_MAX_AIO + 2];
     uint64_t expect[GF_SLOT_MAX_AIO + 2];
+    struct iovec last_iov[2], first_iov[2]; /* alive until every request is reaped (below) */
     long inflight = 0, nreq = 0;
     int aio_failed = 0, use_aio = aio_ctx != 0 && whole > 0;
     while (use_aio && whole / chunk + 2 > GF_SLOT_MAX_AIO) chunk *= 2; /* a large state: fewer, larger */
+    /* Two chunks or more: the first chunk goes out last, in one request with the head (which
+     * needs the CRC), and the tail block with the last chunk: two requests for a 1 MiB state, not
+     * four. The device starts on the other chunks at once, while the CRC is computed, so it never
+     * waits for the CRC (measured on an ext4 file on virtio-blk, 1 MiB, in C: 0.97-1.00x a raw
+     * O_DIRECT RWF_DSYNC write of the same pages, against 0.96-0.97x with the head and the tail in
+     * requests of their own). One chunk: the data first, then the head and the tail. */
+    int swap = use_aio && whole > chunk;
 
+    if (rest) { /* the data's last partial block, zero-filled: it needs no CRC, so it is ready first */
+        memcpy(tail, data + whole, rest);
+        memset(tail + rest, 0, block - rest);
+    }
     /* SYNC POINT: record durable. The state's whole blocks go out first, straight from the caller's
-     * buffer, and are in flight while the CRC is computed; the header block(s), which need it, and
-     * the state's last partial block go after; one flush once every request has landed. Nothing
+     * buffer, and are in flight while the CRC is computed; the header block(s), which need it, go
+     * after (with the first chunk, when swap); one flush once every request has landed. Nothing
      * orders the requests among themselves: until all have landed the slot fails a checksum
      * (slots.py's descriptor), which is the reader's side of this point. */
     if (use_aio) {
         struct iocb *one[GF_SLOT_MAX_AIO + 2];
         long want = 0;
-        for (uint64_t at = 0; at < whole; at += chunk) {
+        for (uint64_t at = swap ? chunk : 0; at < whole; at += chunk) {
             uint64_t len = whole - at < chunk ? whole - at : chunk;
-            prep_write(&cbs[nreq], (uint64_t)nreq, fd, data + at, len, pos + (int64_t)(head_len + at));
-            expect[nreq] = len;
+            if (swap && rest && at + len == whole) { /* the last chunk and the tail block */
+                last_iov[0] = (struct iovec){(void *)(data + at), (size_t)len};
+                last_iov[1] = (struct iovec){tail, (size_t)block};
+                prep_writev(&cbs[nreq], (uint64_t)nreq, fd, last_iov, 2, pos + (int64_t)(head_len + at));
+                expect[nreq] = len + block;
+            } else {
+                prep_write(&cbs[nreq], (uint64_t)nreq, fd, data + at, len, pos + (int64_t)(head_len + at));
+                expect[nreq] = len;
+            }
             one[want++] = &cbs[nreq++];
         }
         long got = syscall(SYS_io_submit, ctx, want, one);
@@ -550,24 +580,28 @@ int gf_slot_write_direct(int fd, int64_t pos, uint8_t *head, uint64_t head_len, 
     }
     uint32_t crc = gf_crc32c(head + GF_SLOT_DATA_OFFSET, head_len - GF_SLOT_DATA_OFFSET, 0);
     crc = gf_crc32c(data, data_len, crc);
-    if (rest) {
-        memcpy(tail, data + whole, rest);
-        memset(tail + rest, 0, block - rest);
-    }
     memset(head + GF_SLOT_HEADER_FIELDS, 0, GF_SLOT_DATA_OFFSET - GF_SLOT_HEADER_FIELDS);
     put_u32le(head + GF_SLOT_DATA_CRC_AT, crc);
     put_u32le(head + GF_SLOT_HEADER_CRC_AT, gf_crc32c(head, GF_SLOT_HEADER_CRC_AT, 0));
     if (use_aio && !aio_failed) {
         struct iocb *last[2];
         long nlast = 0;
-        if (rest) {
-            prep_write(&cbs[nreq], (uint64_t)nreq, fd, tail, block, pos + (int64_t)(head_len + whole));
-            expect[nreq] = block;
+        if (swap) { /* the head and the first chunk, one request */
+            first_iov[0] = (struct iovec){head, (size_t)head_len};
+            first_iov[1] = (struct iovec){(void *)data, (size_t)chunk};
+            prep_writev(&cbs[nreq], (uint64_t)nreq, fd, first_iov, 2, pos);
+            expect[nreq] = head_len + chunk;
+            last[nlast++] = &cbs[nreq++];
+        } else {
+            if (rest) {
+                prep_write(&cbs[nreq], (uint64_t)nreq, fd, tail, block, pos + (int64_t)(head_len + whole));
+                expect[nreq] = block;
+                last[nlast++] = &cbs[nreq++];
+            }
+            prep_write(&cbs[nreq], (uint64_t)nreq, fd, head, head_len, pos);
+            expect[nreq] = head_len;
             last[nlast++] = &cbs[nreq++];
         }
-        prep_write(&cbs[nreq], (uint64_t)nreq, fd, head, head_len, pos);
-        expect[nreq] = head_len;
-        last[nlast++] = &cbs[nreq++];
         long got = syscall(SYS_io_submit, ctx, nlast, last);
         if (got < 0) got = 0;
         inflight += got;

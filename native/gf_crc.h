@@ -78,9 +78,11 @@ int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8
  * there, zero-filled); data CRC = CRC32C of head[64, head_len) then data[0, data_len).
  *  - aio_ctx != 0 and a whole block of data: those blocks are submitted first (requests of at
  *    most `chunk` bytes, a multiple of block; larger when more than GF_SLOT_MAX_AIO would be
- *    needed), the CRC computed while they are in flight, then the tail and the head submitted,
- *    all reaped, one fdatasync; on AIO failure the whole record is written again as below and
- *    1 (2: aio_ctx destroyed too) is returned, as gf_slot_write does;
+ *    needed), the CRC computed while they are in flight, then the head submitted, all reaped,
+ *    one fdatasync. Where the blocks make more than one request, the first one waits and goes
+ *    with the head (one vectored request), and the tail with the last one; else the tail and
+ *    the head go in requests of their own. On AIO failure the whole record is written again as
+ *    below and 1 (2: aio_ctx destroyed too) is returned, as gf_slot_write does;
  *  - otherwise the CRC first, then one pwritev2 of head, data blocks and tail (RWF_DSYNC when
  *    dsync, else + fdatasync), short writes continued.
  * Returns 0 (or 1, 2) once the record is durable, -errno otherwise (-EINVAL: bad arguments,

@@ -80,7 +80,7 @@ def spy(r: BlockRegion) -> Spy:
 
 
 @pytest.mark.parametrize("mode", ["auto", "gather", "direct", "aio"])
-@pytest.mark.parametrize("nbytes", [0, 1, 4095, 4096, 5000, 3 * 4096, 200_000, 300_007])
+@pytest.mark.parametrize("nbytes", [0, 1, 4095, 4096, 5000, 3 * 4096, 3 << 16, 200_000, 300_007])
 def test_an_aligned_state_round_trips_and_is_written_byte_for_byte_from_its_buffer(
     region: BlockRegion, nbytes: int, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
