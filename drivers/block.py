@@ -676,8 +676,11 @@ class BlockRegion:
         ``data``'s whole blocks are submitted first, by Linux AIO with ``O_DIRECT``, straight
         from the caller's memory (no copy; two equal requests up to :data:`DIRECT_SPLIT_MAX`,
         :data:`AIO_CHUNK` ones above it), the data CRC32C is computed while they are in flight,
-        then the header block (now holding both CRCs) and ``data``'s last partial block (copied
-        into an aligned block, zero-padded) follow; one ``fdatasync`` once all have landed. That is
+        then the header block (now holding both CRCs) follows, and ``data``'s last partial block
+        (copied into an aligned block, zero-padded); one ``fdatasync`` once all have landed.
+        Where the whole blocks make two requests or more, the first is held back and goes with
+        the header block (one vectored request), and the last partial block with the last one:
+        a 1 MiB state is two requests. That is
         ``record_mode`` ``"aio"``, and ``"auto"`` for ``data`` over :data:`AIO_CHUNK` on a disk or
         block device. Otherwise the CRC comes first, then one gathered ``pwritev`` with
         ``RWF_DSYNC``: on the region's ``O_DIRECT`` descriptor (``"direct"``, and where AIO is
