@@ -409,9 +409,8 @@ class CheckpointedStageState(Generic[S]):
             return
         if new is not None:
             self._lane, self._lane_env, self._lane_stage = new, fields, self.stage
-            if new.fast is not None:  # the envelope's constant fields, packed once (a split lane's
-                # zero bytes for its current data: _retake leaves the first write after a change of
-                # them to the careful way, which packs them again)
+            if new.fast is not None:  # the envelope's constant fields, packed once (with a split
+                # lane's zero bytes for its current data; _retake primes them again when they change)
                 new.prime(*fields[:3], fields[3] + new.pad, 0, 0)
                 self._fast = (*new.fast, data, self.stage)
 
