@@ -70,6 +70,14 @@ static void prepv(struct iocb *cb, struct iovec *iov, int n, off_t off) {
 
 static int submit(struct iocb **cbs, long n) { return syscall(SYS_io_submit, ctx, n, cbs) == n ? 0 : -1; }
 
+static int submit1(struct iocb *cb) { return submit(&cb, 1); }
+
+/* The data's CRC32C into the head block (where a record header keeps it). */
+static void stamp(uint8_t *head, const uint8_t *data, size_t n) {
+    uint32_t crc = gf_crc32c(data, n, 0);
+    memcpy(head + 60, &crc, 4);
+}
+
 static int reap(long n) {
     struct io_event ev[8];
     while (n > 0) {
@@ -142,29 +150,23 @@ int main(int argc, char **argv) {
                 double c0 = clock_us(CLOCK_THREAD_CPUTIME_ID), t0 = clock_us(CLOCK_MONOTONIC), t;
                 long ops = 0;
                 do {
-                    struct iovec v[3], w[2];
-                    struct iocb cbs[4], *pp[4];
+                    struct iovec v[3] = {{head, BS}, {al, whole}, {tail, BS}}; /* the whole record */
+                    struct iovec w[2];
+                    struct iocb cbs[4], *pp[2];
                     int rc = 0;
-                    uint32_t crc;
                     switch (c) {
-                    case 0:
-                        v[0] = (struct iovec){al, whole};
-                        v[1] = (struct iovec){tail, BS};
-                        rc = pwritev2(fd, v, 2, P_RAW, RWF_DSYNC) < 0;
+                    case 0: /* the same pages' whole blocks and the tail block */
+                        rc = pwritev2(fd, v + 1, 2, P_RAW, RWF_DSYNC) < 0;
                         break;
                     case 1:
-                        v[0] = (struct iovec){al + ch, whole - ch};
-                        v[1] = (struct iovec){tail, BS};
-                        prepv(&cbs[0], v, 2, P_REC + BS + ch);
-                        pp[0] = &cbs[0];
-                        rc |= submit(pp, 1);
-                        crc = gf_crc32c(data, n, 0);
-                        memcpy(head + 60, &crc, 4);
-                        w[0] = (struct iovec){head, BS};
-                        w[1] = (struct iovec){al, ch};
-                        prepv(&cbs[1], w, 2, P_REC);
-                        pp[0] = &cbs[1];
-                        rc |= submit(pp, 1) | reap(2) | fdatasync(fd);
+                        w[0] = (struct iovec){al + ch, whole - ch};
+                        w[1] = (struct iovec){tail, BS};
+                        prepv(&cbs[0], w, 2, P_REC + BS + ch);
+                        rc |= submit1(&cbs[0]);
+                        stamp(head, data, n);
+                        v[1].iov_len = ch; /* the head and the first chunk */
+                        prepv(&cbs[1], v, 2, P_REC);
+                        rc |= submit1(&cbs[1]) | reap(2) | fdatasync(fd);
                         break;
                     case 2:
                     case 3:
@@ -173,10 +175,7 @@ int main(int argc, char **argv) {
                         pp[0] = &cbs[0];
                         pp[1] = &cbs[1];
                         rc |= submit(pp, 2);
-                        if (c == 2) {
-                            crc = gf_crc32c(data, n, 0);
-                            memcpy(head + 60, &crc, 4);
-                        }
+                        if (c == 2) stamp(head, data, n);
                         prep(&cbs[2], tail, BS, P_REC + BS + whole);
                         prep(&cbs[3], head, BS, P_REC);
                         pp[0] = &cbs[2];
@@ -184,19 +183,11 @@ int main(int argc, char **argv) {
                         rc |= submit(pp, 2) | reap(4) | fdatasync(fd);
                         break;
                     case 4:
-                        v[0] = (struct iovec){head, BS};
-                        v[1] = (struct iovec){al, whole};
-                        v[2] = (struct iovec){tail, BS};
                         prepv(&cbs[0], v, 3, P_REC);
-                        pp[0] = &cbs[0];
-                        rc |= submit(pp, 1) | reap(1) | fdatasync(fd);
+                        rc |= submit1(&cbs[0]) | reap(1) | fdatasync(fd);
                         break;
                     default:
-                        crc = gf_crc32c(data, n, 0);
-                        memcpy(head + 60, &crc, 4);
-                        v[0] = (struct iovec){head, BS};
-                        v[1] = (struct iovec){al, whole};
-                        v[2] = (struct iovec){tail, BS};
+                        stamp(head, data, n);
                         rc = pwritev2(fd, v, 3, P_REC, RWF_DSYNC) < 0;
                     }
                     if (rc) die(names[c]);
