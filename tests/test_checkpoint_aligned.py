@@ -274,6 +274,33 @@ def test_a_refused_aio_request_writes_the_record_again_in_one_request(tmp_path: 
         assert bytes(CheckpointedStageState.restore(r).state) == bytes(st.state)
 
 
+def test_a_gated_aio_lane_whose_context_is_refused_writes_the_record_in_one_request(tmp_path: Path) -> None:
+    """The lane of a 1 MiB aligned state writes by the gated lanes' AIO context, in one native call
+    (gf_lane_write); once the kernel refuses that context, the call writes the record again in one
+    request (rc 1), AIO is off for the region and the lane is stale; every record restores."""
+    with open_block(tmp_path / "r.img", create_size=4 * SIZE) as r:
+        st = CheckpointedStageState.with_buffer(r, 1 << 20, stage=STAGE)
+        fill(st, 1)
+        st.checkpoint()
+        lane = st._lane
+        assert lane is not None and lane.lane.gated and st._fast is not None
+        ctx = r._gate_aio[0]
+        assert lane.lane.c.aio_ctx == ctx and ctx not in r._aio
+        want = fill(st, 2)
+        st.checkpoint()  # through the lane, by AIO
+        assert bytes(CheckpointedStageState.restore(r).state) == want and not r._aio_failed
+        blockmod.lib.gf_aio_destroy(ctx)  # the kernel no longer knows it: io_submit refuses
+        want = fill(st, 3)
+        st.checkpoint()
+        r._gate_aio.clear()  # destroyed here, not by the region
+        assert r._aio_failed and not lane.live
+        assert bytes(CheckpointedStageState.restore(r).state) == want
+        want = fill(st, 4)
+        st.checkpoint()  # a new lane, without AIO
+        st.checkpoint()
+        assert bytes(CheckpointedStageState.restore(r).state) == want
+
+
 def test_a_build_that_reads_only_version_3_refuses_an_aligned_record(region: BlockRegion) -> None:
     st = CheckpointedStageState.with_buffer(region, 5000, stage=STAGE)
     st.checkpoint()
