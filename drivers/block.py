@@ -554,16 +554,23 @@ class BlockRegion:
             self._on_volatile = not self.is_blockdev and filesystem_type(self.path) in VOLATILE_FILESYSTEMS
         return self._on_volatile
 
+    @staticmethod
+    def _new_aio(into: list[int]) -> int:
+        """A new AIO context appended to ``into`` (0), or -errno where the kernel refused one."""
+        ctx = ffi.new("uint64_t *")
+        rc = int(lib.gf_aio_setup(_AIO_EVENTS, ctx))
+        if rc == 0:
+            into.append(int(ctx[0]))
+        return rc
+
     def _aio_ctx(self) -> int:
         if not self._aio:
-            ctx = ffi.new("uint64_t *")
-            rc = lib.gf_aio_setup(_AIO_EVENTS, ctx)
+            rc = self._new_aio(self._aio)
             if rc < 0:
                 self._aio_failed = True
                 self._stale_lanes()
                 log.info("no AIO context for %s (%s): records go out in one request", self.path, os.strerror(-rc))
                 return 0
-            self._aio.append(int(ctx[0]))
         return self._aio[0]
 
     def _gate_aio_ctx(self) -> int:
@@ -575,12 +582,10 @@ class BlockRegion:
         if self._gate is None or self._aio_failed:
             return 0
         if not self._gate_aio:
-            ctx = ffi.new("uint64_t *")
-            rc = lib.gf_aio_setup(_AIO_EVENTS, ctx)
+            rc = self._new_aio(self._gate_aio)
             if rc < 0:
                 log.info("no AIO context for %s's record lanes (%s)", self.path, os.strerror(-rc))
                 return 0
-            self._gate_aio.append(int(ctx[0]))
         return self._gate_aio[0]
 
     def write_record(self, lba: int, header: bytes, parts: Sequence[Any], nbytes: int) -> int:
@@ -1104,7 +1109,6 @@ class RecordLane:
         )
         c = self.c
         if c is not None:  # gated (the gated lanes' AIO context): the same write through the gate
-            self._fn = lib.gf_slot_write_direct
             self._gate_args(lib.gf_slot_write_direct_gated, self.region._gate)
             lib.gf_lane_point(c, head, ptr + k, rest, chunk)  # after a write in the gate: never a mix
         self._dptr = ptr

@@ -658,7 +658,6 @@ class EdgeConsumer(RelocatableQueueEdge):
         out.update(self._rebind_stats())
         return out
 
-
     def __repr__(self) -> str:
         gen = None if self._gen is None else int(self._gen)
         return f"<EdgeConsumer stage={self.stage.name!r} generation={gen} position={self._gate.expected}>"

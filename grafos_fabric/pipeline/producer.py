@@ -919,7 +919,6 @@ class EdgeProducer(RelocatableQueueEdge):
         out.update(self._rebind_stats())
         return out
 
-
     def __repr__(self) -> str:
         gen = None if self._gen is None else int(self._gen)
         return (
