@@ -24,8 +24,9 @@ setup(
     ext_modules=[
         Extension(
             "grafos_fabric._item",
-            # gf_native.c too: items release their ring space with a direct native call
-            sources=["native/gf_item.c", "native/gf_native.c"],
+            # gf_native.c too: items release their ring space with a direct native call; gf_ckpt.c
+            # and gf_crc.c: checkpoint() in C, which calls gf_lane_write directly
+            sources=["native/gf_item.c", "native/gf_native.c", "native/gf_ckpt.c", "native/gf_crc.c"],
             # numpy's headers: a reservation's view is made with numpy's C API (its function
             # table, fetched at import). Built against numpy >= 2 (pyproject's build requirement)
             # for numpy 1.24 and later (NPY_TARGET_VERSION: pyproject's runtime floor).
@@ -37,6 +38,8 @@ setup(
                 "native/gf_atomics.h",
                 "native/gf_segment.h",
                 "native/gf_ring.h",
+                "native/gf_item.h",
+                "native/gf_crc.h",
             ],
             py_limited_api=True,
             define_macros=[("Py_LIMITED_API", "0x030B0000"), ("NPY_TARGET_VERSION", "NPY_1_24_API_VERSION")],

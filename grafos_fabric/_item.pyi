@@ -115,3 +115,14 @@ class QueueBase:
     _give_back_after_reserve: bool
     _commit_len: int
     last_seq: int
+
+class LaneRef:
+    """A record lane's ``struct gf_lane`` (checkpoint()'s native write), by the cffi buffer over it."""
+
+    def __new__(cls, buffer: Any, /) -> LaneRef: ...
+
+def checkpoint(state: Any, edge: Any = None, /) -> int:
+    """CheckpointedStageState.checkpoint, its fast path in C (native/gf_ckpt.c)."""
+
+def checkpoint_setup(edge_type: type, active: Any, observe: Any, native_write: Any, /) -> None:
+    """What checkpoint() compares with: EdgeCheckpoint, LeaseState.ACTIVE, the observe module, lib.gf_lane_write."""

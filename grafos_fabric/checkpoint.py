@@ -87,7 +87,6 @@ from __future__ import annotations
 import logging
 import mmap
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
@@ -97,6 +96,9 @@ import numpy as np
 
 from . import observe
 from ._ffi import ffi, lib
+from ._item import LaneRef, PLock
+from ._item import checkpoint as _native_checkpoint
+from ._item import checkpoint_setup as _native_checkpoint_setup
 from ._memory import HUGE_MIN, huge_mmap, huge_pages
 from .errors import CapacityExceeded, Corrupted, FabricError, FabricValueError
 from .lease import LeaseState
@@ -251,11 +253,13 @@ class CheckpointedStageState(Generic[S]):
         self._lane_env: tuple[int, int, int, int] = (0, 0, 0, 0)  # the lane's constant envelope fields
         self._lane_want = -1  # a bytes state's length at the last ordinary write (a lane after two alike)
         self._lane_stage: StageId | None = None  # the stage name the lane's prefix holds
-        # the lane's SlotLane.fast (primed), its data and stage: checkpoint()'s one native call
-        self._fast: tuple[Any, Any, Any, SlotStore, Any, StageId] | None = None
+        # the lane's SlotLane.fast (primed), its data, stage and LaneRef: checkpoint()'s one native
+        # call (native/gf_ckpt.c reads this tuple)
+        self._fast: tuple[Any, Any, Any, SlotStore, Any, StageId, LaneRef] | None = None
         # checkpoint() calls, one at a time: a lane points its native write at the state's own
-        # memory, and a second thread re-pointing it mid-write would free what the first one reads
-        self._lock = threading.RLock()
+        # memory, and a second thread re-pointing it mid-write would free what the first one reads.
+        # A PLock (threading.RLock's rules) because checkpoint() in C takes it without a Python call.
+        self._lock = PLock()
 
     @classmethod
     def with_buffer(
@@ -412,7 +416,7 @@ class CheckpointedStageState(Generic[S]):
             if new.fast is not None:  # the envelope's constant fields, packed once (with a split
                 # lane's zero bytes for its current data; _retake primes them again when they change)
                 new.prime(*fields[:3], fields[3] + new.pad, 0, 0)
-                self._fast = (*new.fast, data, self.stage)
+                self._fast = (*new.fast, data, self.stage, LaneRef(ffi.buffer(new.fast[1])))
 
     def _notify(self, method: str) -> None:
         if self.observer is None:
@@ -434,39 +438,11 @@ class CheckpointedStageState(Generic[S]):
         The previous checkpoint stays readable whatever happens. Calls from
         several threads run one at a time.
         """
-        lock = self._lock  # one at a time (see __init__); acquire/release: half a with's cost
-        lock.acquire()
-        try:
-            fast = self._fast  # one native call through the lane's gf_lane, prepared once (SlotLane.fast)
-            if fast is not None and self.observer is None and observe._current is None:
-                write, c, cell, store, data, stage = fast
-                target = self.edge if edge is None else edge
-                newest = store._newest
-                if (
-                    type(target) is EdgeCheckpoint
-                    and self.stage is stage
-                    and newest is not None
-                    and cell._state == _ACTIVE
-                    and self.codec == "raw"
-                    and (self.state is data or self._retake())
-                ):
-                    seq = newest[1] + 1
-                    slot = 1 - newest[0]
-                    store._newest = None  # unknown until this write completes: a failure re-scans next time
-                    # SYNC POINT: record durable (as SlotLane.write's: header and data in one durable
-                    # write; the reader's side is the two checksums in slots._examine)
-                    rc = write(c, seq, slot, target.input_offset, target.output_commit, cell._deadline)
-                    if not rc:
-                        store._newest = (slot, seq)
-                        self.edge = target
-                        self.last_seq = seq
-                        return seq
-                    store._newest = newest
-                    if rc != _AGAIN:  # raises, or nothing was written (then the ordinary path)
-                        return self._failed(rc, newest, slot, seq, edge, target)
-            return self._checkpoint_lane(edge)
-        finally:
-            lock.release()
+        # native/gf_ckpt.c: under self._lock, the lane's one native call (self._fast: the checks
+        # below it, in C), else self._checkpoint_lane(edge); self._retake() when the state object
+        # changed, self._failed(...) when the native write failed. A 4 KiB checkpoint's Python
+        # method around that call cost about 2.7 us (README "Checkpoint speed").
+        return _native_checkpoint(self, edge)
 
     def _retake(self) -> bool:
         """checkpoint()'s fast path: point the lane at a new ``bytes`` state of its length (True).
@@ -483,7 +459,7 @@ class CheckpointedStageState(Generic[S]):
         if lane.pad != pad:
             c, f, n, p = self._lane_env
             lane.prime(c, f, n, p + lane.pad, 0, 0)
-        self._fast = (*fast[:4], self.state, fast[5])
+        self._fast = (*fast[:4], self.state, *fast[5:])
         return True
 
     def _failed(
@@ -649,7 +625,7 @@ class CheckpointedStageState(Generic[S]):
         inst._lane_want = -1
         inst._lane_stage = None
         inst._fast = None
-        inst._lock = threading.RLock()
+        inst._lock = PLock()
         log.debug("restored checkpoint of stage %s (seq %d, slot %d)", written_stage, record.seq, record.slot)
         return inst
 
@@ -662,3 +638,6 @@ class CheckpointedStageState(Generic[S]):
             f"<CheckpointedStageState stage={self.stage.name!r} edge={self.edge} codec={self.codec} "
             f"last_seq={self.last_seq}>"
         )
+
+
+_native_checkpoint_setup(EdgeCheckpoint, _ACTIVE, observe, lib.gf_lane_write)

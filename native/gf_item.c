@@ -44,6 +44,7 @@
 #include <string.h>
 
 #include "gf_native.h" /* gf_consumer and gf_release: gf_native.c is compiled into this module too */
+#include "gf_item.h"  /* what gf_ckpt.c (checkpoint() in C, also in this module) uses of PLock */
 
 /* numpy's C API (its function table, fetched at import by import_array): only to
  * make a reservation's view, a uint8 array over the ring, without numpy's slicing
@@ -678,6 +679,11 @@ static PyObject *plock_py_exit(PyObject *o, PyObject *const *args, Py_ssize_t na
     if (plock_release_c((PLockObject *)o) < 0) return NULL;
     Py_RETURN_NONE;
 }
+
+/* gf_item.h: PLock for gf_ckpt.c */
+int gf_item_is_plock(PyObject *o) { return PyObject_TypeCheck(o, g_plock_type); }
+int gf_item_plock_acquire(PyObject *o) { return plock_acquire_c((PLockObject *)o); }
+int gf_item_plock_release(PyObject *o) { return plock_release_c((PLockObject *)o); }
 
 /* _is_owned(): this thread holds it (as threading.RLock._is_owned) */
 static PyObject *plock_is_owned(PyObject *o, PyObject *unused) {
@@ -1949,6 +1955,10 @@ PyMODINIT_FUNC PyInit__item(void) {
         return NULL;
     }
     g_plock_type = (PyTypeObject *)pl;
+    if (gf_ckpt_init(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     PyObject *qt = PyType_FromSpec(&qb_spec);
     if (!qt || PyModule_AddObject(m, "QueueBase", qt) < 0) {
         Py_XDECREF(qt);

@@ -115,6 +115,8 @@ def test_sdist_is_complete_and_the_wheel_is_tagged_abi3(tmp_path: Path) -> None:
         "tools/check_sdist.sh",
         "native/gf_native.c",
         "native/gf_item.c",
+        "native/gf_ckpt.c",
+        "native/gf_item.h",
         "native/build_native.py",
         "drivers/shm.py",
         "tools/cli.py",

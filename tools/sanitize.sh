@@ -48,13 +48,14 @@ for f in grafos_fabric/*; do
   ln -s "$ROOT/$f" "$OUT/overlay/grafos_fabric/$(basename "$f")"
 done
 cp "$SO" "$OUT/overlay/grafos_fabric/"
-# grafos_fabric._item (native/gf_item.c: the item type's buffer protocol), sanitized the same way
+# grafos_fabric._item (native/gf_item.c: the item type's buffer protocol; gf_ckpt.c and gf_crc.c:
+# checkpoint() in C), sanitized the same way
 # (gf_native.c's ring core is gf_ring_core.h's inline functions, found through -Inative: gf_ring_core.c
 # only exports them to cffi, so _item needs no other source)
 PYINC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 NPINC=$("$PY" -c 'import numpy; print(numpy.get_include())')  # gf_item.c makes reservation views with numpy's C API
 gcc -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize="$SANITIZERS" -std=gnu11 -I"$PYINC" -I"$NPINC" \
-  -DPy_LIMITED_API=0x030B0000 -DNPY_TARGET_VERSION=NPY_1_24_API_VERSION -Inative native/gf_item.c native/gf_native.c \
+  -DPy_LIMITED_API=0x030B0000 -DNPY_TARGET_VERSION=NPY_1_24_API_VERSION -Inative native/gf_item.c native/gf_native.c native/gf_ckpt.c native/gf_crc.c \
   -o "$OUT/overlay/grafos_fabric/_item.abi3.so" 2>"$OUT/build_item.log" || {
   cat "$OUT/build_item.log" >&2
   echo "sanitize: building _item failed" >&2
@@ -89,7 +90,7 @@ GRAFOS_CONFORMANCE_DRIVERS=shm LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:ca
   "$ROOT/tests/test_hostile_memory.py" "$ROOT/tests/test_block_durable.py" \
   "$ROOT/tests/conformance/test_item_buffer.py" "$ROOT/tests/conformance/test_queue_fast.py" \
   "$ROOT/tests/whitebox/test_plock.py" "$ROOT/tests/whitebox/test_wake_once.py" \
-  "$ROOT/tests/test_checkpoint_lane.py" "$@" || status=$?
+  "$ROOT/tests/test_checkpoint_lane.py" "$ROOT/tests/test_checkpoint_native.py" "$@" || status=$?
 cd "$ROOT"
 
 # -- 4. any report fails the run

@@ -1,0 +1,324 @@
+/*
+ * gf_ckpt.c: CheckpointedStageState.checkpoint() in C (grafos_fabric._item.checkpoint), compiled
+ * into grafos_fabric._item with gf_item.c and gf_crc.c (whose gf_lane_write it calls directly).
+ *
+ * Why C: a 4 KiB single-sync checkpoint is one ~90 us device write, and the Python method around
+ * its one native call cost about 2.7 us of that (the checks below, the lock, cffi's argument
+ * conversion), measured interleaved in one process (README "Checkpoint speed": "checkpoint() in
+ * C"). This is the same method, line for line, with the same lock: where it cannot take the lane
+ * (no lane, an observer or metrics, another stage or edge type, the lease not active, another
+ * codec, a changed state that the lane cannot take) it calls the Python methods that did the
+ * rest before: state._checkpoint_lane(edge), state._retake(), state._failed(...).
+ *
+ *   checkpoint(state, edge) -> seq
+ *
+ * state._lock must be a grafos_fabric._item.PLock (taken and given back here, around all of
+ * it, exceptions included). state._fast, when not None, is the tuple the Python side makes
+ * (checkpoint.py, _make_lane): (write, c, cell, store, data, stage, lane), where lane is a
+ * LaneRef over the cffi buffer of the lane's struct gf_lane. When write is the native
+ * gf_lane_write registered by setup(), the call goes straight to gf_lane_write on that struct
+ * with the GIL released (as cffi's own call does); any other callable is called as the Python
+ * side would (a test puts one there to land a close between the checks and the write).
+ *
+ * Nothing here reads shared memory or disk: every value comes from Python objects, each checked
+ * for its type and range before use (a value out of range takes the Python path, which says why).
+ */
+#ifndef Py_LIMITED_API
+#define Py_LIMITED_API 0x030B0000
+#endif
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#include "gf_crc.h"
+#include "gf_item.h"
+
+/* setup(): EdgeCheckpoint (the exact type the lane takes), LeaseState.ACTIVE, the observe module's
+ * dict (its _current: metrics on), the native gf_lane_write as cffi exposes it (lib.gf_lane_write),
+ * "raw", GF_LANE_AGAIN as a Python int */
+static PyObject *g_edge_type, *g_active, *g_observe_dict, *g_native_write, *g_raw;
+static PyObject *s_lock, *s_fast, *s_observer, *s_current, *s_edge, *s_newest, *s_stage, *s_state_attr, *s_codec,
+    *s_cstate, *s_deadline, *s_input_offset, *s_output_commit, *s_last_seq, *s_checkpoint_lane, *s_retake, *s_failed;
+
+/* ---- LaneRef: the address of a struct gf_lane, from the cffi buffer over it ---- */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view; /* holds the exporter (cffi's buffer, which holds the lane's cdata) */
+    int held;
+} LaneRefObject;
+
+static PyTypeObject *g_laneref_type;
+
+static PyObject *laneref_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
+    PyObject *buf;
+    if (kw && PyDict_Size(kw) != 0) {
+        PyErr_SetString(PyExc_TypeError, "LaneRef() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O:LaneRef", &buf)) return NULL;
+    allocfunc alloc = (allocfunc)PyType_GetSlot(tp, Py_tp_alloc);
+    LaneRefObject *self = (LaneRefObject *)alloc(tp, 0);
+    if (!self) return NULL;
+    if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->held = 1;
+    if (self->view.len != (Py_ssize_t)sizeof(struct gf_lane) || ((uintptr_t)self->view.buf % _Alignof(struct gf_lane))) {
+        PyErr_Format(PyExc_ValueError, "LaneRef takes the buffer of one struct gf_lane (%zu bytes, aligned)",
+                     sizeof(struct gf_lane));
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void laneref_dealloc(PyObject *o) {
+    LaneRefObject *self = (LaneRefObject *)o;
+    PyTypeObject *tp = Py_TYPE(o);
+    if (self->held) PyBuffer_Release(&self->view);
+    self->held = 0;
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot laneref_slots[] = {
+    {Py_tp_doc, "LaneRef(buffer): a record lane's struct gf_lane (checkpoint()'s native write), by its cffi buffer."},
+    {Py_tp_new, laneref_new},
+    {Py_tp_dealloc, laneref_dealloc},
+    {0, NULL},
+};
+
+static PyType_Spec laneref_spec = {
+    .name = "grafos_fabric._item.LaneRef",
+    .basicsize = sizeof(LaneRefObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = laneref_slots,
+};
+
+/* ---- checkpoint ---- */
+
+#define NOT_TAKEN ((PyObject *)&g_not_taken) /* the fast path does not apply: state._checkpoint_lane(edge) */
+static int g_not_taken;
+
+/* 1: a is b or a == b; 0: not; -1: error */
+static int same_or_equal(PyObject *a, PyObject *b) { return a == b ? 1 : PyObject_RichCompareBool(a, b, Py_EQ); }
+
+/* A u64 from a Python int, or -1 with nothing set when it is not one (the Python path decides). */
+static int as_u64(PyObject *v, uint64_t *out) {
+    if (!PyLong_Check(v)) return -1;
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    *out = (uint64_t)x;
+    return 0;
+}
+
+/* The fast path under the lock: a new reference (the result), NOT_TAKEN, or NULL with an error. */
+static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
+    PyObject *fast = PyObject_GetAttr(st, s_fast), *target = NULL, *newest = NULL, *res = NOT_TAKEN, *v;
+    if (!fast) return NULL;
+    if (fast == Py_None || !PyTuple_Check(fast) || PyTuple_Size(fast) != 7) goto out;
+    if (!(v = PyObject_GetAttr(st, s_observer))) goto fail;
+    Py_DECREF(v);
+    if (v != Py_None) goto out;
+    v = PyDict_GetItemWithError(g_observe_dict, s_current); /* borrowed */
+    if (!v && PyErr_Occurred()) goto fail;
+    if (v && v != Py_None) goto out;
+    PyObject *write = PyTuple_GetItem(fast, 0), *c = PyTuple_GetItem(fast, 1), *cell = PyTuple_GetItem(fast, 2),
+             *store = PyTuple_GetItem(fast, 3), *data = PyTuple_GetItem(fast, 4), *stage = PyTuple_GetItem(fast, 5),
+             *lane = PyTuple_GetItem(fast, 6);
+    if (!write || !c || !cell || !store || !data || !stage || !lane) goto fail;
+    target = edge == Py_None ? PyObject_GetAttr(st, s_edge) : Py_NewRef(edge);
+    if (!target) goto fail;
+    if (!(newest = PyObject_GetAttr(store, s_newest))) goto fail;
+    if ((PyObject *)Py_TYPE(target) != g_edge_type || newest == Py_None) goto out;
+    if (!(v = PyObject_GetAttr(st, s_stage))) goto fail;
+    Py_DECREF(v);
+    if (v != stage) goto out;
+    if (!(v = PyObject_GetAttr(cell, s_cstate))) goto fail;
+    int ok = same_or_equal(v, g_active);
+    Py_DECREF(v);
+    if (ok < 0) goto fail;
+    if (!ok) goto out;
+    if (!(v = PyObject_GetAttr(st, s_codec))) goto fail;
+    ok = same_or_equal(v, g_raw);
+    Py_DECREF(v);
+    if (ok < 0) goto fail;
+    if (!ok) goto out;
+    if (!(v = PyObject_GetAttr(st, s_state_attr))) goto fail;
+    Py_DECREF(v);
+    if (v != data) { /* a new state of the lane's length, maybe: _retake points the lane at it */
+        if (!(v = PyObject_CallMethodObjArgs(st, s_retake, NULL))) goto fail;
+        ok = PyObject_IsTrue(v);
+        Py_DECREF(v);
+        if (ok < 0) goto fail;
+        if (!ok) goto out;
+    }
+    /* newest: (slot, seq) as SlotStore keeps it; anything else takes the Python path */
+    uint64_t last, was_slot, v0, v1;
+    if (!PyTuple_Check(newest) || PyTuple_Size(newest) != 2 || as_u64(PyTuple_GetItem(newest, 0), &was_slot) < 0 ||
+        was_slot > 1 || as_u64(PyTuple_GetItem(newest, 1), &last) < 0 || last >= (uint64_t)INT64_MAX)
+        goto out;
+    uint64_t seq = last + 1;
+    uint32_t slot = (uint32_t)(1 - was_slot);
+    PyObject *in = PyObject_GetAttr(target, s_input_offset);
+    if (!in) goto fail;
+    PyObject *oc = PyObject_GetAttr(target, s_output_commit);
+    if (!oc) {
+        Py_DECREF(in);
+        goto fail;
+    }
+    ok = as_u64(in, &v0) == 0 && as_u64(oc, &v1) == 0;
+    Py_DECREF(in);
+    Py_DECREF(oc);
+    if (!ok) goto out;
+    if (!(v = PyObject_GetAttr(cell, s_deadline))) goto fail;
+    long long deadline = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
+    Py_DECREF(v);
+    if (deadline == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        goto out;
+    }
+    int native = write == g_native_write;
+    if (native && !PyObject_TypeCheck(lane, g_laneref_type)) {
+        PyErr_SetString(PyExc_TypeError, "checkpoint: the lane's reference is not a LaneRef");
+        goto fail;
+    }
+    /* unknown until this write completes: a failure re-scans next time */
+    if (PyObject_SetAttr(store, s_newest, Py_None) < 0) goto fail;
+    int rc;
+    if (native) {
+        struct gf_lane *l = ((LaneRefObject *)lane)->view.buf;
+        /* SYNC POINT: record durable (as SlotLane.write's: header and data in one durable write;
+         * the reader's side is the two checksums in slots._examine) */
+        Py_BEGIN_ALLOW_THREADS
+        rc = gf_lane_write(l, seq, slot, v0, v1, (int64_t)deadline);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyObject *r = PyObject_CallFunction(write, "OKIKKL", c, (unsigned long long)seq, (unsigned int)slot,
+                                            (unsigned long long)v0, (unsigned long long)v1, deadline);
+        if (!r) goto fail;
+        rc = (int)PyLong_AsLong(r);
+        Py_DECREF(r);
+        if (rc == -1 && PyErr_Occurred()) goto fail;
+    }
+    if (!rc) {
+        PyObject *s = PyLong_FromUnsignedLongLong(seq);
+        PyObject *nw = s ? Py_BuildValue("(IO)", (unsigned int)slot, s) : NULL;
+        if (!nw || PyObject_SetAttr(store, s_newest, nw) < 0 || PyObject_SetAttr(st, s_edge, target) < 0 ||
+            PyObject_SetAttr(st, s_last_seq, s) < 0) {
+            Py_XDECREF(nw);
+            Py_XDECREF(s);
+            goto fail;
+        }
+        Py_DECREF(nw);
+        res = s;
+        goto out;
+    }
+    if (PyObject_SetAttr(store, s_newest, newest) < 0) goto fail;
+    if (rc != GF_LANE_AGAIN) { /* raises, or nothing was written (then the ordinary path) */
+        PyObject *a = Py_BuildValue("(iOIKOO)", rc, newest, (unsigned int)slot, (unsigned long long)seq, edge, target);
+        if (!a) goto fail;
+        PyObject *m = PyObject_GetAttr(st, s_failed);
+        res = m ? PyObject_Call(m, a, NULL) : NULL;
+        Py_XDECREF(m);
+        Py_DECREF(a);
+    }
+    goto out;
+fail:
+    res = NULL;
+out:
+    Py_XDECREF(newest);
+    Py_XDECREF(target);
+    Py_DECREF(fast);
+    return res;
+}
+
+/* checkpoint(state, edge=None) -> seq: CheckpointedStageState.checkpoint (the module's text) */
+static PyObject *ckpt_checkpoint(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "checkpoint(state, edge=None)");
+        return NULL;
+    }
+    if (!g_edge_type) {
+        PyErr_SetString(PyExc_RuntimeError, "grafos_fabric._item.checkpoint before checkpoint_setup()");
+        return NULL;
+    }
+    PyObject *st = args[0], *edge = nargs > 1 ? args[1] : Py_None;
+    PyObject *lock = PyObject_GetAttr(st, s_lock);
+    if (!lock) return NULL;
+    if (!gf_item_is_plock(lock)) {
+        Py_DECREF(lock);
+        PyErr_SetString(PyExc_TypeError, "checkpoint: state._lock is not a grafos_fabric._item.PLock");
+        return NULL;
+    }
+    if (gf_item_plock_acquire(lock) < 0) { /* one at a time (CheckpointedStageState.__init__) */
+        Py_DECREF(lock);
+        return NULL;
+    }
+    PyObject *res = ckpt_locked(st, edge);
+    if (res == NOT_TAKEN) res = PyObject_CallMethodObjArgs(st, s_checkpoint_lane, edge, NULL);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb); /* the lock goes back whatever happened, the error stays */
+    if (gf_item_plock_release(lock) < 0) { /* not held here: cannot happen (taken above, reentrant) */
+        Py_XDECREF(res);
+        res = NULL;
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+    } else {
+        PyErr_Restore(et, ev, tb);
+    }
+    Py_DECREF(lock);
+    return res;
+}
+
+/* checkpoint_setup(EdgeCheckpoint, LeaseState.ACTIVE, observe module, lib.gf_lane_write) */
+static PyObject *ckpt_setup(PyObject *mod, PyObject *args) {
+    PyObject *edge_type, *active, *observe, *write;
+    if (!PyArg_ParseTuple(args, "OOOO:checkpoint_setup", &edge_type, &active, &observe, &write)) return NULL;
+    if (!PyType_Check(edge_type) || !PyModule_Check(observe)) {
+        PyErr_SetString(PyExc_TypeError, "checkpoint_setup(EdgeCheckpoint, LeaseState.ACTIVE, observe, lib.gf_lane_write)");
+        return NULL;
+    }
+    PyObject *d = PyModule_GetDict(observe); /* borrowed */
+    if (!d) return NULL;
+    PyObject *old[4] = {g_edge_type, g_active, g_observe_dict, g_native_write};
+    g_edge_type = Py_NewRef(edge_type);
+    g_active = Py_NewRef(active);
+    g_observe_dict = Py_NewRef(d);
+    g_native_write = Py_NewRef(write);
+    for (int i = 0; i < 4; i++) Py_XDECREF(old[i]);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef ckpt_methods[] = {
+    {"checkpoint", (PyCFunction)(void (*)(void))ckpt_checkpoint, METH_FASTCALL,
+     "checkpoint(state, edge=None) -> seq: CheckpointedStageState.checkpoint, its fast path in C."},
+    {"checkpoint_setup", ckpt_setup, METH_VARARGS,
+     "checkpoint_setup(EdgeCheckpoint, LeaseState.ACTIVE, observe, lib.gf_lane_write): what checkpoint() compares with."},
+    {NULL, NULL, 0, NULL},
+};
+
+int gf_ckpt_init(PyObject *m) {
+    static const char *const names[] = {"_lock", "_fast", "observer", "_current", "edge", "_newest", "stage",
+                                        "state", "codec", "_state", "_deadline", "input_offset", "output_commit",
+                                        "last_seq", "_checkpoint_lane", "_retake", "_failed", "raw"};
+    PyObject **slots[] = {&s_lock, &s_fast, &s_observer, &s_current, &s_edge, &s_newest, &s_stage,
+                          &s_state_attr, &s_codec, &s_cstate, &s_deadline, &s_input_offset, &s_output_commit,
+                          &s_last_seq, &s_checkpoint_lane, &s_retake, &s_failed, &g_raw};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (!(*slots[i] = PyUnicode_InternFromString(names[i]))) return -1;
+    PyObject *tp = PyType_FromSpec(&laneref_spec);
+    if (!tp || PyModule_AddObject(m, "LaneRef", Py_NewRef(tp)) < 0) {
+        Py_XDECREF(tp);
+        return -1;
+    }
+    g_laneref_type = (PyTypeObject *)tp; /* and the module's reference */
+    return PyModule_AddFunctions(m, ckpt_methods);
+}

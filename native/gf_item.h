@@ -1,0 +1,14 @@
+/* gf_item.h: what grafos_fabric._item's two C files share (gf_item.c, gf_ckpt.c). */
+#ifndef GF_ITEM_H
+#define GF_ITEM_H
+
+/* PLock (gf_item.c): whether o is one, and its acquire/release as the methods do them
+ * (0, or -1 with an error set). */
+int gf_item_is_plock(PyObject *o);
+int gf_item_plock_acquire(PyObject *o);
+int gf_item_plock_release(PyObject *o);
+
+/* gf_ckpt.c: adds LaneRef, checkpoint and checkpoint_setup to the module; 0, or -1 with an error set. */
+int gf_ckpt_init(PyObject *m);
+
+#endif

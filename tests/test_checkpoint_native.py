@@ -1,0 +1,265 @@
+"""checkpoint() in C (native/gf_ckpt.c, grafos_fabric._item.checkpoint): the method's fast path, the
+lane's one native call, taken from C with the state's PLock held. These tests attack what the C
+code reads from Python objects: a malformed fast tuple, slot pointer, sequence number, deadline or
+lane reference takes the Python path or raises a typed error, never crashes, never loses the
+previous checkpoint, and the lock is always given back."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from grafos_fabric import _item
+from grafos_fabric._ffi import ffi
+from grafos_fabric.checkpoint import CheckpointedStageState, EdgeCheckpoint
+from grafos_fabric.drivers.block import open_block
+
+SIZE = 4 << 20
+STAGE = "native"
+
+
+def state_of(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def laned(path: Path, n: int = 4096) -> tuple[Any, CheckpointedStageState[Any]]:
+    """A region and a state whose lane is made (the third checkpoint on takes the fast path)."""
+    r = open_block(path, create_size=SIZE)
+    st = CheckpointedStageState(state_of(n, 1), r, codec="raw", stage=STAGE, durability="single-sync")
+    for _ in range(3):
+        st.checkpoint()
+    assert st._fast is not None and len(st._fast) == 7 and isinstance(st._fast[6], _item.LaneRef)
+    return r, st
+
+
+def restored(r: Any) -> CheckpointedStageState[Any]:
+    return CheckpointedStageState.restore(r)
+
+
+@pytest.mark.parametrize("n", [1, 4096, 300_000])
+def test_the_native_path_writes_what_restore_reads(tmp_path: Path, n: int) -> None:
+    """New states of the lane's length, new edges: every checkpoint goes through the lane (the lane
+    object stays), its sequence numbers count up, and restore reads the last one whole."""
+    r, st = laned(tmp_path / "r.img", n)
+    with r:
+        lane = st._lane
+        for i in range(20):
+            st.state = state_of(n, 100 + i)
+            seq = st.checkpoint(EdgeCheckpoint(input_offset=i, output_commit=2 * i))
+            assert seq == 4 + i and st.last_seq == seq
+            assert st.edge == EdgeCheckpoint(input_offset=i, output_commit=2 * i)
+        assert st._lane is lane  # no ordinary write in between: the lane took every one
+        got = restored(r)
+        assert got.state == state_of(n, 119) and got.last_seq == 23
+        assert got.edge == EdgeCheckpoint(input_offset=19, output_commit=38)
+
+
+def test_a_lock_that_is_not_a_plock_is_a_type_error_and_nothing_is_written(tmp_path: Path) -> None:
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        st._lock = threading.RLock()  # type: ignore[assignment]
+        st.state = state_of(4096, 9)
+        with pytest.raises(TypeError, match="PLock"):
+            st.checkpoint()
+        assert restored(r).state == state_of(4096, 1)
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        "fast_not_tuple",
+        "fast_short",
+        "newest_slot_out_of_range",
+        "newest_not_ints",
+        "newest_seq_huge",
+        "newest_seq_negative",
+        "deadline_not_int",
+        "deadline_huge",
+        "edge_subclass",
+        "edge_field_huge",
+    ],
+)
+def test_malformed_values_take_the_python_path_and_still_checkpoint(tmp_path: Path, breakage: str) -> None:
+    """Whatever the C code cannot take as it is goes to the Python method (which writes the
+    ordinary way, or says what is wrong); no crash, the lock is free afterwards."""
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        assert st._fast is not None
+        store, cell = st._fast[3], st._fast[2]
+        edge: Any = None
+        if breakage == "fast_not_tuple":
+            st._fast = list(st._fast)  # type: ignore[assignment]
+        elif breakage == "fast_short":
+            st._fast = st._fast[:6]  # type: ignore[assignment]
+        elif breakage == "newest_slot_out_of_range":
+            store._newest = (7, store._newest[1])
+        elif breakage == "newest_not_ints":
+            store._newest = ("0", "3")
+        elif breakage == "newest_seq_huge":
+            store._newest = (0, 1 << 70)
+        elif breakage == "newest_seq_negative":
+            store._newest = (0, -5)
+        elif breakage == "deadline_not_int":
+            cell._deadline = 1.5e30
+        elif breakage == "deadline_huge":
+            cell._deadline = 1 << 80
+        elif breakage == "edge_subclass":
+
+            class Edge(EdgeCheckpoint):
+                pass
+
+            edge = Edge(input_offset=5, output_commit=6)
+        elif breakage == "edge_field_huge":
+            edge = EdgeCheckpoint(input_offset=5)
+            object.__setattr__(edge, "output_commit", 1 << 64)  # past its check: a forged edge
+        st.state = state_of(4096, 7)
+        try:
+            st.checkpoint(edge)
+        except Exception as exc:  # the Python path may refuse a forged private value with an error
+            assert not isinstance(exc, SystemError), exc  # (not C code that mishandled one)
+        assert st._lock._count == 0  # given back
+        # the store's own view is re-read from disk: the next checkpoint lands and restores
+        store._newest = None
+        st._fast = None
+        cell._deadline = 1 << 62
+        st.state = state_of(4096, 8)
+        st.checkpoint(EdgeCheckpoint(input_offset=1))
+        got = restored(r)
+        assert got.state == state_of(4096, 8) and got.edge == EdgeCheckpoint(input_offset=1)
+
+
+def test_a_lane_reference_that_is_not_a_laneref_is_a_type_error_and_the_last_checkpoint_stays(tmp_path: Path) -> None:
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        assert st._fast is not None
+        st._fast = (*st._fast[:6], bytearray(1024))  # type: ignore[assignment]
+        st.state = state_of(4096, 3)
+        with pytest.raises(TypeError, match="LaneRef"):
+            st.checkpoint()
+        assert st._lock._count == 0
+        assert restored(r).state == state_of(4096, 1)
+
+
+def test_laneref_takes_only_a_writable_buffer_of_one_lane() -> None:
+    size = ffi.sizeof("gf_lane")
+    with pytest.raises(ValueError, match="gf_lane"):
+        _item.LaneRef(bytearray(size - 8))
+    with pytest.raises(ValueError, match="gf_lane"):
+        _item.LaneRef(bytearray(size + 8))
+    with pytest.raises((TypeError, BufferError)):
+        _item.LaneRef(bytes(size))  # read-only
+    with pytest.raises(TypeError):
+        _item.LaneRef()  # type: ignore[call-arg]
+    lane = ffi.new("gf_lane *")
+    ref = _item.LaneRef(ffi.buffer(lane))
+    del lane  # the reference holds the buffer, which holds the lane's memory
+    assert isinstance(ref, _item.LaneRef)
+
+
+def test_bad_calls_raise_typed_errors() -> None:
+    with pytest.raises(TypeError):
+        _item.checkpoint()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        _item.checkpoint(1, 2, 3)  # type: ignore[call-arg]
+    with pytest.raises(AttributeError):
+        _item.checkpoint(object())
+    with pytest.raises(TypeError):
+        _item.checkpoint_setup(1, 2, 3, 4)  # type: ignore[arg-type]
+
+
+def test_an_error_from_the_write_propagates_and_gives_the_lock_back(tmp_path: Path) -> None:
+    """A Python callable in the write's place (as a test hook) that raises: the error reaches the
+    caller, the lock is free, the store re-scans, and the next checkpoint lands."""
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        assert st._fast is not None
+
+        def boom(*args: Any) -> int:
+            raise OSError(5, "injected")
+
+        st._fast = (boom, *st._fast[1:])
+        with pytest.raises(OSError, match="injected"):
+            st.checkpoint()
+        assert st._lock._count == 0
+        st._fast = None
+        st.state = state_of(4096, 4)
+        st.checkpoint()
+        assert restored(r).state == state_of(4096, 4)
+
+
+def test_the_callable_write_gets_the_native_arguments(tmp_path: Path) -> None:
+    """A Python callable in the write's place sees what gf_lane_write would: the lane, the next
+    sequence number, the other slot, the edge's two fields and the lease's deadline."""
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        assert st._fast is not None and st._fast[3]._newest is not None
+        real, c, cell, store = st._fast[:4]
+        slot0, seq0 = store._newest
+        seen: list[tuple[Any, ...]] = []
+
+        def spy(*args: Any) -> int:
+            seen.append(args)
+            return int(real(*args))
+
+        st._fast = (spy, *st._fast[1:])
+        seq = st.checkpoint(EdgeCheckpoint(input_offset=11, output_commit=22))
+        assert seq == seq0 + 1 and store._newest == (1 - slot0, seq)
+        assert seen == [(c, seq0 + 1, 1 - slot0, 11, 22, cell._deadline)]
+        assert restored(r).edge == EdgeCheckpoint(input_offset=11, output_commit=22)
+
+
+def test_the_lock_is_held_across_the_python_path(tmp_path: Path) -> None:
+    """_checkpoint_lane (the Python path) runs with the state's lock held by this thread."""
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        held: list[bool] = []
+        real = st._checkpoint_lane
+
+        def watch(edge: Any) -> int:
+            held.append(st._lock._is_owned() and st._lock._count == 1)
+            return real(edge)
+
+        st._checkpoint_lane = watch  # type: ignore[method-assign]
+        st._fast = None  # no lane: the Python path
+        st.checkpoint()
+        assert held == [True] and st._lock._count == 0
+
+
+def test_a_forked_child_checkpoints_while_the_parent_held_the_lock(tmp_path: Path) -> None:
+    """fork() while another thread of the parent holds the state's lock: the child's copy of the
+    lock is free (PLock after fork), so its checkpoint does not hang."""
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        go, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            st._lock.acquire()
+            go.set()
+            done.wait(30)
+            st._lock.release()
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert go.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the child: one checkpoint, then out without Python's cleanup
+            code = 1
+            signal.alarm(30)  # a hang ends the child (the parent then sees a signal, not exit 0)
+            try:
+                st.state = state_of(4096, 5)
+                st.checkpoint()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        done.set()
+        t.join(30)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        st._fast = None
+        assert restored(r).state == state_of(4096, 5)
