@@ -423,9 +423,21 @@ static int reap_or_end(aio_context_t ctx, long inflight, const uint64_t *expect,
     return 1;
 }
 
+/* gf_slot_write, where *zeroed says buf's bytes after the data are already zero (a lane's: see
+ * gf_lane.zeroed); it is set once they are. NULL: zero them every time. */
+static int slot_write_copy(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block,
+                           const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
+                           uint64_t aio_ctx, uint64_t chunk, int dsync, uint32_t *zeroed);
+
 int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block, const uint8_t *header,
                   const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts, uint64_t aio_ctx,
                   uint64_t chunk, int dsync) {
+    return slot_write_copy(fd, pos, buf, nbytes, block, header, parts, lens, nparts, aio_ctx, chunk, dsync, NULL);
+}
+
+static int slot_write_copy(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block,
+                           const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
+                           uint64_t aio_ctx, uint64_t chunk, int dsync, uint32_t *zeroed) {
     uint64_t n = 0;
     for (uint32_t i = 0; i < nparts; i++) {
         if (lens[i] > nbytes) return -EINVAL;
@@ -473,7 +485,8 @@ int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t b
             }
         }
     }
-    memset(buf + at, 0, nbytes - at);
+    if (!zeroed || !*zeroed) memset(buf + at, 0, nbytes - at);
+    if (zeroed) *zeroed = 1;
     put_u32le(buf + GF_SLOT_DATA_CRC_AT, crc);
     put_u32le(buf + GF_SLOT_HEADER_CRC_AT, gf_crc32c(buf, GF_SLOT_HEADER_CRC_AT, 0));
     if (!use_aio) return write_sync(fd, pos, buf, nbytes, dsync);
@@ -758,8 +771,8 @@ int gf_lane_write(struct gf_lane *l, uint64_t seq, uint32_t slot, uint64_t v0, u
         if (l->at[1]) put_u64le(h + l->at[1], v1);
         int64_t pos = l->pos[slot];
         if (l->kind == GF_LANE_COPY)
-            rc = gf_slot_write(l->fd, pos, l->buf, l->nbytes, l->block, h, l->parts, l->lens, l->nparts, 0, l->block,
-                               l->dsync);
+            rc = slot_write_copy(l->fd, pos, l->buf, l->nbytes, l->block, h, l->parts, l->lens, l->nparts, 0,
+                                 l->block, l->dsync, &l->zeroed);
         else if (l->kind == GF_LANE_GATHER)
             rc = gf_slot_write_gather(l->fd, pos, h, l->parts, l->lens, l->nparts, l->zeros, l->pad, l->dsync);
         else
