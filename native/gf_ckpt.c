@@ -3,9 +3,10 @@
  * into grafos_fabric._item with gf_item.c and gf_crc.c (whose gf_lane_write it calls directly).
  *
  * Why C: a 4 KiB single-sync checkpoint is one ~90 us device write, and the Python method around
- * its one native call cost about 2.7 us of that (the checks below, the lock, cffi's argument
- * conversion), measured interleaved in one process (README "Checkpoint speed": "checkpoint() in
- * C"). This is the same method, line for line, with the same lock: where it cannot take the lane
+ * its one native call cost 2.6-2.8 us of wall time over that call made bare from a loop (the
+ * checks below, the lock, cffi's argument conversion); in C the method takes 1.2-2.0 us less
+ * (measured interleaved in one process: README "Checkpoint speed", "checkpoint() in C"). This is
+ * the same method, line for line, with the same lock: where it cannot take the lane
  * (no lane, an observer or metrics, another stage or edge type, the lease not active, another
  * codec, a changed state that the lane cannot take) it calls the Python methods that did the
  * rest before: state._checkpoint_lane(edge), state._retake(), state._failed(...).
