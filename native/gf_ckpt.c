@@ -23,6 +23,8 @@
  *
  * Nothing here reads shared memory or disk: every value comes from Python objects, each checked
  * for its type and range before use (a value out of range takes the Python path, which says why).
+ * A LaneRef is trusted to be over a lane that drivers.block.RecordLane filled (as cffi trusts a
+ * pointer cast): it checks the buffer's size and alignment, and gf_lane_write the lane's shape.
  */
 #ifndef Py_LIMITED_API
 #define Py_LIMITED_API 0x030B0000
