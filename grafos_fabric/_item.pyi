@@ -124,5 +124,18 @@ class LaneRef:
 def checkpoint(state: Any, edge: Any = None, /) -> int:
     """CheckpointedStageState.checkpoint, its fast path in C (native/gf_ckpt.c)."""
 
-def checkpoint_setup(edge_type: type, active: Any, observe: Any, native_write: Any, /) -> None:
-    """What checkpoint() compares with: EdgeCheckpoint, LeaseState.ACTIVE, the observe module, lib.gf_lane_write."""
+def checkpoint_setup(state_type: type, edge_type: type, active: Any, observe: Any, native_write: Any, /) -> None:
+    """What checkpoint() compares with: CheckpointedStageState, EdgeCheckpoint, LeaseState.ACTIVE,
+    the observe module, lib.gf_lane_write."""
+
+class CheckpointBase:
+    """CheckpointedStageState's base: the attributes checkpoint() reads, in C (private)."""
+
+    state: Any
+    edge: Any
+    stage: Any
+    codec: Any
+    observer: Any
+    last_seq: Any
+    _fast: Any
+    _lock: Any

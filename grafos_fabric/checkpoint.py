@@ -96,7 +96,7 @@ import numpy as np
 
 from . import observe
 from ._ffi import ffi, lib
-from ._item import LaneRef, PLock
+from ._item import CheckpointBase, LaneRef, PLock
 from ._item import checkpoint as _native_checkpoint
 from ._item import checkpoint_setup as _native_checkpoint_setup
 from ._memory import HUGE_MIN, huge_mmap, huge_pages
@@ -209,7 +209,7 @@ def _stage(stage: StageId | str) -> StageId:
     return stage if isinstance(stage, StageId) else StageId(stage)
 
 
-class CheckpointedStageState(Generic[S]):
+class CheckpointedStageState(CheckpointBase, Generic[S]):
     """A stage's state plus its edge offsets, checkpointed to a block lease.
 
     Nothing is written until the first :meth:`checkpoint`. ``codec`` is
@@ -640,4 +640,6 @@ class CheckpointedStageState(Generic[S]):
         )
 
 
-_native_checkpoint_setup(EdgeCheckpoint, _ACTIVE, observe, lib.gf_lane_write)
+# checkpoint() in C reads state, edge, stage, codec, observer, last_seq, _fast and _lock from
+# CheckpointBase's struct on a CheckpointedStageState itself (by name on a subclass's object)
+_native_checkpoint_setup(CheckpointedStageState, EdgeCheckpoint, _ACTIVE, observe, lib.gf_lane_write)

@@ -263,3 +263,55 @@ def test_a_forked_child_checkpoints_while_the_parent_held_the_lock(tmp_path: Pat
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         st._fast = None
         assert restored(r).state == state_of(4096, 5)
+
+
+def test_a_subclass_that_makes_state_a_property_is_read_by_name(tmp_path: Path) -> None:
+    """On a subclass's object checkpoint() in C reads the attributes by name (a subclass may make
+    any of them a property), not from CheckpointBase's struct: the property's value is what is
+    written."""
+
+    class Derived(CheckpointedStageState[bytes]):
+        @property  # type: ignore[override]
+        def state(self) -> bytes:
+            return self._held
+
+        @state.setter
+        def state(self, value: bytes) -> None:
+            self._held = value
+
+    with open_block(tmp_path / "r.img", create_size=SIZE) as r:
+        st = Derived(state_of(4096, 1), r, codec="raw", stage=STAGE, durability="single-sync")
+        for i in range(5):
+            st.state = state_of(4096, 10 + i)
+            st.checkpoint(EdgeCheckpoint(input_offset=i))
+        assert st._fast is not None  # the lane was made, and taken
+        got = restored(r)
+        assert got.state == state_of(4096, 14) and got.edge == EdgeCheckpoint(input_offset=4)
+
+
+def test_an_attribute_deleted_from_the_struct_is_an_attribute_error_and_the_lock_goes_back(tmp_path: Path) -> None:
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        del st.edge
+        with pytest.raises(AttributeError):
+            st.edge  # noqa: B018
+        with pytest.raises(AttributeError):
+            st.checkpoint()  # the edge to write is st.edge
+        assert st._lock._count == 0
+        st.checkpoint(EdgeCheckpoint(input_offset=3))  # given one, it writes and keeps it
+        assert st.edge == EdgeCheckpoint(input_offset=3) and restored(r).edge == st.edge
+
+
+def test_a_state_in_a_reference_cycle_through_its_struct_is_collected(tmp_path: Path) -> None:
+    """CheckpointBase's members are traversed by the garbage collector: a state that refers to
+    itself through one of them (here its observer) is freed once unreachable."""
+    import gc
+    import weakref
+
+    with open_block(tmp_path / "r.img", create_size=SIZE) as r:
+        st = CheckpointedStageState(state_of(64, 1), r, codec="raw", stage=STAGE)
+        st.observer = st  # type: ignore[assignment]  # a cycle through the struct
+        ref = weakref.ref(st)
+        del st
+        gc.collect()
+        assert ref() is None
