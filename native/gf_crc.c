@@ -427,16 +427,6 @@ static int reap_or_end(aio_context_t ctx, long inflight, const uint64_t *expect,
  * gf_lane.zeroed); it is set once they are. NULL: zero them every time. */
 static int slot_write_copy(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block,
                            const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
-                           uint64_t aio_ctx, uint64_t chunk, int dsync, uint32_t *zeroed);
-
-int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block, const uint8_t *header,
-                  const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts, uint64_t aio_ctx,
-                  uint64_t chunk, int dsync) {
-    return slot_write_copy(fd, pos, buf, nbytes, block, header, parts, lens, nparts, aio_ctx, chunk, dsync, NULL);
-}
-
-static int slot_write_copy(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block,
-                           const uint8_t *header, const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts,
                            uint64_t aio_ctx, uint64_t chunk, int dsync, uint32_t *zeroed) {
     uint64_t n = 0;
     for (uint32_t i = 0; i < nparts; i++) {
@@ -517,6 +507,11 @@ static int slot_write_copy(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, u
     return 0;
 }
 
+int gf_slot_write(int fd, int64_t pos, uint8_t *buf, uint64_t nbytes, uint64_t block, const uint8_t *header,
+                  const uint8_t *const *parts, const uint64_t *lens, uint32_t nparts, uint64_t aio_ctx,
+                  uint64_t chunk, int dsync) {
+    return slot_write_copy(fd, pos, buf, nbytes, block, header, parts, lens, nparts, aio_ctx, chunk, dsync, NULL);
+}
 
 int gf_slot_write_gather(int fd, int64_t pos, const uint8_t *header, const uint8_t *const *parts,
                          const uint64_t *lens, uint32_t nparts, const uint8_t *zeros, uint64_t pad, int dsync) {
