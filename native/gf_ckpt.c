@@ -218,6 +218,7 @@ static int st_set(PyObject *st, size_t at, PyObject *name, PyObject *v) {
 
 #define NOT_TAKEN ((PyObject *)&g_not_taken) /* the fast path does not apply: state._checkpoint_lane(edge) */
 static int g_not_taken;
+static PyObject *g_slot_no[2]; /* the ints 0 and 1 */
 
 /* 1: a is b or a == b; 0: not; -1: error */
 static int same_or_equal(PyObject *a, PyObject *b) { return a == b ? 1 : PyObject_RichCompareBool(a, b, Py_EQ); }
@@ -305,8 +306,17 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
         PyErr_SetString(PyExc_TypeError, "checkpoint: the lane's reference is not a LaneRef");
         goto fail;
     }
+    /* The result and the store's next newest, made before the write, not after it: after the I/O
+     * wait the allocator's memory is cold. Measured with TSC stamps in this function: the two took
+     * about 640 cycles after the write; made here, the part before the write grew by about 250
+     * (README "Checkpoint speed"). */
+    PyObject *s = PyLong_FromUnsignedLongLong(seq), *nw = s ? PyTuple_Pack(2, g_slot_no[slot], s) : NULL;
+    if (!nw) {
+        Py_XDECREF(s);
+        goto fail;
+    }
     /* unknown until this write completes: a failure re-scans next time */
-    if (PyObject_SetAttr(store, s_newest, Py_None) < 0) goto fail;
+    if (PyObject_SetAttr(store, s_newest, Py_None) < 0) goto fail_new;
     int rc;
     if (native) {
         struct gf_lane *l = ((LaneRefObject *)lane)->view.buf;
@@ -318,25 +328,22 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
     } else {
         PyObject *r = PyObject_CallFunction(write, "OKIKKL", c, (unsigned long long)seq, (unsigned int)slot,
                                             (unsigned long long)v0, (unsigned long long)v1, deadline);
-        if (!r) goto fail;
+        if (!r) goto fail_new;
         rc = (int)PyLong_AsLong(r);
         Py_DECREF(r);
-        if (rc == -1 && PyErr_Occurred()) goto fail;
+        if (rc == -1 && PyErr_Occurred()) goto fail_new;
     }
     if (!rc) {
-        PyObject *s = PyLong_FromUnsignedLongLong(seq);
-        PyObject *nw = s ? Py_BuildValue("(IO)", (unsigned int)slot, s) : NULL;
-        if (!nw || PyObject_SetAttr(store, s_newest, nw) < 0 ||
+        if (PyObject_SetAttr(store, s_newest, nw) < 0 ||
             st_set(st, offsetof(CkptBaseObject, edge), s_edge, target) < 0 ||
-            st_set(st, offsetof(CkptBaseObject, last_seq), s_last_seq, s) < 0) {
-            Py_XDECREF(nw);
-            Py_XDECREF(s);
-            goto fail;
-        }
+            st_set(st, offsetof(CkptBaseObject, last_seq), s_last_seq, s) < 0)
+            goto fail_new;
         Py_DECREF(nw);
         res = s;
         goto out;
     }
+    Py_DECREF(nw);
+    Py_DECREF(s);
     if (PyObject_SetAttr(store, s_newest, newest) < 0) goto fail;
     if (rc != GF_LANE_AGAIN) { /* raises, or nothing was written (then the ordinary path) */
         PyObject *a = Py_BuildValue("(iOIKOO)", rc, newest, (unsigned int)slot, (unsigned long long)seq, edge, target);
@@ -347,6 +354,9 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
         Py_DECREF(a);
     }
     goto out;
+fail_new:
+    Py_DECREF(nw);
+    Py_DECREF(s);
 fail:
     res = NULL;
 out:
@@ -380,15 +390,15 @@ static PyObject *ckpt_checkpoint(PyObject *mod, PyObject *const *args, Py_ssize_
     }
     PyObject *res = ckpt_locked(st, edge);
     if (res == NOT_TAKEN) res = PyObject_CallMethodObjArgs(st, s_checkpoint_lane, edge, NULL);
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb); /* the lock goes back whatever happened, the error stays */
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    if (!res) PyErr_Fetch(&et, &ev, &tb); /* the lock goes back whatever happened, the error stays */
     if (gf_item_plock_release(lock) < 0) { /* not held here: cannot happen (taken above, reentrant) */
         Py_XDECREF(res);
         res = NULL;
         Py_XDECREF(et);
         Py_XDECREF(ev);
         Py_XDECREF(tb);
-    } else {
+    } else if (et) {
         PyErr_Restore(et, ev, tb);
     }
     Py_DECREF(lock);
@@ -437,6 +447,8 @@ int gf_ckpt_init(PyObject *m) {
                           &s_last_seq, &s_checkpoint_lane, &s_retake, &s_failed, &g_raw};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (!(*slots[i] = PyUnicode_InternFromString(names[i]))) return -1;
+    for (int i = 0; i < 2; i++)
+        if (!(g_slot_no[i] = PyLong_FromLong(i))) return -1;
     PyObject *tp = PyType_FromSpec(&laneref_spec);
     if (!tp || PyModule_AddObject(m, "LaneRef", Py_NewRef(tp)) < 0) {
         Py_XDECREF(tp);

@@ -113,6 +113,8 @@ def test_sdist_is_complete_and_the_wheel_is_tagged_abi3(tmp_path: Path) -> None:
         "examples/pipeline_demo.py",
         "tools/setup.sh",
         "tools/check_sdist.sh",
+        "tools/record_pattern.c",  # built by tests/test_record_pattern.py
+        "tools/checkpoint_floor.c",  # and by tests/test_checkpoint_floor.py
         "native/gf_native.c",
         "native/gf_item.c",
         "native/gf_ckpt.c",
