@@ -124,9 +124,11 @@ class LaneRef:
 def checkpoint(state: Any, edge: Any = None, /) -> int:
     """CheckpointedStageState.checkpoint, its fast path in C (native/gf_ckpt.c)."""
 
-def checkpoint_setup(state_type: type, edge_type: type, active: Any, observe: Any, native_write: Any, /) -> None:
+def checkpoint_setup(
+    state_type: type, edge_type: type, active: Any, observe: Any, native_write: Any, store_type: type, /
+) -> None:
     """What checkpoint() compares with: CheckpointedStageState, EdgeCheckpoint, LeaseState.ACTIVE,
-    the observe module, lib.gf_lane_write."""
+    the observe module, lib.gf_lane_write, SlotStore."""
 
 class CheckpointBase:
     """CheckpointedStageState's base: the attributes checkpoint() reads, in C (private)."""
@@ -139,3 +141,11 @@ class CheckpointBase:
     last_seq: Any
     _fast: Any
     _lock: Any
+
+class SlotStoreBase:
+    """SlotStore's base: its newest (slot, seq), which checkpoint() reads and sets, in C (private).
+
+    ``_newest`` reads back what was set (None, a ``(slot, seq)`` tuple, or any other object, which
+    checkpoint() leaves to the Python path); it cannot be deleted."""
+
+    _newest: Any

@@ -641,4 +641,4 @@ class CheckpointedStageState(CheckpointBase, Generic[S]):
 
 # checkpoint() in C reads state, edge, stage, codec, observer, last_seq, _fast and _lock from
 # CheckpointBase's struct on a CheckpointedStageState itself (by name on a subclass's object)
-_native_checkpoint_setup(CheckpointedStageState, EdgeCheckpoint, _ACTIVE, observe, lib.gf_lane_write)
+_native_checkpoint_setup(CheckpointedStageState, EdgeCheckpoint, _ACTIVE, observe, lib.gf_lane_write, SlotStore)

@@ -113,6 +113,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 import crc32c as _crc32c
 
 from ._ffi import ffi, lib
+from ._item import SlotStoreBase
 from .errors import CapacityExceeded, Corrupted, FabricValueError, Misaligned, NoRecord, VersionMismatch
 from .lease import Lease, LeaseState, LocalLeaseCell, MonotonicClock
 
@@ -342,7 +343,7 @@ class SlotStatus:
     record: SlotRecord | None = None
 
 
-class SlotStore:
+class SlotStore(SlotStoreBase):
     """Two alternating slots on a block lease (see the module descriptor).
 
     ``read()`` returns the newest valid record or raises; ``write(data, tag=)``

@@ -189,6 +189,147 @@ static PyType_Spec ckptbase_spec = {
     .slots = ckptbase_slots,
 };
 
+/* ---- SlotStoreBase: SlotStore's newest (slot, seq), as two integers ---- */
+
+/* SlotStore's _newest: None, (slot, seq), or (set from Python) any other object, which checkpoint()
+ * does not take (the Python path says what is wrong with it). (slot, seq) lives in two integers, so
+ * that a checkpoint reads and sets it without a tuple or a dict (the store's object is one cache
+ * line, cold after the I/O wait: with _newest in the instance dict and a new tuple a checkpoint,
+ * this took about 700-950 more cycles a checkpoint, TSC stamps in checkpoint(), README "Checkpoint
+ * speed"). The tuple _newest reads as is made when Python first reads it, and kept until it
+ * changes. */
+enum { NEWEST_NONE, NEWEST_INTS, NEWEST_OBJ };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *obj; /* NEWEST_OBJ: the object; NEWEST_INTS: the tuple, once made (or NULL) */
+    int kind;
+    uint32_t slot; /* NEWEST_INTS: 0 or 1 */
+    uint64_t seq;  /* NEWEST_INTS: < 2**64 */
+} StoreBaseObject;
+
+static PyTypeObject *g_storebase_type; /* the base */
+static PyObject *g_store_type;         /* SlotStore itself (checkpoint_setup) */
+static PyObject *g_slot_no[2];         /* the ints 0 and 1 */
+
+static void newest_set_ints(StoreBaseObject *b, uint32_t slot, uint64_t seq) {
+    PyObject *old = b->obj;
+    b->kind = NEWEST_INTS;
+    b->slot = slot;
+    b->seq = seq;
+    b->obj = NULL;
+    Py_XDECREF(old); /* last: a tuple of two ints runs no code, but the struct is whole first */
+}
+
+static void newest_set_none(StoreBaseObject *b) {
+    PyObject *old = b->obj;
+    b->kind = NEWEST_NONE;
+    b->obj = NULL;
+    Py_XDECREF(old);
+}
+
+/* _newest as Python reads it: a new reference, or NULL with an error set */
+static PyObject *storebase_get_newest(PyObject *o, void *unused) {
+    StoreBaseObject *b = (StoreBaseObject *)o;
+    if (b->kind == NEWEST_NONE) Py_RETURN_NONE;
+    if (!b->obj) { /* NEWEST_INTS, not made yet */
+        PyObject *q = PyLong_FromUnsignedLongLong(b->seq);
+        if (!q) return NULL;
+        b->obj = PyTuple_Pack(2, g_slot_no[b->slot], q);
+        Py_DECREF(q);
+        if (!b->obj) return NULL;
+    }
+    return Py_NewRef(b->obj);
+}
+
+/* 1 when v is (0 or 1, an int in [0, 2**64)), both exact ints, with *slot and *seq set; else 0 */
+static int newest_parse(PyObject *v, uint32_t *slot, uint64_t *seq) {
+    if (!PyTuple_CheckExact(v) || PyTuple_Size(v) != 2) return 0;
+    PyObject *a = PyTuple_GetItem(v, 0), *q = PyTuple_GetItem(v, 1);
+    if (!a || !q || !PyLong_CheckExact(a) || !PyLong_CheckExact(q)) {
+        PyErr_Clear();
+        return 0;
+    }
+    long s = PyLong_AsLong(a);
+    unsigned long long n = PyLong_AsUnsignedLongLong(q);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (s != 0 && s != 1) return 0;
+    *slot = (uint32_t)s;
+    *seq = (uint64_t)n;
+    return 1;
+}
+
+static int storebase_set_newest(PyObject *o, PyObject *v, void *unused) {
+    StoreBaseObject *b = (StoreBaseObject *)o;
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "_newest cannot be deleted (set it to None)");
+        return -1;
+    }
+    uint32_t slot;
+    uint64_t seq;
+    PyObject *old = b->obj;
+    if (v == Py_None) {
+        b->kind = NEWEST_NONE;
+        b->obj = NULL;
+    } else if (newest_parse(v, &slot, &seq)) {
+        b->kind = NEWEST_INTS;
+        b->slot = slot;
+        b->seq = seq;
+        b->obj = Py_NewRef(v); /* _newest reads back as the very tuple set */
+    } else {
+        b->kind = NEWEST_OBJ;
+        b->obj = Py_NewRef(v);
+    }
+    Py_XDECREF(old);
+    return 0;
+}
+
+static PyGetSetDef storebase_getset[] = {
+    {"_newest", storebase_get_newest, storebase_set_newest,
+     "(slot, seq) of the newest valid record once known, else None", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static int storebase_traverse(PyObject *o, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(o));
+    Py_VISIT(((StoreBaseObject *)o)->obj);
+    return 0;
+}
+
+static int storebase_clear(PyObject *o) {
+    Py_CLEAR(((StoreBaseObject *)o)->obj);
+    return 0;
+}
+
+static void storebase_dealloc(PyObject *o) {
+    PyTypeObject *tp = Py_TYPE(o);
+    PyObject_GC_UnTrack(o);
+    storebase_clear(o);
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot storebase_slots[] = {
+    {Py_tp_doc, "SlotStore's base: its newest (slot, seq), which checkpoint() reads and sets, in C (private)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_getset, storebase_getset},
+    {Py_tp_traverse, storebase_traverse},
+    {Py_tp_clear, storebase_clear},
+    {Py_tp_dealloc, storebase_dealloc},
+    {0, NULL},
+};
+
+static PyType_Spec storebase_spec = {
+    .name = "grafos_fabric._item.SlotStoreBase",
+    .basicsize = sizeof(StoreBaseObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = storebase_slots,
+};
+
 /* st's attribute: its struct member on a CheckpointedStageState itself (AttributeError when unset,
  * as the member's read), else by name. A new reference, or NULL with an error set. */
 static PyObject *st_get(PyObject *st, PyObject *field, PyObject *name) {
@@ -218,7 +359,6 @@ static int st_set(PyObject *st, size_t at, PyObject *name, PyObject *v) {
 
 #define NOT_TAKEN ((PyObject *)&g_not_taken) /* the fast path does not apply: state._checkpoint_lane(edge) */
 static int g_not_taken;
-static PyObject *g_slot_no[2]; /* the ints 0 and 1 */
 
 /* 1: a is b or a == b; 0: not; -1: error */
 static int same_or_equal(PyObject *a, PyObject *b) { return a == b ? 1 : PyObject_RichCompareBool(a, b, Py_EQ); }
@@ -252,8 +392,21 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
     if (!write || !c || !cell || !store || !data || !stage || !lane) goto fail;
     target = edge == Py_None ? ST_GET(st, edge, s_edge) : Py_NewRef(edge);
     if (!target) goto fail;
-    if (!(newest = PyObject_GetAttr(store, s_newest))) goto fail;
-    if ((PyObject *)Py_TYPE(target) != g_edge_type || newest == Py_None) goto out;
+    /* newest: (slot, seq) as SlotStore keeps it, in its struct on a SlotStore itself (by name on a
+     * subclass's object, which may make _newest a property); anything else takes the Python path */
+    StoreBaseObject *sb = (PyObject *)Py_TYPE(store) == g_store_type ? (StoreBaseObject *)store : NULL;
+    uint64_t last, was_slot, v0, v1;
+    if (sb) {
+        if (sb->kind != NEWEST_INTS) goto out;
+        was_slot = sb->slot;
+        last = sb->seq;
+    } else {
+        if (!(newest = PyObject_GetAttr(store, s_newest))) goto fail;
+        if (!PyTuple_Check(newest) || PyTuple_Size(newest) != 2 ||
+            as_u64(PyTuple_GetItem(newest, 0), &was_slot) < 0 || as_u64(PyTuple_GetItem(newest, 1), &last) < 0)
+            goto out;
+    }
+    if (was_slot > 1 || last >= (uint64_t)INT64_MAX || (PyObject *)Py_TYPE(target) != g_edge_type) goto out;
     if (!(v = ST_GET(st, stage, s_stage))) goto fail;
     Py_DECREF(v);
     if (v != stage) goto out;
@@ -276,11 +429,6 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
         if (ok < 0) goto fail;
         if (!ok) goto out;
     }
-    /* newest: (slot, seq) as SlotStore keeps it; anything else takes the Python path */
-    uint64_t last, was_slot, v0, v1;
-    if (!PyTuple_Check(newest) || PyTuple_Size(newest) != 2 || as_u64(PyTuple_GetItem(newest, 0), &was_slot) < 0 ||
-        was_slot > 1 || as_u64(PyTuple_GetItem(newest, 1), &last) < 0 || last >= (uint64_t)INT64_MAX)
-        goto out;
     uint64_t seq = last + 1;
     uint32_t slot = (uint32_t)(1 - was_slot);
     PyObject *in = PyObject_GetAttr(target, s_input_offset);
@@ -306,17 +454,18 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
         PyErr_SetString(PyExc_TypeError, "checkpoint: the lane's reference is not a LaneRef");
         goto fail;
     }
-    /* The result and the store's next newest, made before the write, not after it: after the I/O
-     * wait the allocator's memory is cold. Measured with TSC stamps in this function: the two took
-     * about 640 cycles after the write; made here, the part before the write grew by about 250
-     * (README "Checkpoint speed"). */
-    PyObject *s = PyLong_FromUnsignedLongLong(seq), *nw = s ? PyTuple_Pack(2, g_slot_no[slot], s) : NULL;
-    if (!nw) {
-        Py_XDECREF(s);
-        goto fail;
-    }
+    /* The result (and on a store not a SlotStore itself, its next newest), made before the write,
+     * not after it: after the I/O wait the allocator's memory is cold. Measured with TSC stamps in
+     * this function: the two took about 640 cycles after the write; made here, the part before the
+     * write grew by about 250 (README "Checkpoint speed"). */
+    PyObject *s = PyLong_FromUnsignedLongLong(seq), *nw = NULL;
+    if (!s) goto fail;
+    if (!sb && !(nw = PyTuple_Pack(2, g_slot_no[slot], s))) goto fail_new;
     /* unknown until this write completes: a failure re-scans next time */
-    if (PyObject_SetAttr(store, s_newest, Py_None) < 0) goto fail_new;
+    if (sb)
+        newest_set_none(sb);
+    else if (PyObject_SetAttr(store, s_newest, Py_None) < 0)
+        goto fail_new;
     int rc;
     if (native) {
         struct gf_lane *l = ((LaneRefObject *)lane)->view.buf;
@@ -334,17 +483,25 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
         if (rc == -1 && PyErr_Occurred()) goto fail_new;
     }
     if (!rc) {
-        if (PyObject_SetAttr(store, s_newest, nw) < 0 ||
-            st_set(st, offsetof(CkptBaseObject, edge), s_edge, target) < 0 ||
+        if (sb)
+            newest_set_ints(sb, slot, seq);
+        else if (PyObject_SetAttr(store, s_newest, nw) < 0)
+            goto fail_new;
+        if (st_set(st, offsetof(CkptBaseObject, edge), s_edge, target) < 0 ||
             st_set(st, offsetof(CkptBaseObject, last_seq), s_last_seq, s) < 0)
             goto fail_new;
-        Py_DECREF(nw);
+        Py_XDECREF(nw);
         res = s;
         goto out;
     }
-    Py_DECREF(nw);
+    Py_XDECREF(nw);
     Py_DECREF(s);
-    if (PyObject_SetAttr(store, s_newest, newest) < 0) goto fail;
+    if (sb) {
+        newest_set_ints(sb, (uint32_t)was_slot, last);
+        if (rc != GF_LANE_AGAIN && !(newest = storebase_get_newest(store, NULL))) goto fail;
+    } else if (PyObject_SetAttr(store, s_newest, newest) < 0) {
+        goto fail;
+    }
     if (rc != GF_LANE_AGAIN) { /* raises, or nothing was written (then the ordinary path) */
         PyObject *a = Py_BuildValue("(iOIKOO)", rc, newest, (unsigned int)slot, (unsigned long long)seq, edge, target);
         if (!a) goto fail;
@@ -355,7 +512,7 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
     }
     goto out;
 fail_new:
-    Py_DECREF(nw);
+    Py_XDECREF(nw);
     Py_DECREF(s);
 fail:
     res = NULL;
@@ -406,26 +563,29 @@ static PyObject *ckpt_checkpoint(PyObject *mod, PyObject *const *args, Py_ssize_
 }
 
 /* checkpoint_setup(CheckpointedStageState, EdgeCheckpoint, LeaseState.ACTIVE, observe module,
- * lib.gf_lane_write) */
+ * lib.gf_lane_write, SlotStore) */
 static PyObject *ckpt_setup(PyObject *mod, PyObject *args) {
-    PyObject *state_type, *edge_type, *active, *observe, *write;
-    if (!PyArg_ParseTuple(args, "OOOOO:checkpoint_setup", &state_type, &edge_type, &active, &observe, &write))
+    PyObject *state_type, *edge_type, *active, *observe, *write, *store_type;
+    if (!PyArg_ParseTuple(args, "OOOOOO:checkpoint_setup", &state_type, &edge_type, &active, &observe, &write,
+                          &store_type))
         return NULL;
     if (!PyType_Check(state_type) || !PyType_IsSubtype((PyTypeObject *)state_type, g_ckptbase_type) ||
-        !PyType_Check(edge_type) || !PyModule_Check(observe)) {
+        !PyType_Check(edge_type) || !PyModule_Check(observe) || !PyType_Check(store_type) ||
+        !PyType_IsSubtype((PyTypeObject *)store_type, g_storebase_type)) {
         PyErr_SetString(PyExc_TypeError, "checkpoint_setup(CheckpointedStageState (a CheckpointBase), EdgeCheckpoint, "
-                                         "LeaseState.ACTIVE, observe, lib.gf_lane_write)");
+                                         "LeaseState.ACTIVE, observe, lib.gf_lane_write, SlotStore (a SlotStoreBase))");
         return NULL;
     }
     PyObject *d = PyModule_GetDict(observe); /* borrowed */
     if (!d) return NULL;
-    PyObject *old[5] = {g_state_type, g_edge_type, g_active, g_observe_dict, g_native_write};
+    PyObject *old[6] = {g_state_type, g_edge_type, g_active, g_observe_dict, g_native_write, g_store_type};
     g_state_type = Py_NewRef(state_type);
     g_edge_type = Py_NewRef(edge_type);
     g_active = Py_NewRef(active);
     g_observe_dict = Py_NewRef(d);
     g_native_write = Py_NewRef(write);
-    for (int i = 0; i < 5; i++) Py_XDECREF(old[i]);
+    g_store_type = Py_NewRef(store_type);
+    for (int i = 0; i < 6; i++) Py_XDECREF(old[i]);
     Py_RETURN_NONE;
 }
 
@@ -433,7 +593,8 @@ static PyMethodDef ckpt_methods[] = {
     {"checkpoint", (PyCFunction)(void (*)(void))ckpt_checkpoint, METH_FASTCALL,
      "checkpoint(state, edge=None) -> seq: CheckpointedStageState.checkpoint, its fast path in C."},
     {"checkpoint_setup", ckpt_setup, METH_VARARGS,
-     "checkpoint_setup(CheckpointedStageState, EdgeCheckpoint, LeaseState.ACTIVE, observe, lib.gf_lane_write): "
+     "checkpoint_setup(CheckpointedStageState, EdgeCheckpoint, LeaseState.ACTIVE, observe, lib.gf_lane_write, "
+     "SlotStore): "
      "what checkpoint() compares with."},
     {NULL, NULL, 0, NULL},
 };
@@ -461,5 +622,11 @@ int gf_ckpt_init(PyObject *m) {
         return -1;
     }
     g_ckptbase_type = (PyTypeObject *)bt;
+    PyObject *sbt = PyType_FromSpec(&storebase_spec);
+    if (!sbt || PyModule_AddObject(m, "SlotStoreBase", Py_NewRef(sbt)) < 0) {
+        Py_XDECREF(sbt);
+        return -1;
+    }
+    g_storebase_type = (PyTypeObject *)sbt;
     return PyModule_AddFunctions(m, ckpt_methods);
 }
