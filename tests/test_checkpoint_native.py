@@ -315,3 +315,130 @@ def test_a_state_in_a_reference_cycle_through_its_struct_is_collected(tmp_path: 
         del st
         gc.collect()
         assert ref() is None
+
+
+# ---- SlotStore's _newest in SlotStoreBase's struct ----
+
+
+def test_slot_store_newest_reads_back_what_was_set() -> None:
+    """_newest keeps None, a (slot, seq) tuple (the very object set), or any other object as it is
+    (checkpoint() leaves those to the Python path); it cannot be deleted."""
+    b = _item.SlotStoreBase()
+    assert b._newest is None
+    for value in [(0, 0), (1, (1 << 64) - 1), (1, 5)]:
+        b._newest = value
+        assert b._newest is value
+    forged: list[Any] = [(2, 5), (0, -1), (0, 1 << 64), (True, 5), (0, 5.0), ("0", "3"), [0, 5], (0,), (0, 1, 2), 7]
+    for value in forged:
+        b._newest = value
+        assert b._newest is value
+    b._newest = None
+    assert b._newest is None
+    with pytest.raises(AttributeError):
+        del b._newest
+    assert b._newest is None
+
+
+def test_a_native_checkpoint_keeps_newest_in_the_struct(tmp_path: Path) -> None:
+    """After a checkpoint through the lane the store's _newest reads as (slot, seq), the same tuple
+    on every read until the next checkpoint; a tuple Python sets is what the next one goes on from."""
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        assert st._fast is not None
+        store = st._fast[3]
+        seq = st.checkpoint()
+        got = store._newest
+        assert isinstance(got, tuple) and got[0] in (0, 1) and got[1] == seq and got is store._newest
+        slot0 = got[0]
+        seq2 = st.checkpoint()
+        assert seq2 == seq + 1 and store._newest == (1 - slot0, seq2) and store._newest is not got
+        store._newest = (1 - slot0, seq2)  # set from Python, equal: the lane goes on from it
+        lane = st._lane
+        seq3 = st.checkpoint()
+        assert seq3 == seq2 + 1 and store._newest == (slot0, seq3) and st._lane is lane
+        assert restored(r).last_seq == seq3
+
+
+def test_a_failed_native_write_hands_the_previous_newest_to_failed(tmp_path: Path) -> None:
+    """A write that fails (EIO from the write's place) raises, and _failed sees the newest the
+    store had before: the previous checkpoint stays, and the next one lands after it."""
+    import errno
+
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        assert st._fast is not None
+        store = st._fast[3]
+        before = store._newest
+        seen: list[tuple[Any, ...]] = []
+        real_failed = st._failed
+
+        def failed(*args: Any) -> int:
+            seen.append(args)
+            return real_failed(*args)
+
+        st._failed = failed  # type: ignore[method-assign]
+        fast = st._fast
+        st._fast = (lambda *a: -errno.EIO, *fast[1:])
+        with pytest.raises(OSError):
+            st.checkpoint()
+        assert len(seen) == 1 and seen[0][0] == -errno.EIO and seen[0][1] == before
+        assert seen[0][2:4] == (1 - before[0], before[1] + 1)
+        assert st._lock._count == 0
+        st._fast = fast
+        st.state = state_of(4096, 9)
+        seq = st.checkpoint()
+        assert seq > before[1] and restored(r).state == state_of(4096, 9)
+
+
+def test_a_store_subclass_that_makes_newest_a_property_is_read_by_name(tmp_path: Path) -> None:
+    """On a SlotStore subclass's object checkpoint() in C reads and sets _newest by name (the
+    subclass may make it a property), not in SlotStoreBase's struct."""
+    from grafos_fabric.slots import SlotStore
+
+    calls: list[str] = []
+
+    class Derived(SlotStore):
+        @property  # type: ignore[override]
+        def _newest(self) -> Any:
+            calls.append("get")
+            return self.__dict__.get("held")
+
+        @_newest.setter
+        def _newest(self, value: Any) -> None:
+            calls.append("set")
+            self.__dict__["held"] = value
+
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        assert st._fast is not None
+        real = st._fast[3]
+        d = Derived.__new__(Derived)
+        d._newest = real._newest
+        slot0, seq0 = real._newest
+        fast = st._fast
+        st._fast = (*fast[:3], d, *fast[4:])
+        calls.clear()
+        seq = st.checkpoint()
+        assert seq == seq0 + 1 and d.__dict__["held"] == (1 - slot0, seq)
+        assert calls[0] == "get" and calls.count("set") == 2  # None while the write runs, then the new one
+        assert real._newest == (slot0, seq0)  # the real store's struct was not touched
+        real._newest = d.__dict__["held"]
+        st._fast = fast
+        assert st.checkpoint() == seq + 1 and restored(r).last_seq == seq + 1
+
+
+def test_a_store_in_a_reference_cycle_through_newest_is_collected() -> None:
+    """SlotStoreBase's object is traversed by the garbage collector: a store whose _newest (set to
+    something checkpoint() does not take) refers back to it is freed once unreachable."""
+    import gc
+    import weakref
+
+    class S(_item.SlotStoreBase):
+        pass
+
+    s = S()
+    s._newest = [s]
+    ref = weakref.ref(s)
+    del s
+    gc.collect()
+    assert ref() is None
