@@ -8,8 +8,8 @@ int gf_item_is_plock(PyObject *o);
 int gf_item_plock_acquire(PyObject *o);
 int gf_item_plock_release(PyObject *o);
 
-/* gf_ckpt.c: adds LaneRef, CheckpointBase, checkpoint and checkpoint_setup to the module; 0, or -1 with an
- * error set. */
+/* gf_ckpt.c: adds LaneRef, CheckpointBase, SlotStoreBase, checkpoint and checkpoint_setup to the module;
+ * 0, or -1 with an error set. */
 int gf_ckpt_init(PyObject *m);
 
 #endif
