@@ -125,10 +125,17 @@ def checkpoint(state: Any, edge: Any = None, /) -> int:
     """CheckpointedStageState.checkpoint, its fast path in C (native/gf_ckpt.c)."""
 
 def checkpoint_setup(
-    state_type: type, edge_type: type, active: Any, observe: Any, native_write: Any, store_type: type, /
+    state_type: type,
+    edge_type: type,
+    active: Any,
+    observe: Any,
+    native_write: Any,
+    store_type: type,
+    cell_type: type,
+    /,
 ) -> None:
     """What checkpoint() compares with: CheckpointedStageState, EdgeCheckpoint, LeaseState.ACTIVE,
-    the observe module, lib.gf_lane_write, SlotStore."""
+    the observe module, lib.gf_lane_write, SlotStore, LocalLeaseCell."""
 
 class CheckpointBase:
     """CheckpointedStageState's base: the attributes checkpoint() reads, in C (private)."""
@@ -149,3 +156,9 @@ class SlotStoreBase:
     checkpoint() leaves to the Python path); it cannot be deleted."""
 
     _newest: Any
+
+class LeaseCellBase:
+    """LocalLeaseCell's base: the state and deadline checkpoint() reads, in C (private)."""
+
+    _state: Any
+    _deadline: Any

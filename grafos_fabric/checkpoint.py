@@ -101,7 +101,7 @@ from ._item import checkpoint as _native_checkpoint
 from ._item import checkpoint_setup as _native_checkpoint_setup
 from ._memory import HUGE_MIN, huge_mmap, huge_pages
 from .errors import CapacityExceeded, Corrupted, FabricError, FabricValueError
-from .lease import LeaseState
+from .lease import LeaseState, LocalLeaseCell
 from .slots import DATA_OFFSET, PCHK, BlockDevice, Durability, SlotLane, SlotStore
 
 __all__ = [
@@ -641,4 +641,6 @@ class CheckpointedStageState(CheckpointBase, Generic[S]):
 
 # checkpoint() in C reads state, edge, stage, codec, observer, last_seq, _fast and _lock from
 # CheckpointBase's struct on a CheckpointedStageState itself (by name on a subclass's object)
-_native_checkpoint_setup(CheckpointedStageState, EdgeCheckpoint, _ACTIVE, observe, lib.gf_lane_write, SlotStore)
+_native_checkpoint_setup(
+    CheckpointedStageState, EdgeCheckpoint, _ACTIVE, observe, lib.gf_lane_write, SlotStore, LocalLeaseCell
+)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import observe
+from ._item import LeaseCellBase
 from .errors import FabricValueError, LeaseExpired, Revoked
 
 __all__ = [
@@ -148,8 +149,11 @@ class LeaseCell(Protocol):
     def store_state(self, state: int) -> None: ...
 
 
-class LocalLeaseCell:
-    """Lease state in this process only (block leases, tests)."""
+class LocalLeaseCell(LeaseCellBase):
+    """Lease state in this process only (block leases, tests).
+
+    ``_state`` and ``_deadline`` live in a C struct (``grafos_fabric._item.LeaseCellBase``), which
+    ``CheckpointedStageState.checkpoint()`` reads without attribute lookups."""
 
     def __init__(self, deadline_ns: int, state: int = LeaseState.ACTIVE) -> None:
         self._deadline = deadline_ns

@@ -824,13 +824,21 @@ class SlotLane:
         seq = newest[1] + 1
         lane = self.lane
         fast = self.fast
-        if fast is not None and fast[2]._state == _ACTIVE and lane.pad == self._hpad:
+        # a deadline the native call cannot take as an int64 (only a forged cell has one) goes the
+        # careful way, whose Lease.check says what it makes of it
+        if (
+            fast is not None
+            and fast[2]._state == _ACTIVE
+            and lane.pad == self._hpad
+            and type(deadline := fast[2]._deadline) is int
+            and -MAX_SEQ - 1 <= deadline <= MAX_SEQ
+        ):
             self._fpack(lane.head, DATA_OFFSET, *fields)
             store._newest = None  # unknown until this write completes: a failure re-scans next time
             # SYNC POINT: record durable (the native call SlotStore.write's path makes, through the
             # region's gate; the header with the data, one flush); the reader's side is the two
             # checksums in _examine.
-            rc = fast[0](fast[1], seq, slot, fields[-2], fields[-1], fast[2]._deadline)
+            rc = fast[0](fast[1], seq, slot, fields[-2], fields[-1], deadline)
             if not rc:
                 store._newest = (slot, seq)
                 return seq

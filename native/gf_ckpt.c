@@ -331,6 +331,77 @@ static PyType_Spec storebase_spec = {
     .slots = storebase_slots,
 };
 
+/* ---- LeaseCellBase: LocalLeaseCell's state and deadline ---- */
+
+/* LocalLeaseCell's _state and _deadline as struct members, which checkpoint() reads without the
+ * type and instance-dict lookups a Python attribute takes (its two reads took 580-600 cycles a
+ * checkpoint, cold after the I/O wait: TSC stamps in checkpoint(), README "Checkpoint speed"). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *state, *deadline;
+} CellBaseObject;
+
+static PyTypeObject *g_cellbase_type; /* the base */
+static PyObject *g_cell_type;         /* LocalLeaseCell itself (checkpoint_setup) */
+
+static PyMemberDef cellbase_members[] = {
+    {"_state", T_OBJECT_EX, offsetof(CellBaseObject, state), 0, "the lease's state (a LeaseState)"},
+    {"_deadline", T_OBJECT_EX, offsetof(CellBaseObject, deadline), 0, "the lease's deadline, monotonic ns"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static int cellbase_traverse(PyObject *o, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(o));
+    Py_VISIT(((CellBaseObject *)o)->state);
+    Py_VISIT(((CellBaseObject *)o)->deadline);
+    return 0;
+}
+
+static int cellbase_clear(PyObject *o) {
+    Py_CLEAR(((CellBaseObject *)o)->state);
+    Py_CLEAR(((CellBaseObject *)o)->deadline);
+    return 0;
+}
+
+static void cellbase_dealloc(PyObject *o) {
+    PyTypeObject *tp = Py_TYPE(o);
+    PyObject_GC_UnTrack(o);
+    cellbase_clear(o);
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot cellbase_slots[] = {
+    {Py_tp_doc, "LocalLeaseCell's base: the state and deadline checkpoint() reads, in C (private)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_members, cellbase_members},
+    {Py_tp_traverse, cellbase_traverse},
+    {Py_tp_clear, cellbase_clear},
+    {Py_tp_dealloc, cellbase_dealloc},
+    {0, NULL},
+};
+
+static PyType_Spec cellbase_spec = {
+    .name = "grafos_fabric._item.LeaseCellBase",
+    .basicsize = sizeof(CellBaseObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = cellbase_slots,
+};
+
+/* cell.<name>: its struct member on a LocalLeaseCell itself (AttributeError when unset, as the
+ * member's read), else by name (a subclass may make it a property). A new reference, or NULL with
+ * an error set. */
+static PyObject *cell_get(PyObject *cell, size_t at, PyObject *name) {
+    if ((PyObject *)Py_TYPE(cell) != g_cell_type) return PyObject_GetAttr(cell, name);
+    PyObject *v = *(PyObject **)((char *)cell + at);
+    if (!v) {
+        PyErr_SetObject(PyExc_AttributeError, name);
+        return NULL;
+    }
+    return Py_NewRef(v);
+}
+
 /* st's attribute: its struct member on a CheckpointedStageState itself (AttributeError when unset,
  * as the member's read), else by name. A new reference, or NULL with an error set. */
 static PyObject *st_get(PyObject *st, PyObject *field, PyObject *name) {
@@ -411,7 +482,7 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
     if (!(v = ST_GET(st, stage, s_stage))) goto fail;
     Py_DECREF(v);
     if (v != stage) goto out;
-    if (!(v = PyObject_GetAttr(cell, s_cstate))) goto fail;
+    if (!(v = cell_get(cell, offsetof(CellBaseObject, state), s_cstate))) goto fail;
     int ok = same_or_equal(v, g_active);
     Py_DECREF(v);
     if (ok < 0) goto fail;
@@ -443,7 +514,7 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
     Py_DECREF(in);
     Py_DECREF(oc);
     if (!ok) goto out;
-    if (!(v = PyObject_GetAttr(cell, s_deadline))) goto fail;
+    if (!(v = cell_get(cell, offsetof(CellBaseObject, deadline), s_deadline))) goto fail;
     long long deadline = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
     Py_DECREF(v);
     if (deadline == -1 && PyErr_Occurred()) {
@@ -566,27 +637,30 @@ static PyObject *ckpt_checkpoint(PyObject *mod, PyObject *const *args, Py_ssize_
 /* checkpoint_setup(CheckpointedStageState, EdgeCheckpoint, LeaseState.ACTIVE, observe module,
  * lib.gf_lane_write, SlotStore) */
 static PyObject *ckpt_setup(PyObject *mod, PyObject *args) {
-    PyObject *state_type, *edge_type, *active, *observe, *write, *store_type;
-    if (!PyArg_ParseTuple(args, "OOOOOO:checkpoint_setup", &state_type, &edge_type, &active, &observe, &write,
-                          &store_type))
+    PyObject *state_type, *edge_type, *active, *observe, *write, *store_type, *cell_type;
+    if (!PyArg_ParseTuple(args, "OOOOOOO:checkpoint_setup", &state_type, &edge_type, &active, &observe, &write,
+                          &store_type, &cell_type))
         return NULL;
     if (!PyType_Check(state_type) || !PyType_IsSubtype((PyTypeObject *)state_type, g_ckptbase_type) ||
         !PyType_Check(edge_type) || !PyModule_Check(observe) || !PyType_Check(store_type) ||
-        !PyType_IsSubtype((PyTypeObject *)store_type, g_storebase_type)) {
-        PyErr_SetString(PyExc_TypeError, "checkpoint_setup(CheckpointedStageState (a CheckpointBase), EdgeCheckpoint, "
-                                         "LeaseState.ACTIVE, observe, lib.gf_lane_write, SlotStore (a SlotStoreBase))");
+        !PyType_IsSubtype((PyTypeObject *)store_type, g_storebase_type) || !PyType_Check(cell_type) ||
+        !PyType_IsSubtype((PyTypeObject *)cell_type, g_cellbase_type)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "checkpoint_setup(CheckpointedStageState (a CheckpointBase), EdgeCheckpoint, LeaseState.ACTIVE, "
+                        "observe, lib.gf_lane_write, SlotStore (a SlotStoreBase), LocalLeaseCell (a LeaseCellBase))");
         return NULL;
     }
     PyObject *d = PyModule_GetDict(observe); /* borrowed */
     if (!d) return NULL;
-    PyObject *old[6] = {g_state_type, g_edge_type, g_active, g_observe_dict, g_native_write, g_store_type};
+    PyObject *old[7] = {g_state_type, g_edge_type, g_active, g_observe_dict, g_native_write, g_store_type, g_cell_type};
     g_state_type = Py_NewRef(state_type);
     g_edge_type = Py_NewRef(edge_type);
     g_active = Py_NewRef(active);
     g_observe_dict = Py_NewRef(d);
     g_native_write = Py_NewRef(write);
     g_store_type = Py_NewRef(store_type);
-    for (int i = 0; i < 6; i++) Py_XDECREF(old[i]);
+    g_cell_type = Py_NewRef(cell_type);
+    for (int i = 0; i < 7; i++) Py_XDECREF(old[i]);
     Py_RETURN_NONE;
 }
 
@@ -595,7 +669,7 @@ static PyMethodDef ckpt_methods[] = {
      "checkpoint(state, edge=None) -> seq: CheckpointedStageState.checkpoint, its fast path in C."},
     {"checkpoint_setup", ckpt_setup, METH_VARARGS,
      "checkpoint_setup(CheckpointedStageState, EdgeCheckpoint, LeaseState.ACTIVE, observe, lib.gf_lane_write, "
-     "SlotStore): "
+     "SlotStore, LocalLeaseCell): "
      "what checkpoint() compares with."},
     {NULL, NULL, 0, NULL},
 };
@@ -629,5 +703,11 @@ int gf_ckpt_init(PyObject *m) {
         return -1;
     }
     g_storebase_type = (PyTypeObject *)sbt;
+    PyObject *cbt = PyType_FromSpec(&cellbase_spec);
+    if (!cbt || PyModule_AddObject(m, "LeaseCellBase", Py_NewRef(cbt)) < 0) {
+        Py_XDECREF(cbt);
+        return -1;
+    }
+    g_cellbase_type = (PyTypeObject *)cbt;
     return PyModule_AddFunctions(m, ckpt_methods);
 }

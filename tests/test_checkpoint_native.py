@@ -442,3 +442,105 @@ def test_a_store_in_a_reference_cycle_through_newest_is_collected() -> None:
     del s
     gc.collect()
     assert ref() is None
+
+
+# ---- LocalLeaseCell's _state and _deadline in LeaseCellBase's struct ----
+
+
+def test_a_lease_cell_keeps_its_state_and_deadline_in_the_struct() -> None:
+    from grafos_fabric.lease import LeaseState, LocalLeaseCell
+
+    cell = LocalLeaseCell(123, LeaseState.REVOKED)
+    assert cell.load_state() == LeaseState.REVOKED and cell.load_deadline_ns() == 123
+    cell.store_state(LeaseState.ACTIVE)
+    cell.store_deadline_ns(1 << 70)  # any int the Python side puts there reads back
+    assert cell._state == LeaseState.ACTIVE and cell._deadline == 1 << 70
+    assert "_state" not in vars(cell) and "_deadline" not in vars(cell)
+    bare = _item.LeaseCellBase()
+    with pytest.raises(AttributeError):
+        bare._state  # noqa: B018
+
+
+def test_a_lease_cell_whose_deadline_is_not_a_small_int_takes_the_python_path(tmp_path: Path) -> None:
+    """A deadline the C method cannot take as an int64 (here past 2**63) goes the Python path, which
+    checks the lease its own way and writes the record."""
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        assert st._fast is not None
+        cell = st._fast[2]
+        was = cell._deadline
+        cell._deadline = 1 << 70
+        st.state = state_of(4096, 21)
+        seq = st.checkpoint()
+        assert restored(r).state == state_of(4096, 21) and restored(r).last_seq == seq
+        cell._deadline = was
+
+
+def test_a_deleted_lease_cell_member_is_an_attribute_error_and_the_lock_goes_back(tmp_path: Path) -> None:
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        assert st._fast is not None
+        cell = st._fast[2]
+        was = cell._state
+        del cell._state
+        with pytest.raises(AttributeError):
+            st.checkpoint()
+        assert st._lock._count == 0
+        cell._state = was
+        st.state = state_of(4096, 22)
+        st.checkpoint()
+        assert restored(r).state == state_of(4096, 22)
+
+
+def test_a_lease_cell_subclass_that_makes_state_a_property_is_read_by_name(tmp_path: Path) -> None:
+    """On a LocalLeaseCell subclass's object checkpoint() in C reads _state and _deadline by name:
+    a property that says the lease is revoked sends the checkpoint the Python path, which raises."""
+    from grafos_fabric.errors import Revoked
+    from grafos_fabric.lease import LeaseState, LocalLeaseCell
+
+    reads: list[str] = []
+
+    class Watched(LocalLeaseCell):
+        @property  # type: ignore[override]
+        def _state(self) -> int:
+            reads.append("state")
+            return int(self.__dict__["s"])
+
+        @_state.setter
+        def _state(self, value: int) -> None:
+            self.__dict__["s"] = value
+
+    r, st = laned(tmp_path / "r.img")
+    with r:
+        assert st._fast is not None
+        real = st._fast[2]
+        w = Watched(real._deadline)
+        fast = st._fast
+        st._fast = (*fast[:2], w, *fast[3:])
+        seq = st.checkpoint()  # ACTIVE through the property: the lane writes
+        assert reads == ["state"] and restored(r).last_seq == seq
+        w._state = LeaseState.REVOKED
+        reads.clear()
+        st._fast = (*fast[:2], w, *fast[3:])
+        first = st.checkpoint()  # not active: the Python path, whose lease (the real cell) is live
+        assert reads == ["state"] and restored(r).last_seq == first
+        real.store_state(LeaseState.REVOKED)
+        st._fast = fast
+        with pytest.raises(Revoked):
+            st.checkpoint()
+        assert st._lock._count == 0
+        real.store_state(LeaseState.ACTIVE)
+
+
+def test_a_lease_cell_in_a_reference_cycle_through_its_struct_is_collected() -> None:
+    import gc
+    import weakref
+
+    from grafos_fabric.lease import LocalLeaseCell
+
+    cell = LocalLeaseCell(1)
+    cell._deadline = [cell]  # type: ignore[assignment]
+    ref = weakref.ref(cell)
+    del cell
+    gc.collect()
+    assert ref() is None
