@@ -8,10 +8,11 @@
  * less, and 2.1-2.6 us less with the state's attributes read from CheckpointBase's struct
  * (below), measured interleaved in one process (README "Checkpoint speed", "checkpoint() in
  * C"), and another 0.5-0.6 us less with the slot store's newest (slot, seq) read and set in
- * SlotStoreBase's struct (below; "Where a 4 KiB checkpoint's time goes"). This is the same method, line for line, with the same lock: where it cannot take the lane
- * (no lane, an observer or metrics, another stage or edge type, the lease not active, another
- * codec, a changed state that the lane cannot take) it calls the Python methods that did the
- * rest before: state._checkpoint_lane(edge), state._retake(), state._failed(...).
+ * SlotStoreBase's struct (below; "Where a 4 KiB checkpoint's time goes"), the lease cell's in
+ * LeaseCellBase's. This is the same method, line for line, with the same lock: where it cannot
+ * take the lane (no lane, an observer or metrics, another stage or edge type, the lease not
+ * active, another codec, a changed state that the lane cannot take) it calls the Python methods
+ * that did the rest before: state._checkpoint_lane(edge), state._retake(), state._failed(...).
  *
  *   checkpoint(state, edge) -> seq
  *
@@ -122,6 +123,16 @@ typedef struct {
 } CkptBaseObject;
 
 static PyTypeObject *g_ckptbase_type; /* the base */
+
+/* The dealloc of the three C bases below (GC-tracked heap types whose members clear() drops). */
+static void gc_base_dealloc(PyObject *o, inquiry clear) {
+    PyTypeObject *tp = Py_TYPE(o);
+    PyObject_GC_UnTrack(o);
+    clear(o);
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(o);
+    Py_DECREF(tp);
+}
 static PyObject *g_state_type;        /* CheckpointedStageState itself (checkpoint_setup) */
 
 #define CKPT_MEMBER(name, field, doc) {name, T_OBJECT_EX, offsetof(CkptBaseObject, field), 0, doc}
@@ -164,14 +175,7 @@ static int ckptbase_clear(PyObject *o) {
     return 0;
 }
 
-static void ckptbase_dealloc(PyObject *o) {
-    PyTypeObject *tp = Py_TYPE(o);
-    PyObject_GC_UnTrack(o);
-    ckptbase_clear(o);
-    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-    f(o);
-    Py_DECREF(tp);
-}
+static void ckptbase_dealloc(PyObject *o) { gc_base_dealloc(o, ckptbase_clear); }
 
 static PyType_Slot ckptbase_slots[] = {
     {Py_tp_doc, "CheckpointedStageState's base: the attributes checkpoint() reads, in C (private)."},
@@ -305,14 +309,7 @@ static int storebase_clear(PyObject *o) {
     return 0;
 }
 
-static void storebase_dealloc(PyObject *o) {
-    PyTypeObject *tp = Py_TYPE(o);
-    PyObject_GC_UnTrack(o);
-    storebase_clear(o);
-    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-    f(o);
-    Py_DECREF(tp);
-}
+static void storebase_dealloc(PyObject *o) { gc_base_dealloc(o, storebase_clear); }
 
 static PyType_Slot storebase_slots[] = {
     {Py_tp_doc, "SlotStore's base: its newest (slot, seq), which checkpoint() reads and sets, in C (private)."},
@@ -363,14 +360,7 @@ static int cellbase_clear(PyObject *o) {
     return 0;
 }
 
-static void cellbase_dealloc(PyObject *o) {
-    PyTypeObject *tp = Py_TYPE(o);
-    PyObject_GC_UnTrack(o);
-    cellbase_clear(o);
-    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-    f(o);
-    Py_DECREF(tp);
-}
+static void cellbase_dealloc(PyObject *o) { gc_base_dealloc(o, cellbase_clear); }
 
 static PyType_Slot cellbase_slots[] = {
     {Py_tp_doc, "LocalLeaseCell's base: the state and deadline checkpoint() reads, in C (private)."},
@@ -646,8 +636,9 @@ static PyObject *ckpt_setup(PyObject *mod, PyObject *args) {
         !PyType_IsSubtype((PyTypeObject *)store_type, g_storebase_type) || !PyType_Check(cell_type) ||
         !PyType_IsSubtype((PyTypeObject *)cell_type, g_cellbase_type)) {
         PyErr_SetString(PyExc_TypeError,
-                        "checkpoint_setup(CheckpointedStageState (a CheckpointBase), EdgeCheckpoint, LeaseState.ACTIVE, "
-                        "observe, lib.gf_lane_write, SlotStore (a SlotStoreBase), LocalLeaseCell (a LeaseCellBase))");
+                        "checkpoint_setup(CheckpointedStageState (a CheckpointBase), EdgeCheckpoint, "
+                        "LeaseState.ACTIVE, observe, lib.gf_lane_write, SlotStore (a SlotStoreBase), "
+                        "LocalLeaseCell (a LeaseCellBase))");
         return NULL;
     }
     PyObject *d = PyModule_GetDict(observe); /* borrowed */

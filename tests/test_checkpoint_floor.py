@@ -1,58 +1,25 @@
-"""tools/checkpoint_floor.c, the C harness behind README "What a 4 KiB checkpoint costs, step by
-step": it builds against the native CRC and lanes and runs (a short run; the figures are the
-benchmark's business)."""
+"""tools/checkpoint_floor.c, the C harness behind README "Where a 4 KiB checkpoint's time goes,
+step by step": it builds against the native CRC and lanes and runs (a short run; the figures are
+the benchmark's business)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+try:
+    from _ctools import build_tool, direct_target
+except ImportError:  # tests/ imported as a package
+    from tests._ctools import build_tool, direct_target
+
 CASES = ["raw", "record", "record_2places", "fresh_copy", "fresh_crc", "lane_copy", "lane_direct"]
-
-
-def _build(tmp_path: Path) -> Path:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    exe = tmp_path / "checkpoint_floor"
-    subprocess.run(
-        [
-            cc,
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-o",
-            str(exe),
-            str(ROOT / "tools/checkpoint_floor.c"),
-            str(ROOT / "native/gf_crc.c"),
-            "-I",
-            str(ROOT / "native"),
-            "-lpthread",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return exe
-
-
-def _direct_target(tmp_path: Path) -> Path:
-    target = tmp_path / "scratch.img"
-    try:
-        os.close(os.open(target, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600))
-    except OSError as exc:
-        pytest.skip(f"O_DIRECT refused on {tmp_path}: {exc}")
-    return target
 
 
 @pytest.mark.parametrize(("size", "record"), [(4096, 8192), (1000, 4096)])
 def test_the_floor_harness_times_every_step(tmp_path: Path, size: int, record: int) -> None:
-    exe, target = _build(tmp_path), _direct_target(tmp_path)
+    exe, target = build_tool("checkpoint_floor", tmp_path), direct_target(tmp_path)
     out = subprocess.run([str(exe), str(target), "0.5", str(size)], check=True, capture_output=True, text=True)
     head, *lines = out.stdout.splitlines()
     assert f"{size}-byte state" in head and f"record {record} bytes" in head
@@ -64,7 +31,7 @@ def test_the_floor_harness_times_every_step(tmp_path: Path, size: int, record: i
 
 
 def test_the_floor_harness_refuses_bad_arguments(tmp_path: Path) -> None:
-    exe, target = _build(tmp_path), _direct_target(tmp_path)
+    exe, target = build_tool("checkpoint_floor", tmp_path), direct_target(tmp_path)
     for args in (["0.1", "0"], ["0.1", str(1 << 20)], ["0.1", "4096", "10"]):
         bad = subprocess.run([str(exe), str(target), *args], capture_output=True, text=True)
         assert bad.returncode == 2 and "BYTES must be" in bad.stderr, args

@@ -1,6 +1,6 @@
 /* Where a small checkpoint's time goes at the device, timed in C next to the raw write the
- * benchmark compares it with (README "Checkpoint speed": "What a 4 KiB checkpoint costs, step by
- * step").
+ * benchmark compares it with (README "Checkpoint speed": "Where a 4 KiB checkpoint's time goes,
+ * step by step").
  *
  * A single-sync checkpoint of an N-byte state writes one record: a header (64 bytes, then the
  * envelope and the stage's name: HDR bytes in all) and the state, in whole blocks, durably, at one
