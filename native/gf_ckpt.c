@@ -123,8 +123,9 @@ typedef struct {
 } CkptBaseObject;
 
 static PyTypeObject *g_ckptbase_type; /* the base */
+static PyObject *g_state_type;        /* CheckpointedStageState itself (checkpoint_setup) */
 
-/* The dealloc of the three C bases below (GC-tracked heap types whose members clear() drops). */
+/* The dealloc of the three C bases here (GC-tracked heap types whose members clear() drops). */
 static void gc_base_dealloc(PyObject *o, inquiry clear) {
     PyTypeObject *tp = Py_TYPE(o);
     PyObject_GC_UnTrack(o);
@@ -133,7 +134,6 @@ static void gc_base_dealloc(PyObject *o, inquiry clear) {
     f(o);
     Py_DECREF(tp);
 }
-static PyObject *g_state_type;        /* CheckpointedStageState itself (checkpoint_setup) */
 
 #define CKPT_MEMBER(name, field, doc) {name, T_OBJECT_EX, offsetof(CkptBaseObject, field), 0, doc}
 static PyMemberDef ckptbase_members[] = {
@@ -223,7 +223,7 @@ static void newest_set_ints(StoreBaseObject *b, uint32_t slot, uint64_t seq) {
     b->slot = slot;
     b->seq = seq;
     b->obj = NULL;
-    Py_XDECREF(old); /* last: a tuple of two ints runs no code, but the struct is whole first */
+    Py_XDECREF(old); /* last, the struct whole: Python may have set any object, whose dealloc runs code */
 }
 
 static void newest_set_none(StoreBaseObject *b) {
