@@ -125,16 +125,6 @@ typedef struct {
 static PyTypeObject *g_ckptbase_type; /* the base */
 static PyObject *g_state_type;        /* CheckpointedStageState itself (checkpoint_setup) */
 
-/* The dealloc of the three C bases here (GC-tracked heap types whose members clear() drops). */
-static void gc_base_dealloc(PyObject *o, inquiry clear) {
-    PyTypeObject *tp = Py_TYPE(o);
-    PyObject_GC_UnTrack(o);
-    clear(o);
-    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-    f(o);
-    Py_DECREF(tp);
-}
-
 #define CKPT_MEMBER(name, field, doc) {name, T_OBJECT_EX, offsetof(CkptBaseObject, field), 0, doc}
 static PyMemberDef ckptbase_members[] = {
     CKPT_MEMBER("state", state, "the stage's state"),
@@ -175,7 +165,7 @@ static int ckptbase_clear(PyObject *o) {
     return 0;
 }
 
-static void ckptbase_dealloc(PyObject *o) { gc_base_dealloc(o, ckptbase_clear); }
+static void ckptbase_dealloc(PyObject *o) { gf_item_gc_dealloc(o, ckptbase_clear); }
 
 static PyType_Slot ckptbase_slots[] = {
     {Py_tp_doc, "CheckpointedStageState's base: the attributes checkpoint() reads, in C (private)."},
@@ -309,7 +299,7 @@ static int storebase_clear(PyObject *o) {
     return 0;
 }
 
-static void storebase_dealloc(PyObject *o) { gc_base_dealloc(o, storebase_clear); }
+static void storebase_dealloc(PyObject *o) { gf_item_gc_dealloc(o, storebase_clear); }
 
 static PyType_Slot storebase_slots[] = {
     {Py_tp_doc, "SlotStore's base: its newest (slot, seq), which checkpoint() reads and sets, in C (private)."},
@@ -360,7 +350,7 @@ static int cellbase_clear(PyObject *o) {
     return 0;
 }
 
-static void cellbase_dealloc(PyObject *o) { gc_base_dealloc(o, cellbase_clear); }
+static void cellbase_dealloc(PyObject *o) { gf_item_gc_dealloc(o, cellbase_clear); }
 
 static PyType_Slot cellbase_slots[] = {
     {Py_tp_doc, "LocalLeaseCell's base: the state and deadline checkpoint() reads, in C (private)."},

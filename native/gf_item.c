@@ -44,7 +44,7 @@
 #include <string.h>
 
 #include "gf_native.h" /* gf_consumer and gf_release: gf_native.c is compiled into this module too */
-#include "gf_item.h"  /* what gf_ckpt.c (checkpoint() in C, also in this module) uses of PLock */
+#include "gf_item.h"  /* what gf_ckpt.c (checkpoint() in C, also in this module) uses: PLock, the GC dealloc */
 
 /* numpy's C API (its function table, fetched at import by import_array): only to
  * make a reservation's view, a uint8 array over the ring, without numpy's slicing
@@ -1643,14 +1643,17 @@ static int res_clear(PyObject *o) {
     return 0;
 }
 
-static void res_dealloc(PyObject *o) {
+/* gf_item.h */
+void gf_item_gc_dealloc(PyObject *o, inquiry clear) {
     PyTypeObject *tp = Py_TYPE(o);
     PyObject_GC_UnTrack(o);
-    res_clear(o);
+    clear(o);
     freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     f(o);
     Py_DECREF(tp);
 }
+
+static void res_dealloc(PyObject *o) { gf_item_gc_dealloc(o, res_clear); }
 
 static PyMethodDef res_enter_def = {"__enter__", res_enter, METH_NOARGS, NULL};
 static PyMethodDef res_exit_def = {"__exit__", (PyCFunction)(void (*)(void))res_exit, METH_FASTCALL, NULL};
