@@ -746,10 +746,25 @@ def test_the_checkpoint_bench_adds_forced_record_paths_a_control_and_the_record_
         "control 4 KiB",
         "raw O_DIRECT write of the record's size 4 KiB",
         "raw O_DIRECT write of the record's size, two places 4 KiB",
+        "raw O_DIRECT write of the record's size, two places, the state copied in first 4 KiB",
     ]
     for r in rows:
         assert r["ops_per_s"] > 0 and 0 < r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
-    assert [r["target"] for r in rows] == [0.9, 0.95, 0.9, 0.95, *[0.95] * 6, 1.0, 1.0, 1.0]
+    assert [r["target"] for r in rows] == [0.9, 0.95, 0.9, 0.95, *[0.95] * 6, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_the_checkpoint_bench_shows_the_fresh_copy_floor_only_where_a_checkpoint_copies(tmp_path: Path) -> None:
+    """The control row of a raw write whose buffer just had the state copied in (what a COPY lane
+    writes) is there for a state the checkpoint copies, not for one over AIO_CHUNK, which a
+    checkpoint writes from its own pages."""
+    from grafos_fabric.drivers.block import AIO_CHUNK
+    from grafos_fabric.tools.bench_checkpoint import run_checkpoint_bench
+
+    big = 2 * AIO_CHUNK
+    rows = run_checkpoint_bench(tmp_path, sizes=(4096, big), seconds=0.04, rounds=1, control=True)
+    fresh = [r["size"] for r in rows if "the state copied in first" in r["case"]]
+    assert fresh == [4096]
+    assert all(r["ops_per_s"] > 0 for r in rows)
 
 
 def test_the_checkpoint_bench_can_take_turns_op_by_op(tmp_path: Path) -> None:
