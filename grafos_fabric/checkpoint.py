@@ -640,7 +640,9 @@ class CheckpointedStageState(CheckpointBase, Generic[S]):
 
 
 # checkpoint() in C reads state, edge, stage, codec, observer, last_seq, _fast and _lock from
-# CheckpointBase's struct on a CheckpointedStageState itself (by name on a subclass's object)
+# CheckpointBase's struct on a CheckpointedStageState itself, the store's newest from SlotStoreBase's
+# on a SlotStore, the lease's state and deadline from LeaseCellBase's on a LocalLeaseCell (by name
+# on a subclass's object)
 _native_checkpoint_setup(
     CheckpointedStageState, EdgeCheckpoint, _ACTIVE, observe, lib.gf_lane_write, SlotStore, LocalLeaseCell
 )

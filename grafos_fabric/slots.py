@@ -147,6 +147,7 @@ HEADER_FIELDS = _HEADER.size  # 56
 _CRC_END = 48  # header_crc covers bytes [0, 48)
 _ACTIVE = LeaseState.ACTIVE
 MAX_SEQ = (1 << 63) - 1  # a larger sequence is forged: a real one would take centuries to reach
+_I64 = 1 << 63  # the native lane call's deadline is an int64: [-_I64, _I64)
 assert HEADER_FIELDS == 56
 
 Durability = Literal["ordered", "single-sync"]
@@ -831,7 +832,7 @@ class SlotLane:
             and fast[2]._state == _ACTIVE
             and lane.pad == self._hpad
             and type(deadline := fast[2]._deadline) is int
-            and -MAX_SEQ - 1 <= deadline <= MAX_SEQ
+            and -_I64 <= deadline < _I64
         ):
             self._fpack(lane.head, DATA_OFFSET, *fields)
             store._newest = None  # unknown until this write completes: a failure re-scans next time

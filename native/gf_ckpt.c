@@ -369,12 +369,12 @@ static PyType_Spec cellbase_spec = {
     .slots = cellbase_slots,
 };
 
-/* cell.<name>: its struct member on a LocalLeaseCell itself (AttributeError when unset, as the
- * member's read), else by name (a subclass may make it a property). A new reference, or NULL with
- * an error set. */
-static PyObject *cell_get(PyObject *cell, size_t at, PyObject *name) {
-    if ((PyObject *)Py_TYPE(cell) != g_cell_type) return PyObject_GetAttr(cell, name);
-    PyObject *v = *(PyObject **)((char *)cell + at);
+/* o.<name>: the object member at offset `at` of o's C base (CheckpointBase, LeaseCellBase) when
+ * o's type is `exact` itself (AttributeError when unset, as the member's read), else by name (a
+ * subclass may make it a property). A new reference, or NULL with an error set. */
+static PyObject *member_get(PyObject *o, PyObject *exact, size_t at, PyObject *name) {
+    if ((PyObject *)Py_TYPE(o) != exact) return PyObject_GetAttr(o, name);
+    PyObject *v = *(PyObject **)((char *)o + at);
     if (!v) {
         PyErr_SetObject(PyExc_AttributeError, name);
         return NULL;
@@ -382,19 +382,9 @@ static PyObject *cell_get(PyObject *cell, size_t at, PyObject *name) {
     return Py_NewRef(v);
 }
 
-/* st's attribute: its struct member on a CheckpointedStageState itself (AttributeError when unset,
- * as the member's read), else by name. A new reference, or NULL with an error set. */
-static PyObject *st_get(PyObject *st, PyObject *field, PyObject *name) {
-    if ((PyObject *)Py_TYPE(st) != g_state_type) return PyObject_GetAttr(st, name);
-    if (!field) {
-        PyErr_SetObject(PyExc_AttributeError, name);
-        return NULL;
-    }
-    return Py_NewRef(field);
-}
-
-#define ST_FIELD(st, f) ((PyObject *)Py_TYPE(st) == g_state_type ? ((CkptBaseObject *)(st))->f : NULL)
-#define ST_GET(st, f, name) st_get((st), ST_FIELD(st, f), (name))
+/* a CheckpointedStageState's and a LocalLeaseCell's members */
+#define ST_GET(st, f, name) member_get((st), g_state_type, offsetof(CkptBaseObject, f), (name))
+#define CELL_GET(cell, f, name) member_get((cell), g_cell_type, offsetof(CellBaseObject, f), (name))
 
 /* st.<name> = v: the struct member at offset `at` on a CheckpointedStageState itself, else by name;
  * 0 or -1. */
@@ -462,7 +452,7 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
     if (!(v = ST_GET(st, stage, s_stage))) goto fail;
     Py_DECREF(v);
     if (v != stage) goto out;
-    if (!(v = cell_get(cell, offsetof(CellBaseObject, state), s_cstate))) goto fail;
+    if (!(v = CELL_GET(cell, state, s_cstate))) goto fail;
     int ok = same_or_equal(v, g_active);
     Py_DECREF(v);
     if (ok < 0) goto fail;
@@ -494,7 +484,7 @@ static PyObject *ckpt_locked(PyObject *st, PyObject *edge) {
     Py_DECREF(in);
     Py_DECREF(oc);
     if (!ok) goto out;
-    if (!(v = cell_get(cell, offsetof(CellBaseObject, deadline), s_deadline))) goto fail;
+    if (!(v = CELL_GET(cell, deadline, s_deadline))) goto fail;
     long long deadline = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
     Py_DECREF(v);
     if (deadline == -1 && PyErr_Occurred()) {
