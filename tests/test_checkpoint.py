@@ -710,6 +710,9 @@ def test_the_checkpoint_bench_reports_each_case_next_to_the_raw_sync_rate(tmp_pa
             "baseline",
             "baselines",
             "ratio_vs_pwrite_fdatasync",
+            "ratio_vs_pwrite_fdatasync_min",
+            "ratio_vs_pwrite_fdatasync_max",
+            "met_vs_pwrite_fdatasync",
             "latency_ratio",
             "cpu_over_us",
             "ratio_same_memory",
@@ -722,6 +725,10 @@ def test_the_checkpoint_bench_reports_each_case_next_to_the_raw_sync_rate(tmp_pa
         assert 0 < r["ratio_min"] <= r["ratio"] <= r["ratio_max"]  # the median of the rounds
         assert r["target"] == (0.9 if " ordered" in r["case"] else 0.95)
         assert r["met"] == (r["ratio"] >= r["target"])
+        # the issue's own baseline (the median of the rounds), with its spread
+        lo, mid, hi = (r[f"ratio_vs_pwrite_fdatasync{k}"] for k in ("_min", "", "_max"))
+        assert 0 < lo <= mid <= hi
+        assert r["met_vs_pwrite_fdatasync"] == (mid >= r["target"])
     assert len(lines) == 8 and all("best raw write" in line and "median of 3 rounds" in line for line in lines)
     assert list(tmp_path.glob(".grafos-ckpt-bench-*")) == []  # the scratch file is gone
 

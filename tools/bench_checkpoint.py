@@ -69,8 +69,12 @@ baseline is the fastest over the whole run, each round gives a ratio
 of three, which would favour the baseline by picking the luckiest of three
 noisy samples), and the row reports their median as
 ``ratio`` with ``ratio_min`` and ``ratio_max`` as the spread, next to the
-target from issue 14 (0.9x ordered, 0.95x single-sync), and
-``ratio_vs_pwrite_fdatasync`` against the first baseline alone.
+target from issue 14 (0.9x ordered, 0.95x single-sync; ``met``), and
+``ratio_vs_pwrite_fdatasync`` (with ``_min`` and ``_max``) against the first
+baseline alone, aligned ``O_DIRECT`` ``pwrite`` + ``fdatasync``: the baseline
+issue 14 states its targets against (this bench's only one when the issue was
+filed; ``met_vs_pwrite_fdatasync``). The best of the raw writes is the
+stricter bar: ``RWF_DSYNC`` saves the second system call.
 
 After every turn (op by op: every op), outside the timing, the bench drops
 the page-cache pages of its range (``posix_fadvise(POSIX_FADV_DONTNEED)``):
@@ -512,18 +516,23 @@ def _bench_size(
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
             "ratio_vs_pwrite_fdatasync": statistics.median(floor),
+            "ratio_vs_pwrite_fdatasync_min": min(floor),
+            "ratio_vs_pwrite_fdatasync_max": max(floor),
             "latency_ratio": statistics.median(by_latency) if by_latency else None,
             "cpu_over_us": statistics.median(cpu_over) if cpu_over else None,
             "ratio_same_memory": statistics.median(same) if same else None,
             "rounds": rounds,
             "target": target,
             "met": statistics.median(ratios) >= target,
+            # issue 14's own baseline, as it was filed (this bench's only baseline then)
+            "met_vs_pwrite_fdatasync": statistics.median(floor) >= target,
         }
         rows.append(row)
         line = (
             f"{row['case']}: {rates[key]:,.0f}/s vs the best raw write {rates[best]:,.0f}/s ({best}) "
             f"= {row['ratio']:.2f}x median of {rounds} rounds [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}] "
-            f"(target {target:g}x); vs aligned pwrite + fdatasync {row['ratio_vs_pwrite_fdatasync']:.2f}x; "
+            f"(target {target:g}x); vs aligned pwrite + fdatasync {row['ratio_vs_pwrite_fdatasync']:.2f}x "
+            f"[{min(floor):.2f}, {max(floor):.2f}]; "
             + (f"median op time ratio {row['latency_ratio']:.2f}x " if by_latency else "")
             + (f"CPU per op {row['cpu_over_us']:+.1f} us over the best raw write's " if cpu_over else "")
             + (
@@ -584,15 +593,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     w = max([56, *(len(r["case"]) + 1 for r in rows)])  # the case column: as wide as its longest name
     sys.stdout.write(
         f"{'case':<{w}}{'ops/s':>10}{'best raw/s':>12}{'ratio':>7}{'min':>6}{'max':>6}{'target':>8}"
-        f"{'vs pwrite+fdatasync':>21}{'median op':>10}{'CPU us +':>9}{'own pages':>10}  best raw write\n"
+        f"{'vs pwrite+fdatasync [min, max]':>32}{'median op':>10}{'CPU us +':>9}{'own pages':>10}  best raw write\n"
     )
     for r in rows:
         by_latency = "" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}x"
         cpu_over = "" if r["cpu_over_us"] is None else f"{r['cpu_over_us']:+.1f}"
         same = "" if r["ratio_same_memory"] is None else f"{r['ratio_same_memory']:.2f}x"
+        vs_floor = (
+            f"{r['ratio_vs_pwrite_fdatasync']:.2f}x [{r['ratio_vs_pwrite_fdatasync_min']:.2f}, "
+            f"{r['ratio_vs_pwrite_fdatasync_max']:.2f}]"
+        )
         sys.stdout.write(
             f"{r['case']:<{w}}{r['ops_per_s']:>10,.0f}{r['baseline_ops_per_s']:>12,.0f}{r['ratio']:>7.2f}"
-            f"{r['ratio_min']:>6.2f}{r['ratio_max']:>6.2f}{r['target']:>7g}x{r['ratio_vs_pwrite_fdatasync']:>20.2f}x"
+            f"{r['ratio_min']:>6.2f}{r['ratio_max']:>6.2f}{r['target']:>7g}x{vs_floor:>32}"
             f"{by_latency:>10}{cpu_over:>9}{same:>10}  {r['baseline']}\n"
         )
     return 0
