@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,35 @@ def test_an_aligned_state_is_private_to_a_forked_child(region: BlockRegion, nbyt
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert st.state[0] == 1  # a numpy array, not memory shared with the child
+
+
+class _StalledTime:
+    """``time`` for the buffer pieces bench: every reading after the run's start is 10 s later, as
+    if the process had been stopped (a stalled VM) for longer than the whole run."""
+
+    def __init__(self) -> None:
+        self.readings = 0
+
+    def perf_counter(self) -> float:
+        self.readings += 1
+        return time.perf_counter() + (10.0 if self.readings > 1 else 0.0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_the_buffer_pieces_bench_measures_both_halves_after_a_stall_past_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grafos_fabric.tools import bench_buffer_pieces
+
+    stalled = _StalledTime()
+    monkeypatch.setattr(bench_buffer_pieces, "time", stalled)
+    rows = bench_buffer_pieces.run_buffer_pieces_bench(tmp_path, buffers=2, size=64 << 10, seconds=0.3)
+    assert stalled.readings > 1  # the stall happened
+    for half in ("ratio_first_half", "ratio_second_half"):  # both measured: not a zero for "no turn"
+        assert max(r[half] for r in rows) == 1.0 and all(0 < r[half] <= 1.0 for r in rows)
+    assert list(tmp_path.glob(".grafos-ckpt-bench-*")) == []
 
 
 def test_the_buffer_pieces_bench_compares_buffers_and_counts_their_pieces(tmp_path: Path) -> None:

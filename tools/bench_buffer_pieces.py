@@ -10,7 +10,8 @@ private buffers of ``--size`` bytes (and one on transparent huge pages, where
 the kernel has them: ``grafos_fabric._memory``), writes each in 20 ms turns in
 a random order (``pwritev`` with ``RWF_DSYNC`` on an ``O_DIRECT`` descriptor,
 each buffer at its own place), and reports per buffer its rate in each half of
-the run, as a ratio to the fastest buffer's in the same half, and its number
+the run (each half gets at least one turn of every buffer, however long the
+process was stalled), as a ratio to the fastest buffer's in the same half, and its number
 of physical pieces read from ``/proc/self/pagemap`` (``None`` where the page
 frames are hidden: reading them needs ``CAP_SYS_ADMIN``).
 
@@ -109,8 +110,11 @@ def run_buffer_pieces_bench(
                 write(k)
             order = list(views)
             start = time.perf_counter()
-            while (now := time.perf_counter()) < start + seconds:
-                half = halves[0 if now < start + seconds / 2 else 1]
+            sweeps = [0, 0]  # per half: a stall (a stopped VM) must not leave a half unmeasured
+            while (now := time.perf_counter()) < start + seconds or not sweeps[1]:
+                which = 0 if now < start + seconds / 2 or not sweeps[0] else 1
+                sweeps[which] += 1
+                half = halves[which]
                 random.shuffle(order)
                 for k in order:
                     n, t0 = 0, time.perf_counter()
