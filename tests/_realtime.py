@@ -4,6 +4,9 @@
   ``monkeypatch.setattr(module, "time", SteppedTime())``): ``monotonic()`` only moves when the
   code under test sleeps, by exactly what it asked for. A timeout is then checked to the
   microsecond, and a stalled machine cannot move it.
+* :class:`StalledTime` stands in for the ``time`` module the same way, for code that busy-waits
+  on ``perf_counter()``: the real clock, but every reading after the first one ``stall`` seconds
+  later, as if the process had been stopped (a stalled VM) right after it started.
 * :func:`reserved_port` keeps a port of 127.0.0.1 for a test that starts (and restarts) a
   memory node on it: a bound socket that never listens, with ``SO_REUSEADDR``, so the node
   (``socket.create_server`` sets ``SO_REUSEADDR`` too) binds the same port, while the kernel
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
+from typing import Any
 
 
 class SteppedTime:
@@ -41,6 +46,21 @@ class SteppedTime:
         self.sleeps += 1
         self.now += seconds
         assert self.now <= self.end, f"slept past the clock's limit of {self.limit}s: a wait that ignores its timeout?"
+
+
+class StalledTime:
+    """The ``time`` module, but ``perf_counter()`` readings after the first are ``stall`` s later."""
+
+    def __init__(self, stall: float) -> None:
+        self.stall = stall
+        self.readings = 0
+
+    def perf_counter(self) -> float:
+        self.readings += 1
+        return time.perf_counter() + (self.stall if self.readings > 1 else 0.0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,11 @@ import pytest
 from grafos_fabric import _memory
 from grafos_fabric.checkpoint import CheckpointedStageState
 from grafos_fabric.drivers.block import BlockRegion, open_block
+
+try:
+    from _realtime import StalledTime
+except ImportError:  # tests/ imported as a package
+    from tests._realtime import StalledTime
 
 MIB = 1 << 20
 
@@ -124,27 +128,12 @@ def test_an_aligned_state_is_private_to_a_forked_child(region: BlockRegion, nbyt
     assert st.state[0] == 1  # a numpy array, not memory shared with the child
 
 
-class _StalledTime:
-    """``time`` for the buffer pieces bench: every reading after the run's start is 10 s later, as
-    if the process had been stopped (a stalled VM) for longer than the whole run."""
-
-    def __init__(self) -> None:
-        self.readings = 0
-
-    def perf_counter(self) -> float:
-        self.readings += 1
-        return time.perf_counter() + (10.0 if self.readings > 1 else 0.0)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
 def test_the_buffer_pieces_bench_measures_both_halves_after_a_stall_past_its_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from grafos_fabric.tools import bench_buffer_pieces
 
-    stalled = _StalledTime()
+    stalled = StalledTime(10.0)  # longer than the whole run
     monkeypatch.setattr(bench_buffer_pieces, "time", stalled)
     rows = bench_buffer_pieces.run_buffer_pieces_bench(tmp_path, buffers=2, size=64 << 10, seconds=0.3)
     assert stalled.readings > 1  # the stall happened
